@@ -1,0 +1,113 @@
+"""Which backends exist on this machine, and what ``backend="auto"`` means.
+
+Backends:
+  "torch"   fastlm.reference: plain PyTorch math, any device, the ground truth.
+  "triton"  kernels/ (Triton): CUDA tensors, or CPU tensors through the interpreter (TRITON_INTERPRET=1).
+  "cpu"     the C++ CPU kernels of the extension fastlm._C (CPU tensors).
+  "cuda"    the CUDA C++ kernels of the extension fastlm._C (CUDA tensors).
+  "auto"    CUDA tensors: "triton"; CPU tensors: "cpu" when the extension is built and serves the op, else "triton"
+            under the interpreter, else "torch".
+
+Everything here is lazy and cached: importing fastlm compiles nothing and touches no GPU.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
+
+BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from the fastlm checkout "
+              "(CUDA kernels need a CUDA build of torch and nvcc)")
+
+
+def interpreter() -> bool:
+    """True when Triton kernels run through the interpreter (CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled extension module fastlm._C, or None when it was not built."""
+    try:
+        return importlib.import_module("fastlm._C")
+    except ImportError:
+        return None
+
+
+def extension_has(op: str, device: str) -> bool:
+    """Whether the extension registers ``torch.ops.fastlm.<op>`` with a kernel for ``device`` ("cpu"/"cuda")."""
+    if extension() is None:
+        return False
+    import torch
+    try:
+        handle = getattr(torch.ops.fastlm, op)
+    except (AttributeError, RuntimeError):
+        return False
+    key = "CPU" if device == "cpu" else "CUDA"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(handle.default.name(), key)
+
+
+def available() -> dict[str, bool]:
+    """Which concrete backends can run here (for tensors of some device)."""
+    import torch
+    ext = extension()
+    return {
+        "torch": True,
+        "triton": triton_available() and (torch.cuda.is_available() or interpreter()),
+        "cpu": ext is not None,
+        "cuda": ext is not None and torch.cuda.is_available() and torch.version.cuda is not None
+        and bool(getattr(ext, "with_cuda", False)),
+    }
+
+
+def resolve(backend: str, device, op: str, *, native_ops=()) -> str:
+    """The concrete backend that runs ``op`` for tensors on ``device``.
+
+    ``native_ops`` names the extension ops (``torch.ops.fastlm.*``) that the "cpu"/"cuda" backends need; an op with
+    none has no C++ implementation and "auto" never picks the extension for it.
+    Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dev = device.type if hasattr(device, "type") else str(device)
+    if backend == "auto":
+        if dev == "cuda":
+            return "triton" if triton_available() else "torch"
+        if native_ops and all(extension_has(n, "cpu") for n in native_ops) and dev == "cpu":
+            return "cpu"
+        if triton_available() and interpreter():
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"backend='triton' for {op}: triton is not installed; choices here: {_here()}")
+        if dev != "cuda" and not interpreter():
+            raise RuntimeError(f"backend='triton' for {op} needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                               f"triton is imported to run on CPU tensors (got {dev} tensors); choices here: {_here()}")
+    if backend in ("cpu", "cuda"):
+        if extension() is None:
+            raise RuntimeError(f"backend={backend!r} for {op}: the C++ extension fastlm._C is not built; {BUILD_HINT}")
+        if not native_ops:
+            raise RuntimeError(f"backend={backend!r}: {op} has no C++ implementation; use 'triton' or 'torch'")
+        if dev != backend:
+            raise ValueError(f"backend={backend!r} for {op} needs {backend} tensors, got {dev} tensors")
+        missing = [n for n in native_ops if not extension_has(n, dev)]
+        if missing:
+            raise RuntimeError(f"backend={backend!r} for {op}: the extension has no {dev} kernel for "
+                               f"{', '.join(missing)}; {BUILD_HINT}")
+    return backend
+
+
+def _here() -> str:
+    return ", ".join(["auto"] + [k for k, ok in available().items() if ok])

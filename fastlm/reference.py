@@ -1,0 +1,165 @@
+"""Reference ops: plain PyTorch math, readable, valid in float64. The ground truth for every fastlm kernel.
+
+Nothing here calls a fused kernel or scaled_dot_product_attention, and nothing imports fastlm.kernels: the
+reference cannot share a bug with what it checks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def attention_mask(seqlen_q: int, seqlen_k: int, *, causal: bool = False, window=(-1, -1), device=None):
+    """Boolean (seqlen_q, seqlen_k) mask, True where query i may attend key j.
+
+    Positions are aligned bottom-right (FlashAttention >= 2.1): query i sits at key position i + seqlen_k - seqlen_q.
+    ``window=(left, right)`` keeps keys within [pos - left, pos + right]; -1 means unbounded; causal sets right = 0.
+    """
+    left, right = window
+    if causal:
+        right = 0
+    i = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    keep = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), return_lse=False):
+    """Softmax attention in FlashAttention's layout.
+
+    q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D) with H % Hkv == 0 (grouped-query attention).
+    Returns out (B, Sq, H, D) in q's dtype, and with ``return_lse`` also lse (B, H, Sq) = logsumexp of the scaled,
+    masked scores (float32, or float64 for float64 inputs). A query that sees no key gets out = 0 and lse = -inf.
+    """
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    group = H // Hkv
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale                      # (B, H, Sq, Sk)
+    keep = attention_mask(Sq, Sk, causal=causal, window=window, device=q.device)
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True) if Sk > 0 else s.new_full((B, H, Sq, 1), float("-inf"))
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()        # rows with no key: shift by 0
+    e = torch.exp(s - m)                                                     # masked entries: exp(-inf) = 0
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = (torch.log(denom) + m).squeeze(-1)                                 # log(0) = -inf for empty rows
+    return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None):
+    """Attention of a few new queries against a KV cache.
+
+    q: (B, Sq, H, D); k_cache, v_cache: (B, S_max, Hkv, D); cache_seqlens: (B,) integer, the number of valid cache
+    positions for each sequence (the new tokens' keys already written). Query i of sequence b sits at position
+    cache_seqlens[b] - Sq + i and sees keys 0..that position (causal, bottom-right). Returns (B, Sq, H, D).
+    """
+    outs = []
+    for b in range(q.shape[0]):
+        n = int(cache_seqlens[b])
+        outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], causal=True,
+                              softmax_scale=softmax_scale))
+    return torch.cat(outs, dim=0)
+
+
+def _stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """LayerNorm over the last dim; statistics in float32 (float64 for float64 input); output in x's dtype."""
+    xf = x.to(_stat_dtype(x))
+    mean = xf.mean(dim=-1, keepdim=True)
+    var = ((xf - mean) ** 2).mean(dim=-1, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps) * weight.to(xf.dtype)
+    if bias is not None:
+        y = y + bias.to(xf.dtype)
+    return y.to(x.dtype)
+
+
+def rms_norm(x, weight, eps=1e-6):
+    """RMSNorm over the last dim (Llama): x / sqrt(mean(x^2) + eps) * weight, statistics in float32."""
+    xf = x.to(_stat_dtype(x))
+    y = xf * torch.rsqrt((xf * xf).mean(dim=-1, keepdim=True) + eps)
+    return (y * weight.to(xf.dtype)).to(x.dtype)
+
+
+def add_norm(x, residual, weight, bias=None, eps=1e-5, kind="rms"):
+    """The fused residual + norm pattern: h = x + residual; returns (norm(h), h)."""
+    h = x + residual
+    y = rms_norm(h, weight, eps) if kind == "rms" else layer_norm(h, weight, bias, eps)
+    return y, h
+
+
+def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32):
+    """cos, sin tables (len(positions), head_dim) for rotate-half RoPE (Hugging Face's Llama convention)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim))
+    freqs = positions.to(torch.float64)[:, None] * inv_freq[None, :]       # (S, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)                                 # (S, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, S, H, D); cos, sin: (S, D) or (B, S, D). Returns x * cos + rotate_half(x) * sin in x's dtype."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None):
+    """GPT-2 MLP: proj(gelu_tanh(fc(x))) (+ residual). Weights in nn.Linear layout (out_features, in_features)."""
+    h = gelu_tanh(torch.nn.functional.linear(x, w_fc, b_fc))
+    y = torch.nn.functional.linear(h, w_proj, b_proj)
+    return y if residual is None else y + residual
+
+
+def mlp_swiglu(x, w_gate, w_up, w_down, residual=None):
+    """Llama MLP: down(silu(gate(x)) * up(x)) (+ residual)."""
+    g = torch.nn.functional.linear(x, w_gate)
+    u = torch.nn.functional.linear(x, w_up)
+    y = torch.nn.functional.linear(g * torch.sigmoid(g) * u, w_down)
+    return y if residual is None else y + residual
+
+
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
+    """Cross-entropy of (N, V) logits against (N,) targets, computed in float32 (float64 for float64 logits).
+
+    Targets equal to ignore_index contribute nothing; "mean" divides by the number of non-ignored targets
+    (0 when there are none); "none" returns the per-token losses (0 at ignored positions)."""
+    lf = logits.to(_stat_dtype(logits))
+    lse = torch.logsumexp(lf, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    picked = lf.gather(-1, safe[:, None]).squeeze(-1)
+    loss = torch.where(valid, lse - picked, torch.zeros_like(lse))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum().clamp(min=1)
+
+
+def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, reduction="mean"):
+    """cross_entropy(x @ weight.T + bias, targets): the LM head and the loss, x (N, d), weight (V, d)."""
+    return cross_entropy(torch.nn.functional.linear(x, weight, bias), targets, ignore_index=ignore_index,
+                         reduction=reduction)

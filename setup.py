@@ -1,0 +1,65 @@
+"""fastlm: fused Transformer kernels in Triton, CUDA C++ and C++ (CPU).
+
+The C++ extension ``fastlm._C`` is built from ``csrc/``: the CPU kernels always (g++ and OpenMP only), the CUDA
+kernels too when the installed torch is a CUDA build and nvcc is found. ``import fastlm`` works without it.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    if os.environ.get("FASTLM_NO_EXTENSION") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:  # metadata-only builds (e.g. `pip download`); no kernels then
+        return [], {}
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/*.cpp"))
+    if not cpu_sources:
+        return [], {}
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    if os.environ.get("FASTLM_NATIVE", "1") == "1":  # AVX-512 / AVX512-BF16 where the build machine has them
+        cxx.append("-march=native")
+    define_macros = []
+    ldflags = ["-fopenmp"]
+    with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+                 and os.environ.get("FASTLM_NO_CUDA") != "1")
+    if with_cuda:
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        archs = os.environ.get("FASTLM_CUDA_ARCHS", "80;90a").split(";")
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        define_macros.append(("FASTLM_WITH_CUDA", "1"))
+        ext = cpp_extension.CUDAExtension(
+            "fastlm._C", cpu_sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=ldflags)
+    else:
+        ext = cpp_extension.CppExtension(
+            "fastlm._C", cpu_sources, include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros, extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="fastlm",
+    version="0.1.0",
+    description="Fused Transformer kernels (Triton, CUDA C++, C++ CPU) tested against a float64 reference",
+    python_requires=">=3.10",
+    packages=["fastlm", "fastlm.ops", "fastlm.kernels"],
+    package_dir={"fastlm.kernels": "kernels"},
+    package_data={"fastlm": ["data/*.txt"]},
+    install_requires=["torch>=2.6", "numpy", "triton; sys_platform == 'linux'"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers", "safetensors"],
+                    "plots": ["matplotlib"]},
+    entry_points={"console_scripts": ["fastlm=fastlm.__main__:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

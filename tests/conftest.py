@@ -1,0 +1,46 @@
+"""Test set-up: without a GPU, Triton kernels run on CPU tensors through the interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, hence here, before anything imports fastlm.
+Environment knobs: FASTLM_TEST_DEVICE=cuda|cpu overrides the device.
+"""
+import os
+
+if os.environ.get("FASTLM_TEST_DEVICE", "") != "cuda":
+    try:
+        import torch
+
+        _has_cuda = torch.cuda.is_available()
+    except ImportError:
+        _has_cuda = False
+    if not _has_cuda:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DEVICE = os.environ.get("FASTLM_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE == "cuda"
+# bf16 tl.dot is wrong in the Triton interpreter: bf16 kernels are tested on a GPU only.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # fresh random inputs per case, but reproducible from the test id
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
