@@ -16,6 +16,8 @@ import functools
 import importlib
 import os
 
+import torch
+
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from the fastlm checkout "
@@ -49,7 +51,6 @@ def extension_has(op: str, device: str) -> bool:
     """Whether the extension registers ``torch.ops.fastlm.<op>`` with a kernel for ``device`` ("cpu"/"cuda")."""
     if extension() is None:
         return False
-    import torch
     try:
         handle = getattr(torch.ops.fastlm, op)
     except (AttributeError, RuntimeError):
@@ -60,7 +61,6 @@ def extension_has(op: str, device: str) -> bool:
 
 def available() -> dict[str, bool]:
     """Which concrete backends can run here (for tensors of some device)."""
-    import torch
     ext = extension()
     return {
         "torch": True,
@@ -71,12 +71,14 @@ def available() -> dict[str, bool]:
     }
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device, op: str, *, native_ops=()) -> str:
     """The concrete backend that runs ``op`` for tensors on ``device``.
 
     ``native_ops`` names the extension ops (``torch.ops.fastlm.*``) that the "cpu"/"cuda" backends need; an op with
     none has no C++ implementation and "auto" never picks the extension for it.
     Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here.
+    Under torch.compile the choice is made once, at trace time (it depends only on its arguments and the machine).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

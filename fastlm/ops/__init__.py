@@ -13,6 +13,9 @@ _OPS = {
 
 __all__ = list(_OPS)
 
+# Bound eagerly where a module shares its op's name: a later `import fastlm.ops.attention` must not shadow the function.
+from fastlm.ops.attention import attention  # noqa: E402
+
 
 def __getattr__(name):
     if name not in _OPS:

@@ -1,0 +1,183 @@
+"""fastlm.ops.attention: fused softmax attention in FlashAttention's layout, with backend dispatch and autograd.
+
+Backends: "triton" (kernels/attention.py, forward and backward), "cpu" / "cuda" (the C++ extension's forward,
+torch.ops.fastlm.attention_fwd, with the Triton backward on CUDA and the reference backward on CPU), "torch" (the
+reference). The Triton path is a torch.library custom op with a fake (meta) implementation and a registered autograd
+formula, so it works under torch.compile(fullgraph=True).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastlm import backends, reference
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------------------------
+
+def _check(q, k, v, causal, softmax_scale, window, return_lse):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = "(batch, seqlen_q, nheads, headdim)" if name == "q" else "(batch, seqlen_k, nheads_kv, headdim)"
+            raise ValueError(f"attention: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, Sq, H, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"attention: batch of k/v ({k.shape[0]}) must equal batch of q ({B})")
+    if k.shape[3] != D:
+        raise ValueError(f"attention: headdim of k/v ({k.shape[3]}) must equal headdim of q ({D})")
+    Hkv = k.shape[2]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"attention: nheads of q ({H}) must be divisible by nheads of k/v ({Hkv})")
+    if D < 1 or D > MAX_HEAD_DIM:
+        raise ValueError(f"attention: headdim must be in 1..{MAX_HEAD_DIM}, got {D}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"attention: return_lse must be a bool, got {type(return_lse).__name__}")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"attention: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if not math.isfinite(softmax_scale):
+            raise ValueError(f"attention: softmax_scale must be finite, got {softmax_scale}")
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"attention: window must be a pair of ints (left, right), got {window!r}")
+    if window[0] < -1 or window[1] < -1:
+        raise ValueError(f"attention: window values must be >= -1 (-1 = unbounded), got {tuple(window)}")
+    if causal and window[1] > 0:
+        raise ValueError(f"attention: causal=True means window right = 0; got window={tuple(window)} "
+                         "(pass window=(left, -1) or (left, 0) with causal=True)")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The Triton path as a torch.library custom op
+# --------------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastlm_triton::attention_fwd", mutates_args=())
+def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+                window_left: int, window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastlm.kernels import attention as kernel
+    return kernel.attention_fwd(q, k, v, causal, softmax_scale, window_left, window_right)
+
+
+@_triton_fwd.register_fake
+def _(q, k, v, causal, softmax_scale, window_left, window_right):
+    B, Sq, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, Sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm_triton::attention_bwd", mutates_args=())
+def _triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, dlse: torch.Tensor | None, causal: bool, softmax_scale: float, window_left: int,
+                window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastlm.kernels import attention as kernel
+    return kernel.attention_bwd(dout, q, k, v, out, lse, causal, softmax_scale, window_left, window_right, dlse)
+
+
+@_triton_bwd.register_fake
+def _(dout, q, k, v, out, lse, dlse, causal, softmax_scale, window_left, window_right):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, softmax_scale, window_left, window_right = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (causal, softmax_scale, window_left, window_right)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _triton_bwd(dout, q, k, v, out, lse, dlse, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The C++ forward ("cpu", "cuda"); backward by the Triton kernels on CUDA, by the reference on CPU
+# --------------------------------------------------------------------------------------------------------------------
+
+class _NativeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, window_left, window_right):
+        out, lse = torch.ops.fastlm.attention_fwd(q, k, v, causal, softmax_scale, window_left, window_right)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, softmax_scale, window_left, window_right)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale, wl, wr = ctx.args
+        if q.is_cuda and backends.triton_available():
+            from fastlm.kernels import attention as kernel
+            dq, dk, dv = kernel.attention_bwd(dout, q, k, v, out, lse, causal, scale, wl, wr)
+        else:
+            with torch.enable_grad():
+                qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+                ref = reference.attention(qq, kk, vv, causal=causal, softmax_scale=scale, window=(wl, wr))
+                dq, dk, dv = torch.autograd.grad(ref, (qq, kk, vv), dout)
+        return dq, dk, dv, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------------------------------
+
+def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), return_lse=False, backend="auto"):
+    """Softmax attention: out = softmax(q k^T * softmax_scale + mask) v, never materializing the score matrix.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_kv, headdim), nheads % nheads_kv == 0
+    (grouped-query / multi-query attention without copying K/V). Any strides.
+    causal: mask aligned bottom-right (query i sits at key position i + seqlen_k - seqlen_q).
+    window: (left, right) sliding window around that position, -1 = unbounded (causal implies right = 0).
+    softmax_scale: default 1 / sqrt(headdim).
+    Returns out (q's shape and dtype), and with return_lse also lse (batch, nheads, seqlen_q) float32, the natural-log
+    log-sum-exp of each row's scaled scores. A query that sees no key gets out = 0 and lse = -inf.
+    backend: "auto", "triton", "cpu", "cuda" or "torch" (see fastlm.backends).
+    """
+    _check(q, k, v, causal, softmax_scale, window, return_lse)
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    scale = float(1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale)
+    window_left, window_right = int(window[0]), (0 if causal else int(window[1]))
+    chosen = backends.resolve(backend, q.device, "attention", native_ops=("attention_fwd",))
+    if chosen != "torch" and q.dtype not in _DTYPES:
+        raise TypeError(f"attention: dtype must be one of float16, bfloat16, float32 for backend {chosen!r}, "
+                        f"got {q.dtype}")
+    if chosen == "torch" and q.dtype not in _DTYPES + (torch.float64,):
+        raise TypeError(f"attention: dtype must be a floating type (float16, bfloat16, float32, float64), "
+                        f"got {q.dtype}")
+
+    if q.numel() == 0 or Sk == 0:  # empty batch / no query / no key: every row sees no key
+        out = q.new_zeros(q.shape)
+        lse = q.new_full((B, H, Sq), float("-inf"), dtype=torch.float32)
+        return (out, lse) if return_lse else out
+
+    if chosen == "torch":
+        return reference.attention(q, k, v, causal=causal, softmax_scale=scale, window=(window_left, window_right),
+                                   return_lse=return_lse)
+    if chosen == "triton":
+        out, lse = _triton_fwd(q, k, v, causal, scale, window_left, window_right)
+    else:
+        out, lse = _NativeAttention.apply(q, k, v, causal, scale, window_left, window_right)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,256 @@
+"""Cross-entropy over large vocabularies, and the LM head fused with it.
+
+    cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean")
+    linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, reduction="mean", chunk_size=None)
+
+logits (..., V) with targets (...); x (..., d) with weight (V, d) in nn.Linear layout. Losses are fp32. "mean"
+divides by the number of targets != ignore_index (the result is 0 when there are none), "sum" adds, "none" returns
+per-token losses shaped like targets (0 at ignored positions).
+
+linear_cross_entropy never holds the (N, V) logits: it runs the LM-head GEMM and the loss over chunks of tokens.
+With "mean"/"sum" and gradients needed, the gradients (dx, dweight, dbias) are computed in the forward from each
+chunk's logits while they exist, and backward only scales them by the incoming scalar gradient (Liger-Kernel's
+scheme: one GEMM forward, two in "backward"). With "none" (a per-token incoming gradient) backward recomputes each
+chunk's logits instead. Backends: "triton" (kernels/cross_entropy.py + torch GEMMs) and "torch" (fastlm.reference).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastlm import reference
+from fastlm.backends import resolve
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _kernels():
+    from fastlm.kernels import cross_entropy
+    return cross_entropy
+
+
+# ---- cross_entropy -------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastlm_triton::cross_entropy_fwd", mutates_args=())
+def _ce_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().cross_entropy_fwd(logits, targets, ignore_index)
+
+
+@_ce_fwd.register_fake
+def _(logits, targets, ignore_index):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm_triton::cross_entropy_bwd", mutates_args=())
+def _ce_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+            ignore_index: int) -> torch.Tensor:
+    return _kernels().cross_entropy_bwd(grad_loss, logits, targets, lse, ignore_index)
+
+
+@_ce_bwd.register_fake
+def _(grad_loss, logits, targets, lse, ignore_index):
+    return torch.empty_like(logits)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, targets, ignore_index = inputs
+    ctx.ignore_index = ignore_index
+    ctx.save_for_backward(logits, targets, output[1])
+
+
+def _ce_backward(ctx, dloss, dlse):
+    logits, targets, lse = ctx.saved_tensors
+    return _ce_bwd(dloss, logits, targets, lse, ctx.ignore_index), None, None
+
+
+_ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+# ---- linear_cross_entropy ------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastlm_triton::linear_cross_entropy", mutates_args=())
+def _lce(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+         ignore_index: int, reduction: str, chunk_size: int, compute_grad: bool
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = _kernels()
+    compute_grad = compute_grad and reduction != "none"
+    scale = None
+    if compute_grad and reduction == "mean":
+        scale = (1.0 / _n_valid(targets, ignore_index)).expand(x.shape[0])
+    loss, dx, dw, db = k.linear_cross_entropy_chunks(x, weight, bias, targets, ignore_index, chunk_size,
+                                                     compute_grad, scale)
+    return _reduce(loss, targets, ignore_index, reduction), dx, dw, db
+
+
+@_lce.register_fake
+def _(x, weight, bias, targets, ignore_index, reduction, chunk_size, compute_grad):
+    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+    if not compute_grad or reduction == "none":
+        return loss, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    return loss, torch.empty_like(x), torch.empty_like(weight), \
+        torch.empty_like(bias) if bias is not None else x.new_empty(0)
+
+
+@torch.library.custom_op("fastlm_triton::linear_cross_entropy_bwd", mutates_args=())
+def _lce_bwd(grad_rows: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             targets: torch.Tensor, ignore_index: int, chunk_size: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, dx, dw, db = _kernels().linear_cross_entropy_chunks(x, weight, bias, targets, ignore_index, chunk_size, True,
+                                                           grad_rows.to(torch.float32))
+    return dx, dw, db
+
+
+@_lce_bwd.register_fake
+def _(grad_rows, x, weight, bias, targets, ignore_index, chunk_size):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else \
+        x.new_empty(0)
+
+
+def _lce_setup(ctx, inputs, output):
+    x, weight, bias, targets, ignore_index, reduction, chunk_size, compute_grad = inputs
+    ctx.precomputed = compute_grad and reduction != "none"
+    ctx.has_bias = bias is not None
+    ctx.args = (ignore_index, reduction, chunk_size)
+    if ctx.precomputed:
+        ctx.save_for_backward(*output[1:])
+    else:
+        ctx.save_for_backward(x, weight, bias, targets)
+
+
+def _lce_backward(ctx, dloss, ddx, ddw, ddb):
+    ignore_index, reduction, chunk_size = ctx.args
+    if ctx.precomputed:
+        dx, dw, db = ctx.saved_tensors
+    else:
+        x, weight, bias, targets = ctx.saved_tensors
+        n = x.shape[0]
+        if reduction == "none":
+            grad_rows = dloss
+        elif reduction == "sum":
+            grad_rows = dloss.expand(n)
+        else:
+            grad_rows = (dloss / _n_valid(targets, ignore_index)).expand(n)
+        dx, dw, db = _lce_bwd(grad_rows.contiguous(), x, weight, bias, targets, ignore_index, chunk_size)
+        if reduction == "none":
+            return dx, dw, db if ctx.has_bias else None, None, None, None, None, None
+    g = dloss.to(dx.dtype)
+    return dx * g, dw * g, db * g if ctx.has_bias else None, None, None, None, None, None
+
+
+_lce.register_autograd(_lce_backward, setup_context=_lce_setup)
+
+
+# ---- public functions ----------------------------------------------------------------------------------------------
+
+def _n_valid(targets, ignore_index):
+    return (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
+
+
+def _reduce(loss_rows, targets, ignore_index, reduction):
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total if reduction == "sum" else total / _n_valid(targets, ignore_index)
+
+
+def _check_common(op, targets, lead_shape, device, vocab, ignore_index, reduction):
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{op}: targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: targets must be int64 or int32 class indices, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(lead_shape):
+        raise ValueError(f"{op}: targets must have shape {tuple(lead_shape)} (one per token), got "
+                         f"{tuple(targets.shape)}")
+    if targets.device != device:
+        raise ValueError(f"{op}: targets is on {targets.device} but the inputs are on {device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    if not -2 ** 31 <= ignore_index < 2 ** 31:
+        raise ValueError(f"{op}: ignore_index must fit in int32, got {ignore_index}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if vocab < 1:
+        raise ValueError(f"{op}: the vocabulary size must be >= 1, got {vocab}")
+    if targets.numel() and not torch.compiler.is_compiling():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):
+            value = int(targets[bad][0])
+            raise ValueError(f"{op}: targets must be in [0, {vocab}) or equal ignore_index ({ignore_index}), "
+                             f"got {value}")
+
+
+def _check_float(op, name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_triton_dtype(op, name, t):
+    if t.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"{op}: the triton backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
+
+
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backend="auto"):
+    """Cross-entropy of logits (..., V) against integer targets (...), in fp32, without fp32 copies of the logits."""
+    op = "cross_entropy"
+    _check_float(op, "logits", logits)
+    if logits.dim() < 1:
+        raise ValueError(f"{op}: logits must be (..., vocab), got a 0-dim tensor")
+    _check_common(op, targets, logits.shape[:-1], logits.device, logits.shape[-1], ignore_index, reduction)
+    lead = targets.shape
+    logits2, targets2 = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    be = resolve(backend, logits.device, op)
+    if be == "torch":
+        loss = reference.cross_entropy(logits2, targets2, ignore_index=ignore_index, reduction=reduction)
+        return loss.reshape(lead) if reduction == "none" else loss
+    _check_triton_dtype(op, "logits", logits)
+    loss_rows, _ = _ce_fwd(logits2, targets2, ignore_index)
+    loss = _reduce(loss_rows, targets2, ignore_index, reduction)
+    return loss.reshape(lead) if reduction == "none" else loss
+
+
+def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, reduction="mean", chunk_size=None,
+                         backend="auto"):
+    """cross_entropy(x @ weight.T + bias, targets) for x (..., d), weight (V, d), chunked over tokens so the (N, V)
+    logits are never held; ``chunk_size`` tokens per chunk (default: about 256 MB of logits)."""
+    op = "linear_cross_entropy"
+    _check_float(op, "x", x)
+    _check_float(op, "weight", weight)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must be (..., hidden), got a 0-dim tensor")
+    d = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != d:
+        raise ValueError(f"{op}: weight must be (vocab, {d}) in nn.Linear layout for x of hidden size {d}, got "
+                         f"{tuple(weight.shape)}")
+    V = weight.shape[0]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _check_float(op, name, t)
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"{op}: bias must have shape ({V},), got {tuple(bias.shape)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    _check_common(op, targets, x.shape[:-1], x.device, V, ignore_index, reduction)
+    lead = targets.shape
+    x2, targets2 = x.reshape(-1, d), targets.reshape(-1)
+    be = resolve(backend, x.device, op)
+    if be == "torch":
+        loss = reference.linear_cross_entropy(x2, weight, targets2, bias, ignore_index=ignore_index,
+                                              reduction=reduction)
+        return loss.reshape(lead) if reduction == "none" else loss
+    _check_triton_dtype(op, "x", x)
+    if chunk_size is None:
+        chunk_size = _kernels().default_chunk(x2.shape[0], V, x.element_size())
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    loss, _, _, _ = _lce(x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
+                         targets2.contiguous(), ignore_index, reduction, chunk_size, needs_grad)
+    return loss.reshape(lead) if reduction == "none" else loss

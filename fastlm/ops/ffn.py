@@ -1,0 +1,294 @@
+"""The transformer MLPs, fused.
+
+    mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None)   GPT-2: proj(gelu_tanh(fc(x))) (+ residual)
+    mlp_swiglu(x, w_gate, w_up, w_down, residual=None)       Llama: down(silu(gate(x)) * up(x)) (+ residual)
+
+x (..., d); weights in nn.Linear layout (out_features, in_features); biases may be None; the output is
+(..., d_out) in x's dtype. Gradients to x, every weight and bias, and the residual.
+
+Backends:
+  "triton"       kernels/ffn.py: GEMMs with bias/activation/residual epilogues; backward = one Triton elementwise
+                 pass for the activation gradient (from the pre-activations saved by the forward) + torch matmuls.
+  "cpu"/"cuda"   the C++ extension's forward (torch.ops.fastlm.mlp_gelu / mlp_swiglu); backward in torch,
+                 recomputing the pre-activations from x (the native forward keeps nothing).
+  "torch"        fastlm.reference with plain autograd.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastlm import reference
+from fastlm.backends import resolve
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels():
+    from fastlm.kernels import ffn
+    return ffn
+
+
+def _out_shape(x, w_out):
+    return (*x.shape[:-1], w_out.shape[0])
+
+
+# ---- shared backward (GEMMs in torch; the activation gradient from a pluggable elementwise function) --------------
+
+def _gelu_bwd_torch(dh, a):
+    af = a.float()
+    c = math.sqrt(2.0 / math.pi)
+    t = torch.tanh(c * (af + 0.044715 * af ** 3))
+    dgelu = 0.5 * (1.0 + t) + 0.5 * af * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * af * af)
+    return (dh.float() * dgelu).to(a.dtype), (0.5 * af * (1.0 + t)).to(a.dtype)
+
+
+def _swiglu_bwd_torch(dh, g, u):
+    gf, uf, dhf = g.float(), u.float(), dh.float()
+    sig = torch.sigmoid(gf)
+    act = gf * sig
+    dg = dhf * uf * sig * (1.0 + gf * (1.0 - sig))
+    return dg.to(g.dtype), (dhf * act).to(u.dtype), (act * uf).to(g.dtype)
+
+
+def _gelu_grads(dy, x, w_fc, b_fc, w_proj, has_b_proj, has_res, a, act_bwd):
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, w_proj.shape[0])
+    if a.numel() == 0 and x2.shape[0]:  # not saved by the forward: recompute the pre-activation
+        a = F.linear(x2, w_fc, b_fc)
+    dh = dy2 @ w_proj                                      # (M, I)
+    da, h = act_bwd(dh, a)
+    dx = (da @ w_fc).reshape(x.shape)
+    return (dx, da.t() @ x2, da.sum(0) if b_fc is not None else None, dy2.t() @ h,
+            dy2.sum(0) if has_b_proj else None, dy if has_res else None)
+
+
+def _swiglu_grads(dy, x, w_gate, w_up, w_down, has_res, g, u, act_bwd):
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, w_down.shape[0])
+    if g.numel() == 0 and x2.shape[0]:
+        g, u = F.linear(x2, w_gate), F.linear(x2, w_up)
+    dh = dy2 @ w_down                                      # (M, I)
+    dg, du, h = act_bwd(dh, g, u)
+    dx = torch.addmm(dg @ w_gate, du, w_up).reshape(x.shape)
+    return dx, dg.t() @ x2, du.t() @ x2, dy2.t() @ h, dy if has_res else None
+
+
+# ---- triton ---------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastlm_triton::mlp_gelu", mutates_args=())
+def _tr_gelu(x: torch.Tensor, w_fc: torch.Tensor, b_fc: Optional[torch.Tensor], w_proj: torch.Tensor,
+             b_proj: Optional[torch.Tensor], residual: Optional[torch.Tensor], save_pre: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().mlp_gelu_fwd(x, w_fc, b_fc, w_proj, b_proj, residual, save_pre)
+
+
+@_tr_gelu.register_fake
+def _(x, w_fc, b_fc, w_proj, b_proj, residual, save_pre):
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty(_out_shape(x, w_proj)), x.new_empty((m, w_fc.shape[0]) if save_pre else (0,))
+
+
+@torch.library.custom_op("fastlm_triton::gelu_bwd", mutates_args=())
+def _tr_gelu_bwd(dh: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().gelu_bwd(dh, a)
+
+
+@_tr_gelu_bwd.register_fake
+def _(dh, a):
+    return torch.empty_like(a), torch.empty_like(a)
+
+
+def _tr_gelu_setup(ctx, inputs, output):
+    x, w_fc, b_fc, w_proj, b_proj, residual, _ = inputs
+    ctx.flags = (b_proj is not None, residual is not None)
+    ctx.save_for_backward(x, w_fc, b_fc, w_proj, output[1])
+
+
+def _tr_gelu_backward(ctx, dy, _da):
+    x, w_fc, b_fc, w_proj, a = ctx.saved_tensors
+    return *_gelu_grads(dy, x, w_fc, b_fc, w_proj, *ctx.flags, a, _tr_gelu_bwd), None
+
+
+_tr_gelu.register_autograd(_tr_gelu_backward, setup_context=_tr_gelu_setup)
+
+
+@torch.library.custom_op("fastlm_triton::mlp_swiglu", mutates_args=())
+def _tr_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+               residual: Optional[torch.Tensor], save_pre: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().mlp_swiglu_fwd(x, w_gate, w_up, w_down, residual, save_pre)
+
+
+@_tr_swiglu.register_fake
+def _(x, w_gate, w_up, w_down, residual, save_pre):
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    pre = (m, w_gate.shape[0]) if save_pre else (0,)
+    return x.new_empty(_out_shape(x, w_down)), x.new_empty(pre), x.new_empty(pre)
+
+
+@torch.library.custom_op("fastlm_triton::swiglu_bwd", mutates_args=())
+def _tr_swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().swiglu_bwd(dh, g, u)
+
+
+@_tr_swiglu_bwd.register_fake
+def _(dh, g, u):
+    return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+
+
+def _tr_swiglu_setup(ctx, inputs, output):
+    x, w_gate, w_up, w_down, residual, _ = inputs
+    ctx.has_res = residual is not None
+    ctx.save_for_backward(x, w_gate, w_up, w_down, output[1], output[2])
+
+
+def _tr_swiglu_backward(ctx, dy, _dg, _du):
+    x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
+    return *_swiglu_grads(dy, x, w_gate, w_up, w_down, ctx.has_res, g, u, _tr_swiglu_bwd), None
+
+
+_tr_swiglu.register_autograd(_tr_swiglu_backward, setup_context=_tr_swiglu_setup)
+
+
+# ---- native (C++ extension forward, torch backward) ----------------------------------------------------------------
+
+def _native_call(name, *args):
+    return getattr(torch.ops.fastlm, name)(*args)
+
+
+@torch.library.custom_op("fastlm_native_py::mlp_gelu", mutates_args=())
+def _nat_gelu(x: torch.Tensor, w_fc: torch.Tensor, b_fc: Optional[torch.Tensor], w_proj: torch.Tensor,
+              b_proj: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
+    return _native_call("mlp_gelu", x, w_fc, b_fc, w_proj, b_proj, residual)
+
+
+@_nat_gelu.register_fake
+def _(x, w_fc, b_fc, w_proj, b_proj, residual):
+    return x.new_empty(_out_shape(x, w_proj))
+
+
+def _nat_gelu_setup(ctx, inputs, output):
+    x, w_fc, b_fc, w_proj, b_proj, residual = inputs
+    ctx.flags = (b_proj is not None, residual is not None)
+    ctx.save_for_backward(x, w_fc, b_fc, w_proj)
+
+
+def _nat_gelu_backward(ctx, dy):
+    x, w_fc, b_fc, w_proj = ctx.saved_tensors
+    return _gelu_grads(dy, x, w_fc, b_fc, w_proj, *ctx.flags, x.new_empty(0), _gelu_bwd_torch)
+
+
+_nat_gelu.register_autograd(_nat_gelu_backward, setup_context=_nat_gelu_setup)
+
+
+@torch.library.custom_op("fastlm_native_py::mlp_swiglu", mutates_args=())
+def _nat_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                residual: Optional[torch.Tensor]) -> torch.Tensor:
+    return _native_call("mlp_swiglu", x, w_gate, w_up, w_down, residual)
+
+
+@_nat_swiglu.register_fake
+def _(x, w_gate, w_up, w_down, residual):
+    return x.new_empty(_out_shape(x, w_down))
+
+
+def _nat_swiglu_setup(ctx, inputs, output):
+    x, w_gate, w_up, w_down, residual = inputs
+    ctx.has_res = residual is not None
+    ctx.save_for_backward(x, w_gate, w_up, w_down)
+
+
+def _nat_swiglu_backward(ctx, dy):
+    x, w_gate, w_up, w_down = ctx.saved_tensors
+    e = x.new_empty(0)
+    return _swiglu_grads(dy, x, w_gate, w_up, w_down, ctx.has_res, e, e, _swiglu_bwd_torch)
+
+
+_nat_swiglu.register_autograd(_nat_swiglu_backward, setup_context=_nat_swiglu_setup)
+
+
+# ---- public functions ----------------------------------------------------------------------------------------------
+
+def _check(op, x, named, out_dim, residual):
+    """named: (name, tensor or None, expected shape or None (= optional and absent is fine))."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating-point tensor (..., hidden), got {x.dtype} of shape "
+                        f"{tuple(x.shape)}")
+    for name, t, shape, required in named + [("residual", residual, (*x.shape[:-1], out_dim), False)]:
+        if t is None:
+            if required:
+                raise TypeError(f"{op}: {name} must be a tensor of shape {shape}, got None")
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{op}: {name} must have shape {tuple(shape)} (x is {tuple(x.shape)}), got "
+                             f"{tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
+def _weight_dims(op, name, w, in_dim):
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"{op}: {name} must be a 2-D (out_features, in_features) weight, got {got}")
+    if in_dim is not None and w.shape[1] != in_dim:
+        raise ValueError(f"{op}: {name} must have {in_dim} in_features (shape (*, {in_dim})), got {tuple(w.shape)}")
+    return w.shape[0]
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_triton_dtype(op, x):
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"{op}: the triton backend takes float32/float16/bfloat16 tensors, got {x.dtype}")
+
+
+def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None, *, backend="auto"):
+    """GPT-2 MLP: gelu_tanh(x @ w_fc^T + b_fc) @ w_proj^T + b_proj (+ residual)."""
+    op = "mlp_gelu"
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"{op}: x must be a tensor (..., hidden), got {type(x).__name__}")
+    inter = _weight_dims(op, "w_fc", w_fc, x.shape[-1])
+    out_dim = _weight_dims(op, "w_proj", w_proj, inter)
+    _check(op, x, [("w_fc", w_fc, w_fc.shape, True), ("b_fc", b_fc, (inter,), False),
+                   ("w_proj", w_proj, w_proj.shape, True), ("b_proj", b_proj, (out_dim,), False)], out_dim, residual)
+    be = resolve(backend, x.device, op, native_ops=("mlp_gelu",))
+    if be == "torch":
+        return reference.mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual)
+    if be in ("cpu", "cuda"):
+        return _nat_gelu(x, w_fc, b_fc, w_proj, b_proj, residual)
+    _check_triton_dtype(op, x)
+    y, _ = _tr_gelu(x, w_fc, b_fc, w_proj, b_proj, residual, _needs_grad(x, w_fc, b_fc, w_proj, b_proj))
+    return y
+
+
+def mlp_swiglu(x, w_gate, w_up, w_down, residual=None, *, backend="auto"):
+    """Llama MLP: (silu(x @ w_gate^T) * (x @ w_up^T)) @ w_down^T (+ residual)."""
+    op = "mlp_swiglu"
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"{op}: x must be a tensor (..., hidden), got {type(x).__name__}")
+    inter = _weight_dims(op, "w_gate", w_gate, x.shape[-1])
+    _weight_dims(op, "w_up", w_up, x.shape[-1])
+    out_dim = _weight_dims(op, "w_down", w_down, inter)
+    _check(op, x, [("w_gate", w_gate, w_gate.shape, True), ("w_up", w_up, w_gate.shape, True),
+                   ("w_down", w_down, w_down.shape, True)], out_dim, residual)
+    be = resolve(backend, x.device, op, native_ops=("mlp_swiglu",))
+    if be == "torch":
+        return reference.mlp_swiglu(x, w_gate, w_up, w_down, residual)
+    if be in ("cpu", "cuda"):
+        return _nat_swiglu(x, w_gate, w_up, w_down, residual)
+    _check_triton_dtype(op, x)
+    y, _, _ = _tr_swiglu(x, w_gate, w_up, w_down, residual, _needs_grad(x, w_gate, w_up, w_down))
+    return y

@@ -1,0 +1,138 @@
+"""LayerNorm and RMSNorm over the last dim, alone or fused with the residual add.
+
+    layer_norm(x, weight, bias, eps)               -> y
+    rms_norm(x, weight, eps)                       -> y
+    add_layer_norm(x, residual, weight, bias, eps) -> (y, h)    h = x + residual, y = layer_norm(h)
+    add_rms_norm(x, residual, weight, eps)         -> (y, h)
+
+Statistics in fp32; y and h in x's dtype; gradients to x, residual, weight and bias. Backends: "triton"
+(kernels/norm.py) and "torch" (fastlm.reference); there is no C++ implementation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastlm import reference
+from fastlm.backends import resolve
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels():
+    from fastlm.kernels import norm
+    return norm
+
+
+@torch.library.custom_op("fastlm_triton::norm_fwd", mutates_args=())
+def _norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+              eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().norm_fwd(x, residual, weight, bias, eps, is_rms)
+
+
+@_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, is_rms):
+    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    f32 = torch.float32
+    return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
+            x.new_empty(n if not is_rms else 0, dtype=f32), x.new_empty(n, dtype=f32))
+
+
+@torch.library.custom_op("fastlm_triton::norm_bwd", mutates_args=())
+def _norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+              dh: Optional[torch.Tensor], has_bias: bool, is_rms: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().norm_bwd(dy, h, weight, mean, rstd, dh, has_bias, is_rms)
+
+
+@_norm_bwd.register_fake
+def _(dy, h, weight, mean, rstd, dh, has_bias, is_rms):
+    return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(weight) if has_bias else weight.new_empty(0)
+
+
+def _setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, is_rms = inputs
+    _, h, mean, rstd = output
+    ctx.fused = residual is not None
+    ctx.has_bias = bias is not None
+    ctx.is_rms = is_rms
+    ctx.save_for_backward(h if ctx.fused else x, weight, mean, rstd)
+
+
+def _backward(ctx, dy, dh, dmean, drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    dh = dh if ctx.fused else None
+    dx, dw, db = _norm_bwd(dy, h, weight, mean, rstd, dh, ctx.has_bias, ctx.is_rms)
+    return dx, dx if ctx.fused else None, dw, db if ctx.has_bias else None, None, None
+
+
+_norm_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _check(op, x, residual, weight, bias, eps):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dim (..., hidden), got a 0-dim tensor")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    D = x.shape[-1]
+    named = [("residual", residual, tuple(x.shape)), ("weight", weight, (D,)), ("bias", bias, (D,))]
+    for name, t, shape in named:
+        if t is None:
+            if name == "weight":
+                raise TypeError(f"{op}: weight must be a tensor of shape ({D},), got None")
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape} (x is {tuple(x.shape)}), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"{op}: bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    if residual is not None and residual.dtype != x.dtype:
+        raise TypeError(f"{op}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
+
+
+def _norm(op, x, residual, weight, bias, eps, is_rms, backend):
+    _check(op, x, residual, weight, bias, eps)
+    be = resolve(backend, x.device, op)
+    if be == "torch":
+        if residual is not None:
+            return reference.add_norm(x, residual, weight, bias, eps, kind="rms" if is_rms else "layer")
+        return reference.rms_norm(x, weight, eps) if is_rms else reference.layer_norm(x, weight, bias, eps)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"{op}: the triton backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
+    y, h, _, _ = _norm_fwd(x, residual, weight, bias, float(eps), is_rms)
+    return (y, h) if residual is not None else y
+
+
+def layer_norm(x, weight, bias, eps=1e-5, *, backend="auto"):
+    """LayerNorm over the last dim of x (..., D) with weight (D,) and bias (D,) or None."""
+    return _norm("layer_norm", x, None, weight, bias, eps, False, backend)
+
+
+def rms_norm(x, weight, eps=1e-6, *, backend="auto"):
+    """RMSNorm over the last dim of x (..., D) with weight (D,)."""
+    return _norm("rms_norm", x, None, weight, None, eps, True, backend)
+
+
+def add_layer_norm(x, residual, weight, bias, eps=1e-5, *, backend="auto"):
+    """h = x + residual and y = layer_norm(h) in one pass; returns (y, h)."""
+    if residual is None:
+        raise TypeError("add_layer_norm: residual must be a tensor shaped like x, got None")
+    return _norm("add_layer_norm", x, residual, weight, bias, eps, False, backend)
+
+
+def add_rms_norm(x, residual, weight, eps=1e-6, *, backend="auto"):
+    """h = x + residual and y = rms_norm(h) in one pass; returns (y, h)."""
+    if residual is None:
+        raise TypeError("add_rms_norm: residual must be a tensor shaped like x, got None")
+    return _norm("add_rms_norm", x, residual, weight, None, eps, True, backend)

@@ -1,0 +1,95 @@
+"""Rotary position embedding (Hugging Face rotate_half convention).
+
+    rope_cos_sin(positions, head_dim, base, dtype) -> (cos, sin)     tables (len(positions), head_dim)
+    apply_rope(x, cos, sin)                         -> x rotated     x (B, S, H, D); cos/sin (S, D) or (B, S, D)
+
+Position offsets (decoding with a KV cache) are expressed through the tables: pass the rows for the positions being
+processed, (S, D) when the batch shares them, (B, S, D) when each sequence has its own. The gradient flows to x
+only (the tables are constants). Backends: "triton" (kernels/rope.py) and "torch" (fastlm.reference).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastlm import reference
+from fastlm.backends import resolve
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels():
+    from fastlm.kernels import rope
+    return rope
+
+
+@torch.library.custom_op("fastlm_triton::rope", mutates_args=())
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    return _kernels().rope(x, cos, sin, inverse)
+
+
+@_rope.register_fake
+def _(x, cos, sin, inverse):
+    return x.new_empty(x.shape)
+
+
+def _setup(ctx, inputs, output):
+    _, cos, sin, inverse = inputs
+    ctx.inverse = inverse
+    ctx.save_for_backward(cos, sin)
+
+
+def _backward(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    return _rope(dy, cos, sin, not ctx.inverse), None, None, None
+
+
+_rope.register_autograd(_backward, setup_context=_setup)
+
+
+def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, backend="auto"):
+    """cos, sin tables (len(positions), head_dim) for the given integer positions (computed in float64, then cast).
+
+    Plain torch on every backend: the tables are built once per sequence length, not per layer."""
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
+        raise ValueError(f"rope_cos_sin: positions must be a 1-D tensor, got "
+                         f"{tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"rope_cos_sin: head_dim must be a positive even int, got {head_dim!r}")
+    if not isinstance(base, (int, float)) or isinstance(base, bool) or not base > 0:
+        raise ValueError(f"rope_cos_sin: base must be a positive number, got {base!r}")
+    resolve(backend, positions.device, "rope_cos_sin")
+    return reference.rope_cos_sin(positions, head_dim, float(base), dtype)
+
+
+def _check(x, cos, sin):
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"apply_rope: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"apply_rope: {name} must be a floating-point tensor, got {t.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"apply_rope: x must be (batch, seqlen, heads, head_dim), got shape {tuple(x.shape)}")
+    B, S, H, D = x.shape
+    if D % 2:
+        raise ValueError(f"apply_rope: head_dim (x.shape[-1]) must be even, got {D}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) not in ((S, D), (B, S, D)):
+            raise ValueError(f"apply_rope: {name} must have shape ({S}, {D}) or ({B}, {S}, {D}) for x of shape "
+                             f"{tuple(x.shape)}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"apply_rope: {name} is on {t.device} but x is on {x.device}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"apply_rope: cos and sin must have the same shape, got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+
+
+def apply_rope(x, cos, sin, *, backend="auto"):
+    """x * cos + rotate_half(x) * sin for x (B, S, H, D) (any strides), broadcast over heads; returns x's dtype."""
+    _check(x, cos, sin)
+    be = resolve(backend, x.device, "apply_rope")
+    if be == "torch":
+        return reference.apply_rope(x, cos, sin)
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        if t.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"apply_rope: the triton backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
+    return _rope(x, cos, sin, False)

@@ -1,0 +1,283 @@
+"""fastlm.ops.attention against the float64 reference (numerics rule), for every backend that can run here.
+
+Backends: "triton" (interpreter on CPU: fp32/fp16; on a GPU also bf16), "cpu" (C++ extension: fp32/bf16),
+"cuda" (C++ extension on a GPU: fp16/bf16). The same case matrix serves every backend.
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU
+from fastlm import backends, ops, reference
+from fastlm.testing import check_rule
+
+# (batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim, causal, window)
+CASES = [
+    (1, 1, 1, 2, 2, 16, False, (-1, -1)),
+    (2, 7, 7, 4, 2, 40, True, (-1, -1)),
+    (1, 65, 65, 4, 1, 64, True, (-1, -1)),
+    (1, 129, 129, 2, 2, 80, False, (-1, -1)),
+    (1, 65, 129, 2, 1, 128, True, (-1, -1)),       # Sq < Sk: bottom-right causal
+    (1, 129, 65, 2, 2, 64, True, (-1, -1)),        # Sq > Sk: the first 64 rows see no key
+    (3, 7, 65, 3, 1, 40, False, (-1, -1)),         # GQA ratio 3, batch 3
+    (1, 65, 65, 4, 2, 96, True, (8, -1)),          # causal sliding window
+    (1, 129, 129, 2, 1, 64, False, (16, 4)),       # two-sided window, GQA 2
+    (1, 33, 33, 2, 2, 72, False, (-1, 10)),
+    (1, 7, 129, 4, 4, 80, True, (-1, -1)),         # few queries against a long context
+    (1, 33, 47, 1, 1, 256, True, (-1, -1)),
+]
+
+
+def _ids(case):
+    b, sq, sk, h, hkv, d, causal, win = case
+    return f"b{b}-sq{sq}-sk{sk}-h{h}/{hkv}-d{d}-{'causal' if causal else 'full'}-w{win[0]},{win[1]}"
+
+
+def _backend_dtypes():
+    out = [("triton", torch.float32), ("triton", torch.float16)]
+    if ON_GPU:
+        out += [("triton", torch.bfloat16), ("cuda", torch.float16), ("cuda", torch.bfloat16)]
+    else:
+        out += [("cpu", torch.float32), ("cpu", torch.bfloat16)]
+    return out
+
+
+BACKEND_DTYPES = _backend_dtypes()
+
+
+def _params(backend_dtypes):
+    marks = []
+    for backend, dtype in backend_dtypes:
+        m = [pytest.mark.gpu] if (backend == "cuda" or dtype == torch.bfloat16 and backend == "triton") else []
+        marks.append(pytest.param(backend, dtype, marks=m, id=f"{backend}-{str(dtype)[6:]}"))
+    return marks
+
+
+def _require(backend):
+    if backend in ("cpu", "cuda") and not backends.extension_has("attention_fwd", backend):
+        pytest.fail(f"backend {backend!r}: the C++ extension with attention_fwd is not built "
+                    f"({backends.BUILD_HINT})")
+
+
+def _inputs(b, sq, sk, h, hkv, d, dtype, scale=1.0):
+    q = torch.randn(b, sq, h, d, device=DEVICE, dtype=dtype) * scale
+    k = torch.randn(b, sk, hkv, d, device=DEVICE, dtype=dtype) * scale
+    v = torch.randn(b, sk, hkv, d, device=DEVICE, dtype=dtype)
+    return q, k, v
+
+
+def _references(q, k, v, do, dlse, **kw):
+    """(out, lse, dq, dk, dv) of the reference in float64 and at the inputs' dtype."""
+    results = []
+    for dtype in (torch.float64, q.dtype):
+        leaves = [t.detach().cpu().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = reference.attention(*leaves, return_lse=True, **kw)
+        loss = (out.to(torch.float64) * do.cpu().to(torch.float64)).sum()
+        if dlse is not None:
+            loss = loss + (torch.where(torch.isinf(lse), 0, lse).to(torch.float64) * dlse.cpu().double()).sum()
+        grads = torch.autograd.grad(loss, leaves)
+        results.append((out.detach(), lse.detach(), *grads))
+    return results
+
+
+def _check_case(backend, dtype, case, *, logit_scale=1.0, with_lse_grad=False):
+    _require(backend)
+    b, sq, sk, h, hkv, d, causal, window = case
+    q, k, v = _inputs(b, sq, sk, h, hkv, d, dtype, scale=logit_scale)
+    grads = backend != "cpu"  # the CPU backend's backward is the reference itself
+    q, k, v = (t.requires_grad_(grads) for t in (q, k, v))
+    kw = dict(causal=causal, window=window)
+    out, lse = ops.attention(q, k, v, return_lse=True, backend=backend, **kw)
+    do = torch.randn_like(out)
+    dlse = torch.randn_like(lse) if with_lse_grad else None
+    ref64, ref_low = _references(q, k, v, do, dlse, **kw)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.shape == q.shape and lse.shape == (b, h, sq)
+    check_rule("out", out, ref64[0], ref_low[0])
+    check_rule("lse", lse, ref64[1], ref_low[1].float())
+    if not grads:
+        return
+    loss = (out.float() * do.float()).sum()
+    if dlse is not None:
+        loss = loss + (torch.where(torch.isinf(lse), 0, lse) * dlse).sum()
+    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
+    for name, g, g64, glow in zip(("dq", "dk", "dv"), (dq, dk, dv), ref64[2:], ref_low[2:]):
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        check_rule(name, g, g64, glow)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("backend,dtype", _params(BACKEND_DTYPES))
+def test_attention_matches_reference(backend, dtype, case):
+    _check_case(backend, dtype, case)
+
+
+@pytest.mark.parametrize("backend,dtype", _params(BACKEND_DTYPES))
+def test_large_logits(backend, dtype):
+    """q.k ~ 30: exercises the online-softmax rescaling when the running max jumps between key blocks."""
+    _check_case(backend, dtype, (1, 65, 97, 2, 1, 64, True, (-1, -1)), logit_scale=math.sqrt(30 / math.sqrt(64)) * 2)
+
+
+@pytest.mark.parametrize("backend,dtype", _params([("triton", torch.float32)] + ([("triton", torch.bfloat16)] if ON_GPU else [])))
+def test_lse_gradient(backend, dtype):
+    """A loss that uses lse as well as out (e.g. a downstream merge of partial attentions)."""
+    _check_case(backend, dtype, (1, 40, 40, 2, 1, 32, True, (-1, -1)), with_lse_grad=True)
+
+
+@pytest.mark.parametrize("backend,dtype", _params(BACKEND_DTYPES))
+def test_rows_without_keys(backend, dtype):
+    """Causal with Sq > Sk and a window that leaves rows empty: out 0, lse -inf, gradients 0, never NaN."""
+    _require(backend)
+    q, k, v = _inputs(1, 20, 9, 2, 1, 32, dtype)
+    q, k, v = (t.requires_grad_(backend != "cpu") for t in (q, k, v))
+    out, lse = ops.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    assert torch.equal(out[:, :11].float().cpu(), torch.zeros(1, 11, 2, 32))
+    assert torch.isneginf(lse[:, :, :11]).all() and torch.isfinite(lse[:, :, 11:]).all()
+    assert torch.isfinite(out).all()
+    if backend != "cpu":
+        out.float().sum().backward()
+        assert torch.equal(q.grad[:, :11].float().cpu(), torch.zeros(1, 11, 2, 32))
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    # non-causal window (2, 3): query i sits at key position i - 11, so rows 0..7 see no key
+    out2, lse2 = ops.attention(q.detach(), k.detach(), v.detach(), window=(2, 3), return_lse=True, backend=backend)
+    assert torch.equal(out2[:, :8].float().cpu(), torch.zeros(1, 8, 2, 32)) and torch.isneginf(lse2[:, :, :8]).all()
+    assert torch.isfinite(lse2[:, :, 8:]).all() and torch.isfinite(out2).all()
+
+
+def test_sdpa_cross_check():
+    """Agreement with torch's scaled_dot_product_attention where its semantics coincide (Sq == Sk for causal)."""
+    for causal, (sq, sk) in ((False, (33, 47)), (True, (65, 65))):
+        q, k, v = _inputs(2, sq, sk, 4, 2, 64, torch.float32)
+        out = ops.attention(q, k, v, causal=causal, backend="triton")
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True).transpose(1, 2)
+        torch.testing.assert_close(out, sdpa, atol=2e-5, rtol=2e-5)
+
+
+def test_non_contiguous_inputs():
+    """Slices of a fused QKV projection and a (B, H, S, D) transpose: strided views, no copies needed by the caller."""
+    b, s, h, d = 2, 37, 3, 40
+    qkv = torch.randn(b, s, 3 * h, d + 8, device=DEVICE)[..., :d]          # last-dim slice too
+    q, k, v = qkv[:, :, :h], qkv[:, :, h:2 * h], qkv[:, :, 2 * h:]
+    assert not q.is_contiguous()
+    out = ops.attention(q, k, v, causal=True, backend="triton")
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    ref32 = reference.attention(q, k, v, causal=True)
+    check_rule("out", out, ref, ref32)
+    qt = torch.randn(b, h, s, d, device=DEVICE).transpose(1, 2)
+    out_t = ops.attention(qt, k, v, backend="triton")
+    check_rule("out", out_t, reference.attention(qt.double(), k.double(), v.double()), reference.attention(qt, k, v))
+
+
+def test_expanded_output_gradient():
+    """out.sum() hands backward a stride-0 gradient; the kernel must not read it as contiguous memory."""
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 33, 33, 2, 1, 32, torch.float32))
+    ops.attention(q, k, v, causal=True, backend="triton").sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    reference.attention(q64, k64, v64, causal=True).sum().backward()
+    for t, t64 in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(t.grad.double(), t64.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 5), (2, 0, 5), (2, 5, 0)], ids=["batch0", "sq0", "sk0"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty(shape, backend):
+    b, sq, sk = shape
+    q, k, v = _inputs(b, sq, sk, 2, 2, 16, torch.float32)
+    out, lse = ops.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    assert out.shape == q.shape and lse.shape == (b, 2, sq)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_default_scale_and_explicit_scale():
+    q, k, v = _inputs(1, 17, 17, 2, 2, 48, torch.float32)
+    a = ops.attention(q, k, v, backend="triton")
+    b = ops.attention(q, k, v, softmax_scale=1 / math.sqrt(48), backend="triton")
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    c = ops.attention(q, k, v, softmax_scale=0.3, backend="triton")
+    check_rule("out", c, reference.attention(q.double(), k.double(), v.double(), softmax_scale=0.3),
+               reference.attention(q, k, v, softmax_scale=0.3))
+
+
+def test_torch_compile_and_opcheck():
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 20, 20, 2, 1, 16, torch.float32))
+    torch.library.opcheck(torch.ops.fastlm_triton.attention_fwd.default, (q, k, v, True, 0.25, -1, 0))
+
+    def f(q, k, v):
+        return ops.attention(q, k, v, causal=True, backend="triton").square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_ref = f(q, k, v)
+    grads_ref = torch.autograd.grad(loss_ref, (q, k, v))
+    torch.testing.assert_close(loss, loss_ref)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, never a crash or garbage
+# --------------------------------------------------------------------------------------------------------------------
+
+def _good():
+    return _inputs(2, 8, 8, 4, 2, 16, torch.float32)
+
+
+BAD = [
+    (lambda q, k, v: (q[0], k, v), {}, ValueError, "q must be 4-D"),
+    (lambda q, k, v: (q, k[0], v), {}, ValueError, "k must be 4-D"),
+    (lambda q, k, v: (q, k[:1], v[:1]), {}, ValueError, "batch of k/v"),
+    (lambda q, k, v: (q, k[..., :8], v[..., :8]), {}, ValueError, "headdim of k/v"),
+    (lambda q, k, v: (q, k, v[:, :4]), {}, ValueError, "k and v must have the same shape"),
+    (lambda q, k, v: (q[:, :, :3], k, v), {}, ValueError, "divisible"),
+    (lambda q, k, v: (q.int(), k.int(), v.int()), {}, TypeError, "dtype"),
+    (lambda q, k, v: (q, k.half(), v), {}, TypeError, "same dtype"),
+    (lambda q, k, v: (q.new_zeros(2, 8, 4, 300), k.new_zeros(2, 8, 2, 300), v.new_zeros(2, 8, 2, 300)), {},
+     ValueError, "headdim must be in"),
+    (lambda q, k, v: (q, k, v), {"window": (-2, 0)}, ValueError, "window values must be >= -1"),
+    (lambda q, k, v: (q, k, v), {"window": (3,)}, TypeError, "window must be a pair"),
+    (lambda q, k, v: (q, k, v), {"window": (1.5, 2)}, TypeError, "window must be a pair"),
+    (lambda q, k, v: (q, k, v), {"causal": True, "window": (4, 2)}, ValueError, "causal=True"),
+    (lambda q, k, v: (q, k, v), {"causal": 1}, TypeError, "causal must be a bool"),
+    (lambda q, k, v: (q, k, v), {"softmax_scale": float("nan")}, ValueError, "softmax_scale must be finite"),
+    (lambda q, k, v: (q, k, v), {"softmax_scale": "0.1"}, TypeError, "softmax_scale"),
+    (lambda q, k, v: (q.numpy(), k, v), {}, TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v: (q, k, v), {"backend": "tpu"}, ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("make,kwargs,exc,match", BAD, ids=[m for *_, m in BAD])
+def test_bad_input(make, kwargs, exc, match):
+    args = make(*_good())
+    with pytest.raises(exc, match=match):
+        ops.attention(*args, **kwargs)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the error for CUDA tensors asked of a CPU-only machine")
+def test_mixed_devices_and_unavailable_backend():
+    q, k, v = _good()
+    with pytest.raises(ValueError, match="same device"):
+        ops.attention(q, k.to("meta"), v.to("meta"))
+    with pytest.raises((RuntimeError, ValueError), match="cuda"):
+        ops.attention(q, k, v, backend="cuda")
+
+
+def test_float64_only_on_reference_backend():
+    q, k, v = (t.double() for t in _good())
+    out = ops.attention(q, k, v, causal=True, backend="torch")
+    assert out.dtype == torch.float64
+    with pytest.raises(TypeError, match="float16, bfloat16, float32"):
+        ops.attention(q, k, v, backend="triton")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GPU only: large shapes through the autotuned configurations
+# --------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_large(d, causal):
+    _check_case("triton", torch.bfloat16, (2, 1031, 2049, 8, 2, d, causal, (-1, -1)))
