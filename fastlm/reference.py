@@ -163,3 +163,131 @@ def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, re
     """cross_entropy(x @ weight.T + bias, targets): the LM head and the loss, x (N, d), weight (V, d)."""
     return cross_entropy(torch.nn.functional.linear(x, weight, bias), targets, ignore_index=ignore_index,
                          reduction=reduction)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The reference Transformer: the model written plainly with the ops above. fastlm.Transformer has the same parameter
+# names and shapes, so a state dict loads into either.
+# ----------------------------------------------------------------------------------------------------------------------
+
+class Attention(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        d, hd = config.d_model, config.head_dim
+        self.wq = torch.nn.Linear(d, config.n_head * hd, bias=config.bias)
+        self.wk = torch.nn.Linear(d, config.n_kv_head * hd, bias=config.bias)
+        self.wv = torch.nn.Linear(d, config.n_kv_head * hd, bias=config.bias)
+        self.wo = torch.nn.Linear(config.n_head * hd, d, bias=config.bias)
+
+    def forward(self, x, cos=None, sin=None):
+        B, S, _ = x.shape
+        c = self.config
+        q = self.wq(x).view(B, S, c.n_head, c.head_dim)                       # (B, S, H, D)
+        k = self.wk(x).view(B, S, c.n_kv_head, c.head_dim)                    # (B, S, Hkv, D)
+        v = self.wv(x).view(B, S, c.n_kv_head, c.head_dim)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attention(q, k, v, causal=True)                                    # (B, S, H, D)
+        return self.wo(y.reshape(B, S, c.n_head * c.head_dim))
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d, f = config.d_model, config.intermediate_size
+        self.gpt2 = config.family == "gpt2"
+        if self.gpt2:
+            self.w_fc = torch.nn.Linear(d, f)
+            self.w_proj = torch.nn.Linear(f, d)
+        else:
+            self.w_gate = torch.nn.Linear(d, f, bias=False)
+            self.w_up = torch.nn.Linear(d, f, bias=False)
+            self.w_down = torch.nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        if self.gpt2:
+            return mlp_gelu(x, self.w_fc.weight, self.w_fc.bias, self.w_proj.weight, self.w_proj.bias)
+        return mlp_swiglu(x, self.w_gate.weight, self.w_up.weight, self.w_down.weight)
+
+
+class Norm(torch.nn.Module):
+    """LayerNorm (with bias) for gpt2, RMSNorm for llama."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.weight = torch.nn.Parameter(torch.ones(config.d_model))
+        self.bias = torch.nn.Parameter(torch.zeros(config.d_model)) if config.family == "gpt2" else None
+
+    def forward(self, x):
+        if self.bias is not None:
+            return layer_norm(x, self.weight, self.bias, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = Norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = Norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos=None, sin=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def init_weights(model, config):
+    """GPT-2 style initialisation: N(0, 0.02) weights, zero biases, unit norms; the projections that write into the
+    residual stream (wo, w_proj, w_down) scaled by 1/sqrt(2 * n_layer)."""
+    std = 0.02
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.ones_(p)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+        elif name.endswith(("wo.weight", "w_proj.weight", "w_down.weight")):
+            torch.nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
+        else:
+            torch.nn.init.normal_(p, mean=0.0, std=std)
+
+
+class Transformer(torch.nn.Module):
+    """The decoder-only Transformer of a fastlm.Config, in plain PyTorch.
+
+    Parameters: tok_emb, pos_emb (gpt2), layers.{i}.{attn_norm, attn.{wq,wk,wv,wo}, mlp_norm,
+    mlp.{w_fc,w_proj} | mlp.{w_gate,w_up,w_down}}, norm, lm_head (absent when the head is tied to tok_emb).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_emb = torch.nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = torch.nn.Embedding(config.max_seqlen, config.d_model) if config.family == "gpt2" else None
+        self.layers = torch.nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.norm = Norm(config)
+        self.lm_head = None if config.tie_embeddings else torch.nn.Linear(config.d_model, config.vocab_size,
+                                                                          bias=False)
+        init_weights(self, config)
+
+    def forward(self, tokens, targets=None):
+        """tokens (B, S) -> logits (B, S, V); with targets (B, S) the mean cross-entropy (-100 ignored) instead."""
+        B, S = tokens.shape
+        c = self.config
+        positions = torch.arange(S, device=tokens.device)
+        x = self.tok_emb(tokens)                                               # (B, S, d)
+        cos = sin = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_base, dtype=x.dtype)   # (S, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        x = self.norm(x)
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = torch.nn.functional.linear(x, head)                           # (B, S, V)
+        if targets is None:
+            return logits
+        return cross_entropy(logits.reshape(B * S, -1), targets.reshape(B * S))

@@ -9,9 +9,11 @@ per-token losses shaped like targets (0 at ignored positions).
 
 linear_cross_entropy never holds the (N, V) logits: it runs the LM-head GEMM and the loss over chunks of tokens.
 With "mean"/"sum" and gradients needed, the gradients (dx, dweight, dbias) are computed in the forward from each
-chunk's logits while they exist, and backward only scales them by the incoming scalar gradient (Liger-Kernel's
-scheme: one GEMM forward, two in "backward"). With "none" (a per-token incoming gradient) backward recomputes each
-chunk's logits instead. Backends: "triton" (kernels/cross_entropy.py + torch GEMMs) and "torch" (fastlm.reference).
+chunk's logits while they exist (three GEMMs per chunk, the logits computed once), and backward only scales them by
+the incoming scalar gradient (Liger-Kernel's scheme). That scaling multiplies already-rounded gradients: exact for 1
+or a power-of-two loss scale, one extra rounding otherwise. With "none" (a per-token incoming gradient) the forward
+computes only the loss and backward recomputes each chunk's logits (four GEMMs per chunk in all).
+Backends: "triton" (kernels/cross_entropy.py + torch GEMMs) and "torch" (fastlm.reference).
 """
 from __future__ import annotations
 

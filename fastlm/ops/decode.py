@@ -85,6 +85,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
     concrete = backends.resolve(backend, device, "decode_attention", native_ops=NATIVE_OPS)
     _check(q, k_cache, v_cache, cache_seqlens, concrete)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if q.numel() == 0:
+        return q.new_empty(q.shape)
     if concrete == "torch":
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
     if concrete == "triton":

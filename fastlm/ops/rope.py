@@ -51,8 +51,8 @@ def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, back
 
     Plain torch on every backend: the tables are built once per sequence length, not per layer."""
     if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
-        raise ValueError(f"rope_cos_sin: positions must be a 1-D tensor, got "
-                         f"{tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__}")
+        got = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+        raise ValueError(f"rope_cos_sin: positions must be a 1-D tensor, got {got}")
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"rope_cos_sin: head_dim must be a positive even int, got {head_dim!r}")
     if not isinstance(base, (int, float)) or isinstance(base, bool) or not base > 0:

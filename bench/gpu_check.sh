@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# The one-command GPU check: is fastlm right on this GPU, and how fast, against whom.
+#
+#   bench/gpu_check.sh OUTDIR
+#
+# Run from anywhere on a CUDA machine without network (< 8 minutes on an H200). Steps, each with a time limit and
+# its own log in OUTDIR (a failing step does not stop the others; the exit status is non-zero if any failed):
+#   env        nvidia-smi, torch / triton / nvcc versions
+#   build      pip install --no-deps --no-build-isolation -e . (builds the C++/CUDA extension, MAX_JOBS = cores)
+#   tests      pytest tests -m "gpu or not slow" with a per-test timeout -> tests.log, junit.xml
+#   aot        bench/kernel_report.py and csrc/cuda/compile_check.py (CPU-only compiles, run beside the tests)
+#   bench      python -m fastlm bench --suite quick -> OUTDIR/bench/{bench.json,*.png}
+#   sanitizer  compute-sanitizer memcheck and racecheck on a small attention + decode case, where available
+# and prints a short table last: op, shape, fastlm rate, best peer, ratio, max error. Time limits shrink to fit the
+# 8-minute budget after a slow build; an interrupted bench still writes what it measured.
+#
+# FASTLM_GPU_CHECK_DRY=1 runs what a CPU machine can (no build, tiny bench shapes, fast tests only), so the script
+# itself is exercised before its one GPU run. PYTHON selects the interpreter (default: python).
+set -u -o pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: bench/gpu_check.sh OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+ROOT=$(pwd)
+PY=${PYTHON:-python}
+DRY=${FASTLM_GPU_CHECK_DRY:-0}
+CORES=$(nproc 2>/dev/null || echo 4)
+T0=$(date +%s)
+# the whole check must fit in 8 minutes: later steps get what the earlier ones left (FASTLM_GPU_CHECK_BUDGET_S)
+DEADLINE=$((T0 + ${FASTLM_GPU_CHECK_BUDGET_S:-470}))
+FAILED=()
+
+# limit MAX RESERVE: MAX seconds, or less so that RESERVE seconds remain for the later steps (at least 20)
+limit() {
+    local left=$((DEADLINE - $(date +%s) - $2))
+    if [ "$left" -gt "$1" ]; then left=$1; fi
+    if [ "$left" -lt 20 ]; then left=20; fi
+    echo "$left"
+}
+
+# step NAME LIMIT_S CMD...: run CMD with a time limit (SIGINT first, so pytest and the bench write what they have),
+# log to OUTDIR/NAME.log, show the log's tail, record a failure.
+step() {
+    local name=$1 limit=$2 rc start
+    shift 2
+    start=$(date +%s)
+    echo "=== $name (limit ${limit}s): $*"
+    timeout --signal=INT --kill-after=30 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "=== $name: exit $rc after $(($(date +%s) - start)) s (log: $OUT/$name.log)"
+    if [ "$rc" -ne 0 ]; then
+        FAILED+=("$name (exit $rc)")
+    fi
+    return 0
+}
+
+env_report() {
+    date -u
+    echo "repo: $ROOT  commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi
+    elif [ "$DRY" = 1 ]; then
+        echo "nvidia-smi: not found (dry run)"
+    else
+        echo "nvidia-smi: not found"
+        return 1
+    fi
+    "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30), "GiB")
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton: not installed")
+EOF
+    if command -v nvcc >/dev/null; then nvcc --version | tail -n 2; else echo "nvcc: not found"; fi
+    echo "cores: $CORES"
+}
+
+sanitize() {
+    local tool=$1
+    if ! command -v compute-sanitizer >/dev/null; then
+        echo "compute-sanitizer: not found, $tool skipped"
+        return 0
+    fi
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" - <<'EOF'
+import torch
+from fastlm import ops
+from fastlm.benchmark import failure
+torch.manual_seed(0)
+dev = "cuda"
+q = torch.randn(1, 129, 4, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+k = torch.randn(1, 129, 2, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+v = torch.randn(1, 129, 2, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+kc, vc = torch.randn(2, 300, 2, 64, device=dev, dtype=torch.bfloat16), torch.randn(2, 300, 2, 64, device=dev,
+                                                                                   dtype=torch.bfloat16)
+lens = torch.tensor([300, 77], device=dev, dtype=torch.int32)
+q1 = q[:, :1].detach().expand(2, 1, 4, 64).contiguous()
+for b in ("triton", "cuda"):
+    for name, run in (("attention", lambda: ops.attention(q, k, v, causal=True, backend=b).float().sum().backward()),
+                      ("decode", lambda: ops.decode_attention(q1, kc, vc, lens, backend=b))):
+        try:
+            run()
+        except RuntimeError as e:
+            if failure(e)[0] != "unavailable":
+                raise
+            print(f"{name}[{b}]: not available here ({str(e)[:120]})")
+            continue
+        torch.cuda.synchronize()
+        print(f"{name}[{b}]: ran")
+EOF
+}
+
+export PY DRY ROOT CORES
+export -f env_report sanitize
+step env 60 bash -c env_report
+
+if [ "$DRY" = 1 ]; then
+    echo "=== build: skipped in the dry run (would run: MAX_JOBS=$CORES $PY -m pip install --no-deps" \
+        "--no-build-isolation -e .)"
+else
+    step build 240 env MAX_JOBS="$CORES" "$PY" -m pip install --no-deps --no-build-isolation -v -e .
+fi
+
+# CPU-only ahead-of-time reports run beside the GPU tests
+(
+    timeout 150 "$PY" bench/kernel_report.py --json "$OUT/kernel_report.json" >"$OUT/kernel_report.log" 2>&1
+    echo $? >"$OUT/kernel_report.rc"
+    if [ -f csrc/cuda/compile_check.py ]; then
+        timeout 150 "$PY" csrc/cuda/compile_check.py --jobs 4 >"$OUT/compile_check.log" 2>&1
+        echo $? >"$OUT/compile_check.rc"
+    fi
+) &
+AOT_PID=$!
+
+if [ "$DRY" = 1 ]; then
+    step tests 300 "$PY" -m pytest tests -m "not slow" -x -q -p no:cacheprovider --timeout=300 -k "benchmark" \
+        --junitxml="$OUT/junit.xml"
+else
+    step tests "$(limit 150 200)" "$PY" -m pytest tests -m "gpu or not slow" -q -p no:cacheprovider --timeout=60 -rfE \
+        --junitxml="$OUT/junit.xml"
+fi
+
+wait "$AOT_PID"
+for name in kernel_report compile_check; do
+    if [ -f "$OUT/$name.rc" ]; then
+        rc=$(cat "$OUT/$name.rc")
+        echo "=== $name: exit $rc (log: $OUT/$name.log)"
+        tail -n 40 "$OUT/$name.log"
+        if [ "$rc" != 0 ]; then FAILED+=("$name (exit $rc)"); fi
+    fi
+done
+
+if [ "$DRY" = 1 ]; then
+    step bench 300 "$PY" -m fastlm bench --tiny --no-compile --out "$OUT/bench"
+else
+    step bench "$(limit 240 80)" "$PY" -m fastlm bench --suite quick --out "$OUT/bench"
+fi
+
+if [ "$DRY" = 1 ]; then
+    echo "=== sanitizer: skipped in the dry run"
+else
+    step memcheck "$(limit 45 35)" bash -c "sanitize memcheck"
+    step racecheck "$(limit 45 0)" bash -c "sanitize racecheck"
+fi
+
+echo
+echo "=== fastlm GPU check: $(($(date +%s) - T0)) s; results in $OUT"
+if [ -f "$OUT/bench/bench.json" ]; then
+    "$PY" -m fastlm bench --summary-of "$OUT/bench/bench.json" | tee "$OUT/summary.txt"
+else
+    echo "no bench.json: the bench step did not write results"
+fi
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "FAILED steps: ${FAILED[*]}"
+    exit 1
+fi
+echo "all steps passed"

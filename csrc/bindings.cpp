@@ -1,0 +1,82 @@
+// The binding of fastlm's C++ operators: the schemas of namespace fastlm (torch.ops.fastlm.*), their CPU kernels
+// (csrc/cpu/), shape-only Meta kernels (so torch.compile and fake tensors can trace them), and the pybind11 module
+// fastlm._C for what is not an operator. The CUDA kernels are registered by csrc/bindings_cuda.cpp when the
+// extension is built with FASTLM_WITH_CUDA.
+#include "cpu/ops.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      bool, double, int64_t, int64_t) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "fastlm::attention_fwd: q, k, v must be 4-D, got ", q.dim(), "-D, ", k.dim(), "-D, ", v.dim(), "-D");
+  auto out = at::empty_symint({q.sym_size(0), q.sym_size(1), q.sym_size(2), q.sym_size(3)}, q.options());
+  auto lse = at::empty_symint({q.sym_size(0), q.sym_size(2), q.sym_size(1)}, q.options().dtype(at::kFloat));
+  return {out, lse};
+}
+
+at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 double) {
+  TORCH_CHECK(q.dim() == 4, "fastlm::decode_attention: q must be 4-D, got ", q.dim(), "-D");
+  return at::empty_symint(q.sym_sizes(), q.options());
+}
+
+at::Tensor mlp_out_meta(const at::Tensor& x, const at::Tensor& w_out) {
+  TORCH_CHECK(x.dim() >= 1 && w_out.dim() == 2, "fastlm mlp: x must have at least 1 dim and weights 2, got ",
+              x.dim(), " and ", w_out.dim());
+  std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end());
+  shape.back() = w_out.sym_size(0);
+  return at::empty_symint(shape, x.options());
+}
+
+at::Tensor mlp_gelu_meta(const at::Tensor& x, const at::Tensor&, const std::optional<at::Tensor>&,
+                         const at::Tensor& w_proj, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&) {
+  return mlp_out_meta(x, w_proj);
+}
+
+at::Tensor mlp_swiglu_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, const at::Tensor& w_down,
+                           const std::optional<at::Tensor>&) {
+  return mlp_out_meta(x, w_down);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastlm, m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, int window_left, "
+        "int window_right) -> (Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float softmax_scale) "
+        "-> Tensor");
+  m.def("mlp_gelu(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, Tensor? residual) -> Tensor");
+  m.def("mlp_swiglu(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? residual) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("attention_fwd", &fastlm_cpu::attention_fwd);
+  m.impl("decode_attention", &fastlm_cpu::decode_attention);
+  m.impl("mlp_gelu", &fastlm_cpu::mlp_gelu);
+  m.impl("mlp_swiglu", &fastlm_cpu::mlp_swiglu);
+}
+
+TORCH_LIBRARY_IMPL(fastlm, Meta, m) {
+  m.impl("attention_fwd", &attention_fwd_meta);
+  m.impl("decode_attention", &decode_attention_meta);
+  m.impl("mlp_gelu", &mlp_gelu_meta);
+  m.impl("mlp_swiglu", &mlp_swiglu_meta);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastlm C++ operators (registered as torch.ops.fastlm.*)";
+#ifdef FASTLM_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,32 @@
+// The CPU implementations of the torch.ops.fastlm operators (schemas in csrc/bindings.cpp). Each checks its
+// arguments with TORCH_CHECK (errors name the argument, what was expected and what was given), allocates its
+// outputs and runs the kernels of csrc/cpu/<op>.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastlm_cpu {
+
+// Softmax attention forward in FlashAttention's layout: q (B, Sq, H, D), k/v (B, Sk, Hkv, D), any strides with a
+// contiguous head dim. Returns out (B, Sq, H, D) in q's dtype and lse (B, H, Sq) fp32.
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 bool causal, double softmax_scale, int64_t window_left,
+                                                 int64_t window_right);
+
+// A few queries per sequence against a KV cache: q (B, Sq, H, D), caches (B, S_max, Hkv, D), cache_seqlens (B,).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& cache_seqlens, double softmax_scale);
+
+// proj(gelu_tanh(fc(x))) (+ residual); weights in nn.Linear layout.
+at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::optional<at::Tensor>& b_fc,
+                    const at::Tensor& w_proj, const std::optional<at::Tensor>& b_proj,
+                    const std::optional<at::Tensor>& residual);
+
+// down(silu(gate(x)) * up(x)) (+ residual); weights in nn.Linear layout.
+at::Tensor mlp_swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                      const at::Tensor& w_down, const std::optional<at::Tensor>& residual);
+
+}  // namespace fastlm_cpu

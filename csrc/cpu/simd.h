@@ -1,0 +1,132 @@
+// Small SIMD layer for the fastlm CPU kernels: one float vector type whose width follows the build target
+// (16 lanes with AVX-512, 8 with AVX/AVX2, 4 otherwise), written with GCC/Clang vector extensions so that one source
+// serves every target. FMA and dtype conversions use intrinsics where the target has them (the build uses
+// -std=c++17, which turns off implicit FMA contraction, so fused multiply-adds are spelled out).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace fastlm_cpu {
+
+#if defined(__AVX512F__)
+#define FASTLM_VEC_BYTES 64
+#elif defined(__AVX__)
+#define FASTLM_VEC_BYTES 32
+#else
+#define FASTLM_VEC_BYTES 16
+#endif
+
+constexpr int kW = FASTLM_VEC_BYTES / 4;  // float lanes per vector
+
+typedef float vfloat __attribute__((vector_size(FASTLM_VEC_BYTES)));
+typedef int32_t vint __attribute__((vector_size(FASTLM_VEC_BYTES)));
+// Unaligned, aliasing-safe views for loads and stores from plain float arrays.
+typedef float vfloat_u __attribute__((vector_size(FASTLM_VEC_BYTES), aligned(4), may_alias));
+typedef uint16_t vhalf_u __attribute__((vector_size(FASTLM_VEC_BYTES / 2), aligned(2), may_alias));
+typedef uint16_t vu16 __attribute__((vector_size(FASTLM_VEC_BYTES / 2)));
+typedef uint32_t vu32 __attribute__((vector_size(FASTLM_VEC_BYTES)));
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline vfloat vset1(float s) { return vfloat{} + s; }
+inline vfloat vload(const float* p) { return *reinterpret_cast<const vfloat_u*>(p); }
+inline void vstore(float* p, vfloat v) { *reinterpret_cast<vfloat_u*>(p) = v; }
+
+// a * b + c with one rounding where the target has FMA.
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__)
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+inline vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
+
+inline float hmax(vfloat v) {
+  float m = v[0];
+  for (int i = 1; i < kW; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+inline float hsum(vfloat v) {
+  // pairwise halving: log2(kW) vector adds instead of kW scalar ones
+  float buf[kW];
+  std::memcpy(buf, &v, sizeof(buf));
+  for (int w = kW / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) buf[i] += buf[i + w];
+  return buf[0];
+}
+
+// 2^x for x <= 126, accurate to about 1 ulp; exactly 0 for x < -126 (including -inf), NaN stays NaN.
+// Round x to n + f with |f| <= 1/2, evaluate 2^f by its degree-7 Taylor polynomial (truncation error < 6e-9
+// relative), and put n into the exponent field.
+inline vfloat vexp2(vfloat x) {
+  const vint underflow = x < vset1(-126.0f);
+  x = vmin(vmax(x, vset1(-126.0f)), vset1(126.0f));
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
+  const vfloat t = x + vset1(magic);
+  const vfloat n = t - vset1(magic);
+  const vfloat f = x - n;
+  vfloat p = vset1(1.525273380405984e-05f);
+  p = vfma(p, f, vset1(1.5403530393381606e-04f));
+  p = vfma(p, f, vset1(1.3333558146428443e-03f));
+  p = vfma(p, f, vset1(9.618129107628477e-03f));
+  p = vfma(p, f, vset1(5.550410866482158e-02f));
+  p = vfma(p, f, vset1(2.402265069591007e-01f));
+  p = vfma(p, f, vset1(6.931471805599453e-01f));
+  p = vfma(p, f, vset1(1.0f));
+  int32_t magic_bits;
+  std::memcpy(&magic_bits, &magic, 4);
+  const vint ni = (vint)t - magic_bits;  // vector casts reinterpret bits
+  const vint scale_bits = (ni + 127) << 23;
+  const vfloat r = p * (vfloat)scale_bits;
+  return (vfloat)((vint)r & ~underflow);
+}
+
+// ---- element conversions -----------------------------------------------------------------------------------------
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T from_float(float x) { return static_cast<T>(x); }
+
+// kW consecutive elements of type T as a float vector.
+inline vfloat vload_cvt(const float* p) { return vload(p); }
+
+inline vfloat vload_cvt(const c10::BFloat16* p) {
+  // bf16 is the top half of an fp32: widen and shift
+  const vu16 h = *reinterpret_cast<const vhalf_u*>(p);
+  const vu32 w = __builtin_convertvector(h, vu32) << 16;
+  return (vfloat)w;
+}
+
+inline vfloat vload_cvt(const c10::Half* p) {
+#if defined(__AVX512F__)
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vfloat v;
+  for (int i = 0; i < kW; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
+
+}  // namespace fastlm_cpu

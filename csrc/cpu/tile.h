@@ -1,0 +1,125 @@
+// Tile primitives shared by the attention and decode kernels: a register-blocked fp32 tile product and the
+// online-softmax update of a row of scores.
+//
+// The tile product:
+//     C[M x N] = (row_scale ? diag(row_scale) * C : 0) + A[M x K] * B[K x N]
+//
+// A row-major (element (i, k) at A[i * lda + k]), B row-major panel (B[k * ldb + n]), N a multiple of kW.
+// The micro-kernel keeps an kRows x 2 block of vectors of C in registers and, per k, loads two vectors of B and
+// broadcasts kRows elements of A: kRows * 2 FMAs per 2 + kRows loads, so it is FMA-bound while the B panel
+// (K x 2 vectors) stays in L1 across the row blocks. The optional row scale folds the online-softmax rescaling of
+// the output accumulator into the load of C.
+#pragma once
+
+#include "cpu/simd.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace fastlm_cpu {
+
+// Rows per micro-kernel: 2 * kRows accumulators + 2 B vectors + 1 broadcast fit the register file
+// (16 vector registers with AVX2, 32 with AVX-512).
+constexpr int kRows = kW == 16 ? 12 : 6;
+
+template <int R, int NV>
+inline void gemm_micro(const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb, int64_t K,
+                       float* __restrict C, int64_t ldc, const float* __restrict row_scale) {
+  vfloat acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = row_scale ? vset1(row_scale[i]) * vload(C + i * ldc + v * kW) : vfloat{};
+  for (int64_t k = 0; k < K; ++k) {
+    vfloat b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * kW);
+    for (int i = 0; i < R; ++i) {
+      const vfloat a = vset1(A[i * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = vfma(a, b[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) vstore(C + i * ldc + v * kW, acc[i][v]);
+}
+
+template <int NV>
+inline void gemm_rows(int64_t rows, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K, float* C,
+                      int64_t ldc, const float* row_scale) {
+  switch (rows) {
+#define FASTLM_GEMM_CASE(r) \
+  case r:                   \
+    return gemm_micro<r, NV>(A, lda, B, ldb, K, C, ldc, row_scale);
+    FASTLM_GEMM_CASE(1)
+    FASTLM_GEMM_CASE(2)
+    FASTLM_GEMM_CASE(3)
+    FASTLM_GEMM_CASE(4)
+    FASTLM_GEMM_CASE(5)
+    FASTLM_GEMM_CASE(6)
+#if FASTLM_VEC_BYTES == 64
+    FASTLM_GEMM_CASE(7)
+    FASTLM_GEMM_CASE(8)
+    FASTLM_GEMM_CASE(9)
+    FASTLM_GEMM_CASE(10)
+    FASTLM_GEMM_CASE(11)
+    FASTLM_GEMM_CASE(12)
+#endif
+#undef FASTLM_GEMM_CASE
+    default:
+      return;
+  }
+}
+
+// The whole M x N product, column panels outermost so each B panel is reused by all row blocks.
+inline void gemm_tile(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                      float* C, int64_t ldc, const float* row_scale) {
+  for (int64_t n = 0; n < N; n += 2 * kW) {
+    const bool two = n + 2 * kW <= N;
+    for (int64_t i = 0; i < M; i += kRows) {
+      const int64_t r = M - i < kRows ? M - i : kRows;
+      const float* rs = row_scale ? row_scale + i : nullptr;
+      if (two)
+        gemm_rows<2>(r, A + i * lda, lda, B + n, ldb, K, C + i * ldc + n, ldc, rs);
+      else
+        gemm_rows<1>(r, A + i * lda, lda, B + n, ldb, K, C + i * ldc + n, ldc, rs);
+    }
+  }
+}
+
+// Scores are kept unscaled (S = q.k, rounded exactly as a plain fp32 GEMM rounds them) and the scale c > 0
+// (softmax_scale * log2(e)) is applied inside the exponent by an FMA, x = S * c - m: folding the scale into q
+// instead would round every q element and roughly double the error of large logits.
+struct SoftmaxScale {
+  float q_sign = 1.0f;  // multiplies q when it is loaded: the sign of softmax_scale (0 for a zero scale), exact
+  float c = kLog2e;     // |softmax_scale| * log2(e) > 0, so masked scores (-inf) stay -inf
+  SoftmaxScale() = default;
+  explicit SoftmaxScale(double softmax_scale)
+      : q_sign(softmax_scale > 0 ? 1.0f : (softmax_scale < 0 ? -1.0f : 0.0f)),
+        c(softmax_scale == 0 ? 1.0f : static_cast<float>(std::abs(softmax_scale) * 1.4426950408889634)) {}
+};
+
+// Online softmax over one row of n (a multiple of kW) unscaled scores, in place: the row becomes
+// P = 2^(S c - m_new) with m_new = max(m, max S c) (base 2); m and the running sum l are updated, and the returned
+// factor 2^(m_old - m_new) rescales the row's output accumulator. A row with no finite score so far gets P = 0 and
+// factor 1.
+inline float softmax_row(float* s, int64_t n, float c, float& m, float& l) {
+  const vfloat vc = vset1(c);
+  vfloat vm = vset1(kNegInf);
+  for (int64_t i = 0; i < n; i += kW) vm = vmax(vm, vload(s + i) * vc);
+  const float m_new = std::max(m, hmax(vm));
+  if (m_new == kNegInf) {
+    std::fill(s, s + n, 0.0f);
+    return 1.0f;
+  }
+  const vfloat neg_m = vset1(-m_new);
+  vfloat vs{};
+  for (int64_t i = 0; i < n; i += kW) {
+    const vfloat e = vexp2(vfma(vload(s + i), vc, neg_m));
+    vstore(s + i, e);
+    vs += e;
+  }
+  const float alpha = std::exp2(m - m_new);
+  l = l * alpha + hsum(vs);
+  m = m_new;
+  return alpha;
+}
+
+}  // namespace fastlm_cpu

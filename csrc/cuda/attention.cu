@@ -1,0 +1,164 @@
+// Attention forward, FlashAttention-2 on mma.sync (sm_80+), fp16/bf16, head dims 32/64/96/128/256.
+//
+// Grid (ceil(Sq / 64), H, B), 4 warps; each warp owns 16 of the block's 64 query rows. The Q tile is copied to shared
+// memory once; K and V tiles of BLOCK_N keys stream through a two-stage cp.async pipeline (tile t + 1 is in flight
+// while tile t is used). Per tile: S = Q K^T, online softmax in the log2 domain, O += P V (attention_tile.cuh).
+// Only key tiles that intersect the rows' causal / sliding-window band are visited; element masks are applied only
+// to tiles that cross a band edge or the end of the keys. One write of O (and of the fp32 LSE) at the end.
+//
+// Memory traffic per (batch, head): Q and O once, K and V once per 64-row query block (within the band).
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "cuda/attention_tile.cuh"
+#include "cuda/launchers.h"
+
+namespace fastlm_cuda {
+namespace {
+
+constexpr int kBlockM = 64;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+
+template <int D>
+constexpr int attention_block_n() { return D <= 128 ? 64 : 32; }
+
+template <int D>
+constexpr int attention_smem_bytes() {
+  return (kBlockM + 4 * attention_block_n<D>()) * TileShape<D>::kStride * 2;  // Q + double-buffered K and V
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const AttentionParams p) {
+  constexpr int BN = attention_block_n<D>();
+  constexpr int S = TileShape<D>::kStride;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw);
+  T* sk = sq + kBlockM * S;
+  T* sv = sk + 2 * BN * S;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int m0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.nheads / p.nheads_kv);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const int sq_len = p.seqlen_q, sk_len = p.seqlen_k;
+  const int off = sk_len - sq_len;  // query i sits at key position i + off (bottom-right alignment)
+  const int wl = p.window_left, wr = p.window_right;
+
+  // keys any row of this block may see
+  int lo = 0, hi = sk_len;
+  if (wl >= 0) lo = max(0, m0 + off - wl);
+  if (wr >= 0) hi = min(sk_len, m0 + kBlockM - 1 + off + wr + 1);
+  const int n_start = (lo / BN) * BN;
+
+  auto load_kv = [&](int n0, int buf) {
+    load_rows_async<T, BN, D, kThreads>(
+        sk + buf * BN * S, [&](int r) { return n0 + r < sk_len ? k + (n0 + r) * p.k_ss : nullptr; }, k, tid);
+    load_rows_async<T, BN, D, kThreads>(
+        sv + buf * BN * S, [&](int r) { return n0 + r < sk_len ? v + (n0 + r) * p.v_ss : nullptr; }, v, tid);
+  };
+  load_rows_async<T, kBlockM, D, kThreads>(
+      sq, [&](int r) { return m0 + r < sq_len ? q + (m0 + r) * p.q_ss : nullptr; }, q, tid);
+  if (n_start < hi) load_kv(n_start, 0);
+  cp_async_commit();
+
+  WarpState<D> st;
+  st.init();
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const int row0 = m0 + warp * 16;  // first query row of this warp
+  int buf = 0;
+  for (int n0 = n_start; n0 < hi; n0 += BN, buf ^= 1) {
+    if (n0 + BN < hi) load_kv(n0 + BN, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    float s[BN / 8][4];
+    warp_qk<T, D, BN>(s, sq + warp * 16 * S, sk + buf * BN * S, lane);
+    const bool need_mask = n0 + BN > sk_len || (wr >= 0 && n0 + BN - 1 > m0 + off + wr) ||
+                           (wl >= 0 && n0 < m0 + kBlockM - 1 + off - wl);
+    warp_softmax<D, BN>(s, st, scale_log2, need_mask, [&](int r, int c) {
+      const int pos = row0 + r + off, j = n0 + c;
+      return j < sk_len && (wl < 0 || j >= pos - wl) && (wr < 0 || j <= pos + wr);
+    }, lane);
+    warp_pv<T, D, BN>(st, s, sv + buf * BN * S, lane);
+    __syncthreads();  // the next iteration overwrites the buffer read here
+  }
+  cp_async_wait<0>();
+
+  const int g = lane >> 2, t = lane & 3;
+  T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = row0 + g + 8 * hh;
+    const float l = quad_sum(st.l[hh]);
+    if (row >= sq_len) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // a row with no key: o = 0
+    T* orow = out + row * p.o_ss;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const uint32_t packed = Mma<T>::pack(st.o[j][2 * hh] * inv, st.o[j][2 * hh + 1] * inv);
+      *reinterpret_cast<uint32_t*>(orow + j * 8 + 2 * t) = packed;
+    }
+    if (t == 0)
+      p.lse[(static_cast<int64_t>(b) * p.nheads + h) * sq_len + row] =
+          l > 0.f ? st.m[hh] * 0.6931471805599453f + logf(l) : -INFINITY;
+  }
+}
+
+template <typename T, int D>
+Status launch(const AttentionParams& p, cudaStream_t stream) {
+  constexpr int smem = attention_smem_bytes<D>();
+  auto kernel = attention_fwd_mma_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess)
+    return Status::Error(std::string("attention_fwd: cannot reserve ") + std::to_string(smem) +
+                         " bytes of shared memory: " + cudaGetErrorString(err));
+  const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.nheads, p.batch);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return Status::Error(std::string("attention_fwd: launch failed: ") + cudaGetErrorString(err));
+  return Status::Ok();
+}
+
+template <typename T>
+Status dispatch_head_dim(const AttentionParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 32: return launch<T, 32>(p, stream);
+    case 64: return launch<T, 64>(p, stream);
+    case 96: return launch<T, 96>(p, stream);
+    case 128: return launch<T, 128>(p, stream);
+    case 256: return launch<T, 256>(p, stream);
+    default:
+      return Status::Error("attention_fwd: CUDA kernels support head dims 32, 64, 96, 128, 256; got " +
+                           std::to_string(p.head_dim));
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+Status attention_fwd(const AttentionParams& p, cudaStream_t stream) {
+  if (p.dtype == DType::kFloat32)
+    return Status::Error("attention_fwd: CUDA kernels take fp16/bf16 (tensor cores); got fp32");
+  if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.nheads <= 0 || p.nheads_kv <= 0 ||
+      p.nheads % p.nheads_kv != 0)
+    return Status::Error("attention_fwd: bad sizes (nheads must be a positive multiple of nheads_kv)");
+  if (p.batch == 0 || p.seqlen_q == 0) return Status::Ok();
+  if (p.nheads > 65535 || p.batch > 65535) return Status::Error("attention_fwd: batch and nheads must be <= 65535");
+  if (p.window_left < -1 || p.window_right < -1) return Status::Error("attention_fwd: window values must be >= -1");
+  const int64_t strides[] = {p.q_sb, p.q_ss, p.q_sh, p.k_sb, p.k_ss, p.k_sh,
+                             p.v_sb, p.v_ss, p.v_sh, p.o_sb, p.o_ss, p.o_sh};
+  for (int64_t s : strides)
+    if (s % 8 != 0) return Status::Error("attention_fwd: every stride must be a multiple of 8 elements (16 bytes)");
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out))
+    return Status::Error("attention_fwd: q, k, v and out must be 16-byte aligned");
+  return p.dtype == DType::kFloat16 ? dispatch_head_dim<__half>(p, stream)
+                                    : dispatch_head_dim<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace fastlm_cuda

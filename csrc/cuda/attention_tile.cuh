@@ -1,0 +1,139 @@
+// Warp-level FlashAttention-2 steps shared by the prefill (attention.cu) and decode (decode.cu) kernels.
+//
+// A warp owns 16 query rows. Per key tile it computes S = Q K^T with mma.sync (Q and K from shared memory through
+// ldmatrix), updates the online softmax in the log2 domain (exp2 with log2(e) folded into the scale), and
+// accumulates O += P V with P taken straight from the S accumulators (see mma.cuh) and V through ldmatrix.trans.
+// Shared-memory tiles are rows of D elements with a row stride of D + 8: the 16-byte pad puts the 8 rows an
+// ldmatrix phase reads into 8 different bank groups, so no swizzle is needed and any D % 16 == 0 works.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/mma.cuh"
+
+namespace fastlm_cuda {
+
+template <int D>
+struct TileShape {
+  static_assert(D % 32 == 0, "head dim must be a multiple of 32");
+  static constexpr int kStride = D + 8;  // elements per shared-memory row
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+};
+
+// Copy ROWS rows of D elements into a shared tile with cp.async; row r comes from row_ptr(r). Rows where row_ptr
+// returns nullptr are zero-filled and read nothing (`base`, any valid global address, stands in as the source).
+template <typename T, int ROWS, int D, int NTHREADS, typename RowPtr>
+__device__ __forceinline__ void load_rows_async(T* smem, RowPtr row_ptr, const T* base, int tid) {
+  constexpr int kChunks = TileShape<D>::kChunks;
+#pragma unroll
+  for (int c = tid; c < ROWS * kChunks; c += NTHREADS) {
+    const int r = c / kChunks, ch = c % kChunks;
+    const T* src = row_ptr(r);
+    cp_async_16(smem + r * TileShape<D>::kStride + ch * 8, src ? src + ch * 8 : base, src != nullptr);
+  }
+}
+
+// Online-softmax state of one warp's 16 rows: this lane holds rows g = lane / 4 and g + 8.
+template <int D>
+struct WarpState {
+  float m[2];          // running max of the scaled scores, log2 domain (-inf: no key yet)
+  float l[2];          // running sum of exp2(score - m) over this lane's columns (quad-reduced at the end)
+  float o[D / 8][4];   // unnormalized output, C-fragment layout over D / 8 column tiles
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      m[h] = -INFINITY;
+      l[h] = 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
+  }
+};
+
+// s = Q K^T for the warp's 16 rows (q: row 0 of them) and NKEYS keys (k: row 0 of them).
+template <typename T, int D, int NKEYS>
+__device__ __forceinline__ void warp_qk(float (&s)[NKEYS / 8][4], const T* q, const T* k, int lane) {
+  constexpr int S = TileShape<D>::kStride;
+#pragma unroll
+  for (int j = 0; j < NKEYS / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, q + (lane & 15) * S + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int jp = 0; jp < NKEYS / 16; ++jp) {
+      uint32_t b[4];  // keys jp*16 + 0..7 -> b[0], b[1]; keys jp*16 + 8..15 -> b[2], b[3]
+      ldmatrix_x4(b, k + (jp * 16 + (lane & 7) + ((lane >> 4) << 3)) * S + kk * 16 + ((lane >> 3) & 1) * 8);
+      Mma<T>::run(s[2 * jp], a, b[0], b[1]);
+      Mma<T>::run(s[2 * jp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Scale, mask, and fold the tile's scores into the running softmax; s becomes P = exp2(score - m).
+// keep(row, key) (row 0..15 of the warp, key 0..NKEYS-1 of the tile) is consulted only when need_mask.
+template <int D, int NKEYS, typename Keep>
+__device__ __forceinline__ void warp_softmax(float (&s)[NKEYS / 8][4], WarpState<D>& st, float scale_log2,
+                                             bool need_mask, Keep keep, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NKEYS / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float x = s[j][2 * h + e] * scale_log2;
+        if (need_mask && !keep(g + 8 * h, j * 8 + 2 * t + e)) x = -INFINITY;
+        s[j][2 * h + e] = x;
+        mx = fmaxf(mx, x);
+      }
+    const float m_new = fmaxf(st.m[h], quad_max(mx));
+    const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // no key yet: exp2(-inf - 0) = 0, never NaN
+    const float alpha = exp2f(st.m[h] - m_safe);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < NKEYS / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pv = exp2f(s[j][2 * h + e] - m_safe);
+        s[j][2 * h + e] = pv;
+        sum += pv;
+      }
+    st.l[h] = st.l[h] * alpha + sum;
+    st.m[h] = m_new;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      st.o[j][2 * h] *= alpha;
+      st.o[j][2 * h + 1] *= alpha;
+    }
+  }
+}
+
+// o += P V for the warp's 16 rows; v: row 0 of the tile's NKEYS keys.
+template <typename T, int D, int NKEYS>
+__device__ __forceinline__ void warp_pv(WarpState<D>& st, const float (&p)[NKEYS / 8][4], const T* v, int lane) {
+  constexpr int S = TileShape<D>::kStride;
+#pragma unroll
+  for (int kk = 0; kk < NKEYS / 16; ++kk) {
+    uint32_t a[4];
+    a[0] = Mma<T>::pack(p[2 * kk][0], p[2 * kk][1]);
+    a[1] = Mma<T>::pack(p[2 * kk][2], p[2 * kk][3]);
+    a[2] = Mma<T>::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    a[3] = Mma<T>::pack(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];  // columns dp*16 + 0..7 -> b[0], b[1]; dp*16 + 8..15 -> b[2], b[3]
+      ldmatrix_x4_trans(b, v + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16 + (lane >> 4) * 8);
+      Mma<T>::run(st.o[2 * dp], a, b[0], b[1]);
+      Mma<T>::run(st.o[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+}  // namespace fastlm_cuda

@@ -1,0 +1,229 @@
+// Fused MLP GEMMs on mma.sync (sm_80+), fp16/bf16 in, fp32 accumulation.
+//
+// One GEMM kernel, C = A B^T with A (M, K) and B (N, K) both K-contiguous (activations times nn.Linear weights),
+// block tile 128 x BN x 32, 8 warps, a 3-stage cp.async pipeline and ldmatrix operand loads, with the element-wise
+// work fused into the epilogue so no intermediate takes an extra round trip through memory:
+//   kBiasGelu:     h = gelu_tanh(x w_fc^T + b_fc)                 (first GEMM of the GPT-2 MLP)
+//   kSwiglu:       h = silu(x w_gate^T) * (x w_up^T)             (dual GEMM: both weights share each A tile)
+//   kBiasResidual: y = h w2^T + b2 + residual                     (second GEMM of either MLP)
+// Memory traffic: x and the weights once per output tile row/column of blocks; h is written once (input dtype)
+// and read by the second GEMM; nothing else is materialized.
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "cuda/launchers.h"
+#include "cuda/mma.cuh"
+
+namespace fastlm_cuda {
+namespace {
+
+enum class Epilogue { kBiasGelu, kSwiglu, kBiasResidual };
+
+constexpr int kBM = 128, kBK = 32, kStages = 3, kThreads = 256;
+constexpr int kStride = kBK + 8;  // 80-byte rows: the 8 rows of an ldmatrix phase fall in 8 bank groups
+
+template <Epilogue E>
+constexpr int block_n() { return E == Epilogue::kSwiglu ? 64 : 128; }  // the dual GEMM keeps two accumulators
+
+template <Epilogue E>
+constexpr int n_weights() { return E == Epilogue::kSwiglu ? 2 : 1; }
+
+template <Epilogue E>
+constexpr int gemm_smem_bytes() { return kStages * (kBM + n_weights<E>() * block_n<E>()) * kStride * 2; }
+
+struct GemmArgs {
+  const void* a;    // (M, K)
+  const void* b0;   // (N, K)
+  const void* b1;   // (N, K), swiglu only
+  const void* bias;       // (N) or null
+  const void* residual;   // (M, N) or null
+  void* c;                // (M, N)
+  int64_t m, n, k;
+};
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return 0.5f * x * (1.f + tanhf(u));
+}
+
+// Copy a ROWS x 32 tile (rows row0.., columns k0..) of a K-contiguous matrix; out-of-range rows/chunks read 0.
+template <typename T, int ROWS>
+__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t rows, int64_t k, int64_t row0, int64_t k0,
+                                          int tid) {
+#pragma unroll
+  for (int c = tid; c < ROWS * (kBK / 8); c += kThreads) {
+    const int r = c / (kBK / 8), ch = c % (kBK / 8);
+    const bool ok = row0 + r < rows && k0 + ch * 8 < k;  // k % 8 == 0: a chunk is all in or all out
+    const T* src = ok ? g + (row0 + r) * k + k0 + ch * 8 : g;
+    cp_async_16(smem + r * kStride + ch * 8, src, ok);
+  }
+}
+
+template <typename T, Epilogue E>
+__global__ void __launch_bounds__(kThreads) gemm_tn_kernel(const GemmArgs p) {
+  constexpr int BN = block_n<E>();
+  constexpr int NW = n_weights<E>();
+  constexpr int WN = BN / 4;      // warps are 2 (M) x 4 (N): warp tile 64 x WN
+  constexpr int MT = 4;           // 16-row tiles per warp
+  constexpr int NT = WN / 8;      // 8-column tiles per warp
+  constexpr int STAGE = (kBM + NW * BN) * kStride;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wm = warp >> 2, wn = warp & 3;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const T* A = static_cast<const T*>(p.a);
+  const T* B[2] = {static_cast<const T*>(p.b0), static_cast<const T*>(NW == 2 ? p.b1 : p.b0)};
+  const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
+
+  auto load_stage = [&](int kt) {
+    T* st = smem + (kt % kStages) * STAGE;
+    load_tile<T, kBM>(st, A, p.m, p.k, m0, static_cast<int64_t>(kt) * kBK, tid);
+#pragma unroll
+    for (int w = 0; w < NW; ++w)
+      load_tile<T, BN>(st + (kBM + w * BN) * kStride, B[w], p.n, p.k, n0, static_cast<int64_t>(kt) * kBK, tid);
+  };
+
+  float acc[NW][MT][NT][4];
+#pragma unroll
+  for (int w = 0; w < NW; ++w)
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[w][i][j][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile kt is visible to all, and everyone is done with the slot refilled below
+    if (kt + kStages - 1 < k_tiles) load_stage(kt + kStages - 1);
+    cp_async_commit();
+
+    const T* st = smem + (kt % kStages) * STAGE;
+    const T* sa = st + wm * 64 * kStride;
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+        ldmatrix_x4(a[i], sa + (i * 16 + (lane & 15)) * kStride + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const T* sb = st + (kBM + w * BN + wn * WN) * kStride;
+#pragma unroll
+        for (int jp = 0; jp < NT / 2; ++jp) {
+          uint32_t b[4];  // columns jp*16 + 0..7 -> b[0], b[1]; + 8..15 -> b[2], b[3]
+          ldmatrix_x4(b, sb + (jp * 16 + (lane & 7) + ((lane >> 4) << 3)) * kStride + kk * 16 +
+                             ((lane >> 3) & 1) * 8);
+#pragma unroll
+          for (int i = 0; i < MT; ++i) {
+            Mma<T>::run(acc[w][i][2 * jp], a[i], b[0], b[1]);
+            Mma<T>::run(acc[w][i][2 * jp + 1], a[i], b[2], b[3]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  const int g = lane >> 2, t = lane & 3;
+  const T* bias = static_cast<const T*>(p.bias);
+  const T* res = static_cast<const T*>(p.residual);
+  T* C = static_cast<T*>(p.c);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int64_t col = n0 + wn * WN + j * 8 + 2 * t;  // n % 8 == 0: col < n implies col + 1 < n
+    if (col >= p.n) continue;
+    float b0 = 0.f, b1 = 0.f;
+    if (E != Epilogue::kSwiglu && bias) {
+      b0 = to_float(bias[col]);
+      b1 = to_float(bias[col + 1]);
+    }
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int64_t row = m0 + wm * 64 + i * 16 + g + 8 * hh;
+        if (row >= p.m) continue;
+        float y0 = acc[0][i][j][2 * hh], y1 = acc[0][i][j][2 * hh + 1];
+        if (E == Epilogue::kSwiglu) {
+          const float u0 = acc[NW - 1][i][j][2 * hh], u1 = acc[NW - 1][i][j][2 * hh + 1];
+          y0 = y0 / (1.f + __expf(-y0)) * u0;
+          y1 = y1 / (1.f + __expf(-y1)) * u1;
+        } else if (E == Epilogue::kBiasGelu) {
+          y0 = gelu_tanh(y0 + b0);
+          y1 = gelu_tanh(y1 + b1);
+        } else {
+          y0 += b0;
+          y1 += b1;
+          if (res) {
+            y0 += to_float(res[row * p.n + col]);
+            y1 += to_float(res[row * p.n + col + 1]);
+          }
+        }
+        *reinterpret_cast<uint32_t*>(C + row * p.n + col) = Mma<T>::pack(y0, y1);
+      }
+  }
+}
+
+template <typename T, Epilogue E>
+Status run_gemm(const GemmArgs& g, cudaStream_t stream, const char* what) {
+  constexpr int smem = gemm_smem_bytes<E>();
+  auto kernel = gemm_tn_kernel<T, E>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess)
+    return Status::Error(std::string(what) + ": cannot reserve " + std::to_string(smem) +
+                         " bytes of shared memory: " + cudaGetErrorString(err));
+  const int64_t grid_n = (g.n + block_n<E>() - 1) / block_n<E>(), grid_m = (g.m + kBM - 1) / kBM;
+  if (grid_m > 65535 || grid_n > 2147483647LL)
+    return Status::Error(std::string(what) + ": too many rows for one launch (at most 65535 * 128)");
+  kernel<<<dim3(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m)), kThreads, smem, stream>>>(g);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return Status::Error(std::string(what) + ": launch failed: " + cudaGetErrorString(err));
+  return Status::Ok();
+}
+
+Status check(const MlpParams& p, bool swiglu, const char* what) {
+  if (p.dtype == DType::kFloat32)
+    return Status::Error(std::string(what) + ": CUDA kernels take fp16/bf16 (tensor cores); got fp32");
+  if (p.rows < 0 || p.d_model <= 0 || p.d_ff <= 0 || p.d_model % 8 != 0 || p.d_ff % 8 != 0)
+    return Status::Error(std::string(what) + ": d_model and d_ff must be positive multiples of 8, got " +
+                         std::to_string(p.d_model) + " and " + std::to_string(p.d_ff));
+  const void* ptrs[] = {p.x, p.w1, swiglu ? p.w1b : p.w1, p.w2, p.hidden, p.out};
+  for (const void* ptr : ptrs)
+    if (ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
+      return Status::Error(std::string(what) + ": activations, weights and outputs must be 16-byte aligned");
+  return Status::Ok();
+}
+
+template <typename T>
+Status mlp(const MlpParams& p, bool swiglu, cudaStream_t stream) {
+  const char* what = swiglu ? "mlp_swiglu" : "mlp_gelu";
+  GemmArgs first{p.x, p.w1, p.w1b, p.b1, nullptr, p.hidden, p.rows, p.d_ff, p.d_model};
+  Status s = swiglu ? run_gemm<T, Epilogue::kSwiglu>(first, stream, what)
+                    : run_gemm<T, Epilogue::kBiasGelu>(first, stream, what);
+  if (!s.ok()) return s;
+  GemmArgs second{p.hidden, p.w2, nullptr, p.b2, p.residual, p.out, p.rows, p.d_model, p.d_ff};
+  return run_gemm<T, Epilogue::kBiasResidual>(second, stream, what);
+}
+
+Status mlp_dispatch(const MlpParams& p, bool swiglu, cudaStream_t stream) {
+  Status s = check(p, swiglu, swiglu ? "mlp_swiglu" : "mlp_gelu");
+  if (!s.ok() || p.rows == 0) return s;
+  return p.dtype == DType::kFloat16 ? mlp<__half>(p, swiglu, stream) : mlp<__nv_bfloat16>(p, swiglu, stream);
+}
+
+}  // namespace
+
+Status mlp_gelu(const MlpParams& p, cudaStream_t stream) { return mlp_dispatch(p, false, stream); }
+Status mlp_swiglu(const MlpParams& p, cudaStream_t stream) { return mlp_dispatch(p, true, stream); }
+
+}  // namespace fastlm_cuda

@@ -1,0 +1,87 @@
+// Host launchers of the fastlm CUDA kernels. Plain C++ (no torch): raw pointers, element strides, sizes and a
+// cudaStream_t. Each launcher checks what its kernel assumes, launches, checks the launch error and returns a
+// Status whose message says what was wrong (empty = success).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+namespace fastlm_cuda {
+
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+
+struct Status {
+  std::string error;  // empty on success
+  bool ok() const { return error.empty(); }
+  static Status Ok() { return {}; }
+  static Status Error(std::string msg) { return {std::move(msg)}; }
+};
+
+// Forward attention in FlashAttention's layout. q: (B, Sq, H, D), k/v: (B, Sk, Hkv, D), out like q; strides in
+// elements (the head dim is contiguous); lse: (B, H, Sq) fp32 contiguous. Query i sits at key position
+// i + Sk - Sq; it sees keys in [pos - window_left, pos + window_right] (-1 = unbounded; causal is right = 0).
+// Rows that see no key get out = 0 and lse = -inf. fp16/bf16, head dims 32, 64, 96, 128, 256.
+struct AttentionParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;
+  int64_t q_sb, q_ss, q_sh;
+  int64_t k_sb, k_ss, k_sh;
+  int64_t v_sb, v_ss, v_sh;
+  int64_t o_sb, o_ss, o_sh;
+  int batch, nheads, nheads_kv, seqlen_q, seqlen_k, head_dim;
+  float softmax_scale;
+  int window_left, window_right;
+  DType dtype;
+};
+Status attention_fwd(const AttentionParams& p, cudaStream_t stream);
+
+// Decode attention (Flash-Decoding). q: (B, Sq, H, D); k/v caches: (B, S_max, Hkv, D); cache_seqlens: (B,) int32
+// or int64 on the device, read only by the kernels (clamped to [0, S_max]). Query i of sequence b sits at position
+// cache_seqlens[b] - Sq + i. The work is split along the cache into num_splits chunks (decode_num_splits) whose
+// partial results go to `workspace` (decode_workspace_floats floats) and are merged by a combine kernel.
+struct DecodeParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* cache_seqlens;
+  bool seqlens_int64;
+  void* out;  // (B, Sq, H, D) contiguous
+  float* workspace;
+  int64_t q_sb, q_ss, q_sh;
+  int64_t k_sb, k_ss, k_sh;
+  int64_t v_sb, v_ss, v_sh;
+  int batch, seqlen_q, nheads, nheads_kv, max_seqlen, head_dim, num_splits;
+  float softmax_scale;
+  DType dtype;
+};
+int decode_num_splits(int batch, int seqlen_q, int nheads, int nheads_kv, int max_seqlen);
+int64_t decode_workspace_floats(int batch, int seqlen_q, int nheads, int num_splits, int head_dim);
+Status decode_attention(const DecodeParams& p, cudaStream_t stream);
+
+// Fused MLPs on row-major (M, d_model) activations with nn.Linear weights (out_features, in_features).
+//   gelu:   out = (gelu_tanh(x w_fc^T + b_fc)) w_proj^T + b_proj + residual
+//   swiglu: out = (silu(x w_gate^T) * (x w_up^T)) w_down^T + residual
+// Biases and residual may be null. `hidden` is an (M, d_ff) workspace in the input dtype. fp16/bf16; d_model
+// and d_ff multiples of 8; all pointers 16-byte aligned, all matrices contiguous.
+struct MlpParams {
+  const void* x;
+  const void* w1;   // w_fc or w_gate: (d_ff, d_model)
+  const void* w1b;  // w_up for swiglu: (d_ff, d_model); null for gelu
+  const void* b1;   // b_fc (d_ff) or null
+  const void* w2;   // w_proj or w_down: (d_model, d_ff)
+  const void* b2;   // b_proj (d_model) or null
+  const void* residual;  // (M, d_model) or null
+  void* hidden;
+  void* out;
+  int64_t rows, d_model, d_ff;
+  DType dtype;
+};
+Status mlp_gelu(const MlpParams& p, cudaStream_t stream);
+Status mlp_swiglu(const MlpParams& p, cudaStream_t stream);
+
+}  // namespace fastlm_cuda

@@ -1,0 +1,131 @@
+"""Model configuration: one dataclass for both families, presets as a plain dict of dicts.
+
+GPT-2 family: learned positions, pre-LayerNorm, biased multi-head attention, GELU-tanh MLP, tied LM head.
+Llama family: RoPE, RMSNorm, grouped-query attention, SwiGLU MLP, untied LM head (presets may tie it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+FAMILIES = ("gpt2", "llama")
+
+PRESETS: dict[str, dict] = {
+    # test sizes
+    "gpt2-tiny": dict(family="gpt2", vocab_size=1000, n_layer=2, n_head=4, d_model=64, max_seqlen=128),
+    "llama-tiny": dict(family="llama", vocab_size=1000, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                       max_seqlen=128, multiple_of=32),
+    # GPT-2 (Radford et al. 2019), 1024 learned positions
+    "gpt2": dict(family="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seqlen=1024),
+    "gpt2-medium": dict(family="gpt2", vocab_size=50257, n_layer=24, n_head=16, d_model=1024, max_seqlen=1024),
+    "gpt2-large": dict(family="gpt2", vocab_size=50257, n_layer=36, n_head=20, d_model=1280, max_seqlen=1024),
+    "gpt2-xl": dict(family="gpt2", vocab_size=50257, n_layer=48, n_head=25, d_model=1600, max_seqlen=1024),
+    # Llama shapes
+    "llama-56m": dict(family="llama", vocab_size=32000, n_layer=8, n_head=8, n_kv_head=4, d_model=512,
+                      intermediate_size=1408, max_seqlen=2048),
+    "llama-1b-like": dict(family="llama", vocab_size=128256, n_layer=16, n_head=32, n_kv_head=8, d_model=2048,
+                          intermediate_size=8192, max_seqlen=8192, rope_base=500000.0, tie_embeddings=True),
+    "llama-2-7b": dict(family="llama", vocab_size=32000, n_layer=32, n_head=32, d_model=4096,
+                       intermediate_size=11008, max_seqlen=4096),
+    "llama-3-8b": dict(family="llama", vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
+                       intermediate_size=14336, max_seqlen=8192, rope_base=500000.0),
+}
+
+
+@dataclass
+class Config:
+    """Shape and hyper-parameters of a decoder-only Transformer.
+
+    Fields left as None take the family's default in ``__post_init__``: n_kv_head = n_head; intermediate_size =
+    4 * d_model (gpt2) or 2/3 * 4 * d_model rounded up to a multiple of ``multiple_of`` (llama); tie_embeddings and
+    bias True for gpt2, False for llama. ``head_dim`` is derived.
+    """
+    name: str = "custom"
+    family: str = "llama"
+    vocab_size: int = 32000
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int | None = None
+    d_model: int = 64
+    intermediate_size: int | None = None
+    max_seqlen: int = 2048
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    tie_embeddings: bool | None = None
+    bias: bool | None = None
+    multiple_of: int = 256
+    head_dim: int = field(init=False)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.tie_embeddings is None:
+            self.tie_embeddings = self.family == "gpt2"
+        if self.bias is None:
+            self.bias = self.family == "gpt2"
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seqlen", "multiple_of"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.intermediate_size is None:
+            if self.family == "gpt2":
+                self.intermediate_size = 4 * self.d_model
+            else:
+                hidden = int(2 * 4 * self.d_model / 3)
+                self.intermediate_size = self.multiple_of * -(-hidden // self.multiple_of)
+        if not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0:
+            raise ValueError(f"intermediate_size must be a positive integer, got {self.intermediate_size!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        if not self.rope_base > 0:
+            raise ValueError(f"rope_base must be positive, got {self.rope_base!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        self.head_dim = self.d_model // self.n_head
+        if self.family == "llama" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got d_model / n_head = {self.head_dim}")
+        if self.bias != (self.family == "gpt2"):
+            raise ValueError(f"bias={self.bias} is not supported for the {self.family} family (gpt2 has biases on "
+                             f"every linear layer, llama on none)")
+        if self.family == "gpt2" and self.n_kv_head != self.n_head:
+            raise ValueError(f"the gpt2 family has no grouped-query attention: n_kv_head ({self.n_kv_head}) "
+                             f"must equal n_head ({self.n_head})")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "Config":
+        """The preset ``name`` (see PRESETS), with any field replaced by ``overrides``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown Config field(s) {sorted(unknown)}; fields: {sorted(known)}")
+        return cls(**{"name": name, **PRESETS[name], **overrides})
+
+    def num_params(self, *, embeddings: bool = True) -> int:
+        """Parameter count of the model this config builds (equals sum(p.numel()) of fastlm.Transformer).
+
+        ``embeddings=False`` leaves out the token and position embeddings (and an untied LM head)."""
+        d, hd = self.d_model, self.head_dim
+        q_out, kv_out = self.n_head * hd, self.n_kv_head * hd
+        attn = d * q_out + 2 * d * kv_out + q_out * d
+        if self.family == "gpt2":
+            attn += q_out + 2 * kv_out + d
+            mlp = 2 * d * self.intermediate_size + self.intermediate_size + d
+            norms = 2 * 2 * d
+            final_norm = 2 * d
+        else:
+            mlp = 3 * d * self.intermediate_size
+            norms = 2 * d
+            final_norm = d
+        total = self.n_layer * (attn + mlp + norms) + final_norm
+        if embeddings:
+            total += self.vocab_size * d
+            if self.family == "gpt2":
+                total += self.max_seqlen * d
+            if not self.tie_embeddings:
+                total += self.vocab_size * d
+        return total

@@ -1,0 +1,313 @@
+"""Hugging Face interoperability: convert a transformers model into fastlm.Transformer, or put fastlm's ops inside it.
+
+from_hf(model)   GPT2LMHeadModel, LlamaForCausalLM and MistralForCausalLM (Llama's shapes) -> fastlm.Transformer
+                 with the same weights and config. GPT-2's Conv1D weights are (in, out): they are transposed.
+patch(model)     in place, swaps the forward of each attention, MLP and norm module (RoPE is applied inside the
+                 patched attention) for one built on fastlm.ops, and the causal-LM loss for ops.cross_entropy.
+unpatch(model)   restores every swapped forward, the attention implementation and the loss exactly.
+
+transformers is imported only when these functions run.
+"""
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fastlm import ops
+from fastlm.backends import BACKENDS
+from fastlm.config import Config
+from fastlm.model import Transformer
+
+_FROM_HF_SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM")
+_PATCH_SUPPORTED = ("gpt2", "llama")
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# from_hf
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _unsupported(model, why=""):
+    return NotImplementedError(
+        f"from_hf supports {', '.join(_FROM_HF_SUPPORTED)}; got {type(model).__name__}"
+        f" (model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r}){why}")
+
+
+def _config_gpt2(hf) -> Config:
+    if hf.activation_function not in _GELU_TANH:
+        raise NotImplementedError(f"from_hf: GPT-2 activation {hf.activation_function!r} is not supported "
+                                  f"(fastlm's MLP uses the tanh GELU: {', '.join(_GELU_TANH)})")
+    if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx or hf.add_cross_attention:
+        raise NotImplementedError("from_hf: GPT-2 with scale_attn_weights=False, scale_attn_by_inverse_layer_idx "
+                                  "or cross-attention is not supported")
+    return Config(name="hf-gpt2", family="gpt2", vocab_size=hf.vocab_size, n_layer=hf.n_layer, n_head=hf.n_head,
+                  d_model=hf.n_embd, intermediate_size=hf.n_inner or 4 * hf.n_embd, max_seqlen=hf.n_positions,
+                  norm_eps=hf.layer_norm_epsilon, tie_embeddings=bool(hf.tie_word_embeddings))
+
+
+def _config_llama(hf) -> Config:
+    name = hf.model_type
+    if hf.hidden_act != "silu":
+        raise NotImplementedError(f"from_hf: {name} activation {hf.hidden_act!r} is not supported (SwiGLU uses silu)")
+    if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
+        raise NotImplementedError(f"from_hf: {name} with attention_bias or mlp_bias is not supported (fastlm's "
+                                  f"llama family has no biases)")
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    if head_dim * hf.num_attention_heads != hf.hidden_size:
+        raise NotImplementedError(f"from_hf: {name} with head_dim {head_dim} != hidden_size / num_attention_heads "
+                                  f"({hf.hidden_size} / {hf.num_attention_heads}) is not supported")
+    rope = getattr(hf, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise NotImplementedError(f"from_hf: RoPE type {rope['rope_type']!r} is not supported (only 'default')")
+    window = getattr(hf, "sliding_window", None)
+    if window is not None and window < hf.max_position_embeddings:
+        raise NotImplementedError(f"from_hf: sliding-window attention (sliding_window={window} < "
+                                  f"max_position_embeddings={hf.max_position_embeddings}) is not supported")
+    return Config(name=f"hf-{name}", family="llama", vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers,
+                  n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads or hf.num_attention_heads,
+                  d_model=hf.hidden_size, intermediate_size=hf.intermediate_size,
+                  max_seqlen=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
+                  rope_base=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
+                  tie_embeddings=bool(hf.tie_word_embeddings))
+
+
+def _state_gpt2(sd, config):
+    out = {"tok_emb.weight": sd["transformer.wte.weight"], "pos_emb.weight": sd["transformer.wpe.weight"],
+           "norm.weight": sd["transformer.ln_f.weight"], "norm.bias": sd["transformer.ln_f.bias"]}
+    d = config.d_model
+    for i in range(config.n_layer):
+        p, q = f"transformer.h.{i}.", f"layers.{i}."
+        w_qkv, b_qkv = sd[p + "attn.c_attn.weight"].t(), sd[p + "attn.c_attn.bias"]      # Conv1D: (in, out)
+        for j, name in enumerate(("wq", "wk", "wv")):
+            out[q + f"attn.{name}.weight"] = w_qkv[j * d:(j + 1) * d]
+            out[q + f"attn.{name}.bias"] = b_qkv[j * d:(j + 1) * d]
+        for src, dst in (("attn.c_proj", "attn.wo"), ("mlp.c_fc", "mlp.w_fc"), ("mlp.c_proj", "mlp.w_proj")):
+            out[q + dst + ".weight"] = sd[p + src + ".weight"].t()
+            out[q + dst + ".bias"] = sd[p + src + ".bias"]
+        for src, dst in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+            out[q + dst + ".weight"] = sd[p + src + ".weight"]
+            out[q + dst + ".bias"] = sd[p + src + ".bias"]
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def _state_llama(sd, config):
+    out = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+    names = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"),
+             ("self_attn.q_proj", "attn.wq"), ("self_attn.k_proj", "attn.wk"), ("self_attn.v_proj", "attn.wv"),
+             ("self_attn.o_proj", "attn.wo"), ("mlp.gate_proj", "mlp.w_gate"), ("mlp.up_proj", "mlp.w_up"),
+             ("mlp.down_proj", "mlp.w_down"))
+    for i in range(config.n_layer):
+        for src, dst in names:
+            out[f"layers.{i}.{dst}.weight"] = sd[f"model.layers.{i}.{src}.weight"]
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def from_hf(hf_model, backend: str = "auto") -> Transformer:
+    """A fastlm.Transformer with the weights and configuration of a transformers causal LM (same dtype and device).
+
+    Supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM without an effective sliding window. Other
+    architectures (Qwen2's q/k/v biases included) raise NotImplementedError."""
+    kind = type(hf_model).__name__
+    if kind not in _FROM_HF_SUPPORTED:
+        why = ""
+        if kind.startswith("Qwen2"):
+            why = ": Qwen2's q/k/v projections carry biases, which fastlm's llama family does not have"
+        raise _unsupported(hf_model, why)
+    gpt2 = kind == "GPT2LMHeadModel"
+    config = _config_gpt2(hf_model.config) if gpt2 else _config_llama(hf_model.config)
+    weight = hf_model.get_input_embeddings().weight
+    model = Transformer(config, backend=backend).to(device=weight.device, dtype=weight.dtype)
+    sd = hf_model.state_dict()
+    state = _state_gpt2(sd, config) if gpt2 else _state_llama(sd, config)
+    model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# patch / unpatch
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _attend(module, q, k, v, attention_mask, dropout, scaling, kwargs, backend):
+    """Attention of q (B, Sq, H, D) against k, v (B, Sk, Hkv, D) under transformers' sdpa mask convention.
+
+    A None mask means plain causal: fastlm's op (bottom-right aligned) serves it when Sq == Sk or Sq == 1. Padding
+    masks, dropout, and a static cache's upper-left prefill go to transformers' own sdpa path."""
+    Sq, Sk = q.shape[1], k.shape[1]
+    if attention_mask is None and dropout == 0.0 and (Sq == Sk or Sq == 1):
+        return ops.attention(q, k, v, causal=True, softmax_scale=scaling, backend=backend)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    out, _ = sdpa_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+                                    dropout=dropout, scaling=scaling, **kwargs)
+    return out                                                                # (B, Sq, H, D)
+
+
+def _cache_update(cache, k, v, layer_idx, kwargs):
+    """transformers' caches hold (B, H, S, D): update with the new k, v (B, S, H, D), return the full k, v in
+    (B, S, H, D) (transposed views)."""
+    from transformers.cache_utils import EncoderDecoderCache
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), layer_idx, kwargs=kwargs)
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _llama_attention(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, *, backend,
+                     **kwargs):
+    cache = kwargs.pop("past_key_values", cache)
+    B, S, _ = hidden_states.shape
+    q = self.q_proj(hidden_states).view(B, S, -1, self.head_dim)              # (B, S, H, D)
+    k = self.k_proj(hidden_states).view(B, S, -1, self.head_dim)              # (B, S, Hkv, D)
+    v = self.v_proj(hidden_states).view(B, S, -1, self.head_dim)
+    cos, sin = position_embeddings                                            # (B or 1, S, D)
+    if cos.shape[0] == 1:
+        cos, sin = cos[0], sin[0]                                             # positions shared by the batch
+    q, k = ops.apply_rope(q, cos, sin, backend=backend), ops.apply_rope(k, cos, sin, backend=backend)
+    if cache is not None:
+        k, v = _cache_update(cache, k, v, self.layer_idx, kwargs)
+    dropout = self.attention_dropout if self.training else 0.0
+    y = _attend(self, q, k, v, attention_mask, dropout, self.scaling, kwargs, backend)
+    return self.o_proj(y.reshape(B, S, -1)), None
+
+
+def _gpt2_attention(self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None,
+                    encoder_attention_mask=None, output_attentions=False, *, backend, **kwargs):
+    cache = kwargs.pop("past_key_values", cache)
+    if encoder_hidden_states is not None or output_attentions:
+        return type(self).forward(self, hidden_states, cache=cache, attention_mask=attention_mask,
+                                  encoder_hidden_states=encoder_hidden_states,
+                                  encoder_attention_mask=encoder_attention_mask, output_attentions=output_attentions,
+                                  **kwargs)
+    B, S, _ = hidden_states.shape
+    q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
+    q, k, v = (t.view(B, S, -1, self.head_dim) for t in (q, k, v))           # (B, S, H, D)
+    if cache is not None:
+        k, v = _cache_update(cache, k, v, self.layer_idx, kwargs)
+    dropout = self.attn_dropout.p if self.training else 0.0
+    y = _attend(self, q, k, v, attention_mask, dropout, self.scaling, kwargs, backend)
+    return self.resid_dropout(self.c_proj(y.reshape(B, S, -1))), None
+
+
+def _llama_mlp(self, x, *, backend):
+    return ops.mlp_swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, backend=backend)
+
+
+def _gpt2_mlp(self, x, *, backend):
+    if self.training and self.dropout.p > 0:
+        return type(self).forward(self, x)
+    # Conv1D stores (in, out): its transpose is the nn.Linear layout the op takes
+    return ops.mlp_gelu(x, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(), self.c_proj.bias,
+                        backend=backend)
+
+
+def _rms_norm(self, x, *, backend):
+    return ops.rms_norm(x, self.weight, self.variance_epsilon, backend=backend)
+
+
+def _layer_norm(self, x, *, backend):
+    return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=backend)
+
+
+def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, *,
+                    backend, **kwargs):
+    """transformers' ForCausalLMLoss (labels shifted by one, mean over non-ignored tokens or sum / num_items) with
+    ops.cross_entropy, which works in float32 internally without an upcast copy of the logits."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    logits = logits.reshape(-1, vocab_size)
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return ops.cross_entropy(logits, shift_labels, ignore_index=ignore_index, backend=backend)
+    loss = ops.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction="sum",
+                             backend=backend)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+def _patch_plan(model, model_type):
+    """(module, new forward) pairs for every module patch() swaps."""
+    plan = []
+    if model_type == "llama":
+        from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm
+        cfg = model.config
+        swiglu = cfg.hidden_act == "silu" and not getattr(cfg, "mlp_bias", False)
+        for m in model.modules():
+            if isinstance(m, LlamaAttention):
+                plan.append((m, _llama_attention))
+            elif isinstance(m, LlamaMLP) and swiglu:
+                plan.append((m, _llama_mlp))
+            elif isinstance(m, LlamaRMSNorm):
+                plan.append((m, _rms_norm))
+    else:
+        from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
+        cfg = model.config
+        gelu_tanh = cfg.activation_function in _GELU_TANH
+        for m in model.modules():
+            if isinstance(m, GPT2Attention) and not m.is_cross_attention and not (
+                    m.reorder_and_upcast_attn and cfg._attn_implementation == "eager"):
+                plan.append((m, _gpt2_attention))
+            elif isinstance(m, GPT2MLP) and gelu_tanh:
+                plan.append((m, _gpt2_mlp))
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine and m.bias is not None \
+                    and len(m.normalized_shape) == 1:
+                plan.append((m, _layer_norm))
+    return plan
+
+
+def patch(model, backend: str = "auto"):
+    """Put fastlm's ops inside a transformers GPT-2 or Llama model, in place, and return it.
+
+    Attention (with RoPE for Llama), MLP and norm modules get a forward built on fastlm.ops; the causal-LM loss uses
+    ops.cross_entropy. Masks follow transformers' sdpa convention while patched, so unpadded causal attention runs
+    in fastlm's kernel and padded batches, dropout or attention weights fall back to transformers' sdpa path.
+    ``backend`` is passed to every op. Patching a patched model does nothing. unpatch(model) restores it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model, nn.Module) or model_type not in _PATCH_SUPPORTED:
+        raise NotImplementedError(f"patch supports transformers GPT-2 and Llama models (model_type "
+                                  f"{' / '.join(map(repr, _PATCH_SUPPORTED))}); got {type(model).__name__} "
+                                  f"(model_type {model_type!r})")
+    if getattr(model, "_fastlm_patch", None) is not None:
+        return model
+    forwards = []
+    for module, fn in _patch_plan(model, model_type):
+        forwards.append((module, module.__dict__.get("forward")))
+        module.forward = types.MethodType(functools.partial(fn, backend=backend), module)
+    state = {"forwards": forwards, "attn_implementation": config._attn_implementation, "loss": None}
+    config._attn_implementation = "sdpa"
+    if hasattr(model, "lm_head") and hasattr(type(model), "loss_function"):
+        state["loss"] = (model.__dict__.get("_loss_function"),)
+        model.loss_function = functools.partial(_causal_lm_loss, backend=backend)
+    model._fastlm_patch = state
+    return model
+
+
+def unpatch(model):
+    """Undo patch(model): every swapped forward, the attention implementation and the loss. Returns the model."""
+    state = getattr(model, "_fastlm_patch", None)
+    if state is None:
+        return model
+    for module, previous in state["forwards"]:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+    model.config._attn_implementation = state["attn_implementation"]
+    if state["loss"] is not None:
+        previous, = state["loss"]
+        if previous is None:
+            del model._loss_function
+        else:
+            model._loss_function = previous
+    del model._fastlm_patch
+    return model

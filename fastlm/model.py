@@ -1,0 +1,253 @@
+"""fastlm.Transformer: the decoder-only model of a fastlm.Config, built only on fastlm.ops.
+
+Activations stay in (batch, seqlen, heads, headdim) layout, so attention needs no transposes. The residual stream is
+fused into the ops: each block computes
+
+    y = norm(h);  a = attention(y);  (y, h) = add_norm(a, h);  h = mlp(y) + h
+
+with the residual add of the norm and of the MLP done inside the kernels. Training (``targets`` given) ends in
+ops.linear_cross_entropy, so the (tokens x vocab) logits are never materialized.
+
+Parameter names and shapes equal fastlm.reference.Transformer's: a state dict loads into either model.
+
+Generation: ``setup_cache`` allocates a static KV cache per layer, (B, max_seqlen, n_kv_head, head_dim), updated in
+place. ``model(tokens)`` with a cache prefills from position 0; ``model(tokens, input_pos=pos)`` places token t of
+sequence b at position pos[b] + t, writes its keys and values there with index ops and attends through
+ops.decode_attention. The decode step reads nothing back to the host, so it can be compiled or captured in a graph.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fastlm import ops
+from fastlm.backends import BACKENDS
+from fastlm.config import Config
+from fastlm.reference import init_weights
+
+
+class _Backends(NamedTuple):
+    native: str        # attention, decode_attention, mlp_*: the ops the C++ extension implements (csrc/bindings.cpp)
+    generic: str       # norms, RoPE, cross-entropy
+
+
+class Norm(nn.Module):
+    """LayerNorm (gpt2) or RMSNorm (llama) with the residual add available fused (``add``)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.d_model))
+        self.bias = nn.Parameter(torch.zeros(config.d_model)) if config.family == "gpt2" else None
+
+    def forward(self, x, backend):
+        if self.bias is not None:
+            return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=backend.generic)
+        return ops.rms_norm(x, self.weight, self.eps, backend=backend.generic)
+
+    def add(self, x, residual, backend):
+        """(norm(x + residual), x + residual)"""
+        if self.bias is not None:
+            return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, backend=backend.generic)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, backend=backend.generic)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        d, hd = config.d_model, config.head_dim
+        self.wq = nn.Linear(d, config.n_head * hd, bias=config.bias)
+        self.wk = nn.Linear(d, config.n_kv_head * hd, bias=config.bias)
+        self.wv = nn.Linear(d, config.n_kv_head * hd, bias=config.bias)
+        self.wo = nn.Linear(config.n_head * hd, d, bias=config.bias)
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
+
+    def forward(self, x, rope, input_pos, backend):
+        B, S, _ = x.shape
+        c = self.config
+        q = self.wq(x).view(B, S, c.n_head, c.head_dim)                       # (B, S, H, D)
+        k = self.wk(x).view(B, S, c.n_kv_head, c.head_dim)                    # (B, S, Hkv, D)
+        v = self.wv(x).view(B, S, c.n_kv_head, c.head_dim)
+        if rope is not None:
+            cos, sin = rope
+            q = ops.apply_rope(q, cos, sin, backend=backend.generic)
+            k = ops.apply_rope(k, cos, sin, backend=backend.generic)
+        if self.k_cache is None or input_pos is None:
+            if self.k_cache is not None:                                       # prefill from position 0
+                self.k_cache[:, :S].copy_(k)
+                self.v_cache[:, :S].copy_(v)
+            y = ops.attention(q, k, v, causal=True, backend=backend.native)
+        else:
+            positions = input_pos[:, None] + torch.arange(S, device=x.device)  # (B, S)
+            rows = torch.arange(B, device=x.device)[:, None].expand(B, S)
+            self.k_cache.index_put_((rows, positions), k)
+            self.v_cache.index_put_((rows, positions), v)
+            y = ops.decode_attention(q, self.k_cache, self.v_cache, input_pos + S, backend=backend.native)
+        return self.wo(y.reshape(B, S, c.n_head * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        d, f = config.d_model, config.intermediate_size
+        self.gpt2 = config.family == "gpt2"
+        if self.gpt2:
+            self.w_fc = nn.Linear(d, f)
+            self.w_proj = nn.Linear(f, d)
+        else:
+            self.w_gate = nn.Linear(d, f, bias=False)
+            self.w_up = nn.Linear(d, f, bias=False)
+            self.w_down = nn.Linear(f, d, bias=False)
+
+    def forward(self, x, residual, backend):
+        """mlp(x) + residual, the add fused into the down projection."""
+        if self.gpt2:
+            return ops.mlp_gelu(x, self.w_fc.weight, self.w_fc.bias, self.w_proj.weight, self.w_proj.bias,
+                                residual=residual, backend=backend.native)
+        return ops.mlp_swiglu(x, self.w_gate.weight, self.w_up.weight, self.w_down.weight, residual=residual,
+                              backend=backend.native)
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.attn_norm = Norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = Norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, h, rope, input_pos, backend):
+        a = self.attn(self.attn_norm(h, backend), rope, input_pos, backend)
+        y, h = self.mlp_norm.add(a, h, backend)
+        return self.mlp(y, h, backend)
+
+
+class Transformer(nn.Module):
+    """The fast model on fastlm.ops, with ``backend`` one of "auto", "torch", "triton", "cpu", "cuda".
+
+    "cpu" / "cuda" select the C++ kernels for the ops the extension implements (attention, decode attention, MLPs)
+    and "auto" for the others (norms, RoPE, cross-entropy); any other value is passed to every op.
+
+    forward(tokens (B, S), targets=None, input_pos=None): logits (B, S, V) in the parameters' dtype, or with targets
+    (B, S) the mean cross-entropy over targets != -100. ``input_pos`` (B,) needs a KV cache; positions
+    input_pos + S must stay within the cache (not checked on the host, so that decoding never synchronizes).
+    """
+
+    def __init__(self, config: Config, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a fastlm.Config, got {type(config).__name__}")
+        self.config = config
+        self.backend = backend
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seqlen, config.d_model) if config.family == "gpt2" else None
+        self.layers = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.norm = Norm(config)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        init_weights(self, config)
+
+    @property
+    def backend(self) -> str:
+        return self._backends.native
+
+    @backend.setter
+    def backend(self, backend: str):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self._backends = _Backends(native=backend, generic="auto" if backend in ("cpu", "cuda") else backend)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    # -- KV cache ------------------------------------------------------------------------------------------------
+
+    def setup_cache(self, batch_size: int, max_seqlen: int, dtype=None, device=None):
+        """Allocate a static KV cache (batch_size, max_seqlen, n_kv_head, head_dim) per layer, in the parameters'
+        dtype and device unless given."""
+        c = self.config
+        for name, value in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"setup_cache: {name} must be a positive integer, got {value!r}")
+        if max_seqlen > c.max_seqlen:
+            raise ValueError(f"setup_cache: max_seqlen must be at most the model's context {c.max_seqlen}, "
+                             f"got {max_seqlen}")
+        dtype = self.tok_emb.weight.dtype if dtype is None else dtype
+        device = self.tok_emb.weight.device if device is None else device
+        shape = (batch_size, max_seqlen, c.n_kv_head, c.head_dim)
+        for layer in self.layers:
+            layer.attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            layer.attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attn.k_cache = None
+            layer.attn.v_cache = None
+
+    @property
+    def cache_shape(self):
+        """(batch_size, max_seqlen) of the KV cache, or None when there is none."""
+        k = self.layers[0].attn.k_cache
+        return None if k is None else (k.shape[0], k.shape[1])
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+
+    def forward(self, tokens, targets=None, input_pos=None):
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32,
+                                                                                               torch.int64):
+            raise TypeError(f"tokens must be an integer tensor of shape (batch, seqlen), got "
+                            f"{_describe(tokens)}")
+        B, S = tokens.shape
+        c = self.config
+        cache = self.cache_shape
+        limit = c.max_seqlen if cache is None else cache[1]
+        if S > limit:
+            raise ValueError(f"tokens has seqlen {S}, more than the {'cache' if cache else 'model'} allows "
+                             f"({limit})")
+        if cache is not None and B != cache[0]:
+            raise ValueError(f"tokens has batch {B} but the KV cache was set up for batch {cache[0]}")
+        if input_pos is None:
+            positions = torch.arange(S, device=tokens.device)                  # (S,)
+        else:
+            if cache is None:
+                raise ValueError("input_pos needs a KV cache: call setup_cache(batch_size, max_seqlen) first")
+            if not isinstance(input_pos, torch.Tensor) or tuple(input_pos.shape) != (B,) or input_pos.dtype not in (
+                    torch.int32, torch.int64):
+                raise TypeError(f"input_pos must be an integer tensor of shape (batch,) = ({B},), got "
+                                f"{_describe(input_pos)}")
+            positions = input_pos[:, None] + torch.arange(S, device=tokens.device)   # (B, S)
+
+        h = self.tok_emb(tokens)                                               # (B, S, d)
+        rope = None
+        if self.pos_emb is not None:
+            h = h + self.pos_emb(positions)
+        else:
+            cos, sin = ops.rope_cos_sin(positions.reshape(-1), c.head_dim, c.rope_base, h.dtype,
+                                        backend=self._backends.generic)
+            rope = (cos.view(*positions.shape, -1), sin.view(*positions.shape, -1))   # (S, D) or (B, S, D)
+        for layer in self.layers:
+            h = layer(h, rope, input_pos, self._backends)
+        y = self.norm(h, self._backends)
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (B, S):
+                raise ValueError(f"targets must be a tensor of shape (batch, seqlen) = ({B}, {S}), got "
+                                 f"{_describe(targets)}")
+            return ops.linear_cross_entropy(y.reshape(B * S, -1), self.head_weight, targets.reshape(B * S),
+                                            backend=self._backends.generic)
+        return F.linear(y, self.head_weight)                                   # (B, S, V)
+
+    def generate(self, *args, **kwargs):
+        """See fastlm.generate.generate."""
+        from fastlm.generate import generate
+        return generate(self, *args, **kwargs)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)} dtype {x.dtype}"
+    return type(x).__name__

@@ -1,0 +1,634 @@
+"""Training: corpus and tokenizers, the training loop, checkpoints.
+
+``python -m fastlm train`` trains a small byte-level model on the corpus shipped in fastlm/data in about a minute on
+a CPU, offline. The loop: AdamW (no weight decay on norms, biases and embeddings), linear warm-up then cosine decay
+to lr/10, gradient accumulation and clipping, bf16/fp16 autocast on GPU, the model's fused linear cross-entropy,
+periodic held-out loss and perplexity, a tqdm progress bar, safetensors checkpoints and a loss-curve PNG.
+
+Determinism: the batch of step s is drawn from a generator seeded with (seed, s, rank), so a resumed run sees the same
+batches as an uninterrupted one and continues the same loss curve.
+
+Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (nccl on GPU, gloo on CPU); each rank
+draws its own batches and rank 0 logs and writes checkpoints.
+
+Checkpoint: ``<out>/checkpoint.safetensors`` holds the model ("model.<name>") and the AdamW state
+("optim.<param index>.<exp_avg|exp_avg_sq|step>") tensors; its metadata holds the config, step, tokenizer,
+optimizer hyper-parameters and loss history as JSON. It is written to a temporary file and renamed over the old one,
+so an interrupted save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+
+import torch
+
+CHECKPOINT = "checkpoint.safetensors"
+FORMAT = "fastlm-checkpoint-1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# A small default model: trains in about a minute on a 2-core CPU.
+DEFAULTS = dict(preset="llama-tiny", overrides="d_model=128,n_layer=4,n_head=4,n_kv_head=2", steps=300,
+                batch_size=16, seqlen=128, lr=3e-3, warmup=30)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Corpus and tokenizers
+# ----------------------------------------------------------------------------------------------------------------------
+
+def default_corpus_files() -> list[str]:
+    return sorted(glob.glob(os.path.join(os.path.dirname(__file__), "data", "*.txt")))
+
+
+def stdlib_corpus_files(max_bytes: int = 8 << 20) -> list[str]:
+    """The Python standard library's .py sources (sorted, up to ``max_bytes``): a corpus on every machine."""
+    root = sysconfig.get_paths()["stdlib"]
+    files, total = [], 0
+    for path in sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "*", "*.py"))):
+        if "site-packages" in path or "test" in os.path.relpath(path, root).split(os.sep)[0]:
+            continue
+        files.append(path)
+        total += os.path.getsize(path)
+        if total >= max_bytes:
+            break
+    return files
+
+
+def load_corpus(data: str | None = None) -> str:
+    """The training text: None = the corpus shipped in fastlm/data; "stdlib" = the Python standard library's sources;
+    a file; or a directory (every .txt/.md/.py/.rst file below it, sorted)."""
+    if data is None:
+        files = default_corpus_files()
+        if not files:
+            raise FileNotFoundError("the default corpus (fastlm/data/*.txt) is missing from the installation; "
+                                    "pass --data FILE|DIR or --data stdlib")
+    elif data == "stdlib":
+        files = stdlib_corpus_files()
+    elif os.path.isdir(data):
+        files = sorted(p for ext in ("txt", "md", "py", "rst")
+                       for p in glob.glob(os.path.join(data, "**", f"*.{ext}"), recursive=True))
+        if not files:
+            raise ValueError(f"corpus directory {data!r} has no .txt/.md/.py/.rst files")
+    elif os.path.isfile(data):
+        files = [data]
+    else:
+        raise FileNotFoundError(f"corpus {data!r} does not exist (expected a text file, a directory or 'stdlib')")
+    parts = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            parts.append(f.read())
+    text = "\n\n".join(p for p in parts if p.strip())
+    if not text.strip():
+        raise ValueError(f"corpus {data or 'fastlm/data'!r} is empty")
+    return text
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: 256 symbols, nothing to download."""
+    name = "byte"
+    vocab_size = 256
+    byte_level = True
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def spec(self) -> dict:
+        return {"kind": "byte"}
+
+
+class TiktokenTokenizer:
+    byte_level = False
+
+    def __init__(self, encoding: str = "gpt2"):
+        try:
+            import tiktoken
+        except ImportError as e:
+            raise ImportError("--tokenizer tiktoken needs the tiktoken package (pip install tiktoken)") from e
+        try:
+            self.enc = tiktoken.get_encoding(encoding)
+        except Exception as e:  # the BPE ranks are downloaded on first use
+            raise RuntimeError(f"tiktoken could not load encoding {encoding!r} (its files are downloaded on first "
+                               f"use; offline, use --tokenizer byte): {e}") from e
+        self.encoding = encoding
+        self.name = f"tiktoken:{encoding}"
+        self.vocab_size = self.enc.n_vocab
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode([int(i) for i in ids])
+
+    def spec(self):
+        return {"kind": "tiktoken", "encoding": self.encoding}
+
+
+class SentencePieceTokenizer:
+    byte_level = False
+
+    def __init__(self, model_file: str | None):
+        try:
+            import sentencepiece
+        except ImportError as e:
+            raise ImportError("--tokenizer sentencepiece needs the sentencepiece package (pip install "
+                              "sentencepiece)") from e
+        if not model_file or not os.path.isfile(model_file):
+            raise FileNotFoundError(f"--tokenizer sentencepiece needs --tokenizer-model PATH to a .model file, "
+                                    f"got {model_file!r}")
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        self.model_file = os.path.abspath(model_file)
+        self.name = "sentencepiece"
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text):
+        return self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+    def spec(self):
+        return {"kind": "sentencepiece", "model_file": self.model_file}
+
+
+def make_tokenizer(kind: str = "byte", model_file: str | None = None, encoding: str = "gpt2"):
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "tiktoken":
+        return TiktokenTokenizer(encoding)
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(model_file)
+    raise ValueError(f"tokenizer must be one of byte, tiktoken, sentencepiece; got {kind!r}")
+
+
+def tokenizer_from_spec(spec: dict):
+    return make_tokenizer(spec.get("kind", "byte"), spec.get("model_file"), spec.get("encoding", "gpt2"))
+
+
+def split_tokens(ids: torch.Tensor, seqlen: int, val_fraction: float = 0.1):
+    """(train, val): the last ``val_fraction`` of the corpus is held out (at least one window of seqlen + 1)."""
+    n_val = max(int(len(ids) * val_fraction), seqlen + 1)
+    if len(ids) - n_val < seqlen + 1:
+        raise ValueError(f"the corpus has {len(ids)} tokens: too few for seqlen={seqlen} with a held-out split "
+                         f"(need at least {2 * (seqlen + 1)}); use a bigger corpus or a smaller --seqlen")
+    return ids[:-n_val], ids[-n_val:]
+
+
+def get_batch(ids: torch.Tensor, batch_size: int, seqlen: int, generator: torch.Generator):
+    """Random windows: inputs (B, S) and next-token targets (B, S)."""
+    starts = torch.randint(0, len(ids) - seqlen, (batch_size,), generator=generator)
+    window = torch.stack([ids[s:s + seqlen + 1] for s in starts.tolist()])
+    return window[:, :-1], window[:, 1:]
+
+
+def eval_batches(ids: torch.Tensor, batch_size: int, seqlen: int, max_batches: int):
+    """A fixed set of evenly spaced held-out windows, so every evaluation measures the same tokens."""
+    n_windows = min(max_batches * batch_size, (len(ids) - 1) // seqlen)
+    stride = max((len(ids) - 1 - seqlen) // max(n_windows - 1, 1), 1)
+    starts = [min(i * stride, len(ids) - 1 - seqlen) for i in range(n_windows)]
+    for i in range(0, len(starts), batch_size):
+        window = torch.stack([ids[s:s + seqlen + 1] for s in starts[i:i + batch_size]])
+        yield window[:, :-1], window[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimizer, schedule, evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+
+def make_optimizer(model, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95)):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+
+
+def lr_at(step: int, lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to min_ratio * lr at ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32 or device.type != "cuda":
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model, val_ids, batch_size: int, seqlen: int, device, dtype=torch.float32, max_batches: int = 8):
+    """Mean held-out loss (per token) over a fixed set of windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in eval_batches(val_ids, batch_size, seqlen, max_batches):
+        with _autocast(device, dtype):
+            loss = model(x.to(device), y.to(device))
+        total += float(loss) * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _checkpoint_file(path: str) -> str:
+    """A path ending in .safetensors is the file itself; anything else is a directory holding CHECKPOINT."""
+    return path if path.endswith(".safetensors") else os.path.join(path, CHECKPOINT)
+
+
+def save_checkpoint(path: str, model, optimizer=None, *, step: int = 0, tokenizer=None, history=None,
+                    extra: dict | None = None) -> str:
+    """Write model (+ optimizer) tensors and metadata to ``path`` (a directory or a .safetensors file) atomically."""
+    from safetensors.torch import save_file
+    model = getattr(model, "module", model)
+    file = _checkpoint_file(path)
+    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "config": json.dumps(_config_dict(model.config)), "step": str(step),
+            "tokenizer": json.dumps((tokenizer or ByteTokenizer()).spec()), "history": json.dumps(history or {}),
+            "extra": json.dumps(extra or {})}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for idx, entry in state["state"].items():
+            for key, value in entry.items():
+                t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                tensors[f"optim.{idx}.{key}"] = t.detach().contiguous().cpu()
+        meta["optim_groups"] = json.dumps(state["param_groups"])
+    _atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    config_file = os.path.join(os.path.dirname(os.path.abspath(file)), "config.json")
+    _atomic_write(config_file, lambda tmp: _dump_json(_config_dict(model.config), tmp))
+    return file
+
+
+def _atomic_write(path: str, write):
+    """write(tmp) then rename over ``path``: readers see the old file or the new one, never a partial one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _dump_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _config_dict(config) -> dict:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+
+
+def _read_checkpoint(path: str):
+    from safetensors import safe_open
+    file = _checkpoint_file(path)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"checkpoint not found: {file}")
+    try:
+        with safe_open(file, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise ValueError(f"checkpoint {file} is corrupt or not a safetensors file: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {file} is not a fastlm checkpoint (metadata format={meta.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    return file, meta, tensors
+
+
+def load_config(path: str):
+    """The Config stored in a checkpoint (file or directory) or in a config.json."""
+    from fastlm.config import Config
+    if path.endswith(".json"):
+        with open(path) as f:
+            return Config(**json.load(f))
+    _, meta, _ = _read_checkpoint(path)
+    return Config(**json.loads(meta["config"]))
+
+
+def load_checkpoint(path: str, *, backend: str = "auto", device=None, optimizer=None):
+    """(model, info) from a checkpoint; info has step, tokenizer, history, config, extra. With ``optimizer`` (built
+    for this model's parameters) its state is restored too."""
+    from fastlm.config import Config
+    from fastlm.model import Transformer
+    file, meta, tensors = _read_checkpoint(path)
+    config = Config(**json.loads(meta["config"]))
+    model = Transformer(config, backend=backend)
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"checkpoint {file} does not match its config ({config.name}): "
+                         + "; ".join(filter(None, [f"missing {missing[:5]}" if missing else "",
+                                                   f"unexpected {unexpected[:5]}" if unexpected else "",
+                                                   "shape mismatch " + ", ".join(wrong[:5]) if wrong else ""])))
+    model.load_state_dict(state)
+    if device is not None:
+        model = model.to(device)
+    if optimizer is not None:
+        _load_optimizer(optimizer, meta, tensors, file)
+    info = {"step": int(meta.get("step", 0)), "config": config, "file": file,
+            "tokenizer": tokenizer_from_spec(json.loads(meta.get("tokenizer", "{}"))),
+            "history": json.loads(meta.get("history", "{}")), "extra": json.loads(meta.get("extra", "{}"))}
+    return model, info
+
+
+def _load_optimizer(optimizer, meta, tensors, file):
+    if "optim_groups" not in meta:
+        raise ValueError(f"checkpoint {file} has no optimizer state to resume from")
+    groups = json.loads(meta["optim_groups"])
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    device = optimizer.param_groups[0]["params"][0].device
+    for entry in state.values():
+        for name, value in entry.items():
+            entry[name] = value if name == "step" else value.to(device)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except ValueError as e:
+        raise ValueError(f"checkpoint {file}: optimizer state does not match the model: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _dist_setup():
+    """(rank, world_size, local_rank); initializes the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def train(config=None, *, data: str | None = None, tokenizer=None, text: str | None = None, steps: int = 300,
+          batch_size: int = 16, seqlen: int = 128, lr: float = 3e-3, warmup: int = 30, grad_clip: float = 1.0,
+          grad_accum: int = 1, weight_decay: float = 0.1, dtype: str = "fp32", eval_every: int = 100,
+          eval_batches_max: int = 8, out: str | None = None, resume: bool = False, backend: str = "auto",
+          device=None, seed: int = 0, stop_after: int | None = None, progress: bool = True, log=print,
+          plot: bool = True) -> dict:
+    """Train ``config`` (a fastlm.Config; default the small CLI model) and return a dict with the model, the loss
+    history, the final held-out loss and perplexity, tokens seen, the tokenizer and the checkpoint path.
+
+    With ``out`` a checkpoint is written at every evaluation and at the end; with ``resume`` training continues
+    from ``out``'s checkpoint (config, weights, optimizer, step and history come from it). ``stop_after`` ends the
+    run after that many steps of this call (the schedule still spans ``steps``), as an interruption would.
+    """
+    from fastlm.model import Transformer
+    rank, world, local_rank = _dist_setup()
+    if device is None:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    amp_dtype = DTYPES[dtype]
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seqlen", seqlen), ("grad_accum", grad_accum),
+                        ("eval_every", eval_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if resume and not out:
+        raise ValueError("resume needs out= (the directory holding the checkpoint)")
+
+    start, history = 0, {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_loss": []}
+    model = optimizer = None
+    if resume:
+        model, info = load_checkpoint(out, backend=backend, device=device)
+        config, tokenizer = info["config"], info["tokenizer"]
+        optimizer = make_optimizer(model, lr, weight_decay)
+        _load_optimizer(optimizer, *_read_checkpoint(out)[1:], _checkpoint_file(out))
+        start, history = info["step"], {**history, **info["history"]}
+        data = info["extra"].get("data") if data is None else data
+    tokenizer = tokenizer or ByteTokenizer()
+    text = load_corpus(data) if text is None else text
+    if not text.strip():
+        raise ValueError("the training text is empty")
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    train_ids, val_ids = split_tokens(ids, seqlen)
+
+    if model is None:
+        if config is None:
+            from fastlm.config import Config
+            config = Config.from_name(DEFAULTS["preset"], **parse_overrides(DEFAULTS["overrides"]))
+        if config.vocab_size != tokenizer.vocab_size:
+            config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+        torch.manual_seed(seed)
+        model = Transformer(config, backend=backend).to(device)
+        optimizer = make_optimizer(model, lr, weight_decay)
+    if seqlen > config.max_seqlen:
+        raise ValueError(f"seqlen={seqlen} is longer than the model's context max_seqlen={config.max_seqlen}")
+    if int(ids.max()) >= config.vocab_size:
+        raise ValueError(f"token id {int(ids.max())} does not fit the model's vocab_size={config.vocab_size}")
+
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
+    tokens_per_step = batch_size * seqlen * grad_accum * world
+    file = None
+    main = rank == 0
+    bar = None
+    if progress and main and start < steps:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    t0, last_eval = time.perf_counter(), None
+    end = steps if stop_after is None else min(steps, start + stop_after)
+    for step in range(start, end):
+        lr_now = lr_at(step, lr, warmup, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + rank)
+        loss_sum = 0.0
+        xs, ys = get_batch(train_ids, batch_size * grad_accum, seqlen, gen)
+        for micro in range(grad_accum):
+            x = xs[micro * batch_size:(micro + 1) * batch_size].to(device)
+            y = ys[micro * batch_size:(micro + 1) * batch_size].to(device)
+            sync = micro == grad_accum - 1 or world == 1
+            ctx = ddp_model.no_sync() if not sync else _nullcontext()
+            with ctx:
+                with _autocast(device, amp_dtype):
+                    loss = ddp_model(x, y) / grad_accum
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"step {step}: the loss is {float(loss_sum)}; lower --lr or check the data")
+        scaler.unscale_(optimizer)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
+            if device.type != "cuda":
+                loss_sum = loss_sum / world
+        loss_value = float(loss_sum)
+        history["step"].append(step + 1)
+        history["loss"].append(loss_value)
+        history["lr"].append(lr_now)
+        done = step + 1
+        if done % eval_every == 0 or done == end:
+            last_eval = evaluate(model, val_ids, batch_size, seqlen, device, amp_dtype, eval_batches_max)
+            history["eval_step"].append(done)
+            history["eval_loss"].append(last_eval)
+            if main and out:
+                file = save_checkpoint(out, model, optimizer, step=done, tokenizer=tokenizer, history=history,
+                                       extra={"data": data, "seqlen": seqlen, "batch_size": batch_size})
+        if bar is not None:
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{loss_value:.3f}", eval=f"{last_eval:.3f}" if last_eval is not None else "-",
+                            tok_s=f"{(done - start) * tokens_per_step / elapsed:,.0f}", refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    if last_eval is None:
+        last_eval = evaluate(model, val_ids, batch_size, seqlen, device, amp_dtype, eval_batches_max)
+    result = {"model": model, "config": config, "tokenizer": tokenizer, "history": history,
+              "eval_loss": last_eval, "perplexity": math.exp(min(last_eval, 50.0)), "steps": end,
+              "tokens": (end - start) * tokens_per_step, "seconds": elapsed, "checkpoint": file,
+              "tokens_per_s": (end - start) * tokens_per_step / max(elapsed, 1e-9)}
+    if main and out and plot and history["step"]:
+        result["plot"] = plot_loss(history, os.path.join(out, "loss.png"), title=config.name)
+    if main and log is not None and end > start:
+        log(f"step {end}: train loss {history['loss'][-1]:.4f}, held-out loss {last_eval:.4f} "
+            f"(perplexity {result['perplexity']:.2f}), {result['tokens_per_s']:,.0f} tokens/s"
+            + (f"; checkpoint {file}" if file else ""))
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def plot_loss(history: dict, path: str, title: str = "") -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(history["step"], history["loss"], lw=0.8, alpha=0.8, label="train loss")
+    if history.get("eval_step"):
+        ax.plot(history["eval_step"], history["eval_loss"], "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"fastlm training {title}".strip())
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def parse_overrides(spec: str | None) -> dict:
+    """"d_model=128,n_layer=4,tie_embeddings=true" -> typed dict of Config fields."""
+    from fastlm.config import Config
+    if not spec:
+        return {}
+    types = {f.name: f.type for f in dataclasses.fields(Config) if f.init}
+    result = {}
+    for item in spec.split(","):
+        if "=" not in item:
+            raise ValueError(f"--config expects key=value pairs separated by commas, got {item!r}")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in types:
+            raise ValueError(f"--config: unknown Config field {key!r}; fields: {', '.join(sorted(types))}")
+        kind = str(types[key])
+        try:
+            if "bool" in kind:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                result[key] = value.lower() in ("true", "1")
+            elif "int" in kind:
+                result[key] = int(value)
+            elif "float" in kind:
+                result[key] = float(value)
+            else:
+                result[key] = value
+        except ValueError:
+            raise ValueError(f"--config: {key}={value!r} is not a valid {kind}") from None
+    return result
+
+
+def cli(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastlm train",
+                                description="Train a model on a text corpus (default: the corpus shipped with fastlm, "
+                                            "a small byte-level model, about a minute on a CPU).")
+    p.add_argument("--data", default=None, help="text file, directory, or 'stdlib' (default: fastlm/data)")
+    p.add_argument("--tokenizer", default="byte", choices=["byte", "tiktoken", "sentencepiece"])
+    p.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
+    p.add_argument("--preset", default=DEFAULTS["preset"])
+    p.add_argument("--config", default=None,
+                   help=f"Config overrides key=value,... (default with the default preset: {DEFAULTS['overrides']})")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--seqlen", type=int, default=DEFAULTS["seqlen"])
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES),
+                   help="autocast dtype on GPU (weights stay fp32); CPU runs in fp32")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--out", default="fastlm-run", help="output directory (checkpoint, config.json, loss.png)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        config = None
+        if not args.resume:
+            from fastlm.config import Config
+            spec = args.config if args.config is not None else (
+                DEFAULTS["overrides"] if args.preset == DEFAULTS["preset"] else None)
+            tokenizer = make_tokenizer(args.tokenizer, args.tokenizer_model)
+            config = Config.from_name(args.preset, **{"vocab_size": tokenizer.vocab_size, **parse_overrides(spec)})
+        else:
+            tokenizer = None
+        train(config, data=args.data, tokenizer=tokenizer, steps=args.steps, batch_size=args.batch_size,
+              seqlen=args.seqlen, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
+              grad_accum=args.grad_accum, weight_decay=args.weight_decay, dtype=args.dtype,
+              eval_every=args.eval_every, out=args.out, resume=args.resume, backend=args.backend, seed=args.seed,
+              progress=not args.no_progress)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return 0

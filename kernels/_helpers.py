@@ -1,0 +1,81 @@
+"""Shared pieces of the Triton kernels: activation functions (and their derivatives) as @triton.jit helpers, an fp32
+dot that stays IEEE-exact, and small host-side utilities (interpreter detection, SM count, power-of-two sizes).
+
+Nothing here runs at import time beyond defining functions; the SM count is queried lazily and cached.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+def interpreter() -> bool:
+    """Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1 set before importing triton)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else triton.next_power_of_2(int(n))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs(device: torch.device, per_sm: int = 4, cpu: int = 4) -> int:
+    """A persistent-grid size: a few programs per SM on a GPU, a handful in the (sequential) interpreter."""
+    if device.type != "cuda":
+        return cpu
+    return per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def triton_dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+@triton.jit
+def tanh(x):
+    # tanh through the sigmoid: one exp, works the same compiled and in the interpreter
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def gelu_tanh(x):
+    """GELU with the tanh approximation (GPT-2), fp32 in and out; 0.79788... = sqrt(2 / pi)."""
+    t = tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+    return 0.5 * x * (1.0 + t)
+
+
+@triton.jit
+def gelu_tanh_and_grad(x):
+    """(gelu_tanh(x), d gelu_tanh / dx), sharing the tanh."""
+    x2 = x * x
+    t = tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
+    y = 0.5 * x * (1.0 + t)
+    dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)
+    return y, dy
+
+
+@triton.jit
+def silu(x):
+    return x * tl.sigmoid(x)
+
+
+@triton.jit
+def dot_acc(a, b, acc):
+    """acc + a @ b with fp32 accumulation; fp32 operands use IEEE products (tf32 would break the numerics rule)."""
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+def aligned(fn, *names) -> dict:
+    """ASTSource attrs marking arguments as multiples of 16 (pointers 16-byte aligned, sizes divisible by 16), the
+    specialization Triton applies at run time to such values, so ahead-of-time reports compile the common case."""
+    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}

@@ -1,0 +1,204 @@
+"""Cross-entropy over a large vocabulary, one program per token row (on a GPU), streaming the row in BLOCK_V chunks.
+
+Pass 1 (unless the row's logsumexp is given): online logsumexp in fp32 (running max, rescaled running sum, exp2 with
+log2(e) folded in), plus a single load of the target logit; writes the row's loss and LSE (fp32, 8 bytes per row).
+Pass 2 (when a gradient is asked for): re-streams the row and writes (softmax - onehot(target)) * scale in the
+gradient buffer's dtype; the buffer may be the logits themselves (in-place, as the fused linear + cross-entropy does
+with its per-chunk logits). Nothing of size (N, V) is ever held in fp32.
+
+Traffic: forward reads the logits once; backward (LSE given) reads them once and writes the gradient once; the
+fused mode reads twice and writes once. Targets equal to ignore_index give loss 0 and gradient 0; a target outside
+[0, V) gives a NaN loss (the ops layer rejects such targets eagerly outside torch.compile).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._helpers import aligned, interpreter, next_pow2, triton_dtype_name
+
+@triton.jit
+def cross_entropy_kernel(LOGITS, stride_l, TARGETS, LOSS, LSE, GRAD, stride_g, GSCALE, n_rows, V, ignore_index,
+                         LSE_IN: tl.constexpr, WRITE_LOSS: tl.constexpr, HAS_GRAD: tl.constexpr,
+                         HAS_GSCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    # BLOCK_N rows per program: 1 on a GPU (a row is long), many in the interpreter (fewer numpy steps)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    logits = LOGITS + rows64[:, None] * stride_l
+    cols = tl.arange(0, BLOCK_V)[None, :]
+    tgt = tl.load(TARGETS + rows, mask=rmask, other=ignore_index).to(tl.int64)
+    valid = tgt != ignore_index
+    in_range = (tgt >= 0) & (tgt < V)
+    if LSE_IN:
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    else:
+        # online logsumexp; 1.4426... = log2(e). The finite start keeps all -inf chunks from producing inf - inf.
+        m = tl.full([BLOCK_N], -1.0e30, tl.float32)
+        s = tl.zeros([BLOCK_N], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            x = tl.load(logits + c, mask=rmask[:, None] & (c < V), other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            s = s * tl.exp2((m - m_new) * 1.4426950408889634) + \
+                tl.sum(tl.exp2((x - m_new[:, None]) * 1.4426950408889634), axis=1)
+            m = m_new
+        lse = m + tl.log(tl.where(rmask, s, 1.0))    # padding rows of the last block: no log(0)
+    if WRITE_LOSS:
+        picked = tl.load(LOGITS + rows64 * stride_l + tgt, mask=rmask & valid & in_range, other=0.0).to(tl.float32)
+        loss = tl.where(valid, tl.where(in_range, lse - picked, float("nan")), 0.0)
+        tl.store(LOSS + rows, loss, mask=rmask)
+        tl.store(LSE + rows, lse, mask=rmask)
+    if HAS_GRAD:
+        scale = tl.where(valid, 1.0, 0.0)
+        if HAS_GSCALE:
+            scale *= tl.load(GSCALE + rows, mask=rmask, other=0.0).to(tl.float32)
+        grad = GRAD + rows64[:, None] * stride_g
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            mask = rmask[:, None] & (c < V)
+            x = tl.load(logits + c, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp2((x - lse[:, None]) * 1.4426950408889634)
+            g = (p - tl.where(c == tgt[:, None], 1.0, 0.0)) * scale[:, None]
+            tl.store(grad + c, g.to(GRAD.dtype.element_ty), mask=mask)
+
+
+def _block(V: int):
+    """(BLOCK_N, BLOCK_V, num_warps): a GPU program streams one row in 4096-wide chunks (16 values per thread); the
+    interpreter takes blocks of rows and wide chunks."""
+    if interpreter():
+        block_v = min(next_pow2(V), 8192)
+        return max(1, 32768 // block_v), block_v, 1
+    block_v = min(next_pow2(V), 4096)
+    return 1, block_v, max(1, min(8, block_v // 512))
+
+
+def _launch(logits, targets, loss, lse, grad, gscale, ignore_index, lse_in, write_loss):
+    n, V = logits.shape
+    block_n, block_v, warps = _block(V)
+    cross_entropy_kernel[(triton.cdiv(n, block_n),)](
+        logits, logits.stride(0), targets, loss, lse, grad if grad is not None else logits,
+        grad.stride(0) if grad is not None else 0, gscale if gscale is not None else lse, n, V, ignore_index,
+        LSE_IN=lse_in, WRITE_LOSS=write_loss, HAS_GRAD=grad is not None, HAS_GSCALE=gscale is not None,
+        BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps)
+
+
+def _rows(logits):
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def cross_entropy_fwd(logits, targets, ignore_index: int):
+    """Per-row (loss, lse), both (N,) fp32; loss is 0 where targets == ignore_index."""
+    n = logits.shape[0]
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n:
+        _launch(_rows(logits), targets.contiguous(), loss, lse, None, None, ignore_index, False, True)
+    return loss, lse
+
+
+def cross_entropy_bwd(grad_loss, logits, targets, lse, ignore_index: int):
+    """d(sum_i grad_loss[i] * loss[i]) / d logits, in the logits' dtype, from the saved per-row lse."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if logits.shape[0]:
+        _launch(_rows(logits), targets.contiguous(), None, lse.contiguous(), grad,
+                grad_loss.to(torch.float32).contiguous(), ignore_index, True, False)
+    return grad
+
+
+def cross_entropy_fused_(logits, targets, ignore_index: int, gscale=None):
+    """Loss and gradient in one call, the gradient written over ``logits`` (a contiguous scratch chunk):
+    returns per-row (loss, lse); logits then hold (softmax - onehot) * (gscale per row, or 1)."""
+    n = logits.shape[0]
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n:
+        _launch(logits, targets, loss, lse, logits, gscale, ignore_index, False, True)
+    return loss, lse
+
+
+def aot_specs():
+    specs = []
+    block, warps = 4096, 8
+    t = triton_dtype_name(torch.bfloat16)
+    sig = {"LOGITS": f"*{t}", "stride_l": "i64", "TARGETS": "*i64", "LOSS": "*fp32", "LSE": "*fp32",
+           "GRAD": f"*{t}", "stride_g": "i64", "GSCALE": "*fp32", "n_rows": "i32", "V": "i32", "ignore_index": "i32",
+           "LSE_IN": "constexpr", "WRITE_LOSS": "constexpr", "HAS_GRAD": "constexpr", "HAS_GSCALE": "constexpr",
+           "BLOCK_N": "constexpr", "BLOCK_V": "constexpr"}
+    for name, lse_in, write_loss, has_grad, has_gscale in (("fwd", False, True, False, False),
+                                                           ("bwd", True, False, True, True),
+                                                           ("fused", False, True, True, False)):
+        specs.append({
+            "name": f"cross_entropy_{name}[V=128256,{t}]", "fn": cross_entropy_kernel, "signature": dict(sig),
+            "constexprs": {"LSE_IN": lse_in, "WRITE_LOSS": write_loss, "HAS_GRAD": has_grad,
+                           "HAS_GSCALE": has_gscale, "BLOCK_N": 1, "BLOCK_V": block},
+            "attrs": aligned(cross_entropy_kernel, "LOGITS", "stride_l", "TARGETS", "LOSS", "LSE", "GRAD", "stride_g",
+                             "GSCALE", "V"),
+            "num_warps": warps, "num_stages": 1, "expect_wgmma": False})
+    return specs
+
+
+@functools.lru_cache(maxsize=None)
+def _has_addmm_out_dtype(device_type: str) -> bool:
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype", key)
+
+
+def _addmm_fp32(acc, a, b):
+    """acc + a @ b for an fp32 acc and fp16/bf16 a, b, the product never rounded to 16 bits (cuBLAS with an fp32
+    output where torch offers it, i.e. torch >= 2.8 on CUDA; an fp32 GEMM otherwise)."""
+    if _has_addmm_out_dtype(a.device.type):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    return acc.addmm_(a.float(), b.float())
+
+
+def default_chunk(n: int, vocab: int, itemsize: int) -> int:
+    """Tokens per chunk for the fused linear + cross-entropy: about 256 MB of logits per chunk, at least 128 rows
+    (small chunks starve the LM-head GEMM), a multiple of 128."""
+    rows = (256 << 20) // max(1, vocab * itemsize)
+    return max(128, rows // 128 * 128)
+
+
+def linear_cross_entropy_chunks(x, weight, bias, targets, ignore_index: int, chunk: int, compute_grad: bool,
+                                row_scale=None):
+    """cross_entropy(x @ weight.T + bias) over token chunks, never holding more than ``chunk`` rows of logits.
+
+    x (N, d), weight (V, d), targets (N,). Returns (loss_rows (N,) fp32, dx, dweight, dbias); with ``compute_grad``
+    the gradients of sum_i row_scale[i] * loss[i] (row_scale None: all ones) are accumulated chunk by chunk from the
+    gradient the cross-entropy kernel writes over each chunk's logits; otherwise they are empty tensors. dweight is
+    accumulated in fp32 across chunks (fp32 partial products) for fp16/bf16 weights so the chunking adds no rounding of
+    its own."""
+    N, d = x.shape
+    V = weight.shape[0]
+    loss = torch.empty(N, dtype=torch.float32, device=x.device)
+    dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    if compute_grad:
+        dx = torch.empty_like(x)
+        acc_dtype = torch.float32 if N > chunk else weight.dtype
+        dw = torch.zeros(V, d, dtype=acc_dtype, device=x.device)
+        if bias is not None:
+            db = torch.zeros(V, dtype=torch.float32, device=x.device)
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        xc = x[s:e]
+        logits = torch.addmm(bias, xc, weight.t()) if bias is not None else torch.mm(xc, weight.t())
+        if not compute_grad:
+            loss[s:e] = cross_entropy_fwd(logits, targets[s:e], ignore_index)[0]
+            continue
+        scale = row_scale[s:e].contiguous() if row_scale is not None else None
+        loss[s:e] = cross_entropy_fused_(logits, targets[s:e], ignore_index, scale)[0]
+        torch.mm(logits, weight, out=dx[s:e])
+        if dw.dtype == logits.dtype:
+            dw.addmm_(logits.t(), xc)
+        else:
+            dw = _addmm_fp32(dw, logits.t(), xc)
+        if bias is not None:
+            db += logits.sum(0, dtype=torch.float32)
+    if compute_grad:
+        dw = dw.to(weight.dtype)
+        if bias is not None:
+            db = db.to(bias.dtype)
+    return loss, dx, dw, db

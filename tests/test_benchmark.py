@@ -1,0 +1,226 @@
+"""The benchmark harness itself: work counts, the wrong-result flag, the JSON, the CLI, the README generator."""
+import importlib.util
+import os
+import subprocess
+
+import pytest
+import torch
+
+from fastlm import benchmark, reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- work counts against hand-computed values ----------------------------------------------------------------------
+
+def test_attention_flops_by_hand():
+    # 4 * B * H * Sq * Sk * D = 4 * 2 * 4 * 128 * 128 * 64
+    assert benchmark.attention_flops(2, 4, 128, 128, 64) == 33_554_432
+    assert benchmark.attention_flops(2, 4, 128, 128, 64, causal=True) == 16_777_216            # halved
+    assert benchmark.attention_flops(2, 4, 128, 128, 64, mode="bwd") == 2.5 * 33_554_432
+    assert benchmark.attention_flops(2, 4, 128, 128, 64, causal=True, mode="fwd_bwd") == 3.5 * 16_777_216
+    # Sq != Sk causal counts the unmasked pairs: Sq=3, Sk=5 -> query i sees i + 3 keys: 3 + 4 + 5 = 12 pairs
+    assert benchmark.causal_pairs(3, 5) == 12
+    assert benchmark.attention_flops(1, 1, 3, 5, 2, causal=True) == 4 * 12 * 2
+    # Sq=5, Sk=3: the first two queries see no key, then 1 + 2 + 3
+    assert benchmark.causal_pairs(5, 3) == 6
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 1), (1, 9), (7, 7), (9, 4), (4, 9), (65, 129)])
+def test_causal_pairs_match_the_reference_mask(sq, sk):
+    assert benchmark.causal_pairs(sq, sk) == int(reference.attention_mask(sq, sk, causal=True).sum())
+
+
+def test_gemm_mlp_and_byte_counts_by_hand():
+    assert benchmark.gemm_flops(3, 5, 7) == 210
+    assert benchmark.mlp_flops(10, 4, 6, "swiglu") == 3 * 2 * 10 * 6 * 4 == 1440
+    assert benchmark.mlp_flops(10, 4, 6, "gelu") == 960
+    assert benchmark.mlp_flops(10, 4, 6, "gelu", mode="bwd") == 1920
+    assert benchmark.elementwise_bytes(10, 5, 4) == 60
+    # K and V: 2 * B * ctx * Hkv * D elements; q and out: 2 * B * 1 * H * D; bf16 = 2 bytes
+    assert benchmark.decode_bytes(2, 100, 8, 2, 64, 2) == (2 * 2 * 100 * 2 * 64 + 2 * 2 * 1 * 8 * 64) * 2 == 106_496
+
+
+# -- a wrong kernel is flagged -------------------------------------------------------------------------------------
+
+def _rms_case(impls):
+    def make(gen, device):
+        return {"x": torch.randn(64, 96, generator=gen, device=device),
+                "weight": torch.randn(96, generator=gen, device=device)}
+    return benchmark.OpCase(op="norm", name="rms_norm T64 d96", shape={"tokens": 64, "d_model": 96},
+                            dtype=torch.float32, mode="fwd", make_inputs=make, reference=reference.rms_norm,
+                            impls=impls, bytes=benchmark.elementwise_bytes(2 * 64 * 96 + 96, 0, 4))
+
+
+def _off_by_a_little(x, weight):
+    return reference.rms_norm(x, weight) * (1 + 1e-4)          # a plausible-looking but wrong kernel
+
+
+def test_wrong_result_is_flagged_in_results_and_table():
+    case = _rms_case([benchmark.Impl("fastlm[bad]", "fastlm", _off_by_a_little),
+                      benchmark.Impl("fastlm[good]", "fastlm", reference.rms_norm),
+                      benchmark.Impl("eager", "peer", reference.rms_norm)])
+    ctx = benchmark.Context(device=torch.device("cpu"), timing=benchmark.TINY)
+    results = {r.impl: r for r in benchmark.run([case], ctx, progress=False)}
+    bad, good = results["fastlm[bad]"], results["fastlm[good]"]
+    assert bad.status == "wrong" and bad.correct is False and bad.max_err > 1e-5
+    assert good.status == "ok" and good.correct is True and good.max_err <= 2 * good.ref_err + 1e-6
+    assert bad.median_s > 0 and set(bad.speedup) == {"eager"}
+    lines = benchmark.table([r.__dict__ for r in results.values()]).splitlines()
+    assert any("fastlm[bad]" in line and "WRONG" in line for line in lines)
+    assert not any("fastlm[good]" in line and "WRONG" in line for line in lines)
+    summary = benchmark.summary_table([r.__dict__ for r in results.values()])
+    assert "WRONG" in summary and "eager" in summary
+
+
+def test_failing_and_unavailable_implementations_become_rows():
+    def raises(x, weight):
+        raise ValueError("boom")
+
+    def unavailable(x, weight):
+        raise benchmark.Unavailable("not built here")
+
+    fallback = benchmark.Impl("fastlm[torch]", "fastlm", reference.rms_norm, backend="torch")
+    case = _rms_case([benchmark.Impl("fastlm[err]", "fastlm", raises),
+                      benchmark.Impl("fastlm[cpu]", "fastlm", unavailable, backend="cpu", fallback=fallback)])
+    ctx = benchmark.Context(device=torch.device("cpu"), timing=benchmark.TINY)
+    err, fell_back = benchmark.run([case], ctx, progress=False)
+    assert err.status == "error" and "boom" in err.message and err.median_s is None
+    assert fell_back.impl == "fastlm[torch]" and fell_back.status == "ok" and "not built here" in fell_back.message
+    text = benchmark.table([err.__dict__, fell_back.__dict__])
+    assert "ERROR" in text and "boom" in text
+
+
+def test_wrong_fastlm_result_makes_the_cli_fail(tmp_path, monkeypatch, capsys):
+    from fastlm import bench_suites
+    monkeypatch.setattr(bench_suites, "cases", lambda ops, ctx, **kw: [
+        _rms_case([benchmark.Impl("fastlm[bad]", "fastlm", _off_by_a_little),
+                   benchmark.Impl("eager", "peer", reference.rms_norm)])])
+    assert benchmark.cli(["--tiny", "--no-plots", "--out", str(tmp_path)]) == 1
+    doc = benchmark.load(str(tmp_path / "bench.json"))
+    bad = [r for r in doc["results"] if r["impl"] == "fastlm[bad]"]
+    assert bad[0]["status"] == "wrong" and bad[0]["correct"] is False
+    assert "WRONG" in capsys.readouterr().out
+
+
+# -- the CLI end to end on tiny shapes, and the JSON schema --------------------------------------------------------
+
+RESULT_FIELDS = {"op": str, "case": str, "shape": dict, "dtype": str, "mode": str, "impl": str, "kind": str,
+                 "status": str, "message": str, "reps": int, "speedup": dict, "check": str, "bound": str}
+ENV_FIELDS = ("date", "device", "device_name", "cpu_model", "gpu_model", "threads", "python", "torch", "triton",
+              "cuda", "transformers", "fastlm", "fastlm_commit", "extension")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # tests/conftest.py sets TRITON_INTERPRET=1 on a CPU; the benchmark never times the interpreter, and its
+    # model cases refuse backend="auto" while it is set: run as `python -m fastlm bench` would, without it
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    threads = torch.get_num_threads()
+    try:
+        rc = benchmark.cli(["--tiny", "--no-compile", "--threads", "2", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    return rc, out
+
+
+def test_cli_tiny_run_writes_json_table_and_plots(tiny_run):
+    rc, out = tiny_run
+    assert rc == 0
+    doc = benchmark.load(str(out / "bench.json"))
+    assert doc["schema"] == benchmark.SCHEMA
+    for key in ENV_FIELDS:
+        assert key in doc["env"], key
+    assert doc["env"]["threads"] == 2 and doc["env"]["device"] in ("cpu", "cuda")
+    assert doc["config"]["tiny"] is True and doc["config"]["compile"] is False
+    assert doc["ceilings"]["copy_bytes_per_s"] > 0 and doc["ceilings"]["matmul_flop_per_s"]["float32"] > 0
+    results = doc["results"]
+    assert {r["op"] for r in results} == set(benchmark.OPS)
+    for r in results:
+        for key, typ in RESULT_FIELDS.items():
+            assert isinstance(r[key], typ), (key, r)
+        assert r["status"] in ("ok", "wrong", "error", "unavailable", "skipped")
+    timed = [r for r in results if r["status"] == "ok"]
+    assert timed and all(r["median_s"] > 0 and r["reps"] >= benchmark.TINY.min_reps for r in timed)
+    fastlm_rows = [r for r in results if r["kind"] == "fastlm"]
+    assert fastlm_rows and all(r["impl"] in ("fastlm[cpu]", "fastlm[torch]", "fastlm[triton]", "fastlm[cuda]")
+                               or r["status"] == "unavailable" for r in fastlm_rows)
+    # the Triton interpreter is never what a CPU run times
+    assert not any(r["backend"] == "triton" and r["median_s"] for r in results if doc["env"]["device"] == "cpu")
+    for r in timed:
+        assert r["max_err"] is not None and r["correct"] is not False
+        rate = r["flop_per_s"] or r["bytes_per_s"] or r["tokens_per_s"]
+        assert rate and rate > 0
+        if r["kind"] == "fastlm":
+            assert r["speedup"], r
+    assert {"attention.png", "decode.png", "model.png"} <= set(doc["plots"])
+    for name in doc["plots"]:
+        with open(out / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_of_an_earlier_run_through_the_fastlm_command(tiny_run, capsys):
+    from fastlm.__main__ import main
+    _, out = tiny_run
+    assert main(["bench", "--summary-of", str(out / "bench.json")]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].split() == ["op", "case", "fastlm", "rate", "best", "peer", "ratio", "max", "err"]
+    assert "attention" in text and "model" in text
+
+
+@pytest.mark.parametrize("argv,message", [(["--ops", "attention,warp"], "--ops"),
+                                          (["--dtype", "float8"], "--dtype"),
+                                          (["--backend", "triton"], "--backend"),
+                                          (["--threads", "0"], "--threads")])
+def test_cli_rejects_bad_options(argv, message):
+    if "--backend" in argv and torch.cuda.is_available():
+        pytest.skip("triton is a valid backend on a GPU")
+    with pytest.raises(SystemExit) as e:
+        benchmark.cli(argv + ["--tiny"])
+    assert message in str(e.value)
+
+
+# -- README performance section ------------------------------------------------------------------------------------
+
+def _perf_to_readme(*args):
+    spec = importlib.util.spec_from_file_location("perf_to_readme", os.path.join(ROOT, "bench", "perf_to_readme.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(args))
+
+
+def test_perf_to_readme_replaces_only_the_marked_section(tiny_run, tmp_path):
+    _, out = tiny_run
+    readme = tmp_path / "README.md"
+    readme.write_text("# fastlm\n\nintro\n\n## Performance\n<!-- perf:start -->\nold table\n<!-- perf:end -->\n\n"
+                      "## Next\nkept\n")
+    assert _perf_to_readme(str(out / "bench.json"), "--readme", str(readme)) == 0
+    text = readme.read_text()
+    assert text.startswith("# fastlm\n\nintro\n\n## Performance\n<!-- perf:start -->\n")
+    assert text.endswith("<!-- perf:end -->\n\n## Next\nkept\n")
+    assert "old table" not in text and ("CPU figures" in text or "GPU figures" in text)
+    assert "| op | case | fastlm |" in text and "![" in text
+    for line in text.splitlines():
+        if line.startswith("!["):
+            assert (tmp_path / line.split("(")[1].rstrip(")")).exists()
+    assert _perf_to_readme(str(out / "bench.json"), "--readme", str(readme)) == 0     # idempotent
+    assert readme.read_text() == text
+
+
+def test_perf_to_readme_without_markers_fails_clearly(tiny_run, tmp_path):
+    _, out = tiny_run
+    readme = tmp_path / "README.md"
+    readme.write_text("# fastlm\n\nno markers here\n")
+    with pytest.raises(SystemExit) as e:
+        _perf_to_readme(str(out / "bench.json"), "--readme", str(readme))
+    assert "<!-- perf:start -->" in str(e.value) and "marking the performance section" in str(e.value)
+    assert readme.read_text() == "# fastlm\n\nno markers here\n" and not (tmp_path / "docs").exists()
+
+
+def test_gpu_check_script_parses():
+    proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "bench", "gpu_check.sh")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

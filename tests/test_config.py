@@ -1,0 +1,72 @@
+"""fastlm.Config: presets, derived fields, validation, and parameter counts against published figures."""
+import pytest
+import torch
+
+from fastlm.config import PRESETS, Config
+from fastlm.model import Transformer
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_param_count_matches_built_model(name):
+    config = Config.from_name(name)
+    with torch.device("meta"):                       # shapes only: no memory, no init cost
+        model = Transformer(config, backend="torch")
+    assert sum(p.numel() for p in model.parameters()) == config.num_params()
+    embedding = model.tok_emb.weight.numel() + (model.pos_emb.weight.numel() if model.pos_emb is not None else 0)
+    if model.lm_head is not None:
+        embedding += model.lm_head.weight.numel()
+    assert config.num_params(embeddings=False) == config.num_params() - embedding
+
+
+def test_published_param_counts():
+    assert Config.from_name("gpt2").num_params() == 124_439_808
+    assert round(Config.from_name("llama-2-7b").num_params() / 1e9, 2) == 6.74
+    assert round(Config.from_name("llama-3-8b").num_params() / 1e9, 2) == 8.03
+    assert round(Config.from_name("gpt2-xl").num_params() / 1e9, 2) == 1.56
+    assert round(Config.from_name("llama-56m").num_params() / 1e6) == 56
+
+
+def test_family_defaults_and_derived_fields():
+    g = Config.from_name("gpt2")
+    assert (g.n_kv_head, g.intermediate_size, g.head_dim, g.tie_embeddings, g.bias) == (12, 3072, 64, True, True)
+    ll = Config(family="llama", d_model=4096, n_head=32)
+    assert ll.intermediate_size == 11008                # 2/3 * 4 * 4096 rounded up to a multiple of 256
+    assert (ll.n_kv_head, ll.head_dim, ll.tie_embeddings, ll.bias) == (32, 128, False, False)
+    small = Config.from_name("llama-56m")
+    assert (small.d_model, small.n_layer, small.n_head, small.n_kv_head, small.intermediate_size,
+            small.vocab_size) == (512, 8, 8, 4, 1408, 32000)
+    tiny = Config.from_name("llama-tiny")
+    assert tiny.n_kv_head < tiny.n_head                 # the tiny preset exercises grouped-query attention
+
+
+def test_from_name_overrides():
+    c = Config.from_name("gpt2-tiny", n_layer=3, vocab_size=77)
+    assert (c.name, c.n_layer, c.vocab_size, c.family) == ("gpt2-tiny", 3, 77, "gpt2")
+    with pytest.raises(TypeError, match="n_layers"):
+        Config.from_name("gpt2-tiny", n_layers=3)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError) as e:
+        Config.from_name("gpt5")
+    assert "gpt5" in str(e.value) and "llama-3-8b" in str(e.value) and "gpt2-tiny" in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(d_model=65, n_head=4), "divisible by n_head"),
+    (dict(family="llama", n_head=6, n_kv_head=4, d_model=96), "divisible by n_kv_head"),
+    (dict(family="bert"), "family"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(vocab_size=-5), "vocab_size"),
+    (dict(d_model=0), "d_model"),
+    (dict(n_head=0), "n_head"),
+    (dict(max_seqlen=0), "max_seqlen"),
+    (dict(intermediate_size=0), "intermediate_size"),
+    (dict(norm_eps=0.0), "norm_eps"),
+    (dict(family="llama", d_model=60, n_head=4), "even head_dim"),
+    (dict(family="gpt2", n_head=4, n_kv_head=2), "grouped-query"),
+    (dict(family="llama", bias=True), "bias"),
+])
+def test_invalid_configs_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Config(**kwargs)

@@ -1,0 +1,156 @@
+"""Cross-entropy and fused linear + cross-entropy against the float64 reference: losses and gradients by the numerics
+rule for every reduction, ignore_index, vocabularies 1000 and 50257, chunking, empty and bad input."""
+import pytest
+import torch
+
+from conftest import DEVICE, DTYPES
+from fastlm import reference
+from fastlm.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from fastlm.testing import check_rule
+from test_norm import check_op
+
+
+def _targets(shape, V, ignore_index=-100, n_ignored=1):
+    t = torch.randint(0, V, shape, device=DEVICE)
+    t.view(-1)[:n_ignored] = ignore_index
+    return t
+
+
+def _ce(reduction, ignore_index=-100):
+    def fn(logits, t):
+        return cross_entropy(logits, t, ignore_index=ignore_index, reduction=reduction, backend="triton")
+
+    def ref(logits, t):
+        out = reference.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=ignore_index,
+                                      reduction=reduction)
+        return out.reshape(t.shape) if reduction == "none" else out
+    return fn, ref
+
+
+_LOW = DTYPES[1:]   # fp16 (and bf16 on a GPU)
+
+
+@pytest.mark.parametrize("N, V, reduction, dtype",
+                         [(n, v, red, dt) for dt in DTYPES for n, v, red in ((1, 1000, "none"), (7, 1000, "mean"),
+                                                                             (129, 1000, "sum"), (129, 1000, "none"))]
+                         + [(3, 50257, "mean", torch.float32)] + [(3, 50257, "none", dt) for dt in _LOW])
+def test_cross_entropy_rule(N, V, reduction, dtype):
+    logits = 3.0 * torch.randn(N, V, dtype=dtype, device=DEVICE)
+    fn, ref = _ce(reduction)
+    check_op(f"cross_entropy[{reduction}]", fn, ref, [logits, _targets((N,), V, n_ignored=min(1, N - 1))])
+
+
+def test_cross_entropy_leading_dims_ignore_index_and_large_logits():
+    logits = torch.randn(2, 5, 300, device=DEVICE)
+    logits[0, 0, 7] = 80.0                           # a dominant logit: the online max must rescale correctly
+    t = _targets((2, 5), 300, ignore_index=3, n_ignored=2)
+    t[0, 0] = 7
+    fn, ref = _ce("none", ignore_index=3)
+    out = check_op("cross_entropy(ignore_index=3)", fn, ref, [logits, t])[0]
+    assert out.shape == (2, 5) and torch.equal(out.view(-1)[1:2], torch.zeros(1, device=DEVICE))
+
+
+def test_cross_entropy_all_ignored_and_empty():
+    logits = torch.randn(4, 50, device=DEVICE, requires_grad=True)
+    t = torch.full((4,), -100, device=DEVICE)
+    loss = cross_entropy(logits, t, backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    e = torch.randn(0, 50, device=DEVICE, requires_grad=True)
+    assert cross_entropy(e, t[:0], backend="triton").item() == 0.0
+    assert cross_entropy(e, t[:0], reduction="none", backend="triton").shape == (0,)
+
+
+def _lce(reduction, chunk_size, bias):
+    def fn(x, w, t, *b):
+        return linear_cross_entropy(x, w, t, b[0] if bias else None, reduction=reduction, chunk_size=chunk_size,
+                                    backend="triton")
+
+    def ref(x, w, t, *b):
+        out = reference.linear_cross_entropy(x.reshape(-1, x.shape[-1]), w, t.reshape(-1), b[0] if bias else None,
+                                             reduction=reduction)
+        return out.reshape(t.shape) if reduction == "none" else out
+    return fn, ref
+
+
+@pytest.mark.parametrize("N, d, V, chunk, bias, reduction, dtype",
+                         [(7, 40, 1000, None, True, red, dt) for dt in DTYPES for red in ("mean", "sum", "none")]
+                         + [(129, 96, 1000, 32, False, red, dt) for dt in DTYPES for red in ("mean", "none")]
+                         + [(1, 40, 1000, 1, False, "sum", dt) for dt in DTYPES]
+                         + [(3, 40, 50257, 2, True, "mean", torch.float32)])
+def test_linear_cross_entropy_rule(N, d, V, chunk, bias, reduction, dtype):
+    x = torch.randn(N, d, dtype=dtype, device=DEVICE)
+    w = torch.randn(V, d, dtype=dtype, device=DEVICE) / d ** 0.5
+    inputs = [x, w, _targets((N,), V, n_ignored=min(1, N - 1))] + ([torch.randn(V, dtype=dtype, device=DEVICE)]
+                                                                   if bias else [])
+    fn, ref = _lce(reduction, chunk, bias)
+    # mean/sum: the gradients are formed in the forward and scaled by the upstream scalar afterwards, exact for a
+    # power of two (1, or a loss scale); "none" takes random per-token cotangents
+    check_op(f"linear_cross_entropy[{reduction}, chunk={chunk}]", fn, ref, inputs, scalar_cotangent=0.5)
+
+
+def test_linear_cross_entropy_leading_dims_and_no_grad():
+    x = torch.randn(2, 5, 40, device=DEVICE)
+    w = torch.randn(300, 40, device=DEVICE)
+    t = _targets((2, 5), 300)
+    fn, ref = _lce("none", 4, False)
+    check_op("linear_cross_entropy(leading dims)", fn, ref, [x, w, t])
+    with torch.no_grad():
+        check_op("linear_cross_entropy(no_grad)", *_lce("mean", 3, False), [x, w, t], grads=False)
+
+
+def test_linear_cross_entropy_empty():
+    x = torch.randn(0, 40, device=DEVICE, requires_grad=True)
+    w = torch.randn(300, 40, device=DEVICE, requires_grad=True)
+    loss = linear_cross_entropy(x, w, torch.zeros(0, dtype=torch.long, device=DEVICE), backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.shape == (0, 40) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda l, t, x, w: cross_entropy(l, t.float()), TypeError, "targets"),
+    (lambda l, t, x, w: cross_entropy(l, t[:-1]), ValueError, "targets"),
+    (lambda l, t, x, w: cross_entropy(l, t, reduction="avg"), ValueError, "reduction"),
+    (lambda l, t, x, w: cross_entropy(l, t, ignore_index=1.5), TypeError, "ignore_index"),
+    (lambda l, t, x, w: cross_entropy(l, torch.full_like(t, 50)), ValueError, "targets"),
+    (lambda l, t, x, w: cross_entropy(l, torch.full_like(t, -1)), ValueError, "targets"),
+    (lambda l, t, x, w: cross_entropy(l.long(), t), TypeError, "logits"),
+    (lambda l, t, x, w: cross_entropy(l[:, :0], t), ValueError, "vocabulary"),
+    (lambda l, t, x, w: cross_entropy(l.double(), t, backend="triton"), TypeError, "float64"),
+    (lambda l, t, x, w: linear_cross_entropy(x, w[:, :-1], t), ValueError, "weight"),
+    (lambda l, t, x, w: linear_cross_entropy(x, w.half(), t), TypeError, "weight"),
+    (lambda l, t, x, w: linear_cross_entropy(x, w, t, torch.zeros(3)), ValueError, "bias"),
+    (lambda l, t, x, w: linear_cross_entropy(x, w, t, chunk_size=0), ValueError, "chunk_size"),
+    (lambda l, t, x, w: linear_cross_entropy(x, w, t, reduction="max"), ValueError, "reduction"),
+    (lambda l, t, x, w: linear_cross_entropy(x, w, t.to("meta")), ValueError, "targets"),
+])
+def test_bad_input(call, exc, words):
+    logits, t = torch.randn(7, 50, device=DEVICE), _targets((7,), 50)
+    x, w = torch.randn(7, 40, device=DEVICE), torch.randn(50, 40, device=DEVICE)
+    with pytest.raises(exc, match=words):
+        call(logits, t, x, w)
+
+
+def test_expanded_grads():
+    # loss.sum() hands backward a stride-0 gradient
+    logits = torch.randn(7, 300, device=DEVICE, requires_grad=True)
+    x, w = torch.randn(7, 40, device=DEVICE, requires_grad=True), torch.randn(300, 40, device=DEVICE)
+    t = _targets((7,), 300)
+    cross_entropy(logits, t, reduction="none", backend="triton").sum().backward()
+    linear_cross_entropy(x, w, t, reduction="none", chunk_size=3, backend="triton").sum().backward()
+    logits64, x64 = logits.detach().double().requires_grad_(), x.detach().double().requires_grad_()
+    reference.cross_entropy(logits64, t, reduction="none").sum().backward()
+    reference.linear_cross_entropy(x64, w.double(), t, reduction="none").sum().backward()
+    check_rule("cross_entropy dlogits (expanded grad)", logits.grad, logits64.grad, logits64.grad.float())
+    check_rule("linear_cross_entropy dx (expanded grad)", x.grad, x64.grad, x64.grad.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_large_vocab_gpu(dtype):
+    logits = 3.0 * torch.randn(67, 128256, dtype=dtype, device=DEVICE)
+    check_op("cross_entropy(128k vocab)", *_ce("mean"), [logits, _targets((67,), 128256)])
+    x = torch.randn(1031, 512, dtype=dtype, device=DEVICE)
+    w = torch.randn(32000, 512, dtype=dtype, device=DEVICE) / 512 ** 0.5
+    check_op("linear_cross_entropy(32k vocab, 5 chunks)", *_lce("mean", 256, False), [x, w, _targets((1031,), 32000)],
+             scalar_cotangent=1.0)

@@ -1,0 +1,156 @@
+"""The CUDA C++ kernels of fastlm._C (csrc/cuda/), called through torch.ops.fastlm on CUDA tensors, against the
+float64 reference (numerics rule); plus the ptxas-report parser of csrc/cuda/compile_check.py (runs anywhere)."""
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from fastlm import backends, reference
+from fastlm.testing import check_rule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def needs_cuda_op(op):
+    return pytest.mark.skipif(not backends.extension_has(op, "cuda"), reason="fastlm._C not built with CUDA kernels")
+
+
+def _randn(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).cuda()
+
+
+# ---------------------------------------------------------------- attention_fwd
+
+ATTN_CASES = [  # (D, Sq, Sk, H, Hkv, causal, window)
+    (32, 1, 1, 2, 2, False, (-1, -1)),
+    (64, 7, 65, 4, 2, True, (-1, -1)),
+    (64, 129, 129, 4, 1, True, (-1, -1)),
+    (96, 65, 130, 3, 3, False, (16, 8)),
+    (128, 200, 77, 4, 2, True, (-1, -1)),   # Sk < Sq causal: the first rows see no key (out 0, lse -inf)
+    (128, 130, 130, 2, 2, False, (32, 0)),
+    (256, 70, 33, 2, 1, False, (-1, -1)),
+]
+
+
+@pytest.mark.gpu
+@needs_cuda_op("attention_fwd")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D,Sq,Sk,H,Hkv,causal,window", ATTN_CASES)
+def test_attention_fwd(dtype, D, Sq, Sk, H, Hkv, causal, window):
+    q, k, v = _randn(2, Sq, H, D, dtype=dtype), _randn(2, Sk, Hkv, D, dtype=dtype), _randn(2, Sk, Hkv, D, dtype=dtype)
+    scale = 1.0 / math.sqrt(D)
+    out, lse = torch.ops.fastlm.attention_fwd(q, k, v, causal, scale, window[0], 0 if causal else window[1])
+    torch.cuda.synchronize()
+    kw = dict(causal=causal, softmax_scale=scale, window=window, return_lse=True)
+    ref64, lse64 = reference.attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), **kw)
+    ref_low, lse_low = reference.attention(q, k, v, **kw)
+    check_rule("out", out, ref64, ref_low.cpu())
+    check_rule("lse", lse, lse64, lse_low.cpu())
+
+
+@pytest.mark.gpu
+@needs_cuda_op("attention_fwd")
+def test_attention_fwd_large_logits_and_strided():
+    # q.k ~ 30 exercises the running-max rescaling; a transposed view exercises the stride handling
+    q = _randn(1, 2, 300, 64, dtype=torch.bfloat16, scale=4.0).transpose(1, 2)  # (1, 300, 2, 64), strided
+    k, v = _randn(1, 300, 2, 64, dtype=torch.bfloat16), _randn(1, 300, 2, 64, dtype=torch.bfloat16)
+    out, lse = torch.ops.fastlm.attention_fwd(q, k, v, True, 0.125, -1, 0)
+    kw = dict(causal=True, softmax_scale=0.125, return_lse=True)
+    ref64, lse64 = reference.attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), **kw)
+    ref_low, lse_low = reference.attention(q, k, v, **kw)
+    check_rule("out", out, ref64, ref_low.cpu())
+    check_rule("lse", lse, lse64, lse_low.cpu())
+
+
+@pytest.mark.gpu
+@needs_cuda_op("attention_fwd")
+def test_attention_fwd_unsupported_raises():
+    q = _randn(1, 4, 2, 64, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
+    q = _randn(1, 4, 2, 40, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="head dims"):
+        torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
+
+
+# ---------------------------------------------------------------- fused MLPs
+
+MLP_SHAPES = [((2, 37), 64, 200), ((3, 130), 256, 688), ((5,), 96, 48)]  # (leading dims, d_model, d_ff)
+
+
+@pytest.mark.gpu
+@needs_cuda_op("mlp_gelu")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,d,f", MLP_SHAPES)
+@pytest.mark.parametrize("bias,residual", [(True, True), (False, False), (True, False)])
+def test_mlp_gelu(dtype, lead, d, f, bias, residual):
+    x = _randn(*lead, d, dtype=dtype)
+    w_fc, w_proj = _randn(f, d, dtype=dtype, scale=d ** -0.5), _randn(d, f, dtype=dtype, scale=f ** -0.5)
+    b_fc = _randn(f, dtype=dtype) if bias else None
+    b_proj = _randn(d, dtype=dtype) if bias else None
+    res = _randn(*lead, d, dtype=dtype) if residual else None
+    out = torch.ops.fastlm.mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, res)
+    args = (x, w_fc, b_fc, w_proj, b_proj, res)
+    ref64 = reference.mlp_gelu(*[a.cpu().double() if a is not None else None for a in args])
+    ref_low = reference.mlp_gelu(*args)
+    assert torch.isfinite(out).all()
+    check_rule("mlp_gelu", out, ref64, ref_low.cpu())
+
+
+@pytest.mark.gpu
+@needs_cuda_op("mlp_swiglu")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,d,f", MLP_SHAPES)
+@pytest.mark.parametrize("residual", [True, False])
+def test_mlp_swiglu(dtype, lead, d, f, residual):
+    x = _randn(*lead, d, dtype=dtype)
+    w_gate, w_up = _randn(f, d, dtype=dtype, scale=d ** -0.5), _randn(f, d, dtype=dtype, scale=d ** -0.5)
+    w_down = _randn(d, f, dtype=dtype, scale=f ** -0.5)
+    res = _randn(*lead, d, dtype=dtype) if residual else None
+    out = torch.ops.fastlm.mlp_swiglu(x, w_gate, w_up, w_down, res)
+    args = (x, w_gate, w_up, w_down, res)
+    ref64 = reference.mlp_swiglu(*[a.cpu().double() if a is not None else None for a in args])
+    ref_low = reference.mlp_swiglu(*args)
+    assert torch.isfinite(out).all()
+    check_rule("mlp_swiglu", out, ref64, ref_low.cpu())
+
+
+@pytest.mark.gpu
+@needs_cuda_op("mlp_swiglu")
+def test_mlp_unsupported_raises():
+    x, w = _randn(3, 60, dtype=torch.float16), _randn(24, 60, dtype=torch.float16)  # d_model 60: not a multiple of 8
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        torch.ops.fastlm.mlp_swiglu(x, w, w, w.t().contiguous(), None)
+    x, w = _randn(3, 64, dtype=torch.float32), _randn(24, 64, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        torch.ops.fastlm.mlp_swiglu(x, w, w, w.t().contiguous(), None)
+
+
+# ---------------------------------------------------------------- compile_check's ptxas parser (no GPU needed)
+
+PTXAS_SAMPLE = """\
+ptxas info    : Compiling entry function '_Z6kernelILi64EEvv' for 'sm_90a'
+ptxas info    : Function properties for _Z6kernelILi64EEvv
+    24 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 4096 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z5otherv' for 'sm_90a'
+ptxas info    : Function properties for _Z5otherv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers, 380 bytes cmem[0]
+"""
+
+
+def test_compile_check_parses_ptxas():
+    spec = importlib.util.spec_from_file_location("compile_check", os.path.join(ROOT, "csrc", "cuda",
+                                                                                "compile_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.parse_ptxas(PTXAS_SAMPLE)
+    assert rows == [
+        {"kernel": "_Z6kernelILi64EEvv", "arch": "sm_90a", "regs": 255, "spill_st": 8, "spill_ld": 12, "stack": 24,
+         "smem": 4096},
+        {"kernel": "_Z5otherv", "arch": "sm_90a", "regs": 40, "spill_st": 0, "spill_ld": 0, "stack": 0, "smem": 0},
+    ]

@@ -1,0 +1,199 @@
+"""decode_attention: every backend against the float64 reference (numerics rule), ragged cache lengths, GQA, odd
+head dims, several new tokens per step, explicit split counts, CUDA-graph / torch.compile friendliness, bad input."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from fastlm import backends, reference
+from fastlm.ops import decode_attention
+from fastlm.testing import check_rule
+
+_NO_CPU = pytest.mark.skipif(not backends.extension_has("decode_attention", "cpu"),
+                             reason="fastlm._C not built with the cpu decode_attention kernel")
+_NO_CUDA = pytest.mark.skipif(not backends.extension_has("decode_attention", "cuda"),
+                              reason="fastlm._C not built with CUDA kernels")
+BACKENDS = ["triton", pytest.param("cpu", marks=_NO_CPU), pytest.param("cuda", marks=[pytest.mark.gpu, _NO_CUDA])]
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# dtypes per backend: bf16 tl.dot is wrong in the Triton interpreter (GPU only); the C++ CPU kernels serve fp32/bf16;
+# the CUDA kernels are tensor-core kernels (fp16/bf16)
+BACKEND_DTYPES = [
+    ("triton", F32), ("triton", F16), pytest.param("triton", BF16, marks=pytest.mark.gpu),
+    pytest.param("cpu", F32, marks=_NO_CPU), pytest.param("cpu", BF16, marks=_NO_CPU),
+    *[pytest.param("cuda", d, marks=[pytest.mark.gpu, _NO_CUDA]) for d in (F16, BF16)],
+]
+
+
+def _device(backend):
+    return "cpu" if backend == "cpu" else DEVICE
+
+
+def _dtype(backend):
+    """The most precise dtype the backend serves (fp32, but fp16 for the tensor-core CUDA kernels)."""
+    return F16 if backend == "cuda" else F32
+
+
+def _inputs(B, Sq, H, Hkv, D, S_max, seqlens, dtype, device, scale=1.0):
+    q = (torch.randn(B, Sq, H, D, dtype=torch.float64) * scale).to(dtype)
+    k = torch.randn(B, S_max, Hkv, D, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, S_max, Hkv, D, dtype=torch.float64).to(dtype)
+    lens = torch.tensor(seqlens, dtype=torch.int32)
+    return q.to(device), k.to(device), v.to(device), lens.to(device)
+
+
+def _check(out, q, k, v, lens, softmax_scale=None, name="out"):
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten or NaN)"
+    ref64 = reference.decode_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), lens.cpu(),
+                                       softmax_scale=softmax_scale)
+    ref_low = reference.decode_attention(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), softmax_scale=softmax_scale)
+    check_rule(name, out.cpu(), ref64, ref_low)
+
+
+# (D, group, Sq): every head dim, GQA ratio and new-token count appears, without the full cross product
+CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
+SHAPES = [(16, 1, 1), (40, 2, 2), (64, 4, 1), (80, 1, 4), (128, 2, 1), (64, 1, 2), (40, 4, 4), (128, 4, 4),
+          (64, 8, 3)]  # the last: 24 rows per kv head, more than one 16-row tile
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("D,group,Sq", SHAPES, ids=[f"d{d}-g{g}-sq{s}" for d, g, s in SHAPES])
+def test_numerics(backend, dtype, D, group, Sq):
+    if backend == "cuda" and D not in CUDA_HEAD_DIMS:
+        pytest.skip(f"the CUDA kernels are compiled for head dims {CUDA_HEAD_DIMS}")
+    # ragged lengths: a single valid key (earlier new queries then see none), the full cache, one in between
+    Hkv, S_max = 2, 75
+    q, k, v, lens = _inputs(3, Sq, group * Hkv, Hkv, D, S_max, [1, S_max, 37], dtype, _device(backend))
+    out = decode_attention(q, k, v, lens, backend=backend)
+    _check(out, q, k, v, lens)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_and_scale(backend):
+    # q.k ~ 30: exercises the running-max rescaling across key blocks and across splits
+    q, k, v, lens = _inputs(2, 2, 4, 2, 64, 140, [140, 90], _dtype(backend), _device(backend), scale=4.0)
+    out = decode_attention(q, k, v, lens, softmax_scale=0.3, backend=backend)
+    _check(out, q, k, v, lens, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_new_queries(backend):
+    # a prefill-sized chunk (66 rows per kv head: several row blocks), one sequence shorter than the chunk
+    q, k, v, lens = _inputs(2, 33, 4, 2, 32, 50, [50, 20], _dtype(backend), _device(backend))
+    _check(decode_attention(q, k, v, lens, backend=backend), q, k, v, lens)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_queries_without_keys(backend):
+    # cache shorter than the new-token count: queries at negative positions see nothing and must give exactly 0
+    q, k, v, lens = _inputs(3, 4, 2, 1, 32, 10, [2, 0, 10], _dtype(backend), _device(backend))
+    out = decode_attention(q, k, v, lens, backend=backend)
+    assert (out[0, :2] == 0).all() and (out[1] == 0).all()
+    _check(out, q, k, v, lens)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int64_lengths_and_strided_cache(backend):
+    # a per-layer view of a (layers, B, S_max, Hkv, D) cache and a non-contiguous q, as a decode loop passes them
+    device = _device(backend)
+    D = 64 if backend == "cuda" else 40  # the CUDA kernels are compiled for head dims 32, 64, 96, 128, 256
+    cache = torch.randn(2, 2, 2, 50, 2, D, device=device).to(_dtype(backend))  # (kv, layers, B, S, Hkv, D)
+    k, v = cache[0, 1], cache[1, 1]
+    q = torch.randn(2, 4, 1, D, device=device).to(_dtype(backend)).transpose(1, 2)  # (B, Sq=1, H=4, D), strided
+    lens = torch.tensor([50, 17], dtype=torch.int64, device=device)
+    out = decode_attention(q, k, v, lens, backend=backend)
+    _check(out, q, k, v, lens)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 9])
+def test_triton_split_counts(num_splits):
+    # 9 splits of a 5-block cache leaves some splits empty; the combine must ignore them
+    from fastlm.kernels.decode import decode_attention_fwd
+    q, k, v, lens = _inputs(2, 2, 4, 1, 64, 150, [150, 61], torch.float32, DEVICE)
+    out = decode_attention_fwd(q, k, v, lens, None, num_splits=num_splits)
+    _check(out, q, k, v, lens)
+
+
+def test_matches_sdpa():
+    # an independent check of the reference semantics: full cache, Sq = 1, no GQA
+    q, k, v, lens = _inputs(2, 1, 4, 4, 64, 40, [40, 40], torch.float32, DEVICE)
+    out = decode_attention(q, k, v, lens)  # backend="auto"
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    assert (out - sdpa.transpose(1, 2)).abs().max() < 1e-5
+
+
+def test_empty_batch_and_torch_backend():
+    q, k, v, lens = _inputs(0, 1, 2, 1, 16, 8, [], torch.float32, DEVICE)
+    assert decode_attention(q, k, v, lens, backend="triton").shape == (0, 1, 2, 16)
+    q, k, v, lens = _inputs(2, 1, 2, 1, 16, 8, [3, 8], torch.float64, DEVICE)
+    _check(decode_attention(q, k, v, lens, backend="torch"), q, k, v, lens)
+
+
+def test_opcheck():
+    from fastlm.ops.decode import _decode_attention_triton
+    torch.library.opcheck(_decode_attention_triton, _inputs(1, 1, 2, 1, 16, 8, [5], torch.float32, DEVICE) + (0.25,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_no_host_sync(backend):
+    q, k, v, lens = _inputs(2, 1, 4, 2, 32, 40, [40, 9], _dtype(backend), _device(backend))
+    fn = torch.compile(lambda *a: decode_attention(*a, backend=backend), fullgraph=True)
+    _check(fn(q, k, v, lens), q, k, v, lens)
+    lens[1] = 30  # the same compiled graph serves new lengths: they are read on the device
+    _check(fn(q, k, v, lens), q, k, v, lens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=_NO_CUDA)])
+def test_cuda_graph_replay(backend):
+    q, k, v, lens = _inputs(2, 1, 8, 2, 128, 4096, [4096, 1000], torch.bfloat16, "cuda")
+    decode_attention(q, k, v, lens, backend=backend)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, lens, backend=backend)
+    lens.copy_(torch.tensor([123, 4000], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(out, q, k, v, lens)
+
+
+@pytest.mark.gpu
+@_NO_CUDA
+def test_cuda_backend_rejects_fp32():
+    q, k, v, lens = _inputs(1, 1, 2, 1, 64, 8, [3], torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        decode_attention(q, k, v, lens, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=_NO_CUDA)])
+@pytest.mark.parametrize("D,group", [(128, 4), (64, 8), (128, 1)])
+def test_long_cache_gpu(backend, D, group):
+    q, k, v, lens = _inputs(2, 1, 2 * group, 2, D, 32768, [32768, 20001], torch.bfloat16, "cuda")
+    _check(decode_attention(q, k, v, lens, backend=backend), q, k, v, lens)
+
+
+@pytest.mark.parametrize("make,err,match", [
+    (lambda q, k, v, l: (q[0], k, v, l), ValueError, "q must be 4-D"),
+    (lambda q, k, v, l: (q, k[:, :, :, :8], v, l), ValueError, "same shape"),
+    (lambda q, k, v, l: (q, k[:1], v[:1], l), ValueError, "batch"),
+    (lambda q, k, v, l: (q, k[..., :8], v[..., :8], l), ValueError, "headdim must equal"),
+    (lambda q, k, v, l: (q[:, :, :3], k, v, l), ValueError, "multiple of nheads_kv"),
+    (lambda q, k, v, l: (q, k.half(), v.half(), l), TypeError, "k_cache dtype"),
+    (lambda q, k, v, l: (q.to(torch.int32), k, v, l), TypeError, "q dtype"),
+    (lambda q, k, v, l: (q, k, v, l.float()), TypeError, "int32 or int64"),
+    (lambda q, k, v, l: (q, k, v, l[:1]), ValueError, r"shape \(batch,\)"),
+    (lambda q, k, v, l: (q, k, v, l.tolist()), TypeError, "cache_seqlens must be a torch.Tensor"),
+])
+def test_bad_input(make, err, match):
+    q, k, v, lens = _inputs(2, 1, 4, 2, 16, 8, [3, 8], torch.float32, DEVICE)
+    with pytest.raises(err, match=match):
+        decode_attention(*make(q, k, v, lens), backend="triton")
+
+
+def test_bad_backend_and_head_dim():
+    q, k, v, lens = _inputs(1, 1, 2, 1, 16, 8, [3], torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        decode_attention(q, k, v, lens, backend="tpu")
+    q, k, v, lens = _inputs(1, 1, 2, 1, 264, 8, [3], torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="headdim must be in 1..256"):
+        decode_attention(q, k, v, lens, backend="triton")

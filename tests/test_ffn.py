@@ -1,0 +1,144 @@
+"""Fused MLPs (GPT-2 GELU, Llama SwiGLU) against the float64 reference: output and the gradient of x, every weight and
+bias and the residual by the numerics rule; odd hidden sizes and token counts; the C++ extension's forward wrapped with
+a torch backward; empty and bad input."""
+import importlib
+
+import pytest
+import torch
+
+from conftest import DEVICE, DTYPES
+from fastlm import backends, reference
+from fastlm.ops.ffn import mlp_gelu, mlp_swiglu
+from fastlm.testing import check_rule
+from test_norm import check_op
+
+ffn = importlib.import_module("fastlm.ops.ffn")
+
+
+def _gelu_inputs(M, d, inter, dtype, bias=True, residual=True, lead=()):
+    def t(*shape, scale=1.0):
+        return scale * torch.randn(*shape, dtype=dtype, device=DEVICE)
+    return [t(*lead, M, d), t(inter, d, scale=d ** -0.5), t(inter) if bias else None,
+            t(d, inter, scale=inter ** -0.5), t(d) if bias else None, t(*lead, M, d) if residual else None]
+
+
+def _swiglu_inputs(M, d, inter, dtype, residual=True):
+    def t(*shape, scale=1.0):
+        return scale * torch.randn(*shape, dtype=dtype, device=DEVICE)
+    return [t(M, d), t(inter, d, scale=d ** -0.5), t(inter, d, scale=d ** -0.5), t(d, inter, scale=inter ** -0.5),
+            t(M, d) if residual else None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, d, inter", [(1, 40, 160), (7, 96, 64), (129, 40, 96)])
+def test_mlp_gelu_rule(M, d, inter, dtype):
+    check_op("mlp_gelu", lambda *a: mlp_gelu(*a, backend="triton"), reference.mlp_gelu,
+             _gelu_inputs(M, d, inter, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, d, inter", [(1, 40, 160), (7, 96, 64), (129, 40, 96)])
+def test_mlp_swiglu_rule(M, d, inter, dtype):
+    check_op("mlp_swiglu", lambda *a: mlp_swiglu(*a, backend="triton"), reference.mlp_swiglu,
+             _swiglu_inputs(M, d, inter, dtype))
+
+
+def test_mlp_variants_without_bias_residual_and_with_leading_dims():
+    check_op("mlp_gelu(no bias, no residual, (2, 7, d))", lambda *a: mlp_gelu(*a, backend="triton"),
+             reference.mlp_gelu, _gelu_inputs(7, 40, 96, torch.float32, bias=False, residual=False, lead=(2,)))
+    check_op("mlp_swiglu(no residual)", lambda *a: mlp_swiglu(*a, backend="triton"), reference.mlp_swiglu,
+             _swiglu_inputs(7, 40, 96, torch.float32, residual=False))
+
+
+def test_mlp_inference_and_expanded_grad():
+    x, wg, wu, wd, r = _swiglu_inputs(7, 40, 96, torch.float32)
+    with torch.no_grad():                                    # no pre-activations saved
+        check_op("mlp_swiglu(no_grad)", lambda *a: mlp_swiglu(*a, backend="triton"), reference.mlp_swiglu,
+                 [x, wg, wu, wd, r], grads=False)
+    x.requires_grad_()
+    mlp_swiglu(x, wg, wu, wd, r, backend="triton").sum().backward()   # stride-0 expanded gradient
+    x64 = x.detach().double().requires_grad_()
+    reference.mlp_swiglu(x64, wg.double(), wu.double(), wd.double(), r.double()).sum().backward()
+    check_rule("mlp_swiglu dx (expanded grad)", x.grad, x64.grad, x64.grad.float())
+
+
+def test_mlp_empty():
+    x, w1, b1, w2, b2, r = _gelu_inputs(0, 40, 96, torch.float32)
+    for t in (x, w1, b1, w2, b2, r):
+        t.requires_grad_()
+    y = mlp_gelu(x, w1, b1, w2, b2, r, backend="triton")
+    assert y.shape == (0, 40)
+    y.sum().backward()
+    assert torch.equal(w1.grad, torch.zeros_like(w1)) and torch.equal(b2.grad, torch.zeros_like(b2))
+
+
+def _reference_native(name, *args):
+    return getattr(reference, name)(*args)
+
+
+@pytest.mark.parametrize("name", ["mlp_gelu", "mlp_swiglu"])
+def test_native_wrapper_backward(name, monkeypatch):
+    # the "cpu"/"cuda" backends' autograd wrapper: forward from the extension (stood in for by the reference here),
+    # backward in torch recomputing the pre-activations
+    monkeypatch.setattr(ffn, "_native_call", _reference_native)
+    op = ffn._nat_gelu if name == "mlp_gelu" else ffn._nat_swiglu
+    inputs = _gelu_inputs(7, 40, 96, torch.float32) if name == "mlp_gelu" else _swiglu_inputs(7, 40, 96, torch.float32)
+    check_op(f"{name} native wrapper", op, getattr(reference, name), inputs)
+
+
+@pytest.mark.skipif(not backends.extension_has("mlp_swiglu", "cpu") or not backends.extension_has("mlp_gelu", "cpu"),
+                    reason="the C++ extension (fastlm._C) with the CPU MLP ops is not built")
+@pytest.mark.parametrize("name", ["mlp_gelu", "mlp_swiglu"])
+def test_cpu_backend(name):
+    inputs = _gelu_inputs(7, 40, 96, torch.float32) if name == "mlp_gelu" else _swiglu_inputs(7, 40, 96, torch.float32)
+    inputs = [t.cpu() if t is not None else None for t in inputs]
+    fn = mlp_gelu if name == "mlp_gelu" else mlp_swiglu
+    check_op(f"{name}[cpu]", lambda *a: fn(*a, backend="cpu"), getattr(reference, name), inputs)
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda x, w1, b1, w2, b2: mlp_gelu(x, w1[:, :-1], b1, w2, b2), ValueError, "w_fc"),
+    (lambda x, w1, b1, w2, b2: mlp_gelu(x, w1, b1[:-1], w2, b2), ValueError, "b_fc"),
+    (lambda x, w1, b1, w2, b2: mlp_gelu(x, w1, b1, w2[:, :-1], b2), ValueError, "w_proj"),
+    (lambda x, w1, b1, w2, b2: mlp_gelu(x, w1, b1, w2, b2, x[:-1]), ValueError, "residual"),
+    (lambda x, w1, b1, w2, b2: mlp_gelu(x, w1.half(), b1, w2, b2), TypeError, "w_fc"),
+    (lambda x, w1, b1, w2, b2: mlp_gelu(x.double(), w1.double(), None, w2.double(), None, backend="triton"),
+     TypeError, "float64"),
+    (lambda x, w1, b1, w2, b2: mlp_gelu(x, w1, b1, w2, b2, backend="gpu"), ValueError, "backend"),
+    (lambda x, w1, b1, w2, b2: mlp_swiglu(x, w1, w1[:-1], w2), ValueError, "w_up"),
+    (lambda x, w1, b1, w2, b2: mlp_swiglu(x, w1, w1, w2.t()), ValueError, "w_down"),
+    (lambda x, w1, b1, w2, b2: mlp_swiglu(x.long(), w1, w1, w2), TypeError, "x"),
+    (lambda x, w1, b1, w2, b2: mlp_swiglu(x, w1, w1.to("meta"), w2), ValueError, "w_up"),
+])
+def test_bad_input(call, exc, words):
+    x, w1, b1, w2, b2, _ = _gelu_inputs(7, 40, 96, torch.float32)
+    with pytest.raises(exc, match=words):
+        call(x, w1, b1, w2, b2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mlps_large_autotuned(dtype):
+    # model-sized GEMMs through the autotuned configs (wgmma tiles), ragged M
+    check_op("mlp_gelu(large)", lambda *a: mlp_gelu(*a, backend="triton"), reference.mlp_gelu,
+             _gelu_inputs(1031, 768, 3072, dtype))
+    check_op("mlp_swiglu(large)", lambda *a: mlp_swiglu(*a, backend="triton"), reference.mlp_swiglu,
+             _swiglu_inputs(1031, 1024, 2816, dtype))
+
+
+def test_gemm_config_pruning():
+    k = importlib.import_module("fastlm.kernels.ffn")
+    x = torch.empty(0, dtype=torch.bfloat16)
+    configs = k.gpu_gemm_configs()
+
+    def kept(M, N, K, act):
+        out = k.prune_configs(configs, {"M": M, "N": N, "K": K, "ACT": act, "X": x})
+        assert out, "pruning must leave a config"
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                for c in out]
+
+    assert all(bm == 16 for bm, *_ in kept(1, 4096, 4096, k.ACT_NONE))                  # decoding: thin tiles
+    for bm, bn, bk, warps, stages in kept(8192, 14336, 4096, k.ACT_SWIGLU):
+        assert bm >= 64 and 2 * bm * bn <= 128 * 32 * warps                              # registers of 2 accumulators
+        assert stages * (bm * bk + 2 * bn * bk) * 2 <= k.SMEM_BYTES
+    assert all(bn <= 64 and bk <= 64 for _, bn, bk, *_ in kept(7, 40, 40, k.ACT_GELU))

@@ -1,0 +1,201 @@
+"""fastlm.generate: KV-cache generation equals full recomputation token for token (fp32), batched prompts of
+different lengths, seeded sampling, top-k / top-p, stop tokens, no host sync in the decode step, bad input."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastlm
+from fastlm.config import Config
+from fastlm.generate import _decode_step, generate, sample
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one thread is as fast as two, and immune to OpenMP spin-waits when other jobs load the cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(name="llama-tiny", backend="torch", **overrides):
+    torch.manual_seed(0)
+    cfg = Config.from_name(name, **{"vocab_size": 300, **overrides})
+    # larger-than-default weights so the argmax is decided by the weights, not by rounding noise
+    model = fastlm.Transformer(cfg, backend=backend).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+@torch.no_grad()
+def _greedy_recompute(model, prompt, n):
+    """Greedy decoding without a cache: the whole sequence through the model at every step."""
+    seq = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([seq]))[0, -1]
+        seq.append(int(logits.argmax()))
+    return seq
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_cache_equals_recompute_batched_ragged(name):
+    model = _model(name)
+    V = model.config.vocab_size
+    prompts = [torch.randint(0, V, (n,)).tolist() for n in (5, 1, 12)]
+    out = generate(model, prompts, 12)
+    for p, o in zip(prompts, out):
+        assert o == _greedy_recompute(model, p, 12)
+
+
+def test_cache_equals_recompute_auto_backend():
+    # the kernels the "auto" backend picks here (Triton interpreter or the C++ extension) in the cache path
+    model = _model("llama-tiny", backend="auto", n_layer=1)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 6)]
+    out = generate(model, prompts, 6)
+    ref = _model("llama-tiny", backend="torch", n_layer=1)
+    ref.load_state_dict(model.state_dict())
+    for p, o in zip(prompts, out):
+        assert o == _greedy_recompute(ref, p, 6)
+
+
+def test_tensor_prompts_and_model_method():
+    model = _model()
+    prompts = torch.randint(0, 300, (2, 7))
+    out = model.generate(prompts, 9)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 16) and out.dtype == torch.long
+    assert torch.equal(out[:, :7], prompts)
+    for b in range(2):
+        assert out[b].tolist() == _greedy_recompute(model, prompts[b].tolist(), 9)
+
+
+def test_sampling_reproducible_with_seed():
+    model = _model()
+    prompts = [[1, 2, 3], [4, 5]]
+
+    def run(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, prompts, 10, temperature=1.0, generator=g, **kw)
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+    assert run(3, top_k=50, top_p=0.9) == run(3, top_k=50, top_p=0.9)
+    greedy = generate(model, prompts, 10)
+    assert run(5, top_k=1) == greedy           # top-k 1 is greedy
+    assert run(5, top_p=1e-6) == greedy        # a tiny nucleus keeps only the most likely token
+
+
+def test_sample_support_and_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 50).repeat(4000, 1)
+    top5 = set(torch.topk(logits[0], 5).indices.tolist())
+    assert set(sample(logits, 1.0, top_k=5, generator=g).tolist()) <= top5
+    # top-p: the smallest prefix of the sorted distribution whose mass reaches p
+    probs = torch.softmax(logits[0], -1)
+    order = probs.argsort(descending=True)
+    keep = int((probs[order].cumsum(0) < 0.5).sum()) + 1
+    draws = sample(logits, 1.0, top_p=0.5, generator=g)
+    assert set(draws.tolist()) <= set(order[:keep].tolist())
+    # plain temperature-1 sampling follows softmax(logits): compare frequencies of the likeliest tokens
+    draws = sample(logits, 1.0, generator=g)
+    freq = torch.bincount(draws, minlength=50).float() / len(draws)
+    assert (freq - probs).abs().max() < 0.03
+
+
+def test_stop_tokens():
+    model = _model()
+    prompts = [[10, 20, 30], [40]]
+    free = generate(model, prompts, 15)
+    stop = free[0][3 + 4]                      # the 5th new token of sequence 0
+    out = generate(model, prompts, 15, stop_tokens=[stop])
+    for f, o in zip(free, out):
+        cut = next((i for i in range(len(o)) if i >= len(f) - 15 and f[i] == stop), None)
+        assert o == (f[:cut + 1] if cut is not None else f)
+    assert out[0][-1] == stop and len(out[0]) <= 3 + 5
+    # tensor input: finished sequences are padded with the stop token (the default pad)
+    t = generate(model, torch.tensor([[10, 20, 30]]), 15, stop_tokens=[stop], sync_every=4)
+    assert t[0, :len(out[0])].tolist() == out[0]
+    assert (t[0, len(out[0]):] == stop).all()
+
+
+class _SyncDetector(TorchDispatchMode):
+    """Records ops that copy a device value to the host or have data-dependent output shapes."""
+    SYNCING = {"_local_scalar_dense", "nonzero", "item", "masked_select", "unique"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class _PositionalLM(torch.nn.Module):
+    """A stand-in model whose decode step is pure tensor math, to isolate generate's own per-step work
+    (sampling, stop masks, positions) from the backend's decode attention."""
+
+    def __init__(self, vocab=50):
+        super().__init__()
+        self.config = Config(family="llama", vocab_size=vocab, n_layer=1, n_head=2, d_model=8, max_seqlen=64)
+        self.emb = torch.nn.Embedding(vocab, vocab)
+        self.pos = torch.nn.Embedding(64, vocab)
+
+    def forward(self, tokens, input_pos=None):
+        positions = torch.arange(tokens.shape[1]) if input_pos is None else input_pos[:, None]
+        return self.emb(tokens) + self.pos(positions)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=0.8, top_k=20, top_p=0.9)])
+def test_decode_step_has_no_host_sync(kw):
+    model = _PositionalLM()
+    with torch.no_grad(), _SyncDetector() as det:
+        _decode_step(model, torch.tensor([3, 4]), torch.tensor([5, 2]), torch.zeros(2, dtype=torch.bool),
+                     torch.tensor([7]), 0, kw["temperature"], kw.get("top_k"), kw.get("top_p"),
+                     torch.Generator().manual_seed(0))
+    assert det.seen == []
+    # the detector does see a sync when there is one
+    with _SyncDetector() as det:
+        bool(torch.tensor([1]).any())
+    assert det.seen == ["_local_scalar_dense"]
+
+
+@pytest.mark.gpu
+def test_decode_step_has_no_host_sync_cuda():
+    model = _model(backend="auto").cuda()
+    model.setup_cache(2, 32)
+    with torch.no_grad():
+        model(torch.randint(0, 300, (2, 5), device="cuda"))
+        args = (torch.tensor([3, 4], device="cuda"), torch.tensor([5, 2], device="cuda"),
+                torch.zeros(2, dtype=torch.bool, device="cuda"), torch.tensor([7], device="cuda"), 0, 0.8, 20, 0.9,
+                torch.Generator(device="cuda").manual_seed(0))
+        _decode_step(model, *args)          # warm-up: first calls may compile or autotune
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _decode_step(model, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    model.clear_cache()
+
+
+def test_bad_input():
+    model = _model()
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(model, [list(range(120))], 20)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1], []], 2)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 300\)"):
+        generate(model, [[1, 300]], 2)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        generate(model, [[1]], 2, temperature=-1)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        generate(model, [[1]], 2, temperature=1, top_p=1.5)
+    with pytest.raises(ValueError, match="prompts must be an integer tensor"):
+        generate(model, torch.zeros(2, 3), 2)
+    with pytest.raises(TypeError, match="fastlm.Transformer"):
+        generate(torch.nn.Linear(2, 2), [[1]], 2)

@@ -1,0 +1,209 @@
+"""The Hugging Face drop-in: from_hf against transformers' own models (logits, loss, greedy generation), and
+patch / unpatch (same logits, same gradients, exact restoration). Tiny random models built from config objects."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fastlm  # noqa: E402
+from conftest import DEVICE  # noqa: E402
+from fastlm import ops  # noqa: E402
+from fastlm.hf import from_hf, patch, unpatch  # noqa: E402
+from fastlm.testing import check_rule  # noqa: E402
+
+V = 1000
+
+
+def hf_gpt2(**kw):
+    cfg = dict(vocab_size=V, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+               attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    cfg.update(kw)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
+
+
+def hf_llama(**kw):
+    cfg = dict(vocab_size=V, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+               attn_implementation="sdpa")
+    cfg.update(kw)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+
+
+def hf_mistral():
+    cfg = transformers.MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+                                     sliding_window=None, bos_token_id=0, eos_token_id=0,
+                                     attn_implementation="eager")
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+MODELS = {"gpt2": hf_gpt2, "llama-gqa": hf_llama, "mistral-mqa": hf_mistral}
+
+
+def perturb_norms(hf):
+    """Random init leaves norm weights at one and biases at zero: make them matter for the comparison."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_from_hf_logits_and_loss(kind):
+    hf = MODELS[kind]()
+    perturb_norms(hf)
+    hf64 = copy.deepcopy(hf).double()
+    model = from_hf(hf, backend="torch")
+    assert model.config.n_layer == 2 and model.config.vocab_size == V
+    assert model.config.n_kv_head == {"gpt2": 4, "llama-gqa": 2, "mistral-mqa": 1}[kind]
+    tokens = torch.randint(0, V, (2, 11))
+    with torch.no_grad():
+        check_rule("logits", model(tokens), hf64(tokens).logits, hf(tokens).logits)
+        check_rule("loss", model(tokens[:, :-1], tokens[:, 1:]), hf64(tokens, labels=tokens).loss,
+                   hf(tokens, labels=tokens).loss)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+def test_greedy_generation_token_identical(kind):
+    hf = MODELS[kind]()
+    model = from_hf(hf, backend="torch")
+    prompt = torch.randint(1, V, (2, 5))
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                               attention_mask=torch.ones_like(prompt))
+        assert torch.equal(model.generate(prompt, 16), expected)             # fastlm's KV-cache decoding
+
+
+def test_from_hf_keeps_dtype_and_untied_head():
+    hf = hf_gpt2(tie_word_embeddings=False).to(torch.float64)
+    model = from_hf(hf, backend="torch")
+    assert model.tok_emb.weight.dtype == torch.float64 and not model.config.tie_embeddings
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+    assert torch.equal(model.layers[1].attn.wk.weight, hf.transformer.h[1].attn.c_attn.weight[:, 64:128].t())
+    tokens = torch.randint(0, V, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_from_hf_unsupported():
+    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2))
+    with pytest.raises(NotImplementedError, match="GPT2LMHeadModel.*LlamaForCausalLM.*biases"):
+        from_hf(qwen)
+    with pytest.raises(NotImplementedError, match="GPT2LMHeadModel"):
+        from_hf(transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V)))
+    with pytest.raises(NotImplementedError, match="RoPE type"):
+        from_hf(hf_llama(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
+    with pytest.raises(NotImplementedError, match="sliding"):
+        cfg = transformers.MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                         sliding_window=16)
+        from_hf(transformers.MistralForCausalLM(cfg))
+
+
+class CountOps:
+    """Counts calls of fastlm.ops functions (the patched model must actually use them)."""
+
+    def __init__(self, monkeypatch, names):
+        self.calls = dict.fromkeys(names, 0)
+        for name in names:
+            real = getattr(ops, name)
+
+            def counted(*a, _real=real, _name=name, **k):
+                self.calls[_name] += 1
+                return _real(*a, **k)
+            monkeypatch.setattr(ops, name, counted)
+
+
+PATCH_OPS = {"gpt2": ["attention", "layer_norm", "mlp_gelu", "cross_entropy"],
+             "llama-gqa": ["attention", "rms_norm", "apply_rope", "mlp_swiglu", "cross_entropy"]}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+def test_patch_same_logits_and_gradients_then_unpatch(kind, monkeypatch):
+    hf = MODELS[kind]()
+    perturb_norms(hf)
+    hf64 = copy.deepcopy(hf).double()
+    reference = copy.deepcopy(hf)
+    tokens = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        before = hf(tokens).logits
+
+    counter = CountOps(monkeypatch, PATCH_OPS[kind])
+    assert patch(hf, backend="torch") is hf
+    assert patch(hf, backend="torch") is hf                                   # patching twice changes nothing
+    with torch.no_grad():
+        check_rule("patched logits", hf(tokens).logits, hf64(tokens).logits, before)
+
+    # one training step: loss and every gradient by the rule against float64 transformers
+    hf.train(), hf64.train(), reference.train()                              # dropout is 0 in these configs
+    losses = [m(tokens, labels=tokens).loss for m in (hf, hf64, reference)]
+    check_rule("patched loss", *losses)
+    for loss in losses:
+        loss.backward()
+    grads64 = dict(hf64.named_parameters())
+    grads_low = dict(reference.named_parameters())
+    for name, p in hf.named_parameters():
+        check_rule(f"grad {name}", p.grad, grads64[name].grad, grads_low[name].grad)
+    assert all(n > 0 for n in counter.calls.values()), counter.calls
+    hf.eval()
+
+    unpatch(hf)
+    assert not hasattr(hf, "_fastlm_patch") and "_loss_function" not in hf.__dict__
+    assert all("forward" not in m.__dict__ for m in hf.modules())
+    assert hf.config._attn_implementation == {"gpt2": "eager", "llama-gqa": "sdpa"}[kind]
+    with torch.no_grad():
+        assert torch.equal(hf(tokens).logits, before)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+def test_patch_with_triton_kernels(kind):
+    """The kernels take what transformers hands them: Conv1D weights transposed (strided), k/v as views."""
+    hf = MODELS[kind](**{"n_layer" if kind == "gpt2" else "num_hidden_layers": 1}).to(DEVICE)
+    perturb_norms(hf)
+    hf64, reference = copy.deepcopy(hf).double(), copy.deepcopy(hf)
+    patch(hf, backend="triton")
+    tokens = torch.randint(0, V, (2, 5), device=DEVICE)
+    outs = [m(tokens, labels=tokens) for m in (hf, hf64, reference)]
+    check_rule("logits", *(o.logits for o in outs))
+    check_rule("loss", *(o.loss for o in outs))
+    for o in outs:
+        o.loss.backward()
+    grads64, grads_low = dict(hf64.named_parameters()), dict(reference.named_parameters())
+    for name, p in hf.named_parameters():
+        check_rule(f"grad {name}", p.grad, grads64[name].grad, grads_low[name].grad)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+def test_patched_generation_and_padding(kind):
+    """HF's own generate through the patched model (its cache, one-token steps), and a padded batch (falls back to
+    transformers' masked attention) give what the unpatched model gives."""
+    hf = MODELS[kind]()
+    prompt = torch.randint(1, V, (2, 6))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0                                                           # left padding in sequence 1
+    with torch.no_grad():
+        gen = hf.generate(prompt[:1], max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                          attention_mask=mask[:1])
+        padded = hf(prompt, attention_mask=mask).logits
+        patch(hf, backend="torch")
+        assert torch.equal(hf.generate(prompt[:1], max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                                       attention_mask=mask[:1]), gen)
+        torch.testing.assert_close(hf(prompt, attention_mask=mask).logits[:, 2:], padded[:, 2:])
+        unpatch(hf)
+
+
+def test_patch_unsupported():
+    with pytest.raises(NotImplementedError, match="GPT-2 and Llama"):
+        patch(hf_mistral())
+    with pytest.raises(NotImplementedError, match="GPT-2 and Llama"):
+        patch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="backend"):
+        patch(hf_gpt2(), backend="jax")
+
+
+def test_public_names():
+    assert fastlm.from_hf is from_hf and fastlm.patch is patch and fastlm.unpatch is unpatch

@@ -1,0 +1,210 @@
+"""fastlm.Transformer against fastlm.reference.Transformer: logits, loss and every parameter gradient by the numerics
+rule; state dicts both ways; KV-cache decoding against full recomputation; torch.compile; bad input."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU
+from fastlm import reference
+from fastlm.config import Config
+from fastlm.model import Transformer
+from fastlm.testing import check_rule
+
+TINY = dict(n_layer=2, d_model=64, n_head=4, vocab_size=1000, max_seqlen=64)
+CONFIGS = {
+    "gpt2": Config(name="gpt2-test", family="gpt2", **TINY),
+    "llama": Config(name="llama-test", family="llama", n_kv_head=2, multiple_of=32, **TINY),
+}
+
+
+def make(family, backend="torch", dtype=torch.float32, device=DEVICE, **overrides):
+    """A fastlm model and the reference at ``dtype``, and the reference at float64, all with the same weights."""
+    config = dataclasses.replace(CONFIGS[family], **overrides)
+    model = Transformer(config, backend=backend).to(device)
+    ref64 = reference.Transformer(config).to(device)
+    ref64.load_state_dict(model.state_dict())
+    ref_low = copy.deepcopy(ref64).to(dtype)
+    return model.to(dtype), ref64.double(), ref_low
+
+
+def tokens_and_targets(B=2, S=13, V=1000, device=DEVICE):
+    tokens = torch.randint(0, V, (B, S), device=device)
+    targets = torch.randint(0, V, (B, S), device=device)
+    targets[0, :3] = -100                                    # ignored positions must not count
+    return tokens, targets
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_logits_loss_and_every_gradient_match_reference(family, backend):
+    # the Triton interpreter runs one numpy program per row / tile: one layer (every code path of the stack runs in
+    # it: plain norm, fused add-norm, MLP with residual, final norm) and fewer tokens
+    interpreted = backend == "triton" and not ON_GPU
+    model, ref64, ref_low = make(family, backend, n_layer=1 if interpreted else 2)
+    tokens, targets = tokens_and_targets(S=5 if interpreted else 13)
+    with torch.no_grad():
+        check_rule("logits", model(tokens), ref64(tokens), ref_low(tokens))
+
+    losses = [m(tokens, targets) for m in (model, ref64, ref_low)]
+    check_rule("loss", *losses)
+    for loss in losses:
+        loss.backward()
+    params = [dict(m.named_parameters()) for m in (model, ref64, ref_low)]
+    assert params[0].keys() == params[1].keys()
+    for name, p in params[0].items():
+        assert p.grad is not None, f"no gradient for {name}"
+        assert torch.isfinite(p.grad).all(), name
+        check_rule(f"grad {name}", p.grad, params[1][name].grad, params[2][name].grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bf16_model_on_gpu_matches_reference(family):
+    """bf16 through the GPU kernels (head_dim 64, GQA for llama), 257 tokens: odd, more than one tile."""
+    heads = dict(n_head=2, n_kv_head=1 if family == "llama" else 2)
+    model, ref64, ref_low = make(family, "auto", dtype=torch.bfloat16, d_model=128, **heads)
+    tokens, targets = tokens_and_targets(S=257)
+    with torch.no_grad():
+        check_rule("logits", model(tokens), ref64(tokens), ref_low(tokens))
+    losses = [m(tokens, targets) for m in (model, ref64, ref_low)]
+    check_rule("loss", *losses)
+    for loss in losses:
+        loss.backward()
+    params = [dict(m.named_parameters()) for m in (model, ref64, ref_low)]
+    for name, p in params[0].items():
+        check_rule(f"grad {name}", p.grad, params[1][name].grad, params[2][name].grad)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_state_dict_round_trips_both_ways(family):
+    config = CONFIGS[family]
+    fast, ref = Transformer(config, backend="torch"), reference.Transformer(config)
+    assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    ref.load_state_dict(fast.state_dict(), strict=True)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, fast.state_dict()[k]), k
+    other = reference.Transformer(config)
+    fast.load_state_dict(other.state_dict(), strict=True)
+    tokens = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref64 = copy.deepcopy(other).double()
+        check_rule("logits after loading", fast(tokens), ref64(tokens), other(tokens))
+    assert (config.family == "gpt2") == ("lm_head.weight" not in fast.state_dict())   # tied head: one tensor
+
+
+@pytest.mark.parametrize("family, backend", [("gpt2", "torch"), ("llama", "torch"), ("llama", "triton")])
+def test_kv_cache_decode_equals_full_recompute(family, backend):
+    interpreted = backend == "triton" and not ON_GPU
+    model = Transformer(dataclasses.replace(CONFIGS[family], n_layer=1 if interpreted else 2), backend=backend)
+    model.to(DEVICE)
+    prefill, chunks = (3, (2, 1)) if interpreted else (5, (2, 1, 1, 3))
+    tokens = torch.randint(0, 1000, (2, prefill + sum(chunks)), device=DEVICE)
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(2, 32)
+        steps = [model(tokens[:, :prefill])]
+        pos = torch.tensor([prefill, prefill], device=DEVICE)
+        for chunk in chunks:                                                   # multi-token and one-token steps
+            steps.append(model(tokens[:, pos[0]:pos[0] + chunk], input_pos=pos))
+            pos = pos + chunk
+    out = torch.cat(steps, dim=1)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_kv_cache_sequences_at_different_positions(family):
+    """Each sequence of a batch sits at its own position: tables and cache writes are gathered per sequence."""
+    model = Transformer(CONFIGS[family], backend="torch")
+    a, b = torch.randint(0, 1000, (1, 8)), torch.randint(0, 1000, (1, 6))
+    with torch.no_grad():
+        full_a, full_b = model(a), model(b)
+        model.setup_cache(2, 16)
+        model(torch.cat([a[:, :4], b[:, :4]]))                                  # prefill 4 tokens each
+        model(a[:, 4:6].expand(2, 2), input_pos=torch.tensor([4, 12]))         # only sequence 0 matters here
+        last = model(torch.cat([a[:, 6:8], b[:, 4:6]]), input_pos=torch.tensor([6, 4]))
+    torch.testing.assert_close(last[0], full_a[0, 6:8], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last[1], full_b[0, 4:6], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_lifecycle():
+    model = Transformer(CONFIGS["llama"], backend="torch")
+    assert model.cache_shape is None
+    model.setup_cache(3, 20, dtype=torch.float64)
+    k = model.layers[1].attn.k_cache
+    assert model.cache_shape == (3, 20) and k.shape == (3, 20, 2, 16) and k.dtype == torch.float64
+    assert "layers.0.attn.k_cache" not in model.state_dict()                   # never saved with the weights
+    model.clear_cache()
+    assert model.cache_shape is None and model.layers[1].attn.k_cache is None
+
+
+def test_compile_fullgraph_forward_backward():
+    """One graph for forward + backward (llama: RoPE, GQA, every fused op); aot_eager traces through dynamo and
+    AOTAutograd with fake tensors like inductor does, without the C++ code generation."""
+    torch._dynamo.reset()
+    model = Transformer(dataclasses.replace(CONFIGS["llama"], n_layer=1), backend="torch")
+    tokens, targets = tokens_and_targets(S=8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(tokens, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    eager = model(tokens, targets)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+
+
+def test_bad_input():
+    model = Transformer(CONFIGS["llama"], backend="torch")
+    with pytest.raises(ValueError, match="backend"):
+        Transformer(CONFIGS["llama"], backend="tpu")
+    with pytest.raises(ValueError, match="backend"):
+        model.backend = "tpu"
+    with pytest.raises(TypeError, match="fastlm.Config"):
+        Transformer({"family": "llama"})
+    with pytest.raises(TypeError, match="tokens"):
+        model(torch.rand(2, 5))
+    with pytest.raises(TypeError, match="tokens"):
+        model(torch.randint(0, 10, (5,)))
+    with pytest.raises(ValueError, match="seqlen 65"):
+        model(torch.randint(0, 10, (1, 65)))
+    with pytest.raises(ValueError, match="targets"):
+        model(torch.randint(0, 10, (2, 5)), torch.randint(0, 10, (2, 4)))
+    with pytest.raises(ValueError, match="setup_cache"):
+        model(torch.randint(0, 10, (2, 1)), input_pos=torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="max_seqlen"):
+        model.setup_cache(1, 65)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.setup_cache(0, 8)
+    model.setup_cache(2, 8)
+    with pytest.raises(ValueError, match="batch 2"):
+        model(torch.randint(0, 10, (3, 4)))
+    with pytest.raises(ValueError, match="cache"):
+        model(torch.randint(0, 10, (2, 9)))
+    with pytest.raises(TypeError, match="input_pos"):
+        model(torch.randint(0, 10, (2, 1)), input_pos=torch.tensor([3.0, 3.0]))
+    with pytest.raises(TypeError, match="input_pos"):
+        model(torch.randint(0, 10, (2, 1)), input_pos=torch.tensor([3]))
+
+
+def _extension_serves_model():
+    from fastlm import backends
+    return all(backends.extension_has(op, "cpu") for op in ("attention_fwd", "decode_attention", "mlp_swiglu"))
+
+
+@pytest.mark.skipif(not _extension_serves_model(), reason="the C++ extension fastlm._C is not built")
+def test_cpu_backend_logits_and_decode():
+    """backend="cpu": C++ attention, decode and MLP kernels, "auto" for the ops the extension lacks."""
+    model, ref64, ref_low = make("llama", "cpu")
+    tokens = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        full = model(tokens)
+        check_rule("logits", full, ref64(tokens), ref_low(tokens))
+        model.setup_cache(2, 16)
+        steps = [model(tokens[:, :4]), model(tokens[:, 4:6], input_pos=torch.tensor([4, 4])),
+                 model(tokens[:, 6:], input_pos=torch.tensor([6, 6]))]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,89 @@
+"""RoPE against the float64 reference (Hugging Face rotate_half): output and gradient by the numerics rule, shared and
+per-sequence tables, position offsets, non-contiguous (fused-QKV slice) inputs, bad input."""
+import pytest
+import torch
+
+from conftest import DEVICE, DTYPES
+from fastlm import reference
+from fastlm.ops.rope import apply_rope, rope_cos_sin
+from fastlm.testing import check_rule
+from test_norm import check_op
+
+
+def _triton_rope(x, cos, sin):
+    return apply_rope(x, cos, sin, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, S, H, D", [(1, 1, 1, 40), (2, 7, 3, 96), (1, 129, 2, 64), (3, 5, 4, 16)])
+def test_rope_rule(B, S, H, D, dtype):
+    x = torch.randn(B, S, H, D, dtype=dtype, device=DEVICE)
+    cos, sin = rope_cos_sin(torch.arange(S, device=DEVICE) + 3, D)     # position offset 3
+    check_op("apply_rope", _triton_rope, reference.apply_rope, [x, cos, sin], constants=(1, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_per_sequence_positions_and_qkv_slice(dtype):
+    B, S, H, D = 3, 7, 2, 40
+    qkv = torch.randn(B, S, 3, H, D, dtype=dtype, device=DEVICE)
+    pos = torch.stack([torch.arange(S) + off for off in (0, 5, 100)]).to(DEVICE)         # (B, S)
+    cos, sin = rope_cos_sin(pos.reshape(-1), D)
+    cos, sin = cos.reshape(B, S, D), sin.reshape(B, S, D)
+    out = check_op("apply_rope(qkv slice, per-sequence)", lambda t, c, s: _triton_rope(t[:, :, 1], c, s),
+                   lambda t, c, s: reference.apply_rope(t[:, :, 1], c, s), [qkv, cos, sin], constants=(1, 2))
+    # each sequence's rows equal the shared-table result at its own offset
+    cos1, sin1 = rope_cos_sin(torch.arange(S, device=DEVICE) + 5, D)
+    assert torch.equal(out[0][1:2], _triton_rope(qkv[1:2, :, 1], cos1, sin1))
+
+
+def test_rope_general_tables_gradient():
+    # tables whose halves differ exercise the transposed rotation in backward beyond Hugging Face's tables
+    x = torch.randn(2, 7, 3, 40, device=DEVICE)
+    cos, sin = torch.randn(7, 40, device=DEVICE), torch.randn(7, 40, device=DEVICE)
+    check_op("apply_rope(random tables)", _triton_rope, reference.apply_rope, [x, cos, sin], constants=(1, 2))
+
+
+def test_rope_expanded_grad_and_empty():
+    x = torch.randn(2, 7, 3, 40, device=DEVICE, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(7, device=DEVICE), 40)
+    _triton_rope(x, cos, sin).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    reference.apply_rope(x64, cos.double(), sin.double()).sum().backward()
+    check_rule("apply_rope dx (expanded grad)", x.grad, x64.grad, x64.grad.float())
+    e = torch.randn(0, 7, 3, 40, device=DEVICE, requires_grad=True)
+    y = _triton_rope(e, cos, sin)
+    assert y.shape == e.shape
+    y.sum().backward()
+    assert e.grad.shape == e.shape
+
+
+def test_rope_cos_sin_matches_reference():
+    pos = torch.arange(11, device=DEVICE)
+    for got, want in zip(rope_cos_sin(pos, 40, base=500000.0), reference.rope_cos_sin(pos, 40, base=500000.0)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda x, c, s: apply_rope(x[0], c, s), ValueError, "x"),
+    (lambda x, c, s: apply_rope(x[..., :-1], c[:, :-1], s[:, :-1]), ValueError, "even"),
+    (lambda x, c, s: apply_rope(x, c[:-1], s), ValueError, "cos"),
+    (lambda x, c, s: apply_rope(x, c, s[None].expand(3, -1, -1)), ValueError, "sin"),
+    (lambda x, c, s: apply_rope(x.long(), c, s), TypeError, "x"),
+    (lambda x, c, s: apply_rope(x.double(), c, s, backend="triton"), TypeError, "float64"),
+    (lambda x, c, s: apply_rope(x, c, s, backend="cpu"), RuntimeError, "apply_rope"),
+    (lambda x, c, s: rope_cos_sin(torch.arange(4), 7), ValueError, "head_dim"),
+    (lambda x, c, s: rope_cos_sin(torch.arange(4), 8, base=-1.0), ValueError, "base"),
+    (lambda x, c, s: rope_cos_sin(torch.zeros(2, 2), 8), ValueError, "positions"),
+])
+def test_bad_input(call, exc, words):
+    x = torch.randn(2, 7, 3, 40, device=DEVICE)
+    c, s = rope_cos_sin(torch.arange(7, device=DEVICE), 40)
+    with pytest.raises(exc, match=words):
+        call(x, c, s)
+
+
+@pytest.mark.gpu
+def test_rope_large_bf16():
+    x = torch.randn(2, 1031, 32, 128, dtype=torch.bfloat16, device=DEVICE)
+    cos, sin = rope_cos_sin(torch.arange(1031, device=DEVICE) + 7, 128, base=500000.0)
+    check_op("apply_rope(large)", _triton_rope, reference.apply_rope, [x, cos, sin], constants=(1, 2))

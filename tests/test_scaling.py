@@ -1,0 +1,82 @@
+"""fastlm.scaling: the power-law fit recovers known laws, and a tiny ladder runs end to end (CLI included)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastlm import scaling
+from fastlm.summary import param_counts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one thread is as fast as two, and immune to OpenMP spin-waits when other jobs load the cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("a,alpha,c", [(3.2, 0.25, 1.1), (40.0, 0.6, 0.0), (8.0, 0.076, 0.5)])
+def test_fit_recovers_a_known_law(a, alpha, c):
+    n = np.logspace(4, 7.5, 6)
+    loss = a * n ** -alpha + c
+    fit = scaling.fit_power_law(n, loss, use_scipy=False)
+    assert fit["alpha"] == pytest.approx(alpha, rel=1e-3)
+    assert fit["a"] == pytest.approx(a, rel=1e-2)
+    assert fit["c"] == pytest.approx(c, abs=1e-3)
+    np.testing.assert_allclose(scaling.predict(fit, n), loss, rtol=1e-5)
+
+
+def test_fit_with_noise_and_constraints():
+    rng = np.random.default_rng(0)
+    n = np.logspace(4, 7, 7)
+    loss = 5.0 * n ** -0.3 + 1.5 + rng.normal(0, 0.005, n.shape)
+    fit = scaling.fit_power_law(n, loss, use_scipy=False)
+    assert abs(fit["alpha"] - 0.3) < 0.05 and abs(fit["c"] - 1.5) < 0.05 and fit["rms"] < 0.01
+    # loss still falling fast at the largest size: c is held at >= 0 rather than going negative
+    fit = scaling.fit_power_law(n, 2.0 * n ** -0.05 - 0.9, use_scipy=False)
+    assert fit["c"] >= 0.0 and fit["a"] >= 0.0
+    with pytest.raises(ValueError, match="at least 3"):
+        scaling.fit_power_law([1, 2], [1, 2])
+
+
+def test_scipy_refinement_agrees():
+    pytest.importorskip("scipy")
+    n = np.logspace(4, 7, 6)
+    loss = 3.0 * n ** -0.2 + 1.0
+    fit = scaling.fit_power_law(n, loss, use_scipy=True)
+    assert fit["alpha"] == pytest.approx(0.2, rel=1e-3)
+
+
+def test_ladder_grows():
+    configs = scaling.ladder_configs()
+    sizes = [param_counts(c)["non_embedding"] for c in configs]
+    assert len(configs) >= 5 and sizes == sorted(sizes) and sizes[-1] / sizes[0] > 100
+    with pytest.raises(ValueError, match="rungs must be between 1 and"):
+        scaling.ladder_configs(99)
+
+
+def test_tiny_ladder_end_to_end(tmp_path):
+    res = scaling.run(data=None, tiny=True, backend="torch", out=str(tmp_path), progress=False, log=None)
+    models = res["models"]
+    assert len(models) == 5
+    losses = [m["eval_loss"] for m in models]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0]                 # 65x the parameters, same tokens: lower held-out loss
+    assert all(m["tokens"] == res["tokens_per_model"] for m in models)
+    assert res["fit"] is not None and res["fit"]["alpha"] >= 0
+    for name in ("scaling.json", "scaling.md", "loss_vs_params.png", "loss_vs_flops.png"):
+        assert (tmp_path / name).stat().st_size > 200, name
+    saved = json.loads((tmp_path / "scaling.json").read_text())
+    assert saved["models"][0]["non_embedding_params"] == models[0]["non_embedding_params"]
+
+
+def test_cli(tmp_path, capsys):
+    assert scaling.cli(["--tiny", "--data", "default", "--tokens", "2000", "--rungs", "3", "--out", str(tmp_path),
+                        "--backend", "torch", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Fit: L(N) =" in out and (tmp_path / "loss_vs_params.png").exists()
+    assert scaling.cli(["--tiny", "--budget", "0", "--out", str(tmp_path)]) == 2
+    assert "budget must be positive" in capsys.readouterr().err

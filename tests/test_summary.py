@@ -1,0 +1,129 @@
+"""fastlm.summary: parameter counts against built models and published numbers, FLOPs against a FLOP counter,
+KV-cache bytes against the allocated cache, roofline arithmetic, bad input and the CLI."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fastlm
+from fastlm import reference
+from fastlm.config import PRESETS, Config
+from fastlm.summary import DEVICES, cli, forward_flops_per_token, kv_cache_bytes_per_token, param_counts, summary
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one thread is as fast as two, and immune to OpenMP spin-waits when other jobs load the cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _meta_model(cfg):
+    with torch.device("meta"):
+        return fastlm.Transformer(cfg, backend="torch")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_params_equal_built_model(name):
+    cfg = Config.from_name(name)
+    model = _meta_model(cfg)
+    counts = param_counts(cfg)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    emb = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("tok_emb", "pos_emb", "lm_head")))
+    assert counts["embedding"] == emb
+    assert counts["non_embedding"] == counts["total"] - emb
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "llama-56m"])
+def test_layer_rows_match_modules(name):
+    cfg = Config.from_name(name)
+    model = _meta_model(cfg)
+    rows = summary(cfg, print_table=False)["layers"]
+    for r in rows:
+        name_ = r["name"].split(" ")[0]
+        if r["per_block"]:
+            prefix = name_.replace("layers.*.", "")
+            got = sum(p.numel() for n, p in model.named_parameters()
+                      if n.startswith("layers.") and n.split(".", 2)[2].startswith(prefix + ".")) // cfg.n_layer
+        else:
+            got = sum(p.numel() for n, p in model.named_parameters() if n.startswith(name_ + "."))
+        assert r["params"] == got, r["name"]
+
+
+@pytest.mark.parametrize("name,published", [("gpt2", 124_439_808), ("llama-2-7b", 6_738_415_616),
+                                            ("llama-3-8b", 8_030_261_248)])
+def test_published_counts(name, published):
+    s = summary(name, print_table=False)
+    assert s["params"]["total"] == published
+    assert round(s["params"]["total"] / 1e9, 2) == round(published / 1e9, 2)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_forward_flops_match_flop_counter(family):
+    # the reference model computes full (non-causal-skipping) S x S scores: context = S for every token
+    cfg = Config(family=family, vocab_size=97, n_layer=2, n_head=4, n_kv_head=4 if family == "gpt2" else 2,
+                 d_model=48, max_seqlen=64, multiple_of=16)
+    model = reference.Transformer(cfg)
+    B, S = 2, 24
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, 97, (B, S)))
+    assert counter.get_total_flops() == forward_flops_per_token(cfg, S) * B * S
+
+
+def test_kv_cache_bytes_match_allocation():
+    cfg = Config.from_name("llama-tiny")
+    model = fastlm.Transformer(cfg, backend="torch")
+    model.setup_cache(3, 40, dtype=torch.float16)
+    allocated = sum(t.numel() * t.element_size() for layer in model.layers for t in (layer.attn.k_cache,
+                                                                                       layer.attn.v_cache))
+    assert kv_cache_bytes_per_token(cfg, "fp16") * 3 * 40 == allocated
+
+
+def test_memory_and_roofline_arithmetic():
+    s = summary("llama-2-7b", seqlen=4096, dtype="bf16", device="h200", print_table=False)
+    n = s["params"]["total"]
+    m = s["memory"]
+    assert m["inference"]["weights"] == 2 * n
+    assert m["inference"]["kv_cache"] == 4096 * 2 * 32 * 4096 * 2
+    assert m["training"]["weights"] + m["training"]["grads"] + m["training"]["adamw_states"] == 16 * n
+    # batch-1 decode of a 7B model is bandwidth-bound: one step reads the weights and the cache
+    sp = s["speed"]
+    assert sp["decode_bound"] == "memory"
+    expected = DEVICES["h200"]["bandwidth"] / (m["inference"]["weights"] + m["inference"]["kv_cache"])
+    assert sp["decode_tokens_per_s"] == pytest.approx(expected)
+    assert sp["train_bound"] == "compute"
+    assert sp["train_tokens_per_s"] == pytest.approx(DEVICES["h200"]["flops"]["bf16"]
+                                                     / s["flops"]["training_per_token"])
+    assert s["flops"]["training_per_token"] == 3 * s["flops"]["forward_per_token"]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unknown device 'tpu'.*h200, a100, cpu"):
+        summary("gpt2", device="tpu", print_table=False)
+    with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
+        summary("gpt5", print_table=False)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        summary("gpt2", dtype="int3", print_table=False)
+    with pytest.raises(ValueError, match="seqlen must be a positive int"):
+        summary("gpt2", seqlen=0, print_table=False)
+    with pytest.raises(TypeError, match="model_or_config"):
+        summary(42, print_table=False)
+
+
+def test_model_input_and_print(capsys):
+    model = fastlm.Transformer(Config.from_name("gpt2-tiny"), backend="torch")
+    s = summary(model, batch=2, seqlen=16, device="cpu")
+    out = capsys.readouterr().out
+    assert s["params"]["total"] == sum(p.numel() for p in model.parameters())
+    assert "Param #" in out and "roofline estimates" in out and f"{s['params']['total']:,}" in out
+
+
+def test_cli(capsys):
+    assert cli(["llama-3-8b", "--seqlen", "8192", "--batch", "2", "--dtype", "fp16", "--device", "a100"]) == 0
+    out = capsys.readouterr().out
+    assert "8,030,261,248" in out and "A100" in out
+    assert cli(["nope"]) == 2
+    assert "unknown model preset 'nope'" in capsys.readouterr().err
+    assert cli(["gpt2", "--device", "tpu"]) == 2
+    assert "known devices: h200, a100, cpu" in capsys.readouterr().err

@@ -1,0 +1,191 @@
+"""fastlm.train: the loss falls, checkpoints round-trip, resume continues the same loss curve, saves are atomic,
+bad input gets clear errors, and the train / generate CLIs run."""
+import os
+
+import pytest
+import torch
+
+from fastlm import train as T
+from fastlm.config import Config
+from fastlm.generate import cli as generate_cli
+
+TEXT = T.load_corpus()
+TINY = dict(family="llama", vocab_size=256, n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_seqlen=64,
+            multiple_of=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one thread is as fast as two, and immune to OpenMP spin-waits when other jobs load the cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(**kw):
+    return Config(name="test-tiny", **{**TINY, **kw})
+
+
+def _train(**kw):
+    args = dict(text=TEXT, steps=20, batch_size=4, seqlen=32, lr=3e-3, warmup=5, eval_every=10, eval_batches_max=2,
+                backend="torch", progress=False, log=None)
+    args.update(kw)
+    return T.train(args.pop("config", _cfg()), **args)
+
+
+def test_default_corpus_is_shipped():
+    assert T.default_corpus_files(), "fastlm/data/*.txt missing"
+    assert len(TEXT.encode()) > 40_000
+    assert TEXT.isascii() or TEXT.encode("utf-8")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_loss_falls(family):
+    cfg = _cfg(family=family, n_kv_head=2) if family == "gpt2" else _cfg()
+    res = _train(config=cfg, steps=200, batch_size=8, warmup=20, eval_every=100)
+    h = res["history"]
+    first = sum(h["loss"][:10]) / 10
+    last = sum(h["loss"][-10:]) / 10
+    assert first > 5.0                          # ~ln(256) = 5.55 for an untrained byte model
+    assert last < 2.9, (first, last)            # it learned the byte statistics and more
+    assert h["eval_loss"][-1] < h["eval_loss"][0] < 3.3
+    assert res["perplexity"] == pytest.approx(torch.tensor(res["eval_loss"]).exp().item(), rel=1e-6)
+
+
+def test_save_load_identical_logits(tmp_path):
+    res = _train(steps=5, out=str(tmp_path))
+    model, info = T.load_checkpoint(str(tmp_path), backend="torch")
+    x = torch.randint(0, 256, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), res["model"].eval()(x))
+    assert info["step"] == 5 and info["config"] == res["config"] and info["tokenizer"].name == "byte"
+    assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "config.json").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_resume_continues_the_same_curve(tmp_path):
+    full = _train(steps=16, eval_every=4)
+    _train(steps=16, eval_every=4, out=str(tmp_path), stop_after=8, plot=False)  # "interrupted" after step 8
+    resumed = _train(steps=16, eval_every=4, out=str(tmp_path), resume=True, plot=False)
+    a, b = full["history"], resumed["history"]
+    assert b["step"] == list(range(1, 17))
+    torch.testing.assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(b["eval_loss"]), torch.tensor(a["eval_loss"]), rtol=1e-5, atol=1e-6)
+    for p, q in zip(full["model"].parameters(), resumed["model"].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    res = _train(steps=3, out=str(tmp_path), plot=False)
+    before = (tmp_path / T.CHECKPOINT).read_bytes()
+    import safetensors.torch
+
+    def broken_save(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint(str(tmp_path), res["model"], step=99)
+    assert (tmp_path / T.CHECKPOINT).read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    assert T.load_checkpoint(str(tmp_path), backend="torch")[1]["step"] == 3
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        T.load_checkpoint(str(tmp_path / "nothing"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01 this is not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt or not a safetensors file"):
+        T.load_checkpoint(str(bad))
+    res = _train(steps=2, out=str(tmp_path / "run"), plot=False)
+    good = (tmp_path / "run" / T.CHECKPOINT).read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        T.load_checkpoint(str(tmp_path / "trunc.safetensors"))
+    # tensors that don't match the stored config
+    other = tmp_path / "other.safetensors"
+    T.save_checkpoint(str(other), res["model"])
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(other), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = meta["config"].replace('"d_model": 32', '"d_model": 48')
+    save_file(tensors, str(other), metadata=meta)
+    with pytest.raises(ValueError, match="does not match its config.*shape mismatch"):
+        T.load_checkpoint(str(other))
+
+
+def test_bad_data_and_args(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        T.load_corpus(str(tmp_path / "empty.txt"))
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ValueError, match="has no .txt"):
+        T.load_corpus(str(tmp_path / "d"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        T.load_corpus(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="too few for seqlen"):
+        _train(text="short text")
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        _train(seqlen=65)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        _train(steps=0)
+    with pytest.raises(ValueError, match="unknown Config field 'width'"):
+        T.parse_overrides("width=3")
+    assert T.parse_overrides("d_model=64,tie_embeddings=true,rope_base=5e5") == dict(
+        d_model=64, tie_embeddings=True, rope_base=500000.0)
+
+
+def test_corpus_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("hello ")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("world")
+    assert T.load_corpus(str(tmp_path)) == "hello \n\nworld"
+    assert "def " in T.load_corpus("stdlib")[:200_000]
+
+
+@pytest.mark.skipif(pytest.importorskip("importlib").util.find_spec("tiktoken") is not None,
+                    reason="tiktoken is installed: the missing-package error cannot be provoked")
+def test_missing_tokenizer_package():
+    with pytest.raises(ImportError, match="needs the tiktoken package"):
+        T.make_tokenizer("tiktoken")
+
+
+def test_schedule():
+    lrs = [T.lr_at(s, 1.0, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_grad_accum_matches_bigger_batch():
+    # 2 micro-batches of 4 sequences == one batch of the same 8 sequences
+    a = _train(steps=2, batch_size=8, grad_accum=1, warmup=1)
+    b = _train(steps=2, batch_size=4, grad_accum=2, warmup=1)
+    torch.testing.assert_close(torch.tensor(b["history"]["loss"]), torch.tensor(a["history"]["loss"]),
+                               rtol=1e-5, atol=1e-6)
+    for p, q in zip(a["model"].parameters(), b["model"].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_train_and_generate_cli(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    rc = T.cli(["--steps", "6", "--batch-size", "4", "--seqlen", "32", "--eval-every", "3", "--out", out,
+                "--config", "d_model=32,n_layer=1,n_head=2,n_kv_head=1", "--backend", "torch", "--no-progress"])
+    assert rc == 0
+    assert os.path.exists(os.path.join(out, T.CHECKPOINT)) and os.path.exists(os.path.join(out, "loss.png"))
+    assert "held-out loss" in capsys.readouterr().out
+    rc = generate_cli(["--checkpoint", out, "--max-new-tokens", "12", "--backend", "torch", "The river", "--seed", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The river") and len(text.encode()) >= len("The river") + 1
+    assert generate_cli(["--checkpoint", str(tmp_path / "nope"), "x"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert generate_cli(["--checkpoint", out, "--backend", "torch", "x" * 200]) == 2
+    assert "longer than the model's context" in capsys.readouterr().err
+    assert T.cli(["--preset", "gpt5", "--out", out]) == 2
+    assert "unknown model preset 'gpt5'" in capsys.readouterr().err
