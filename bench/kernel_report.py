@@ -1,6 +1,8 @@
 """Ahead-of-time compile report for every Triton kernel in fastlm.kernels (no GPU needed).
 
-Each kernel module exposes ``aot_specs()``: its kernels at their default GPU configurations. This script compiles them
+Each kernel module exposes ``aot_specs()``: its kernels at their default GPU configurations, with the arguments that
+Triton would specialize at run time (16-byte aligned pointers, sizes divisible by 16) marked in ``attrs``. This script
+compiles them
 for sm_90 (H100/H200) with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and prints, per kernel:
 registers per thread, spilled (local) bytes, stack bytes, shared memory, and whether the PTX uses wgmma (Hopper
 warpgroup tensor-core MMA) or mma.sync.
@@ -52,7 +54,8 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 def compile_spec(spec: dict) -> dict:
-    src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
+    src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
+                                    attrs=spec.get("attrs"))
     compiled = triton.compile(src, target=TARGET,
                               options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
     ptx = compiled.asm["ptx"]

@@ -1,6 +1,6 @@
 """Rewrite README.md's performance section from a ``python -m fastlm bench`` JSON (never typed by hand).
 
-    python bench/perf_to_readme.py bench-results/bench.json [--readme README.md] [--images docs/perf]
+    python bench/perf_to_readme.py bench-results/bench.json [--readme README.md] [--images docs/perf] [--note TEXT]
 
 Replaces only the text between ``<!-- perf:start -->`` and ``<!-- perf:end -->`` with: what was measured where
 (device, CPU or GPU figures, versions, commit, date, the ceilings), one row per fastlm measurement (rate, % of the
@@ -21,7 +21,7 @@ from fastlm import benchmark  # noqa: E402
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 
 
-def section(doc: dict, image_paths: list[str]) -> str:
+def section(doc: dict, image_paths: list[str], note: str = "") -> str:
     env, ceil, cfg = doc["env"], doc["ceilings"], doc["config"]
     cpu = env["device"] == "cpu"
     what = "CPU figures" if cpu else "GPU figures"
@@ -39,6 +39,8 @@ def section(doc: dict, image_paths: list[str]) -> str:
         f"max err = max |fastlm − float64 reference| (WRONG if it fails the rule).",
         "",
     ]
+    if note:
+        lines += [f"*{note}*", ""]
     if cfg.get("tiny"):
         lines += ["*Tiny shapes (the harness's own test): these rates say nothing about performance.*", ""]
     if cfg.get("interrupted"):
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("json", help="bench JSON written by `python -m fastlm bench` (bench-results/bench.json)")
     p.add_argument("--readme", default="README.md")
     p.add_argument("--images", default="docs/perf", help="folder for the plots, relative to the README")
+    p.add_argument("--note", default="", help="a remark printed above the table (e.g. about the machine's load)")
     args = p.parse_args(argv)
     try:
         doc = benchmark.load(args.json)
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
         os.makedirs(os.path.join(readme_dir, args.images), exist_ok=True)
         shutil.copyfile(src, os.path.join(readme_dir, dst_rel))
         images.append(dst_rel.replace(os.sep, "/"))
-    new = rewrite(text, section(doc, images), args.readme)
+    new = rewrite(text, section(doc, images, args.note), args.readme)
     tmp = args.readme + ".tmp"
     with open(tmp, "w") as f:
         f.write(new)

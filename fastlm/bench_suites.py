@@ -50,9 +50,7 @@ def _liger():
 def fastlm_impls(op_name: str, ctx: Context, backends, **kwargs) -> list[Impl]:
     """One Impl per fastlm backend, ``kwargs`` bound (the case's options, as the reference has them bound).
     Default on a CPU: "cpu", falling back to "torch" where the extension lacks the op."""
-    ops = importlib.import_module("fastlm.ops")
-    # from the op's module: once a submodule is imported, fastlm.ops.<name> may name the module, not the function
-    fn = getattr(importlib.import_module(f"fastlm.ops.{ops._OPS[op_name]}"), op_name)
+    fn = getattr(importlib.import_module("fastlm.ops"), op_name)
     chosen = backends or default_backends(ctx.device)
     impls = []
     for b in chosen:

@@ -23,9 +23,10 @@ import torch
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Next tokens (B,) from logits (B, V): greedy for temperature 0, else softmax(logits / T) restricted to the
-    top_k most likely tokens and to the smallest set whose probability reaches top_p."""
+    top_k most likely tokens and to the smallest set whose probability reaches top_p. ``noise`` (B, V) of Exp(1)
+    draws may be passed in (drawn from ``generator`` otherwise), which keeps the generator out of compiled code."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -41,8 +42,13 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     # argmax(p / E) with E ~ Exp(1) draws from p, with no host sync (torch.multinomial may sync)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(dim=-1)
+    if noise is None:
+        noise = exponential_noise(probs.shape, probs.device, generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def exponential_noise(shape, device, generator=None) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
 
 
 def _check_args(model, max_new_tokens, temperature, top_k, top_p, sync_every):
@@ -86,11 +92,12 @@ def _pad_prompts(prompts, vocab_size: int, device):
     return tokens.to(device), torch.tensor(lengths, dtype=torch.long, device=device), lengths, is_tensor
 
 
-def _decode_step(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p, generator):
-    """One token for every sequence: tok (B,) at positions pos (B,). Returns the next tokens (B,) and the updated
-    done mask. Device-only work: nothing here reads a value on the host."""
+def _decode_step(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p, noise):
+    """One token for every sequence: tok (B,) at positions pos (B,); noise (B, V) for sampling (None for greedy).
+    Returns the next tokens (B,) and the updated done mask. Device-only work: nothing here reads a value on the
+    host."""
     logits = model(tok[:, None], input_pos=pos)[:, -1]                      # (B, V)
-    nxt = sample(logits, temperature, top_k, top_p, generator)
+    nxt = sample(logits, temperature, top_k, top_p, noise=noise)
     nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
     if stop is not None:
         done = done | torch.isin(nxt, stop)
@@ -100,7 +107,7 @@ def _decode_step(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p,
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None,
-             compile: bool = False, sync_every: int = 1, pad_id: int | None = None,
+             compile: bool | str = False, sync_every: int = 1, pad_id: int | None = None,
              stream: Callable[[torch.Tensor], None] | None = None):
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -109,6 +116,8 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     sequence is filled with ``pad_id``, default the first stop token), or a list of token lists ending at (and
     including) the stop token. ``generator`` (a seeded torch.Generator on the model's device) makes sampling
     reproducible. ``stream(tokens)`` is called after every step with the new tokens (B,) on the CPU.
+    ``compile=True`` compiles the decode step with torch.compile (CUDA graphs on GPU); a string picks the
+    torch.compile backend instead (e.g. "aot_eager").
     """
     _check_args(model, max_new_tokens, temperature, top_k, top_p, sync_every)
     cfg = model.config
@@ -126,8 +135,11 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
 
     step = _decode_step
     if compile:
-        step = torch.compile(_decode_step, mode="reduce-overhead" if device.type == "cuda" else None,
-                             fullgraph=True)
+        # not fullgraph: the "torch" backend's reference decode attention reads cache lengths on the host and
+        # breaks the graph there; the kernel backends compile into one graph
+        options = {"backend": compile} if isinstance(compile, str) else {
+            "mode": "reduce-overhead" if device.type == "cuda" else None}
+        step = torch.compile(_decode_step, **options)
     # the cache dtype follows the weights: under autocast the cache would have to be set up by the caller
     model.setup_cache(B, longest + max_new_tokens, dtype=param.dtype, device=device)
     try:
@@ -148,7 +160,8 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
                     break
                 if compile and device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs were consumed
-                tok, done = step(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p, generator)
+                noise = exponential_noise((B, cfg.vocab_size), device, generator) if temperature > 0 else None
+                tok, done = step(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p, noise)
                 out[:, n] = tok
                 pos += 1
                 n += 1

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from fastlm.backends import interpreter
+from fastlm.kernels._helpers import aligned
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -490,54 +491,47 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, w
 # --------------------------------------------------------------------------------------------------------------------
 
 def aot_specs() -> list[dict]:
-    """Each kernel at its first (default) GPU configuration, for head dims 64 and 128 in bf16 and fp16."""
+    """Each kernel at its first (default) GPU configuration: bf16 at head dims 64, 128, 256 and fp16 at 128."""
     specs = []
-    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-    for dtype in (torch.bfloat16, torch.float16):
-        p = ptr[dtype]
-        for d in (64, 128, 256):
-            if dtype == torch.float16 and d != 128:
-                continue
-            tag = f"D={d},{str(dtype)[6:]},causal"
-            c = _first_gpu_config(fwd_configs, d)
-            sig = {n: p for n in ("Q", "K", "V", "O")} | {"LSE": "*fp32"}
-            sig |= {n: "i32" for n in ("stride_qb", "stride_qm", "stride_qh", "stride_kb", "stride_kn", "stride_kh",
-                                       "stride_vb", "stride_vn", "stride_vh", "stride_ob", "stride_om", "stride_oh",
-                                       "H", "Sq", "Sk", "D", "group", "wl", "wr")}
-            sig |= {"qk_scale": "fp32", "seq_bucket": "i32"}
-            consts = {"HAS_LEFT": False, "HAS_RIGHT": True, "BLOCK_D": d, "PRECISION": "tf32"} | c.kwargs
-            specs.append(dict(name=f"attention_fwd[{tag}]", fn=_attn_fwd, signature=_with_constexprs(sig, consts),
-                              constexprs=consts, num_warps=c.num_warps, num_stages=c.num_stages,
-                              expect_wgmma=d in (64, 128)))
-            if dtype != torch.bfloat16:
-                continue
-            cb = _first_gpu_config(dkdv_configs, d)
-            bconsts = {"HAS_LEFT": False, "HAS_RIGHT": True, "BLOCK_D": d, "PRECISION": "tf32"} | cb.kwargs
-            strides = lambda *names: {f"stride_{n}{s}": "i32" for n in names for s in ("b", "m" if n in ("q", "do", "dq") else "n", "h")}  # noqa: E731,E501
-            sig_kv = {n: p for n in ("Q", "K", "V", "DO")} | {"LSE": "*fp32", "DELTA": "*fp32", "DK": p, "DV": p}
-            sig_kv |= strides("q", "k", "v", "do", "dk", "dv")
-            sig_kv |= {n: "i32" for n in ("H", "Hkv", "Sq", "Sk", "D", "group", "wl", "wr")}
-            sig_kv |= {"qk_scale": "fp32", "sm_scale": "fp32", "seq_bucket": "i32"}
-            specs.append(dict(name=f"attention_bwd_dkdv[{tag}]", fn=_attn_bwd_dkdv,
-                              signature=_with_constexprs(sig_kv, bconsts), constexprs=bconsts,
-                              num_warps=cb.num_warps, num_stages=cb.num_stages, expect_wgmma=False))
-            cq = _first_gpu_config(dq_configs, d)
-            qconsts = {"HAS_LEFT": False, "HAS_RIGHT": True, "BLOCK_D": d, "PRECISION": "tf32"} | cq.kwargs
-            sig_q = {n: p for n in ("Q", "K", "V", "DO")} | {"LSE": "*fp32", "DELTA": "*fp32", "DQ": p}
-            sig_q |= strides("q", "k", "v", "do", "dq")
-            sig_q |= {n: "i32" for n in ("H", "Sq", "Sk", "D", "group", "wl", "wr")}
-            sig_q |= {"qk_scale": "fp32", "sm_scale": "fp32", "seq_bucket": "i32"}
-            specs.append(dict(name=f"attention_bwd_dq[{tag}]", fn=_attn_bwd_dq,
-                              signature=_with_constexprs(sig_q, qconsts), constexprs=qconsts,
-                              num_warps=cq.num_warps, num_stages=cq.num_stages, expect_wgmma=False))
-    pre = {"O": "*bf16", "DO": "*bf16", "DLSE": "*fp32", "DELTA": "*fp32"}
-    pre |= {n: "i32" for n in ("stride_ob", "stride_om", "stride_oh", "stride_dob", "stride_dom", "stride_doh",
-                               "H", "Sq", "D")}
-    pconsts = {"HAS_DLSE": False, "BLOCK_M": 64, "BLOCK_D": 128}
-    specs.append(dict(name="attention_bwd_preprocess[D=128,bfloat16]", fn=_bwd_preprocess,
-                      signature=_with_constexprs(pre, pconsts), constexprs=pconsts, num_warps=4, num_stages=1,
-                      expect_wgmma=False))
+    ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+
+    def strides(*tensors):
+        rows = lambda t: "m" if t in ("q", "do", "dq", "o") else "n"  # noqa: E731
+        return ints(*(f"stride_{t}{s}" for t in tensors for s in ("b", rows(t), "h")))
+
+    for dtype, d in (("bf16", 64), ("bf16", 128), ("bf16", 256), ("fp16", 128)):
+        p = "*" + dtype
+        tag = f"D={d},{dtype},causal"
+        band = {"HAS_LEFT": False, "HAS_RIGHT": True, "BLOCK_D": d, "PRECISION": "tf32"}
+        sig = {n: p for n in ("Q", "K", "V", "O")} | {"LSE": "*fp32"} | strides("q", "k", "v") \
+            | ints("stride_ob", "stride_om", "stride_oh", "H", "Sq", "Sk", "D", "group", "wl", "wr") \
+            | {"qk_scale": "fp32", "seq_bucket": "i32"}
+        specs.append(_spec(f"attention_fwd[{tag}]", _attn_fwd, sig, band, fwd_configs, d, expect_wgmma=d <= 128))
+        if dtype != "bf16":
+            continue
+        sig = {n: p for n in ("Q", "K", "V", "DO")} | {"LSE": "*fp32", "DELTA": "*fp32", "DK": p, "DV": p} \
+            | strides("q", "k", "v", "do", "dk", "dv") | ints("H", "Hkv", "Sq", "Sk", "D", "group", "wl", "wr") \
+            | {"qk_scale": "fp32", "sm_scale": "fp32", "seq_bucket": "i32"}
+        specs.append(_spec(f"attention_bwd_dkdv[{tag}]", _attn_bwd_dkdv, sig, band, dkdv_configs, d))
+        sig = {n: p for n in ("Q", "K", "V", "DO")} | {"LSE": "*fp32", "DELTA": "*fp32", "DQ": p} \
+            | strides("q", "k", "v", "do", "dq") | ints("H", "Sq", "Sk", "D", "group", "wl", "wr") \
+            | {"qk_scale": "fp32", "sm_scale": "fp32", "seq_bucket": "i32"}
+        specs.append(_spec(f"attention_bwd_dq[{tag}]", _attn_bwd_dq, sig, band, dq_configs, d))
+    sig = {"O": "*bf16", "DO": "*bf16", "DLSE": "*fp32", "DELTA": "*fp32"} | strides("o") \
+        | ints("stride_dob", "stride_dom", "stride_doh", "H", "Sq", "D")
+    consts = {"HAS_DLSE": False, "BLOCK_M": 64, "BLOCK_D": 128}
+    specs.append(dict(name="attention_bwd_preprocess[D=128,bf16]", fn=_bwd_preprocess,
+                      signature=_with_constexprs(sig, consts), constexprs=consts,
+                      attrs=_aligned_attrs(_bwd_preprocess, sig), num_warps=4, num_stages=1, expect_wgmma=False))
     return specs
+
+
+def _spec(name, fn, signature, consts, make_configs, block_d, expect_wgmma=False):
+    config = _first_gpu_config(make_configs, block_d)
+    consts = consts | config.kwargs
+    return dict(name=name, fn=fn, signature=_with_constexprs(signature, consts), constexprs=consts,
+                attrs=_aligned_attrs(fn, signature), num_warps=config.num_warps, num_stages=config.num_stages,
+                expect_wgmma=expect_wgmma)
 
 
 def _first_gpu_config(make, block_d):
@@ -552,5 +546,10 @@ def _first_gpu_config(make, block_d):
 
 def _with_constexprs(signature: dict, constexprs: dict) -> dict:
     return signature | {name: "constexpr" for name in constexprs}
+
+
+def _aligned_attrs(fn, signature: dict) -> dict:
+    """Pointers and strides marked as multiples of 16, as Triton specializes them at run time for D % 16 == 0."""
+    return aligned(fn, *(n for n, t in signature.items() if t.startswith("*") or n.startswith("stride_")))
 
 

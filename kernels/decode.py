@@ -193,8 +193,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None,
     if num_warps is None:
         num_warps = split_num_warps(block_m, block_d)
     mid_o = torch.empty((B * Sq * H * num_splits, D), dtype=torch.float32, device=q.device)
-    mid_m = torch.empty((B * Sq * H * num_splits,), dtype=torch.float32, device=q.device)
-    mid_l = torch.empty_like(mid_m)
+    mid_m, mid_l = torch.empty((2, B * Sq * H * num_splits), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_splits, B * Hkv, triton.cdiv(group * Sq, block_m))](
         q, k_cache, v_cache, cache_seqlens, mid_o, mid_m, mid_l,
         q.stride(0), q.stride(1), q.stride(2),

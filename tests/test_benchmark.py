@@ -197,8 +197,10 @@ def test_perf_to_readme_replaces_only_the_marked_section(tiny_run, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# fastlm\n\nintro\n\n## Performance\n<!-- perf:start -->\nold table\n<!-- perf:end -->\n\n"
                       "## Next\nkept\n")
-    assert _perf_to_readme(str(out / "bench.json"), "--readme", str(readme)) == 0
+    args = (str(out / "bench.json"), "--readme", str(readme), "--note", "measured on a shared machine")
+    assert _perf_to_readme(*args) == 0
     text = readme.read_text()
+    assert "*measured on a shared machine*" in text and "Tiny shapes" in text
     assert text.startswith("# fastlm\n\nintro\n\n## Performance\n<!-- perf:start -->\n")
     assert text.endswith("<!-- perf:end -->\n\n## Next\nkept\n")
     assert "old table" not in text and ("CPU figures" in text or "GPU figures" in text)
@@ -206,7 +208,7 @@ def test_perf_to_readme_replaces_only_the_marked_section(tiny_run, tmp_path):
     for line in text.splitlines():
         if line.startswith("!["):
             assert (tmp_path / line.split("(")[1].rstrip(")")).exists()
-    assert _perf_to_readme(str(out / "bench.json"), "--readme", str(readme)) == 0     # idempotent
+    assert _perf_to_readme(*args) == 0                                                 # idempotent
     assert readme.read_text() == text
 
 

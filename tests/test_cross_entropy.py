@@ -6,8 +6,7 @@ import torch
 from conftest import DEVICE, DTYPES
 from fastlm import reference
 from fastlm.ops.cross_entropy import cross_entropy, linear_cross_entropy
-from fastlm.testing import check_rule
-from test_norm import check_op
+from fastlm.testing import check_op, check_rule
 
 
 def _targets(shape, V, ignore_index=-100, n_ignored=1):

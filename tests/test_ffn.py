@@ -9,8 +9,7 @@ import torch
 from conftest import DEVICE, DTYPES
 from fastlm import backends, reference
 from fastlm.ops.ffn import mlp_gelu, mlp_swiglu
-from fastlm.testing import check_rule
-from test_norm import check_op
+from fastlm.testing import check_op, check_rule
 
 ffn = importlib.import_module("fastlm.ops.ffn")
 

@@ -6,51 +6,7 @@ import torch
 from conftest import DEVICE, DTYPES
 from fastlm import reference
 from fastlm.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from fastlm.testing import check_rule
-
-
-def _tuple(x):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def check_op(name, fn, ref, inputs, *, grads=True, constants=(), scalar_cotangent=None):
-    """fn(*inputs) against ref(*inputs) in float64 and at the inputs' own precision, for every output and (with
-    ``grads``) the gradient of every floating-point input not listed in ``constants`` (indices) under random
-    cotangents (``scalar_cotangent`` instead, when given, for 0-dim outputs). Non-tensors pass through."""
-    def leaves(to64):
-        out = []
-        for i, t in enumerate(inputs):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                t = t.detach().to(torch.float64 if to64 else t.dtype).clone()
-                t.requires_grad_(grads and i not in constants)
-            out.append(t)
-        return out
-
-    kin, lin, din = leaves(False), leaves(False), leaves(True)
-    out, low, r64 = _tuple(fn(*kin)), _tuple(ref(*lin)), _tuple(ref(*din))
-    assert len(out) == len(r64), f"{name}: {len(out)} outputs, reference has {len(r64)}"
-    for i, (o, lo, r) in enumerate(zip(out, low, r64)):
-        assert o.dtype == lo.dtype, f"{name} output {i}: dtype {o.dtype}, reference {lo.dtype}"
-        assert torch.isfinite(o).all() or not torch.isfinite(r).all(), f"{name} output {i}: non-finite values"
-        check_rule(f"{name} output {i}", o, r, lo)
-    if not grads:
-        return out
-    cot = [torch.full_like(r, scalar_cotangent) if scalar_cotangent is not None and r.dim() == 0 else
-           torch.randn(r.shape, dtype=torch.float64, device=r.device) for r in r64]
-    idx = [i for i, t in enumerate(kin) if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def grad(outs, ins):
-        return torch.autograd.grad(outs, [ins[i] for i in idx], [c.to(o.dtype) for c, o in zip(cot, outs)],
-                                   allow_unused=True)
-
-    for i, gk, gl, g64 in zip(idx, grad(out, kin), grad(low, lin), grad(r64, din)):
-        if g64 is None:
-            continue
-        assert gk is not None, f"{name}: no gradient for input {i}"
-        assert gk.dtype == kin[i].dtype and gk.shape == kin[i].shape
-        assert torch.isfinite(gk).all(), f"{name}: non-finite gradient for input {i}"
-        check_rule(f"{name} grad of input {i}", gk, g64, gl)
-    return out
+from fastlm.testing import check_op, check_rule
 
 
 def _inputs(shape, dtype, residual, bias, w_dtype=None):

@@ -6,8 +6,7 @@ import torch
 from conftest import DEVICE, DTYPES
 from fastlm import reference
 from fastlm.ops.rope import apply_rope, rope_cos_sin
-from fastlm.testing import check_rule
-from test_norm import check_op
+from fastlm.testing import check_op, check_rule
 
 
 def _triton_rope(x, cos, sin):

@@ -1,18 +1,20 @@
 // Softmax attention forward on the CPU, FlashAttention-2 style.
 //
-// Algorithm: K and V are first packed once per call into fp32 tiles of kBlockK keys (K transposed to D x kBlockK
-// so that the score tile is a plain row-major product, V row-major with the head dim padded to whole vectors);
-// bf16/fp16 inputs are converted there, so all arithmetic is fp32. Each work item is (batch, head, block of
-// kBlockQ queries): its queries stay in L1/L2 while the key tiles that the causal/window mask leaves visible
-// stream through: S = Q K^T, online softmax in base 2 with the scale applied in the exponent (tile.h: running row
-// max and sum, P = 2^(S c - max) in place of S, the output rescaled by 2^(old max - new max) as it is loaded),
-// O += P V. Tiles
-// entirely outside the mask are never touched, tiles entirely inside it are not masked. The S x S score matrix is
-// never formed. Work items are handed out heaviest first (late query blocks see the most keys under a causal mask)
-// through an atomic counter, which balances the threads.
+// Algorithm: a work item is (batch, head, block of kBlockQ queries). Its queries are packed transposed (D x kBlockQ,
+// fp32) and stay in L1 while the key tiles that the causal/window mask leaves visible stream through:
+//   S^T = K Q^T        a kBlockK x kBlockQ tile, keys as rows: K is read in place (as broadcast scalars), so no
+//                      transposed copy of K is ever made, and every softmax statistic below is lane-wise
+//   online softmax     per query (column), in base 2 with the scale applied inside the exponent (tile.h): running
+//                      max and sum, P = 2^(S c - max) in place of S
+//   O = alpha O + P V  O (kBlockQ x D) in L1, alpha = 2^(old max - new max) applied as O is loaded; V read in place
+// fp32 inputs are read where they lie (V through a copy only when D is not a whole number of vectors); bf16/fp16
+// K/V tiles are widened into a per-thread buffer, so all arithmetic is fp32 with fp32 accumulation. Tiles entirely
+// outside the mask are never touched, tiles entirely inside it are not masked, and the S x S score matrix never
+// exists. Work items are handed out heaviest first (under a causal mask the last query blocks see the most keys)
+// through an atomic counter, which balances the threads. No large scratch is allocated (fresh pages are expensive).
 //
-// Memory traffic: q, k, v are read once (k and v through the packed copies, one read of each per query block and
-// head), out and lse written once; per thread a few tiles of scratch.
+// Memory traffic: per work item, q block read once, each visible K/V tile read once (from L2/L3 after the first
+// query block of a head), out and lse written once.
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 #include "cpu/tile.h"
@@ -24,19 +26,19 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace fastlm_cpu {
 namespace {
 
-constexpr int64_t kBlockQ = 64;  // queries per work item
-constexpr int64_t kBlockK = 64;  // keys per tile; a multiple of 2 * kW
+constexpr int64_t kBlockQ = 64;  // queries per work item; a multiple of 2 * kW
+constexpr int64_t kBlockK = 64;  // keys per tile
 
 struct Problem {
   int64_t B, Sq, Sk, H, Hkv, D, Dv;  // Dv: head dim padded to whole vectors
   int64_t left, right;               // window, -1 = unbounded
   SoftmaxScale scale;
-  int64_t n_ktiles() const { return (Sk + kBlockK - 1) / kBlockK; }
   // The keys query i may see, [lo(i), hi(i)] clipped to [0, Sk - 1]; both are non-decreasing in i.
   int64_t lo(int64_t i) const { return left < 0 ? 0 : std::max<int64_t>(0, i + Sk - Sq - left); }
   int64_t hi(int64_t i) const { return right < 0 ? Sk - 1 : std::min<int64_t>(Sk - 1, i + Sk - Sq + right); }
@@ -46,115 +48,112 @@ struct Strides {
   int64_t b, s, h;
 };
 
-// K (one batch, one kv head) -> kt[tile][d][key in tile]; V -> vp[key][Dv]; padding zero.
-template <typename T>
-void pack_kv(const Problem& p, const T* k, Strides ks, const T* v, Strides vs, float* kt, float* vp) {
-  const int64_t nt = p.n_ktiles();
-  at::parallel_for(0, p.B * p.Hkv * nt, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t t = w % nt, bh = w / nt, b = bh / p.Hkv, hk = bh % p.Hkv;
-      float* ktile = kt + (bh * nt + t) * p.D * kBlockK;
-      float* vtile = vp + (bh * nt + t) * kBlockK * p.Dv;
-      for (int64_t jj = 0; jj < kBlockK; ++jj) {
-        const int64_t j = t * kBlockK + jj;
-        float* vrow = vtile + jj * p.Dv;
-        if (j < p.Sk) {
-          const T* krow = k + b * ks.b + j * ks.s + hk * ks.h;
-          const T* vsrc = v + b * vs.b + j * vs.s + hk * vs.h;
-          for (int64_t d = 0; d < p.D; ++d) ktile[d * kBlockK + jj] = to_float(krow[d]);
-          for (int64_t d = 0; d < p.D; ++d) vrow[d] = to_float(vsrc[d]);
-        } else {
-          for (int64_t d = 0; d < p.D; ++d) ktile[d * kBlockK + jj] = 0.0f;
-          for (int64_t d = 0; d < p.D; ++d) vrow[d] = 0.0f;
-        }
-        for (int64_t d = p.D; d < p.Dv; ++d) vrow[d] = 0.0f;
-      }
-    }
-  });
-}
-
 struct Scratch {
-  std::vector<float> q, s, o, m, l, alpha;
+  std::vector<float> qt, s, o, m, l, alpha, kbuf, vbuf;
+  std::vector<int64_t> lo, hi;
   explicit Scratch(const Problem& p)
-      : q(kBlockQ * p.D), s(kBlockQ * kBlockK), o(kBlockQ * p.Dv), m(kBlockQ), l(kBlockQ), alpha(kBlockQ) {}
+      : qt(p.D * kBlockQ), s(kBlockK * kBlockQ), o(kBlockQ * p.Dv), m(kBlockQ), l(kBlockQ), alpha(kBlockQ),
+        kbuf(kBlockK * p.D), vbuf(kBlockK * p.Dv), lo(kBlockQ), hi(kBlockQ) {}
 };
 
-// Masks one score tile (only where the tile straddles the mask boundary) and applies the online softmax to its rows.
-void softmax_tile(const Problem& p, int64_t i0, int64_t rows, int64_t j0, Scratch& sc) {
-  const bool inside = p.lo(i0 + rows - 1) <= j0 && j0 + kBlockK - 1 <= p.hi(i0);
-  for (int64_t r = 0; r < rows; ++r) {
-    float* srow = sc.s.data() + r * kBlockK;
-    if (!inside) {
-      const int64_t a = std::clamp<int64_t>(p.lo(i0 + r) - j0, 0, kBlockK);
-      const int64_t e = std::clamp<int64_t>(p.hi(i0 + r) - j0 + 1, a, kBlockK);
-      std::fill(srow, srow + a, kNegInf);
-      std::fill(srow + e, srow + kBlockK, kNegInf);
-    }
-    sc.alpha[r] = softmax_row(srow, kBlockK, p.scale.c, sc.m[r], sc.l[r]);
+// n rows of length D (row stride ld) widened to fp32 rows of length ldo, zero padded.
+template <typename T>
+void widen_rows(const T* src, int64_t ld, int64_t n, int64_t D, float* dst, int64_t ldo) {
+  const int64_t full = D / kW * kW;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* s = src + j * ld;
+    float* d = dst + j * ldo;
+    for (int64_t c = 0; c < full; c += kW) vstore(d + c, vload_cvt(s + c));
+    for (int64_t c = full; c < D; ++c) d[c] = to_float(s[c]);
+    for (int64_t c = D; c < ldo; ++c) d[c] = 0.0f;
   }
 }
 
 template <typename T>
-void attend_block(const Problem& p, const T* q, Strides qs, const float* kt, const float* vp, T* out, float* lse,
-                  int64_t b, int64_t h, int64_t qb, Scratch& sc) {
+void attend_block(const Problem& p, const T* q, Strides qs, const T* k, Strides ks, const T* v, Strides vs, T* out,
+                  float* lse, int64_t b, int64_t h, int64_t qb, Scratch& sc) {
   const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0);
-  const int64_t bh_kv = b * p.Hkv + h / (p.H / p.Hkv), nt = p.n_ktiles();
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* src = q + b * qs.b + (i0 + r) * qs.s + h * qs.h;
-    for (int64_t d = 0; d < p.D; ++d) sc.q[r * p.D + d] = to_float(src[d]) * p.scale.q_sign;
+  const int64_t hk = h / (p.H / p.Hkv);
+  for (int64_t r = 0; r < kBlockQ; ++r) {
+    if (r < rows) {
+      const T* src = q + b * qs.b + (i0 + r) * qs.s + h * qs.h;
+      for (int64_t d = 0; d < p.D; ++d) sc.qt[d * kBlockQ + r] = to_float(src[d]) * p.scale.q_sign;
+      sc.lo[r] = p.lo(i0 + r), sc.hi[r] = p.hi(i0 + r);
+    } else {  // padding queries: scores 0, never written out
+      for (int64_t d = 0; d < p.D; ++d) sc.qt[d * kBlockQ + r] = 0.0f;
+      sc.lo[r] = 0, sc.hi[r] = p.Sk - 1;
+    }
   }
   std::fill(sc.o.begin(), sc.o.end(), 0.0f);
   std::fill(sc.m.begin(), sc.m.end(), kNegInf);
   std::fill(sc.l.begin(), sc.l.end(), 0.0f);
-  const int64_t lo = p.lo(i0), hi = p.hi(i0 + rows - 1);
-  if (lo <= hi) {
-    for (int64_t t = lo / kBlockK; t <= hi / kBlockK; ++t) {
-      const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, p.Sk - j0);
-      const float* ktile = kt + (bh_kv * nt + t) * p.D * kBlockK;
-      const float* vtile = vp + (bh_kv * nt + t) * kBlockK * p.Dv;
-      gemm_tile(rows, kBlockK, p.D, sc.q.data(), p.D, ktile, kBlockK, sc.s.data(), kBlockK, nullptr);
-      softmax_tile(p, i0, rows, j0, sc);
-      gemm_tile(rows, p.Dv, nk, sc.s.data(), kBlockK, vtile, p.Dv, sc.o.data(), p.Dv, sc.alpha.data());
+  const int64_t lo = sc.lo[0], hi = sc.hi[rows - 1];  // the union of the rows' key ranges
+  const T* kbh = k + b * ks.b + hk * ks.h;
+  const T* vbh = v + b * vs.b + hk * vs.h;
+  for (int64_t j0 = lo / kBlockK * kBlockK; j0 <= hi && lo <= hi; j0 += kBlockK) {
+    const int64_t nk = std::min(kBlockK, p.Sk - j0);
+    MatA kt{sc.kbuf.data(), p.D, 1};
+    if constexpr (std::is_same_v<T, float>)
+      kt = MatA{kbh + j0 * ks.s, ks.s, 1};
+    else
+      widen_rows(kbh + j0 * ks.s, ks.s, nk, p.D, sc.kbuf.data(), p.D);
+    gemm_tile(nk, kBlockQ, p.D, kt, sc.qt.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
+
+    const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
+    if (!inside) {
+      for (int64_t j = 0; j < nk; ++j) {
+        float* srow = sc.s.data() + j * kBlockQ;
+        for (int64_t r = 0; r < rows; ++r)
+          if (j0 + j < sc.lo[r] || j0 + j > sc.hi[r]) srow[r] = kNegInf;
+      }
     }
+    for (int64_t r = 0; r < kBlockQ; r += kW)
+      softmax_columns(sc.s.data() + r, kBlockQ, nk, p.scale.c, sc.m.data() + r, sc.l.data() + r,
+                      sc.alpha.data() + r);
+
+    const float* vt = sc.vbuf.data();
+    int64_t ldv = p.Dv;
+    if (std::is_same_v<T, float> && p.D == p.Dv) {
+      vt = reinterpret_cast<const float*>(vbh + j0 * vs.s), ldv = vs.s;
+    } else {
+      widen_rows(vbh + j0 * vs.s, vs.s, nk, p.D, sc.vbuf.data(), p.Dv);
+    }
+    gemm_tile(rows, p.Dv, nk, MatA{sc.s.data(), 1, kBlockQ}, vt, ldv, sc.o.data(), p.Dv, sc.alpha.data());
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     T* dst = out + ((b * p.Sq + i) * p.H + h) * p.D;
-    const float* orow = sc.o.data() + r * p.Dv;
-    if (sc.m[r] == kNegInf) {  // the row sees no key: out 0, lse -inf
+    float* lse_i = lse + (b * p.H + h) * p.Sq + i;
+    if (sc.m[r] == kNegInf) {  // the query sees no key: out 0, lse -inf
       for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(0.0f);
-      lse[(b * p.H + h) * p.Sq + i] = kNegInf;
+      *lse_i = kNegInf;
       continue;
     }
+    const float* orow = sc.o.data() + r * p.Dv;
     const float inv = 1.0f / sc.l[r];
     for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(orow[d] * inv);
-    lse[(b * p.H + h) * p.Sq + i] = (sc.m[r] + std::log2(sc.l[r])) * kLn2;
+    *lse_i = (sc.m[r] + std::log2(sc.l[r])) * kLn2;
   }
 }
 
 template <typename T>
 void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       at::Tensor& out, at::Tensor& lse) {
-  const int64_t nt = p.n_ktiles();
-  at::Tensor kt = at::empty({p.B * p.Hkv * nt * p.D * kBlockK}, q.options().dtype(at::kFloat));
-  at::Tensor vp = at::empty({p.B * p.Hkv * nt * kBlockK * p.Dv}, q.options().dtype(at::kFloat));
   const Strides qs{q.stride(0), q.stride(1), q.stride(2)};
   const Strides ks{k.stride(0), k.stride(1), k.stride(2)};
   const Strides vs{v.stride(0), v.stride(1), v.stride(2)};
-  pack_kv<T>(p, k.const_data_ptr<T>(), ks, v.const_data_ptr<T>(), vs, kt.data_ptr<float>(), vp.data_ptr<float>());
-
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
   const int64_t nqb = (p.Sq + kBlockQ - 1) / kBlockQ, n_bh = p.B * p.H, n_work = nqb * n_bh;
-  const T* qptr = q.const_data_ptr<T>();
-  const float* ktp = kt.const_data_ptr<float>();
-  const float* vpp = vp.const_data_ptr<float>();
-  T* optr = out.data_ptr<T>();
-  float* lptr = lse.data_ptr<float>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_work), 1, [&](int64_t, int64_t) {
     Scratch sc(p);
     for (int64_t w = next.fetch_add(1); w < n_work; w = next.fetch_add(1)) {
       const int64_t qb = nqb - 1 - w / n_bh, bh = w % n_bh;  // last query blocks (most keys) first
-      attend_block<T>(p, qptr, qs, ktp, vpp, optr, lptr, bh / p.H, bh % p.H, qb, sc);
+      attend_block<T>(p, qp, qs, kp, ks, vp, vs, op, lp, bh / p.H, bh % p.H, qb, sc);
     }
   });
 }

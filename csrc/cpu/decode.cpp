@@ -123,7 +123,7 @@ void decode_chunk(const Problem& p, const T* q, Strides qs, const T* kc, Strides
       sc.alpha[r] = softmax_row(sr, kBlockK, p.scale.c, pm[r], pl[r]);
     }
     const float* v = cache_rows<T>(p, vc + b * vs.b + j0 * vs.s + hk * vs.h, vs.s, nb, sc.vbuf.data(), ldv);
-    gemm_tile(p.M, p.Dv, nb, sc.s.data(), kBlockK, v, ldv, po, p.Dv, sc.alpha.data());
+    gemm_tile(p.M, p.Dv, nb, MatA{sc.s.data(), kBlockK, 1}, v, ldv, po, p.Dv, sc.alpha.data());
   }
 }
 

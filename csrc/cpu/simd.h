@@ -39,7 +39,15 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline vfloat vset1(float s) { return vfloat{} + s; }
+inline vfloat vset1(float s) {
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(s);
+#elif defined(__AVX__)
+  return _mm256_set1_ps(s);
+#else
+  return vfloat{} + s;  // (0 + -0 = +0 here, harmless for every use)
+#endif
+}
 inline vfloat vload(const float* p) { return *reinterpret_cast<const vfloat_u*>(p); }
 inline void vstore(float* p, vfloat v) { *reinterpret_cast<vfloat_u*>(p) = v; }
 

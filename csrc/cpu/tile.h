@@ -1,14 +1,14 @@
 // Tile primitives shared by the attention and decode kernels: a register-blocked fp32 tile product and the
-// online-softmax update of a row of scores.
+// online-softmax updates.
 //
 // The tile product:
 //     C[M x N] = (row_scale ? diag(row_scale) * C : 0) + A[M x K] * B[K x N]
 //
-// A row-major (element (i, k) at A[i * lda + k]), B row-major panel (B[k * ldb + n]), N a multiple of kW.
-// The micro-kernel keeps an kRows x 2 block of vectors of C in registers and, per k, loads two vectors of B and
-// broadcasts kRows elements of A: kRows * 2 FMAs per 2 + kRows loads, so it is FMA-bound while the B panel
-// (K x 2 vectors) stays in L1 across the row blocks. The optional row scale folds the online-softmax rescaling of
-// the output accumulator into the load of C.
+// A with any strides (element (i, k) at A[i * a_row + k * a_col], read as scalars), B a row-major panel
+// (B[k * ldb + n], read as vectors), N a multiple of kW. The micro-kernel keeps a kRows x 2 block of vectors of C in
+// registers and, per k, loads two vectors of B and broadcasts kRows elements of A: 2 * kRows FMAs per 2 + kRows
+// loads, so it is FMA-bound while the B panel (K x 2 vectors) stays in L1 across the row blocks. The optional row
+// scale folds the online-softmax rescaling of the output accumulator into the load of C.
 #pragma once
 
 #include "cpu/simd.h"
@@ -22,9 +22,14 @@ namespace fastlm_cpu {
 // (16 vector registers with AVX2, 32 with AVX-512).
 constexpr int kRows = kW == 16 ? 12 : 6;
 
+struct MatA {
+  const float* p;
+  int64_t row, col;  // strides of the row index i and the reduction index k
+};
+
 template <int R, int NV>
-inline void gemm_micro(const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb, int64_t K,
-                       float* __restrict C, int64_t ldc, const float* __restrict row_scale) {
+inline void gemm_micro(MatA A, const float* __restrict B, int64_t ldb, int64_t K, float* __restrict C, int64_t ldc,
+                       const float* __restrict row_scale) {
   vfloat acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v)
@@ -32,9 +37,10 @@ inline void gemm_micro(const float* __restrict A, int64_t lda, const float* __re
   for (int64_t k = 0; k < K; ++k) {
     vfloat b[NV];
     for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * kW);
+    const float* a = A.p + k * A.col;
     for (int i = 0; i < R; ++i) {
-      const vfloat a = vset1(A[i * lda + k]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = vfma(a, b[v], acc[i][v]);
+      const vfloat ai = vset1(a[i * A.row]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = vfma(ai, b[v], acc[i][v]);
     }
   }
   for (int i = 0; i < R; ++i)
@@ -42,12 +48,12 @@ inline void gemm_micro(const float* __restrict A, int64_t lda, const float* __re
 }
 
 template <int NV>
-inline void gemm_rows(int64_t rows, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K, float* C,
-                      int64_t ldc, const float* row_scale) {
+inline void gemm_rows(int64_t rows, MatA A, const float* B, int64_t ldb, int64_t K, float* C, int64_t ldc,
+                      const float* row_scale) {
   switch (rows) {
 #define FASTLM_GEMM_CASE(r) \
   case r:                   \
-    return gemm_micro<r, NV>(A, lda, B, ldb, K, C, ldc, row_scale);
+    return gemm_micro<r, NV>(A, B, ldb, K, C, ldc, row_scale);
     FASTLM_GEMM_CASE(1)
     FASTLM_GEMM_CASE(2)
     FASTLM_GEMM_CASE(3)
@@ -69,17 +75,18 @@ inline void gemm_rows(int64_t rows, const float* A, int64_t lda, const float* B,
 }
 
 // The whole M x N product, column panels outermost so each B panel is reused by all row blocks.
-inline void gemm_tile(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                      float* C, int64_t ldc, const float* row_scale) {
+inline void gemm_tile(int64_t M, int64_t N, int64_t K, MatA A, const float* B, int64_t ldb, float* C, int64_t ldc,
+                      const float* row_scale) {
   for (int64_t n = 0; n < N; n += 2 * kW) {
     const bool two = n + 2 * kW <= N;
     for (int64_t i = 0; i < M; i += kRows) {
       const int64_t r = M - i < kRows ? M - i : kRows;
+      const MatA Ai{A.p + i * A.row, A.row, A.col};
       const float* rs = row_scale ? row_scale + i : nullptr;
       if (two)
-        gemm_rows<2>(r, A + i * lda, lda, B + n, ldb, K, C + i * ldc + n, ldc, rs);
+        gemm_rows<2>(r, Ai, B + n, ldb, K, C + i * ldc + n, ldc, rs);
       else
-        gemm_rows<1>(r, A + i * lda, lda, B + n, ldb, K, C + i * ldc + n, ldc, rs);
+        gemm_rows<1>(r, Ai, B + n, ldb, K, C + i * ldc + n, ldc, rs);
     }
   }
 }
@@ -120,6 +127,30 @@ inline float softmax_row(float* s, int64_t n, float c, float& m, float& l) {
   l = l * alpha + hsum(vs);
   m = m_new;
   return alpha;
+}
+
+// The same update for kW independent rows stored as columns: s[j * lds + lane] is score j of row `lane`, for
+// j < n. Everything is lane-wise (no horizontal reductions); m, l, alpha hold one value per lane.
+inline void softmax_columns(float* s, int64_t lds, int64_t n, float c, float* m, float* l, float* alpha) {
+  const vfloat vc = vset1(c);
+  vfloat vm = vset1(kNegInf);
+  for (int64_t j = 0; j < n; ++j) vm = vmax(vm, vload(s + j * lds) * vc);
+  const vfloat m_old = vload(m);
+  const vfloat m_new = vmax(m_old, vm);
+  // lanes with no finite score so far subtract 0 instead of -inf: their P is 2^-inf = 0 and alpha 2^-inf = 0
+  // (their accumulator is still 0), never NaN
+  const vfloat m_use = (vfloat)((vint)m_new & (m_new != vset1(kNegInf)));
+  const vfloat neg_m = -m_use;
+  vfloat vs{};
+  for (int64_t j = 0; j < n; ++j) {
+    const vfloat e = vexp2(vfma(vload(s + j * lds), vc, neg_m));
+    vstore(s + j * lds, e);
+    vs += e;
+  }
+  const vfloat a = vexp2(m_old - m_use);
+  vstore(alpha, a);
+  vstore(l, vfma(vload(l), a, vs));
+  vstore(m, m_new);
 }
 
 }  // namespace fastlm_cpu

@@ -200,7 +200,8 @@ Status check(const MlpParams& p, bool swiglu, const char* what) {
   const void* ptrs[] = {p.x, p.w1, swiglu ? p.w1b : p.w1, p.w2, p.hidden, p.out};
   for (const void* ptr : ptrs)
     if (ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
-      return Status::Error(std::string(what) + ": activations, weights and outputs must be 16-byte aligned");
+      return Status::Error(std::string(what) +
+                           ": activations, weights and outputs must be non-null and 16-byte aligned");
   return Status::Ok();
 }
 

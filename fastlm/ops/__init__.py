@@ -1,25 +1,16 @@
 """fastlm.ops: one public function per op. Each checks its arguments, picks a backend (fastlm.backends) and runs
-the Triton kernel, the C++ (CPU/CUDA) kernel or the reference. The model calls only these."""
-import importlib
+the Triton kernel, the C++ (CPU/CUDA) kernel or the reference. The model calls only these.
 
-_OPS = {
-    "attention": "attention",
-    "decode_attention": "decode",
-    "layer_norm": "norm", "rms_norm": "norm", "add_layer_norm": "norm", "add_rms_norm": "norm",
-    "apply_rope": "rope", "rope_cos_sin": "rope",
-    "mlp_gelu": "ffn", "mlp_swiglu": "ffn",
-    "cross_entropy": "cross_entropy", "linear_cross_entropy": "cross_entropy",
-}
+The op modules import no Triton kernel at import time (kernels are imported when a Triton backend first runs), so
+importing fastlm.ops compiles nothing. Functions are bound here explicitly: two modules share their op's name
+(attention, cross_entropy), and the function must win over the submodule.
+"""
+from fastlm.ops.attention import attention
+from fastlm.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from fastlm.ops.decode import decode_attention
+from fastlm.ops.ffn import mlp_gelu, mlp_swiglu
+from fastlm.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from fastlm.ops.rope import apply_rope, rope_cos_sin
 
-__all__ = list(_OPS)
-
-# Bound eagerly where a module shares its op's name: a later `import fastlm.ops.attention` must not shadow the function.
-from fastlm.ops.attention import attention  # noqa: E402
-
-
-def __getattr__(name):
-    if name not in _OPS:
-        raise AttributeError(f"module 'fastlm.ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"fastlm.ops.{_OPS[name]}"), name)
-    globals()[name] = value
-    return value
+__all__ = ["attention", "decode_attention", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "apply_rope",
+           "rope_cos_sin", "mlp_gelu", "mlp_swiglu", "cross_entropy", "linear_cross_entropy"]
