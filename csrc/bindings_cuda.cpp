@@ -1,7 +1,7 @@
 // CUDA implementations of the fastlm operators (schemas in csrc/bindings.cpp): torch tensors -> the plain launchers
 // of csrc/cuda/launchers.h. Compiled to nothing unless the extension is built with FASTLM_WITH_CUDA.
-// What the CUDA kernels do not support (fp32, head dims not compiled, misaligned rows) raises a clear error, so the
-// Python side can fall back to Triton.
+// What the CUDA kernels do not support (fp32, head dims not compiled, MLP sizes not multiples of 8) raises a clear
+// error; backend='triton' serves those cases. Attention rows that are not 16-byte aligned are copied (rows_aligned).
 #ifdef FASTLM_WITH_CUDA
 
 #include <ATen/ops/empty.h>

@@ -5,6 +5,7 @@ Llama family: RoPE, RMSNorm, grouped-query attention, SwiGLU MLP, untied LM head
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 FAMILIES = ("gpt2", "llama")
@@ -29,6 +30,10 @@ PRESETS: dict[str, dict] = {
     "llama-3-8b": dict(family="llama", vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
                        intermediate_size=14336, max_seqlen=8192, rope_base=500000.0),
 }
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -66,7 +71,7 @@ class Config:
             self.bias = self.family == "gpt2"
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seqlen", "multiple_of"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.intermediate_size is None:
             if self.family == "gpt2":
@@ -74,12 +79,15 @@ class Config:
             else:
                 hidden = int(2 * 4 * self.d_model / 3)
                 self.intermediate_size = self.multiple_of * -(-hidden // self.multiple_of)
-        if not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0:
+        if not _is_int(self.intermediate_size) or self.intermediate_size <= 0:
             raise ValueError(f"intermediate_size must be a positive integer, got {self.intermediate_size!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
-        if not self.rope_base > 0:
-            raise ValueError(f"rope_base must be positive, got {self.rope_base!r}")
+        for name in ("norm_eps", "rope_base"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("tie_embeddings", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool or None, got {getattr(self, name)!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:

@@ -135,7 +135,8 @@ class Transformer(nn.Module):
 
     forward(tokens (B, S), targets=None, input_pos=None): logits (B, S, V) in the parameters' dtype, or with targets
     (B, S) the mean cross-entropy over targets != -100. ``input_pos`` (B,) needs a KV cache; positions
-    input_pos + S must stay within the cache (not checked on the host, so that decoding never synchronizes).
+    input_pos + S must stay within the cache and, in such decode steps, token ids within the vocabulary (neither is
+    checked on the host, so that decoding never synchronizes; without input_pos the ids are checked).
     """
 
     def __init__(self, config: Config, backend: str = "auto"):
@@ -178,6 +179,8 @@ class Transformer(nn.Module):
             raise ValueError(f"setup_cache: max_seqlen must be at most the model's context {c.max_seqlen}, "
                              f"got {max_seqlen}")
         dtype = self.tok_emb.weight.dtype if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"setup_cache: dtype must be a floating-point torch.dtype, got {dtype!r}")
         device = self.tok_emb.weight.device if device is None else device
         shape = (batch_size, max_seqlen, c.n_kv_head, c.head_dim)
         for layer in self.layers:
@@ -204,6 +207,16 @@ class Transformer(nn.Module):
                             f"{_describe(tokens)}")
         B, S = tokens.shape
         c = self.config
+        if B == 0 or S == 0:
+            raise ValueError(f"tokens must have batch >= 1 and seqlen >= 1, got shape {tuple(tokens.shape)}")
+        if tokens.device != self.tok_emb.weight.device:
+            raise ValueError(f"tokens are on {tokens.device} but the model is on {self.tok_emb.weight.device}")
+        if input_pos is None and not torch.compiler.is_compiling():
+            # an out-of-range id would index past the embedding (a device-side assert on a GPU); checked here, not in
+            # the decode step (input_pos given), which stays free of host synchronization
+            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()                 # one host sync
+            if lo < 0 or hi >= c.vocab_size:
+                raise ValueError(f"tokens must be ids in [0, {c.vocab_size}), got values in [{lo}, {hi}]")
         cache = self.cache_shape
         limit = c.max_seqlen if cache is None else cache[1]
         if S > limit:

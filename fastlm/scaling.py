@@ -9,8 +9,8 @@ and writes scaling.json, scaling.md (the table and the fit), loss_vs_params.png 
 
 The default corpus is the Python standard library's sources (several MB, on every machine): large enough that no
 model sees a token twice, so held-out loss measures generalization rather than memorization. The default ladder
-(5 rungs, about 20K to 5M non-embedding parameters) fits in about 20 minutes on a 2-core CPU; --budget multiplies the
-tokens per model and --rungs adds larger models, for a GPU.
+(5 rungs, 25K to 2.7M non-embedding parameters, 1.2M tokens each) fits in about 15-20 minutes on a 2-core CPU;
+--budget multiplies the tokens per model and --rungs adds larger models (up to 59M), for a GPU.
 
 The fit: for a fixed alpha, a and c follow by linear least squares; alpha is found by a grid search refined by
 golden-section search (and scipy.optimize.curve_fit polishes the result when scipy is installed).
@@ -26,8 +26,10 @@ import time
 
 import numpy as np
 
-# (d_model, n_layer, n_head): width and depth grow together, head_dim 16..64
-LADDER = [(32, 2, 2), (64, 3, 4), (128, 4, 4), (192, 6, 6), (256, 8, 8), (384, 8, 6), (512, 10, 8), (640, 12, 10)]
+# (d_model, n_layer, n_head): width and depth grow together, head_dim 16..64. The first DEFAULT_RUNGS (25K to 2.7M
+# non-embedding parameters) fit the CPU default; the rest (6M to 59M) are for --rungs on a GPU.
+LADDER = [(32, 2, 2), (64, 2, 4), (96, 3, 4), (128, 4, 4), (192, 6, 6), (256, 8, 8), (384, 8, 6), (512, 10, 8),
+          (640, 12, 10)]
 TINY_LADDER = [(8, 1, 2), (16, 1, 2), (24, 2, 2), (32, 2, 2), (48, 2, 4)]
 DEFAULT_RUNGS = 5
 
@@ -107,14 +109,14 @@ def predict(fit: dict, n) -> np.ndarray:
 def run(*, data: str | None = "stdlib", rungs: int = DEFAULT_RUNGS, tiny: bool = False, budget: float = 1.0,
         tokens: int | None = None, batch_size: int = 16, seqlen: int = 128, backend: str = "auto", device=None,
         out: str = "fastlm-scaling", seed: int = 0, progress: bool = True, log=print) -> dict:
-    """Train the ladder and fit the law. ``tokens`` (default 600K, tiny 12K) times ``budget`` tokens per model."""
+    """Train the ladder and fit the law. ``tokens`` (default 1.2M, tiny 12K) times ``budget`` tokens per model."""
     from fastlm.summary import forward_flops_per_token, param_counts
     from fastlm.train import ByteTokenizer, load_corpus, train
     if budget <= 0:
         raise ValueError(f"budget must be positive, got {budget}")
     if tiny:
         seqlen, batch_size = min(seqlen, 32), min(batch_size, 4)
-    base = tokens if tokens is not None else (12_000 if tiny else 600_000)
+    base = tokens if tokens is not None else (12_000 if tiny else 1_200_000)
     steps = max(int(base * budget) // (batch_size * seqlen), 5)
     text = load_corpus(data)
     configs = ladder_configs(rungs, tiny=tiny, seqlen=seqlen)
@@ -213,13 +215,13 @@ def _write(result: dict, out: str):
 
 
 def cli(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastlm scaling",
-                                description="Train a ladder of model sizes on one corpus and fit L(N) = a*N^-alpha + c.")
+    p = argparse.ArgumentParser(prog="python -m fastlm scaling", description="Train a ladder of model sizes on one "
+                                "corpus and fit L(N) = a*N^-alpha + c.")
     p.add_argument("--data", default="stdlib", help="text file, directory, 'stdlib' (default) or 'default' "
                                                     "(the corpus shipped in fastlm/data)")
     p.add_argument("--rungs", type=int, default=DEFAULT_RUNGS, help=f"models in the ladder (max {len(LADDER)})")
     p.add_argument("--budget", type=float, default=1.0, help="multiply the tokens per model (e.g. 20 on a GPU)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens per model before --budget (default 600000)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per model before --budget (default 1200000)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--backend", default="auto")
@@ -227,8 +229,12 @@ def cli(argv=None) -> int:
     p.add_argument("--out", default="fastlm-scaling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a seconds-long ladder of tiny models (for tests)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         run(data=None if args.data == "default" else args.data, rungs=args.rungs, tiny=args.tiny,
             budget=args.budget, tokens=args.tokens, batch_size=args.batch_size, seqlen=args.seqlen,

@@ -245,7 +245,8 @@ def format_summary(s: dict, cfg) -> str:
             out.append(f"layers.0 .. layers.{cfg.n_layer - 1}  (Block x {cfg.n_layer}, one shown)")
         flops = r["flops"] + (attn_row if r["name"].endswith("attn.core") else 0)
         name = ("  " + r["name"].replace("layers.*.", "")) if r["per_block"] else r["name"]
-        out.append(f"{name:<{w[0]}}{r['kind'][:w[1] - 1]:<{w[1]}}{'(' + str(r['shape']) + ')':<{w[2]}}{r['params']:>{w[3]},}"
+        shape = f"({r['shape']})"
+        out.append(f"{name:<{w[0]}}{r['kind'][:w[1] - 1]:<{w[1]}}{shape:<{w[2]}}{r['params']:>{w[3]},}"
                    f"{_n(flops):>{w[4]}}")
         if r["per_block"]:
             block_params += r["params"]
@@ -261,10 +262,10 @@ def format_summary(s: dict, cfg) -> str:
         f"(causal mean context {f['attention_context_train']:.1f}), at context {s['seqlen']} "
         f"{_n(f['forward_per_token_at_context'])}, training {_n(f['training_per_token'])} (3 x forward)",
         f"KV cache: {_bytes(s['kv_cache_bytes_per_token'])}/token in {s['dtype']}",
-        f"Weights: " + ", ".join(f"{k} {_bytes(v)}" for k, v in m["weights_by_dtype"].items()),
-        f"Inference memory ({s['dtype']}, batch {s['batch']} x {s['seqlen']}): weights {_bytes(m['inference']['weights'])}"
-        f" + KV cache {_bytes(m['inference']['kv_cache'])} + activations {_bytes(m['inference']['activations'])}"
-        f" = {_bytes(m['inference']['total'])}",
+        "Weights: " + ", ".join(f"{k} {_bytes(v)}" for k, v in m["weights_by_dtype"].items()),
+        f"Inference memory ({s['dtype']}, batch {s['batch']} x {s['seqlen']}): "
+        f"weights {_bytes(m['inference']['weights'])} + KV cache {_bytes(m['inference']['kv_cache'])}"
+        f" + activations {_bytes(m['inference']['activations'])} = {_bytes(m['inference']['total'])}",
         f"Training memory (fp32 master weights, {s['dtype']} activations): weights {_bytes(m['training']['weights'])}"
         f" + grads {_bytes(m['training']['grads'])} + AdamW {_bytes(m['training']['adamw_states'])}"
         f" + activations {_bytes(m['training']['activations'])} = {_bytes(m['training']['total'])}",
@@ -280,7 +281,8 @@ def format_summary(s: dict, cfg) -> str:
 def cli(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlm summary",
                                      description="Parameters, FLOPs, memory and a roofline estimate for a preset.")
-    parser.add_argument("name", help="preset name (see fastlm.config) or a checkpoint directory")
+    parser.add_argument("name", help="preset name (see fastlm.config), a checkpoint (directory or .safetensors) or "
+                                     "a config.json")
     parser.add_argument("--seqlen", type=int, default=None, help="context / sequence length (default: max_seqlen)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
@@ -297,7 +299,7 @@ def cli(argv=None) -> int:
 
 def _resolve_name(name: str):
     from fastlm.config import Config
-    if os.path.isdir(name) or name.endswith(".json"):
+    if os.path.isdir(name) or name.endswith((".json", ".safetensors")):
         from fastlm.train import load_config
         return load_config(name)
     return Config.from_name(name)

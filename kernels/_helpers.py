@@ -1,20 +1,19 @@
 """Shared pieces of the Triton kernels: activation functions (and their derivatives) as @triton.jit helpers, an fp32
-dot that stays IEEE-exact, and small host-side utilities (interpreter detection, SM count, power-of-two sizes).
+dot that stays IEEE-exact, and small host-side utilities (SM count, power-of-two sizes, (rows, D) views, AOT
+alignment attributes).
 
 Nothing here runs at import time beyond defining functions; the SM count is queried lazily and cached.
 """
 from __future__ import annotations
 
 import functools
-import os
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-def interpreter() -> bool:
-    """Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1 set before importing triton)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fastlm.backends import interpreter  # noqa: F401  (re-exported for the kernel modules)
 
 
 def next_pow2(n: int) -> int:
@@ -26,11 +25,22 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (queried once per device, on first use)."""
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def num_programs(device: torch.device, per_sm: int = 4, cpu: int = 4) -> int:
     """A persistent-grid size: a few programs per SM on a GPU, a handful in the (sequential) interpreter."""
     if device.type != "cuda":
         return cpu
-    return per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return per_sm * sm_count(device)
+
+
+def rows2d(t: torch.Tensor) -> torch.Tensor:
+    """t (..., D) as a contiguous (N, D) matrix (a copy only when the layout requires one); unlike
+    reshape(-1, D) this also works for D == 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1]).contiguous()
 
 
 def triton_dtype_name(dtype: torch.dtype) -> str:

@@ -155,7 +155,7 @@ def _addmm_fp32(acc, a, b):
     return acc.addmm_(a.float(), b.float())
 
 
-def default_chunk(n: int, vocab: int, itemsize: int) -> int:
+def default_chunk(vocab: int, itemsize: int) -> int:
     """Tokens per chunk for the fused linear + cross-entropy: about 256 MB of logits per chunk, at least 128 rows
     (small chunks starve the LM-head GEMM), a multiple of 128."""
     rows = (256 << 20) // max(1, vocab * itemsize)

@@ -19,14 +19,13 @@ with no key (cache_seqlens[b] < Sq - i) gets output 0.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from fastlm.backends import interpreter
+from ._helpers import aligned, interpreter, next_pow2, sm_count
 
 LOG2E = 1.4426950408889634
 
@@ -133,16 +132,11 @@ def _decode_combine_kernel(
              out.to(O.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def block_sizes(group: int, sq: int, head_dim: int, on_gpu: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D): rows = GROUP * Sq padded to a power of two >= 16 (tl.dot's minimum), at most 64
     (16 in the interpreter, so that small tests cover several row blocks)."""
-    block_m = min(64 if on_gpu else 16, max(16, triton.next_power_of_2(group * sq)))
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = min(64 if on_gpu else 16, max(16, next_pow2(group * sq)))
+    block_d = max(16, next_pow2(head_dim))
     if not on_gpu:
         return block_m, 32, block_d  # interpreter: cost is per block, not per element
     # K/V tiles of 64 keys up to head dim 128, 32 beyond (registers and the two-stage shared-memory pipeline)
@@ -162,8 +156,7 @@ def default_num_splits(batch: int, nheads_kv: int, s_max: int, block_n: int, dev
     n_blocks = max(1, triton.cdiv(s_max, block_n))
     if device.type != "cuda":
         return min(n_blocks, 2)
-    target = triton.cdiv(2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()),
-                         max(1, batch * nheads_kv))
+    target = triton.cdiv(2 * sm_count(device), max(1, batch * nheads_kv))
     return max(1, min(target, triton.cdiv(n_blocks, 4), 256))
 
 
@@ -212,13 +205,6 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None,
     return out
 
 
-def _divisibility_attrs(signature):
-    # what the JIT sees at run time (16-byte aligned tensors, strides multiple of 16): without it the AOT compile
-    # cannot prove alignment, loads stay scalar and the K/V loads are not pipelined through cp.async
-    return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(signature.items())
-            if ty.startswith("*") or name.startswith("stride_")}
-
-
 def aot_specs():
     """Default GPU configurations for the ahead-of-time report (bench/kernel_report.py).
 
@@ -252,6 +238,9 @@ def aot_specs():
             "constexprs": {"D": D, "BLOCK_R": 4, "BLOCK_D": D},
             "num_warps": 4, "num_stages": 1, "expect_wgmma": False,
         })
+    # what the JIT sees at run time (16-byte aligned tensors, strides multiple of 16): without it the AOT compile
+    # cannot prove alignment, loads stay scalar and the K/V loads are not pipelined through cp.async
     for spec in specs:
-        spec["attrs"] = _divisibility_attrs(spec["signature"])
+        spec["attrs"] = aligned(spec["fn"], *[name for name, ty in spec["signature"].items()
+                                              if ty.startswith("*") or name.startswith("stride_")])
     return specs

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import aligned, dot_acc, gelu_tanh, gelu_tanh_and_grad, interpreter, next_pow2, silu, triton_dtype_name
+from ._helpers import (aligned, dot_acc, gelu_tanh, gelu_tanh_and_grad, interpreter, next_pow2, rows2d, silu,
+                       triton_dtype_name)
 
 ACT_NONE, ACT_GELU, ACT_SWIGLU = 0, 1, 2
 SMEM_BYTES = 220 * 1024  # sm_90 allows 227 KB per block; leave room for the epilogue's layout conversions
@@ -178,8 +179,7 @@ def _gemm_launch(x, w1, w2, bias, residual, act: int, store_pre: bool):
     pre = [torch.empty(M, N, dtype=x.dtype, device=x.device) if i < n_pre else x.new_empty(0) for i in range(2)]
     if M == 0 or N == 0:
         return out, pre[0], pre[1]
-    if K == 0:
-        raise ValueError("ffn: the input feature dim must be >= 1")
+    # K == 0 runs no k step: the epilogue sees zero accumulators (bias, activation and residual still apply)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _gemm[grid](x, w1, w2 if w2 is not None else w1, bias if bias is not None else w1,
                 residual if residual is not None else out, out,
@@ -188,19 +188,15 @@ def _gemm_launch(x, w1, w2, bias, residual, act: int, store_pre: bool):
     return out, pre[0], pre[1]
 
 
-def _flat(t):
-    return t.reshape(-1, t.shape[-1]).contiguous()
-
-
 def _maybe(t):
     return t.contiguous() if t is not None else None
 
 
 def mlp_gelu_fwd(x, w_fc, b_fc, w_proj, b_proj, residual, save_pre: bool):
     """GPT-2 MLP forward. x (..., d), w_fc (I, d), w_proj (d_out, I). Returns (y (..., d_out), a (M, I) or empty)."""
-    x2 = _flat(x)
+    x2 = rows2d(x)
     h, a, _ = _gemm_launch(x2, w_fc.contiguous(), None, _maybe(b_fc), None, ACT_GELU, save_pre)
-    res = _flat(residual) if residual is not None else None
+    res = rows2d(residual) if residual is not None else None
     y, _, _ = _gemm_launch(h, w_proj.contiguous(), None, _maybe(b_proj), res, ACT_NONE, False)
     return y.reshape(*x.shape[:-1], w_proj.shape[0]), a
 
@@ -208,9 +204,9 @@ def mlp_gelu_fwd(x, w_fc, b_fc, w_proj, b_proj, residual, save_pre: bool):
 def mlp_swiglu_fwd(x, w_gate, w_up, w_down, residual, save_pre: bool):
     """Llama MLP forward. x (..., d), w_gate/w_up (I, d), w_down (d_out, I). Returns (y, g, u); g, u (M, I) are
     the saved pre-activations (empty unless ``save_pre``)."""
-    x2 = _flat(x)
+    x2 = rows2d(x)
     h, g, u = _gemm_launch(x2, w_gate.contiguous(), w_up.contiguous(), None, None, ACT_SWIGLU, save_pre)
-    res = _flat(residual) if residual is not None else None
+    res = rows2d(residual) if residual is not None else None
     y, _, _ = _gemm_launch(h, w_down.contiguous(), None, None, res, ACT_NONE, False)
     return y.reshape(*x.shape[:-1], w_down.shape[0]), g, u
 

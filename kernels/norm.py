@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import aligned, interpreter, next_pow2, num_programs, triton_dtype_name
+from ._helpers import aligned, interpreter, next_pow2, num_programs, rows2d, triton_dtype_name
 
 MAX_D = 16384  # whole rows live in registers
 
@@ -102,26 +102,21 @@ def _config(D: int):
     return block_r, block_d, max(1, min(16, block_r * block_d // 512))
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(N, D) contiguous view (copy only when the layout requires it)."""
-    return t.reshape(-1, t.shape[-1]).contiguous()
-
-
 def norm_fwd(x, residual, weight, bias, eps: float, is_rms: bool):
     """y = norm(h) with h = x (+ residual). Returns (y, h, mean, rstd), all shaped like x except mean/rstd (N,) fp32;
     h is empty when there is no residual, mean is empty for RMSNorm."""
     D = x.shape[-1]
     if D > MAX_D:
         raise ValueError(f"norm: hidden size must be <= {MAX_D}, got {D}")
-    x2 = _rows(x)
+    x2 = rows2d(x)
     n = x2.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     h = torch.empty(x.shape if residual is not None else (0,), dtype=x.dtype, device=x.device)
     rstd = torch.empty(n, dtype=torch.float32, device=x.device)
     mean = torch.empty(n if not is_rms else 0, dtype=torch.float32, device=x.device)
-    if n == 0:
+    if n == 0 or D == 0:  # nothing to normalize (D == 0: y and h are empty, the statistics are never read)
         return y, h, mean, rstd
-    r2 = _rows(residual) if residual is not None else x2
+    r2 = rows2d(residual) if residual is not None else x2
     block_r, block_d, warps = _config(D)
     norm_fwd_kernel[(triton.cdiv(n, block_r),)](
         x2, r2, weight.contiguous(), bias.contiguous() if bias is not None else weight, y,
@@ -137,10 +132,10 @@ def norm_bwd(dy, h, weight, mean, rstd, dh, has_bias: bool, is_rms: bool):
     ``dh`` is the gradient arriving at h directly (the fused op's second output) or None; dbias is empty without bias.
     """
     D = h.shape[-1]
-    h2, dy2 = _rows(h), _rows(dy)
+    h2, dy2 = rows2d(h), rows2d(dy)
     n = h2.shape[0]
     dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    if n == 0:
+    if n == 0 or D == 0:
         dw = torch.zeros_like(weight)
         return dx, dw, torch.zeros_like(weight) if has_bias else weight.new_empty(0)
     progs = min(n, num_programs(h.device))
@@ -150,7 +145,7 @@ def norm_bwd(dy, h, weight, mean, rstd, dh, has_bias: bool, is_rms: bool):
     db_part = torch.empty(progs, D, dtype=torch.float32, device=h.device) if has_bias else dw_part
     block_r, block_d, warps = _config(D)
     norm_bwd_kernel[(progs,)](dy2, h2, weight.contiguous(), mean if not is_rms else rstd, rstd,
-                              _rows(dh) if dh is not None else dy2, dx, dw_part, db_part, n, D, rows_per,
+                              rows2d(dh) if dh is not None else dy2, dx, dw_part, db_part, n, D, rows_per,
                               IS_RMS=is_rms, HAS_DH=dh is not None, HAS_BIAS=has_bias,
                               BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
     dw = dw_part.sum(0).to(weight.dtype)

@@ -63,6 +63,9 @@ def test_unknown_preset_lists_presets():
     (dict(max_seqlen=0), "max_seqlen"),
     (dict(intermediate_size=0), "intermediate_size"),
     (dict(norm_eps=0.0), "norm_eps"),
+    (dict(norm_eps="1e-5"), "norm_eps"),
+    (dict(rope_base=float("inf")), "rope_base"),
+    (dict(intermediate_size=True), "intermediate_size"),
     (dict(family="llama", d_model=60, n_head=4), "even head_dim"),
     (dict(family="gpt2", n_head=4, n_kv_head=2), "grouped-query"),
     (dict(family="llama", bias=True), "bias"),
@@ -70,3 +73,8 @@ def test_unknown_preset_lists_presets():
 def test_invalid_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Config(**kwargs)
+
+
+def test_flags_must_be_bool():
+    with pytest.raises(TypeError, match="tie_embeddings"):
+        Config(tie_embeddings="yes")

@@ -122,6 +122,7 @@ def test_linear_cross_entropy_empty():
     (lambda l, t, x, w: linear_cross_entropy(x, w, t, chunk_size=0), ValueError, "chunk_size"),
     (lambda l, t, x, w: linear_cross_entropy(x, w, t, reduction="max"), ValueError, "reduction"),
     (lambda l, t, x, w: linear_cross_entropy(x, w, t.to("meta")), ValueError, "targets"),
+    (lambda l, t, x, w: linear_cross_entropy(x, w.to("meta"), t), ValueError, "weight is on meta"),
 ])
 def test_bad_input(call, exc, words):
     logits, t = torch.randn(7, 50, device=DEVICE), _targets((7,), 50)

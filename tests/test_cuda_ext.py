@@ -42,8 +42,12 @@ ATTN_CASES = [  # (D, Sq, Sk, H, Hkv, causal, window)
 def test_attention_fwd(dtype, D, Sq, Sk, H, Hkv, causal, window):
     q, k, v = _randn(2, Sq, H, D, dtype=dtype), _randn(2, Sk, Hkv, D, dtype=dtype), _randn(2, Sk, Hkv, D, dtype=dtype)
     scale = 1.0 / math.sqrt(D)
+    _check_attention(q, k, v, causal, scale, window)
+
+
+def _check_attention(q, k, v, causal, scale, window=(-1, -1)):
+    """torch.ops.fastlm.attention_fwd on CUDA: out and lse against the reference, by the numerics rule."""
     out, lse = torch.ops.fastlm.attention_fwd(q, k, v, causal, scale, window[0], 0 if causal else window[1])
-    torch.cuda.synchronize()
     kw = dict(causal=causal, softmax_scale=scale, window=window, return_lse=True)
     ref64, lse64 = reference.attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), **kw)
     ref_low, lse_low = reference.attention(q, k, v, **kw)
@@ -57,12 +61,7 @@ def test_attention_fwd_large_logits_and_strided():
     # q.k ~ 30 exercises the running-max rescaling; a transposed view exercises the stride handling
     q = _randn(1, 2, 300, 64, dtype=torch.bfloat16, scale=4.0).transpose(1, 2)  # (1, 300, 2, 64), strided
     k, v = _randn(1, 300, 2, 64, dtype=torch.bfloat16), _randn(1, 300, 2, 64, dtype=torch.bfloat16)
-    out, lse = torch.ops.fastlm.attention_fwd(q, k, v, True, 0.125, -1, 0)
-    kw = dict(causal=True, softmax_scale=0.125, return_lse=True)
-    ref64, lse64 = reference.attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), **kw)
-    ref_low, lse_low = reference.attention(q, k, v, **kw)
-    check_rule("out", out, ref64, ref_low.cpu())
-    check_rule("lse", lse, lse64, lse_low.cpu())
+    _check_attention(q, k, v, True, 0.125)
 
 
 @pytest.mark.gpu
@@ -92,12 +91,16 @@ def test_mlp_gelu(dtype, lead, d, f, bias, residual):
     b_fc = _randn(f, dtype=dtype) if bias else None
     b_proj = _randn(d, dtype=dtype) if bias else None
     res = _randn(*lead, d, dtype=dtype) if residual else None
-    out = torch.ops.fastlm.mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, res)
-    args = (x, w_fc, b_fc, w_proj, b_proj, res)
-    ref64 = reference.mlp_gelu(*[a.cpu().double() if a is not None else None for a in args])
-    ref_low = reference.mlp_gelu(*args)
+    _check_mlp("mlp_gelu", x, w_fc, b_fc, w_proj, b_proj, res)
+
+
+def _check_mlp(name, *args):
+    """torch.ops.fastlm.<name>(*args) on CUDA against the reference, by the numerics rule."""
+    out = getattr(torch.ops.fastlm, name)(*args)
+    ref64 = getattr(reference, name)(*[a.cpu().double() if a is not None else None for a in args])
+    ref_low = getattr(reference, name)(*args)
     assert torch.isfinite(out).all()
-    check_rule("mlp_gelu", out, ref64, ref_low.cpu())
+    check_rule(name, out, ref64, ref_low.cpu())
 
 
 @pytest.mark.gpu
@@ -110,12 +113,7 @@ def test_mlp_swiglu(dtype, lead, d, f, residual):
     w_gate, w_up = _randn(f, d, dtype=dtype, scale=d ** -0.5), _randn(f, d, dtype=dtype, scale=d ** -0.5)
     w_down = _randn(d, f, dtype=dtype, scale=f ** -0.5)
     res = _randn(*lead, d, dtype=dtype) if residual else None
-    out = torch.ops.fastlm.mlp_swiglu(x, w_gate, w_up, w_down, res)
-    args = (x, w_gate, w_up, w_down, res)
-    ref64 = reference.mlp_swiglu(*[a.cpu().double() if a is not None else None for a in args])
-    ref_low = reference.mlp_swiglu(*args)
-    assert torch.isfinite(out).all()
-    check_rule("mlp_swiglu", out, ref64, ref_low.cpu())
+    _check_mlp("mlp_swiglu", x, w_gate, w_up, w_down, res)
 
 
 @pytest.mark.gpu

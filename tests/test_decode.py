@@ -194,6 +194,8 @@ def test_bad_backend_and_head_dim():
     q, k, v, lens = _inputs(1, 1, 2, 1, 16, 8, [3], torch.float32, DEVICE)
     with pytest.raises(ValueError, match="backend must be one of"):
         decode_attention(q, k, v, lens, backend="tpu")
+    with pytest.raises(TypeError, match="softmax_scale must be a number"):
+        decode_attention(q, k, v, lens, softmax_scale="0.1", backend="triton")
     q, k, v, lens = _inputs(1, 1, 2, 1, 264, 8, [3], torch.float32, DEVICE)
     with pytest.raises(ValueError, match="headdim must be in 1..256"):
         decode_attention(q, k, v, lens, backend="triton")

@@ -71,6 +71,13 @@ def test_mlp_empty():
     assert torch.equal(w1.grad, torch.zeros_like(w1)) and torch.equal(b2.grad, torch.zeros_like(b2))
 
 
+def test_mlp_zero_hidden_size():
+    # hidden 0: the GEMMs have K == 0, the output is the epilogue of zero accumulators (bias, activation, residual)
+    check_op("mlp_gelu(d=0)", lambda *a: mlp_gelu(*a, backend="triton"), reference.mlp_gelu,
+             [torch.randn(3, 0, device=DEVICE), torch.randn(16, 0, device=DEVICE), torch.randn(16, device=DEVICE),
+              torch.randn(8, 16, device=DEVICE), torch.randn(8, device=DEVICE), torch.randn(3, 8, device=DEVICE)])
+
+
 def _reference_native(name, *args):
     return getattr(reference, name)(*args)
 
@@ -107,6 +114,8 @@ def test_cpu_backend(name):
     (lambda x, w1, b1, w2, b2: mlp_swiglu(x, w1, w1[:-1], w2), ValueError, "w_up"),
     (lambda x, w1, b1, w2, b2: mlp_swiglu(x, w1, w1, w2.t()), ValueError, "w_down"),
     (lambda x, w1, b1, w2, b2: mlp_swiglu(x.long(), w1, w1, w2), TypeError, "x"),
+    (lambda x, w1, b1, w2, b2: mlp_swiglu(x[0, 0], w1, w1, w2), ValueError, "0-dim"),
+    (lambda x, w1, b1, w2, b2: mlp_gelu(x.tolist(), w1, b1, w2, b2), TypeError, "x must be a torch.Tensor"),
     (lambda x, w1, b1, w2, b2: mlp_swiglu(x, w1, w1.to("meta"), w2), ValueError, "w_up"),
 ])
 def test_bad_input(call, exc, words):

@@ -44,9 +44,13 @@ def test_logits_loss_and_every_gradient_match_reference(family, backend):
     interpreted = backend == "triton" and not ON_GPU
     model, ref64, ref_low = make(family, backend, n_layer=1 if interpreted else 2)
     tokens, targets = tokens_and_targets(S=5 if interpreted else 13)
+    check_logits_loss_and_grads(model, ref64, ref_low, tokens, targets)
+
+
+def check_logits_loss_and_grads(model, ref64, ref_low, tokens, targets):
+    """The numerics rule for the logits, the loss and the gradient of every parameter."""
     with torch.no_grad():
         check_rule("logits", model(tokens), ref64(tokens), ref_low(tokens))
-
     losses = [m(tokens, targets) for m in (model, ref64, ref_low)]
     check_rule("loss", *losses)
     for loss in losses:
@@ -65,16 +69,7 @@ def test_bf16_model_on_gpu_matches_reference(family):
     """bf16 through the GPU kernels (head_dim 64, GQA for llama), 257 tokens: odd, more than one tile."""
     heads = dict(n_head=2, n_kv_head=1 if family == "llama" else 2)
     model, ref64, ref_low = make(family, "auto", dtype=torch.bfloat16, d_model=128, **heads)
-    tokens, targets = tokens_and_targets(S=257)
-    with torch.no_grad():
-        check_rule("logits", model(tokens), ref64(tokens), ref_low(tokens))
-    losses = [m(tokens, targets) for m in (model, ref64, ref_low)]
-    check_rule("loss", *losses)
-    for loss in losses:
-        loss.backward()
-    params = [dict(m.named_parameters()) for m in (model, ref64, ref_low)]
-    for name, p in params[0].items():
-        check_rule(f"grad {name}", p.grad, params[1][name].grad, params[2][name].grad)
+    check_logits_loss_and_grads(model, ref64, ref_low, *tokens_and_targets(S=257))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -172,6 +167,16 @@ def test_bad_input():
         model(torch.randint(0, 10, (5,)))
     with pytest.raises(ValueError, match="seqlen 65"):
         model(torch.randint(0, 10, (1, 65)))
+    with pytest.raises(ValueError, match="seqlen >= 1"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"tokens must be ids in \[0, 1000\), got values in \[3, 1000\]"):
+        model(torch.tensor([[3, 1000]]))
+    with pytest.raises(ValueError, match="tokens must be ids"):
+        model(torch.tensor([[-1, 5]]))
+    with pytest.raises(TypeError, match="dtype"):
+        model.setup_cache(1, 8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="tokens are on meta"):
+        model(torch.zeros(1, 3, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match="targets"):
         model(torch.randint(0, 10, (2, 5)), torch.randint(0, 10, (2, 4)))
     with pytest.raises(ValueError, match="setup_cache"):

@@ -73,6 +73,16 @@ def test_empty_input():
     assert x.grad.shape == (0, 40) and torch.equal(w.grad, torch.zeros(40)) and torch.equal(b.grad, torch.zeros(40))
 
 
+def test_zero_hidden_size():
+    x, r, w, b = _inputs((3, 0), torch.float32, True, True)
+    for t in (x, r, w, b):
+        t.requires_grad_()
+    y, h = add_layer_norm(x, r, w, b, backend="triton")
+    assert y.shape == h.shape == (3, 0)
+    (y.sum() + h.sum()).backward()
+    assert x.grad.shape == (3, 0) and w.grad.shape == b.grad.shape == (0,)
+
+
 def test_torch_backend_is_reference():
     x, r, w, _ = _inputs((7, 40), torch.float32, True, False)
     y, h = add_rms_norm(x, r, w, backend="torch")

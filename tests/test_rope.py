@@ -1,5 +1,7 @@
 """RoPE against the float64 reference (Hugging Face rotate_half): output and gradient by the numerics rule, shared and
 per-sequence tables, position offsets, non-contiguous (fused-QKV slice) inputs, bad input."""
+import math
+
 import pytest
 import torch
 
@@ -56,16 +58,23 @@ def test_rope_expanded_grad_and_empty():
     assert e.grad.shape == e.shape
 
 
-def test_rope_cos_sin_matches_reference():
-    pos = torch.arange(11, device=DEVICE)
-    for got, want in zip(rope_cos_sin(pos, 40, base=500000.0), reference.rope_cos_sin(pos, 40, base=500000.0)):
-        assert torch.equal(got, want)
+def test_rope_cos_sin_closed_form():
+    # Hugging Face's tables, element by element in Python floats: angle(p, i) = p * base^(-2i/D), both halves equal
+    D, base = 40, 500000.0
+    pos = torch.tensor([0, 1, 7, 4095], device=DEVICE)
+    cos, sin = rope_cos_sin(pos, D, base=base)
+    assert cos.shape == sin.shape == (4, D) and cos.dtype == torch.float32
+    want_cos = torch.tensor([[math.cos(p * base ** (-2 * (j % (D // 2)) / D)) for j in range(D)] for p in pos.tolist()])
+    want_sin = torch.tensor([[math.sin(p * base ** (-2 * (j % (D // 2)) / D)) for j in range(D)] for p in pos.tolist()])
+    assert (cos.cpu() - want_cos).abs().max() <= 1e-7 and (sin.cpu() - want_sin).abs().max() <= 1e-7
+    assert rope_cos_sin(pos, D, dtype=torch.float64)[0].dtype == torch.float64
 
 
 @pytest.mark.parametrize("call, exc, words", [
     (lambda x, c, s: apply_rope(x[0], c, s), ValueError, "x"),
     (lambda x, c, s: apply_rope(x[..., :-1], c[:, :-1], s[:, :-1]), ValueError, "even"),
     (lambda x, c, s: apply_rope(x, c[:-1], s), ValueError, "cos"),
+    (lambda x, c, s: apply_rope(x, c.to("meta"), s), ValueError, "cos is on meta"),
     (lambda x, c, s: apply_rope(x, c, s[None].expand(3, -1, -1)), ValueError, "sin"),
     (lambda x, c, s: apply_rope(x.long(), c, s), TypeError, "x"),
     (lambda x, c, s: apply_rope(x.double(), c, s, backend="triton"), TypeError, "float64"),
@@ -73,6 +82,7 @@ def test_rope_cos_sin_matches_reference():
     (lambda x, c, s: rope_cos_sin(torch.arange(4), 7), ValueError, "head_dim"),
     (lambda x, c, s: rope_cos_sin(torch.arange(4), 8, base=-1.0), ValueError, "base"),
     (lambda x, c, s: rope_cos_sin(torch.zeros(2, 2), 8), ValueError, "positions"),
+    (lambda x, c, s: rope_cos_sin(torch.arange(4), 8, dtype=torch.int64), TypeError, "dtype"),
 ])
 def test_bad_input(call, exc, words):
     x = torch.randn(2, 7, 3, 40, device=DEVICE)

@@ -8,6 +8,7 @@ import torch
 from fastlm import train as T
 from fastlm.config import Config
 from fastlm.generate import cli as generate_cli
+from fastlm.summary import cli as summary_cli
 
 TEXT = T.load_corpus()
 TINY = dict(family="llama", vocab_size=256, n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_seqlen=64,
@@ -179,6 +180,8 @@ def test_train_and_generate_cli(tmp_path, capsys):
     assert rc == 0
     assert os.path.exists(os.path.join(out, T.CHECKPOINT)) and os.path.exists(os.path.join(out, "loss.png"))
     assert "held-out loss" in capsys.readouterr().out
+    assert summary_cli([out, "--device", "cpu", "--seqlen", "32"]) == 0        # a checkpoint's config
+    assert "Params: total" in capsys.readouterr().out
     rc = generate_cli(["--checkpoint", out, "--max-new-tokens", "12", "--backend", "torch", "The river", "--seed", "1"])
     assert rc == 0
     text = capsys.readouterr().out

@@ -21,10 +21,13 @@ import torch.nn.functional as F
 import fastlm._C  # noqa: F401  (registers torch.ops.fastlm)
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn):
-    t = time.perf_counter()
+    t = CLOCK()
     fn()
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
 def compare(fns, reps):
@@ -95,7 +98,14 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--only", choices=["fwd", "decode"])
     ap.add_argument("--seqlens", default="256,512,1024,2048")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the calling thread's CPU time (with --threads 1: robust against a loaded machine)")
     args = ap.parse_args()
+    if args.cpu_time:
+        if args.threads != 1:
+            ap.error("--cpu-time needs --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
     args.seqlens = [int(s) for s in args.seqlens.split(",")]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

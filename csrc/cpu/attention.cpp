@@ -1,20 +1,20 @@
 // Softmax attention forward on the CPU, FlashAttention-2 style.
 //
-// Algorithm: a work item is (batch, head, block of kBlockQ queries). Its queries are packed transposed (D x kBlockQ,
-// fp32) and stay in L1 while the key tiles that the causal/window mask leaves visible stream through:
-//   S^T = K Q^T        a kBlockK x kBlockQ tile, keys as rows: K is read in place (as broadcast scalars), so no
-//                      transposed copy of K is ever made, and every softmax statistic below is lane-wise
+// Algorithm: a work item is (batch, kv head, share of the query blocks): all H / Hkv query heads of the kv head,
+// and query blocks c, c + n, c + 2n, ... of kBlockQ queries (interleaved so that under a causal mask every share
+// costs about the same). The thread copies the key tiles its item needs, once, into a contiguous fp32 K/V buffer
+// (widening bf16/fp16; in place reads would make tile rows a power-of-two stride apart and thrash L1). Per query
+// block, its queries are packed transposed (D x kBlockQ) and stay in L1 while the visible key tiles stream through:
+//   S^T = K Q^T        a kBlockK x kBlockQ tile, keys as rows, so every softmax statistic below is lane-wise
 //   online softmax     per query (column), in base 2 with the scale applied inside the exponent (tile.h): running
 //                      max and sum, P = 2^(S c - max) in place of S
-//   O = alpha O + P V  O (kBlockQ x D) in L1, alpha = 2^(old max - new max) applied as O is loaded; V read in place
-// fp32 inputs are read where they lie (V through a copy only when D is not a whole number of vectors); bf16/fp16
-// K/V tiles are widened into a per-thread buffer, so all arithmetic is fp32 with fp32 accumulation. Tiles entirely
-// outside the mask are never touched, tiles entirely inside it are not masked, and the S x S score matrix never
-// exists. Work items are handed out heaviest first (under a causal mask the last query blocks see the most keys)
-// through an atomic counter, which balances the threads. No large scratch is allocated (fresh pages are expensive).
+//   O = alpha O + P V  O (kBlockQ x D) in L1, alpha = 2^(old max - new max) applied as O is loaded
+// All arithmetic is fp32 with fp32 accumulation. Tiles entirely outside the causal/window mask are never touched,
+// tiles entirely inside it are not masked, and the S x S score matrix never exists. Items are handed out through an
+// atomic counter, which balances the threads.
 //
-// Memory traffic: per work item, q block read once, each visible K/V tile read once (from L2/L3 after the first
-// query block of a head), out and lse written once.
+// Memory traffic: q read once, K/V read once per work item (once per kv head when there are enough heads to keep
+// the threads busy), out and lse written once. Scratch: per thread the packed K/V of one kv head plus a few tiles.
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 #include "cpu/tile.h"
@@ -26,19 +26,20 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <type_traits>
+#include <memory>
 #include <vector>
 
 namespace fastlm_cpu {
 namespace {
 
-constexpr int64_t kBlockQ = 64;  // queries per work item; a multiple of 2 * kW
+constexpr int64_t kBlockQ = 64;  // queries per block; a multiple of kW
 constexpr int64_t kBlockK = 64;  // keys per tile
 
 struct Problem {
-  int64_t B, Sq, Sk, H, Hkv, D, Dv;  // Dv: head dim padded to whole vectors
-  int64_t left, right;               // window, -1 = unbounded
+  int64_t B, Sq, Sk, H, Hkv, G, D, Dv;  // G = H / Hkv; Dv: head dim padded to whole vectors
+  int64_t left, right;                  // window, -1 = unbounded
   SoftmaxScale scale;
+  int64_t n_ktiles() const { return (Sk + kBlockK - 1) / kBlockK; }
   // The keys query i may see, [lo(i), hi(i)] clipped to [0, Sk - 1]; both are non-decreasing in i.
   int64_t lo(int64_t i) const { return left < 0 ? 0 : std::max<int64_t>(0, i + Sk - Sq - left); }
   int64_t hi(int64_t i) const { return right < 0 ? Sk - 1 : std::min<int64_t>(Sk - 1, i + Sk - Sq + right); }
@@ -49,11 +50,14 @@ struct Strides {
 };
 
 struct Scratch {
-  std::vector<float> qt, s, o, m, l, alpha, kbuf, vbuf;
+  std::vector<float> qt, s, o, m, l, alpha;
   std::vector<int64_t> lo, hi;
+  std::unique_ptr<float[]> kp, vp;  // packed K (Sk x D) and V (Sk x Dv) of the item's kv head
+  std::vector<char> packed;         // per key tile: already in kp/vp
   explicit Scratch(const Problem& p)
       : qt(p.D * kBlockQ), s(kBlockK * kBlockQ), o(kBlockQ * p.Dv), m(kBlockQ), l(kBlockQ), alpha(kBlockQ),
-        kbuf(kBlockK * p.D), vbuf(kBlockK * p.Dv), lo(kBlockQ), hi(kBlockQ) {}
+        lo(kBlockQ), hi(kBlockQ), kp(new float[p.n_ktiles() * kBlockK * p.D]),
+        vp(new float[p.n_ktiles() * kBlockK * p.Dv]), packed(p.n_ktiles()) {}
 };
 
 // n rows of length D (row stride ld) widened to fp32 rows of length ldo, zero padded.
@@ -69,36 +73,44 @@ void widen_rows(const T* src, int64_t ld, int64_t n, int64_t D, float* dst, int6
   }
 }
 
+struct Inputs {
+  const void *q, *k, *v;
+  Strides qs, ks, vs;
+  void* out;
+  float* lse;
+};
+
+// One query block of one head: out and lse of queries [qb * kBlockQ, ...).
 template <typename T>
-void attend_block(const Problem& p, const T* q, Strides qs, const T* k, Strides ks, const T* v, Strides vs, T* out,
-                  float* lse, int64_t b, int64_t h, int64_t qb, Scratch& sc) {
+void attend_block(const Problem& p, const Inputs& in, int64_t b, int64_t h, int64_t qb, Scratch& sc) {
   const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0);
-  const int64_t hk = h / (p.H / p.Hkv);
+  const int64_t hk = h / p.G;
+  const T* q = static_cast<const T*>(in.q) + b * in.qs.b + h * in.qs.h;
   for (int64_t r = 0; r < kBlockQ; ++r) {
     if (r < rows) {
-      const T* src = q + b * qs.b + (i0 + r) * qs.s + h * qs.h;
+      const T* src = q + (i0 + r) * in.qs.s;
       for (int64_t d = 0; d < p.D; ++d) sc.qt[d * kBlockQ + r] = to_float(src[d]) * p.scale.q_sign;
       sc.lo[r] = p.lo(i0 + r), sc.hi[r] = p.hi(i0 + r);
     } else {  // padding queries: scores 0, never written out
       for (int64_t d = 0; d < p.D; ++d) sc.qt[d * kBlockQ + r] = 0.0f;
-      sc.lo[r] = 0, sc.hi[r] = p.Sk - 1;
     }
   }
   std::fill(sc.o.begin(), sc.o.end(), 0.0f);
   std::fill(sc.m.begin(), sc.m.end(), kNegInf);
   std::fill(sc.l.begin(), sc.l.end(), 0.0f);
   const int64_t lo = sc.lo[0], hi = sc.hi[rows - 1];  // the union of the rows' key ranges
-  const T* kbh = k + b * ks.b + hk * ks.h;
-  const T* vbh = v + b * vs.b + hk * vs.h;
   for (int64_t j0 = lo / kBlockK * kBlockK; j0 <= hi && lo <= hi; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, p.Sk - j0);
-    MatA kt{sc.kbuf.data(), p.D, 1};
-    if constexpr (std::is_same_v<T, float>)
-      kt = MatA{kbh + j0 * ks.s, ks.s, 1};
-    else
-      widen_rows(kbh + j0 * ks.s, ks.s, nk, p.D, sc.kbuf.data(), p.D);
-    gemm_tile(nk, kBlockQ, p.D, kt, sc.qt.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
-
+    float* kt = sc.kp.get() + j0 * p.D;
+    float* vt = sc.vp.get() + j0 * p.Dv;
+    if (!sc.packed[j0 / kBlockK]) {
+      const T* k = static_cast<const T*>(in.k) + b * in.ks.b + hk * in.ks.h + j0 * in.ks.s;
+      const T* v = static_cast<const T*>(in.v) + b * in.vs.b + hk * in.vs.h + j0 * in.vs.s;
+      widen_rows(k, in.ks.s, nk, p.D, kt, p.D);
+      widen_rows(v, in.vs.s, nk, p.D, vt, p.Dv);
+      sc.packed[j0 / kBlockK] = 1;
+    }
+    gemm_tile(nk, kBlockQ, p.D, MatA{kt, p.D, 1}, sc.qt.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
     const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
     if (!inside) {
       for (int64_t j = 0; j < nk; ++j) {
@@ -110,20 +122,13 @@ void attend_block(const Problem& p, const T* q, Strides qs, const T* k, Strides 
     for (int64_t r = 0; r < kBlockQ; r += kW)
       softmax_columns(sc.s.data() + r, kBlockQ, nk, p.scale.c, sc.m.data() + r, sc.l.data() + r,
                       sc.alpha.data() + r);
-
-    const float* vt = sc.vbuf.data();
-    int64_t ldv = p.Dv;
-    if (std::is_same_v<T, float> && p.D == p.Dv) {
-      vt = reinterpret_cast<const float*>(vbh + j0 * vs.s), ldv = vs.s;
-    } else {
-      widen_rows(vbh + j0 * vs.s, vs.s, nk, p.D, sc.vbuf.data(), p.Dv);
-    }
-    gemm_tile(rows, p.Dv, nk, MatA{sc.s.data(), 1, kBlockQ}, vt, ldv, sc.o.data(), p.Dv, sc.alpha.data());
+    gemm_tile(rows, p.Dv, nk, MatA{sc.s.data(), 1, kBlockQ}, vt, p.Dv, sc.o.data(), p.Dv, sc.alpha.data());
   }
+  T* out = static_cast<T*>(in.out);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     T* dst = out + ((b * p.Sq + i) * p.H + h) * p.D;
-    float* lse_i = lse + (b * p.H + h) * p.Sq + i;
+    float* lse_i = in.lse + (b * p.H + h) * p.Sq + i;
     if (sc.m[r] == kNegInf) {  // the query sees no key: out 0, lse -inf
       for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(0.0f);
       *lse_i = kNegInf;
@@ -139,21 +144,22 @@ void attend_block(const Problem& p, const T* q, Strides qs, const T* k, Strides 
 template <typename T>
 void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       at::Tensor& out, at::Tensor& lse) {
-  const Strides qs{q.stride(0), q.stride(1), q.stride(2)};
-  const Strides ks{k.stride(0), k.stride(1), k.stride(2)};
-  const Strides vs{v.stride(0), v.stride(1), v.stride(2)};
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* vp = v.const_data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  float* lp = lse.data_ptr<float>();
-  const int64_t nqb = (p.Sq + kBlockQ - 1) / kBlockQ, n_bh = p.B * p.H, n_work = nqb * n_bh;
+  const Inputs in{q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
+                  Strides{q.stride(0), q.stride(1), q.stride(2)}, Strides{k.stride(0), k.stride(1), k.stride(2)},
+                  Strides{v.stride(0), v.stride(1), v.stride(2)}, out.data_ptr(), lse.data_ptr<float>()};
+  const int64_t nqb = (p.Sq + kBlockQ - 1) / kBlockQ, n_kv = p.B * p.Hkv;
+  const int64_t threads = at::get_num_threads();
+  // Shares per kv head: enough items to keep the threads busy (each share re-packs the keys it needs).
+  const int64_t shares = std::min(nqb, std::max<int64_t>(1, (2 * threads + n_kv - 1) / n_kv));
+  const int64_t n_items = n_kv * shares;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_work), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
     Scratch sc(p);
-    for (int64_t w = next.fetch_add(1); w < n_work; w = next.fetch_add(1)) {
-      const int64_t qb = nqb - 1 - w / n_bh, bh = w % n_bh;  // last query blocks (most keys) first
-      attend_block<T>(p, qp, qs, kp, ks, vp, vs, op, lp, bh / p.H, bh % p.H, qb, sc);
+    for (int64_t w = next.fetch_add(1); w < n_items; w = next.fetch_add(1)) {
+      const int64_t share = w % shares, bk = w / shares, b = bk / p.Hkv, hk = bk % p.Hkv;
+      std::fill(sc.packed.begin(), sc.packed.end(), 0);
+      for (int64_t qb = nqb - 1 - share; qb >= 0; qb -= shares)
+        for (int64_t g = 0; g < p.G; ++g) attend_block<T>(p, in, b, hk * p.G + g, qb, sc);
     }
   });
 }
@@ -204,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 
   Problem p;
   p.scale = SoftmaxScale(softmax_scale);
-  p.B = B, p.Sq = Sq, p.Sk = Sk, p.H = H, p.Hkv = Hkv, p.D = D, p.Dv = (D + kW - 1) / kW * kW;
+  p.B = B, p.Sq = Sq, p.Sk = Sk, p.H = H, p.Hkv = Hkv, p.G = H / Hkv, p.D = D, p.Dv = (D + kW - 1) / kW * kW;
   p.left = window_left, p.right = causal ? 0 : window_right;
   if (Sk == 0) {
     out.zero_();

@@ -1,8 +1,8 @@
 // Decode attention on the CPU: a few new queries per sequence against its KV cache (Flash-Decoding).
 //
-// Algorithm: the valid part of each sequence's cache is split into chunks; a work item is (batch, kv head, chunk)
-// and processes all G = H / Hkv query heads of that kv head and all Sq queries together (M = G * Sq rows), so every
-// K and V byte is read once per kv head. Keys stream through in blocks of kBlockK: scores by vector dot products
+// Algorithm: the valid part of each sequence's cache is split into chunks; a work item is (batch, chunk) and walks
+// the chunk's key blocks in memory order, visiting every kv head per block; a kv head's step processes all
+// G = H / Hkv query heads and all Sq queries together (M = G * Sq rows), so every K and V byte is read once. Keys stream through in blocks of kBlockK: scores by vector dot products
 // (four keys at a time for instruction-level parallelism), the online softmax of tile.h in base 2, and O += P V by
 // the register-blocked tile product, which reads the V rows straight from an fp32 cache (bf16/fp16 rows, and rows
 // whose head dim is not a whole number of vectors, are widened into an L1 buffer first). Each chunk leaves its
@@ -63,9 +63,9 @@ const float* cache_rows(const Problem& p, const T* src, int64_t row_stride, int6
 }
 
 struct Scratch {
-  std::vector<float> q, s, kbuf, vbuf, alpha;
+  std::vector<float> q, s, kbuf, vbuf, alpha;  // q: the M query rows of every kv head
   explicit Scratch(const Problem& p)
-      : q(p.M * p.Dv), s(p.M * kBlockK), kbuf(kBlockK * p.Dv), vbuf(kBlockK * p.Dv), alpha(p.M) {}
+      : q(p.Hkv * p.M * p.Dv), s(p.M * kBlockK), kbuf(kBlockK * p.Dv), vbuf(kBlockK * p.Dv), alpha(p.M) {}
 };
 
 // S[r][jj] = q_r . k_jj for nb keys (rows of k with leading dimension ldk).
@@ -84,7 +84,7 @@ void block_scores(const Problem& p, const float* q, const float* k, int64_t ldk,
         a2 = vfma(qv, vload(k0 + 2 * ldk + c), a2);
         a3 = vfma(qv, vload(k0 + 3 * ldk + c), a3);
       }
-      sr[j] = hsum(a0), sr[j + 1] = hsum(a1), sr[j + 2] = hsum(a2), sr[j + 3] = hsum(a3);
+      hsum4(a0, a1, a2, a3, sr + j);
     }
     for (; j < nb; ++j) {
       vfloat a{};
@@ -94,37 +94,39 @@ void block_scores(const Problem& p, const float* q, const float* k, int64_t ldk,
   }
 }
 
-// One work item: keys [j_begin, j_end) of sequence b, kv head hk; writes the chunk's unnormalized output po
-// (M x Dv), running max pm and sum pl.
+// Start of a chunk of kv head hk: its query rows (fp32, sign of the scale applied) into qh, the chunk's unnormalized
+// output po (M x Dv), running max pm and sum pl reset.
 template <typename T>
-void decode_chunk(const Problem& p, const T* q, Strides qs, const T* kc, Strides ks, const T* vc, Strides vs,
-                  int64_t b, int64_t hk, int64_t n, int64_t j_begin, int64_t j_end, float* po, float* pm, float* pl,
-                  Scratch& sc) {
+void chunk_init(const Problem& p, const T* q, Strides qs, int64_t b, int64_t hk, float* qh, float* po, float* pm,
+                float* pl) {
   for (int64_t r = 0; r < p.M; ++r) {
     const int64_t g = r / p.Sq, i = r % p.Sq;
     const T* src = q + b * qs.b + i * qs.s + (hk * p.G + g) * qs.h;
-    float* dst = sc.q.data() + r * p.Dv;
+    float* dst = qh + r * p.Dv;
     for (int64_t d = 0; d < p.D; ++d) dst[d] = to_float(src[d]) * p.scale.q_sign;
     for (int64_t d = p.D; d < p.Dv; ++d) dst[d] = 0.0f;
     pm[r] = kNegInf;
     pl[r] = 0.0f;
   }
   std::fill(po, po + p.M * p.Dv, 0.0f);
-  for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
-    const int64_t nb = std::min(kBlockK, j_end - j0);
-    int64_t ldk, ldv;
-    const float* k = cache_rows<T>(p, kc + b * ks.b + j0 * ks.s + hk * ks.h, ks.s, nb, sc.kbuf.data(), ldk);
-    block_scores(p, sc.q.data(), k, ldk, nb, sc.s.data());
-    for (int64_t r = 0; r < p.M; ++r) {
-      // query i sits at position n - Sq + i and sees keys up to it; columns past nb are padding
-      const int64_t visible = std::clamp<int64_t>(n - p.Sq + r % p.Sq + 1 - j0, 0, nb);
-      float* sr = sc.s.data() + r * kBlockK;
-      std::fill(sr + visible, sr + kBlockK, kNegInf);
-      sc.alpha[r] = softmax_row(sr, kBlockK, p.scale.c, pm[r], pl[r]);
-    }
-    const float* v = cache_rows<T>(p, vc + b * vs.b + j0 * vs.s + hk * vs.h, vs.s, nb, sc.vbuf.data(), ldv);
-    gemm_tile(p.M, p.Dv, nb, MatA{sc.s.data(), kBlockK, 1}, v, ldv, po, p.Dv, sc.alpha.data());
+}
+
+// Keys [j0, j0 + nb) of sequence b (valid length n) for kv head hk.
+template <typename T>
+void chunk_step(const Problem& p, const T* kc, Strides ks, const T* vc, Strides vs, int64_t b, int64_t hk, int64_t n,
+                int64_t j0, int64_t nb, const float* qh, float* po, float* pm, float* pl, Scratch& sc) {
+  int64_t ldk, ldv;
+  const float* k = cache_rows<T>(p, kc + b * ks.b + j0 * ks.s + hk * ks.h, ks.s, nb, sc.kbuf.data(), ldk);
+  block_scores(p, qh, k, ldk, nb, sc.s.data());
+  for (int64_t r = 0; r < p.M; ++r) {
+    // query i sits at position n - Sq + i and sees keys up to it; columns past nb are padding
+    const int64_t visible = std::clamp<int64_t>(n - p.Sq + r % p.Sq + 1 - j0, 0, nb);
+    float* sr = sc.s.data() + r * kBlockK;
+    std::fill(sr + visible, sr + kBlockK, kNegInf);
+    sc.alpha[r] = softmax_row(sr, kBlockK, p.scale.c, pm[r], pl[r]);
   }
+  const float* v = cache_rows<T>(p, vc + b * vs.b + j0 * vs.s + hk * vs.h, vs.s, nb, sc.vbuf.data(), ldv);
+  gemm_tile(p.M, p.Dv, nb, MatA{sc.s.data(), kBlockK, 1}, v, ldv, po, p.Dv, sc.alpha.data());
 }
 
 template <typename T>
@@ -143,15 +145,24 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
   const T* kp = kc.const_data_ptr<T>();
   const T* vp = vc.const_data_ptr<T>();
 
+  // A work item is (sequence, chunk) over all kv heads: per key block the heads are visited in turn, so the
+  // cache is swept in memory order (a cache row holds all heads) rather than one head's rows a row stride apart.
+  const int64_t n_work = p.B * p.n_chunks;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_work), 1, [&](int64_t, int64_t) {
     Scratch sc(p);
-    for (int64_t w = next.fetch_add(1); w < n_items; w = next.fetch_add(1)) {
-      const int64_t c = w % p.n_chunks, bh = w / p.n_chunks, b = bh / p.Hkv, hk = bh % p.Hkv;
-      const int64_t n = lens[b];
+    for (int64_t w = next.fetch_add(1); w < n_work; w = next.fetch_add(1)) {
+      const int64_t c = w % p.n_chunks, b = w / p.n_chunks, n = lens[b];
       const int64_t j_begin = std::min(c * p.chunk, n), j_end = std::min(j_begin + p.chunk, n);
-      decode_chunk<T>(p, qp, qs, kp, ks, vp, vs, b, hk, n, j_begin, j_end, po + w * p.M * p.Dv, pm + w * p.M,
-                      pl + w * p.M, sc);
+      auto item = [&](int64_t hk) { return (b * p.Hkv + hk) * p.n_chunks + c; };  // partial-result slot
+      for (int64_t hk = 0; hk < p.Hkv; ++hk)
+        chunk_init<T>(p, qp, qs, b, hk, sc.q.data() + hk * p.M * p.Dv, po + item(hk) * p.M * p.Dv,
+                      pm + item(hk) * p.M, pl + item(hk) * p.M);
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK)
+        for (int64_t hk = 0; hk < p.Hkv; ++hk)
+          chunk_step<T>(p, kp, ks, vp, vs, b, hk, n, j0, std::min(kBlockK, j_end - j0),
+                        sc.q.data() + hk * p.M * p.Dv, po + item(hk) * p.M * p.Dv, pm + item(hk) * p.M,
+                        pl + item(hk) * p.M, sc);
     }
   });
 
@@ -178,7 +189,8 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
         const float f = std::exp2(mc - m);
         l += f * pl[(base + c) * p.M + r];
         const float* oc = po + ((base + c) * p.M + r) * p.Dv;
-        for (int64_t d = 0; d < p.Dv; d += kW) vstore(acc.data() + d, vfma(vset1(f), vload(oc + d), vload(acc.data() + d)));
+        for (int64_t d = 0; d < p.Dv; d += kW)
+          vstore(acc.data() + d, vfma(vset1(f), vload(oc + d), vload(acc.data() + d)));
       }
       const float inv = 1.0f / l;
       for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(acc[d] * inv);
@@ -235,8 +247,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   std::vector<int64_t> lens(B);
   int64_t max_len = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = cache_seqlens.scalar_type() == at::kInt ? cache_seqlens.const_data_ptr<int32_t>()[b * cache_seqlens.stride(0)]
-                                                              : cache_seqlens.const_data_ptr<int64_t>()[b * cache_seqlens.stride(0)];
+    const int64_t at_b = b * cache_seqlens.stride(0);
+    const int64_t n = cache_seqlens.scalar_type() == at::kInt ? cache_seqlens.const_data_ptr<int32_t>()[at_b]
+                                                              : cache_seqlens.const_data_ptr<int64_t>()[at_b];
     lens[b] = std::clamp<int64_t>(n, 0, S_max);
     max_len = std::max(max_len, lens[b]);
   }
@@ -246,7 +259,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   p.B = B, p.Sq = Sq, p.H = H, p.Hkv = Hkv, p.G = H / Hkv, p.M = p.G * Sq, p.D = D;
   p.Dv = (D + kW - 1) / kW * kW;
   // Enough chunks to keep every thread busy (about 4 work items per thread), none shorter than kMinChunk keys.
-  const int64_t want = std::max<int64_t>(1, (4 * at::get_num_threads() + B * Hkv - 1) / (B * Hkv));
+  const int64_t want = std::max<int64_t>(1, (4 * at::get_num_threads() + B - 1) / B);
   p.chunk = std::max(kMinChunk, (max_len + want - 1) / want);
   p.chunk = (p.chunk + kBlockK - 1) / kBlockK * kBlockK;
   p.n_chunks = std::max<int64_t>(1, (max_len + p.chunk - 1) / p.chunk);

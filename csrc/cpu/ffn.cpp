@@ -3,10 +3,13 @@
 //     mlp_gelu:   y = gelu_tanh(x W_fc^T + b_fc) W_proj^T + b_proj (+ residual)
 //     mlp_swiglu: y = (silu(x W_gate^T) * (x W_up^T)) W_down^T (+ residual)
 //
-// Algorithm: tokens are processed in blocks sized so that the block's intermediate activation (block x I) stays in
-// the L2 cache; per block the first GEMM(s) write the pre-activation into a reused buffer, the activation is applied
-// in place (vectorized, fp32 arithmetic), and the second GEMM reads it back from cache and writes the output rows,
-// with the bias and residual folded into the GEMM's accumulator. The GEMMs are ATen's (MKL / oneDNN), multithreaded.
+// Algorithm: tokens are processed in blocks whose intermediate activation (block x I) stays in the core's cache
+// (L2, or L3 for wide layers: blocks are not made smaller than kMinBlockTokens, where the GEMMs start losing
+// efficiency). Per block the first GEMM(s) write the pre-activation into a per-thread buffer, the activation is
+// applied in place (vectorized, fp32 arithmetic), and the second GEMM reads it back from cache and writes the
+// output rows, with the bias and residual folded into its accumulator. The GEMMs are ATen's (MKL / oneDNN). With
+// at least one block per thread the blocks run in parallel, each on single-threaded GEMMs (small GEMMs split
+// across threads waste most of their time synchronizing); otherwise one block with multithreaded GEMMs.
 //
 // Memory traffic: x, the weights (once per block, from L3 when they fit) and out; the N x I intermediate of the
 // unfused form never goes to memory.
@@ -27,8 +30,8 @@
 namespace fastlm_cpu {
 namespace {
 
-constexpr int64_t kBlockBytes = 256 * 1024;  // intermediate activation per block (half of a Zen L2)
-constexpr int64_t kMinBlockTokens = 16;      // below this the GEMMs lose efficiency
+constexpr int64_t kBlockBytes = 512 * 1024;  // intermediate activation per block (a Zen 3/4 L2)
+constexpr int64_t kMinBlockTokens = 64;      // below this the GEMMs lose efficiency
 
 enum class Act { kGelu, kSwiGLU };
 
@@ -115,7 +118,25 @@ at::Tensor residual_rows(const char* op, const std::optional<at::Tensor>& residu
 
 int64_t block_tokens(int64_t n_tokens, int64_t inter, int64_t n_buffers, int64_t elem_size) {
   const int64_t t = kBlockBytes / std::max<int64_t>(1, inter * n_buffers * elem_size);
-  return std::min(n_tokens, std::max(kMinBlockTokens, t));
+  return std::max<int64_t>(1, std::min(n_tokens, std::max(kMinBlockTokens, t)));
+}
+
+// Runs block(t0, rows, buffers) over the token blocks of size tb; buffers: n_buffers (tb, inter) tensors per thread.
+template <typename F>
+void for_blocks(int64_t n, int64_t tb, int64_t inter, int64_t n_buffers, const at::TensorOptions& opt, F&& block) {
+  const int64_t n_blocks = (n + tb - 1) / tb;
+  auto run = [&](int64_t begin, int64_t end) {
+    std::vector<at::Tensor> bufs;
+    for (int64_t i = 0; i < n_buffers; ++i) bufs.push_back(at::empty({tb, inter}, opt));
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t t0 = blk * tb;
+      block(t0, std::min(tb, n - t0), bufs);
+    }
+  };
+  if (n_blocks >= at::get_num_threads() && n_blocks > 1)
+    at::parallel_for(0, n_blocks, 1, run);  // the GEMMs inside run single-threaded
+  else
+    run(0, n_blocks);
 }
 
 // The second GEMM of a block: out = h W^T (+ bias) (+ residual).
@@ -167,11 +188,9 @@ at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::opti
   if (n > 0 && d_out > 0) {
     const at::Tensor w_fc_t = w_fc.t(), w_proj_t = w_proj.t();
     const int64_t tb = block_tokens(n, inter, 1, x.element_size());
-    at::Tensor h_buf = at::empty({tb, inter}, x.options());
-    for (int64_t t0 = 0; t0 < n; t0 += tb) {
-      const int64_t rows = std::min(tb, n - t0);
+    for_blocks(n, tb, inter, 1, x.options(), [&](int64_t t0, int64_t rows, std::vector<at::Tensor>& bufs) {
       const at::Tensor xb = x2.narrow(0, t0, rows);
-      at::Tensor h = h_buf.narrow(0, 0, rows);
+      at::Tensor h = bufs[0].narrow(0, 0, rows);
       if (b_fc.has_value())
         at::addmm_out(h, *b_fc, xb, w_fc_t);
       else
@@ -179,7 +198,7 @@ at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::opti
       apply_activation(Act::kGelu, h, nullptr);
       at::Tensor ob = out.narrow(0, t0, rows);
       down_block(ob, h, w_proj_t, b_proj, res.defined() ? res.narrow(0, t0, rows) : res);
-    }
+    });
   }
   return out.view(out_shape);
 }
@@ -207,17 +226,15 @@ at::Tensor mlp_swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::T
   if (n > 0 && d_out > 0) {
     const at::Tensor w_gate_t = w_gate.t(), w_up_t = w_up.t(), w_down_t = w_down.t();
     const int64_t tb = block_tokens(n, inter, 2, x.element_size());
-    at::Tensor g_buf = at::empty({tb, inter}, x.options()), u_buf = at::empty({tb, inter}, x.options());
-    for (int64_t t0 = 0; t0 < n; t0 += tb) {
-      const int64_t rows = std::min(tb, n - t0);
+    for_blocks(n, tb, inter, 2, x.options(), [&](int64_t t0, int64_t rows, std::vector<at::Tensor>& bufs) {
       const at::Tensor xb = x2.narrow(0, t0, rows);
-      at::Tensor g = g_buf.narrow(0, 0, rows), u = u_buf.narrow(0, 0, rows);
+      at::Tensor g = bufs[0].narrow(0, 0, rows), u = bufs[1].narrow(0, 0, rows);
       at::mm_out(g, xb, w_gate_t);
       at::mm_out(u, xb, w_up_t);
       apply_activation(Act::kSwiGLU, g, &u);
       at::Tensor ob = out.narrow(0, t0, rows);
       down_block(ob, g, w_down_t, std::nullopt, res.defined() ? res.narrow(0, t0, rows) : res);
-    }
+    });
   }
   return out.view(out_shape);
 }

@@ -80,6 +80,16 @@ inline float hsum(vfloat v) {
   return buf[0];
 }
 
+// out[0..3] = the horizontal sums of a0..a3 (one transpose-and-add tree with AVX instead of four reductions).
+inline void hsum4(vfloat a0, vfloat a1, vfloat a2, vfloat a3, float* out) {
+#if defined(__AVX__) && !defined(__AVX512F__)
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // per 128-bit half
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+#else
+  out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+#endif
+}
+
 // 2^x for x <= 126, accurate to about 1 ulp; exactly 0 for x < -126 (including -inf), NaN stays NaN.
 // Round x to n + f with |f| <= 1/2, evaluate 2^f by its degree-7 Taylor polynomial (truncation error < 6e-9
 // relative), and put n into the exponent field.

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "cuda/attention_tile.cuh"
+#include "cuda/launch_utils.cuh"
 #include "cuda/launchers.h"
 
 namespace fastlm_cuda {
@@ -113,29 +114,17 @@ template <typename T, int D>
 Status launch(const AttentionParams& p, cudaStream_t stream) {
   constexpr int smem = attention_smem_bytes<D>();
   auto kernel = attention_fwd_mma_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess)
-    return Status::Error(std::string("attention_fwd: cannot reserve ") + std::to_string(smem) +
-                         " bytes of shared memory: " + cudaGetErrorString(err));
+  Status s = reserve_smem(kernel, smem, "attention_fwd");
+  if (!s.ok()) return s;
   const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.nheads, p.batch);
   kernel<<<grid, kThreads, smem, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return Status::Error(std::string("attention_fwd: launch failed: ") + cudaGetErrorString(err));
-  return Status::Ok();
+  return launch_status("attention_fwd");
 }
 
 template <typename T>
-Status dispatch_head_dim(const AttentionParams& p, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 32: return launch<T, 32>(p, stream);
-    case 64: return launch<T, 64>(p, stream);
-    case 96: return launch<T, 96>(p, stream);
-    case 128: return launch<T, 128>(p, stream);
-    case 256: return launch<T, 256>(p, stream);
-    default:
-      return Status::Error("attention_fwd: CUDA kernels support head dims 32, 64, 96, 128, 256; got " +
-                           std::to_string(p.head_dim));
-  }
+Status launch_any_head_dim(const AttentionParams& p, cudaStream_t stream) {
+  return dispatch_head_dim(p.head_dim, "attention_fwd",
+                           [&](auto d) { return launch<T, decltype(d)::value>(p, stream); });
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -157,8 +146,8 @@ Status attention_fwd(const AttentionParams& p, cudaStream_t stream) {
     if (s % 8 != 0) return Status::Error("attention_fwd: every stride must be a multiple of 8 elements (16 bytes)");
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out))
     return Status::Error("attention_fwd: q, k, v and out must be 16-byte aligned");
-  return p.dtype == DType::kFloat16 ? dispatch_head_dim<__half>(p, stream)
-                                    : dispatch_head_dim<__nv_bfloat16>(p, stream);
+  return p.dtype == DType::kFloat16 ? launch_any_head_dim<__half>(p, stream)
+                                    : launch_any_head_dim<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace fastlm_cuda

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "cuda/attention_tile.cuh"
+#include "cuda/launch_utils.cuh"
 #include "cuda/launchers.h"
 
 namespace fastlm_cuda {
@@ -150,36 +151,22 @@ Status launch(const DecodeParams& p, cudaStream_t stream) {
   constexpr int smem = decode_smem_bytes<D>();
   constexpr int warps = decode_warps<D>();
   auto split_kernel = decode_split_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess)
-    return Status::Error(std::string("decode_attention: cannot reserve ") + std::to_string(smem) +
-                         " bytes of shared memory: " + cudaGetErrorString(err));
+  Status s = reserve_smem(split_kernel, smem, "decode_attention");
+  if (!s.ok()) return s;
   const int row_tiles = (p.nheads / p.nheads_kv * p.seqlen_q + 15) / 16;
   const dim3 grid((p.num_splits + warps - 1) / warps, p.batch * p.nheads_kv, row_tiles);
   split_kernel<<<grid, warps * 32, smem, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return Status::Error(std::string("decode_attention: split kernel launch failed: ") + cudaGetErrorString(err));
+  s = launch_status("decode_attention (split kernel)");
+  if (!s.ok()) return s;
   const int64_t n_rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.nheads;
   decode_combine_kernel<T, D><<<static_cast<unsigned>((n_rows + 3) / 4), 128, 0, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return Status::Error(std::string("decode_attention: combine kernel launch failed: ") + cudaGetErrorString(err));
-  return Status::Ok();
+  return launch_status("decode_attention (combine kernel)");
 }
 
 template <typename T>
-Status dispatch_head_dim(const DecodeParams& p, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 32: return launch<T, 32>(p, stream);
-    case 64: return launch<T, 64>(p, stream);
-    case 96: return launch<T, 96>(p, stream);
-    case 128: return launch<T, 128>(p, stream);
-    case 256: return launch<T, 256>(p, stream);
-    default:
-      return Status::Error("decode_attention: CUDA kernels support head dims 32, 64, 96, 128, 256; got " +
-                           std::to_string(p.head_dim));
-  }
+Status launch_any_head_dim(const DecodeParams& p, cudaStream_t stream) {
+  return dispatch_head_dim(p.head_dim, "decode_attention",
+                           [&](auto d) { return launch<T, decltype(d)::value>(p, stream); });
 }
 
 int sm_count() {
@@ -221,8 +208,8 @@ Status decode_attention(const DecodeParams& p, cudaStream_t stream) {
   for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.workspace)})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
       return Status::Error("decode_attention: q, k_cache, v_cache and the workspace must be 16-byte aligned");
-  return p.dtype == DType::kFloat16 ? dispatch_head_dim<__half>(p, stream)
-                                    : dispatch_head_dim<__nv_bfloat16>(p, stream);
+  return p.dtype == DType::kFloat16 ? launch_any_head_dim<__half>(p, stream)
+                                    : launch_any_head_dim<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace fastlm_cuda

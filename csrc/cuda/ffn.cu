@@ -12,6 +12,7 @@
 
 #include <string>
 
+#include "cuda/launch_utils.cuh"
 #include "cuda/launchers.h"
 #include "cuda/mma.cuh"
 
@@ -178,17 +179,13 @@ template <typename T, Epilogue E>
 Status run_gemm(const GemmArgs& g, cudaStream_t stream, const char* what) {
   constexpr int smem = gemm_smem_bytes<E>();
   auto kernel = gemm_tn_kernel<T, E>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess)
-    return Status::Error(std::string(what) + ": cannot reserve " + std::to_string(smem) +
-                         " bytes of shared memory: " + cudaGetErrorString(err));
+  const Status s = reserve_smem(kernel, smem, what);
+  if (!s.ok()) return s;
   const int64_t grid_n = (g.n + block_n<E>() - 1) / block_n<E>(), grid_m = (g.m + kBM - 1) / kBM;
   if (grid_m > 65535 || grid_n > 2147483647LL)
     return Status::Error(std::string(what) + ": too many rows for one launch (at most 65535 * 128)");
   kernel<<<dim3(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m)), kThreads, smem, stream>>>(g);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return Status::Error(std::string(what) + ": launch failed: " + cudaGetErrorString(err));
-  return Status::Ok();
+  return launch_status(what);
 }
 
 Status check(const MlpParams& p, bool swiglu, const char* what) {

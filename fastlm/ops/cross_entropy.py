@@ -23,8 +23,7 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastlm.ops._checks import check_float_tensor, check_triton_dtypes
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -184,22 +183,10 @@ def _check_common(op, targets, lead_shape, device, vocab, ignore_index, reductio
                              f"got {value}")
 
 
-def _check_float(op, name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-
-
-def _check_triton_dtype(op, name, t):
-    if t.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"{op}: the triton backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
-
-
 def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backend="auto"):
     """Cross-entropy of logits (..., V) against integer targets (...), in fp32, without fp32 copies of the logits."""
     op = "cross_entropy"
-    _check_float(op, "logits", logits)
+    check_float_tensor(op, "logits", logits)
     if logits.dim() < 1:
         raise ValueError(f"{op}: logits must be (..., vocab), got a 0-dim tensor")
     _check_common(op, targets, logits.shape[:-1], logits.device, logits.shape[-1], ignore_index, reduction)
@@ -209,7 +196,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
     if be == "torch":
         loss = reference.cross_entropy(logits2, targets2, ignore_index=ignore_index, reduction=reduction)
         return loss.reshape(lead) if reduction == "none" else loss
-    _check_triton_dtype(op, "logits", logits)
+    check_triton_dtypes(op, logits=logits)
     loss_rows, _ = _ce_fwd(logits2, targets2, ignore_index)
     loss = _reduce(loss_rows, targets2, ignore_index, reduction)
     return loss.reshape(lead) if reduction == "none" else loss
@@ -220,8 +207,8 @@ def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, re
     """cross_entropy(x @ weight.T + bias, targets) for x (..., d), weight (V, d), chunked over tokens so the (N, V)
     logits are never held; ``chunk_size`` tokens per chunk (default: about 256 MB of logits)."""
     op = "linear_cross_entropy"
-    _check_float(op, "x", x)
-    _check_float(op, "weight", weight)
+    check_float_tensor(op, "x", x)
+    check_float_tensor(op, "weight", weight)
     if x.dim() < 1:
         raise ValueError(f"{op}: x must be (..., hidden), got a 0-dim tensor")
     d = x.shape[-1]
@@ -232,7 +219,7 @@ def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, re
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        _check_float(op, name, t)
+        check_float_tensor(op, name, t)
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
         if t.dtype != x.dtype:
@@ -249,9 +236,9 @@ def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, re
         loss = reference.linear_cross_entropy(x2, weight, targets2, bias, ignore_index=ignore_index,
                                               reduction=reduction)
         return loss.reshape(lead) if reduction == "none" else loss
-    _check_triton_dtype(op, "x", x)
+    check_triton_dtypes(op, x=x)
     if chunk_size is None:
-        chunk_size = _kernels().default_chunk(x2.shape[0], V, x.element_size())
+        chunk_size = _kernels().default_chunk(V, x.element_size())
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     loss, _, _, _ = _lce(x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
                          targets2.contiguous(), ignore_index, reduction, chunk_size, needs_grad)

@@ -11,8 +11,7 @@ import math
 import torch
 
 from fastlm import backends, reference
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastlm.ops._checks import KERNEL_DTYPES
 NATIVE_OPS = ("decode_attention",)
 
 
@@ -53,7 +52,7 @@ def _check(q, k_cache, v_cache, cache_seqlens, backend):
                          f"nheads_kv={Hkv}")
     if not 1 <= D <= 256:
         raise ValueError(f"decode_attention: headdim must be in 1..256, got {D}")
-    allowed = _DTYPES + ((torch.float64,) if backend == "torch" else ())
+    allowed = KERNEL_DTYPES + ((torch.float64,) if backend == "torch" else ())
     if q.dtype not in allowed:
         raise TypeError(f"decode_attention: q dtype must be one of {[str(d) for d in allowed]} for backend "
                         f"{backend!r}, got {q.dtype}")
@@ -84,6 +83,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     concrete = backends.resolve(backend, device, "decode_attention", native_ops=NATIVE_OPS)
     _check(q, k_cache, v_cache, cache_seqlens, concrete)
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
+        raise TypeError(f"decode_attention: softmax_scale must be a number or None, got {softmax_scale!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if q.numel() == 0:
         return q.new_empty(q.shape)

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 from fastlm import reference
 from fastlm.backends import resolve
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, num_rows
 
 
 def _kernels():
@@ -55,8 +54,8 @@ def _swiglu_bwd_torch(dh, g, u):
 
 
 def _gelu_grads(dy, x, w_fc, b_fc, w_proj, has_b_proj, has_res, a, act_bwd):
-    x2 = x.reshape(-1, x.shape[-1])
-    dy2 = dy.reshape(-1, w_proj.shape[0])
+    x2 = x.reshape(num_rows(x), x.shape[-1])
+    dy2 = dy.reshape(num_rows(x), w_proj.shape[0])
     if a.numel() == 0 and x2.shape[0]:  # not saved by the forward: recompute the pre-activation
         a = F.linear(x2, w_fc, b_fc)
     dh = dy2 @ w_proj                                      # (M, I)
@@ -67,8 +66,8 @@ def _gelu_grads(dy, x, w_fc, b_fc, w_proj, has_b_proj, has_res, a, act_bwd):
 
 
 def _swiglu_grads(dy, x, w_gate, w_up, w_down, has_res, g, u, act_bwd):
-    x2 = x.reshape(-1, x.shape[-1])
-    dy2 = dy.reshape(-1, w_down.shape[0])
+    x2 = x.reshape(num_rows(x), x.shape[-1])
+    dy2 = dy.reshape(num_rows(x), w_down.shape[0])
     if g.numel() == 0 and x2.shape[0]:
         g, u = F.linear(x2, w_gate), F.linear(x2, w_up)
     dh = dy2 @ w_down                                      # (M, I)
@@ -88,8 +87,7 @@ def _tr_gelu(x: torch.Tensor, w_fc: torch.Tensor, b_fc: Optional[torch.Tensor], 
 
 @_tr_gelu.register_fake
 def _(x, w_fc, b_fc, w_proj, b_proj, residual, save_pre):
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return x.new_empty(_out_shape(x, w_proj)), x.new_empty((m, w_fc.shape[0]) if save_pre else (0,))
+    return x.new_empty(_out_shape(x, w_proj)), x.new_empty((num_rows(x), w_fc.shape[0]) if save_pre else (0,))
 
 
 @torch.library.custom_op("fastlm_triton::gelu_bwd", mutates_args=())
@@ -125,8 +123,7 @@ def _tr_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
 
 @_tr_swiglu.register_fake
 def _(x, w_gate, w_up, w_down, residual, save_pre):
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    pre = (m, w_gate.shape[0]) if save_pre else (0,)
+    pre = (num_rows(x), w_gate.shape[0]) if save_pre else (0,)
     return x.new_empty(_out_shape(x, w_down)), x.new_empty(pre), x.new_empty(pre)
 
 
@@ -214,13 +211,14 @@ _nat_swiglu.register_autograd(_nat_swiglu_backward, setup_context=_nat_swiglu_se
 
 # ---- public functions ----------------------------------------------------------------------------------------------
 
+def _check_x(op, x):
+    check_float_tensor(op, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must be (..., hidden), got a 0-dim tensor")
+
+
 def _check(op, x, named, out_dim, residual):
-    """named: (name, tensor or None, expected shape or None (= optional and absent is fine))."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1 or not x.is_floating_point():
-        raise TypeError(f"{op}: x must be a floating-point tensor (..., hidden), got {x.dtype} of shape "
-                        f"{tuple(x.shape)}")
+    """named: (name, tensor or None, expected shape, required); the residual (optional) is added to it."""
     for name, t, shape, required in named + [("residual", residual, (*x.shape[:-1], out_dim), False)]:
         if t is None:
             if required:
@@ -250,16 +248,10 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _check_triton_dtype(op, x):
-    if x.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"{op}: the triton backend takes float32/float16/bfloat16 tensors, got {x.dtype}")
-
-
 def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None, *, backend="auto"):
     """GPT-2 MLP: gelu_tanh(x @ w_fc^T + b_fc) @ w_proj^T + b_proj (+ residual)."""
     op = "mlp_gelu"
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise TypeError(f"{op}: x must be a tensor (..., hidden), got {type(x).__name__}")
+    _check_x(op, x)
     inter = _weight_dims(op, "w_fc", w_fc, x.shape[-1])
     out_dim = _weight_dims(op, "w_proj", w_proj, inter)
     _check(op, x, [("w_fc", w_fc, w_fc.shape, True), ("b_fc", b_fc, (inter,), False),
@@ -269,7 +261,7 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None, *, backend="auto"):
         return reference.mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual)
     if be in ("cpu", "cuda"):
         return _nat_gelu(x, w_fc, b_fc, w_proj, b_proj, residual)
-    _check_triton_dtype(op, x)
+    check_triton_dtypes(op, x=x)
     y, _ = _tr_gelu(x, w_fc, b_fc, w_proj, b_proj, residual, _needs_grad(x, w_fc, b_fc, w_proj, b_proj))
     return y
 
@@ -277,8 +269,7 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None, *, backend="auto"):
 def mlp_swiglu(x, w_gate, w_up, w_down, residual=None, *, backend="auto"):
     """Llama MLP: (silu(x @ w_gate^T) * (x @ w_up^T)) @ w_down^T (+ residual)."""
     op = "mlp_swiglu"
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise TypeError(f"{op}: x must be a tensor (..., hidden), got {type(x).__name__}")
+    _check_x(op, x)
     inter = _weight_dims(op, "w_gate", w_gate, x.shape[-1])
     _weight_dims(op, "w_up", w_up, x.shape[-1])
     out_dim = _weight_dims(op, "w_down", w_down, inter)
@@ -289,6 +280,6 @@ def mlp_swiglu(x, w_gate, w_up, w_down, residual=None, *, backend="auto"):
         return reference.mlp_swiglu(x, w_gate, w_up, w_down, residual)
     if be in ("cpu", "cuda"):
         return _nat_swiglu(x, w_gate, w_up, w_down, residual)
-    _check_triton_dtype(op, x)
+    check_triton_dtypes(op, x=x)
     y, _, _ = _tr_swiglu(x, w_gate, w_up, w_down, residual, _needs_grad(x, w_gate, w_up, w_down))
     return y

@@ -16,8 +16,7 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, num_rows
 
 
 def _kernels():
@@ -33,7 +32,7 @@ def _norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.T
 
 @_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, is_rms):
-    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    n = num_rows(x)
     f32 = torch.float32
     return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
             x.new_empty(n if not is_rms else 0, dtype=f32), x.new_empty(n, dtype=f32))
@@ -71,12 +70,9 @@ _norm_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def _check(op, x, residual, weight, bias, eps):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    check_float_tensor(op, "x", x)
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least 1 dim (..., hidden), got a 0-dim tensor")
-    if not x.is_floating_point():
-        raise TypeError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
     D = x.shape[-1]
     named = [("residual", residual, tuple(x.shape)), ("weight", weight, (D,)), ("bias", bias, (D,))]
     for name, t, shape in named:
@@ -84,14 +80,11 @@ def _check(op, x, residual, weight, bias, eps):
             if name == "weight":
                 raise TypeError(f"{op}: weight must be a tensor of shape ({D},), got None")
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_float_tensor(op, name, t)
         if tuple(t.shape) != shape:
             raise ValueError(f"{op}: {name} must have shape {shape} (x is {tuple(x.shape)}), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"{op}: bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
     if residual is not None and residual.dtype != x.dtype:
@@ -107,9 +100,7 @@ def _norm(op, x, residual, weight, bias, eps, is_rms, backend):
         if residual is not None:
             return reference.add_norm(x, residual, weight, bias, eps, kind="rms" if is_rms else "layer")
         return reference.rms_norm(x, weight, eps) if is_rms else reference.layer_norm(x, weight, bias, eps)
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in _TRITON_DTYPES:
-            raise TypeError(f"{op}: the triton backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
+    check_triton_dtypes(op, x=x, weight=weight, bias=bias)
     y, h, _, _ = _norm_fwd(x, residual, weight, bias, float(eps), is_rms)
     return (y, h) if residual is not None else y
 

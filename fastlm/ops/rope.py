@@ -13,8 +13,7 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastlm.ops._checks import check_float_tensor, check_triton_dtypes
 
 
 def _kernels():
@@ -57,16 +56,15 @@ def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, back
         raise ValueError(f"rope_cos_sin: head_dim must be a positive even int, got {head_dim!r}")
     if not isinstance(base, (int, float)) or isinstance(base, bool) or not base > 0:
         raise ValueError(f"rope_cos_sin: base must be a positive number, got {base!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"rope_cos_sin: dtype must be a floating-point torch.dtype, got {dtype!r}")
     resolve(backend, positions.device, "rope_cos_sin")
     return reference.rope_cos_sin(positions, head_dim, float(base), dtype)
 
 
 def _check(x, cos, sin):
     for name, t in (("x", x), ("cos", cos), ("sin", sin)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"apply_rope: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"apply_rope: {name} must be a floating-point tensor, got {t.dtype}")
+        check_float_tensor("apply_rope", name, t)
     if x.dim() != 4:
         raise ValueError(f"apply_rope: x must be (batch, seqlen, heads, head_dim), got shape {tuple(x.shape)}")
     B, S, H, D = x.shape
@@ -89,7 +87,5 @@ def apply_rope(x, cos, sin, *, backend="auto"):
     be = resolve(backend, x.device, "apply_rope")
     if be == "torch":
         return reference.apply_rope(x, cos, sin)
-    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
-        if t.dtype not in _TRITON_DTYPES:
-            raise TypeError(f"apply_rope: the triton backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
+    check_triton_dtypes("apply_rope", x=x, cos=cos, sin=sin)
     return _rope(x, cos, sin, False)
