@@ -27,3 +27,28 @@ def check_triton_dtypes(op: str, **tensors) -> None:
 def num_rows(x: torch.Tensor) -> int:
     """Rows of x (..., D) seen as an (N, D) matrix, also when D == 0."""
     return math.prod(x.shape[:-1])
+
+
+def check_qkv(op: str, q, k, v, *, k_name: str = "k", v_name: str = "v", seq_name: str = "seqlen_k",
+              max_head_dim: int = 256) -> None:
+    """Shapes of attention inputs: q (batch, seqlen_q, nheads, headdim) and k, v (batch, <seq_name>, nheads_kv,
+    headdim) with nheads % nheads_kv == 0."""
+    for name, t in (("q", q), (k_name, k), (v_name, v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = "(batch, seqlen_q, nheads, headdim)" if name == "q" else f"(batch, {seq_name}, nheads_kv, headdim)"
+            raise ValueError(f"{op}: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: {k_name} and {v_name} must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    B, _, H, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"{op}: batch of {k_name}/{v_name} ({k.shape[0]}) must equal batch of q ({B})")
+    if k.shape[3] != D:
+        raise ValueError(f"{op}: headdim of {k_name}/{v_name} ({k.shape[3]}) must equal headdim of q ({D})")
+    Hkv = k.shape[2]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"{op}: nheads of q ({H}) must be divisible by nheads of {k_name}/{v_name} ({Hkv})")
+    if not 1 <= D <= max_head_dim:
+        raise ValueError(f"{op}: headdim must be in 1..{max_head_dim}, got {D}")

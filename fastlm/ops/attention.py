@@ -12,6 +12,7 @@ import math
 import torch
 
 from fastlm import backends, reference
+from fastlm.ops._checks import check_qkv
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -22,28 +23,11 @@ MAX_HEAD_DIM = 256
 # --------------------------------------------------------------------------------------------------------------------
 
 def _check(q, k, v, causal, softmax_scale, window, return_lse):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            layout = "(batch, seqlen_q, nheads, headdim)" if name == "q" else "(batch, seqlen_k, nheads_kv, headdim)"
-            raise ValueError(f"attention: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+    check_qkv("attention", q, k, v, max_head_dim=MAX_HEAD_DIM)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    B, Sq, H, D = q.shape
-    if k.shape[0] != B:
-        raise ValueError(f"attention: batch of k/v ({k.shape[0]}) must equal batch of q ({B})")
-    if k.shape[3] != D:
-        raise ValueError(f"attention: headdim of k/v ({k.shape[3]}) must equal headdim of q ({D})")
-    Hkv = k.shape[2]
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"attention: nheads of q ({H}) must be divisible by nheads of k/v ({Hkv})")
-    if D < 1 or D > MAX_HEAD_DIM:
-        raise ValueError(f"attention: headdim must be in 1..{MAX_HEAD_DIM}, got {D}")
     if not isinstance(causal, bool):
         raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
     if not isinstance(return_lse, bool):

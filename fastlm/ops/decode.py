@@ -11,7 +11,7 @@ import math
 import torch
 
 from fastlm import backends, reference
-from fastlm.ops._checks import KERNEL_DTYPES
+from fastlm.ops._checks import KERNEL_DTYPES, check_qkv
 NATIVE_OPS = ("decode_attention",)
 
 
@@ -28,30 +28,10 @@ def _(q, k_cache, v_cache, cache_seqlens, softmax_scale):
 
 
 def _check(q, k_cache, v_cache, cache_seqlens, backend):
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"decode_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"decode_attention: q must be 4-D (batch, seqlen_q, nheads, headdim), got shape "
-                         f"{tuple(q.shape)}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dim() != 4:
-            raise ValueError(f"decode_attention: {name} must be 4-D (batch, max_seqlen, nheads_kv, headdim), got "
-                             f"shape {tuple(t.shape)}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"decode_attention: k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
-                         f"and {tuple(v_cache.shape)}")
-    B, _, H, D = q.shape
-    if k_cache.shape[0] != B:
-        raise ValueError(f"decode_attention: k_cache batch must equal q's batch {B}, got {k_cache.shape[0]}")
-    if k_cache.shape[3] != D:
-        raise ValueError(f"decode_attention: k_cache headdim must equal q's headdim {D}, got {k_cache.shape[3]}")
-    Hkv = k_cache.shape[2]
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"decode_attention: nheads of q ({H}) must be a multiple of nheads_kv of k_cache, got "
-                         f"nheads_kv={Hkv}")
-    if not 1 <= D <= 256:
-        raise ValueError(f"decode_attention: headdim must be in 1..256, got {D}")
+    check_qkv("decode_attention", q, k_cache, v_cache, k_name="k_cache", v_name="v_cache", seq_name="max_seqlen")
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"decode_attention: cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
+    B = q.shape[0]
     allowed = KERNEL_DTYPES + ((torch.float64,) if backend == "torch" else ())
     if q.dtype not in allowed:
         raise TypeError(f"decode_attention: q dtype must be one of {[str(d) for d in allowed]} for backend "
