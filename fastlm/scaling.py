@@ -107,7 +107,7 @@ def predict(fit: dict, n) -> np.ndarray:
 
 
 def run(*, data: str | None = "stdlib", rungs: int = DEFAULT_RUNGS, tiny: bool = False, budget: float = 1.0,
-        tokens: int | None = None, batch_size: int = 16, seqlen: int = 128, backend: str = "auto", device=None,
+        tokens: int | None = None, batch_size: int = 8, seqlen: int = 128, backend: str = "auto", device=None,
         out: str = "fastlm-scaling", seed: int = 0, progress: bool = True, log=print) -> dict:
     """Train the ladder and fit the law. ``tokens`` (default 1.2M, tiny 12K) times ``budget`` tokens per model."""
     from fastlm.summary import forward_flops_per_token, param_counts
@@ -222,7 +222,8 @@ def cli(argv=None) -> int:
     p.add_argument("--rungs", type=int, default=DEFAULT_RUNGS, help=f"models in the ladder (max {len(LADDER)})")
     p.add_argument("--budget", type=float, default=1.0, help="multiply the tokens per model (e.g. 20 on a GPU)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per model before --budget (default 1200000)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="sequences per step (small: a short, token-limited run gains more from extra updates)")
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default=None)

@@ -1,5 +1,6 @@
 """fastlm.train: the loss falls, checkpoints round-trip, resume continues the same loss curve, saves are atomic,
 bad input gets clear errors, and the train / generate CLIs run."""
+import importlib.util
 import os
 
 import pytest
@@ -37,8 +38,7 @@ def _train(**kw):
 
 def test_default_corpus_is_shipped():
     assert T.default_corpus_files(), "fastlm/data/*.txt missing"
-    assert len(TEXT.encode()) > 40_000
-    assert TEXT.isascii() or TEXT.encode("utf-8")
+    assert len(TEXT.encode()) > 60_000
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -149,7 +149,7 @@ def test_corpus_sources(tmp_path):
     assert "def " in T.load_corpus("stdlib")[:200_000]
 
 
-@pytest.mark.skipif(pytest.importorskip("importlib").util.find_spec("tiktoken") is not None,
+@pytest.mark.skipif(importlib.util.find_spec("tiktoken") is not None,
                     reason="tiktoken is installed: the missing-package error cannot be provoked")
 def test_missing_tokenizer_package():
     with pytest.raises(ImportError, match="needs the tiktoken package"):

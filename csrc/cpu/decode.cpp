@@ -1,12 +1,13 @@
 // Decode attention on the CPU: a few new queries per sequence against its KV cache (Flash-Decoding).
 //
 // Algorithm: the valid part of each sequence's cache is split into chunks; a work item is (batch, chunk) and walks
-// the chunk's key blocks in memory order, visiting every kv head per block; a kv head's step processes all
-// G = H / Hkv query heads and all Sq queries together (M = G * Sq rows), so every K and V byte is read once. Keys stream through in blocks of kBlockK: scores by vector dot products
-// (four keys at a time for instruction-level parallelism), the online softmax of tile.h in base 2, and O += P V by
-// the register-blocked tile product, which reads the V rows straight from an fp32 cache (bf16/fp16 rows, and rows
-// whose head dim is not a whole number of vectors, are widened into an L1 buffer first). Each chunk leaves its
-// unnormalized output, running max and sum; a combine pass merges the chunks of each row and writes out.
+// the chunk's blocks of kBlockK keys in memory order, visiting every kv head per block. A kv head's step processes
+// all G = H / Hkv query heads and all Sq queries together (M = G * Sq rows), so every K and V byte is read once:
+// scores by vector dot products (four keys at a time for instruction-level parallelism), the online softmax of
+// tile.h in base 2, and O += P V by the register-blocked tile product, which reads the V rows straight from an
+// fp32 cache (bf16/fp16 rows, and rows whose head dim is not a whole number of vectors, are widened into an L1
+// buffer first). Each chunk leaves its unnormalized output, running max and sum; a combine pass merges the chunks
+// of each row and writes out.
 //
 // Memory traffic: each valid K and V row read once (the bandwidth bound of decoding), q read and out written once;
 // the partial results (chunks x M x D floats per kv head) are small next to the cache.
@@ -27,8 +28,8 @@
 namespace fastlm_cpu {
 namespace {
 
-constexpr int64_t kBlockK = 64;         // keys per block; a multiple of kW
-constexpr int64_t kMinChunk = 256;      // keys per work item at least (amortizes the per-item set-up)
+constexpr int64_t kBlockK = 64;     // keys per block; a multiple of kW
+constexpr int64_t kMinChunk = 256;  // keys per work item at least (amortizes the per-item set-up)
 
 struct Problem {
   int64_t B, Sq, H, Hkv, G, M, D, Dv;  // M = G * Sq rows per kv head; Dv: D padded to whole vectors
