@@ -675,6 +675,8 @@ def plot(results: list[dict], out_dir: str, env: dict) -> list[str]:
         if env["device"] == "cpu" else env["device_name"]
     paths = []
     timed = [r for r in results if r.get("median_s")]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(sorted({r["impl"] for r in timed}))}
 
     def sweep(op, xkey, rate_key, scale, ylabel, fname, panel_keys):
         rows = [r for r in timed if r["op"] == op and xkey in r["shape"]]
@@ -693,7 +695,7 @@ def plot(results: list[dict], out_dir: str, env: dict) -> list[str]:
             for impl, pts in sorted(lines.items()):
                 pts.sort()
                 style = "-o" if impl.startswith("fastlm") else "--s"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, markersize=4)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, markersize=4, color=colors[impl])
             ax.set_xscale("log", base=2)
             ax.set_title(", ".join(f"{k}={v}" for k, v in key), fontsize=8)
             ax.set_xlabel(xkey)
