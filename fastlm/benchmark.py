@@ -41,6 +41,7 @@ from fastlm import testing
 
 SCHEMA = "fastlm-bench/1"
 OPS = ("attention", "decode", "model", "ffn", "cross_entropy", "norm", "rope")   # most important first
+CPU_QUICK_OPS = ("attention", "decode", "model", "ffn")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHORT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
@@ -787,7 +788,8 @@ def parser() -> argparse.ArgumentParser:
                                             "against the float64 reference.")
     p.add_argument("--suite", choices=("quick", "full"), default="quick",
                    help="quick: a few minutes (the default); full: the whole sweep")
-    p.add_argument("--ops", help=f"comma-separated subset of {','.join(OPS)} (default: all)")
+    p.add_argument("--ops", help=f"comma-separated subset of {','.join(OPS)} (default: all; the quick suite on a CPU: "
+                                 f"{','.join(CPU_QUICK_OPS)})")
     p.add_argument("--backend", help="comma-separated fastlm backends to measure (default: cpu on a CPU, falling "
                                      "back to torch where the extension lacks an op; triton,cuda on a GPU)")
     p.add_argument("--dtype", help="comma-separated dtypes (float32,float16,bfloat16; default: per case)")
@@ -800,6 +802,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_ops(device: torch.device, suite: str) -> list[str]:
+    """Everything, except in the quick suite on a CPU: there only the ops with a C++ CPU kernel and the model, since
+    norms, RoPE and cross-entropy run the reference on a CPU (``--ops`` or ``--suite full`` measure them too)."""
+    if device.type == "cpu" and suite == "quick":
+        return list(CPU_QUICK_OPS)
+    return list(OPS)
+
+
 def cli(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.summary_of:
@@ -808,8 +818,8 @@ def cli(argv=None) -> int:
         return 0
     from fastlm import bench_suites
 
-    ops = _parse_list(args.ops, OPS, "ops") or list(OPS)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ops = _parse_list(args.ops, OPS, "ops") or default_ops(device, args.suite)
     if args.backend:
         choices = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
         backends_ = _parse_list(args.backend, choices, "backend")

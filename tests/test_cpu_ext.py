@@ -195,6 +195,20 @@ def test_mlp_strided_and_empty():
     assert _ops().mlp_swiglu(empty, args[1], args[1], args[3], None).shape == (0, 3, 20)
 
 
+def test_mlp_inputs_requiring_grad_across_threads():
+    """Many token blocks run on worker threads: the kernel's GEMMs must not go through autograd there, even when
+    the inputs require grad (the op itself is forward-only; fastlm.ops supplies the backward)."""
+    torch.manual_seed(0)
+    x = torch.randn(700, 64, requires_grad=True)
+    w_gate, w_up = (torch.randn(2048, 64, requires_grad=True) / 8 for _ in range(2))
+    w_down = torch.randn(64, 2048, requires_grad=True) / 40
+    with torch.enable_grad():
+        out = _ops().mlp_swiglu(x, w_gate, w_up, w_down, None)
+    args = (x, w_gate, w_up, w_down)
+    check_rule("mlp_swiglu requires_grad", out, reference.mlp_swiglu(*(_f64(t.detach()) for t in args)),
+               reference.mlp_swiglu(*(t.detach() for t in args)))
+
+
 # ---- attention / decode cases beyond the shared matrices ---------------------------------------------------------
 
 def _attention_check(q, k, v, causal, scale, window):

@@ -126,6 +126,9 @@ template <typename F>
 void for_blocks(int64_t n, int64_t tb, int64_t inter, int64_t n_buffers, const at::TensorOptions& opt, F&& block) {
   const int64_t n_blocks = (n + tb - 1) / tb;
   auto run = [&](int64_t begin, int64_t end) {
+    // Worker threads do not inherit the caller's dispatch state: without this guard the ATen GEMMs below would go
+    // through autograd (and reject their out= arguments) whenever an input requires grad.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::vector<at::Tensor> bufs;
     for (int64_t i = 0; i < n_buffers; ++i) bufs.push_back(at::empty({tb, inter}, opt));
     for (int64_t blk = begin; blk < end; ++blk) {
