@@ -59,6 +59,20 @@ def _load_tile_t(base, rows, offs_d, d_mask, stride_row, n_rows, MASK_ROWS: tl.c
 
 
 @triton.jit
+def _query_block(H, group, BLOCK_M: tl.constexpr):
+    """(batch, head, kv head, first query row) of a program on the grid (query blocks, batch * heads)."""
+    pid_bh = tl.program_id(1)
+    h = pid_bh % H
+    return pid_bh // H, h, h // group, tl.program_id(0) * BLOCK_M
+
+
+@triton.jit
+def _store_tile(base, rows, offs_d, d_mask, stride_row, n_rows, x):
+    tl.store(base + rows[:, None] * stride_row + offs_d[None, :], x.to(base.dtype.element_ty),
+             mask=(rows < n_rows)[:, None] & d_mask[None, :])
+
+
+@triton.jit
 def _key_range(m_start, Sk, offset, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Key blocks [lo, hi) that rows [m_start, m_start + BLOCK_M) may see, and the sub-range [full_lo, full_hi)
@@ -131,21 +145,14 @@ def _attn_fwd(Q, K, V, O, LSE,
               H, Sq, Sk, D, group, wl, wr, qk_scale, seq_bucket,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // group
+    b, h, hk, m_start = _query_block(H, group, BLOCK_M)
     offset = Sk - Sq
-    m_start = pid_m * BLOCK_M
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    m_mask = offs_m < Sq
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, d_mask, stride_qm, Sq, True)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
@@ -168,9 +175,8 @@ def _attn_fwd(Q, K, V, O, LSE,
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + pid_bh * Sq + offs_m, lse, mask=m_mask)
+    _store_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_d, d_mask, stride_om, Sq, out)
+    tl.store(LSE + (b * H + h) * Sq + offs_m, lse, mask=offs_m < Sq)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -182,21 +188,17 @@ def _bwd_preprocess(O, DO, DLSE, DELTA,
                     stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
                     H, Sq, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(dO * O) - dLSE (an upstream LSE gradient adds P * dLSE to dS, i.e. shifts delta)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, _, m_start = _query_block(H, 1, BLOCK_M)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask,
-                 other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
+    d_mask = offs_d < D
+    row_base = (b * H + h) * Sq
+    o = _load_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_d, d_mask, stride_om, Sq, True)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, d_mask, stride_dom, Sq, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + pid_bh * Sq + offs_m, mask=offs_m < Sq, other=0.0)
-    tl.store(DELTA + pid_bh * Sq + offs_m, delta, mask=offs_m < Sq)
+        delta -= tl.load(DLSE + row_base + offs_m, mask=offs_m < Sq, other=0.0)
+    tl.store(DELTA + row_base + offs_m, delta, mask=offs_m < Sq)
 
 
 @triton.jit
@@ -227,12 +229,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    nd_mask = (offs_n < Sk)[:, None] & d_mask[None, :]
 
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=nd_mask, other=0.0)                                                   # (N, D)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=nd_mask, other=0.0)
+    k = _load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, d_mask, stride_kn, Sk, True)  # (N, D)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_d, d_mask, stride_vn, Sk, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -264,11 +263,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)                          # (N, M) = (dO V^T)^T
             dst = pt * (dpt - delta[None, :])
             dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
-    dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=nd_mask)
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=nd_mask)
+    _store_tile(DK + b * stride_dkb + hk * stride_dkh, offs_n, offs_d, d_mask, stride_dkn, Sk, dk * sm_scale)
+    _store_tile(DV + b * stride_dvb + hk * stride_dvh, offs_n, offs_d, d_mask, stride_dvn, Sk, dv)
 
 
 @triton.jit
@@ -301,25 +297,18 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  H, Sq, Sk, D, group, wl, wr, qk_scale, sm_scale, seq_bucket,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // group
+    b, h, hk, m_start = _query_block(H, group, BLOCK_M)
     offset = Sk - Sq
-    m_start = pid_m * BLOCK_M
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    md_mask = (offs_m < Sq)[:, None] & d_mask[None, :]
+    row_base = (b * H + h) * Sq
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=md_mask,
-                other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=md_mask,
-                 other=0.0)
-    lse2 = _load_lse2(LSE, pid_bh * Sq, offs_m, Sq)
-    delta = tl.load(DELTA + pid_bh * Sq + offs_m, mask=offs_m < Sq, other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, d_mask, stride_qm, Sq, True)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, d_mask, stride_dom, Sq, True)
+    lse2 = _load_lse2(LSE, row_base, offs_m, Sq)
+    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < Sq, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -332,9 +321,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                    full_lo, full_hi, Sk, offset, wl, wr, qk_scale, False, HAS_LEFT, HAS_RIGHT, BLOCK_N, PRECISION)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, d_mask,
                    full_hi, hi, Sk, offset, wl, wr, qk_scale, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, PRECISION)
-    dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=md_mask)
+    _store_tile(DQ + b * stride_dqb + h * stride_dqh, offs_m, offs_d, d_mask, stride_dqm, Sq, dq * sm_scale)
 
 
 # --------------------------------------------------------------------------------------------------------------------
