@@ -127,6 +127,13 @@ def tiny_run(tmp_path_factory):
     return rc, out
 
 
+def test_default_ops():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert benchmark.default_ops(cpu, "quick") == list(benchmark.CPU_QUICK_OPS)
+    assert benchmark.default_ops(cpu, "full") == benchmark.default_ops(cuda, "quick") == list(benchmark.OPS)
+    assert benchmark.default_ops(cpu, "quick", tiny=True) == list(benchmark.OPS)
+
+
 def test_cli_tiny_run_writes_json_table_and_plots(tiny_run):
     rc, out = tiny_run
     assert rc == 0
