@@ -195,6 +195,15 @@ def test_mlp_strided_and_empty():
     assert _ops().mlp_swiglu(empty, args[1], args[1], args[3], None).shape == (0, 3, 20)
 
 
+def test_mlp_zero_hidden():
+    """x (..., 0): the up-projections are 0, so the output is bias / activation(0) / residual only."""
+    x = torch.randn(2, 3, 0)
+    args = (x, torch.randn(5, 0), torch.randn(5), torch.randn(4, 5), torch.randn(4), torch.randn(2, 3, 4))
+    check_rule("mlp_gelu d=0", _ops().mlp_gelu(*args), reference.mlp_gelu(*map(_f64, args)), reference.mlp_gelu(*args))
+    sw = (x, torch.randn(5, 0), torch.randn(5, 0), torch.randn(4, 5))
+    assert torch.equal(_ops().mlp_swiglu(*sw, None), torch.zeros(2, 3, 4))
+
+
 def test_mlp_inputs_requiring_grad_across_threads():
     """Many token blocks run on worker threads: the kernel's GEMMs must not go through autograd there, even when
     the inputs require grad (the op itself is forward-only; fastlm.ops supplies the backward)."""

@@ -103,6 +103,13 @@ void check_x(const char* op, const at::Tensor& x) {
               ": dtype must be float32, bfloat16 or float16, got ", dt);
 }
 
+// Tokens of x (..., d): the product of the leading dims (reshape(-1, d) is ambiguous when d == 0).
+int64_t token_count(const at::Tensor& x) {
+  int64_t n = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) n *= x.size(i);
+  return n;
+}
+
 // Checks the residual against the output shape and returns it as (N, d_out), or an undefined tensor.
 at::Tensor residual_rows(const char* op, const std::optional<at::Tensor>& residual, const at::Tensor& x,
                          int64_t d_out) {
@@ -113,7 +120,7 @@ at::Tensor residual_rows(const char* op, const std::optional<at::Tensor>& residu
   shape.back() = d_out;
   TORCH_CHECK(r.sizes() == at::IntArrayRef(shape), "fastlm::", op, ": residual must have the output's shape ",
               at::IntArrayRef(shape), ", got ", r.sizes());
-  return r.reshape({-1, d_out});
+  return r.reshape({token_count(x), d_out});
 }
 
 int64_t block_tokens(int64_t n_tokens, int64_t inter, int64_t n_buffers, int64_t elem_size) {
@@ -183,7 +190,7 @@ at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::opti
                 b_proj->sizes());
   }
   const at::Tensor res = residual_rows(op, residual, x, d_out);
-  const at::Tensor x2 = x.reshape({-1, d});
+  const at::Tensor x2 = x.reshape({token_count(x), d});
   const int64_t n = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
@@ -221,7 +228,7 @@ at::Tensor mlp_swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::T
   TORCH_CHECK(w_down.size(1) == inter, "fastlm::mlp_swiglu: w_down must be (d_out, intermediate) with intermediate = ",
               inter, " (w_gate's rows), got ", w_down.sizes());
   const at::Tensor res = residual_rows(op, residual, x, d_out);
-  const at::Tensor x2 = x.reshape({-1, d});
+  const at::Tensor x2 = x.reshape({token_count(x), d});
   const int64_t n = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
