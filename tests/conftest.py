@@ -44,3 +44,13 @@ def device():
 def _seed(request):
     # fresh random inputs per case, but reproducible from the test id
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny-model tests: as fast as two, and immune to OpenMP spin-waits when other
+    jobs load the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

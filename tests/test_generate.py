@@ -9,13 +9,7 @@ from fastlm.config import Config
 from fastlm.generate import _decode_step, generate, sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is as fast as two, and immune to OpenMP spin-waits when other jobs load the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name="llama-tiny", backend="torch", **overrides):

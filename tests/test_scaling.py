@@ -9,13 +9,7 @@ from fastlm import scaling
 from fastlm.summary import param_counts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is as fast as two, and immune to OpenMP spin-waits when other jobs load the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("a,alpha,c", [(3.2, 0.25, 1.1), (40.0, 0.6, 0.0), (8.0, 0.076, 0.5)])

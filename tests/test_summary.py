@@ -10,13 +10,7 @@ from fastlm.config import PRESETS, Config
 from fastlm.summary import DEVICES, cli, forward_flops_per_token, kv_cache_bytes_per_token, param_counts, summary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is as fast as two, and immune to OpenMP spin-waits when other jobs load the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _meta_model(cfg):

@@ -16,13 +16,7 @@ TINY = dict(family="llama", vocab_size=256, n_layer=2, n_head=2, n_kv_head=1, d_
             multiple_of=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is as fast as two, and immune to OpenMP spin-waits when other jobs load the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw):
