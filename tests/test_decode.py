@@ -52,7 +52,8 @@ def _check(out, q, k, v, lens, softmax_scale=None, name="out"):
 # (D, group, Sq): every head dim, GQA ratio and new-token count appears, without the full cross product
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
 SHAPES = [(16, 1, 1), (40, 2, 2), (64, 4, 1), (80, 1, 4), (128, 2, 1), (64, 1, 2), (40, 4, 4), (128, 4, 4),
-          (64, 8, 3)]  # the last: 24 rows per kv head, more than one 16-row tile
+          (64, 8, 3),  # 24 rows per kv head, more than one 16-row tile
+          (20, 3, 1)]  # a head dim that is not a whole number of SIMD vectors, an odd number of rows per kv head
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=lambda x: str(x).replace("torch.", ""))

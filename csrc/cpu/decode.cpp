@@ -1,13 +1,15 @@
 // Decode attention on the CPU: a few new queries per sequence against its KV cache (Flash-Decoding).
 //
 // Algorithm: the valid part of each sequence's cache is split into chunks; a work item is (batch, chunk) and walks
-// the chunk's blocks of kBlockK keys in memory order, visiting every kv head per block. A kv head's step processes
-// all G = H / Hkv query heads and all Sq queries together (M = G * Sq rows), so every K and V byte is read once:
-// scores by vector dot products (four keys at a time for instruction-level parallelism), the online softmax of
-// tile.h in base 2, and O += P V by the register-blocked tile product, which reads the V rows straight from an
-// fp32 cache (bf16/fp16 rows, and rows whose head dim is not a whole number of vectors, are widened into an L1
-// buffer first). Each chunk leaves its unnormalized output, running max and sum; a combine pass merges the chunks
-// of each row and writes out.
+// the chunk's blocks of kBlockK keys. Decoding is bound by the bandwidth of reading the cache, so the loops follow
+// the cache's memory order: a cache row (one key) holds every kv head, and each step takes kKeys consecutive rows
+// and runs through them head by head, so every row is read front to back exactly once while the hardware
+// prefetchers stream the kKeys rows in parallel (visiting one head's rows a row stride apart instead touches a new
+// page per key and defeats them). A kv head's rows serve all G = H / Hkv query heads and all Sq queries (M = G * Sq
+// rows), so every K and V byte is read once. Per block: scores by vector dot products, kKeys keys at a time; the
+// online softmax of tile.h in base 2 per row; O += P V, again kKeys value rows per pass over a row of O, so O is
+// loaded and stored once per kKeys keys. bf16/fp16 caches are widened in registers as they are loaded. Each chunk
+// leaves its unnormalized output, running max and sum; a combine pass merges the chunks of each row and writes out.
 //
 // Memory traffic: each valid K and V row read once (the bandwidth bound of decoding), q read and out written once;
 // the partial results (chunks x M x D floats per kv head) are small next to the cache.
@@ -22,13 +24,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 namespace fastlm_cpu {
 namespace {
 
-constexpr int64_t kBlockK = 64;     // keys per block; a multiple of kW
+constexpr int64_t kBlockK = 64;     // keys per softmax block; a multiple of kW and of kKeys
+constexpr int64_t kKeys = 4;        // cache rows streamed together
+constexpr int64_t kPrefetch = 8;    // rows ahead
 constexpr int64_t kMinChunk = 256;  // keys per work item at least (amortizes the per-item set-up)
 
 struct Problem {
@@ -41,93 +44,149 @@ struct Strides {
   int64_t b, s, h;
 };
 
-// Rows [j, j + n) of a cache as fp32 rows of length >= D: straight from an fp32 cache when its rows are whole
-// vectors, else widened (and zero padded to Dv) into buf.
-template <typename T>
-const float* cache_rows(const Problem& p, const T* src, int64_t row_stride, int64_t n, float* buf, int64_t& ld) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (p.D % kW == 0) {
-      ld = row_stride;
-      return src;
-    }
-  }
-  ld = p.Dv;
-  const int64_t full = p.D / kW * kW;
-  for (int64_t j = 0; j < n; ++j) {
-    const T* s = src + j * row_stride;
-    float* d = buf + j * p.Dv;
-    for (int64_t c = 0; c < full; c += kW) vstore(d + c, vload_cvt(s + c));
-    for (int64_t c = full; c < p.D; ++c) d[c] = to_float(s[c]);
-    for (int64_t c = p.D; c < p.Dv; ++c) d[c] = 0.0f;
-  }
-  return buf;
-}
-
+// Per-thread state of a work item, for all kv heads: query rows (fp32, zero padded to Dv), scores of one block and
+// the softmax rescaling factors; row (hk, r) is at index hk * M + r.
 struct Scratch {
-  std::vector<float> q, s, kbuf, vbuf, alpha;  // q: the M query rows of every kv head
-  explicit Scratch(const Problem& p)
-      : q(p.Hkv * p.M * p.Dv), s(p.M * kBlockK), kbuf(kBlockK * p.Dv), vbuf(kBlockK * p.Dv), alpha(p.M) {}
+  std::vector<float> q, s, alpha;
+  explicit Scratch(const Problem& p) : q(p.Hkv * p.M * p.Dv), s(p.Hkv * p.M * kBlockK), alpha(p.Hkv * p.M) {}
 };
 
-// S[r][jj] = q_r . k_jj for nb keys (rows of k with leading dimension ldk).
-void block_scores(const Problem& p, const float* q, const float* k, int64_t ldk, int64_t nb, float* s) {
-  for (int64_t r = 0; r < p.M; ++r) {
-    const float* qr = q + r * p.Dv;
-    float* sr = s + r * kBlockK;
-    int64_t j = 0;
-    for (; j + 4 <= nb; j += 4) {
-      const float* k0 = k + j * ldk;
-      vfloat a0{}, a1{}, a2{}, a3{};
-      for (int64_t c = 0; c < p.Dv; c += kW) {
-        const vfloat qv = vload(qr + c);
-        a0 = vfma(qv, vload(k0 + c), a0);
-        a1 = vfma(qv, vload(k0 + ldk + c), a1);
-        a2 = vfma(qv, vload(k0 + 2 * ldk + c), a2);
-        a3 = vfma(qv, vload(k0 + 3 * ldk + c), a3);
-      }
-      hsum4(a0, a1, a2, a3, sr + j);
+// Scores of R (1 or 2) query rows (q + r * ldq, zero padded to whole vectors) against kKeys key rows of length D:
+// s[r * lds + i] = q_r . k[i]. Eight named accumulators (arrays of vectors end up on the stack): with two rows every
+// key vector loaded feeds both, with one row the even and odd vectors go to separate sets, so there are always eight
+// independent FMA chains.
+template <int R, typename T>
+inline void dot_rows(const float* q, int64_t ldq, const T* const* k, int64_t D, float* s, int64_t lds) {
+  static_assert(kKeys == 4 && (R == 1 || R == 2), "dot_rows: four key rows, one or two query rows");
+  const int64_t full = D / kW * kW;
+  const float* q1 = R == 2 ? q + ldq : q;     // second accumulator set: the second row, or the odd vectors
+  const int64_t c1 = R == 2 ? 0 : kW, step = R == 2 ? kW : 2 * kW;
+  vfloat a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+  int64_t c = 0;
+  for (; c + c1 + kW <= full; c += step) {
+    vfloat qa = vload(q + c), qb = vload(q1 + c + c1);
+    keep_in_register(qa), keep_in_register(qb);
+    a0 = vfma(qa, vload_cvt(k[0] + c), a0), b0 = vfma(qb, vload_cvt(k[0] + c + c1), b0);
+    a1 = vfma(qa, vload_cvt(k[1] + c), a1), b1 = vfma(qb, vload_cvt(k[1] + c + c1), b1);
+    a2 = vfma(qa, vload_cvt(k[2] + c), a2), b2 = vfma(qb, vload_cvt(k[2] + c + c1), b2);
+    a3 = vfma(qa, vload_cvt(k[3] + c), a3), b3 = vfma(qb, vload_cvt(k[3] + c + c1), b3);
+  }
+  if (R == 1 && c < full) {  // an odd number of whole vectors
+    const vfloat qa = vload(q + c);
+    a0 = vfma(qa, vload_cvt(k[0] + c), a0), a1 = vfma(qa, vload_cvt(k[1] + c), a1);
+    a2 = vfma(qa, vload_cvt(k[2] + c), a2), a3 = vfma(qa, vload_cvt(k[3] + c), a3);
+  }
+  if (R == 1) {
+    hsum4(a0 + b0, a1 + b1, a2 + b2, a3 + b3, s);
+  } else {
+    hsum4(a0, a1, a2, a3, s);
+    hsum4(b0, b1, b2, b3, s + lds);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t d = full; d < D; ++d)
+      for (int i = 0; i < kKeys; ++i) s[r * lds + i] += q[r * ldq + d] * to_float(k[i][d]);
+}
+
+// o_r[0..D) += sum_i p_r[i] v[i] for R output rows (o + r * ldo, probabilities p + r * ldp) over kKeys value rows;
+// every value vector loaded feeds R rows.
+template <int R, typename T>
+inline void axpy_rows(const float* p, int64_t ldp, const T* const* v, int64_t D, float* o, int64_t ldo) {
+  const int64_t full = D / kW * kW;
+  vfloat pv[R][kKeys];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < kKeys; ++i) pv[r][i] = vset1(p[r * ldp + i]);
+  for (int64_t c = 0; c < full; c += kW) {
+    vfloat vv[kKeys];
+    for (int i = 0; i < kKeys; ++i) vv[i] = vload_cvt(v[i] + c);
+    for (int r = 0; r < R; ++r) {
+      vfloat acc = vload(o + r * ldo + c);
+      for (int i = 0; i < kKeys; ++i) acc = vfma(pv[r][i], vv[i], acc);
+      vstore(o + r * ldo + c, acc);
     }
-    for (; j < nb; ++j) {
-      vfloat a{};
-      for (int64_t c = 0; c < p.Dv; c += kW) a = vfma(vload(qr + c), vload(k + j * ldk + c), a);
-      sr[j] = hsum(a);
-    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t d = full; d < D; ++d)
+      for (int i = 0; i < kKeys; ++i) o[r * ldo + d] += p[r * ldp + i] * to_float(v[i][d]);
+}
+
+// Pointers to head hk of block rows j, j + 1, ..., j + kKeys - 1; rows past the block's nb repeat row nb - 1 (their
+// scores are masked, so they contribute nothing) to keep every read inside the cache.
+template <typename T>
+inline void block_rows(const T* base, Strides st, int64_t hk, int64_t j, int64_t nb, const T** rows) {
+  for (int64_t i = 0; i < kKeys; ++i) rows[i] = base + std::min(j + i, nb - 1) * st.s + hk * st.h;
+}
+
+// Asks for the cache lines of head hk in rows j .. j + kKeys - 1 (those below n_rows) ahead of their use.
+template <typename T>
+inline void prefetch_rows(const T* base, Strides st, int64_t hk, int64_t j, int64_t n_rows, int64_t D) {
+  for (int64_t i = j; i < std::min(j + kKeys, n_rows); ++i) {
+    const char* r = reinterpret_cast<const char*>(base + i * st.s + hk * st.h);
+    for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) __builtin_prefetch(r + off);
   }
 }
 
-// Start of a chunk of kv head hk: its query rows (fp32, sign of the scale applied) into qh, the chunk's unnormalized
-// output po (M x Dv), running max pm and sum pl reset.
+// Start of a chunk: the query rows of every kv head (fp32, sign of the scale applied) into qh, the chunk's
+// unnormalized outputs po (Hkv x M x Dv), running maxima pm and sums pl (Hkv x M) reset.
 template <typename T>
-void chunk_init(const Problem& p, const T* q, Strides qs, int64_t b, int64_t hk, float* qh, float* po, float* pm,
-                float* pl) {
-  for (int64_t r = 0; r < p.M; ++r) {
-    const int64_t g = r / p.Sq, i = r % p.Sq;
+void chunk_init(const Problem& p, const T* q, Strides qs, int64_t b, float* qh, float* po, float* pm, float* pl) {
+  for (int64_t row = 0; row < p.Hkv * p.M; ++row) {
+    const int64_t hk = row / p.M, r = row % p.M, g = r / p.Sq, i = r % p.Sq;
     const T* src = q + b * qs.b + i * qs.s + (hk * p.G + g) * qs.h;
-    float* dst = qh + r * p.Dv;
+    float* dst = qh + row * p.Dv;
     for (int64_t d = 0; d < p.D; ++d) dst[d] = to_float(src[d]) * p.scale.q_sign;
     for (int64_t d = p.D; d < p.Dv; ++d) dst[d] = 0.0f;
-    pm[r] = kNegInf;
-    pl[r] = 0.0f;
+    pm[row] = kNegInf;
+    pl[row] = 0.0f;
   }
-  std::fill(po, po + p.M * p.Dv, 0.0f);
+  std::fill(po, po + p.Hkv * p.M * p.Dv, 0.0f);
 }
 
-// Keys [j0, j0 + nb) of sequence b (valid length n) for kv head hk.
+// Keys [j0, j0 + nb) of sequence b (valid length n), every kv head. k and v point at the block's first row.
 template <typename T>
-void chunk_step(const Problem& p, const T* kc, Strides ks, const T* vc, Strides vs, int64_t b, int64_t hk, int64_t n,
-                int64_t j0, int64_t nb, const float* qh, float* po, float* pm, float* pl, Scratch& sc) {
-  int64_t ldk, ldv;
-  const float* k = cache_rows<T>(p, kc + b * ks.b + j0 * ks.s + hk * ks.h, ks.s, nb, sc.kbuf.data(), ldk);
-  block_scores(p, qh, k, ldk, nb, sc.s.data());
-  for (int64_t r = 0; r < p.M; ++r) {
-    // query i sits at position n - Sq + i and sees keys up to it; columns past nb are padding
-    const int64_t visible = std::clamp<int64_t>(n - p.Sq + r % p.Sq + 1 - j0, 0, nb);
-    float* sr = sc.s.data() + r * kBlockK;
-    std::fill(sr + visible, sr + kBlockK, kNegInf);
-    sc.alpha[r] = softmax_row(sr, kBlockK, p.scale.c, pm[r], pl[r]);
+void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs, int64_t n, int64_t j0, int64_t nb,
+                float* po, float* pm, float* pl, Scratch& sc) {
+  const int64_t rows = p.Hkv * p.M;
+  // Scores (block columns past nb are masked below)
+  for (int64_t j = 0; j < nb; j += kKeys) {
+    for (int64_t hk = 0; hk < p.Hkv; ++hk) {
+      const T* kr[kKeys];
+      block_rows(k, ks, hk, j, nb, kr);
+      if (j + kPrefetch < nb)  // the K rows ahead, near the block's end the first V rows
+        prefetch_rows(k, ks, hk, j + kPrefetch, nb, p.D);
+      else
+        prefetch_rows(v, vs, hk, j + kPrefetch - nb, nb, p.D);
+      int64_t row = hk * p.M;
+      for (; row + 2 <= (hk + 1) * p.M; row += 2)
+        dot_rows<2>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + j, kBlockK);
+      if (row < (hk + 1) * p.M)
+        dot_rows<1>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + j, kBlockK);
+    }
   }
-  const float* v = cache_rows<T>(p, vc + b * vs.b + j0 * vs.s + hk * vs.h, vs.s, nb, sc.vbuf.data(), ldv);
-  gemm_tile(p.M, p.Dv, nb, MatA{sc.s.data(), kBlockK, 1}, v, ldv, po, p.Dv, sc.alpha.data());
+  for (int64_t row = 0; row < rows; ++row) {
+    // query i sits at position n - Sq + i and sees keys up to it
+    const int64_t visible = std::clamp<int64_t>(n - p.Sq + row % p.Sq + 1 - j0, 0, nb);
+    float* sr = sc.s.data() + row * kBlockK;
+    std::fill(sr + visible, sr + kBlockK, kNegInf);
+    const float alpha = softmax_row(sr, kBlockK, p.scale.c, pm[row], pl[row]);
+    if (alpha != 1.0f) {
+      float* o = po + row * p.Dv;
+      for (int64_t d = 0; d < p.Dv; d += kW) vstore(o + d, vset1(alpha) * vload(o + d));
+    }
+  }
+  // O += P V (masked columns have P = 0)
+  for (int64_t j = 0; j < nb; j += kKeys) {
+    for (int64_t hk = 0; hk < p.Hkv; ++hk) {
+      const T* vr[kKeys];
+      block_rows(v, vs, hk, j, nb, vr);
+      // the V rows ahead, near the block's end the first K rows of the next block
+      prefetch_rows(j + kPrefetch < nb ? v : k, j + kPrefetch < nb ? vs : ks, hk, j + kPrefetch, n - j0, p.D);
+      int64_t row = hk * p.M;
+      for (; row + 2 <= (hk + 1) * p.M; row += 2)
+        axpy_rows<2>(sc.s.data() + row * kBlockK + j, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
+      if (row < (hk + 1) * p.M)
+        axpy_rows<1>(sc.s.data() + row * kBlockK + j, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
+    }
+  }
 }
 
 template <typename T>
@@ -146,8 +205,8 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
   const T* kp = kc.const_data_ptr<T>();
   const T* vp = vc.const_data_ptr<T>();
 
-  // A work item is (sequence, chunk) over all kv heads: per key block the heads are visited in turn, so the
-  // cache is swept in memory order (a cache row holds all heads) rather than one head's rows a row stride apart.
+  // A work item is (sequence, chunk) over all kv heads; its partial results are rows [w * rows, (w + 1) * rows).
+  const int64_t rows = p.Hkv * p.M;
   const int64_t n_work = p.B * p.n_chunks;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_work), 1, [&](int64_t, int64_t) {
@@ -155,15 +214,11 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
     for (int64_t w = next.fetch_add(1); w < n_work; w = next.fetch_add(1)) {
       const int64_t c = w % p.n_chunks, b = w / p.n_chunks, n = lens[b];
       const int64_t j_begin = std::min(c * p.chunk, n), j_end = std::min(j_begin + p.chunk, n);
-      auto item = [&](int64_t hk) { return (b * p.Hkv + hk) * p.n_chunks + c; };  // partial-result slot
-      for (int64_t hk = 0; hk < p.Hkv; ++hk)
-        chunk_init<T>(p, qp, qs, b, hk, sc.q.data() + hk * p.M * p.Dv, po + item(hk) * p.M * p.Dv,
-                      pm + item(hk) * p.M, pl + item(hk) * p.M);
+      float *o = po + w * rows * p.Dv, *m = pm + w * rows, *l = pl + w * rows;
+      chunk_init<T>(p, qp, qs, b, sc.q.data(), o, m, l);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK)
-        for (int64_t hk = 0; hk < p.Hkv; ++hk)
-          chunk_step<T>(p, kp, ks, vp, vs, b, hk, n, j0, std::min(kBlockK, j_end - j0),
-                        sc.q.data() + hk * p.M * p.Dv, po + item(hk) * p.M * p.Dv, pm + item(hk) * p.M,
-                        pl + item(hk) * p.M, sc);
+        chunk_step<T>(p, kp + b * ks.b + j0 * ks.s, vp + b * vs.b + j0 * vs.s, ks, vs, n, j0,
+                      std::min(kBlockK, j_end - j0), o, m, l, sc);
     }
   });
 
@@ -175,9 +230,9 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
       const int64_t r = w % p.M, bh = w / p.M, b = bh / p.Hkv, hk = bh % p.Hkv;
       const int64_t g = r / p.Sq, i = r % p.Sq;
       T* dst = optr + ((b * p.Sq + i) * p.H + hk * p.G + g) * p.D;
-      const int64_t base = bh * p.n_chunks;
+      auto part = [&](int64_t c) { return (b * p.n_chunks + c) * rows + hk * p.M + r; };  // partial-result row
       float m = kNegInf;
-      for (int64_t c = 0; c < p.n_chunks; ++c) m = std::max(m, pm[(base + c) * p.M + r]);
+      for (int64_t c = 0; c < p.n_chunks; ++c) m = std::max(m, pm[part(c)]);
       if (m == kNegInf) {  // the query sees no key
         for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(0.0f);
         continue;
@@ -185,11 +240,11 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
       std::fill(acc.begin(), acc.end(), 0.0f);
       float l = 0.0f;
       for (int64_t c = 0; c < p.n_chunks; ++c) {
-        const float mc = pm[(base + c) * p.M + r];
+        const float mc = pm[part(c)];
         if (mc == kNegInf) continue;  // a chunk without visible keys
         const float f = std::exp2(mc - m);
-        l += f * pl[(base + c) * p.M + r];
-        const float* oc = po + ((base + c) * p.M + r) * p.Dv;
+        l += f * pl[part(c)];
+        const float* oc = po + part(c) * p.Dv;
         for (int64_t d = 0; d < p.Dv; d += kW)
           vstore(acc.data() + d, vfma(vset1(f), vload(oc + d), vload(acc.data() + d)));
       }
