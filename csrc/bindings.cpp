@@ -29,11 +29,15 @@ at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor&, const a
 }
 
 at::Tensor mlp_out_meta(const at::Tensor& x, const at::Tensor& w_out) {
-  TORCH_CHECK(x.dim() >= 1 && w_out.dim() == 2, "fastlm mlp: x must have at least 1 dim and weights 2, got ",
+  TORCH_CHECK(x.dim() >= 1 && w_out.dim() == 2, "fastlm: x must have at least 1 dim and weights 2, got ",
               x.dim(), " and ", w_out.dim());
   std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end());
   shape.back() = w_out.sym_size(0);
   return at::empty_symint(shape, x.options());
+}
+
+at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>&) {
+  return mlp_out_meta(x, weight);
 }
 
 at::Tensor mlp_gelu_meta(const at::Tensor& x, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -54,6 +58,7 @@ TORCH_LIBRARY(fastlm, m) {
         "int window_right) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float softmax_scale) "
         "-> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("mlp_gelu(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, Tensor? residual) -> Tensor");
   m.def("mlp_swiglu(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? residual) -> Tensor");
 }
@@ -61,6 +66,7 @@ TORCH_LIBRARY(fastlm, m) {
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("attention_fwd", &fastlm_cpu::attention_fwd);
   m.impl("decode_attention", &fastlm_cpu::decode_attention);
+  m.impl("linear", &fastlm_cpu::linear);
   m.impl("mlp_gelu", &fastlm_cpu::mlp_gelu);
   m.impl("mlp_swiglu", &fastlm_cpu::mlp_swiglu);
 }
@@ -68,6 +74,7 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
 TORCH_LIBRARY_IMPL(fastlm, Meta, m) {
   m.impl("attention_fwd", &attention_fwd_meta);
   m.impl("decode_attention", &decode_attention_meta);
+  m.impl("linear", &linear_meta);
   m.impl("mlp_gelu", &mlp_gelu_meta);
   m.impl("mlp_swiglu", &mlp_swiglu_meta);
 }

@@ -47,6 +47,7 @@ def extension():
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def extension_has(op: str, device: str) -> bool:
     """Whether the extension registers ``torch.ops.fastlm.<op>`` with a kernel for ``device`` ("cpu"/"cuda")."""
     if extension() is None:

@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fastlm import ops
 from fastlm.backends import BACKENDS
@@ -31,7 +30,7 @@ from fastlm.reference import init_weights
 
 class _Backends(NamedTuple):
     native: str        # attention, decode_attention, mlp_*: the ops the C++ extension implements (csrc/bindings.cpp)
-    generic: str       # norms, RoPE, cross-entropy
+    generic: str       # norms, RoPE, linear, cross-entropy: "auto" for a C++ backend (the CPU has a linear kernel)
 
 
 class Norm(nn.Module):
@@ -55,6 +54,10 @@ class Norm(nn.Module):
         return ops.add_rms_norm(x, residual, self.weight, self.eps, backend=backend.generic)
 
 
+def _linear(layer: nn.Linear, x, backend):
+    return ops.linear(x, layer.weight, layer.bias, backend=backend.generic)
+
+
 class Attention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
@@ -70,9 +73,9 @@ class Attention(nn.Module):
     def forward(self, x, rope, input_pos, backend):
         B, S, _ = x.shape
         c = self.config
-        q = self.wq(x).view(B, S, c.n_head, c.head_dim)                       # (B, S, H, D)
-        k = self.wk(x).view(B, S, c.n_kv_head, c.head_dim)                    # (B, S, Hkv, D)
-        v = self.wv(x).view(B, S, c.n_kv_head, c.head_dim)
+        q = _linear(self.wq, x, backend).view(B, S, c.n_head, c.head_dim)    # (B, S, H, D)
+        k = _linear(self.wk, x, backend).view(B, S, c.n_kv_head, c.head_dim)  # (B, S, Hkv, D)
+        v = _linear(self.wv, x, backend).view(B, S, c.n_kv_head, c.head_dim)
         if rope is not None:
             cos, sin = rope
             q = ops.apply_rope(q, cos, sin, backend=backend.generic)
@@ -88,7 +91,7 @@ class Attention(nn.Module):
             self.k_cache.index_put_((rows, positions), k)
             self.v_cache.index_put_((rows, positions), v)
             y = ops.decode_attention(q, self.k_cache, self.v_cache, input_pos + S, backend=backend.native)
-        return self.wo(y.reshape(B, S, c.n_head * c.head_dim))
+        return _linear(self.wo, y.reshape(B, S, c.n_head * c.head_dim), backend)
 
 
 class MLP(nn.Module):
@@ -252,7 +255,7 @@ class Transformer(nn.Module):
                                  f"{_describe(targets)}")
             return ops.linear_cross_entropy(y.reshape(B * S, -1), self.head_weight, targets.reshape(B * S),
                                             backend=self._backends.generic)
-        return F.linear(y, self.head_weight)                                   # (B, S, V)
+        return ops.linear(y, self.head_weight, backend=self._backends.generic)  # (B, S, V)
 
     def generate(self, *args, **kwargs):
         """See fastlm.generate.generate."""

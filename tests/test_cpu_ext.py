@@ -12,12 +12,13 @@ from fastlm.testing import check_rule
 
 pytestmark = pytest.mark.skipif(backends.extension() is None, reason="fastlm._C is not built")
 
-OPS = ("attention_fwd", "decode_attention", "mlp_gelu", "mlp_swiglu")
+OPS = ("attention_fwd", "decode_attention", "linear", "mlp_gelu", "mlp_swiglu")
 SCHEMAS = {
     "attention_fwd": "fastlm::attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
                      "int window_left, int window_right) -> (Tensor, Tensor)",
     "decode_attention": "fastlm::decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
                         "float softmax_scale) -> Tensor",
+    "linear": "fastlm::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
     "mlp_gelu": "fastlm::mlp_gelu(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, "
                 "Tensor? residual) -> Tensor",
     "mlp_swiglu": "fastlm::mlp_swiglu(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? residual) "
@@ -62,6 +63,8 @@ def test_meta_shapes():
     y = _ops().mlp_swiglu(x, *(torch.empty(24, 8, dtype=F16, **m) for _ in range(2)),
                           torch.empty(8, 24, dtype=F16, **m), None)
     assert y.shape == (2, 3, 8)
+    y = _ops().linear(x, torch.empty(5, 8, dtype=F16, **m), None)
+    assert (y.shape, y.dtype) == ((2, 3, 5), F16)
 
 
 def test_opcheck():
@@ -75,6 +78,7 @@ def test_opcheck():
     torch.library.opcheck(_ops().mlp_gelu.default, gelu_args)
     torch.library.opcheck(_ops().mlp_swiglu.default,
                           (x, torch.randn(24, 8), torch.randn(24, 8), torch.randn(8, 24), None))
+    torch.library.opcheck(_ops().linear.default, (x, torch.randn(24, 8), torch.randn(24)))
 
 
 def test_compile_fullgraph():
@@ -216,6 +220,49 @@ def test_mlp_inputs_requiring_grad_across_threads():
     args = (x, w_gate, w_up, w_down)
     check_rule("mlp_swiglu requires_grad", out, reference.mlp_swiglu(*(_f64(t.detach()) for t in args)),
                reference.mlp_swiglu(*(t.detach() for t in args)))
+
+
+# ---- linear ----------------------------------------------------------------------------------------------------------
+
+# (leading dims of x, in_features, out_features): the matrix-vector path (<= 8 rows; in_features not a whole number
+# of vectors, out_features not a multiple of the 4-row groups, one output) and ATen's GEMM above it
+LINEAR_SHAPES = [((1,), 40, 1000), ((2, 3), 20, 7), ((7,), 72, 1), ((1, 8), 1, 13), ((9,), 40, 33), ((3, 50), 24, 17)]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, (*s[0], *s[1:]))))
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_rule(dtype, shape, bias):
+    lead, k, n = shape
+    x = torch.randn(*lead, k).to(dtype)
+    w = (torch.randn(n, k) / math.sqrt(k)).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    out = _ops().linear(x, w, b)
+    assert out.dtype == dtype and out.shape == (*lead, n) and torch.isfinite(out).all()
+    check_rule("linear", out, torch.nn.functional.linear(x.double(), w.double(), _f64(b)),
+               torch.nn.functional.linear(x, w, b))
+
+
+def test_linear_strided_and_empty():
+    x = torch.randn(3, 40, 2)[..., 1]                        # row stride 80
+    w = torch.randn(24, 40)
+    for weight in (w, torch.randn(40, 24).t(), w[::2]):     # rows contiguous; transposed (ATen path); row stride 80
+        check_rule("linear strided", _ops().linear(x, weight, None),
+                   torch.nn.functional.linear(x.double(), weight.double()), torch.nn.functional.linear(x, weight))
+    assert _ops().linear(torch.randn(0, 4, 40), w, None).shape == (0, 4, 24)
+    b = torch.randn(24)
+    assert torch.equal(_ops().linear(torch.randn(2, 0), torch.randn(24, 0), b), b.expand(2, 24))
+    assert torch.equal(_ops().linear(torch.randn(2, 0), torch.randn(24, 0), None), torch.zeros(2, 24))
+
+
+def test_linear_errors():
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    _raises(r"weight must be \(out_features, 8\) for x's last dim 8, got \[5, 7\]", _ops().linear, x, w[:, :7], None)
+    _raises(r"weight must be 2-D", _ops().linear, x, w[0], None)
+    _raises(r"x must have at least 1 dim", _ops().linear, torch.tensor(1.0), w, None)
+    _raises(r"weight must have x's dtype", _ops().linear, x, w.to(BF16), None)
+    _raises(r"dtype must be float32, bfloat16 or float16, got Double", _ops().linear, x.double(), w.double(), None)
+    _raises(r"bias must be a CPU Float tensor of shape \(5,\)", _ops().linear, x, w, torch.randn(4))
 
 
 # ---- attention / decode cases beyond the shared matrices ---------------------------------------------------------

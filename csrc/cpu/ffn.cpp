@@ -11,8 +11,13 @@
 // at least one block per thread the blocks run in parallel, each on single-threaded GEMMs (small GEMMs split
 // across threads waste most of their time synchronizing); otherwise one block with multithreaded GEMMs.
 //
+// Up to kGemvMaxRows tokens (decoding) the GEMMs are matrix-vector products bound by reading the weights: those go
+// through gemv.h instead (each weight byte read once at the memory's rate, the threads splitting the output rows),
+// with the activation applied in fp32 to each thread's slice of the intermediate as soon as it is computed.
+//
 // Memory traffic: x, the weights (once per block, from L3 when they fit) and out; the N x I intermediate of the
 // unfused form never goes to memory.
+#include "cpu/gemv.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 
@@ -165,6 +170,56 @@ void down_block(at::Tensor& out, const at::Tensor& h, const at::Tensor& w_t, con
   }
 }
 
+bool rows_contiguous(std::initializer_list<const at::Tensor*> ws) {
+  return std::all_of(ws.begin(), ws.end(), [](const at::Tensor* w) { return w->stride(1) == 1 || w->size(1) <= 1; });
+}
+
+// The decode-sized MLP (n <= kGemvMaxRows tokens): out = act(x W1^T + b1 [, x W_up^T]) W2^T + b2 + res, every
+// product a matrix-vector product over the weight rows (gemv.h), the intermediate in fp32.
+void small_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+               const at::Tensor* w_up, const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& res,
+               at::Tensor& out) {
+  const int64_t n = x2.size(0), d = x2.size(1), inter = w1.size(0), d_out = w2.size(0);
+  const auto f32 = x2.options().dtype(at::kFloat);
+  const at::Tensor xf = x2.to(at::kFloat).contiguous();
+  const at::Tensor b1f = b1.has_value() ? b1->to(at::kFloat) : at::Tensor();
+  at::Tensor h = at::empty({n, inter}, f32), u = w_up ? at::empty({n, inter}, f32) : at::Tensor();
+  at::Tensor y = out.scalar_type() == at::kFloat ? out : at::empty({n, d_out}, f32);
+  float *hp = h.data_ptr<float>(), *up = w_up ? u.data_ptr<float>() : nullptr, *yp = y.data_ptr<float>();
+  auto run = [&](auto tag) {
+    using W = decltype(tag);
+    for_row_ranges(inter, d, [&](int64_t n0, int64_t n1) {
+      gemv_rows(xf.const_data_ptr<float>(), n, d, w1.const_data_ptr<W>(), w1.stride(0), inter, n0, n1, hp, inter);
+      if (w_up)
+        gemv_rows(xf.const_data_ptr<float>(), n, d, w_up->const_data_ptr<W>(), w_up->stride(0), inter, n0, n1, up,
+                  inter);
+      for (int64_t t = 0; t < n; ++t) {
+        float* ht = hp + t * inter;
+        if (b1f.defined())
+          for (int64_t c = n0; c < n1; ++c) ht[c] += b1f.const_data_ptr<float>()[c];
+        activation<float>(act, ht + n0, w_up ? up + t * inter + n0 : nullptr, 1, n1 - n0);
+      }
+    });
+    for_row_ranges(d_out, inter, [&](int64_t n0, int64_t n1) {
+      gemv_rows(hp, n, inter, w2.const_data_ptr<W>(), w2.stride(0), d_out, n0, n1, yp, d_out);
+    });
+  };
+  switch (x2.scalar_type()) {
+    case at::kFloat:
+      run(float{});
+      break;
+    case at::kBFloat16:
+      run(c10::BFloat16{});
+      break;
+    default:
+      run(c10::Half{});
+      break;
+  }
+  if (b2.has_value()) y.add_(*b2);
+  if (res.defined()) y.add_(res);
+  if (!y.is_same(out)) out.copy_(y);
+}
+
 }  // namespace
 
 at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::optional<at::Tensor>& b_fc,
@@ -195,7 +250,9 @@ at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::opti
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
   at::Tensor out = at::empty({n, d_out}, x.options());
-  if (n > 0 && d_out > 0) {
+  if (n > 0 && d_out > 0 && n <= kGemvMaxRows && rows_contiguous({&w_fc, &w_proj})) {
+    small_mlp(Act::kGelu, x2, w_fc, b_fc, nullptr, w_proj, b_proj, res, out);
+  } else if (n > 0 && d_out > 0) {
     const at::Tensor w_fc_t = w_fc.t(), w_proj_t = w_proj.t();
     const int64_t tb = block_tokens(n, inter, 1, x.element_size());
     for_blocks(n, tb, inter, 1, x.options(), [&](int64_t t0, int64_t rows, std::vector<at::Tensor>& bufs) {
@@ -233,7 +290,9 @@ at::Tensor mlp_swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::T
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
   at::Tensor out = at::empty({n, d_out}, x.options());
-  if (n > 0 && d_out > 0) {
+  if (n > 0 && d_out > 0 && n <= kGemvMaxRows && rows_contiguous({&w_gate, &w_up, &w_down})) {
+    small_mlp(Act::kSwiGLU, x2, w_gate, std::nullopt, &w_up, w_down, std::nullopt, res, out);
+  } else if (n > 0 && d_out > 0) {
     const at::Tensor w_gate_t = w_gate.t(), w_up_t = w_up.t(), w_down_t = w_down.t();
     const int64_t tb = block_tokens(n, inter, 2, x.element_size());
     for_blocks(n, tb, inter, 2, x.options(), [&](int64_t t0, int64_t rows, std::vector<at::Tensor>& bufs) {

@@ -20,6 +20,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& cache_seqlens, double softmax_scale);
 
+// x W^T (+ bias), weight in nn.Linear layout (out_features, in_features).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
 // proj(gelu_tanh(fc(x))) (+ residual); weights in nn.Linear layout.
 at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::optional<at::Tensor>& b_fc,
                     const at::Tensor& w_proj, const std::optional<at::Tensor>& b_proj,

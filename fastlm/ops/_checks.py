@@ -1,5 +1,5 @@
 """Argument checks shared by the public ops: each raises TypeError/ValueError naming the op, the argument, what was
-expected and what was given."""
+expected and what was given. Also ``needs_grad``, which picks between an op's autograd wrapper and its bare kernel."""
 from __future__ import annotations
 
 import math
@@ -22,6 +22,13 @@ def check_triton_dtypes(op: str, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"{op}: the triton backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd would record an op on these tensors (None entries skipped). Without it an op can call its
+    forward kernel directly, skipping the autograd wrapper's per-call cost (tens of microseconds, the time of a small
+    kernel: it adds up over a decoding step's hundred calls)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def num_rows(x: torch.Tensor) -> int:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fastlm import reference
 from fastlm.backends import resolve
-from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, num_rows
+from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, needs_grad, num_rows
 
 
 def _kernels():
@@ -244,10 +244,6 @@ def _weight_dims(op, name, w, in_dim):
     return w.shape[0]
 
 
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None, *, backend="auto"):
     """GPT-2 MLP: gelu_tanh(x @ w_fc^T + b_fc) @ w_proj^T + b_proj (+ residual)."""
     op = "mlp_gelu"
@@ -260,9 +256,11 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None, *, backend="auto"):
     if be == "torch":
         return reference.mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual)
     if be in ("cpu", "cuda"):
+        if not needs_grad(x, w_fc, b_fc, w_proj, b_proj, residual):
+            return _native_call("mlp_gelu", x, w_fc, b_fc, w_proj, b_proj, residual)
         return _nat_gelu(x, w_fc, b_fc, w_proj, b_proj, residual)
     check_triton_dtypes(op, x=x)
-    y, _ = _tr_gelu(x, w_fc, b_fc, w_proj, b_proj, residual, _needs_grad(x, w_fc, b_fc, w_proj, b_proj))
+    y, _ = _tr_gelu(x, w_fc, b_fc, w_proj, b_proj, residual, needs_grad(x, w_fc, b_fc, w_proj, b_proj))
     return y
 
 
@@ -279,7 +277,9 @@ def mlp_swiglu(x, w_gate, w_up, w_down, residual=None, *, backend="auto"):
     if be == "torch":
         return reference.mlp_swiglu(x, w_gate, w_up, w_down, residual)
     if be in ("cpu", "cuda"):
+        if not needs_grad(x, w_gate, w_up, w_down, residual):
+            return _native_call("mlp_swiglu", x, w_gate, w_up, w_down, residual)
         return _nat_swiglu(x, w_gate, w_up, w_down, residual)
     check_triton_dtypes(op, x=x)
-    y, _, _ = _tr_swiglu(x, w_gate, w_up, w_down, residual, _needs_grad(x, w_gate, w_up, w_down))
+    y, _, _ = _tr_swiglu(x, w_gate, w_up, w_down, residual, needs_grad(x, w_gate, w_up, w_down))
     return y

@@ -1,0 +1,54 @@
+"""fastlm.ops.linear: every backend against F.linear in float64 (numerics rule), output and the gradients of x, the
+weight and the bias, on the matrix-vector sizes (decoding) and above; bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlm import backends
+from fastlm.ops import linear
+from fastlm.testing import check_op
+
+BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(not backends.extension_has("linear", "cpu"),
+                                                                 reason="fastlm._C is not built"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead, k, n", [((1,), 40, 300), ((2, 3), 20, 7), ((2, 9), 24, 17)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rule_and_grads(backend, dtype, lead, k, n, bias):
+    inputs = [torch.randn(*lead, k).to(dtype), (torch.randn(n, k) / k ** 0.5).to(dtype),
+              torch.randn(n).to(dtype) if bias else None]
+    check_op(f"linear[{backend}]", lambda *a: linear(*a, backend=backend), F.linear, inputs)
+
+
+def test_auto_uses_the_extension_on_cpu():
+    if backends.extension_has("linear", "cpu"):
+        assert backends.resolve("auto", torch.device("cpu"), "linear", native_ops=("linear",)) == "cpu"
+    x, w = torch.randn(1, 16), torch.randn(8, 16)
+    torch.testing.assert_close(linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.skipif(not backends.extension_has("linear", "cpu"), reason="fastlm._C is not built")
+def test_compile_fullgraph():
+    x, w, b = torch.randn(2, 16), torch.randn(8, 16), torch.randn(8)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, w, b: linear(x, w, b, backend="cpu") * 2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(x, w, b), F.linear(x, w, b) * 2)
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda x, w, b: linear(x, w[:, :-1], b), ValueError, "weight must be 2-D (out_features, 16)"),
+    (lambda x, w, b: linear(x, w[0], b), ValueError, "weight must be 2-D"),
+    (lambda x, w, b: linear(x, w, b[:-1]), ValueError, "bias must be a tensor of shape (8,)"),
+    (lambda x, w, b: linear(x, w.double(), b), TypeError, "weight must have x's dtype"),
+    (lambda x, w, b: linear(x, w, b.half()), TypeError, "bias must have x's dtype"),
+    (lambda x, w, b: linear(x.long(), w, b), TypeError, "x must be a floating-point tensor"),
+    (lambda x, w, b: linear(x[0, 0], w, b), ValueError, "0-dim"),
+    (lambda x, w, b: linear(x, w, b, backend="tpu"), ValueError, "backend must be one of"),
+])
+def test_bad_input(call, exc, words):
+    x, w, b = torch.randn(2, 16), torch.randn(8, 16), torch.randn(8)
+    with pytest.raises(exc, match=None) as info:
+        call(x, w, b)
+    assert words in str(info.value)
