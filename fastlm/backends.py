@@ -81,21 +81,28 @@ def resolve(backend: str, device, op: str, *, native_ops=()) -> str:
     Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here.
     Under torch.compile the choice is made once, at trace time (it depends only on its arguments and the machine).
     """
+    dev = device.type if isinstance(device, torch.device) else str(device)
+    return _resolve(backend, dev, op, tuple(native_ops), interpreter())
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(backend: str, dev: str, op: str, native_ops: tuple, interpreting: bool) -> str:
+    """resolve() for a device type, cached: the answer depends only on its arguments, whether the Triton interpreter
+    is on, and the machine (a model's decoding step asks a few hundred times). Errors are raised, not cached."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    dev = device.type if hasattr(device, "type") else str(device)
     if backend == "auto":
         if dev == "cuda":
             return "triton" if triton_available() else "torch"
         if native_ops and all(extension_has(n, "cpu") for n in native_ops) and dev == "cpu":
             return "cpu"
-        if triton_available() and interpreter():
+        if triton_available() and interpreting:
             return "triton"
         return "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"backend='triton' for {op}: triton is not installed; choices here: {_here()}")
-        if dev != "cuda" and not interpreter():
+        if dev != "cuda" and not interpreting:
             raise RuntimeError(f"backend='triton' for {op} needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                                f"triton is imported to run on CPU tensors (got {dev} tensors); choices here: {_here()}")
     if backend in ("cpu", "cuda"):
