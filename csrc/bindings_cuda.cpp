@@ -144,7 +144,7 @@ at::Tensor mlp_cuda(const char* op, const at::Tensor& x, const at::Tensor& w1, c
   check_cuda(x, op, "x");
   TORCH_CHECK(x.dim() >= 1, "fastlm::", op, " (CUDA): x must have at least 1 dim");
   const DType dtype = dtype_of(x, op);
-  const int64_t d_model = x.size(-1), d_ff = w1.size(0);
+  const int64_t d_model = x.size(-1);
   auto same = [&](const at::Tensor& t, const char* name) {
     check_cuda(t, op, name);
     TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastlm::", op, " (CUDA): ", name, " must have x's dtype ",
@@ -154,6 +154,7 @@ at::Tensor mlp_cuda(const char* op, const at::Tensor& x, const at::Tensor& w1, c
   same(w2, "second weight");
   TORCH_CHECK(w1.dim() == 2 && w1.size(1) == d_model, "fastlm::", op, " (CUDA): first weight must be (d_ff, ",
               d_model, "), got ", w1.sizes());
+  const int64_t d_ff = w1.size(0);
   TORCH_CHECK(w2.dim() == 2 && w2.size(0) == d_model && w2.size(1) == d_ff, "fastlm::", op,
               " (CUDA): second weight must be (", d_model, ", ", d_ff, "), got ", w2.sizes());
   if (w1b) {

@@ -1,6 +1,6 @@
 """Shared pieces of the Triton kernels: activation functions (and their derivatives) as @triton.jit helpers, an fp32
-dot that stays IEEE-exact, and small host-side utilities (SM count, power-of-two sizes, (rows, D) views, AOT
-alignment attributes).
+dot that stays IEEE-exact, and small host-side utilities (SM count, power-of-two sizes, grid limits, (rows, D)
+views, AOT alignment attributes).
 
 Nothing here runs at import time beyond defining functions; the SM count is queried lazily and cached.
 """
@@ -35,6 +35,17 @@ def num_programs(device: torch.device, per_sm: int = 4, cpu: int = 4) -> int:
     if device.type != "cuda":
         return cpu
     return per_sm * sm_count(device)
+
+
+MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid dimensions
+
+
+def check_grid(kernel: str, **dims: int) -> None:
+    """Sizes a kernel puts on the grid's second and third dimensions (heads, batch: the first, over sequence blocks,
+    is the one with a 2^31 - 1 limit) must fit CUDA's 65535; ValueError naming them otherwise."""
+    for name, n in dims.items():
+        if n > MAX_GRID_YZ:
+            raise ValueError(f"{kernel} (triton): {name} must be <= {MAX_GRID_YZ}, got {n}; split the call")
 
 
 def rows2d(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from fastlm.backends import interpreter
-from fastlm.kernels._helpers import aligned
+from fastlm.kernels._helpers import aligned, check_grid
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -60,10 +60,9 @@ def _load_tile_t(base, rows, offs_d, d_mask, stride_row, n_rows, MASK_ROWS: tl.c
 
 @triton.jit
 def _query_block(H, group, BLOCK_M: tl.constexpr):
-    """(batch, head, kv head, first query row) of a program on the grid (query blocks, batch * heads)."""
-    pid_bh = tl.program_id(1)
-    h = pid_bh % H
-    return pid_bh // H, h, h // group, tl.program_id(0) * BLOCK_M
+    """(batch, head, kv head, first query row) of a program on the grid (query blocks, heads, batch)."""
+    h = tl.program_id(1)
+    return tl.program_id(2), h, h // group, tl.program_id(0) * BLOCK_M
 
 
 @triton.jit
@@ -220,9 +219,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
-    b = pid_bhk // Hkv
-    hk = pid_bhk % Hkv
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
     offset = Sk - Sq
     n_start = pid_n * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -431,7 +429,8 @@ def attention_fwd(q, k, v, causal: bool, softmax_scale: float, window_left: int 
         window_right = 0
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    check_grid("attention", batch=B, nheads=H)
+    grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), H, B)  # noqa: E731
     _attn_fwd_tuned[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, Sq, Sk, D, H // Hkv, window_left, window_right, softmax_scale * LOG2E, _seq_bucket(max(Sq, Sk)),
@@ -454,7 +453,8 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, w
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     pre_m = 64 if block_d <= 128 else 32
-    _bwd_preprocess[(triton.cdiv(Sq, pre_m), B * H)](
+    check_grid("attention backward", batch=B, nheads=H)
+    _bwd_preprocess[(triton.cdiv(Sq, pre_m), H, B)](
         out, dout, dlse if dlse is not None else delta, delta, *_strides(out), *_strides(dout), H, Sq, D,
         HAS_DLSE=dlse is not None, BLOCK_M=pre_m, BLOCK_D=block_d)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -463,11 +463,11 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, w
     common = dict(HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, BLOCK_D=block_d,
                   PRECISION=_precision(q.dtype))
     bucket = _seq_bucket(max(Sq, Sk))
-    _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * Hkv)](
+    _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), Hkv, B)](
         q, k, v, dout, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
         *_strides(dk), *_strides(dv), H, Hkv, Sq, Sk, D, H // Hkv, window_left, window_right,
         softmax_scale * LOG2E, softmax_scale, bucket, **common)
-    _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)](
+    _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), H, B)](
         q, k, v, dout, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
         H, Sq, Sk, D, H // Hkv, window_left, window_right, softmax_scale * LOG2E, softmax_scale, bucket, **common)
     return dq, dk, dv

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import aligned, interpreter, next_pow2, sm_count
+from ._helpers import aligned, check_grid, interpreter, next_pow2, sm_count
 
 LOG2E = 1.4426950408889634
 
@@ -36,16 +36,14 @@ def _decode_split_kernel(
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
-    Sq, H, S_max, NUM_SPLITS, qk_scale,
+    Sq, H, S_max, NUM_SPLITS, N_ROW_BLOCKS, qk_scale,
     D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     split = tl.program_id(0)
-    bh = tl.program_id(1)
-    row_block = tl.program_id(2)
-    Hkv = H // GROUP
-    b = bh // Hkv
-    hk = bh % Hkv
+    hk = tl.program_id(1)
+    b = tl.program_id(2) // N_ROW_BLOCKS
+    row_block = tl.program_id(2) % N_ROW_BLOCKS
 
     seqlen = tl.load(SEQLENS + b).to(tl.int32)
     seqlen = tl.minimum(tl.maximum(seqlen, 0), S_max)
@@ -187,12 +185,14 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None,
         num_warps = split_num_warps(block_m, block_d)
     mid_o = torch.empty((B * Sq * H * num_splits, D), dtype=torch.float32, device=q.device)
     mid_m, mid_l = torch.empty((2, B * Sq * H * num_splits), dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(num_splits, B * Hkv, triton.cdiv(group * Sq, block_m))](
+    n_row_blocks = triton.cdiv(group * Sq, block_m)
+    check_grid("decode_attention", nheads_kv=Hkv, **{"batch * query row blocks": B * n_row_blocks})
+    _decode_split_kernel[(num_splits, Hkv, B * n_row_blocks)](
         q, k_cache, v_cache, cache_seqlens, mid_o, mid_m, mid_l,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Sq, H, S_max, num_splits, scale * LOG2E,
+        Sq, H, S_max, num_splits, n_row_blocks, scale * LOG2E,
         D=D, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=2,
     )
@@ -220,7 +220,8 @@ def aot_specs():
                 "Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "SEQLENS": "*i32",
                 "MID_O": "*fp32", "MID_M": "*fp32", "MID_L": "*fp32",
                 **{f"stride_{t}{a}": "i32" for t in "qkv" for a in "bsh"},
-                "Sq": "i32", "H": "i32", "S_max": "i32", "NUM_SPLITS": "i32", "qk_scale": "fp32",
+                "Sq": "i32", "H": "i32", "S_max": "i32", "NUM_SPLITS": "i32", "N_ROW_BLOCKS": "i32",
+                "qk_scale": "fp32",
                 "D": "constexpr", "GROUP": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                 "BLOCK_D": "constexpr",
             },

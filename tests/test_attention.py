@@ -295,3 +295,15 @@ def test_float64_only_on_reference_backend():
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_large(d, causal):
     _check_case("triton", torch.bfloat16, (2, 1031, 2049, 8, 2, d, causal, (-1, -1)))
+
+
+def test_triton_grid_limits():
+    # heads and batch sit on the grid's 65535-limited dimensions: beyond that a clear error, not a failed launch
+    from fastlm.kernels.attention import attention_fwd
+    from fastlm.kernels.decode import decode_attention_fwd
+    q = torch.zeros(65536, 1, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"attention \(triton\): batch must be <= 65535, got 65536"):
+        attention_fwd(q, q, q, False, 0.25)
+    lens = torch.ones(65536, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"batch \* query row blocks must be <= 65535, got 65536"):
+        decode_attention_fwd(q, q, q, lens)
