@@ -42,7 +42,8 @@ class Config:
 
     Fields left as None take the family's default in ``__post_init__``: n_kv_head = n_head; intermediate_size =
     4 * d_model (gpt2) or 2/3 * 4 * d_model rounded up to a multiple of ``multiple_of`` (llama); tie_embeddings and
-    bias True for gpt2, False for llama. ``head_dim`` is derived.
+    bias True for gpt2, False for llama; qkv_bias (biases on the q/k/v projections only) equal to bias — a llama
+    with qkv_bias=True is Qwen2's architecture. ``head_dim`` is derived.
     """
     name: str = "custom"
     family: str = "llama"
@@ -57,6 +58,7 @@ class Config:
     rope_base: float = 10000.0
     tie_embeddings: bool | None = None
     bias: bool | None = None
+    qkv_bias: bool | None = None
     multiple_of: int = 256
     head_dim: int = field(init=False)
 
@@ -69,6 +71,8 @@ class Config:
             self.tie_embeddings = self.family == "gpt2"
         if self.bias is None:
             self.bias = self.family == "gpt2"
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seqlen", "multiple_of"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
@@ -85,7 +89,7 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        for name in ("tie_embeddings", "bias"):
+        for name in ("tie_embeddings", "bias", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool or None, got {getattr(self, name)!r}")
         if self.d_model % self.n_head:
@@ -98,6 +102,8 @@ class Config:
         if self.bias != (self.family == "gpt2"):
             raise ValueError(f"bias={self.bias} is not supported for the {self.family} family (gpt2 has biases on "
                              f"every linear layer, llama on none)")
+        if self.bias and not self.qkv_bias:
+            raise ValueError("qkv_bias=False with bias=True is not supported (bias covers every linear layer)")
         if self.family == "gpt2" and self.n_kv_head != self.n_head:
             raise ValueError(f"the gpt2 family has no grouped-query attention: n_kv_head ({self.n_kv_head}) "
                              f"must equal n_head ({self.n_head})")

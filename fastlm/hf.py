@@ -1,7 +1,7 @@
 """Hugging Face interoperability: convert a transformers model into fastlm.Transformer, or put fastlm's ops inside it.
 
-from_hf(model)   GPT2LMHeadModel, LlamaForCausalLM and MistralForCausalLM (Llama's shapes) -> fastlm.Transformer
-                 with the same weights and config. GPT-2's Conv1D weights are (in, out): they are transposed.
+from_hf(model)   GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (Llama's shapes, Qwen2
+                 with q/k/v biases) -> fastlm.Transformer with the same weights and config. GPT-2's Conv1D weights are (in, out): they are transposed.
 patch(model)     in place, swaps the forward of each attention, MLP and norm module (RoPE is applied inside the
                  patched attention) for one built on fastlm.ops, and the causal-LM loss for ops.cross_entropy.
 unpatch(model)   restores every swapped forward, the attention implementation and the loss exactly.
@@ -11,6 +11,7 @@ transformers is imported only when these functions run.
 from __future__ import annotations
 
 import functools
+import importlib
 import types
 
 import torch
@@ -22,8 +23,9 @@ from fastlm.backends import BACKENDS
 from fastlm.config import Config
 from fastlm.model import Transformer
 
-_FROM_HF_SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM")
-_PATCH_SUPPORTED = ("gpt2", "llama")
+_FROM_HF_SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_LLAMA_LIKE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # model_type -> transformers class prefix
+_PATCH_SUPPORTED = ("gpt2", *_LLAMA_LIKE)
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 
 
@@ -49,7 +51,8 @@ def _config_gpt2(hf) -> Config:
                   norm_eps=hf.layer_norm_epsilon, tie_embeddings=bool(hf.tie_word_embeddings))
 
 
-def _config_llama(hf) -> Config:
+def _config_llama(hf, qkv_bias: bool = False) -> Config:
+    """Llama's shapes: Llama and Mistral, or Qwen2 (qkv_bias: biases on the q/k/v projections)."""
     name = hf.model_type
     if hf.hidden_act != "silu":
         raise NotImplementedError(f"from_hf: {name} activation {hf.hidden_act!r} is not supported (SwiGLU uses silu)")
@@ -72,7 +75,7 @@ def _config_llama(hf) -> Config:
                   d_model=hf.hidden_size, intermediate_size=hf.intermediate_size,
                   max_seqlen=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
                   rope_base=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
-                  tie_embeddings=bool(hf.tie_word_embeddings))
+                  tie_embeddings=bool(hf.tie_word_embeddings), qkv_bias=qkv_bias)
 
 
 def _state_gpt2(sd, config):
@@ -105,6 +108,9 @@ def _state_llama(sd, config):
     for i in range(config.n_layer):
         for src, dst in names:
             out[f"layers.{i}.{dst}.weight"] = sd[f"model.layers.{i}.{src}.weight"]
+        if config.qkv_bias:
+            for src, dst in names[2:5]:
+                out[f"layers.{i}.{dst}.bias"] = sd[f"model.layers.{i}.{src}.bias"]
     if not config.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return out
@@ -113,16 +119,14 @@ def _state_llama(sd, config):
 def from_hf(hf_model, backend: str = "auto") -> Transformer:
     """A fastlm.Transformer with the weights and configuration of a transformers causal LM (same dtype and device).
 
-    Supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM without an effective sliding window. Other
-    architectures (Qwen2's q/k/v biases included) raise NotImplementedError."""
+    Supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (a llama with q/k/v
+    biases) without an effective sliding window. Other architectures raise NotImplementedError."""
     kind = type(hf_model).__name__
     if kind not in _FROM_HF_SUPPORTED:
-        why = ""
-        if kind.startswith("Qwen2"):
-            why = ": Qwen2's q/k/v projections carry biases, which fastlm's llama family does not have"
-        raise _unsupported(hf_model, why)
+        raise _unsupported(hf_model)
     gpt2 = kind == "GPT2LMHeadModel"
-    config = _config_gpt2(hf_model.config) if gpt2 else _config_llama(hf_model.config)
+    config = _config_gpt2(hf_model.config) if gpt2 else _config_llama(hf_model.config,
+                                                                      qkv_bias=kind == "Qwen2ForCausalLM")
     weight = hf_model.get_input_embeddings().weight
     model = Transformer(config, backend=backend).to(device=weight.device, dtype=weight.dtype)
     sd = hf_model.state_dict()
@@ -235,16 +239,20 @@ def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_
 def _patch_plan(model, model_type):
     """(module, new forward) pairs for every module patch() swaps."""
     plan = []
-    if model_type == "llama":
-        from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm
+    if model_type in _LLAMA_LIKE:
+        prefix = _LLAMA_LIKE[model_type]
+        modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        attn_cls, mlp_cls, norm_cls = (getattr(modeling, prefix + n) for n in ("Attention", "MLP", "RMSNorm"))
         cfg = model.config
         swiglu = cfg.hidden_act == "silu" and not getattr(cfg, "mlp_bias", False)
         for m in model.modules():
-            if isinstance(m, LlamaAttention):
+            # sliding-window layers (Mistral, Qwen2 with use_sliding_window) keep transformers' attention
+            window = getattr(m, "sliding_window", getattr(cfg, "sliding_window", None))
+            if isinstance(m, attn_cls) and window is None:
                 plan.append((m, _llama_attention))
-            elif isinstance(m, LlamaMLP) and swiglu:
+            elif isinstance(m, mlp_cls) and swiglu:
                 plan.append((m, _llama_mlp))
-            elif isinstance(m, LlamaRMSNorm):
+            elif isinstance(m, norm_cls):
                 plan.append((m, _rms_norm))
     else:
         from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
@@ -263,9 +271,9 @@ def _patch_plan(model, model_type):
 
 
 def patch(model, backend: str = "auto"):
-    """Put fastlm's ops inside a transformers GPT-2 or Llama model, in place, and return it.
+    """Put fastlm's ops inside a transformers GPT-2, Llama, Mistral or Qwen2 model, in place, and return it.
 
-    Attention (with RoPE for Llama), MLP and norm modules get a forward built on fastlm.ops; the causal-LM loss uses
+    Attention (with RoPE for the Llama-like ones; sliding-window layers keep transformers' attention), MLP and norm modules get a forward built on fastlm.ops; the causal-LM loss uses
     ops.cross_entropy. Masks follow transformers' sdpa convention while patched, so unpadded causal attention runs
     in fastlm's kernel and padded batches, dropout or attention weights fall back to transformers' sdpa path.
     ``backend`` is passed to every op. Patching a patched model does nothing. unpatch(model) restores it."""
@@ -274,7 +282,7 @@ def patch(model, backend: str = "auto"):
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if not isinstance(model, nn.Module) or model_type not in _PATCH_SUPPORTED:
-        raise NotImplementedError(f"patch supports transformers GPT-2 and Llama models (model_type "
+        raise NotImplementedError(f"patch supports transformers GPT-2, Llama, Mistral and Qwen2 models (model_type "
                                   f"{' / '.join(map(repr, _PATCH_SUPPORTED))}); got {type(model).__name__} "
                                   f"(model_type {model_type!r})")
     if getattr(model, "_fastlm_patch", None) is not None:

@@ -63,9 +63,9 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         d, hd = config.d_model, config.head_dim
-        self.wq = nn.Linear(d, config.n_head * hd, bias=config.bias)
-        self.wk = nn.Linear(d, config.n_kv_head * hd, bias=config.bias)
-        self.wv = nn.Linear(d, config.n_kv_head * hd, bias=config.bias)
+        self.wq = nn.Linear(d, config.n_head * hd, bias=config.qkv_bias)
+        self.wk = nn.Linear(d, config.n_kv_head * hd, bias=config.qkv_bias)
+        self.wv = nn.Linear(d, config.n_kv_head * hd, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_head * hd, d, bias=config.bias)
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)

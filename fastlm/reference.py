@@ -175,9 +175,9 @@ class Attention(torch.nn.Module):
         super().__init__()
         self.config = config
         d, hd = config.d_model, config.head_dim
-        self.wq = torch.nn.Linear(d, config.n_head * hd, bias=config.bias)
-        self.wk = torch.nn.Linear(d, config.n_kv_head * hd, bias=config.bias)
-        self.wv = torch.nn.Linear(d, config.n_kv_head * hd, bias=config.bias)
+        self.wq = torch.nn.Linear(d, config.n_head * hd, bias=config.qkv_bias)
+        self.wk = torch.nn.Linear(d, config.n_kv_head * hd, bias=config.qkv_bias)
+        self.wv = torch.nn.Linear(d, config.n_kv_head * hd, bias=config.qkv_bias)
         self.wo = torch.nn.Linear(config.n_head * hd, d, bias=config.bias)
 
     def forward(self, x, cos=None, sin=None):

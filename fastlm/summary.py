@@ -83,15 +83,18 @@ def layer_table(cfg) -> list[dict]:
     norm_params = d + (d if gpt2 else 0)
     q_dim, kv_dim = H * hd, Hkv * hd
 
-    def linear(name, n_in, n_out, kind="Linear"):
-        return (name, kind, n_out, n_in * n_out + b * n_out, 2 * n_in * n_out)
+    def linear(name, n_in, n_out, kind="Linear", bias=b):
+        return (name, kind, n_out, n_in * n_out + bias * n_out, 2 * n_in * n_out)
+
+    qb = 1 if cfg.qkv_bias else 0
 
     rows = [dict(name="tok_emb", kind="Embedding", shape=d, params=V * d, flops=0, per_block=False)]
     if gpt2:
         rows.append(dict(name="pos_emb", kind="Embedding", shape=d, params=cfg.max_seqlen * d, flops=0,
                          per_block=False))
     block = [("attn_norm", norm_kind, d, norm_params, 0),
-             linear("attn.wq", d, q_dim), linear("attn.wk", d, kv_dim), linear("attn.wv", d, kv_dim),
+             linear("attn.wq", d, q_dim, bias=qb), linear("attn.wk", d, kv_dim, bias=qb),
+             linear("attn.wv", d, kv_dim, bias=qb),
              ("attn.core", f"Attention {H}q/{Hkv}kv heads", q_dim, 0, 0),
              linear("attn.wo", q_dim, d),
              ("mlp_norm", norm_kind, d, norm_params, 0)]

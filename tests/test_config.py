@@ -35,6 +35,7 @@ def test_family_defaults_and_derived_fields():
     small = Config.from_name("llama-56m")
     assert (small.d_model, small.n_layer, small.n_head, small.n_kv_head, small.intermediate_size,
             small.vocab_size) == (512, 8, 8, 4, 1408, 32000)
+    assert (g.qkv_bias, ll.qkv_bias, Config(family="llama", qkv_bias=True).qkv_bias) == (True, False, True)
     tiny = Config.from_name("llama-tiny")
     assert tiny.n_kv_head < tiny.n_head                 # the tiny preset exercises grouped-query attention
 
@@ -69,6 +70,7 @@ def test_unknown_preset_lists_presets():
     (dict(family="llama", d_model=60, n_head=4), "even head_dim"),
     (dict(family="gpt2", n_head=4, n_kv_head=2), "grouped-query"),
     (dict(family="llama", bias=True), "bias"),
+    (dict(family="gpt2", qkv_bias=False), "qkv_bias"),
 ])
 def test_invalid_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -39,7 +39,20 @@ def hf_mistral():
     return transformers.MistralForCausalLM(cfg).eval()
 
 
-MODELS = {"gpt2": hf_gpt2, "llama-gqa": hf_llama, "mistral-mqa": hf_mistral}
+def hf_qwen2(**kw):
+    cfg = dict(vocab_size=V, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+               tie_word_embeddings=False, attn_implementation="sdpa")
+    cfg.update(kw)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg)).eval()
+    with torch.no_grad():  # the q/k/v biases start at zero: make them matter
+        for name, p in hf.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0.0, 0.5)
+    return hf
+
+
+MODELS = {"gpt2": hf_gpt2, "llama-gqa": hf_llama, "mistral-mqa": hf_mistral, "qwen2-gqa": hf_qwen2}
 
 
 def perturb_norms(hf):
@@ -57,7 +70,8 @@ def test_from_hf_logits_and_loss(kind):
     hf64 = copy.deepcopy(hf).double()
     model = from_hf(hf, backend="torch")
     assert model.config.n_layer == 2 and model.config.vocab_size == V
-    assert model.config.n_kv_head == {"gpt2": 4, "llama-gqa": 2, "mistral-mqa": 1}[kind]
+    assert model.config.n_kv_head == {"gpt2": 4, "llama-gqa": 2, "mistral-mqa": 1, "qwen2-gqa": 2}[kind]
+    assert model.config.qkv_bias == (kind in ("gpt2", "qwen2-gqa"))
     tokens = torch.randint(0, V, (2, 11))
     with torch.no_grad():
         check_rule("logits", model(tokens), hf64(tokens).logits, hf(tokens).logits)
@@ -65,7 +79,7 @@ def test_from_hf_logits_and_loss(kind):
                    hf(tokens, labels=tokens).loss)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "qwen2-gqa"])
 def test_greedy_generation_token_identical(kind):
     hf = MODELS[kind]()
     model = from_hf(hf, backend="torch")
@@ -88,11 +102,10 @@ def test_from_hf_keeps_dtype_and_untied_head():
 
 
 def test_from_hf_unsupported():
-    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2))
-    with pytest.raises(NotImplementedError, match="GPT2LMHeadModel.*LlamaForCausalLM.*biases"):
-        from_hf(qwen)
+    with pytest.raises(NotImplementedError, match="GPT2LMHeadModel.*Qwen2ForCausalLM; got GPT2Model"):
+        from_hf(transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V)))
+    with pytest.raises(NotImplementedError, match="sliding"):
+        from_hf(hf_qwen2(use_sliding_window=True, sliding_window=16, max_window_layers=0))
     with pytest.raises(NotImplementedError, match="GPT2LMHeadModel"):
         from_hf(transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V)))
     with pytest.raises(NotImplementedError, match="RoPE type"):
@@ -120,9 +133,10 @@ class CountOps:
 
 PATCH_OPS = {"gpt2": ["attention", "layer_norm", "mlp_gelu", "cross_entropy"],
              "llama-gqa": ["attention", "rms_norm", "apply_rope", "mlp_swiglu", "cross_entropy"]}
+PATCH_OPS["mistral-mqa"] = PATCH_OPS["qwen2-gqa"] = PATCH_OPS["llama-gqa"]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("kind", list(MODELS))
 def test_patch_same_logits_and_gradients_then_unpatch(kind, monkeypatch):
     hf = MODELS[kind]()
     perturb_norms(hf)
@@ -154,7 +168,8 @@ def test_patch_same_logits_and_gradients_then_unpatch(kind, monkeypatch):
     unpatch(hf)
     assert not hasattr(hf, "_fastlm_patch") and "_loss_function" not in hf.__dict__
     assert all("forward" not in m.__dict__ for m in hf.modules())
-    assert hf.config._attn_implementation == {"gpt2": "eager", "llama-gqa": "sdpa"}[kind]
+    assert hf.config._attn_implementation == {"gpt2": "eager", "llama-gqa": "sdpa", "mistral-mqa": "eager",
+                                              "qwen2-gqa": "sdpa"}[kind]
     with torch.no_grad():
         assert torch.equal(hf(tokens).logits, before)
 
@@ -196,10 +211,24 @@ def test_patched_generation_and_padding(kind):
         unpatch(hf)
 
 
+def test_patch_keeps_sliding_window_layers():
+    hf = hf_qwen2(use_sliding_window=True, sliding_window=4, max_window_layers=1)   # layer 1 slides, layer 0 not
+    perturb_norms(hf)
+    tokens = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        before, ref64 = hf(tokens).logits, copy.deepcopy(hf).double()(tokens).logits
+        patch(hf, backend="torch")
+        attn = [layer.self_attn for layer in hf.model.layers]
+        assert "forward" in attn[0].__dict__ and "forward" not in attn[1].__dict__
+        check_rule("patched logits", hf(tokens).logits, ref64, before)
+
+
 def test_patch_unsupported():
-    with pytest.raises(NotImplementedError, match="GPT-2 and Llama"):
-        patch(hf_mistral())
-    with pytest.raises(NotImplementedError, match="GPT-2 and Llama"):
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
+                                                             ffn_dim=32, num_attention_heads=2))
+    with pytest.raises(NotImplementedError, match="GPT-2, Llama, Mistral and Qwen2 models.*model_type 'opt'"):
+        patch(opt)
+    with pytest.raises(NotImplementedError, match="GPT-2, Llama, Mistral and Qwen2 models"):
         patch(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backend"):
         patch(hf_gpt2(), backend="jax")

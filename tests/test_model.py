@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from fastlm import reference
+from fastlm import backends, reference
 from fastlm.config import Config
 from fastlm.model import Transformer
 from fastlm.testing import check_rule
@@ -16,6 +16,7 @@ TINY = dict(n_layer=2, d_model=64, n_head=4, vocab_size=1000, max_seqlen=64)
 CONFIGS = {
     "gpt2": Config(name="gpt2-test", family="gpt2", **TINY),
     "llama": Config(name="llama-test", family="llama", n_kv_head=2, multiple_of=32, **TINY),
+    "qwen2": Config(name="qwen2-test", family="llama", n_kv_head=2, multiple_of=32, qkv_bias=True, **TINY),
 }
 
 
@@ -36,14 +37,17 @@ def tokens_and_targets(B=2, S=13, V=1000, device=DEVICE):
     return tokens, targets
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family, backend", [(f, b) for b in ("torch", "triton") for f in ("gpt2", "llama")]
+                         + [("qwen2", "torch"), ("qwen2", "cpu")])
 def test_logits_loss_and_every_gradient_match_reference(family, backend):
+    if backend == "cpu" and not backends.extension_has("linear", "cpu"):
+        pytest.skip("fastlm._C is not built")
     # the Triton interpreter runs one numpy program per row / tile: one layer (every code path of the stack runs in
     # it: plain norm, fused add-norm, MLP with residual, final norm) and fewer tokens
     interpreted = backend == "triton" and not ON_GPU
-    model, ref64, ref_low = make(family, backend, n_layer=1 if interpreted else 2)
-    tokens, targets = tokens_and_targets(S=5 if interpreted else 13)
+    device = "cpu" if backend == "cpu" else DEVICE
+    model, ref64, ref_low = make(family, backend, device=device, n_layer=1 if interpreted else 2)
+    tokens, targets = tokens_and_targets(S=5 if interpreted else 13, device=device)
     check_logits_loss_and_grads(model, ref64, ref_low, tokens, targets)
 
 

@@ -18,9 +18,14 @@ def _meta_model(cfg):
         return fastlm.Transformer(cfg, backend="torch")
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+def _config(name):
+    """A preset, or "qwen2-like": the llama-tiny preset with q/k/v biases."""
+    return Config.from_name("llama-tiny", qkv_bias=True) if name == "qwen2-like" else Config.from_name(name)
+
+
+@pytest.mark.parametrize("name", [*PRESETS, "qwen2-like"])
 def test_params_equal_built_model(name):
-    cfg = Config.from_name(name)
+    cfg = _config(name)
     model = _meta_model(cfg)
     counts = param_counts(cfg)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
@@ -29,9 +34,9 @@ def test_params_equal_built_model(name):
     assert counts["non_embedding"] == counts["total"] - emb
 
 
-@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "llama-56m"])
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "llama-56m", "qwen2-like"])
 def test_layer_rows_match_modules(name):
-    cfg = Config.from_name(name)
+    cfg = _config(name)
     model = _meta_model(cfg)
     rows = summary(cfg, print_table=False)["layers"]
     for r in rows:
