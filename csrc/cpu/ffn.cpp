@@ -11,6 +11,9 @@
 // at least one block per thread the blocks run in parallel, each on single-threaded GEMMs (small GEMMs split
 // across threads waste most of their time synchronizing); otherwise one block with multithreaded GEMMs.
 //
+// bf16 / fp16 inputs on CPUs without native half-precision products run the block path in fp32 (half_gemm.h): the
+// operands are widened once per call and the output rounded once.
+//
 // Up to kGemvMaxRows tokens (decoding) the GEMMs are matrix-vector products bound by reading the weights: those go
 // through gemv.h instead (each weight byte read once at the memory's rate, the threads splitting the output rows),
 // with the activation applied in fp32 to each thread's slice of the intermediate as soon as it is computed.
@@ -18,6 +21,7 @@
 // Memory traffic: x, the weights (once per block, from L3 when they fit) and out; the N x I intermediate of the
 // unfused form never goes to memory.
 #include "cpu/gemv.h"
+#include "cpu/half_gemm.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 
@@ -170,6 +174,17 @@ void down_block(at::Tensor& out, const at::Tensor& h, const at::Tensor& w_t, con
   }
 }
 
+at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
+
+std::optional<at::Tensor> f32(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(f32(*t)) : std::nullopt;
+}
+
+// The block path of a bf16 / fp16 call runs in fp32 where the CPU has no half-precision GEMM.
+bool widen_for_gemm(const at::Tensor& x, int64_t n_tokens) {
+  return n_tokens > kGemvMaxRows && x.scalar_type() != at::kFloat && !native_half_gemm(x.scalar_type());
+}
+
 bool rows_contiguous(std::initializer_list<const at::Tensor*> ws) {
   return std::all_of(ws.begin(), ws.end(), [](const at::Tensor* w) { return w->stride(1) == 1 || w->size(1) <= 1; });
 }
@@ -245,6 +260,8 @@ at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::opti
                 b_proj->sizes());
   }
   const at::Tensor res = residual_rows(op, residual, x, d_out);
+  if (widen_for_gemm(x, token_count(x)))
+    return mlp_gelu(f32(x), f32(w_fc), f32(b_fc), f32(w_proj), f32(b_proj), f32(residual)).to(x.scalar_type());
   const at::Tensor x2 = x.reshape({token_count(x), d});
   const int64_t n = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -285,6 +302,8 @@ at::Tensor mlp_swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::T
   TORCH_CHECK(w_down.size(1) == inter, "fastlm::mlp_swiglu: w_down must be (d_out, intermediate) with intermediate = ",
               inter, " (w_gate's rows), got ", w_down.sizes());
   const at::Tensor res = residual_rows(op, residual, x, d_out);
+  if (widen_for_gemm(x, token_count(x)))
+    return mlp_swiglu(f32(x), f32(w_gate), f32(w_up), f32(w_down), f32(residual)).to(x.scalar_type());
   const at::Tensor x2 = x.reshape({token_count(x), d});
   const int64_t n = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());

@@ -3,8 +3,10 @@
 // For at most kGemvMaxRows rows of x (the projections and LM head of a decoding step) the product is a
 // bandwidth-bound matrix-vector product: gemv.h streams W once at the memory's rate, x is widened to fp32 once, and
 // accumulation is fp32 for every dtype. Larger inputs, and weights whose rows are not contiguous, go to ATen's GEMM,
-// which is compute-bound there and good at it.
+// which is compute-bound there and good at it (in fp32 for bf16 / fp16 on CPUs without native half-precision
+// products: half_gemm.h).
 #include "cpu/gemv.h"
+#include "cpu/half_gemm.h"
 #include "cpu/ops.h"
 
 #include <ATen/ops/empty.h>
@@ -38,7 +40,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   }
   int64_t T = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) T *= x.size(i);
-  if (T > kGemvMaxRows || (weight.stride(1) != 1 && K > 1)) return at::linear(x, weight, bias);
+  if (T > kGemvMaxRows || (weight.stride(1) != 1 && K > 1)) {
+    if (native_half_gemm(dtype)) return at::linear(x, weight, bias);
+    const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    return at::linear(f32(x), f32(weight), bias.has_value() ? std::optional<at::Tensor>(f32(*bias)) : std::nullopt)
+        .to(dtype);
+  }
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
