@@ -21,6 +21,10 @@ from fastlm import benchmark  # noqa: E402
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 
 
+HALF_ON_CPU = ("; a bf16/fp16 % of ceiling is against the larger of its GEMM rate and fp32's (widening to fp32 is "
+               "exact, and fastlm's CPU kernels compute bf16 that way)")
+
+
 def section(doc: dict, image_paths: list[str], note: str = "") -> str:
     env, ceil, cfg = doc["env"], doc["ceilings"], doc["config"]
     cpu = env["device"] == "cpu"
@@ -35,8 +39,8 @@ def section(doc: dict, image_paths: list[str], note: str = "") -> str:
         f"CUDA {env['cuda']}, transformers {env['transformers']}; C++ extension: {env['extension']}).",
         "",
         f"Ceilings measured in the same run: matmul {mm}; copy {benchmark.fmt_rate(ceil['copy_bytes_per_s'], 'B/s')} "
-        f"(read + write). Speed-up = the fastest peer whose result passes the numerics rule, divided by fastlm's time; "
-        f"max err = max |fastlm − float64 reference| (WRONG if it fails the rule).",
+        f"(read + write){HALF_ON_CPU if cpu else ''}. Speed-up = the fastest peer whose result passes the numerics "
+        f"rule, divided by fastlm's time; max err = max |fastlm − float64 reference| (WRONG if it fails the rule).",
         "",
     ]
     if note:

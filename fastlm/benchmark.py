@@ -189,11 +189,18 @@ def time_fns(fns: list[Callable], device: torch.device, timing: Timing) -> dict:
 
 def measure_ceilings(device: torch.device, dtypes, timing: Timing, *, tiny: bool = False) -> dict:
     """Rates this device reaches through PyTorch, measured now: a large GEMM per dtype (FLOP/s) and a large
-    tensor copy (bytes read + written per second)."""
+    tensor copy (bytes read + written per second).
+
+    ``compute_flop_per_s`` is the compute ceiling a dtype's % of ceiling refers to: its GEMM rate, except for
+    bf16/fp16 on a CPU, where it is the larger of that and the fp32 rate: widening half-precision operands to fp32
+    is exact, so fp32 arithmetic is a way to compute in bf16/fp16 that the device offers (fastlm's CPU kernels use
+    it), and on a CPU without native half-precision products it is the fastest one."""
     cuda = device.type == "cuda"
     n = 256 if tiny else (8192 if cuda else 1536)
     gen = torch.Generator(device=device).manual_seed(0)
     matmul = {}
+    if not cuda and any(dt in (torch.bfloat16, torch.float16) for dt in dtypes):
+        dtypes = sorted(set(dtypes) | {torch.float32}, key=str)
     for dt in dtypes:
         sets = [(torch.randn(n, n, device=device, generator=gen).to(dt),
                  torch.randn(n, n, device=device, generator=gen).to(dt)) for _ in range(1 if cuda else 2)]
@@ -205,7 +212,13 @@ def measure_ceilings(device: torch.device, dtypes, timing: Timing, *, tiny: bool
     src = torch.randn(numel, device=device, generator=gen)
     dst = torch.empty_like(src)
     t = time_fns([lambda: dst.copy_(src)], device, timing)["median_s"]
-    return {"matmul_flop_per_s": matmul, "copy_bytes_per_s": 2 * src.numel() * src.element_size() / t,
+    compute = dict(matmul)
+    if not cuda:
+        for half in ("bfloat16", "float16"):
+            if half in compute:
+                compute[half] = max(compute[half], matmul["float32"])
+    return {"matmul_flop_per_s": matmul, "compute_flop_per_s": compute,
+            "copy_bytes_per_s": 2 * src.numel() * src.element_size() / t,
             "matmul_n": n, "copy_bytes": 2 * src.numel() * src.element_size()}
 
 
@@ -273,7 +286,7 @@ class Result:
             self.tokens_per_s = self.tokens / t
         if ceilings:
             if self.bound == "compute" and self.flop_per_s:
-                peak = ceilings["matmul_flop_per_s"].get(self.dtype)
+                peak = ceilings["compute_flop_per_s"].get(self.dtype)
                 self.pct_ceiling = 100.0 * self.flop_per_s / peak if peak else None
             elif self.bound == "memory" and self.bytes_per_s:
                 self.pct_ceiling = 100.0 * self.bytes_per_s / ceilings["copy_bytes_per_s"]
