@@ -22,6 +22,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_meta(const at::Tensor& q, const
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_meta(const at::Tensor&, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor&, const at::Tensor&, bool, double,
+                                                                  int64_t, int64_t) {
+  return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
+          at::empty_symint(v.sym_sizes(), v.options())};
+}
+
 at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  double) {
   TORCH_CHECK(q.dim() == 4, "fastlm::decode_attention: q must be 4-D, got ", q.dim(), "-D");
@@ -56,6 +64,8 @@ at::Tensor mlp_swiglu_meta(const at::Tensor& x, const at::Tensor&, const at::Ten
 TORCH_LIBRARY(fastlm, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, int window_left, "
         "int window_right) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+        "float softmax_scale, int window_left, int window_right) -> (Tensor, Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float softmax_scale) "
         "-> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
@@ -65,6 +75,7 @@ TORCH_LIBRARY(fastlm, m) {
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("attention_fwd", &fastlm_cpu::attention_fwd);
+  m.impl("attention_bwd", &fastlm_cpu::attention_bwd);
   m.impl("decode_attention", &fastlm_cpu::decode_attention);
   m.impl("linear", &fastlm_cpu::linear);
   m.impl("mlp_gelu", &fastlm_cpu::mlp_gelu);
@@ -73,6 +84,7 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
 
 TORCH_LIBRARY_IMPL(fastlm, Meta, m) {
   m.impl("attention_fwd", &attention_fwd_meta);
+  m.impl("attention_bwd", &attention_bwd_meta);
   m.impl("decode_attention", &decode_attention_meta);
   m.impl("linear", &linear_meta);
   m.impl("mlp_gelu", &mlp_gelu_meta);

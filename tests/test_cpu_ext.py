@@ -12,10 +12,12 @@ from fastlm.testing import check_rule
 
 pytestmark = pytest.mark.skipif(backends.extension() is None, reason="fastlm._C is not built")
 
-OPS = ("attention_fwd", "decode_attention", "linear", "mlp_gelu", "mlp_swiglu")
+OPS = ("attention_fwd", "attention_bwd", "decode_attention", "linear", "mlp_gelu", "mlp_swiglu")
 SCHEMAS = {
     "attention_fwd": "fastlm::attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
                      "int window_left, int window_right) -> (Tensor, Tensor)",
+    "attention_bwd": "fastlm::attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                     "bool causal, float softmax_scale, int window_left, int window_right) -> (Tensor, Tensor, Tensor)",
     "decode_attention": "fastlm::decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
                         "float softmax_scale) -> Tensor",
     "linear": "fastlm::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
@@ -54,6 +56,8 @@ def test_meta_shapes():
     k = torch.empty(2, 9, 2, 40, dtype=BF16, **m)
     out, lse = _ops().attention_fwd(torch.empty(2, 5, 4, 40, dtype=BF16, **m), k, k, True, 0.1, -1, 0)
     assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((2, 5, 4, 40), BF16, (2, 4, 5), F32)
+    dq, dk, dv = _ops().attention_bwd(out, torch.empty(2, 5, 4, 40, dtype=BF16, **m), k, k, out, lse, True, 0.1, -1, 0)
+    assert (dq.shape, dk.shape, dv.shape, dq.dtype) == ((2, 5, 4, 40), (2, 9, 2, 40), (2, 9, 2, 40), BF16)
     out = _ops().decode_attention(torch.empty(3, 2, 4, 16, **m), torch.empty(3, 50, 1, 16, **m),
                                   torch.empty(3, 50, 1, 16, **m), torch.empty(3, dtype=torch.int32, **m), 0.25)
     assert out.shape == (3, 2, 4, 16)
@@ -70,6 +74,8 @@ def test_meta_shapes():
 def test_opcheck():
     q, k, v = torch.randn(1, 5, 4, 16), torch.randn(1, 7, 2, 16), torch.randn(1, 7, 2, 16)
     torch.library.opcheck(_ops().attention_fwd.default, (q, k, v, True, 0.25, -1, 0))
+    out, lse = _ops().attention_fwd(q, k, v, True, 0.25, -1, 0)
+    torch.library.opcheck(_ops().attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, True, 0.25, -1, 0))
     kc, vc = torch.randn(2, 12, 2, 16), torch.randn(2, 12, 2, 16)
     torch.library.opcheck(_ops().decode_attention.default,
                           (torch.randn(2, 1, 4, 16), kc, vc, torch.tensor([12, 5], dtype=torch.int32), 0.25))
@@ -115,6 +121,42 @@ def test_attention_errors():
     _raises(r"window values must be >= -1", att, q, k, k, False, 1.0, -2, -1)
     _raises(r"causal means window_right = 0", att, q, k, k, True, 1.0, -1, 3)
     _raises(r"softmax_scale must be finite", att, q, k, k, False, math.inf, -1, -1)
+
+
+def test_attention_bwd_errors():
+    bwd = _ops().attention_bwd
+    q, k = torch.randn(1, 4, 4, 16), torch.randn(1, 6, 2, 16)
+    out, lse = _ops().attention_fwd(q, k, k, False, 0.25, -1, -1)
+    _raises(r"attention_bwd: dout must have q's shape", bwd, out[:, :3], q, k, k, out, lse, False, 0.25, -1, -1)
+    _raises(r"attention_bwd \(CPU\): out must be a CPU tensor of q's dtype", bwd, out, q, k, k, out.double(), lse,
+            False, 0.25, -1, -1)
+    _raises(r"lse must be a float32 CPU tensor of shape \(1, 4, 4\)", bwd, out, q, k, k, out, lse[:, :2], False,
+            0.25, -1, -1)
+    _raises(r"attention_bwd: nheads of q \(4\) must be a multiple of nheads of k/v \(3\)", bwd, out, q,
+            torch.randn(1, 6, 3, 16), torch.randn(1, 6, 3, 16), out, lse, False, 0.25, -1, -1)
+
+
+def test_attention_bwd_empty_and_fp16():
+    """No keys: dq 0 (and empty dk, dv); no queries: dk, dv 0; fp16 gradients by the rule; strided dout."""
+    q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 0, 1, 8)
+    out, lse = _ops().attention_fwd(q, k, k, False, 0.3, -1, -1)
+    dq, dk, dv = _ops().attention_bwd(out, q, k, k, out, lse, False, 0.3, -1, -1)
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == (1, 0, 1, 8)
+    q0, k0 = torch.randn(1, 0, 2, 8), torch.randn(1, 5, 1, 8)
+    out0, lse0 = _ops().attention_fwd(q0, k0, k0, False, 0.3, -1, -1)
+    _, dk0, dv0 = _ops().attention_bwd(out0, q0, k0, k0, out0, lse0, False, 0.3, -1, -1)
+    assert torch.equal(dk0, torch.zeros_like(k0)) and torch.equal(dv0, torch.zeros_like(k0))
+    q, k, v = (torch.randn(2, 70, 4, 24).to(F16)[:, :, :s] for s in (4, 2, 2))      # strided, GQA 2:1
+    out, lse = _ops().attention_fwd(q, k, v, True, 0.2, -1, 0)
+    dout = torch.randn(2, 70, 24, 4).to(F16).transpose(2, 3)                        # head dim not contiguous
+    grads = _ops().attention_bwd(dout, q, k, v, out, lse, True, 0.2, -1, 0)
+    refs = []
+    for dt in (torch.float64, F16):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        ref = reference.attention(*leaves, causal=True, softmax_scale=0.2)
+        refs.append(torch.autograd.grad(ref, leaves, dout.to(dt)))
+    for name, g, g64, glow in zip(("dq", "dk", "dv"), grads, *refs):
+        check_rule(name, g, g64, glow)
 
 
 def test_decode_errors():

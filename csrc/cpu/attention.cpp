@@ -15,9 +15,8 @@
 //
 // Memory traffic: q read once, K/V read once per work item (once per kv head when there are enough heads to keep
 // the threads busy), out and lse written once. Scratch: per thread the packed K/V of one kv head plus a few tiles.
+#include "cpu/attention.h"
 #include "cpu/ops.h"
-#include "cpu/simd.h"
-#include "cpu/tile.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -32,23 +31,6 @@
 namespace fastlm_cpu {
 namespace {
 
-constexpr int64_t kBlockQ = 64;  // queries per block; a multiple of kW
-constexpr int64_t kBlockK = 64;  // keys per tile
-
-struct Problem {
-  int64_t B, Sq, Sk, H, Hkv, G, D, Dv;  // G = H / Hkv; Dv: head dim padded to whole vectors
-  int64_t left, right;                  // window, -1 = unbounded
-  SoftmaxScale scale;
-  int64_t n_ktiles() const { return (Sk + kBlockK - 1) / kBlockK; }
-  // The keys query i may see, [lo(i), hi(i)] clipped to [0, Sk - 1]; both are non-decreasing in i.
-  int64_t lo(int64_t i) const { return left < 0 ? 0 : std::max<int64_t>(0, i + Sk - Sq - left); }
-  int64_t hi(int64_t i) const { return right < 0 ? Sk - 1 : std::min<int64_t>(Sk - 1, i + Sk - Sq + right); }
-};
-
-struct Strides {
-  int64_t b, s, h;
-};
-
 struct Scratch {
   std::vector<float> qt, s, o, m, l, alpha;
   std::vector<int64_t> lo, hi;
@@ -59,19 +41,6 @@ struct Scratch {
         lo(kBlockQ), hi(kBlockQ), kp(new float[p.n_ktiles() * kBlockK * p.D]),
         vp(new float[p.n_ktiles() * kBlockK * p.Dv]), packed(p.n_ktiles()) {}
 };
-
-// n rows of length D (row stride ld) widened to fp32 rows of length ldo, zero padded.
-template <typename T>
-void widen_rows(const T* src, int64_t ld, int64_t n, int64_t D, float* dst, int64_t ldo) {
-  const int64_t full = D / kW * kW;
-  for (int64_t j = 0; j < n; ++j) {
-    const T* s = src + j * ld;
-    float* d = dst + j * ldo;
-    for (int64_t c = 0; c < full; c += kW) vstore(d + c, vload_cvt(s + c));
-    for (int64_t c = full; c < D; ++c) d[c] = to_float(s[c]);
-    for (int64_t c = D; c < ldo; ++c) d[c] = 0.0f;
-  }
-}
 
 struct Inputs {
   const void *q, *k, *v;
@@ -144,9 +113,8 @@ void attend_block(const Problem& p, const Inputs& in, int64_t b, int64_t h, int6
 template <typename T>
 void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       at::Tensor& out, at::Tensor& lse) {
-  const Inputs in{q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
-                  Strides{q.stride(0), q.stride(1), q.stride(2)}, Strides{k.stride(0), k.stride(1), k.stride(2)},
-                  Strides{v.stride(0), v.stride(1), v.stride(2)}, out.data_ptr(), lse.data_ptr<float>()};
+  const Inputs in{q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), strides_of(q), strides_of(k),
+                  strides_of(v), out.data_ptr(), lse.data_ptr<float>()};
   const int64_t nqb = (p.Sq + kBlockQ - 1) / kBlockQ, n_kv = p.B * p.Hkv;
   const int64_t threads = at::get_num_threads();
   // Shares per kv head: enough items to keep the threads busy (each share re-packs the keys it needs).
@@ -166,53 +134,59 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 bool causal, double softmax_scale, int64_t window_left,
-                                                 int64_t window_right) {
-  TORCH_CHECK(q.dim() == 4, "fastlm::attention_fwd: q must be 4-D (batch, seqlen_q, nheads, headdim), got shape ",
+Problem attention_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                          double softmax_scale, int64_t window_left, int64_t window_right) {
+  TORCH_CHECK(q.dim() == 4, "fastlm::", op, ": q must be 4-D (batch, seqlen_q, nheads, headdim), got shape ",
               q.sizes());
-  TORCH_CHECK(k.dim() == 4, "fastlm::attention_fwd: k must be 4-D (batch, seqlen_k, nheads_kv, headdim), got shape ",
+  TORCH_CHECK(k.dim() == 4, "fastlm::", op, ": k must be 4-D (batch, seqlen_k, nheads_kv, headdim), got shape ",
               k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "fastlm::attention_fwd: v must have k's shape ", k.sizes(), ", got ",
+  TORCH_CHECK(v.sizes() == k.sizes(), "fastlm::", op, ": v must have k's shape ", k.sizes(), ", got ",
               v.sizes());
   for (const auto* t : {&q, &k, &v}) {
     const char* name = t == &q ? "q" : (t == &k ? "k" : "v");
-    TORCH_CHECK(t->device().is_cpu(), "fastlm::attention_fwd (CPU): ", name, " must be a CPU tensor, got ",
+    TORCH_CHECK(t->device().is_cpu(), "fastlm::", op, " (CPU): ", name, " must be a CPU tensor, got ",
                 t->device());
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "fastlm::attention_fwd: ", name, " must have q's dtype ",
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "fastlm::", op, ": ", name, " must have q's dtype ",
                 q.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "fastlm::attention_fwd: ", name,
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "fastlm::", op, ": ", name,
                 " must have a contiguous last dim (stride 1), got strides ", t->strides());
   }
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "fastlm::attention_fwd: dtype must be float32, bfloat16 or float16, got ", dtype);
+              "fastlm::", op, ": dtype must be float32, bfloat16 or float16, got ", dtype);
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t Sk = k.size(1), Hkv = k.size(2);
-  TORCH_CHECK(k.size(0) == B, "fastlm::attention_fwd: batch of k/v (", k.size(0), ") must equal batch of q (", B,
+  TORCH_CHECK(k.size(0) == B, "fastlm::", op, ": batch of k/v (", k.size(0), ") must equal batch of q (", B,
               ")");
-  TORCH_CHECK(k.size(3) == D, "fastlm::attention_fwd: headdim of k/v (", k.size(3), ") must equal headdim of q (", D,
+  TORCH_CHECK(k.size(3) == D, "fastlm::", op, ": headdim of k/v (", k.size(3), ") must equal headdim of q (", D,
               ")");
-  TORCH_CHECK(D >= 1, "fastlm::attention_fwd: headdim must be >= 1, got ", D);
-  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, "fastlm::attention_fwd: nheads of q (", H,
+  TORCH_CHECK(D >= 1, "fastlm::", op, ": headdim must be >= 1, got ", D);
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, "fastlm::", op, ": nheads of q (", H,
               ") must be a multiple of nheads of k/v (", Hkv, ")");
-  TORCH_CHECK(std::isfinite(softmax_scale), "fastlm::attention_fwd: softmax_scale must be finite, got ",
+  TORCH_CHECK(std::isfinite(softmax_scale), "fastlm::", op, ": softmax_scale must be finite, got ",
               softmax_scale);
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
-              "fastlm::attention_fwd: window values must be >= -1 (-1 = unbounded), got (", window_left, ", ",
+              "fastlm::", op, ": window values must be >= -1 (-1 = unbounded), got (", window_left, ", ",
               window_right, ")");
-  TORCH_CHECK(!causal || window_right <= 0, "fastlm::attention_fwd: causal means window_right = 0, got ",
+  TORCH_CHECK(!causal || window_right <= 0, "fastlm::", op, ": causal means window_right = 0, got ",
               window_right);
-
-  at::Tensor out = at::empty({B, Sq, H, D}, q.options());
-  at::Tensor lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
 
   Problem p;
   p.scale = SoftmaxScale(softmax_scale);
   p.B = B, p.Sq = Sq, p.Sk = Sk, p.H = H, p.Hkv = Hkv, p.G = H / Hkv, p.D = D, p.Dv = (D + kW - 1) / kW * kW;
   p.left = window_left, p.right = causal ? 0 : window_right;
-  if (Sk == 0) {
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 bool causal, double softmax_scale, int64_t window_left,
+                                                 int64_t window_right) {
+  const Problem p = attention_problem("attention_fwd", q, k, v, causal, softmax_scale, window_left, window_right);
+  const auto dtype = q.scalar_type();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  if (p.Sk == 0) {
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};

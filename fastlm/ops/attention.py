@@ -1,8 +1,8 @@
 """fastlm.ops.attention: fused softmax attention in FlashAttention's layout, with backend dispatch and autograd.
 
 Backends: "triton" (kernels/attention.py, forward and backward), "cpu" / "cuda" (the C++ extension's forward,
-torch.ops.fastlm.attention_fwd, with the Triton backward on CUDA and the reference backward on CPU), "torch" (the
-reference). The Triton path is a torch.library custom op with a fake (meta) implementation and a registered autograd
+torch.ops.fastlm.attention_fwd, with the Triton backward on CUDA and the C++ backward torch.ops.fastlm.attention_bwd
+on CPU), "torch" (the reference). The Triton path is a torch.library custom op with a fake (meta) implementation and a registered autograd
 formula, so it works under torch.compile(fullgraph=True).
 """
 from __future__ import annotations
@@ -96,7 +96,8 @@ _triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The C++ forward ("cpu", "cuda"); backward by the Triton kernels on CUDA, by the reference on CPU
+# The C++ forward ("cpu", "cuda"); backward by the Triton kernels on CUDA, by the C++ kernel on CPU (the reference
+# where neither is available)
 # --------------------------------------------------------------------------------------------------------------------
 
 class _NativeAttention(torch.autograd.Function):
@@ -115,6 +116,8 @@ class _NativeAttention(torch.autograd.Function):
         if q.is_cuda and backends.triton_available():
             from fastlm.kernels import attention as kernel
             dq, dk, dv = kernel.attention_bwd(dout, q, k, v, out, lse, causal, scale, wl, wr)
+        elif not q.is_cuda and backends.extension_has("attention_bwd", "cpu"):
+            dq, dk, dv = torch.ops.fastlm.attention_bwd(dout, q, k, v, out, lse, causal, scale, wl, wr)
         else:
             with torch.enable_grad():
                 qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))

@@ -1,0 +1,206 @@
+// Softmax attention backward on the CPU, FlashAttention-2 style: dQ, dK, dV by recomputing the probabilities from
+// the forward's log-sum-exp, never materializing an S x S matrix.
+//
+// With s_ij = scale * q_i . k_j, P_ij = exp(s_ij - lse_i), delta_i = sum_d dO_id O_id:
+//     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
+//
+// Algorithm: a work item is (batch, kv head). The thread widens the item's K and V once into fp32 (Sk x Dv) and keeps
+// fp32 dK, dV accumulators of the same size; then for each query head of the GQA group and each block of kBlockQ
+// queries it packs Q and dO (row-major and transposed), and streams the visible key tiles (the forward's mask
+// geometry: tiles outside the causal/window mask are skipped, tiles inside it are not masked):
+//   S^T = K Q^T,  P^T = 2^(S^T c - lse log2 e)     keys as rows, so the per-query statistics are lane-wise
+//   dV += P^T dO,  dP^T = V dO^T,  dS^T = scale P^T (dP^T - delta)
+//   dK += dS^T Q,  dQ += dS K                       dQ of the block is complete after its last tile
+// Owning a whole kv head makes the item the only writer of its dK/dV (summed over the group's heads) and of the dQ of
+// its query heads: no atomics, no partial buffers. All arithmetic is fp32; outputs are rounded once.
+//
+// Memory traffic: q, dO, out read once, K/V once per item; dQ, dK, dV written once. Scratch per thread: K, V, dK, dV
+// of one kv head in fp32 plus a few tiles.
+#include "cpu/attention.h"
+#include "cpu/ops.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace fastlm_cpu {
+namespace {
+
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+
+struct Scratch {
+  std::vector<float> k, v, dk, dv;     // the item's kv head, Sk x Dv
+  std::vector<float> q, qt, d_o, dot;  // the query block: Q, dO (kBlockQ x Dv) and transposed (D x kBlockQ)
+  std::vector<float> p, ds, dq;        // P^T, dP^T then dS^T (kBlockK x kBlockQ); dQ of the block (kBlockQ x Dv)
+  std::vector<float> lse2, delta, ones;
+  std::vector<int64_t> lo, hi;
+  explicit Scratch(const Problem& p)
+      : k(p.Sk * p.Dv), v(p.Sk * p.Dv), dk(p.Sk * p.Dv), dv(p.Sk * p.Dv), q(kBlockQ * p.Dv), qt(p.D * kBlockQ),
+        d_o(kBlockQ * p.Dv), dot(p.D * kBlockQ), p(kBlockK * kBlockQ), ds(kBlockK * kBlockQ), dq(kBlockQ * p.Dv),
+        lse2(kBlockQ), delta(kBlockQ), ones(std::max(kBlockQ, kBlockK), 1.0f), lo(kBlockQ), hi(kBlockQ) {}
+};
+
+struct Tensors {
+  const void *q, *k, *v, *out, *dout;
+  const float* lse;  // (B, H, Sq) contiguous
+  Strides qs, ks, vs, os, dos;
+  void *dq, *dk, *dv;  // contiguous, q's / k's shape
+};
+
+// Packs query block qb of head h (Q and dO both ways, lse in base 2, delta, key ranges); padding rows get zeros and
+// lse2 = +inf, so their P is exactly 0.
+template <typename T>
+void pack_queries(const Problem& p, const Tensors& t, int64_t b, int64_t h, int64_t i0, int64_t rows, Scratch& sc) {
+  std::fill(sc.q.begin(), sc.q.end(), 0.0f);
+  std::fill(sc.d_o.begin(), sc.d_o.end(), 0.0f);
+  for (int64_t r = 0; r < kBlockQ; ++r) {
+    sc.lse2[r] = kPosInf, sc.delta[r] = 0.0f;
+    if (r >= rows) {
+      for (int64_t d = 0; d < p.D; ++d) sc.qt[d * kBlockQ + r] = sc.dot[d * kBlockQ + r] = 0.0f;
+      continue;
+    }
+    const int64_t i = i0 + r;
+    const T* qr = static_cast<const T*>(t.q) + b * t.qs.b + i * t.qs.s + h * t.qs.h;
+    const T* dor = static_cast<const T*>(t.dout) + b * t.dos.b + i * t.dos.s + h * t.dos.h;
+    const T* orow = static_cast<const T*>(t.out) + b * t.os.b + i * t.os.s + h * t.os.h;
+    widen_rows(qr, 0, 1, p.D, sc.q.data() + r * p.Dv, p.Dv);
+    widen_rows(dor, 0, 1, p.D, sc.d_o.data() + r * p.Dv, p.Dv);
+    float delta = 0.0f;
+    for (int64_t d = 0; d < p.D; ++d) {
+      sc.qt[d * kBlockQ + r] = sc.q[r * p.Dv + d];
+      sc.dot[d * kBlockQ + r] = sc.d_o[r * p.Dv + d];
+      delta += sc.d_o[r * p.Dv + d] * to_float(orow[d]);
+    }
+    const float lse = t.lse[(b * p.H + h) * p.Sq + i];
+    sc.lse2[r] = lse == kNegInf ? kPosInf : lse * kLog2e;  // a query without keys: P = 0
+    sc.delta[r] = delta;
+    sc.lo[r] = p.lo(i), sc.hi[r] = p.hi(i);
+  }
+}
+
+// One query block of head h against the visible key tiles of the item's packed K/V.
+template <typename T>
+void block_bwd(const Problem& p, const Tensors& t, int64_t b, int64_t h, int64_t qb, float scale, Scratch& sc) {
+  const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0);
+  pack_queries<T>(p, t, b, h, i0, rows, sc);
+  std::fill(sc.dq.begin(), sc.dq.end(), 0.0f);
+  const vfloat c2 = vset1(scale * kLog2e), vscale = vset1(scale);
+  const int64_t lo = sc.lo[0], hi = sc.hi[rows - 1];  // the union of the rows' key ranges
+  for (int64_t j0 = lo / kBlockK * kBlockK; j0 <= hi && lo <= hi; j0 += kBlockK) {
+    const int64_t nk = std::min(kBlockK, p.Sk - j0);
+    const float* kt = sc.k.data() + j0 * p.Dv;
+    const float* vt = sc.v.data() + j0 * p.Dv;
+    // P^T = 2^(S^T c - lse2), zero outside the mask
+    gemm_tile(nk, kBlockQ, p.D, MatA{kt, p.Dv, 1}, sc.qt.data(), kBlockQ, sc.p.data(), kBlockQ, nullptr);
+    for (int64_t j = 0; j < nk; ++j) {
+      float* pj = sc.p.data() + j * kBlockQ;
+      for (int64_t r = 0; r < kBlockQ; r += kW)
+        vstore(pj + r, vexp2(vfma(vload(pj + r), c2, -vload(sc.lse2.data() + r))));
+    }
+    const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
+    if (!inside) {
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t r = 0; r < rows; ++r)
+          if (j0 + j < sc.lo[r] || j0 + j > sc.hi[r]) sc.p[j * kBlockQ + r] = 0.0f;
+    }
+    // dV += P^T dO;  dP^T = V dO^T;  dS^T = scale P^T (dP^T - delta)
+    gemm_tile(nk, p.Dv, kBlockQ, MatA{sc.p.data(), kBlockQ, 1}, sc.d_o.data(), p.Dv, sc.dv.data() + j0 * p.Dv, p.Dv,
+              sc.ones.data());
+    gemm_tile(nk, kBlockQ, p.D, MatA{vt, p.Dv, 1}, sc.dot.data(), kBlockQ, sc.ds.data(), kBlockQ, nullptr);
+    for (int64_t j = 0; j < nk; ++j) {
+      float* dsj = sc.ds.data() + j * kBlockQ;
+      const float* pj = sc.p.data() + j * kBlockQ;
+      for (int64_t r = 0; r < kBlockQ; r += kW)
+        vstore(dsj + r, vscale * vload(pj + r) * (vload(dsj + r) - vload(sc.delta.data() + r)));
+    }
+    // dK += dS^T Q;  dQ += dS K  (dS read transposed)
+    gemm_tile(nk, p.Dv, kBlockQ, MatA{sc.ds.data(), kBlockQ, 1}, sc.q.data(), p.Dv, sc.dk.data() + j0 * p.Dv, p.Dv,
+              sc.ones.data());
+    gemm_tile(rows, p.Dv, nk, MatA{sc.ds.data(), 1, kBlockQ}, kt, p.Dv, sc.dq.data(), p.Dv, sc.ones.data());
+  }
+  T* dq = static_cast<T*>(t.dq);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* dst = dq + ((b * p.Sq + i0 + r) * p.H + h) * p.D;
+    for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(sc.dq[r * p.Dv + d]);
+  }
+}
+
+template <typename T>
+void attention_bwd_kernel(const Problem& p, const Tensors& t, float scale) {
+  const int64_t n_items = p.B * p.Hkv, nqb = (p.Sq + kBlockQ - 1) / kBlockQ;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
+    Scratch sc(p);
+    for (int64_t w = next.fetch_add(1); w < n_items; w = next.fetch_add(1)) {
+      const int64_t b = w / p.Hkv, hk = w % p.Hkv;
+      widen_rows(static_cast<const T*>(t.k) + b * t.ks.b + hk * t.ks.h, t.ks.s, p.Sk, p.D, sc.k.data(), p.Dv);
+      widen_rows(static_cast<const T*>(t.v) + b * t.vs.b + hk * t.vs.h, t.vs.s, p.Sk, p.D, sc.v.data(), p.Dv);
+      std::fill(sc.dk.begin(), sc.dk.end(), 0.0f);
+      std::fill(sc.dv.begin(), sc.dv.end(), 0.0f);
+      for (int64_t g = 0; g < p.G; ++g)
+        for (int64_t qb = 0; qb < nqb; ++qb) block_bwd<T>(p, t, b, hk * p.G + g, qb, scale, sc);
+      for (int64_t j = 0; j < p.Sk; ++j) {
+        T* dk = static_cast<T*>(t.dk) + ((b * p.Sk + j) * p.Hkv + hk) * p.D;
+        T* dv = static_cast<T*>(t.dv) + ((b * p.Sk + j) * p.Hkv + hk) * p.D;
+        for (int64_t d = 0; d < p.D; ++d) {
+          dk[d] = from_float<T>(sc.dk[j * p.Dv + d]);
+          dv[d] = from_float<T>(sc.dv[j * p.Dv + d]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             bool causal, double softmax_scale, int64_t window_left,
+                                                             int64_t window_right) {
+  const char* op = "attention_bwd";
+  const Problem p = attention_problem(op, q, k, v, causal, softmax_scale, window_left, window_right);
+  for (const auto* t : {&dout, &out}) {
+    const char* name = t == &dout ? "dout" : "out";
+    TORCH_CHECK(t->sizes() == q.sizes(), "fastlm::attention_bwd: ", name, " must have q's shape ", q.sizes(),
+                ", got ", t->sizes());
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type(), "fastlm::attention_bwd (CPU): ", name,
+                " must be a CPU tensor of q's dtype ", q.scalar_type(), ", got ", t->scalar_type(), " on ",
+                t->device());
+  }
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == p.B &&
+                  lse.size(1) == p.H && lse.size(2) == p.Sq,
+              "fastlm::attention_bwd: lse must be a float32 CPU tensor of shape (", p.B, ", ", p.H, ", ", p.Sq,
+              "), got a ", lse.scalar_type(), " tensor of shape ", lse.sizes(), " on ", lse.device());
+  // the kernel reads rows with unit stride along the head dim
+  const at::Tensor dout_c = dout.size(3) <= 1 || dout.stride(3) == 1 ? dout : dout.contiguous();
+  const at::Tensor out_c = out.size(3) <= 1 || out.stride(3) == 1 ? out : out.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
+  if (dq.numel() == 0 || p.Sk == 0) return {dq.zero_(), dk, dv};
+  const Tensors t{q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), out_c.const_data_ptr(),
+                  dout_c.const_data_ptr(), lse_c.const_data_ptr<float>(), strides_of(q), strides_of(k),
+                  strides_of(v), strides_of(out_c), strides_of(dout_c), dq.data_ptr(), dk.data_ptr(), dv.data_ptr()};
+  const float scale = static_cast<float>(softmax_scale);
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      attention_bwd_kernel<float>(p, t, scale);
+      break;
+    case at::kBFloat16:
+      attention_bwd_kernel<c10::BFloat16>(p, t, scale);
+      break;
+    default:
+      attention_bwd_kernel<c10::Half>(p, t, scale);
+      break;
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace fastlm_cpu
