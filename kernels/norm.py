@@ -92,11 +92,12 @@ def norm_bwd_kernel(DY, H, W, MEAN, RSTD, DH, DX, DW_PART, DB_PART, n_rows, D, r
         tl.store(DB_PART + pid * D + cols, tl.sum(db, axis=0), mask=cmask)
 
 
-def _config(D: int):
-    """(BLOCK_R rows per step, BLOCK_D, num_warps): whole rows in registers, ~16 fp32 values per thread and tensor,
-    several short rows per program; in the interpreter whole row blocks (numpy steps are what costs there)."""
+def _config(D: int, interpreted: bool | None = None):
+    """(BLOCK_R rows per step, BLOCK_D, num_warps): whole rows in registers, ~16 fp32 values per thread and tensor
+    (32 at hidden 16384, where the backward spills a few hundred bytes), several short rows per program; in the
+    interpreter whole row blocks (numpy steps are what costs there)."""
     block_d = next_pow2(D)
-    if interpreter():
+    if interpreter() if interpreted is None else interpreted:
         return max(1, 4096 // block_d), block_d, 1
     block_r = max(1, 2048 // block_d)
     return block_r, block_d, max(1, min(16, block_r * block_d // 512))
@@ -157,9 +158,7 @@ def aot_specs():
     specs = []
     for D, dt in ((4096, torch.bfloat16), (768, torch.bfloat16), (8192, torch.bfloat16)):
         t = triton_dtype_name(dt)
-        block_r = max(1, 2048 // next_pow2(D))
-        block_d = next_pow2(D)
-        warps = max(1, min(16, block_r * block_d // 512))
+        block_r, block_d, warps = _config(D, interpreted=False)
         for is_rms, res in ((True, True), (False, False)):
             kind = "rms" if is_rms else "layer"
             specs.append({
