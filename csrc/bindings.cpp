@@ -59,6 +59,18 @@ at::Tensor mlp_swiglu_meta(const at::Tensor& x, const at::Tensor&, const at::Ten
   return mlp_out_meta(x, w_down);
 }
 
+std::tuple<at::Tensor, at::Tensor> norm_fwd_meta(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                 const at::Tensor&, const std::optional<at::Tensor>&, double, bool) {
+  TORCH_CHECK(x.dim() >= 1, "fastlm::norm_fwd: x must have at least 1 dim (..., d), got a 0-D tensor");
+  auto h = residual.has_value() ? at::empty_symint(x.sym_sizes(), x.options()) : at::empty({0}, x.options());
+  return {at::empty_symint(x.sym_sizes(), x.options()), h};
+}
+
+at::Tensor rope_fwd_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, bool) {
+  TORCH_CHECK(x.dim() == 4, "fastlm::rope_fwd: x must be 4-D (batch, seqlen, heads, head_dim), got ", x.dim(), "-D");
+  return at::empty_symint(x.sym_sizes(), x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastlm, m) {
@@ -71,6 +83,9 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("mlp_gelu(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, Tensor? residual) -> Tensor");
   m.def("mlp_swiglu(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? residual) -> Tensor");
+  m.def("norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool is_rms) "
+        "-> (Tensor y, Tensor h)");
+  m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
@@ -80,6 +95,8 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("linear", &fastlm_cpu::linear);
   m.impl("mlp_gelu", &fastlm_cpu::mlp_gelu);
   m.impl("mlp_swiglu", &fastlm_cpu::mlp_swiglu);
+  m.impl("norm_fwd", &fastlm_cpu::norm_fwd);
+  m.impl("rope_fwd", &fastlm_cpu::rope_fwd);
 }
 
 TORCH_LIBRARY_IMPL(fastlm, Meta, m) {
@@ -89,6 +106,8 @@ TORCH_LIBRARY_IMPL(fastlm, Meta, m) {
   m.impl("linear", &linear_meta);
   m.impl("mlp_gelu", &mlp_gelu_meta);
   m.impl("mlp_swiglu", &mlp_swiglu_meta);
+  m.impl("norm_fwd", &norm_fwd_meta);
+  m.impl("rope_fwd", &rope_fwd_meta);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -6,7 +6,7 @@ Backends:
   "cpu"     the C++ CPU kernels of the extension fastlm._C (CPU tensors).
   "cuda"    the CUDA C++ kernels of the extension fastlm._C (CUDA tensors).
   "auto"    CUDA tensors: "triton"; CPU tensors: "cpu" when the extension is built and serves the op, else "triton"
-            under the interpreter, else "torch".
+            under the interpreter, else "torch". Inputs of a dtype no kernel takes (float64) get "torch".
 
 Everything here is lazy and cached: importing fastlm compiles nothing and touches no GPU.
 """
@@ -19,6 +19,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton and C++ kernels take
 
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from the fastlm checkout "
               "(CUDA kernels need a CUDA build of torch and nvcc)")
@@ -73,14 +74,17 @@ def available() -> dict[str, bool]:
 
 
 @torch.compiler.assume_constant_result
-def resolve(backend: str, device, op: str, *, native_ops=()) -> str:
+def resolve(backend: str, device, op: str, *, native_ops=(), dtype=None) -> str:
     """The concrete backend that runs ``op`` for tensors on ``device``.
 
     ``native_ops`` names the extension ops (``torch.ops.fastlm.*``) that the "cpu"/"cuda" backends need; an op with
-    none has no C++ implementation and "auto" never picks the extension for it.
+    none has no C++ implementation and "auto" never picks the extension for it. ``dtype``, the op's input dtype, sends
+    "auto" to the reference when no kernel takes it (float64: the reference is the only float64 implementation).
     Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here.
     Under torch.compile the choice is made once, at trace time (it depends only on its arguments and the machine).
     """
+    if backend == "auto" and dtype is not None and dtype not in KERNEL_DTYPES:
+        return "torch"
     dev = device.type if isinstance(device, torch.device) else str(device)
     return _resolve(backend, dev, op, tuple(native_ops), interpreter())
 

@@ -1,7 +1,8 @@
 """The C++ extension fastlm._C at the operator level: build and binding (schemas, Meta kernels, opcheck, the
 with_cuda attribute), argument errors surfacing as RuntimeError with clear messages, the CPU FFN kernels against
-the float64 reference (numerics rule), and attention / decode cases that the shared backend matrices do not cover
-(fp16, strided inputs, scales of either sign, empty rows, block boundaries, clamped cache lengths)."""
+the float64 reference (numerics rule), the norm and RoPE kernels over odd sizes, dtypes and strides, and attention /
+decode cases that the shared backend matrices do not cover (fp16, strided inputs, scales of either sign, empty rows,
+block boundaries, clamped cache lengths)."""
 import math
 
 import pytest
@@ -12,7 +13,8 @@ from fastlm.testing import check_rule
 
 pytestmark = pytest.mark.skipif(backends.extension() is None, reason="fastlm._C is not built")
 
-OPS = ("attention_fwd", "attention_bwd", "decode_attention", "linear", "mlp_gelu", "mlp_swiglu")
+OPS = ("attention_fwd", "attention_bwd", "decode_attention", "linear", "mlp_gelu", "mlp_swiglu", "norm_fwd",
+       "rope_fwd")
 SCHEMAS = {
     "attention_fwd": "fastlm::attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
                      "int window_left, int window_right) -> (Tensor, Tensor)",
@@ -25,6 +27,9 @@ SCHEMAS = {
                 "Tensor? residual) -> Tensor",
     "mlp_swiglu": "fastlm::mlp_swiglu(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? residual) "
                   "-> Tensor",
+    "norm_fwd": "fastlm::norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool is_rms) "
+                "-> (Tensor y, Tensor h)",
+    "rope_fwd": "fastlm::rope_fwd(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor",
 }
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -69,6 +74,13 @@ def test_meta_shapes():
     assert y.shape == (2, 3, 8)
     y = _ops().linear(x, torch.empty(5, 8, dtype=F16, **m), None)
     assert (y.shape, y.dtype) == ((2, 3, 5), F16)
+    y, h = _ops().norm_fwd(x, x, torch.empty(8, **m), torch.empty(8, **m), 1e-5, False)
+    assert (y.shape, y.dtype, h.shape, h.dtype) == ((2, 3, 8), F16, (2, 3, 8), F16)
+    y, h = _ops().norm_fwd(x, None, torch.empty(8, dtype=BF16, **m), None, 1e-6, True)
+    assert (y.shape, y.dtype, h.shape) == ((2, 3, 8), F16, (0,))
+    q = torch.empty(2, 5, 3, 16, dtype=BF16, **m).transpose(1, 2)
+    y = _ops().rope_fwd(q, torch.empty(3, 16, dtype=BF16, **m), torch.empty(3, 16, dtype=BF16, **m), True)
+    assert (y.shape, y.dtype, y.is_contiguous()) == ((2, 3, 5, 16), BF16, True)
 
 
 def test_opcheck():
@@ -85,6 +97,13 @@ def test_opcheck():
     torch.library.opcheck(_ops().mlp_swiglu.default,
                           (x, torch.randn(24, 8), torch.randn(24, 8), torch.randn(8, 24), None))
     torch.library.opcheck(_ops().linear.default, (x, torch.randn(24, 8), torch.randn(24)))
+    w, b = torch.randn(8), torch.randn(8)
+    torch.library.opcheck(_ops().norm_fwd.default, (x, torch.randn(3, 8), w, b, 1e-5, False))
+    torch.library.opcheck(_ops().norm_fwd.default, (x.to(BF16), None, w, None, 1e-6, True))
+    q = torch.randn(2, 3, 4, 16)
+    cos, sin = reference.rope_cos_sin(torch.arange(3), 16)
+    torch.library.opcheck(_ops().rope_fwd.default, (q, cos, sin, False))
+    torch.library.opcheck(_ops().rope_fwd.default, (q, cos.expand(2, 3, 16), sin.expand(2, 3, 16), True))
 
 
 def test_compile_fullgraph():
@@ -183,6 +202,38 @@ def test_mlp_errors():
     _raises(r"w_up must have w_gate's shape", _ops().mlp_swiglu, x, w1, w1[:5], w2, None)
     _raises(r"w_down must be \(d_out, intermediate\)", _ops().mlp_swiglu, x, w1, w1, w2[:, :4], None)
     _raises(r"w_gate must have x's dtype", _ops().mlp_swiglu, x, w1.to(BF16), w1, w2, None)
+
+
+def test_norm_errors():
+    norm = _ops().norm_fwd
+    x, w = torch.randn(3, 8), torch.randn(8)
+    _raises(r"x must have at least 1 dim \(\.\.\., d\), got a 0-D tensor", norm, torch.tensor(1.0), None, w[:1],
+            None, 1e-5, True)
+    _raises(r"x must be float32, bfloat16 or float16, got Double", norm, x.double(), None, w, None, 1e-5, True)
+    _raises(r"residual must have x's dtype Float, got BFloat16", norm, x, x.to(BF16), w, None, 1e-5, True)
+    _raises(r"residual must have x's shape \[3, 8\], got \[3, 7\]", norm, x, x[:, :7], w, None, 1e-5, True)
+    _raises(r"weight must have shape \(8,\) for x's last dim 8, got \[7\]", norm, x, None, w[:7], None, 1e-5, True)
+    _raises(r"weight must be float32, bfloat16 or float16, got Double", norm, x, None, w.double(), None, 1e-5, True)
+    _raises(r"bias must have weight's dtype Float, got Half", norm, x, None, w, w.half(), 1e-5, False)
+    _raises(r"bias must have shape \(8,\) for x's last dim 8, got \[2, 4\]", norm, x, None, w, w.view(2, 4), 1e-5,
+            False)
+    _raises(r"eps must be a non-negative number, got -1", norm, x, None, w, None, -1.0, True)
+
+
+def test_rope_errors():
+    rope = _ops().rope_fwd
+    x = torch.randn(2, 3, 4, 16)
+    cos, sin = reference.rope_cos_sin(torch.arange(3), 16)
+    _raises(r"x must be 4-D \(batch, seqlen, heads, head_dim\), got shape \[3, 4, 16\]", rope, x[0], cos, sin, False)
+    _raises(r"x must be 4-D", rope, torch.tensor(1.0), cos, sin, False)
+    _raises(r"dtype must be float32, bfloat16 or float16, got Double", rope, x.double(), cos.double(),
+            sin.double(), False)
+    _raises(r"head_dim \(x's last dim\) must be even, got 15", rope, x[..., :15], cos[:, :15], sin[:, :15], False)
+    _raises(r"cos must have x's dtype Float, got BFloat16", rope, x, cos.to(BF16), sin, False)
+    _raises(r"cos must have shape \(3, 16\) or \(2, 3, 16\) for x of shape \[2, 3, 4, 16\], got \[2, 16\]", rope,
+            x, cos[:2], sin, False)
+    _raises(r"sin must have shape \(3, 16\) or \(2, 3, 16\)", rope, x, cos, sin.expand(3, 3, 16), False)
+    _raises(r"sin must have cos's shape \[2, 3, 16\], got \[3, 16\]", rope, x, cos.expand(2, 3, 16), sin, False)
 
 
 # ---- FFN numerics --------------------------------------------------------------------------------------------------
@@ -305,6 +356,122 @@ def test_linear_errors():
     _raises(r"weight must have x's dtype", _ops().linear, x, w.to(BF16), None)
     _raises(r"dtype must be float32, bfloat16 or float16, got Double", _ops().linear, x.double(), w.double(), None)
     _raises(r"bias must be a CPU Float tensor of shape \(5,\)", _ops().linear, x, w, torch.randn(4))
+
+
+# ---- norms and RoPE --------------------------------------------------------------------------------------------------
+
+def _norm_ref(x, residual, weight, bias, is_rms):
+    """(y, h) of the reference, h None without a residual."""
+    kind, eps = ("rms", 1e-6) if is_rms else ("layer", 1e-5)
+    if residual is not None:
+        return reference.add_norm(x, residual, weight, bias, eps, kind=kind)
+    return reference.rms_norm(x, weight, eps) if is_rms else reference.layer_norm(x, weight, bias, eps), None
+
+
+def _norm_check(x, residual, weight, bias, is_rms):
+    y, h = _ops().norm_fwd(x, residual, weight, bias, 1e-6 if is_rms else 1e-5, is_rms)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.is_contiguous() and torch.isfinite(y).all()
+    y_low, h_low = _norm_ref(x, residual, weight, bias, is_rms)
+    check_rule("norm_fwd", y, _norm_ref(*map(_f64, (x, residual, weight, bias)), is_rms)[0], y_low)
+    if residual is None:
+        assert h.shape == (0,)
+    else:
+        assert torch.equal(h, h_low)  # x + residual rounded to x's dtype, as torch's add rounds it
+
+
+# (residual, bias, is_rms)
+NORM_KINDS = {"rms": (False, False, True), "add_rms": (True, False, True), "layer": (False, True, False),
+              "layer_no_bias": (False, False, False), "add_layer": (True, True, False),
+              "add_layer_no_bias": (True, False, False)}
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("d", [1, 7, 40, 96, 1000, 4099])   # single element, vector tails, several vectors per row
+@pytest.mark.parametrize("rows", [1, 3, 129])                # 129 rows of the wide sizes split across threads
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_norm_rule(kind, rows, d, dtype):
+    residual, bias, is_rms = NORM_KINDS[kind]
+    _norm_check(torch.randn(rows, d).to(dtype), torch.randn(rows, d).to(dtype) if residual else None,
+                (1.0 + 0.5 * torch.randn(d)).to(dtype), torch.randn(d).to(dtype) if bias else None, is_rms)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(BF16, F32), (F16, BF16), (F32, F16)], ids=str)
+def test_norm_weight_dtype_differs(x_dtype, w_dtype):
+    x, r = torch.randn(5, 72).to(x_dtype), torch.randn(5, 72).to(x_dtype)
+    w, b = (1.0 + 0.5 * torch.randn(72)).to(w_dtype), torch.randn(72).to(w_dtype)
+    _norm_check(x, r, w, b, False)
+    _norm_check(x, None, w, None, True)
+
+
+def test_norm_strided():
+    w, b = 1.0 + 0.5 * torch.randn(40), torch.randn(40)
+    xs = [torch.randn(5, 7, 96)[..., 3:43],                   # rows 96 apart: read in place
+          torch.randn(7, 5, 40).transpose(0, 1),              # leading dims that do not collapse into one stride
+          torch.randn(40, 35).t(),                            # strided last dim
+          torch.randn(40)]                                    # a single row
+    for x in xs:
+        r = torch.randn(*x.shape, 2)[..., 1]                  # residual with a strided last dim
+        for residual, bias, is_rms in NORM_KINDS.values():
+            _norm_check(x, r if residual else None, w, b if bias else None, is_rms)
+    y, h = _ops().norm_fwd(torch.randn(0, 3, 40), torch.randn(0, 3, 40), w, b, 1e-5, False)
+    assert y.shape == h.shape == (0, 3, 40)
+    y, h = _ops().norm_fwd(torch.randn(3, 0), None, torch.randn(0), None, 1e-6, True)
+    assert y.shape == (3, 0) and h.shape == (0,)
+
+
+def _rope_check(x, cos, sin, inverse=False):
+    out = _ops().rope_fwd(x, cos, sin, inverse)
+    assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous() and torch.isfinite(out).all()
+    s = -sin if inverse else sin  # the transposed rotation by Hugging Face tables (equal halves) is by -sin
+    check_rule("rope_fwd", out, reference.apply_rope(x.double(), cos.double(), s.double()),
+               reference.apply_rope(x, cos, s))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("D", [2, 16, 40, 96, 128])         # a tail-only half, vector tails, whole vectors
+@pytest.mark.parametrize("per_sequence", [False, True])      # (S, D) or (B, S, D) tables
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_rule(dtype, D, per_sequence, inverse):
+    B, S, H = 3, 7, 5
+    pos = torch.arange(S) + 11
+    if per_sequence:
+        pos = torch.stack([pos + off for off in (0, 5, 300)]).reshape(-1)
+    cos, sin = reference.rope_cos_sin(pos, D, 10000.0, dtype)
+    if per_sequence:
+        cos, sin = cos.view(B, S, D), sin.view(B, S, D)
+    _rope_check(torch.randn(B, S, H, D).to(dtype), cos, sin, inverse)
+
+
+def test_rope_strided():
+    B, S, H, D = 2, 9, 4, 40
+    cos, sin = reference.rope_cos_sin(torch.arange(S), D)
+    qkv = torch.randn(B, S, 3, H, D)                          # a fused projection: q, k, v are strided views
+    wide = torch.empty(S, 2, D)                                # tables with rows 2 D apart
+    wide[:, 0], wide[:, 1] = cos, sin
+    for x in (qkv[:, :, 1], torch.randn(B, H, S, D).transpose(1, 2), torch.randn(B, S, H, 2 * D)[..., ::2]):
+        for inverse in (False, True):
+            _rope_check(x, cos, sin, inverse)
+            _rope_check(x, wide[:, 0], wide[:, 1], inverse)
+    assert _ops().rope_fwd(torch.randn(0, S, H, D), cos, sin, False).shape == (0, S, H, D)
+
+
+def test_rope_inverse_is_the_transpose():
+    """For any tables, inverse=True is the transposed rotation (the vector-Jacobian product of the forward), and for
+    Hugging Face tables it undoes the forward."""
+    x, g = torch.randn(2, 7, 3, 40), torch.randn(2, 7, 3, 40)
+    cos, sin = torch.randn(7, 40), torch.randn(7, 40)         # halves differ
+    vjps = []
+    for dtype in (torch.float64, F32):
+        xr = x.to(dtype).requires_grad_()
+        vjps.append(torch.autograd.grad(reference.apply_rope(xr, cos.to(dtype), sin.to(dtype)), xr, g.to(dtype))[0])
+    check_rule("rope_fwd(inverse) = transpose", _ops().rope_fwd(g, cos, sin, True), *vjps)
+
+    cos, sin = reference.rope_cos_sin(torch.arange(7) + 1000, 40)
+    round_trip = _ops().rope_fwd(_ops().rope_fwd(x, cos, sin, False), cos, sin, True)
+    ref = [reference.apply_rope(reference.apply_rope(x.to(t), cos.to(t), sin.to(t)), cos.to(t), -sin.to(t))
+           for t in (torch.float64, F32)]
+    check_rule("rope_fwd round trip", round_trip, *ref)
 
 
 # ---- attention / decode cases beyond the shared matrices ---------------------------------------------------------

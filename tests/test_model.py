@@ -200,9 +200,9 @@ def test_bad_input():
         model(torch.randint(0, 10, (2, 1)), input_pos=torch.tensor([3]))
 
 
-def _extension_serves_model():
+def _extension_serves_model(ops=("attention_fwd", "decode_attention", "mlp_swiglu")):
     from fastlm import backends
-    return all(backends.extension_has(op, "cpu") for op in ("attention_fwd", "decode_attention", "mlp_swiglu"))
+    return all(backends.extension_has(op, "cpu") for op in ops)
 
 
 @pytest.mark.skipif(not _extension_serves_model(), reason="the C++ extension fastlm._C is not built")
@@ -217,3 +217,21 @@ def test_cpu_backend_logits_and_decode():
         steps = [model(tokens[:, :4]), model(tokens[:, 4:6], input_pos=torch.tensor([4, 4])),
                  model(tokens[:, 6:], input_pos=torch.tensor([6, 6]))]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not _extension_serves_model(("attention_fwd", "decode_attention", "mlp_swiglu", "norm_fwd",
+                                                  "rope_fwd")),
+                    reason="the C++ extension fastlm._C with the CPU norm and RoPE is not built")
+def test_cpu_backend_decode_step_is_native():
+    """A decoding step with backend="cpu" runs every norm (2 per layer and the final one) and RoPE (q and k per
+    layer) in the C++ kernels, called directly (no autograd wrapper under no_grad)."""
+    model, _, _ = make("llama", "cpu")
+    with torch.no_grad():
+        model.setup_cache(1, 16)
+        model(torch.randint(0, 1000, (1, 5)))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(torch.randint(0, 1000, (1, 1)), input_pos=torch.tensor([5]))
+    names = [e.name for e in prof.events()]
+    L = model.config.n_layer
+    assert names.count("fastlm::norm_fwd") == 2 * L + 1 and names.count("fastlm::rope_fwd") == 2 * L
+    assert not any(n.startswith("fastlm_native_py::") for n in names)

@@ -1,60 +1,75 @@
 """LayerNorm / RMSNorm (alone and fused with the residual add) against the float64 reference: outputs and every
-gradient by the numerics rule. `check_op` is shared with the other op tests (rope, ffn, cross_entropy)."""
+gradient by the numerics rule, for the Triton kernels and the C++ CPU forward (with its torch backward). `check_op` is
+shared with the other op tests (rope, ffn, cross_entropy)."""
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES
-from fastlm import reference
+from conftest import DEVICE, DTYPES, ON_GPU
+from fastlm import backends, reference
 from fastlm.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastlm.testing import check_op, check_rule
 
+_NO_CPU = pytest.mark.skipif(not backends.extension_has("norm_fwd", "cpu"),
+                             reason="the C++ extension (fastlm._C) with the CPU norm is not built")
+BACKENDS = ["triton", pytest.param("cpu", marks=_NO_CPU)]
+# the C++ kernel is tested in bf16 everywhere, Triton only on a GPU (see conftest.DTYPES)
+BACKEND_DTYPES = [("triton", dt) for dt in DTYPES] + [
+    pytest.param("cpu", dt, marks=_NO_CPU) for dt in (torch.float32, torch.float16, torch.bfloat16)]
 
-def _inputs(shape, dtype, residual, bias, w_dtype=None):
+
+def _device(backend):
+    return "cpu" if backend == "cpu" else DEVICE
+
+
+def _inputs(shape, dtype, residual, bias, w_dtype=None, device=DEVICE):
     D = shape[-1]
     w_dtype = w_dtype or dtype
-    x = torch.randn(shape, dtype=dtype, device=DEVICE)
-    r = torch.randn(shape, dtype=dtype, device=DEVICE) if residual else None
-    w = 1.0 + 0.5 * torch.randn(D, dtype=w_dtype, device=DEVICE)
-    b = torch.randn(D, dtype=w_dtype, device=DEVICE) if bias else None
+    x = torch.randn(shape, dtype=dtype, device=device)
+    r = torch.randn(shape, dtype=dtype, device=device) if residual else None
+    w = 1.0 + 0.5 * torch.randn(D, dtype=w_dtype, device=device)
+    b = torch.randn(D, dtype=w_dtype, device=device) if bias else None
     return x, r, w, b
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 40), (7, 96), (3, 43, 40), (129, 96)])
 @pytest.mark.parametrize("kind", ["layer", "rms", "add_layer", "add_rms"])
-def test_norm_rule(kind, shape, dtype):
-    x, r, w, b = _inputs(shape, dtype, kind.startswith("add"), kind.endswith("layer"))
+def test_norm_rule(kind, shape, backend, dtype):
+    x, r, w, b = _inputs(shape, dtype, kind.startswith("add"), kind.endswith("layer"), device=_device(backend))
     if kind == "layer":
-        check_op(kind, lambda x, w, b: layer_norm(x, w, b, backend="triton"), reference.layer_norm, [x, w, b])
+        check_op(kind, lambda x, w, b: layer_norm(x, w, b, backend=backend), reference.layer_norm, [x, w, b])
     elif kind == "rms":
-        check_op(kind, lambda x, w: rms_norm(x, w, backend="triton"), reference.rms_norm, [x, w])
+        check_op(kind, lambda x, w: rms_norm(x, w, backend=backend), reference.rms_norm, [x, w])
     elif kind == "add_layer":
-        check_op(kind, lambda x, r, w, b: add_layer_norm(x, r, w, b, backend="triton"),
+        check_op(kind, lambda x, r, w, b: add_layer_norm(x, r, w, b, backend=backend),
                  lambda x, r, w, b: reference.add_norm(x, r, w, b, 1e-5, kind="layer"), [x, r, w, b])
     else:
-        check_op(kind, lambda x, r, w: add_rms_norm(x, r, w, backend="triton"),
+        check_op(kind, lambda x, r, w: add_rms_norm(x, r, w, backend=backend),
                  lambda x, r, w: reference.add_norm(x, r, w, None, 1e-6, kind="rms"), [x, r, w])
 
 
-def test_layer_norm_without_bias_and_fp32_weight():
-    x, _, w, _ = _inputs((7, 40), torch.float16, False, False, w_dtype=torch.float32)
-    check_op("layer_norm(bias=None)", lambda x, w: layer_norm(x, w, None, backend="triton"),
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_without_bias_and_fp32_weight(backend):
+    x, _, w, _ = _inputs((7, 40), torch.float16, False, False, w_dtype=torch.float32, device=_device(backend))
+    check_op("layer_norm(bias=None)", lambda x, w: layer_norm(x, w, None, backend=backend),
              lambda x, w: reference.layer_norm(x, w, None), [x, w])
 
 
-def test_large_offset_rows():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_offset_rows(backend):
     # mean >> std: the two-pass variance must not cancel catastrophically
-    x, r, w, b = _inputs((7, 96), torch.float32, True, True)
+    x, r, w, b = _inputs((7, 96), torch.float32, True, True, device=_device(backend))
     x = x + 1000.0
-    check_op("add_layer_norm(offset)", lambda x, r, w, b: add_layer_norm(x, r, w, b, backend="triton"),
+    check_op("add_layer_norm(offset)", lambda x, r, w, b: add_layer_norm(x, r, w, b, backend=backend),
              lambda x, r, w, b: reference.add_norm(x, r, w, b, 1e-5, kind="layer"), [x, r, w, b])
 
 
-def test_noncontiguous_input_and_expanded_grad():
-    base = torch.randn(96, 7, device=DEVICE)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_input_and_expanded_grad(backend):
+    base = torch.randn(96, 7, device=_device(backend))
     x = base.t().requires_grad_()                      # (7, 96), stride (1, 7)
-    w = torch.randn(96, device=DEVICE, requires_grad=True)
-    y = rms_norm(x, w, backend="triton")
+    w = torch.randn(96, device=_device(backend), requires_grad=True)
+    y = rms_norm(x, w, backend=backend)
     y.sum().backward()                                  # stride-0 expanded gradient
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     reference.rms_norm(x64, w64).sum().backward()
@@ -62,22 +77,22 @@ def test_noncontiguous_input_and_expanded_grad():
     check_rule("rms_norm dw (expanded grad)", w.grad, w64.grad, w64.grad.float())
 
 
-def test_empty_input():
-    x = torch.randn(0, 40, device=DEVICE, requires_grad=True)
-    r = torch.randn(0, 40, device=DEVICE, requires_grad=True)
-    w = torch.randn(40, device=DEVICE, requires_grad=True)
-    b = torch.randn(40, device=DEVICE, requires_grad=True)
-    y, h = add_layer_norm(x, r, w, b, backend="triton")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input(backend):
+    x, r, w, b = (torch.randn(*shape, device=_device(backend), requires_grad=True)
+                  for shape in ((0, 40), (0, 40), (40,), (40,)))
+    y, h = add_layer_norm(x, r, w, b, backend=backend)
     assert y.shape == (0, 40) and h.shape == (0, 40)
     (y.sum() + h.sum()).backward()
     assert x.grad.shape == (0, 40) and torch.equal(w.grad, torch.zeros(40)) and torch.equal(b.grad, torch.zeros(40))
 
 
-def test_zero_hidden_size():
-    x, r, w, b = _inputs((3, 0), torch.float32, True, True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_hidden_size(backend):
+    x, r, w, b = _inputs((3, 0), torch.float32, True, True, device=_device(backend))
     for t in (x, r, w, b):
         t.requires_grad_()
-    y, h = add_layer_norm(x, r, w, b, backend="triton")
+    y, h = add_layer_norm(x, r, w, b, backend=backend)
     assert y.shape == h.shape == (3, 0)
     (y.sum() + h.sum()).backward()
     assert x.grad.shape == (3, 0) and w.grad.shape == b.grad.shape == (0,)
@@ -88,6 +103,35 @@ def test_torch_backend_is_reference():
     y, h = add_rms_norm(x, r, w, backend="torch")
     y_ref, h_ref = reference.add_norm(x, r, w, None, 1e-6, kind="rms")
     assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
+
+
+@_NO_CPU
+def test_auto_runs_the_cpu_kernel_without_autograd_overhead():
+    """CPU tensors: "auto" is the C++ kernel, called directly when no gradient is needed, through the autograd wrapper
+    otherwise."""
+    x, r, w, _ = _inputs((3, 40), torch.float32, True, False, device="cpu")
+    for grad in (False, True):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y, h = add_rms_norm(x, r, w.requires_grad_(grad))
+        names = {e.name for e in prof.events()}
+        assert "fastlm::norm_fwd" in names and ("fastlm_native_py::norm_fwd" in names) == grad
+        assert y.requires_grad == grad
+        assert torch.equal(h, x + r)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the error for CUDA tensors asked of a CPU-only machine")
+def test_no_cuda_kernel():
+    x, _, w, _ = _inputs((3, 40), torch.float32, False, False)
+    with pytest.raises((RuntimeError, ValueError), match="rms_norm.*cuda"):
+        rms_norm(x, w, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_auto_is_triton_and_cuda_raises():
+    x, _, w, _ = _inputs((3, 40), torch.float32, False, False)
+    assert torch.equal(rms_norm(x, w), rms_norm(x, w, backend="triton"))
+    with pytest.raises(RuntimeError, match="rms_norm"):   # no CUDA C++ norm: "norm_fwd", or no CUDA extension at all
+        rms_norm(x, w, backend="cuda")
 
 
 @pytest.mark.parametrize("call, exc, words", [

@@ -1,8 +1,8 @@
 """torch.library integration of the norm, RoPE, MLP and cross-entropy ops: opcheck of every custom op (schema, fake
 tensor, autograd registration, AOT dispatch), and torch.compile(fullgraph=True) of forward + backward of each public
-op with the torch and triton backends, compared with eager. Compilation uses the aot_eager backend (dynamo +
-AOTAutograd + fake tensors, which is where custom ops can break); inductor's C++ codegen adds nothing for opaque
-custom ops and costs seconds per graph on a CPU."""
+op with the torch and triton backends, and the C++ CPU backend where the extension has the op, compared with eager.
+Compilation uses the aot_eager backend (dynamo + AOTAutograd + fake tensors, which is where custom ops can break);
+inductor's C++ codegen adds nothing for opaque custom ops and costs seconds per graph on a CPU."""
 import importlib
 
 import pytest
@@ -47,13 +47,36 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("name, op, args", _opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
-def test_opcheck(name, op, args):
+def _native_opcheck_cases():
+    """The autograd wrappers (fastlm_native_py::) of the C++ CPU ops, on CPU tensors."""
+    x, r, w, b = (torch.randn(*shape) for shape in ((5, 40), (5, 40), (40,), (40,)))
+    cos, sin = rope_ops.rope_cos_sin(torch.arange(3), 16)
+    return [
+        ("norm_fwd[layer,residual]", norm_ops._nat_norm, (x, r, w, b, 1e-5, False), "norm_fwd"),
+        ("norm_fwd[rms]", norm_ops._nat_norm, (x, None, w, None, 1e-6, True), "norm_fwd"),
+        ("rope", rope_ops._nat_rope, (torch.randn(2, 3, 2, 16), cos, sin, False), "rope_fwd"),
+    ]
+
+
+def _opcheck(name, op, args):
     # forward ops get a differentiable first input so the autograd registration is exercised; backward ops have
     # no double-backward formula
     if not name.endswith("bwd"):
         args = (args[0].clone().requires_grad_(),) + args[1:]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("name, op, args", _opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, op, args):
+    _opcheck(name, op, args)
+
+
+@pytest.mark.parametrize("name, op, args, native_op", _native_opcheck_cases(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck_native(name, op, args, native_op):
+    if not backends.extension_has(native_op, "cpu"):
+        pytest.skip(f"the C++ extension (fastlm._C) with the CPU {native_op} is not built")
+    _opcheck(name, op, args)
 
 
 def _groups():
@@ -67,7 +90,7 @@ def _groups():
                 *norm_ops.add_layer_norm(x, r, w, b, backend=backend), *norm_ops.add_rms_norm(x, r, w, backend=backend))
 
     def rope(q, backend):
-        return rope_ops.apply_rope(q, cos, sin, backend=backend)
+        return rope_ops.apply_rope(q, cos.to(q.device), sin.to(q.device), backend=backend)
 
     def mlps(x, w1, b1, w2, b2, r, wg, backend):
         return (ffn_ops.mlp_gelu(x, w1, b1, w2, b2, r, backend=backend),
@@ -109,8 +132,12 @@ def test_compile_fullgraph(name, fn, inputs, backend):
     _check_compiled(fn, inputs, backend)
 
 
-@pytest.mark.skipif(not backends.extension_has("mlp_gelu", "cpu") or not backends.extension_has("mlp_swiglu", "cpu"),
-                    reason="the C++ extension (fastlm._C) with the CPU MLP ops is not built")
-def test_compile_fullgraph_native_mlps():
-    name, fn, inputs = _groups()[2]
+NATIVE_OPS = {"norms": ("norm_fwd",), "rope": ("rope_fwd",), "mlps": ("mlp_gelu", "mlp_swiglu")}
+
+
+@pytest.mark.parametrize("name, fn, inputs", [g for g in _groups() if g[0] in NATIVE_OPS],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_compile_fullgraph_native(name, fn, inputs):
+    if not all(backends.extension_has(op, "cpu") for op in NATIVE_OPS[name]):
+        pytest.skip(f"the C++ extension (fastlm._C) with the CPU {', '.join(NATIVE_OPS[name])} is not built")
     _check_compiled(fn, [t.cpu() for t in inputs], "cpu")

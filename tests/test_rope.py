@@ -1,58 +1,76 @@
 """RoPE against the float64 reference (Hugging Face rotate_half): output and gradient by the numerics rule, shared and
-per-sequence tables, position offsets, non-contiguous (fused-QKV slice) inputs, bad input."""
+per-sequence tables, position offsets, non-contiguous (fused-QKV slice) inputs, bad input; for the Triton kernel and
+the C++ CPU kernel."""
 import math
 
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES
-from fastlm import reference
+from conftest import DEVICE, DTYPES, ON_GPU
+from fastlm import backends, reference
 from fastlm.ops.rope import apply_rope, rope_cos_sin
 from fastlm.testing import check_op, check_rule
 
+_NO_CPU = pytest.mark.skipif(not backends.extension_has("rope_fwd", "cpu"),
+                             reason="the C++ extension (fastlm._C) with the CPU RoPE is not built")
+BACKENDS = ["triton", pytest.param("cpu", marks=_NO_CPU)]
+# the C++ kernel is tested in bf16 everywhere, Triton only on a GPU (see conftest.DTYPES)
+BACKEND_DTYPES = [("triton", dt) for dt in DTYPES] + [
+    pytest.param("cpu", dt, marks=_NO_CPU) for dt in (torch.float32, torch.float16, torch.bfloat16)]
 
-def _triton_rope(x, cos, sin):
-    return apply_rope(x, cos, sin, backend="triton")
+
+def _device(backend):
+    return "cpu" if backend == "cpu" else DEVICE
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+def _rope(backend):
+    return lambda x, cos, sin: apply_rope(x, cos, sin, backend=backend)
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=str)
 @pytest.mark.parametrize("B, S, H, D", [(1, 1, 1, 40), (2, 7, 3, 96), (1, 129, 2, 64), (3, 5, 4, 16)])
-def test_rope_rule(B, S, H, D, dtype):
-    x = torch.randn(B, S, H, D, dtype=dtype, device=DEVICE)
-    cos, sin = rope_cos_sin(torch.arange(S, device=DEVICE) + 3, D)     # position offset 3
-    check_op("apply_rope", _triton_rope, reference.apply_rope, [x, cos, sin], constants=(1, 2))
+def test_rope_rule(B, S, H, D, backend, dtype):
+    dev = _device(backend)
+    x = torch.randn(B, S, H, D, dtype=dtype, device=dev)
+    cos, sin = rope_cos_sin(torch.arange(S, device=dev) + 3, D)        # position offset 3
+    check_op("apply_rope", _rope(backend), reference.apply_rope, [x, cos, sin], constants=(1, 2))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_per_sequence_positions_and_qkv_slice(dtype):
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=str)
+def test_rope_per_sequence_positions_and_qkv_slice(backend, dtype):
     B, S, H, D = 3, 7, 2, 40
-    qkv = torch.randn(B, S, 3, H, D, dtype=dtype, device=DEVICE)
-    pos = torch.stack([torch.arange(S) + off for off in (0, 5, 100)]).to(DEVICE)         # (B, S)
+    dev, rope = _device(backend), _rope(backend)
+    qkv = torch.randn(B, S, 3, H, D, dtype=dtype, device=dev)
+    pos = torch.stack([torch.arange(S) + off for off in (0, 5, 100)]).to(dev)            # (B, S)
     cos, sin = rope_cos_sin(pos.reshape(-1), D)
     cos, sin = cos.reshape(B, S, D), sin.reshape(B, S, D)
-    out = check_op("apply_rope(qkv slice, per-sequence)", lambda t, c, s: _triton_rope(t[:, :, 1], c, s),
+    out = check_op("apply_rope(qkv slice, per-sequence)", lambda t, c, s: rope(t[:, :, 1], c, s),
                    lambda t, c, s: reference.apply_rope(t[:, :, 1], c, s), [qkv, cos, sin], constants=(1, 2))
     # each sequence's rows equal the shared-table result at its own offset
-    cos1, sin1 = rope_cos_sin(torch.arange(S, device=DEVICE) + 5, D)
-    assert torch.equal(out[0][1:2], _triton_rope(qkv[1:2, :, 1], cos1, sin1))
+    cos1, sin1 = rope_cos_sin(torch.arange(S, device=dev) + 5, D)
+    assert torch.equal(out[0][1:2], rope(qkv[1:2, :, 1], cos1, sin1))
 
 
-def test_rope_general_tables_gradient():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_general_tables_gradient(backend):
     # tables whose halves differ exercise the transposed rotation in backward beyond Hugging Face's tables
-    x = torch.randn(2, 7, 3, 40, device=DEVICE)
-    cos, sin = torch.randn(7, 40, device=DEVICE), torch.randn(7, 40, device=DEVICE)
-    check_op("apply_rope(random tables)", _triton_rope, reference.apply_rope, [x, cos, sin], constants=(1, 2))
+    dev = _device(backend)
+    x = torch.randn(2, 7, 3, 40, device=dev)
+    cos, sin = torch.randn(7, 40, device=dev), torch.randn(7, 40, device=dev)
+    check_op("apply_rope(random tables)", _rope(backend), reference.apply_rope, [x, cos, sin], constants=(1, 2))
 
 
-def test_rope_expanded_grad_and_empty():
-    x = torch.randn(2, 7, 3, 40, device=DEVICE, requires_grad=True)
-    cos, sin = rope_cos_sin(torch.arange(7, device=DEVICE), 40)
-    _triton_rope(x, cos, sin).sum().backward()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_expanded_grad_and_empty(backend):
+    dev, rope = _device(backend), _rope(backend)
+    x = torch.randn(2, 7, 3, 40, device=dev, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(7, device=dev), 40)
+    rope(x, cos, sin).sum().backward()
     x64 = x.detach().double().requires_grad_()
     reference.apply_rope(x64, cos.double(), sin.double()).sum().backward()
     check_rule("apply_rope dx (expanded grad)", x.grad, x64.grad, x64.grad.float())
-    e = torch.randn(0, 7, 3, 40, device=DEVICE, requires_grad=True)
-    y = _triton_rope(e, cos, sin)
+    e = torch.randn(0, 7, 3, 40, device=dev, requires_grad=True)
+    y = rope(e, cos, sin)
     assert y.shape == e.shape
     y.sum().backward()
     assert e.grad.shape == e.shape
@@ -78,7 +96,6 @@ def test_rope_cos_sin_closed_form():
     (lambda x, c, s: apply_rope(x, c, s[None].expand(3, -1, -1)), ValueError, "sin"),
     (lambda x, c, s: apply_rope(x.long(), c, s), TypeError, "x"),
     (lambda x, c, s: apply_rope(x.double(), c, s, backend="triton"), TypeError, "float64"),
-    (lambda x, c, s: apply_rope(x, c, s, backend="cpu"), RuntimeError, "apply_rope"),
     (lambda x, c, s: rope_cos_sin(torch.arange(4), 7), ValueError, "head_dim"),
     (lambda x, c, s: rope_cos_sin(torch.arange(4), 8, base=-1.0), ValueError, "base"),
     (lambda x, c, s: rope_cos_sin(torch.zeros(2, 2), 8), ValueError, "positions"),
@@ -91,8 +108,40 @@ def test_bad_input(call, exc, words):
         call(x, c, s)
 
 
+@_NO_CPU
+def test_auto_runs_the_cpu_kernel_without_autograd_overhead():
+    """CPU tensors: "auto" is the C++ kernel, called directly when no gradient is needed, through the autograd wrapper
+    otherwise; tables in another dtype are cast to x's, as the reference casts them."""
+    x = torch.randn(2, 7, 3, 40, dtype=torch.bfloat16)
+    cos, sin = rope_cos_sin(torch.arange(7), 40)
+    for grad in (False, True):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = apply_rope(x.requires_grad_(grad), cos, sin)
+        names = {e.name for e in prof.events()}
+        assert "fastlm::rope_fwd" in names and ("fastlm_native_py::rope" in names) == grad
+        assert y.requires_grad == grad
+    assert torch.equal(y, apply_rope(x, cos.bfloat16(), sin.bfloat16(), backend="cpu"))
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the error for CUDA tensors asked of a CPU-only machine")
+def test_no_cuda_kernel():
+    x = torch.randn(2, 7, 3, 40)
+    cos, sin = rope_cos_sin(torch.arange(7), 40)
+    with pytest.raises((RuntimeError, ValueError), match="apply_rope.*cuda"):
+        apply_rope(x, cos, sin, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_auto_is_triton_and_cuda_raises():
+    x = torch.randn(2, 7, 3, 40, device=DEVICE)
+    cos, sin = rope_cos_sin(torch.arange(7, device=DEVICE), 40)
+    assert torch.equal(apply_rope(x, cos, sin), apply_rope(x, cos, sin, backend="triton"))
+    with pytest.raises(RuntimeError, match="apply_rope"):   # no CUDA C++ RoPE: "rope_fwd", or no CUDA extension
+        apply_rope(x, cos, sin, backend="cuda")
+
+
 @pytest.mark.gpu
 def test_rope_large_bf16():
     x = torch.randn(2, 1031, 32, 128, dtype=torch.bfloat16, device=DEVICE)
     cos, sin = rope_cos_sin(torch.arange(1031, device=DEVICE) + 7, 128, base=500000.0)
-    check_op("apply_rope(large)", _triton_rope, reference.apply_rope, [x, cos, sin], constants=(1, 2))
+    check_op("apply_rope(large)", _rope("triton"), reference.apply_rope, [x, cos, sin], constants=(1, 2))

@@ -40,4 +40,15 @@ at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::opti
 at::Tensor mlp_swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                       const at::Tensor& w_down, const std::optional<at::Tensor>& residual);
 
+// LayerNorm (is_rms false) or RMSNorm over the last dim of h = x (+ residual): y = norm(h) * weight (+ bias), fp32
+// statistics. Returns (y, h) in x's dtype, h an empty (0,) tensor without a residual; weight and bias may have
+// another float dtype than x (bias: weight's).
+std::tuple<at::Tensor, at::Tensor> norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                            double eps, bool is_rms);
+
+// Rotary embedding, rotate-half convention: x (B, S, H, D) with a contiguous head dim, cos/sin (S, D) or (B, S, D)
+// in x's dtype. Returns x cos + rotate_half(x) sin, or with inverse the transposed rotation (contiguous, x's dtype).
+at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse);
+
 }  // namespace fastlm_cpu

@@ -157,4 +157,41 @@ inline vfloat vload_cvt(const c10::Half* p) {
 #endif
 }
 
+// v rounded to T (to nearest even, as c10's conversions round) and stored as kW consecutive elements.
+inline void vstore_cvt(float* p, vfloat v) { vstore(p, v); }
+
+inline void vstore_cvt(c10::BFloat16* p, vfloat v) {
+  // round the low 16 bits away, ties to even; NaN becomes the quiet NaN 0x7fc0, as in c10::BFloat16(float)
+  const vu32 u = (vu32)v;
+  const vu32 nan = (vu32)(v != v);
+  const vu32 r = (((u + ((u >> 16) & 1u) + 0x7fffu) >> 16) & ~nan) | (0x7fc0u & nan);
+  *reinterpret_cast<vhalf_u*>(p) = __builtin_convertvector(r, vu16);
+}
+
+inline void vstore_cvt(c10::Half* p, vfloat v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < kW; ++i) p[i] = static_cast<c10::Half>(v[i]);
+#endif
+}
+
+// The tail of a row: n < kW elements of type T as a float vector whose other lanes hold pad, and the first n lanes
+// of v stored (rounded as vstore_cvt rounds).
+template <typename T>
+inline vfloat vload_cvt_n(const T* p, int64_t n, float pad = 0.0f) {
+  float buf[kW];
+  for (int i = 0; i < kW; ++i) buf[i] = i < n ? to_float(p[i]) : pad;
+  return vload(buf);
+}
+
+template <typename T>
+inline void vstore_cvt_n(T* p, vfloat v, int64_t n) {
+  float buf[kW];
+  vstore(buf, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = from_float<T>(buf[i]);
+}
+
 }  // namespace fastlm_cpu

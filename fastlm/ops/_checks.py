@@ -6,7 +6,7 @@ import math
 
 import torch
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton and C++ kernels take
+from fastlm.backends import KERNEL_DTYPES
 
 
 def check_float_tensor(op: str, name: str, t) -> None:

@@ -147,7 +147,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     Sk = k.shape[1]
     scale = float(1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale)
     window_left, window_right = int(window[0]), (0 if causal else int(window[1]))
-    chosen = backends.resolve(backend, q.device, "attention", native_ops=("attention_fwd",))
+    chosen = backends.resolve(backend, q.device, "attention", native_ops=("attention_fwd",), dtype=q.dtype)
     if chosen != "torch" and q.dtype not in _DTYPES:
         raise TypeError(f"attention: dtype must be one of float16, bfloat16, float32 for backend {chosen!r}, "
                         f"got {q.dtype}")

@@ -192,7 +192,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
     _check_common(op, targets, logits.shape[:-1], logits.device, logits.shape[-1], ignore_index, reduction)
     lead = targets.shape
     logits2, targets2 = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    be = resolve(backend, logits.device, op)
+    be = resolve(backend, logits.device, op, dtype=logits.dtype)
     if be == "torch":
         loss = reference.cross_entropy(logits2, targets2, ignore_index=ignore_index, reduction=reduction)
         return loss.reshape(lead) if reduction == "none" else loss
@@ -231,7 +231,7 @@ def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, re
     _check_common(op, targets, x.shape[:-1], x.device, V, ignore_index, reduction)
     lead = targets.shape
     x2, targets2 = x.reshape(-1, d), targets.reshape(-1)
-    be = resolve(backend, x.device, op)
+    be = resolve(backend, x.device, op, dtype=x.dtype)
     if be == "torch":
         loss = reference.linear_cross_entropy(x2, weight, targets2, bias, ignore_index=ignore_index,
                                               reduction=reduction)

@@ -61,7 +61,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
     if backend not in backends.BACKENDS:
         raise ValueError(f"decode_attention: backend must be one of {backends.BACKENDS}, got {backend!r}")
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    concrete = backends.resolve(backend, device, "decode_attention", native_ops=NATIVE_OPS)
+    concrete = backends.resolve(backend, device, "decode_attention", native_ops=NATIVE_OPS,
+                                dtype=q.dtype if isinstance(q, torch.Tensor) else None)
     _check(q, k_cache, v_cache, cache_seqlens, concrete)
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
         raise TypeError(f"decode_attention: softmax_scale must be a number or None, got {softmax_scale!r}")

@@ -252,7 +252,7 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None, *, backend="auto"):
     out_dim = _weight_dims(op, "w_proj", w_proj, inter)
     _check(op, x, [("w_fc", w_fc, w_fc.shape, True), ("b_fc", b_fc, (inter,), False),
                    ("w_proj", w_proj, w_proj.shape, True), ("b_proj", b_proj, (out_dim,), False)], out_dim, residual)
-    be = resolve(backend, x.device, op, native_ops=("mlp_gelu",))
+    be = resolve(backend, x.device, op, native_ops=("mlp_gelu",), dtype=x.dtype)
     if be == "torch":
         return reference.mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual)
     if be in ("cpu", "cuda"):
@@ -273,7 +273,7 @@ def mlp_swiglu(x, w_gate, w_up, w_down, residual=None, *, backend="auto"):
     out_dim = _weight_dims(op, "w_down", w_down, inter)
     _check(op, x, [("w_gate", w_gate, w_gate.shape, True), ("w_up", w_up, w_gate.shape, True),
                    ("w_down", w_down, w_down.shape, True)], out_dim, residual)
-    be = resolve(backend, x.device, op, native_ops=("mlp_swiglu",))
+    be = resolve(backend, x.device, op, native_ops=("mlp_swiglu",), dtype=x.dtype)
     if be == "torch":
         return reference.mlp_swiglu(x, w_gate, w_up, w_down, residual)
     if be in ("cpu", "cuda"):

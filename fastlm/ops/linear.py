@@ -65,7 +65,7 @@ def linear(x, weight, bias=None, *, backend="auto"):
             raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    be = resolve(backend, x.device, op, native_ops=("linear",))
+    be = resolve(backend, x.device, op, native_ops=("linear",), dtype=x.dtype)
     if be == "cpu":
         return _nat_linear(x, weight, bias) if needs_grad(x, weight, bias) else torch.ops.fastlm.linear(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -5,8 +5,14 @@
     add_layer_norm(x, residual, weight, bias, eps) -> (y, h)    h = x + residual, y = layer_norm(h)
     add_rms_norm(x, residual, weight, eps)         -> (y, h)
 
-Statistics in fp32; y and h in x's dtype; gradients to x, residual, weight and bias. Backends: "triton"
-(kernels/norm.py) and "torch" (fastlm.reference); there is no C++ implementation.
+Statistics in fp32; y and h in x's dtype; gradients to x, residual, weight and bias.
+
+Backends:
+  "triton"  kernels/norm.py, forward and backward.
+  "cpu"     the C++ extension's forward (torch.ops.fastlm.norm_fwd, csrc/cpu/norm.cpp; float32/bfloat16/float16);
+            backward in torch, in closed form from the saved h (or x). There is no CUDA C++ kernel: "cuda" raises,
+            and "auto" picks Triton for CUDA tensors.
+  "torch"   fastlm.reference with plain autograd.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
-from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, num_rows
+from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, needs_grad, num_rows
 
 
 def _kernels():
@@ -69,6 +75,54 @@ def _backward(ctx, dy, dh, dmean, drstd):
 _norm_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+# ---- native (C++ extension forward, torch backward) ----------------------------------------------------------------
+
+@torch.library.custom_op("fastlm_native_py::norm_fwd", mutates_args=())
+def _nat_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+              eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.fastlm.norm_fwd(x, residual, weight, bias, eps, is_rms)
+
+
+@_nat_norm.register_fake
+def _(x, residual, weight, bias, eps, is_rms):
+    return x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,))
+
+
+def _nat_setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, is_rms = inputs
+    ctx.fused = residual is not None
+    ctx.has_bias = bias is not None
+    ctx.eps, ctx.is_rms = eps, is_rms
+    ctx.save_for_backward(output[1] if ctx.fused else x, weight)
+
+
+def _nat_backward(ctx, dy, dh):
+    """Closed form in fp32, with n the normalized h and g = dy * weight: the gradient of h is
+    rstd (g - mean(g) - n mean(g n)) (no mean(g) term for RMSNorm) plus that of the h output when fused; those of
+    weight and bias are the sums over rows of dy n and of dy."""
+    h, weight = ctx.saved_tensors
+    hf, dyf = h.float(), dy.float()
+    if not ctx.is_rms:
+        hf = hf - hf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(hf.square().mean(-1, keepdim=True) + ctx.eps)
+    n = hf * rstd
+    g = dyf * weight.float()
+    dn = g - n * (g * n).mean(-1, keepdim=True)
+    if not ctx.is_rms:
+        dn = dn - g.mean(-1, keepdim=True)
+    dx = dn * rstd
+    if ctx.fused:
+        dx = dx + dh.float()
+    dx = dx.to(h.dtype)
+    rows = (num_rows(h), h.shape[-1])
+    dw = (dyf * n).reshape(rows).sum(0).to(weight.dtype)
+    db = dyf.reshape(rows).sum(0).to(weight.dtype) if ctx.has_bias else None
+    return dx, dx if ctx.fused else None, dw, db, None, None
+
+
+_nat_norm.register_autograd(_nat_backward, setup_context=_nat_setup)
+
+
 def _check(op, x, residual, weight, bias, eps):
     check_float_tensor(op, "x", x)
     if x.dim() < 1:
@@ -95,13 +149,17 @@ def _check(op, x, residual, weight, bias, eps):
 
 def _norm(op, x, residual, weight, bias, eps, is_rms, backend):
     _check(op, x, residual, weight, bias, eps)
-    be = resolve(backend, x.device, op)
+    be = resolve(backend, x.device, op, native_ops=("norm_fwd",), dtype=x.dtype)
     if be == "torch":
         if residual is not None:
             return reference.add_norm(x, residual, weight, bias, eps, kind="rms" if is_rms else "layer")
         return reference.rms_norm(x, weight, eps) if is_rms else reference.layer_norm(x, weight, bias, eps)
-    check_triton_dtypes(op, x=x, weight=weight, bias=bias)
-    y, h, _, _ = _norm_fwd(x, residual, weight, bias, float(eps), is_rms)
+    if be == "cpu":
+        native = _nat_norm if needs_grad(x, residual, weight, bias) else torch.ops.fastlm.norm_fwd
+        y, h = native(x, residual, weight, bias, float(eps), is_rms)
+    else:
+        check_triton_dtypes(op, x=x, weight=weight, bias=bias)
+        y, h, _, _ = _norm_fwd(x, residual, weight, bias, float(eps), is_rms)
     return (y, h) if residual is not None else y
 
 

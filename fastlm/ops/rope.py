@@ -5,7 +5,14 @@
 
 Position offsets (decoding with a KV cache) are expressed through the tables: pass the rows for the positions being
 processed, (S, D) when the batch shares them, (B, S, D) when each sequence has its own. The gradient flows to x
-only (the tables are constants). Backends: "triton" (kernels/rope.py) and "torch" (fastlm.reference).
+only (the tables are constants): it is the transposed rotation of the output's gradient.
+
+Backends:
+  "triton"  kernels/rope.py, forward and backward.
+  "cpu"     the C++ extension (torch.ops.fastlm.rope_fwd, csrc/cpu/rope.cpp; float32/bfloat16/float16), forward and
+            backward; the tables are cast to x's dtype first, as the reference casts them. There is no CUDA C++
+            kernel: "cuda" raises, and "auto" picks Triton for CUDA tensors.
+  "torch"   fastlm.reference with plain autograd.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
-from fastlm.ops._checks import check_float_tensor, check_triton_dtypes
+from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, needs_grad
 
 
 def _kernels():
@@ -43,6 +50,24 @@ def _backward(ctx, dy):
 
 
 _rope.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("fastlm_native_py::rope", mutates_args=())
+def _nat_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    return torch.ops.fastlm.rope_fwd(x, cos, sin, inverse)
+
+
+@_nat_rope.register_fake
+def _(x, cos, sin, inverse):
+    return x.new_empty(x.shape)
+
+
+def _nat_backward(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    return _nat_rope(dy, cos, sin, not ctx.inverse), None, None, None
+
+
+_nat_rope.register_autograd(_nat_backward, setup_context=_setup)
 
 
 def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, backend="auto"):
@@ -84,8 +109,12 @@ def _check(x, cos, sin):
 def apply_rope(x, cos, sin, *, backend="auto"):
     """x * cos + rotate_half(x) * sin for x (B, S, H, D) (any strides), broadcast over heads; returns x's dtype."""
     _check(x, cos, sin)
-    be = resolve(backend, x.device, "apply_rope")
+    be = resolve(backend, x.device, "apply_rope", native_ops=("rope_fwd",), dtype=x.dtype)
     if be == "torch":
         return reference.apply_rope(x, cos, sin)
+    if be == "cpu":
+        cos, sin = (t if t.dtype == x.dtype else t.to(x.dtype) for t in (cos, sin))
+        native = _nat_rope if needs_grad(x, cos, sin) else torch.ops.fastlm.rope_fwd
+        return native(x, cos, sin, False)
     check_triton_dtypes("apply_rope", x=x, cos=cos, sin=sin)
     return _rope(x, cos, sin, False)

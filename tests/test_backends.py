@@ -1,0 +1,49 @@
+"""fastlm.backends: what backend="auto" picks, and that it serves float64 (which no kernel takes) by the reference
+for every op instead of failing."""
+import pytest
+import torch
+
+from fastlm import backends, ops, reference
+
+F64 = torch.float64
+
+
+def _t(*shape):
+    return torch.randn(*shape, dtype=F64)
+
+
+CASES = {  # op call on float64 inputs, the reference's answer
+    "attention": (lambda q, k, v: ops.attention(q, k, v, causal=True),
+                  lambda q, k, v: reference.attention(q, k, v, causal=True), (_t(1, 5, 2, 8), _t(1, 5, 1, 8),
+                                                                             _t(1, 5, 1, 8))),
+    "decode_attention": (lambda q, k, v: ops.decode_attention(q, k, v, torch.tensor([3])),
+                         lambda q, k, v: reference.decode_attention(q, k, v, torch.tensor([3])),
+                         (_t(1, 1, 2, 8), _t(1, 4, 1, 8), _t(1, 4, 1, 8))),
+    "linear": (ops.linear, torch.nn.functional.linear, (_t(2, 8), _t(3, 8), _t(3))),
+    "mlp_swiglu": (ops.mlp_swiglu, reference.mlp_swiglu, (_t(2, 8), _t(12, 8), _t(12, 8), _t(8, 12))),
+    "mlp_gelu": (ops.mlp_gelu, reference.mlp_gelu, (_t(2, 8), _t(12, 8), _t(12), _t(8, 12), _t(8))),
+    "rms_norm": (ops.rms_norm, reference.rms_norm, (_t(2, 8), _t(8))),
+    "add_layer_norm": (ops.add_layer_norm, lambda x, r, w, b: reference.add_norm(x, r, w, b, 1e-5, kind="layer"),
+                       (_t(2, 8), _t(2, 8), _t(8), _t(8))),
+    "apply_rope": (ops.apply_rope, reference.apply_rope, (_t(1, 3, 2, 8), _t(3, 8), _t(3, 8))),
+    "cross_entropy": (ops.cross_entropy, reference.cross_entropy, (_t(4, 10), torch.tensor([1, 2, 3, 9]))),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_auto_serves_float64_by_the_reference(name):
+    fn, ref, inputs = CASES[name]
+    out, expected = fn(*inputs), ref(*inputs)
+    for o, e in zip(out if isinstance(out, tuple) else (out,), expected if isinstance(expected, tuple) else (expected,)):
+        assert o.dtype == F64
+        torch.testing.assert_close(o, e, rtol=0, atol=0)
+
+
+def test_resolve_dtype_rule():
+    cpu = torch.device("cpu")
+    assert backends.resolve("auto", cpu, "linear", native_ops=("linear",), dtype=F64) == "torch"
+    if backends.extension_has("linear", "cpu"):
+        assert backends.resolve("auto", cpu, "linear", native_ops=("linear",), dtype=torch.bfloat16) == "cpu"
+        # an explicit backend is taken as asked: the kernel then rejects float64 with a clear error
+        with pytest.raises(RuntimeError, match="dtype must be float32, bfloat16 or float16, got Double"):
+            ops.linear(_t(2, 8), _t(3, 8), backend="cpu")
