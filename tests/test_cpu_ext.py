@@ -252,8 +252,10 @@ def _gelu_case(lead, d, inter, d_out, dtype, bias, residual):
     return x, w_fc, b_fc, w_proj, b_proj, res
 
 
-# (leading dims, d, intermediate, d_out): odd sizes (vector tails), a single token, several token blocks
-FFN_SHAPES = [((5,), 40, 72, 40), ((1,), 64, 256, 64), ((2, 33), 24, 2056, 17), ((70,), 48, 1100, 48)]
+# (leading dims, d, intermediate, d_out): odd sizes (vector tails), a single token and a few (matrix-vector path),
+# one token block, two blocks of different sizes (600 tokens of an 8 MB block budget at intermediate 4100: 511 + 89)
+FFN_SHAPES = [((5,), 40, 72, 40), ((1,), 64, 256, 64), ((2, 33), 24, 2056, 17), ((70,), 48, 1100, 48),
+              ((600,), 16, 4100, 16)]
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
