@@ -24,7 +24,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_meta(const at::Tensor& q, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_meta(const at::Tensor&, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
-                                                                  const at::Tensor&, const at::Tensor&, bool, double,
+                                                                  const at::Tensor&, const at::Tensor&,
+                                                                  const std::optional<at::Tensor>&, bool, double,
                                                                   int64_t, int64_t) {
   return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
           at::empty_symint(v.sym_sizes(), v.options())};
@@ -76,8 +77,8 @@ at::Tensor rope_fwd_meta(const at::Tensor& x, const at::Tensor&, const at::Tenso
 TORCH_LIBRARY(fastlm, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, int window_left, "
         "int window_right) -> (Tensor, Tensor)");
-  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
-        "float softmax_scale, int window_left, int window_right) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+        "bool causal, float softmax_scale, int window_left, int window_right) -> (Tensor, Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float softmax_scale) "
         "-> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

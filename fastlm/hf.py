@@ -1,7 +1,8 @@
 """Hugging Face interoperability: convert a transformers model into fastlm.Transformer, or put fastlm's ops inside it.
 
 from_hf(model)   GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (Llama's shapes, Qwen2
-                 with q/k/v biases) -> fastlm.Transformer with the same weights and config. GPT-2's Conv1D weights are (in, out): they are transposed.
+                 with q/k/v biases) -> fastlm.Transformer with the same weights and config. GPT-2's Conv1D
+                 weights are (in, out): they are transposed.
 patch(model)     in place, swaps the forward of each attention, MLP and norm module (RoPE is applied inside the
                  patched attention) for one built on fastlm.ops, and the causal-LM loss for ops.cross_entropy.
 unpatch(model)   restores every swapped forward, the attention implementation and the loss exactly.
@@ -273,9 +274,10 @@ def _patch_plan(model, model_type):
 def patch(model, backend: str = "auto"):
     """Put fastlm's ops inside a transformers GPT-2, Llama, Mistral or Qwen2 model, in place, and return it.
 
-    Attention (with RoPE for the Llama-like ones; sliding-window layers keep transformers' attention), MLP and norm modules get a forward built on fastlm.ops; the causal-LM loss uses
-    ops.cross_entropy. Masks follow transformers' sdpa convention while patched, so unpadded causal attention runs
-    in fastlm's kernel and padded batches, dropout or attention weights fall back to transformers' sdpa path.
+    Attention (with RoPE for the Llama-like ones; sliding-window layers keep transformers' attention), MLP and norm
+    modules get a forward built on fastlm.ops; the causal-LM loss uses ops.cross_entropy. Masks follow
+    transformers' sdpa convention while patched, so unpadded causal attention runs in fastlm's kernel and padded
+    batches, dropout or attention weights fall back to transformers' sdpa path.
     ``backend`` is passed to every op. Patching a patched model does nothing. unpatch(model) restores it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -10,7 +10,8 @@ and writes scaling.json, scaling.md (the table and the fit), loss_vs_params.png 
 The default corpus is the Python standard library's sources (several MB, on every machine): large enough that no
 model sees a token twice, so held-out loss measures generalization rather than memorization. The default ladder
 (5 rungs, 25K to 2.7M non-embedding parameters, 1.2M tokens each) takes about 13 minutes on a 2-core CPU (12m41s
-measured: 33 s for the smallest rung, 416 s for the largest); --budget multiplies the tokens per model and --rungs adds larger models (up to 59M), for a GPU.
+measured: 33 s for the smallest rung, 416 s for the largest); --budget multiplies the tokens per model and --rungs
+adds larger models (up to 59M), for a GPU.
 
 The fit: for a fixed alpha, a and c follow by linear least squares; alpha is found by a grid search refined by
 golden-section search (and scipy.optimize.curve_fit polishes the result when scipy is installed).

@@ -40,10 +40,10 @@ def _decode_split_kernel(
     D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    split = tl.program_id(0)
+    split = tl.program_id(0) // N_ROW_BLOCKS
+    row_block = tl.program_id(0) % N_ROW_BLOCKS
     hk = tl.program_id(1)
-    b = tl.program_id(2) // N_ROW_BLOCKS
-    row_block = tl.program_id(2) % N_ROW_BLOCKS
+    b = tl.program_id(2)
 
     seqlen = tl.load(SEQLENS + b).to(tl.int32)
     seqlen = tl.minimum(tl.maximum(seqlen, 0), S_max)
@@ -186,8 +186,8 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None,
     mid_o = torch.empty((B * Sq * H * num_splits, D), dtype=torch.float32, device=q.device)
     mid_m, mid_l = torch.empty((2, B * Sq * H * num_splits), dtype=torch.float32, device=q.device)
     n_row_blocks = triton.cdiv(group * Sq, block_m)
-    check_grid("decode_attention", nheads_kv=Hkv, **{"batch * query row blocks": B * n_row_blocks})
-    _decode_split_kernel[(num_splits, Hkv, B * n_row_blocks)](
+    check_grid("decode_attention", nheads_kv=Hkv, batch=B)
+    _decode_split_kernel[(num_splits * n_row_blocks, Hkv, B)](
         q, k_cache, v_cache, cache_seqlens, mid_o, mid_m, mid_l,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

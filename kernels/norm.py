@@ -97,7 +97,9 @@ def _config(D: int, interpreted: bool | None = None):
     (32 at hidden 16384, where the backward spills a few hundred bytes), several short rows per program; in the
     interpreter whole row blocks (numpy steps are what costs there)."""
     block_d = next_pow2(D)
-    if interpreter() if interpreted is None else interpreted:
+    if interpreted is None:
+        interpreted = interpreter()
+    if interpreted:
         return max(1, 4096 // block_d), block_d, 1
     block_r = max(1, 2048 // block_d)
     return block_r, block_d, max(1, min(16, block_r * block_d // 512))

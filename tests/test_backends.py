@@ -1,5 +1,5 @@
-"""fastlm.backends: what backend="auto" picks, and that it serves float64 (which no kernel takes) by the reference
-for every op instead of failing."""
+"""fastlm.backends: what backend="auto" picks, and that it serves float64 inputs (which no kernel takes) by the
+reference for every op instead of failing."""
 import pytest
 import torch
 
@@ -23,6 +23,7 @@ CASES = {  # op call on float64 inputs, the reference's answer
     "mlp_swiglu": (ops.mlp_swiglu, reference.mlp_swiglu, (_t(2, 8), _t(12, 8), _t(12, 8), _t(8, 12))),
     "mlp_gelu": (ops.mlp_gelu, reference.mlp_gelu, (_t(2, 8), _t(12, 8), _t(12), _t(8, 12), _t(8))),
     "rms_norm": (ops.rms_norm, reference.rms_norm, (_t(2, 8), _t(8))),
+    "rms_norm fp32 x, fp64 weight": (ops.rms_norm, reference.rms_norm, (_t(2, 8).float(), _t(8))),
     "add_layer_norm": (ops.add_layer_norm, lambda x, r, w, b: reference.add_norm(x, r, w, b, 1e-5, kind="layer"),
                        (_t(2, 8), _t(2, 8), _t(8), _t(8))),
     "apply_rope": (ops.apply_rope, reference.apply_rope, (_t(1, 3, 2, 8), _t(3, 8), _t(3, 8))),
@@ -34,8 +35,9 @@ CASES = {  # op call on float64 inputs, the reference's answer
 def test_auto_serves_float64_by_the_reference(name):
     fn, ref, inputs = CASES[name]
     out, expected = fn(*inputs), ref(*inputs)
-    for o, e in zip(out if isinstance(out, tuple) else (out,), expected if isinstance(expected, tuple) else (expected,)):
-        assert o.dtype == F64
+    out, expected = (t if isinstance(t, tuple) else (t,) for t in (out, expected))
+    for o, e in zip(out, expected):
+        assert o.dtype == e.dtype
         torch.testing.assert_close(o, e, rtol=0, atol=0)
 
 

@@ -19,7 +19,8 @@ SCHEMAS = {
     "attention_fwd": "fastlm::attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
                      "int window_left, int window_right) -> (Tensor, Tensor)",
     "attention_bwd": "fastlm::attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-                     "bool causal, float softmax_scale, int window_left, int window_right) -> (Tensor, Tensor, Tensor)",
+                     "Tensor? dlse, bool causal, float softmax_scale, int window_left, int window_right) "
+                     "-> (Tensor, Tensor, Tensor)",
     "decode_attention": "fastlm::decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
                         "float softmax_scale) -> Tensor",
     "linear": "fastlm::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
@@ -61,7 +62,8 @@ def test_meta_shapes():
     k = torch.empty(2, 9, 2, 40, dtype=BF16, **m)
     out, lse = _ops().attention_fwd(torch.empty(2, 5, 4, 40, dtype=BF16, **m), k, k, True, 0.1, -1, 0)
     assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((2, 5, 4, 40), BF16, (2, 4, 5), F32)
-    dq, dk, dv = _ops().attention_bwd(out, torch.empty(2, 5, 4, 40, dtype=BF16, **m), k, k, out, lse, True, 0.1, -1, 0)
+    dq, dk, dv = _ops().attention_bwd(out, torch.empty(2, 5, 4, 40, dtype=BF16, **m), k, k, out, lse, None, True, 0.1,
+                                      -1, 0)
     assert (dq.shape, dk.shape, dv.shape, dq.dtype) == ((2, 5, 4, 40), (2, 9, 2, 40), (2, 9, 2, 40), BF16)
     out = _ops().decode_attention(torch.empty(3, 2, 4, 16, **m), torch.empty(3, 50, 1, 16, **m),
                                   torch.empty(3, 50, 1, 16, **m), torch.empty(3, dtype=torch.int32, **m), 0.25)
@@ -87,7 +89,8 @@ def test_opcheck():
     q, k, v = torch.randn(1, 5, 4, 16), torch.randn(1, 7, 2, 16), torch.randn(1, 7, 2, 16)
     torch.library.opcheck(_ops().attention_fwd.default, (q, k, v, True, 0.25, -1, 0))
     out, lse = _ops().attention_fwd(q, k, v, True, 0.25, -1, 0)
-    torch.library.opcheck(_ops().attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, True, 0.25, -1, 0))
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    torch.library.opcheck(_ops().attention_bwd.default, (dout, q, k, v, out, lse, dlse, True, 0.25, -1, 0))
     kc, vc = torch.randn(2, 12, 2, 16), torch.randn(2, 12, 2, 16)
     torch.library.opcheck(_ops().decode_attention.default,
                           (torch.randn(2, 1, 4, 16), kc, vc, torch.tensor([12, 5], dtype=torch.int32), 0.25))
@@ -146,29 +149,32 @@ def test_attention_bwd_errors():
     bwd = _ops().attention_bwd
     q, k = torch.randn(1, 4, 4, 16), torch.randn(1, 6, 2, 16)
     out, lse = _ops().attention_fwd(q, k, k, False, 0.25, -1, -1)
-    _raises(r"attention_bwd: dout must have q's shape", bwd, out[:, :3], q, k, k, out, lse, False, 0.25, -1, -1)
+    _raises(r"attention_bwd: dout must have q's shape", bwd, out[:, :3], q, k, k, out, lse, None, False, 0.25, -1,
+            -1)
     _raises(r"attention_bwd \(CPU\): out must be a CPU tensor of q's dtype", bwd, out, q, k, k, out.double(), lse,
+            None, False, 0.25, -1, -1)
+    _raises(r"lse must be a float32 CPU tensor of shape \(1, 4, 4\)", bwd, out, q, k, k, out, lse[:, :2], None,
             False, 0.25, -1, -1)
-    _raises(r"lse must be a float32 CPU tensor of shape \(1, 4, 4\)", bwd, out, q, k, k, out, lse[:, :2], False,
-            0.25, -1, -1)
     _raises(r"attention_bwd: nheads of q \(4\) must be a multiple of nheads of k/v \(3\)", bwd, out, q,
-            torch.randn(1, 6, 3, 16), torch.randn(1, 6, 3, 16), out, lse, False, 0.25, -1, -1)
+            torch.randn(1, 6, 3, 16), torch.randn(1, 6, 3, 16), out, lse, None, False, 0.25, -1, -1)
+    _raises(r"dlse must be a float32 CPU tensor of shape \(1, 4, 4\)", bwd, out, q, k, k, out, lse, lse.double(),
+            False, 0.25, -1, -1)
 
 
 def test_attention_bwd_empty_and_fp16():
     """No keys: dq 0 (and empty dk, dv); no queries: dk, dv 0; fp16 gradients by the rule; strided dout."""
     q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 0, 1, 8)
     out, lse = _ops().attention_fwd(q, k, k, False, 0.3, -1, -1)
-    dq, dk, dv = _ops().attention_bwd(out, q, k, k, out, lse, False, 0.3, -1, -1)
+    dq, dk, dv = _ops().attention_bwd(out, q, k, k, out, lse, None, False, 0.3, -1, -1)
     assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == (1, 0, 1, 8)
     q0, k0 = torch.randn(1, 0, 2, 8), torch.randn(1, 5, 1, 8)
     out0, lse0 = _ops().attention_fwd(q0, k0, k0, False, 0.3, -1, -1)
-    _, dk0, dv0 = _ops().attention_bwd(out0, q0, k0, k0, out0, lse0, False, 0.3, -1, -1)
+    _, dk0, dv0 = _ops().attention_bwd(out0, q0, k0, k0, out0, lse0, None, False, 0.3, -1, -1)
     assert torch.equal(dk0, torch.zeros_like(k0)) and torch.equal(dv0, torch.zeros_like(k0))
     q, k, v = (torch.randn(2, 70, 4, 24).to(F16)[:, :, :s] for s in (4, 2, 2))      # strided, GQA 2:1
     out, lse = _ops().attention_fwd(q, k, v, True, 0.2, -1, 0)
     dout = torch.randn(2, 70, 24, 4).to(F16).transpose(2, 3)                        # head dim not contiguous
-    grads = _ops().attention_bwd(dout, q, k, v, out, lse, True, 0.2, -1, 0)
+    grads = _ops().attention_bwd(dout, q, k, v, out, lse, None, True, 0.2, -1, 0)
     refs = []
     for dt in (torch.float64, F16):
         leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
@@ -253,7 +259,8 @@ def _gelu_case(lead, d, inter, d_out, dtype, bias, residual):
 
 
 # (leading dims, d, intermediate, d_out): odd sizes (vector tails), a single token and a few (matrix-vector path),
-# one token block, two blocks of different sizes (600 tokens of an 8 MB block budget at intermediate 4100: 511 + 89)
+# one token block, and GELU blocks of different sizes (600 tokens, an 8 MB fp32 block budget at intermediate 4100:
+# 511 + 89; SwiGLU keeps two buffers: 255 + 255 + 90)
 FFN_SHAPES = [((5,), 40, 72, 40), ((1,), 64, 256, 64), ((2, 33), 24, 2056, 17), ((70,), 48, 1100, 48),
               ((600,), 16, 4100, 16)]
 
@@ -281,6 +288,15 @@ def test_mlp_swiglu_rule(dtype, shape, residual):
     out = _ops().mlp_swiglu(*args)
     assert out.dtype == dtype and torch.isfinite(out).all()
     check_rule("mlp_swiglu", out, reference.mlp_swiglu(*map(_f64, args)), reference.mlp_swiglu(*args))
+
+
+def test_mlp_strided_bias_few_tokens():
+    """The matrix-vector path reads b_fc itself: an expanded (stride-0) and a strided bias."""
+    x, w_fc, _, w_proj, b_proj, res = _gelu_case((3,), 24, 40, 24, F32, True, True)
+    for b_fc in (torch.randn(1).expand(40), torch.randn(80)[::2]):
+        args = (x, w_fc, b_fc, w_proj, b_proj, res)
+        check_rule("mlp_gelu strided bias", _ops().mlp_gelu(*args), reference.mlp_gelu(*map(_f64, args)),
+                   reference.mlp_gelu(*args))
 
 
 def test_mlp_strided_and_empty():

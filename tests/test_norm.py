@@ -119,8 +119,9 @@ def test_auto_runs_the_cpu_kernel_without_autograd_overhead():
         assert torch.equal(h, x + r)
 
 
-@pytest.mark.skipif(ON_GPU, reason="checks the error for CUDA tensors asked of a CPU-only machine")
-def test_no_cuda_kernel():
+@pytest.mark.skipif(ON_GPU or not backends.extension_has("norm_fwd", "cpu"),
+                    reason="the error for backend='cuda' with the CPU-only extension built")
+def test_cuda_backend_on_a_cpu_only_build():
     x, _, w, _ = _inputs((3, 40), torch.float32, False, False)
     with pytest.raises((RuntimeError, ValueError), match="rms_norm.*cuda"):
         rms_norm(x, w, backend="cuda")

@@ -16,6 +16,7 @@ ce_ops = importlib.import_module("fastlm.ops.cross_entropy")
 ffn_ops = importlib.import_module("fastlm.ops.ffn")
 norm_ops = importlib.import_module("fastlm.ops.norm")
 rope_ops = importlib.import_module("fastlm.ops.rope")
+linear_ops = importlib.import_module("fastlm.ops.linear")
 
 
 def _r(*shape, dtype=torch.float32):
@@ -55,6 +56,7 @@ def _native_opcheck_cases():
         ("norm_fwd[layer,residual]", norm_ops._nat_norm, (x, r, w, b, 1e-5, False), "norm_fwd"),
         ("norm_fwd[rms]", norm_ops._nat_norm, (x, None, w, None, 1e-6, True), "norm_fwd"),
         ("rope", rope_ops._nat_rope, (torch.randn(2, 3, 2, 16), cos, sin, False), "rope_fwd"),
+        ("linear", linear_ops._nat_linear, (torch.randn(3, 40), torch.randn(7, 40), torch.randn(7)), "linear"),
     ]
 
 

@@ -1,7 +1,8 @@
 // Softmax attention backward on the CPU, FlashAttention-2 style: dQ, dK, dV by recomputing the probabilities from
 // the forward's log-sum-exp, never materializing an S x S matrix.
 //
-// With s_ij = scale * q_i . k_j, P_ij = exp(s_ij - lse_i), delta_i = sum_d dO_id O_id:
+// With s_ij = scale * q_i . k_j, P_ij = exp(s_ij - lse_i), delta_i = sum_d dO_id O_id - dlse_i (dlse: an optional
+// gradient arriving at lse itself, since d lse_i / d s_ij = P_ij):
 //     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
 //
 // Algorithm: a work item is (batch, kv head). The thread widens the item's K and V once into fp32 (Sk x Dv) and keeps
@@ -48,7 +49,8 @@ struct Scratch {
 
 struct Tensors {
   const void *q, *k, *v, *out, *dout;
-  const float* lse;  // (B, H, Sq) contiguous
+  const float* lse;   // (B, H, Sq) contiguous
+  const float* dlse;  // the same layout, or null
   Strides qs, ks, vs, os, dos;
   void *dq, *dk, *dv;  // contiguous, q's / k's shape
 };
@@ -77,9 +79,10 @@ void pack_queries(const Problem& p, const Tensors& t, int64_t b, int64_t h, int6
       sc.dot[d * kBlockQ + r] = sc.d_o[r * p.Dv + d];
       delta += sc.d_o[r * p.Dv + d] * to_float(orow[d]);
     }
-    const float lse = t.lse[(b * p.H + h) * p.Sq + i];
+    const int64_t row = (b * p.H + h) * p.Sq + i;
+    const float lse = t.lse[row];
     sc.lse2[r] = lse == kNegInf ? kPosInf : lse * kLog2e;  // a query without keys: P = 0
-    sc.delta[r] = delta;
+    sc.delta[r] = t.dlse ? delta - t.dlse[row] : delta;
     sc.lo[r] = p.lo(i), sc.hi[r] = p.hi(i);
   }
 }
@@ -162,7 +165,8 @@ void attention_bwd_kernel(const Problem& p, const Tensors& t, float scale) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              const at::Tensor& out, const at::Tensor& lse,
-                                                             bool causal, double softmax_scale, int64_t window_left,
+                                                             const std::optional<at::Tensor>& dlse, bool causal,
+                                                             double softmax_scale, int64_t window_left,
                                                              int64_t window_right) {
   const char* op = "attention_bwd";
   const Problem p = attention_problem(op, q, k, v, causal, softmax_scale, window_left, window_right);
@@ -174,19 +178,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
                 " must be a CPU tensor of q's dtype ", q.scalar_type(), ", got ", t->scalar_type(), " on ",
                 t->device());
   }
-  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == p.B &&
-                  lse.size(1) == p.H && lse.size(2) == p.Sq,
-              "fastlm::attention_bwd: lse must be a float32 CPU tensor of shape (", p.B, ", ", p.H, ", ", p.Sq,
-              "), got a ", lse.scalar_type(), " tensor of shape ", lse.sizes(), " on ", lse.device());
+  for (const at::Tensor* t : {&lse, dlse.has_value() ? &*dlse : nullptr}) {
+    if (!t) continue;
+    const char* name = t == &lse ? "lse" : "dlse";
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == p.B &&
+                    t->size(1) == p.H && t->size(2) == p.Sq,
+                "fastlm::attention_bwd: ", name, " must be a float32 CPU tensor of shape (", p.B, ", ", p.H, ", ",
+                p.Sq, "), got a ", t->scalar_type(), " tensor of shape ", t->sizes(), " on ", t->device());
+  }
   // the kernel reads rows with unit stride along the head dim
   const at::Tensor dout_c = dout.size(3) <= 1 || dout.stride(3) == 1 ? dout : dout.contiguous();
   const at::Tensor out_c = out.size(3) <= 1 || out.stride(3) == 1 ? out : out.contiguous();
   const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor dlse_c = dlse.has_value() ? dlse->contiguous() : at::Tensor();
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
   if (dq.numel() == 0 || p.Sk == 0) return {dq.zero_(), dk, dv};
   const Tensors t{q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), out_c.const_data_ptr(),
-                  dout_c.const_data_ptr(), lse_c.const_data_ptr<float>(), strides_of(q), strides_of(k),
+                  dout_c.const_data_ptr(), lse_c.const_data_ptr<float>(),
+                  dlse_c.defined() ? dlse_c.const_data_ptr<float>() : nullptr, strides_of(q), strides_of(k),
                   strides_of(v), strides_of(out_c), strides_of(dout_c), dq.data_ptr(), dk.data_ptr(), dv.data_ptr()};
   const float scale = static_cast<float>(softmax_scale);
   switch (q.scalar_type()) {

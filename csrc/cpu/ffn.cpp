@@ -4,11 +4,12 @@
 //     mlp_swiglu: y = (silu(x W_gate^T) * (x W_up^T)) W_down^T (+ residual)
 //
 // Algorithm: tokens are processed in blocks whose intermediate activation (block x I) stays in the last-level cache
-// (kBlockBytes; blocks are not made smaller than kMinBlockTokens, where the GEMMs start losing efficiency). Per block the first GEMM(s) write the pre-activation into a per-thread buffer, the activation is
-// applied in place (vectorized, fp32 arithmetic), and the second GEMM reads it back from cache and writes the
-// output rows, with the bias and residual folded into its accumulator. The GEMMs are ATen's (MKL / oneDNN). With
-// at least one block per thread the blocks run in parallel, each on single-threaded GEMMs (small GEMMs split
-// across threads waste most of their time synchronizing); otherwise one block with multithreaded GEMMs.
+// (kBlockBytes; blocks are not made smaller than kMinBlockTokens, where the GEMMs start losing efficiency). Per
+// block the first GEMM(s) write the pre-activation into a per-thread buffer, the activation is applied in place
+// (vectorized, fp32 arithmetic), and the second GEMM reads it back from cache and writes the output rows, with the
+// bias and residual folded into its accumulator. The GEMMs are ATen's (MKL / oneDNN). With at least one block per
+// thread the blocks run in parallel, each on single-threaded GEMMs (small GEMMs split across threads waste most of
+// their time synchronizing); otherwise one block with multithreaded GEMMs.
 //
 // bf16 / fp16 inputs on CPUs without native half-precision products run the block path in fp32 (half_gemm.h): the
 // operands are widened once per call and the output rounded once.
@@ -38,8 +39,8 @@
 namespace fastlm_cpu {
 namespace {
 
-// Intermediate activation per block: a share of L3. L2-sized blocks (512 KB) of single-threaded GEMMs lost to one
-// multithreaded GEMM over all tokens (0.84x eager at 512 tokens, SwiGLU 512 -> 1408); with 8 MB, 1.08-1.16x.
+// Intermediate activation per block: a share of L3. While the whole intermediate fits in L3, one multithreaded GEMM
+// over all tokens beats L2-sized blocks of single-threaded GEMMs (bench/dev/cpu_notes.md).
 constexpr int64_t kBlockBytes = 8 * 1024 * 1024;
 constexpr int64_t kMinBlockTokens = 64;      // below this the GEMMs lose efficiency
 
@@ -196,11 +197,11 @@ void small_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
                const at::Tensor* w_up, const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& res,
                at::Tensor& out) {
   const int64_t n = x2.size(0), d = x2.size(1), inter = w1.size(0), d_out = w2.size(0);
-  const auto f32 = x2.options().dtype(at::kFloat);
+  const auto fp32 = x2.options().dtype(at::kFloat);
   const at::Tensor xf = x2.to(at::kFloat).contiguous();
-  const at::Tensor b1f = b1.has_value() ? b1->to(at::kFloat) : at::Tensor();
-  at::Tensor h = at::empty({n, inter}, f32), u = w_up ? at::empty({n, inter}, f32) : at::Tensor();
-  at::Tensor y = out.scalar_type() == at::kFloat ? out : at::empty({n, d_out}, f32);
+  const at::Tensor b1f = b1.has_value() ? b1->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor h = at::empty({n, inter}, fp32), u = w_up ? at::empty({n, inter}, fp32) : at::Tensor();
+  at::Tensor y = out.scalar_type() == at::kFloat ? out : at::empty({n, d_out}, fp32);
   float *hp = h.data_ptr<float>(), *up = w_up ? u.data_ptr<float>() : nullptr, *yp = y.data_ptr<float>();
   auto run = [&](auto tag) {
     using W = decltype(tag);

@@ -4,18 +4,22 @@
 // bandwidth-bound matrix-vector product: gemv.h streams W once at the memory's rate, x is widened to fp32 once, and
 // accumulation is fp32 for every dtype. Larger inputs, and weights whose rows are not contiguous, go to ATen's GEMM,
 // which is compute-bound there and good at it (in fp32 for bf16 / fp16 on CPUs without native half-precision
-// products: half_gemm.h).
+// products: half_gemm.h; the weight is widened in slices of rows, so a large LM head never needs a full fp32 copy).
 #include "cpu/gemv.h"
 #include "cpu/half_gemm.h"
 #include "cpu/ops.h"
 
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
 #include <vector>
 
 namespace fastlm_cpu {
+
+constexpr int64_t kWidenFloats = int64_t{1} << 22;  // fp32 weight elements widened at a time (16 MB)
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1, "fastlm::linear: x must have at least 1 dim (..., in_features), got a 0-D tensor");
@@ -40,12 +44,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   }
   int64_t T = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) T *= x.size(i);
-  if (T > kGemvMaxRows || (weight.stride(1) != 1 && K > 1)) {
-    if (native_half_gemm(dtype)) return at::linear(x, weight, bias);
-    const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
-    return at::linear(f32(x), f32(weight), bias.has_value() ? std::optional<at::Tensor>(f32(*bias)) : std::nullopt)
-        .to(dtype);
-  }
+  const bool gemv = T <= kGemvMaxRows && (weight.stride(1) == 1 || K <= 1);
+  if (!gemv && native_half_gemm(dtype)) return at::linear(x, weight, bias);
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
@@ -53,6 +53,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   if (out.numel() == 0) return out;
   if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();
   const at::Tensor xf = x.reshape({T, K}).to(at::kFloat).contiguous();
+  if (!gemv) {  // a half-precision GEMM in fp32, widening the weight a slice of rows at a time (a bounded copy)
+    const int64_t rows = std::max<int64_t>(64, kWidenFloats / K);
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t nn = std::min(rows, N - n0);
+      const at::Tensor w = weight.narrow(0, n0, nn).to(at::kFloat);
+      const at::Tensor y = bias.has_value() ? at::addmm(bias->narrow(0, n0, nn).to(at::kFloat), xf, w.t())
+                                            : at::mm(xf, w.t());
+      out.view({T, N}).narrow(1, n0, nn).copy_(y);
+    }
+    return out;
+  }
   at::Tensor y = dtype == at::kFloat ? out.view({T, N}) : at::empty({T, N}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   auto run = [&](const auto* w) {

@@ -16,12 +16,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  bool causal, double softmax_scale, int64_t window_left,
                                                  int64_t window_right);
 
-// Its backward: dq, dk, dv (q's, k's, v's shapes, contiguous) from dout and the forward's out and lse, recomputing the
-// probabilities.
+// Its backward: dq, dk, dv (q's, k's, v's shapes, contiguous) from dout (and optionally dlse, a gradient of lse) and
+// the forward's out and lse, recomputing the probabilities.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              const at::Tensor& out, const at::Tensor& lse,
-                                                             bool causal, double softmax_scale, int64_t window_left,
+                                                             const std::optional<at::Tensor>& dlse, bool causal,
+                                                             double softmax_scale, int64_t window_left,
                                                              int64_t window_right);
 
 // A few queries per sequence against a KV cache: q (B, Sq, H, D), caches (B, S_max, Hkv, D), cache_seqlens (B,).

@@ -24,6 +24,14 @@ def check_triton_dtypes(op: str, **tensors) -> None:
             raise TypeError(f"{op}: the triton backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
 
 
+def kernel_dtype(*tensors):
+    """The dtype an op's backend choice should go by: the first tensor's, or that of any tensor no kernel takes
+    (float64), so that backend="auto" sends such inputs to the reference (None entries skipped)."""
+    given = [t for t in tensors if t is not None]
+    odd = [t.dtype for t in given if t.dtype not in KERNEL_DTYPES]
+    return odd[0] if odd else given[0].dtype
+
+
 def needs_grad(*tensors) -> bool:
     """Whether autograd would record an op on these tensors (None entries skipped). Without it an op can call its
     forward kernel directly, skipping the autograd wrapper's per-call cost (tens of microseconds, the time of a small

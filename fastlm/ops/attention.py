@@ -2,8 +2,8 @@
 
 Backends: "triton" (kernels/attention.py, forward and backward), "cpu" / "cuda" (the C++ extension's forward,
 torch.ops.fastlm.attention_fwd, with the Triton backward on CUDA and the C++ backward torch.ops.fastlm.attention_bwd
-on CPU), "torch" (the reference). The Triton path is a torch.library custom op with a fake (meta) implementation and a registered autograd
-formula, so it works under torch.compile(fullgraph=True).
+on CPU), "torch" (the reference). The Triton path is a torch.library custom op with a fake (meta) implementation
+and a registered autograd formula, so it works under torch.compile(fullgraph=True).
 """
 from __future__ import annotations
 
@@ -106,23 +106,24 @@ class _NativeAttention(torch.autograd.Function):
         out, lse = torch.ops.fastlm.attention_fwd(q, k, v, causal, softmax_scale, window_left, window_right)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (causal, softmax_scale, window_left, window_right)
-        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         causal, scale, wl, wr = ctx.args
         if q.is_cuda and backends.triton_available():
             from fastlm.kernels import attention as kernel
-            dq, dk, dv = kernel.attention_bwd(dout, q, k, v, out, lse, causal, scale, wl, wr)
+            dq, dk, dv = kernel.attention_bwd(dout, q, k, v, out, lse, causal, scale, wl, wr, dlse=dlse)
         elif not q.is_cuda and backends.extension_has("attention_bwd", "cpu"):
-            dq, dk, dv = torch.ops.fastlm.attention_bwd(dout, q, k, v, out, lse, causal, scale, wl, wr)
+            dq, dk, dv = torch.ops.fastlm.attention_bwd(dout, q, k, v, out, lse, dlse, causal, scale, wl, wr)
         else:
             with torch.enable_grad():
                 qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-                ref = reference.attention(qq, kk, vv, causal=causal, softmax_scale=scale, window=(wl, wr))
-                dq, dk, dv = torch.autograd.grad(ref, (qq, kk, vv), dout)
+                ref, ref_lse = reference.attention(qq, kk, vv, causal=causal, softmax_scale=scale, window=(wl, wr),
+                                                   return_lse=True)
+                ref_lse = torch.where(torch.isinf(ref_lse), 0, ref_lse)   # rows without keys: lse is a constant
+                dq, dk, dv = torch.autograd.grad((ref, ref_lse), (qq, kk, vv), (dout, dlse))
         return dq, dk, dv, None, None, None, None
 
 

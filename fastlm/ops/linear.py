@@ -38,8 +38,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
     x2, dy2 = x.reshape(num_rows(x), x.shape[-1]), dy.reshape(num_rows(x), weight.shape[0])
-    return dy @ weight, dy2.t() @ x2, dy2.sum(0) if ctx.has_bias else None
+    return (dy @ weight if need_x else None, dy2.t() @ x2 if need_w else None,
+            dy2.sum(0) if ctx.has_bias and need_b else None)
 
 
 _nat_linear.register_autograd(_backward, setup_context=_setup)
