@@ -184,6 +184,30 @@ def test_attention_bwd_empty_and_fp16():
         check_rule(name, g, g64, glow)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_attention_bwd_split_passes(threads):
+    """Fewer (batch, kv head) items than threads: dK/dV by key chunks, then dQ by query shares; 5 key tiles split into
+    chunks of uneven size, causal with Sq < Sk and non-causal with a window."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for sq, causal, window in ((300, False, (-1, -1)), (170, True, (-1, -1)), (300, False, (90, 7))):
+            q, k, v = torch.randn(1, sq, 3, 24), torch.randn(1, 300, 1, 24), torch.randn(1, 300, 1, 24)
+            left, right = window
+            out, lse = _ops().attention_fwd(q, k, v, causal, 0.3, left, 0 if causal else right)
+            dout = torch.randn_like(out)
+            grads = _ops().attention_bwd(dout, q, k, v, out, lse, None, causal, 0.3, left, 0 if causal else right)
+            refs = []
+            for dt in (torch.float64, F32):
+                leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
+                ref = reference.attention(*leaves, causal=causal, softmax_scale=0.3, window=window)
+                refs.append(torch.autograd.grad(ref, leaves, dout.to(dt)))
+            for name, g, g64, glow in zip(("dq", "dk", "dv"), grads, *refs):
+                check_rule(f"{name} sq={sq} causal={causal} window={window}", g, g64, glow)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_decode_errors():
     dec = _ops().decode_attention
     q, kc = torch.randn(2, 1, 4, 16), torch.randn(2, 10, 2, 16)

@@ -13,9 +13,12 @@
 //   dV += P^T dO,  dP^T = V dO^T,  dS^T = scale P^T (dP^T - delta)
 //   dK += dS^T Q,  dQ += dS K                       dQ of the block is complete after its last tile
 // Owning a whole kv head makes the item the only writer of its dK/dV (summed over the group's heads) and of the dQ of
-// its query heads: no atomics, no partial buffers. All arithmetic is fp32; outputs are rounded once.
+// its query heads: no atomics, no partial buffers. With fewer kv heads than threads (batch 1, GQA) the work is split
+// in two passes instead: dK/dV by (batch, kv head, key chunk), then dQ by (batch, head, share of the query blocks),
+// each recomputing P and dP (7 tile products per tile pair instead of 5, all threads busy). All arithmetic is fp32;
+// outputs are rounded once.
 //
-// Memory traffic: q, dO, out read once, K/V once per item; dQ, dK, dV written once. Scratch per thread: K, V, dK, dV
+// Memory traffic: q, dO, out read once per pass and item, K/V once per item; dQ, dK, dV written once. Scratch per thread: K, V, dK, dV
 // of one kv head in fp32 plus a few tiles.
 #include "cpu/attention.h"
 #include "cpu/ops.h"
@@ -87,14 +90,20 @@ void pack_queries(const Problem& p, const Tensors& t, int64_t b, int64_t h, int6
   }
 }
 
-// One query block of head h against the visible key tiles of the item's packed K/V.
+// Which gradients a pass computes: both (one pass per kv head), or dK/dV and dQ in separate passes (when there are
+// too few kv heads to keep the threads busy, each pass splits a different axis).
+enum class Grads { kAll, kKV, kQ };
+
+// One query block of head h against the visible key tiles in [k_lo, k_hi) (multiples of kBlockK) of the item's
+// packed K/V.
 template <typename T>
-void block_bwd(const Problem& p, const Tensors& t, int64_t b, int64_t h, int64_t qb, float scale, Scratch& sc) {
+void block_bwd(const Problem& p, const Tensors& t, int64_t b, int64_t h, int64_t qb, int64_t k_lo, int64_t k_hi,
+               Grads grads, float scale, Scratch& sc) {
   const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0);
   pack_queries<T>(p, t, b, h, i0, rows, sc);
   std::fill(sc.dq.begin(), sc.dq.end(), 0.0f);
   const vfloat c2 = vset1(scale * kLog2e), vscale = vset1(scale);
-  const int64_t lo = sc.lo[0], hi = sc.hi[rows - 1];  // the union of the rows' key ranges
+  const int64_t lo = std::max(sc.lo[0], k_lo), hi = std::min(sc.hi[rows - 1], k_hi - 1);  // keys the rows may see
   for (int64_t j0 = lo / kBlockK * kBlockK; j0 <= hi && lo <= hi; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, p.Sk - j0);
     const float* kt = sc.k.data() + j0 * p.Dv;
@@ -113,8 +122,9 @@ void block_bwd(const Problem& p, const Tensors& t, int64_t b, int64_t h, int64_t
           if (j0 + j < sc.lo[r] || j0 + j > sc.hi[r]) sc.p[j * kBlockQ + r] = 0.0f;
     }
     // dV += P^T dO;  dP^T = V dO^T;  dS^T = scale P^T (dP^T - delta)
-    gemm_tile(nk, p.Dv, kBlockQ, MatA{sc.p.data(), kBlockQ, 1}, sc.d_o.data(), p.Dv, sc.dv.data() + j0 * p.Dv, p.Dv,
-              sc.ones.data());
+    if (grads != Grads::kQ)
+      gemm_tile(nk, p.Dv, kBlockQ, MatA{sc.p.data(), kBlockQ, 1}, sc.d_o.data(), p.Dv, sc.dv.data() + j0 * p.Dv,
+                p.Dv, sc.ones.data());
     gemm_tile(nk, kBlockQ, p.D, MatA{vt, p.Dv, 1}, sc.dot.data(), kBlockQ, sc.ds.data(), kBlockQ, nullptr);
     for (int64_t j = 0; j < nk; ++j) {
       float* dsj = sc.ds.data() + j * kBlockQ;
@@ -123,10 +133,13 @@ void block_bwd(const Problem& p, const Tensors& t, int64_t b, int64_t h, int64_t
         vstore(dsj + r, vscale * vload(pj + r) * (vload(dsj + r) - vload(sc.delta.data() + r)));
     }
     // dK += dS^T Q;  dQ += dS K  (dS read transposed)
-    gemm_tile(nk, p.Dv, kBlockQ, MatA{sc.ds.data(), kBlockQ, 1}, sc.q.data(), p.Dv, sc.dk.data() + j0 * p.Dv, p.Dv,
-              sc.ones.data());
-    gemm_tile(rows, p.Dv, nk, MatA{sc.ds.data(), 1, kBlockQ}, kt, p.Dv, sc.dq.data(), p.Dv, sc.ones.data());
+    if (grads != Grads::kQ)
+      gemm_tile(nk, p.Dv, kBlockQ, MatA{sc.ds.data(), kBlockQ, 1}, sc.q.data(), p.Dv, sc.dk.data() + j0 * p.Dv,
+                p.Dv, sc.ones.data());
+    if (grads != Grads::kKV)
+      gemm_tile(rows, p.Dv, nk, MatA{sc.ds.data(), 1, kBlockQ}, kt, p.Dv, sc.dq.data(), p.Dv, sc.ones.data());
   }
+  if (grads == Grads::kKV) return;
   T* dq = static_cast<T*>(t.dq);
   for (int64_t r = 0; r < rows; ++r) {
     T* dst = dq + ((b * p.Sq + i0 + r) * p.H + h) * p.D;
@@ -134,29 +147,57 @@ void block_bwd(const Problem& p, const Tensors& t, int64_t b, int64_t h, int64_t
   }
 }
 
+// Runs item(w, scratch) for w in [0, n) on the threads, handing items out through an atomic counter.
+template <typename F>
+void for_items(const Problem& p, int64_t n, F&& item) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
+    Scratch sc(p);
+    for (int64_t w = next.fetch_add(1); w < n; w = next.fetch_add(1)) item(w, sc);
+  });
+}
+
 template <typename T>
 void attention_bwd_kernel(const Problem& p, const Tensors& t, float scale) {
-  const int64_t n_items = p.B * p.Hkv, nqb = (p.Sq + kBlockQ - 1) / kBlockQ;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
-    Scratch sc(p);
-    for (int64_t w = next.fetch_add(1); w < n_items; w = next.fetch_add(1)) {
-      const int64_t b = w / p.Hkv, hk = w % p.Hkv;
-      widen_rows(static_cast<const T*>(t.k) + b * t.ks.b + hk * t.ks.h, t.ks.s, p.Sk, p.D, sc.k.data(), p.Dv);
-      widen_rows(static_cast<const T*>(t.v) + b * t.vs.b + hk * t.vs.h, t.vs.s, p.Sk, p.D, sc.v.data(), p.Dv);
-      std::fill(sc.dk.begin(), sc.dk.end(), 0.0f);
-      std::fill(sc.dv.begin(), sc.dv.end(), 0.0f);
-      for (int64_t g = 0; g < p.G; ++g)
-        for (int64_t qb = 0; qb < nqb; ++qb) block_bwd<T>(p, t, b, hk * p.G + g, qb, scale, sc);
-      for (int64_t j = 0; j < p.Sk; ++j) {
-        T* dk = static_cast<T*>(t.dk) + ((b * p.Sk + j) * p.Hkv + hk) * p.D;
-        T* dv = static_cast<T*>(t.dv) + ((b * p.Sk + j) * p.Hkv + hk) * p.D;
-        for (int64_t d = 0; d < p.D; ++d) {
-          dk[d] = from_float<T>(sc.dk[j * p.Dv + d]);
-          dv[d] = from_float<T>(sc.dv[j * p.Dv + d]);
-        }
+  const int64_t nqb = (p.Sq + kBlockQ - 1) / kBlockQ, nkb = p.n_ktiles(), n_kv = p.B * p.Hkv;
+  const int64_t threads = at::get_num_threads();
+  // Enough key chunks (dK/dV pass) and query chunks (dQ pass) to give every thread ~2 items; one chunk each, a
+  // single pass computing everything, when the kv heads alone do.
+  const int64_t want = n_kv >= threads ? 1 : (2 * threads + n_kv - 1) / n_kv;
+  const int64_t tiles_per_chunk = (nkb + want - 1) / want;
+  const int64_t k_chunks = (nkb + tiles_per_chunk - 1) / tiles_per_chunk;  // none empty
+  const int64_t k_chunk = tiles_per_chunk * kBlockK;                        // keys per chunk
+  const Grads kv_pass = k_chunks == 1 ? Grads::kAll : Grads::kKV;
+  auto pack_kv = [&](int64_t b, int64_t hk, Scratch& sc) {
+    widen_rows(static_cast<const T*>(t.k) + b * t.ks.b + hk * t.ks.h, t.ks.s, p.Sk, p.D, sc.k.data(), p.Dv);
+    widen_rows(static_cast<const T*>(t.v) + b * t.vs.b + hk * t.vs.h, t.vs.s, p.Sk, p.D, sc.v.data(), p.Dv);
+  };
+  // dK, dV (and dQ in the single pass): item (batch, kv head, key chunk)
+  for_items(p, n_kv * k_chunks, [&](int64_t w, Scratch& sc) {
+    const int64_t c = w % k_chunks, b = w / k_chunks / p.Hkv, hk = w / k_chunks % p.Hkv;
+    const int64_t k_lo = c * k_chunk, k_hi = std::min(p.Sk, k_lo + k_chunk);
+    pack_kv(b, hk, sc);
+    std::fill(sc.dk.begin() + k_lo * p.Dv, sc.dk.begin() + k_hi * p.Dv, 0.0f);
+    std::fill(sc.dv.begin() + k_lo * p.Dv, sc.dv.begin() + k_hi * p.Dv, 0.0f);
+    for (int64_t g = 0; g < p.G; ++g)
+      for (int64_t qb = 0; qb < nqb; ++qb) block_bwd<T>(p, t, b, hk * p.G + g, qb, k_lo, k_hi, kv_pass, scale, sc);
+    for (int64_t j = k_lo; j < k_hi; ++j) {
+      T* dk = static_cast<T*>(t.dk) + ((b * p.Sk + j) * p.Hkv + hk) * p.D;
+      T* dv = static_cast<T*>(t.dv) + ((b * p.Sk + j) * p.Hkv + hk) * p.D;
+      for (int64_t d = 0; d < p.D; ++d) {
+        dk[d] = from_float<T>(sc.dk[j * p.Dv + d]);
+        dv[d] = from_float<T>(sc.dv[j * p.Dv + d]);
       }
     }
+  });
+  if (kv_pass == Grads::kAll) return;
+  // dQ: item (batch, head, share of the query blocks), interleaved so causal shares cost about the same
+  const int64_t n_heads = p.B * p.H, q_shares = std::min(nqb, (2 * threads + n_heads - 1) / n_heads);
+  for_items(p, n_heads * q_shares, [&](int64_t w, Scratch& sc) {
+    const int64_t share = w % q_shares, bh = w / q_shares, b = bh / p.H, h = bh % p.H;
+    pack_kv(b, h / p.G, sc);
+    for (int64_t qb = share; qb < nqb; qb += q_shares)
+      block_bwd<T>(p, t, b, h, qb, 0, nkb * kBlockK, Grads::kQ, scale, sc);
   });
 }
 
