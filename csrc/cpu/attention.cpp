@@ -191,17 +191,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  switch (dtype) {
-    case at::kFloat:
-      attention_kernel<float>(p, q, k, v, out, lse);
-      break;
-    case at::kBFloat16:
-      attention_kernel<c10::BFloat16>(p, q, k, v, out, lse);
-      break;
-    default:
-      attention_kernel<c10::Half>(p, q, k, v, out, lse);
-      break;
-  }
+  with_float_type(dtype, [&](auto tag) { attention_kernel<decltype(tag)>(p, q, k, v, out, lse); });
   return {out, lse};
 }
 

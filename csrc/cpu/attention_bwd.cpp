@@ -240,17 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
                   dlse_c.defined() ? dlse_c.const_data_ptr<float>() : nullptr, strides_of(q), strides_of(k),
                   strides_of(v), strides_of(out_c), strides_of(dout_c), dq.data_ptr(), dk.data_ptr(), dv.data_ptr()};
   const float scale = static_cast<float>(softmax_scale);
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      attention_bwd_kernel<float>(p, t, scale);
-      break;
-    case at::kBFloat16:
-      attention_bwd_kernel<c10::BFloat16>(p, t, scale);
-      break;
-    default:
-      attention_bwd_kernel<c10::Half>(p, t, scale);
-      break;
-  }
+  with_float_type(q.scalar_type(), [&](auto tag) { attention_bwd_kernel<decltype(tag)>(p, t, scale); });
   return {dq, dk, dv};
 }
 

@@ -285,17 +285,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   p.chunk = (p.chunk + kBlockK - 1) / kBlockK * kBlockK;
   p.n_chunks = std::max<int64_t>(1, (max_len + p.chunk - 1) / p.chunk);
 
-  switch (dtype) {
-    case at::kFloat:
-      decode_kernel<float>(p, q, k_cache, v_cache, lens, out);
-      break;
-    case at::kBFloat16:
-      decode_kernel<c10::BFloat16>(p, q, k_cache, v_cache, lens, out);
-      break;
-    default:
-      decode_kernel<c10::Half>(p, q, k_cache, v_cache, lens, out);
-      break;
-  }
+  with_float_type(dtype, [&](auto tag) { decode_kernel<decltype(tag)>(p, q, k_cache, v_cache, lens, out); });
   return out;
 }
 

@@ -87,16 +87,10 @@ void activation(Act act, T* h, const T* u, int64_t rows, int64_t cols) {
 
 void apply_activation(Act act, at::Tensor& h, const at::Tensor* u) {
   const int64_t rows = h.size(0), cols = h.size(1);
-  switch (h.scalar_type()) {
-    case at::kFloat:
-      return activation<float>(act, h.data_ptr<float>(), u ? u->const_data_ptr<float>() : nullptr, rows, cols);
-    case at::kBFloat16:
-      return activation<c10::BFloat16>(act, h.data_ptr<c10::BFloat16>(),
-                                       u ? u->const_data_ptr<c10::BFloat16>() : nullptr, rows, cols);
-    default:
-      return activation<c10::Half>(act, h.data_ptr<c10::Half>(), u ? u->const_data_ptr<c10::Half>() : nullptr, rows,
-                                   cols);
-  }
+  with_float_type(h.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    activation<T>(act, h.data_ptr<T>(), u ? u->const_data_ptr<T>() : nullptr, rows, cols);
+  });
 }
 
 void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t dim) {
@@ -221,17 +215,7 @@ void small_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
       gemv_rows(hp, n, inter, w2.const_data_ptr<W>(), w2.stride(0), d_out, n0, n1, yp, d_out);
     });
   };
-  switch (x2.scalar_type()) {
-    case at::kFloat:
-      run(float{});
-      break;
-    case at::kBFloat16:
-      run(c10::BFloat16{});
-      break;
-    default:
-      run(c10::Half{});
-      break;
-  }
+  with_float_type(x2.scalar_type(), run);
   if (b2.has_value()) y.add_(*b2);
   if (res.defined()) y.add_(res);
   if (!y.is_same(out)) out.copy_(y);

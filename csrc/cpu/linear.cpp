@@ -66,22 +66,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   }
   at::Tensor y = dtype == at::kFloat ? out.view({T, N}) : at::empty({T, N}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
-  auto run = [&](const auto* w) {
+  with_float_type(dtype, [&](auto tag) {
+    const auto* w = weight.const_data_ptr<decltype(tag)>();
     for_row_ranges(N, K, [&](int64_t n0, int64_t n1) {
       gemv_rows(xf.const_data_ptr<float>(), T, K, w, weight.stride(0), N, n0, n1, yp, N);
     });
-  };
-  switch (dtype) {
-    case at::kFloat:
-      run(weight.const_data_ptr<float>());
-      break;
-    case at::kBFloat16:
-      run(weight.const_data_ptr<c10::BFloat16>());
-      break;
-    default:
-      run(weight.const_data_ptr<c10::Half>());
-      break;
-  }
+  });
   if (bias.has_value()) y.add_(*bias);
   if (dtype != at::kFloat) out.view({T, N}).copy_(y);
   return out;

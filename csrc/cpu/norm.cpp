@@ -28,19 +28,6 @@ namespace {
 
 constexpr int64_t kGrainElems = 16384;  // elements per parallel task: below that, threads cost more than they save
 
-// Calls f with a value of the C++ type of a float32, bfloat16 or float16 dtype.
-template <typename F>
-void with_float_type(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat:
-      return f(float{});
-    case at::kBFloat16:
-      return f(c10::BFloat16{});
-    default:
-      return f(c10::Half{});
-  }
-}
-
 // The horizontal sum of acc = f(acc, v) over the vectors v of row p[0..n), the lanes past the row's end loaded as
 // pad; four accumulators keep the FMA pipeline busy and each summation chain a quarter as long.
 template <typename T, typename F>

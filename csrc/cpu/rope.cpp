@@ -101,17 +101,7 @@ at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
       }
     });
   };
-  switch (dtype) {
-    case at::kFloat:
-      run(float{});
-      break;
-    case at::kBFloat16:
-      run(c10::BFloat16{});
-      break;
-    default:
-      run(c10::Half{});
-      break;
-  }
+  with_float_type(dtype, run);
   return out;
 }
 

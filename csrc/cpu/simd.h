@@ -4,6 +4,7 @@
 // -std=c++17, which turns off implicit FMA contraction, so fused multiply-adds are spelled out).
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -127,6 +128,20 @@ inline vfloat vexp2(vfloat x) {
 }
 
 // ---- element conversions -----------------------------------------------------------------------------------------
+
+// Calls f with a value of the C++ type of a float32, bfloat16 or float16 dtype (the kernels' dispatch; callers have
+// checked the dtype is one of the three).
+template <typename F>
+void with_float_type(c10::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return f(float{});
+    case c10::ScalarType::BFloat16:
+      return f(c10::BFloat16{});
+    default:
+      return f(c10::Half{});
+  }
+}
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
