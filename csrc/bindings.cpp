@@ -72,6 +72,16 @@ at::Tensor rope_fwd_meta(const at::Tensor& x, const at::Tensor&, const at::Tenso
   return at::empty_symint(x.sym_sizes(), x.options());
 }
 
+at::Tensor decode_step_meta(const at::Tensor& tokens, const at::Tensor&, const at::Tensor& tok_emb,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, const c10::List<std::optional<at::Tensor>>&,
+                            at::TensorList, at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const at::Tensor& head, double, bool) {
+  TORCH_CHECK(tokens.dim() == 2 && head.dim() == 2, "fastlm::decode_step: tokens and head must be 2-D, got ",
+              tokens.dim(), "-D and ", head.dim(), "-D");
+  return at::empty_symint({tokens.sym_size(0), tokens.sym_size(1), head.sym_size(0)}, tok_emb.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastlm, m) {
@@ -87,6 +97,9 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool is_rms) "
         "-> (Tensor y, Tensor h)");
   m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
+  m.def("decode_step(Tensor tokens, Tensor input_pos, Tensor tok_emb, Tensor? pos_emb, Tensor? rope_cos, "
+        "Tensor? rope_sin, Tensor?[] blocks, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor norm_w, "
+        "Tensor? norm_b, Tensor head, float eps, bool is_rms) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
@@ -98,6 +111,7 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("mlp_swiglu", &fastlm_cpu::mlp_swiglu);
   m.impl("norm_fwd", &fastlm_cpu::norm_fwd);
   m.impl("rope_fwd", &fastlm_cpu::rope_fwd);
+  m.impl("decode_step", &fastlm_cpu::decode_step);
 }
 
 TORCH_LIBRARY_IMPL(fastlm, Meta, m) {
@@ -109,6 +123,7 @@ TORCH_LIBRARY_IMPL(fastlm, Meta, m) {
   m.impl("mlp_swiglu", &mlp_swiglu_meta);
   m.impl("norm_fwd", &norm_fwd_meta);
   m.impl("rope_fwd", &rope_fwd_meta);
+  m.impl("decode_step", &decode_step_meta);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

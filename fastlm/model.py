@@ -14,6 +14,9 @@ Generation: ``setup_cache`` allocates a static KV cache per layer, (B, max_seqle
 place. ``model(tokens)`` with a cache prefills from position 0; ``model(tokens, input_pos=pos)`` places token t of
 sequence b at position pos[b] + t, writes its keys and values there with index ops and attends through
 ops.decode_attention. The decode step reads nothing back to the host, so it can be compiled or captured in a graph.
+On the CPU backend, with autograd off, a decode step is one call of ops.decode_step (the same C++ kernels in the same
+order, without the per-op Python cost that dominates a small model's step); ``model.fused_decode = False`` turns
+that off.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from torch import nn
 from fastlm import ops
 from fastlm.backends import BACKENDS
 from fastlm.config import Config
+from fastlm.ops.decode import decode_step_backend
 from fastlm.reference import init_weights
 
 
@@ -139,7 +143,8 @@ class Transformer(nn.Module):
     forward(tokens (B, S), targets=None, input_pos=None): logits (B, S, V) in the parameters' dtype, or with targets
     (B, S) the mean cross-entropy over targets != -100. ``input_pos`` (B,) needs a KV cache; positions
     input_pos + S must stay within the cache and, in such decode steps, token ids within the vocabulary (neither is
-    checked on the host, so that decoding never synchronizes; without input_pos the ids are checked).
+    checked on the host, so that decoding never synchronizes; without input_pos the ids are checked; the CPU
+    backend's fused decode step checks both, which costs it no sync).
     """
 
     def __init__(self, config: Config, backend: str = "auto"):
@@ -153,6 +158,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.norm = Norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.register_buffer("rope_cos", None, persistent=False)   # (max_seqlen, head_dim) tables with a KV cache
+        self.register_buffer("rope_sin", None, persistent=False)
+        self.fused_decode = True
         init_weights(self, config)
 
     @property
@@ -189,11 +197,16 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             layer.attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        if c.family == "llama":
+            self.rope_cos, self.rope_sin = ops.rope_cos_sin(torch.arange(max_seqlen, device=device), c.head_dim,
+                                                            c.rope_base, self.tok_emb.weight.dtype,
+                                                            backend=self._backends.generic)
 
     def clear_cache(self):
         for layer in self.layers:
             layer.attn.k_cache = None
             layer.attn.v_cache = None
+        self.rope_cos = self.rope_sin = None
 
     @property
     def cache_shape(self):
@@ -236,16 +249,18 @@ class Transformer(nn.Module):
                     torch.int32, torch.int64):
                 raise TypeError(f"input_pos must be an integer tensor of shape (batch,) = ({B},), got "
                                 f"{_describe(input_pos)}")
+            if targets is None and self._fused_decode_here(tokens):
+                return self._fused_decode_step(tokens, input_pos)
             positions = input_pos[:, None] + torch.arange(S, device=tokens.device)   # (B, S)
 
         h = self.tok_emb(tokens)                                               # (B, S, d)
         rope = None
         if self.pos_emb is not None:
             h = h + self.pos_emb(positions)
+        elif input_pos is not None:                                            # the cache's tables: (B, S, D)
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
         else:
-            cos, sin = ops.rope_cos_sin(positions.reshape(-1), c.head_dim, c.rope_base, h.dtype,
-                                        backend=self._backends.generic)
-            rope = (cos.view(*positions.shape, -1), sin.view(*positions.shape, -1))   # (S, D) or (B, S, D)
+            rope = ops.rope_cos_sin(positions, c.head_dim, c.rope_base, h.dtype, backend=self._backends.generic)
         for layer in self.layers:
             h = layer(h, rope, input_pos, self._backends)
         y = self.norm(h, self._backends)
@@ -256,6 +271,27 @@ class Transformer(nn.Module):
             return ops.linear_cross_entropy(y.reshape(B * S, -1), self.head_weight, targets.reshape(B * S),
                                             backend=self._backends.generic)
         return ops.linear(y, self.head_weight, backend=self._backends.generic)  # (B, S, V)
+
+    def _fused_decode_here(self, tokens) -> bool:
+        """Whether this decode step runs as one C++ call (ops.decode_step): on the CPU backend, when autograd records
+        nothing and torch.compile is not tracing, unless ``fused_decode`` was set False."""
+        return (self.fused_decode and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and decode_step_backend(self._backends.native, tokens.device, self.tok_emb.weight.dtype) == "cpu")
+
+    def _fused_decode_step(self, tokens, input_pos):
+        blocks, k_caches, v_caches = [], [], []
+        for layer in self.layers:
+            a, m, n1, n2 = layer.attn, layer.mlp, layer.attn_norm, layer.mlp_norm
+            mlp = ([m.w_fc.weight, m.w_fc.bias, None, m.w_proj.weight, m.w_proj.bias] if m.gpt2 else
+                   [m.w_gate.weight, None, m.w_up.weight, m.w_down.weight, None])
+            blocks += [n1.weight, n1.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias, a.wv.weight, a.wv.bias,
+                       a.wo.weight, a.wo.bias, n2.weight, n2.bias, *mlp]
+            k_caches.append(a.k_cache)
+            v_caches.append(a.v_cache)
+        return ops.decode_step(tokens, input_pos, self.tok_emb.weight, blocks, k_caches, v_caches, self.norm.weight,
+                               self.head_weight, eps=self.config.norm_eps, is_rms=self.norm.bias is None,
+                               norm_bias=self.norm.bias, pos_emb=None if self.pos_emb is None else self.pos_emb.weight,
+                               rope_cos=self.rope_cos, rope_sin=self.rope_sin, backend=self._backends.native)
 
     def generate(self, *args, **kwargs):
         """See fastlm.generate.generate."""

@@ -14,7 +14,7 @@ from fastlm.testing import check_rule
 pytestmark = pytest.mark.skipif(backends.extension() is None, reason="fastlm._C is not built")
 
 OPS = ("attention_fwd", "attention_bwd", "decode_attention", "linear", "mlp_gelu", "mlp_swiglu", "norm_fwd",
-       "rope_fwd")
+       "rope_fwd", "decode_step")
 SCHEMAS = {
     "attention_fwd": "fastlm::attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
                      "int window_left, int window_right) -> (Tensor, Tensor)",
@@ -31,6 +31,10 @@ SCHEMAS = {
     "norm_fwd": "fastlm::norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool is_rms) "
                 "-> (Tensor y, Tensor h)",
     "rope_fwd": "fastlm::rope_fwd(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor",
+    "decode_step": "fastlm::decode_step(Tensor tokens, Tensor input_pos, Tensor tok_emb, Tensor? pos_emb, "
+                   "Tensor? rope_cos, Tensor? rope_sin, Tensor?[] blocks, Tensor(a!)[] k_caches, "
+                   "Tensor(b!)[] v_caches, Tensor norm_w, Tensor? norm_b, Tensor head, float eps, bool is_rms) "
+                   "-> Tensor",
 }
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -83,6 +87,22 @@ def test_meta_shapes():
     q = torch.empty(2, 5, 3, 16, dtype=BF16, **m).transpose(1, 2)
     y = _ops().rope_fwd(q, torch.empty(3, 16, dtype=BF16, **m), torch.empty(3, 16, dtype=BF16, **m), True)
     assert (y.shape, y.dtype, y.is_contiguous()) == ((2, 3, 5, 16), BF16, True)
+    args = _decode_step_args(**m)
+    logits = _ops().decode_step(*args)
+    assert (logits.shape, logits.dtype) == ((2, 3, 50), F32)
+
+
+def _decode_step_args(**m):
+    """Arguments of decode_step for one SwiGLU block (d 16, 2 heads of 8, 1 kv head, intermediate 24, vocab 50)
+    and tokens (2, 3) at positions (2, 0) of a cache of 9."""
+    w = lambda *shape: torch.randn(*shape, **m) / 4
+    block = [w(16), None, w(16, 16), None, w(8, 16), None, w(8, 16), None, w(16, 16), None, w(16), None,
+             w(24, 16), None, w(24, 16), w(16, 24), None]
+    cos, sin = (t.to(m.get("device", "cpu")) for t in reference.rope_cos_sin(torch.arange(9), 8))
+    tokens = torch.randint(0, 50, (2, 3)).to(m.get("device", "cpu"))
+    pos = torch.tensor([2, 0]).to(m.get("device", "cpu"))
+    return (tokens, pos, w(50, 16), None, cos, sin, block, [torch.zeros(2, 9, 1, 8, **m)],
+            [torch.zeros(2, 9, 1, 8, **m)], w(16), None, w(50, 16), 1e-6, True)
 
 
 def test_opcheck():
@@ -107,6 +127,7 @@ def test_opcheck():
     cos, sin = reference.rope_cos_sin(torch.arange(3), 16)
     torch.library.opcheck(_ops().rope_fwd.default, (q, cos, sin, False))
     torch.library.opcheck(_ops().rope_fwd.default, (q, cos.expand(2, 3, 16), sin.expand(2, 3, 16), True))
+    torch.library.opcheck(_ops().decode_step.default, _decode_step_args())
 
 
 def test_compile_fullgraph():
@@ -359,8 +380,9 @@ def test_mlp_inputs_requiring_grad_across_threads():
 
 # ---- linear ----------------------------------------------------------------------------------------------------------
 
-# (leading dims of x, in_features, out_features): the matrix-vector path (<= 8 rows; in_features not a whole number
-# of vectors, out_features not a multiple of the 4-row groups, one output) and ATen's GEMM above it
+# (leading dims of x, in_features, out_features): the matrix-vector path (<= 8 rows: 1, 6, 7 and 8 rows go through
+# the 4-, 2- and 1-row dot products; in_features not a whole number of vectors or of unrolled blocks; one output) and
+# ATen's GEMM above it
 LINEAR_SHAPES = [((1,), 40, 1000), ((2, 3), 20, 7), ((7,), 72, 1), ((1, 8), 1, 13), ((9,), 40, 33), ((3, 50), 24, 17)]
 
 

@@ -219,19 +219,85 @@ def test_cpu_backend_logits_and_decode():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def _profiled_decode_step(model, grad=False):
+    """The names of the ops one decode step of ``model`` (llama family, cache set up for batch 1) runs."""
+    with torch.no_grad():
+        model.setup_cache(1, 16)
+        model(torch.randint(0, 1000, (1, 5)))
+    with torch.set_grad_enabled(grad), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+        model(torch.randint(0, 1000, (1, 1)), input_pos=torch.tensor([5]))
+    return [e.name for e in p.events()]
+
+
 @pytest.mark.skipif(not _extension_serves_model(("attention_fwd", "decode_attention", "mlp_swiglu", "norm_fwd",
                                                   "rope_fwd")),
                     reason="the C++ extension fastlm._C with the CPU norm and RoPE is not built")
 def test_cpu_backend_decode_step_is_native():
-    """A decoding step with backend="cpu" runs every norm (2 per layer and the final one) and RoPE (q and k per
-    layer) in the C++ kernels, called directly (no autograd wrapper under no_grad)."""
+    """Op by op (fused_decode off), a decoding step with backend="cpu" runs every norm (2 per layer and the final
+    one) and RoPE (q and k per layer) in the C++ kernels, called directly (no autograd wrapper under no_grad)."""
     model, _, _ = make("llama", "cpu")
-    with torch.no_grad():
-        model.setup_cache(1, 16)
-        model(torch.randint(0, 1000, (1, 5)))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            model(torch.randint(0, 1000, (1, 1)), input_pos=torch.tensor([5]))
-    names = [e.name for e in prof.events()]
+    model.fused_decode = False
+    names = _profiled_decode_step(model)
     L = model.config.n_layer
     assert names.count("fastlm::norm_fwd") == 2 * L + 1 and names.count("fastlm::rope_fwd") == 2 * L
     assert not any(n.startswith("fastlm_native_py::") for n in names)
+
+
+@pytest.mark.skipif(not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built")
+def test_cpu_decode_step_is_one_call_without_autograd():
+    model, _, _ = make("llama", "cpu")
+    names = [n for n in _profiled_decode_step(model) if n.startswith("fastlm")]
+    assert names == ["fastlm::decode_step"]
+    # with autograd recording (parameters require grad) the step goes op by op, so that it can be differentiated
+    assert "fastlm::decode_step" not in _profiled_decode_step(model, grad=True)
+
+
+@pytest.mark.skipif(not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built")
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_fused_decode_step_equals_op_by_op(family, dtype):
+    """ops.decode_step runs the op-by-op step's kernels in the same order: the same logits and caches, bit for bit,
+    for one- and multi-token steps of sequences at different positions (and the GELU / SwiGLU MLPs, LayerNorm /
+    RMSNorm, learned positions / RoPE, q/k/v biases)."""
+    fused, _, _ = make(family, "cpu", dtype=dtype)
+    split = copy.deepcopy(fused)
+    split.fused_decode = False
+    prompt = torch.randint(0, 1000, (2, 6))
+    steps = [(torch.randint(0, 1000, (2, 1)), torch.tensor([6, 3])),
+             (torch.randint(0, 1000, (2, 3)), torch.tensor([7, 4])),
+             (torch.randint(0, 1000, (2, 1)), torch.tensor([10, 15]))]
+    with torch.no_grad():
+        for m in (fused, split):
+            m.setup_cache(2, 16)
+            m(prompt)
+        for tokens, pos in steps:
+            out, want = fused(tokens, input_pos=pos), split(tokens, input_pos=pos)
+            assert out.dtype == dtype and out.shape == (2, tokens.shape[1], 1000)
+            assert torch.equal(out, want)
+    for a, b in zip(fused.layers, split.layers):
+        assert torch.equal(a.attn.k_cache, b.attn.k_cache) and torch.equal(a.attn.v_cache, b.attn.v_cache)
+
+
+@pytest.mark.skipif(not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built")
+def test_cpu_fused_decode_step_errors():
+    from fastlm import ops
+    model, _, _ = make("llama", "cpu")
+    with torch.no_grad():
+        model.setup_cache(2, 8)
+        with pytest.raises(RuntimeError, match=r"input_pos\[1\] \+ seqlen = 7 \+ 2 must lie in \[2, 8\]"):
+            model(torch.randint(0, 1000, (2, 2)), input_pos=torch.tensor([1, 7]))
+        with pytest.raises(RuntimeError, match=r"input_pos\[0\] \+ seqlen = -1 \+ 1"):
+            model(torch.randint(0, 1000, (2, 1)), input_pos=torch.tensor([-1, 0]))
+        with pytest.raises(RuntimeError, match=r"token ids must be in \[0, 1000\), got 1000"):
+            model(torch.tensor([[3], [1000]]), input_pos=torch.tensor([1, 1]))
+        args = (torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 1]), model.tok_emb.weight)
+        caches = [layer.attn.k_cache for layer in model.layers]
+        with pytest.raises(ValueError, match="blocks must hold 17 entries per block"):
+            ops.decode_step(*args, [None] * 3, caches, caches, model.norm.weight, model.head_weight, eps=1e-5,
+                            is_rms=True)
+        with pytest.raises(RuntimeError, match="only the C\\+\\+ CPU backend"):
+            ops.decode_step(*args, [None] * 34, caches, caches, model.norm.weight, model.head_weight, eps=1e-5,
+                            is_rms=True, backend="torch")
+        with pytest.raises(RuntimeError, match="block 0 has no norm1 weight"):
+            ops.decode_step(*args, [None] * 34, caches, caches, model.norm.weight, model.head_weight, eps=1e-5,
+                            is_rms=True)

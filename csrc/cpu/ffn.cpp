@@ -200,10 +200,9 @@ void small_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
   auto run = [&](auto tag) {
     using W = decltype(tag);
     for_row_ranges(inter, d, [&](int64_t n0, int64_t n1) {
-      gemv_rows(xf.const_data_ptr<float>(), n, d, w1.const_data_ptr<W>(), w1.stride(0), inter, n0, n1, hp, inter);
+      gemv_rows(xf.const_data_ptr<float>(), n, d, w1.const_data_ptr<W>(), w1.stride(0), n0, n1, hp, inter);
       if (w_up)
-        gemv_rows(xf.const_data_ptr<float>(), n, d, w_up->const_data_ptr<W>(), w_up->stride(0), inter, n0, n1, up,
-                  inter);
+        gemv_rows(xf.const_data_ptr<float>(), n, d, w_up->const_data_ptr<W>(), w_up->stride(0), n0, n1, up, inter);
       for (int64_t t = 0; t < n; ++t) {
         float* ht = hp + t * inter;
         if (b1f.defined())
@@ -212,7 +211,7 @@ void small_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
       }
     });
     for_row_ranges(d_out, inter, [&](int64_t n0, int64_t n1) {
-      gemv_rows(hp, n, inter, w2.const_data_ptr<W>(), w2.stride(0), d_out, n0, n1, yp, d_out);
+      gemv_rows(hp, n, inter, w2.const_data_ptr<W>(), w2.stride(0), n0, n1, yp, d_out);
     });
   };
   with_float_type(x2.scalar_type(), run);

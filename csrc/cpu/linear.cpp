@@ -69,7 +69,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   with_float_type(dtype, [&](auto tag) {
     const auto* w = weight.const_data_ptr<decltype(tag)>();
     for_row_ranges(N, K, [&](int64_t n0, int64_t n1) {
-      gemv_rows(xf.const_data_ptr<float>(), T, K, w, weight.stride(0), N, n0, n1, yp, N);
+      gemv_rows(xf.const_data_ptr<float>(), T, K, w, weight.stride(0), n0, n1, yp, N);
     });
   });
   if (bias.has_value()) y.add_(*bias);

@@ -3,6 +3,7 @@
 // outputs and runs the kernels of csrc/cpu/<op>.cpp.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -51,5 +52,13 @@ std::tuple<at::Tensor, at::Tensor> norm_fwd(const at::Tensor& x, const std::opti
 // Rotary embedding, rotate-half convention: x (B, S, H, D) with a contiguous head dim, cos/sin (S, D) or (B, S, D)
 // in x's dtype. Returns x cos + rotate_half(x) sin, or with inverse the transposed rotation (contiguous, x's dtype).
 at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse);
+
+// One decoding step of a stack of pre-norm transformer blocks (decode_step.cpp): the logits (B, S, vocab) of tokens
+// (B, S) at positions input_pos[b] + t, their keys and values written into the caches (B, max_seqlen, Hkv, D).
+at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, const at::Tensor& tok_emb,
+                       const std::optional<at::Tensor>& pos_emb, const std::optional<at::Tensor>& rope_cos,
+                       const std::optional<at::Tensor>& rope_sin, const c10::List<std::optional<at::Tensor>>& blocks,
+                       at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& norm_w,
+                       const std::optional<at::Tensor>& norm_b, const at::Tensor& head, double eps, bool is_rms);
 
 }  // namespace fastlm_cpu

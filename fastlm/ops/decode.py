@@ -3,6 +3,9 @@
 Backends: "torch" (fastlm.reference), "triton" (kernels/decode.py, Flash-Decoding), "cpu" / "cuda" (the C++
 extension's torch.ops.fastlm.decode_attention). Forward only: decoding is inference. No backend but "torch" reads
 cache_seqlens on the host, so a decode step can be captured in a CUDA graph or compiled with fullgraph=True.
+
+fastlm.ops.decode_step: a whole decoding step of a stack of pre-norm transformer blocks in one call of the C++ CPU
+kernels (its only backend): what CUDA graphs do for a GPU step, removing the per-op launch and Python cost.
 """
 from __future__ import annotations
 
@@ -74,3 +77,46 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
     if concrete == "triton":
         return _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, scale)
     return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+DECODE_STEP_SLOTS = ("norm1_weight", "norm1_bias", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "norm2_weight",
+                     "norm2_bias", "w1", "b1", "w_up", "w2", "b2")
+
+
+def decode_step_backend(backend, device, dtype) -> str | None:
+    """The backend that runs decode_step for these arguments, or None when none does ("cpu" is its only one)."""
+    if backend not in ("auto", "cpu") or dtype not in KERNEL_DTYPES:
+        return None
+    try:
+        concrete = backends.resolve(backend, device, "decode_step", native_ops=("decode_step",), dtype=dtype)
+    except (RuntimeError, ValueError):
+        return None
+    return concrete if concrete == "cpu" else None
+
+
+def decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_weight, head, *, eps, is_rms,
+                norm_bias=None, pos_emb=None, rope_cos=None, rope_sin=None, backend="auto"):
+    """One decoding step of a stack of pre-norm transformer blocks in a single call (the C++ extension's
+    torch.ops.fastlm.decode_step, CPU tensors): the logits (B, S, vocab) of ``tokens`` (B, S) at positions
+    ``input_pos[b] + t``, whose keys and values are written into ``k_caches`` / ``v_caches`` (one (B, max_seqlen,
+    Hkv, D) pair per block).
+
+    Per block: y = norm1(h); q, k, v projections (biases optional), RoPE from the rows of the ``rope_cos`` /
+    ``rope_sin`` tables (max_seqlen, D) at the positions when given; cache write; decode attention; output
+    projection; (y, h) = norm2(a + h); h = mlp(y) + h, SwiGLU when the block has ``w_up``, else GELU-tanh. Then
+    norm(h) @ head^T. ``blocks`` is a flat list of len(DECODE_STEP_SLOTS) tensors (or None) per block, in that
+    order. The same kernels as op by op (fastlm.Transformer's step), in the same order: the same logits, bit for bit,
+    without the per-op Python cost. Positions, ids and shapes are checked (on the CPU that costs no sync).
+    """
+    device = tokens.device if isinstance(tokens, torch.Tensor) else torch.device("cpu")
+    dtype = tok_emb.dtype if isinstance(tok_emb, torch.Tensor) else None
+    if decode_step_backend(backend, device, dtype) is None:
+        raise RuntimeError(f"decode_step: only the C++ CPU backend implements it (CPU tensors of dtype "
+                           f"{[str(d) for d in KERNEL_DTYPES]}, the extension built: {backends.BUILD_HINT}); got "
+                           f"backend={backend!r}, {device} tensors of dtype {dtype}")
+    if len(blocks) != len(DECODE_STEP_SLOTS) * len(k_caches):
+        raise ValueError(f"decode_step: blocks must hold {len(DECODE_STEP_SLOTS)} entries per block "
+                         f"({', '.join(DECODE_STEP_SLOTS)}) for the {len(k_caches)} blocks of k_caches, got "
+                         f"{len(blocks)}")
+    return torch.ops.fastlm.decode_step(tokens, input_pos, tok_emb, pos_emb, rope_cos, rope_sin, blocks, k_caches,
+                                        v_caches, norm_weight, norm_bias, head, float(eps), bool(is_rms))

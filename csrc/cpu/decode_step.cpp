@@ -1,0 +1,165 @@
+// One decoding step of a stack of pre-norm transformer blocks on the CPU, as one call:
+//
+//     h = emb[tokens] (+ pos_emb[positions])
+//     for each block:  y = norm1(h)
+//                      q, k, v = y Wq^T + bq, y Wk^T + bk, y Wv^T + bv;  rope(q), rope(k) with the tables' rows
+//                      cache[b, pos_b + t] = k, v;  a = decode_attention(q, caches, pos + S) Wo^T + bo
+//                      (y, h) = norm2(a + h);  h = mlp(y) + h              (gelu MLP, or SwiGLU with w_up)
+//     logits = norm(h) W_head^T
+//
+// Every step is the kernel of the op of the same name in this directory (linear, rope_fwd, decode_attention,
+// norm_fwd, mlp_gelu / mlp_swiglu), called in the order fastlm.Transformer calls those ops, so the logits are those
+// of the op-by-op step, bit for bit. What one call saves is the per-op cost above the kernels (argument checks and
+// dispatch in Python, about 70 us per layer and op class at batch 1): at batch 1 a small model's step is mostly
+// that, and the weights' bandwidth is all that remains.
+//
+// The block's tensors arrive in one flat list, kBlockTensors per block (see kSlot); absent biases and the SwiGLU
+// w_up of a GELU MLP are None. Positions and token ids are on the CPU, so they are checked here, unlike in the
+// GPU decode steps.
+#include "cpu/ops.h"
+
+#include <ATen/ops/add.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace fastlm_cpu {
+namespace {
+
+// Slots of one block in the flat list.
+enum kSlot { kNorm1W, kNorm1B, kWq, kBq, kWk, kBk, kWv, kBv, kWo, kBo, kNorm2W, kNorm2B, kW1, kB1, kWUp, kW2, kB2 };
+constexpr int64_t kBlockTensors = kB2 + 1;
+
+// pos[b] (+ t) as int64, from an int32 or int64 (B,) tensor.
+std::vector<int64_t> read_positions(const at::Tensor& input_pos, int64_t B) {
+  TORCH_CHECK(input_pos.device().is_cpu() && input_pos.dim() == 1 && input_pos.size(0) == B &&
+                  (input_pos.scalar_type() == at::kInt || input_pos.scalar_type() == at::kLong),
+              "fastlm::decode_step: input_pos must be an int32/int64 CPU tensor of shape (", B, ",), got a ",
+              input_pos.scalar_type(), " tensor of shape ", input_pos.sizes(), " on ", input_pos.device());
+  std::vector<int64_t> pos(B);
+  const at::Tensor p = input_pos.to(at::kLong);
+  for (int64_t b = 0; b < B; ++b) pos[b] = p.const_data_ptr<int64_t>()[b * p.stride(0)];
+  return pos;
+}
+
+// cache[b, pos[b] + t, h, :] = x[b, t, h, :] for x (B, S, Hkv, D) contiguous.
+void write_cache(at::Tensor& cache, const at::Tensor& x, const std::vector<int64_t>& pos) {
+  const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3), bytes = D * x.element_size();
+  const char* src = static_cast<const char*>(x.const_data_ptr());
+  char* dst = static_cast<char*>(cache.data_ptr());
+  const int64_t e = cache.element_size();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < S; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(dst + (b * cache.stride(0) + (pos[b] + t) * cache.stride(1) + h * cache.stride(2)) * e,
+                    src + ((b * S + t) * H + h) * bytes, bytes);
+}
+
+using Blocks = c10::List<std::optional<at::Tensor>>;
+
+std::optional<at::Tensor> slot(const Blocks& blocks, int64_t layer, int s) { return blocks[layer * kBlockTensors + s]; }
+
+at::Tensor required(const Blocks& blocks, int64_t layer, int s, const char* name) {
+  const std::optional<at::Tensor> t = blocks[layer * kBlockTensors + s];
+  TORCH_CHECK(t.has_value(), "fastlm::decode_step: block ", layer, " has no ", name, " (slot ", s, " of ",
+              kBlockTensors, ")");
+  return *t;
+}
+
+}  // namespace
+
+at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, const at::Tensor& tok_emb,
+                       const std::optional<at::Tensor>& pos_emb, const std::optional<at::Tensor>& rope_cos,
+                       const std::optional<at::Tensor>& rope_sin, const Blocks& blocks, at::TensorList k_caches,
+                       at::TensorList v_caches,
+                       const at::Tensor& norm_w, const std::optional<at::Tensor>& norm_b, const at::Tensor& head,
+                       double eps, bool is_rms) {
+  TORCH_CHECK(tokens.device().is_cpu() && tokens.dim() == 2 &&
+                  (tokens.scalar_type() == at::kInt || tokens.scalar_type() == at::kLong),
+              "fastlm::decode_step: tokens must be an int32/int64 CPU tensor of shape (batch, seqlen), got a ",
+              tokens.scalar_type(), " tensor of shape ", tokens.sizes(), " on ", tokens.device());
+  const int64_t B = tokens.size(0), S = tokens.size(1);
+  TORCH_CHECK(B >= 1 && S >= 1, "fastlm::decode_step: tokens must have batch >= 1 and seqlen >= 1, got shape ",
+              tokens.sizes());
+  const int64_t L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(L >= 1 && v_caches.size() == k_caches.size() &&
+                  static_cast<int64_t>(blocks.size()) == L * kBlockTensors,
+              "fastlm::decode_step: need one k_cache and one v_cache per block and ", kBlockTensors,
+              " block tensors per block; got ", k_caches.size(), " k_caches, ", v_caches.size(), " v_caches and ",
+              blocks.size(), " block tensors");
+  TORCH_CHECK(tok_emb.dim() == 2, "fastlm::decode_step: tok_emb must be 2-D (vocab, d_model), got shape ",
+              tok_emb.sizes());
+  TORCH_CHECK(rope_cos.has_value() == rope_sin.has_value(),
+              "fastlm::decode_step: rope_cos and rope_sin must be given together");
+  const int64_t V = tok_emb.size(0), S_max = k_caches[0].size(1);
+  for (int64_t l = 0; l < L; ++l) {
+    for (const auto* c : {&k_caches[l], &v_caches[l]}) {
+      TORCH_CHECK(c->dim() == 4 && c->sizes() == k_caches[0].sizes() && c->size(0) == B && c->stride(3) == 1 &&
+                      c->scalar_type() == tok_emb.scalar_type() && c->device().is_cpu(),
+                  "fastlm::decode_step: every KV cache must be a CPU ", tok_emb.scalar_type(),
+                  " tensor of shape (", B, ", max_seqlen, n_kv_head, head_dim) like block 0's ", k_caches[0].sizes(),
+                  " with a contiguous last dim; block ", l, " has ", c->scalar_type(), " ", c->sizes());
+    }
+  }
+  const int64_t Hkv = k_caches[0].size(2), D = k_caches[0].size(3);
+  const std::vector<int64_t> pos = read_positions(input_pos, B);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pos[b] >= 0 && pos[b] + S <= S_max, "fastlm::decode_step: input_pos[", b, "] + seqlen = ", pos[b],
+                " + ", S, " must lie in [", S, ", ", S_max, "] (the KV cache's max_seqlen)");
+  const at::Tensor ids = tokens.reshape({B * S}).to(at::kLong).contiguous();
+  for (int64_t i = 0; i < B * S; ++i) {
+    const int64_t id = ids.const_data_ptr<int64_t>()[i];
+    TORCH_CHECK(id >= 0 && id < V, "fastlm::decode_step: token ids must be in [0, ", V, "), got ", id);
+  }
+  at::Tensor positions = at::empty({B * S}, ids.options());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < S; ++t) positions.data_ptr<int64_t>()[b * S + t] = pos[b] + t;
+  at::Tensor seqlens = at::empty({B}, ids.options());
+  for (int64_t b = 0; b < B; ++b) seqlens.data_ptr<int64_t>()[b] = pos[b] + S;
+
+  const int64_t d = tok_emb.size(1);
+  at::Tensor h = at::index_select(tok_emb, 0, ids).view({B, S, d});
+  if (pos_emb.has_value()) h = at::add(h, at::index_select(*pos_emb, 0, positions).view({B, S, d}));
+  at::Tensor cos, sin;
+  if (rope_cos.has_value()) {
+    cos = at::index_select(*rope_cos, 0, positions).view({B, S, D});
+    sin = at::index_select(*rope_sin, 0, positions).view({B, S, D});
+  }
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor y = std::get<0>(norm_fwd(h, std::nullopt, required(blocks, l, kNorm1W, "norm1 weight"),
+                                              slot(blocks, l, kNorm1B), eps, is_rms));
+    const at::Tensor wq = required(blocks, l, kWq, "wq");
+    TORCH_CHECK(wq.dim() == 2 && wq.size(0) % D == 0, "fastlm::decode_step: block ", l,
+                " wq must be (n_head * ", D, ", d_model), got shape ", wq.sizes());
+    const int64_t H = wq.size(0) / D;
+    at::Tensor q = linear(y, wq, slot(blocks, l, kBq)).view({B, S, H, D});
+    at::Tensor k = linear(y, required(blocks, l, kWk, "wk"), slot(blocks, l, kBk)).view({B, S, Hkv, D});
+    const at::Tensor v = linear(y, required(blocks, l, kWv, "wv"), slot(blocks, l, kBv)).view({B, S, Hkv, D});
+    if (cos.defined()) {
+      q = rope_fwd(q, cos, sin, false);
+      k = rope_fwd(k, cos, sin, false);
+    }
+    at::Tensor kc = k_caches[l], vc = v_caches[l];
+    write_cache(kc, k, pos);
+    write_cache(vc, v, pos);
+    const at::Tensor att = decode_attention(q, kc, vc, seqlens, scale);
+    const at::Tensor a = linear(att.view({B, S, H * D}), required(blocks, l, kWo, "wo"), slot(blocks, l, kBo));
+    auto [y2, h2] = norm_fwd(a, h, required(blocks, l, kNorm2W, "norm2 weight"), slot(blocks, l, kNorm2B), eps,
+                             is_rms);
+    const auto w_up = slot(blocks, l, kWUp);
+    h = w_up.has_value() ? mlp_swiglu(y2, required(blocks, l, kW1, "w_gate"), *w_up,
+                                      required(blocks, l, kW2, "w_down"), h2)
+                         : mlp_gelu(y2, required(blocks, l, kW1, "w_fc"), slot(blocks, l, kB1),
+                                    required(blocks, l, kW2, "w_proj"), slot(blocks, l, kB2), h2);
+  }
+  const at::Tensor y = std::get<0>(norm_fwd(h, std::nullopt, norm_w, norm_b, eps, is_rms));
+  return linear(y, head, std::nullopt);
+}
+
+}  // namespace fastlm_cpu
