@@ -382,8 +382,10 @@ def test_mlp_inputs_requiring_grad_across_threads():
 
 # (leading dims of x, in_features, out_features): the matrix-vector path (<= 8 rows: 1, 6, 7 and 8 rows go through
 # the 4-, 2- and 1-row dot products; in_features not a whole number of vectors or of unrolled blocks; one output) and
-# ATen's GEMM above it
-LINEAR_SHAPES = [((1,), 40, 1000), ((2, 3), 20, 7), ((7,), 72, 1), ((1, 8), 1, 13), ((9,), 40, 33), ((3, 50), 24, 17)]
+# the packed GEMM above it (rows not a multiple of the 6-row block, columns not of the 16-column panel, a reduction
+# of 600 = 256 + 256 + 88 in three partial sums)
+LINEAR_SHAPES = [((1,), 40, 1000), ((2, 3), 20, 7), ((7,), 72, 1), ((1, 8), 1, 13), ((9,), 40, 33), ((3, 50), 24, 17),
+                 ((13,), 600, 20)]
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)

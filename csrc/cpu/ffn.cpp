@@ -3,33 +3,27 @@
 //     mlp_gelu:   y = gelu_tanh(x W_fc^T + b_fc) W_proj^T + b_proj (+ residual)
 //     mlp_swiglu: y = (silu(x W_gate^T) * (x W_up^T)) W_down^T (+ residual)
 //
-// Algorithm: tokens are processed in blocks whose intermediate activation (block x I) stays in the last-level cache
-// (kBlockBytes; blocks are not made smaller than kMinBlockTokens, where the GEMMs start losing efficiency). Per
-// block the first GEMM(s) write the pre-activation into a per-thread buffer, the activation is applied in place
-// (vectorized, fp32 arithmetic), and the second GEMM reads it back from cache and writes the output rows, with the
-// bias and residual folded into its accumulator. The GEMMs are ATen's (MKL / oneDNN). With at least one block per
-// thread the blocks run in parallel, each on single-threaded GEMMs (small GEMMs split across threads waste most of
-// their time synchronizing); otherwise one block with multithreaded GEMMs.
+// Algorithm: tokens are processed in blocks whose fp32 intermediate activation (block x I) stays in the last-level
+// cache (kBlockBytes). Per block, the first product runs on the packed GEMM of gemm.h (all threads, split by output
+// panels) and its epilogue adds b_fc and applies the GELU, or stores the gate; the up product's epilogue computes
+// silu(gate) * up in place, so the up activation never exists as a tensor. The second product reads the
+// intermediate back from cache and its epilogue adds the bias and the residual and rounds once to x's dtype. bf16 /
+// fp16 weights are widened to fp32 as gemm.h packs them; x once per call; all arithmetic is fp32.
 //
-// bf16 / fp16 inputs on CPUs without native half-precision products run the block path in fp32 (half_gemm.h): the
-// operands are widened once per call and the output rounded once.
-//
-// Up to kGemvMaxRows tokens (decoding) the GEMMs are matrix-vector products bound by reading the weights: those go
-// through gemv.h instead (each weight byte read once at the memory's rate, the threads splitting the output rows),
+// Up to kGemvMaxRows tokens (decoding) the products are matrix-vector products bound by reading the weights: those
+// go through gemv.h instead (each weight byte read once at the memory's rate, the threads splitting the output rows),
 // with the activation applied in fp32 to each thread's slice of the intermediate as soon as it is computed.
 //
-// Memory traffic: x, the weights (once per block, from L3 when they fit) and out; the N x I intermediate of the
-// unfused form never goes to memory.
+// Memory traffic: x, the weights (once per block) and out; the N x I intermediate of the unfused form never goes to
+// memory.
+#include "cpu/gemm.h"
 #include "cpu/gemv.h"
-#include "cpu/half_gemm.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/ops/add.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -39,8 +33,7 @@
 namespace fastlm_cpu {
 namespace {
 
-// Intermediate activation per block: a share of L3. While the whole intermediate fits in L3, one multithreaded GEMM
-// over all tokens beats L2-sized blocks of single-threaded GEMMs (bench/dev/cpu_notes.md).
+// fp32 intermediate activation per block: a share of L3 (bench/dev/cpu_notes.md).
 constexpr int64_t kBlockBytes = 8 * 1024 * 1024;
 constexpr int64_t kMinBlockTokens = 64;      // below this the GEMMs lose efficiency
 
@@ -85,14 +78,6 @@ void activation(Act act, T* h, const T* u, int64_t rows, int64_t cols) {
   });
 }
 
-void apply_activation(Act act, at::Tensor& h, const at::Tensor* u) {
-  const int64_t rows = h.size(0), cols = h.size(1);
-  with_float_type(h.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    activation<T>(act, h.data_ptr<T>(), u ? u->const_data_ptr<T>() : nullptr, rows, cols);
-  });
-}
-
 void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), "fastlm::", op, " (CPU): ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastlm::", op, ": ", name, " must have x's dtype ",
@@ -125,60 +110,71 @@ at::Tensor residual_rows(const char* op, const std::optional<at::Tensor>& residu
   shape.back() = d_out;
   TORCH_CHECK(r.sizes() == at::IntArrayRef(shape), "fastlm::", op, ": residual must have the output's shape ",
               at::IntArrayRef(shape), ", got ", r.sizes());
-  return r.reshape({token_count(x), d_out});
+  return (r.stride(-1) == 1 ? r : r.contiguous()).reshape({token_count(x), d_out});  // rows with unit stride
 }
 
-int64_t block_tokens(int64_t n_tokens, int64_t inter, int64_t n_buffers, int64_t elem_size) {
-  const int64_t t = kBlockBytes / std::max<int64_t>(1, inter * n_buffers * elem_size);
-  return std::max<int64_t>(1, std::min(n_tokens, std::max(kMinBlockTokens, t)));
-}
-
-// Runs block(t0, rows, buffers) over the token blocks of size tb; buffers: n_buffers (tb, inter) tensors per thread.
-template <typename F>
-void for_blocks(int64_t n, int64_t tb, int64_t inter, int64_t n_buffers, const at::TensorOptions& opt, F&& block) {
-  const int64_t n_blocks = (n + tb - 1) / tb;
-  auto run = [&](int64_t begin, int64_t end) {
-    // Worker threads do not inherit the caller's dispatch state: without this guard the ATen GEMMs below would go
-    // through autograd (and reject their out= arguments) whenever an input requires grad.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::vector<at::Tensor> bufs;
-    for (int64_t i = 0; i < n_buffers; ++i) bufs.push_back(at::empty({tb, inter}, opt));
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t t0 = blk * tb;
-      block(t0, std::min(tb, n - t0), bufs);
-    }
+// The block path: out = act(x W1^T + b1 [, x W_up^T]) W2^T + b2 + res for any number of tokens; x2 (n, d), res
+// (n, d_out) or undefined, out (n, d_out) contiguous.
+void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+               const at::Tensor* w_up, const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& res,
+               at::Tensor& out) {
+  const int64_t n = x2.size(0), d = x2.size(1), inter = w1.size(0), d_out = w2.size(0);
+  const auto fp32 = x2.options().dtype(at::kFloat);
+  const at::Tensor xf = x2.to(at::kFloat).contiguous();
+  // the biases, fp32, padded with zeros to whole panels so that the epilogues read whole vectors
+  auto padded = [&](const std::optional<at::Tensor>& b, int64_t len) {
+    at::Tensor p = at::zeros({(len + kPanel - 1) / kPanel * kPanel}, fp32);
+    if (b.has_value()) p.narrow(0, 0, len).copy_(*b);
+    return p;
   };
-  if (n_blocks >= at::get_num_threads() && n_blocks > 1)
-    at::parallel_for(0, n_blocks, 1, run);  // the GEMMs inside run single-threaded
-  else
-    run(0, n_blocks);
-}
-
-// The second GEMM of a block: out = h W^T (+ bias) (+ residual).
-void down_block(at::Tensor& out, const at::Tensor& h, const at::Tensor& w_t, const std::optional<at::Tensor>& bias,
-                const at::Tensor& res) {
-  if (res.defined()) {
-    if (bias.has_value())
-      at::add_out(out, res, *bias);
-    else
-      out.copy_(res);
-    out.addmm_(h, w_t);
-  } else if (bias.has_value()) {
-    at::addmm_out(out, *bias, h, w_t);
-  } else {
-    at::mm_out(out, h, w_t);
-  }
-}
-
-at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
-
-std::optional<at::Tensor> f32(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(f32(*t)) : std::nullopt;
-}
-
-// The block path of a bf16 / fp16 call runs in fp32 where the CPU has no half-precision GEMM.
-bool widen_for_gemm(const at::Tensor& x, int64_t n_tokens) {
-  return n_tokens > kGemvMaxRows && x.scalar_type() != at::kFloat && !native_half_gemm(x.scalar_type());
+  const at::Tensor b1f = padded(b1, inter), b2f = padded(b2, d_out);
+  const int64_t tb = std::max<int64_t>(1, std::min(n, std::max(kMinBlockTokens, kBlockBytes / (4 * inter))));
+  at::Tensor h = at::empty({tb, inter}, fp32);
+  float* hp = h.data_ptr<float>();
+  const float *pb1 = b1f.const_data_ptr<float>(), *pb2 = b2f.const_data_ptr<float>();
+  with_float_type(x2.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    T* op = out.data_ptr<T>();
+    const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
+    const int64_t ldr = res.defined() ? res.stride(0) : 0;
+    for (int64_t t0 = 0; t0 < n; t0 += tb) {
+      const int64_t rows = std::min(tb, n - t0);
+      const float* xb = xf.const_data_ptr<float>() + t0 * d;
+      // h = x W1^T + b1, then gelu(h); or the gate alone
+      gemm_nt(rows, inter, d, xb, d, w1.const_data_ptr<T>(), w1.stride(0), w1.stride(1),
+              [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* blk, int64_t ldb) {
+                for (int64_t i = 0; i < r; ++i)
+                  for (int64_t v = 0; v < cols; v += kW) {
+                    vfloat y = vload(blk + i * ldb + v) + vload(pb1 + n0 + v);
+                    if (act == Act::kGelu) y = gelu(y);
+                    vstore_cvt_n(hp + (m0 + i) * inter + n0 + v, y, std::min<int64_t>(kW, cols - v));
+                  }
+              });
+      if (w_up)  // h = silu(h) * (x W_up^T), the up product consumed in the epilogue
+        gemm_nt(rows, inter, d, xb, d, w_up->const_data_ptr<T>(), w_up->stride(0), w_up->stride(1),
+                [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* blk, int64_t ldb) {
+                  for (int64_t i = 0; i < r; ++i)
+                    for (int64_t v = 0; v < cols; v += kW) {
+                      float* g = hp + (m0 + i) * inter + n0 + v;
+                      const int64_t len = std::min<int64_t>(kW, cols - v);
+                      vstore_cvt_n(g, swiglu(vload_cvt_n(g, len), vload(blk + i * ldb + v)), len);
+                    }
+                });
+      // out = h W2^T + b2 (+ res), rounded once
+      gemm_nt(rows, d_out, inter, hp, inter, w2.const_data_ptr<T>(), w2.stride(0), w2.stride(1),
+              [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* blk, int64_t ldb) {
+                for (int64_t i = 0; i < r; ++i) {
+                  const int64_t row = t0 + m0 + i;
+                  for (int64_t v = 0; v < cols; v += kW) {
+                    const int64_t len = std::min<int64_t>(kW, cols - v);
+                    vfloat y = vload(blk + i * ldb + v) + vload(pb2 + n0 + v);
+                    if (rp) y += vload_cvt_n(rp + row * ldr + n0 + v, len);
+                    vstore_cvt_n(op + row * d_out + n0 + v, y, len);
+                  }
+                }
+              });
+    }
+  });
 }
 
 bool rows_contiguous(std::initializer_list<const at::Tensor*> ws) {
@@ -245,30 +241,15 @@ at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::opti
                 b_proj->sizes());
   }
   const at::Tensor res = residual_rows(op, residual, x, d_out);
-  if (widen_for_gemm(x, token_count(x)))
-    return mlp_gelu(f32(x), f32(w_fc), f32(b_fc), f32(w_proj), f32(b_proj), f32(residual)).to(x.scalar_type());
   const at::Tensor x2 = x.reshape({token_count(x), d});
   const int64_t n = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
   at::Tensor out = at::empty({n, d_out}, x.options());
-  if (n > 0 && d_out > 0 && n <= kGemvMaxRows && rows_contiguous({&w_fc, &w_proj})) {
+  if (n > 0 && d_out > 0 && n <= kGemvMaxRows && rows_contiguous({&w_fc, &w_proj}))
     small_mlp(Act::kGelu, x2, w_fc, b_fc, nullptr, w_proj, b_proj, res, out);
-  } else if (n > 0 && d_out > 0) {
-    const at::Tensor w_fc_t = w_fc.t(), w_proj_t = w_proj.t();
-    const int64_t tb = block_tokens(n, inter, 1, x.element_size());
-    for_blocks(n, tb, inter, 1, x.options(), [&](int64_t t0, int64_t rows, std::vector<at::Tensor>& bufs) {
-      const at::Tensor xb = x2.narrow(0, t0, rows);
-      at::Tensor h = bufs[0].narrow(0, 0, rows);
-      if (b_fc.has_value())
-        at::addmm_out(h, *b_fc, xb, w_fc_t);
-      else
-        at::mm_out(h, xb, w_fc_t);
-      apply_activation(Act::kGelu, h, nullptr);
-      at::Tensor ob = out.narrow(0, t0, rows);
-      down_block(ob, h, w_proj_t, b_proj, res.defined() ? res.narrow(0, t0, rows) : res);
-    });
-  }
+  else if (n > 0 && d_out > 0)
+    block_mlp(Act::kGelu, x2, w_fc, b_fc, nullptr, w_proj, b_proj, res, out);
   return out.view(out_shape);
 }
 
@@ -287,28 +268,15 @@ at::Tensor mlp_swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::T
   TORCH_CHECK(w_down.size(1) == inter, "fastlm::mlp_swiglu: w_down must be (d_out, intermediate) with intermediate = ",
               inter, " (w_gate's rows), got ", w_down.sizes());
   const at::Tensor res = residual_rows(op, residual, x, d_out);
-  if (widen_for_gemm(x, token_count(x)))
-    return mlp_swiglu(f32(x), f32(w_gate), f32(w_up), f32(w_down), f32(residual)).to(x.scalar_type());
   const at::Tensor x2 = x.reshape({token_count(x), d});
   const int64_t n = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
   at::Tensor out = at::empty({n, d_out}, x.options());
-  if (n > 0 && d_out > 0 && n <= kGemvMaxRows && rows_contiguous({&w_gate, &w_up, &w_down})) {
+  if (n > 0 && d_out > 0 && n <= kGemvMaxRows && rows_contiguous({&w_gate, &w_up, &w_down}))
     small_mlp(Act::kSwiGLU, x2, w_gate, std::nullopt, &w_up, w_down, std::nullopt, res, out);
-  } else if (n > 0 && d_out > 0) {
-    const at::Tensor w_gate_t = w_gate.t(), w_up_t = w_up.t(), w_down_t = w_down.t();
-    const int64_t tb = block_tokens(n, inter, 2, x.element_size());
-    for_blocks(n, tb, inter, 2, x.options(), [&](int64_t t0, int64_t rows, std::vector<at::Tensor>& bufs) {
-      const at::Tensor xb = x2.narrow(0, t0, rows);
-      at::Tensor g = bufs[0].narrow(0, 0, rows), u = bufs[1].narrow(0, 0, rows);
-      at::mm_out(g, xb, w_gate_t);
-      at::mm_out(u, xb, w_up_t);
-      apply_activation(Act::kSwiGLU, g, &u);
-      at::Tensor ob = out.narrow(0, t0, rows);
-      down_block(ob, g, w_down_t, std::nullopt, res.defined() ? res.narrow(0, t0, rows) : res);
-    });
-  }
+  else if (n > 0 && d_out > 0)
+    block_mlp(Act::kSwiGLU, x2, w_gate, std::nullopt, &w_up, w_down, std::nullopt, res, out);
   return out.view(out_shape);
 }
 

@@ -1,25 +1,20 @@
 // y = x W^T (+ b) on the CPU, W in nn.Linear layout (out_features, in_features).
 //
 // For at most kGemvMaxRows rows of x (the projections and LM head of a decoding step) the product is a
-// bandwidth-bound matrix-vector product: gemv.h streams W once at the memory's rate, x is widened to fp32 once, and
-// accumulation is fp32 for every dtype. Larger inputs, and weights whose rows are not contiguous, go to ATen's GEMM,
-// which is compute-bound there and good at it (in fp32 for bf16 / fp16 on CPUs without native half-precision
-// products: half_gemm.h; the weight is widened in slices of rows, so a large LM head never needs a full fp32 copy).
+// bandwidth-bound matrix-vector product: gemv.h streams W once at the memory's rate. Larger inputs go to the packed
+// GEMM of gemm.h (on par with ATen's fp32 GEMM on the model's square-ish shapes, 2x on an LM head at a few dozen
+// rows, bench/dev/cpu_notes.md), which also widens bf16 / fp16 weights to fp32 while packing them. x is widened to
+// fp32 once, accumulation is fp32 for every dtype, and the bias is added before the one rounding to x's dtype.
+#include "cpu/gemm.h"
 #include "cpu/gemv.h"
-#include "cpu/half_gemm.h"
 #include "cpu/ops.h"
 
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/linear.h>
-#include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
 #include <vector>
 
 namespace fastlm_cpu {
-
-constexpr int64_t kWidenFloats = int64_t{1} << 22;  // fp32 weight elements widened at a time (16 MB)
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1, "fastlm::linear: x must have at least 1 dim (..., in_features), got a 0-D tensor");
@@ -45,7 +40,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   int64_t T = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) T *= x.size(i);
   const bool gemv = T <= kGemvMaxRows && (weight.stride(1) == 1 || K <= 1);
-  if (!gemv && native_half_gemm(dtype)) return at::linear(x, weight, bias);
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
@@ -53,27 +47,35 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   if (out.numel() == 0) return out;
   if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();
   const at::Tensor xf = x.reshape({T, K}).to(at::kFloat).contiguous();
-  if (!gemv) {  // a half-precision GEMM in fp32, widening the weight a slice of rows at a time (a bounded copy)
-    const int64_t rows = std::max<int64_t>(64, kWidenFloats / K);
-    for (int64_t n0 = 0; n0 < N; n0 += rows) {
-      const int64_t nn = std::min(rows, N - n0);
-      const at::Tensor w = weight.narrow(0, n0, nn).to(at::kFloat);
-      const at::Tensor y = bias.has_value() ? at::addmm(bias->narrow(0, n0, nn).to(at::kFloat), xf, w.t())
-                                            : at::mm(xf, w.t());
-      out.view({T, N}).narrow(1, n0, nn).copy_(y);
-    }
-    return out;
-  }
-  at::Tensor y = dtype == at::kFloat ? out.view({T, N}) : at::empty({T, N}, x.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
+  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
   with_float_type(dtype, [&](auto tag) {
-    const auto* w = weight.const_data_ptr<decltype(tag)>();
-    for_row_ranges(N, K, [&](int64_t n0, int64_t n1) {
-      gemv_rows(xf.const_data_ptr<float>(), T, K, w, weight.stride(0), n0, n1, yp, N);
-    });
+    using T_ = decltype(tag);
+    const T_* w = weight.const_data_ptr<T_>();
+    T_* op = out.data_ptr<T_>();
+    if (gemv) {
+      float* yp;
+      at::Tensor y;
+      if constexpr (std::is_same_v<T_, float>) {
+        yp = op;
+      } else {
+        y = at::empty({T, N}, x.options().dtype(at::kFloat));
+        yp = y.data_ptr<float>();
+      }
+      for_row_ranges(N, K, [&](int64_t n0, int64_t n1) {
+        gemv_rows(xf.const_data_ptr<float>(), T, K, w, weight.stride(0), n0, n1, yp, N);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t n = n0; n < n1; ++n) op[t * N + n] = from_float<T_>(yp[t * N + n] + (bp ? bp[n] : 0.0f));
+      });
+      return;
+    }
+    gemm_nt(T, N, K, xf.const_data_ptr<float>(), K, w, weight.stride(0), weight.stride(1),
+            [&](int64_t m0, int64_t rows, int64_t n0, int64_t cols, const float* blk, int64_t ldb) {
+              for (int64_t i = 0; i < rows; ++i)
+                for (int64_t j = 0; j < cols; ++j)
+                  op[(m0 + i) * N + n0 + j] = from_float<T_>(blk[i * ldb + j] + (bp ? bp[n0 + j] : 0.0f));
+            });
   });
-  if (bias.has_value()) y.add_(*bias);
-  if (dtype != at::kFloat) out.view({T, N}).copy_(y);
   return out;
 }
 

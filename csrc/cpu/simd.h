@@ -193,10 +193,11 @@ inline void vstore_cvt(c10::Half* p, vfloat v) {
 #endif
 }
 
-// The tail of a row: n < kW elements of type T as a float vector whose other lanes hold pad, and the first n lanes
-// of v stored (rounded as vstore_cvt rounds).
+// Up to kW elements (a row's tail when n < kW): n elements of type T as a float vector whose other lanes hold pad,
+// and the first n lanes of v stored (rounded as vstore_cvt rounds); whole vectors when n == kW.
 template <typename T>
 inline vfloat vload_cvt_n(const T* p, int64_t n, float pad = 0.0f) {
+  if (n >= kW) return vload_cvt(p);
   float buf[kW];
   for (int i = 0; i < kW; ++i) buf[i] = i < n ? to_float(p[i]) : pad;
   return vload(buf);
@@ -204,6 +205,7 @@ inline vfloat vload_cvt_n(const T* p, int64_t n, float pad = 0.0f) {
 
 template <typename T>
 inline void vstore_cvt_n(T* p, vfloat v, int64_t n) {
+  if (n >= kW) return vstore_cvt(p, v);
   float buf[kW];
   vstore(buf, v);
   for (int64_t i = 0; i < n; ++i) p[i] = from_float<T>(buf[i]);
