@@ -279,6 +279,22 @@ def test_cpu_fused_decode_step_equals_op_by_op(family, dtype):
 
 
 @pytest.mark.skipif(not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built")
+def test_cpu_fused_decode_step_sees_replaced_parameters():
+    """The step looks its tensors up every call: a parameter replaced after setup_cache takes effect."""
+    fused, _, _ = make("llama", "cpu")
+    split = copy.deepcopy(fused)
+    split.fused_decode = False
+    new = torch.randn_like(fused.layers[1].mlp.w_up.weight)
+    with torch.no_grad():
+        for m in (fused, split):
+            m.setup_cache(1, 8)
+            m(torch.tensor([[1, 2, 3]]))
+            m.layers[1].mlp.w_up.weight = torch.nn.Parameter(new.clone())
+        tok, pos = torch.tensor([[4]]), torch.tensor([3])
+        assert torch.equal(fused(tok, input_pos=pos), split(tok, input_pos=pos))
+
+
+@pytest.mark.skipif(not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built")
 def test_cpu_fused_decode_step_errors():
     from fastlm import ops
     model, _, _ = make("llama", "cpu")
