@@ -146,8 +146,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         n = 0
         if max_new_tokens > 0:
-            logits = model(tokens)                                              # prefill: (B, S, V)
-            last = logits[torch.arange(B, device=device), lengths - 1]          # (B, V)
+            last = model(tokens, logits_at=(lengths - 1)[:, None])[:, 0]       # prefill: (B, V) at each last token
             tok = sample(last, temperature, top_k, top_p, generator)
             done = torch.isin(tok, stop) if stop is not None else torch.zeros(B, dtype=torch.bool, device=device)
             out[:, 0] = tok

@@ -140,8 +140,10 @@ class Transformer(nn.Module):
     "cpu" / "cuda" select the C++ kernels for the ops the extension implements (attention, decode attention, MLPs)
     and "auto" for the others (norms, RoPE, cross-entropy); any other value is passed to every op.
 
-    forward(tokens (B, S), targets=None, input_pos=None): logits (B, S, V) in the parameters' dtype, or with targets
-    (B, S) the mean cross-entropy over targets != -100. ``input_pos`` (B,) needs a KV cache; positions
+    forward(tokens (B, S), targets=None, input_pos=None, logits_at=None): logits (B, S, V) in the parameters' dtype,
+    or with targets (B, S) the mean cross-entropy over targets != -100. ``logits_at`` (B, k) int64 returns only the
+    logits at those positions of each sequence, (B, k, V): the LM head runs on k rows instead of S (a prefill that
+    samples from the last prompt token needs one). ``input_pos`` (B,) needs a KV cache; positions
     input_pos + S must stay within the cache and, in such decode steps, token ids within the vocabulary (neither is
     checked on the host, so that decoding never synchronizes; without input_pos the ids are checked; the CPU
     backend's fused decode step checks both, which costs it no sync).
@@ -216,7 +218,7 @@ class Transformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------------
 
-    def forward(self, tokens, targets=None, input_pos=None):
+    def forward(self, tokens, targets=None, input_pos=None, logits_at=None):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32,
                                                                                                torch.int64):
             raise TypeError(f"tokens must be an integer tensor of shape (batch, seqlen), got "
@@ -240,6 +242,8 @@ class Transformer(nn.Module):
                              f"({limit})")
         if cache is not None and B != cache[0]:
             raise ValueError(f"tokens has batch {B} but the KV cache was set up for batch {cache[0]}")
+        if logits_at is not None:
+            self._check_logits_at(logits_at, B, S, targets)
         if input_pos is None:
             positions = torch.arange(S, device=tokens.device)                  # (S,)
         else:
@@ -250,7 +254,9 @@ class Transformer(nn.Module):
                 raise TypeError(f"input_pos must be an integer tensor of shape (batch,) = ({B},), got "
                                 f"{_describe(input_pos)}")
             if targets is None and self._fused_decode_here(tokens):
-                return self._fused_decode_step(tokens, input_pos)
+                logits = self._fused_decode_step(tokens, input_pos)
+                return logits if logits_at is None else logits.gather(
+                    1, logits_at[..., None].expand(-1, -1, logits.shape[-1]))
             positions = input_pos[:, None] + torch.arange(S, device=tokens.device)   # (B, S)
 
         h = self.tok_emb(tokens)                                               # (B, S, d)
@@ -270,7 +276,22 @@ class Transformer(nn.Module):
                                  f"{_describe(targets)}")
             return ops.linear_cross_entropy(y.reshape(B * S, -1), self.head_weight, targets.reshape(B * S),
                                             backend=self._backends.generic)
-        return ops.linear(y, self.head_weight, backend=self._backends.generic)  # (B, S, V)
+        if logits_at is not None:
+            y = y.gather(1, logits_at[..., None].expand(-1, -1, y.shape[-1]))   # (B, k, d)
+        return ops.linear(y, self.head_weight, backend=self._backends.generic)  # (B, S or k, V)
+
+    @staticmethod
+    def _check_logits_at(logits_at, B, S, targets):
+        if targets is not None:
+            raise ValueError("logits_at selects logits to return; it cannot be combined with targets (a loss)")
+        if not isinstance(logits_at, torch.Tensor) or logits_at.dim() != 2 or logits_at.shape[0] != B or \
+                logits_at.dtype != torch.int64:
+            raise TypeError(f"logits_at must be an int64 tensor of shape (batch, k) = ({B}, k), got "
+                            f"{_describe(logits_at)}")
+        if logits_at.numel() and not torch.compiler.is_compiling():
+            lo, hi = torch.stack(torch.aminmax(logits_at)).tolist()                # one host sync
+            if lo < 0 or hi >= S:
+                raise ValueError(f"logits_at must hold positions in [0, {S}) of tokens, got values in [{lo}, {hi}]")
 
     def _fused_decode_here(self, tokens) -> bool:
         """Whether this decode step runs as one C++ call (ops.decode_step): on the CPU backend, when autograd records

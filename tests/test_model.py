@@ -128,6 +128,28 @@ def test_kv_cache_sequences_at_different_positions(family):
     torch.testing.assert_close(last[1], full_b[0, 4:6], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_logits_at_selects_positions(backend):
+    if backend == "cpu" and not backends.extension_has("decode_step", "cpu"):
+        pytest.skip("fastlm._C is not built")
+    model = Transformer(CONFIGS["llama"], backend=backend).eval()
+    tokens, at = torch.randint(0, 1000, (2, 9)), torch.tensor([[8, 0, 3], [2, 2, 5]])
+    with torch.no_grad():
+        full = model(tokens)
+        want = torch.stack([full[b, at[b]] for b in range(2)])
+        torch.testing.assert_close(model(tokens, logits_at=at), want, atol=1e-5, rtol=1e-5)
+        model.setup_cache(2, 16)
+        model(tokens[:, :6])
+        step = model(tokens[:, 6:], input_pos=torch.tensor([6, 6]), logits_at=torch.tensor([[2], [0]]))
+    torch.testing.assert_close(step, torch.stack([full[0, 8:9], full[1, 6:7]]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"positions in \[0, 9\) of tokens, got values in \[0, 9\]"):
+        Transformer(CONFIGS["llama"])(tokens, logits_at=torch.tensor([[0], [9]]))
+    with pytest.raises(TypeError, match=r"logits_at must be an int64 tensor of shape \(batch, k\) = \(2, k\)"):
+        Transformer(CONFIGS["llama"])(tokens, logits_at=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="cannot be combined with targets"):
+        Transformer(CONFIGS["llama"])(tokens, tokens, logits_at=torch.tensor([[1], [2]]))
+
+
 def test_cache_lifecycle():
     model = Transformer(CONFIGS["llama"], backend="torch")
     assert model.cache_shape is None

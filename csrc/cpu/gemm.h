@@ -1,12 +1,15 @@
 // y = x W^T for the CPU linear layers, W in nn.Linear layout (N x K, fp32 / bf16 / fp16, element (n, k) at
 // w[n * w_row + k * w_col]), x fp32 (M x K, row stride ldx).
 //
-// Algorithm: the output columns go in panels of kPanel = 2 vectors. Each thread packs the panel's kPanel rows of W
-// transposed (K x kPanel, fp32: half-precision weights are widened here, once per element) into a buffer that stays
-// in L2, then runs the register-blocked micro-kernel of tile.h down all the rows of x (kRows x kPanel accumulators,
-// kRows broadcasts and two panel vectors per k), and hands the M x kPanel result to an epilogue that adds the bias,
-// converts and stores it. Every W element is read from memory once; x (M x K) is re-read once per panel from the
-// shared cache.
+// Algorithm: the output columns go in panels of kPanel = 2 vectors, split across the threads. For each panel a
+// thread packs its kPanel rows of W transposed (K x kPanel, fp32: half-precision weights are widened here, once per
+// element), then runs the register-blocked micro-kernel of tile.h (kRows x kPanel accumulators: kRows broadcasts of
+// x and two panel vectors per k) down the rows of x, 256 deep at a time (kDepth) with the partial sums added, and
+// hands the rows x kPanel result to an epilogue (bias, activation, residual, rounding to the output dtype). x goes
+// in blocks of rows of at most kXBlockBytes, which stay in the last-level cache while every panel reads them.
+//
+// Memory traffic: W read once per block of x rows (once for up to 2048 rows at K = 512); x once per panel from
+// cache; the output written once by the epilogue.
 #pragma once
 
 #include "cpu/simd.h"
@@ -52,7 +55,8 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const
             gemm_rows<2>(std::min<int64_t>(kRows, rows - i), MatA{x + (m0 + i) * ldx + k0, ldx, 1},
                          packed.data() + k0 * kPanel, kPanel, depth, dst + i * kPanel, kPanel, nullptr);
           if (k0 > 0)
-            for (int64_t e = 0; e < rows * kPanel; e += kW) vstore(block.data() + e, vload(block.data() + e) + vload(dst + e));
+            for (int64_t e = 0; e < rows * kPanel; e += kW)
+              vstore(block.data() + e, vload(block.data() + e) + vload(dst + e));
         }
         epilogue(m0, rows, n0, cols, block.data(), kPanel);
       }

@@ -13,5 +13,5 @@ from fastlm.ops.linear import linear
 from fastlm.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastlm.ops.rope import apply_rope, rope_cos_sin
 
-__all__ = ["attention", "decode_attention", "decode_step", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "apply_rope",
-           "rope_cos_sin", "linear", "mlp_gelu", "mlp_swiglu", "cross_entropy", "linear_cross_entropy"]
+__all__ = ["attention", "decode_attention", "decode_step", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
+           "apply_rope", "rope_cos_sin", "linear", "mlp_gelu", "mlp_swiglu", "cross_entropy", "linear_cross_entropy"]
