@@ -27,7 +27,6 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 namespace fastlm_cpu {
@@ -48,34 +47,13 @@ inline vfloat gelu(vfloat x) {
 // silu(g) * u = g u / (1 + e^(-g))
 inline vfloat swiglu(vfloat g, vfloat u) { return g * u / (vset1(1.0f) + vexp2(vset1(-kLog2e) * g)); }
 
-// h <- act(h) (gelu) or h <- silu(h) * u (swiglu), rows x cols, row-major contiguous.
-template <typename T>
-void activation(Act act, T* h, const T* u, int64_t rows, int64_t cols) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
-    float tmp[kW];
-    for (int64_t r = begin; r < end; ++r) {
-      T* hr = h + r * cols;
-      const T* ur = u ? u + r * cols : nullptr;
-      int64_t c = 0;
-      for (; c + kW <= cols; c += kW) {
-        const vfloat x = vload_cvt(hr + c);
-        const vfloat y = act == Act::kGelu ? gelu(x) : swiglu(x, vload_cvt(ur + c));
-        if constexpr (std::is_same_v<T, float>) {
-          vstore(hr + c, y);
-        } else {
-          vstore(tmp, y);
-          for (int i = 0; i < kW; ++i) hr[c + i] = from_float<T>(tmp[i]);
-        }
-      }
-      if (c < cols) {  // tail: go through a padded buffer
-        float xs[kW] = {}, us[kW] = {};
-        for (int64_t i = c; i < cols; ++i) xs[i - c] = to_float(hr[i]), us[i - c] = ur ? to_float(ur[i]) : 0.0f;
-        const vfloat y = act == Act::kGelu ? gelu(vload(xs)) : swiglu(vload(xs), vload(us));
-        vstore(tmp, y);
-        for (int64_t i = c; i < cols; ++i) hr[i] = from_float<T>(tmp[i - c]);
-      }
-    }
-  });
+// h[0..n) <- act(h) (gelu) or silu(h) * u (swiglu), fp32.
+void activate(Act act, float* h, const float* u, int64_t n) {
+  for (int64_t c = 0; c < n; c += kW) {
+    const int64_t len = std::min<int64_t>(kW, n - c);
+    const vfloat x = vload_cvt_n(h + c, len);
+    vstore_cvt_n(h + c, act == Act::kGelu ? gelu(x) : swiglu(x, vload_cvt_n(u + c, len)), len);
+  }
 }
 
 void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t dim) {
@@ -203,7 +181,7 @@ void small_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
         float* ht = hp + t * inter;
         if (b1f.defined())
           for (int64_t c = n0; c < n1; ++c) ht[c] += b1f.const_data_ptr<float>()[c];
-        activation<float>(act, ht + n0, w_up ? up + t * inter + n0 : nullptr, 1, n1 - n0);
+        activate(act, ht + n0, w_up ? up + t * inter + n0 : nullptr, n1 - n0);
       }
     });
     for_row_ranges(d_out, inter, [&](int64_t n0, int64_t n1) {
