@@ -72,6 +72,16 @@ at::Tensor rope_fwd_meta(const at::Tensor& x, const at::Tensor&, const at::Tenso
   return at::empty_symint(x.sym_sizes(), x.options());
 }
 
+std::tuple<at::Tensor, at::Tensor> gelu_bwd_meta(const at::Tensor& dh, const at::Tensor& a) {
+  return {at::empty_symint(a.sym_sizes(), a.options()), at::empty_symint(a.sym_sizes(), a.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_bwd_meta(const at::Tensor&, const at::Tensor& g,
+                                                               const at::Tensor&) {
+  return {at::empty_symint(g.sym_sizes(), g.options()), at::empty_symint(g.sym_sizes(), g.options()),
+          at::empty_symint(g.sym_sizes(), g.options())};
+}
+
 at::Tensor decode_step_meta(const at::Tensor& tokens, const at::Tensor&, const at::Tensor& tok_emb,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, const c10::List<std::optional<at::Tensor>>&,
@@ -94,6 +104,8 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("mlp_gelu(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, Tensor? residual) -> Tensor");
   m.def("mlp_swiglu(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? residual) -> Tensor");
+  m.def("gelu_bwd(Tensor dh, Tensor a) -> (Tensor da, Tensor h)");
+  m.def("swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor dg, Tensor du, Tensor h)");
   m.def("norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool is_rms) "
         "-> (Tensor y, Tensor h)");
   m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
@@ -109,6 +121,8 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("linear", &fastlm_cpu::linear);
   m.impl("mlp_gelu", &fastlm_cpu::mlp_gelu);
   m.impl("mlp_swiglu", &fastlm_cpu::mlp_swiglu);
+  m.impl("gelu_bwd", &fastlm_cpu::gelu_bwd);
+  m.impl("swiglu_bwd", &fastlm_cpu::swiglu_bwd);
   m.impl("norm_fwd", &fastlm_cpu::norm_fwd);
   m.impl("rope_fwd", &fastlm_cpu::rope_fwd);
   m.impl("decode_step", &fastlm_cpu::decode_step);
@@ -121,6 +135,8 @@ TORCH_LIBRARY_IMPL(fastlm, Meta, m) {
   m.impl("linear", &linear_meta);
   m.impl("mlp_gelu", &mlp_gelu_meta);
   m.impl("mlp_swiglu", &mlp_swiglu_meta);
+  m.impl("gelu_bwd", &gelu_bwd_meta);
+  m.impl("swiglu_bwd", &swiglu_bwd_meta);
   m.impl("norm_fwd", &norm_fwd_meta);
   m.impl("rope_fwd", &rope_fwd_meta);
   m.impl("decode_step", &decode_step_meta);

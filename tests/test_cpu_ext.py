@@ -14,7 +14,7 @@ from fastlm.testing import check_rule
 pytestmark = pytest.mark.skipif(backends.extension() is None, reason="fastlm._C is not built")
 
 OPS = ("attention_fwd", "attention_bwd", "decode_attention", "linear", "mlp_gelu", "mlp_swiglu", "norm_fwd",
-       "rope_fwd", "decode_step")
+       "rope_fwd", "decode_step", "gelu_bwd", "swiglu_bwd")
 SCHEMAS = {
     "attention_fwd": "fastlm::attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
                      "int window_left, int window_right) -> (Tensor, Tensor)",
@@ -31,6 +31,8 @@ SCHEMAS = {
     "norm_fwd": "fastlm::norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool is_rms) "
                 "-> (Tensor y, Tensor h)",
     "rope_fwd": "fastlm::rope_fwd(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor",
+    "gelu_bwd": "fastlm::gelu_bwd(Tensor dh, Tensor a) -> (Tensor da, Tensor h)",
+    "swiglu_bwd": "fastlm::swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor dg, Tensor du, Tensor h)",
     "decode_step": "fastlm::decode_step(Tensor tokens, Tensor input_pos, Tensor tok_emb, Tensor? pos_emb, "
                    "Tensor? rope_cos, Tensor? rope_sin, Tensor?[] blocks, Tensor(a!)[] k_caches, "
                    "Tensor(b!)[] v_caches, Tensor norm_w, Tensor? norm_b, Tensor head, float eps, bool is_rms) "
@@ -128,6 +130,8 @@ def test_opcheck():
     torch.library.opcheck(_ops().rope_fwd.default, (q, cos, sin, False))
     torch.library.opcheck(_ops().rope_fwd.default, (q, cos.expand(2, 3, 16), sin.expand(2, 3, 16), True))
     torch.library.opcheck(_ops().decode_step.default, _decode_step_args())
+    torch.library.opcheck(_ops().gelu_bwd.default, (torch.randn(3, 20), torch.randn(3, 20)))
+    torch.library.opcheck(_ops().swiglu_bwd.default, (torch.randn(3, 20), torch.randn(3, 20), torch.randn(3, 20)))
 
 
 def test_compile_fullgraph():
@@ -333,6 +337,32 @@ def test_mlp_swiglu_rule(dtype, shape, residual):
     out = _ops().mlp_swiglu(*args)
     assert out.dtype == dtype and torch.isfinite(out).all()
     check_rule("mlp_swiglu", out, reference.mlp_swiglu(*map(_f64, args)), reference.mlp_swiglu(*args))
+
+
+def _act_grads(kind, dh, *pre):
+    """(activation gradients..., activation) by autograd through torch's own gelu / silu, in the inputs' dtype."""
+    pre = [t.detach().requires_grad_() for t in pre]
+    h = torch.nn.functional.gelu(pre[0], approximate="tanh") if kind == "gelu" else \
+        torch.nn.functional.silu(pre[0]) * pre[1]
+    return (*torch.autograd.grad(h, pre, dh), h.detach())
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("n", [1, 13, 4099])
+def test_activation_backward_rule(dtype, n):
+    """gelu_bwd / swiglu_bwd (one fused pass) against autograd through torch's gelu / silu in float64 and in the
+    input dtype; odd lengths exercise the vector tails, and |x| reaches 12 (saturated tanh and sigmoid, where
+    1 + tanh cancels)."""
+    a = (torch.randn(3, n) * 4).clamp(-12, 12).to(dtype)
+    g, u, dh = (torch.randn(3, n) * 3).to(dtype), torch.randn(3, n).to(dtype), torch.randn(3, n).to(dtype)
+    for kind, got, pre in (("gelu", _ops().gelu_bwd(dh, a), (a,)), ("swiglu", _ops().swiglu_bwd(dh, g, u), (g, u))):
+        want64 = _act_grads(kind, dh.double(), *(t.double() for t in pre))
+        for name, out, ref64, ref in zip(("grad", "grad", "act")[-len(got):], got, want64, _act_grads(kind, dh, *pre)):
+            check_rule(f"{kind}_bwd {name}", out, ref64, ref)
+    _raises(r"every input must be a CPU Float tensor of dh's shape \[3, 4\]", _ops().swiglu_bwd,
+            torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 5))
+    _raises(r"dtype must be float32, bfloat16 or float16, got Double", _ops().gelu_bwd, torch.randn(2).double(),
+            torch.randn(2).double())
 
 
 def test_mlp_strided_bias_few_tokens():

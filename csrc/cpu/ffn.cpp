@@ -23,6 +23,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
@@ -256,6 +257,75 @@ at::Tensor mlp_swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::T
   else if (n > 0 && d_out > 0)
     block_mlp(Act::kSwiGLU, x2, w_gate, std::nullopt, &w_up, w_down, std::nullopt, res, out);
   return out.view(out_shape);
+}
+
+namespace {
+
+// Runs f(offset, len) over [0, n) in pieces of at most kW elements, in parallel.
+template <typename F>
+void for_vectors(int64_t n, F&& f) {
+  at::parallel_for(0, (n + kW - 1) / kW, 2048, [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) f(v * kW, std::min<int64_t>(kW, n - v * kW));
+  });
+}
+
+void check_act_bwd(const char* op, const at::Tensor& dh, std::initializer_list<const at::Tensor*> ts) {
+  const auto dt = dh.scalar_type();
+  TORCH_CHECK(dh.device().is_cpu(), "fastlm::", op, " (CPU): dh must be a CPU tensor, got ", dh.device());
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "fastlm::", op,
+              ": dtype must be float32, bfloat16 or float16, got ", dt);
+  for (const at::Tensor* t : ts) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dt && t->sizes() == dh.sizes(), "fastlm::", op,
+                ": every input must be a CPU ", dt, " tensor of dh's shape ", dh.sizes(), ", got a ", t->scalar_type(),
+                " tensor of shape ", t->sizes(), " on ", t->device());
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dh, const at::Tensor& a) {
+  check_act_bwd("gelu_bwd", dh, {&a});
+  const at::Tensor dhc = dh.contiguous(), ac = a.contiguous();
+  at::Tensor da = at::empty_like(ac), h = at::empty_like(ac);
+  with_float_type(dh.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *pdh = dhc.const_data_ptr<T>(), *pa = ac.const_data_ptr<T>();
+    T *pda = da.data_ptr<T>(), *ph = h.data_ptr<T>();
+    const vfloat c = vset1(0.7978845608028654f), k = vset1(0.044715f), one = vset1(1.0f), two = vset1(2.0f);
+    for_vectors(ac.numel(), [&](int64_t o, int64_t len) {
+      const vfloat x = vload_cvt_n(pa + o, len), g = vload_cvt_n(pdh + o, len);
+      // with z = c (x + k x^3) and s = sigmoid(2z) = (1 + tanh z) / 2:  gelu(x) = x s and
+      // gelu'(x) = s (1 + 2 x (1 - s) c (1 + 3 k x^2)), free of the cancellation in 1 + tanh z for x << 0
+      const vfloat z = c * vfma(k * x, x * x, x);
+      const vfloat sg = one / (one + vexp2(vset1(-2.0f * kLog2e) * z));
+      const vfloat d = sg * vfma(two * x * (one - sg) * c, vfma(vset1(3.0f) * k, x * x, one), one);
+      vstore_cvt_n(pda + o, g * d, len);
+      vstore_cvt_n(ph + o, x * sg, len);
+    });
+  });
+  return {da, h};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dh, const at::Tensor& g,
+                                                          const at::Tensor& u) {
+  check_act_bwd("swiglu_bwd", dh, {&g, &u});
+  const at::Tensor dhc = dh.contiguous(), gc = g.contiguous(), uc = u.contiguous();
+  at::Tensor dg = at::empty_like(gc), du = at::empty_like(gc), h = at::empty_like(gc);
+  with_float_type(dh.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *pdh = dhc.const_data_ptr<T>(), *pg = gc.const_data_ptr<T>(), *pu = uc.const_data_ptr<T>();
+    T *pdg = dg.data_ptr<T>(), *pdu = du.data_ptr<T>(), *ph = h.data_ptr<T>();
+    const vfloat one = vset1(1.0f);
+    for_vectors(gc.numel(), [&](int64_t o, int64_t len) {
+      const vfloat x = vload_cvt_n(pg + o, len), up = vload_cvt_n(pu + o, len), d = vload_cvt_n(pdh + o, len);
+      const vfloat sig = one / (one + vexp2(vset1(-kLog2e) * x));
+      const vfloat act = x * sig;                                   // silu(g)
+      vstore_cvt_n(pdg + o, d * up * sig * vfma(x, one - sig, one), len);   // silu'(g) = s (1 + g (1 - s))
+      vstore_cvt_n(pdu + o, d * act, len);
+      vstore_cvt_n(ph + o, act * up, len);
+    });
+  });
+  return {dg, du, h};
 }
 
 }  // namespace fastlm_cpu

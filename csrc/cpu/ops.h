@@ -42,6 +42,13 @@ at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::opti
 at::Tensor mlp_swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                       const at::Tensor& w_down, const std::optional<at::Tensor>& residual);
 
+// The MLP activations' backward, elementwise in fp32 with one rounding, for the pre-activations and the gradient dh
+// of the activation's output: gelu_bwd -> (dh * gelu'(a), gelu(a)); swiglu_bwd -> (dh * u * silu'(g), dh * silu(g),
+// silu(g) * u). The second / third outputs are the activation, which the weight gradient of the second GEMM needs.
+std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dh, const at::Tensor& a);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dh, const at::Tensor& g,
+                                                          const at::Tensor& u);
+
 // LayerNorm (is_rms false) or RMSNorm over the last dim of h = x (+ residual): y = norm(h) * weight (+ bias), fp32
 // statistics. Returns (y, h) in x's dtype, h an empty (0,) tensor without a residual; weight and bias may have
 // another float dtype than x (bias: weight's).

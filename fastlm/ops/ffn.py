@@ -9,8 +9,10 @@ x (..., d); weights in nn.Linear layout (out_features, in_features); biases may 
 Backends:
   "triton"       kernels/ffn.py: GEMMs with bias/activation/residual epilogues; backward = one Triton elementwise
                  pass for the activation gradient (from the pre-activations saved by the forward) + torch matmuls.
-  "cpu"/"cuda"   the C++ extension's forward (torch.ops.fastlm.mlp_gelu / mlp_swiglu); backward in torch,
-                 recomputing the pre-activations from x (the native forward keeps nothing).
+  "cpu"/"cuda"   the C++ extension's fused forward (torch.ops.fastlm.mlp_gelu / mlp_swiglu) when autograd records
+                 nothing; under autograd the three products run separately (CPU: the extension's linear) and the
+                 pre-activations are kept; backward = torch matmuls + the extension's one-pass activation gradient
+                 (torch.ops.fastlm.gelu_bwd / swiglu_bwd; torch math where a device lacks it).
   "torch"        fastlm.reference with plain autograd.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import reference
-from fastlm.backends import resolve
+from fastlm.backends import extension_has, resolve
 from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, needs_grad, num_rows
 
 
@@ -152,32 +154,57 @@ def _tr_swiglu_backward(ctx, dy, _dg, _du):
 _tr_swiglu.register_autograd(_tr_swiglu_backward, setup_context=_tr_swiglu_setup)
 
 
-# ---- native (C++ extension forward, torch backward) ----------------------------------------------------------------
+# ---- native (C++ extension forward; under autograd the pre-activations are kept for a torch backward) ------------
 
 def _native_call(name, *args):
     return getattr(torch.ops.fastlm, name)(*args)
 
 
+def _native_linear(x, w, b=None):
+    """x W^T + b on the extension's CPU GEMM for CPU tensors, cuBLAS otherwise."""
+    return torch.ops.fastlm.linear(x, w, b) if x.device.type == "cpu" else F.linear(x, w, b)
+
+
+def _native_act_bwd(name, device, fallback):
+    """The extension's fused activation backward for this device (one pass over the intermediate), else the torch
+    formula."""
+    if extension_has(name, device.type):
+        return getattr(torch.ops.fastlm, name)
+    return fallback
+
+
+def _with_residual(y, residual, shape):
+    y = y.view(shape)
+    return y if residual is None else y + residual
+
+
+# Under autograd the native forward runs the three products separately and keeps the pre-activations (tokens x
+# intermediate, as eager and the Triton backend keep them): recomputing them in the backward instead costs two more
+# GEMMs than eager's training step runs.
 @torch.library.custom_op("fastlm_native_py::mlp_gelu", mutates_args=())
 def _nat_gelu(x: torch.Tensor, w_fc: torch.Tensor, b_fc: Optional[torch.Tensor], w_proj: torch.Tensor,
-              b_proj: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
-    return _native_call("mlp_gelu", x, w_fc, b_fc, w_proj, b_proj, residual)
+              b_proj: Optional[torch.Tensor], residual: Optional[torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    a = _native_linear(x.reshape(num_rows(x), x.shape[-1]), w_fc, b_fc)
+    y = _native_linear(F.gelu(a, approximate="tanh"), w_proj, b_proj)
+    return _with_residual(y, residual, _out_shape(x, w_proj)), a
 
 
 @_nat_gelu.register_fake
 def _(x, w_fc, b_fc, w_proj, b_proj, residual):
-    return x.new_empty(_out_shape(x, w_proj))
+    return x.new_empty(_out_shape(x, w_proj)), x.new_empty((num_rows(x), w_fc.shape[0]))
 
 
 def _nat_gelu_setup(ctx, inputs, output):
     x, w_fc, b_fc, w_proj, b_proj, residual = inputs
     ctx.flags = (b_proj is not None, residual is not None)
-    ctx.save_for_backward(x, w_fc, b_fc, w_proj)
+    ctx.save_for_backward(x, w_fc, b_fc, w_proj, output[1])
 
 
-def _nat_gelu_backward(ctx, dy):
-    x, w_fc, b_fc, w_proj = ctx.saved_tensors
-    return _gelu_grads(dy, x, w_fc, b_fc, w_proj, *ctx.flags, x.new_empty(0), _gelu_bwd_torch)
+def _nat_gelu_backward(ctx, dy, _da):
+    x, w_fc, b_fc, w_proj, a = ctx.saved_tensors
+    return _gelu_grads(dy, x, w_fc, b_fc, w_proj, *ctx.flags, a,
+                       _native_act_bwd("gelu_bwd", x.device, _gelu_bwd_torch))
 
 
 _nat_gelu.register_autograd(_nat_gelu_backward, setup_context=_nat_gelu_setup)
@@ -185,25 +212,29 @@ _nat_gelu.register_autograd(_nat_gelu_backward, setup_context=_nat_gelu_setup)
 
 @torch.library.custom_op("fastlm_native_py::mlp_swiglu", mutates_args=())
 def _nat_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                residual: Optional[torch.Tensor]) -> torch.Tensor:
-    return _native_call("mlp_swiglu", x, w_gate, w_up, w_down, residual)
+                residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x2 = x.reshape(num_rows(x), x.shape[-1])
+    g, u = _native_linear(x2, w_gate), _native_linear(x2, w_up)
+    y = _native_linear(F.silu(g) * u, w_down)
+    return _with_residual(y, residual, _out_shape(x, w_down)), g, u
 
 
 @_nat_swiglu.register_fake
 def _(x, w_gate, w_up, w_down, residual):
-    return x.new_empty(_out_shape(x, w_down))
+    pre = (num_rows(x), w_gate.shape[0])
+    return x.new_empty(_out_shape(x, w_down)), x.new_empty(pre), x.new_empty(pre)
 
 
 def _nat_swiglu_setup(ctx, inputs, output):
     x, w_gate, w_up, w_down, residual = inputs
     ctx.has_res = residual is not None
-    ctx.save_for_backward(x, w_gate, w_up, w_down)
+    ctx.save_for_backward(x, w_gate, w_up, w_down, output[1], output[2])
 
 
-def _nat_swiglu_backward(ctx, dy):
-    x, w_gate, w_up, w_down = ctx.saved_tensors
-    e = x.new_empty(0)
-    return _swiglu_grads(dy, x, w_gate, w_up, w_down, ctx.has_res, e, e, _swiglu_bwd_torch)
+def _nat_swiglu_backward(ctx, dy, _dg, _du):
+    x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
+    return _swiglu_grads(dy, x, w_gate, w_up, w_down, ctx.has_res, g, u,
+                         _native_act_bwd("swiglu_bwd", x.device, _swiglu_bwd_torch))
 
 
 _nat_swiglu.register_autograd(_nat_swiglu_backward, setup_context=_nat_swiglu_setup)
@@ -258,7 +289,7 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None, *, backend="auto"):
     if be in ("cpu", "cuda"):
         if not needs_grad(x, w_fc, b_fc, w_proj, b_proj, residual):
             return _native_call("mlp_gelu", x, w_fc, b_fc, w_proj, b_proj, residual)
-        return _nat_gelu(x, w_fc, b_fc, w_proj, b_proj, residual)
+        return _nat_gelu(x, w_fc, b_fc, w_proj, b_proj, residual)[0]
     check_triton_dtypes(op, x=x)
     y, _ = _tr_gelu(x, w_fc, b_fc, w_proj, b_proj, residual, needs_grad(x, w_fc, b_fc, w_proj, b_proj))
     return y
@@ -279,7 +310,7 @@ def mlp_swiglu(x, w_gate, w_up, w_down, residual=None, *, backend="auto"):
     if be in ("cpu", "cuda"):
         if not needs_grad(x, w_gate, w_up, w_down, residual):
             return _native_call("mlp_swiglu", x, w_gate, w_up, w_down, residual)
-        return _nat_swiglu(x, w_gate, w_up, w_down, residual)
+        return _nat_swiglu(x, w_gate, w_up, w_down, residual)[0]
     check_triton_dtypes(op, x=x)
     y, _, _ = _tr_swiglu(x, w_gate, w_up, w_down, residual, needs_grad(x, w_gate, w_up, w_down))
     return y
