@@ -4,7 +4,8 @@ from_hf(model)   GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM and Qwen2
                  with q/k/v biases) -> fastlm.Transformer with the same weights and config. GPT-2's Conv1D
                  weights are (in, out): they are transposed.
 patch(model)     in place, swaps the forward of each attention, MLP and norm module (RoPE is applied inside the
-                 patched attention) for one built on fastlm.ops, and the causal-LM loss for ops.cross_entropy.
+                 patched attention) for one built on fastlm.ops, and the causal-LM loss for ops.cross_entropy; a
+                 training forward with labels runs the LM head inside ops.linear_cross_entropy (no logits held).
 unpatch(model)   restores every swapped forward, the attention implementation and the loss exactly.
 
 transformers is imported only when these functions run.
@@ -220,21 +221,65 @@ def _layer_norm(self, x, *, backend):
     return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=backend)
 
 
+def _shifted_labels(labels, ignore_index, shift_labels):
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.reshape(-1)
+
+
+def _mean_or_per_item(loss_sum_or_mean, num_items_in_batch):
+    if num_items_in_batch is None:
+        return loss_sum_or_mean
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss_sum_or_mean.device)
+    return loss_sum_or_mean / num_items_in_batch
+
+
 def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, *,
                     backend, **kwargs):
     """transformers' ForCausalLMLoss (labels shifted by one, mean over non-ignored tokens or sum / num_items) with
     ops.cross_entropy, which works in float32 internally without an upcast copy of the logits."""
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    logits = logits.reshape(-1, vocab_size)
-    shift_labels = shift_labels.reshape(-1).to(logits.device)
-    if num_items_in_batch is None:
-        return ops.cross_entropy(logits, shift_labels, ignore_index=ignore_index, backend=backend)
-    loss = ops.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction="sum",
+    targets = _shifted_labels(labels, ignore_index, shift_labels).to(logits.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = ops.cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index=ignore_index, reduction=reduction,
                              backend=backend)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+    return _mean_or_per_item(loss, num_items_in_batch)
+
+
+def _causal_lm_linear_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                           *, weight, backend, **kwargs):
+    """The same loss from the final hidden states (passed where transformers passes the logits, under that name),
+    through ops.linear_cross_entropy: the LM head runs chunk by chunk inside the loss, so the (tokens x vocab)
+    logits never exist."""
+    hidden = logits
+    targets = _shifted_labels(labels, ignore_index, shift_labels).to(hidden.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets, ignore_index=ignore_index,
+                                    reduction=reduction, backend=backend)
+    return _mean_or_per_item(loss, num_items_in_batch)
+
+
+def _fused_head_forward(self, *args, original, backend, **kwargs):
+    """A patched causal LM's forward. Training with labels: the LM head passes the hidden states through and the
+    loss applies it inside ops.linear_cross_entropy, so the logits are never materialized; the output then has
+    logits None (as Liger-Kernel's patched models). Otherwise transformers' own forward."""
+    head = self.lm_head
+    if not (self.training and kwargs.get("labels") is not None and isinstance(head, nn.Linear)
+            and head.bias is None):
+        return original(*args, **kwargs)
+    head.forward = _identity
+    self.loss_function = functools.partial(_causal_lm_linear_loss, weight=head.weight, backend=backend)
+    try:
+        out = original(*args, **kwargs)
+    finally:
+        del head.forward
+        self.loss_function = functools.partial(_causal_lm_loss, backend=backend)
+    out.logits = None
+    return out
+
+
+def _identity(x):
+    return x
 
 
 def _patch_plan(model, model_type):
@@ -271,11 +316,13 @@ def _patch_plan(model, model_type):
     return plan
 
 
-def patch(model, backend: str = "auto"):
+def patch(model, backend: str = "auto", fused_linear_cross_entropy: bool = True):
     """Put fastlm's ops inside a transformers GPT-2, Llama, Mistral or Qwen2 model, in place, and return it.
 
     Attention (with RoPE for the Llama-like ones; sliding-window layers keep transformers' attention), MLP and norm
-    modules get a forward built on fastlm.ops; the causal-LM loss uses ops.cross_entropy. Masks follow
+    modules get a forward built on fastlm.ops; the causal-LM loss uses ops.cross_entropy, and with
+    ``fused_linear_cross_entropy`` a training forward with labels computes the LM head inside
+    ops.linear_cross_entropy (the logits are never held; the output's logits are None). Masks follow
     transformers' sdpa convention while patched, so unpadded causal attention runs in fastlm's kernel and padded
     batches, dropout or attention weights fall back to transformers' sdpa path.
     ``backend`` is passed to every op. Patching a patched model does nothing. unpatch(model) restores it."""
@@ -298,6 +345,10 @@ def patch(model, backend: str = "auto"):
     if hasattr(model, "lm_head") and hasattr(type(model), "loss_function"):
         state["loss"] = (model.__dict__.get("_loss_function"),)
         model.loss_function = functools.partial(_causal_lm_loss, backend=backend)
+        if fused_linear_cross_entropy:
+            forwards.append((model, model.__dict__.get("forward")))
+            model.forward = types.MethodType(
+                functools.partial(_fused_head_forward, original=model.forward, backend=backend), model)
     model._fastlm_patch = state
     return model
 

@@ -131,8 +131,9 @@ class CountOps:
             monkeypatch.setattr(ops, name, counted)
 
 
-PATCH_OPS = {"gpt2": ["attention", "layer_norm", "mlp_gelu", "cross_entropy"],
-             "llama-gqa": ["attention", "rms_norm", "apply_rope", "mlp_swiglu", "cross_entropy"]}
+PATCH_OPS = {"gpt2": ["attention", "layer_norm", "mlp_gelu", "cross_entropy", "linear_cross_entropy"],
+             "llama-gqa": ["attention", "rms_norm", "apply_rope", "mlp_swiglu", "cross_entropy",
+                           "linear_cross_entropy"]}
 PATCH_OPS["mistral-mqa"] = PATCH_OPS["qwen2-gqa"] = PATCH_OPS["llama-gqa"]
 
 
@@ -151,10 +152,15 @@ def test_patch_same_logits_and_gradients_then_unpatch(kind, monkeypatch):
     assert patch(hf, backend="torch") is hf                                   # patching twice changes nothing
     with torch.no_grad():
         check_rule("patched logits", hf(tokens).logits, hf64(tokens).logits, before)
+        # evaluation with labels: logits and the loss by ops.cross_entropy
+        check_rule("patched eval loss", *(m(tokens, labels=tokens).loss for m in (hf, hf64, reference)))
 
-    # one training step: loss and every gradient by the rule against float64 transformers
+    # one training step: loss and every gradient by the rule against float64 transformers; the patched model's
+    # loss comes from ops.linear_cross_entropy on the hidden states, so it holds no logits
     hf.train(), hf64.train(), reference.train()                              # dropout is 0 in these configs
-    losses = [m(tokens, labels=tokens).loss for m in (hf, hf64, reference)]
+    outs = [m(tokens, labels=tokens) for m in (hf, hf64, reference)]
+    assert outs[0].logits is None and outs[2].logits is not None
+    losses = [o.loss for o in outs]
     check_rule("patched loss", *losses)
     for loss in losses:
         loss.backward()
@@ -167,11 +173,37 @@ def test_patch_same_logits_and_gradients_then_unpatch(kind, monkeypatch):
 
     unpatch(hf)
     assert not hasattr(hf, "_fastlm_patch") and "_loss_function" not in hf.__dict__
+    assert "forward" not in hf.lm_head.__dict__ and "forward" not in hf.__dict__
     assert all("forward" not in m.__dict__ for m in hf.modules())
     assert hf.config._attn_implementation == {"gpt2": "eager", "llama-gqa": "sdpa", "mistral-mqa": "eager",
                                               "qwen2-gqa": "sdpa"}[kind]
     with torch.no_grad():
         assert torch.equal(hf(tokens).logits, before)
+
+
+def test_patch_without_fused_head_keeps_training_logits():
+    hf = hf_llama().train()
+    reference = copy.deepcopy(hf)
+    patch(hf, backend="torch", fused_linear_cross_entropy=False)
+    tokens = torch.randint(0, V, (2, 7))
+    out, want = hf(tokens, labels=tokens), reference(tokens, labels=tokens)
+    torch.testing.assert_close(out.logits, want.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, want.loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_patched_loss_per_item_normalization(fused):
+    """transformers' Trainer passes num_items_in_batch (gradient accumulation): the loss is then a sum over the
+    tokens divided by it, on both loss paths, with ignored labels left out."""
+    hf = hf_llama().train()
+    reference = copy.deepcopy(hf)
+    patch(hf, backend="torch", fused_linear_cross_entropy=fused)
+    tokens = torch.randint(0, V, (2, 7))
+    labels = tokens.clone()
+    labels[0, :3] = -100
+    n = torch.tensor(5)
+    torch.testing.assert_close(hf(tokens, labels=labels, num_items_in_batch=n).loss,
+                               reference(tokens, labels=labels, num_items_in_batch=n).loss, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
