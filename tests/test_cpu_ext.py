@@ -394,6 +394,17 @@ def test_mlp_zero_hidden():
     assert torch.equal(_ops().mlp_swiglu(*sw, None), torch.zeros(2, 3, 4))
 
 
+@pytest.mark.parametrize("tokens", [3, 20])                 # the matrix-vector path and the block path
+def test_mlp_zero_intermediate(tokens):
+    """intermediate 0: the down-projection sums nothing; the output is b_proj (+ residual)."""
+    x, res = torch.randn(tokens, 8), torch.randn(tokens, 5)
+    b = torch.randn(5)
+    out = _ops().mlp_gelu(x, torch.randn(0, 8), torch.randn(0), torch.randn(5, 0), b, res)
+    torch.testing.assert_close(out, b + res)
+    out = _ops().mlp_swiglu(x, torch.randn(0, 8), torch.randn(0, 8), torch.randn(5, 0), res)
+    assert torch.equal(out, res)
+
+
 def test_mlp_inputs_requiring_grad_across_threads():
     """Many token blocks run on worker threads: the kernel's GEMMs must not go through autograd there, even when
     the inputs require grad (the op itself is forward-only; fastlm.ops supplies the backward)."""

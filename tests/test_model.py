@@ -336,6 +336,9 @@ def test_cpu_fused_decode_step_errors():
         with pytest.raises(RuntimeError, match="only the C\\+\\+ CPU backend"):
             ops.decode_step(*args, [None] * 34, caches, caches, model.norm.weight, model.head_weight, eps=1e-5,
                             is_rms=True, backend="torch")
+        with pytest.raises(RuntimeError, match=r"rope_cos must be a \(positions >= 8 \(the caches' max_seqlen\), 16\)"):
+            ops.decode_step(*args, [None] * 34, caches, caches, model.norm.weight, model.head_weight, eps=1e-5,
+                            is_rms=True, rope_cos=model.rope_cos[:4], rope_sin=model.rope_sin[:4])
         with pytest.raises(RuntimeError, match="block 0 has no norm1 weight"):
             ops.decode_step(*args, [None] * 34, caches, caches, model.norm.weight, model.head_weight, eps=1e-5,
                             is_rms=True)

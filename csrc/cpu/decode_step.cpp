@@ -106,6 +106,16 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, co
     }
   }
   const int64_t Hkv = k_caches[0].size(2), D = k_caches[0].size(3);
+  TORCH_CHECK(Hkv >= 1 && D >= 1, "fastlm::decode_step: the KV caches need n_kv_head >= 1 and head_dim >= 1, got ",
+              "shape ", k_caches[0].sizes());
+  for (const auto* t : {&rope_cos, &rope_sin, &pos_emb}) {
+    if (!t->has_value()) continue;
+    const char* name = t == &rope_cos ? "rope_cos" : (t == &rope_sin ? "rope_sin" : "pos_emb");
+    const int64_t cols = t == &pos_emb ? tok_emb.size(1) : D;
+    TORCH_CHECK((*t)->dim() == 2 && (*t)->size(0) >= S_max && (*t)->size(1) == cols, "fastlm::decode_step: ",
+                name, " must be a (positions >= ", S_max, " (the caches' max_seqlen), ", cols, ") table, got shape ",
+                (*t)->sizes());
+  }
   const std::vector<int64_t> pos = read_positions(input_pos, B);
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(pos[b] >= 0 && pos[b] + S <= S_max, "fastlm::decode_step: input_pos[", b, "] + seqlen = ", pos[b],
