@@ -267,15 +267,18 @@ def _fused_head_forward(self, *args, original, backend, **kwargs):
     if not (self.training and kwargs.get("labels") is not None and isinstance(head, nn.Linear)
             and head.bias is None):
         return original(*args, **kwargs)
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
     head.forward = _identity
     self.loss_function = functools.partial(_causal_lm_linear_loss, weight=head.weight, backend=backend)
     try:
-        out = original(*args, **kwargs)
+        out = original(*args, return_dict=True, **kwargs)
     finally:
         del head.forward
         self.loss_function = functools.partial(_causal_lm_loss, backend=backend)
-    out.logits = None
-    return out
+    out = type(out)(**{k: v for k, v in out.items() if k != "logits"})   # logits None (they hold the hidden states)
+    return out if return_dict else out.to_tuple()          # a tuple without the logits, as to_tuple drops None
 
 
 def _identity(x):

@@ -159,7 +159,7 @@ def test_patch_same_logits_and_gradients_then_unpatch(kind, monkeypatch):
     # loss comes from ops.linear_cross_entropy on the hidden states, so it holds no logits
     hf.train(), hf64.train(), reference.train()                              # dropout is 0 in these configs
     outs = [m(tokens, labels=tokens) for m in (hf, hf64, reference)]
-    assert outs[0].logits is None and outs[2].logits is not None
+    assert outs[0].logits is None and "logits" not in outs[0] and outs[2].logits is not None
     losses = [o.loss for o in outs]
     check_rule("patched loss", *losses)
     for loss in losses:
@@ -204,6 +204,10 @@ def test_patched_loss_per_item_normalization(fused):
     n = torch.tensor(5)
     torch.testing.assert_close(hf(tokens, labels=labels, num_items_in_batch=n).loss,
                                reference(tokens, labels=labels, num_items_in_batch=n).loss, atol=1e-5, rtol=1e-5)
+    # return_dict=False: a tuple led by the loss (without the logits on the fused path, as to_tuple drops None)
+    out = hf(tokens, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == (2 if fused else 3)
+    torch.testing.assert_close(out[0], reference(tokens, labels=labels).loss, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
