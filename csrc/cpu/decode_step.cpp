@@ -8,12 +8,12 @@
 //     logits = norm(h) W_head^T
 //
 // Every step is the kernel of the op of the same name in this directory (linear, rope_fwd, decode_attention,
-// norm_fwd, mlp_gelu / mlp_swiglu), called in the order fastlm.Transformer calls those ops, so the logits are those
-// of the op-by-op step, bit for bit. What one call saves is the per-op cost above the kernels (argument checks and
-// dispatch in Python, about 70 us per layer and op class at batch 1): at batch 1 a small model's step is mostly
-// that, and the weights' bandwidth is all that remains.
+// norm_fwd, mlp_gelu / mlp_swiglu), called in the order of the op-by-op step, so the logits are that step's, bit for
+// bit. What one call saves is the cost above the kernels (argument checks and dispatch in Python, about a dozen op
+// calls per block): for a 56M-parameter model at batch 1, 4.5-6.5 ms of a 15-18 ms step (bench/dev/cpu_notes.md),
+// after which reading the weights is what remains.
 //
-// The block's tensors arrive in one flat list, kBlockTensors per block (see kSlot); absent biases and the SwiGLU
+// The block's tensors arrive in one flat list, kBlockTensors per block (see Slot); absent biases and the SwiGLU
 // w_up of a GELU MLP are None. Positions and token ids are on the CPU, so they are checked here, unlike in the
 // GPU decode steps.
 #include "cpu/ops.h"
@@ -31,7 +31,7 @@ namespace fastlm_cpu {
 namespace {
 
 // Slots of one block in the flat list.
-enum kSlot { kNorm1W, kNorm1B, kWq, kBq, kWk, kBk, kWv, kBv, kWo, kBo, kNorm2W, kNorm2B, kW1, kB1, kWUp, kW2, kB2 };
+enum Slot { kNorm1W, kNorm1B, kWq, kBq, kWk, kBk, kWv, kBv, kWo, kBo, kNorm2W, kNorm2B, kW1, kB1, kWUp, kW2, kB2 };
 constexpr int64_t kBlockTensors = kB2 + 1;
 
 // pos[b] (+ t) as int64, from an int32 or int64 (B,) tensor.
