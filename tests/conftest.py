@@ -54,3 +54,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def needs_cpu_kernel(op):
+    """A mark that skips a test (or a parameter) unless the C++ extension serves torch.ops.fastlm.<op> on the CPU."""
+    from fastlm import backends
+    return pytest.mark.skipif(not backends.extension_has(op, "cpu"),
+                              reason=f"the C++ extension (fastlm._C) with the CPU {op} kernel is not built")
+
+
+def triton_and_cpu(op):
+    """(backends, (backend, dtype) pairs) for an op with a Triton kernel and a C++ CPU kernel ``op``: Triton at
+    DTYPES, the C++ kernel in fp32, fp16 and bf16 everywhere (bf16 is only wrong in the Triton interpreter)."""
+    cpu = needs_cpu_kernel(op)
+    return (["triton", pytest.param("cpu", marks=cpu)],
+            [("triton", dt) for dt in DTYPES]
+            + [pytest.param("cpu", dt, marks=cpu) for dt in (torch.float32, torch.float16, torch.bfloat16)])
+
+
+def backend_device(backend):
+    """Where a backend's test tensors live: the C++ CPU kernels take CPU tensors, the others DEVICE's."""
+    return "cpu" if backend == "cpu" else DEVICE

@@ -3,13 +3,12 @@ head dims, several new tokens per step, explicit split counts, CUDA-graph / torc
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, backend_device, needs_cpu_kernel
 from fastlm import backends, reference
 from fastlm.ops import decode_attention
 from fastlm.testing import check_rule
 
-_NO_CPU = pytest.mark.skipif(not backends.extension_has("decode_attention", "cpu"),
-                             reason="fastlm._C not built with the cpu decode_attention kernel")
+_NO_CPU = needs_cpu_kernel("decode_attention")
 _NO_CUDA = pytest.mark.skipif(not backends.extension_has("decode_attention", "cuda"),
                               reason="fastlm._C not built with CUDA kernels")
 BACKENDS = ["triton", pytest.param("cpu", marks=_NO_CPU), pytest.param("cuda", marks=[pytest.mark.gpu, _NO_CUDA])]
@@ -21,10 +20,6 @@ BACKEND_DTYPES = [
     pytest.param("cpu", F32, marks=_NO_CPU), pytest.param("cpu", BF16, marks=_NO_CPU),
     *[pytest.param("cuda", d, marks=[pytest.mark.gpu, _NO_CUDA]) for d in (F16, BF16)],
 ]
-
-
-def _device(backend):
-    return "cpu" if backend == "cpu" else DEVICE
 
 
 def _dtype(backend):
@@ -63,7 +58,7 @@ def test_numerics(backend, dtype, D, group, Sq):
         pytest.skip(f"the CUDA kernels are compiled for head dims {CUDA_HEAD_DIMS}")
     # ragged lengths: a single valid key (earlier new queries then see none), the full cache, one in between
     Hkv, S_max = 2, 75
-    q, k, v, lens = _inputs(3, Sq, group * Hkv, Hkv, D, S_max, [1, S_max, 37], dtype, _device(backend))
+    q, k, v, lens = _inputs(3, Sq, group * Hkv, Hkv, D, S_max, [1, S_max, 37], dtype, backend_device(backend))
     out = decode_attention(q, k, v, lens, backend=backend)
     _check(out, q, k, v, lens)
 
@@ -71,7 +66,7 @@ def test_numerics(backend, dtype, D, group, Sq):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_logits_and_scale(backend):
     # q.k ~ 30: exercises the running-max rescaling across key blocks and across splits
-    q, k, v, lens = _inputs(2, 2, 4, 2, 64, 140, [140, 90], _dtype(backend), _device(backend), scale=4.0)
+    q, k, v, lens = _inputs(2, 2, 4, 2, 64, 140, [140, 90], _dtype(backend), backend_device(backend), scale=4.0)
     out = decode_attention(q, k, v, lens, softmax_scale=0.3, backend=backend)
     _check(out, q, k, v, lens, softmax_scale=0.3)
 
@@ -79,14 +74,14 @@ def test_large_logits_and_scale(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_many_new_queries(backend):
     # a prefill-sized chunk (66 rows per kv head: several row blocks), one sequence shorter than the chunk
-    q, k, v, lens = _inputs(2, 33, 4, 2, 32, 50, [50, 20], _dtype(backend), _device(backend))
+    q, k, v, lens = _inputs(2, 33, 4, 2, 32, 50, [50, 20], _dtype(backend), backend_device(backend))
     _check(decode_attention(q, k, v, lens, backend=backend), q, k, v, lens)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_queries_without_keys(backend):
     # cache shorter than the new-token count: queries at negative positions see nothing and must give exactly 0
-    q, k, v, lens = _inputs(3, 4, 2, 1, 32, 10, [2, 0, 10], _dtype(backend), _device(backend))
+    q, k, v, lens = _inputs(3, 4, 2, 1, 32, 10, [2, 0, 10], _dtype(backend), backend_device(backend))
     out = decode_attention(q, k, v, lens, backend=backend)
     assert (out[0, :2] == 0).all() and (out[1] == 0).all()
     _check(out, q, k, v, lens)
@@ -95,7 +90,7 @@ def test_queries_without_keys(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int64_lengths_and_strided_cache(backend):
     # a per-layer view of a (layers, B, S_max, Hkv, D) cache and a non-contiguous q, as a decode loop passes them
-    device = _device(backend)
+    device = backend_device(backend)
     D = 64 if backend == "cuda" else 40  # the CUDA kernels are compiled for head dims 32, 64, 96, 128, 256
     cache = torch.randn(2, 2, 2, 50, 2, D, device=device).to(_dtype(backend))  # (kv, layers, B, S, Hkv, D)
     k, v = cache[0, 1], cache[1, 1]
@@ -136,7 +131,7 @@ def test_opcheck():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_fullgraph_no_host_sync(backend):
-    q, k, v, lens = _inputs(2, 1, 4, 2, 32, 40, [40, 9], _dtype(backend), _device(backend))
+    q, k, v, lens = _inputs(2, 1, 4, 2, 32, 40, [40, 9], _dtype(backend), backend_device(backend))
     fn = torch.compile(lambda *a: decode_attention(*a, backend=backend), fullgraph=True)
     _check(fn(q, k, v, lens), q, k, v, lens)
     lens[1] = 30  # the same compiled graph serves new lengths: they are read on the device

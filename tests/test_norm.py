@@ -4,21 +4,12 @@ shared with the other op tests (rope, ffn, cross_entropy)."""
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, ON_GPU
+from conftest import DEVICE, ON_GPU, backend_device, needs_cpu_kernel, triton_and_cpu
 from fastlm import backends, reference
 from fastlm.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastlm.testing import check_op, check_rule
 
-_NO_CPU = pytest.mark.skipif(not backends.extension_has("norm_fwd", "cpu"),
-                             reason="the C++ extension (fastlm._C) with the CPU norm is not built")
-BACKENDS = ["triton", pytest.param("cpu", marks=_NO_CPU)]
-# the C++ kernel is tested in bf16 everywhere, Triton only on a GPU (see conftest.DTYPES)
-BACKEND_DTYPES = [("triton", dt) for dt in DTYPES] + [
-    pytest.param("cpu", dt, marks=_NO_CPU) for dt in (torch.float32, torch.float16, torch.bfloat16)]
-
-
-def _device(backend):
-    return "cpu" if backend == "cpu" else DEVICE
+BACKENDS, BACKEND_DTYPES = triton_and_cpu("norm_fwd")
 
 
 def _inputs(shape, dtype, residual, bias, w_dtype=None, device=DEVICE):
@@ -35,7 +26,7 @@ def _inputs(shape, dtype, residual, bias, w_dtype=None, device=DEVICE):
 @pytest.mark.parametrize("shape", [(1, 40), (7, 96), (3, 43, 40), (129, 96)])
 @pytest.mark.parametrize("kind", ["layer", "rms", "add_layer", "add_rms"])
 def test_norm_rule(kind, shape, backend, dtype):
-    x, r, w, b = _inputs(shape, dtype, kind.startswith("add"), kind.endswith("layer"), device=_device(backend))
+    x, r, w, b = _inputs(shape, dtype, kind.startswith("add"), kind.endswith("layer"), device=backend_device(backend))
     if kind == "layer":
         check_op(kind, lambda x, w, b: layer_norm(x, w, b, backend=backend), reference.layer_norm, [x, w, b])
     elif kind == "rms":
@@ -50,7 +41,7 @@ def test_norm_rule(kind, shape, backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_norm_without_bias_and_fp32_weight(backend):
-    x, _, w, _ = _inputs((7, 40), torch.float16, False, False, w_dtype=torch.float32, device=_device(backend))
+    x, _, w, _ = _inputs((7, 40), torch.float16, False, False, w_dtype=torch.float32, device=backend_device(backend))
     check_op("layer_norm(bias=None)", lambda x, w: layer_norm(x, w, None, backend=backend),
              lambda x, w: reference.layer_norm(x, w, None), [x, w])
 
@@ -58,7 +49,7 @@ def test_layer_norm_without_bias_and_fp32_weight(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_offset_rows(backend):
     # mean >> std: the two-pass variance must not cancel catastrophically
-    x, r, w, b = _inputs((7, 96), torch.float32, True, True, device=_device(backend))
+    x, r, w, b = _inputs((7, 96), torch.float32, True, True, device=backend_device(backend))
     x = x + 1000.0
     check_op("add_layer_norm(offset)", lambda x, r, w, b: add_layer_norm(x, r, w, b, backend=backend),
              lambda x, r, w, b: reference.add_norm(x, r, w, b, 1e-5, kind="layer"), [x, r, w, b])
@@ -66,9 +57,9 @@ def test_large_offset_rows(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_noncontiguous_input_and_expanded_grad(backend):
-    base = torch.randn(96, 7, device=_device(backend))
+    base = torch.randn(96, 7, device=backend_device(backend))
     x = base.t().requires_grad_()                      # (7, 96), stride (1, 7)
-    w = torch.randn(96, device=_device(backend), requires_grad=True)
+    w = torch.randn(96, device=backend_device(backend), requires_grad=True)
     y = rms_norm(x, w, backend=backend)
     y.sum().backward()                                  # stride-0 expanded gradient
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
@@ -79,7 +70,7 @@ def test_noncontiguous_input_and_expanded_grad(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_input(backend):
-    x, r, w, b = (torch.randn(*shape, device=_device(backend), requires_grad=True)
+    x, r, w, b = (torch.randn(*shape, device=backend_device(backend), requires_grad=True)
                   for shape in ((0, 40), (0, 40), (40,), (40,)))
     y, h = add_layer_norm(x, r, w, b, backend=backend)
     assert y.shape == (0, 40) and h.shape == (0, 40)
@@ -89,7 +80,7 @@ def test_empty_input(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_hidden_size(backend):
-    x, r, w, b = _inputs((3, 0), torch.float32, True, True, device=_device(backend))
+    x, r, w, b = _inputs((3, 0), torch.float32, True, True, device=backend_device(backend))
     for t in (x, r, w, b):
         t.requires_grad_()
     y, h = add_layer_norm(x, r, w, b, backend=backend)
@@ -105,7 +96,7 @@ def test_torch_backend_is_reference():
     assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
 
 
-@_NO_CPU
+@needs_cpu_kernel("norm_fwd")
 def test_auto_runs_the_cpu_kernel_without_autograd_overhead():
     """CPU tensors: "auto" is the C++ kernel, called directly when no gradient is needed, through the autograd wrapper
     otherwise."""

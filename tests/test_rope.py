@@ -6,21 +6,12 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, ON_GPU
+from conftest import DEVICE, ON_GPU, backend_device, needs_cpu_kernel, triton_and_cpu
 from fastlm import backends, reference
 from fastlm.ops.rope import apply_rope, rope_cos_sin
 from fastlm.testing import check_op, check_rule
 
-_NO_CPU = pytest.mark.skipif(not backends.extension_has("rope_fwd", "cpu"),
-                             reason="the C++ extension (fastlm._C) with the CPU RoPE is not built")
-BACKENDS = ["triton", pytest.param("cpu", marks=_NO_CPU)]
-# the C++ kernel is tested in bf16 everywhere, Triton only on a GPU (see conftest.DTYPES)
-BACKEND_DTYPES = [("triton", dt) for dt in DTYPES] + [
-    pytest.param("cpu", dt, marks=_NO_CPU) for dt in (torch.float32, torch.float16, torch.bfloat16)]
-
-
-def _device(backend):
-    return "cpu" if backend == "cpu" else DEVICE
+BACKENDS, BACKEND_DTYPES = triton_and_cpu("rope_fwd")
 
 
 def _rope(backend):
@@ -30,7 +21,7 @@ def _rope(backend):
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=str)
 @pytest.mark.parametrize("B, S, H, D", [(1, 1, 1, 40), (2, 7, 3, 96), (1, 129, 2, 64), (3, 5, 4, 16)])
 def test_rope_rule(B, S, H, D, backend, dtype):
-    dev = _device(backend)
+    dev = backend_device(backend)
     x = torch.randn(B, S, H, D, dtype=dtype, device=dev)
     cos, sin = rope_cos_sin(torch.arange(S, device=dev) + 3, D)        # position offset 3
     check_op("apply_rope", _rope(backend), reference.apply_rope, [x, cos, sin], constants=(1, 2))
@@ -39,7 +30,7 @@ def test_rope_rule(B, S, H, D, backend, dtype):
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=str)
 def test_rope_per_sequence_positions_and_qkv_slice(backend, dtype):
     B, S, H, D = 3, 7, 2, 40
-    dev, rope = _device(backend), _rope(backend)
+    dev, rope = backend_device(backend), _rope(backend)
     qkv = torch.randn(B, S, 3, H, D, dtype=dtype, device=dev)
     pos = torch.stack([torch.arange(S) + off for off in (0, 5, 100)]).to(dev)            # (B, S)
     cos, sin = rope_cos_sin(pos.reshape(-1), D)
@@ -54,7 +45,7 @@ def test_rope_per_sequence_positions_and_qkv_slice(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rope_general_tables_gradient(backend):
     # tables whose halves differ exercise the transposed rotation in backward beyond Hugging Face's tables
-    dev = _device(backend)
+    dev = backend_device(backend)
     x = torch.randn(2, 7, 3, 40, device=dev)
     cos, sin = torch.randn(7, 40, device=dev), torch.randn(7, 40, device=dev)
     check_op("apply_rope(random tables)", _rope(backend), reference.apply_rope, [x, cos, sin], constants=(1, 2))
@@ -62,7 +53,7 @@ def test_rope_general_tables_gradient(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rope_expanded_grad_and_empty(backend):
-    dev, rope = _device(backend), _rope(backend)
+    dev, rope = backend_device(backend), _rope(backend)
     x = torch.randn(2, 7, 3, 40, device=dev, requires_grad=True)
     cos, sin = rope_cos_sin(torch.arange(7, device=dev), 40)
     rope(x, cos, sin).sum().backward()
@@ -108,7 +99,7 @@ def test_bad_input(call, exc, words):
         call(x, c, s)
 
 
-@_NO_CPU
+@needs_cpu_kernel("rope_fwd")
 def test_auto_runs_the_cpu_kernel_without_autograd_overhead():
     """CPU tensors: "auto" is the C++ kernel, called directly when no gradient is needed, through the autograd wrapper
     otherwise; tables in another dtype are cast to x's, as the reference casts them."""
