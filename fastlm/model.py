@@ -254,9 +254,7 @@ class Transformer(nn.Module):
                 raise TypeError(f"input_pos must be an integer tensor of shape (batch,) = ({B},), got "
                                 f"{_describe(input_pos)}")
             if targets is None and self._fused_decode_here(tokens):
-                logits = self._fused_decode_step(tokens, input_pos)
-                return logits if logits_at is None else logits.gather(
-                    1, logits_at[..., None].expand(-1, -1, logits.shape[-1]))
+                return _rows_at(self._fused_decode_step(tokens, input_pos), logits_at)
             positions = input_pos[:, None] + torch.arange(S, device=tokens.device)   # (B, S)
 
         h = self.tok_emb(tokens)                                               # (B, S, d)
@@ -276,8 +274,7 @@ class Transformer(nn.Module):
                                  f"{_describe(targets)}")
             return ops.linear_cross_entropy(y.reshape(B * S, -1), self.head_weight, targets.reshape(B * S),
                                             backend=self._backends.generic)
-        if logits_at is not None:
-            y = y.gather(1, logits_at[..., None].expand(-1, -1, y.shape[-1]))   # (B, k, d)
+        y = _rows_at(y, logits_at)                                             # (B, k, d) with logits_at
         return ops.linear(y, self.head_weight, backend=self._backends.generic)  # (B, S or k, V)
 
     @staticmethod
@@ -328,6 +325,11 @@ class Transformer(nn.Module):
         """See fastlm.generate.generate."""
         from fastlm.generate import generate
         return generate(self, *args, **kwargs)
+
+
+def _rows_at(t, positions):
+    """t (B, S, n) at positions (B, k) of each sequence: (B, k, n); t itself when positions is None."""
+    return t if positions is None else t.gather(1, positions[..., None].expand(-1, -1, t.shape[-1]))
 
 
 def _describe(x) -> str:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from fastlm import reference
 from fastlm.backends import extension_has, resolve
 from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, needs_grad, num_rows
+from fastlm.ops.linear import linear
 
 
 def _kernels():
@@ -160,11 +161,6 @@ def _native_call(name, *args):
     return getattr(torch.ops.fastlm, name)(*args)
 
 
-def _native_linear(x, w, b=None):
-    """x W^T + b on the extension's CPU GEMM for CPU tensors, cuBLAS otherwise."""
-    return torch.ops.fastlm.linear(x, w, b) if x.device.type == "cpu" else F.linear(x, w, b)
-
-
 def _native_act_bwd(name, device, fallback):
     """The extension's fused activation backward for this device (one pass over the intermediate), else the torch
     formula."""
@@ -185,8 +181,8 @@ def _with_residual(y, residual, shape):
 def _nat_gelu(x: torch.Tensor, w_fc: torch.Tensor, b_fc: Optional[torch.Tensor], w_proj: torch.Tensor,
               b_proj: Optional[torch.Tensor], residual: Optional[torch.Tensor]
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    a = _native_linear(x.reshape(num_rows(x), x.shape[-1]), w_fc, b_fc)
-    y = _native_linear(F.gelu(a, approximate="tanh"), w_proj, b_proj)
+    a = linear(x.reshape(num_rows(x), x.shape[-1]), w_fc, b_fc)
+    y = linear(F.gelu(a, approximate="tanh"), w_proj, b_proj)
     return _with_residual(y, residual, _out_shape(x, w_proj)), a
 
 
@@ -214,8 +210,8 @@ _nat_gelu.register_autograd(_nat_gelu_backward, setup_context=_nat_gelu_setup)
 def _nat_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                 residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x2 = x.reshape(num_rows(x), x.shape[-1])
-    g, u = _native_linear(x2, w_gate), _native_linear(x2, w_up)
-    y = _native_linear(F.silu(g) * u, w_down)
+    g, u = linear(x2, w_gate), linear(x2, w_up)
+    y = linear(F.silu(g) * u, w_down)
     return _with_residual(y, residual, _out_shape(x, w_down)), g, u
 
 

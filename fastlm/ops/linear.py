@@ -5,8 +5,8 @@ product whose time is reading the weight once.
 
 Backends:
   "cpu"    the C++ extension (torch.ops.fastlm.linear): for up to 8 rows of x, matrix-vector products that stream
-           the weight at the memory's rate on every thread (csrc/cpu/gemv.h); ATen's GEMM above that. Backward in
-           torch matmuls.
+           the weight at the memory's rate on every thread (csrc/cpu/gemv.h); the packed GEMM of csrc/cpu/gemm.h
+           above that. Backward in torch matmuls.
   others   torch (F.linear): on a GPU that is cuBLAS, which a Triton GEMM of these shapes would not beat.
 """
 from __future__ import annotations
