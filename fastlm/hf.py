@@ -221,42 +221,27 @@ def _layer_norm(self, x, *, backend):
     return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=backend)
 
 
-def _shifted_labels(labels, ignore_index, shift_labels):
+def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, *,
+                    backend, weight=None, **kwargs):
+    """transformers' ForCausalLMLoss (labels shifted by one, mean over non-ignored tokens or sum / num_items) with
+    ops.cross_entropy, which works in float32 internally without an upcast copy of the logits. With ``weight`` (the
+    LM head's), ``logits`` are the final hidden states (transformers passes them under that name) and
+    ops.linear_cross_entropy applies the head chunk by chunk, so the (tokens x vocab) logits never exist."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    return shift_labels.reshape(-1)
-
-
-def _mean_or_per_item(loss_sum_or_mean, num_items_in_batch):
+    targets = shift_labels.reshape(-1).to(logits.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    if weight is None:
+        loss = ops.cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index=ignore_index,
+                                 reduction=reduction, backend=backend)
+    else:
+        loss = ops.linear_cross_entropy(logits.reshape(-1, logits.shape[-1]), weight, targets,
+                                        ignore_index=ignore_index, reduction=reduction, backend=backend)
     if num_items_in_batch is None:
-        return loss_sum_or_mean
+        return loss
     if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss_sum_or_mean.device)
-    return loss_sum_or_mean / num_items_in_batch
-
-
-def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, *,
-                    backend, **kwargs):
-    """transformers' ForCausalLMLoss (labels shifted by one, mean over non-ignored tokens or sum / num_items) with
-    ops.cross_entropy, which works in float32 internally without an upcast copy of the logits."""
-    targets = _shifted_labels(labels, ignore_index, shift_labels).to(logits.device)
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = ops.cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index=ignore_index, reduction=reduction,
-                             backend=backend)
-    return _mean_or_per_item(loss, num_items_in_batch)
-
-
-def _causal_lm_linear_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
-                           *, weight, backend, **kwargs):
-    """The same loss from the final hidden states (passed where transformers passes the logits, under that name),
-    through ops.linear_cross_entropy: the LM head runs chunk by chunk inside the loss, so the (tokens x vocab)
-    logits never exist."""
-    hidden = logits
-    targets = _shifted_labels(labels, ignore_index, shift_labels).to(hidden.device)
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets, ignore_index=ignore_index,
-                                    reduction=reduction, backend=backend)
-    return _mean_or_per_item(loss, num_items_in_batch)
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
 
 
 def _fused_head_forward(self, *args, original, backend, **kwargs):
@@ -270,13 +255,14 @@ def _fused_head_forward(self, *args, original, backend, **kwargs):
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
+    loss_function = self.loss_function
     head.forward = _identity
-    self.loss_function = functools.partial(_causal_lm_linear_loss, weight=head.weight, backend=backend)
+    self.loss_function = functools.partial(_causal_lm_loss, weight=head.weight, backend=backend)
     try:
         out = original(*args, return_dict=True, **kwargs)
     finally:
         del head.forward
-        self.loss_function = functools.partial(_causal_lm_loss, backend=backend)
+        self.loss_function = loss_function
     out = type(out)(**{k: v for k, v in out.items() if k != "logits"})   # logits None (they hold the hidden states)
     return out if return_dict else out.to_tuple()          # a tuple without the logits, as to_tuple drops None
 
