@@ -424,9 +424,10 @@ def test_mlp_inputs_requiring_grad_across_threads():
 # (leading dims of x, in_features, out_features): the matrix-vector path (<= 8 rows: 1, 6, 7 and 8 rows go through
 # the 4-, 2- and 1-row dot products; in_features not a whole number of vectors or of unrolled blocks; one output) and
 # the packed GEMM above it (rows not a multiple of the 6-row block, columns not of the 16-column panel, a reduction
-# of 600 = 256 + 256 + 88 in three partial sums)
+# of 600 = 256 + 256 + 88 in three partial sums; 100 rows in 48-row chunks against 13 panels in two groups, the last
+# group and its last panel partial)
 LINEAR_SHAPES = [((1,), 40, 1000), ((2, 3), 20, 7), ((7,), 72, 1), ((1, 8), 1, 13), ((9,), 40, 33), ((3, 50), 24, 17),
-                 ((13,), 600, 20)]
+                 ((13,), 600, 20), ((100,), 300, 200)]
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
@@ -446,7 +447,7 @@ def test_linear_rule(dtype, shape, bias):
 def test_linear_strided_and_empty():
     x = torch.randn(3, 40, 2)[..., 1]                        # row stride 80
     w = torch.randn(24, 40)
-    for weight in (w, torch.randn(40, 24).t(), w[::2]):     # rows contiguous; transposed (ATen path); row stride 80
+    for weight in (w, torch.randn(40, 24).t(), w[::2]):     # rows contiguous; transposed; row stride 80
         check_rule("linear strided", _ops().linear(x, weight, None),
                    torch.nn.functional.linear(x.double(), weight.double()), torch.nn.functional.linear(x, weight))
     assert _ops().linear(torch.randn(0, 4, 40), w, None).shape == (0, 4, 24)

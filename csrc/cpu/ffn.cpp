@@ -121,32 +121,32 @@ void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
       const float* xb = xf.const_data_ptr<float>() + t0 * d;
       // h = x W1^T + b1, then gelu(h); or the gate alone
       gemm_nt(rows, inter, d, xb, d, w1.const_data_ptr<T>(), w1.stride(0), w1.stride(1),
-              [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* blk, int64_t ldb) {
+              [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
                 for (int64_t i = 0; i < r; ++i)
                   for (int64_t v = 0; v < cols; v += kW) {
-                    vfloat y = vload(blk + i * ldb + v) + vload(pb1 + n0 + v);
+                    vfloat y = vload(tile + i * ldt + v) + vload(pb1 + n0 + v);
                     if (act == Act::kGelu) y = gelu(y);
                     vstore_cvt_n(hp + (m0 + i) * inter + n0 + v, y, std::min<int64_t>(kW, cols - v));
                   }
               });
       if (w_up)  // h = silu(h) * (x W_up^T), the up product consumed in the epilogue
         gemm_nt(rows, inter, d, xb, d, w_up->const_data_ptr<T>(), w_up->stride(0), w_up->stride(1),
-                [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* blk, int64_t ldb) {
+                [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
                   for (int64_t i = 0; i < r; ++i)
                     for (int64_t v = 0; v < cols; v += kW) {
                       float* g = hp + (m0 + i) * inter + n0 + v;
                       const int64_t len = std::min<int64_t>(kW, cols - v);
-                      vstore_cvt_n(g, swiglu(vload_cvt_n(g, len), vload(blk + i * ldb + v)), len);
+                      vstore_cvt_n(g, swiglu(vload_cvt_n(g, len), vload(tile + i * ldt + v)), len);
                     }
                 });
       // out = h W2^T + b2 (+ res), rounded once
       gemm_nt(rows, d_out, inter, hp, inter, w2.const_data_ptr<T>(), w2.stride(0), w2.stride(1),
-              [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* blk, int64_t ldb) {
+              [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
                 for (int64_t i = 0; i < r; ++i) {
                   const int64_t row = t0 + m0 + i;
                   for (int64_t v = 0; v < cols; v += kW) {
                     const int64_t len = std::min<int64_t>(kW, cols - v);
-                    vfloat y = vload(blk + i * ldb + v) + vload(pb2 + n0 + v);
+                    vfloat y = vload(tile + i * ldt + v) + vload(pb2 + n0 + v);
                     if (rp) y += vload_cvt_n(rp + row * ldr + n0 + v, len);
                     vstore_cvt_n(op + row * d_out + n0 + v, y, len);
                   }

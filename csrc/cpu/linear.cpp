@@ -70,10 +70,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
       return;
     }
     gemm_nt(T, N, K, xf.const_data_ptr<float>(), K, w, weight.stride(0), weight.stride(1),
-            [&](int64_t m0, int64_t rows, int64_t n0, int64_t cols, const float* blk, int64_t ldb) {
+            [&](int64_t m0, int64_t rows, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
               for (int64_t i = 0; i < rows; ++i)
-                for (int64_t j = 0; j < cols; ++j)
-                  op[(m0 + i) * N + n0 + j] = from_float<T_>(blk[i * ldb + j] + (bp ? bp[n0 + j] : 0.0f));
+                for (int64_t j = 0; j < cols; j += kW) {
+                  const int64_t len = std::min<int64_t>(kW, cols - j);
+                  vfloat y = vload(tile + i * ldt + j);
+                  if (bp) y += vload_cvt_n(bp + n0 + j, len);
+                  vstore_cvt_n(op + (m0 + i) * N + n0 + j, y, len);
+                }
             });
   });
   return out;
