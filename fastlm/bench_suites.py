@@ -546,7 +546,11 @@ class ModelCase:
     def _forward_fn(self, impl, hf, fast, ref):
         if impl.kind == "fastlm":
             _use_backend(fast, impl.backend)
-            return lambda tokens, targets=None: fast(tokens, targets)
+
+            def fast_fn(tokens, targets=None):
+                fast.backend = impl.backend             # the implementations of a case are timed in rotation
+                return fast(tokens, targets)
+            return fast_fn
         if impl.name == "transformers":
             def hf_fn(tokens, targets=None):
                 if targets is None:
@@ -641,6 +645,7 @@ class ModelCase:
             _use_backend(fast, impl.backend)
 
             def fn():
+                fast.backend = impl.backend
                 return fast.generate(prompt, max_new_tokens=n)
         else:
             def fn():

@@ -5,7 +5,9 @@ What a figure here means:
   time becomes a rate (FLOP/s or bytes/s), and the rate a fraction of a ceiling measured on this device at the start
   of the run (a large GEMM in the case's dtype; a large tensor copy, bytes read + written).
 - Times are medians of many calls after warm-up: CUDA events with an L2 flush before each call on a GPU; on a CPU
-  wall-clock per call, cycling through several input sets so the last-level cache is not what is measured.
+  wall-clock per call, cycling through several input sets so the last-level cache is not what is measured, with
+  the implementations of a case called in rotation (one call of each in turn), so that a change in the speed of a
+  shared machine during the measurement hits fastlm and its peers alike.
   Inputs are random normal (never zeros or ones); on a CPU the thread count is fixed and recorded.
 - Every measured implementation is first checked against the float64 reference by the numerics rule
   (fastlm.testing): a result that fails it is marked WRONG in the table and the JSON, so speed is never shown for a
@@ -178,9 +180,50 @@ def time_fns(fns: list[Callable], device: torch.device, timing: Timing) -> dict:
             fns[n % len(fns)]()
             times.append(time.perf_counter() - t)
             n += 1
+    return _stats(times)
+
+
+def _stats(times: list[float]) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median_s": statistics.median(times), "min_s": min(times), "q1_s": q[0], "q3_s": q[2],
             "reps": len(times)}
+
+
+def time_rotation(fn_lists: list[list[Callable]], timing: Timing) -> list:
+    """CPU: several implementations timed in rotation, one call of each in turn (each cycling through its own
+    closures, one per input set), after the same warm-up; the budget is ``timing``'s per implementation. Returns,
+    per implementation, time_fns' statistics or the exception one of its calls raised (it then leaves the
+    rotation; the others go on)."""
+    out: list = [None] * len(fn_lists)
+    times: list[list[float]] = [[] for _ in fn_lists]
+    live = list(range(len(fn_lists)))
+
+    def call(j: int, n: int) -> None:
+        try:
+            t = time.perf_counter()
+            fn_lists[j][n % len(fn_lists[j])]()
+            times[j].append(time.perf_counter() - t)
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not end the others' measurement
+            out[j] = e
+            live.remove(j)
+
+    for j in list(live):                                 # compile / first-touch happen here
+        for n in range(len(fn_lists[j])):
+            if j in live:
+                call(j, n)
+    t0, n = time.perf_counter(), 0
+    while live and time.perf_counter() - t0 < timing.warmup_s * len(fn_lists):
+        for j in list(live):
+            call(j, n)
+        n += 1
+    times = [[] for _ in fn_lists]
+    start, n = time.perf_counter(), 0
+    budget = timing.budget_s * len(fn_lists)
+    while live and (n < timing.min_reps or (n < timing.max_reps and time.perf_counter() - start < budget)):
+        for j in list(live):
+            call(j, n)
+        n += 1
+    return [out[j] if out[j] is not None else _stats(times[j]) for j in range(len(fn_lists))]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -458,31 +501,63 @@ class OpCase:
         """Called after timing (a whole-model case reads its peak memory here)."""
 
 
-def measure(case, impl: Impl, ctx: Context, **prepare_kw) -> Result:
-    """Check, then time, one implementation of a case. A failure becomes the row's status, never an exception; an
-    unavailable default backend is replaced by its fallback."""
+def prepared(case, impl: Impl, ctx: Context, **prepare_kw) -> tuple[Result, list[Callable] | None]:
+    """Check one implementation of a case: (its result so far, its timed closures), or (its result with the failure
+    as status, None). An unavailable default backend is replaced by its fallback."""
     try:
-        res, calls = case.prepare(impl, ctx, **prepare_kw)
-        res.finish(time_fns(calls, ctx.device, ctx.timing), ctx.ceilings)
-        case.finalize(res, ctx)
+        return case.prepare(impl, ctx, **prepare_kw)
     except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
         res = case.base_result(impl)
         res.status, res.message = failure(e)
         if res.status == "unavailable" and impl.fallback is not None:
-            res = measure(case, impl.fallback, ctx, **prepare_kw)
+            res, calls = prepared(case, impl.fallback, ctx, **prepare_kw)
             res.message = f"{impl.name} unavailable: {e}".splitlines()[0][:300]
-    return res
+            return res, calls
+        return res, None
+
+
+def _finish(case, res: Result, stats, ctx: Context) -> None:
+    try:
+        if isinstance(stats, Exception):
+            raise stats
+        res.finish(stats, ctx.ceilings)
+        case.finalize(res, ctx)
+    except Exception as e:  # noqa: BLE001
+        res.status, res.message = failure(e)
 
 
 def run_impls(case, ctx: Context, progress=None, **prepare_kw) -> list[Result]:
-    results = []
-    for impl in case.impls:
+    """Check and time every implementation of a case. On a GPU one after the other (a training step's peak memory
+    is read right after its own timing); on a CPU checked one after the other, then timed in rotation."""
+    def note(impl):
         if progress is not None:
             progress.set_postfix_str(f"{case.op} {case.name} {impl.name}"[:60])
-        results.append(measure(case, impl, ctx, **prepare_kw))
-        if progress is not None:
-            progress.update(1)
-    return results
+
+    if ctx.device.type == "cuda":
+        results = []
+        for impl in case.impls:
+            note(impl)
+            res, calls = prepared(case, impl, ctx, **prepare_kw)
+            if calls is not None:
+                try:
+                    stats = time_fns(calls, ctx.device, ctx.timing)
+                except Exception as e:  # noqa: BLE001
+                    stats = e
+                _finish(case, res, stats, ctx)
+            results.append(res)
+            if progress is not None:
+                progress.update(1)
+        return results
+    entries = []
+    for impl in case.impls:
+        note(impl)
+        entries.append(prepared(case, impl, ctx, **prepare_kw))
+    timed = [(res, calls) for res, calls in entries if calls is not None]
+    for (res, _), stats in zip(timed, time_rotation([calls for _, calls in timed], ctx.timing)):
+        _finish(case, res, stats, ctx)
+    if progress is not None:
+        progress.update(len(entries))
+    return [res for res, _ in entries]
 
 
 def add_speedups(results: list[Result]):

@@ -91,6 +91,25 @@ def test_failing_and_unavailable_implementations_become_rows():
     assert "ERROR" in text and "boom" in text
 
 
+def test_cpu_timing_rotates_the_implementations_and_survives_one_failing_midway():
+    log, calls = [], {"b": 0}
+
+    def flaky():
+        calls["b"] += 1
+        log.append("b")
+        if calls["b"] > 4:                      # passes its first calls (the check, the warm-up), then fails
+            raise RuntimeError("lost the device")
+
+    timing = benchmark.Timing(warmup_s=0.0, budget_s=0.0, min_reps=6, max_reps=6)
+    a, b, c = benchmark.time_rotation([[lambda: log.append("a0"), lambda: log.append("a1")], [flaky],
+                                       [lambda: log.append("c")]], timing)
+    assert a["reps"] == 6 and c["reps"] == 6 and a["min_s"] <= a["median_s"] <= a["q3_s"]
+    assert isinstance(b, RuntimeError) and "lost the device" in str(b)
+    timed = log[log.index("c") + 1:]            # after the first call of each: one call of each in turn
+    assert timed[:6] == ["a0", "b", "c", "a1", "b", "c"]
+    assert timed[6:] == ["a0", "b", "c", "a1", "b", "c", "a0", "c", "a1", "c"]   # b's 5th call raised
+
+
 def test_wrong_fastlm_result_makes_the_cli_fail(tmp_path, monkeypatch, capsys):
     from fastlm import bench_suites
     monkeypatch.setattr(bench_suites, "cases", lambda ops, ctx, **kw: [
