@@ -409,7 +409,8 @@ class OpCase:
             return 1
         one = self.make_inputs(torch.Generator(device=device).manual_seed(0), device)
         nbytes = sum(t.numel() * t.element_size() for t in one.values() if isinstance(t, torch.Tensor))
-        # each backward set keeps its forward graph alive (the eager reference's scores included): at most two
+        # each backward set keeps its forward graph alive (the eager reference's scores included), on a CPU for
+        # every implementation of the case at once (they are timed in rotation): at most two
         return max(1, min(2 if self.mode == "bwd" else 8, math.ceil(96 * 2**20 / max(nbytes, 1))))
 
     # -- running -------------------------------------------------------------------------------------------------
@@ -520,8 +521,8 @@ def _finish(case, res: Result, stats, ctx: Context) -> None:
     try:
         if isinstance(stats, Exception):
             raise stats
-        res.finish(stats, ctx.ceilings)
         case.finalize(res, ctx)
+        res.finish(stats, ctx.ceilings)   # last: a row that failed carries no time
     except Exception as e:  # noqa: BLE001
         res.status, res.message = failure(e)
 

@@ -424,8 +424,8 @@ def test_mlp_inputs_requiring_grad_across_threads():
 # (leading dims of x, in_features, out_features): the matrix-vector path (<= 8 rows: 1, 6, 7 and 8 rows go through
 # the 4-, 2- and 1-row dot products; in_features not a whole number of vectors or of unrolled blocks; one output) and
 # the packed GEMM above it (rows not a multiple of the 6-row block, columns not of the 16-column panel, a reduction
-# of 600 = 256 + 256 + 88 in three partial sums; 100 rows in 48-row chunks against 13 panels in two groups, the last
-# group and its last panel partial)
+# of 600 = 256 + 256 + 88 in three partial sums; 100 rows, more than one row chunk, against 200 columns in panel
+# groups whose last group and last panel are partial)
 LINEAR_SHAPES = [((1,), 40, 1000), ((2, 3), 20, 7), ((7,), 72, 1), ((1, 8), 1, 13), ((9,), 40, 33), ((3, 50), 24, 17),
                  ((13,), 600, 20), ((100,), 300, 200)]
 

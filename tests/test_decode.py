@@ -48,7 +48,7 @@ def _check(out, q, k, v, lens, softmax_scale=None, name="out"):
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
 SHAPES = [(16, 1, 1), (40, 2, 2), (64, 4, 1), (80, 1, 4), (128, 2, 1), (64, 1, 2), (40, 4, 4), (128, 4, 4),
           (64, 8, 3),  # 24 rows per kv head, more than one 16-row tile
-          (20, 5, 1)]  # a head dim that is not a whole number of SIMD vectors, an odd number of rows per kv head
+          (20, 3, 1), (20, 5, 1)]  # a head dim that is not a whole number of SIMD vectors, odd rows per kv head
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=lambda x: str(x).replace("torch.", ""))

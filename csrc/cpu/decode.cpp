@@ -8,8 +8,9 @@
 // page per key and defeats them). A kv head's rows serve all G = H / Hkv query heads and all Sq queries (M = G * Sq
 // rows), so every K and V byte is read once. Per block: scores by vector dot products, kKeys keys at a time, each key
 // vector loaded (and widened) once for up to four query rows; the online softmax of tile.h in base 2 per row;
-// O += P V, again kKeys value rows per pass over up to four rows of O, so O is loaded and stored once per kKeys keys. bf16/fp16 caches are widened in registers as they are loaded. Each chunk
-// leaves its unnormalized output, running max and sum; a combine pass merges the chunks of each row and writes out.
+// O += P V, again kKeys value rows per pass over up to four rows of O, so O is loaded and stored once per kKeys
+// keys. bf16/fp16 caches are widened in registers as they are loaded. Each chunk leaves its unnormalized output,
+// running max and sum; a combine pass merges the chunks of each row and writes out.
 //
 // Memory traffic: each valid K and V row read once (the bandwidth bound of decoding), q read and out written once;
 // the partial results (chunks x M x D floats per kv head) are small next to the cache.

@@ -24,21 +24,24 @@
 
 namespace fastlm_cpu {
 
-constexpr int64_t kPanel = 2 * kW;       // output columns per packed panel (the micro-kernel's width)
-constexpr int64_t kMaxGroup = 8;         // panels per thread task: W group slice 8 x 16 KB per depth step in L2
+constexpr int64_t kPanel = 2 * kW;         // output columns per packed panel (the micro-kernel's width)
+constexpr int64_t kMaxGroup = 8;           // panels per thread task; the group's slice of W per depth step
+                                           // (8 x kDepth x kPanel floats: 128 KB with AVX2) stays in L2
 constexpr int64_t kChunkRows = 8 * kRows;  // rows of x per output tile: the tile and its x rows stay in L1 / L2
-constexpr int64_t kDepth = 256;          // reduction depth per pass: separate partial sums keep the rounding
-                                         // error of long dot products down; a panel's slice (16 KB) stays in L1
+constexpr int64_t kDepth = 256;            // reduction depth per pass: separate partial sums keep the rounding
+                                           // error of long dot products down; a panel's slice stays in L1
 
-// Panels per group for `panels` panels on `threads` threads: the size (at most kMaxGroup) that leaves the busiest
-// thread the fewest panels, the larger on ties.
+// Panels per group for `panels` panels on `threads` threads: the largest size (at most kMaxGroup) that leaves the
+// busiest thread at most 1/16 more panels than single panels would. at::parallel_for hands each thread a
+// contiguous run of ceil(groups / threads) groups, and only the last group can be short.
 inline int64_t panel_group(int64_t panels, int64_t threads) {
-  int64_t best = 1, best_load = panels;
-  for (int64_t g = 1; g <= std::min(kMaxGroup, panels); ++g) {
-    const int64_t groups = (panels + g - 1) / g, load = (groups + threads - 1) / threads * g;
-    if (load <= best_load) best = g, best_load = load;
-  }
-  return best;
+  auto busiest = [&](int64_t g) {
+    const int64_t groups = (panels + g - 1) / g;
+    return std::min(panels, (groups + threads - 1) / threads * g);
+  };
+  for (int64_t g = std::min(kMaxGroup, panels); g > 1; --g)
+    if (16 * busiest(g) <= 17 * busiest(1)) return g;
+  return 1;
 }
 
 // Computes x W^T tile by tile and calls epilogue(m0, rows, n0, cols, tile, ldt) for each, with
