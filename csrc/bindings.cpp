@@ -76,6 +76,27 @@ std::tuple<at::Tensor, at::Tensor> gelu_bwd_meta(const at::Tensor& dh, const at:
   return {at::empty_symint(a.sym_sizes(), a.options()), at::empty_symint(a.sym_sizes(), a.options())};
 }
 
+std::tuple<at::Tensor, at::Tensor> cross_entropy_rows_meta(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2, "fastlm::cross_entropy: logits must be 2-D (tokens, vocab), got shape ",
+              logits.sym_sizes());
+  const auto opts = logits.options().dtype(at::kFloat);
+  return {at::empty_symint({logits.sym_size(0)}, opts), at::empty_symint({logits.sym_size(0)}, opts)};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_meta(const at::Tensor& logits, const at::Tensor&, int64_t) {
+  return cross_entropy_rows_meta(logits);
+}
+
+at::Tensor cross_entropy_bwd_meta(const at::Tensor&, const at::Tensor& logits, const at::Tensor&, const at::Tensor&,
+                                  int64_t) {
+  return at::empty_symint(logits.sym_sizes(), logits.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_meta(at::Tensor& logits, const at::Tensor&, int64_t,
+                                                            const std::optional<at::Tensor>&) {
+  return cross_entropy_rows_meta(logits);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_bwd_meta(const at::Tensor&, const at::Tensor& g,
                                                                const at::Tensor&) {
   return {at::empty_symint(g.sym_sizes(), g.options()), at::empty_symint(g.sym_sizes(), g.options()),
@@ -106,6 +127,10 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("mlp_swiglu(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? residual) -> Tensor");
   m.def("gelu_bwd(Tensor dh, Tensor a) -> (Tensor da, Tensor h)");
   m.def("swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor dg, Tensor du, Tensor h)");
+  m.def("cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index) -> (Tensor loss, Tensor lse)");
+  m.def("cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, int ignore_index) -> Tensor");
+  m.def("cross_entropy_fused_(Tensor(a!) logits, Tensor targets, int ignore_index, Tensor? grad_scale) "
+        "-> (Tensor loss, Tensor lse)");
   m.def("norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool is_rms) "
         "-> (Tensor y, Tensor h)");
   m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
@@ -123,6 +148,9 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("mlp_swiglu", &fastlm_cpu::mlp_swiglu);
   m.impl("gelu_bwd", &fastlm_cpu::gelu_bwd);
   m.impl("swiglu_bwd", &fastlm_cpu::swiglu_bwd);
+  m.impl("cross_entropy_fwd", &fastlm_cpu::cross_entropy_fwd);
+  m.impl("cross_entropy_bwd", &fastlm_cpu::cross_entropy_bwd);
+  m.impl("cross_entropy_fused_", &fastlm_cpu::cross_entropy_fused_);
   m.impl("norm_fwd", &fastlm_cpu::norm_fwd);
   m.impl("rope_fwd", &fastlm_cpu::rope_fwd);
   m.impl("decode_step", &fastlm_cpu::decode_step);
@@ -137,6 +165,9 @@ TORCH_LIBRARY_IMPL(fastlm, Meta, m) {
   m.impl("mlp_swiglu", &mlp_swiglu_meta);
   m.impl("gelu_bwd", &gelu_bwd_meta);
   m.impl("swiglu_bwd", &swiglu_bwd_meta);
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_meta);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd_meta);
+  m.impl("cross_entropy_fused_", &cross_entropy_fused_meta);
   m.impl("norm_fwd", &norm_fwd_meta);
   m.impl("rope_fwd", &rope_fwd_meta);
   m.impl("decode_step", &decode_step_meta);

@@ -373,7 +373,8 @@ def _cast(inputs: dict, dtype) -> dict:
 @dataclass
 class OpCase:
     """One op at one shape, dtype and mode ("fwd": outputs; "bwd": gradients of every differentiable input,
-    timed as the backward pass alone from a retained graph)."""
+    timed as the backward pass alone from a retained graph; "fwd_bwd": the same gradients, timed as forward and
+    backward together, for ops whose forward does backward work, e.g. the fused linear + cross-entropy)."""
     op: str
     name: str
     shape: dict
@@ -416,7 +417,7 @@ class OpCase:
     # -- running -------------------------------------------------------------------------------------------------
 
     def forward(self, fn, inputs):
-        """Outputs of fn in "fwd" mode; gradients of the differentiable inputs in "bwd" mode."""
+        """Outputs of fn in "fwd" mode; gradients of the differentiable inputs in the other modes."""
         if self.mode == "fwd":
             with torch.no_grad():
                 return _as_tuple(fn(**inputs))
@@ -438,6 +439,15 @@ class OpCase:
         outs = [o for o in _as_tuple(fn(**leaves)) if o.requires_grad]
         douts = [torch.randn_like(o) for o in outs]
         grads = [leaves[k] for k in self.grad_inputs]
+        if self.mode == "fwd_bwd":
+            del outs                                     # each call builds (and frees) its own graph
+
+            def call():
+                for g in grads:
+                    g.grad = None
+                new = [o for o in _as_tuple(fn(**leaves)) if o.requires_grad]
+                torch.autograd.backward(new, douts)
+            return call
 
         def call():
             for g in grads:
@@ -456,7 +466,7 @@ class OpCase:
                           case.forward(case.reference, inputs))
         inputs, ref64, ref_low = case._refs
         out = case.forward(impl.fn, inputs)
-        names = case.grad_inputs if case.mode == "bwd" else [f"out{i}" for i in range(len(ref64))]
+        names = case.grad_inputs if case.mode != "fwd" else [f"out{i}" for i in range(len(ref64))]
         if len(out) != len(ref64):
             return float("nan"), float("nan"), False, f"{len(out)} outputs, reference has {len(ref64)}"
         err = ref_err = 0.0
@@ -468,7 +478,7 @@ class OpCase:
                 testing.check_rule(name, o, r64, rl)
             except AssertionError:
                 ok = False
-        what = ("grads " + ",".join(names)) if case.mode == "bwd" else "output"
+        what = ("grads " + ",".join(names)) if case.mode != "fwd" else "output"
         if case is not self:
             what += f" at {case.name}"
         return err, ref_err, ok, what
@@ -892,8 +902,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def default_ops(device: torch.device, suite: str, tiny: bool = False) -> list[str]:
-    """Everything, except in the quick suite on a CPU: there only the ops with a C++ CPU kernel and the model, since
-    norms, RoPE and cross-entropy run the reference on a CPU (``--ops`` or ``--suite full`` measure them too).
+    """Everything, except in the quick suite on a CPU: there the ops that carry a model's prefill and decoding time
+    (attention, decode, FFN) and the model, which keeps the run within about 3 minutes; norms, RoPE and
+    cross-entropy are measured with ``--ops`` or ``--suite full``.
     ``--tiny`` (the harness's own check) always covers every suite."""
     if device.type == "cpu" and suite == "quick" and not tiny:
         return list(CPU_QUICK_OPS)

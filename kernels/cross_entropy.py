@@ -12,8 +12,6 @@ fused mode reads twice and writes once. Targets equal to ignore_index give loss 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -139,66 +137,3 @@ def aot_specs():
                              "GSCALE", "V"),
             "num_warps": warps, "num_stages": 1, "expect_wgmma": False})
     return specs
-
-
-@functools.lru_cache(maxsize=None)
-def _has_addmm_out_dtype(device_type: str) -> bool:
-    key = "CUDA" if device_type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype", key)
-
-
-def _addmm_fp32(acc, a, b):
-    """acc + a @ b for an fp32 acc and fp16/bf16 a, b, the product never rounded to 16 bits (cuBLAS with an fp32
-    output where torch offers it, i.e. torch >= 2.8 on CUDA; an fp32 GEMM otherwise)."""
-    if _has_addmm_out_dtype(a.device.type):
-        return torch.addmm(acc, a, b, out_dtype=torch.float32)
-    return acc.addmm_(a.float(), b.float())
-
-
-def default_chunk(vocab: int, itemsize: int) -> int:
-    """Tokens per chunk for the fused linear + cross-entropy: about 256 MB of logits per chunk, at least 128 rows
-    (small chunks starve the LM-head GEMM), a multiple of 128."""
-    rows = (256 << 20) // max(1, vocab * itemsize)
-    return max(128, rows // 128 * 128)
-
-
-def linear_cross_entropy_chunks(x, weight, bias, targets, ignore_index: int, chunk: int, compute_grad: bool,
-                                row_scale=None):
-    """cross_entropy(x @ weight.T + bias) over token chunks, never holding more than ``chunk`` rows of logits.
-
-    x (N, d), weight (V, d), targets (N,). Returns (loss_rows (N,) fp32, dx, dweight, dbias); with ``compute_grad``
-    the gradients of sum_i row_scale[i] * loss[i] (row_scale None: all ones) are accumulated chunk by chunk from the
-    gradient the cross-entropy kernel writes over each chunk's logits; otherwise they are empty tensors. dweight is
-    accumulated in fp32 across chunks (fp32 partial products) for fp16/bf16 weights so the chunking adds no rounding of
-    its own."""
-    N, d = x.shape
-    V = weight.shape[0]
-    loss = torch.empty(N, dtype=torch.float32, device=x.device)
-    dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
-    if compute_grad:
-        dx = torch.empty_like(x)
-        acc_dtype = torch.float32 if N > chunk else weight.dtype
-        dw = torch.zeros(V, d, dtype=acc_dtype, device=x.device)
-        if bias is not None:
-            db = torch.zeros(V, dtype=torch.float32, device=x.device)
-    for s in range(0, N, chunk):
-        e = min(N, s + chunk)
-        xc = x[s:e]
-        logits = torch.addmm(bias, xc, weight.t()) if bias is not None else torch.mm(xc, weight.t())
-        if not compute_grad:
-            loss[s:e] = cross_entropy_fwd(logits, targets[s:e], ignore_index)[0]
-            continue
-        scale = row_scale[s:e].contiguous() if row_scale is not None else None
-        loss[s:e] = cross_entropy_fused_(logits, targets[s:e], ignore_index, scale)[0]
-        torch.mm(logits, weight, out=dx[s:e])
-        if dw.dtype == logits.dtype:
-            dw.addmm_(logits.t(), xc)
-        else:
-            dw = _addmm_fp32(dw, logits.t(), xc)
-        if bias is not None:
-            db += logits.sum(0, dtype=torch.float32)
-    if compute_grad:
-        dw = dw.to(weight.dtype)
-        if bias is not None:
-            db = db.to(bias.dtype)
-    return loss, dx, dw, db

@@ -1,23 +1,27 @@
 """Cross-entropy and fused linear + cross-entropy against the float64 reference: losses and gradients by the numerics
-rule for every reduction, ignore_index, vocabularies 1000 and 50257, chunking, empty and bad input."""
+rule for every reduction, ignore_index, vocabularies 13 to 50257, chunking, empty and bad input; the Triton kernels and
+the C++ CPU kernels (cpu backend) through one test matrix."""
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES
+from conftest import DEVICE, backend_device, needs_cpu_kernel, triton_and_cpu
 from fastlm import reference
 from fastlm.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from fastlm.testing import check_op, check_rule
 
 
-def _targets(shape, V, ignore_index=-100, n_ignored=1):
-    t = torch.randint(0, V, shape, device=DEVICE)
+BACKENDS, BACKEND_DTYPES = triton_and_cpu("cross_entropy_fwd")
+
+
+def _targets(shape, V, ignore_index=-100, n_ignored=1, device=DEVICE):
+    t = torch.randint(0, V, shape, device=device)
     t.view(-1)[:n_ignored] = ignore_index
     return t
 
 
-def _ce(reduction, ignore_index=-100):
+def _ce(reduction, backend, ignore_index=-100):
     def fn(logits, t):
-        return cross_entropy(logits, t, ignore_index=ignore_index, reduction=reduction, backend="triton")
+        return cross_entropy(logits, t, ignore_index=ignore_index, reduction=reduction, backend=backend)
 
     def ref(logits, t):
         out = reference.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=ignore_index,
@@ -26,44 +30,72 @@ def _ce(reduction, ignore_index=-100):
     return fn, ref
 
 
-_LOW = DTYPES[1:]   # fp16 (and bf16 on a GPU)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("N, V, reduction", [(1, 1000, "none"), (7, 1000, "mean"), (129, 1000, "sum"),
+                                             (129, 1000, "none"), (3, 50257, "mean"), (3, 50257, "none"),
+                                             (5, 13, "none")])   # a row shorter than two SIMD vectors
+def test_cross_entropy_rule(backend, dtype, N, V, reduction):
+    dev = backend_device(backend)
+    logits = 3.0 * torch.randn(N, V, dtype=dtype, device=dev)
+    fn, ref = _ce(reduction, backend)
+    check_op(f"cross_entropy[{backend}, {reduction}]", fn, ref,
+             [logits, _targets((N,), V, n_ignored=min(1, N - 1), device=dev)])
 
 
-@pytest.mark.parametrize("N, V, reduction, dtype",
-                         [(n, v, red, dt) for dt in DTYPES for n, v, red in ((1, 1000, "none"), (7, 1000, "mean"),
-                                                                             (129, 1000, "sum"), (129, 1000, "none"))]
-                         + [(3, 50257, "mean", torch.float32)] + [(3, 50257, "none", dt) for dt in _LOW])
-def test_cross_entropy_rule(N, V, reduction, dtype):
-    logits = 3.0 * torch.randn(N, V, dtype=dtype, device=DEVICE)
-    fn, ref = _ce(reduction)
-    check_op(f"cross_entropy[{reduction}]", fn, ref, [logits, _targets((N,), V, n_ignored=min(1, N - 1))])
-
-
-def test_cross_entropy_leading_dims_ignore_index_and_large_logits():
-    logits = torch.randn(2, 5, 300, device=DEVICE)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_leading_dims_ignore_index_and_large_logits(backend):
+    dev = backend_device(backend)
+    logits = torch.randn(2, 5, 300, device=dev)
     logits[0, 0, 7] = 80.0                           # a dominant logit: the online max must rescale correctly
-    t = _targets((2, 5), 300, ignore_index=3, n_ignored=2)
+    t = _targets((2, 5), 300, ignore_index=3, n_ignored=2, device=dev)
     t[0, 0] = 7
-    fn, ref = _ce("none", ignore_index=3)
+    fn, ref = _ce("none", backend, ignore_index=3)
     out = check_op("cross_entropy(ignore_index=3)", fn, ref, [logits, t])[0]
-    assert out.shape == (2, 5) and torch.equal(out.view(-1)[1:2], torch.zeros(1, device=DEVICE))
+    assert out.shape == (2, 5) and torch.equal(out.view(-1)[1:2], torch.zeros(1, device=dev))
 
 
-def test_cross_entropy_all_ignored_and_empty():
-    logits = torch.randn(4, 50, device=DEVICE, requires_grad=True)
-    t = torch.full((4,), -100, device=DEVICE)
-    loss = cross_entropy(logits, t, backend="triton")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_all_ignored_and_empty(backend):
+    dev = backend_device(backend)
+    logits = torch.randn(4, 50, device=dev, requires_grad=True)
+    t = torch.full((4,), -100, device=dev)
+    loss = cross_entropy(logits, t, backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
-    e = torch.randn(0, 50, device=DEVICE, requires_grad=True)
-    assert cross_entropy(e, t[:0], backend="triton").item() == 0.0
-    assert cross_entropy(e, t[:0], reduction="none", backend="triton").shape == (0,)
+    e = torch.randn(0, 50, device=dev, requires_grad=True)
+    assert cross_entropy(e, t[:0], backend=backend).item() == 0.0
+    assert cross_entropy(e, t[:0], reduction="none", backend=backend).shape == (0,)
 
 
-def _lce(reduction, chunk_size, bias):
+@needs_cpu_kernel("cross_entropy_fwd")
+def test_cpu_kernels_check_their_arguments():
+    logits, t = torch.randn(4, 50), torch.tensor([1, 2, -100, 49])
+    ops = torch.ops.fastlm
+    with pytest.raises(RuntimeError, match=r"targets must be in \[0, 50\) or equal ignore_index \(-100\), got 50"):
+        ops.cross_entropy_fwd(logits, torch.tensor([1, 2, 50, 3]), -100)
+    with pytest.raises(RuntimeError, match=r"targets must be a CPU int64 or int32 tensor of shape \(4,\)"):
+        ops.cross_entropy_fwd(logits, t[:3], -100)
+    with pytest.raises(RuntimeError, match="logits must be 2-D"):
+        ops.cross_entropy_fwd(logits[0], t, -100)
+    with pytest.raises(RuntimeError, match="contiguous last dim"):
+        ops.cross_entropy_fwd(logits.t().contiguous().t(), t, -100)
+    with pytest.raises(RuntimeError, match=r"grad_loss must be a floating-point CPU tensor of shape \(4,\)"):
+        ops.cross_entropy_bwd(torch.ones(3), logits, t, torch.zeros(4), -100)
+    with pytest.raises(RuntimeError, match=r"grad_scale must be a floating-point CPU tensor of shape \(4,\)"):
+        ops.cross_entropy_fused_(logits.clone(), t, -100, torch.ones(4, 1))
+    # the fused call: loss as the forward's, the gradient over the logits as the backward's
+    loss, lse = ops.cross_entropy_fwd(logits, t, -100)
+    scale = torch.rand(4)
+    grad = logits.clone()
+    loss2, lse2 = ops.cross_entropy_fused_(grad, t, -100, scale)
+    assert torch.equal(loss, loss2) and torch.equal(lse, lse2)
+    assert torch.equal(grad, ops.cross_entropy_bwd(scale, logits, t, lse, -100))
+
+
+def _lce(reduction, chunk_size, bias, backend):
     def fn(x, w, t, *b):
         return linear_cross_entropy(x, w, t, b[0] if bias else None, reduction=reduction, chunk_size=chunk_size,
-                                    backend="triton")
+                                    backend=backend)
 
     def ref(x, w, t, *b):
         out = reference.linear_cross_entropy(x.reshape(-1, x.shape[-1]), w, t.reshape(-1), b[0] if bias else None,
@@ -72,36 +104,41 @@ def _lce(reduction, chunk_size, bias):
     return fn, ref
 
 
-@pytest.mark.parametrize("N, d, V, chunk, bias, reduction, dtype",
-                         [(7, 40, 1000, None, True, red, dt) for dt in DTYPES for red in ("mean", "sum", "none")]
-                         + [(129, 96, 1000, 32, False, red, dt) for dt in DTYPES for red in ("mean", "none")]
-                         + [(1, 40, 1000, 1, False, "sum", dt) for dt in DTYPES]
-                         + [(3, 40, 50257, 2, True, "mean", torch.float32)])
-def test_linear_cross_entropy_rule(N, d, V, chunk, bias, reduction, dtype):
-    x = torch.randn(N, d, dtype=dtype, device=DEVICE)
-    w = torch.randn(V, d, dtype=dtype, device=DEVICE) / d ** 0.5
-    inputs = [x, w, _targets((N,), V, n_ignored=min(1, N - 1))] + ([torch.randn(V, dtype=dtype, device=DEVICE)]
-                                                                   if bias else [])
-    fn, ref = _lce(reduction, chunk, bias)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("N, d, V, chunk, bias, reduction",
+                         [(7, 40, 1000, None, True, red) for red in ("mean", "sum", "none")]
+                         + [(129, 96, 1000, 32, False, red) for red in ("mean", "none")]
+                         + [(1, 40, 1000, 1, False, "sum"), (3, 40, 50257, 2, True, "mean")])
+def test_linear_cross_entropy_rule(backend, dtype, N, d, V, chunk, bias, reduction):
+    dev = backend_device(backend)
+    x = torch.randn(N, d, dtype=dtype, device=dev)
+    w = torch.randn(V, d, dtype=dtype, device=dev) / d ** 0.5
+    inputs = [x, w, _targets((N,), V, n_ignored=min(1, N - 1), device=dev)] + (
+        [torch.randn(V, dtype=dtype, device=dev)] if bias else [])
+    fn, ref = _lce(reduction, chunk, bias, backend)
     # mean/sum: the gradients are formed in the forward and scaled by the upstream scalar afterwards, exact for a
     # power of two (1, or a loss scale); "none" takes random per-token cotangents
-    check_op(f"linear_cross_entropy[{reduction}, chunk={chunk}]", fn, ref, inputs, scalar_cotangent=0.5)
+    check_op(f"linear_cross_entropy[{backend}, {reduction}, chunk={chunk}]", fn, ref, inputs, scalar_cotangent=0.5)
 
 
-def test_linear_cross_entropy_leading_dims_and_no_grad():
-    x = torch.randn(2, 5, 40, device=DEVICE)
-    w = torch.randn(300, 40, device=DEVICE)
-    t = _targets((2, 5), 300)
-    fn, ref = _lce("none", 4, False)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy_leading_dims_and_no_grad(backend):
+    dev = backend_device(backend)
+    x = torch.randn(2, 5, 40, device=dev)
+    w = torch.randn(300, 40, device=dev)
+    t = _targets((2, 5), 300, device=dev)
+    fn, ref = _lce("none", 4, False, backend)
     check_op("linear_cross_entropy(leading dims)", fn, ref, [x, w, t])
     with torch.no_grad():
-        check_op("linear_cross_entropy(no_grad)", *_lce("mean", 3, False), [x, w, t], grads=False)
+        check_op("linear_cross_entropy(no_grad)", *_lce("mean", 3, False, backend), [x, w, t], grads=False)
 
 
-def test_linear_cross_entropy_empty():
-    x = torch.randn(0, 40, device=DEVICE, requires_grad=True)
-    w = torch.randn(300, 40, device=DEVICE, requires_grad=True)
-    loss = linear_cross_entropy(x, w, torch.zeros(0, dtype=torch.long, device=DEVICE), backend="triton")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy_empty(backend):
+    dev = backend_device(backend)
+    x = torch.randn(0, 40, device=dev, requires_grad=True)
+    w = torch.randn(300, 40, device=dev, requires_grad=True)
+    loss = linear_cross_entropy(x, w, torch.zeros(0, dtype=torch.long, device=dev), backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and x.grad.shape == (0, 40) and torch.equal(w.grad, torch.zeros_like(w))
 
@@ -131,13 +168,15 @@ def test_bad_input(call, exc, words):
         call(logits, t, x, w)
 
 
-def test_expanded_grads():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_grads(backend):
     # loss.sum() hands backward a stride-0 gradient
-    logits = torch.randn(7, 300, device=DEVICE, requires_grad=True)
-    x, w = torch.randn(7, 40, device=DEVICE, requires_grad=True), torch.randn(300, 40, device=DEVICE)
-    t = _targets((7,), 300)
-    cross_entropy(logits, t, reduction="none", backend="triton").sum().backward()
-    linear_cross_entropy(x, w, t, reduction="none", chunk_size=3, backend="triton").sum().backward()
+    dev = backend_device(backend)
+    logits = torch.randn(7, 300, device=dev, requires_grad=True)
+    x, w = torch.randn(7, 40, device=dev, requires_grad=True), torch.randn(300, 40, device=dev)
+    t = _targets((7,), 300, device=dev)
+    cross_entropy(logits, t, reduction="none", backend=backend).sum().backward()
+    linear_cross_entropy(x, w, t, reduction="none", chunk_size=3, backend=backend).sum().backward()
     logits64, x64 = logits.detach().double().requires_grad_(), x.detach().double().requires_grad_()
     reference.cross_entropy(logits64, t, reduction="none").sum().backward()
     reference.linear_cross_entropy(x64, w.double(), t, reduction="none").sum().backward()
@@ -149,8 +188,9 @@ def test_expanded_grads():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_large_vocab_gpu(dtype):
     logits = 3.0 * torch.randn(67, 128256, dtype=dtype, device=DEVICE)
-    check_op("cross_entropy(128k vocab)", *_ce("mean"), [logits, _targets((67,), 128256)])
+    check_op("cross_entropy(128k vocab)", *_ce("mean", "triton"), [logits, _targets((67,), 128256)])
     x = torch.randn(1031, 512, dtype=dtype, device=DEVICE)
     w = torch.randn(32000, 512, dtype=dtype, device=DEVICE) / 512 ** 0.5
-    check_op("linear_cross_entropy(32k vocab, 5 chunks)", *_lce("mean", 256, False), [x, w, _targets((1031,), 32000)],
+    check_op("linear_cross_entropy(32k vocab, 5 chunks)", *_lce("mean", 256, False, "triton"),
+             [x, w, _targets((1031,), 32000)],
              scalar_cotangent=1.0)

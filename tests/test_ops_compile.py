@@ -38,9 +38,9 @@ def _opcheck_cases():
         ("rope", rope_ops._rope, (_r(2, 3, 2, 16), cos, sin, False)),
         ("cross_entropy_fwd", ce_ops._ce_fwd, (logits, t, -100)),
         ("cross_entropy_bwd", ce_ops._ce_bwd, (_r(5), logits, t, lse, -100)),
-        ("linear_cross_entropy[mean]", ce_ops._lce, (x, _r(300, 40), None, t, -100, "mean", 2, True)),
-        ("linear_cross_entropy[none]", ce_ops._lce, (x, _r(300, 40), _r(300), t, -100, "none", 2, False)),
-        ("linear_cross_entropy_bwd", ce_ops._lce_bwd, (_r(5), x, _r(300, 40), None, t, -100, 2)),
+        ("linear_cross_entropy[mean]", ce_ops._lce, (x, _r(300, 40), None, t, -100, "mean", 2, True, "triton")),
+        ("linear_cross_entropy[none]", ce_ops._lce, (x, _r(300, 40), _r(300), t, -100, "none", 2, False, "triton")),
+        ("linear_cross_entropy_bwd", ce_ops._lce_bwd, (_r(5), x, _r(300, 40), None, t, -100, 2, "triton")),
         ("mlp_gelu", ffn_ops._tr_gelu, (x, w1, b1, w2, None, r, True)),
         ("gelu_bwd", ffn_ops._tr_gelu_bwd, (_r(5, 24), _r(5, 24))),
         ("mlp_swiglu", ffn_ops._tr_swiglu, (x, w1, _r(24, 40), w2, None, True)),
@@ -52,7 +52,14 @@ def _native_opcheck_cases():
     """The autograd wrappers (fastlm_native_py::) of the C++ CPU ops, on CPU tensors."""
     x, r, w, b = (torch.randn(*shape) for shape in ((5, 40), (5, 40), (40,), (40,)))
     cos, sin = rope_ops.rope_cos_sin(torch.arange(3), 16)
+    logits, t = torch.randn(5, 300), torch.randint(0, 300, (5,))
+    t[0] = -100
     return [
+        ("cross_entropy", ce_ops._nat_ce, (logits, t, -100), "cross_entropy_fwd"),
+        ("linear_cross_entropy[mean]", ce_ops._lce, (x, torch.randn(300, 40), None, t, -100, "mean", 2, True, "cpu"),
+         "cross_entropy_fused_"),
+        ("linear_cross_entropy_bwd", ce_ops._lce_bwd,
+         (torch.randn(5), x, torch.randn(300, 40), None, t, -100, 2, "cpu"), "cross_entropy_fused_"),
         ("norm_fwd[layer,residual]", norm_ops._nat_norm, (x, r, w, b, 1e-5, False), "norm_fwd"),
         ("norm_fwd[rms]", norm_ops._nat_norm, (x, None, w, None, 1e-6, True), "norm_fwd"),
         ("rope", rope_ops._nat_rope, (torch.randn(2, 3, 2, 16), cos, sin, False), "rope_fwd"),
@@ -134,7 +141,8 @@ def test_compile_fullgraph(name, fn, inputs, backend):
     _check_compiled(fn, inputs, backend)
 
 
-NATIVE_OPS = {"norms": ("norm_fwd",), "rope": ("rope_fwd",), "mlps": ("mlp_gelu", "mlp_swiglu")}
+NATIVE_OPS = {"norms": ("norm_fwd",), "rope": ("rope_fwd",), "mlps": ("mlp_gelu", "mlp_swiglu"),
+              "losses": ce_ops._NATIVE}
 
 
 @pytest.mark.parametrize("name, fn, inputs", [g for g in _groups() if g[0] in NATIVE_OPS],

@@ -28,19 +28,6 @@ namespace {
 
 constexpr int64_t kGrainElems = 16384;  // elements per parallel task: below that, threads cost more than they save
 
-// The horizontal sum of acc = f(acc, v) over the vectors v of row p[0..n), the lanes past the row's end loaded as
-// pad; four accumulators keep the FMA pipeline busy and each summation chain a quarter as long.
-template <typename T, typename F>
-float row_sum(const T* p, int64_t n, float pad, F f) {
-  vfloat acc[4] = {};
-  int64_t c = 0;
-  for (; c + 4 * kW <= n; c += 4 * kW)
-    for (int u = 0; u < 4; ++u) acc[u] = f(acc[u], vload_cvt(p + c + u * kW));
-  for (; c + kW <= n; c += kW) acc[0] = f(acc[0], vload_cvt(p + c));
-  if (c < n) acc[1] = f(acc[1], vload_cvt_n(p + c, n - c, pad));
-  return hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
-}
-
 // x and residual: rows of d elements at their row strides; y and h contiguous. bias may be null, and so may
 // residual, h then not written.
 template <typename T, typename W>

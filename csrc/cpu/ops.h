@@ -49,6 +49,18 @@ std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dh, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dh, const at::Tensor& g,
                                                           const at::Tensor& u);
 
+// Cross-entropy of logits (N, V) (contiguous last dim; fp32/bf16/fp16) against targets (N,) (int64/int32, each in
+// [0, V) or equal to ignore_index): cross_entropy_fwd -> per-row (loss, lse), fp32, loss 0 in ignored rows;
+// cross_entropy_bwd -> d(sum_i grad_loss[i] loss[i]) / d logits in the logits' dtype, from the forward's lse;
+// cross_entropy_fused_ -> (loss, lse), with the gradient (scaled by grad_scale[i], or 1) written over the logits.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& targets,
+                                                     int64_t ignore_index);
+at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
+                             const at::Tensor& lse, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_(at::Tensor& logits, const at::Tensor& targets,
+                                                        int64_t ignore_index,
+                                                        const std::optional<at::Tensor>& grad_scale);
+
 // LayerNorm (is_rms false) or RMSNorm over the last dim of h = x (+ residual): y = norm(h) * weight (+ bias), fp32
 // statistics. Returns (y, h) in x's dtype, h an empty (0,) tensor without a residual; weight and bias may have
 // another float dtype than x (bias: weight's).

@@ -218,4 +218,23 @@ inline void vstore_cvt_n(T* p, vfloat v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = from_float<T>(buf[i]);
 }
 
+// acc[u] = f(acc[u], v) over the vectors v of row p[0..n), the lanes past the row's end loaded as pad: four
+// accumulators (the caller's starting values) keep the pipeline busy and each chain a quarter as long.
+template <typename T, typename F>
+inline void row_fold(const T* p, int64_t n, float pad, vfloat (&acc)[4], F f) {
+  int64_t c = 0;
+  for (; c + 4 * kW <= n; c += 4 * kW)
+    for (int u = 0; u < 4; ++u) acc[u] = f(acc[u], vload_cvt(p + c + u * kW));
+  for (; c + kW <= n; c += kW) acc[0] = f(acc[0], vload_cvt(p + c));
+  if (c < n) acc[1] = f(acc[1], vload_cvt_n(p + c, n - c, pad));
+}
+
+// The horizontal sum of row_fold from zeros.
+template <typename T, typename F>
+inline float row_sum(const T* p, int64_t n, float pad, F f) {
+  vfloat acc[4] = {};
+  row_fold(p, n, pad, acc, f);
+  return hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+
 }  // namespace fastlm_cpu

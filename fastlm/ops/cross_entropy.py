@@ -13,18 +13,21 @@ chunk's logits while they exist (three GEMMs per chunk, the logits computed once
 the incoming scalar gradient (Liger-Kernel's scheme). That scaling multiplies already-rounded gradients: exact for 1
 or a power-of-two loss scale, one extra rounding otherwise. With "none" (a per-token incoming gradient) the forward
 computes only the loss and backward recomputes each chunk's logits (four GEMMs per chunk in all).
-Backends: "triton" (kernels/cross_entropy.py + torch GEMMs) and "torch" (fastlm.reference).
+Backends: "triton" (kernels/cross_entropy.py + torch GEMMs), "cpu" (the C++ extension's row kernels,
+csrc/cpu/cross_entropy.cpp, + torch GEMMs) and "torch" (fastlm.reference).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
-from fastlm.ops._checks import check_float_tensor, check_triton_dtypes
+from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, needs_grad
 _REDUCTIONS = ("mean", "sum", "none")
+_NATIVE = ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_fused_")
 
 
 def _kernels():
@@ -70,24 +73,116 @@ def _ce_backward(ctx, dloss, dlse):
 _ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
+@torch.library.custom_op("fastlm_native_py::cross_entropy", mutates_args=())
+def _nat_ce(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.fastlm.cross_entropy_fwd(logits, targets, ignore_index)
+
+
+@_nat_ce.register_fake
+def _(logits, targets, ignore_index):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+def _nat_ce_backward(ctx, dloss, dlse):
+    logits, targets, lse = ctx.saved_tensors
+    return torch.ops.fastlm.cross_entropy_bwd(dloss, logits, targets, lse, ctx.ignore_index), None, None
+
+
+_nat_ce.register_autograd(_nat_ce_backward, setup_context=_ce_setup)
+
+
+# ---- the chunked LM head + loss, shared by the Triton and C++ row kernels --------------------------------------------
+
+def _row_kernels(backend):
+    """(forward, fused in-place loss + gradient) per-row cross-entropy kernels of a backend: (logits, targets,
+    ignore_index) -> (loss, lse), and (logits, targets, ignore_index, grad_scale) -> (loss, lse) with the gradient
+    written over the logits."""
+    if backend == "cpu":
+        return torch.ops.fastlm.cross_entropy_fwd, torch.ops.fastlm.cross_entropy_fused_
+    k = _kernels()
+    return k.cross_entropy_fwd, k.cross_entropy_fused_
+
+
+@functools.lru_cache(maxsize=None)
+def _has_addmm_out_dtype(device_type: str) -> bool:
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype", key)
+
+
+def _addmm_fp32(acc, a, b):
+    """acc + a @ b for an fp32 acc and fp16/bf16 a, b, the product never rounded to 16 bits (cuBLAS with an fp32
+    output where torch offers it, i.e. torch >= 2.8 on CUDA; an fp32 GEMM otherwise)."""
+    if _has_addmm_out_dtype(a.device.type):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    return acc.addmm_(a.float(), b.float())
+
+
+def default_chunk(vocab: int, itemsize: int) -> int:
+    """Tokens per chunk for the fused linear + cross-entropy: about 256 MB of logits per chunk, at least 128 rows
+    (small chunks starve the LM-head GEMM), a multiple of 128."""
+    rows = (256 << 20) // max(1, vocab * itemsize)
+    return max(128, rows // 128 * 128)
+
+
+def _lce_chunks(x, weight, bias, targets, ignore_index: int, chunk: int, compute_grad: bool, row_scale, backend):
+    """cross_entropy(x @ weight.T + bias) over token chunks, never holding more than ``chunk`` rows of logits.
+
+    x (N, d), weight (V, d), targets (N,). Returns (loss_rows (N,) fp32, dx, dweight, dbias); with ``compute_grad``
+    the gradients of sum_i row_scale[i] * loss[i] (row_scale None: all ones) are accumulated chunk by chunk from the
+    gradient the backend's row kernel writes over each chunk's logits; otherwise they are empty tensors. dweight is
+    accumulated in fp32 across chunks (fp32 partial products) for fp16/bf16 weights so the chunking adds no rounding of
+    its own."""
+    ce_fwd, ce_fused_ = _row_kernels(backend)
+    N, d = x.shape
+    V = weight.shape[0]
+    loss = torch.empty(N, dtype=torch.float32, device=x.device)
+    dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    if compute_grad:
+        dx = torch.empty_like(x)
+        acc_dtype = torch.float32 if N > chunk else weight.dtype
+        dw = torch.zeros(V, d, dtype=acc_dtype, device=x.device)
+        if bias is not None:
+            db = torch.zeros(V, dtype=torch.float32, device=x.device)
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        xc = x[s:e]
+        logits = torch.addmm(bias, xc, weight.t()) if bias is not None else torch.mm(xc, weight.t())
+        if not compute_grad:
+            loss[s:e] = ce_fwd(logits, targets[s:e], ignore_index)[0]
+            continue
+        scale = row_scale[s:e].contiguous() if row_scale is not None else None
+        loss[s:e] = ce_fused_(logits, targets[s:e], ignore_index, scale)[0]
+        torch.mm(logits, weight, out=dx[s:e])
+        if dw.dtype == logits.dtype:
+            dw.addmm_(logits.t(), xc)
+        else:
+            dw = _addmm_fp32(dw, logits.t(), xc)
+        if bias is not None:
+            db += logits.sum(0, dtype=torch.float32)
+    if compute_grad:
+        dw = dw.to(weight.dtype)
+        if bias is not None:
+            db = db.to(bias.dtype)
+    return loss, dx, dw, db
+
+
 # ---- linear_cross_entropy ------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastlm_triton::linear_cross_entropy", mutates_args=())
+@torch.library.custom_op("fastlm_py::linear_cross_entropy", mutates_args=())
 def _lce(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-         ignore_index: int, reduction: str, chunk_size: int, compute_grad: bool
+         ignore_index: int, reduction: str, chunk_size: int, compute_grad: bool, backend: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    k = _kernels()
     compute_grad = compute_grad and reduction != "none"
     scale = None
     if compute_grad and reduction == "mean":
         scale = (1.0 / _n_valid(targets, ignore_index)).expand(x.shape[0])
-    loss, dx, dw, db = k.linear_cross_entropy_chunks(x, weight, bias, targets, ignore_index, chunk_size,
-                                                     compute_grad, scale)
+    loss, dx, dw, db = _lce_chunks(x, weight, bias, targets, ignore_index, chunk_size, compute_grad, scale, backend)
     return _reduce(loss, targets, ignore_index, reduction), dx, dw, db
 
 
 @_lce.register_fake
-def _(x, weight, bias, targets, ignore_index, reduction, chunk_size, compute_grad):
+def _(x, weight, bias, targets, ignore_index, reduction, chunk_size, compute_grad, backend):
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=torch.float32)
     if not compute_grad or reduction == "none":
         return loss, x.new_empty(0), x.new_empty(0), x.new_empty(0)
@@ -95,26 +190,26 @@ def _(x, weight, bias, targets, ignore_index, reduction, chunk_size, compute_gra
         torch.empty_like(bias) if bias is not None else x.new_empty(0)
 
 
-@torch.library.custom_op("fastlm_triton::linear_cross_entropy_bwd", mutates_args=())
+@torch.library.custom_op("fastlm_py::linear_cross_entropy_bwd", mutates_args=())
 def _lce_bwd(grad_rows: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-             targets: torch.Tensor, ignore_index: int, chunk_size: int
+             targets: torch.Tensor, ignore_index: int, chunk_size: int, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, dx, dw, db = _kernels().linear_cross_entropy_chunks(x, weight, bias, targets, ignore_index, chunk_size, True,
-                                                           grad_rows.to(torch.float32))
+    _, dx, dw, db = _lce_chunks(x, weight, bias, targets, ignore_index, chunk_size, True,
+                                grad_rows.to(torch.float32), backend)
     return dx, dw, db
 
 
 @_lce_bwd.register_fake
-def _(grad_rows, x, weight, bias, targets, ignore_index, chunk_size):
+def _(grad_rows, x, weight, bias, targets, ignore_index, chunk_size, backend):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else \
         x.new_empty(0)
 
 
 def _lce_setup(ctx, inputs, output):
-    x, weight, bias, targets, ignore_index, reduction, chunk_size, compute_grad = inputs
+    x, weight, bias, targets, ignore_index, reduction, chunk_size, compute_grad, backend = inputs
     ctx.precomputed = compute_grad and reduction != "none"
     ctx.has_bias = bias is not None
-    ctx.args = (ignore_index, reduction, chunk_size)
+    ctx.args = (ignore_index, reduction, chunk_size, backend)
     if ctx.precomputed:
         ctx.save_for_backward(*output[1:])
     else:
@@ -122,7 +217,7 @@ def _lce_setup(ctx, inputs, output):
 
 
 def _lce_backward(ctx, dloss, ddx, ddw, ddb):
-    ignore_index, reduction, chunk_size = ctx.args
+    ignore_index, reduction, chunk_size, backend = ctx.args
     if ctx.precomputed:
         dx, dw, db = ctx.saved_tensors
     else:
@@ -134,11 +229,11 @@ def _lce_backward(ctx, dloss, ddx, ddw, ddb):
             grad_rows = dloss.expand(n)
         else:
             grad_rows = (dloss / _n_valid(targets, ignore_index)).expand(n)
-        dx, dw, db = _lce_bwd(grad_rows.contiguous(), x, weight, bias, targets, ignore_index, chunk_size)
+        dx, dw, db = _lce_bwd(grad_rows.contiguous(), x, weight, bias, targets, ignore_index, chunk_size, backend)
         if reduction == "none":
-            return dx, dw, db if ctx.has_bias else None, None, None, None, None, None
+            return dx, dw, db if ctx.has_bias else None, None, None, None, None, None, None
     g = dloss.to(dx.dtype)
-    return dx * g, dw * g, db * g if ctx.has_bias else None, None, None, None, None, None
+    return dx * g, dw * g, db * g if ctx.has_bias else None, None, None, None, None, None, None
 
 
 _lce.register_autograd(_lce_backward, setup_context=_lce_setup)
@@ -192,12 +287,16 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
     _check_common(op, targets, logits.shape[:-1], logits.device, logits.shape[-1], ignore_index, reduction)
     lead = targets.shape
     logits2, targets2 = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    be = resolve(backend, logits.device, op, dtype=logits.dtype)
+    be = resolve(backend, logits.device, op, native_ops=_NATIVE, dtype=logits.dtype)
     if be == "torch":
         loss = reference.cross_entropy(logits2, targets2, ignore_index=ignore_index, reduction=reduction)
         return loss.reshape(lead) if reduction == "none" else loss
-    check_triton_dtypes(op, logits=logits)
-    loss_rows, _ = _ce_fwd(logits2, targets2, ignore_index)
+    if be == "cpu":
+        native = _nat_ce if needs_grad(logits) else torch.ops.fastlm.cross_entropy_fwd
+        loss_rows, _ = native(logits2 if logits2.stride(-1) == 1 else logits2.contiguous(), targets2, ignore_index)
+    else:
+        check_triton_dtypes(op, logits=logits)
+        loss_rows, _ = _ce_fwd(logits2, targets2, ignore_index)
     loss = _reduce(loss_rows, targets2, ignore_index, reduction)
     return loss.reshape(lead) if reduction == "none" else loss
 
@@ -231,15 +330,15 @@ def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, re
     _check_common(op, targets, x.shape[:-1], x.device, V, ignore_index, reduction)
     lead = targets.shape
     x2, targets2 = x.reshape(-1, d), targets.reshape(-1)
-    be = resolve(backend, x.device, op, dtype=x.dtype)
+    be = resolve(backend, x.device, op, native_ops=_NATIVE, dtype=x.dtype)
     if be == "torch":
         loss = reference.linear_cross_entropy(x2, weight, targets2, bias, ignore_index=ignore_index,
                                               reduction=reduction)
         return loss.reshape(lead) if reduction == "none" else loss
-    check_triton_dtypes(op, x=x)
+    if be != "cpu":
+        check_triton_dtypes(op, x=x)
     if chunk_size is None:
-        chunk_size = _kernels().default_chunk(V, x.element_size())
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        chunk_size = default_chunk(V, x.element_size())
     loss, _, _, _ = _lce(x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
-                         targets2.contiguous(), ignore_index, reduction, chunk_size, needs_grad)
+                         targets2.contiguous(), ignore_index, reduction, chunk_size, needs_grad(x, weight, bias), be)
     return loss.reshape(lead) if reduction == "none" else loss
