@@ -34,20 +34,23 @@ def cross_entropy_kernel(LOGITS, stride_l, TARGETS, LOSS, LSE, GRAD, stride_g, G
     if LSE_IN:
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     else:
-        # online logsumexp; 1.4426... = log2(e). The finite start keeps all -inf chunks from producing inf - inf.
-        m = tl.full([BLOCK_N], -1.0e30, tl.float32)
+        # online logsumexp; 1.4426... = log2(e). While the running max is -inf (only -inf so far) the shift is 0,
+        # so -inf - -inf never happens; a finite start value instead would swallow rows of huge negative logits.
+        m = tl.full([BLOCK_N], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, V, BLOCK_V):
             c = start + cols
             x = tl.load(logits + c, mask=rmask[:, None] & (c < V), other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=1))
-            s = s * tl.exp2((m - m_new) * 1.4426950408889634) + \
-                tl.sum(tl.exp2((x - m_new[:, None]) * 1.4426950408889634), axis=1)
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp2((m - shift) * 1.4426950408889634) + \
+                tl.sum(tl.exp2((x - shift[:, None]) * 1.4426950408889634), axis=1)
             m = m_new
-        lse = m + tl.log(tl.where(rmask, s, 1.0))    # padding rows of the last block: no log(0)
-    if WRITE_LOSS:
+        log_s = tl.log(tl.where(rmask, s, 1.0))      # padding rows of the last block: no log(0)
+        lse = m + log_s
+    if WRITE_LOSS:  # (never with LSE_IN) the loss as (m - picked) + log s: exact next to huge logits
         picked = tl.load(LOGITS + rows64 * stride_l + tgt, mask=rmask & valid & in_range, other=0.0).to(tl.float32)
-        loss = tl.where(valid, tl.where(in_range, lse - picked, float("nan")), 0.0)
+        loss = tl.where(valid, tl.where(in_range, (m - picked) + log_s, float("nan")), 0.0)
         tl.store(LOSS + rows, loss, mask=rmask)
         tl.store(LSE + rows, lse, mask=rmask)
     if HAS_GRAD:

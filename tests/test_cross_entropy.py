@@ -1,6 +1,8 @@
 """Cross-entropy and fused linear + cross-entropy against the float64 reference: losses and gradients by the numerics
 rule for every reduction, ignore_index, vocabularies 13 to 50257, chunking, empty and bad input; the Triton kernels and
 the C++ CPU kernels (cpu backend) through one test matrix."""
+import math
+
 import pytest
 import torch
 
@@ -67,6 +69,24 @@ def test_cross_entropy_all_ignored_and_empty(backend):
     assert cross_entropy(e, t[:0], reduction="none", backend=backend).shape == (0,)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_extreme_and_nan_logits(backend):
+    dev = backend_device(backend)
+    logits = torch.randn(4, 100, device=dev)
+    logits[0, 7] = 1e10                        # certain prediction of a huge logit: loss 0, gradient 0
+    logits[1] = torch.finfo(torch.float32).min  # all equal and huge: loss log(100)
+    logits[2, 3] = float("nan")                # NaN in, NaN out (a diverged model must not report a finite loss)
+    logits.requires_grad_(True)
+    t = torch.tensor([7, 5, 1, 2], device=dev)
+    loss = cross_entropy(logits, t, reduction="none", backend=backend)
+    loss.sum().backward()
+    want = reference.cross_entropy(logits.detach().double(), t, reduction="none")
+    assert loss[0].item() == 0.0 and logits.grad[0].abs().max().item() == 0.0
+    # (the float64 reference rounds row 1's log(100) away next to 3.4e38)
+    assert abs(loss[1].item() - math.log(100)) < 1e-5 and torch.isnan(loss[2])
+    assert abs(loss[3].item() - want[3].item()) < 1e-5
+
+
 @needs_cpu_kernel("cross_entropy_fwd")
 def test_cpu_kernels_check_their_arguments():
     logits, t = torch.randn(4, 50), torch.tensor([1, 2, -100, 49])
@@ -83,6 +103,16 @@ def test_cpu_kernels_check_their_arguments():
         ops.cross_entropy_bwd(torch.ones(3), logits, t, torch.zeros(4), -100)
     with pytest.raises(RuntimeError, match=r"grad_scale must be a floating-point CPU tensor of shape \(4,\)"):
         ops.cross_entropy_fused_(logits.clone(), t, -100, torch.ones(4, 1))
+    with pytest.raises(RuntimeError, match="must not overlap"):
+        ops.cross_entropy_fused_(logits[:1].clone().expand(4, 50), t, -100, None)
+    with pytest.raises(TypeError, match="the cpu backend takes float32/float16/bfloat16 x, got torch.float64"):
+        linear_cross_entropy(torch.randn(4, 8, dtype=torch.float64), torch.randn(50, 8, dtype=torch.float64), t,
+                             backend="cpu")
+    # no double backward: an error, never a silent zero second derivative
+    leaf = logits.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(cross_entropy(leaf, t, backend="cpu"), leaf, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
     # the fused call: loss as the forward's, the gradient over the logits as the backward's
     loss, lse = ops.cross_entropy_fwd(logits, t, -100)
     scale = torch.rand(4)

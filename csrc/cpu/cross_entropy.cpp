@@ -3,24 +3,28 @@
 //     lse_i = log sum_j exp(x_ij)        loss_i = lse_i - x_i,t_i        (0 where t_i == ignore_index)
 //     dx_ij = (exp(x_ij - lse_i) - [j == t_i]) * g_i                    (0 in ignored rows)
 //
-// Algorithm: rows in parallel, each by one thread in fp32 vectors (bf16/fp16 widened as loaded). Per row a max pass,
-// then the sum of 2^(x log2(e) - max log2(e)) (one FMA into the exponent), in blocks of kSumBlock elements whose
-// partial sums are added to a running total, so no summation chain is longer than a few dozen terms; then, for a
-// gradient, a pass that writes (p - onehot) * g rounded once to the gradient's dtype, possibly over the logits
-// themselves (the fused linear + cross-entropy's scratch chunk). A row of a 32k-50k vocabulary (128-200 KB fp32)
-// stays in L2 between its passes.
+// Algorithm: rows in parallel, each by one thread in fp32 vectors (bf16/fp16 widened as loaded). Per row a max pass m,
+// then s = sum 2^((x - m) log2(e)) (the difference first: it is exact near the max, where a scaled x minus a scaled
+// m would leave the rounding error of m log2(e), huge for large logits), in blocks of kSumBlock elements whose
+// partial sums are added to a running total, so no summation chain is longer than a few dozen terms;
+// lse = m + log(s) and loss = (m - x_t) + log(s). Then, for a gradient, a pass that writes
+// (2^((x - lse) log2(e)) - onehot) * g rounded once to the gradient's dtype, possibly over the logits themselves
+// (the fused linear + cross-entropy's scratch chunk). NaN logits give NaN losses. A row of a 32k-50k vocabulary
+// (128-200 KB fp32) stays in L2 between its passes.
 //
 // Memory traffic: forward reads the logits once from memory; the backward (lse given) reads them once and writes
 // the gradient once; the fused call reads once and writes once. Per row 8 bytes of loss and lse.
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace fastlm_cpu {
 namespace {
@@ -35,31 +39,32 @@ float row_max(const T* x, int64_t V) {
   return hmax(vmax(vmax(acc[0], acc[1]), vmax(acc[2], acc[3])));
 }
 
-// log sum_j exp(x_j): +-inf when the largest logit is (then every exp(x - max) would be NaN or the row has no mass).
+// The row's max m and log sum_j exp(x_j - m) (lse = m + that); m not finite (an inf or a NaN max, or an all -inf
+// row): that m and a log-sum of 0, so lse and the loss come out inf or NaN as torch's do.
 template <typename T>
-float row_lse(const T* x, int64_t V) {
+std::pair<float, float> row_logsum(const T* x, int64_t V) {
   const float m = row_max(x, V);
-  if (!std::isfinite(m)) return m;
-  const vfloat c = vset1(kLog2e), neg = vset1(-m * kLog2e);
+  if (!std::isfinite(m)) return {m, 0.0f};
+  const vfloat c = vset1(kLog2e), vm = vset1(m);
   vfloat total{};
   for (int64_t c0 = 0; c0 < V; c0 += kSumBlock) {
     vfloat acc[4] = {};
     row_fold(x + c0, std::min(kSumBlock, V - c0), kNegInf, acc,
-             [&](vfloat a, vfloat v) { return a + vexp2(vfma(v, c, neg)); });
+             [&](vfloat a, vfloat v) { return a + vexp2((v - vm) * c); });
     total += (acc[0] + acc[1]) + (acc[2] + acc[3]);
   }
-  return m + std::log(hsum(total));
+  return {m, std::log(hsum(total))};
 }
 
 // g[j] = (exp(x_j - lse) - [j == t]) * scale, rounded to G; g may alias x. t is a valid class index.
 template <typename T, typename G>
 void row_grad(const T* x, int64_t V, float lse, int64_t t, float scale, G* g) {
-  const vfloat c = vset1(kLog2e), neg = vset1(-lse * kLog2e), s = vset1(scale);
+  const vfloat c = vset1(kLog2e), vl = vset1(lse), s = vset1(scale);
   const float xt = to_float(x[t]);  // read before an in-place pass overwrites it
   int64_t j = 0;
-  for (; j + kW <= V; j += kW) vstore_cvt(g + j, vexp2(vfma(vload_cvt(x + j), c, neg)) * s);
-  if (j < V) vstore_cvt_n(g + j, vexp2(vfma(vload_cvt_n(x + j, V - j), c, neg)) * s, V - j);
-  const float pt = vexp2(vfma(vset1(xt), c, neg))[0];
+  for (; j + kW <= V; j += kW) vstore_cvt(g + j, vexp2((vload_cvt(x + j) - vl) * c) * s);
+  if (j < V) vstore_cvt_n(g + j, vexp2((vload_cvt_n(x + j, V - j) - vl) * c) * s, V - j);
+  const float pt = vexp2((vset1(xt) - vl) * c)[0];
   g[t] = from_float<G>((pt - 1.0f) * scale);
 }
 
@@ -115,9 +120,13 @@ void run_rows(const at::Tensor& logits, const std::vector<int64_t>& t, int64_t i
       for (int64_t i = begin; i < end; ++i) {
         const T* row = x + i * ld;
         const bool valid = t[i] != ignore_index;
-        const float lse_i = lse_in ? lse_in[i] : row_lse(row, V);
-        if (loss) {
-          loss[i] = valid ? lse_i - to_float(row[t[i]]) : 0.0f;
+        float lse_i;
+        if (lse_in) {
+          lse_i = lse_in[i];
+        } else {
+          const auto [m, log_s] = row_logsum(row, V);
+          lse_i = m + log_s;
+          loss[i] = valid ? (m - to_float(row[t[i]])) + log_s : 0.0f;
           lse[i] = lse_i;
         }
         if (g) {
@@ -158,6 +167,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_(at::Tensor& logits, cons
                                                         const std::optional<at::Tensor>& grad_scale) {
   const char* op = "cross_entropy_fused_";
   const auto t = checked_targets(op, logits, targets, ignore_index);
+  TORCH_CHECK(at::has_internal_overlap(logits) != at::MemOverlap::Yes, "fastlm::", op,
+              ": logits are overwritten with the gradient, so their elements must not overlap (an expanded tensor), "
+              "got strides ", logits.strides());
   at::Tensor s;
   if (grad_scale.has_value()) s = checked_rows(op, "grad_scale", *grad_scale, logits.size(0));
   const auto opts = logits.options().dtype(at::kFloat);

@@ -106,7 +106,8 @@ inline void hsum4(vfloat a0, vfloat a1, vfloat a2, vfloat a3, float* out) {
 // relative), and put n into the exponent field.
 inline vfloat vexp2(vfloat x) {
   const vint underflow = x < vset1(-126.0f);
-  x = vmin(vmax(x, vset1(-126.0f)), vset1(126.0f));
+  x = x < vset1(-126.0f) ? vset1(-126.0f) : x;  // clamps written so that NaN passes (vmax / vmin would drop it)
+  x = x > vset1(126.0f) ? vset1(126.0f) : x;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
   const vfloat t = x + vset1(magic);
   const vfloat n = t - vset1(magic);

@@ -17,11 +17,11 @@ def check_float_tensor(op: str, name: str, t) -> None:
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
 
 
-def check_triton_dtypes(op: str, **tensors) -> None:
-    """Every tensor given (None skipped) has a dtype the Triton kernels take."""
+def check_triton_dtypes(op: str, backend: str = "triton", **tensors) -> None:
+    """Every tensor given (None skipped) has a dtype the kernels of ``backend`` (Triton's, or the C++ ones) take."""
     for name, t in tensors.items():
         if t is not None and t.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"{op}: the triton backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
+            raise TypeError(f"{op}: the {backend} backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
 
 
 def kernel_dtype(*tensors):

@@ -84,9 +84,22 @@ def _(logits, targets, ignore_index):
     return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
 
 
+@torch.library.custom_op("fastlm_native_py::cross_entropy_bwd", mutates_args=())
+def _nat_ce_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                ignore_index: int) -> torch.Tensor:
+    """The C++ backward behind an op without an autograd formula: a double backward raises instead of returning
+    silent zeros."""
+    return torch.ops.fastlm.cross_entropy_bwd(grad_loss, logits, targets, lse, ignore_index)
+
+
+@_nat_ce_bwd.register_fake
+def _(grad_loss, logits, targets, lse, ignore_index):
+    return torch.empty_like(logits)
+
+
 def _nat_ce_backward(ctx, dloss, dlse):
     logits, targets, lse = ctx.saved_tensors
-    return torch.ops.fastlm.cross_entropy_bwd(dloss, logits, targets, lse, ctx.ignore_index), None, None
+    return _nat_ce_bwd(dloss, logits, targets, lse, ctx.ignore_index), None, None
 
 
 _nat_ce.register_autograd(_nat_ce_backward, setup_context=_ce_setup)
@@ -335,8 +348,7 @@ def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, re
         loss = reference.linear_cross_entropy(x2, weight, targets2, bias, ignore_index=ignore_index,
                                               reduction=reduction)
         return loss.reshape(lead) if reduction == "none" else loss
-    if be != "cpu":
-        check_triton_dtypes(op, x=x)
+    check_triton_dtypes(op, be, x=x)
     if chunk_size is None:
         chunk_size = default_chunk(V, x.element_size())
     loss, _, _, _ = _lce(x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
