@@ -6,11 +6,10 @@
 // and runs through them head by head, so every row is read front to back exactly once while the hardware
 // prefetchers stream the kKeys rows in parallel (visiting one head's rows a row stride apart instead touches a new
 // page per key and defeats them). A kv head's rows serve all G = H / Hkv query heads and all Sq queries (M = G * Sq
-// rows), so every K and V byte is read once. Per block: scores by vector dot products, kKeys keys at a time, each key
-// vector loaded (and widened) once for up to four query rows; the online softmax of tile.h in base 2 per row;
-// O += P V, again kKeys value rows per pass over up to four rows of O, so O is loaded and stored once per kKeys
-// keys. bf16/fp16 caches are widened in registers as they are loaded. Each chunk leaves its unnormalized output,
-// running max and sum; a combine pass merges the chunks of each row and writes out.
+// rows), so every K and V byte is read once. Per block: scores by vector dot products, kKeys keys at a time; the
+// online softmax of tile.h in base 2 per row; O += P V, again kKeys value rows per pass over a row of O, so O is
+// loaded and stored once per kKeys keys. bf16/fp16 caches are widened in registers as they are loaded. Each chunk
+// leaves its unnormalized output, running max and sum; a combine pass merges the chunks of each row and writes out.
 //
 // Memory traffic: each valid K and V row read once (the bandwidth bound of decoding), q read and out written once;
 // the partial results (chunks x M x D floats per kv head) are small next to the cache.
@@ -66,34 +65,6 @@ inline void dot_rows(const float* q, int64_t ldq, const T* const* k, int64_t D, 
   for (int r = 0; r < R; ++r)
     for (int64_t d = full; d < D; ++d)
       for (int i = 0; i < kKeys; ++i) s[r * lds + i] += q[r * ldq + d] * to_float(k[i][d]);
-}
-
-// Four q rows against the kKeys cache rows, two keys per pass: every k vector loaded (and widened) once feeds four
-// rows, eight accumulators.
-template <typename T>
-inline void dot_rows4(const float* q, int64_t ldq, const T* const* k, int64_t D, float* s, int64_t lds) {
-  const int64_t full = D / kW * kW;
-  for (int pair = 0; pair < kKeys; pair += 2) {
-    const T* k0 = k[pair];
-    const T* k1 = k[pair + 1];
-    vfloat a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
-    for (int64_t c = 0; c < full; c += kW) {
-      const vfloat x = vload_cvt(k0 + c), y = vload_cvt(k1 + c);
-      const vfloat q0 = vload(q + c), q1 = vload(q + ldq + c), q2 = vload(q + 2 * ldq + c), q3 = vload(q + 3 * ldq + c);
-      a0 = vfma(q0, x, a0), b0 = vfma(q0, y, b0);
-      a1 = vfma(q1, x, a1), b1 = vfma(q1, y, b1);
-      a2 = vfma(q2, x, a2), b2 = vfma(q2, y, b2);
-      a3 = vfma(q3, x, a3), b3 = vfma(q3, y, b3);
-    }
-    float sa[4], sb[4];
-    hsum4(a0, a1, a2, a3, sa);
-    hsum4(b0, b1, b2, b3, sb);
-    for (int r = 0; r < 4; ++r) {
-      float x = sa[r], y = sb[r];
-      for (int64_t d = full; d < D; ++d) x += q[r * ldq + d] * to_float(k0[d]), y += q[r * ldq + d] * to_float(k1[d]);
-      s[r * lds + pair] = x, s[r * lds + pair + 1] = y;
-    }
-  }
 }
 
 constexpr int64_t kBlockK = 64;     // keys per softmax block; a multiple of kW and of kKeys
@@ -186,8 +157,6 @@ void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs
       else
         prefetch_rows(v, vs, hk, j + kPrefetch - nb, nb, p.D);
       int64_t row = hk * p.M;
-      for (; row + 4 <= (hk + 1) * p.M; row += 4)
-        dot_rows4(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + j, kBlockK);
       for (; row + 2 <= (hk + 1) * p.M; row += 2)
         dot_rows<2>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + j, kBlockK);
       if (row < (hk + 1) * p.M)
@@ -213,8 +182,6 @@ void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs
       // the V rows ahead, near the block's end the first K rows of the next block
       prefetch_rows(j + kPrefetch < nb ? v : k, j + kPrefetch < nb ? vs : ks, hk, j + kPrefetch, n - j0, p.D);
       int64_t row = hk * p.M;
-      for (; row + 4 <= (hk + 1) * p.M; row += 4)
-        axpy_rows<4>(sc.s.data() + row * kBlockK + j, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
       for (; row + 2 <= (hk + 1) * p.M; row += 2)
         axpy_rows<2>(sc.s.data() + row * kBlockK + j, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
       if (row < (hk + 1) * p.M)
