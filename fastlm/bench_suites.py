@@ -465,6 +465,7 @@ class ModelCase:
     backward of the loss) of fastlm.Transformer against transformers (sdpa), the eager and compiled reference."""
 
     op = "model"
+    min_reps = 5   # the headline figures: a median of at least five rounds, even when a round outlasts the budget
 
     def __init__(self, ctx, backends, preset, kind, batch, seqlen, dtype, new_tokens=0, peers_=("transformers",
                                                                                                "eager", "compile")):

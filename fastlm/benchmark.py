@@ -539,11 +539,15 @@ def _finish(case, res: Result, stats, ctx: Context) -> None:
 
 def run_impls(case, ctx: Context, progress=None, **prepare_kw) -> list[Result]:
     """Check and time every implementation of a case. On a GPU one after the other (a training step's peak memory
-    is read right after its own timing); on a CPU checked one after the other, then timed in rotation."""
+    is read right after its own timing); on a CPU checked one after the other, then timed in rotation. A case may
+    ask for more timed calls than the suite's minimum (``min_reps``; not in the --tiny self-check)."""
     def note(impl):
         if progress is not None:
             progress.set_postfix_str(f"{case.op} {case.name} {impl.name}"[:60])
 
+    timing = ctx.timing
+    if getattr(case, "min_reps", 0) > timing.min_reps and timing is not TINY:
+        timing = dataclasses.replace(timing, min_reps=case.min_reps)
     if ctx.device.type == "cuda":
         results = []
         for impl in case.impls:
@@ -551,7 +555,7 @@ def run_impls(case, ctx: Context, progress=None, **prepare_kw) -> list[Result]:
             res, calls = prepared(case, impl, ctx, **prepare_kw)
             if calls is not None:
                 try:
-                    stats = time_fns(calls, ctx.device, ctx.timing)
+                    stats = time_fns(calls, ctx.device, timing)
                 except Exception as e:  # noqa: BLE001
                     stats = e
                 _finish(case, res, stats, ctx)
@@ -564,7 +568,7 @@ def run_impls(case, ctx: Context, progress=None, **prepare_kw) -> list[Result]:
         note(impl)
         entries.append(prepared(case, impl, ctx, **prepare_kw))
     timed = [(res, calls) for res, calls in entries if calls is not None]
-    for (res, _), stats in zip(timed, time_rotation([calls for _, calls in timed], ctx.timing)):
+    for (res, _), stats in zip(timed, time_rotation([calls for _, calls in timed], timing)):
         _finish(case, res, stats, ctx)
     if progress is not None:
         progress.update(len(entries))

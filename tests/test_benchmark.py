@@ -110,6 +110,16 @@ def test_cpu_timing_rotates_the_implementations_and_survives_one_failing_midway(
     assert timed[6:] == ["a0", "b", "c", "a1", "b", "c", "a0", "c", "a1", "c"]   # b's 5th call raised
 
 
+def test_a_case_can_ask_for_more_timed_calls():
+    case = _rms_case([benchmark.Impl("fastlm[good]", "fastlm", reference.rms_norm),
+                      benchmark.Impl("eager", "peer", reference.rms_norm)])
+    case.min_reps = 5                               # as the whole-model cases do
+    ctx = benchmark.Context(device=torch.device("cpu"), timing=benchmark.Timing(0.0, 0.0, 2, 10))
+    assert [r.reps for r in benchmark.run([case], ctx, progress=False)] == [5, 5]
+    ctx = benchmark.Context(device=torch.device("cpu"), timing=benchmark.TINY)   # the self-check keeps its cap
+    assert all(r.reps <= benchmark.TINY.max_reps for r in benchmark.run([case], ctx, progress=False))
+
+
 def test_wrong_fastlm_result_makes_the_cli_fail(tmp_path, monkeypatch, capsys):
     from fastlm import bench_suites
     monkeypatch.setattr(bench_suites, "cases", lambda ops, ctx, **kw: [
