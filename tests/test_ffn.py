@@ -98,6 +98,11 @@ def test_cpu_backend(name):
     inputs = [t.cpu() if t is not None else None for t in inputs]
     fn = mlp_gelu if name == "mlp_gelu" else mlp_swiglu
     check_op(f"{name}[cpu]", lambda *a: fn(*a, backend="cpu"), getattr(reference, name), inputs)
+    # no double backward: an error, never a silent zero second derivative
+    x = inputs[0].clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(fn(x, *inputs[1:], backend="cpu").sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
 
 
 @pytest.mark.parametrize("call, exc, words", [

@@ -161,11 +161,33 @@ def _native_call(name, *args):
     return getattr(torch.ops.fastlm, name)(*args)
 
 
+@torch.library.custom_op("fastlm_native_py::gelu_bwd", mutates_args=())
+def _nat_gelu_bwd(dh: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.fastlm.gelu_bwd(dh, a)
+
+
+@_nat_gelu_bwd.register_fake
+def _(dh, a):
+    return torch.empty_like(a), torch.empty_like(a)
+
+
+@torch.library.custom_op("fastlm_native_py::swiglu_bwd", mutates_args=())
+def _nat_swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.fastlm.swiglu_bwd(dh, g, u)
+
+
+@_nat_swiglu_bwd.register_fake
+def _(dh, g, u):
+    return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+
+
 def _native_act_bwd(name, device, fallback):
     """The extension's fused activation backward for this device (one pass over the intermediate), else the torch
-    formula."""
+    formula. The C++ ops are called through ops without an autograd formula, so that a double backward raises
+    instead of returning silent zeros."""
     if extension_has(name, device.type):
-        return getattr(torch.ops.fastlm, name)
+        return {"gelu_bwd": _nat_gelu_bwd, "swiglu_bwd": _nat_swiglu_bwd}[name]
     return fallback
 
 
