@@ -142,10 +142,14 @@ class L2Flush:
 def time_fns(fns: list[Callable], device: torch.device, timing: Timing) -> dict:
     """Median time (s) of calls cycling through ``fns`` (one closure per input set), after warm-up.
 
-    GPU: CUDA events around each call, L2 flushed before each. CPU: perf_counter around each call."""
-    cuda = device.type == "cuda"
-    flush = L2Flush(device) if cuda else None
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    GPU: CUDA events around each call, L2 flushed before each. CPU: perf_counter around each call (time_rotation
+    with one implementation)."""
+    if device.type != "cuda":
+        (stats,) = time_rotation([fns], timing)
+        if isinstance(stats, Exception):
+            raise stats
+        return stats
+    flush, sync = L2Flush(device), torch.cuda.synchronize
     for fn in fns:                                       # compile / autotune / first-touch happen here
         fn()
     sync()
@@ -155,32 +159,21 @@ def time_fns(fns: list[Callable], device: torch.device, timing: Timing) -> dict:
         fns[i % len(fns)]()
         i += 1
         sync()
-    times: list[float] = []
-    if cuda:
-        events = []
-        start = time.perf_counter()
-        n = 0
-        while n < timing.min_reps or (n < timing.max_reps and time.perf_counter() - start < timing.budget_s):
-            flush()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fns[n % len(fns)]()
-            b.record()
-            events.append((a, b))
-            n += 1
-            if n % 16 == 0:
-                sync()                                   # keep the host from running far ahead of the budget
-        sync()
-        times = [a.elapsed_time(b) / 1e3 for a, b in events]
-    else:
-        start = time.perf_counter()
-        n = 0
-        while n < timing.min_reps or (n < timing.max_reps and time.perf_counter() - start < timing.budget_s):
-            t = time.perf_counter()
-            fns[n % len(fns)]()
-            times.append(time.perf_counter() - t)
-            n += 1
-    return _stats(times)
+    events = []
+    start = time.perf_counter()
+    n = 0
+    while n < timing.min_reps or (n < timing.max_reps and time.perf_counter() - start < timing.budget_s):
+        flush()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fns[n % len(fns)]()
+        b.record()
+        events.append((a, b))
+        n += 1
+        if n % 16 == 0:
+            sync()                                       # keep the host from running far ahead of the budget
+    sync()
+    return _stats([a.elapsed_time(b) / 1e3 for a, b in events])
 
 
 def _stats(times: list[float]) -> dict:

@@ -138,7 +138,8 @@ class Transformer(nn.Module):
     """The fast model on fastlm.ops, with ``backend`` one of "auto", "torch", "triton", "cpu", "cuda".
 
     "cpu" / "cuda" select the C++ kernels for the ops the extension implements (attention, decode attention, MLPs)
-    and "auto" for the others (norms, RoPE, cross-entropy); any other value is passed to every op.
+    and "auto" for the others (linear layers, norms, RoPE, cross-entropy; "auto" takes the C++ kernel of such an op
+    on a CPU where the extension has one); any other value is passed to every op.
 
     forward(tokens (B, S), targets=None, input_pos=None, logits_at=None): logits (B, S, V) in the parameters' dtype,
     or with targets (B, S) the mean cross-entropy over targets != -100. ``logits_at`` (B, k) int64 returns only the

@@ -29,7 +29,6 @@
 namespace fastlm_cpu {
 namespace {
 
-constexpr int64_t kGrainElems = 16384;  // elements per parallel task: below that, threads cost more than they save
 constexpr int64_t kSumBlock = 1024;     // elements per partial sum of the exponentials
 
 template <typename T>

@@ -26,8 +26,6 @@
 namespace fastlm_cpu {
 namespace {
 
-constexpr int64_t kGrainElems = 16384;  // elements per parallel task: below that, threads cost more than they save
-
 // x and residual: rows of d elements at their row strides; y and h contiguous. bias may be null, and so may
 // residual, h then not written.
 template <typename T, typename W>

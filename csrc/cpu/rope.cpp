@@ -24,8 +24,6 @@
 namespace fastlm_cpu {
 namespace {
 
-constexpr int64_t kGrainElems = 16384;  // elements per parallel task: below that, threads cost more than they save
-
 // Lanes [i, i + n) of both halves of one head vector x rotated into y by the table rows c, s (n == kW, or fewer
 // in the tail).
 template <typename T, bool kTail>

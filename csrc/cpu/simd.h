@@ -219,6 +219,10 @@ inline void vstore_cvt_n(T* p, vfloat v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = from_float<T>(buf[i]);
 }
 
+// Elements per parallel task of the row-wise kernels (norms, RoPE, cross-entropy): below that, threads cost more
+// than they save.
+constexpr int64_t kGrainElems = 16384;
+
 // acc[u] = f(acc[u], v) over the vectors v of row p[0..n), the lanes past the row's end loaded as pad: four
 // accumulators (the caller's starting values) keep the pipeline busy and each chain a quarter as long.
 template <typename T, typename F>

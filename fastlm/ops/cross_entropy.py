@@ -42,10 +42,17 @@ def _ce_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> t
     return _kernels().cross_entropy_fwd(logits, targets, ignore_index)
 
 
-@_ce_fwd.register_fake
-def _(logits, targets, ignore_index):
+def _rows_fake(logits, targets, ignore_index):
+    """The per-row (loss, lse) of a cross-entropy forward, for fake tensors."""
     n = logits.shape[0]
     return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+def _grad_fake(grad_loss, logits, targets, lse, ignore_index):
+    return torch.empty_like(logits)
+
+
+_ce_fwd.register_fake(_rows_fake)
 
 
 @torch.library.custom_op("fastlm_triton::cross_entropy_bwd", mutates_args=())
@@ -54,9 +61,7 @@ def _ce_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
     return _kernels().cross_entropy_bwd(grad_loss, logits, targets, lse, ignore_index)
 
 
-@_ce_bwd.register_fake
-def _(grad_loss, logits, targets, lse, ignore_index):
-    return torch.empty_like(logits)
+_ce_bwd.register_fake(_grad_fake)
 
 
 def _ce_setup(ctx, inputs, output):
@@ -65,12 +70,15 @@ def _ce_setup(ctx, inputs, output):
     ctx.save_for_backward(logits, targets, output[1])
 
 
-def _ce_backward(ctx, dloss, dlse):
-    logits, targets, lse = ctx.saved_tensors
-    return _ce_bwd(dloss, logits, targets, lse, ctx.ignore_index), None, None
+def _ce_backward_by(bwd_op):
+    """The autograd backward of a cross-entropy forward op whose gradient op is ``bwd_op``."""
+    def backward(ctx, dloss, dlse):
+        logits, targets, lse = ctx.saved_tensors
+        return bwd_op(dloss, logits, targets, lse, ctx.ignore_index), None, None
+    return backward
 
 
-_ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+_ce_fwd.register_autograd(_ce_backward_by(_ce_bwd), setup_context=_ce_setup)
 
 
 @torch.library.custom_op("fastlm_native_py::cross_entropy", mutates_args=())
@@ -78,10 +86,7 @@ def _nat_ce(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> t
     return torch.ops.fastlm.cross_entropy_fwd(logits, targets, ignore_index)
 
 
-@_nat_ce.register_fake
-def _(logits, targets, ignore_index):
-    n = logits.shape[0]
-    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+_nat_ce.register_fake(_rows_fake)
 
 
 @torch.library.custom_op("fastlm_native_py::cross_entropy_bwd", mutates_args=())
@@ -92,17 +97,8 @@ def _nat_ce_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Te
     return torch.ops.fastlm.cross_entropy_bwd(grad_loss, logits, targets, lse, ignore_index)
 
 
-@_nat_ce_bwd.register_fake
-def _(grad_loss, logits, targets, lse, ignore_index):
-    return torch.empty_like(logits)
-
-
-def _nat_ce_backward(ctx, dloss, dlse):
-    logits, targets, lse = ctx.saved_tensors
-    return _nat_ce_bwd(dloss, logits, targets, lse, ctx.ignore_index), None, None
-
-
-_nat_ce.register_autograd(_nat_ce_backward, setup_context=_ce_setup)
+_nat_ce_bwd.register_fake(_grad_fake)
+_nat_ce.register_autograd(_ce_backward_by(_nat_ce_bwd), setup_context=_ce_setup)
 
 
 # ---- the chunked LM head + loss, shared by the Triton and C++ row kernels --------------------------------------------

@@ -98,9 +98,15 @@ def _tr_gelu_bwd(dh: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch
     return _kernels().gelu_bwd(dh, a)
 
 
-@_tr_gelu_bwd.register_fake
-def _(dh, a):
+def _gelu_bwd_fake(dh, a):
     return torch.empty_like(a), torch.empty_like(a)
+
+
+def _swiglu_bwd_fake(dh, g, u):
+    return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+
+
+_tr_gelu_bwd.register_fake(_gelu_bwd_fake)
 
 
 def _tr_gelu_setup(ctx, inputs, output):
@@ -136,9 +142,7 @@ def _tr_swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
     return _kernels().swiglu_bwd(dh, g, u)
 
 
-@_tr_swiglu_bwd.register_fake
-def _(dh, g, u):
-    return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+_tr_swiglu_bwd.register_fake(_swiglu_bwd_fake)
 
 
 def _tr_swiglu_setup(ctx, inputs, output):
@@ -166,9 +170,7 @@ def _nat_gelu_bwd(dh: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torc
     return torch.ops.fastlm.gelu_bwd(dh, a)
 
 
-@_nat_gelu_bwd.register_fake
-def _(dh, a):
-    return torch.empty_like(a), torch.empty_like(a)
+_nat_gelu_bwd.register_fake(_gelu_bwd_fake)
 
 
 @torch.library.custom_op("fastlm_native_py::swiglu_bwd", mutates_args=())
@@ -177,9 +179,7 @@ def _nat_swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
     return torch.ops.fastlm.swiglu_bwd(dh, g, u)
 
 
-@_nat_swiglu_bwd.register_fake
-def _(dh, g, u):
-    return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+_nat_swiglu_bwd.register_fake(_swiglu_bwd_fake)
 
 
 def _native_act_bwd(name, device, fallback):
