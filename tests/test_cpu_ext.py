@@ -456,6 +456,40 @@ def test_linear_strided_and_empty():
     assert torch.equal(_ops().linear(torch.randn(2, 0), torch.randn(24, 0), None), torch.zeros(2, 24))
 
 
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unavailable"
+
+
+def _huge_kb(t: torch.Tensor) -> int:
+    """AnonHugePages (kB) of the mappings of /proc/self/smaps that overlap t's memory."""
+    begin, end = t.data_ptr(), t.data_ptr() + t.nbytes
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(a, 16) for a in head.split("-"))
+                inside = lo < end and begin < hi
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1])
+    return total
+
+
+def test_linear_large_output():
+    """An output of 16 MB or more is allocated on transparent huge pages where the system grants them on request
+    (csrc/cpu/output.h); the values must not depend on it. 1030 x 8200 fp32: 33.8 MB."""
+    x, w, b = torch.randn(1030, 24), torch.randn(8200, 24) / 5, torch.randn(8200)
+    out = _ops().linear(x, w, b)
+    check_rule("linear large", out, torch.nn.functional.linear(x.double(), w.double(), b.double()),
+               torch.nn.functional.linear(x, w, b))
+    if _thp_mode() in ("madvise", "always"):
+        assert _huge_kb(out) >= 2048, "the large output was not backed by huge pages"
+
+
 def test_linear_errors():
     x, w = torch.randn(3, 8), torch.randn(5, 8)
     _raises(r"weight must be \(out_features, 8\) for x's last dim 8, got \[5, 7\]", _ops().linear, x, w[:, :7], None)

@@ -17,6 +17,7 @@
 // the threads busy), out and lse written once. Scratch: per thread the packed K/V of one kv head plus a few tiles.
 #include "cpu/attention.h"
 #include "cpu/ops.h"
+#include "cpu/output.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -183,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  int64_t window_right) {
   const Problem p = attention_problem("attention_fwd", q, k, v, causal, softmax_scale, window_left, window_right);
   const auto dtype = q.scalar_type();
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_output(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   if (p.Sk == 0) {

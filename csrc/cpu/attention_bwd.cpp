@@ -22,10 +22,10 @@
 // of one kv head in fp32 plus a few tiles.
 #include "cpu/attention.h"
 #include "cpu/ops.h"
+#include "cpu/output.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
@@ -232,8 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   const at::Tensor out_c = out.size(3) <= 1 || out.stride(3) == 1 ? out : out.contiguous();
   const at::Tensor lse_c = lse.contiguous();
   const at::Tensor dlse_c = dlse.has_value() ? dlse->contiguous() : at::Tensor();
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
+  at::Tensor dq = empty_output(q.sizes(), q.options());
+  at::Tensor dk = empty_output(k.sizes(), k.options()).zero_(), dv = empty_output(v.sizes(), v.options()).zero_();
   if (dq.numel() == 0 || p.Sk == 0) return {dq.zero_(), dk, dv};
   const Tensors t{q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), out_c.const_data_ptr(),
                   dout_c.const_data_ptr(), lse_c.const_data_ptr<float>(),

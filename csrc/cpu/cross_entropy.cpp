@@ -15,6 +15,7 @@
 // Memory traffic: forward reads the logits once from memory; the backward (lse given) reads them once and writes
 // the gradient once; the fused call reads once and writes once. Per row 8 bytes of loss and lse.
 #include "cpu/ops.h"
+#include "cpu/output.h"
 #include "cpu/simd.h"
 
 #include <ATen/MemoryOverlap.h>
@@ -156,7 +157,7 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logi
   const auto t = checked_targets(op, logits, targets, ignore_index);
   const at::Tensor g = checked_rows(op, "grad_loss", grad_loss, logits.size(0));
   const at::Tensor l = checked_rows(op, "lse", lse, logits.size(0));
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  at::Tensor grad = empty_output(logits.sizes(), logits.options());
   run_rows(logits, t, ignore_index, l.const_data_ptr<float>(), nullptr, nullptr, &grad, g.const_data_ptr<float>());
   return grad;
 }

@@ -19,11 +19,11 @@
 #include "cpu/gemm.h"
 #include "cpu/gemv.h"
 #include "cpu/ops.h"
+#include "cpu/output.h"
 #include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
@@ -224,7 +224,7 @@ at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::opti
   const int64_t n = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
-  at::Tensor out = at::empty({n, d_out}, x.options());
+  at::Tensor out = empty_output({n, d_out}, x.options());
   if (n > 0 && d_out > 0 && n <= kGemvMaxRows && rows_contiguous({&w_fc, &w_proj}))
     small_mlp(Act::kGelu, x2, w_fc, b_fc, nullptr, w_proj, b_proj, res, out);
   else if (n > 0 && d_out > 0)
@@ -251,7 +251,7 @@ at::Tensor mlp_swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::T
   const int64_t n = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
-  at::Tensor out = at::empty({n, d_out}, x.options());
+  at::Tensor out = empty_output({n, d_out}, x.options());
   if (n > 0 && d_out > 0 && n <= kGemvMaxRows && rows_contiguous({&w_gate, &w_up, &w_down}))
     small_mlp(Act::kSwiGLU, x2, w_gate, std::nullopt, &w_up, w_down, std::nullopt, res, out);
   else if (n > 0 && d_out > 0)
@@ -286,7 +286,7 @@ void check_act_bwd(const char* op, const at::Tensor& dh, std::initializer_list<c
 std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dh, const at::Tensor& a) {
   check_act_bwd("gelu_bwd", dh, {&a});
   const at::Tensor dhc = dh.contiguous(), ac = a.contiguous();
-  at::Tensor da = at::empty_like(ac), h = at::empty_like(ac);
+  at::Tensor da = empty_output(ac.sizes(), ac.options()), h = empty_output(ac.sizes(), ac.options());
   with_float_type(dh.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T *pdh = dhc.const_data_ptr<T>(), *pa = ac.const_data_ptr<T>();
@@ -310,7 +310,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dh, 
                                                           const at::Tensor& u) {
   check_act_bwd("swiglu_bwd", dh, {&g, &u});
   const at::Tensor dhc = dh.contiguous(), gc = g.contiguous(), uc = u.contiguous();
-  at::Tensor dg = at::empty_like(gc), du = at::empty_like(gc), h = at::empty_like(gc);
+  at::Tensor dg = empty_output(gc.sizes(), gc.options()), du = empty_output(gc.sizes(), gc.options()),
+             h = empty_output(gc.sizes(), gc.options());
   with_float_type(dh.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T *pdh = dhc.const_data_ptr<T>(), *pg = gc.const_data_ptr<T>(), *pu = uc.const_data_ptr<T>();

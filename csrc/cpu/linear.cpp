@@ -8,6 +8,7 @@
 #include "cpu/gemm.h"
 #include "cpu/gemv.h"
 #include "cpu/ops.h"
+#include "cpu/output.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -43,7 +44,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor out = empty_output(out_shape, x.options());
   if (out.numel() == 0) return out;
   if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();
   const at::Tensor xf = x.reshape({T, K}).to(at::kFloat).contiguous();

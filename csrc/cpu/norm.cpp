@@ -14,6 +14,7 @@
 // Memory traffic: x (and the residual) read once, y (and h) written once; weight and bias come from cache after the
 // first row.
 #include "cpu/ops.h"
+#include "cpu/output.h"
 #include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
@@ -110,8 +111,8 @@ std::tuple<at::Tensor, at::Tensor> norm_fwd(const at::Tensor& x, const std::opti
   }
   TORCH_CHECK(eps >= 0, "fastlm::norm_fwd: eps must be a non-negative number, got ", eps);
 
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor h = residual.has_value() ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor y = empty_output(x.sizes(), x.options());
+  at::Tensor h = residual.has_value() ? empty_output(x.sizes(), x.options()) : at::empty({0}, x.options());
   if (y.numel() == 0) return {y, h};
   const at::Tensor x2 = as_rows(x);
   const at::Tensor r2 = residual.has_value() ? as_rows(*residual) : at::Tensor();

@@ -13,6 +13,7 @@
 // Memory traffic: x read once (any strides with a contiguous head dim: q or k sliced out of a fused QKV
 // projection are not copied), the output written once, contiguous; the tables once per (batch, position).
 #include "cpu/ops.h"
+#include "cpu/output.h"
 #include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
@@ -71,7 +72,7 @@ at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
   TORCH_CHECK(sin.sizes() == cos.sizes(), "fastlm::rope_fwd: sin must have cos's shape ", cos.sizes(), ", got ",
               sin.sizes());
 
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = empty_output(x.sizes(), x.options());
   if (out.numel() == 0) return out;
   const at::Tensor xc = x.stride(3) == 1 ? x : x.contiguous();
   const at::Tensor c = cos.stride(-1) == 1 ? cos : cos.contiguous();
