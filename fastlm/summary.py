@@ -268,7 +268,8 @@ def format_summary(s: dict, cfg) -> str:
         "Weights: " + ", ".join(f"{k} {_bytes(v)}" for k, v in m["weights_by_dtype"].items()),
         f"Inference memory ({s['dtype']}, batch {s['batch']} x {s['seqlen']}): "
         f"weights {_bytes(m['inference']['weights'])} + KV cache {_bytes(m['inference']['kv_cache'])}"
-        f" + activations {_bytes(m['inference']['activations'])} = {_bytes(m['inference']['total'])}",
+        f" + activations of a decode step {_bytes(m['inference']['activations'])}"
+        f" = {_bytes(m['inference']['total'])}",
         f"Training memory (fp32 master weights, {s['dtype']} activations): weights {_bytes(m['training']['weights'])}"
         f" + grads {_bytes(m['training']['grads'])} + AdamW {_bytes(m['training']['adamw_states'])}"
         f" + activations {_bytes(m['training']['activations'])} = {_bytes(m['training']['total'])}",
