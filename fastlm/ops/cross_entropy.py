@@ -119,6 +119,22 @@ def _has_addmm_out_dtype(device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype", key)
 
 
+def _lm_head(backend):
+    """x @ weight.T (+ bias) for a chunk of rows: the C++ packed GEMM on the "cpu" backend (faster than ATen's on
+    LM-head shapes, bench/dev/cpu_notes.md), the vendor GEMM otherwise."""
+    if backend == "cpu":
+        return torch.ops.fastlm.linear
+    return lambda x, weight, bias: torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+
+
+def _accumulate(acc, a, b, first: bool):
+    """acc = a @ b for the first chunk, acc += a @ b for the others; an fp32 acc of fp16/bf16 products accumulates
+    them without rounding them to 16 bits (_addmm_fp32)."""
+    if acc.dtype != a.dtype:
+        return _addmm_fp32(acc.zero_() if first else acc, a, b)
+    return torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
+
+
 def _addmm_fp32(acc, a, b):
     """acc + a @ b for an fp32 acc and fp16/bf16 a, b, the product never rounded to 16 bits (cuBLAS with an fp32
     output where torch offers it, i.e. torch >= 2.8 on CUDA; an fp32 GEMM otherwise)."""
@@ -143,6 +159,7 @@ def _lce_chunks(x, weight, bias, targets, ignore_index: int, chunk: int, compute
     accumulated in fp32 across chunks (fp32 partial products) for fp16/bf16 weights so the chunking adds no rounding of
     its own."""
     ce_fwd, ce_fused_ = _row_kernels(backend)
+    lm_head = _lm_head(backend)
     N, d = x.shape
     V = weight.shape[0]
     loss = torch.empty(N, dtype=torch.float32, device=x.device)
@@ -150,23 +167,21 @@ def _lce_chunks(x, weight, bias, targets, ignore_index: int, chunk: int, compute
     if compute_grad:
         dx = torch.empty_like(x)
         acc_dtype = torch.float32 if N > chunk else weight.dtype
-        dw = torch.zeros(V, d, dtype=acc_dtype, device=x.device)
+        # written by the first chunk (zeros when there is none)
+        dw = (torch.empty if N > 0 else torch.zeros)(V, d, dtype=acc_dtype, device=x.device)
         if bias is not None:
             db = torch.zeros(V, dtype=torch.float32, device=x.device)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         xc = x[s:e]
-        logits = torch.addmm(bias, xc, weight.t()) if bias is not None else torch.mm(xc, weight.t())
+        logits = lm_head(xc, weight, bias)
         if not compute_grad:
             loss[s:e] = ce_fwd(logits, targets[s:e], ignore_index)[0]
             continue
         scale = row_scale[s:e].contiguous() if row_scale is not None else None
         loss[s:e] = ce_fused_(logits, targets[s:e], ignore_index, scale)[0]
         torch.mm(logits, weight, out=dx[s:e])
-        if dw.dtype == logits.dtype:
-            dw.addmm_(logits.t(), xc)
-        else:
-            dw = _addmm_fp32(dw, logits.t(), xc)
+        dw = _accumulate(dw, logits.t(), xc, first=s == 0)
         if bias is not None:
             db += logits.sum(0, dtype=torch.float32)
     if compute_grad:
