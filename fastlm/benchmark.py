@@ -911,8 +911,11 @@ def default_ops(device: torch.device, suite: str, tiny: bool = False) -> list[st
 def cli(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.summary_of:
-        with open(args.summary_of) as f:
-            print(summary_table(json.load(f)["results"]))
+        try:
+            doc = load(args.summary_of)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --summary-of: {e}") from None
+        print(summary_table(doc["results"]))
         return 0
     from fastlm import bench_suites
 
@@ -976,11 +979,23 @@ def _header(env: dict, ceilings: dict) -> str:
 
 
 def load(path: str) -> dict:
-    """Read a bench JSON, checking its schema tag."""
-    with open(path) as f:
-        doc = json.load(f)
-    if doc.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a fastlm bench JSON (schema {doc.get('schema')!r}, expected {SCHEMA!r})")
+    """Read a bench JSON, checking its schema tag and its results list (FileNotFoundError, ValueError)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (expected the bench.json of an earlier `python -m fastlm "
+                                f"bench` run)" if not os.path.isdir(path) else
+                                f"{path} is a directory; expected the bench.json of an earlier run (e.g. "
+                                f"{os.path.join(path, 'bench.json')})")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if schema != SCHEMA:
+        raise ValueError(f"{path}: not a fastlm bench JSON (schema {schema!r}, expected {SCHEMA!r})")
+    results = doc.get("results")
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise ValueError(f"{path}: a fastlm bench JSON without a list of results")
     return doc
 
 

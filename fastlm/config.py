@@ -63,7 +63,9 @@ class Config:
     head_dim: int = field(init=False)
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {type(self.name).__name__} {self.name!r}")
+        if not isinstance(self.family, str) or self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
@@ -109,15 +111,19 @@ class Config:
                              f"must equal n_head ({self.n_head})")
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "Config":
-        """The preset ``name`` (see PRESETS), with any field replaced by ``overrides``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+    def from_name(cls, preset: str, /, **overrides) -> "Config":
+        """The preset ``preset`` (see PRESETS), with any field replaced by ``overrides`` — ``name`` included (it
+        defaults to the preset's name)."""
+        if not isinstance(preset, str):
+            raise TypeError(f"the preset name must be a str (one of {', '.join(PRESETS)}), got "
+                            f"{type(preset).__name__} {preset!r}")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; presets: {', '.join(PRESETS)}")
         known = {f.name for f in fields(cls) if f.init}
         unknown = set(overrides) - known
         if unknown:
             raise TypeError(f"unknown Config field(s) {sorted(unknown)}; fields: {sorted(known)}")
-        return cls(**{"name": name, **PRESETS[name], **overrides})
+        return cls(**{"name": preset, **PRESETS[preset], **overrides})
 
     def num_params(self, *, embeddings: bool = True) -> int:
         """Parameter count of the model this config builds (equals sum(p.numel()) of fastlm.Transformer).

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
+import numbers
 import sys
 from typing import Callable, Sequence
 
@@ -51,32 +53,95 @@ def exponential_noise(shape, device, generator=None) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
 
 
-def _check_args(model, max_new_tokens, temperature, top_k, top_p, sync_every):
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _describe(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p):
+    """The sampling arguments' checks, shared with the CLI (which runs them before loading a checkpoint)."""
+    if not _is_int(max_new_tokens):
+        raise TypeError(f"max_new_tokens must be an int >= 0, got {_describe(max_new_tokens)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not _is_real(temperature):
+        raise TypeError(f"temperature must be a number >= 0 (0 = greedy), got {_describe(temperature)}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature!r}")
+    if top_k is not None and not _is_int(top_k):
+        raise TypeError(f"top_k must be a positive int or None, got {_describe(top_k)}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not _is_real(top_p):
+        raise TypeError(f"top_p must be a number in (0, 1] or None, got {_describe(top_p)}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:          # also rejects nan
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _check_args(model, max_new_tokens, temperature, top_k, top_p, sync_every, pad_id, stream):
     if not hasattr(model, "setup_cache"):
         raise TypeError(f"model must be a fastlm.Transformer (with setup_cache), got {type(model).__name__}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if not isinstance(sync_every, int) or sync_every < 1:
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if not _is_int(sync_every):
+        raise TypeError(f"sync_every must be a positive int, got {_describe(sync_every)}")
+    if sync_every < 1:
         raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
+    if pad_id is not None and not _is_int(pad_id):
+        raise TypeError(f"pad_id must be an int or None, got {_describe(pad_id)}")
+    if pad_id is not None and not -2 ** 63 <= pad_id < 2 ** 63:
+        raise ValueError(f"pad_id must fit in int64, got {pad_id!r}")
+    if stream is not None and not callable(stream):
+        raise TypeError(f"stream must be a callable or None, got {_describe(stream)}")
+
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _token_list(row, what: str) -> list[int]:
+    """A sequence of token ids (list, tuple, 1-D integer tensor or array) as a list of Python ints."""
+    if isinstance(row, torch.Tensor):
+        if row.dim() != 1 or row.dtype not in _INT_DTYPES:
+            raise TypeError(f"{what} must be a 1-D integer tensor or a list of ints, got a {row.dtype} tensor of "
+                            f"shape {tuple(row.shape)}")
+        return row.tolist()
+    if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__") or isinstance(row, (set, frozenset, dict)):
+        raise TypeError(f"{what} must be a list of token ids (ints), got {_describe(row)}")
+    ids = list(row)
+    for i, t in enumerate(ids):
+        if not _is_int(t):
+            raise TypeError(f"{what} must hold token ids (ints), got {_describe(t)} at index {i}")
+    return [int(t) for t in ids]
 
 
 def _pad_prompts(prompts, vocab_size: int, device):
-    """(tokens (B, S) right-padded with 0, lengths (B,) on device, host lengths, whether the input was a tensor)."""
+    """(tokens (B, S) right-padded with 0, lengths (B,) on device, host lengths, the input's form: "tensor",
+    "tensor1d" (one prompt as a 1-D tensor), "list" or "flat" (one prompt as a list of ints))."""
     if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2 or prompts.dtype not in (torch.int64, torch.int32):
+        if prompts.dim() not in (1, 2) or prompts.dtype not in _INT_DTYPES:
             raise ValueError(f"prompts must be an integer tensor of shape (batch, seqlen) or a list of token lists, "
                              f"got a {prompts.dtype} tensor of shape {tuple(prompts.shape)}")
-        rows = [prompts[b].tolist() for b in range(prompts.shape[0])]
-        is_tensor = True
+        form = "tensor" if prompts.dim() == 2 else "tensor1d"
+        rows = [r.tolist() for r in prompts] if prompts.dim() == 2 else [prompts.tolist()]
+    elif isinstance(prompts, (str, bytes)):
+        raise TypeError(f"prompts must be token ids (a list of token lists or an integer tensor), got "
+                        f"{type(prompts).__name__} {prompts[:20]!r}; encode text with a tokenizer first")
+    elif not isinstance(prompts, Sequence) and not hasattr(prompts, "__array__"):
+        raise TypeError(f"prompts must be a list of token lists or an integer tensor (batch, seqlen), got "
+                        f"{type(prompts).__name__}")
     else:
-        rows = [list(map(int, p)) for p in prompts]
-        is_tensor = False
+        prompts = list(prompts)
+        if prompts and all(_is_int(t) for t in prompts):
+            form, rows = "flat", [[int(t) for t in prompts]]            # one prompt as a flat list of ids
+        else:
+            form = "list"
+            rows = [_token_list(p, f"prompts[{b}]") for b, p in enumerate(prompts)]
     if not rows:
         raise ValueError("prompts is empty: need at least one prompt")
     lengths = [len(r) for r in rows]
@@ -89,7 +154,24 @@ def _pad_prompts(prompts, vocab_size: int, device):
     tokens = torch.zeros(len(rows), S, dtype=torch.long)
     for b, r in enumerate(rows):
         tokens[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return tokens.to(device), torch.tensor(lengths, dtype=torch.long, device=device), lengths, is_tensor
+    return tokens.to(device), torch.tensor(lengths, dtype=torch.long, device=device), lengths, form
+
+
+def _stop_list(stop_tokens, vocab_size: int) -> list[int]:
+    if stop_tokens is None:
+        return []
+    if _is_int(stop_tokens) or (isinstance(stop_tokens, torch.Tensor) and stop_tokens.dim() == 0
+                                and stop_tokens.dtype in _INT_DTYPES):
+        raise TypeError(f"stop_tokens must be a list of token ids, got the single value {stop_tokens!r}; "
+                        f"pass [{int(stop_tokens)}] for one stop token")
+    if isinstance(stop_tokens, (set, frozenset)):
+        raise TypeError("stop_tokens must be an ordered list, tuple or 1-D integer tensor of token ids (the first "
+                        f"is the default pad_id), got a {type(stop_tokens).__name__}")
+    stop = _token_list(stop_tokens, "stop_tokens")
+    bad = [t for t in stop if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"stop_tokens: token ids must be in [0, {vocab_size}) (the model's vocab), got {bad[0]!r}")
+    return stop
 
 
 def _decode_step(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p, noise):
@@ -106,32 +188,39 @@ def _decode_step(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p,
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None,
-             compile: bool | str = False, sync_every: int = 1, pad_id: int | None = None,
+             top_p: float | None = None, stop_tokens: Sequence[int] | None = (),
+             generator: torch.Generator | None = None, compile: bool | str = False, sync_every: int = 1,
+             pad_id: int | None = None,
              stream: Callable[[torch.Tensor], None] | None = None):
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
-    prompts: a LongTensor (B, S), or a list of token lists of different lengths. Returns the prompt followed by its
-    new tokens: a LongTensor (B, S + n) for tensor input (n = the number of steps run; after its stop token a
-    sequence is filled with ``pad_id``, default the first stop token), or a list of token lists ending at (and
-    including) the stop token. ``generator`` (a seeded torch.Generator on the model's device) makes sampling
+    prompts: a LongTensor (B, S), or a list of token lists of different lengths; one prompt may also be given as a
+    flat list of ints or a 1-D tensor. Returns the prompt followed by its new tokens, in the input's form: a
+    LongTensor (B, S + n) for tensor input (n = the number of steps run; after its stop token a sequence is filled
+    with ``pad_id``, default the first stop token), or a list of token lists ending at (and including) the stop
+    token (a 1-D tensor or a flat list for a single prompt given so). ``stop_tokens`` is a list of token ids (None
+    or empty: none). ``generator`` (a seeded torch.Generator on the model's device) makes sampling
     reproducible. ``stream(tokens)`` is called after every step with the new tokens (B,) on the CPU.
     ``compile=True`` compiles the decode step with torch.compile (CUDA graphs on GPU); a string picks the
     torch.compile backend instead (e.g. "aot_eager").
     """
-    _check_args(model, max_new_tokens, temperature, top_k, top_p, sync_every)
+    _check_args(model, max_new_tokens, temperature, top_k, top_p, sync_every, pad_id, stream)
+    max_new_tokens, temperature, sync_every = int(max_new_tokens), float(temperature), int(sync_every)
+    top_k = None if top_k is None else int(top_k)
+    top_p = None if top_p is None else float(top_p)
     cfg = model.config
     param = next(model.parameters())
     device = param.device
-    tokens, lengths, host_lengths, is_tensor = _pad_prompts(prompts, cfg.vocab_size, device)
+    tokens, lengths, host_lengths, form = _pad_prompts(prompts, cfg.vocab_size, device)
     B, S = tokens.shape
     longest = max(host_lengths)
     if longest + max_new_tokens > cfg.max_seqlen:
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
                          f"(max_seqlen={cfg.max_seqlen})")
-    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device) if len(stop_tokens) else None
+    stop_tokens = _stop_list(stop_tokens, cfg.vocab_size)
+    stop = torch.tensor(stop_tokens, dtype=torch.long, device=device) if stop_tokens else None
     if pad_id is None:
-        pad_id = int(stop_tokens[0]) if len(stop_tokens) else 0
+        pad_id = stop_tokens[0] if stop_tokens else 0
 
     step = _decode_step
     if compile:
@@ -169,12 +258,13 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
         new = out[:, :n].cpu()
     finally:
         model.clear_cache()
-    return _assemble(tokens.cpu(), host_lengths, new, stop_tokens, is_tensor)
+    return _assemble(tokens.cpu(), host_lengths, new, stop_tokens, form)
 
 
-def _assemble(tokens, lengths, new, stop_tokens, is_tensor):
-    if is_tensor:
-        return torch.cat([tokens, new], dim=1)
+def _assemble(tokens, lengths, new, stop_tokens, form):
+    if form in ("tensor", "tensor1d"):
+        out = torch.cat([tokens, new], dim=1)
+        return out if form == "tensor" else out[0]
     stops = set(int(t) for t in stop_tokens)
     result = []
     for b, L in enumerate(lengths):
@@ -184,14 +274,15 @@ def _assemble(tokens, lengths, new, stop_tokens, is_tensor):
             if t in stops:
                 break
         result.append(seq)
-    return result
+    return result[0] if form == "flat" else result
 
 
 def cli(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlm generate",
                                      description="Generate text from a checkpoint written by `python -m fastlm train`.")
     parser.add_argument("prompt", nargs="?", default="", help="the prompt text (default: empty = a newline)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file or training output directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="training output directory (holding checkpoint.safetensors) or a .safetensors file")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=None)
@@ -203,9 +294,10 @@ def cli(argv=None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     args = parser.parse_args(argv)
-    from fastlm.train import load_checkpoint
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from fastlm.train import load_checkpoint, resolve_device
     try:
+        _check_cli_args(args)
+        device = resolve_device(args.device, what="--device")
         model, info = load_checkpoint(args.checkpoint, backend=args.backend, device=device)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         model = model.to(dtype).eval()
@@ -229,10 +321,21 @@ def cli(argv=None) -> int:
                  stop_tokens=stop, generator=gen, compile=args.compile, stream=stream)
         stream.flush()
         sys.stdout.write("\n")
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_cli_args(args):
+    """The sampling options, checked before the checkpoint is loaded and under their option names."""
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except (TypeError, ValueError) as e:
+        for name in ("max_new_tokens", "temperature", "top_k", "top_p"):
+            if str(e).startswith(name):
+                raise ValueError("--" + name.replace("_", "-") + str(e)[len(name):]) from None
+        raise
 
 
 class _Streamer:

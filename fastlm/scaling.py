@@ -35,6 +35,10 @@ TINY_LADDER = [(8, 1, 2), (16, 1, 2), (24, 2, 2), (32, 2, 2), (48, 2, 4)]
 DEFAULT_RUNGS = 5
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def ladder_configs(rungs: int = DEFAULT_RUNGS, *, tiny: bool = False, seqlen: int = 128, vocab_size: int = 256):
     from fastlm.config import Config
     ladder = TINY_LADDER if tiny else LADDER
@@ -112,9 +116,16 @@ def run(*, data: str | None = "stdlib", rungs: int = DEFAULT_RUNGS, tiny: bool =
         out: str = "fastlm-scaling", seed: int = 0, progress: bool = True, log=print) -> dict:
     """Train the ladder and fit the law. ``tokens`` (default 1.2M, tiny 12K) times ``budget`` tokens per model."""
     from fastlm.summary import forward_flops_per_token, param_counts
-    from fastlm.train import ByteTokenizer, load_corpus, train
-    if budget <= 0:
-        raise ValueError(f"budget must be positive, got {budget}")
+    from fastlm.train import ByteTokenizer, load_corpus, resolve_device, train
+    if not _is_int(rungs):
+        raise ValueError(f"rungs must be an integer, got {rungs!r}")
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget < math.inf:
+        raise ValueError(f"budget must be positive and finite, got {budget!r}")
+    for name, value in (("batch_size", batch_size), ("seqlen", seqlen)) + ((("tokens", tokens),) if tokens is not None
+                                                                           else ()):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    resolve_device(device)
     if tiny:
         seqlen, batch_size = min(seqlen, 32), min(batch_size, 4)
     base = tokens if tokens is not None else (12_000 if tiny else 1_200_000)
@@ -234,10 +245,9 @@ def cli(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     try:
+        from fastlm.train import check_threads
+        check_threads(args.threads)
         run(data=None if args.data == "default" else args.data, rungs=args.rungs, tiny=args.tiny,
             budget=args.budget, tokens=args.tokens, batch_size=args.batch_size, seqlen=args.seqlen,
             backend=args.backend, device=args.device, out=args.out, seed=args.seed, progress=not args.no_progress)

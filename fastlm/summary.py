@@ -53,7 +53,7 @@ def _canon_dtype(dtype) -> str:
 
 
 def _device(name: str) -> dict:
-    if name not in DEVICES:
+    if not isinstance(name, str) or name not in DEVICES:
         raise ValueError(f"unknown device {name!r}; known devices: {', '.join(DEVICES)}")
     return DEVICES[name]
 
@@ -152,10 +152,9 @@ def summary(model_or_config, *, batch: int = 1, seqlen: int | None = None, dtype
     dt = _canon_dtype(dtype)
     dev = _device(device)
     seqlen = cfg.max_seqlen if seqlen is None else seqlen
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
-    if not isinstance(seqlen, int) or seqlen < 1:
-        raise ValueError(f"seqlen must be a positive int, got {seqlen!r}")
+    for name, value in (("batch", batch), ("seqlen", seqlen)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     nbytes = DTYPE_BYTES[dt]
     params = param_counts(cfg)
     rows = layer_table(cfg)
@@ -295,7 +294,7 @@ def cli(argv=None) -> int:
     try:
         cfg = _resolve_name(args.name)
         summary(cfg, batch=args.batch, seqlen=args.seqlen, dtype=args.dtype, device=args.device)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -304,9 +304,19 @@ def _config_dict(config) -> dict:
 
 def _read_checkpoint(path: str):
     from safetensors import safe_open
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
     file = _checkpoint_file(path)
+    if os.path.isfile(path) and file != path:
+        raise ValueError(f"checkpoint {path} is a file, not a checkpoint: expected a training output directory "
+                         f"(holding {CHECKPOINT}, as `python -m fastlm train --out DIR` writes) or a .safetensors "
+                         f"file")
     if not os.path.exists(file):
-        raise FileNotFoundError(f"checkpoint not found: {file}")
+        if os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint not found: no {CHECKPOINT} in directory {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path} does not exist (expected a training output directory "
+                                f"holding {CHECKPOINT} or a .safetensors file)")
     try:
         with safe_open(file, framework="pt") as f:
             meta = f.metadata() or {}
@@ -322,9 +332,22 @@ def _read_checkpoint(path: str):
 def load_config(path: str):
     """The Config stored in a checkpoint (file or directory) or in a config.json."""
     from fastlm.config import Config
-    if path.endswith(".json"):
-        with open(path) as f:
-            return Config(**json.load(f))
+    if str(path).endswith(".json"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            with open(path) as f:
+                fields_ = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(fields_, dict):
+            raise ValueError(f"config file {path} must hold a JSON object of Config fields, got a JSON "
+                             f"{type(fields_).__name__}")
+        known = {f.name for f in dataclasses.fields(Config) if f.init}
+        unknown = sorted(set(fields_) - known)
+        if unknown:
+            raise ValueError(f"config file {path}: unknown Config field(s) {unknown}; fields: {sorted(known)}")
+        return Config(**fields_)
     _, meta, _ = _read_checkpoint(path)
     return Config(**json.loads(meta["config"]))
 
@@ -387,6 +410,42 @@ def _load_optimizer(optimizer, meta, tensors, file):
 # The training loop
 # ----------------------------------------------------------------------------------------------------------------------
 
+def resolve_device(device=None, *, what: str = "device") -> torch.device:
+    """``device`` (None: cuda when available, else cpu) as a torch.device, checked to exist on this machine."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what} must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} {str(device)!r}: no CUDA device is available here (torch {torch.__version__}, "
+                             f"torch.cuda.is_available() is False); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{what} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_threads(threads):
+    """--threads (None: torch's default) set for torch, or a ValueError."""
+    if threads is None:
+        return
+    if not _is_int(threads) or threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {threads!r}")
+    torch.set_num_threads(threads)
+
+
 def _dist_setup():
     """(rank, world_size, local_rank); initializes the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -415,14 +474,24 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
     rank, world, local_rank = _dist_setup()
     if device is None:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if dtype not in DTYPES:
+    device = resolve_device(device)
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     amp_dtype = DTYPES[dtype]
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seqlen", seqlen), ("grad_accum", grad_accum),
-                        ("eval_every", eval_every)):
-        if not isinstance(value, int) or value < 1:
+                        ("eval_every", eval_every), ("eval_batches_max", eval_batches_max)):
+        if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("warmup", warmup), ("stop_after", 0 if stop_after is None else stop_after)):
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not _is_real(lr) or not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    for name, value, what in (("weight_decay", weight_decay, ""), ("grad_clip", grad_clip, " (0 = no clipping)")):
+        if not _is_real(value) or not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0{what}, got {value!r}")
     if resume and not out:
         raise ValueError("resume needs out= (the directory holding the checkpoint)")
 
@@ -625,9 +694,8 @@ def cli(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        check_threads(args.threads)
         config = None
         if not args.resume:
             from fastlm.config import Config

@@ -223,6 +223,25 @@ def test_cli_rejects_bad_options(argv, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("content, message", [
+    (None, "nonexistent.json: no such file (expected the bench.json of an earlier"),
+    ("{bad", "not valid JSON"),
+    ("[1, 2]", "not a fastlm bench JSON"),
+    ('{"env": {}}', "not a fastlm bench JSON (schema None"),
+    ('{"schema": "%s"}' % benchmark.SCHEMA, "a fastlm bench JSON without a list of results"),
+    ('{"schema": "%s", "results": 5}' % benchmark.SCHEMA, "without a list of results"),
+])
+def test_summary_of_a_missing_or_bad_file(tmp_path, content, message):
+    path = tmp_path / "nonexistent.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        benchmark.cli(["--summary-of", str(path)])
+    assert str(e.value).startswith("error: --summary-of: ") and message in str(e.value)
+    with pytest.raises(SystemExit, match="is a directory; expected the bench.json"):
+        benchmark.cli(["--summary-of", str(tmp_path)])
+
+
 # -- README performance section ------------------------------------------------------------------------------------
 
 def _perf_to_readme(*args):

@@ -47,6 +47,18 @@ def test_from_name_overrides():
         Config.from_name("gpt2-tiny", n_layers=3)
 
 
+def test_from_name_argument_errors():
+    with pytest.raises(TypeError, match=r"preset name must be a str .*got list \['gpt2'\]"):
+        Config.from_name(["gpt2"])
+    with pytest.raises(TypeError, match="preset name must be a str"):
+        Config.from_name(None)
+    # name is a field like any other: it may be overridden (it defaults to the preset's name)
+    c = Config.from_name("gpt2-tiny", name="mine")
+    assert (c.name, c.n_layer) == ("mine", Config.from_name("gpt2-tiny").n_layer)
+    with pytest.raises(TypeError, match="name must be a str, got int 5"):
+        Config.from_name("gpt2-tiny", name=5)
+
+
 def test_unknown_preset_lists_presets():
     with pytest.raises(ValueError) as e:
         Config.from_name("gpt5")

@@ -203,3 +203,79 @@ def test_bad_input():
         generate(model, torch.zeros(2, 3), 2)
     with pytest.raises(TypeError, match="fastlm.Transformer"):
         generate(torch.nn.Linear(2, 2), [[1]], 2)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(temperature=float("nan")), "temperature must be >= 0 .* and finite, got nan"),
+    (dict(temperature=float("inf")), "temperature must be >= 0 .* and finite, got inf"),
+    (dict(temperature=1.0, top_p=float("nan")), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=1.0, top_p=float("inf")), r"top_p must be in \(0, 1\]"),
+    (dict(stop_tokens=[10 ** 20]), r"stop_tokens: token ids must be in \[0, 300\)"),
+    (dict(stop_tokens=[-1]), r"stop_tokens: token ids must be in \[0, 300\)"),
+])
+def test_non_finite_and_out_of_range_arguments_raise_value_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        generate(_model(), [[1, 2]], 3, **kw)
+
+
+@pytest.mark.parametrize("args, kw, match", [
+    (([[1.7, 2.2]], 3), {}, r"prompts\[0\] must hold token ids \(ints\), got 1.7"),
+    (([[1, True]], 3), {}, r"prompts\[0\] must hold token ids"),
+    (([[1, 2]], True), {}, "max_new_tokens must be an int >= 0, got True"),
+    (([[1, 2]], 3.0), {}, "max_new_tokens must be an int"),
+    (([[1, 2]], 3), dict(temperature=1.0, top_k=True), "top_k must be a positive int or None, got True"),
+    (([[1, 2]], 3), dict(temperature=1.0, top_k=2.5), "top_k must be a positive int"),
+    (([[1, 2]], 3), dict(temperature="a"), "temperature must be a number"),
+    (([[1, 2]], 3), dict(temperature=None), "temperature must be a number"),
+    (([[1, 2]], 3), dict(temperature=True), "temperature must be a number"),
+    (([[1, 2]], 3), dict(temperature=1.0, top_p="x"), "top_p must be a number"),
+    (([[1, 2]], 3), dict(stop_tokens=[1.5]), r"stop_tokens must hold token ids \(ints\), got 1.5"),
+    (([[1, 2]], 3), dict(stop_tokens=[True]), "stop_tokens must hold token ids"),
+    (([[1, 2]], 3), dict(stop_tokens=5), r"stop_tokens must be a list of token ids.*pass \[5\]"),
+    (([[1, 2]], 3), dict(stop_tokens=torch.tensor(5)), r"stop_tokens must be a list of token ids.*pass \[5\]"),
+    (([[1, 2]], 3), dict(stop_tokens={1, 2}), "stop_tokens must be an ordered list"),
+    (([[1, 2]], 3), dict(stop_tokens="ab"), "stop_tokens must be a list of token ids"),
+    (([[1, 2]], 3), dict(stop_tokens=torch.tensor([1.0])), "stop_tokens must be a 1-D integer tensor"),
+    (("hello", 3), {}, "prompts must be token ids .* got str 'hello'; encode text"),
+    ((42, 3), {}, "prompts must be a list of token lists or an integer tensor"),
+    (([[1, 2], "ab"], 3), {}, r"prompts\[1\] must be a list of token ids"),
+    (([[1, 2]], 3), dict(pad_id="a"), "pad_id must be an int or None, got 'a'"),
+    (([[1, 2]], 3), dict(pad_id=1.0), "pad_id must be an int or None"),
+    (([[1, 2]], 3), dict(sync_every=True), "sync_every must be a positive int"),
+    (([[1, 2]], 3), dict(stream=5), "stream must be a callable or None"),
+])
+def test_mistyped_arguments_raise_type_error_naming_them(args, kw, match):
+    with pytest.raises(TypeError, match=match):
+        _model().generate(*args, **kw)
+
+
+def test_single_prompt_as_flat_list_or_1d_tensor_and_no_stop_tokens():
+    model = _model()
+    batched = generate(model, [[1, 2, 3]], 5)
+    assert generate(model, [1, 2, 3], 5) == batched[0]
+    out = generate(model, torch.tensor([1, 2, 3]), 5)
+    assert out.dim() == 1 and out.tolist() == batched[0]
+    assert generate(model, [[1, 2, 3]], 5, stop_tokens=None) == batched
+    assert generate(model, [torch.tensor([1, 2, 3])], 5, stop_tokens=torch.tensor([7])) == \
+        generate(model, [[1, 2, 3]], 5, stop_tokens=[7])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "nan"], "--temperature must be >= 0 (0 = greedy) and finite, got nan"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1]"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be an int >= 0, got -1"),
+    (["--top-k", "0"], "--top-k must be a positive int"),
+    (["--device", "foo"], "--device must be cpu, cuda or cuda:N, got 'foo'"),
+])
+def test_cli_rejects_bad_options_before_loading(tmp_path, capsys, argv, message):
+    from fastlm.generate import cli
+    assert cli(["--checkpoint", str(tmp_path / "nope")] + argv + ["x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_device_cuda_without_cuda(tmp_path, capsys):
+    from fastlm.generate import cli
+    assert cli(["--checkpoint", str(tmp_path / "nope"), "--device", "cuda", "x"]) == 2
+    assert "--device 'cuda': no CUDA device is available here" in capsys.readouterr().err

@@ -74,3 +74,34 @@ def test_cli(tmp_path, capsys):
     assert "Fit: L(N) =" in out and (tmp_path / "loss_vs_params.png").exists()
     assert scaling.cli(["--tiny", "--budget", "0", "--out", str(tmp_path)]) == 2
     assert "budget must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(seqlen=0), "seqlen must be a positive integer, got 0"),
+    (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(tokens=-5), "tokens must be a positive integer, got -5"),
+    (dict(tokens=0), "tokens must be a positive integer"),
+    (dict(seqlen=True), "seqlen must be a positive integer, got True"),
+    (dict(budget=float("nan")), "budget must be positive and finite, got nan"),
+    (dict(budget=float("inf")), "budget must be positive and finite, got inf"),
+    (dict(rungs=2.5), "rungs must be an integer"),
+])
+def test_bad_arguments_are_rejected_before_training(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        scaling.run(data=None, tiny=True, backend="torch", out=str(tmp_path / "out"), progress=False, log=None, **kw)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seqlen", "0"], "seqlen must be a positive integer, got 0"),
+    (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+    (["--tokens", "-5"], "tokens must be a positive integer, got -5"),
+    (["--threads", "-1"], "--threads must be a positive integer, got -1"),
+    (["--device", "foo"], "device must be cpu, cuda or cuda:N, got 'foo'"),
+])
+def test_cli_rejects_bad_numbers(tmp_path, capsys, argv, message):
+    threads = torch.get_num_threads()
+    assert scaling.cli(["--tiny", "--data", "default", "--out", str(tmp_path), "--no-progress"] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert torch.get_num_threads() == threads

@@ -110,6 +110,15 @@ def test_bad_input():
         summary(42, print_table=False)
 
 
+@pytest.mark.parametrize("kw, match", [(dict(batch=True), "batch must be a positive int, got True"),
+                                       (dict(seqlen=True), "seqlen must be a positive int, got True"),
+                                       (dict(batch=2.0), "batch must be a positive int, got 2.0"),
+                                       (dict(device=["h200"]), r"unknown device \['h200'\]")])
+def test_bool_float_and_unhashable_arguments_are_rejected(kw, match):
+    with pytest.raises(ValueError, match=match):
+        summary("gpt2", print_table=False, **kw)
+
+
 def test_model_input_and_print(capsys):
     model = fastlm.Transformer(Config.from_name("gpt2-tiny"), backend="torch")
     s = summary(model, batch=2, seqlen=16, device="cpu")
@@ -126,3 +135,13 @@ def test_cli(capsys):
     assert "unknown model preset 'nope'" in capsys.readouterr().err
     assert cli(["gpt2", "--device", "tpu"]) == 2
     assert "known devices: h200, a100, cpu" in capsys.readouterr().err
+
+
+def test_cli_config_json_that_is_not_an_object(tmp_path, capsys):
+    (tmp_path / "x.json").write_text("[1, 2]")
+    assert cli([str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config file") and "must hold a JSON object of Config fields" in err
+    (tmp_path / "flags.json").write_text('{"tie_embeddings": "yes"}')
+    assert cli([str(tmp_path / "flags.json")]) == 2              # Config's own TypeError is reported too
+    assert "error: tie_embeddings must be a bool" in capsys.readouterr().err

@@ -209,3 +209,70 @@ def test_torchrun_trains_with_ddp(tmp_path):
     alone = T.train(w.TINY, text=TEXT, **w.ARGS)["model"].state_dict()
     assert any(not torch.allclose(alone[n], v) for n, v in ranks[0]["state"].items())
     assert os.path.exists(tmp_path / T.CHECKPOINT)
+
+
+def test_checkpoint_path_that_is_a_file_or_missing(tmp_path, capsys):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"bad.pt is a file, not a checkpoint: expected a training output directory "
+                                         r"\(holding checkpoint.safetensors.*or a .safetensors file"):
+        T.load_checkpoint(str(tmp_path / "bad.pt"))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: no checkpoint.safetensors in directory"):
+        T.load_checkpoint(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="nope does not exist"):
+        T.load_checkpoint(str(tmp_path / "nope"))
+    assert generate_cli(["--checkpoint", str(tmp_path / "bad.pt"), "x"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a checkpoint" in err and "bad.pt/checkpoint.safetensors" not in err
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(warmup=-1), "warmup must be an integer >= 0, got -1"),
+    (dict(weight_decay=-1.0), "weight_decay must be a finite number >= 0, got -1.0"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
+    (dict(lr=float("nan")), "lr must be a positive finite number, got nan"),
+    (dict(lr=0.0), "lr must be a positive finite number"),
+    (dict(grad_clip=float("nan")), "grad_clip must be a finite number >= 0"),
+    (dict(steps=True), "steps must be a positive integer, got True"),
+    (dict(eval_batches_max=0), "eval_batches_max must be a positive integer"),
+    (dict(stop_after=-1), "stop_after must be an integer >= 0"),
+    (dict(device="foo"), "device must be cpu, cuda or cuda:N, got 'foo'"),
+])
+def test_bad_numbers_are_rejected_before_training(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _train(**kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda():
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        _train(device="cuda")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "-1"], "--threads must be a positive integer, got -1"),
+    (["--threads", "0"], "--threads must be a positive integer, got 0"),
+    (["--warmup", "-1"], "warmup must be an integer >= 0, got -1"),
+    (["--weight-decay", "-1"], "weight_decay must be a finite number >= 0, got -1.0"),
+])
+def test_train_cli_rejects_bad_numbers(tmp_path, capsys, argv, message):
+    threads = torch.get_num_threads()
+    assert T.cli(argv + ["--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert torch.get_num_threads() == threads and not (tmp_path / "run").exists()
+
+
+def test_load_config_json_errors(tmp_path, capsys):
+    cases = {"list.json": ("[1, 2]", "must hold a JSON object of Config fields, got a JSON list"),
+             "corrupt.json": ("{bad", "is not valid JSON"),
+             "unknown.json": ('{"n_layers": 3}', r"unknown Config field\(s\) \['n_layers'\]")}
+    for name, (text, match) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=match):
+            T.load_config(str(tmp_path / name))
+        assert summary_cli([str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: config file {tmp_path / name}")
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        T.load_config(str(tmp_path / "missing.json"))
+    (tmp_path / "ok.json").write_text('{"family": "gpt2", "n_layer": 1, "d_model": 32, "n_head": 2}')
+    assert T.load_config(str(tmp_path / "ok.json")).n_layer == 1
