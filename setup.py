@@ -22,7 +22,9 @@ def _extensions():
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/*.cpp"))
     if not cpu_sources:
         return [], {}
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # no implicit FMA contraction (GCC and Clang fuse a * b + c by default): the kernels spell out their FMAs, and some
+    # results depend on an expression being rounded as written (csrc/cpu/simd.h)
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
     if os.environ.get("FASTLM_NATIVE", "1") == "1":  # AVX-512 / AVX512-BF16 where the build machine has them
         cxx.append("-march=native")
     define_macros = []

@@ -16,7 +16,7 @@ def attention_mask(seqlen_q: int, seqlen_k: int, *, causal: bool = False, window
     Positions are aligned bottom-right (FlashAttention >= 2.1): query i sits at key position i + seqlen_k - seqlen_q.
     ``window=(left, right)`` keeps keys within [pos - left, pos + right]; -1 means unbounded; causal sets right = 0.
     """
-    left, right = window
+    left, right = (min(w, seqlen_q + seqlen_k) for w in window)   # larger bounds reach every key as well
     if causal:
         right = 0
     i = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)

@@ -244,6 +244,35 @@ def test_decode_errors():
     _raises(r"batch of the caches \(2\) must equal batch of q \(1\)", dec, q[:1], kc, kc, lens, 1.0)
 
 
+def test_decode_step_errors():
+    args = _decode_step_args()
+    step = _ops().decode_step
+
+    def call(**at):                       # args with the entries at the given indices replaced
+        return step(*[at.get(f"i{i}", a) for i, a in enumerate(args)])
+
+    kc = args[7][0]
+    with pytest.raises(RuntimeError, match="no two of them may share memory"):
+        call(i8=[kc])                                                      # v_cache = k_cache
+    with pytest.raises(RuntimeError, match=r"elements must not overlap \(an expanded tensor\)"):
+        call(i8=[torch.zeros(1, 9, 1, 8).expand(2, 9, 1, 8)])
+    block = list(args[6])
+    block[15] = torch.randn(16, 20)
+    with pytest.raises(RuntimeError, match=r"block 0's w2 \(w_proj / w_down\) must have shape \(16, 24\), got \[16, 20\]"):
+        call(i6=block)
+    with pytest.raises(RuntimeError, match=r"block 0's norm1 weight must have shape \(12,\) for tok_emb's d_model 12"):
+        call(i2=torch.randn(50, 12))
+    block = list(args[6])
+    block[2] = torch.randn(12, 16)
+    with pytest.raises(RuntimeError, match=r"block 0's wq must have shape \(n_head \* 8, 16\) for the caches' head_dim 8 "
+                                           r"and tok_emb's d_model 16, got \[12, 16\]"):
+        call(i6=block)
+    with pytest.raises(RuntimeError, match=r"the batch of tokens \(3\) must equal the KV caches' batch"):
+        call(i0=torch.zeros(3, 3, dtype=torch.long), i1=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"norm_w must have shape \(16,\), got \[15\]"):
+        call(i9=torch.randn(15))
+
+
 def test_mlp_errors():
     x = torch.randn(3, 8)
     w1, w2 = torch.randn(24, 8), torch.randn(8, 24)
@@ -668,6 +697,59 @@ def test_attention_threads_agree():
         torch.set_num_threads(n)
     many = _ops().attention_fwd(q, k, v, True, 0.125, -1, 0)
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e20, 1e25, 1e28, 1e29, 1e35])
+def test_attention_and_decode_huge_logits(scale):
+    """Scaled scores far beyond 2^24 (here up to ~1e35, and ~1e9 from the inputs): the rounding of the running maximum
+    exceeds the exponent range there; the row's maximum must still get probability ~1, not underflow to 0/0."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    out, lse = _ops().attention_fwd(q, k, v, False, scale, -1, -1)
+    want = reference.attention(q.double(), k.double(), v.double(), softmax_scale=scale)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out, want.float(), rtol=1e-6, atol=1e-6)
+    dec = _ops().decode_attention(q, k, v, torch.tensor([5]), scale)
+    torch.testing.assert_close(dec, want.float(), rtol=1e-6, atol=1e-6)
+    q, k, v = torch.randn(1, 4, 2, 8) * 3e4, torch.randn(1, 6, 2, 8) * 3e4, torch.randn(1, 6, 2, 8)
+    out, _ = _ops().attention_fwd(q, k, v, False, 1.0, -1, -1)
+    torch.testing.assert_close(out, reference.attention(q.double(), k.double(), v.double(), softmax_scale=1.0).float(),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_decode_nan_query_gives_nan(dtype):
+    q, kc = torch.randn(1, 2, 2, 8), torch.randn(1, 700, 1, 8)    # 700 keys: several chunks to combine
+    q[0, 1, 0, 0] = float("nan")
+    out = _ops().decode_attention(q.to(dtype), kc.to(dtype), kc.to(dtype), torch.tensor([700]), 0.3)
+    assert torch.isnan(out[0, 1, 0]).all() and torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 1, 1]).all()
+
+
+def test_attention_window_bounds_beyond_int64_positions():
+    """Window bounds of Sq + Sk and more reach every key: even 2^63 - 1 (whose position arithmetic would overflow)
+    equals an unbounded window, on the C++ op and through ops.attention on every CPU backend."""
+    q, k, v = torch.randn(1, 3, 1, 8), torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 8)
+    full = _ops().attention_fwd(q, k, v, False, 0.3, -1, -1)[0]
+    for left, right in ((-1, 2**63 - 1), (2**63 - 1, -1), (2**63 - 1, 2**63 - 1), (7, 7)):
+        assert torch.equal(_ops().attention_fwd(q, k, v, False, 0.3, left, right)[0], full)
+    from fastlm import ops
+    for backend in ("cpu", "torch"):
+        want = ops.attention(q, k, v, backend=backend)
+        for window in ((-1, 2**63 - 1), (2**64, 2**70)):
+            assert torch.equal(ops.attention(q, k, v, window=window, backend=backend), want)
+
+
+def test_ops_feed_the_kernels_unit_stride_rows():
+    """The C++ kernels read rows with unit stride along the head dim; ops.attention / ops.decode_attention copy an
+    input whose head dim is strided, so backend="cpu" accepts any strides, as the other backends do."""
+    from fastlm import ops
+    q, k, v = (torch.randn(1, 5, 2, 32)[..., ::2] for _ in range(3))
+    check_rule("attention strided head dim", ops.attention(q, k, v, backend="cpu"),
+               reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v))
+    lens = torch.tensor([5])
+    check_rule("decode strided head dim", ops.decode_attention(q[:, :1], k, v, lens, backend="cpu"),
+               reference.decode_attention(q[:, :1].double(), k.double(), v.double(), lens),
+               reference.decode_attention(q[:, :1], k, v, lens))
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)

@@ -192,6 +192,10 @@ def test_bad_backend_and_head_dim():
         decode_attention(q, k, v, lens, backend="tpu")
     with pytest.raises(TypeError, match="softmax_scale must be a number"):
         decode_attention(q, k, v, lens, softmax_scale="0.1", backend="triton")
+    for backend in ("torch", "triton") + (("cpu",) if backends.extension() is not None else ()):
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="softmax_scale must be finite"):
+                decode_attention(q, k, v, lens, softmax_scale=bad, backend=backend)
     q, k, v, lens = _inputs(1, 1, 2, 1, 264, 8, [3], torch.float32, DEVICE)
     with pytest.raises(ValueError, match="headdim must be in 1..256"):
         decode_attention(q, k, v, lens, backend="triton")

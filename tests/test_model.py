@@ -330,15 +330,16 @@ def test_cpu_fused_decode_step_errors():
             model(torch.tensor([[3], [1000]]), input_pos=torch.tensor([1, 1]))
         args = (torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 1]), model.tok_emb.weight)
         caches = [layer.attn.k_cache for layer in model.layers]
+        vcaches = [layer.attn.v_cache for layer in model.layers]
         with pytest.raises(ValueError, match="blocks must hold 17 entries per block"):
-            ops.decode_step(*args, [None] * 3, caches, caches, model.norm.weight, model.head_weight, eps=1e-5,
+            ops.decode_step(*args, [None] * 3, caches, vcaches, model.norm.weight, model.head_weight, eps=1e-5,
                             is_rms=True)
         with pytest.raises(RuntimeError, match="only the C\\+\\+ CPU backend"):
-            ops.decode_step(*args, [None] * 34, caches, caches, model.norm.weight, model.head_weight, eps=1e-5,
+            ops.decode_step(*args, [None] * 34, caches, vcaches, model.norm.weight, model.head_weight, eps=1e-5,
                             is_rms=True, backend="torch")
         with pytest.raises(RuntimeError, match=r"rope_cos must be a \(positions >= 8 \(the caches' max_seqlen\), 16\)"):
-            ops.decode_step(*args, [None] * 34, caches, caches, model.norm.weight, model.head_weight, eps=1e-5,
+            ops.decode_step(*args, [None] * 34, caches, vcaches, model.norm.weight, model.head_weight, eps=1e-5,
                             is_rms=True, rope_cos=model.rope_cos[:4], rope_sin=model.rope_sin[:4])
         with pytest.raises(RuntimeError, match="block 0 has no norm1 weight"):
-            ops.decode_step(*args, [None] * 34, caches, caches, model.norm.weight, model.head_weight, eps=1e-5,
+            ops.decode_step(*args, [None] * 34, caches, vcaches, model.norm.weight, model.head_weight, eps=1e-5,
                             is_rms=True)

@@ -175,7 +175,8 @@ Problem attention_problem(const char* op, const at::Tensor& q, const at::Tensor&
   Problem p;
   p.scale = SoftmaxScale(softmax_scale);
   p.B = B, p.Sq = Sq, p.Sk = Sk, p.H = H, p.Hkv = Hkv, p.G = H / Hkv, p.D = D, p.Dv = (D + kW - 1) / kW * kW;
-  p.left = window_left, p.right = causal ? 0 : window_right;
+  // a bound of Sq + Sk or more reaches every key; clamping it keeps lo() / hi() from overflowing
+  p.left = std::min(window_left, Sq + Sk), p.right = causal ? 0 : std::min(window_right, Sq + Sk);
   return p;
 }
 

@@ -233,7 +233,10 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
       T* dst = optr + ((b * p.Sq + i) * p.H + hk * p.G + g) * p.D;
       auto part = [&](int64_t c) { return (b * p.n_chunks + c) * rows + hk * p.M + r; };  // partial-result row
       float m = kNegInf;
-      for (int64_t c = 0; c < p.n_chunks; ++c) m = std::max(m, pm[part(c)]);
+      for (int64_t c = 0; c < p.n_chunks; ++c) {
+        const float mc = pm[part(c)];
+        if (mc > m || mc != mc) m = mc;  // a NaN maximum sticks
+      }
       if (m == kNegInf) {  // the query sees no key
         for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(0.0f);
         continue;

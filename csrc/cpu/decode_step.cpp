@@ -18,13 +18,18 @@
 // GPU decode steps.
 #include "cpu/ops.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace fastlm_cpu {
@@ -70,6 +75,66 @@ at::Tensor required(const Blocks& blocks, int64_t layer, int s, const char* name
   return *t;
 }
 
+// A weight (rows x cols, cols < 0: a vector of rows) of block `layer` (-1: outside the blocks), when present.
+void check_shape(const std::optional<at::Tensor>& t, int64_t layer, const char* name, int64_t rows, int64_t cols) {
+  if (!t.has_value()) return;
+  const bool ok = cols < 0 ? t->dim() == 1 && t->size(0) == rows
+                           : t->dim() == 2 && t->size(0) == rows && t->size(1) == cols;
+  const std::string where = layer < 0 ? std::string() : "block " + std::to_string(layer) + "'s ";
+  const std::string shape = cols < 0 ? std::to_string(rows) + "," : std::to_string(rows) + ", " + std::to_string(cols);
+  TORCH_CHECK(ok, "fastlm::decode_step: ", where, name, " must have shape (", shape, "), got ", t->sizes());
+}
+
+// The shapes of block l's tensors for d_model d, n_kv_head Hkv and head_dim D (n_head from wq, the MLP width from
+// its first weight), so that a wrong one is named rather than reported by the kernel it reaches.
+void check_block(const Blocks& blocks, int64_t l, int64_t d, int64_t Hkv, int64_t D) {
+  for (int s : {kNorm1W, kNorm2W}) {
+    const char* name = s == kNorm1W ? "norm1 weight" : "norm2 weight";
+    const at::Tensor w = required(blocks, l, s, name);
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == d, "fastlm::decode_step: block ", l, "'s ", name, " must have shape (",
+                d, ",) for tok_emb's d_model ", d, ", got ", w.sizes());
+  }
+  const at::Tensor wq = required(blocks, l, kWq, "wq"), w1 = required(blocks, l, kW1, "w1 (w_fc / w_gate)");
+  TORCH_CHECK(wq.dim() == 2 && wq.size(0) % D == 0 && wq.size(1) == d, "fastlm::decode_step: block ", l,
+              "'s wq must have shape (n_head * ", D, ", ", d, ") for the caches' head_dim ", D, " and tok_emb's d_model ",
+              d, ", got ", wq.sizes());
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == d, "fastlm::decode_step: block ", l,
+              "'s w1 (w_fc / w_gate) must have shape (intermediate, ", d, "), got ", w1.sizes());
+  const int64_t q_dim = wq.size(0), kv_dim = Hkv * D, inter = w1.size(0);
+  check_shape(slot(blocks, l, kBq), l, "bq", q_dim, -1);
+  check_shape(required(blocks, l, kWk, "wk"), l, "wk", kv_dim, d);
+  check_shape(slot(blocks, l, kBk), l, "bk", kv_dim, -1);
+  check_shape(required(blocks, l, kWv, "wv"), l, "wv", kv_dim, d);
+  check_shape(slot(blocks, l, kBv), l, "bv", kv_dim, -1);
+  check_shape(required(blocks, l, kWo, "wo"), l, "wo", d, q_dim);
+  check_shape(slot(blocks, l, kBo), l, "bo", d, -1);
+  check_shape(slot(blocks, l, kNorm1B), l, "norm1 bias", d, -1);
+  check_shape(slot(blocks, l, kNorm2B), l, "norm2 bias", d, -1);
+  check_shape(slot(blocks, l, kB1), l, "b1", inter, -1);
+  check_shape(slot(blocks, l, kWUp), l, "w_up", inter, d);
+  check_shape(required(blocks, l, kW2, "w2 (w_proj / w_down)"), l, "w2 (w_proj / w_down)", d, inter);
+  check_shape(slot(blocks, l, kB2), l, "b2", d, -1);
+}
+
+// The caches are written in place: no element of one may alias another element of any cache.
+void check_disjoint(at::TensorList k_caches, at::TensorList v_caches) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;  // [first byte, one past the last) of each cache
+  for (at::TensorList list : {k_caches, v_caches})
+    for (const at::Tensor& c : list) {
+      TORCH_CHECK(at::has_internal_overlap(c) != at::MemOverlap::Yes,
+                  "fastlm::decode_step: the KV caches are written in place, so their elements must not overlap "
+                  "(an expanded tensor), got strides ", c.strides());
+      int64_t last = 0;
+      for (int64_t i = 0; i < c.dim(); ++i) last += (c.size(i) - 1) * c.stride(i);
+      const auto begin = reinterpret_cast<uintptr_t>(c.const_data_ptr());
+      spans.emplace_back(begin, begin + (last + 1) * c.element_size());
+    }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i)
+    TORCH_CHECK(spans[i].first >= spans[i - 1].second,
+                "fastlm::decode_step: the KV caches are written in place, so no two of them may share memory");
+}
+
 }  // namespace
 
 at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, const at::Tensor& tok_emb,
@@ -95,6 +160,8 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, co
               tok_emb.sizes());
   TORCH_CHECK(rope_cos.has_value() == rope_sin.has_value(),
               "fastlm::decode_step: rope_cos and rope_sin must be given together");
+  TORCH_CHECK(k_caches[0].dim() == 4 && k_caches[0].size(0) == B, "fastlm::decode_step: the batch of tokens (",
+              B, ") must equal the KV caches' batch; block 0's k_cache has shape ", k_caches[0].sizes());
   const int64_t V = tok_emb.size(0), S_max = k_caches[0].size(1);
   for (int64_t l = 0; l < L; ++l) {
     for (const auto* c : {&k_caches[l], &v_caches[l]}) {
@@ -125,13 +192,19 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, co
     const int64_t id = ids.const_data_ptr<int64_t>()[i];
     TORCH_CHECK(id >= 0 && id < V, "fastlm::decode_step: token ids must be in [0, ", V, "), got ", id);
   }
+  check_disjoint(k_caches, v_caches);
+  const int64_t d = tok_emb.size(1);
+  for (int64_t l = 0; l < L; ++l) check_block(blocks, l, d, Hkv, D);
+  check_shape(norm_w, -1, "norm_w", d, -1);
+  check_shape(norm_b, -1, "norm_b", d, -1);
+  TORCH_CHECK(head.dim() == 2 && head.size(1) == d, "fastlm::decode_step: head must have shape (vocab, ", d,
+              "), got ", head.sizes());
   at::Tensor positions = at::empty({B * S}, ids.options());
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < S; ++t) positions.data_ptr<int64_t>()[b * S + t] = pos[b] + t;
   at::Tensor seqlens = at::empty({B}, ids.options());
   for (int64_t b = 0; b < B; ++b) seqlens.data_ptr<int64_t>()[b] = pos[b] + S;
 
-  const int64_t d = tok_emb.size(1);
   at::Tensor h = at::index_select(tok_emb, 0, ids).view({B, S, d});
   if (pos_emb.has_value()) h = at::add(h, at::index_select(*pos_emb, 0, positions).view({B, S, d}));
   at::Tensor cos, sin;
@@ -145,8 +218,6 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, co
     const at::Tensor y = std::get<0>(norm_fwd(h, std::nullopt, required(blocks, l, kNorm1W, "norm1 weight"),
                                               slot(blocks, l, kNorm1B), eps, is_rms));
     const at::Tensor wq = required(blocks, l, kWq, "wq");
-    TORCH_CHECK(wq.dim() == 2 && wq.size(0) % D == 0, "fastlm::decode_step: block ", l,
-                " wq must be (n_head * ", D, ", d_model), got shape ", wq.sizes());
     const int64_t H = wq.size(0) / D;
     at::Tensor q = linear(y, wq, slot(blocks, l, kBq)).view({B, S, H, D});
     at::Tensor k = linear(y, required(blocks, l, kWk, "wk"), slot(blocks, l, kBk)).view({B, S, Hkv, D});

@@ -1,7 +1,7 @@
 // Small SIMD layer for the fastlm CPU kernels: one float vector type whose width follows the build target
 // (16 lanes with AVX-512, 8 with AVX/AVX2, 4 otherwise), written with GCC/Clang vector extensions so that one source
-// serves every target. FMA and dtype conversions use intrinsics where the target has them (the build uses
-// -std=c++17, which turns off implicit FMA contraction, so fused multiply-adds are spelled out).
+// serves every target. FMA and dtype conversions use intrinsics where the target has them (the build passes
+// -ffp-contract=off, so a * b + c is rounded twice as written and fused multiply-adds are spelled out as vfma).
 #pragma once
 
 #include <c10/core/ScalarType.h>

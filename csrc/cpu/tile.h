@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace fastlm_cpu {
 
@@ -103,23 +104,36 @@ struct SoftmaxScale {
         c(softmax_scale == 0 ? 1.0f : static_cast<float>(std::abs(softmax_scale) * 1.4426950408889634)) {}
 };
 
+// The exponents x = S c - m of the online softmax, m the running maximum of the rounded products S c. An FMA forms
+// S c exactly, so x is exact but for m's rounding, which every score of a row shares and the normalization cancels.
+// From |m| >= 2^24 on that rounding exceeds 1 and grows with m (at 2^32 it would put the row's own maximum 2^-128
+// below 1, which underflows): there x is formed from the rounded product, as m was, so the maximum's x is 0.
+constexpr float kExactExponentLimit = 16777216.0f;  // 2^24
+
 // Online softmax over one row of n (a multiple of kW) unscaled scores, in place: the row becomes
 // P = 2^(S c - m_new) with m_new = max(m, max S c) (base 2); m and the running sum l are updated, and the returned
 // factor 2^(m_old - m_new) rescales the row's output accumulator. A row with no finite score so far gets P = 0 and
-// factor 1.
+// factor 1; a NaN score makes m, l and the factor NaN from then on.
 inline float softmax_row(float* s, int64_t n, float c, float& m, float& l) {
   const vfloat vc = vset1(c);
   vfloat vm = vset1(kNegInf);
-  for (int64_t i = 0; i < n; i += kW) vm = vmax(vm, vload(s + i) * vc);
-  const float m_new = std::max(m, hmax(vm));
+  vint nan{};
+  for (int64_t i = 0; i < n; i += kW) {
+    const vfloat x = vload(s + i) * vc;
+    vm = vmax(vm, x), nan |= x != x;
+  }
+  float m_new = std::max(m, hmax(vm));
+  for (int i = 0; i < kW; ++i)
+    if (nan[i]) m_new = std::numeric_limits<float>::quiet_NaN();
   if (m_new == kNegInf) {
     std::fill(s, s + n, 0.0f);
     return 1.0f;
   }
   const vfloat neg_m = vset1(-m_new);
+  const bool exact = std::abs(m_new) < kExactExponentLimit;
   vfloat vs{};
   for (int64_t i = 0; i < n; i += kW) {
-    const vfloat e = vexp2(vfma(vload(s + i), vc, neg_m));
+    const vfloat e = vexp2(exact ? vfma(vload(s + i), vc, neg_m) : vload(s + i) * vc + neg_m);
     vstore(s + i, e);
     vs += e;
   }
@@ -141,9 +155,11 @@ inline void softmax_columns(float* s, int64_t lds, int64_t n, float c, float* m,
   // (their accumulator is still 0), never NaN
   const vfloat m_use = (vfloat)((vint)m_new & (m_new != vset1(kNegInf)));
   const vfloat neg_m = -m_use;
+  bool exact = true;
+  for (int i = 0; i < kW; ++i) exact = exact && std::abs(m_use[i]) < kExactExponentLimit;
   vfloat vs{};
   for (int64_t j = 0; j < n; ++j) {
-    const vfloat e = vexp2(vfma(vload(s + j * lds), vc, neg_m));
+    const vfloat e = vexp2(exact ? vfma(vload(s + j * lds), vc, neg_m) : vload(s + j * lds) * vc + neg_m);
     vstore(s + j * lds, e);
     vs += e;
   }

@@ -147,7 +147,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     scale = float(1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale)
-    window_left, window_right = int(window[0]), (0 if causal else int(window[1]))
+    # a bound of Sq + Sk or more reaches every key: clamped, so that no backend's position arithmetic overflows
+    window_left, window_right = (min(int(w), Sq + Sk) for w in (window[0], 0 if causal else window[1]))
     chosen = backends.resolve(backend, q.device, "attention", native_ops=("attention_fwd",), dtype=q.dtype)
     if chosen != "torch" and q.dtype not in _DTYPES:
         raise TypeError(f"attention: dtype must be one of float16, bfloat16, float32 for backend {chosen!r}, "
@@ -167,5 +168,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     if chosen == "triton":
         out, lse = _triton_fwd(q, k, v, causal, scale, window_left, window_right)
     else:
+        # the C++ kernels read rows with unit stride along the head dim
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out, lse = _NativeAttention.apply(q, k, v, causal, scale, window_left, window_right)
     return (out, lse) if return_lse else out

@@ -69,6 +69,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
     _check(q, k_cache, v_cache, cache_seqlens, concrete)
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
         raise TypeError(f"decode_attention: softmax_scale must be a number or None, got {softmax_scale!r}")
+    if softmax_scale is not None and not math.isfinite(softmax_scale):
+        raise ValueError(f"decode_attention: softmax_scale must be finite, got {softmax_scale}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if q.numel() == 0:
         return q.new_empty(q.shape)
@@ -76,6 +78,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
     if concrete == "triton":
         return _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, scale)
+    # the C++ kernels read rows with unit stride along the head dim
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fastlm import reference
-from fastlm.backends import resolve
+from fastlm.backends import BACKENDS, resolve
 from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, needs_grad
 
 
@@ -77,13 +77,16 @@ def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, back
     if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
         got = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
         raise ValueError(f"rope_cos_sin: positions must be a 1-D tensor, got {got}")
+    if positions.dtype == torch.bool or positions.dtype.is_floating_point or positions.dtype.is_complex:
+        raise TypeError(f"rope_cos_sin: positions must be an integer tensor, got {positions.dtype}")
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"rope_cos_sin: head_dim must be a positive even int, got {head_dim!r}")
     if not isinstance(base, (int, float)) or isinstance(base, bool) or not base > 0:
         raise ValueError(f"rope_cos_sin: base must be a positive number, got {base!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"rope_cos_sin: dtype must be a floating-point torch.dtype, got {dtype!r}")
-    resolve(backend, positions.device, "rope_cos_sin")
+    if backend not in BACKENDS:
+        raise ValueError(f"rope_cos_sin: backend must be one of {BACKENDS}, got {backend!r}")
     return reference.rope_cos_sin(positions, head_dim, float(base), dtype)
 
 
