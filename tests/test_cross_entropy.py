@@ -171,6 +171,16 @@ def test_linear_cross_entropy_empty(backend):
     loss = linear_cross_entropy(x, w, torch.zeros(0, dtype=torch.long, device=dev), backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and x.grad.shape == (0, 40) and torch.equal(w.grad, torch.zeros_like(w))
+    # hidden size 0: the logits are the bias alone
+    x = torch.randn(2, 3, 0, device=dev, requires_grad=True)
+    w = torch.randn(10, 0, device=dev, requires_grad=True)
+    b = torch.randn(10, device=dev)
+    t = _targets((2, 3), 10, device=dev)
+    loss = linear_cross_entropy(x, w, t, b, reduction="none", backend=backend)
+    want = torch.nn.functional.cross_entropy(b.expand(6, 10), t.reshape(-1), reduction="none").reshape(2, 3)
+    torch.testing.assert_close(loss, want)
+    loss.sum().backward()
+    assert x.grad.shape == (2, 3, 0) and w.grad.shape == (10, 0)
 
 
 @pytest.mark.parametrize("call, exc, words", [

@@ -310,7 +310,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
         raise ValueError(f"{op}: logits must be (..., vocab), got a 0-dim tensor")
     _check_common(op, targets, logits.shape[:-1], logits.device, logits.shape[-1], ignore_index, reduction)
     lead = targets.shape
-    logits2, targets2 = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    logits2, targets2 = logits.reshape(targets.numel(), logits.shape[-1]), targets.reshape(-1)
     be = resolve(backend, logits.device, op, native_ops=_NATIVE, dtype=logits.dtype)
     if be == "torch":
         loss = reference.cross_entropy(logits2, targets2, ignore_index=ignore_index, reduction=reduction)
@@ -353,7 +353,7 @@ def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, re
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_common(op, targets, x.shape[:-1], x.device, V, ignore_index, reduction)
     lead = targets.shape
-    x2, targets2 = x.reshape(-1, d), targets.reshape(-1)
+    x2, targets2 = x.reshape(targets.numel(), d), targets.reshape(-1)   # (-1, d) is ambiguous for d = 0
     be = resolve(backend, x.device, op, native_ops=_NATIVE, dtype=x.dtype)
     if be == "torch":
         loss = reference.linear_cross_entropy(x2, weight, targets2, bias, ignore_index=ignore_index,
