@@ -97,7 +97,17 @@ _triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # --------------------------------------------------------------------------------------------------------------------
 # The C++ forward ("cpu", "cuda"); backward by the Triton kernels on CUDA, by the C++ kernel on CPU (the reference
-# where neither is available)
+# where neither is available, and on CPU for rows whose LSE is too large to recompute probabilities from)
+
+# The C++ CPU backward recomputes P = 2^(S c - LSE log2 e) from the fp32 LSE, whose rounding grows with it: from
+# |LSE log2 e| = 2^14 on (scaled scores of ~1e4, a diverged model) it moves a row's largest probability by 0.07 % and
+# more (at 2^24 by a factor up to 2), where PyTorch's softmax still gives it exactly 1 (it subtracts the row's max).
+# Such rows take the reference's backward instead. Checked on the host, which costs nothing on a CPU.
+_LSE_RECOMPUTE_LIMIT = 2.0 ** 14 / math.log2(math.e)
+
+
+def _lse_too_large(lse: torch.Tensor) -> bool:
+    return bool((torch.isfinite(lse) & (lse.abs() >= _LSE_RECOMPUTE_LIMIT)).any())
 # --------------------------------------------------------------------------------------------------------------------
 
 class _NativeAttention(torch.autograd.Function):
@@ -115,7 +125,7 @@ class _NativeAttention(torch.autograd.Function):
         if q.is_cuda and backends.triton_available():
             from fastlm.kernels import attention as kernel
             dq, dk, dv = kernel.attention_bwd(dout, q, k, v, out, lse, causal, scale, wl, wr, dlse=dlse)
-        elif not q.is_cuda and backends.extension_has("attention_bwd", "cpu"):
+        elif not q.is_cuda and backends.extension_has("attention_bwd", "cpu") and not _lse_too_large(lse):
             dq, dk, dv = torch.ops.fastlm.attention_bwd(dout, q, k, v, out, lse, dlse, causal, scale, wl, wr)
         else:
             with torch.enable_grad():
