@@ -106,8 +106,9 @@ struct SoftmaxScale {
 
 // The exponents x = S c - m of the online softmax, m the running maximum of the rounded products S c. An FMA forms
 // S c exactly, so x is exact but for m's rounding, which every score of a row shares and the normalization cancels.
-// From |m| >= 2^24 on that rounding exceeds 1 and grows with m (at 2^32 it would put the row's own maximum 2^-128
-// below 1, which underflows): there x is formed from the rounded product, as m was, so the maximum's x is 0.
+// From |m| >= 2^24 on that rounding (up to half an ulp of m) exceeds 1 and grows with m; from 2^31 on it can put the
+// row's own maximum at 2^-128, which underflows. There x is formed from the rounded product, as m was, so the
+// maximum's x is 0.
 constexpr float kExactExponentLimit = 16777216.0f;  // 2^24
 
 // Online softmax over one row of n (a multiple of kW) unscaled scores, in place: the row becomes
