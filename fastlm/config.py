@@ -32,8 +32,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """A Python int, not a bool: what Config fields and the training / scaling arguments take (they are written to
+    JSON as they are)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A Python int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -77,7 +84,7 @@ class Config:
             self.qkv_bias = self.bias
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "max_seqlen", "multiple_of"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.intermediate_size is None:
             if self.family == "gpt2":
@@ -85,7 +92,7 @@ class Config:
             else:
                 hidden = int(2 * 4 * self.d_model / 3)
                 self.intermediate_size = self.multiple_of * -(-hidden // self.multiple_of)
-        if not _is_int(self.intermediate_size) or self.intermediate_size <= 0:
+        if not is_int(self.intermediate_size) or self.intermediate_size <= 0:
             raise ValueError(f"intermediate_size must be a positive integer, got {self.intermediate_size!r}")
         for name in ("norm_eps", "rope_base"):
             value = getattr(self, name)

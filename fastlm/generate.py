@@ -53,6 +53,8 @@ def exponential_noise(shape, device, generator=None) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
 
 
+# Wider than fastlm.config.is_int / is_real: token ids and sampling values may come as numpy scalars (rows of an
+# array), and are converted to Python numbers before use.
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

@@ -35,10 +35,6 @@ TINY_LADDER = [(8, 1, 2), (16, 1, 2), (24, 2, 2), (32, 2, 2), (48, 2, 4)]
 DEFAULT_RUNGS = 5
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def ladder_configs(rungs: int = DEFAULT_RUNGS, *, tiny: bool = False, seqlen: int = 128, vocab_size: int = 256):
     from fastlm.config import Config
     ladder = TINY_LADDER if tiny else LADDER
@@ -115,15 +111,15 @@ def run(*, data: str | None = "stdlib", rungs: int = DEFAULT_RUNGS, tiny: bool =
         tokens: int | None = None, batch_size: int = 8, seqlen: int = 128, backend: str = "auto", device=None,
         out: str = "fastlm-scaling", seed: int = 0, progress: bool = True, log=print) -> dict:
     """Train the ladder and fit the law. ``tokens`` (default 1.2M, tiny 12K) times ``budget`` tokens per model."""
+    from fastlm.config import is_int
     from fastlm.summary import forward_flops_per_token, param_counts
     from fastlm.train import ByteTokenizer, load_corpus, resolve_device, train
-    if not _is_int(rungs):
+    if not is_int(rungs):
         raise ValueError(f"rungs must be an integer, got {rungs!r}")
     if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget < math.inf:
         raise ValueError(f"budget must be positive and finite, got {budget!r}")
-    for name, value in (("batch_size", batch_size), ("seqlen", seqlen)) + ((("tokens", tokens),) if tokens is not None
-                                                                           else ()):
-        if not _is_int(value) or value < 1:
+    for name, value in (("batch_size", batch_size), ("seqlen", seqlen), ("tokens", 1 if tokens is None else tokens)):
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     resolve_device(device)
     if tiny:

@@ -19,6 +19,8 @@ import argparse
 import os
 import sys
 
+from fastlm.config import is_int
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
 
@@ -153,7 +155,7 @@ def summary(model_or_config, *, batch: int = 1, seqlen: int | None = None, dtype
     dev = _device(device)
     seqlen = cfg.max_seqlen if seqlen is None else seqlen
     for name, value in (("batch", batch), ("seqlen", seqlen)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     nbytes = DTYPE_BYTES[dt]
     params = param_counts(cfg)

@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from fastlm.config import is_int, is_real
+
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = "fastlm-checkpoint-1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -429,19 +431,11 @@ def resolve_device(device=None, *, what: str = "device") -> torch.device:
     return dev
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_threads(threads):
     """--threads (None: torch's default) set for torch, or a ValueError."""
     if threads is None:
         return
-    if not _is_int(threads) or threads < 1:
+    if not is_int(threads) or threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {threads!r}")
     torch.set_num_threads(threads)
 
@@ -480,17 +474,17 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
     amp_dtype = DTYPES[dtype]
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seqlen", seqlen), ("grad_accum", grad_accum),
                         ("eval_every", eval_every), ("eval_batches_max", eval_batches_max)):
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     for name, value in (("warmup", warmup), ("stop_after", 0 if stop_after is None else stop_after)):
-        if not _is_int(value) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    if not _is_int(seed):
+    if not is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    if not _is_real(lr) or not 0 < lr < math.inf:
+    if not is_real(lr) or not 0 < lr < math.inf:
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     for name, value, what in (("weight_decay", weight_decay, ""), ("grad_clip", grad_clip, " (0 = no clipping)")):
-        if not _is_real(value) or not 0 <= value < math.inf:
+        if not is_real(value) or not 0 <= value < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0{what}, got {value!r}")
     if resume and not out:
         raise ValueError("resume needs out= (the directory holding the checkpoint)")

@@ -75,25 +75,24 @@ at::Tensor required(const Blocks& blocks, int64_t layer, int s, const char* name
   return *t;
 }
 
-// A weight (rows x cols, cols < 0: a vector of rows) of block `layer` (-1: outside the blocks), when present.
-void check_shape(const std::optional<at::Tensor>& t, int64_t layer, const char* name, int64_t rows, int64_t cols) {
+// A weight (rows x cols, cols < 0: a vector of rows) of block `layer` (-1: outside the blocks), when present; `why`
+// ends the message's expectation.
+void check_shape(const std::optional<at::Tensor>& t, int64_t layer, const char* name, int64_t rows, int64_t cols,
+                 const std::string& why = "") {
   if (!t.has_value()) return;
   const bool ok = cols < 0 ? t->dim() == 1 && t->size(0) == rows
                            : t->dim() == 2 && t->size(0) == rows && t->size(1) == cols;
   const std::string where = layer < 0 ? std::string() : "block " + std::to_string(layer) + "'s ";
   const std::string shape = cols < 0 ? std::to_string(rows) + "," : std::to_string(rows) + ", " + std::to_string(cols);
-  TORCH_CHECK(ok, "fastlm::decode_step: ", where, name, " must have shape (", shape, "), got ", t->sizes());
+  TORCH_CHECK(ok, "fastlm::decode_step: ", where, name, " must have shape (", shape, ")", why, ", got ", t->sizes());
 }
 
 // The shapes of block l's tensors for d_model d, n_kv_head Hkv and head_dim D (n_head from wq, the MLP width from
 // its first weight), so that a wrong one is named rather than reported by the kernel it reaches.
 void check_block(const Blocks& blocks, int64_t l, int64_t d, int64_t Hkv, int64_t D) {
-  for (int s : {kNorm1W, kNorm2W}) {
-    const char* name = s == kNorm1W ? "norm1 weight" : "norm2 weight";
-    const at::Tensor w = required(blocks, l, s, name);
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == d, "fastlm::decode_step: block ", l, "'s ", name, " must have shape (",
-                d, ",) for tok_emb's d_model ", d, ", got ", w.sizes());
-  }
+  const std::string for_d = " for tok_emb's d_model " + std::to_string(d);
+  check_shape(required(blocks, l, kNorm1W, "norm1 weight"), l, "norm1 weight", d, -1, for_d);
+  check_shape(required(blocks, l, kNorm2W, "norm2 weight"), l, "norm2 weight", d, -1, for_d);
   const at::Tensor wq = required(blocks, l, kWq, "wq"), w1 = required(blocks, l, kW1, "w1 (w_fc / w_gate)");
   TORCH_CHECK(wq.dim() == 2 && wq.size(0) % D == 0 && wq.size(1) == d, "fastlm::decode_step: block ", l,
               "'s wq must have shape (n_head * ", D, ", ", d, ") for the caches' head_dim ", D, " and tok_emb's d_model ",
