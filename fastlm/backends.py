@@ -6,7 +6,8 @@ Backends:
   "cpu"     the C++ CPU kernels of the extension fastlm._C (CPU tensors).
   "cuda"    the CUDA C++ kernels of the extension fastlm._C (CUDA tensors).
   "auto"    CUDA tensors: "triton"; CPU tensors: "cpu" when the extension is built and serves the op, else "triton"
-            under the interpreter, else "torch". Inputs of a dtype no kernel takes (float64) get "torch".
+            under the interpreter, else "torch". Inputs of a dtype no kernel takes (float64) get "torch",
+            and so does attention past the Triton kernels' head dims (fastlm.ops._checks.fit_head_dim).
 
 Everything here is lazy and cached: importing fastlm compiles nothing and touches no GPU.
 """

@@ -245,8 +245,9 @@ BAD = [
     (lambda q, k, v: (q[:, :, :3], k, v), {}, ValueError, "divisible"),
     (lambda q, k, v: (q.int(), k.int(), v.int()), {}, TypeError, "dtype"),
     (lambda q, k, v: (q, k.half(), v), {}, TypeError, "same dtype"),
-    (lambda q, k, v: (q.new_zeros(2, 8, 4, 300), k.new_zeros(2, 8, 2, 300), v.new_zeros(2, 8, 2, 300)), {},
-     ValueError, "headdim must be in"),
+    (lambda q, k, v: (q.new_zeros(2, 8, 4, 300), k.new_zeros(2, 8, 2, 300), v.new_zeros(2, 8, 2, 300)),
+     {"backend": "triton"}, ValueError, "backend='triton' takes headdim 1..256"),
+    (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0]), {}, ValueError, "headdim must be >= 1"),
     (lambda q, k, v: (q, k, v), {"window": (-2, 0)}, ValueError, "window values must be >= -1"),
     (lambda q, k, v: (q, k, v), {"window": (3,)}, TypeError, "window must be a pair"),
     (lambda q, k, v: (q, k, v), {"window": (1.5, 2)}, TypeError, "window must be a pair"),
@@ -273,6 +274,21 @@ def test_mixed_devices_and_unavailable_backend():
         ops.attention(q, k.to("meta"), v.to("meta"))
     with pytest.raises((RuntimeError, ValueError), match="cuda"):
         ops.attention(q, k, v, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"] + ([] if ON_GPU else ["cpu"]))
+def test_head_dim_past_triton_limit(backend):
+    """Past the Triton kernels' 256, "auto" runs the reference and the C++ CPU kernels run as for any head dim."""
+    _check_case(backend, torch.float32, (2, 9, 19, 4, 2, 300, True, (-1, -1)))
+
+
+def test_fit_head_dim():
+    from fastlm.ops._checks import fit_head_dim
+    assert fit_head_dim("attention", "triton", "auto", 256) == "triton"
+    assert fit_head_dim("attention", "triton", "auto", 257) == "torch"
+    assert fit_head_dim("attention", "cpu", "auto", 1000) == "cpu"
+    with pytest.raises(ValueError, match="backend='triton' takes headdim 1..256, got 257"):
+        fit_head_dim("attention", "triton", "triton", 257)
 
 
 def test_float64_only_on_reference_backend():

@@ -3,7 +3,7 @@ head dims, several new tokens per step, explicit split counts, CUDA-graph / torc
 import pytest
 import torch
 
-from conftest import DEVICE, backend_device, needs_cpu_kernel
+from conftest import DEVICE, ON_GPU, backend_device, needs_cpu_kernel
 from fastlm import backends, reference
 from fastlm.ops import decode_attention
 from fastlm.testing import check_rule
@@ -197,5 +197,10 @@ def test_bad_backend_and_head_dim():
             with pytest.raises(ValueError, match="softmax_scale must be finite"):
                 decode_attention(q, k, v, lens, softmax_scale=bad, backend=backend)
     q, k, v, lens = _inputs(1, 1, 2, 1, 264, 8, [3], torch.float32, DEVICE)
-    with pytest.raises(ValueError, match="headdim must be in 1..256"):
+    with pytest.raises(ValueError, match="backend='triton' takes headdim 1..256"):
         decode_attention(q, k, v, lens, backend="triton")
+    # past 256 "auto" runs the reference, and the C++ CPU kernel runs as for any head dim
+    ref64 = reference.decode_attention(q.double(), k.double(), v.double(), lens)
+    ref_low = reference.decode_attention(q, k, v, lens)
+    for backend in ("auto",) + (("cpu",) if backends.extension() is not None and not ON_GPU else ()):
+        check_rule("out", decode_attention(q, k, v, lens, backend=backend), ref64, ref_low)

@@ -44,8 +44,7 @@ def num_rows(x: torch.Tensor) -> int:
     return math.prod(x.shape[:-1])
 
 
-def check_qkv(op: str, q, k, v, *, k_name: str = "k", v_name: str = "v", seq_name: str = "seqlen_k",
-              max_head_dim: int = 256) -> None:
+def check_qkv(op: str, q, k, v, *, k_name: str = "k", v_name: str = "v", seq_name: str = "seqlen_k") -> None:
     """Shapes of attention inputs: q (batch, seqlen_q, nheads, headdim) and k, v (batch, <seq_name>, nheads_kv,
     headdim) with nheads % nheads_kv == 0."""
     for name, t in (("q", q), (k_name, k), (v_name, v)):
@@ -65,5 +64,20 @@ def check_qkv(op: str, q, k, v, *, k_name: str = "k", v_name: str = "v", seq_nam
     Hkv = k.shape[2]
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"{op}: nheads of q ({H}) must be divisible by nheads of {k_name}/{v_name} ({Hkv})")
-    if not 1 <= D <= max_head_dim:
-        raise ValueError(f"{op}: headdim must be in 1..{max_head_dim}, got {D}")
+    if D < 1:
+        raise ValueError(f"{op}: headdim must be >= 1, got {D}")
+
+
+TRITON_MAX_HEAD_DIM = 256  # the Triton attention kernels keep a next_power_of_2(headdim) wide tile in registers
+
+
+def fit_head_dim(op: str, chosen: str, backend: str, head_dim: int) -> str:
+    """The backend that runs attention of this head dim: ``chosen``, unless it is the Triton one and the head dim is
+    past what its kernels take; then "auto" falls back to the reference and an explicit backend="triton" raises. (The
+    C++ CPU kernels and the reference take any head dim; the CUDA ones raise for head dims they were not built for.)"""
+    if chosen != "triton" or head_dim <= TRITON_MAX_HEAD_DIM:
+        return chosen
+    if backend == "auto":
+        return "torch"
+    raise ValueError(f"{op}: backend='triton' takes headdim 1..{TRITON_MAX_HEAD_DIM}, got {head_dim} "
+                     "(the 'cpu' and 'torch' backends take any)")

@@ -12,10 +12,9 @@ import math
 import torch
 
 from fastlm import backends, reference
-from fastlm.ops._checks import check_qkv
+from fastlm.ops._checks import check_qkv, fit_head_dim
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -23,7 +22,7 @@ MAX_HEAD_DIM = 256
 # --------------------------------------------------------------------------------------------------------------------
 
 def _check(q, k, v, causal, softmax_scale, window, return_lse):
-    check_qkv("attention", q, k, v, max_head_dim=MAX_HEAD_DIM)
+    check_qkv("attention", q, k, v)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -160,6 +159,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     # a bound of Sq + Sk or more reaches every key: clamped, so that no backend's position arithmetic overflows
     window_left, window_right = (min(int(w), Sq + Sk) for w in (window[0], 0 if causal else window[1]))
     chosen = backends.resolve(backend, q.device, "attention", native_ops=("attention_fwd",), dtype=q.dtype)
+    chosen = fit_head_dim("attention", chosen, backend, D)
     if chosen != "torch" and q.dtype not in _DTYPES:
         raise TypeError(f"attention: dtype must be one of float16, bfloat16, float32 for backend {chosen!r}, "
                         f"got {q.dtype}")

@@ -14,7 +14,7 @@ import math
 import torch
 
 from fastlm import backends, reference
-from fastlm.ops._checks import KERNEL_DTYPES, check_qkv
+from fastlm.ops._checks import KERNEL_DTYPES, check_qkv, fit_head_dim
 NATIVE_OPS = ("decode_attention",)
 
 
@@ -67,6 +67,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
     concrete = backends.resolve(backend, device, "decode_attention", native_ops=NATIVE_OPS,
                                 dtype=q.dtype if isinstance(q, torch.Tensor) else None)
     _check(q, k_cache, v_cache, cache_seqlens, concrete)
+    concrete = fit_head_dim("decode_attention", concrete, backend, q.shape[-1])
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
         raise TypeError(f"decode_attention: softmax_scale must be a number or None, got {softmax_scale!r}")
     if softmax_scale is not None and not math.isfinite(softmax_scale):
