@@ -5,10 +5,11 @@
 // the cache's memory order: a cache row (one key) holds every kv head, and each step takes kKeys consecutive rows
 // and runs through them head by head, so every row is read front to back exactly once while the hardware
 // prefetchers stream the kKeys rows in parallel (visiting one head's rows a row stride apart instead touches a new
-// page per key and defeats them). A kv head's rows serve all G = H / Hkv query heads and all Sq queries (M = G * Sq
-// rows), so every K and V byte is read once. Per block: scores by vector dot products, kKeys keys at a time; the
-// online softmax of tile.h in base 2 per row; O += P V, again kKeys value rows per pass over a row of O, so O is
-// loaded and stored once per kKeys keys. bf16/fp16 caches are widened in registers as they are loaded. Each chunk
+// page per key and defeats them); rows shorter than a 4 KB page are taken from kKeys different pages, so that each
+// page too is read front to back (chunk_step). A kv head's rows serve all G = H / Hkv query heads and all Sq queries
+// (M = G * Sq rows), so every K and V byte is read once. Per block: scores by vector dot products, kKeys keys at a
+// time; the online softmax of tile.h in base 2 per row; O += P V, again kKeys value rows per pass over a row of O, so
+// O is loaded and stored once per kKeys keys. bf16/fp16 caches are widened in registers as they are loaded. Each chunk
 // leaves its unnormalized output, running max and sum; a combine pass merges the chunks of each row and writes out.
 //
 // Memory traffic: each valid K and V row read once (the bandwidth bound of decoding), q read and out written once;
@@ -68,12 +69,13 @@ inline void dot_rows(const float* q, int64_t ldq, const T* const* k, int64_t D, 
 }
 
 constexpr int64_t kBlockK = 64;     // keys per softmax block; a multiple of kW and of kKeys
-constexpr int64_t kPrefetch = 8;    // rows ahead
+constexpr int64_t kPage = 4096;     // bytes the hardware prefetchers stream within
 constexpr int64_t kMinChunk = 256;  // keys per work item at least (amortizes the per-item set-up)
 
 struct Problem {
   int64_t B, Sq, H, Hkv, G, M, D, Dv;  // M = G * Sq rows per kv head; Dv: D padded to whole vectors
   int64_t chunk, n_chunks;
+  int64_t interleave;  // r: consecutive cache rows that share a 4 KB page (1 when a row fills a page or more)
   SoftmaxScale scale;
 };
 
@@ -110,19 +112,19 @@ inline void axpy_rows(const float* p, int64_t ldp, const T* const* v, int64_t D,
       for (int i = 0; i < kKeys; ++i) o[r * ldo + d] += p[r * ldp + i] * to_float(v[i][d]);
 }
 
-// Pointers to head hk of block rows j, j + 1, ..., j + kKeys - 1; rows past the block's nb repeat row nb - 1 (their
-// scores are masked, so they contribute nothing) to keep every read inside the cache.
+// Pointers to head hk of block rows j, j + r, ..., j + (kKeys - 1) r; rows past the block's nb repeat row nb - 1
+// (their scores are masked, so they contribute nothing) to keep every read inside the cache.
 template <typename T>
-inline void block_rows(const T* base, Strides st, int64_t hk, int64_t j, int64_t nb, const T** rows) {
-  for (int64_t i = 0; i < kKeys; ++i) rows[i] = base + std::min(j + i, nb - 1) * st.s + hk * st.h;
+inline void block_rows(const T* base, Strides st, int64_t hk, int64_t j, int64_t r, int64_t nb, const T** rows) {
+  for (int64_t i = 0; i < kKeys; ++i) rows[i] = base + std::min(j + i * r, nb - 1) * st.s + hk * st.h;
 }
 
-// Asks for the cache lines of head hk in rows j .. j + kKeys - 1 (those below n_rows) ahead of their use.
+// Asks for the cache lines of head hk in rows j, j + r, ..., j + (kKeys - 1) r (those below n_rows) ahead of use.
 template <typename T>
-inline void prefetch_rows(const T* base, Strides st, int64_t hk, int64_t j, int64_t n_rows, int64_t D) {
-  for (int64_t i = j; i < std::min(j + kKeys, n_rows); ++i) {
-    const char* r = reinterpret_cast<const char*>(base + i * st.s + hk * st.h);
-    for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) __builtin_prefetch(r + off);
+inline void prefetch_rows(const T* base, Strides st, int64_t hk, int64_t j, int64_t r, int64_t n_rows, int64_t D) {
+  for (int64_t i = j; i < std::min(j + kKeys * r, n_rows); i += r) {
+    const char* row = reinterpret_cast<const char*>(base + i * st.s + hk * st.h);
+    for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) __builtin_prefetch(row + off);
   }
 }
 
@@ -143,49 +145,68 @@ void chunk_init(const Problem& p, const T* q, Strides qs, int64_t b, float* qh, 
 }
 
 // Keys [j0, j0 + nb) of sequence b (valid length n), every kv head. k and v point at the block's first row.
+//
+// Walk order: a group of kKeys * r keys (r = p.interleave rows per page) is taken in r passes, pass t over keys
+// j + t, j + t + r, ..., so that the kKeys rows of a pass lie in kKeys different pages and each page is read front to
+// back, head by head, one pass after another, as when rows fill a page (kKeys consecutive rows of a shared page are
+// read in interleaved pieces, which the prefetchers follow worse: 1.1-1.4x slower for 1-2 KB rows). Scores are stored
+// pass by pass: block entry j + t kKeys + i holds key j + t + i r; the softmax does not care about the order and P V
+// reads them back the same way.
 template <typename T>
 void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs, int64_t n, int64_t j0, int64_t nb,
                 float* po, float* pm, float* pl, Scratch& sc) {
-  const int64_t rows = p.Hkv * p.M;
-  // Scores (block columns past nb are masked below)
-  for (int64_t j = 0; j < nb; j += kKeys) {
-    for (int64_t hk = 0; hk < p.Hkv; ++hk) {
-      const T* kr[kKeys];
-      block_rows(k, ks, hk, j, nb, kr);
-      if (j + kPrefetch < nb)  // the K rows ahead, near the block's end the first V rows
-        prefetch_rows(k, ks, hk, j + kPrefetch, nb, p.D);
-      else
-        prefetch_rows(v, vs, hk, j + kPrefetch - nb, nb, p.D);
-      int64_t row = hk * p.M;
-      for (; row + 2 <= (hk + 1) * p.M; row += 2)
-        dot_rows<2>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + j, kBlockK);
-      if (row < (hk + 1) * p.M)
-        dot_rows<1>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + j, kBlockK);
+  const int64_t rows = p.Hkv * p.M, r = p.interleave, group = kKeys * r, ahead = 2 * group;
+  // Scores (entries of keys past nb are masked below)
+  for (int64_t j = 0; j < nb; j += group) {
+    for (int64_t t = 0; t < r; ++t) {
+      const int64_t first = j + t, at = j + t * kKeys;
+      for (int64_t hk = 0; hk < p.Hkv; ++hk) {
+        const T* kr[kKeys];
+        block_rows(k, ks, hk, first, r, nb, kr);
+        if (first + ahead < nb)  // the K rows ahead, near the block's end the first V rows
+          prefetch_rows(k, ks, hk, first + ahead, r, nb, p.D);
+        else
+          prefetch_rows(v, vs, hk, first + ahead - nb, r, nb, p.D);
+        int64_t row = hk * p.M;
+        for (; row + 2 <= (hk + 1) * p.M; row += 2)
+          dot_rows<2>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + at, kBlockK);
+        if (row < (hk + 1) * p.M)
+          dot_rows<1>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + at, kBlockK);
+      }
     }
   }
   for (int64_t row = 0; row < rows; ++row) {
     // query i sits at position n - Sq + i and sees keys up to it
     const int64_t visible = std::clamp<int64_t>(n - p.Sq + row % p.Sq + 1 - j0, 0, nb);
     float* sr = sc.s.data() + row * kBlockK;
-    std::fill(sr + visible, sr + kBlockK, kNegInf);
+    if (r == 1) {
+      std::fill(sr + visible, sr + kBlockK, kNegInf);
+    } else if (visible < kBlockK) {
+      for (int64_t e = 0; e < kBlockK; ++e)  // entry e = j + t kKeys + i holds key j + t + i r
+        if (e / group * group + e % kKeys * r + e % group / kKeys >= visible) sr[e] = kNegInf;
+    }
     const float alpha = softmax_row(sr, kBlockK, p.scale.c, pm[row], pl[row]);
     if (alpha != 1.0f) {
       float* o = po + row * p.Dv;
       for (int64_t d = 0; d < p.Dv; d += kW) vstore(o + d, vset1(alpha) * vload(o + d));
     }
   }
-  // O += P V (masked columns have P = 0)
-  for (int64_t j = 0; j < nb; j += kKeys) {
-    for (int64_t hk = 0; hk < p.Hkv; ++hk) {
-      const T* vr[kKeys];
-      block_rows(v, vs, hk, j, nb, vr);
-      // the V rows ahead, near the block's end the first K rows of the next block
-      prefetch_rows(j + kPrefetch < nb ? v : k, j + kPrefetch < nb ? vs : ks, hk, j + kPrefetch, n - j0, p.D);
-      int64_t row = hk * p.M;
-      for (; row + 2 <= (hk + 1) * p.M; row += 2)
-        axpy_rows<2>(sc.s.data() + row * kBlockK + j, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
-      if (row < (hk + 1) * p.M)
-        axpy_rows<1>(sc.s.data() + row * kBlockK + j, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
+  // O += P V (masked entries have P = 0)
+  for (int64_t j = 0; j < nb; j += group) {
+    for (int64_t t = 0; t < r; ++t) {
+      const int64_t first = j + t, at = j + t * kKeys;
+      for (int64_t hk = 0; hk < p.Hkv; ++hk) {
+        const T* vr[kKeys];
+        block_rows(v, vs, hk, first, r, nb, vr);
+        // the V rows ahead, near the block's end the first K rows of the next block
+        const bool in_v = first + ahead < nb;
+        prefetch_rows(in_v ? v : k, in_v ? vs : ks, hk, first + ahead, r, n - j0, p.D);
+        int64_t row = hk * p.M;
+        for (; row + 2 <= (hk + 1) * p.M; row += 2)
+          axpy_rows<2>(sc.s.data() + row * kBlockK + at, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
+        if (row < (hk + 1) * p.M)
+          axpy_rows<1>(sc.s.data() + row * kBlockK + at, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
+      }
     }
   }
 }
@@ -323,6 +344,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   p.chunk = std::max(kMinChunk, (max_len + want - 1) / want);
   p.chunk = (p.chunk + kBlockK - 1) / kBlockK * kBlockK;
   p.n_chunks = std::max<int64_t>(1, (max_len + p.chunk - 1) / p.chunk);
+  // Rows that hold every kv head side by side (the (B, S, Hkv, D) cache) and are shorter than a page share pages
+  p.interleave = 1;
+  const int64_t row_bytes = k_cache.stride(1) * k_cache.element_size();
+  if (k_cache.stride(2) * Hkv <= k_cache.stride(1))
+    while (2 * p.interleave * row_bytes <= kPage && 2 * p.interleave * kKeys <= kBlockK) p.interleave *= 2;
 
   with_float_type(dtype, [&](auto tag) { decode_kernel<decltype(tag)>(p, q, k_cache, v_cache, lens, out); });
   return out;
