@@ -21,6 +21,9 @@ from fastlm import benchmark  # noqa: E402
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 
 
+IN_ROTATION = (" at the start of the run; each row's % of ceiling is against the ceiling kernel (the copy for a "
+               "memory-bound row, the GEMM for a compute-bound one) timed again in that case's rotation, call by call "
+               "with the implementations, whose rate the column names")
 HALF_ON_CPU = ("; a bf16/fp16 % of ceiling is against the larger of its GEMM rate and fp32's (widening to fp32 is "
                "exact, and fastlm's CPU kernels compute bf16 that way)")
 
@@ -39,8 +42,9 @@ def section(doc: dict, image_paths: list[str], note: str = "") -> str:
         f"CUDA {env['cuda']}, transformers {env['transformers']}; C++ extension: {env['extension']}).",
         "",
         f"Ceilings measured in the same run: matmul {mm}; copy {benchmark.fmt_rate(ceil['copy_bytes_per_s'], 'B/s')} "
-        f"(read + write){HALF_ON_CPU if cpu else ''}. Speed-up = the fastest peer whose result passes the numerics "
-        f"rule, divided by fastlm's time; max err = max |fastlm − float64 reference| (WRONG if it fails the rule).",
+        f"(read + write){IN_ROTATION if cpu else ''}{HALF_ON_CPU if cpu else ''}. Speed-up = the fastest peer whose "
+        f"result passes the numerics rule, divided by fastlm's time; max err = max |fastlm − float64 reference| "
+        f"(WRONG if it fails the rule).",
         "",
     ]
     if note:
@@ -53,6 +57,8 @@ def section(doc: dict, image_paths: list[str], note: str = "") -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in benchmark.summary_rows(doc["results"]):
         pct = "-" if row["pct_ceiling"] is None else f"{row['pct_ceiling']:.0f}%"
+        if row["pct_ceiling"] is not None and row["ceiling"]:
+            pct += f" of {benchmark.fmt_rate(row['ceiling'], 'FLOP/s' if row['bound'] == 'compute' else 'B/s')}"
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
         lines.append("| " + " | ".join([row["op"], row["case"], row["impl"], row["rate"], pct, row["best_peer"],
                                         ratio, row["max_err"]]) + " |")

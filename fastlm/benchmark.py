@@ -2,12 +2,15 @@
 
 What a figure here means:
 - Work is counted by explicit functions (attention_flops, gemm_flops, mlp_flops, bytes for memory-bound ops), so a
-  time becomes a rate (FLOP/s or bytes/s), and the rate a fraction of a ceiling measured on this device at the start
-  of the run (a large GEMM in the case's dtype; a large tensor copy, bytes read + written).
+  time becomes a rate (FLOP/s or bytes/s), and the rate a fraction of a ceiling measured on this device (a large
+  GEMM in the case's dtype; a large tensor copy, bytes read + written): at the start of the run, and on a CPU again
+  in each case's rotation, whose figure the % of ceiling then refers to (a shared machine's rates drift by 10-30 %
+  within minutes).
 - Times are medians of many calls after warm-up: CUDA events with an L2 flush before each call on a GPU; on a CPU
   wall-clock per call, cycling through several input sets so the last-level cache is not what is measured, with
-  the implementations of a case called in rotation (one call of each in turn), so that a change in the speed of a
-  shared machine during the measurement hits fastlm and its peers alike.
+  the implementations of a case called in rotation (one call of each per round, in a shuffled order), so that a
+  change in the speed of a shared machine during the measurement hits fastlm and its peers alike, and none always
+  runs right after the same other one.
   Inputs are random normal (never zeros or ones); on a CPU the thread count is fixed and recorded.
 - Every measured implementation is first checked against the float64 reference by the numerics rule
   (fastlm.testing): a result that fails it is marked WRONG in the table and the JSON, so speed is never shown for a
@@ -29,6 +32,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -183,8 +187,8 @@ def _stats(times: list[float]) -> dict:
 
 
 def time_rotation(fn_lists: list[list[Callable]], timing: Timing) -> list:
-    """CPU: several implementations timed in rotation, one call of each in turn (each cycling through its own
-    closures, one per input set), after the same warm-up; the budget is ``timing``'s per implementation. Returns,
+    """CPU: several implementations timed in rotation, one call of each per round in a shuffled order (each cycling
+    through its own closures, one per input set), after the same warm-up; the budget is ``timing``'s per implementation. Returns,
     per implementation, time_fns' statistics or the exception one of its calls raised (it then leaves the
     rotation; the others go on)."""
     out: list = [None] * len(fn_lists)
@@ -204,17 +208,25 @@ def time_rotation(fn_lists: list[list[Callable]], timing: Timing) -> list:
         for n in range(len(fn_lists[j])):
             if j in live:
                 call(j, n)
+    # each round in its own order: a call that follows one writing tens of MB (an eager peer's temporaries, the
+    # ceiling's copy) finds the memory system busy, and a fixed order would charge that to the same implementation
+    # every time
+    order = random.Random(0)
+
+    def one_round(n: int) -> None:
+        for j in order.sample(live, len(live)):
+            if j in live:
+                call(j, n)
+
     t0, n = time.perf_counter(), 0
     while live and time.perf_counter() - t0 < timing.warmup_s * len(fn_lists):
-        for j in list(live):
-            call(j, n)
+        one_round(n)
         n += 1
     times = [[] for _ in fn_lists]
     start, n = time.perf_counter(), 0
     budget = timing.budget_s * len(fn_lists)
     while live and (n < timing.min_reps or (n < timing.max_reps and time.perf_counter() - start < budget)):
-        for j in list(live):
-            call(j, n)
+        one_round(n)
         n += 1
     return [out[j] if out[j] is not None else _stats(times[j]) for j in range(len(fn_lists))]
 
@@ -223,39 +235,64 @@ def time_rotation(fn_lists: list[list[Callable]], timing: Timing) -> list:
 # Ceilings
 # ----------------------------------------------------------------------------------------------------------------------
 
-def measure_ceilings(device: torch.device, dtypes, timing: Timing, *, tiny: bool = False) -> dict:
+class CeilingKernels:
+    """The kernels that define the ceilings: a large GEMM per dtype in nn.Linear's layout (x @ W^T, the GEMMs models
+    run; torch's CPU bf16 path for x @ W is much slower) and a large fp32 tensor copy (> L3 on a CPU). Their inputs
+    are made once: measure_ceilings times them at the start of a run, and on a CPU run_impls times the one that
+    defines a case's ceiling in the case's rotation (the shared machine's rates drift within minutes)."""
+
+    def __init__(self, device: torch.device, *, tiny: bool = False):
+        cuda = device.type == "cuda"
+        self.device, self.n = device, 256 if tiny else (8192 if cuda else 1536)
+        self._gen = torch.Generator(device=device).manual_seed(0)
+        self._gemm: dict = {}
+        numel = 2**18 if tiny else (2**28 if cuda else 2**24)     # 1 GiB on GPU, 64 MiB on CPU (> L3), fp32
+        src = torch.randn(numel, device=device, generator=self._gen)
+        dst = torch.empty_like(src)
+        self._copy = [lambda: dst.copy_(src)]
+        self.copy_bytes = 2 * numel * src.element_size()          # read + write
+
+    def gemm(self, dtype) -> list[Callable]:
+        """Closures of an n x n x n GEMM in ``dtype`` (two input sets on a CPU, one on a GPU)."""
+        if dtype not in self._gemm:
+            n = self.n
+            sets = [(torch.randn(n, n, device=self.device, generator=self._gen).to(dtype),
+                     torch.randn(n, n, device=self.device, generator=self._gen).to(dtype))
+                    for _ in range(1 if self.device.type == "cuda" else 2)]
+            self._gemm[dtype] = [lambda a=a, b=b: torch.nn.functional.linear(a, b) for a, b in sets]
+        return self._gemm[dtype]
+
+    def copy(self) -> list[Callable]:
+        """The closure of the fp32 copy."""
+        return self._copy
+
+
+def measure_ceilings(device: torch.device, dtypes, timing: Timing, *, tiny: bool = False,
+                     kernels: CeilingKernels | None = None) -> dict:
     """Rates this device reaches through PyTorch, measured now: a large GEMM per dtype (FLOP/s) and a large
-    tensor copy (bytes read + written per second).
+    tensor copy (bytes read + written per second), by ``kernels`` (made here when not given).
 
     ``compute_flop_per_s`` is the compute ceiling a dtype's % of ceiling refers to: its GEMM rate, except for
     bf16/fp16 on a CPU, where it is the larger of that and the fp32 rate: widening half-precision operands to fp32
     is exact, so fp32 arithmetic is a way to compute in bf16/fp16 that the device offers (fastlm's CPU kernels use
-    it), and on a CPU without native half-precision products it is the fastest one."""
+    it), and on a CPU without native half-precision products it is the fastest one. ``compute_gemm_dtype`` names,
+    per dtype, the GEMM that rate came from."""
     cuda = device.type == "cuda"
-    n = 256 if tiny else (8192 if cuda else 1536)
-    gen = torch.Generator(device=device).manual_seed(0)
-    matmul = {}
+    kernels = kernels or CeilingKernels(device, tiny=tiny)
+    n = kernels.n
     if not cuda and any(dt in (torch.bfloat16, torch.float16) for dt in dtypes):
         dtypes = sorted(set(dtypes) | {torch.float32}, key=str)
+    matmul = {}
     for dt in dtypes:
-        sets = [(torch.randn(n, n, device=device, generator=gen).to(dt),
-                 torch.randn(n, n, device=device, generator=gen).to(dt)) for _ in range(1 if cuda else 2)]
-        # nn.Linear's layout (x @ W^T): the GEMM models run; torch's CPU bf16 path for x @ W is much slower
-        fns = [lambda a=a, b=b: torch.nn.functional.linear(a, b) for a, b in sets]
-        t = time_fns(fns, device, timing)["median_s"]
-        matmul[str(dt).replace("torch.", "")] = gemm_flops(n, n, n) / t
-    numel = (2**18 if tiny else (2**28 if cuda else 2**24))     # 1 GiB on GPU, 64 MiB on CPU (> L3), fp32
-    src = torch.randn(numel, device=device, generator=gen)
-    dst = torch.empty_like(src)
-    t = time_fns([lambda: dst.copy_(src)], device, timing)["median_s"]
-    compute = dict(matmul)
+        matmul[str(dt).replace("torch.", "")] = gemm_flops(n, n, n) / time_fns(kernels.gemm(dt), device, timing)["median_s"]
+    t = time_fns(kernels.copy(), device, timing)["median_s"]
+    compute, source = dict(matmul), {k: k for k in matmul}
     if not cuda:
         for half in ("bfloat16", "float16"):
-            if half in compute:
-                compute[half] = max(compute[half], matmul["float32"])
-    return {"matmul_flop_per_s": matmul, "compute_flop_per_s": compute,
-            "copy_bytes_per_s": 2 * src.numel() * src.element_size() / t,
-            "matmul_n": n, "copy_bytes": 2 * src.numel() * src.element_size()}
+            if half in compute and matmul["float32"] > compute[half]:
+                compute[half], source[half] = matmul["float32"], "float32"
+    return {"matmul_flop_per_s": matmul, "compute_flop_per_s": compute, "compute_gemm_dtype": source,
+            "copy_bytes_per_s": kernels.copy_bytes / t, "matmul_n": n, "copy_bytes": kernels.copy_bytes}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -302,6 +339,8 @@ class Result:
     bytes_per_s: float | None = None
     tokens_per_s: float | None = None
     bound: str = "compute"              # which ceiling the rate is a fraction of: compute (matmul) | memory (copy)
+    ceiling: float | None = None        # that ceiling's rate (FLOP/s or bytes/s) ...
+    ceiling_in_rotation: bool = False   # ... measured in the case's rotation (CPU), else at the start of the run
     pct_ceiling: float | None = None
     max_err: float | None = None
     ref_err: float | None = None        # PyTorch's own error at this dtype (the rule allows twice it)
@@ -310,7 +349,9 @@ class Result:
     peak_mem_bytes: int | None = None
     speedup: dict = field(default_factory=dict)
 
-    def finish(self, stats: dict, ceilings: dict | None):
+    def finish(self, stats: dict, ceilings: dict | None, in_rotation: float | None = None):
+        """Times and rates from ``stats``; % of ceiling against ``in_rotation`` (the rate of the ceiling kernel timed
+        in the case's rotation) when given, else against the run's ``ceilings``."""
         for key in ("median_s", "min_s", "q1_s", "q3_s", "reps"):
             setattr(self, key, stats[key])
         t = self.median_s
@@ -320,12 +361,14 @@ class Result:
             self.bytes_per_s = self.bytes / t
         if self.tokens:
             self.tokens_per_s = self.tokens / t
-        if ceilings:
-            if self.bound == "compute" and self.flop_per_s:
-                peak = ceilings["compute_flop_per_s"].get(self.dtype)
-                self.pct_ceiling = 100.0 * self.flop_per_s / peak if peak else None
-            elif self.bound == "memory" and self.bytes_per_s:
-                self.pct_ceiling = 100.0 * self.bytes_per_s / ceilings["copy_bytes_per_s"]
+        rate = self.flop_per_s if self.bound == "compute" else self.bytes_per_s
+        if in_rotation:
+            self.ceiling, self.ceiling_in_rotation = in_rotation, True
+        elif ceilings:
+            self.ceiling = (ceilings["compute_flop_per_s"].get(self.dtype) if self.bound == "compute"
+                            else ceilings["copy_bytes_per_s"])
+        if rate and self.ceiling:
+            self.pct_ceiling = 100.0 * rate / self.ceiling
 
 
 @dataclass
@@ -334,6 +377,7 @@ class Context:
     device: torch.device
     timing: Timing
     ceilings: dict | None = None
+    ceiling_kernels: CeilingKernels | None = None   # CPU: timed in each case's rotation (run_impls)
     compile: bool = True
     tiny: bool = False
     suite: str = "quick"
@@ -520,14 +564,29 @@ def prepared(case, impl: Impl, ctx: Context, **prepare_kw) -> tuple[Result, list
         return res, None
 
 
-def _finish(case, res: Result, stats, ctx: Context) -> None:
+def _finish(case, res: Result, stats, ctx: Context, ceiling_in_rotation: float | None = None) -> None:
     try:
         if isinstance(stats, Exception):
             raise stats
         case.finalize(res, ctx)
-        res.finish(stats, ctx.ceilings)   # last: a row that failed carries no time
+        res.finish(stats, ctx.ceilings, ceiling_in_rotation)   # last: a row that failed carries no time
     except Exception as e:  # noqa: BLE001
         res.status, res.message = failure(e)
+
+
+def rotation_ceiling(results: list[Result], ctx: Context) -> tuple[list[Callable], float] | None:
+    """CPU: the kernel that defines the ceiling of a case's rows (the copy for memory-bound rows, the GEMM their
+    dtype's compute ceiling comes from for compute-bound ones) as closures to time in the case's rotation, and the
+    work of one call (bytes or FLOP); None without ceiling kernels (GPU) or rows."""
+    kernels = ctx.ceiling_kernels
+    if kernels is None or not results or ctx.ceilings is None:
+        return None
+    if results[0].bound == "memory":
+        return kernels.copy(), float(kernels.copy_bytes)
+    gemm_dtype = ctx.ceilings["compute_gemm_dtype"].get(results[0].dtype)
+    if gemm_dtype is None:
+        return None
+    return kernels.gemm(getattr(torch, gemm_dtype)), float(gemm_flops(kernels.n, kernels.n, kernels.n))
 
 
 def run_impls(case, ctx: Context, progress=None, **prepare_kw) -> list[Result]:
@@ -561,8 +620,13 @@ def run_impls(case, ctx: Context, progress=None, **prepare_kw) -> list[Result]:
         note(impl)
         entries.append(prepared(case, impl, ctx, **prepare_kw))
     timed = [(res, calls) for res, calls in entries if calls is not None]
-    for (res, _), stats in zip(timed, time_rotation([calls for _, calls in timed], timing)):
-        _finish(case, res, stats, ctx)
+    ceiling = rotation_ceiling([res for res, _ in timed], ctx)
+    all_stats = time_rotation([calls for _, calls in timed] + ([ceiling[0]] if ceiling else []), timing)
+    in_rotation = None
+    if ceiling and isinstance(all_stats[-1], dict):
+        in_rotation = ceiling[1] / all_stats[-1]["median_s"]
+    for (res, _), stats in zip(timed, all_stats):
+        _finish(case, res, stats, ctx, in_rotation)
     if progress is not None:
         progress.update(len(entries))
     return [res for res, _ in entries]
@@ -748,7 +812,8 @@ def summary_rows(results: list[dict]) -> list[dict]:
                          "rate": rate_text(r) if timed else r["status"],
                          "best_peer": best["impl"] if best else "-",
                          "ratio": (best["median_s"] / r["median_s"]) if (best and timed) else None,
-                         "pct_ceiling": r.get("pct_ceiling"), "max_err": err_text(r)})
+                         "pct_ceiling": r.get("pct_ceiling"), "ceiling": r.get("ceiling"),
+                         "bound": r.get("bound"), "max_err": err_text(r)})
     return rows
 
 
@@ -942,7 +1007,10 @@ def cli(argv=None) -> int:
     case_dtypes = sorted({c.dtype for c in cases}, key=str)
     print(f"fastlm bench: {args.suite} suite on {device.type} ({torch.get_num_threads()} threads), "
           f"{len(cases)} cases; measuring ceilings...", file=sys.stderr)
-    ctx.ceilings = measure_ceilings(device, case_dtypes, timing, tiny=tiny)
+    kernels = CeilingKernels(device, tiny=tiny)
+    ctx.ceilings = measure_ceilings(device, case_dtypes, timing, tiny=tiny, kernels=kernels)
+    if device.type != "cuda":
+        ctx.ceiling_kernels = kernels
     results = run(cases, ctx)
     env = environment(device)
     os.makedirs(args.out, exist_ok=True)
@@ -975,7 +1043,9 @@ def _header(env: dict, ceilings: dict) -> str:
     mm = ", ".join(f"{_short(k)} {fmt_rate(v, 'FLOP/s')}" for k, v in ceilings["matmul_flop_per_s"].items())
     return (f"\n{what}: {env['device_name']}, {env['threads']} threads; torch {env['torch']}, triton {env['triton']}, "
             f"CUDA {env['cuda']}; fastlm {env['fastlm_commit']}; {env['date']}\n"
-            f"ceilings measured now: matmul {mm}; copy {fmt_rate(ceilings['copy_bytes_per_s'], 'B/s')}\n")
+            f"ceilings measured now: matmul {mm}; copy {fmt_rate(ceilings['copy_bytes_per_s'], 'B/s')}"
+            + ("; each % of ceiling is against its ceiling kernel timed again in the case's rotation\n"
+               if env["device"] == "cpu" else "\n"))
 
 
 def load(path: str) -> dict:

@@ -1,4 +1,5 @@
 """The benchmark harness itself: work counts, the wrong-result flag, the JSON, the CLI, the README generator."""
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -91,7 +92,7 @@ def test_failing_and_unavailable_implementations_become_rows():
     assert "ERROR" in text and "boom" in text
 
 
-def test_cpu_timing_rotates_the_implementations_and_survives_one_failing_midway():
+def test_cpu_timing_rotates_the_implementations_in_shuffled_rounds_and_survives_one_failing_midway():
     log, calls = [], {"b": 0}
 
     def flaky():
@@ -105,9 +106,13 @@ def test_cpu_timing_rotates_the_implementations_and_survives_one_failing_midway(
                                        [lambda: log.append("c")]], timing)
     assert a["reps"] == 6 and c["reps"] == 6 and a["min_s"] <= a["median_s"] <= a["q3_s"]
     assert isinstance(b, RuntimeError) and "lost the device" in str(b)
-    timed = log[log.index("c") + 1:]            # after the first call of each: one call of each in turn
-    assert timed[:6] == ["a0", "b", "c", "a1", "b", "c"]
-    assert timed[6:] == ["a0", "b", "c", "a1", "b", "c", "a0", "c", "a1", "c"]   # b's 5th call raised
+    timed = log[log.index("c") + 1:]            # after the first call of each: one call of each per round
+    sizes = [3, 3, 3, 3, 2, 2]                  # b's 5th call (in the 4th round) raised: it left the rotation
+    rounds = [timed[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
+    assert sum(sizes) == len(timed)
+    for n, r in enumerate(rounds):
+        assert sorted(r) == sorted([f"a{n % 2}", "c"] + (["b"] if n < 4 else [])), (n, r)
+    assert len({tuple(x[0] for x in r) for r in rounds[:4]}) > 1   # the order changes from round to round
 
 
 def test_a_case_can_ask_for_more_timed_calls():
@@ -135,7 +140,8 @@ def test_wrong_fastlm_result_makes_the_cli_fail(tmp_path, monkeypatch, capsys):
 # -- the CLI end to end on tiny shapes, and the JSON schema --------------------------------------------------------
 
 RESULT_FIELDS = {"op": str, "case": str, "shape": dict, "dtype": str, "mode": str, "impl": str, "kind": str,
-                 "status": str, "message": str, "reps": int, "speedup": dict, "check": str, "bound": str}
+                 "status": str, "message": str, "reps": int, "speedup": dict, "check": str, "bound": str,
+                 "ceiling_in_rotation": bool}
 ENV_FIELDS = ("date", "device", "device_name", "cpu_model", "gpu_model", "threads", "python", "torch", "triton",
               "cuda", "transformers", "fastlm", "fastlm_commit", "extension")
 
@@ -196,10 +202,52 @@ def test_cli_tiny_run_writes_json_table_and_plots(tiny_run):
         assert rate and rate > 0
         if r["kind"] == "fastlm":
             assert r["speedup"], r
+        # % of ceiling: against the ceiling kernel timed in the case's rotation on a CPU, the run's ceiling on a GPU
+        assert r["ceiling_in_rotation"] == (doc["env"]["device"] == "cpu"), r
+        rate = r["flop_per_s"] if r["bound"] == "compute" else r["bytes_per_s"]
+        if rate:
+            assert r["ceiling"] > 0 and r["pct_ceiling"] == pytest.approx(100 * rate / r["ceiling"])
     assert {"attention.png", "decode.png", "model.png"} <= set(doc["plots"])
     for name in doc["plots"]:
         with open(out / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_result_ceiling_from_rotation_or_run():
+    def row(bound, dtype="float32"):
+        return benchmark.Result(op="op", case="c", shape={}, dtype=dtype, mode="fwd", impl="fastlm[cpu]",
+                                kind="fastlm", flops=2e9, bytes=1e9, bound=bound)
+    stats = {"median_s": 0.1, "min_s": 0.1, "q1_s": 0.1, "q3_s": 0.1, "reps": 3}
+    run = {"compute_flop_per_s": {"float32": 40e9, "bfloat16": 40e9}, "copy_bytes_per_s": 20e9}
+    r = row("compute")
+    r.finish(stats, run)                      # 20 GFLOP/s of the run's 40
+    assert (r.ceiling, r.ceiling_in_rotation, r.pct_ceiling) == (40e9, False, pytest.approx(50.0))
+    r = row("memory")
+    r.finish(stats, run, in_rotation=12.5e9)  # 10 GB/s of the 12.5 measured in the rotation
+    assert (r.ceiling, r.ceiling_in_rotation, r.pct_ceiling) == (12.5e9, True, pytest.approx(80.0))
+    r = row("compute", dtype="float64")       # no ceiling for the dtype: no %
+    r.finish(stats, run)
+    assert r.pct_ceiling is None and r.ceiling is None
+
+
+def test_rotation_ceiling_kernel_follows_the_bound_and_dtype():
+    kernels = benchmark.CeilingKernels(torch.device("cpu"), tiny=True)
+    ceilings = benchmark.measure_ceilings(torch.device("cpu"), [torch.float32, torch.bfloat16], benchmark.TINY,
+                                          kernels=kernels)
+    ctx = benchmark.Context(device=torch.device("cpu"), timing=benchmark.TINY, ceilings=ceilings,
+                            ceiling_kernels=kernels)
+
+    def row(bound, dtype):
+        return benchmark.Result(op="op", case="c", shape={}, dtype=dtype, mode="fwd", impl="x", kind="fastlm",
+                                bound=bound)
+    fns, work = benchmark.rotation_ceiling([row("memory", "float32")], ctx)
+    assert fns is kernels.copy() and work == kernels.copy_bytes
+    n = kernels.n
+    fns, work = benchmark.rotation_ceiling([row("compute", "bfloat16")], ctx)
+    assert fns is kernels.gemm(getattr(torch, ceilings["compute_gemm_dtype"]["bfloat16"]))
+    assert work == benchmark.gemm_flops(n, n, n) and fns[0]().dtype in (torch.float32, torch.bfloat16)
+    assert benchmark.rotation_ceiling([], ctx) is None
+    assert benchmark.rotation_ceiling([row("memory", "float32")], dataclasses.replace(ctx, ceiling_kernels=None)) is None
 
 
 def test_summary_of_an_earlier_run_through_the_fastlm_command(tiny_run, capsys):
