@@ -32,6 +32,40 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# RoPE frequency rescaling for contexts past the trained length, as Hugging Face configs write it ("rope_type" and
+# these keys): "linear" divides every frequency by factor (position interpolation); "llama3" (Llama 3.1+) divides
+# the low ones, keeps the high ones and blends in between (fastlm.reference.rope_inv_freq).
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling) -> dict | None:
+    """``scaling`` (None, or a dict with "rope_type" and that type's keys) checked, as a new dict of exactly those
+    keys; ValueError/TypeError naming what is wrong."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise TypeError(f"rope_scaling must be None or a dict, got {type(scaling).__name__} {scaling!r}")
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_scaling['rope_type'] must be one of {tuple(ROPE_SCALING_KEYS)}, got {kind!r}")
+    keys = ROPE_SCALING_KEYS[kind]
+    missing = [k for k in keys if k not in scaling]
+    extra = sorted(set(scaling) - set(keys) - {"rope_type"})
+    if missing or extra:
+        raise ValueError(f"rope_scaling of type {kind!r} takes exactly the keys {keys}; missing {missing}, "
+                         f"unknown {extra}")
+    out = {"rope_type": kind}
+    for k in keys:
+        if not is_real(scaling[k]) or not 0 < scaling[k] < math.inf:
+            raise ValueError(f"rope_scaling[{k!r}] must be a positive finite number, got {scaling[k]!r}")
+        out[k] = scaling[k]
+    if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise ValueError(f"rope_scaling: high_freq_factor ({out['high_freq_factor']}) must exceed low_freq_factor "
+                         f"({out['low_freq_factor']})")
+    return out
+
+
 def is_int(value) -> bool:
     """A Python int, not a bool: what Config fields and the training / scaling arguments take (they are written to
     JSON as they are)."""
@@ -50,7 +84,9 @@ class Config:
     Fields left as None take the family's default in ``__post_init__``: n_kv_head = n_head; intermediate_size =
     4 * d_model (gpt2) or 2/3 * 4 * d_model rounded up to a multiple of ``multiple_of`` (llama); tie_embeddings and
     bias True for gpt2, False for llama; qkv_bias (biases on the q/k/v projections only) equal to bias — a llama
-    with qkv_bias=True is Qwen2's architecture. ``head_dim`` is derived.
+    with qkv_bias=True is Qwen2's architecture. ``rope_scaling`` (llama only): None, or a dict as Hugging Face
+    writes it — {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor", "low_freq_factor",
+    "high_freq_factor", "original_max_position_embeddings"} (see ROPE_SCALING_KEYS). ``head_dim`` is derived.
     """
     name: str = "custom"
     family: str = "llama"
@@ -63,6 +99,7 @@ class Config:
     max_seqlen: int = 2048
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
+    rope_scaling: dict | None = None
     tie_embeddings: bool | None = None
     bias: bool | None = None
     qkv_bias: bool | None = None
@@ -113,6 +150,10 @@ class Config:
                              f"every linear layer, llama on none)")
         if self.bias and not self.qkv_bias:
             raise ValueError("qkv_bias=False with bias=True is not supported (bias covers every linear layer)")
+        self.rope_scaling = check_rope_scaling(self.rope_scaling)
+        if self.rope_scaling is not None and self.family != "llama":
+            raise ValueError(f"rope_scaling applies to RoPE (the llama family); the {self.family} family has "
+                             f"learned positions")
         if self.family == "gpt2" and self.n_kv_head != self.n_head:
             raise ValueError(f"the gpt2 family has no grouped-query attention: n_kv_head ({self.n_kv_head}) "
                              f"must equal n_head ({self.n_head})")

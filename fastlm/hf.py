@@ -1,8 +1,8 @@
 """Hugging Face interoperability: convert a transformers model into fastlm.Transformer, or put fastlm's ops inside it.
 
 from_hf(model)   GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (Llama's shapes, Qwen2
-                 with q/k/v biases) -> fastlm.Transformer with the same weights and config. GPT-2's Conv1D
-                 weights are (in, out): they are transposed.
+                 with q/k/v biases; RoPE default, "linear" or "llama3") -> fastlm.Transformer with the same
+                 weights and config. GPT-2's Conv1D weights are (in, out): they are transposed.
 patch(model)     in place, swaps the forward of each attention, MLP and norm module (RoPE is applied inside the
                  patched attention) for one built on fastlm.ops, and the causal-LM loss for ops.cross_entropy; a
                  training forward with labels runs the LM head inside ops.linear_cross_entropy (no logits held).
@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from fastlm import ops
 from fastlm.backends import BACKENDS
-from fastlm.config import Config
+from fastlm.config import ROPE_SCALING_KEYS, Config
 from fastlm.model import Transformer
 
 _FROM_HF_SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -66,8 +66,11 @@ def _config_llama(hf, qkv_bias: bool = False) -> Config:
         raise NotImplementedError(f"from_hf: {name} with head_dim {head_dim} != hidden_size / num_attention_heads "
                                   f"({hf.hidden_size} / {hf.num_attention_heads}) is not supported")
     rope = getattr(hf, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise NotImplementedError(f"from_hf: RoPE type {rope['rope_type']!r} is not supported (only 'default')")
+    kind = rope.get("rope_type", "default")
+    if kind != "default" and kind not in ROPE_SCALING_KEYS:
+        raise NotImplementedError(f"from_hf: RoPE type {kind!r} is not supported (only 'default', "
+                                  f"{', '.join(repr(k) for k in ROPE_SCALING_KEYS)})")
+    scaling = None if kind == "default" else {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALING_KEYS[kind]}}
     window = getattr(hf, "sliding_window", None)
     if window is not None and window < hf.max_position_embeddings:
         raise NotImplementedError(f"from_hf: sliding-window attention (sliding_window={window} < "
@@ -76,7 +79,7 @@ def _config_llama(hf, qkv_bias: bool = False) -> Config:
                   n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads or hf.num_attention_heads,
                   d_model=hf.hidden_size, intermediate_size=hf.intermediate_size,
                   max_seqlen=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
-                  rope_base=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
+                  rope_base=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))), rope_scaling=scaling,
                   tie_embeddings=bool(hf.tie_word_embeddings), qkv_bias=qkv_bias)
 
 

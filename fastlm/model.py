@@ -203,7 +203,7 @@ class Transformer(nn.Module):
         if c.family == "llama":
             self.rope_cos, self.rope_sin = ops.rope_cos_sin(torch.arange(max_seqlen, device=device), c.head_dim,
                                                             c.rope_base, self.tok_emb.weight.dtype,
-                                                            backend=self._backends.generic)
+                                                            scaling=c.rope_scaling, backend=self._backends.generic)
 
     def clear_cache(self):
         for layer in self.layers:
@@ -265,7 +265,8 @@ class Transformer(nn.Module):
         elif input_pos is not None:                                            # the cache's tables: (B, S, D)
             rope = (self.rope_cos[positions], self.rope_sin[positions])
         else:
-            rope = ops.rope_cos_sin(positions, c.head_dim, c.rope_base, h.dtype, backend=self._backends.generic)
+            rope = ops.rope_cos_sin(positions, c.head_dim, c.rope_base, h.dtype, scaling=c.rope_scaling,
+                                    backend=self._backends.generic)
         for layer in self.layers:
             h = layer(h, rope, input_pos, self._backends)
         y = self.norm(h, self._backends)

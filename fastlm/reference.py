@@ -101,9 +101,26 @@ def add_norm(x, residual, weight, bias=None, eps=1e-5, kind="rms"):
     return y, h
 
 
-def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32):
-    """cos, sin tables (len(positions), head_dim) for rotate-half RoPE (Hugging Face's Llama convention)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim))
+def rope_inv_freq(head_dim, base=10000.0, scaling=None, device=None):
+    """The head_dim / 2 rotation frequencies (float64): base^(-2i / head_dim), rescaled by ``scaling`` (see
+    fastlm.config.ROPE_SCALING_KEYS): "linear" divides them all by factor; "llama3" divides those whose wavelength
+    2 pi / f exceeds original / low_freq_factor by factor, keeps those below original / high_freq_factor, and in
+    between blends the two linearly in original / wavelength."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    periods = scaling["original_max_position_embeddings"] * inv_freq / (2 * math.pi)   # original / wavelength
+    keep = ((periods - low) / (high - low)).clamp(0.0, 1.0)                # 0: divide by factor, 1: keep
+    return (1.0 - keep) * inv_freq / scaling["factor"] + keep * inv_freq
+
+
+def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, scaling=None):
+    """cos, sin tables (len(positions), head_dim) for rotate-half RoPE (Hugging Face's Llama convention), with the
+    frequencies of rope_inv_freq."""
+    inv_freq = rope_inv_freq(head_dim, base, scaling, positions.device)
     freqs = positions.to(torch.float64)[:, None] * inv_freq[None, :]       # (S, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)                                 # (S, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -282,7 +299,7 @@ class Transformer(torch.nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         else:
-            cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_base, dtype=x.dtype)   # (S, D)
+            cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_base, x.dtype, c.rope_scaling)   # (S, D)
         for layer in self.layers:
             x = layer(x, cos, sin)
         x = self.norm(x)

@@ -644,6 +644,8 @@ def parse_overrides(spec: str | None) -> dict:
         if key not in types:
             raise ValueError(f"--config: unknown Config field {key!r}; fields: {', '.join(sorted(types))}")
         kind = str(types[key])
+        if "dict" in kind:
+            raise ValueError(f"--config: {key} takes a dict, which key=value overrides cannot express")
         try:
             if "bool" in kind:
                 if value.lower() not in ("true", "false", "1", "0"):

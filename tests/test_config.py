@@ -83,10 +83,26 @@ def test_unknown_preset_lists_presets():
     (dict(family="gpt2", n_head=4, n_kv_head=2), "grouped-query"),
     (dict(family="llama", bias=True), "bias"),
     (dict(family="gpt2", qkv_bias=False), "qkv_bias"),
+    (dict(family="llama", rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type.*linear"),
+    (dict(family="llama", rope_scaling={"rope_type": "linear"}), r"missing \['factor'\]"),
+    (dict(family="llama", rope_scaling={"rope_type": "linear", "factor": 2.0, "beta": 1}), r"unknown \['beta'\]"),
+    (dict(family="llama", rope_scaling={"rope_type": "linear", "factor": 0.0}), "factor.*positive"),
+    (dict(family="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                                        "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}),
+     "high_freq_factor"),
+    (dict(family="gpt2", rope_scaling={"rope_type": "linear", "factor": 2.0}), "learned positions"),
 ])
 def test_invalid_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Config(**kwargs)
+
+
+def test_rope_scaling_is_checked_and_copied():
+    given = {"rope_type": "linear", "factor": 2}
+    c = Config(family="llama", rope_scaling=given)
+    assert c.rope_scaling == given and c.rope_scaling is not given
+    with pytest.raises(TypeError, match="rope_scaling must be None or a dict"):
+        Config(family="llama", rope_scaling="linear")
 
 
 def test_flags_must_be_bool():

@@ -90,6 +90,36 @@ def test_greedy_generation_token_identical(kind):
         assert torch.equal(model.generate(prompt, 16), expected)             # fastlm's KV-cache decoding
 
 
+# Llama 3.1's scaling on a short original context (64 positions, head dim 16: the frequency pairs fall in all
+# three bands, kept, blended and divided), and position interpolation
+ROPE_SCALINGS = {"llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+                 "linear": {"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0}}
+
+
+@pytest.mark.parametrize("kind", list(ROPE_SCALINGS))
+def test_from_hf_rope_scaling(kind):
+    from fastlm import reference
+    hf = hf_llama(rope_parameters=ROPE_SCALINGS[kind], max_position_embeddings=256)
+    perturb_norms(hf)
+    model = from_hf(hf, backend="torch")
+    assert model.config.rope_scaling["rope_type"] == kind
+    inv_freq = reference.rope_inv_freq(16, model.config.rope_base, model.config.rope_scaling)
+    torch.testing.assert_close(inv_freq.float(), hf.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    if kind == "llama3":   # the three bands: some frequencies kept, some divided by the factor, some blended
+        base = reference.rope_inv_freq(16, model.config.rope_base)
+        ratio = inv_freq / base
+        assert (ratio == 1).any() and (ratio == 1 / 8).any() and ((ratio > 1 / 8) & (ratio < 1)).any()
+    hf64 = copy.deepcopy(hf).double()
+    tokens = torch.randint(0, V, (2, 150))      # past the original context
+    prompt = torch.randint(1, V, (2, 70))
+    with torch.no_grad():
+        check_rule("logits", model(tokens), hf64(tokens).logits, hf(tokens).logits)
+        expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                               attention_mask=torch.ones_like(prompt))
+        assert torch.equal(model.generate(prompt, 16), expected)             # the KV cache's tables scale alike
+
+
 def test_from_hf_keeps_dtype_and_untied_head():
     hf = hf_gpt2(tie_word_embeddings=False).to(torch.float64)
     model = from_hf(hf, backend="torch")
@@ -108,8 +138,8 @@ def test_from_hf_unsupported():
         from_hf(hf_qwen2(use_sliding_window=True, sliding_window=16, max_window_layers=0))
     with pytest.raises(NotImplementedError, match="GPT2LMHeadModel"):
         from_hf(transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V)))
-    with pytest.raises(NotImplementedError, match="RoPE type"):
-        from_hf(hf_llama(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
+    with pytest.raises(NotImplementedError, match="RoPE type 'yarn'.*'llama3'"):
+        from_hf(hf_llama(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}))
     with pytest.raises(NotImplementedError, match="sliding"):
         cfg = transformers.MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,

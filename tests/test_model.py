@@ -17,6 +17,11 @@ CONFIGS = {
     "gpt2": Config(name="gpt2-test", family="gpt2", **TINY),
     "llama": Config(name="llama-test", family="llama", n_kv_head=2, multiple_of=32, **TINY),
     "qwen2": Config(name="qwen2-test", family="llama", n_kv_head=2, multiple_of=32, qkv_bias=True, **TINY),
+    # Llama 3.1's RoPE scaling on a 16-position original context: every frequency band occurs at head dim 16
+    "llama-rope-scaled": Config(name="llama-rope-scaled-test", family="llama", n_kv_head=2, multiple_of=32,
+                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                                **TINY),
 }
 
 
@@ -38,7 +43,7 @@ def tokens_and_targets(B=2, S=13, V=1000, device=DEVICE):
 
 
 @pytest.mark.parametrize("family, backend", [(f, b) for b in ("torch", "triton") for f in ("gpt2", "llama")]
-                         + [("qwen2", "torch"), ("qwen2", "cpu")])
+                         + [("qwen2", "torch"), ("qwen2", "cpu"), ("llama-rope-scaled", "cpu")])
 def test_logits_loss_and_every_gradient_match_reference(family, backend):
     if backend == "cpu" and not backends.extension_has("linear", "cpu"):
         pytest.skip("fastlm._C is not built")
@@ -93,7 +98,8 @@ def test_state_dict_round_trips_both_ways(family):
     assert (config.family == "gpt2") == ("lm_head.weight" not in fast.state_dict())   # tied head: one tensor
 
 
-@pytest.mark.parametrize("family, backend", [("gpt2", "torch"), ("llama", "torch"), ("llama", "triton")])
+@pytest.mark.parametrize("family, backend", [("gpt2", "torch"), ("llama", "torch"), ("llama", "triton"),
+                                             ("llama-rope-scaled", "torch"), ("llama-rope-scaled", "cpu")])
 def test_kv_cache_decode_equals_full_recompute(family, backend):
     interpreted = backend == "triton" and not ON_GPU
     model = Transformer(dataclasses.replace(CONFIGS[family], n_layer=1 if interpreted else 2), backend=backend)

@@ -77,6 +77,9 @@ def test_rope_cos_sin_closed_form():
     want_sin = torch.tensor([[math.sin(p * base ** (-2 * (j % (D // 2)) / D)) for j in range(D)] for p in pos.tolist()])
     assert (cos.cpu() - want_cos).abs().max() <= 1e-7 and (sin.cpu() - want_sin).abs().max() <= 1e-7
     assert rope_cos_sin(pos, D, dtype=torch.float64)[0].dtype == torch.float64
+    # linear scaling (position interpolation): the angles of position p / factor
+    cos4, sin4 = rope_cos_sin(pos * 4, D, base=base, scaling={"rope_type": "linear", "factor": 4})
+    assert (cos4 - cos).abs().max() <= 1e-6 and (sin4 - sin).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("call, exc, words", [
@@ -94,6 +97,7 @@ def test_rope_cos_sin_closed_form():
     (lambda x, c, s: rope_cos_sin(torch.arange(4) + 0.5, 8), TypeError, "positions must be an integer tensor"),
     (lambda x, c, s: rope_cos_sin(torch.ones(4, dtype=torch.bool), 8), TypeError, "positions must be an integer"),
     (lambda x, c, s: rope_cos_sin(torch.arange(4), 8, backend="tpu"), ValueError, "backend must be one of"),
+    (lambda x, c, s: rope_cos_sin(torch.arange(4), 8, scaling={"rope_type": "ntk"}), ValueError, "rope_type"),
 ])
 def test_bad_input(call, exc, words):
     x = torch.randn(2, 7, 3, 40, device=DEVICE)

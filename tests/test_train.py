@@ -51,12 +51,15 @@ def test_loss_falls(family):
 
 
 def test_save_load_identical_logits(tmp_path):
-    res = _train(steps=5, out=str(tmp_path))
+    scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    res = _train(steps=5, out=str(tmp_path), config=_cfg(rope_scaling=scaling))
     model, info = T.load_checkpoint(str(tmp_path), backend="torch")
     x = torch.randint(0, 256, (2, 17))
     with torch.no_grad():
         assert torch.equal(model.eval()(x), res["model"].eval()(x))
     assert info["step"] == 5 and info["config"] == res["config"] and info["tokenizer"].name == "byte"
+    assert info["config"].rope_scaling == scaling
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "config.json").exists()
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
@@ -133,6 +136,8 @@ def test_bad_data_and_args(tmp_path):
         _train(steps=0)
     with pytest.raises(ValueError, match="unknown Config field 'width'"):
         T.parse_overrides("width=3")
+    with pytest.raises(ValueError, match="rope_scaling takes a dict"):
+        T.parse_overrides("rope_scaling=linear")
     assert T.parse_overrides("d_model=64,tie_embeddings=true,rope_base=5e5") == dict(
         d_model=64, tie_embeddings=True, rope_base=500000.0)
 

@@ -1,7 +1,7 @@
 """Rotary position embedding (Hugging Face rotate_half convention).
 
-    rope_cos_sin(positions, head_dim, base, dtype) -> (cos, sin)     tables (len(positions), head_dim)
-    apply_rope(x, cos, sin)                         -> x rotated     x (B, S, H, D); cos/sin (S, D) or (B, S, D)
+    rope_cos_sin(positions, head_dim, base, dtype, scaling=None) -> (cos, sin)   tables (len(positions), head_dim)
+    apply_rope(x, cos, sin) -> x rotated                            x (B, S, H, D); cos/sin (S, D) or (B, S, D)
 
 Position offsets (decoding with a KV cache) are expressed through the tables: pass the rows for the positions being
 processed, (S, D) when the batch shares them, (B, S, D) when each sequence has its own. The gradient flows to x
@@ -20,6 +20,7 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import BACKENDS, resolve
+from fastlm.config import check_rope_scaling
 from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, needs_grad
 
 
@@ -70,8 +71,9 @@ def _nat_backward(ctx, dy):
 _nat_rope.register_autograd(_nat_backward, setup_context=_setup)
 
 
-def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, backend="auto"):
-    """cos, sin tables (len(positions), head_dim) for the given integer positions (computed in float64, then cast).
+def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, scaling=None, backend="auto"):
+    """cos, sin tables (len(positions), head_dim) for the given integer positions (computed in float64, then cast),
+    with the frequencies rescaled by ``scaling`` (a Config.rope_scaling dict, or None).
 
     Plain torch on every backend: the tables are built once per sequence length, not per layer."""
     if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
@@ -87,7 +89,7 @@ def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, back
         raise TypeError(f"rope_cos_sin: dtype must be a floating-point torch.dtype, got {dtype!r}")
     if backend not in BACKENDS:
         raise ValueError(f"rope_cos_sin: backend must be one of {BACKENDS}, got {backend!r}")
-    return reference.rope_cos_sin(positions, head_dim, float(base), dtype)
+    return reference.rope_cos_sin(positions, head_dim, float(base), dtype, check_rope_scaling(scaling))
 
 
 def _check(x, cos, sin):
