@@ -188,9 +188,9 @@ def _stats(times: list[float]) -> dict:
 
 def time_rotation(fn_lists: list[list[Callable]], timing: Timing) -> list:
     """CPU: several implementations timed in rotation, one call of each per round in a shuffled order (each cycling
-    through its own closures, one per input set), after the same warm-up; the budget is ``timing``'s per implementation. Returns,
-    per implementation, time_fns' statistics or the exception one of its calls raised (it then leaves the
-    rotation; the others go on)."""
+    through its own closures, one per input set), after the same warm-up; the budget is ``timing``'s per
+    implementation. Returns, per implementation, time_fns' statistics or the exception one of its calls raised (it
+    then leaves the rotation; the others go on)."""
     out: list = [None] * len(fn_lists)
     times: list[list[float]] = [[] for _ in fn_lists]
     live = list(range(len(fn_lists)))
@@ -284,7 +284,8 @@ def measure_ceilings(device: torch.device, dtypes, timing: Timing, *, tiny: bool
         dtypes = sorted(set(dtypes) | {torch.float32}, key=str)
     matmul = {}
     for dt in dtypes:
-        matmul[str(dt).replace("torch.", "")] = gemm_flops(n, n, n) / time_fns(kernels.gemm(dt), device, timing)["median_s"]
+        t = time_fns(kernels.gemm(dt), device, timing)["median_s"]
+        matmul[str(dt).replace("torch.", "")] = gemm_flops(n, n, n) / t
     t = time_fns(kernels.copy(), device, timing)["median_s"]
     compute, source = dict(matmul), {k: k for k in matmul}
     if not cuda:
@@ -1009,8 +1010,8 @@ def cli(argv=None) -> int:
           f"{len(cases)} cases; measuring ceilings...", file=sys.stderr)
     kernels = CeilingKernels(device, tiny=tiny)
     ctx.ceilings = measure_ceilings(device, case_dtypes, timing, tiny=tiny, kernels=kernels)
-    if device.type != "cuda":
-        ctx.ceiling_kernels = kernels
+    ctx.ceiling_kernels = kernels if device.type != "cuda" else None   # a GPU's 2 GiB of copy buffers go back now
+    del kernels
     results = run(cases, ctx)
     env = environment(device)
     os.makedirs(args.out, exist_ok=True)

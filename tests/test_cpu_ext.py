@@ -258,14 +258,15 @@ def test_decode_step_errors():
         call(i8=[torch.zeros(1, 9, 1, 8).expand(2, 9, 1, 8)])
     block = list(args[6])
     block[15] = torch.randn(16, 20)
-    with pytest.raises(RuntimeError, match=r"block 0's w2 \(w_proj / w_down\) must have shape \(16, 24\), got \[16, 20\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"block 0's w2 \(w_proj / w_down\) must have shape \(16, 24\), got \[16, 20\]"):
         call(i6=block)
     with pytest.raises(RuntimeError, match=r"block 0's norm1 weight must have shape \(12,\) for tok_emb's d_model 12"):
         call(i2=torch.randn(50, 12))
     block = list(args[6])
     block[2] = torch.randn(12, 16)
-    with pytest.raises(RuntimeError, match=r"block 0's wq must have shape \(n_head \* 8, 16\) for the caches' head_dim 8 "
-                                           r"and tok_emb's d_model 16, got \[12, 16\]"):
+    with pytest.raises(RuntimeError, match=r"block 0's wq must have shape \(n_head \* 8, 16\) for the caches' "
+                                           r"head_dim 8 and tok_emb's d_model 16, got \[12, 16\]"):
         call(i6=block)
     with pytest.raises(RuntimeError, match=r"the batch of tokens \(3\) must equal the KV caches' batch"):
         call(i0=torch.zeros(3, 3, dtype=torch.long), i1=torch.zeros(3, dtype=torch.long))
