@@ -23,7 +23,8 @@ START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 
 IN_ROTATION = (" at the start of the run; each row's % of ceiling is against the ceiling kernel (the copy for a "
                "memory-bound row, the GEMM for a compute-bound one) timed again in that case's rotation, call by call "
-               "with the implementations, whose rate the column names")
+               "with the implementations, whose rate the column names. These are the rates PyTorch's own large GEMM "
+               "and copy reach, not hardware peaks: a kernel can pass them")
 HALF_ON_CPU = ("; a bf16/fp16 % of ceiling is against the larger of its GEMM rate and fp32's (widening to fp32 is "
                "exact, and fastlm's CPU kernels compute bf16 that way)")
 
