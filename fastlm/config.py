@@ -6,7 +6,7 @@ Llama family: RoPE, RMSNorm, grouped-query attention, SwiGLU MLP, untied LM head
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 FAMILIES = ("gpt2", "llama")
 
@@ -29,6 +29,9 @@ PRESETS: dict[str, dict] = {
                        intermediate_size=11008, max_seqlen=4096),
     "llama-3-8b": dict(family="llama", vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
                        intermediate_size=14336, max_seqlen=8192, rope_base=500000.0),
+    # Mistral NeMo 12B: Llama's architecture with 32 heads of 128 on a 5120-wide model (head_dim != d_model / n_head)
+    "mistral-nemo-12b": dict(family="llama", vocab_size=131072, n_layer=40, n_head=32, n_kv_head=8, d_model=5120,
+                             head_dim=128, intermediate_size=14336, max_seqlen=131072, rope_base=1000000.0),
 }
 
 
@@ -86,7 +89,9 @@ class Config:
     bias True for gpt2, False for llama; qkv_bias (biases on the q/k/v projections only) equal to bias — a llama
     with qkv_bias=True is Qwen2's architecture. ``rope_scaling`` (llama only): None, or a dict as Hugging Face
     writes it — {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor", "low_freq_factor",
-    "high_freq_factor", "original_max_position_embeddings"} (see ROPE_SCALING_KEYS). ``head_dim`` is derived.
+    "high_freq_factor", "original_max_position_embeddings"} (see ROPE_SCALING_KEYS). ``head_dim`` defaults to
+    d_model / n_head; given, the attention works in n_head * head_dim dimensions that need not equal d_model (as in
+    Mistral NeMo).
     """
     name: str = "custom"
     family: str = "llama"
@@ -104,7 +109,7 @@ class Config:
     bias: bool | None = None
     qkv_bias: bool | None = None
     multiple_of: int = 256
-    head_dim: int = field(init=False)
+    head_dim: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str):
@@ -138,13 +143,17 @@ class Config:
         for name in ("tie_embeddings", "bias", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool or None, got {getattr(self, name)!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}), or head_dim "
+                                 f"given")
+            self.head_dim = self.d_model // self.n_head
+        elif not is_int(self.head_dim) or self.head_dim <= 0:
+            raise ValueError(f"head_dim must be a positive integer or None, got {self.head_dim!r}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        self.head_dim = self.d_model // self.n_head
         if self.family == "llama" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got d_model / n_head = {self.head_dim}")
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.bias != (self.family == "gpt2"):
             raise ValueError(f"bias={self.bias} is not supported for the {self.family} family (gpt2 has biases on "
                              f"every linear layer, llama on none)")

@@ -62,9 +62,6 @@ def _config_llama(hf, qkv_bias: bool = False) -> Config:
         raise NotImplementedError(f"from_hf: {name} with attention_bias or mlp_bias is not supported (fastlm's "
                                   f"llama family has no biases)")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    if head_dim * hf.num_attention_heads != hf.hidden_size:
-        raise NotImplementedError(f"from_hf: {name} with head_dim {head_dim} != hidden_size / num_attention_heads "
-                                  f"({hf.hidden_size} / {hf.num_attention_heads}) is not supported")
     rope = getattr(hf, "rope_parameters", None) or {}
     kind = rope.get("rope_type", "default")
     if kind != "default" and kind not in ROPE_SCALING_KEYS:
@@ -80,7 +77,7 @@ def _config_llama(hf, qkv_bias: bool = False) -> Config:
                   d_model=hf.hidden_size, intermediate_size=hf.intermediate_size,
                   max_seqlen=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
                   rope_base=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))), rope_scaling=scaling,
-                  tie_embeddings=bool(hf.tie_word_embeddings), qkv_bias=qkv_bias)
+                  tie_embeddings=bool(hf.tie_word_embeddings), qkv_bias=qkv_bias, head_dim=head_dim)
 
 
 def _state_gpt2(sd, config):

@@ -24,6 +24,7 @@ def test_published_param_counts():
     assert round(Config.from_name("llama-3-8b").num_params() / 1e9, 2) == 8.03
     assert round(Config.from_name("gpt2-xl").num_params() / 1e9, 2) == 1.56
     assert round(Config.from_name("llama-56m").num_params() / 1e6) == 56
+    assert round(Config.from_name("mistral-nemo-12b").num_params() / 1e9, 1) == 12.2
 
 
 def test_family_defaults_and_derived_fields():
@@ -80,6 +81,9 @@ def test_unknown_preset_lists_presets():
     (dict(rope_base=float("inf")), "rope_base"),
     (dict(intermediate_size=True), "intermediate_size"),
     (dict(family="llama", d_model=60, n_head=4), "even head_dim"),
+    (dict(family="llama", d_model=64, n_head=4, head_dim=15), "even head_dim"),
+    (dict(d_model=64, n_head=4, head_dim=0), "head_dim must be a positive integer"),
+    (dict(d_model=64, n_head=4, head_dim=16.0), "head_dim must be a positive integer"),
     (dict(family="gpt2", n_head=4, n_kv_head=2), "grouped-query"),
     (dict(family="llama", bias=True), "bias"),
     (dict(family="gpt2", qkv_bias=False), "qkv_bias"),
@@ -95,6 +99,15 @@ def test_unknown_preset_lists_presets():
 def test_invalid_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Config(**kwargs)
+
+
+def test_head_dim_given_or_derived():
+    assert Config(family="llama", d_model=64, n_head=4).head_dim == 16
+    c = Config(family="llama", d_model=60, n_head=4, n_kv_head=2, head_dim=24, vocab_size=100)   # 60 % 4 != 0: fine
+    with torch.device("meta"):
+        model = Transformer(c, backend="torch")
+    assert model.layers[0].attn.wq.weight.shape == (4 * 24, 60) and model.layers[0].attn.wo.weight.shape == (60, 96)
+    assert sum(p.numel() for p in model.parameters()) == c.num_params()
 
 
 def test_rope_scaling_is_checked_and_copied():

@@ -120,6 +120,21 @@ def test_from_hf_rope_scaling(kind):
         assert torch.equal(model.generate(prompt, 16), expected)             # the KV cache's tables scale alike
 
 
+@pytest.mark.parametrize("make", [hf_llama, hf_qwen2], ids=["llama", "qwen2"])
+def test_from_hf_head_dim_apart_from_hidden_size(make):
+    hf = make(head_dim=24)                        # 4 heads of 24 on a 64-wide model, as Mistral NeMo's 32 x 128 on 5120
+    perturb_norms(hf)
+    model = from_hf(hf)
+    assert model.config.head_dim == 24 and model.layers[0].attn.wq.weight.shape == (96, 64)
+    hf64 = copy.deepcopy(hf).double()
+    tokens, prompt = torch.randint(0, V, (2, 11)), torch.randint(1, V, (2, 5))
+    with torch.no_grad():
+        check_rule("logits", model(tokens), hf64(tokens).logits, hf(tokens).logits)
+        expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                               attention_mask=torch.ones_like(prompt))
+        assert torch.equal(model.generate(prompt, 16), expected)
+
+
 def test_from_hf_keeps_dtype_and_untied_head():
     hf = hf_gpt2(tie_word_embeddings=False).to(torch.float64)
     model = from_hf(hf, backend="torch")
