@@ -25,13 +25,14 @@ IN_ROTATION = (" at the start of the run; each row's % of ceiling is against the
                "memory-bound row, the GEMM for a compute-bound one) timed again in that case's rotation, call by call "
                "with the implementations, whose rate the column names. These are the rates PyTorch's own large GEMM "
                "and copy reach, not hardware peaks: a kernel can pass them")
-HALF_ON_CPU = ("; a bf16/fp16 % of ceiling is against the larger of its GEMM rate and fp32's (widening to fp32 is "
-               "exact, and fastlm's CPU kernels compute bf16 that way)")
+HALF_ON_CPU = ("; a bf16/fp16 % of ceiling is against the GEMM, bf16/fp16 or fp32, that was faster at the start of "
+               "the run (widening to fp32 is exact, and fastlm's CPU kernels compute bf16 that way)")
 
 
 def section(doc: dict, image_paths: list[str], note: str = "") -> str:
     env, ceil, cfg = doc["env"], doc["ceilings"], doc["config"]
     cpu = env["device"] == "cpu"
+    rotated = any(r.get("ceiling_in_rotation") for r in doc["results"])
     what = "CPU figures" if cpu else "GPU figures"
     device = f"{env['device_name']}, {env['threads']} threads" if cpu else env["device_name"]
     mm = ", ".join(f"{benchmark._short(k)} {benchmark.fmt_rate(v, 'FLOP/s')}"
@@ -43,9 +44,9 @@ def section(doc: dict, image_paths: list[str], note: str = "") -> str:
         f"CUDA {env['cuda']}, transformers {env['transformers']}; C++ extension: {env['extension']}).",
         "",
         f"Ceilings measured in the same run: matmul {mm}; copy {benchmark.fmt_rate(ceil['copy_bytes_per_s'], 'B/s')} "
-        f"(read + write){IN_ROTATION if cpu else ''}{HALF_ON_CPU if cpu else ''}. Speed-up = the fastest peer whose "
-        f"result passes the numerics rule, divided by fastlm's time; max err = max |fastlm − float64 reference| "
-        f"(WRONG if it fails the rule).",
+        f"(read + write){IN_ROTATION if rotated else ''}{HALF_ON_CPU if cpu else ''}. Speed-up = the fastest peer "
+        f"whose result passes the numerics rule, divided by fastlm's time; max err = max |fastlm − float64 "
+        f"reference| (WRONG if it fails the rule).",
         "",
     ]
     if note:

@@ -506,8 +506,8 @@ class ModelCase:
         hf_cfg = transformers.LlamaConfig(
             vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.intermediate_size,
             num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-            max_position_embeddings=cfg.max_seqlen, rms_norm_eps=cfg.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
+            max_position_embeddings=cfg.max_seqlen, rms_norm_eps=cfg.norm_eps, head_dim=cfg.head_dim,
+            rope_parameters={"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_base},
             tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
         torch.manual_seed(0)
         with torch.device(device_type):                     # initialise on the device: fast for 1B parameters

@@ -186,11 +186,14 @@ def _stats(times: list[float]) -> dict:
             "reps": len(times)}
 
 
-def time_rotation(fn_lists: list[list[Callable]], timing: Timing) -> list:
+def time_rotation(fn_lists: list[list[Callable]], timing: Timing, companion: list[Callable] | None = None) -> list:
     """CPU: several implementations timed in rotation, one call of each per round in a shuffled order (each cycling
     through its own closures, one per input set), after the same warm-up; the budget is ``timing``'s per
     implementation. Returns, per implementation, time_fns' statistics or the exception one of its calls raised (it
-    then leaves the rotation; the others go on)."""
+    then leaves the rotation; the others go on). ``companion`` (the closures of a ceiling kernel) takes part in
+    every round while an implementation is left; its statistics come last."""
+    fn_lists = fn_lists + ([companion] if companion else [])
+    n_impls = len(fn_lists) - (1 if companion else 0)
     out: list = [None] * len(fn_lists)
     times: list[list[float]] = [[] for _ in fn_lists]
     live = list(range(len(fn_lists)))
@@ -203,6 +206,9 @@ def time_rotation(fn_lists: list[list[Callable]], timing: Timing) -> list:
         except Exception as e:  # noqa: BLE001 - one failing implementation must not end the others' measurement
             out[j] = e
             live.remove(j)
+
+    def running() -> bool:
+        return any(j < n_impls for j in live)
 
     for j in list(live):                                 # compile / first-touch happen here
         for n in range(len(fn_lists[j])):
@@ -219,16 +225,17 @@ def time_rotation(fn_lists: list[list[Callable]], timing: Timing) -> list:
                 call(j, n)
 
     t0, n = time.perf_counter(), 0
-    while live and time.perf_counter() - t0 < timing.warmup_s * len(fn_lists):
+    while running() and time.perf_counter() - t0 < timing.warmup_s * len(fn_lists):
         one_round(n)
         n += 1
     times = [[] for _ in fn_lists]
     start, n = time.perf_counter(), 0
     budget = timing.budget_s * len(fn_lists)
-    while live and (n < timing.min_reps or (n < timing.max_reps and time.perf_counter() - start < budget)):
+    while running() and (n < timing.min_reps or (n < timing.max_reps and time.perf_counter() - start < budget)):
         one_round(n)
         n += 1
-    return [out[j] if out[j] is not None else _stats(times[j]) for j in range(len(fn_lists))]
+    return [out[j] if out[j] is not None else _stats(times[j]) if times[j] else RuntimeError("never timed")
+            for j in range(len(fn_lists))]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -622,7 +629,7 @@ def run_impls(case, ctx: Context, progress=None, **prepare_kw) -> list[Result]:
         entries.append(prepared(case, impl, ctx, **prepare_kw))
     timed = [(res, calls) for res, calls in entries if calls is not None]
     ceiling = rotation_ceiling([res for res, _ in timed], ctx)
-    all_stats = time_rotation([calls for _, calls in timed] + ([ceiling[0]] if ceiling else []), timing)
+    all_stats = time_rotation([calls for _, calls in timed], timing, companion=ceiling[0] if ceiling else None)
     in_rotation = None
     if ceiling and isinstance(all_stats[-1], dict):
         in_rotation = ceiling[1] / all_stats[-1]["median_s"]

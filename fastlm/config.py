@@ -91,7 +91,8 @@ class Config:
     writes it — {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor", "low_freq_factor",
     "high_freq_factor", "original_max_position_embeddings"} (see ROPE_SCALING_KEYS). ``head_dim`` defaults to
     d_model / n_head; given, the attention works in n_head * head_dim dimensions that need not equal d_model (as in
-    Mistral NeMo).
+    Mistral NeMo). Derived fields are stored: ``dataclasses.replace`` of d_model or n_head keeps them unless they are
+    passed as None too; ``Config.from_name(preset, **overrides)`` derives them afresh.
     """
     name: str = "custom"
     family: str = "llama"

@@ -62,8 +62,9 @@ def _config_llama(hf, qkv_bias: bool = False) -> Config:
         raise NotImplementedError(f"from_hf: {name} with attention_bias or mlp_bias is not supported (fastlm's "
                                   f"llama family has no biases)")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    rope = getattr(hf, "rope_parameters", None) or {}
-    kind = rope.get("rope_type", "default")
+    # transformers >= 5: rope_parameters (with rope_theta); 4.x: rope_scaling ("rope_type", formerly "type")
+    rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
     if kind != "default" and kind not in ROPE_SCALING_KEYS:
         raise NotImplementedError(f"from_hf: RoPE type {kind!r} is not supported (only 'default', "
                                   f"{', '.join(repr(k) for k in ROPE_SCALING_KEYS)})")

@@ -282,6 +282,19 @@ def test_head_dim_past_triton_limit(backend):
     _check_case(backend, torch.float32, (2, 9, 19, 4, 2, 300, True, (-1, -1)))
 
 
+def test_auto_past_triton_head_dim_runs_the_reference(monkeypatch):
+    # where "auto" picks Triton (CUDA tensors, or the interpreter without the extension) a head dim past 256 runs the
+    # reference: the very same result
+    monkeypatch.setattr(backends, "resolve", lambda backend, *a, **k: "triton" if backend == "auto" else backend)
+    q, k, v = _inputs(1, 5, 9, 2, 1, 264, torch.float32)
+    out = ops.attention(q, k, v, causal=True)
+    assert torch.equal(out, reference.attention(q, k, v, causal=True, softmax_scale=264 ** -0.5))
+    from fastlm.ops import decode_attention
+    lens = torch.tensor([7], device=DEVICE)
+    assert torch.equal(decode_attention(q[:, :1], k, v, lens),
+                       reference.decode_attention(q[:, :1], k, v, lens, softmax_scale=264 ** -0.5))
+
+
 def test_fit_head_dim():
     from fastlm.ops._checks import fit_head_dim
     assert fit_head_dim("attention", "triton", "auto", 256) == "triton"

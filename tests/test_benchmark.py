@@ -115,6 +115,23 @@ def test_cpu_timing_rotates_the_implementations_in_shuffled_rounds_and_survives_
     assert len({tuple(x[0] for x in r) for r in rounds[:4]}) > 1   # the order changes from round to round
 
 
+def test_rotation_companion_runs_while_an_implementation_is_left():
+    calls = {"a": 0, "ceiling": 0}
+
+    def impl():
+        calls["a"] += 1
+        if calls["a"] > 3:                      # first touch + 2 timed rounds, then it fails
+            raise RuntimeError("gone")
+
+    def ceiling():
+        calls["ceiling"] += 1
+
+    timing = benchmark.Timing(warmup_s=0.0, budget_s=10.0, min_reps=3, max_reps=50)
+    a, c = benchmark.time_rotation([[impl]], timing, companion=[ceiling])
+    assert isinstance(a, RuntimeError)
+    assert c["reps"] <= 3 and calls["ceiling"] <= 4      # it stopped with the implementation, not at max_reps
+
+
 def test_a_case_can_ask_for_more_timed_calls():
     case = _rms_case([benchmark.Impl("fastlm[good]", "fastlm", reference.rms_norm),
                       benchmark.Impl("eager", "peer", reference.rms_norm)])

@@ -780,11 +780,12 @@ def test_ops_feed_the_kernels_unit_stride_rows():
                                          (3, 20, F16)], ids=str)
 def test_decode_rows_sharing_pages(Hkv, D, dtype):
     # cache rows of 4 KB down to 32 B: 1, 2, 4, 8 and 16 rows per page, each walked in its page order (decode.cpp);
-    # several chunks, blocks cut short by the length, new queries that see fewer keys than the block holds
-    B, Sq, S_max = 3, 2, 700
+    # several chunks, blocks cut short by the length, new queries that see fewer keys than a whole last block holds
+    # (length 512)
+    B, Sq, S_max = 4, 2, 700
     q = torch.randn(B, Sq, 2 * Hkv, D).to(dtype)
     kc, vc = (torch.randn(B, S_max, Hkv, D).to(dtype) for _ in range(2))
-    lens = torch.tensor([700, 517, 37])
+    lens = torch.tensor([700, 517, 512, 37])
     out = _ops().decode_attention(q, kc, vc, lens, D ** -0.5)
     r64 = reference.decode_attention(q.double(), kc.double(), vc.double(), lens)
     check_rule("decode", out, r64, reference.decode_attention(q, kc, vc, lens))

@@ -135,6 +135,19 @@ def test_from_hf_head_dim_apart_from_hidden_size(make):
         assert torch.equal(model.generate(prompt, 16), expected)
 
 
+def test_from_hf_reads_transformers_4_rope_scaling():
+    """transformers 4.x configs keep the scaling in rope_scaling (its type under "type" in older ones) and the base
+    in rope_theta."""
+    import types
+    from fastlm.hf import _config_llama
+    hf = hf_llama().config.to_dict()
+    hf.pop("rope_parameters", None)
+    hf.update(model_type="llama", rope_theta=500000.0,
+              rope_scaling={"type": "linear", "factor": 4.0})
+    config = _config_llama(types.SimpleNamespace(**hf))
+    assert config.rope_base == 500000.0 and config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+
+
 def test_from_hf_keeps_dtype_and_untied_head():
     hf = hf_gpt2(tie_word_embeddings=False).to(torch.float64)
     model = from_hf(hf, backend="torch")

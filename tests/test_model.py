@@ -29,7 +29,10 @@ CONFIGS = {
 
 
 def make(family, backend="torch", dtype=torch.float32, device=DEVICE, **overrides):
-    """A fastlm model and the reference at ``dtype``, and the reference at float64, all with the same weights."""
+    """A fastlm model and the reference at ``dtype``, and the reference at float64, all with the same weights.
+    Overriding d_model or n_head re-derives head_dim (unless it is given too)."""
+    if {"d_model", "n_head"} & set(overrides):
+        overrides.setdefault("head_dim", None)
     config = dataclasses.replace(CONFIGS[family], **overrides)
     model = Transformer(config, backend=backend).to(device)
     ref64 = reference.Transformer(config).to(device)

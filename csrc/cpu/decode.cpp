@@ -5,8 +5,8 @@
 // the cache's memory order: a cache row (one key) holds every kv head, and each step takes kKeys consecutive rows
 // and runs through them head by head, so every row is read front to back exactly once while the hardware
 // prefetchers stream the kKeys rows in parallel (visiting one head's rows a row stride apart instead touches a new
-// page per key and defeats them); rows shorter than a 4 KB page are taken from kKeys different pages, so that each
-// page too is read front to back (chunk_step). A kv head's rows serve all G = H / Hkv query heads and all Sq queries
+// page per key and defeats them); rows shorter than a 4 KB page are taken about a page apart, so that each page too
+// is read front to back (chunk_step). A kv head's rows serve all G = H / Hkv query heads and all Sq queries
 // (M = G * Sq rows), so every K and V byte is read once. Per block: scores by vector dot products, kKeys keys at a
 // time; the online softmax of tile.h in base 2 per row; O += P V, again kKeys value rows per pass over a row of O, so
 // O is loaded and stored once per kKeys keys. bf16/fp16 caches are widened in registers as they are loaded. Each chunk
@@ -147,7 +147,7 @@ void chunk_init(const Problem& p, const T* q, Strides qs, int64_t b, float* qh, 
 // Keys [j0, j0 + nb) of sequence b (valid length n), every kv head. k and v point at the block's first row.
 //
 // Walk order: a group of kKeys * r keys (r = p.interleave rows per page) is taken in r passes, pass t over keys
-// j + t, j + t + r, ..., so that the kKeys rows of a pass lie in kKeys different pages and each page is read front to
+// j + t, j + t + r, ..., so that the kKeys rows of a pass lie about a page apart and each page is read front to
 // back, head by head, one pass after another, as when rows fill a page (kKeys consecutive rows of a shared page are
 // read in interleaved pieces, which the prefetchers follow worse: 1.1-1.4x slower for 1-2 KB rows). Scores are stored
 // pass by pass: block entry j + t kKeys + i holds key j + t + i r; the softmax does not care about the order and P V
@@ -155,7 +155,9 @@ void chunk_init(const Problem& p, const T* q, Strides qs, int64_t b, float* qh, 
 template <typename T>
 void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs, int64_t n, int64_t j0, int64_t nb,
                 float* po, float* pm, float* pl, Scratch& sc) {
-  const int64_t rows = p.Hkv * p.M, r = p.interleave, group = kKeys * r, ahead = 2 * group;
+  // a block cut short (a sequence's last) takes rows in order: its passes would repeat row nb - 1 for the rest
+  const int64_t rows = p.Hkv * p.M, r = nb == kBlockK ? p.interleave : 1, group = kKeys * r;
+  const int64_t ahead = std::min(2 * group, kBlockK / 2);  // prefetch distance in rows, within the next half block
   // Scores (entries of keys past nb are masked below)
   for (int64_t j = 0; j < nb; j += group) {
     for (int64_t t = 0; t < r; ++t) {
@@ -344,10 +346,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   p.chunk = std::max(kMinChunk, (max_len + want - 1) / want);
   p.chunk = (p.chunk + kBlockK - 1) / kBlockK * kBlockK;
   p.n_chunks = std::max<int64_t>(1, (max_len + p.chunk - 1) / p.chunk);
-  // Rows that hold every kv head side by side (the (B, S, Hkv, D) cache) and are shorter than a page share pages
+  // Rows that hold every kv head side by side (the (B, S, Hkv, D) cache) and are shorter than a page share pages;
+  // kKeys * interleave stays a power of two dividing kBlockK
+  static_assert((kBlockK & (kBlockK - 1)) == 0 && kBlockK % (2 * kKeys) == 0, "kBlockK: a power of two, >= 2 kKeys");
   p.interleave = 1;
-  const int64_t row_bytes = k_cache.stride(1) * k_cache.element_size();
-  if (k_cache.stride(2) * Hkv <= k_cache.stride(1))
+  const int64_t row_bytes = std::max(k_cache.stride(1) * k_cache.element_size(),
+                                     v_cache.stride(1) * v_cache.element_size());
+  if (k_cache.stride(2) * Hkv <= k_cache.stride(1) && v_cache.stride(2) * Hkv <= v_cache.stride(1))
     while (2 * p.interleave * row_bytes <= kPage && 2 * p.interleave * kKeys <= kBlockK) p.interleave *= 2;
 
   with_float_type(dtype, [&](auto tag) { decode_kernel<decltype(tag)>(p, q, k_cache, v_cache, lens, out); });
