@@ -1,7 +1,7 @@
 """fastlm: a decoder-only Transformer (GPT-2 and Llama families) on fused kernels, tested against a float64 reference.
 
-Public names: Config, Transformer, from_hf, patch, unpatch, summary, ops, reference. Submodules are imported lazily,
-so ``import fastlm`` compiles nothing and needs neither a GPU nor the C++ extension.
+Public names: Config, Transformer, from_hf, to_hf, patch, unpatch, summary, ops, reference. Submodules are imported
+lazily, so ``import fastlm`` compiles nothing and needs neither a GPU nor the C++ extension.
 """
 import importlib
 
@@ -11,6 +11,7 @@ _LAZY = {
     "Config": ("fastlm.config", "Config"),
     "Transformer": ("fastlm.model", "Transformer"),
     "from_hf": ("fastlm.hf", "from_hf"),
+    "to_hf": ("fastlm.hf", "to_hf"),
     "patch": ("fastlm.hf", "patch"),
     "unpatch": ("fastlm.hf", "unpatch"),
     "summary": ("fastlm.summary", "summary"),

@@ -1,4 +1,4 @@
-"""The fastlm command line: ``python -m fastlm {bench,summary,train,generate,scaling} ...`` (also ``fastlm ...``)."""
+"""The fastlm command line: ``python -m fastlm {bench,summary,train,generate,scaling,export} ...`` (also ``fastlm ...``)."""
 import importlib
 import sys
 
@@ -8,6 +8,7 @@ COMMANDS = {
     "train": ("fastlm.train", "train a model on a text corpus"),
     "generate": ("fastlm.generate", "generate text from a checkpoint"),
     "scaling": ("fastlm.scaling", "train a ladder of model sizes and fit loss against parameters"),
+    "export": ("fastlm.hf", "write a checkpoint as a transformers model directory (save_pretrained)"),
 }
 
 

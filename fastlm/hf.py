@@ -3,6 +3,8 @@
 from_hf(model)   GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (Llama's shapes, Qwen2
                  with q/k/v biases; RoPE default, "linear" or "llama3") -> fastlm.Transformer with the same
                  weights and config. GPT-2's Conv1D weights are (in, out): they are transposed.
+to_hf(model)     the way back: a fastlm.Transformer -> GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM (q/k/v
+                 biases), e.g. to save_pretrained a model trained with fastlm.
 patch(model)     in place, swaps the forward of each attention, MLP and norm module (RoPE is applied inside the
                  patched attention) for one built on fastlm.ops, and the causal-LM loss for ops.cross_entropy; a
                  training forward with labels runs the LM head inside ops.linear_cross_entropy (no logits held).
@@ -12,6 +14,7 @@ transformers is imported only when these functions run.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import types
@@ -81,41 +84,67 @@ def _config_llama(hf, qkv_bias: bool = False) -> Config:
                   tie_embeddings=bool(hf.tie_word_embeddings), qkv_bias=qkv_bias, head_dim=head_dim)
 
 
-def _state_gpt2(sd, config):
-    out = {"tok_emb.weight": sd["transformer.wte.weight"], "pos_emb.weight": sd["transformer.wpe.weight"],
-           "norm.weight": sd["transformer.ln_f.weight"], "norm.bias": sd["transformer.ln_f.bias"]}
-    d = config.d_model
+# Parameter names: (transformers name, fastlm name) pairs. GPT-2's Conv1D weights are (in, out) — transposed — and
+# its c_attn holds q, k and v side by side (split / joined by the state functions).
+_LLAMA_NAMES = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"),
+                ("self_attn.q_proj", "attn.wq"), ("self_attn.k_proj", "attn.wk"), ("self_attn.v_proj", "attn.wv"),
+                ("self_attn.o_proj", "attn.wo"), ("mlp.gate_proj", "mlp.w_gate"), ("mlp.up_proj", "mlp.w_up"),
+                ("mlp.down_proj", "mlp.w_down"))
+_GPT2_TRANSPOSED = (("attn.c_proj", "attn.wo"), ("mlp.c_fc", "mlp.w_fc"), ("mlp.c_proj", "mlp.w_proj"))
+_GPT2_NORMS = (("ln_1", "attn_norm"), ("ln_2", "mlp_norm"))
+
+
+def _pairs_gpt2(config):
+    """(transformers, fastlm) names of the tensors that map one to one (Conv1D weights transposed: the third item)."""
+    pairs = [("transformer.wte.weight", "tok_emb.weight", False), ("transformer.wpe.weight", "pos_emb.weight", False),
+             ("transformer.ln_f.weight", "norm.weight", False), ("transformer.ln_f.bias", "norm.bias", False)]
     for i in range(config.n_layer):
         p, q = f"transformer.h.{i}.", f"layers.{i}."
-        w_qkv, b_qkv = sd[p + "attn.c_attn.weight"].t(), sd[p + "attn.c_attn.bias"]      # Conv1D: (in, out)
-        for j, name in enumerate(("wq", "wk", "wv")):
-            out[q + f"attn.{name}.weight"] = w_qkv[j * d:(j + 1) * d]
-            out[q + f"attn.{name}.bias"] = b_qkv[j * d:(j + 1) * d]
-        for src, dst in (("attn.c_proj", "attn.wo"), ("mlp.c_fc", "mlp.w_fc"), ("mlp.c_proj", "mlp.w_proj")):
-            out[q + dst + ".weight"] = sd[p + src + ".weight"].t()
-            out[q + dst + ".bias"] = sd[p + src + ".bias"]
-        for src, dst in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
-            out[q + dst + ".weight"] = sd[p + src + ".weight"]
-            out[q + dst + ".bias"] = sd[p + src + ".bias"]
+        for src, dst in _GPT2_TRANSPOSED:
+            pairs += [(p + src + ".weight", q + dst + ".weight", True), (p + src + ".bias", q + dst + ".bias", False)]
+        for src, dst in _GPT2_NORMS:
+            pairs += [(p + src + ".weight", q + dst + ".weight", False), (p + src + ".bias", q + dst + ".bias", False)]
     if not config.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+        pairs.append(("lm_head.weight", "lm_head.weight", False))
+    return pairs
+
+
+def _pairs_llama(config):
+    pairs = [("model.embed_tokens.weight", "tok_emb.weight", False), ("model.norm.weight", "norm.weight", False)]
+    for i in range(config.n_layer):
+        for src, dst in _LLAMA_NAMES:
+            pairs.append((f"model.layers.{i}.{src}.weight", f"layers.{i}.{dst}.weight", False))
+        if config.qkv_bias:
+            pairs += [(f"model.layers.{i}.{src}.bias", f"layers.{i}.{dst}.bias", False)
+                      for src, dst in _LLAMA_NAMES[2:5]]
+    if not config.tie_embeddings:
+        pairs.append(("lm_head.weight", "lm_head.weight", False))
+    return pairs
+
+
+def _state_from_hf(sd, config):
+    """fastlm's state dict from a transformers one."""
+    gpt2 = config.family == "gpt2"
+    out = {f: sd[h].t() if t else sd[h] for h, f, t in (_pairs_gpt2 if gpt2 else _pairs_llama)(config)}
+    if gpt2:
+        d = config.d_model
+        for i in range(config.n_layer):
+            w_qkv, b_qkv = sd[f"transformer.h.{i}.attn.c_attn.weight"].t(), sd[f"transformer.h.{i}.attn.c_attn.bias"]
+            for j, name in enumerate(("wq", "wk", "wv")):
+                out[f"layers.{i}.attn.{name}.weight"] = w_qkv[j * d:(j + 1) * d]
+                out[f"layers.{i}.attn.{name}.bias"] = b_qkv[j * d:(j + 1) * d]
     return out
 
 
-def _state_llama(sd, config):
-    out = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
-    names = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"),
-             ("self_attn.q_proj", "attn.wq"), ("self_attn.k_proj", "attn.wk"), ("self_attn.v_proj", "attn.wv"),
-             ("self_attn.o_proj", "attn.wo"), ("mlp.gate_proj", "mlp.w_gate"), ("mlp.up_proj", "mlp.w_up"),
-             ("mlp.down_proj", "mlp.w_down"))
-    for i in range(config.n_layer):
-        for src, dst in names:
-            out[f"layers.{i}.{dst}.weight"] = sd[f"model.layers.{i}.{src}.weight"]
-        if config.qkv_bias:
-            for src, dst in names[2:5]:
-                out[f"layers.{i}.{dst}.bias"] = sd[f"model.layers.{i}.{src}.bias"]
-    if not config.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+def _state_to_hf(sd, config):
+    """A transformers state dict from fastlm's."""
+    gpt2 = config.family == "gpt2"
+    out = {h: sd[f].t() if t else sd[f] for h, f, t in (_pairs_gpt2 if gpt2 else _pairs_llama)(config)}
+    if gpt2:
+        for i in range(config.n_layer):
+            q, p = f"layers.{i}.attn.", f"transformer.h.{i}.attn.c_attn."
+            out[p + "weight"] = torch.cat([sd[q + n + ".weight"] for n in ("wq", "wk", "wv")]).t()
+            out[p + "bias"] = torch.cat([sd[q + n + ".bias"] for n in ("wq", "wk", "wv")])
     return out
 
 
@@ -132,10 +161,84 @@ def from_hf(hf_model, backend: str = "auto") -> Transformer:
                                                                       qkv_bias=kind == "Qwen2ForCausalLM")
     weight = hf_model.get_input_embeddings().weight
     model = Transformer(config, backend=backend).to(device=weight.device, dtype=weight.dtype)
-    sd = hf_model.state_dict()
-    state = _state_gpt2(sd, config) if gpt2 else _state_llama(sd, config)
+    state = _state_from_hf(hf_model.state_dict(), config)
     model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True)
     return model
+
+
+def _hf_config(config: Config):
+    """The transformers config of a fastlm Config: GPT2Config, LlamaConfig, or Qwen2Config for q/k/v biases."""
+    import transformers
+    if config.family == "gpt2":
+        if config.head_dim * config.n_head != config.d_model:
+            raise NotImplementedError(f"to_hf: GPT-2 has no head_dim apart from n_embd / n_head; got head_dim "
+                                      f"{config.head_dim} with d_model {config.d_model} and {config.n_head} heads")
+        return transformers.GPT2Config(
+            vocab_size=config.vocab_size, n_positions=config.max_seqlen, n_embd=config.d_model, n_layer=config.n_layer,
+            n_head=config.n_head, n_inner=config.intermediate_size, activation_function="gelu_new",
+            layer_norm_epsilon=config.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            tie_word_embeddings=config.tie_embeddings,
+            **({} if config.vocab_size > 50256 else {"bos_token_id": None, "eos_token_id": None}))  # GPT-2's 50256
+    rope = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_base}
+    kind = transformers.Qwen2Config if config.qkv_bias else transformers.LlamaConfig
+    return kind(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.intermediate_size,
+                num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+                num_key_value_heads=config.n_kv_head, head_dim=config.head_dim,
+                max_position_embeddings=config.max_seqlen, rms_norm_eps=config.norm_eps, rope_parameters=rope,
+                tie_word_embeddings=config.tie_embeddings, hidden_act="silu")
+
+
+def to_hf(model):
+    """The transformers causal LM (GPT2LMHeadModel, LlamaForCausalLM, or Qwen2ForCausalLM for a llama with q/k/v
+    biases) with the weights and configuration of a fastlm.Transformer (or fastlm.reference.Transformer), in its
+    dtype and on its device, in eval mode — e.g. to ``save_pretrained`` a model trained with fastlm."""
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or not isinstance(config, Config):
+        raise TypeError(f"to_hf: model must be a fastlm.Transformer (a module with a fastlm Config), got "
+                        f"{type(model).__name__}")
+    import transformers
+    try:   # transformers >= 5: skip the random initialization, every weight is copied in below
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        no_init_weights = contextlib.nullcontext
+    weight = model.tok_emb.weight
+    with no_init_weights(), torch.device(weight.device):
+        hf = transformers.AutoModelForCausalLM.from_config(_hf_config(config), dtype=weight.dtype)
+    state = _state_to_hf(model.state_dict(), config)
+    if config.tie_embeddings:                               # transformers lists the tied head too
+        state["lm_head.weight"] = state["transformer.wte.weight" if config.family == "gpt2" else
+                                        "model.embed_tokens.weight"]
+    hf.load_state_dict(state, strict=True)
+    if config.tie_embeddings:
+        hf.tie_weights()
+    return hf.eval()
+
+
+def cli(argv=None) -> int:
+    """``python -m fastlm export``: a training checkpoint -> a transformers model directory (save_pretrained)."""
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog="python -m fastlm export",
+                                     description="Write a checkpoint of `python -m fastlm train` as a transformers "
+                                                 "model directory (config.json + model.safetensors), loadable with "
+                                                 "AutoModelForCausalLM.from_pretrained.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="training output directory (holding checkpoint.safetensors) or a .safetensors file")
+    parser.add_argument("out", help="directory to write (created if missing)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    args = parser.parse_args(argv)
+    from fastlm.train import load_checkpoint
+    try:
+        model, info = load_checkpoint(args.checkpoint, backend="torch", device=torch.device("cpu"))
+        model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
+        hf = to_hf(model)
+        hf.save_pretrained(args.out)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, NotImplementedError, ImportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {type(hf).__name__} ({model.config.num_params():,} parameters, {args.dtype}, step {info['step']}) "
+          f"to {args.out}; token ids are fastlm's {info['tokenizer'].name} tokenizer's")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

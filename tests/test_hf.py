@@ -1,6 +1,7 @@
 """The Hugging Face drop-in: from_hf against transformers' own models (logits, loss, greedy generation), and
 patch / unpatch (same logits, same gradients, exact restoration). Tiny random models built from config objects."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import fastlm  # noqa: E402
 from conftest import DEVICE  # noqa: E402
 from fastlm import ops  # noqa: E402
-from fastlm.hf import from_hf, patch, unpatch  # noqa: E402
+from fastlm.hf import from_hf, patch, to_hf, unpatch  # noqa: E402
 from fastlm.testing import check_rule  # noqa: E402
 
 V = 1000
@@ -146,6 +147,52 @@ def test_from_hf_reads_transformers_4_rope_scaling():
               rope_scaling={"type": "linear", "factor": 4.0})
     config = _config_llama(types.SimpleNamespace(**hf))
     assert config.rope_base == 500000.0 and config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_to_hf_round_trip(kind):
+    hf = MODELS[kind]()
+    perturb_norms(hf)
+    model = from_hf(hf, backend="torch")
+    back = to_hf(model)
+    assert type(back).__name__ == {"gpt2": "GPT2LMHeadModel", "qwen2-gqa": "Qwen2ForCausalLM"}.get(
+        kind, "LlamaForCausalLM") and not back.training
+    again = from_hf(back, backend="torch")
+    assert dataclasses.replace(again.config, name=model.config.name) == model.config   # a Mistral comes back a Llama
+    for name, p in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], p), name
+    tokens = torch.randint(0, V, (2, 11))
+    with torch.no_grad():
+        check_rule("logits", back(tokens).logits, copy.deepcopy(hf).double()(tokens).logits, hf(tokens).logits)
+
+
+def test_to_hf_of_a_fastlm_model_saves_and_generates_alike(tmp_path):
+    config = fastlm.Config(family="llama", vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, d_model=64, head_dim=24,
+                           max_seqlen=128, tie_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    model = fastlm.Transformer(config, backend="torch").eval()
+    with torch.no_grad():                                  # the random init leaves the norms at one: make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    hf = to_hf(model)
+    assert hf.lm_head.weight is hf.get_input_embeddings().weight          # tied, as in the fastlm model
+    hf.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = torch.randint(1, V, (2, 5))
+    with torch.no_grad():
+        logits = model(torch.cat([prompt, prompt], 1))
+        torch.testing.assert_close(loaded(torch.cat([prompt, prompt], 1)).logits, logits, rtol=1e-5, atol=1e-5)
+        expected = loaded.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                                   attention_mask=torch.ones_like(prompt), pad_token_id=0)
+        assert torch.equal(model.generate(prompt, 16), expected)
+
+
+def test_to_hf_errors():
+    with pytest.raises(TypeError, match="to_hf: model must be a fastlm.Transformer"):
+        to_hf(hf_llama())
+    gpt2 = fastlm.Transformer(fastlm.Config(family="gpt2", vocab_size=V, n_layer=1, n_head=4, d_model=64, head_dim=8))
+    with pytest.raises(NotImplementedError, match="GPT-2 has no head_dim apart"):
+        to_hf(gpt2)
 
 
 def test_from_hf_keeps_dtype_and_untied_head():
@@ -333,4 +380,4 @@ def test_patch_unsupported():
 
 
 def test_public_names():
-    assert fastlm.from_hf is from_hf and fastlm.patch is patch and fastlm.unpatch is unpatch
+    assert fastlm.from_hf is from_hf and fastlm.to_hf is to_hf and fastlm.patch is patch and fastlm.unpatch is unpatch

@@ -193,6 +193,18 @@ def test_train_and_generate_cli(tmp_path, capsys):
     assert "longer than the model's context" in capsys.readouterr().err
     assert T.cli(["--preset", "gpt5", "--out", out]) == 2
     assert "unknown model preset 'gpt5'" in capsys.readouterr().err
+    # export: the checkpoint as a transformers model directory, same logits
+    transformers = pytest.importorskip("transformers")
+    from fastlm.__main__ import main
+    assert main(["export", "--checkpoint", out, str(tmp_path / "hf")]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    model, _ = T.load_checkpoint(out, backend="torch")
+    x = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model.eval()(x), rtol=1e-5, atol=1e-5)
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), str(tmp_path / "hf2")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
 
 
 def test_torchrun_trains_with_ddp(tmp_path):
