@@ -1,4 +1,4 @@
-"""The fastlm command line: ``python -m fastlm {bench,summary,train,generate,scaling,export} ...`` (also ``fastlm ...``)."""
+"""The fastlm command line: ``python -m fastlm COMMAND ...`` (also ``fastlm ...``); COMMANDS lists them."""
 import importlib
 import sys
 
