@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_meta(const at::Tens
 }
 
 at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 double) {
+                                 double, int64_t) {
   TORCH_CHECK(q.dim() == 4, "fastlm::decode_attention: q must be 4-D, got ", q.dim(), "-D");
   return at::empty_symint(q.sym_sizes(), q.options());
 }
@@ -107,7 +107,7 @@ at::Tensor decode_step_meta(const at::Tensor& tokens, const at::Tensor&, const a
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, const c10::List<std::optional<at::Tensor>>&,
                             at::TensorList, at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&,
-                            const at::Tensor& head, double, bool) {
+                            const at::Tensor& head, double, bool, int64_t) {
   TORCH_CHECK(tokens.dim() == 2 && head.dim() == 2, "fastlm::decode_step: tokens and head must be 2-D, got ",
               tokens.dim(), "-D and ", head.dim(), "-D");
   return at::empty_symint({tokens.sym_size(0), tokens.sym_size(1), head.sym_size(0)}, tok_emb.options());
@@ -120,8 +120,8 @@ TORCH_LIBRARY(fastlm, m) {
         "int window_right) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
         "bool causal, float softmax_scale, int window_left, int window_right) -> (Tensor, Tensor, Tensor)");
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float softmax_scale) "
-        "-> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float softmax_scale, "
+        "int window_left=-1) -> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("mlp_gelu(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, Tensor? residual) -> Tensor");
   m.def("mlp_swiglu(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? residual) -> Tensor");
@@ -136,7 +136,7 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
   m.def("decode_step(Tensor tokens, Tensor input_pos, Tensor tok_emb, Tensor? pos_emb, Tensor? rope_cos, "
         "Tensor? rope_sin, Tensor?[] blocks, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor norm_w, "
-        "Tensor? norm_b, Tensor head, float eps, bool is_rms) -> Tensor");
+        "Tensor? norm_b, Tensor head, float eps, bool is_rms, int window_left=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {

@@ -87,8 +87,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
 }
 
 at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                 const at::Tensor& cache_seqlens, double softmax_scale) {
+                                 const at::Tensor& cache_seqlens, double softmax_scale, int64_t window_left) {
   const char* op = "decode_attention";
+  TORCH_CHECK(window_left == -1, "fastlm::decode_attention (CUDA): the CUDA decode kernel has no sliding window "
+              "(window_left ", window_left, "); backend='triton' has one");
   check_cuda(q_in, op, "q");
   check_cuda(k_in, op, "k_cache");
   check_cuda(v_in, op, "v_cache");

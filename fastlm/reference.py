@@ -57,18 +57,19 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, window_left=-1):
     """Attention of a few new queries against a KV cache.
 
     q: (B, Sq, H, D); k_cache, v_cache: (B, S_max, Hkv, D); cache_seqlens: (B,) integer, the number of valid cache
     positions for each sequence (the new tokens' keys already written). Query i of sequence b sits at position
-    cache_seqlens[b] - Sq + i and sees keys 0..that position (causal, bottom-right). Returns (B, Sq, H, D).
+    p = cache_seqlens[b] - Sq + i and sees keys 0..p (causal, bottom-right), or only p - window_left..p with a
+    sliding window (window_left >= 0). Returns (B, Sq, H, D).
     """
     outs = []
     for b in range(q.shape[0]):
         n = int(cache_seqlens[b])
         outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], causal=True,
-                              softmax_scale=softmax_scale))
+                              softmax_scale=softmax_scale, window=(window_left, 0)))
     return torch.cat(outs, dim=0)
 
 

@@ -14,8 +14,9 @@ once and read once by the combine.
 
 The grid depends only on shapes (S_max, not the lengths): cache_seqlens is read on the device, never on the host, so
 the launch can be captured in a CUDA graph or traced by torch.compile. Lengths are clamped to [0, S_max] on the
-device. Query i of sequence b sits at position cache_seqlens[b] - Sq + i and sees keys 0..that position; a query
-with no key (cache_seqlens[b] < Sq - i) gets output 0.
+device. Query i of sequence b sits at position p = cache_seqlens[b] - Sq + i and sees keys 0..p (p - WINDOW_LEFT..p
+with a sliding window: the splits then share only the keys from the first query's window on); a query with no key
+(cache_seqlens[b] < Sq - i) gets output 0.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _decode_split_kernel(
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
-    Sq, H, S_max, NUM_SPLITS, N_ROW_BLOCKS, qk_scale,
+    Sq, H, S_max, NUM_SPLITS, N_ROW_BLOCKS, qk_scale, WINDOW_LEFT,
     D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -47,9 +48,11 @@ def _decode_split_kernel(
 
     seqlen = tl.load(SEQLENS + b).to(tl.int32)
     seqlen = tl.minimum(tl.maximum(seqlen, 0), S_max)
-    # balance the valid length (not S_max) over the splits, in whole key blocks
-    blocks_per_split = ((seqlen + BLOCK_N - 1) // BLOCK_N + NUM_SPLITS - 1) // NUM_SPLITS
-    lo = split * blocks_per_split * BLOCK_N
+    # the keys any query may see: [first, seqlen), first > 0 with a sliding window (WINDOW_LEFT >= 0)
+    first = tl.where(WINDOW_LEFT >= 0, tl.maximum(seqlen - Sq - WINDOW_LEFT, 0), 0)
+    # balance them (not S_max) over the splits, in whole key blocks
+    blocks_per_split = ((seqlen - first + BLOCK_N - 1) // BLOCK_N + NUM_SPLITS - 1) // NUM_SPLITS
+    lo = first + split * blocks_per_split * BLOCK_N
     hi = tl.minimum(lo + blocks_per_split * BLOCK_N, seqlen)
 
     # row r = (query qi, head hk * GROUP + g): the whole GQA group shares each K/V tile; more than BLOCK_M rows
@@ -59,6 +62,7 @@ def _decode_split_kernel(
     head = hk * GROUP + rows % GROUP
     row_ok = qi < Sq
     pos = seqlen - Sq + qi  # the last key position this row may see
+    pos_lo = tl.where(WINDOW_LEFT >= 0, pos - WINDOW_LEFT, 0)  # and the first
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = tl.load(Q + b.to(tl.int64) * stride_qb + qi[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
@@ -76,7 +80,8 @@ def _decode_split_kernel(
         kt = tl.load(k_base + n[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)                       # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-        s = tl.where((n[None, :] <= pos[:, None]) & n_ok[None, :], s, float("-inf"))
+        s = tl.where((n[None, :] <= pos[:, None]) & (n[None, :] >= pos_lo[:, None]) & n_ok[None, :], s,
+                     float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows that have seen no key yet keep m = -inf; shift them by 0 so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -158,9 +163,10 @@ def default_num_splits(batch: int, nheads_kv: int, s_max: int, block_n: int, dev
     return max(1, min(target, triton.cdiv(n_blocks, 4), 256))
 
 
-def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, *, num_splits=None,
+def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, *, window_left=-1, num_splits=None,
                          num_warps=None):
     """Launch the split and combine kernels; returns out (B, Sq, H, D) in q's dtype. No autograd, no host sync.
+    window_left >= 0: a sliding window (query position p sees keys p - window_left .. p); -1: none.
 
     Assumes validated arguments (fastlm.ops.decode_attention checks them): q (B, Sq, H, D), caches
     (B, S_max, Hkv, D) with H % Hkv == 0, cache_seqlens (B,) integer on the same device.
@@ -192,7 +198,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Sq, H, S_max, num_splits, n_row_blocks, scale * LOG2E,
+        Sq, H, S_max, num_splits, n_row_blocks, scale * LOG2E, window_left,
         D=D, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=2,
     )
@@ -221,7 +227,7 @@ def aot_specs():
                 "MID_O": "*fp32", "MID_M": "*fp32", "MID_L": "*fp32",
                 **{f"stride_{t}{a}": "i32" for t in "qkv" for a in "bsh"},
                 "Sq": "i32", "H": "i32", "S_max": "i32", "NUM_SPLITS": "i32", "N_ROW_BLOCKS": "i32",
-                "qk_scale": "fp32",
+                "qk_scale": "fp32", "WINDOW_LEFT": "i32",
                 "D": "constexpr", "GROUP": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                 "BLOCK_D": "constexpr",
             },

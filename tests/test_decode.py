@@ -35,12 +35,12 @@ def _inputs(B, Sq, H, Hkv, D, S_max, seqlens, dtype, device, scale=1.0):
     return q.to(device), k.to(device), v.to(device), lens.to(device)
 
 
-def _check(out, q, k, v, lens, softmax_scale=None, name="out"):
+def _check(out, q, k, v, lens, softmax_scale=None, name="out", window_left=-1):
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten or NaN)"
-    ref64 = reference.decode_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), lens.cpu(),
-                                       softmax_scale=softmax_scale)
-    ref_low = reference.decode_attention(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), softmax_scale=softmax_scale)
+    kw = dict(softmax_scale=softmax_scale, window_left=window_left)
+    ref64 = reference.decode_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), lens.cpu(), **kw)
+    ref_low = reference.decode_attention(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), **kw)
     check_rule(name, out.cpu(), ref64, ref_low)
 
 
@@ -61,6 +61,25 @@ def test_numerics(backend, dtype, D, group, Sq):
     q, k, v, lens = _inputs(3, Sq, group * Hkv, Hkv, D, S_max, [1, S_max, 37], dtype, backend_device(backend))
     out = decode_attention(q, k, v, lens, backend=backend)
     _check(out, q, k, v, lens)
+
+
+@pytest.mark.parametrize("backend,dtype", [p for p in BACKEND_DTYPES if "cuda" not in str(p)],
+                         ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("window_left", [0, 1, 5, 37, 300])
+def test_sliding_window(backend, dtype, window_left):
+    # query p sees keys p - window_left .. p: windows inside one key block, across blocks, longer than the cache
+    # (no window); several new queries, ragged lengths, GQA; long enough for several CPU chunks / Triton splits
+    q, k, v, lens = _inputs(3, 3, 4, 2, 40, 700, [700, 3, 333], dtype, backend_device(backend))
+    out = decode_attention(q, k, v, lens, window_left=window_left, backend=backend)
+    _check(out, q, k, v, lens, window_left=window_left)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backends.extension_has("decode_attention", "cuda"), reason="fastlm._C not built with CUDA")
+def test_cuda_backend_has_no_window():
+    q, k, v, lens = _inputs(1, 1, 2, 1, 64, 16, [16], F16, "cuda")
+    with pytest.raises(RuntimeError, match="no sliding window"):
+        decode_attention(q, k, v, lens, window_left=4, backend="cuda")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,7 +145,9 @@ def test_empty_batch_and_torch_backend():
 
 def test_opcheck():
     from fastlm.ops.decode import _decode_attention_triton
-    torch.library.opcheck(_decode_attention_triton, _inputs(1, 1, 2, 1, 16, 8, [5], torch.float32, DEVICE) + (0.25,))
+    for window_left in (-1, 2):
+        torch.library.opcheck(_decode_attention_triton,
+                              _inputs(1, 1, 2, 1, 16, 8, [5], torch.float32, DEVICE) + (0.25, window_left))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,6 +217,9 @@ def test_bad_backend_and_head_dim():
         for bad in (float("nan"), float("inf")):
             with pytest.raises(ValueError, match="softmax_scale must be finite"):
                 decode_attention(q, k, v, lens, softmax_scale=bad, backend=backend)
+    for bad in (-2, 1.5, True):
+        with pytest.raises(ValueError, match="window_left must be an int >= -1"):
+            decode_attention(q, k, v, lens, window_left=bad, backend="torch")
     q, k, v, lens = _inputs(1, 1, 2, 1, 264, 8, [3], torch.float32, DEVICE)
     with pytest.raises(ValueError, match="backend='triton' takes headdim 1..256"):
         decode_attention(q, k, v, lens, backend="triton")

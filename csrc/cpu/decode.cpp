@@ -76,6 +76,7 @@ struct Problem {
   int64_t B, Sq, H, Hkv, G, M, D, Dv;  // M = G * Sq rows per kv head; Dv: D padded to whole vectors
   int64_t chunk, n_chunks;
   int64_t interleave;  // r: consecutive cache rows that share a 4 KB page (1 when a row fills a page or more)
+  int64_t window_left;  // a query at position i sees keys i - window_left .. i; -1: from 0
   SoftmaxScale scale;
 };
 
@@ -178,14 +179,20 @@ void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs
     }
   }
   for (int64_t row = 0; row < rows; ++row) {
-    // query i sits at position n - Sq + i and sees keys up to it
-    const int64_t visible = std::clamp<int64_t>(n - p.Sq + row % p.Sq + 1 - j0, 0, nb);
+    // query i sits at position n - Sq + i and sees keys [first, visible) of the block: up to it, and with a window
+    // from window_left before it
+    const int64_t pos = n - p.Sq + row % p.Sq - j0;
+    const int64_t visible = std::clamp<int64_t>(pos + 1, 0, nb);
+    const int64_t first = p.window_left < 0 ? 0 : std::clamp<int64_t>(pos - p.window_left, 0, nb);
     float* sr = sc.s.data() + row * kBlockK;
     if (r == 1) {
+      std::fill(sr, sr + first, kNegInf);
       std::fill(sr + visible, sr + kBlockK, kNegInf);
-    } else if (visible < kBlockK) {
-      for (int64_t e = 0; e < kBlockK; ++e)  // entry e = j + t kKeys + i holds key j + t + i r
-        if (e / group * group + e % kKeys * r + e % group / kKeys >= visible) sr[e] = kNegInf;
+    } else if (visible < kBlockK || first > 0) {
+      for (int64_t e = 0; e < kBlockK; ++e) {  // entry e = j + t kKeys + i holds key j + t + i r
+        const int64_t key = e / group * group + e % kKeys * r + e % group / kKeys;
+        if (key >= visible || key < first) sr[e] = kNegInf;
+      }
     }
     const float alpha = softmax_row(sr, kBlockK, p.scale.c, pm[row], pl[row]);
     if (alpha != 1.0f) {
@@ -213,9 +220,10 @@ void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs
   }
 }
 
+// lens[b]: the valid length of sequence b; firsts[b]: the first key any of its queries sees.
 template <typename T>
 void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
-                   const std::vector<int64_t>& lens, at::Tensor& out) {
+                   const std::vector<int64_t>& lens, const std::vector<int64_t>& firsts, at::Tensor& out) {
   const int64_t n_items = p.B * p.Hkv * p.n_chunks;
   at::Tensor part_o = at::empty({n_items * p.M * p.Dv}, q.options().dtype(at::kFloat));
   at::Tensor part_ml = at::empty({n_items * p.M * 2}, q.options().dtype(at::kFloat));
@@ -237,7 +245,7 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
     Scratch sc(p);
     for (int64_t w = next.fetch_add(1); w < n_work; w = next.fetch_add(1)) {
       const int64_t c = w % p.n_chunks, b = w / p.n_chunks, n = lens[b];
-      const int64_t j_begin = std::min(c * p.chunk, n), j_end = std::min(j_begin + p.chunk, n);
+      const int64_t j_begin = std::min(firsts[b] + c * p.chunk, n), j_end = std::min(j_begin + p.chunk, n);
       float *o = po + w * rows * p.Dv, *m = pm + w * rows, *l = pl + w * rows;
       chunk_init<T>(p, qp, qs, b, sc.q.data(), o, m, l);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK)
@@ -284,7 +292,7 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& cache_seqlens, double softmax_scale) {
+                            const at::Tensor& cache_seqlens, double softmax_scale, int64_t window_left) {
   TORCH_CHECK(q.dim() == 4, "fastlm::decode_attention: q must be 4-D (batch, seqlen_q, nheads, headdim), got shape ",
               q.sizes());
   TORCH_CHECK(k_cache.dim() == 4,
@@ -322,23 +330,28 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
               cache_seqlens.sizes());
   TORCH_CHECK(std::isfinite(softmax_scale), "fastlm::decode_attention: softmax_scale must be finite, got ",
               softmax_scale);
+  TORCH_CHECK(window_left >= -1, "fastlm::decode_attention: window_left must be >= -1 (-1: no window), got ",
+              window_left);
 
   at::Tensor out = at::empty({B, Sq, H, D}, q.options());
   if (out.numel() == 0) return out;
 
-  // Lengths are clamped into [0, S_max], as the GPU kernels do (they cannot check without a host sync).
-  std::vector<int64_t> lens(B);
+  // Lengths are clamped into [0, S_max], as the GPU kernels do (they cannot check without a host sync). With a
+  // window only the keys from the first query's window start on are read.
+  std::vector<int64_t> lens(B), firsts(B);
   int64_t max_len = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t at_b = b * cache_seqlens.stride(0);
     const int64_t n = cache_seqlens.scalar_type() == at::kInt ? cache_seqlens.const_data_ptr<int32_t>()[at_b]
                                                               : cache_seqlens.const_data_ptr<int64_t>()[at_b];
     lens[b] = std::clamp<int64_t>(n, 0, S_max);
-    max_len = std::max(max_len, lens[b]);
+    firsts[b] = window_left < 0 ? 0 : std::clamp<int64_t>(lens[b] - Sq - window_left, 0, lens[b]);
+    max_len = std::max(max_len, lens[b] - firsts[b]);
   }
 
   Problem p;
   p.scale = SoftmaxScale(softmax_scale);
+  p.window_left = window_left;
   p.B = B, p.Sq = Sq, p.H = H, p.Hkv = Hkv, p.G = H / Hkv, p.M = p.G * Sq, p.D = D;
   p.Dv = (D + kW - 1) / kW * kW;
   // Enough chunks to keep every thread busy (about 4 work items per thread), none shorter than kMinChunk keys.
@@ -355,7 +368,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   if (k_cache.stride(2) * Hkv <= k_cache.stride(1) && v_cache.stride(2) * Hkv <= v_cache.stride(1))
     while (2 * p.interleave * row_bytes <= kPage && 2 * p.interleave * kKeys <= kBlockK) p.interleave *= 2;
 
-  with_float_type(dtype, [&](auto tag) { decode_kernel<decltype(tag)>(p, q, k_cache, v_cache, lens, out); });
+  with_float_type(dtype, [&](auto tag) { decode_kernel<decltype(tag)>(p, q, k_cache, v_cache, lens, firsts, out); });
   return out;
 }
 

@@ -3,7 +3,7 @@
 //     h = emb[tokens] (+ pos_emb[positions])
 //     for each block:  y = norm1(h)
 //                      q, k, v = y Wq^T + bq, y Wk^T + bk, y Wv^T + bv;  rope(q), rope(k) with the tables' rows
-//                      cache[b, pos_b + t] = k, v;  a = decode_attention(q, caches, pos + S) Wo^T + bo
+//                      cache[b, pos_b + t] = k, v;  a = decode_attention(q, caches, pos + S, window) Wo^T + bo
 //                      (y, h) = norm2(a + h);  h = mlp(y) + h              (gelu MLP, or SwiGLU with w_up)
 //     logits = norm(h) W_head^T
 //
@@ -141,7 +141,7 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, co
                        const std::optional<at::Tensor>& rope_sin, const Blocks& blocks, at::TensorList k_caches,
                        at::TensorList v_caches,
                        const at::Tensor& norm_w, const std::optional<at::Tensor>& norm_b, const at::Tensor& head,
-                       double eps, bool is_rms) {
+                       double eps, bool is_rms, int64_t window_left) {
   TORCH_CHECK(tokens.device().is_cpu() && tokens.dim() == 2 &&
                   (tokens.scalar_type() == at::kInt || tokens.scalar_type() == at::kLong),
               "fastlm::decode_step: tokens must be an int32/int64 CPU tensor of shape (batch, seqlen), got a ",
@@ -228,7 +228,7 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, co
     at::Tensor kc = k_caches[l], vc = v_caches[l];
     write_cache(kc, k, pos);
     write_cache(vc, v, pos);
-    const at::Tensor att = decode_attention(q, kc, vc, seqlens, scale);
+    const at::Tensor att = decode_attention(q, kc, vc, seqlens, scale, window_left);
     const at::Tensor a = linear(att.view({B, S, H * D}), required(blocks, l, kWo, "wo"), slot(blocks, l, kBo));
     auto [y2, h2] = norm_fwd(a, h, required(blocks, l, kNorm2W, "norm2 weight"), slot(blocks, l, kNorm2B), eps,
                              is_rms);

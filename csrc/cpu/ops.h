@@ -26,9 +26,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
                                                              double softmax_scale, int64_t window_left,
                                                              int64_t window_right);
 
-// A few queries per sequence against a KV cache: q (B, Sq, H, D), caches (B, S_max, Hkv, D), cache_seqlens (B,).
+// A few queries per sequence against a KV cache: q (B, Sq, H, D), caches (B, S_max, Hkv, D), cache_seqlens (B,);
+// window_left >= 0: a sliding window (a query at position i sees keys i - window_left .. i), -1: none.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& cache_seqlens, double softmax_scale);
+                            const at::Tensor& cache_seqlens, double softmax_scale, int64_t window_left);
 
 // x W^T (+ bias), weight in nn.Linear layout (out_features, in_features).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
@@ -73,11 +74,13 @@ std::tuple<at::Tensor, at::Tensor> norm_fwd(const at::Tensor& x, const std::opti
 at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse);
 
 // One decoding step of a stack of pre-norm transformer blocks (decode_step.cpp): the logits (B, S, vocab) of tokens
-// (B, S) at positions input_pos[b] + t, their keys and values written into the caches (B, max_seqlen, Hkv, D).
+// (B, S) at positions input_pos[b] + t, their keys and values written into the caches (B, max_seqlen, Hkv, D);
+// window_left as in decode_attention (a sliding window in every block, -1: none).
 at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, const at::Tensor& tok_emb,
                        const std::optional<at::Tensor>& pos_emb, const std::optional<at::Tensor>& rope_cos,
                        const std::optional<at::Tensor>& rope_sin, const c10::List<std::optional<at::Tensor>>& blocks,
                        at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& norm_w,
-                       const std::optional<at::Tensor>& norm_b, const at::Tensor& head, double eps, bool is_rms);
+                       const std::optional<at::Tensor>& norm_b, const at::Tensor& head, double eps, bool is_rms,
+                       int64_t window_left);
 
 }  // namespace fastlm_cpu

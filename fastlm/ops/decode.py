@@ -20,13 +20,13 @@ NATIVE_OPS = ("decode_attention",)
 
 @torch.library.custom_op("fastlm_triton::decode_attention", mutates_args=())
 def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                             cache_seqlens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+                             cache_seqlens: torch.Tensor, softmax_scale: float, window_left: int) -> torch.Tensor:
     from fastlm.kernels.decode import decode_attention_fwd
-    return decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale)
+    return decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_left=window_left)
 
 
 @_decode_attention_triton.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, softmax_scale):
+def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_left):
     return q.new_empty(q.shape)
 
 
@@ -52,14 +52,15 @@ def _check(q, k_cache, v_cache, cache_seqlens, backend):
             raise ValueError(f"decode_attention: {name} must be on q's device {q.device}, got {t.device}")
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, backend="auto"):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, window_left=-1, backend="auto"):
     """Attention of the Sq newest tokens of each sequence against its KV cache.
 
     q: (B, Sq, H, D); k_cache, v_cache: (B, S_max, Hkv, D), H % Hkv == 0; cache_seqlens: (B,) int32/int64, the number
     of valid cache positions of each sequence, the new tokens' keys and values already written. Query i of sequence b
-    sits at position cache_seqlens[b] - Sq + i and sees keys 0..that position. Returns (B, Sq, H, D) in q's dtype; a
-    query that sees no key gets 0. Lengths must lie in [0, S_max]: they are not checked on the host (no sync) and the
-    kernels clamp them into that range.
+    sits at position p = cache_seqlens[b] - Sq + i and sees keys 0..p, or p - window_left..p with a sliding window
+    (window_left >= 0; the CUDA C++ kernel has none). Returns (B, Sq, H, D) in q's dtype; a query that sees no key
+    gets 0. Lengths must lie in [0, S_max]: they are not checked on the host (no sync) and the kernels clamp them into
+    that range.
     """
     if backend not in backends.BACKENDS:
         raise ValueError(f"decode_attention: backend must be one of {backends.BACKENDS}, got {backend!r}")
@@ -72,16 +73,21 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
         raise TypeError(f"decode_attention: softmax_scale must be a number or None, got {softmax_scale!r}")
     if softmax_scale is not None and not math.isfinite(softmax_scale):
         raise ValueError(f"decode_attention: softmax_scale must be finite, got {softmax_scale}")
+    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+        raise ValueError(f"decode_attention: window_left must be an int >= -1 (-1: no window), got {window_left!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if q.numel() == 0:
         return q.new_empty(q.shape)
+    # a window reaching every key is no window (and keeps the kernels' position arithmetic small)
+    window_left = -1 if window_left >= k_cache.shape[1] else window_left
     if concrete == "torch":
-        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
+        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale,
+                                          window_left=window_left)
     if concrete == "triton":
-        return _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, scale)
+        return _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, scale, window_left)
     # the C++ kernels read rows with unit stride along the head dim
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
-    return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+    return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, window_left)
 
 
 DECODE_STEP_SLOTS = ("norm1_weight", "norm1_bias", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "norm2_weight",
