@@ -91,8 +91,10 @@ class Config:
     writes it — {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor", "low_freq_factor",
     "high_freq_factor", "original_max_position_embeddings"} (see ROPE_SCALING_KEYS). ``head_dim`` defaults to
     d_model / n_head; given, the attention works in n_head * head_dim dimensions that need not equal d_model (as in
-    Mistral NeMo). Derived fields are stored: ``dataclasses.replace`` of d_model or n_head keeps them unless they are
-    passed as None too; ``Config.from_name(preset, **overrides)`` derives them afresh.
+    Mistral NeMo). ``sliding_window`` (llama only): W, each query sees itself and the W - 1 keys before it (Mistral
+    7B v0.1's 4096), in every layer; None: every earlier key. Derived fields are stored: ``dataclasses.replace`` of
+    d_model or n_head keeps them unless they are passed as None too; ``Config.from_name(preset, **overrides)`` derives
+    them afresh.
     """
     name: str = "custom"
     family: str = "llama"
@@ -111,6 +113,7 @@ class Config:
     qkv_bias: bool | None = None
     multiple_of: int = 256
     head_dim: int | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str):
@@ -160,6 +163,11 @@ class Config:
                              f"every linear layer, llama on none)")
         if self.bias and not self.qkv_bias:
             raise ValueError("qkv_bias=False with bias=True is not supported (bias covers every linear layer)")
+        if self.sliding_window is not None:
+            if not is_int(self.sliding_window) or self.sliding_window <= 0:
+                raise ValueError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+            if self.family != "llama":
+                raise ValueError(f"sliding_window applies to the llama family, got family {self.family!r}")
         self.rope_scaling = check_rope_scaling(self.rope_scaling)
         if self.rope_scaling is not None and self.family != "llama":
             raise ValueError(f"rope_scaling applies to RoPE (the llama family); the {self.family} family has "
@@ -182,6 +190,11 @@ class Config:
         if unknown:
             raise TypeError(f"unknown Config field(s) {sorted(unknown)}; fields: {sorted(known)}")
         return cls(**{"name": preset, **PRESETS[preset], **overrides})
+
+    @property
+    def window_left(self) -> int:
+        """The attention ops' window left bound: sliding_window - 1, or -1 (every earlier key)."""
+        return -1 if self.sliding_window is None else self.sliding_window - 1
 
     def num_params(self, *, embeddings: bool = True) -> int:
         """Parameter count of the model this config builds (equals sum(p.numel()) of fastlm.Transformer).

@@ -72,16 +72,25 @@ def _config_llama(hf, qkv_bias: bool = False) -> Config:
         raise NotImplementedError(f"from_hf: RoPE type {kind!r} is not supported (only 'default', "
                                   f"{', '.join(repr(k) for k in ROPE_SCALING_KEYS)})")
     scaling = None if kind == "default" else {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALING_KEYS[kind]}}
-    window = getattr(hf, "sliding_window", None)
-    if window is not None and window < hf.max_position_embeddings:
-        raise NotImplementedError(f"from_hf: sliding-window attention (sliding_window={window} < "
-                                  f"max_position_embeddings={hf.max_position_embeddings}) is not supported")
+    # a sliding window in every layer (Mistral; Qwen2 with use_sliding_window from layer 0 on), or in none
+    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
+    layer_types = getattr(hf, "layer_types", None)
+    if window is not None and layer_types is not None:
+        sliding = [t == "sliding_attention" for t in layer_types]
+        if any(sliding) and not all(sliding):
+            raise NotImplementedError(f"from_hf: {name} with sliding-window attention in some layers only "
+                                      f"(layer_types {layer_types}) is not supported; fastlm's sliding_window "
+                                      f"applies to every layer")
+        window = window if all(sliding) else None
+    if window is not None and window >= hf.max_position_embeddings:
+        window = None                                       # it reaches every key
     return Config(name=f"hf-{name}", family="llama", vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers,
                   n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads or hf.num_attention_heads,
                   d_model=hf.hidden_size, intermediate_size=hf.intermediate_size,
                   max_seqlen=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
                   rope_base=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))), rope_scaling=scaling,
-                  tie_embeddings=bool(hf.tie_word_embeddings), qkv_bias=qkv_bias, head_dim=head_dim)
+                  tie_embeddings=bool(hf.tie_word_embeddings), qkv_bias=qkv_bias, head_dim=head_dim,
+                  sliding_window=window)
 
 
 # Parameter names: (transformers name, fastlm name) pairs. GPT-2's Conv1D weights are (in, out) — transposed — and
@@ -152,7 +161,7 @@ def from_hf(hf_model, backend: str = "auto") -> Transformer:
     """A fastlm.Transformer with the weights and configuration of a transformers causal LM (same dtype and device).
 
     Supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (a llama with q/k/v
-    biases) without an effective sliding window. Other architectures raise NotImplementedError."""
+    biases), with a sliding window in every layer or in none. Other architectures raise NotImplementedError."""
     kind = type(hf_model).__name__
     if kind not in _FROM_HF_SUPPORTED:
         raise _unsupported(hf_model)
@@ -180,18 +189,25 @@ def _hf_config(config: Config):
             tie_word_embeddings=config.tie_embeddings,
             **({} if config.vocab_size > 50256 else {"bos_token_id": None, "eos_token_id": None}))  # GPT-2's 50256
     rope = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_base}
-    kind = transformers.Qwen2Config if config.qkv_bias else transformers.LlamaConfig
-    return kind(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.intermediate_size,
-                num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-                num_key_value_heads=config.n_kv_head, head_dim=config.head_dim,
-                max_position_embeddings=config.max_seqlen, rms_norm_eps=config.norm_eps, rope_parameters=rope,
-                tie_word_embeddings=config.tie_embeddings, hidden_act="silu")
+    common = dict(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.intermediate_size,
+                  num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+                  num_key_value_heads=config.n_kv_head, head_dim=config.head_dim,
+                  max_position_embeddings=config.max_seqlen, rms_norm_eps=config.norm_eps, rope_parameters=rope,
+                  tie_word_embeddings=config.tie_embeddings, hidden_act="silu")
+    window = config.sliding_window
+    if config.qkv_bias:
+        return transformers.Qwen2Config(**common, use_sliding_window=window is not None, sliding_window=window,
+                                        max_window_layers=0)
+    if window is not None:                                  # Llama has no sliding window; Mistral is Llama with one
+        return transformers.MistralConfig(**common, sliding_window=window)
+    return transformers.LlamaConfig(**common)
 
 
 def to_hf(model):
-    """The transformers causal LM (GPT2LMHeadModel, LlamaForCausalLM, or Qwen2ForCausalLM for a llama with q/k/v
-    biases) with the weights and configuration of a fastlm.Transformer (or fastlm.reference.Transformer), in its
-    dtype and on its device, in eval mode — e.g. to ``save_pretrained`` a model trained with fastlm."""
+    """The transformers causal LM (GPT2LMHeadModel; LlamaForCausalLM, MistralForCausalLM with a sliding window, or
+    Qwen2ForCausalLM for q/k/v biases) with the weights and configuration of a fastlm.Transformer (or
+    fastlm.reference.Transformer), in its dtype and on its device, in eval mode — e.g. to ``save_pretrained`` a model
+    trained with fastlm."""
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or not isinstance(config, Config):
         raise TypeError(f"to_hf: model must be a fastlm.Transformer (a module with a fastlm Config), got "

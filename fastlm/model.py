@@ -88,13 +88,14 @@ class Attention(nn.Module):
             if self.k_cache is not None:                                       # prefill from position 0
                 self.k_cache[:, :S].copy_(k)
                 self.v_cache[:, :S].copy_(v)
-            y = ops.attention(q, k, v, causal=True, backend=backend.native)
+            y = ops.attention(q, k, v, causal=True, window=(c.window_left, 0), backend=backend.native)
         else:
             positions = input_pos[:, None] + torch.arange(S, device=x.device)  # (B, S)
             rows = torch.arange(B, device=x.device)[:, None].expand(B, S)
             self.k_cache.index_put_((rows, positions), k)
             self.v_cache.index_put_((rows, positions), v)
-            y = ops.decode_attention(q, self.k_cache, self.v_cache, input_pos + S, backend=backend.native)
+            y = ops.decode_attention(q, self.k_cache, self.v_cache, input_pos + S, window_left=c.window_left,
+                                     backend=backend.native)
         return _linear(self.wo, y.reshape(B, S, c.n_head * c.head_dim), backend)
 
 
@@ -321,7 +322,8 @@ class Transformer(nn.Module):
                                self.head_weight, eps=self.config.norm_eps, is_rms=norm.get("bias") is None,
                                norm_bias=norm.get("bias"),
                                pos_emb=None if self.pos_emb is None else self.pos_emb.weight,
-                               rope_cos=self.rope_cos, rope_sin=self.rope_sin, backend=self._backends.native)
+                               rope_cos=self.rope_cos, rope_sin=self.rope_sin, window_left=self.config.window_left,
+                               backend=self._backends.native)
 
     def generate(self, *args, **kwargs):
         """See fastlm.generate.generate."""

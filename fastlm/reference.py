@@ -206,7 +206,7 @@ class Attention(torch.nn.Module):
         v = self.wv(x).view(B, S, c.n_kv_head, c.head_dim)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(q, k, v, causal=True)                                    # (B, S, H, D)
+        y = attention(q, k, v, causal=True, window=(c.window_left, 0))         # (B, S, H, D)
         return self.wo(y.reshape(B, S, c.n_head * c.head_dim))
 
 

@@ -161,8 +161,13 @@ def summary(model_or_config, *, batch: int = 1, seqlen: int | None = None, dtype
     params = param_counts(cfg)
     rows = layer_table(cfg)
 
-    causal_ctx = (seqlen + 1) / 2
-    fwd_decode = forward_flops_per_token(cfg, seqlen)          # a token at position seqlen attends seqlen keys
+    # keys a token attends: position p sees p + 1 keys, at most sliding_window
+    window = cfg.sliding_window or seqlen
+    if seqlen <= window:
+        causal_ctx = (seqlen + 1) / 2
+    else:
+        causal_ctx = (window * (window + 1) / 2 + (seqlen - window) * window) / seqlen
+    fwd_decode = forward_flops_per_token(cfg, min(seqlen, window))   # the token at position seqlen
     fwd_train = forward_flops_per_token(cfg, causal_ctx)
     train_per_token = 3 * fwd_train
     kv_tok = kv_cache_bytes_per_token(cfg, dt)
@@ -186,7 +191,7 @@ def summary(model_or_config, *, batch: int = 1, seqlen: int | None = None, dtype
     prefill_bytes = weights + kv_cache + tokens * 2 * cfg.d_model * nbytes * cfg.n_layer
     t_prefill = max(prefill_flops / peak, prefill_bytes / bw)
     decode_flops = batch * fwd_decode
-    decode_bytes = weights + kv_cache
+    decode_bytes = weights + kv_tok * batch * min(seqlen, window)  # the KV cache read: the window's keys
     t_decode = max(decode_flops / peak, decode_bytes / bw)
     train_flops = tokens * train_per_token
     # per optimizer step: weights read 3x in compute dtype, fp32 grads written, AdamW reads/writes p, g, m, v
@@ -205,7 +210,8 @@ def summary(model_or_config, *, batch: int = 1, seqlen: int | None = None, dtype
         "layers": rows, "params": params,
         "flops": {"forward_per_token": fwd_train, "forward_per_token_at_context": fwd_decode,
                   "training_per_token": train_per_token, "attention_context_train": causal_ctx,
-                  "note": "matmul FLOPs (2 per multiply-add); training = 3 x forward; causal mean context (S+1)/2"},
+                  "note": "matmul FLOPs (2 per multiply-add); training = 3 x forward; causal mean context (S+1)/2 "
+                          "(less with a sliding window)"},
         "kv_cache_bytes_per_token": kv_tok, "memory": memory, "speed": speed,
     }
     if print_table:

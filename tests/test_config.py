@@ -95,6 +95,9 @@ def test_unknown_preset_lists_presets():
                                         "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}),
      "high_freq_factor"),
     (dict(family="gpt2", rope_scaling={"rope_type": "linear", "factor": 2.0}), "learned positions"),
+    (dict(family="llama", sliding_window=0), "sliding_window must be a positive integer"),
+    (dict(family="llama", sliding_window=4.0), "sliding_window must be a positive integer"),
+    (dict(family="gpt2", sliding_window=16), "sliding_window applies to the llama family"),
 ])
 def test_invalid_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -22,7 +22,7 @@ SCHEMAS = {
                      "Tensor? dlse, bool causal, float softmax_scale, int window_left, int window_right) "
                      "-> (Tensor, Tensor, Tensor)",
     "decode_attention": "fastlm::decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
-                        "float softmax_scale) -> Tensor",
+                        "float softmax_scale, int window_left=-1) -> Tensor",
     "linear": "fastlm::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
     "mlp_gelu": "fastlm::mlp_gelu(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, "
                 "Tensor? residual) -> Tensor",
@@ -35,8 +35,8 @@ SCHEMAS = {
     "swiglu_bwd": "fastlm::swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor dg, Tensor du, Tensor h)",
     "decode_step": "fastlm::decode_step(Tensor tokens, Tensor input_pos, Tensor tok_emb, Tensor? pos_emb, "
                    "Tensor? rope_cos, Tensor? rope_sin, Tensor?[] blocks, Tensor(a!)[] k_caches, "
-                   "Tensor(b!)[] v_caches, Tensor norm_w, Tensor? norm_b, Tensor head, float eps, bool is_rms) "
-                   "-> Tensor",
+                   "Tensor(b!)[] v_caches, Tensor norm_w, Tensor? norm_b, Tensor head, float eps, bool is_rms, "
+                   "int window_left=-1) -> Tensor",
 }
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

@@ -149,6 +149,34 @@ def test_from_hf_reads_transformers_4_rope_scaling():
     assert config.rope_base == 500000.0 and config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
 
 
+def hf_mistral_window():
+    cfg = transformers.MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     sliding_window=7, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [hf_mistral_window, lambda: hf_qwen2(use_sliding_window=True, sliding_window=7,
+                                                                    max_window_layers=0, max_position_embeddings=128)],
+                         ids=["mistral", "qwen2"])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_from_hf_sliding_window(make, backend):
+    hf = make()
+    perturb_norms(hf)
+    model = from_hf(hf, backend=backend)
+    assert model.config.sliding_window == 7
+    hf64 = copy.deepcopy(hf).double()
+    tokens, prompt = torch.randint(0, V, (2, 40)), torch.randint(1, V, (2, 12))
+    with torch.no_grad():
+        check_rule("logits", model(tokens), hf64(tokens).logits, hf(tokens).logits)
+        expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                               attention_mask=torch.ones_like(prompt))
+        assert torch.equal(model.generate(prompt, 20), expected)             # decoding past the window
+        back = to_hf(model)
+        assert type(back).__name__ == type(hf).__name__
+        torch.testing.assert_close(back(tokens).logits, hf(tokens).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_to_hf_round_trip(kind):
     hf = MODELS[kind]()
@@ -209,17 +237,12 @@ def test_from_hf_keeps_dtype_and_untied_head():
 def test_from_hf_unsupported():
     with pytest.raises(NotImplementedError, match="GPT2LMHeadModel.*Qwen2ForCausalLM; got GPT2Model"):
         from_hf(transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V)))
-    with pytest.raises(NotImplementedError, match="sliding"):
-        from_hf(hf_qwen2(use_sliding_window=True, sliding_window=16, max_window_layers=0))
+    with pytest.raises(NotImplementedError, match="sliding-window attention in some layers only"):
+        from_hf(hf_qwen2(use_sliding_window=True, sliding_window=16, max_window_layers=1))
     with pytest.raises(NotImplementedError, match="GPT2LMHeadModel"):
         from_hf(transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V)))
     with pytest.raises(NotImplementedError, match="RoPE type 'yarn'.*'llama3'"):
         from_hf(hf_llama(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}))
-    with pytest.raises(NotImplementedError, match="sliding"):
-        cfg = transformers.MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                         sliding_window=16)
-        from_hf(transformers.MistralForCausalLM(cfg))
 
 
 class CountOps:

@@ -25,6 +25,9 @@ CONFIGS = {
     # attention 4 x 24 = 96 wide on a 64-wide model (head_dim given, as Mistral NeMo's)
     "llama-head-dim": Config(name="llama-head-dim-test", family="llama", n_kv_head=2, multiple_of=32, head_dim=24,
                              **TINY),
+    # each query sees itself and the 4 keys before it (Mistral's sliding window)
+    "llama-window": Config(name="llama-window-test", family="llama", n_kv_head=2, multiple_of=32, sliding_window=5,
+                           **TINY),
 }
 
 
@@ -50,7 +53,8 @@ def tokens_and_targets(B=2, S=13, V=1000, device=DEVICE):
 
 @pytest.mark.parametrize("family, backend", [(f, b) for b in ("torch", "triton") for f in ("gpt2", "llama")]
                          + [("qwen2", "torch"), ("qwen2", "cpu"), ("llama-rope-scaled", "cpu"),
-                            ("llama-head-dim", "torch"), ("llama-head-dim", "cpu")])
+                            ("llama-head-dim", "torch"), ("llama-head-dim", "cpu"), ("llama-window", "torch"),
+                            ("llama-window", "cpu")])
 def test_logits_loss_and_every_gradient_match_reference(family, backend):
     if backend == "cpu" and not backends.extension_has("linear", "cpu"):
         pytest.skip("fastlm._C is not built")
@@ -107,7 +111,8 @@ def test_state_dict_round_trips_both_ways(family):
 
 @pytest.mark.parametrize("family, backend", [("gpt2", "torch"), ("llama", "torch"), ("llama", "triton"),
                                              ("llama-rope-scaled", "torch"), ("llama-rope-scaled", "cpu"),
-                                             ("llama-head-dim", "cpu")])
+                                             ("llama-head-dim", "cpu"), ("llama-window", "torch"),
+                                             ("llama-window", "triton"), ("llama-window", "cpu")])
 def test_kv_cache_decode_equals_full_recompute(family, backend):
     interpreted = backend == "triton" and not ON_GPU
     model = Transformer(dataclasses.replace(CONFIGS[family], n_layer=1 if interpreted else 2), backend=backend)

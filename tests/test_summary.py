@@ -97,6 +97,22 @@ def test_memory_and_roofline_arithmetic():
     assert s["flops"]["training_per_token"] == 3 * s["flops"]["forward_per_token"]
 
 
+def test_sliding_window_bounds_the_attended_keys():
+    full = Config.from_name("llama-2-7b", name="full")
+    windowed = Config.from_name("llama-2-7b", name="windowed", sliding_window=1024)
+    S, W = 4096, 1024
+    a, b = (summary(c, seqlen=S, dtype="bf16", device="h200", print_table=False) for c in (full, windowed))
+    per_key = 4 * full.n_layer * full.n_head * full.head_dim            # attention FLOPs per attended key
+    dense = forward_flops_per_token(full, 0)
+    assert a["flops"]["attention_context_train"] == (S + 1) / 2
+    # positions 0..W-1 attend p + 1 keys, the others W: mean (W (W + 1) / 2 + (S - W) W) / S
+    assert b["flops"]["attention_context_train"] == pytest.approx((W * (W + 1) / 2 + (S - W) * W) / S)
+    assert b["flops"]["forward_per_token_at_context"] == pytest.approx(dense + per_key * W)
+    kv_step = kv_cache_bytes_per_token(windowed, "bf16") * W             # a decode step reads the window's keys
+    assert b["speed"]["decode_tokens_per_s"] == pytest.approx(
+        DEVICES["h200"]["bandwidth"] / (b["memory"]["inference"]["weights"] + kv_step))
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="unknown device 'tpu'.*h200, a100, cpu"):
         summary("gpt2", device="tpu", print_table=False)

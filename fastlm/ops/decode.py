@@ -106,14 +106,15 @@ def decode_step_backend(backend, device, dtype) -> str | None:
 
 
 def decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_weight, head, *, eps, is_rms,
-                norm_bias=None, pos_emb=None, rope_cos=None, rope_sin=None, backend="auto"):
+                norm_bias=None, pos_emb=None, rope_cos=None, rope_sin=None, window_left=-1, backend="auto"):
     """One decoding step of a stack of pre-norm transformer blocks in a single call (the C++ extension's
     torch.ops.fastlm.decode_step, CPU tensors): the logits (B, S, vocab) of ``tokens`` (B, S) at positions
     ``input_pos[b] + t``, whose keys and values are written into ``k_caches`` / ``v_caches`` (one (B, max_seqlen,
     Hkv, D) pair per block).
 
     Per block: y = norm1(h); q, k, v projections (biases optional), RoPE from the rows of the ``rope_cos`` /
-    ``rope_sin`` tables (max_seqlen, D) at the positions when given; cache write; decode attention; output
+    ``rope_sin`` tables (max_seqlen, D) at the positions when given; cache write; decode attention (sliding window
+    ``window_left`` as in decode_attention); output
     projection; (y, h) = norm2(a + h); h = mlp(y) + h, SwiGLU when the block has ``w_up``, else GELU-tanh. Then
     norm(h) @ head^T. ``blocks`` is a flat list of len(DECODE_STEP_SLOTS) tensors (or None) per block, in that
     order. The same kernels as op by op (fastlm.Transformer's step), in the same order: the same logits, bit for bit,
@@ -130,4 +131,5 @@ def decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_wei
                          f"({', '.join(DECODE_STEP_SLOTS)}) for the {len(k_caches)} blocks of k_caches, got "
                          f"{len(blocks)}")
     return torch.ops.fastlm.decode_step(tokens, input_pos, tok_emb, pos_emb, rope_cos, rope_sin, blocks, k_caches,
-                                        v_caches, norm_weight, norm_bias, head, float(eps), bool(is_rms))
+                                        v_caches, norm_weight, norm_bias, head, float(eps), bool(is_rms),
+                                        int(window_left))
