@@ -64,6 +64,17 @@ def perturb_norms(hf):
                 p.add_(0.1 * torch.randn_like(p))
 
 
+def same_as_hf(model, hf, seqlen, prompt_len, new_tokens=16):
+    """model's logits within the numerics rule of hf's (float64 hf as the reference) on (2, seqlen) random tokens,
+    and its KV-cache greedy generation token-identical to hf.generate from a (2, prompt_len) prompt."""
+    tokens, prompt = torch.randint(0, V, (2, seqlen)), torch.randint(1, V, (2, prompt_len))
+    with torch.no_grad():
+        check_rule("logits", model(tokens), copy.deepcopy(hf).double()(tokens).logits, hf(tokens).logits)
+        expected = hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+                               attention_mask=torch.ones_like(prompt))
+        assert torch.equal(model.generate(prompt, new_tokens), expected)
+
+
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_from_hf_logits_and_loss(kind):
     hf = MODELS[kind]()
@@ -111,14 +122,7 @@ def test_from_hf_rope_scaling(kind):
         base = reference.rope_inv_freq(16, model.config.rope_base)
         ratio = inv_freq / base
         assert (ratio == 1).any() and (ratio == 1 / 8).any() and ((ratio > 1 / 8) & (ratio < 1)).any()
-    hf64 = copy.deepcopy(hf).double()
-    tokens = torch.randint(0, V, (2, 150))      # past the original context
-    prompt = torch.randint(1, V, (2, 70))
-    with torch.no_grad():
-        check_rule("logits", model(tokens), hf64(tokens).logits, hf(tokens).logits)
-        expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16,
-                               attention_mask=torch.ones_like(prompt))
-        assert torch.equal(model.generate(prompt, 16), expected)             # the KV cache's tables scale alike
+    same_as_hf(model, hf, seqlen=150, prompt_len=70)          # past the original context; the KV cache's tables too
 
 
 @pytest.mark.parametrize("make", [hf_llama, hf_qwen2], ids=["llama", "qwen2"])
@@ -127,13 +131,7 @@ def test_from_hf_head_dim_apart_from_hidden_size(make):
     perturb_norms(hf)
     model = from_hf(hf)
     assert model.config.head_dim == 24 and model.layers[0].attn.wq.weight.shape == (96, 64)
-    hf64 = copy.deepcopy(hf).double()
-    tokens, prompt = torch.randint(0, V, (2, 11)), torch.randint(1, V, (2, 5))
-    with torch.no_grad():
-        check_rule("logits", model(tokens), hf64(tokens).logits, hf(tokens).logits)
-        expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16,
-                               attention_mask=torch.ones_like(prompt))
-        assert torch.equal(model.generate(prompt, 16), expected)
+    same_as_hf(model, hf, seqlen=11, prompt_len=5)
 
 
 def test_from_hf_reads_transformers_4_rope_scaling():
@@ -165,15 +163,11 @@ def test_from_hf_sliding_window(make, backend):
     perturb_norms(hf)
     model = from_hf(hf, backend=backend)
     assert model.config.sliding_window == 7
-    hf64 = copy.deepcopy(hf).double()
-    tokens, prompt = torch.randint(0, V, (2, 40)), torch.randint(1, V, (2, 12))
+    same_as_hf(model, hf, seqlen=40, prompt_len=12, new_tokens=20)   # prefill and decoding past the window
+    back = to_hf(model)
+    assert type(back).__name__ == type(hf).__name__
+    tokens = torch.randint(0, V, (2, 40))
     with torch.no_grad():
-        check_rule("logits", model(tokens), hf64(tokens).logits, hf(tokens).logits)
-        expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20,
-                               attention_mask=torch.ones_like(prompt))
-        assert torch.equal(model.generate(prompt, 20), expected)             # decoding past the window
-        back = to_hf(model)
-        assert type(back).__name__ == type(hf).__name__
         torch.testing.assert_close(back(tokens).logits, hf(tokens).logits, rtol=0, atol=0)
 
 
