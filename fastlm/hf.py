@@ -3,8 +3,9 @@
 from_hf(model)   GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (Llama's shapes, Qwen2
                  with q/k/v biases; RoPE default, "linear" or "llama3") -> fastlm.Transformer with the same
                  weights and config. GPT-2's Conv1D weights are (in, out): they are transposed.
-to_hf(model)     the way back: a fastlm.Transformer -> GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM (q/k/v
-                 biases), e.g. to save_pretrained a model trained with fastlm.
+to_hf(model)     the way back: a fastlm.Transformer -> GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM (a
+                 sliding window) or Qwen2ForCausalLM (q/k/v biases), e.g. to save_pretrained a model trained with
+                 fastlm (python -m fastlm export).
 patch(model)     in place, swaps the forward of each attention, MLP and norm module (RoPE is applied inside the
                  patched attention) for one built on fastlm.ops, and the causal-LM loss for ops.cross_entropy; a
                  training forward with labels runs the LM head inside ops.linear_cross_entropy (no logits held).
@@ -14,7 +15,6 @@ transformers is imported only when these functions run.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import types
@@ -75,6 +75,9 @@ def _config_llama(hf, qkv_bias: bool = False) -> Config:
     # a sliding window in every layer (Mistral; Qwen2 with use_sliding_window from layer 0 on), or in none
     window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
     layer_types = getattr(hf, "layer_types", None)
+    if layer_types is None and getattr(hf, "use_sliding_window", False):   # transformers 4.x Qwen2: from a layer on
+        first = getattr(hf, "max_window_layers", 0)
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(hf.num_hidden_layers)]
     if window is not None and layer_types is not None:
         sliding = [t == "sliding_attention" for t in layer_types]
         if any(sliding) and not all(sliding):
@@ -175,8 +178,9 @@ def from_hf(hf_model, backend: str = "auto") -> Transformer:
     return model
 
 
-def _hf_config(config: Config):
-    """The transformers config of a fastlm Config: GPT2Config, LlamaConfig, or Qwen2Config for q/k/v biases."""
+def _hf_config(config: Config, tokens: dict):
+    """The transformers config of a fastlm Config — GPT2Config; LlamaConfig, MistralConfig with a sliding window,
+    Qwen2Config for q/k/v biases — with the special token ids ``tokens`` (bos/eos/pad_token_id, None: none)."""
     import transformers
     if config.family == "gpt2":
         if config.head_dim * config.n_head != config.d_model:
@@ -186,14 +190,13 @@ def _hf_config(config: Config):
             vocab_size=config.vocab_size, n_positions=config.max_seqlen, n_embd=config.d_model, n_layer=config.n_layer,
             n_head=config.n_head, n_inner=config.intermediate_size, activation_function="gelu_new",
             layer_norm_epsilon=config.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            tie_word_embeddings=config.tie_embeddings,
-            **({} if config.vocab_size > 50256 else {"bos_token_id": None, "eos_token_id": None}))  # GPT-2's 50256
+            tie_word_embeddings=config.tie_embeddings, **tokens)
     rope = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_base}
     common = dict(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.intermediate_size,
                   num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
                   num_key_value_heads=config.n_kv_head, head_dim=config.head_dim,
                   max_position_embeddings=config.max_seqlen, rms_norm_eps=config.norm_eps, rope_parameters=rope,
-                  tie_word_embeddings=config.tie_embeddings, hidden_act="silu")
+                  tie_word_embeddings=config.tie_embeddings, hidden_act="silu", **tokens)
     window = config.sliding_window
     if config.qkv_bias:
         return transformers.Qwen2Config(**common, use_sliding_window=window is not None, sliding_window=window,
@@ -203,23 +206,29 @@ def _hf_config(config: Config):
     return transformers.LlamaConfig(**common)
 
 
-def to_hf(model):
+def to_hf(model, *, bos_token_id=None, eos_token_id=None, pad_token_id=None):
     """The transformers causal LM (GPT2LMHeadModel; LlamaForCausalLM, MistralForCausalLM with a sliding window, or
     Qwen2ForCausalLM for q/k/v biases) with the weights and configuration of a fastlm.Transformer (or
     fastlm.reference.Transformer), in its dtype and on its device, in eval mode — e.g. to ``save_pretrained`` a model
-    trained with fastlm."""
+    trained with fastlm. fastlm's configs name no special tokens: give the tokenizer's here (otherwise the model has
+    none, and ``generate`` stops only at max_new_tokens). Needs transformers >= 5."""
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or not isinstance(config, Config):
         raise TypeError(f"to_hf: model must be a fastlm.Transformer (a module with a fastlm Config), got "
                         f"{type(model).__name__}")
+    tokens = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    for name, value in tokens.items():
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and 0 <= value < config.vocab_size):
+            raise ValueError(f"to_hf: {name} must be None or a token id in [0, {config.vocab_size}), got {value!r}")
     import transformers
-    try:   # transformers >= 5: skip the random initialization, every weight is copied in below
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        no_init_weights = contextlib.nullcontext
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise RuntimeError(f"to_hf needs transformers >= 5 (its configs take rope_parameters), got "
+                           f"{transformers.__version__}")
+    from transformers.initialization import no_init_weights   # every weight is copied in below
     weight = model.tok_emb.weight
     with no_init_weights(), torch.device(weight.device):
-        hf = transformers.AutoModelForCausalLM.from_config(_hf_config(config), dtype=weight.dtype)
+        hf = transformers.AutoModelForCausalLM.from_config(_hf_config(config, tokens), dtype=weight.dtype)
     state = _state_to_hf(model.state_dict(), config)
     if config.tie_embeddings:                               # transformers lists the tied head too
         state["lm_head.weight"] = state["transformer.wte.weight" if config.family == "gpt2" else
@@ -233,6 +242,8 @@ def to_hf(model):
 def cli(argv=None) -> int:
     """``python -m fastlm export``: a training checkpoint -> a transformers model directory (save_pretrained)."""
     import argparse
+    import json
+    import os
     import sys
     parser = argparse.ArgumentParser(prog="python -m fastlm export",
                                      description="Write a checkpoint of `python -m fastlm train` as a transformers "
@@ -240,20 +251,33 @@ def cli(argv=None) -> int:
                                                  "AutoModelForCausalLM.from_pretrained.")
     parser.add_argument("--checkpoint", required=True,
                         help="training output directory (holding checkpoint.safetensors) or a .safetensors file")
-    parser.add_argument("out", help="directory to write (created if missing)")
+    parser.add_argument("out", help="directory to write (created if missing; not a training run's directory)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    for name in ("bos", "eos", "pad"):
+        parser.add_argument(f"--{name}-token-id", type=int, default=None,
+                            help=f"the tokenizer's {name} token id (default: none)")
     args = parser.parse_args(argv)
-    from fastlm.train import load_checkpoint
+    from fastlm.train import CHECKPOINT, load_model
     try:
-        model, info = load_checkpoint(args.checkpoint, backend="torch", device=torch.device("cpu"))
+        if os.path.isfile(args.out):
+            raise ValueError(f"{args.out} is a file; the output must be a directory")
+        if os.path.exists(os.path.join(args.out, CHECKPOINT)):
+            raise ValueError(f"{args.out} holds a training checkpoint ({CHECKPOINT}): write the export elsewhere "
+                             f"(its config.json would replace the run's)")
+        model, meta = load_model(args.checkpoint, backend="torch", device=torch.device("cpu"))
         model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
-        hf = to_hf(model)
+        hf = to_hf(model, bos_token_id=args.bos_token_id, eos_token_id=args.eos_token_id,
+                   pad_token_id=args.pad_token_id)
         hf.save_pretrained(args.out)
+        if not os.path.exists(os.path.join(args.out, "config.json")):
+            raise OSError(f"transformers wrote no config.json into {args.out}")
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, NotImplementedError, ImportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {type(hf).__name__} ({model.config.num_params():,} parameters, {args.dtype}, step {info['step']}) "
-          f"to {args.out}; token ids are fastlm's {info['tokenizer'].name} tokenizer's")
+    spec = json.loads(meta.get("tokenizer", "{}"))
+    print(f"wrote {type(hf).__name__} ({model.config.num_params():,} parameters, {args.dtype}, step "
+          f"{int(meta.get('step', 0))}) to {args.out}; token ids are those of fastlm's {spec.get('kind', 'byte')} "
+          f"tokenizer")
     return 0
 
 

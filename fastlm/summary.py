@@ -6,7 +6,8 @@ the parameter counts against sum(p.numel()) of a model built on the meta device 
 Conventions (stated in the printed output too):
   * FLOPs count matmuls only, 2 per multiply-add: the projections, the MLP, the LM head, and attention's
     QK^T and PV (4 * n_head * head_dim per key attended). Norms, RoPE, softmax and activations are left out.
-  * A causal sequence of S tokens attends (S + 1) / 2 keys per token on average (kernels skip masked blocks).
+  * A causal sequence of S tokens attends (S + 1) / 2 keys per token on average (kernels skip masked blocks); with
+    a sliding window W < S, (W (W + 1) / 2 + (S - W) W) / S, and a decoding step reads W tokens of the KV cache.
   * Training FLOPs = 3 x forward (backward computes the gradient w.r.t. inputs and w.r.t. weights).
   * Training memory assumes mixed precision the way fastlm.train does it: fp32 parameters, fp32 gradients, AdamW
     moments in fp32 (4 + 4 + 8 bytes per parameter) and activations in the compute dtype.

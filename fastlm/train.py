@@ -364,7 +364,22 @@ def load_checkpoint(path: str, *, backend: str = "auto", device=None, optimizer=
     return model, info
 
 
+def load_model(path: str, *, backend: str = "auto", device=None):
+    """(model, meta) from a checkpoint without building its tokenizer or optimizer; meta holds the checkpoint's
+    JSON strings (step, tokenizer spec, config, ...)."""
+    file, meta, tensors = _read_checkpoint(path)
+    return _model_only(file, meta, tensors, backend, device), meta
+
+
 def _model_from(file, meta, tensors, backend, device):
+    model = _model_only(file, meta, tensors, backend, device)
+    info = {"step": int(meta.get("step", 0)), "config": model.config, "file": file,
+            "tokenizer": tokenizer_from_spec(json.loads(meta.get("tokenizer", "{}"))),
+            "history": json.loads(meta.get("history", "{}")), "extra": json.loads(meta.get("extra", "{}"))}
+    return model, info
+
+
+def _model_only(file, meta, tensors, backend, device):
     from fastlm.config import Config
     from fastlm.model import Transformer
     config = Config(**json.loads(meta["config"]))
@@ -381,12 +396,7 @@ def _model_from(file, meta, tensors, backend, device):
                                                    f"unexpected {unexpected[:5]}" if unexpected else "",
                                                    "shape mismatch " + ", ".join(wrong[:5]) if wrong else ""])))
     model.load_state_dict(state)
-    if device is not None:
-        model = model.to(device)
-    info = {"step": int(meta.get("step", 0)), "config": config, "file": file,
-            "tokenizer": tokenizer_from_spec(json.loads(meta.get("tokenizer", "{}"))),
-            "history": json.loads(meta.get("history", "{}")), "extra": json.loads(meta.get("extra", "{}"))}
-    return model, info
+    return model if device is None else model.to(device)
 
 
 def _load_optimizer(optimizer, meta, tensors, file):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fastlm import backends, reference
+from fastlm import backends, ops, reference
 from fastlm.testing import check_rule
 
 pytestmark = pytest.mark.skipif(backends.extension() is None, reason="fastlm._C is not built")
@@ -254,6 +254,13 @@ def test_decode_step_errors():
     kc = args[7][0]
     with pytest.raises(RuntimeError, match="no two of them may share memory"):
         call(i8=[kc])                                                      # v_cache = k_cache
+    # the Python wrapper checks the window before any cache is written
+    (tokens, input_pos, tok_emb, _, cos, sin, blocks, k_caches, v_caches, norm_w, _, head, eps, is_rms) = args
+    before = k_caches[0].clone()
+    with pytest.raises(ValueError, match="window_left must be an int >= -1"):
+        ops.decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_w, head, eps=eps, is_rms=is_rms,
+                        rope_cos=cos, rope_sin=sin, window_left=-5, backend="cpu")
+    assert torch.equal(k_caches[0], before)
     with pytest.raises(RuntimeError, match=r"elements must not overlap \(an expanded tensor\)"):
         call(i8=[torch.zeros(1, 9, 1, 8).expand(2, 9, 1, 8)])
     block = list(args[6])

@@ -134,6 +134,20 @@ def test_from_hf_head_dim_apart_from_hidden_size(make):
     same_as_hf(model, hf, seqlen=11, prompt_len=5)
 
 
+def test_from_hf_reads_transformers_4_qwen2_window_layers():
+    """transformers 4.x Qwen2 configs have no layer_types: layers from max_window_layers on slide."""
+    import types
+    from fastlm.hf import _config_llama
+    hf = hf_qwen2().config.to_dict()
+    for key in ("layer_types", "rope_parameters", "max_window_layers"):
+        hf.pop(key, None)
+    hf.update(model_type="qwen2", rope_theta=10000.0, use_sliding_window=True, sliding_window=16)
+    assert _config_llama(types.SimpleNamespace(**hf, max_window_layers=0), qkv_bias=True).sliding_window == 16
+    assert _config_llama(types.SimpleNamespace(**hf, max_window_layers=2), qkv_bias=True).sliding_window is None
+    with pytest.raises(NotImplementedError, match="some layers only"):
+        _config_llama(types.SimpleNamespace(**hf, max_window_layers=1), qkv_bias=True)
+
+
 def test_from_hf_reads_transformers_4_rope_scaling():
     """transformers 4.x configs keep the scaling in rope_scaling (its type under "type" in older ones) and the base
     in rope_theta."""
@@ -198,6 +212,9 @@ def test_to_hf_of_a_fastlm_model_saves_and_generates_alike(tmp_path):
                 p.add_(0.1 * torch.randn_like(p))
     hf = to_hf(model)
     assert hf.lm_head.weight is hf.get_input_embeddings().weight          # tied, as in the fastlm model
+    # fastlm names no special tokens: the exported model stops only at max_new_tokens unless told its tokenizer's
+    assert hf.generation_config.eos_token_id is None and hf.config.bos_token_id is None
+    assert to_hf(model, eos_token_id=7).generation_config.eos_token_id == 7
     hf.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     prompt = torch.randint(1, V, (2, 5))
@@ -212,6 +229,8 @@ def test_to_hf_of_a_fastlm_model_saves_and_generates_alike(tmp_path):
 def test_to_hf_errors():
     with pytest.raises(TypeError, match="to_hf: model must be a fastlm.Transformer"):
         to_hf(hf_llama())
+    with pytest.raises(ValueError, match=r"eos_token_id must be None or a token id in \[0, 1000\)"):
+        to_hf(from_hf(hf_llama()), eos_token_id=1000)
     gpt2 = fastlm.Transformer(fastlm.Config(family="gpt2", vocab_size=V, n_layer=1, n_head=4, d_model=64, head_dim=8))
     with pytest.raises(NotImplementedError, match="GPT-2 has no head_dim apart"):
         to_hf(gpt2)

@@ -205,6 +205,11 @@ def test_train_and_generate_cli(tmp_path, capsys):
         torch.testing.assert_close(hf(x).logits, model.eval()(x), rtol=1e-5, atol=1e-5)
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), str(tmp_path / "hf2")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", out, out]) == 2                         # the run's config.json stays
+    assert "holds a training checkpoint" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(["export", "--checkpoint", out, str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_torchrun_trains_with_ddp(tmp_path):

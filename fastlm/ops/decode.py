@@ -126,6 +126,8 @@ def decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_wei
         raise RuntimeError(f"decode_step: only the C++ CPU backend implements it (CPU tensors of dtype "
                            f"{[str(d) for d in KERNEL_DTYPES]}, the extension built: {backends.BUILD_HINT}); got "
                            f"backend={backend!r}, {device} tensors of dtype {dtype}")
+    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+        raise ValueError(f"decode_step: window_left must be an int >= -1 (-1: no window), got {window_left!r}")
     if len(blocks) != len(DECODE_STEP_SLOTS) * len(k_caches):
         raise ValueError(f"decode_step: blocks must hold {len(DECODE_STEP_SLOTS)} entries per block "
                          f"({', '.join(DECODE_STEP_SLOTS)}) for the {len(k_caches)} blocks of k_caches, got "
