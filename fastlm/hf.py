@@ -15,6 +15,7 @@ transformers is imported only when these functions run.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import types
@@ -225,7 +226,10 @@ def to_hf(model, *, bos_token_id=None, eos_token_id=None, pad_token_id=None):
     if int(transformers.__version__.split(".")[0]) < 5:
         raise RuntimeError(f"to_hf needs transformers >= 5 (its configs take rope_parameters), got "
                            f"{transformers.__version__}")
-    from transformers.initialization import no_init_weights   # every weight is copied in below
+    try:   # skip the random initialization: every weight is copied in below
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        no_init_weights = contextlib.nullcontext
     weight = model.tok_emb.weight
     with no_init_weights(), torch.device(weight.device):
         hf = transformers.AutoModelForCausalLM.from_config(_hf_config(config, tokens), dtype=weight.dtype)
