@@ -29,6 +29,18 @@ PRESETS: dict[str, dict] = {
                        intermediate_size=11008, max_seqlen=4096),
     "llama-3-8b": dict(family="llama", vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
                        intermediate_size=14336, max_seqlen=8192, rope_base=500000.0),
+    # Llama 3.1 / 3.2: Llama 3 shapes with "llama3" RoPE scaling to a 128K context
+    "llama-3.1-8b": dict(family="llama", vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
+                         intermediate_size=14336, max_seqlen=131072, rope_base=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama-3.2-1b": dict(family="llama", vocab_size=128256, n_layer=16, n_head=32, n_kv_head=8, d_model=2048,
+                         intermediate_size=8192, max_seqlen=131072, rope_base=500000.0, tie_embeddings=True,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Mistral 7B v0.1: Llama's architecture with a 4096-token sliding window in every layer
+    "mistral-7b-v0.1": dict(family="llama", vocab_size=32000, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
+                            intermediate_size=14336, max_seqlen=32768, sliding_window=4096),
     # Mistral NeMo 12B: Llama's architecture with 32 heads of 128 on a 5120-wide model (head_dim != d_model / n_head)
     "mistral-nemo-12b": dict(family="llama", vocab_size=131072, n_layer=40, n_head=32, n_kv_head=8, d_model=5120,
                              head_dim=128, intermediate_size=14336, max_seqlen=131072, rope_base=1000000.0),

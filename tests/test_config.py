@@ -25,6 +25,9 @@ def test_published_param_counts():
     assert round(Config.from_name("gpt2-xl").num_params() / 1e9, 2) == 1.56
     assert round(Config.from_name("llama-56m").num_params() / 1e6) == 56
     assert round(Config.from_name("mistral-nemo-12b").num_params() / 1e9, 1) == 12.2
+    assert round(Config.from_name("mistral-7b-v0.1").num_params() / 1e9, 2) == 7.24
+    assert round(Config.from_name("llama-3.1-8b").num_params() / 1e9, 2) == 8.03
+    assert round(Config.from_name("llama-3.2-1b").num_params() / 1e9, 2) == 1.24
 
 
 def test_family_defaults_and_derived_fields():
