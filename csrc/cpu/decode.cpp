@@ -159,25 +159,27 @@ void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs
   // a block cut short (a sequence's last) takes rows in order: its passes would repeat row nb - 1 for the rest
   const int64_t rows = p.Hkv * p.M, r = nb == kBlockK ? p.interleave : 1, group = kKeys * r;
   const int64_t ahead = std::min(2 * group, kBlockK / 2);  // prefetch distance in rows, within the next half block
+  // The passes of the walk: f(hk, first, at) for every kv head of pass (j, t), whose rows are first, first + r, ...
+  // and whose scores sit at block entries at .. at + kKeys - 1.
+  auto for_each_pass = [&](auto f) {
+    for (int64_t j = 0; j < nb; j += group)
+      for (int64_t t = 0; t < r; ++t)
+        for (int64_t hk = 0; hk < p.Hkv; ++hk) f(hk, j + t, j + t * kKeys);
+  };
   // Scores (entries of keys past nb are masked below)
-  for (int64_t j = 0; j < nb; j += group) {
-    for (int64_t t = 0; t < r; ++t) {
-      const int64_t first = j + t, at = j + t * kKeys;
-      for (int64_t hk = 0; hk < p.Hkv; ++hk) {
-        const T* kr[kKeys];
-        block_rows(k, ks, hk, first, r, nb, kr);
-        if (first + ahead < nb)  // the K rows ahead, near the block's end the first V rows
-          prefetch_rows(k, ks, hk, first + ahead, r, nb, p.D);
-        else
-          prefetch_rows(v, vs, hk, first + ahead - nb, r, nb, p.D);
-        int64_t row = hk * p.M;
-        for (; row + 2 <= (hk + 1) * p.M; row += 2)
-          dot_rows<2>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + at, kBlockK);
-        if (row < (hk + 1) * p.M)
-          dot_rows<1>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + at, kBlockK);
-      }
-    }
-  }
+  for_each_pass([&](int64_t hk, int64_t first, int64_t at) {
+    const T* kr[kKeys];
+    block_rows(k, ks, hk, first, r, nb, kr);
+    if (first + ahead < nb)  // the K rows ahead, near the block's end the first V rows
+      prefetch_rows(k, ks, hk, first + ahead, r, nb, p.D);
+    else
+      prefetch_rows(v, vs, hk, first + ahead - nb, r, nb, p.D);
+    int64_t row = hk * p.M;
+    for (; row + 2 <= (hk + 1) * p.M; row += 2)
+      dot_rows<2>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + at, kBlockK);
+    if (row < (hk + 1) * p.M)
+      dot_rows<1>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + at, kBlockK);
+  });
   for (int64_t row = 0; row < rows; ++row) {
     // query i sits at position n - Sq + i and sees keys [first, visible) of the block: up to it, and with a window
     // from window_left before it
@@ -201,23 +203,18 @@ void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs
     }
   }
   // O += P V (masked entries have P = 0)
-  for (int64_t j = 0; j < nb; j += group) {
-    for (int64_t t = 0; t < r; ++t) {
-      const int64_t first = j + t, at = j + t * kKeys;
-      for (int64_t hk = 0; hk < p.Hkv; ++hk) {
-        const T* vr[kKeys];
-        block_rows(v, vs, hk, first, r, nb, vr);
-        // the V rows ahead, near the block's end the first K rows of the next block
-        const bool in_v = first + ahead < nb;
-        prefetch_rows(in_v ? v : k, in_v ? vs : ks, hk, first + ahead, r, n - j0, p.D);
-        int64_t row = hk * p.M;
-        for (; row + 2 <= (hk + 1) * p.M; row += 2)
-          axpy_rows<2>(sc.s.data() + row * kBlockK + at, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
-        if (row < (hk + 1) * p.M)
-          axpy_rows<1>(sc.s.data() + row * kBlockK + at, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
-      }
-    }
-  }
+  for_each_pass([&](int64_t hk, int64_t first, int64_t at) {
+    const T* vr[kKeys];
+    block_rows(v, vs, hk, first, r, nb, vr);
+    // the V rows ahead, near the block's end the first K rows of the next block
+    const bool in_v = first + ahead < nb;
+    prefetch_rows(in_v ? v : k, in_v ? vs : ks, hk, first + ahead, r, n - j0, p.D);
+    int64_t row = hk * p.M;
+    for (; row + 2 <= (hk + 1) * p.M; row += 2)
+      axpy_rows<2>(sc.s.data() + row * kBlockK + at, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
+    if (row < (hk + 1) * p.M)
+      axpy_rows<1>(sc.s.data() + row * kBlockK + at, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
+  });
 }
 
 // lens[b]: the valid length of sequence b; firsts[b]: the first key any of its queries sees.

@@ -81,3 +81,9 @@ def fit_head_dim(op: str, chosen: str, backend: str, head_dim: int) -> str:
         return "torch"
     raise ValueError(f"{op}: backend='triton' takes headdim 1..{TRITON_MAX_HEAD_DIM}, got {head_dim} "
                      "(the 'cpu' and 'torch' backends take any)")
+
+
+def check_window_left(op: str, window_left) -> None:
+    """A sliding window's left bound: an int >= -1 (-1: no window)."""
+    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+        raise ValueError(f"{op}: window_left must be an int >= -1 (-1: no window), got {window_left!r}")

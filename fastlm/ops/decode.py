@@ -14,7 +14,7 @@ import math
 import torch
 
 from fastlm import backends, reference
-from fastlm.ops._checks import KERNEL_DTYPES, check_qkv, fit_head_dim
+from fastlm.ops._checks import KERNEL_DTYPES, check_qkv, check_window_left, fit_head_dim
 NATIVE_OPS = ("decode_attention",)
 
 
@@ -73,8 +73,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
         raise TypeError(f"decode_attention: softmax_scale must be a number or None, got {softmax_scale!r}")
     if softmax_scale is not None and not math.isfinite(softmax_scale):
         raise ValueError(f"decode_attention: softmax_scale must be finite, got {softmax_scale}")
-    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
-        raise ValueError(f"decode_attention: window_left must be an int >= -1 (-1: no window), got {window_left!r}")
+    check_window_left("decode_attention", window_left)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if q.numel() == 0:
         return q.new_empty(q.shape)
@@ -126,8 +125,7 @@ def decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_wei
         raise RuntimeError(f"decode_step: only the C++ CPU backend implements it (CPU tensors of dtype "
                            f"{[str(d) for d in KERNEL_DTYPES]}, the extension built: {backends.BUILD_HINT}); got "
                            f"backend={backend!r}, {device} tensors of dtype {dtype}")
-    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
-        raise ValueError(f"decode_step: window_left must be an int >= -1 (-1: no window), got {window_left!r}")
+    check_window_left("decode_step", window_left)
     if len(blocks) != len(DECODE_STEP_SLOTS) * len(k_caches):
         raise ValueError(f"decode_step: blocks must hold {len(DECODE_STEP_SLOTS)} entries per block "
                          f"({', '.join(DECODE_STEP_SLOTS)}) for the {len(k_caches)} blocks of k_caches, got "
