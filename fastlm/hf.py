@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fastlm import ops
+from fastlm import ops, reference
 from fastlm.backends import BACKENDS
 from fastlm.config import ROPE_SCALING_KEYS, Config
 from fastlm.model import Transformer
@@ -289,14 +289,40 @@ def cli(argv=None) -> int:
 # patch / unpatch
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _attend(module, q, k, v, attention_mask, dropout, scaling, kwargs, backend):
-    """Attention of q (B, Sq, H, D) against k, v (B, Sk, Hkv, D) under transformers' sdpa mask convention.
+def _window_left(sliding_window) -> int:
+    """ops.attention's left window bound for transformers' ``sliding_window`` W (None: no window, -1).
 
-    A None mask means plain causal: fastlm's op (bottom-right aligned) serves it when Sq == Sk or Sq == 1. Padding
-    masks, dropout, and a static cache's upper-left prefill go to transformers' own sdpa path."""
+    transformers' masking_utils.sliding_window_overlay keeps ``kv_idx > q_idx - sliding_window``: a query sees itself
+    and the W - 1 keys before it, as fastlm's Config.sliding_window does."""
+    return Config(sliding_window=sliding_window).window_left
+
+
+def _plain_window_mask(mask, Sq, Sk, window_left) -> bool:
+    """Whether a 4D sdpa mask (B, 1, Sq, Sk) is, in every row of the batch, exactly ops.attention's causal mask with
+    the window (window_left, 0) — bottom-right aligned. Reading it costs a host sync; under torch.compile it is not
+    read (no graph break): the mask then goes to transformers' sdpa path."""
+    if torch.compiler.is_compiling() or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (Sq, Sk):
+        return False
+    keep = reference.attention_mask(Sq, Sk, causal=True, window=(window_left, 0), device=mask.device)   # (Sq, Sk)
+    return bool((mask == keep).all())
+
+
+def _attend(module, q, k, v, attention_mask, dropout, scaling, kwargs, backend, window_left=-1):
+    """Attention of q (B, Sq, H, D) against k, v (B, Sk, Hkv, D) under transformers' sdpa mask convention, with a
+    sliding window of window_left keys before each query (-1: none).
+
+    A None mask means plain causal: fastlm's op (bottom-right aligned) serves it when Sq == Sk or Sq == 1 (transformers
+    returns None for a sliding-window layer only while every key lies within the window). A sliding-window layer's
+    mask, which transformers materializes once the keys reach the window, goes to fastlm's op too when it is exactly
+    the op's windowed causal mask (no padding). Padding masks, dropout, and a static cache's upper-left prefill go to
+    transformers' own sdpa path, with transformers' mask."""
     Sq, Sk = q.shape[1], k.shape[1]
-    if attention_mask is None and dropout == 0.0 and (Sq == Sk or Sq == 1):
-        return ops.attention(q, k, v, causal=True, softmax_scale=scaling, backend=backend)
+    if attention_mask is None:
+        plain = Sq == Sk or Sq == 1
+    else:
+        plain = window_left >= 0 and _plain_window_mask(attention_mask, Sq, Sk, window_left)
+    if plain and dropout == 0.0:
+        return ops.attention(q, k, v, causal=True, window=(window_left, 0), softmax_scale=scaling, backend=backend)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     out, _ = sdpa_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
                                     dropout=dropout, scaling=scaling, **kwargs)
@@ -314,7 +340,7 @@ def _cache_update(cache, k, v, layer_idx, kwargs):
 
 
 def _llama_attention(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, *, backend,
-                     **kwargs):
+                     window_left=-1, **kwargs):
     cache = kwargs.pop("past_key_values", cache)
     B, S, _ = hidden_states.shape
     q = self.q_proj(hidden_states).view(B, S, -1, self.head_dim)              # (B, S, H, D)
@@ -327,7 +353,7 @@ def _llama_attention(self, hidden_states, position_embeddings=None, attention_ma
     if cache is not None:
         k, v = _cache_update(cache, k, v, self.layer_idx, kwargs)
     dropout = self.attention_dropout if self.training else 0.0
-    y = _attend(self, q, k, v, attention_mask, dropout, self.scaling, kwargs, backend)
+    y = _attend(self, q, k, v, attention_mask, dropout, self.scaling, kwargs, backend, window_left)
     return self.o_proj(y.reshape(B, S, -1)), None
 
 
@@ -429,10 +455,11 @@ def _patch_plan(model, model_type):
         cfg = model.config
         swiglu = cfg.hidden_act == "silu" and not getattr(cfg, "mlp_bias", False)
         for m in model.modules():
-            # sliding-window layers (Mistral, Qwen2 with use_sliding_window) keep transformers' attention
-            window = getattr(m, "sliding_window", getattr(cfg, "sliding_window", None))
-            if isinstance(m, attn_cls) and window is None:
-                plan.append((m, _llama_attention))
+            if isinstance(m, attn_cls):
+                # each layer its own window: Qwen2's modules carry theirs (None in full-attention layers of a model
+                # with layer_types), Mistral's take the config's
+                window = getattr(m, "sliding_window", getattr(cfg, "sliding_window", None))
+                plan.append((m, functools.partial(_llama_attention, window_left=_window_left(window))))
             elif isinstance(m, mlp_cls) and swiglu:
                 plan.append((m, _llama_mlp))
             elif isinstance(m, norm_cls):
@@ -456,12 +483,14 @@ def _patch_plan(model, model_type):
 def patch(model, backend: str = "auto", fused_linear_cross_entropy: bool = True):
     """Put fastlm's ops inside a transformers GPT-2, Llama, Mistral or Qwen2 model, in place, and return it.
 
-    Attention (with RoPE for the Llama-like ones; sliding-window layers keep transformers' attention), MLP and norm
-    modules get a forward built on fastlm.ops; the causal-LM loss uses ops.cross_entropy, and with
+    Attention (with RoPE for the Llama-like ones, and each layer's sliding window), MLP and norm modules get a
+    forward built on fastlm.ops; the causal-LM loss uses ops.cross_entropy, and with
     ``fused_linear_cross_entropy`` a training forward with labels computes the LM head inside
     ops.linear_cross_entropy (the logits are never held; the output's logits are None). Masks follow
     transformers' sdpa convention while patched, so unpadded causal attention runs in fastlm's kernel and padded
-    batches, dropout or attention weights fall back to transformers' sdpa path.
+    batches, dropout or attention weights fall back to transformers' sdpa path. (transformers materializes a
+    sliding-window layer's mask once the keys reach the window; the patched layer reads it to tell a plain window
+    from padding, one host sync per layer call.)
     ``backend`` is passed to every op. Patching a patched model does nothing. unpatch(model) restores it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

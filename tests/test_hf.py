@@ -161,11 +161,12 @@ def test_from_hf_reads_transformers_4_rope_scaling():
     assert config.rope_base == 500000.0 and config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
 
 
-def hf_mistral_window():
-    cfg = transformers.MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                     sliding_window=7, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
-    return transformers.MistralForCausalLM(cfg).eval()
+def hf_mistral_window(**kw):
+    cfg = dict(vocab_size=V, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, sliding_window=7, bos_token_id=0, eos_token_id=0,
+               attn_implementation="sdpa")
+    cfg.update(kw)
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**cfg)).eval()
 
 
 @pytest.mark.parametrize("make", [hf_mistral_window, lambda: hf_qwen2(use_sliding_window=True, sliding_window=7,
@@ -272,15 +273,22 @@ class CountOps:
             monkeypatch.setattr(ops, name, counted)
 
 
-PATCH_OPS = {"gpt2": ["attention", "layer_norm", "mlp_gelu", "cross_entropy", "linear_cross_entropy"],
-             "llama-gqa": ["attention", "rms_norm", "apply_rope", "mlp_swiglu", "cross_entropy",
-                           "linear_cross_entropy"]}
-PATCH_OPS["mistral-mqa"] = PATCH_OPS["qwen2-gqa"] = PATCH_OPS["llama-gqa"]
+# Sliding windows of 4 keys, shorter than the sequences the patch tests run: in every layer (Mistral, Qwen2 with
+# use_sliding_window), or in some (Qwen2's layer_types: layer 0 slides, layer 1 attends to every key)
+WINDOWED = {"mistral-window": lambda: hf_mistral_window(sliding_window=4),
+            "qwen2-window": lambda: hf_qwen2(use_sliding_window=True, sliding_window=4, max_window_layers=0),
+            "qwen2-mixed": lambda: hf_qwen2(use_sliding_window=True, sliding_window=4,
+                                            layer_types=["sliding_attention", "full_attention"])}
+PATCH_MODELS = {**MODELS, **WINDOWED}
+
+PATCH_OPS = {**dict.fromkeys(PATCH_MODELS, ["attention", "rms_norm", "apply_rope", "mlp_swiglu", "cross_entropy",
+                                              "linear_cross_entropy"]),
+             "gpt2": ["attention", "layer_norm", "mlp_gelu", "cross_entropy", "linear_cross_entropy"]}
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", list(PATCH_MODELS))
 def test_patch_same_logits_and_gradients_then_unpatch(kind, monkeypatch):
-    hf = MODELS[kind]()
+    hf = PATCH_MODELS[kind]()
     perturb_norms(hf)
     hf64 = copy.deepcopy(hf).double()
     reference = copy.deepcopy(hf)
@@ -316,8 +324,7 @@ def test_patch_same_logits_and_gradients_then_unpatch(kind, monkeypatch):
     assert not hasattr(hf, "_fastlm_patch") and "_loss_function" not in hf.__dict__
     assert "forward" not in hf.lm_head.__dict__ and "forward" not in hf.__dict__
     assert all("forward" not in m.__dict__ for m in hf.modules())
-    assert hf.config._attn_implementation == {"gpt2": "eager", "llama-gqa": "sdpa", "mistral-mqa": "eager",
-                                              "qwen2-gqa": "sdpa"}[kind]
+    assert hf.config._attn_implementation == {"gpt2": "eager", "mistral-mqa": "eager"}.get(kind, "sdpa")
     with torch.no_grad():
         assert torch.equal(hf(tokens).logits, before)
 
@@ -373,35 +380,53 @@ def test_patch_with_triton_kernels(kind):
         check_rule(f"grad {name}", p.grad, grads64[name].grad, grads_low[name].grad)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
-def test_patched_generation_and_padding(kind):
-    """HF's own generate through the patched model (its cache, one-token steps), and a padded batch (falls back to
-    transformers' masked attention) give what the unpatched model gives."""
-    hf = MODELS[kind]()
+@pytest.mark.parametrize("cache", ["default", "full-history"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", *WINDOWED])
+def test_patched_generation_and_padding(kind, cache, monkeypatch):
+    """HF's own generate through the patched model (its cache, one-token steps; 16 tokens, far past a sliding
+    window) runs every attention in fastlm's op and gives what the unpatched model gives, with transformers' default
+    cache (sliding-window layers keep only the window's keys) and with a DynamicCache that keeps every key. A padded
+    batch (falls back to transformers' masked attention, its window included) gives the unpatched logits too."""
+    hf = PATCH_MODELS[kind]()
     prompt = torch.randint(1, V, (2, 6))
     mask = torch.ones_like(prompt)
     mask[1, :2] = 0                                                           # left padding in sequence 1
+
+    def generate():
+        past = {"cache": transformers.DynamicCache()} if cache == "full-history" else {}
+        return hf.generate(prompt[:1], max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                           attention_mask=mask[:1], **past)
+
     with torch.no_grad():
-        gen = hf.generate(prompt[:1], max_new_tokens=8, do_sample=False, min_new_tokens=8,
-                          attention_mask=mask[:1])
+        gen = generate()
         padded = hf(prompt, attention_mask=mask).logits
+        counter = CountOps(monkeypatch, ["attention"])
         patch(hf, backend="torch")
-        assert torch.equal(hf.generate(prompt[:1], max_new_tokens=8, do_sample=False, min_new_tokens=8,
-                                       attention_mask=mask[:1]), gen)
+        assert torch.equal(generate(), gen)
+        assert counter.calls["attention"] == 16 * 2                   # prefill and 15 steps, 2 layers: no fallback
         torch.testing.assert_close(hf(prompt, attention_mask=mask).logits[:, 2:], padded[:, 2:])
         unpatch(hf)
 
 
-def test_patch_keeps_sliding_window_layers():
-    hf = hf_qwen2(use_sliding_window=True, sliding_window=4, max_window_layers=1)   # layer 1 slides, layer 0 not
-    perturb_norms(hf)
-    tokens = torch.randint(0, V, (2, 9))
+@pytest.mark.parametrize("kind", list(WINDOWED))
+def test_patch_gives_each_layer_its_window(kind, monkeypatch):
+    """Sliding-window layers are patched too, each running ops.attention with its own window: transformers' query
+    at position i sees keys i - W + 1 .. i (masking_utils.sliding_window_overlay: kv_idx > q_idx - W), i.e. the
+    op's window (W - 1, 0); full-attention layers of a mixed model keep (-1, 0)."""
+    hf = WINDOWED[kind]()
+    layer_types = getattr(hf.config, "layer_types", None) or ["sliding_attention"] * len(hf.model.layers)
+    windows = []
+    real = ops.attention
+
+    def recorded(*a, window=(-1, -1), **k):
+        windows.append(window)
+        return real(*a, window=window, **k)
+    monkeypatch.setattr(ops, "attention", recorded)
+    patch(hf, backend="torch")
+    assert all("forward" in layer.self_attn.__dict__ for layer in hf.model.layers)
     with torch.no_grad():
-        before, ref64 = hf(tokens).logits, copy.deepcopy(hf).double()(tokens).logits
-        patch(hf, backend="torch")
-        attn = [layer.self_attn for layer in hf.model.layers]
-        assert "forward" in attn[0].__dict__ and "forward" not in attn[1].__dict__
-        check_rule("patched logits", hf(tokens).logits, ref64, before)
+        hf(torch.randint(0, V, (2, 9)))                     # 9 keys > W = 4: transformers materializes the mask
+    assert windows == [(3, 0) if t == "sliding_attention" else (-1, 0) for t in layer_types]
 
 
 def test_patch_unsupported():
