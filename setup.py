@@ -37,6 +37,8 @@ def _extensions():
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         define_macros.append(("FASTLM_WITH_CUDA", "1"))
+        if "90a" in archs:                                   # the wgmma attention kernel is compiled in
+            define_macros.append(("FASTLM_CUDA_SM90A", "1"))
         ext = cpp_extension.CUDAExtension(
             "fastlm._C", cpu_sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=ldflags)

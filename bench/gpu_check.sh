@@ -94,6 +94,7 @@ sanitize() {
         return 0
     fi
     compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" - <<'EOF'
+import os
 import torch
 from fastlm import ops
 from fastlm.benchmark import failure
@@ -106,7 +107,9 @@ kc, vc = torch.randn(2, 300, 2, 64, device=dev, dtype=torch.bfloat16), torch.ran
                                                                                    dtype=torch.bfloat16)
 lens = torch.tensor([300, 77], device=dev, dtype=torch.int32)
 q1 = q[:, :1].detach().expand(2, 1, 4, 64).contiguous()
-for b in ("triton", "cuda"):
+# "cuda": wgmma attention on Hopper; "cuda" with FASTLM_CUDA_ATTENTION=mma: the mma.sync kernel
+for b, kernel in (("triton", "auto"), ("cuda", "auto"), ("cuda", "mma")):
+    os.environ["FASTLM_CUDA_ATTENTION"] = kernel
     for name, run in (("attention", lambda: ops.attention(q, k, v, causal=True, backend=b).float().sum().backward()),
                       ("decode", lambda: ops.decode_attention(q1, kc, vc, lens, backend=b))):
         try:
@@ -114,10 +117,10 @@ for b in ("triton", "cuda"):
         except RuntimeError as e:
             if failure(e)[0] != "unavailable":
                 raise
-            print(f"{name}[{b}]: not available here ({str(e)[:120]})")
+            print(f"{name}[{b}, {kernel}]: not available here ({str(e)[:120]})")
             continue
         torch.cuda.synchronize()
-        print(f"{name}[{b}]: ran")
+        print(f"{name}[{b}, {kernel}]: ran")
 EOF
 }
 

@@ -11,7 +11,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "cuda/launchers.h"
@@ -44,6 +46,17 @@ at::Tensor rows_aligned(const at::Tensor& t) {
 }
 
 void throw_if(const fastlm_cuda::Status& s) { TORCH_CHECK(s.ok(), "fastlm (CUDA): ", s.error); }
+
+// The attention forward kernel chosen by FASTLM_CUDA_ATTENTION: unset or "auto" (wgmma on Hopper for head dims 64
+// and 128, mma.sync otherwise), "mma" (the sm_80 kernel everywhere) or "wgmma" (an error where it cannot run).
+fastlm_cuda::AttentionKernel attention_kernel() {
+  const char* env = std::getenv("FASTLM_CUDA_ATTENTION");
+  const std::string choice = env ? env : "";
+  if (choice.empty() || choice == "auto") return fastlm_cuda::AttentionKernel::kAuto;
+  if (choice == "mma") return fastlm_cuda::AttentionKernel::kMma;
+  if (choice == "wgmma") return fastlm_cuda::AttentionKernel::kWgmma;
+  TORCH_CHECK(false, "fastlm (CUDA): FASTLM_CUDA_ATTENTION must be 'auto', 'mma' or 'wgmma', got '", choice, "'");
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in, bool causal, double softmax_scale,
@@ -82,6 +95,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   p.window_left = static_cast<int>(window_left);
   p.window_right = causal ? 0 : static_cast<int>(window_right);
   p.dtype = dtype;
+  p.kernel = attention_kernel();
   throw_if(fastlm_cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }

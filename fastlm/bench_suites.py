@@ -10,6 +10,7 @@ import contextlib
 import functools
 import importlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,30 @@ def sdpa_attention(q, k, v, *, causal=False, sdpa_backend=None):
     return out.transpose(1, 2)
 
 
+def _with_cuda_attention_kernel(kernel, fn):
+    """fn with the CUDA attention forward kernel forced to ``kernel`` ("mma" or "wgmma") during the call."""
+    def call(**inputs):
+        previous = os.environ.get("FASTLM_CUDA_ATTENTION")
+        os.environ["FASTLM_CUDA_ATTENTION"] = kernel
+        try:
+            return fn(**inputs)
+        finally:
+            if previous is None:
+                del os.environ["FASTLM_CUDA_ATTENTION"]
+            else:
+                os.environ["FASTLM_CUDA_ATTENTION"] = previous
+    return call
+
+
+def _cuda_mma_attention(ctx, impls, D, mode):
+    """On a Hopper GPU "cuda" runs the wgmma kernel for head dims 64 / 128: the mma.sync kernel is measured beside it
+    as fastlm[cuda-mma]."""
+    cuda = [i for i in impls if i.backend == "cuda"]
+    if not cuda or mode != "fwd" or D not in (64, 128) or torch.cuda.get_device_capability(ctx.device)[0] != 9:
+        return []
+    return [Impl("fastlm[cuda-mma]", "fastlm", _with_cuda_attention_kernel("mma", cuda[0].fn), backend="cuda")]
+
+
 def _attention_case(ctx, backends, B, H, Hkv, S, D, causal, dtype, mode, compile_here):
     def make(gen, device):
         return {"q": randn(gen, device, dtype, B, S, H, D), "k": randn(gen, device, dtype, B, S, Hkv, D),
@@ -122,8 +147,9 @@ def _attention_case(ctx, backends, B, H, Hkv, S, D, causal, dtype, mode, compile
         sdpa = [Impl("sdpa", "peer", functools.partial(sdpa_attention, causal=causal))]
     if not eager_ok:
         sdpa = [s for s in sdpa if s.name != "sdpa-math"]
-    impls = fastlm_impls("attention", ctx, backends, causal=causal) + sdpa + peers(ref, ctx, compile_here=compile_here,
-                                                                  eager_ok=eager_ok)
+    impls = fastlm_impls("attention", ctx, backends, causal=causal)
+    impls += _cuda_mma_attention(ctx, impls, D, mode) + sdpa + peers(ref, ctx, compile_here=compile_here,
+                                                                     eager_ok=eager_ok)
     name = f"B{B} H{H}" + (f"/{Hkv}" if Hkv != H else "") + f" S{S} D{D}" + (" causal" if causal else "")
     shape = {"batch": B, "nheads": H, "nheads_kv": Hkv, "seqlen": S, "headdim": D, "causal": causal}
     case = _case("attention", name, shape, dtype, mode, make, ref, impls,

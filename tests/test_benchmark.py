@@ -351,3 +351,24 @@ def test_gpu_check_script_parses():
     proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "bench", "gpu_check.sh")], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_cuda_attention_kernel_is_forced_only_during_the_call(monkeypatch):
+    from fastlm import bench_suites
+    monkeypatch.setenv("FASTLM_CUDA_ATTENTION", "auto")
+    seen = []
+
+    def fn(**inputs):
+        seen.append((os.environ["FASTLM_CUDA_ATTENTION"], inputs))
+        if inputs.get("fail"):
+            raise RuntimeError("boom")
+        return 1
+
+    assert bench_suites._with_cuda_attention_kernel("mma", fn)(q=2) == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        bench_suites._with_cuda_attention_kernel("mma", fn)(fail=True)
+    assert seen == [("mma", {"q": 2}), ("mma", {"fail": True})]
+    assert os.environ["FASTLM_CUDA_ATTENTION"] == "auto"
+    monkeypatch.delenv("FASTLM_CUDA_ATTENTION")
+    bench_suites._with_cuda_attention_kernel("mma", fn)()
+    assert "FASTLM_CUDA_ATTENTION" not in os.environ

@@ -1,5 +1,6 @@
 """The CUDA C++ kernels of fastlm._C (csrc/cuda/), called through torch.ops.fastlm on CUDA tensors, against the
-float64 reference (numerics rule); plus the ptxas-report parser of csrc/cuda/compile_check.py (runs anywhere)."""
+float64 reference (numerics rule); plus what runs anywhere: the tensor-core layout emulation of
+bench/dev/mma_layout_emu.py and the ptxas-report parser of csrc/cuda/compile_check.py."""
 import importlib.util
 import math
 import os
@@ -32,14 +33,40 @@ ATTN_CASES = [  # (D, Sq, Sk, H, Hkv, causal, window)
     (128, 200, 77, 4, 2, True, (-1, -1)),   # Sk < Sq causal: the first rows see no key (out 0, lse -inf)
     (128, 130, 130, 2, 2, False, (32, 0)),
     (256, 70, 33, 2, 1, False, (-1, -1)),
+    # several 128-row query blocks and 128-key tiles, ragged at both ends (the wgmma kernel's tiles)
+    (64, 257, 700, 2, 2, False, (100, 37)),
+    (128, 300, 520, 4, 1, True, (-1, -1)),
+    (128, 1, 1000, 2, 1, True, (-1, -1)),
+    (64, 1024, 1024, 2, 2, True, (-1, -1)),
 ]
+WGMMA_HEAD_DIMS = (64, 128)  # csrc/cuda/attention_sm90.cu
+
+
+def _attention_params():
+    """Every case with the mma.sync kernel, and with the wgmma kernel where it serves the head dim."""
+    out = []
+    for case in ATTN_CASES:
+        for kernel in ("mma", "wgmma") if case[0] in WGMMA_HEAD_DIMS else ("mma",):
+            out.append(pytest.param(kernel, *case, id=f"{kernel}-" + "-".join(map(str, case))))
+    return out
+
+
+@pytest.fixture
+def attention_kernel(monkeypatch):
+    """Select the CUDA attention kernel through FASTLM_CUDA_ATTENTION; wgmma needs a compute capability 9.x GPU."""
+    def select(kernel):
+        if kernel == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
+            pytest.skip("the wgmma kernel needs a Hopper (sm_90) GPU")
+        monkeypatch.setenv("FASTLM_CUDA_ATTENTION", kernel)
+    return select
 
 
 @pytest.mark.gpu
 @needs_cuda_op("attention_fwd")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("D,Sq,Sk,H,Hkv,causal,window", ATTN_CASES)
-def test_attention_fwd(dtype, D, Sq, Sk, H, Hkv, causal, window):
+@pytest.mark.parametrize("kernel,D,Sq,Sk,H,Hkv,causal,window", _attention_params())
+def test_attention_fwd(attention_kernel, kernel, dtype, D, Sq, Sk, H, Hkv, causal, window):
+    attention_kernel(kernel)
     q, k, v = _randn(2, Sq, H, D, dtype=dtype), _randn(2, Sk, Hkv, D, dtype=dtype), _randn(2, Sk, Hkv, D, dtype=dtype)
     scale = 1.0 / math.sqrt(D)
     _check_attention(q, k, v, causal, scale, window)
@@ -57,10 +84,12 @@ def _check_attention(q, k, v, causal, scale, window=(-1, -1)):
 
 @pytest.mark.gpu
 @needs_cuda_op("attention_fwd")
-def test_attention_fwd_large_logits_and_strided():
+@pytest.mark.parametrize("kernel,D", [("mma", 64), ("wgmma", 64), ("wgmma", 128)])
+def test_attention_fwd_large_logits_and_strided(attention_kernel, kernel, D):
     # q.k ~ 30 exercises the running-max rescaling; a transposed view exercises the stride handling
-    q = _randn(1, 2, 300, 64, dtype=torch.bfloat16, scale=4.0).transpose(1, 2)  # (1, 300, 2, 64), strided
-    k, v = _randn(1, 300, 2, 64, dtype=torch.bfloat16), _randn(1, 300, 2, 64, dtype=torch.bfloat16)
+    attention_kernel(kernel)
+    q = _randn(1, 2, 300, D, dtype=torch.bfloat16, scale=4.0).transpose(1, 2)  # (1, 300, 2, D), strided
+    k, v = _randn(1, 300, 2, D, dtype=torch.bfloat16), _randn(1, 300, 2, D, dtype=torch.bfloat16)
     _check_attention(q, k, v, True, 0.125)
 
 
@@ -72,6 +101,18 @@ def test_attention_fwd_unsupported_raises():
         torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
     q = _randn(1, 4, 2, 40, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="head dims"):
+        torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
+
+
+@pytest.mark.gpu
+@needs_cuda_op("attention_fwd")
+def test_attention_kernel_choice_errors(monkeypatch):
+    q = _randn(1, 4, 2, 32, dtype=torch.float16)
+    monkeypatch.setenv("FASTLM_CUDA_ATTENTION", "fastest")
+    with pytest.raises(RuntimeError, match="FASTLM_CUDA_ATTENTION must be 'auto', 'mma' or 'wgmma', got 'fastest'"):
+        torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
+    monkeypatch.setenv("FASTLM_CUDA_ATTENTION", "wgmma")  # head dim 32 (and, off Hopper, the device) is refused
+    with pytest.raises(RuntimeError, match="wgmma"):
         torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
 
 
@@ -138,7 +179,20 @@ ptxas info    : Compiling entry function '_Z5otherv' for 'sm_90a'
 ptxas info    : Function properties for _Z5otherv
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 40 registers, used 0 barriers, 380 bytes cmem[0]
+ptxas info    : (C7517) warpgroup.wait is injected in around line 812 by compiler to allow use of registers defined by GMMA in function '_Z5otherv'
+ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to the presence of Extern calls in the function '_Z5otherv'.
+ptxas info    : (C7999) an advisory about something else
 """
+
+
+def test_tensor_core_layout_emulation():
+    """bench/dev/mma_layout_emu.py: the kernels' ldmatrix / mma.sync and wgmma descriptor / swizzle arithmetic,
+    emulated in numpy as the PTX ISA defines it, equals plain matrix products (runs without a GPU)."""
+    spec = importlib.util.spec_from_file_location("mma_layout_emu", os.path.join(ROOT, "bench", "dev",
+                                                                                 "mma_layout_emu.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main()
 
 
 def test_compile_check_parses_ptxas():
@@ -152,3 +206,4 @@ def test_compile_check_parses_ptxas():
          "smem": 4096},
         {"kernel": "_Z5otherv", "arch": "sm_90a", "regs": 40, "spill_st": 0, "spill_ld": 0, "stack": 0, "smem": 0},
     ]
+    assert [a[:7] for a in mod.wgmma_advisories(PTXAS_SAMPLE)] == ["(C7517)", "(C7515)"]

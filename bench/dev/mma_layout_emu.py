@@ -1,9 +1,12 @@
 """CPU check of the tensor-core index arithmetic of csrc/cuda/ (no GPU needed): numpy emulations of ldmatrix
 (plain and .trans) and mma.m16n8k16 as the PTX ISA defines their fragments, driven with the exact shared-memory
 address formulas of attention_tile.cuh (warp_qk, warp_pv) and ffn.cu (gemm_tn_kernel's k-step), compared with
-plain matrix products. Keep the formulas here in step with the kernels.
+plain matrix products; and of wgmma.mma_async (sm_90a): the 64-bit shared-memory descriptor decoded field by field,
+the 128-byte swizzle applied to absolute byte addresses, K-major and MN-major (transposed) canonical layouts and the
+m64nNk16 accumulator / register-A fragments, driven with wgmma.cuh's sw128_offset / sw128_desc and the descriptor
+start addresses of attention_sm90.cu. Keep the formulas here in step with the kernels.
 
-    python bench/dev/mma_layout_emu.py
+    python bench/dev/mma_layout_emu.py      (tests/test_cuda_ext.py runs it too)
 """
 import numpy as np
 rng = np.random.default_rng(0)
@@ -100,9 +103,117 @@ def check_gemm(BN, dual_w=0):
                 assert np.allclose(M, C[wm*64 + i*16: wm*64 + i*16 + 16, wn*WN: wn*WN + WN]), (wm, wn, i)
     print("gemm ok", BN)
 
-if __name__ == "__main__":
+# ---------------------------------------------------------------- wgmma (sm_90a)
+
+def sw128_offset(rows, row, chunk):  # wgmma.cuh
+    return (chunk // 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) << 4)
+
+def sw128_desc(addr, lbo_bytes):     # wgmma.cuh
+    return ((addr & 0x3FFFF) >> 4) | ((lbo_bytes >> 4) << 16) | ((1024 >> 4) << 32) | (1 << 62)
+
+def decode_desc(desc):
+    start, lbo, sbo = (desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
+    base_offset, swizzle = (desc >> 49) & 7, desc >> 62
+    assert swizzle == 1 and base_offset == 0 and (start >> 7) & 7 == 0, "128B swizzle, start on a pattern row"
+    return start, lbo, sbo
+
+def swizzled(addr):                  # the hardware's 128-byte swizzle: byte address bits [4,7) ^= bits [7,10)
+    return addr ^ (((addr >> 7) & 7) << 4)
+
+def read_k_major(smem, desc, rows):
+    """(rows x 16) operand, K-major: ((8,m),(8,2)):((128 B, SBO),(2 B, 16 B)) on the swizzled addresses."""
+    start, _, sbo = decode_desc(desc)
+    out = np.zeros((rows, 16))
+    for r in range(rows):
+        for k in range(16):
+            out[r, k] = smem[swizzled(start + (r % 8) * 128 + (r // 8) * sbo + (k // 8) * 16 + (k % 8) * 2) // 2]
+    return out
+
+def read_mn_major(smem, desc, n):
+    """(16 x n) operand, MN-major: ((64,m),(8,2)):((2 B, LBO),(128 B, SBO)) on the swizzled addresses."""
+    start, lbo, sbo = decode_desc(desc)
+    out = np.zeros((16, n))
+    for k in range(16):
+        for c in range(n):
+            out[k, c] = smem[swizzled(start + (c % 64) * 2 + (c // 64) * lbo + (k % 8) * 128 + (k // 8) * sbo) // 2]
+    return out
+
+def acc_to_matrix(d, n):
+    """m64nN fp32 accumulators d[thread][j][e] of a warpgroup -> the 64 x n matrix."""
+    M = np.zeros((64, n))
+    for th in range(128):
+        w, g, t = th // 32, (th % 32) // 4, th % 4
+        for j in range(n // 8):
+            for e in range(4):
+                M[16 * w + g + 8 * (e // 2), 8 * j + 2 * t + e % 2] = d[th][j][e]
+    return M
+
+def matrix_to_acc(M):
+    n = M.shape[1]
+    d = np.zeros((128, n // 8, 4))
+    for th in range(128):
+        w, g, t = th // 32, (th % 32) // 4, th % 4
+        for j in range(n // 8):
+            for e in range(4):
+                d[th][j][e] = M[16 * w + g + 8 * (e // 2), 8 * j + 2 * t + e % 2]
+    return d
+
+def regs_a_to_matrix(a):
+    """register A of m64nNk16: a[thread][i] = 2 values, per warp the m16n8k16 A layout -> 64 x 16."""
+    A = np.zeros((64, 16))
+    for th in range(128):
+        w, g, t = th // 32, (th % 32) // 4, th % 4
+        r = 16 * w
+        A[r + g, 2*t:2*t+2] = a[th][0]; A[r + g + 8, 2*t:2*t+2] = a[th][1]
+        A[r + g, 2*t+8:2*t+10] = a[th][2]; A[r + g + 8, 2*t+8:2*t+10] = a[th][3]
+    return A
+
+def wgmma_ss(d, smem, desc_a, desc_b, n, scale_d):
+    A, B = read_k_major(smem, desc_a, 64), read_k_major(smem, desc_b, n)
+    return matrix_to_acc((acc_to_matrix(d, n) if scale_d else 0) + A @ B.T)
+
+def wgmma_rs_mn(d, a, smem, desc_b, n):
+    return matrix_to_acc(acc_to_matrix(d, n) + regs_a_to_matrix(a) @ read_mn_major(smem, desc_b, n))
+
+def check_attention_wgmma(D, BM=128, BN=128):
+    """attention_sm90.cu: Q (BM rows), one K and one V tile (BN keys) stored by load_rows_sw128, then per warpgroup
+    S = Q K^T and O = P V through descriptors as the kernel builds them."""
+    q_bytes, kv_bytes = BM * D * 2, BN * D * 2
+    sq, sk, sv = 0, q_bytes, q_bytes + kv_bytes                      # 1024-aligned tile bases
+    smem = np.full((q_bytes + 2 * kv_bytes) // 2, np.nan)
+    Q, K, V = rng.standard_normal((BM, D)), rng.standard_normal((BN, D)), rng.standard_normal((BN, D))
+    for base, X in ((sq, Q), (sk, K), (sv, V)):
+        rows = X.shape[0]
+        for r in range(rows):
+            for ch in range(D // 8):
+                off = base + sw128_offset(rows, r, ch)
+                assert np.isnan(smem[off // 2: off // 2 + 8]).all(), "two chunks stored at one place"
+                smem[off // 2: off // 2 + 8] = X[r, ch * 8: ch * 8 + 8]
+    assert not np.isnan(smem).any()
+    for wg in range(2):
+        s = np.zeros((128, BN // 8, 4))
+        for kk in range(D // 16):
+            slab, step = kk // 4, (kk % 4) * 32
+            s = wgmma_ss(s, smem, sw128_desc(sq + slab * BM * 128 + wg * 64 * 128 + step, 16),
+                         sw128_desc(sk + slab * BN * 128 + step, 16), BN, kk > 0)
+        S = acc_to_matrix(s, BN)
+        assert np.allclose(S, Q[wg * 64: wg * 64 + 64] @ K.T), ("qk", D, wg)
+        o = np.zeros((128, D // 8, 4))
+        for kk in range(BN // 16):
+            pa = [[s[th][2*kk][0:2], s[th][2*kk][2:4], s[th][2*kk+1][0:2], s[th][2*kk+1][2:4]] for th in range(128)]
+            o = wgmma_rs_mn(o, pa, smem, sw128_desc(sv + kk * 16 * 128, BN * 128), D)
+        assert np.allclose(acc_to_matrix(o, D), S @ V), ("pv", D, wg)
+    print("attention wgmma ok", D, BN)
+
+def main():
+    for D in (64, 128):
+        check_attention_wgmma(D)
     for D in (32, 64, 96, 128):
         for NK in (16, 32, 64):
             check_attention(D, NK)
     check_gemm(128)
     check_gemm(64)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,9 @@
 // to tiles that cross a band edge or the end of the keys. One write of O (and of the fp32 LSE) at the end.
 //
 // Memory traffic per (batch, head): Q and O once, K and V once per 64-row query block (within the band).
+//
+// attention_fwd checks the problem and picks the kernel: the wgmma kernel of attention_sm90.cu where it can run
+// (Hopper, head dims 64 / 128, AttentionParams::kernel auto or wgmma), this one otherwise.
 #include <cuda_runtime.h>
 
 #include <string>
@@ -41,28 +44,15 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const Atten
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int m0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.nheads / p.nheads_kv);
-  const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  const int sq_len = p.seqlen_q, sk_len = p.seqlen_k;
-  const int off = sk_len - sq_len;  // query i sits at key position i + off (bottom-right alignment)
-  const int wl = p.window_left, wr = p.window_right;
-
-  // keys any row of this block may see
-  int lo = 0, hi = sk_len;
-  if (wl >= 0) lo = max(0, m0 + off - wl);
-  if (wr >= 0) hi = min(sk_len, m0 + kBlockM - 1 + off + wr + 1);
+  const AttentionSlice<T> x(p, b, h);
+  const int lo = x.band.lo(m0), hi = x.band.hi(m0, kBlockM);
   const int n_start = (lo / BN) * BN;
 
   auto load_kv = [&](int n0, int buf) {
-    load_rows_async<T, BN, D, kThreads>(
-        sk + buf * BN * S, [&](int r) { return n0 + r < sk_len ? k + (n0 + r) * p.k_ss : nullptr; }, k, tid);
-    load_rows_async<T, BN, D, kThreads>(
-        sv + buf * BN * S, [&](int r) { return n0 + r < sk_len ? v + (n0 + r) * p.v_ss : nullptr; }, v, tid);
+    load_rows_async<T, BN, D, kThreads>(sk + buf * BN * S, [&](int r) { return x.k_row(n0 + r); }, x.k, tid);
+    load_rows_async<T, BN, D, kThreads>(sv + buf * BN * S, [&](int r) { return x.v_row(n0 + r); }, x.v, tid);
   };
-  load_rows_async<T, kBlockM, D, kThreads>(
-      sq, [&](int r) { return m0 + r < sq_len ? q + (m0 + r) * p.q_ss : nullptr; }, q, tid);
+  load_rows_async<T, kBlockM, D, kThreads>(sq, [&](int r) { return x.q_row(m0 + r); }, x.q, tid);
   if (n_start < hi) load_kv(n_start, 0);
   cp_async_commit();
 
@@ -79,35 +69,15 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const Atten
 
     float s[BN / 8][4];
     warp_qk<T, D, BN>(s, sq + warp * 16 * S, sk + buf * BN * S, lane);
-    const bool need_mask = n0 + BN > sk_len || (wr >= 0 && n0 + BN - 1 > m0 + off + wr) ||
-                           (wl >= 0 && n0 < m0 + kBlockM - 1 + off - wl);
-    warp_softmax<D, BN>(s, st, scale_log2, need_mask, [&](int r, int c) {
-      const int pos = row0 + r + off, j = n0 + c;
-      return j < sk_len && (wl < 0 || j >= pos - wl) && (wr < 0 || j <= pos + wr);
-    }, lane);
+    warp_softmax<D, BN>(s, st, scale_log2, x.band.needs_mask(n0, BN, m0, kBlockM),
+                        [&](int r, int c) { return x.band.keeps(row0 + r, n0 + c); }, lane);
     warp_pv<T, D, BN>(st, s, sv + buf * BN * S, lane);
     __syncthreads();  // the next iteration overwrites the buffer read here
   }
   cp_async_wait<0>();
 
-  const int g = lane >> 2, t = lane & 3;
-  T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int row = row0 + g + 8 * hh;
-    const float l = quad_sum(st.l[hh]);
-    if (row >= sq_len) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // a row with no key: o = 0
-    T* orow = out + row * p.o_ss;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const uint32_t packed = Mma<T>::pack(st.o[j][2 * hh] * inv, st.o[j][2 * hh + 1] * inv);
-      *reinterpret_cast<uint32_t*>(orow + j * 8 + 2 * t) = packed;
-    }
-    if (t == 0)
-      p.lse[(static_cast<int64_t>(b) * p.nheads + h) * sq_len + row] =
-          l > 0.f ? st.m[hh] * 0.6931471805599453f + logf(l) : -INFINITY;
-  }
+  warp_store<T, D>(st, static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh, p.o_ss,
+                   p.lse + (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q, row0, p.seqlen_q, lane);
 }
 
 template <typename T, int D>
@@ -146,6 +116,9 @@ Status attention_fwd(const AttentionParams& p, cudaStream_t stream) {
     if (s % 8 != 0) return Status::Error("attention_fwd: every stride must be a multiple of 8 elements (16 bytes)");
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out))
     return Status::Error("attention_fwd: q, k, v and out must be 16-byte aligned");
+  if (p.kernel == AttentionKernel::kWgmma ||
+      (p.kernel == AttentionKernel::kAuto && attention_wgmma_supported(p.head_dim, nullptr)))
+    return attention_fwd_wgmma(p, stream);
   return p.dtype == DType::kFloat16 ? launch_any_head_dim<__half>(p, stream)
                                     : launch_any_head_dim<__nv_bfloat16>(p, stream);
 }

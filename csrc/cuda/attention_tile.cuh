@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "cuda/launchers.h"
 #include "cuda/mma.cuh"
 
 namespace fastlm_cuda {
@@ -32,6 +33,48 @@ __device__ __forceinline__ void load_rows_async(T* smem, RowPtr row_ptr, const T
     cp_async_16(smem + r * TileShape<D>::kStride + ch * 8, src ? src + ch * 8 : base, src != nullptr);
   }
 }
+
+// The keys the query rows may see: query i sits at key position i + off, off = seqlen_k - seqlen_q (bottom-right
+// alignment), and sees keys [pos - wl, pos + wr] below seqlen_k (wl, wr = -1: unbounded; causal is wr = 0).
+struct KeyBand {
+  int sk_len, off, wl, wr;
+
+  // [lo(m0), hi(m0, rows)): the keys any of the query rows m0 .. m0 + rows - 1 may see
+  __device__ __forceinline__ int lo(int m0) const { return wl >= 0 ? max(0, m0 + off - wl) : 0; }
+  __device__ __forceinline__ int hi(int m0, int rows) const {
+    return wr >= 0 ? min(sk_len, m0 + rows - 1 + off + wr + 1) : sk_len;
+  }
+  // whether the keys n0 .. n0 + bn - 1 cross the end of the keys or a band edge of one of those rows
+  __device__ __forceinline__ bool needs_mask(int n0, int bn, int m0, int rows) const {
+    return n0 + bn > sk_len || (wr >= 0 && n0 + bn - 1 > m0 + off + wr) || (wl >= 0 && n0 < m0 + rows - 1 + off - wl);
+  }
+  __device__ __forceinline__ bool keeps(int row, int key) const {
+    const int pos = row + off;
+    return key < sk_len && (wl < 0 || key >= pos - wl) && (wr < 0 || key <= pos + wr);
+  }
+};
+
+// The (batch b, head h) slice of an attention problem that one block works on: row pointers of Q, K and V (nullptr
+// past the sequence ends, rows the tile loaders zero-fill) and the keys the query rows may see.
+template <typename T>
+struct AttentionSlice {
+  const T* q;
+  const T* k;
+  const T* v;
+  int64_t q_ss, k_ss, v_ss;
+  int seqlen_q, seqlen_k;
+  KeyBand band;
+
+  __device__ __forceinline__ AttentionSlice(const AttentionParams& p, int b, int h)
+      : q(static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh),
+        k(static_cast<const T*>(p.k) + b * p.k_sb + h / (p.nheads / p.nheads_kv) * p.k_sh),
+        v(static_cast<const T*>(p.v) + b * p.v_sb + h / (p.nheads / p.nheads_kv) * p.v_sh),
+        q_ss(p.q_ss), k_ss(p.k_ss), v_ss(p.v_ss), seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k),
+        band{p.seqlen_k, p.seqlen_k - p.seqlen_q, p.window_left, p.window_right} {}
+  __device__ __forceinline__ const T* q_row(int r) const { return r < seqlen_q ? q + r * q_ss : nullptr; }
+  __device__ __forceinline__ const T* k_row(int n) const { return n < seqlen_k ? k + n * k_ss : nullptr; }
+  __device__ __forceinline__ const T* v_row(int n) const { return n < seqlen_k ? v + n * v_ss : nullptr; }
+};
 
 // Online-softmax state of one warp's 16 rows: this lane holds rows g = lane / 4 and g + 8.
 template <int D>
@@ -133,6 +176,28 @@ __device__ __forceinline__ void warp_pv(WarpState<D>& st, const float (&p)[NKEYS
       Mma<T>::run(st.o[2 * dp], a, b[0], b[1]);
       Mma<T>::run(st.o[2 * dp + 1], a, b[2], b[3]);
     }
+  }
+}
+
+// Write the warp's 16 rows (row0 first; rows >= sq_len skipped) of O = o / l to out (row r at out + r * o_ss) and
+// LSE = m ln 2 + ln l to lse[r]. A row that saw no key gets O = 0 and LSE = -inf.
+template <typename T, int D>
+__device__ __forceinline__ void warp_store(const WarpState<D>& st, T* out, int64_t o_ss, float* lse, int row0,
+                                           int sq_len, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = row0 + g + 8 * hh;
+    const float l = quad_sum(st.l[hh]);
+    if (row >= sq_len) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    T* orow = out + row * o_ss;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const uint32_t packed = Mma<T>::pack(st.o[j][2 * hh] * inv, st.o[j][2 * hh + 1] * inv);
+      *reinterpret_cast<uint32_t*>(orow + j * 8 + 2 * t) = packed;
+    }
+    if (t == 0) lse[row] = l > 0.f ? st.m[hh] * 0.6931471805599453f + logf(l) : -INFINITY;
   }
 }
 

@@ -1,8 +1,9 @@
 """Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a and report per kernel: registers, spills, stack,
-shared memory (from ptxas -v). No torch and no GPU needed: the kernel sources include no torch headers.
+shared memory (from ptxas -v), and whether ptxas had to serialize wgmma or inject waits (sm_90a). No torch and no GPU
+needed: the kernel sources include no torch headers.
 
     python csrc/cuda/compile_check.py           # report
-    python csrc/cuda/compile_check.py --check   # also exit 1 if a file fails to compile or a kernel spills
+    python csrc/cuda/compile_check.py --check   # also exit 1 on a compile failure, a spill or a wgmma advisory
 
 Without nvcc the report is skipped (exit 0) with a loud SKIPPED line.
 """
@@ -27,6 +28,8 @@ _FUNC = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
+# ptxas advisories C75xx: wgmma serialized, or warpgroup waits injected because GMMA results are used too early
+_ADVISORY = re.compile(r"\(C75\d\d\)[^\n]*(?:wgmma|GMMA|warpgroup)[^\n]*")
 
 
 def demangle(names):
@@ -69,11 +72,16 @@ def parse_ptxas(text):
     return rows
 
 
+def wgmma_advisories(text):
+    """ptxas's wgmma performance advisories in nvcc -Xptxas -v output (serialized wgmma, injected warpgroup waits)."""
+    return [m.group(0) for m in _ADVISORY.finditer(text)]
+
+
 def compile_one(nvcc, src, arch_name, gencode, outdir):
     obj = os.path.join(outdir, f"{os.path.basename(src)}.{arch_name}.o")
     # the flags of setup.py's extension build, so the figures are those of the kernels that run
     cmd = [nvcc, "-c", src, "-o", obj, f"-gencode={gencode}", "-Xptxas", "-v", "-std=c++17", "-O3",
-           "--use_fast_math", "--expt-relaxed-constexpr", "-I", CSRC, "-Werror", "all-warnings"]
+           "--use_fast_math", "--expt-relaxed-constexpr", "-DFASTLM_CUDA_SM90A", "-I", CSRC, "-Werror", "all-warnings"]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return src, arch_name, proc.returncode, proc.stdout + proc.stderr, time.time() - t0
@@ -93,7 +101,7 @@ def main(argv=None):
     if not sources:
         print("no csrc/cuda/*.cu files")
         return 0
-    failed, spills = [], []
+    failed, spills, advisories = [], [], []
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         t0 = time.time()
         jobs = [pool.submit(compile_one, nvcc, s, a, g, tmp) for s in sources for a, g in ARCHS]
@@ -105,6 +113,7 @@ def main(argv=None):
             failed.append(f"{name} [{arch}]")
             print(f"\n{name} [{arch}]: COMPILE FAILED\n{out}")
             continue
+        advisories += [f"{name} [{arch}]: {a}" for a in wgmma_advisories(out)]
         rows = [r for r in parse_ptxas(out) if r["arch"] == arch]
         pretty = demangle(sorted({r["kernel"] for r in rows}))
         print(f"\n{name} [{arch}] ({secs:.1f} s)")
@@ -117,12 +126,15 @@ def main(argv=None):
             print(f"  {r['regs']:>4} {r['spill_st']:>5}/{r['spill_ld']:<5} {r['stack']:>5} {r['smem']:>6}  "
                   f"{pretty[r['kernel']]}{flag}")
     print(f"\n{len(sources)} files x {len(ARCHS)} archs compiled in {elapsed:.1f} s "
-          f"({args.jobs} jobs); failures: {len(failed)}; spilling kernels: {len(spills)}")
+          f"({args.jobs} jobs); failures: {len(failed)}; spilling kernels: {len(spills)}; "
+          f"wgmma advisories: {len(advisories)}")
     for f in failed:
         print(f"FAILED: {f}")
     for s in spills:
         print(f"SPILLS: {s}")
-    return 1 if args.check and (failed or spills) else 0
+    for s in advisories:
+        print(f"WGMMA: {s}")
+    return 1 if args.check and (failed or spills or advisories) else 0
 
 
 if __name__ == "__main__":

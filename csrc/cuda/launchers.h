@@ -19,6 +19,10 @@ struct Status {
   static Status Error(std::string msg) { return {std::move(msg)}; }
 };
 
+// Which attention forward kernel runs: kAuto takes the wgmma kernel (attention_sm90.cu) where
+// attention_wgmma_supported, otherwise the mma.sync kernel (attention.cu); kWgmma fails where it is unsupported.
+enum class AttentionKernel { kAuto, kMma, kWgmma };
+
 // Forward attention in FlashAttention's layout. q: (B, Sq, H, D), k/v: (B, Sk, Hkv, D), out like q; strides in
 // elements (the head dim is contiguous); lse: (B, H, Sq) fp32 contiguous. Query i sits at key position
 // i + Sk - Sq; it sees keys in [pos - window_left, pos + window_right] (-1 = unbounded; causal is right = 0).
@@ -37,8 +41,13 @@ struct AttentionParams {
   float softmax_scale;
   int window_left, window_right;
   DType dtype;
+  AttentionKernel kernel;
 };
 Status attention_fwd(const AttentionParams& p, cudaStream_t stream);
+// Whether the wgmma kernel can run head_dim on the current device (built for sm_90a, a 9.x device, head dim 64 or
+// 128); if not and why is given, *why says what is missing.
+bool attention_wgmma_supported(int head_dim, std::string* why);
+Status attention_fwd_wgmma(const AttentionParams& p, cudaStream_t stream);  // after attention_fwd's checks
 
 // Decode attention (Flash-Decoding). q: (B, Sq, H, D); k/v caches: (B, S_max, Hkv, D); cache_seqlens: (B,) int32
 // or int64 on the device, read only by the kernels (clamped to [0, S_max]). Query i of sequence b sits at position

@@ -1,0 +1,134 @@
+// Hopper (sm_90a) warpgroup tensor-core building blocks: wgmma.mma_async with fp32 accumulation for fp16 / bf16
+// operands, shared-memory matrix descriptors for the 128-byte swizzled layout, and the fences wgmma needs.
+//
+// Shared-memory tiles ("sw128 tiles") hold ROWS rows of a multiple of 64 16-bit elements. The row is cut into
+// 64-element (128-byte) column blocks; block b is a contiguous ROWS x 128-byte slab at b * ROWS * 128, row r at
+// r * 128 in it, and the 16-byte chunk j of a row is stored at chunk position j ^ (r % 8). The hardware applies the
+// same XOR to address bits [4, 7) from bits [7, 10), so a slab must start 1024-byte aligned. One layout serves both
+// operand majors:
+//   K-major (A = Q rows, B = K rows: the reduction dim is contiguous): 8-row core groups are SBO = 1024 bytes
+//     apart; the 16-element k step kk starts at slab kk / 4, byte (kk % 4) * 32 of the first row; LBO is unused.
+//   MN-major (B = V rows for P V: the output dim is contiguous, "transposed" B): k step kk (keys 16 kk ..) starts
+//     at row 16 kk; the two 8-key groups are SBO = 1024 bytes apart, the 64-column blocks LBO = ROWS * 128 apart.
+//
+// Accumulators use the m64nN fp32 fragment layout: warp w of the warpgroup holds rows 16 w .. 16 w + 15 and
+// d[j][e] = (row 16 w + g + 8 (e / 2), column 8 j + 2 t + e % 2) with lane = 4 g + t: per warp, exactly the
+// mma.sync m16n8 C layout over N / 8 column tiles, so the warp-level softmax of attention_tile.cuh applies as is,
+// and the register A operand of wgmma (per warp the mma.sync m16n8k16 A layout) is packed from it as in warp_pv.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/mma.cuh"
+
+namespace fastlm_cuda {
+
+// Byte offset of 16-byte chunk `chunk` (0 .. D / 8 - 1) of row `row` in a ROWS-row sw128 tile.
+template <int ROWS>
+__host__ __device__ constexpr int sw128_offset(int row, int chunk) {
+  return (chunk / 8) * ROWS * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
+}
+
+// Matrix descriptor of a 128-byte swizzled operand starting at `smem` (see above); lbo_bytes is the MN-major
+// column-block stride (16 for K-major operands, where it is unused).
+__device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo_bytes) {
+  const uint32_t addr = smem_addr(smem);
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// Copy ROWS rows of D elements into a sw128 tile with cp.async; row r comes from row_ptr(r), nullptr rows are
+// zero-filled (`base`, any valid global address, stands in as the source).
+template <typename T, int ROWS, int D, int NTHREADS, typename RowPtr>
+__device__ __forceinline__ void load_rows_sw128(unsigned char* tile, RowPtr row_ptr, const T* base, int tid) {
+  static_assert(D % 64 == 0, "sw128 tiles hold rows of a multiple of 64 elements");
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int c = tid; c < ROWS * kChunks; c += NTHREADS) {
+    const int r = c / kChunks, ch = c % kChunks;
+    const T* src = row_ptr(r);
+    cp_async_16(tile + sw128_offset<ROWS>(r, ch), src ? src + ch * 8 : base, src != nullptr);
+  }
+}
+
+// Make this thread's generic-proxy shared-memory writes (cp.async included) visible to wgmma's async proxy; a
+// barrier after it publishes them to the whole block.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Order register writes (accumulators, A fragments) before the wgmma that reads them.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+
+// Keep the compiler from moving reads or writes of accumulators across the wgmma issue / wait points.
+template <int NT>
+__device__ __forceinline__ void fence_operands(float (&d)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+
+#define FASTLM_ACC4(d, j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define FASTLM_ACC_N64(d)                                                                                      \
+  FASTLM_ACC4(d, 0), FASTLM_ACC4(d, 1), FASTLM_ACC4(d, 2), FASTLM_ACC4(d, 3), FASTLM_ACC4(d, 4), FASTLM_ACC4(d, 5), \
+      FASTLM_ACC4(d, 6), FASTLM_ACC4(d, 7)
+#define FASTLM_ACC_N128(d)                                                                                         \
+  FASTLM_ACC_N64(d), FASTLM_ACC4(d, 8), FASTLM_ACC4(d, 9), FASTLM_ACC4(d, 10), FASTLM_ACC4(d, 11), FASTLM_ACC4(d, 12), \
+      FASTLM_ACC4(d, 13), FASTLM_ACC4(d, 14), FASTLM_ACC4(d, 15)
+#define FASTLM_D_N64                                                                  \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"          \
+  " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FASTLM_D_N128                                                                 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"          \
+  " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31," \
+  " %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47," \
+  " %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
+// d (+)= A B, A and B from shared memory, both K-major; scale_d = 0 overwrites d. The operand numbers after the
+// accumulators: A, B, SCALE (N / 2, N / 2 + 1, N / 2 + 2).
+#define FASTLM_WGMMA_SS(N, TY, A, B, SCALE)                                                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                                                \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " FASTLM_D_N##N ", " A ", " B        \
+               ", p, 1, 1, 0, 0;\n}\n"                                                                            \
+               : FASTLM_ACC_N##N(d)                                                                              \
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+// d (+)= A B, A from registers (per warp the m16n8k16 A fragment), B from shared memory MN-major (transposed).
+#define FASTLM_WGMMA_RS(N, TY, A0, B, SCALE)                                                                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                                                \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " FASTLM_D_N##N ", " A0 ", " B       \
+               ", p, 1, 1, 1;\n}\n"                                                                             \
+               : FASTLM_ACC_N##N(d)                                                                              \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d))
+
+template <typename T, int N>
+struct Wgmma;
+
+#define FASTLM_DEFINE_WGMMA(T, TY, N, A, B, SCALE, A0, RB, RSCALE)                                                      \
+  template <>                                                                                                    \
+  struct Wgmma<T, N> {                                                                                           \
+    __device__ __forceinline__ static void ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b,            \
+                                              int scale_d) {                                                     \
+      FASTLM_WGMMA_SS(N, TY, A, B, SCALE);                                                                       \
+    }                                                                                                            \
+    __device__ __forceinline__ static void rs_mn(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b,  \
+                                                 int scale_d) {                                                  \
+      FASTLM_WGMMA_RS(N, TY, A0, RB, RSCALE);                                                                    \
+    }                                                                                                            \
+  };
+
+FASTLM_DEFINE_WGMMA(__half, "f16", 64, "%32", "%33", "%34", "{%32, %33, %34, %35}", "%36", "%37")
+FASTLM_DEFINE_WGMMA(__nv_bfloat16, "bf16", 64, "%32", "%33", "%34", "{%32, %33, %34, %35}", "%36", "%37")
+FASTLM_DEFINE_WGMMA(__half, "f16", 128, "%64", "%65", "%66", "{%64, %65, %66, %67}", "%68", "%69")
+FASTLM_DEFINE_WGMMA(__nv_bfloat16, "bf16", 128, "%64", "%65", "%66", "{%64, %65, %66, %67}", "%68", "%69")
+
+#undef FASTLM_DEFINE_WGMMA
+#undef FASTLM_WGMMA_RS
+#undef FASTLM_WGMMA_SS
+#undef FASTLM_D_N128
+#undef FASTLM_D_N64
+#undef FASTLM_ACC_N128
+#undef FASTLM_ACC_N64
+#undef FASTLM_ACC4
+
+}  // namespace fastlm_cuda
