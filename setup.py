@@ -37,6 +37,9 @@ def _extensions():
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         define_macros.append(("FASTLM_WITH_CUDA", "1"))
+        if "90" in archs and "90a" in archs:
+            raise RuntimeError("FASTLM_CUDA_ARCHS: list 90a or 90, not both (which one a 9.0 GPU loads is not "
+                               "defined, and only 90a has the wgmma kernels)")
         if "90a" in archs:                                   # the wgmma attention kernel is compiled in
             define_macros.append(("FASTLM_CUDA_SM90A", "1"))
         ext = cpp_extension.CUDAExtension(

@@ -103,8 +103,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
 at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                  const at::Tensor& cache_seqlens, double softmax_scale, int64_t window_left) {
   const char* op = "decode_attention";
-  TORCH_CHECK(window_left == -1, "fastlm::decode_attention (CUDA): the CUDA decode kernel has no sliding window "
-              "(window_left ", window_left, "); backend='triton' has one");
   check_cuda(q_in, op, "q");
   check_cuda(k_in, op, "k_cache");
   check_cuda(v_in, op, "v_cache");
@@ -147,6 +145,10 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   p.nheads_kv = static_cast<int>(Hkv), p.max_seqlen = static_cast<int>(S), p.head_dim = static_cast<int>(D);
   p.num_splits = splits;
   p.softmax_scale = static_cast<float>(softmax_scale);
+  TORCH_CHECK(window_left >= -1, "fastlm::decode_attention (CUDA): window_left must be >= -1 (-1: no window), got ",
+              window_left);
+  // a window reaching every key is none (and keeps the kernel's position arithmetic within int)
+  p.window_left = window_left >= S ? -1 : static_cast<int>(window_left);
   p.dtype = dtype;
   throw_if(fastlm_cuda::decode_attention(p, c10::cuda::getCurrentCUDAStream()));
   return out;

@@ -28,15 +28,14 @@ template <int D>
 struct Sm90Smem {
   static constexpr int kQ = kBlockM * D * 2;                 // bytes of the Q tile
   static constexpr int kKV = kBlockN * D * 2;                // bytes of one K (or V) tile
-  static constexpr int kBytes = kQ + 4 * kKV + 1024;         // Q, two K and two V tiles, 1024-byte alignment slack
+  static constexpr int kBytes = kQ + 4 * kKV;                // Q, two K and two V tiles
 };
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const AttentionParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  // swizzled tiles must start 1024-byte aligned in the shared window
-  unsigned char* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  // swizzled tiles start 1024-byte aligned: the dynamic shared memory (no static shared memory here) is declared so
+  extern __shared__ __align__(1024) unsigned char smem[];
   unsigned char* sq = smem;
   unsigned char* sk = sq + Sm90Smem<D>::kQ;
   unsigned char* sv = sk + 2 * Sm90Smem<D>::kKV;
@@ -71,7 +70,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
 
     // S = Q K^T: k step kk covers head-dim columns 16 kk .. 16 kk + 15 (64-column slab kk / 4, 32 bytes per step)
     const unsigned char* kt = sk + buf * Sm90Smem<D>::kKV;
-    float s[kBlockN / 8][4];
+    float s[kBlockN / 8][4] = {};  // (the first k step overwrites it: scale-d = 0)
+    fence_operands(s);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       pa[kk][2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       pa[kk][3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
-    wgmma_fence();
     fence_operands(st.o);
+    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk)
       Wgmma<T, D>::rs_mn(st.o, pa[kk], sw128_desc(vt + kk * 16 * 128, kBlockN * 128), 1);

@@ -3,7 +3,8 @@
 // The rows of one (sequence b, kv head) are the GROUP = H / Hkv query heads times the Sq new queries: they share
 // every K/V byte, so they are computed together as one 16-row mma tile (more rows: more row tiles, grid z). The
 // valid cache length (read on the device; the grid depends on S_max only, so the launch can be graph-captured) is
-// cut into num_splits chunks of whole 16-key tiles. Each *warp* owns one split: it streams its chunk through a
+// cut into num_splits chunks of whole 16-key tiles; with a sliding window only the keys from the first query's window
+// start on are. Each *warp* owns one split: it streams its chunk through a
 // private two-stage cp.async pipeline in shared memory (no block-wide barriers), runs the FlashAttention-2 steps
 // of attention_tile.cuh and writes its partial (m, l, unnormalized o) to the workspace. The combine kernel merges
 // the splits of each output row:  out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s,  M = max_s m_s.
@@ -50,9 +51,12 @@ __global__ void __launch_bounds__(decode_warps<D>() * 32) decode_split_kernel(co
   int64_t len = p.seqlens_int64 ? static_cast<const int64_t*>(p.cache_seqlens)[b]
                                 : static_cast<const int32_t*>(p.cache_seqlens)[b];
   const int seqlen = static_cast<int>(min(max(len, int64_t(0)), int64_t(p.max_seqlen)));
-  // balance the valid length over the splits in whole tiles
-  const int tiles_per_split = ((seqlen + kTileKeys - 1) / kTileKeys + p.num_splits - 1) / p.num_splits;
-  const int lo = split * tiles_per_split * kTileKeys;
+  // query i sits at position first_pos + i and sees keys (pos - window_left ..) pos; no key before `start` is seen
+  const int first_pos = seqlen - sq_len, wl = p.window_left;
+  const int start = wl >= 0 ? min(max(first_pos - wl, 0), seqlen) : 0;
+  // balance the keys from start on over the splits in whole tiles
+  const int tiles_per_split = ((seqlen - start + kTileKeys - 1) / kTileKeys + p.num_splits - 1) / p.num_splits;
+  const int lo = start + split * tiles_per_split * kTileKeys;
   const int hi = min(lo + tiles_per_split * kTileKeys, seqlen);
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_sb;
@@ -76,7 +80,6 @@ __global__ void __launch_bounds__(decode_warps<D>() * 32) decode_split_kernel(co
   WarpState<D> st;
   st.init();
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const int first_pos = seqlen - sq_len;  // position of query 0; query i sees keys 0..first_pos + i
   int buf = 0;
   for (int n0 = lo; n0 < hi; n0 += kTileKeys, buf ^= 1) {
     if (n0 + kTileKeys < hi) load_kv(n0 + kTileKeys, buf ^ 1);
@@ -86,10 +89,11 @@ __global__ void __launch_bounds__(decode_warps<D>() * 32) decode_split_kernel(co
 
     float s[kTileKeys / 8][4];
     warp_qk<T, D, kTileKeys>(s, sq, sk + buf * TILE, lane);
-    const bool need_mask = n0 + kTileKeys > hi || n0 + kTileKeys - 1 > first_pos;
+    const bool need_mask = n0 + kTileKeys > hi || n0 + kTileKeys - 1 > first_pos ||
+                           (wl >= 0 && n0 < first_pos + sq_len - 1 - wl);
     warp_softmax<D, kTileKeys>(s, st, scale_log2, need_mask, [&](int r, int c) {
-      const int j = n0 + c;
-      return j < hi && j <= first_pos + (row_base + r) / group;
+      const int j = n0 + c, pos = first_pos + (row_base + r) / group;
+      return j < hi && j <= pos && (wl < 0 || j >= pos - wl);
     }, lane);
     warp_pv<T, D, kTileKeys>(st, s, sv + buf * TILE, lane);
     __syncwarp();  // the next iteration overwrites the buffer read here
@@ -199,6 +203,7 @@ Status decode_attention(const DecodeParams& p, cudaStream_t stream) {
       p.nheads % p.nheads_kv != 0 || p.num_splits <= 0)
     return Status::Error("decode_attention: bad sizes (nheads must be a positive multiple of nheads_kv, "
                          "num_splits >= 1)");
+  if (p.window_left < -1) return Status::Error("decode_attention: window_left must be >= -1 (-1: no window)");
   if (p.batch == 0 || p.seqlen_q == 0) return Status::Ok();
   if (static_cast<int64_t>(p.batch) * p.nheads_kv > 65535)
     return Status::Error("decode_attention: batch * nheads_kv must be <= 65535");

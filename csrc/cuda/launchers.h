@@ -51,7 +51,7 @@ Status attention_fwd_wgmma(const AttentionParams& p, cudaStream_t stream);  // a
 
 // Decode attention (Flash-Decoding). q: (B, Sq, H, D); k/v caches: (B, S_max, Hkv, D); cache_seqlens: (B,) int32
 // or int64 on the device, read only by the kernels (clamped to [0, S_max]). Query i of sequence b sits at position
-// cache_seqlens[b] - Sq + i. The work is split along the cache into num_splits chunks (decode_num_splits) whose
+// cache_seqlens[b] - Sq + i and sees keys from position - window_left (-1: from 0) to its position. The work is split along the cache into num_splits chunks (decode_num_splits) whose
 // partial results go to `workspace` (decode_workspace_floats floats) and are merged by a combine kernel.
 struct DecodeParams {
   const void* q;
@@ -66,6 +66,7 @@ struct DecodeParams {
   int64_t v_sb, v_ss, v_sh;
   int batch, seqlen_q, nheads, nheads_kv, max_seqlen, head_dim, num_splits;
   float softmax_scale;
+  int window_left;
   DType dtype;
 };
 int decode_num_splits(int batch, int seqlen_q, int nheads, int nheads_kv, int max_seqlen);
