@@ -47,15 +47,16 @@ at::Tensor rows_aligned(const at::Tensor& t) {
 
 void throw_if(const fastlm_cuda::Status& s) { TORCH_CHECK(s.ok(), "fastlm (CUDA): ", s.error); }
 
-// The attention forward kernel chosen by FASTLM_CUDA_ATTENTION: unset or "auto" (wgmma on Hopper for head dims 64
-// and 128, mma.sync otherwise), "mma" (the sm_80 kernel everywhere) or "wgmma" (an error where it cannot run).
-fastlm_cuda::AttentionKernel attention_kernel() {
-  const char* env = std::getenv("FASTLM_CUDA_ATTENTION");
+// The tensor-core kernels chosen by FASTLM_CUDA_KERNELS for the attention forward and the MLPs: unset or "auto"
+// (wgmma on Hopper where the kernel serves the shape, mma.sync otherwise), "mma" (the sm_80 kernels everywhere) or
+// "wgmma" (an error where they cannot run).
+fastlm_cuda::KernelFamily kernel_family() {
+  const char* env = std::getenv("FASTLM_CUDA_KERNELS");
   const std::string choice = env ? env : "";
-  if (choice.empty() || choice == "auto") return fastlm_cuda::AttentionKernel::kAuto;
-  if (choice == "mma") return fastlm_cuda::AttentionKernel::kMma;
-  if (choice == "wgmma") return fastlm_cuda::AttentionKernel::kWgmma;
-  TORCH_CHECK(false, "fastlm (CUDA): FASTLM_CUDA_ATTENTION must be 'auto', 'mma' or 'wgmma', got '", choice, "'");
+  if (choice.empty() || choice == "auto") return fastlm_cuda::KernelFamily::kAuto;
+  if (choice == "mma") return fastlm_cuda::KernelFamily::kMma;
+  if (choice == "wgmma") return fastlm_cuda::KernelFamily::kWgmma;
+  TORCH_CHECK(false, "fastlm (CUDA): FASTLM_CUDA_KERNELS must be 'auto', 'mma' or 'wgmma', got '", choice, "'");
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -95,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   p.window_left = static_cast<int>(window_left);
   p.window_right = causal ? 0 : static_cast<int>(window_right);
   p.dtype = dtype;
-  p.kernel = attention_kernel();
+  p.kernels = kernel_family();
   throw_if(fastlm_cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }
@@ -212,6 +213,7 @@ at::Tensor mlp_cuda(const char* op, const at::Tensor& x, const at::Tensor& w1, c
   p.out = out.data_ptr();
   p.rows = rows, p.d_model = d_model, p.d_ff = d_ff;
   p.dtype = dtype;
+  p.kernels = kernel_family();
   throw_if(launch(p, c10::cuda::getCurrentCUDAStream()));
   return out.view(x.sizes());
 }

@@ -104,28 +104,29 @@ def sdpa_attention(q, k, v, *, causal=False, sdpa_backend=None):
     return out.transpose(1, 2)
 
 
-def _with_cuda_attention_kernel(kernel, fn):
-    """fn with the CUDA attention forward kernel forced to ``kernel`` ("mma" or "wgmma") during the call."""
+def _with_cuda_kernels(kernels, fn):
+    """fn with the CUDA tensor-core kernels forced to ``kernels`` ("mma" or "wgmma": FASTLM_CUDA_KERNELS) during the
+    call."""
     def call(**inputs):
-        previous = os.environ.get("FASTLM_CUDA_ATTENTION")
-        os.environ["FASTLM_CUDA_ATTENTION"] = kernel
+        previous = os.environ.get("FASTLM_CUDA_KERNELS")
+        os.environ["FASTLM_CUDA_KERNELS"] = kernels
         try:
             return fn(**inputs)
         finally:
             if previous is None:
-                del os.environ["FASTLM_CUDA_ATTENTION"]
+                del os.environ["FASTLM_CUDA_KERNELS"]
             else:
-                os.environ["FASTLM_CUDA_ATTENTION"] = previous
+                os.environ["FASTLM_CUDA_KERNELS"] = previous
     return call
 
 
-def _cuda_mma_attention(ctx, impls, D, mode):
-    """On a Hopper GPU "cuda" runs the wgmma kernel for head dims 64 / 128: the mma.sync kernel is measured beside it
-    as fastlm[cuda-mma]."""
+def _cuda_mma_impl(ctx, impls, wgmma_serves: bool):
+    """On a Hopper GPU "cuda" runs the wgmma kernels where they serve the case (``wgmma_serves``): the sm_80 mma.sync
+    kernels are measured beside them as fastlm[cuda-mma]."""
     cuda = [i for i in impls if i.backend == "cuda"]
-    if not cuda or mode != "fwd" or D not in (64, 128) or torch.cuda.get_device_capability(ctx.device)[0] != 9:
+    if not cuda or not wgmma_serves or torch.cuda.get_device_capability(ctx.device)[0] != 9:
         return []
-    return [Impl("fastlm[cuda-mma]", "fastlm", _with_cuda_attention_kernel("mma", cuda[0].fn), backend="cuda")]
+    return [Impl("fastlm[cuda-mma]", "fastlm", _with_cuda_kernels("mma", cuda[0].fn), backend="cuda")]
 
 
 def _attention_case(ctx, backends, B, H, Hkv, S, D, causal, dtype, mode, compile_here):
@@ -148,7 +149,7 @@ def _attention_case(ctx, backends, B, H, Hkv, S, D, causal, dtype, mode, compile
     if not eager_ok:
         sdpa = [s for s in sdpa if s.name != "sdpa-math"]
     impls = fastlm_impls("attention", ctx, backends, causal=causal)
-    impls += _cuda_mma_attention(ctx, impls, D, mode) + sdpa + peers(ref, ctx, compile_here=compile_here,
+    impls += _cuda_mma_impl(ctx, impls, mode == "fwd" and D in (64, 128)) + sdpa + peers(ref, ctx, compile_here=compile_here,
                                                                      eager_ok=eager_ok)
     name = f"B{B} H{H}" + (f"/{Hkv}" if Hkv != H else "") + f" S{S} D{D}" + (" causal" if causal else "")
     shape = {"batch": B, "nheads": H, "nheads_kv": Hkv, "seqlen": S, "headdim": D, "causal": causal}
@@ -270,7 +271,8 @@ def _ffn_case(ctx, backends, kind, T, d, f, dtype, mode, compile_here):
     op = "mlp_gelu" if kind == "gelu" else "mlp_swiglu"
     ref = getattr(reference, op)
     extra = [Impl("liger", "peer", _liger_swiglu)] if kind == "swiglu" and ctx.device.type == "cuda" else []
-    impls = fastlm_impls(op, ctx, backends) + peers(ref, ctx, compile_here=compile_here, extra=extra)
+    impls = fastlm_impls(op, ctx, backends)
+    impls += _cuda_mma_impl(ctx, impls, mode == "fwd") + peers(ref, ctx, compile_here=compile_here, extra=extra)
     grads = ("x", "w_fc", "b_fc", "w_proj", "b_proj", "residual") if kind == "gelu" else \
         ("x", "w_gate", "w_up", "w_down", "residual")
     return _case("ffn", f"{op} T{T} d{d} f{f}", {"tokens": T, "d_model": d, "intermediate": f, "kind": kind},

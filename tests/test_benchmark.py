@@ -353,22 +353,22 @@ def test_gpu_check_script_parses():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_cuda_attention_kernel_is_forced_only_during_the_call(monkeypatch):
+def test_cuda_kernels_are_forced_only_during_the_call(monkeypatch):
     from fastlm import bench_suites
-    monkeypatch.setenv("FASTLM_CUDA_ATTENTION", "auto")
+    monkeypatch.setenv("FASTLM_CUDA_KERNELS", "auto")
     seen = []
 
     def fn(**inputs):
-        seen.append((os.environ["FASTLM_CUDA_ATTENTION"], inputs))
+        seen.append((os.environ["FASTLM_CUDA_KERNELS"], inputs))
         if inputs.get("fail"):
             raise RuntimeError("boom")
         return 1
 
-    assert bench_suites._with_cuda_attention_kernel("mma", fn)(q=2) == 1
+    assert bench_suites._with_cuda_kernels("mma", fn)(q=2) == 1
     with pytest.raises(RuntimeError, match="boom"):
-        bench_suites._with_cuda_attention_kernel("mma", fn)(fail=True)
+        bench_suites._with_cuda_kernels("mma", fn)(fail=True)
     assert seen == [("mma", {"q": 2}), ("mma", {"fail": True})]
-    assert os.environ["FASTLM_CUDA_ATTENTION"] == "auto"
-    monkeypatch.delenv("FASTLM_CUDA_ATTENTION")
-    bench_suites._with_cuda_attention_kernel("mma", fn)()
-    assert "FASTLM_CUDA_ATTENTION" not in os.environ
+    assert os.environ["FASTLM_CUDA_KERNELS"] == "auto"
+    monkeypatch.delenv("FASTLM_CUDA_KERNELS")
+    bench_suites._with_cuda_kernels("mma", fn)()
+    assert "FASTLM_CUDA_KERNELS" not in os.environ

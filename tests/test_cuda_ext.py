@@ -52,12 +52,12 @@ def _attention_params():
 
 
 @pytest.fixture
-def attention_kernel(monkeypatch):
-    """Select the CUDA attention kernel through FASTLM_CUDA_ATTENTION; wgmma needs a compute capability 9.x GPU."""
-    def select(kernel):
-        if kernel == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
-            pytest.skip("the wgmma kernel needs a Hopper (sm_90) GPU")
-        monkeypatch.setenv("FASTLM_CUDA_ATTENTION", kernel)
+def cuda_kernels(monkeypatch):
+    """Select the tensor-core kernels through FASTLM_CUDA_KERNELS; the wgmma ones need a compute capability 9.x GPU."""
+    def select(kernels):
+        if kernels == "wgmma" and torch.cuda.get_device_capability()[0] != 9:
+            pytest.skip("the wgmma kernels need a Hopper (sm_90) GPU")
+        monkeypatch.setenv("FASTLM_CUDA_KERNELS", kernels)
     return select
 
 
@@ -65,8 +65,8 @@ def attention_kernel(monkeypatch):
 @needs_cuda_op("attention_fwd")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kernel,D,Sq,Sk,H,Hkv,causal,window", _attention_params())
-def test_attention_fwd(attention_kernel, kernel, dtype, D, Sq, Sk, H, Hkv, causal, window):
-    attention_kernel(kernel)
+def test_attention_fwd(cuda_kernels, kernel, dtype, D, Sq, Sk, H, Hkv, causal, window):
+    cuda_kernels(kernel)
     q, k, v = _randn(2, Sq, H, D, dtype=dtype), _randn(2, Sk, Hkv, D, dtype=dtype), _randn(2, Sk, Hkv, D, dtype=dtype)
     scale = 1.0 / math.sqrt(D)
     _check_attention(q, k, v, causal, scale, window)
@@ -85,9 +85,9 @@ def _check_attention(q, k, v, causal, scale, window=(-1, -1)):
 @pytest.mark.gpu
 @needs_cuda_op("attention_fwd")
 @pytest.mark.parametrize("kernel,D", [("mma", 64), ("wgmma", 64), ("wgmma", 128)])
-def test_attention_fwd_large_logits_and_strided(attention_kernel, kernel, D):
+def test_attention_fwd_large_logits_and_strided(cuda_kernels, kernel, D):
     # q.k ~ 30 exercises the running-max rescaling; a transposed view exercises the stride handling
-    attention_kernel(kernel)
+    cuda_kernels(kernel)
     q = _randn(1, 2, 300, D, dtype=torch.bfloat16, scale=4.0).transpose(1, 2)  # (1, 300, 2, D), strided
     k, v = _randn(1, 300, 2, D, dtype=torch.bfloat16), _randn(1, 300, 2, D, dtype=torch.bfloat16)
     _check_attention(q, k, v, True, 0.125)
@@ -106,27 +106,35 @@ def test_attention_fwd_unsupported_raises():
 
 @pytest.mark.gpu
 @needs_cuda_op("attention_fwd")
-def test_attention_kernel_choice_errors(monkeypatch):
+def test_kernel_family_choice_errors(monkeypatch):
     q = _randn(1, 4, 2, 32, dtype=torch.float16)
-    monkeypatch.setenv("FASTLM_CUDA_ATTENTION", "fastest")
-    with pytest.raises(RuntimeError, match="FASTLM_CUDA_ATTENTION must be 'auto', 'mma' or 'wgmma', got 'fastest'"):
+    monkeypatch.setenv("FASTLM_CUDA_KERNELS", "fastest")
+    with pytest.raises(RuntimeError, match="FASTLM_CUDA_KERNELS must be 'auto', 'mma' or 'wgmma', got 'fastest'"):
         torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
-    monkeypatch.setenv("FASTLM_CUDA_ATTENTION", "wgmma")  # head dim 32 (and, off Hopper, the device) is refused
+    x, w = _randn(3, 64, dtype=torch.float16), _randn(24, 64, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="FASTLM_CUDA_KERNELS must be"):
+        torch.ops.fastlm.mlp_swiglu(x, w, w, w.t().contiguous(), None)
+    monkeypatch.setenv("FASTLM_CUDA_KERNELS", "wgmma")  # head dim 32 (and, off Hopper, the device) is refused
     with pytest.raises(RuntimeError, match="wgmma"):
         torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
 
 
 # ---------------------------------------------------------------- fused MLPs
 
-MLP_SHAPES = [((2, 37), 64, 200), ((3, 130), 256, 688), ((5,), 96, 48)]  # (leading dims, d_model, d_ff)
+# (leading dims, d_model, d_ff): ragged row / column blocks, K a partial last k tile (96, 200, 48), K past the
+# wgmma GEMM's 4 pipeline stages (512, 1376)
+MLP_SHAPES = [((2, 37), 64, 200), ((3, 130), 256, 688), ((5,), 96, 48), ((2, 150), 512, 1376)]
+KERNELS = ["mma", "wgmma"]
 
 
 @pytest.mark.gpu
 @needs_cuda_op("mlp_gelu")
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,d,f", MLP_SHAPES)
 @pytest.mark.parametrize("bias,residual", [(True, True), (False, False), (True, False)])
-def test_mlp_gelu(dtype, lead, d, f, bias, residual):
+def test_mlp_gelu(cuda_kernels, kernel, dtype, lead, d, f, bias, residual):
+    cuda_kernels(kernel)
     x = _randn(*lead, d, dtype=dtype)
     w_fc, w_proj = _randn(f, d, dtype=dtype, scale=d ** -0.5), _randn(d, f, dtype=dtype, scale=f ** -0.5)
     b_fc = _randn(f, dtype=dtype) if bias else None
@@ -149,7 +157,9 @@ def _check_mlp(name, *args):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,d,f", MLP_SHAPES)
 @pytest.mark.parametrize("residual", [True, False])
-def test_mlp_swiglu(dtype, lead, d, f, residual):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_mlp_swiglu(cuda_kernels, kernel, dtype, lead, d, f, residual):
+    cuda_kernels(kernel)
     x = _randn(*lead, d, dtype=dtype)
     w_gate, w_up = _randn(f, d, dtype=dtype, scale=d ** -0.5), _randn(f, d, dtype=dtype, scale=d ** -0.5)
     w_down = _randn(d, f, dtype=dtype, scale=f ** -0.5)

@@ -4,7 +4,7 @@ address formulas of attention_tile.cuh (warp_qk, warp_pv) and ffn.cu (gemm_tn_ke
 plain matrix products; and of wgmma.mma_async (sm_90a): the 64-bit shared-memory descriptor decoded field by field,
 the 128-byte swizzle applied to absolute byte addresses, K-major and MN-major (transposed) canonical layouts and the
 m64nNk16 accumulator / register-A fragments, driven with wgmma.cuh's sw128_offset / sw128_desc and the descriptor
-start addresses of attention_sm90.cu. Keep the formulas here in step with the kernels.
+start addresses of attention_sm90.cu and of ffn.cu's wgmma GEMM. Keep the formulas here in step with the kernels.
 
     python bench/dev/mma_layout_emu.py      (tests/test_cuda_ext.py runs it too)
 """
@@ -205,7 +205,32 @@ def check_attention_wgmma(D, BM=128, BN=128):
         assert np.allclose(acc_to_matrix(o, D), S @ V), ("pv", D, wg)
     print("attention wgmma ok", D, BN)
 
+def check_gemm_wgmma(k_valid, threads=256, rows_per_thread=4):
+    """ffn.cu's gemm_tn_wgmma_kernel, one stage: thread tid copies chunk tid % 8 of rows tid / 8 + 32 i of the A and B
+    tiles (zero past k_valid columns); each warpgroup's 4 k steps of m64n128k16 give its 64 x 128 block of A B^T."""
+    tile = 128 * 128
+    smem = np.full(2 * tile // 2, np.nan)
+    A, B = rng.standard_normal((128, 64)), rng.standard_normal((128, 64))
+    for t, X in enumerate((A, B)):
+        for tid in range(threads):
+            ch, r0 = tid % 8, tid // 8
+            for i in range(rows_per_thread):
+                r = r0 + 32 * i
+                off = t * tile + sw128_offset(128, r, ch)
+                assert np.isnan(smem[off // 2: off // 2 + 8]).all(), "two chunks stored at one place"
+                smem[off // 2: off // 2 + 8] = X[r, ch * 8: ch * 8 + 8] if ch * 8 < k_valid else 0.0
+    assert not np.isnan(smem).any()
+    for wg in range(2):
+        acc = np.zeros((128, 16, 4))
+        for kk in range(4):
+            acc = wgmma_ss(acc, smem, sw128_desc(wg * 64 * 128 + kk * 32, 16), sw128_desc(tile + kk * 32, 16), 128, 1)
+        ref = A[wg * 64: wg * 64 + 64, :k_valid] @ B[:, :k_valid].T
+        assert np.allclose(acc_to_matrix(acc, 128), ref), ("gemm wgmma", wg, k_valid)
+    print("gemm wgmma ok", k_valid)
+
 def main():
+    check_gemm_wgmma(64)
+    check_gemm_wgmma(40)
     for D in (64, 128):
         check_attention_wgmma(D)
     for D in (32, 64, 96, 128):

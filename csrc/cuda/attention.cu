@@ -9,7 +9,7 @@
 // Memory traffic per (batch, head): Q and O once, K and V once per 64-row query block (within the band).
 //
 // attention_fwd checks the problem and picks the kernel: the wgmma kernel of attention_sm90.cu where it can run
-// (Hopper, head dims 64 / 128, AttentionParams::kernel auto or wgmma), this one otherwise.
+// (Hopper, head dims 64 / 128, AttentionParams::kernels auto or wgmma), this one otherwise.
 #include <cuda_runtime.h>
 
 #include <string>
@@ -116,9 +116,7 @@ Status attention_fwd(const AttentionParams& p, cudaStream_t stream) {
     if (s % 8 != 0) return Status::Error("attention_fwd: every stride must be a multiple of 8 elements (16 bytes)");
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out))
     return Status::Error("attention_fwd: q, k, v and out must be 16-byte aligned");
-  if (p.kernel == AttentionKernel::kWgmma ||
-      (p.kernel == AttentionKernel::kAuto && attention_wgmma_supported(p.head_dim, nullptr)))
-    return attention_fwd_wgmma(p, stream);
+  if (use_wgmma(p.kernels, attention_wgmma_supported(p.head_dim, nullptr))) return attention_fwd_wgmma(p, stream);
   return p.dtype == DType::kFloat16 ? launch_any_head_dim<__half>(p, stream)
                                     : launch_any_head_dim<__nv_bfloat16>(p, stream);
 }

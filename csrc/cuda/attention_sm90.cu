@@ -2,8 +2,8 @@
 //
 // Grid (ceil(Sq / 128), H, B), two warpgroups of 128 threads; warpgroup w owns query rows 64 w .. 64 w + 63 of the
 // block and each of its warps 16 of them. Q (128 rows) is copied to shared memory once; K and V tiles of 128 keys
-// stream through a two-stage cp.async pipeline into 128-byte swizzled tiles (wgmma.cuh), tile t + 1 in flight while
-// tile t is used. Per tile and warpgroup: S = Q K^T as D / 16 wgmma m64n128k16 with both operands in shared memory,
+// stream through a two-stage cp.async pipeline into 128-byte swizzled tiles (wgmma.cuh): tile t + 1's copies are
+// issued once tile t's S GEMM is, and are in flight while tile t is used. Per tile and warpgroup: S = Q K^T as D / 16 wgmma m64n128k16 with both operands in shared memory,
 // the online softmax of attention_tile.cuh on the S fragments (log2 domain), then O += P V as 8 wgmma m64nDk16 with
 // P from registers (packed straight from S) and V read transposed from shared memory. Masking, key-tile skipping,
 // empty rows (O = 0, LSE = -inf) and the output write are those of the mma.sync kernel (attention.cu).
@@ -62,11 +62,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   const int row0 = m0 + wg * 64 + warp * 16;  // first query row of this warp
   int buf = 0;
   for (int n0 = n_start; n0 < hi; n0 += kBlockN, buf ^= 1) {
-    if (n0 + kBlockN < hi) load_kv(n0 + kBlockN, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<0>();  // this tile, the only copy in flight
     fence_proxy_async();
-    __syncthreads();
+    __syncthreads();  // it is visible to all, and every wgmma of the previous tile is done with buffer buf ^ 1
 
     // S = Q K^T: k step kk covers head-dim columns 16 kk .. 16 kk + 15 (64-column slab kk / 4, 32 bytes per step)
     const unsigned char* kt = sk + buf * Sm90Smem<D>::kKV;
@@ -80,6 +78,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
                             sw128_desc(kt + slab * kBlockN * 128 + step, 16), kk > 0);
     }
     wgmma_commit();
+    if (n0 + kBlockN < hi) load_kv(n0 + kBlockN, buf ^ 1);  // the next tile's copies overlap the S GEMM
+    cp_async_commit();
     wgmma_wait<0>();
     fence_operands(s);
 
@@ -104,7 +104,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(st.o);
-    __syncthreads();  // the next iteration overwrites the buffers read here
   }
   cp_async_wait<0>();
 
@@ -129,28 +128,12 @@ Status launch(const AttentionParams& p, cudaStream_t stream) {
 }  // namespace
 
 bool attention_wgmma_supported(int head_dim, std::string* why) {
-#ifndef FASTLM_CUDA_SM90A
-  (void)head_dim;
-  if (why) *why = "the extension was built without sm_90a (FASTLM_CUDA_ARCHS has no 90a)";
-  return false;
-#else
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-    cudaGetLastError();  // clear the error: the caller falls back or reports
-    if (why) *why = "cannot query the device's compute capability";
-    return false;
-  }
-  if (major != 9) {
-    if (why) *why = "wgmma needs a compute capability 9.x device (Hopper); this one is " + std::to_string(major) + ".x";
-    return false;
-  }
+  if (!sm90a_device(why)) return false;
   if (head_dim != 64 && head_dim != 128) {
     if (why) *why = "the wgmma kernel supports head dims 64 and 128; got " + std::to_string(head_dim);
     return false;
   }
   return true;
-#endif
 }
 
 Status attention_fwd_wgmma(const AttentionParams& p, cudaStream_t stream) {

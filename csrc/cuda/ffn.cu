@@ -1,8 +1,11 @@
-// Fused MLP GEMMs on mma.sync (sm_80+), fp16/bf16 in, fp32 accumulation.
-//
-// One GEMM kernel, C = A B^T with A (M, K) and B (N, K) both K-contiguous (activations times nn.Linear weights),
-// block tile 128 x BN x 32, 8 warps, a 3-stage cp.async pipeline and ldmatrix operand loads, with the element-wise
-// work fused into the epilogue so no intermediate takes an extra round trip through memory:
+// Fused MLP GEMMs, fp16/bf16 in, fp32 accumulation: C = A B^T with A (M, K) and B (N, K) both K-contiguous
+// (activations times nn.Linear weights), in two kernels of the same shape of work:
+//   gemm_tn_kernel (mma.sync, sm_80+): block tile 128 x BN x 32, 8 warps (2 x 4, warp tile 64 x BN / 4), a 3-stage
+//     cp.async pipeline, ldmatrix operand loads;
+//   gemm_tn_wgmma_kernel (wgmma, sm_90a): block tile 128 x 128 x 64, two warpgroups of 64 rows, a 4-stage cp.async
+//     pipeline into 128-byte swizzled tiles (wgmma.cuh) read by m64n128k16 wgmma with both operands in shared memory;
+//     taken on Hopper (MlpParams::kernels auto or wgmma);
+// with the element-wise work fused into the epilogue so no intermediate takes an extra round trip through memory:
 //   kBiasGelu:     h = gelu_tanh(x w_fc^T + b_fc)                 (first GEMM of the GPT-2 MLP)
 //   kSwiglu:       h = silu(x w_gate^T) * (x w_up^T)             (dual GEMM: both weights share each A tile)
 //   kBiasResidual: y = h w2^T + b2 + residual                     (second GEMM of either MLP)
@@ -15,6 +18,7 @@
 #include "cuda/launch_utils.cuh"
 #include "cuda/launchers.h"
 #include "cuda/mma.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace fastlm_cuda {
 namespace {
@@ -46,6 +50,37 @@ struct GemmArgs {
 __device__ __forceinline__ float gelu_tanh(float x) {
   const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
   return 0.5f * x * (1.f + tanhf(u));
+}
+
+// The output pair (row, col), (row, col + 1) (col even; n % 8 == 0, so col < n implies col + 1 < n): the epilogue
+// applied to y (the first accumulator), u (the second, SwiGLU's up projection) and the bias pair b, then stored.
+template <typename T, Epilogue E>
+__device__ __forceinline__ void store_pair(const GemmArgs& p, int64_t row, int64_t col, float y0, float y1, float u0,
+                                           float u1, float2 b) {
+  if (E == Epilogue::kSwiglu) {
+    y0 = y0 / (1.f + __expf(-y0)) * u0;
+    y1 = y1 / (1.f + __expf(-y1)) * u1;
+  } else if (E == Epilogue::kBiasGelu) {
+    y0 = gelu_tanh(y0 + b.x);
+    y1 = gelu_tanh(y1 + b.y);
+  } else {
+    y0 += b.x;
+    y1 += b.y;
+    if (p.residual) {
+      const T* res = static_cast<const T*>(p.residual) + row * p.n + col;
+      y0 += to_float(res[0]);
+      y1 += to_float(res[1]);
+    }
+  }
+  *reinterpret_cast<uint32_t*>(static_cast<T*>(p.c) + row * p.n + col) = Mma<T>::pack(y0, y1);
+}
+
+// The bias pair of columns col, col + 1 (zeros without a bias; SwiGLU has none).
+template <typename T, Epilogue E>
+__device__ __forceinline__ float2 bias_pair(const GemmArgs& p, int64_t col) {
+  if (E == Epilogue::kSwiglu || !p.bias) return make_float2(0.f, 0.f);
+  const T* bias = static_cast<const T*>(p.bias);
+  return make_float2(to_float(bias[col]), to_float(bias[col + 1]));
 }
 
 // Copy a ROWS x 32 tile (rows row0.., columns k0..) of a K-contiguous matrix; out-of-range rows/chunks read 0.
@@ -136,56 +171,146 @@ __global__ void __launch_bounds__(kThreads) gemm_tn_kernel(const GemmArgs p) {
   cp_async_wait<0>();
 
   const int g = lane >> 2, t = lane & 3;
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* res = static_cast<const T*>(p.residual);
-  T* C = static_cast<T*>(p.c);
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-    const int64_t col = n0 + wn * WN + j * 8 + 2 * t;  // n % 8 == 0: col < n implies col + 1 < n
+    const int64_t col = n0 + wn * WN + j * 8 + 2 * t;
     if (col >= p.n) continue;
-    float b0 = 0.f, b1 = 0.f;
-    if (E != Epilogue::kSwiglu && bias) {
-      b0 = to_float(bias[col]);
-      b1 = to_float(bias[col + 1]);
-    }
+    const float2 b = bias_pair<T, E>(p, col);
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int64_t row = m0 + wm * 64 + i * 16 + g + 8 * hh;
         if (row >= p.m) continue;
-        float y0 = acc[0][i][j][2 * hh], y1 = acc[0][i][j][2 * hh + 1];
-        if (E == Epilogue::kSwiglu) {
-          const float u0 = acc[NW - 1][i][j][2 * hh], u1 = acc[NW - 1][i][j][2 * hh + 1];
-          y0 = y0 / (1.f + __expf(-y0)) * u0;
-          y1 = y1 / (1.f + __expf(-y1)) * u1;
-        } else if (E == Epilogue::kBiasGelu) {
-          y0 = gelu_tanh(y0 + b0);
-          y1 = gelu_tanh(y1 + b1);
-        } else {
-          y0 += b0;
-          y1 += b1;
-          if (res) {
-            y0 += to_float(res[row * p.n + col]);
-            y1 += to_float(res[row * p.n + col + 1]);
-          }
-        }
-        *reinterpret_cast<uint32_t*>(C + row * p.n + col) = Mma<T>::pack(y0, y1);
+        store_pair<T, E>(p, row, col, acc[0][i][j][2 * hh], acc[0][i][j][2 * hh + 1], acc[NW - 1][i][j][2 * hh],
+                         acc[NW - 1][i][j][2 * hh + 1], b);
       }
   }
 }
 
+constexpr int kWgBM = 128, kWgBN = 128, kWgBK = 64, kWgStages = 4;
+// bytes of a 128-row operand tile (A rows or B rows): 64 K elements, one 128-byte swizzle slab per row
+constexpr int kWgTile = kWgBM * kWgBK * 2;
+static_assert(kWgBM == kWgBN && kWgBK * 2 == 128, "A and B tiles share one shape, a row is one 128-byte slab");
+
+template <Epilogue E>
+constexpr int wgmma_gemm_smem_bytes() { return kWgStages * (1 + n_weights<E>()) * kWgTile; }
+
 template <typename T, Epilogue E>
-Status run_gemm(const GemmArgs& g, cudaStream_t stream, const char* what) {
-  constexpr int smem = gemm_smem_bytes<E>();
-  auto kernel = gemm_tn_kernel<T, E>;
+__global__ void __launch_bounds__(kThreads, 1) gemm_tn_wgmma_kernel(const GemmArgs p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int NW = n_weights<E>();
+  constexpr int STAGE = (1 + NW) * kWgTile;  // the A tile, then NW B tiles
+  // swizzled tiles start 1024-byte aligned: the dynamic shared memory (no static shared memory here) is declared so
+  extern __shared__ __align__(1024) unsigned char smem[];
+
+  const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, warp = (tid >> 5) & 3;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kWgBM, n0 = static_cast<int64_t>(blockIdx.x) * kWgBN;
+  const int k_tiles = static_cast<int>((p.k + kWgBK - 1) / kWgBK);
+
+  // This thread's share of every stage: 16-byte chunk ch of rows r0 + 32 i (i < 4) of the A tile and of each B tile
+  // (256 threads x 4 = 128 rows x 8 chunks). Rows past the matrix and chunks past k are zero-filled.
+  constexpr int kRowsPerThread = kWgBM * (kWgBK / 8) / kThreads;
+  const int ch = tid % 8, r0 = tid / 8;
+  const T* src[1 + NW][kRowsPerThread];
+  bool row_ok[1 + NW][kRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int64_t m = m0 + r0 + 32 * i, n = n0 + r0 + 32 * i;
+    row_ok[0][i] = m < p.m;
+    src[0][i] = static_cast<const T*>(p.a) + (row_ok[0][i] ? m * p.k + ch * 8 : 0);
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      row_ok[1 + w][i] = n < p.n;
+      src[1 + w][i] = static_cast<const T*>(w == 0 ? p.b0 : p.b1) + (row_ok[1 + w][i] ? n * p.k + ch * 8 : 0);
+    }
+  }
+  auto load_stage = [&](int kt) {
+    unsigned char* st = smem + (kt % kWgStages) * STAGE;
+    const int64_t k0 = static_cast<int64_t>(kt) * kWgBK;
+    const bool chunk_ok = k0 + ch * 8 < p.k;  // k % 8 == 0: a chunk is all in or all out
+#pragma unroll
+    for (int t = 0; t < 1 + NW; ++t)
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const bool ok = chunk_ok && row_ok[t][i];
+        cp_async_16(st + t * kWgTile + sw128_offset<kWgBM>(r0 + 32 * i, ch), ok ? src[t][i] + k0 : src[t][i], ok);
+      }
+  };
+
+  float acc[NW][kWgBN / 8][4] = {};
+#pragma unroll
+  for (int s = 0; s < kWgStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kWgStages - 2>();
+    fence_proxy_async();
+    __syncthreads();  // tile kt is visible to all, and the wgmmas of tile kt - 1 (waited) no longer read its slot
+
+    // warpgroup wg: rows 64 wg .. of the A tile; k step kk: 16 elements = 32 bytes along the slab
+    const unsigned char* st = smem + (kt % kWgStages) * STAGE;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) fence_operands(acc[w]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kWgBK / 16; ++kk) {
+      const uint64_t desc_a = sw128_desc(st + wg * 64 * 128 + kk * 32, 16);
+#pragma unroll
+      for (int w = 0; w < NW; ++w)
+        Wgmma<T, kWgBN>::ss(acc[w], desc_a, sw128_desc(st + (1 + w) * kWgTile + kk * 32, 16), 1);
+    }
+    wgmma_commit();
+    // refill the slot of tile kt - 1 while the tensor cores work on tile kt
+    if (kt + kWgStages - 1 < k_tiles) load_stage(kt + kWgStages - 1);
+    cp_async_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int w = 0; w < NW; ++w) fence_operands(acc[w]);
+  }
+  cp_async_wait<0>();
+
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < kWgBN / 8; ++j) {
+    const int64_t col = n0 + j * 8 + 2 * t;
+    if (col >= p.n) continue;
+    const float2 b = bias_pair<T, E>(p, col);
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int64_t row = m0 + wg * 64 + warp * 16 + g + 8 * hh;
+      if (row >= p.m) continue;
+      store_pair<T, E>(p, row, col, acc[0][j][2 * hh], acc[0][j][2 * hh + 1], acc[NW - 1][j][2 * hh],
+                       acc[NW - 1][j][2 * hh + 1], b);
+    }
+  }
+#else
+  __trap();  // a binary without sm_90a code: the launcher never gets here, but never return garbage
+#endif
+}
+
+template <typename Kernel>
+Status launch_gemm(Kernel kernel, int smem, int bm, int bn, const GemmArgs& g, cudaStream_t stream,
+                   const std::string& what) {
   const Status s = reserve_smem(kernel, smem, what);
   if (!s.ok()) return s;
-  const int64_t grid_n = (g.n + block_n<E>() - 1) / block_n<E>(), grid_m = (g.m + kBM - 1) / kBM;
+  const int64_t grid_n = (g.n + bn - 1) / bn, grid_m = (g.m + bm - 1) / bm;
   if (grid_m > 65535 || grid_n > 2147483647LL)
-    return Status::Error(std::string(what) + ": too many rows for one launch (at most 65535 * 128)");
+    return Status::Error(what + ": too many rows for one launch (at most 65535 * " + std::to_string(bm) + ")");
   kernel<<<dim3(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m)), kThreads, smem, stream>>>(g);
   return launch_status(what);
+}
+
+template <typename T, Epilogue E>
+Status run_gemm(const GemmArgs& g, KernelFamily kernels, cudaStream_t stream, const char* what) {
+  std::string why;
+  const bool sm90 = sm90a_device(&why);
+  if (!use_wgmma(kernels, sm90))
+    return launch_gemm(gemm_tn_kernel<T, E>, gemm_smem_bytes<E>(), kBM, block_n<E>(), g, stream, what);
+  if (!sm90) return Status::Error(std::string(what) + " (wgmma): " + why);
+  return launch_gemm(gemm_tn_wgmma_kernel<T, E>, wgmma_gemm_smem_bytes<E>(), kWgBM, kWgBN, g, stream,
+                     std::string(what) + " (wgmma)");
 }
 
 Status check(const MlpParams& p, bool swiglu, const char* what) {
@@ -206,11 +331,11 @@ template <typename T>
 Status mlp(const MlpParams& p, bool swiglu, cudaStream_t stream) {
   const char* what = swiglu ? "mlp_swiglu" : "mlp_gelu";
   GemmArgs first{p.x, p.w1, p.w1b, p.b1, nullptr, p.hidden, p.rows, p.d_ff, p.d_model};
-  Status s = swiglu ? run_gemm<T, Epilogue::kSwiglu>(first, stream, what)
-                    : run_gemm<T, Epilogue::kBiasGelu>(first, stream, what);
+  Status s = swiglu ? run_gemm<T, Epilogue::kSwiglu>(first, p.kernels, stream, what)
+                    : run_gemm<T, Epilogue::kBiasGelu>(first, p.kernels, stream, what);
   if (!s.ok()) return s;
   GemmArgs second{p.hidden, p.w2, nullptr, p.b2, p.residual, p.out, p.rows, p.d_model, p.d_ff};
-  return run_gemm<T, Epilogue::kBiasResidual>(second, stream, what);
+  return run_gemm<T, Epilogue::kBiasResidual>(second, p.kernels, stream, what);
 }
 
 Status mlp_dispatch(const MlpParams& p, bool swiglu, cudaStream_t stream) {

@@ -19,9 +19,10 @@ struct Status {
   static Status Error(std::string msg) { return {std::move(msg)}; }
 };
 
-// Which attention forward kernel runs: kAuto takes the wgmma kernel (attention_sm90.cu) where
-// attention_wgmma_supported, otherwise the mma.sync kernel (attention.cu); kWgmma fails where it is unsupported.
-enum class AttentionKernel { kAuto, kMma, kWgmma };
+// Which tensor-core kernels run the attention forward and the MLP GEMMs: kAuto takes the sm_90a wgmma kernels where
+// they can run (a Hopper GPU, an sm_90a build; attention: head dims 64 / 128), otherwise the sm_80 mma.sync kernels;
+// kMma always the mma.sync ones; kWgmma the wgmma ones, failing with an error where they cannot run.
+enum class KernelFamily { kAuto, kMma, kWgmma };
 
 // Forward attention in FlashAttention's layout. q: (B, Sq, H, D), k/v: (B, Sk, Hkv, D), out like q; strides in
 // elements (the head dim is contiguous); lse: (B, H, Sq) fp32 contiguous. Query i sits at key position
@@ -41,7 +42,7 @@ struct AttentionParams {
   float softmax_scale;
   int window_left, window_right;
   DType dtype;
-  AttentionKernel kernel;
+  KernelFamily kernels;
 };
 Status attention_fwd(const AttentionParams& p, cudaStream_t stream);
 // Whether the wgmma kernel can run head_dim on the current device (built for sm_90a, a 9.x device, head dim 64 or
@@ -90,6 +91,7 @@ struct MlpParams {
   void* out;
   int64_t rows, d_model, d_ff;
   DType dtype;
+  KernelFamily kernels;
 };
 Status mlp_gelu(const MlpParams& p, cudaStream_t stream);
 Status mlp_swiglu(const MlpParams& p, cudaStream_t stream);
