@@ -40,7 +40,7 @@ def _extensions():
         if "90" in archs and "90a" in archs:
             raise RuntimeError("FASTLM_CUDA_ARCHS: list 90a or 90, not both (which one a 9.0 GPU loads is not "
                                "defined, and only 90a has the wgmma kernels)")
-        if "90a" in archs:                                   # the wgmma attention kernel is compiled in
+        if "90a" in archs:                                   # the wgmma kernels are compiled in
             define_macros.append(("FASTLM_CUDA_SM90A", "1"))
         ext = cpp_extension.CUDAExtension(
             "fastlm._C", cpu_sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],

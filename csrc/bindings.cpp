@@ -180,4 +180,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  // whether the CUDA kernels include the sm_90a (wgmma) family, which Hopper GPUs run
+#if defined(FASTLM_WITH_CUDA) && defined(FASTLM_CUDA_SM90A)
+  m.attr("with_sm90a") = true;
+#else
+  m.attr("with_sm90a") = false;
+#endif
 }

@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
@@ -93,8 +94,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   p.batch = static_cast<int>(B), p.nheads = static_cast<int>(H), p.nheads_kv = static_cast<int>(Hkv);
   p.seqlen_q = static_cast<int>(Sq), p.seqlen_k = static_cast<int>(Sk), p.head_dim = static_cast<int>(D);
   p.softmax_scale = static_cast<float>(softmax_scale);
-  p.window_left = static_cast<int>(window_left);
-  p.window_right = causal ? 0 : static_cast<int>(window_right);
+  // a window past every key is unbounded in effect: clamped so that the kernels' position arithmetic stays in int
+  p.window_left = static_cast<int>(std::min(window_left, Sq + Sk));
+  p.window_right = causal ? 0 : static_cast<int>(std::min(window_right, Sq + Sk));
   p.dtype = dtype;
   p.kernels = kernel_family();
   throw_if(fastlm_cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream()));
@@ -104,6 +106,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
 at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                  const at::Tensor& cache_seqlens, double softmax_scale, int64_t window_left) {
   const char* op = "decode_attention";
+  TORCH_CHECK(window_left >= -1, "fastlm::decode_attention (CUDA): window_left must be >= -1 (-1: no window), got ",
+              window_left);
   check_cuda(q_in, op, "q");
   check_cuda(k_in, op, "k_cache");
   check_cuda(v_in, op, "v_cache");
@@ -146,8 +150,6 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   p.nheads_kv = static_cast<int>(Hkv), p.max_seqlen = static_cast<int>(S), p.head_dim = static_cast<int>(D);
   p.num_splits = splits;
   p.softmax_scale = static_cast<float>(softmax_scale);
-  TORCH_CHECK(window_left >= -1, "fastlm::decode_attention (CUDA): window_left must be >= -1 (-1: no window), got ",
-              window_left);
   // a window reaching every key is none (and keeps the kernel's position arithmetic within int)
   p.window_left = window_left >= S ? -1 : static_cast<int>(window_left);
   p.dtype = dtype;

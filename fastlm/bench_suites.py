@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fastlm import reference
+from fastlm import backends, reference
 from fastlm.benchmark import (Context, Impl, OpCase, Result, Unavailable, _module_available, attention_flops,
                               decode_bytes, default_backends, elementwise_bytes, gemm_flops, mlp_flops, run_impls)
 
@@ -121,10 +121,12 @@ def _with_cuda_kernels(kernels, fn):
 
 
 def _cuda_mma_impl(ctx, impls, wgmma_serves: bool):
-    """On a Hopper GPU "cuda" runs the wgmma kernels where they serve the case (``wgmma_serves``): the sm_80 mma.sync
-    kernels are measured beside them as fastlm[cuda-mma]."""
+    """On a Hopper GPU, with the extension built for sm_90a, "cuda" runs the wgmma kernels where they serve the case
+    (``wgmma_serves``): the sm_80 mma.sync kernels are measured beside them as fastlm[cuda-mma]."""
     cuda = [i for i in impls if i.backend == "cuda"]
-    if not cuda or not wgmma_serves or torch.cuda.get_device_capability(ctx.device)[0] != 9:
+    if (not cuda or not wgmma_serves or ctx.device.type != "cuda"
+            or not getattr(backends.extension(), "with_sm90a", False)
+            or torch.cuda.get_device_capability(ctx.device)[0] != 9):
         return []
     return [Impl("fastlm[cuda-mma]", "fastlm", _with_cuda_kernels("mma", cuda[0].fn), backend="cuda")]
 
@@ -149,8 +151,8 @@ def _attention_case(ctx, backends, B, H, Hkv, S, D, causal, dtype, mode, compile
     if not eager_ok:
         sdpa = [s for s in sdpa if s.name != "sdpa-math"]
     impls = fastlm_impls("attention", ctx, backends, causal=causal)
-    impls += _cuda_mma_impl(ctx, impls, mode == "fwd" and D in (64, 128)) + sdpa + peers(ref, ctx, compile_here=compile_here,
-                                                                     eager_ok=eager_ok)
+    impls += _cuda_mma_impl(ctx, impls, mode == "fwd" and D in (64, 128)) + sdpa
+    impls += peers(ref, ctx, compile_here=compile_here, eager_ok=eager_ok)
     name = f"B{B} H{H}" + (f"/{Hkv}" if Hkv != H else "") + f" S{S} D{D}" + (" causal" if causal else "")
     shape = {"batch": B, "nheads": H, "nheads_kv": Hkv, "seqlen": S, "headdim": D, "causal": causal}
     case = _case("attention", name, shape, dtype, mode, make, ref, impls,

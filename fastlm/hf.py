@@ -293,8 +293,12 @@ def _window_left(sliding_window) -> int:
     """ops.attention's left window bound for transformers' ``sliding_window`` W (None: no window, -1).
 
     transformers' masking_utils.sliding_window_overlay keeps ``kv_idx > q_idx - sliding_window``: a query sees itself
-    and the W - 1 keys before it, as fastlm's Config.sliding_window does."""
-    return Config(sliding_window=sliding_window).window_left
+    and the W - 1 keys before it, as fastlm's Config.sliding_window (Config.window_left) does."""
+    if sliding_window is None:
+        return -1
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0:
+        raise ValueError(f"patch: sliding_window must be a positive integer or None, got {sliding_window!r}")
+    return sliding_window - 1
 
 
 def _plain_window_mask(mask, Sq, Sk, window_left) -> bool:
@@ -317,11 +321,13 @@ def _attend(module, q, k, v, attention_mask, dropout, scaling, kwargs, backend, 
     the op's windowed causal mask (no padding). Padding masks, dropout, and a static cache's upper-left prefill go to
     transformers' own sdpa path, with transformers' mask."""
     Sq, Sk = q.shape[1], k.shape[1]
-    if attention_mask is None:
+    if dropout != 0.0:
+        plain = False
+    elif attention_mask is None:
         plain = Sq == Sk or Sq == 1
     else:
         plain = window_left >= 0 and _plain_window_mask(attention_mask, Sq, Sk, window_left)
-    if plain and dropout == 0.0:
+    if plain:
         return ops.attention(q, k, v, causal=True, window=(window_left, 0), softmax_scale=scaling, backend=backend)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     out, _ = sdpa_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,

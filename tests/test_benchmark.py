@@ -372,3 +372,31 @@ def test_cuda_kernels_are_forced_only_during_the_call(monkeypatch):
     monkeypatch.delenv("FASTLM_CUDA_KERNELS")
     bench_suites._with_cuda_kernels("mma", fn)()
     assert "FASTLM_CUDA_KERNELS" not in os.environ
+
+
+def test_cuda_mma_peer_only_where_cuda_runs_wgmma(monkeypatch):
+    """fastlm[cuda-mma] is measured beside "cuda" only on a CUDA device of compute capability 9.x with an sm_90a
+    build, for cases the wgmma kernels serve; its calls run with FASTLM_CUDA_KERNELS=mma."""
+    from types import SimpleNamespace
+
+    from fastlm import backends, bench_suites
+    seen = []
+    cuda = benchmark.Impl("fastlm[cuda]", "fastlm", lambda **kw: seen.append(os.environ.get("FASTLM_CUDA_KERNELS")),
+                          backend="cuda")
+    impls = [benchmark.Impl("fastlm[triton]", "fastlm", lambda **kw: None, backend="triton"), cuda]
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(backends, "extension", lambda: SimpleNamespace(with_sm90a=True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv("FASTLM_CUDA_KERNELS", raising=False)
+    peer, = bench_suites._cuda_mma_impl(gpu, impls, True)
+    assert (peer.name, peer.kind, peer.backend) == ("fastlm[cuda-mma]", "fastlm", "cuda")
+    peer.fn(q=1)
+    assert seen == ["mma"] and "FASTLM_CUDA_KERNELS" not in os.environ
+    assert bench_suites._cuda_mma_impl(gpu, impls, False) == []                       # a case wgmma does not serve
+    assert bench_suites._cuda_mma_impl(gpu, impls[:1], True) == []                    # "cuda" not measured
+    assert bench_suites._cuda_mma_impl(SimpleNamespace(device=torch.device("cpu")), impls, True) == []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert bench_suites._cuda_mma_impl(gpu, impls, True) == []                        # not Hopper
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(backends, "extension", lambda: SimpleNamespace(with_sm90a=False))
+    assert bench_suites._cuda_mma_impl(gpu, impls, True) == []                        # built without sm_90a

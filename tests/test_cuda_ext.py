@@ -119,6 +119,24 @@ def test_kernel_family_choice_errors(monkeypatch):
         torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
 
 
+@pytest.mark.gpu
+@needs_cuda_op("mlp_swiglu")
+def test_auto_runs_the_wgmma_kernels_on_hopper(monkeypatch):
+    """FASTLM_CUDA_KERNELS unset ("auto") on a 9.x GPU with an sm_90a build: attention (head dim 128) and the MLP give
+    bit for bit what the forced wgmma kernels give."""
+    if torch.cuda.get_device_capability()[0] != 9 or not getattr(backends.extension(), "with_sm90a", False):
+        pytest.skip("needs a Hopper (sm_90) GPU and an extension built for sm_90a")
+    q, k, v = (_randn(1, 300, 2, 128, dtype=torch.bfloat16) for _ in range(3))
+    x, w = _randn(70, 128, dtype=torch.bfloat16), _randn(200, 128, dtype=torch.bfloat16, scale=0.1)
+    results = {}
+    for kernels in ("auto", "wgmma"):
+        monkeypatch.setenv("FASTLM_CUDA_KERNELS", kernels)
+        results[kernels] = (*torch.ops.fastlm.attention_fwd(q, k, v, True, 0.1, -1, 0),
+                            torch.ops.fastlm.mlp_swiglu(x, w, w, w.t().contiguous(), None))
+    for auto, wgmma in zip(results["auto"], results["wgmma"]):
+        assert torch.equal(auto, wgmma)
+
+
 # ---------------------------------------------------------------- fused MLPs
 
 # (leading dims, d_model, d_ff): ragged row / column blocks, K a partial last k tile (96, 200, 48), K past the
@@ -189,27 +207,49 @@ ptxas info    : Compiling entry function '_Z5otherv' for 'sm_90a'
 ptxas info    : Function properties for _Z5otherv
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 40 registers, used 0 barriers, 380 bytes cmem[0]
-ptxas info    : (C7517) warpgroup.wait is injected in around line 812 by compiler to allow use of registers defined by GMMA in function '_Z5otherv'
-ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to the presence of Extern calls in the function '_Z5otherv'.
+ptxas info    : (C7517) warpgroup.wait is injected in around line 812 to allow use of registers defined by GMMA
+ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to ...
 ptxas info    : (C7999) an advisory about something else
 """
 
 
-def test_tensor_core_layout_emulation():
-    """bench/dev/mma_layout_emu.py: the kernels' ldmatrix / mma.sync and wgmma descriptor / swizzle arithmetic,
-    emulated in numpy as the PTX ISA defines it, equals plain matrix products (runs without a GPU)."""
-    spec = importlib.util.spec_from_file_location("mma_layout_emu", os.path.join(ROOT, "bench", "dev",
-                                                                                 "mma_layout_emu.py"))
+def _load(*path):
+    spec = importlib.util.spec_from_file_location(path[-1][:-3], os.path.join(ROOT, *path))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main()
+    return mod
+
+
+def test_tensor_core_layout_emulation():
+    """bench/dev/mma_layout_emu.py: the kernels' ldmatrix / mma.sync and wgmma descriptor / swizzle arithmetic,
+    emulated in numpy as the PTX ISA defines it, equals plain matrix products (runs without a GPU). The emulator
+    carries copies of the kernels' address formulas (sw128_offset, sw128_desc, the descriptor start addresses):
+    they are kept in step with csrc/cuda by hand."""
+    _load("bench", "dev", "mma_layout_emu.py").main()
+
+
+@pytest.mark.parametrize("mutant", ["no swizzle", "sbo 512", "lbo unused"])
+def test_tensor_core_layout_emulation_catches_layout_mistakes(mutant, monkeypatch):
+    """The wgmma checks fail on plausible layout mistakes: storing without the XOR swizzle, a wrong SBO, V's column-
+    slab stride (LBO) left out of its MN-major descriptor."""
+    emu = _load("bench", "dev", "mma_layout_emu.py")
+    if mutant == "no swizzle":
+        monkeypatch.setattr(emu, "sw128_offset",
+                            lambda rows, row, ch: (ch // 8) * rows * 128 + row * 128 + (ch % 8) * 16)
+    else:
+        real = emu.sw128_desc
+        sbo_512 = (1024 >> 4 << 32) ^ (512 >> 4 << 32)
+        monkeypatch.setattr(emu, "sw128_desc", (lambda addr, lbo: real(addr, lbo) ^ sbo_512) if mutant == "sbo 512"
+                            else (lambda addr, lbo: real(addr, 16)))
+    with pytest.raises(AssertionError):
+        emu.check_attention_wgmma(128)
+    if mutant != "lbo unused":                      # the GEMM's operands are K-major: LBO plays no part there
+        with pytest.raises(AssertionError):
+            emu.check_gemm_wgmma(64)
 
 
 def test_compile_check_parses_ptxas():
-    spec = importlib.util.spec_from_file_location("compile_check", os.path.join(ROOT, "csrc", "cuda",
-                                                                                "compile_check.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load("csrc", "cuda", "compile_check.py")
     rows = mod.parse_ptxas(PTXAS_SAMPLE)
     assert rows == [
         {"kernel": "_Z6kernelILi64EEvv", "arch": "sm_90a", "regs": 255, "spill_st": 8, "spill_ld": 12, "stack": 24,
@@ -217,3 +257,20 @@ def test_compile_check_parses_ptxas():
         {"kernel": "_Z5otherv", "arch": "sm_90a", "regs": 40, "spill_st": 0, "spill_ld": 0, "stack": 0, "smem": 0},
     ]
     assert [a[:7] for a in mod.wgmma_advisories(PTXAS_SAMPLE)] == ["(C7517)", "(C7515)"]
+
+
+@pytest.mark.parametrize("advisory", [None, "wgmma", "spill"])
+def test_compile_check_fails_on_advisories_and_spills(advisory, monkeypatch, capsys):
+    """--check exits 1 when ptxas reports a wgmma advisory or a spill, 0 for a clean report (nvcc stubbed out)."""
+    mod = _load("csrc", "cuda", "compile_check.py")
+    clean = PTXAS_SAMPLE.split("ptxas info    : (C75")[0].replace("8 bytes spill stores, 12 bytes spill loads",
+                                                                    "0 bytes spill stores, 0 bytes spill loads")
+    out = {None: clean, "wgmma": PTXAS_SAMPLE.replace("8 bytes spill stores, 12 bytes spill loads",
+                                                      "0 bytes spill stores, 0 bytes spill loads"),
+           "spill": clean.replace("0 bytes stack frame, 0 bytes spill stores", "0 bytes stack frame, 4 bytes spill "
+                                  "stores", 1)}[advisory]
+    monkeypatch.setattr(mod.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(mod, "compile_one", lambda nvcc, src, arch, gencode, tmp: (src, arch, 0, out, 0.1))
+    assert mod.main(["--check"]) == (0 if advisory is None else 1)
+    report = capsys.readouterr().out
+    assert ("WGMMA: " in report) == (advisory == "wgmma") and ("SPILLS: " in report) == (advisory == "spill")

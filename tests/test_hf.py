@@ -429,6 +429,27 @@ def test_patch_gives_each_layer_its_window(kind, monkeypatch):
     assert windows == [(3, 0) if t == "sliding_attention" else (-1, 0) for t in layer_types]
 
 
+def test_window_mask_recognition():
+    """_plain_window_mask accepts exactly the op's bottom-right causal window mask in every batch row; a wider or
+    narrower window, a padded row, a float mask or another shape go to transformers' sdpa path."""
+    from fastlm import reference
+    from fastlm.hf import _plain_window_mask, _window_left
+    assert (_window_left(None), _window_left(1), _window_left(4096)) == (-1, 0, 4095)
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match="sliding_window must be a positive integer or None"):
+            _window_left(bad)
+    Sq, Sk, left = 3, 9, 3
+    keep = reference.attention_mask(Sq, Sk, causal=True, window=(left, 0))
+    mask = keep.expand(2, 1, Sq, Sk).clone()
+    assert _plain_window_mask(mask, Sq, Sk, left)
+    assert not _plain_window_mask(mask, Sq, Sk, left + 1) and not _plain_window_mask(mask, Sq, Sk, left - 1)
+    padded = mask.clone()
+    padded[1, :, :, :Sk - 2] = False                                 # row 1: a left-padded prompt
+    assert not _plain_window_mask(padded, Sq, Sk, left)
+    assert not _plain_window_mask(mask.float(), Sq, Sk, left)
+    assert not _plain_window_mask(mask[..., 1:], Sq, Sk, left)
+
+
 def test_patch_unsupported():
     opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
                                                              ffn_dim=32, num_attention_heads=2))

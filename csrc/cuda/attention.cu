@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const Atten
 
   WarpState<D> st;
   st.init();
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const float scale_log2 = p.softmax_scale * kLog2e;
   const int row0 = m0 + warp * 16;  // first query row of this warp
   int buf = 0;
   for (int n0 = n_start; n0 < hi; n0 += BN, buf ^= 1) {

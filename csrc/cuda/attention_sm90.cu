@@ -3,10 +3,11 @@
 // Grid (ceil(Sq / 128), H, B), two warpgroups of 128 threads; warpgroup w owns query rows 64 w .. 64 w + 63 of the
 // block and each of its warps 16 of them. Q (128 rows) is copied to shared memory once; K and V tiles of 128 keys
 // stream through a two-stage cp.async pipeline into 128-byte swizzled tiles (wgmma.cuh): tile t + 1's copies are
-// issued once tile t's S GEMM is, and are in flight while tile t is used. Per tile and warpgroup: S = Q K^T as D / 16 wgmma m64n128k16 with both operands in shared memory,
-// the online softmax of attention_tile.cuh on the S fragments (log2 domain), then O += P V as 8 wgmma m64nDk16 with
-// P from registers (packed straight from S) and V read transposed from shared memory. Masking, key-tile skipping,
-// empty rows (O = 0, LSE = -inf) and the output write are those of the mma.sync kernel (attention.cu).
+// issued once tile t's S GEMM is, and are in flight while tile t is used. Per tile and warpgroup: S = Q K^T as
+// D / 16 wgmma m64n128k16 with both operands in shared memory, the online softmax of attention_tile.cuh on the S
+// fragments (log2 domain), then O += P V as 8 wgmma m64nDk16 with P from registers (packed straight from S) and V
+// read transposed from shared memory. Masking, key-tile skipping, empty rows (O = 0, LSE = -inf) and the output
+// write are those of the mma.sync kernel (attention.cu).
 //
 // The kernel body exists only in the sm_90a compilation; attention_fwd (attention.cu) launches it only when the
 // extension was built for sm_90a (FASTLM_CUDA_SM90A) and the device is compute capability 9.x.
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
 
   WarpState<D> st;
   st.init();
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const float scale_log2 = p.softmax_scale * kLog2e;
   const int row0 = m0 + wg * 64 + warp * 16;  // first query row of this warp
   int buf = 0;
   for (int n0 = n_start; n0 < hi; n0 += kBlockN, buf ^= 1) {
@@ -138,7 +139,8 @@ bool attention_wgmma_supported(int head_dim, std::string* why) {
 
 Status attention_fwd_wgmma(const AttentionParams& p, cudaStream_t stream) {
   std::string why;
-  if (!attention_wgmma_supported(p.head_dim, &why)) return Status::Error("attention_fwd (wgmma): " + why);
+  if (!attention_wgmma_supported(p.head_dim, &why))
+    return Status::Error("attention_fwd: FASTLM_CUDA_KERNELS=wgmma, but " + why);
   const bool half = p.dtype == DType::kFloat16;
   if (p.head_dim == 64) return half ? launch<__half, 64>(p, stream) : launch<__nv_bfloat16, 64>(p, stream);
   return half ? launch<__half, 128>(p, stream) : launch<__nv_bfloat16, 128>(p, stream);

@@ -1,10 +1,14 @@
-// Warp-level FlashAttention-2 steps shared by the prefill (attention.cu) and decode (decode.cu) kernels.
+// Warp-level FlashAttention-2 steps shared by the attention kernels: prefill on mma.sync (attention.cu) and on
+// wgmma (attention_sm90.cu), decode (decode.cu); and the block's view of an attention problem (AttentionSlice,
+// KeyBand: row pointers, the keys each query row sees) used by both prefill kernels.
 //
-// A warp owns 16 query rows. Per key tile it computes S = Q K^T with mma.sync (Q and K from shared memory through
-// ldmatrix), updates the online softmax in the log2 domain (exp2 with log2(e) folded into the scale), and
-// accumulates O += P V with P taken straight from the S accumulators (see mma.cuh) and V through ldmatrix.trans.
-// Shared-memory tiles are rows of D elements with a row stride of D + 8: the 16-byte pad puts the 8 rows an
-// ldmatrix phase reads into 8 different bank groups, so no swizzle is needed and any D % 16 == 0 works.
+// A warp owns 16 query rows. The mma.sync kernels compute S = Q K^T per key tile here (Q and K from shared memory
+// through ldmatrix); every kernel updates the online softmax here in the log2 domain (exp2 with log2(e) folded into
+// the scale) on accumulators in the m16n8 C layout (the wgmma m64nN layout is that, per warp); the mma.sync kernels
+// accumulate O += P V here with P taken straight from the S accumulators (see mma.cuh) and V through ldmatrix.trans.
+// Their shared-memory tiles are rows of D elements with a row stride of D + 8: the 16-byte pad puts the 8 rows an
+// ldmatrix phase reads into 8 different bank groups, so no swizzle is needed and any D % 16 == 0 works (the wgmma
+// kernel uses the 128-byte swizzled tiles of wgmma.cuh instead).
 #pragma once
 
 #include <cstdint>
@@ -13,6 +17,8 @@
 #include "cuda/mma.cuh"
 
 namespace fastlm_cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;  // scores are scaled by softmax_scale * log2(e) and exponentiated by exp2
 
 template <int D>
 struct TileShape {

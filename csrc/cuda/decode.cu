@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(decode_warps<D>() * 32) decode_split_kernel(co
 
   WarpState<D> st;
   st.init();
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const float scale_log2 = p.softmax_scale * kLog2e;
   int buf = 0;
   for (int n0 = lo; n0 < hi; n0 += kTileKeys, buf ^= 1) {
     if (n0 + kTileKeys < hi) load_kv(n0 + kTileKeys, buf ^ 1);
@@ -203,7 +203,9 @@ Status decode_attention(const DecodeParams& p, cudaStream_t stream) {
       p.nheads % p.nheads_kv != 0 || p.num_splits <= 0)
     return Status::Error("decode_attention: bad sizes (nheads must be a positive multiple of nheads_kv, "
                          "num_splits >= 1)");
-  if (p.window_left < -1) return Status::Error("decode_attention: window_left must be >= -1 (-1: no window)");
+  if (p.window_left < -1)
+    return Status::Error("decode_attention: window_left must be >= -1 (-1: no window), got " +
+                         std::to_string(p.window_left));
   if (p.batch == 0 || p.seqlen_q == 0) return Status::Ok();
   if (static_cast<int64_t>(p.batch) * p.nheads_kv > 65535)
     return Status::Error("decode_attention: batch * nheads_kv must be <= 65535");

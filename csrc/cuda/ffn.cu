@@ -308,7 +308,7 @@ Status run_gemm(const GemmArgs& g, KernelFamily kernels, cudaStream_t stream, co
   const bool sm90 = sm90a_device(&why);
   if (!use_wgmma(kernels, sm90))
     return launch_gemm(gemm_tn_kernel<T, E>, gemm_smem_bytes<E>(), kBM, block_n<E>(), g, stream, what);
-  if (!sm90) return Status::Error(std::string(what) + " (wgmma): " + why);
+  if (!sm90) return Status::Error(std::string(what) + ": FASTLM_CUDA_KERNELS=wgmma, but " + why);
   return launch_gemm(gemm_tn_wgmma_kernel<T, E>, wgmma_gemm_smem_bytes<E>(), kWgBM, kWgBN, g, stream,
                      std::string(what) + " (wgmma)");
 }

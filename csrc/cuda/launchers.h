@@ -52,8 +52,9 @@ Status attention_fwd_wgmma(const AttentionParams& p, cudaStream_t stream);  // a
 
 // Decode attention (Flash-Decoding). q: (B, Sq, H, D); k/v caches: (B, S_max, Hkv, D); cache_seqlens: (B,) int32
 // or int64 on the device, read only by the kernels (clamped to [0, S_max]). Query i of sequence b sits at position
-// cache_seqlens[b] - Sq + i and sees keys from position - window_left (-1: from 0) to its position. The work is split along the cache into num_splits chunks (decode_num_splits) whose
-// partial results go to `workspace` (decode_workspace_floats floats) and are merged by a combine kernel.
+// cache_seqlens[b] - Sq + i and sees keys from position - window_left (-1: from 0) to its position. The work is
+// split along the cache into num_splits chunks (decode_num_splits) whose partial results go to `workspace`
+// (decode_workspace_floats floats) and are merged by a combine kernel.
 struct DecodeParams {
   const void* q;
   const void* k;

@@ -58,7 +58,9 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 
 // Keep the compiler from moving reads or writes of accumulators across the wgmma issue / wait points.
 template <int NT>
@@ -104,7 +106,7 @@ __device__ __forceinline__ void fence_operands(float (&d)[NT][4]) {
 template <typename T, int N>
 struct Wgmma;
 
-#define FASTLM_DEFINE_WGMMA(T, TY, N, A, B, SCALE, A0, RB, RSCALE)                                                      \
+#define FASTLM_DEFINE_WGMMA(T, TY, N, A, B, SCALE, A0, RB, RSCALE)                                                \
   template <>                                                                                                    \
   struct Wgmma<T, N> {                                                                                           \
     __device__ __forceinline__ static void ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b,            \
