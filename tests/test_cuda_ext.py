@@ -1,9 +1,13 @@
 """The CUDA C++ kernels of fastlm._C (csrc/cuda/), called through torch.ops.fastlm on CUDA tensors, against the
 float64 reference (numerics rule); plus what runs anywhere: the tensor-core layout emulation of
 bench/dev/mma_layout_emu.py and the ptxas-report parser of csrc/cuda/compile_check.py."""
+import concurrent.futures
+import glob
 import importlib.util
 import math
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -246,6 +250,31 @@ def test_tensor_core_layout_emulation_catches_layout_mistakes(mutant, monkeypatc
     if mutant != "lbo unused":                      # the GEMM's operands are K-major: LBO plays no part there
         with pytest.raises(AssertionError):
             emu.check_gemm_wgmma(64)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_cuda_launchers_host_side(tmp_path):
+    """tests/cuda_launchers_test.cu against csrc/cuda's launchers, built with nvcc (PTX only: nothing is launched on
+    a GPU) and run here: argument errors name the problem, empty problems succeed without the device, decode's split
+    heuristic gives its figures, and without a usable GPU a valid launch fails cleanly."""
+    sources = [os.path.join(ROOT, "tests", "cuda_launchers_test.cu")] + sorted(
+        glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    flags = ["-gencode=arch=compute_80,code=compute_80", "-std=c++17", "-O1", "--expt-relaxed-constexpr",
+             "-DFASTLM_CUDA_SM90A", "-I", os.path.join(ROOT, "csrc"), "-Werror", "all-warnings"]
+
+    def compile_one(src):
+        obj = str(tmp_path / (os.path.basename(src) + ".o"))
+        proc = subprocess.run(["nvcc", "-c", src, "-o", obj, *flags], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{src}:\n{proc.stdout}{proc.stderr}"
+        return obj
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        objects = list(pool.map(compile_one, sources))
+    exe = str(tmp_path / "launchers_test")
+    link = subprocess.run(["nvcc", "-o", exe, *objects], capture_output=True, text=True)
+    assert link.returncode == 0, link.stdout + link.stderr
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "ok: 0 failed" in run.stdout, run.stdout + run.stderr
 
 
 def test_compile_check_parses_ptxas():
