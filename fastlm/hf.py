@@ -303,12 +303,18 @@ def _window_left(sliding_window) -> int:
 
 def _plain_window_mask(mask, Sq, Sk, window_left) -> bool:
     """Whether a 4D sdpa mask (B, 1, Sq, Sk) is, in every row of the batch, exactly ops.attention's causal mask with
-    the window (window_left, 0) — bottom-right aligned. Reading it costs a host sync; under torch.compile it is not
-    read (no graph break): the mask then goes to transformers' sdpa path."""
+    the window (window_left, 0) — bottom-right aligned. Reading it costs a host sync, once per mask: transformers
+    builds one mask per forward and hands it to every windowed layer, so the answer is kept on the mask tensor (keyed
+    by its version, which an in-place change bumps). Under torch.compile it is not read (no graph break): the mask
+    then goes to transformers' sdpa path."""
     if torch.compiler.is_compiling() or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (Sq, Sk):
         return False
-    keep = reference.attention_mask(Sq, Sk, causal=True, window=(window_left, 0), device=mask.device)   # (Sq, Sk)
-    return bool((mask == keep).all())
+    answers = mask.__dict__.setdefault("_fastlm_plain_window", {})
+    key = (window_left, mask._version)
+    if key not in answers:
+        keep = reference.attention_mask(Sq, Sk, causal=True, window=(window_left, 0), device=mask.device)  # (Sq, Sk)
+        answers[key] = bool((mask == keep).all())
+    return answers[key]
 
 
 def _attend(module, q, k, v, attention_mask, dropout, scaling, kwargs, backend, window_left=-1):
@@ -495,8 +501,8 @@ def patch(model, backend: str = "auto", fused_linear_cross_entropy: bool = True)
     ops.linear_cross_entropy (the logits are never held; the output's logits are None). Masks follow
     transformers' sdpa convention while patched, so unpadded causal attention runs in fastlm's kernel and padded
     batches, dropout or attention weights fall back to transformers' sdpa path. (transformers materializes a
-    sliding-window layer's mask once the keys reach the window; the patched layer reads it to tell a plain window
-    from padding, one host sync per layer call.)
+    sliding-window layer's mask once the keys reach the window; the patched layers read it to tell a plain window
+    from padding, one host sync per forward.)
     ``backend`` is passed to every op. Patching a patched model does nothing. unpatch(model) restores it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -450,6 +450,25 @@ def test_window_mask_recognition():
     assert not _plain_window_mask(mask[..., 1:], Sq, Sk, left)
 
 
+def test_window_mask_is_read_once_per_mask(monkeypatch):
+    """Every windowed layer of a forward gets the same mask tensor: it is compared with the op's mask (a host sync)
+    once; an in-place change of the mask is seen."""
+    from fastlm import hf, reference
+    built = []
+    real = reference.attention_mask
+
+    def counted(*a, **k):
+        built.append(a)
+        return real(*a, **k)
+    monkeypatch.setattr(reference, "attention_mask", counted)
+    Sq, Sk, left = 2, 7, 2
+    mask = real(Sq, Sk, causal=True, window=(left, 0)).expand(1, 1, Sq, Sk).clone()
+    assert all(hf._plain_window_mask(mask, Sq, Sk, left) for _ in range(4)) and len(built) == 1
+    assert not hf._plain_window_mask(mask, Sq, Sk, left + 1) and len(built) == 2     # another window: asked anew
+    mask[0, 0, 0, 0] = True                                                          # in place: version bumps
+    assert not hf._plain_window_mask(mask, Sq, Sk, left) and len(built) == 3
+
+
 def test_patch_unsupported():
     opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
                                                              ffn_dim=32, num_attention_heads=2))
