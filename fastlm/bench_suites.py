@@ -15,7 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fastlm import backends, reference
+from fastlm import reference
+from fastlm.backends import extension
 from fastlm.benchmark import (Context, Impl, OpCase, Result, Unavailable, _module_available, attention_flops,
                               decode_bytes, default_backends, elementwise_bytes, gemm_flops, mlp_flops, run_impls)
 
@@ -125,7 +126,7 @@ def _cuda_mma_impl(ctx, impls, wgmma_serves: bool):
     (``wgmma_serves``): the sm_80 mma.sync kernels are measured beside them as fastlm[cuda-mma]."""
     cuda = [i for i in impls if i.backend == "cuda"]
     if (not cuda or not wgmma_serves or ctx.device.type != "cuda"
-            or not getattr(backends.extension(), "with_sm90a", False)
+            or not getattr(extension(), "with_sm90a", False)
             or torch.cuda.get_device_capability(ctx.device)[0] != 9):
         return []
     return [Impl("fastlm[cuda-mma]", "fastlm", _with_cuda_kernels("mma", cuda[0].fn), backend="cuda")]

@@ -81,6 +81,16 @@ def check_rope_scaling(scaling) -> dict | None:
     return out
 
 
+def sliding_window_left(sliding_window) -> int:
+    """The attention ops' left window bound of a sliding window of W keys (each query sees itself and the W - 1 keys
+    before it): W - 1, or -1 (every earlier key) for None. Raises ValueError unless W is a positive integer or None."""
+    if sliding_window is None:
+        return -1
+    if not is_int(sliding_window) or sliding_window <= 0:
+        raise ValueError(f"sliding_window must be a positive integer or None, got {sliding_window!r}")
+    return sliding_window - 1
+
+
 def is_int(value) -> bool:
     """A Python int, not a bool: what Config fields and the training / scaling arguments take (they are written to
     JSON as they are)."""
@@ -175,9 +185,7 @@ class Config:
                              f"every linear layer, llama on none)")
         if self.bias and not self.qkv_bias:
             raise ValueError("qkv_bias=False with bias=True is not supported (bias covers every linear layer)")
-        if self.sliding_window is not None:
-            if not is_int(self.sliding_window) or self.sliding_window <= 0:
-                raise ValueError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if sliding_window_left(self.sliding_window) >= 0:
             if self.family != "llama":
                 raise ValueError(f"sliding_window applies to the llama family, got family {self.family!r}")
         self.rope_scaling = check_rope_scaling(self.rope_scaling)
@@ -206,7 +214,7 @@ class Config:
     @property
     def window_left(self) -> int:
         """The attention ops' window left bound: sliding_window - 1, or -1 (every earlier key)."""
-        return -1 if self.sliding_window is None else self.sliding_window - 1
+        return sliding_window_left(self.sliding_window)
 
     def num_params(self, *, embeddings: bool = True) -> int:
         """Parameter count of the model this config builds (equals sum(p.numel()) of fastlm.Transformer).

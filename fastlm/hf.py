@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from fastlm import ops, reference
 from fastlm.backends import BACKENDS
-from fastlm.config import ROPE_SCALING_KEYS, Config
+from fastlm.config import ROPE_SCALING_KEYS, Config, sliding_window_left
 from fastlm.model import Transformer
 
 _FROM_HF_SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -289,18 +289,6 @@ def cli(argv=None) -> int:
 # patch / unpatch
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _window_left(sliding_window) -> int:
-    """ops.attention's left window bound for transformers' ``sliding_window`` W (None: no window, -1).
-
-    transformers' masking_utils.sliding_window_overlay keeps ``kv_idx > q_idx - sliding_window``: a query sees itself
-    and the W - 1 keys before it, as fastlm's Config.sliding_window (Config.window_left) does."""
-    if sliding_window is None:
-        return -1
-    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0:
-        raise ValueError(f"patch: sliding_window must be a positive integer or None, got {sliding_window!r}")
-    return sliding_window - 1
-
-
 def _plain_window_mask(mask, Sq, Sk, window_left) -> bool:
     """Whether a 4D sdpa mask (B, 1, Sq, Sk) is, in every row of the batch, exactly ops.attention's causal mask with
     the window (window_left, 0) — bottom-right aligned. Reading it costs a host sync, once per mask: transformers
@@ -471,7 +459,9 @@ def _patch_plan(model, model_type):
                 # each layer its own window: Qwen2's modules carry theirs (None in full-attention layers of a model
                 # with layer_types), Mistral's take the config's
                 window = getattr(m, "sliding_window", getattr(cfg, "sliding_window", None))
-                plan.append((m, functools.partial(_llama_attention, window_left=_window_left(window))))
+                # transformers' masking_utils.sliding_window_overlay keeps kv_idx > q_idx - W: a query sees itself
+                # and the W - 1 keys before it, as fastlm's Config.sliding_window does
+                plan.append((m, functools.partial(_llama_attention, window_left=sliding_window_left(window))))
             elif isinstance(m, mlp_cls) and swiglu:
                 plan.append((m, _llama_mlp))
             elif isinstance(m, norm_cls):

@@ -95,92 +95,74 @@ MlpParams mlp_problem() {
 
 }  // namespace
 
+// The launcher's answer for its reference problem changed by `change` (a function of the params).
+template <typename Change>
+Status attention(Change change) {
+  AttentionParams p = attention_problem();
+  change(p);
+  return attention_fwd(p, nullptr);
+}
+template <typename Change>
+Status decode(Change change) {
+  DecodeParams p = decode_problem();
+  change(p);
+  return decode_attention(p, nullptr);
+}
+template <typename Change>
+Status mlp(Change change, bool swiglu = true) {
+  MlpParams p = mlp_problem();
+  change(p);
+  return swiglu ? mlp_swiglu(p, nullptr) : mlp_gelu(p, nullptr);
+}
+
 int main() {
   const bool gpu = have_gpu();
-  AttentionParams a = attention_problem();
-  a.dtype = DType::kFloat32;
-  expect_error(attention_fwd(a, nullptr), "fp16/bf16", "attention fp32");
-  a = attention_problem();
-  a.nheads = 3, a.nheads_kv = 2;
-  expect_error(attention_fwd(a, nullptr), "multiple of nheads_kv", "attention heads");
-  a = attention_problem();
-  a.window_left = -2;
-  expect_error(attention_fwd(a, nullptr), "window values must be >= -1", "attention window");
-  a = attention_problem();
-  a.k_ss = 60;
-  expect_error(attention_fwd(a, nullptr), "multiple of 8 elements", "attention stride");
-  a = attention_problem();
-  a.q = buffer + 2;
-  expect_error(attention_fwd(a, nullptr), "16-byte aligned", "attention alignment");
-  a = attention_problem();
-  a.head_dim = 40;
-  expect_error(attention_fwd(a, nullptr), "head dims 32, 64, 96, 128, 256", "attention head dim");
-  a = attention_problem();
-  a.kernels = KernelFamily::kWgmma;
-  a.head_dim = 32;
-  expect_error(attention_fwd(a, nullptr), "FASTLM_CUDA_KERNELS=wgmma, but", "attention forced wgmma");
-  a = attention_problem();
-  a.batch = 0;
-  expect_ok(attention_fwd(a, nullptr), "attention empty batch");
-  a = attention_problem();
-  a.seqlen_q = 0;
-  expect_ok(attention_fwd(a, nullptr), "attention no queries");
-  if (!gpu) {
-    a = attention_problem();
-    expect_runtime_error(attention_fwd(a, nullptr), "attention launch");
-    a.kernels = KernelFamily::kAuto;
-    expect_runtime_error(attention_fwd(a, nullptr), "attention launch (auto)");
-  }
-
-  // ~16 warps per SM (132 SMs when the device cannot be asked), >= 4 tiles per split, <= 1024 splits
-  int sms = 132, dev = 0;
+  int dev = 0, sms = 132, major = 0;  // 132 SMs when the device cannot be asked
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
                                                 cudaSuccess)
     sms = 132;
+  const bool hopper = cudaGetDevice(&dev) == cudaSuccess &&
+                      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                      major == 9;
   cudaGetLastError();
+
+  expect_error(attention([](auto& p) { p.dtype = DType::kFloat32; }), "fp16/bf16", "attention fp32");
+  expect_error(attention([](auto& p) { p.nheads = 3, p.nheads_kv = 2; }), "multiple of nheads_kv", "attention heads");
+  expect_error(attention([](auto& p) { p.window_left = -2; }), "window values must be >= -1", "attention window");
+  expect_error(attention([](auto& p) { p.k_ss = 60; }), "multiple of 8 elements", "attention stride");
+  expect_error(attention([](auto& p) { p.q = buffer + 2; }), "16-byte aligned", "attention alignment");
+  expect_error(attention([](auto& p) { p.head_dim = 40; }), "head dims 32, 64, 96, 128, 256", "attention head dim");
+  expect_error(attention([](auto& p) { p.kernels = KernelFamily::kWgmma, p.head_dim = 32; }),
+               "FASTLM_CUDA_KERNELS=wgmma, but", "attention forced wgmma");
+  expect_ok(attention([](auto& p) { p.batch = 0; }), "attention empty batch");
+  expect_ok(attention([](auto& p) { p.seqlen_q = 0; }), "attention no queries");
+  if (!gpu) {
+    expect_runtime_error(attention([](auto&) {}), "attention launch");
+    expect_runtime_error(attention([](auto& p) { p.kernels = KernelFamily::kAuto; }), "attention launch (auto)");
+  }
+
+  // ~16 warps per SM, >= 4 tiles per split, <= 1024 splits
   expect_eq(decode_num_splits(1, 1, 32, 8, 131072), 16 * sms / 8, "splits: B1 Hkv8 128k");
   expect_eq(decode_num_splits(1, 1, 32, 8, 100), 2, "splits: a short cache");
   expect_eq(decode_num_splits(1, 1, 1, 1, 1 << 30), 1024, "splits: capped");
   expect_eq(decode_num_splits(1024, 1, 8, 8, 4096), 1, "splits: a big batch");
   expect_eq(decode_workspace_floats(2, 3, 4, 5, 64), 2 * 3 * 4 * 5 * 66, "workspace floats");
-  DecodeParams d = decode_problem();
-  d.window_left = -5;
-  expect_error(decode_attention(d, nullptr), "window_left must be >= -1 (-1: no window), got -5", "decode window");
-  d = decode_problem();
-  d.dtype = DType::kFloat32;
-  expect_error(decode_attention(d, nullptr), "fp16/bf16", "decode fp32");
-  d = decode_problem();
-  d.num_splits = 0;
-  expect_error(decode_attention(d, nullptr), "num_splits >= 1", "decode splits");
-  d = decode_problem();
-  d.k_sh = 4;
-  expect_error(decode_attention(d, nullptr), "multiple of 8 elements", "decode stride");
-  d = decode_problem();
-  d.batch = 0;
-  expect_ok(decode_attention(d, nullptr), "decode empty batch");
-  if (!gpu) expect_runtime_error(decode_attention(decode_problem(), nullptr), "decode launch");
+  expect_error(decode([](auto& p) { p.window_left = -5; }), "window_left must be >= -1 (-1: no window), got -5",
+               "decode window");
+  expect_error(decode([](auto& p) { p.dtype = DType::kFloat32; }), "fp16/bf16", "decode fp32");
+  expect_error(decode([](auto& p) { p.num_splits = 0; }), "num_splits >= 1", "decode splits");
+  expect_error(decode([](auto& p) { p.k_sh = 4; }), "multiple of 8 elements", "decode stride");
+  expect_ok(decode([](auto& p) { p.batch = 0; }), "decode empty batch");
+  if (!gpu) expect_runtime_error(decode([](auto&) {}), "decode launch");
 
-  MlpParams m = mlp_problem();
-  m.d_model = 60;
-  expect_error(mlp_swiglu(m, nullptr), "multiples of 8, got 60 and 128", "mlp d_model");
-  m = mlp_problem();
-  m.w1b = nullptr;
-  expect_error(mlp_swiglu(m, nullptr), "non-null and 16-byte aligned", "mlp w_up missing");
-  m = mlp_problem();
-  m.dtype = DType::kFloat32;
-  expect_error(mlp_gelu(m, nullptr), "fp16/bf16", "mlp fp32");
-  m = mlp_problem();
-  m.rows = 0;
-  expect_ok(mlp_gelu(m, nullptr), "mlp no rows");
-  m = mlp_problem();
-  if (!gpu) expect_runtime_error(mlp_swiglu(m, nullptr), "mlp launch");
-  m.kernels = KernelFamily::kWgmma;
-  int major = 0;
-  const bool hopper = cudaGetDevice(&dev) == cudaSuccess &&
-                      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                      major == 9;
-  cudaGetLastError();
-  if (!hopper) expect_error(mlp_gelu(m, nullptr), "mlp_gelu: FASTLM_CUDA_KERNELS=wgmma, but", "mlp forced wgmma");
+  expect_error(mlp([](auto& p) { p.d_model = 60; }), "multiples of 8, got 60 and 128", "mlp d_model");
+  expect_error(mlp([](auto& p) { p.w1b = nullptr; }), "non-null and 16-byte aligned", "mlp w_up missing");
+  expect_error(mlp([](auto& p) { p.dtype = DType::kFloat32; }, false), "fp16/bf16", "mlp fp32");
+  expect_ok(mlp([](auto& p) { p.rows = 0; }, false), "mlp no rows");
+  if (!gpu) expect_runtime_error(mlp([](auto&) {}), "mlp launch");
+  if (!hopper)
+    expect_error(mlp([](auto& p) { p.kernels = KernelFamily::kWgmma; }, false),
+                 "mlp_gelu: FASTLM_CUDA_KERNELS=wgmma, but", "mlp forced wgmma");
 
   std::printf("%s: %d failed check(s)\n", failures ? "FAILED" : "ok", failures);
   return failures ? 1 : 0;

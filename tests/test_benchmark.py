@@ -379,13 +379,13 @@ def test_cuda_mma_peer_only_where_cuda_runs_wgmma(monkeypatch):
     build, for cases the wgmma kernels serve; its calls run with FASTLM_CUDA_KERNELS=mma."""
     from types import SimpleNamespace
 
-    from fastlm import backends, bench_suites
+    from fastlm import bench_suites
     seen = []
     cuda = benchmark.Impl("fastlm[cuda]", "fastlm", lambda **kw: seen.append(os.environ.get("FASTLM_CUDA_KERNELS")),
                           backend="cuda")
     impls = [benchmark.Impl("fastlm[triton]", "fastlm", lambda **kw: None, backend="triton"), cuda]
     gpu = SimpleNamespace(device=torch.device("cuda", 0))
-    monkeypatch.setattr(backends, "extension", lambda: SimpleNamespace(with_sm90a=True))
+    monkeypatch.setattr(bench_suites, "extension", lambda: SimpleNamespace(with_sm90a=True))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv("FASTLM_CUDA_KERNELS", raising=False)
     peer, = bench_suites._cuda_mma_impl(gpu, impls, True)
@@ -398,5 +398,5 @@ def test_cuda_mma_peer_only_where_cuda_runs_wgmma(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert bench_suites._cuda_mma_impl(gpu, impls, True) == []                        # not Hopper
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(backends, "extension", lambda: SimpleNamespace(with_sm90a=False))
+    monkeypatch.setattr(bench_suites, "extension", lambda: SimpleNamespace(with_sm90a=False))
     assert bench_suites._cuda_mma_impl(gpu, impls, True) == []                        # built without sm_90a

@@ -433,11 +433,12 @@ def test_window_mask_recognition():
     """_plain_window_mask accepts exactly the op's bottom-right causal window mask in every batch row; a wider or
     narrower window, a padded row, a float mask or another shape go to transformers' sdpa path."""
     from fastlm import reference
-    from fastlm.hf import _plain_window_mask, _window_left
-    assert (_window_left(None), _window_left(1), _window_left(4096)) == (-1, 0, 4095)
+    from fastlm.config import sliding_window_left
+    from fastlm.hf import _plain_window_mask
+    assert (sliding_window_left(None), sliding_window_left(1), sliding_window_left(4096)) == (-1, 0, 4095)
     for bad in (0, -3, 2.0, True):
         with pytest.raises(ValueError, match="sliding_window must be a positive integer or None"):
-            _window_left(bad)
+            sliding_window_left(bad)
     Sq, Sk, left = 3, 9, 3
     keep = reference.attention_mask(Sq, Sk, causal=True, window=(left, 0))
     mask = keep.expand(2, 1, Sq, Sk).clone()

@@ -24,20 +24,13 @@ template <int D>
 struct TileShape {
   static_assert(D % 32 == 0, "head dim must be a multiple of 32");
   static constexpr int kStride = D + 8;  // elements per shared-memory row
-  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
 };
 
-// Copy ROWS rows of D elements into a shared tile with cp.async; row r comes from row_ptr(r). Rows where row_ptr
-// returns nullptr are zero-filled and read nothing (`base`, any valid global address, stands in as the source).
+// copy_rows_async into a padded tile (row stride D + 8 elements).
 template <typename T, int ROWS, int D, int NTHREADS, typename RowPtr>
 __device__ __forceinline__ void load_rows_async(T* smem, RowPtr row_ptr, const T* base, int tid) {
-  constexpr int kChunks = TileShape<D>::kChunks;
-#pragma unroll
-  for (int c = tid; c < ROWS * kChunks; c += NTHREADS) {
-    const int r = c / kChunks, ch = c % kChunks;
-    const T* src = row_ptr(r);
-    cp_async_16(smem + r * TileShape<D>::kStride + ch * 8, src ? src + ch * 8 : base, src != nullptr);
-  }
+  copy_rows_async<T, ROWS, D, NTHREADS>([&](int r, int ch) { return smem + r * TileShape<D>::kStride + ch * 8; },
+                                        row_ptr, base, tid);
 }
 
 // The keys the query rows may see: query i sits at key position i + off, off = seqlen_k - seqlen_q (bottom-right

@@ -24,6 +24,20 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool p
   const int src_bytes = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));
 }
+// Copy ROWS rows of D elements (16-byte chunks, NTHREADS threads; thread tid takes chunks tid, tid + NTHREADS, ...)
+// into a shared tile with cp.async: chunk ch of row r goes to dst(r, ch), a shared address, and comes from
+// row_ptr(r) + 8 ch. Rows where row_ptr returns nullptr are zero-filled and read nothing (`base`, any valid global
+// address, stands in as the source).
+template <typename T, int ROWS, int D, int NTHREADS, typename Dst, typename RowPtr>
+__device__ __forceinline__ void copy_rows_async(Dst dst, RowPtr row_ptr, const T* base, int tid) {
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int c = tid; c < ROWS * kChunks; c += NTHREADS) {
+    const int r = c / kChunks, ch = c % kChunks;
+    const T* src = row_ptr(r);
+    cp_async_16(dst(r, ch), src ? src + ch * 8 : base, src != nullptr);
+  }
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

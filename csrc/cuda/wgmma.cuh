@@ -37,18 +37,12 @@ __device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo_by
          (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
 }
 
-// Copy ROWS rows of D elements into a sw128 tile with cp.async; row r comes from row_ptr(r), nullptr rows are
-// zero-filled (`base`, any valid global address, stands in as the source).
+// copy_rows_async (mma.cuh) into a sw128 tile.
 template <typename T, int ROWS, int D, int NTHREADS, typename RowPtr>
 __device__ __forceinline__ void load_rows_sw128(unsigned char* tile, RowPtr row_ptr, const T* base, int tid) {
   static_assert(D % 64 == 0, "sw128 tiles hold rows of a multiple of 64 elements");
-  constexpr int kChunks = D / 8;
-#pragma unroll
-  for (int c = tid; c < ROWS * kChunks; c += NTHREADS) {
-    const int r = c / kChunks, ch = c % kChunks;
-    const T* src = row_ptr(r);
-    cp_async_16(tile + sw128_offset<ROWS>(r, ch), src ? src + ch * 8 : base, src != nullptr);
-  }
+  copy_rows_async<T, ROWS, D, NTHREADS>([&](int r, int ch) { return tile + sw128_offset<ROWS>(r, ch); }, row_ptr,
+                                        base, tid);
 }
 
 // Make this thread's generic-proxy shared-memory writes (cp.async included) visible to wgmma's async proxy; a
