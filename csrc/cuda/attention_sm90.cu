@@ -2,12 +2,15 @@
 //
 // Grid (ceil(Sq / 128), H, B), two warpgroups of 128 threads; warpgroup w owns query rows 64 w .. 64 w + 63 of the
 // block and each of its warps 16 of them. Q (128 rows) is copied to shared memory once; K and V tiles of 128 keys
-// stream through a two-stage cp.async pipeline into 128-byte swizzled tiles (wgmma.cuh): tile t + 1's copies are
-// issued once tile t's S GEMM is, and are in flight while tile t is used. Per tile and warpgroup: S = Q K^T as
-// D / 16 wgmma m64n128k16 with both operands in shared memory, the online softmax of attention_tile.cuh on the S
-// fragments (log2 domain), then O += P V as 8 wgmma m64nDk16 with P from registers (packed straight from S) and V
-// read transposed from shared memory. Masking, key-tile skipping, empty rows (O = 0, LSE = -inf) and the output
-// write are those of the mma.sync kernel (attention.cu).
+// stream through two slots each, copied with cp.async into 128-byte swizzled tiles (wgmma.cuh) one iteration ahead
+// of use. Per tile t and warpgroup: S_t = Q K_t^T as D / 16 wgmma m64n128k16 with both operands in shared memory,
+// issued together with O += P_{t-1} V_{t-1} (8 wgmma m64nDk16, P from registers, V read transposed from shared
+// memory); the online softmax of attention_tile.cuh (log2 domain) runs on S_t's fragments while the tensor cores
+// still compute P_{t-1} V_{t-1}, and O is rescaled when that product is done (FlashAttention-3's overlap of softmax
+// and GEMMs within a warpgroup). In the sm_90a SASS ptxas puts the wait for P V after the exponentials of the first
+// of a thread's two rows (the packed P of tile t goes into the registers P V reads), so about half of the softmax
+// runs beside the product. Masking, key-tile skipping, empty rows (O = 0, LSE = -inf) and the output write are
+// those of the mma.sync kernel (attention.cu).
 //
 // The kernel body exists only in the sm_90a compilation; attention_fwd (attention.cu) launches it only when the
 // extension was built for sm_90a (FASTLM_CUDA_SM90A) and the device is compute capability 9.x.
@@ -47,30 +50,55 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   const int lo = x.band.lo(m0), hi = x.band.hi(m0, kBlockM);
   const int n_start = (lo / kBlockN) * kBlockN;
 
-  auto load_kv = [&](int n0, int buf) {
-    load_rows_sw128<T, kBlockN, D, kThreads>(sk + buf * Sm90Smem<D>::kKV, [&](int r) { return x.k_row(n0 + r); },
-                                             x.k, tid);
-    load_rows_sw128<T, kBlockN, D, kThreads>(sv + buf * Sm90Smem<D>::kKV, [&](int r) { return x.v_row(n0 + r); },
-                                             x.v, tid);
-  };
-  load_rows_sw128<T, kBlockM, D, kThreads>(sq, [&](int r) { return x.q_row(m0 + r); }, x.q, tid);
-  if (n_start < hi) load_kv(n_start, 0);
-  cp_async_commit();
-
   WarpState<D> st;
   st.init();
+  auto load_k = [&](int n0, int slot) {
+    load_rows_sw128<T, kBlockN, D, kThreads>(sk + slot * Sm90Smem<D>::kKV, [&](int r) { return x.k_row(n0 + r); },
+                                             x.k, tid);
+  };
+  auto load_v = [&](int n0, int slot) {
+    load_rows_sw128<T, kBlockN, D, kThreads>(sv + slot * Sm90Smem<D>::kKV, [&](int r) { return x.v_row(n0 + r); },
+                                             x.v, tid);
+  };
+  // O += P V of the tile in V slot `slot`, P packed in pa (its wgmmas are committed, not waited for). The writes to
+  // O and pa are all made before its own wgmma.fence (it follows a branch, and ptxas would inject one anyway).
+  uint32_t pa[kBlockN / 16][4];
+  auto issue_pv = [&](int slot) {
+    const unsigned char* vt = sv + slot * Sm90Smem<D>::kKV;
+    fence_operands(st.o);
+    fence_operands(pa);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)  // k step kk: keys 16 kk .. 16 kk + 15, rows of the V tile
+      Wgmma<T, D>::rs_mn(st.o, pa[kk], sw128_desc(vt + kk * 16 * 128, kBlockN * 128), 1);
+    wgmma_commit();
+  };
+  load_rows_sw128<T, kBlockM, D, kThreads>(sq, [&](int r) { return x.q_row(m0 + r); }, x.q, tid);
+  if (n_start < hi) load_k(n_start, 0);
+  cp_async_commit();
+
   const float scale_log2 = p.softmax_scale * kLog2e;
   const int row0 = m0 + wg * 64 + warp * 16;  // first query row of this warp
-  int buf = 0;
-  for (int n0 = n_start; n0 < hi; n0 += kBlockN, buf ^= 1) {
-    cp_async_wait<0>();  // this tile, the only copy in flight
+  // Iteration t: S_t = Q K_t^T and O += P_{t-1} V_{t-1} are issued together; the softmax of S_t runs while the
+  // tensor cores still work on P_{t-1} V_{t-1}, and O is rescaled once that is done. K_t sits in slot t % 2, V_t in
+  // slot t % 2; K_{t+1} and V_t are copied during iteration t.
+  int t = 0;
+  for (int n0 = n_start; n0 < hi; n0 += kBlockN, ++t) {
+    const int slot = t & 1;
+    cp_async_wait<0>();  // K_t and V_{t-1}, the copies issued last iteration
     fence_proxy_async();
-    __syncthreads();  // it is visible to all, and every wgmma of the previous tile is done with buffer buf ^ 1
+    // ... are visible to all, and every wgmma of iteration t - 1 is done (each warpgroup waited for all of its own):
+    // K slot slot ^ 1 (K_{t-1}) and V slot slot (V_{t-2}) are free
+    __syncthreads();
+    if (n0 + kBlockN < hi) load_k(n0 + kBlockN, slot ^ 1);
+    load_v(n0, slot);
+    cp_async_commit();
 
     // S = Q K^T: k step kk covers head-dim columns 16 kk .. 16 kk + 15 (64-column slab kk / 4, 32 bytes per step)
-    const unsigned char* kt = sk + buf * Sm90Smem<D>::kKV;
+    const unsigned char* kt = sk + slot * Sm90Smem<D>::kKV;
     float s[kBlockN / 8][4] = {};  // (the first k step overwrites it: scale-d = 0)
     fence_operands(s);
+    fence_operands(st.o);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -79,17 +107,22 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
                             sw128_desc(kt + slab * kBlockN * 128 + step, 16), kk > 0);
     }
     wgmma_commit();
-    if (n0 + kBlockN < hi) load_kv(n0 + kBlockN, buf ^ 1);  // the next tile's copies overlap the S GEMM
-    cp_async_commit();
-    wgmma_wait<0>();
+    if (t > 0) {
+      issue_pv(slot ^ 1);
+      wgmma_wait<1>();  // S_t is done, P_{t-1} V_{t-1} may still run
+    } else {
+      wgmma_wait<0>();
+    }
     fence_operands(s);
 
-    warp_softmax<D, kBlockN>(s, st, scale_log2, x.band.needs_mask(n0, kBlockN, m0, kBlockM),
-                             [&](int r, int c) { return x.band.keeps(row0 + r, n0 + c); }, lane);
-
-    // O += P V: k step kk covers keys 16 kk .. 16 kk + 15 (rows of the V tile); P's A fragment is packed from S
-    const unsigned char* vt = sv + buf * Sm90Smem<D>::kKV;
-    uint32_t pa[kBlockN / 16][4];
+    float alpha[2];  // O's rescale, applied once P_{t-1} V_{t-1} is done
+    warp_softmax_scores<D, kBlockN>(s, st, scale_log2, x.band.needs_mask(n0, kBlockN, m0, kBlockM),
+                                    [&](int r, int c) { return x.band.keeps(row0 + r, n0 + c); }, lane,
+                                    [&](int h, float a) { alpha[h] = a; });
+    wgmma_wait<0>();  // P_{t-1} V_{t-1}: pa is free, O complete up to tile t - 1
+    fence_operands(st.o);
+    st.rescale(alpha);
+    // P's A fragments for k step kk (keys 16 kk .. 16 kk + 15), packed from S
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       pa[kk][0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
@@ -97,16 +130,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       pa[kk][2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       pa[kk][3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
-    fence_operands(st.o);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
-      Wgmma<T, D>::rs_mn(st.o, pa[kk], sw128_desc(vt + kk * 16 * 128, kBlockN * 128), 1);
-    wgmma_commit();
+    fence_operands(pa);  // packed here, while the tensor cores are idle anyway, not sunk into the next issue
+  }
+  cp_async_wait<0>();  // V of the last tile (with no tile: Q, whose copies must not outlive the block)
+  if (t > 0) {  // the last tile's P V
+    fence_proxy_async();
+    __syncthreads();
+    issue_pv((t - 1) & 1);
     wgmma_wait<0>();
     fence_operands(st.o);
   }
-  cp_async_wait<0>();
 
   warp_store<T, D>(st, static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh, p.o_ss,
                    p.lse + (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q, row0, p.seqlen_q, lane);

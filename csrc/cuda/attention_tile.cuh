@@ -93,6 +93,18 @@ struct WarpState {
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
   }
+  // o rows g + 8 h *= a (this lane's row h of the two)
+  __device__ __forceinline__ void rescale_row(int h, float a) {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[j][2 * h] *= a;
+      o[j][2 * h + 1] *= a;
+    }
+  }
+  __device__ __forceinline__ void rescale(const float (&alpha)[2]) {
+    rescale_row(0, alpha[0]);
+    rescale_row(1, alpha[1]);
+  }
 };
 
 // s = Q K^T for the warp's 16 rows (q: row 0 of them) and NKEYS keys (k: row 0 of them).
@@ -117,11 +129,12 @@ __device__ __forceinline__ void warp_qk(float (&s)[NKEYS / 8][4], const T* q, co
   }
 }
 
-// Scale, mask, and fold the tile's scores into the running softmax; s becomes P = exp2(score - m).
+// Scale, mask, and fold the tile's scores into the running max and sum; s becomes P = exp2(score - m), and
+// on_alpha(h, alpha) gets, per row h of the lane's two, the factor the output accumulated so far must be scaled by.
 // keep(row, key) (row 0..15 of the warp, key 0..NKEYS-1 of the tile) is consulted only when need_mask.
-template <int D, int NKEYS, typename Keep>
-__device__ __forceinline__ void warp_softmax(float (&s)[NKEYS / 8][4], WarpState<D>& st, float scale_log2,
-                                             bool need_mask, Keep keep, int lane) {
+template <int D, int NKEYS, typename Keep, typename OnAlpha>
+__device__ __forceinline__ void warp_softmax_scores(float (&s)[NKEYS / 8][4], WarpState<D>& st, float scale_log2,
+                                                    bool need_mask, Keep keep, int lane, OnAlpha on_alpha) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -149,12 +162,16 @@ __device__ __forceinline__ void warp_softmax(float (&s)[NKEYS / 8][4], WarpState
       }
     st.l[h] = st.l[h] * alpha + sum;
     st.m[h] = m_new;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      st.o[j][2 * h] *= alpha;
-      st.o[j][2 * h + 1] *= alpha;
-    }
+    on_alpha(h, alpha);
   }
+}
+
+// warp_softmax_scores with the output rescaled right away.
+template <int D, int NKEYS, typename Keep>
+__device__ __forceinline__ void warp_softmax(float (&s)[NKEYS / 8][4], WarpState<D>& st, float scale_log2,
+                                             bool need_mask, Keep keep, int lane) {
+  warp_softmax_scores<D, NKEYS>(s, st, scale_log2, need_mask, keep, lane,
+                                [&](int h, float alpha) { st.rescale_row(h, alpha); });
 }
 
 // o += P V for the warp's 16 rows; v: row 0 of the tile's NKEYS keys.

@@ -2,8 +2,9 @@
 // (activations times nn.Linear weights), in two kernels of the same shape of work:
 //   gemm_tn_kernel (mma.sync, sm_80+): block tile 128 x BN x 32, 8 warps (2 x 4, warp tile 64 x BN / 4), a 3-stage
 //     cp.async pipeline, ldmatrix operand loads;
-//   gemm_tn_wgmma_kernel (wgmma, sm_90a): block tile 128 x 128 x 64, two warpgroups of 64 rows, a 4-stage cp.async
-//     pipeline into 128-byte swizzled tiles (wgmma.cuh) read by m64n128k16 wgmma with both operands in shared memory;
+//   gemm_tn_wgmma_kernel (wgmma, sm_90a): block tile 128 x 128 x 64, two warpgroups of 64 rows, a 4-slot cp.async
+//     pipeline into 128-byte swizzled tiles (wgmma.cuh) read by m64n128k16 wgmma with both operands in shared memory,
+//     one k tile's wgmmas in flight while the next one's are issued;
 //     taken on Hopper (MlpParams::kernels auto or wgmma);
 // with the element-wise work fused into the epilogue so no intermediate takes an extra round trip through memory:
 //   kBiasGelu:     h = gelu_tanh(x w_fc^T + b_fc)                 (first GEMM of the GPT-2 MLP)
@@ -238,16 +239,20 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_tn_wgmma_kernel(const GemmAr
       }
   };
 
+  // One k tile's wgmmas stay in flight while the next tile's are issued (successive wgmmas on the same accumulators
+  // are ordered by the hardware), so the slot a copy may refill is the one of tile kt - 2: tiles are copied two
+  // ahead, into kWgStages = 4 slots.
   float acc[NW][kWgBN / 8][4] = {};
 #pragma unroll
-  for (int s = 0; s < kWgStages - 1; ++s) {
+  for (int s = 0; s < kWgStages - 2; ++s) {
     if (s < k_tiles) load_stage(s);
     cp_async_commit();
   }
   for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kWgStages - 2>();
+    cp_async_wait<kWgStages - 3>();
     fence_proxy_async();
-    __syncthreads();  // tile kt is visible to all, and the wgmmas of tile kt - 1 (waited) no longer read its slot
+    // tile kt is visible to all, and each warpgroup has waited for its wgmmas of tile kt - 2: that slot is free
+    __syncthreads();
 
     // warpgroup wg: rows 64 wg .. of the A tile; k step kk: 16 elements = 32 bytes along the slab
     const unsigned char* st = smem + (kt % kWgStages) * STAGE;
@@ -262,13 +267,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_tn_wgmma_kernel(const GemmAr
         Wgmma<T, kWgBN>::ss(acc[w], desc_a, sw128_desc(st + (1 + w) * kWgTile + kk * 32, 16), 1);
     }
     wgmma_commit();
-    // refill the slot of tile kt - 1 while the tensor cores work on tile kt
-    if (kt + kWgStages - 1 < k_tiles) load_stage(kt + kWgStages - 1);
+    if (kt + kWgStages - 2 < k_tiles) load_stage(kt + kWgStages - 2);
     cp_async_commit();
-    wgmma_wait<0>();
-#pragma unroll
-    for (int w = 0; w < NW; ++w) fence_operands(acc[w]);
+    wgmma_wait<1>();  // tile kt - 1's wgmmas are done, tile kt's run on
   }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int w = 0; w < NW; ++w) fence_operands(acc[w]);
   cp_async_wait<0>();
 
   const int g = lane >> 2, t = lane & 3;

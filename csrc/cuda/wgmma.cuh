@@ -56,13 +56,16 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-// Keep the compiler from moving reads or writes of accumulators across the wgmma issue / wait points.
-template <int NT>
-__device__ __forceinline__ void fence_operands(float (&d)[NT][4]) {
+// Keep the compiler from moving reads or writes of accumulators (float) and register A fragments (uint32_t) across
+// the wgmma issue / wait points: the register math around a wgmma is otherwise free to drift past its fences.
+__device__ __forceinline__ void fence_operand(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void fence_operand(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
+template <typename E, int NT>
+__device__ __forceinline__ void fence_operands(E (&d)[NT][4]) {
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+    for (int e = 0; e < 4; ++e) fence_operand(d[j][e]);
 }
 
 #define FASTLM_ACC4(d, j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
