@@ -90,9 +90,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     // ... are visible to all, and every wgmma of iteration t - 1 is done (each warpgroup waited for all of its own):
     // K slot slot ^ 1 (K_{t-1}) and V slot slot (V_{t-2}) are free
     __syncthreads();
-    if (n0 + kBlockN < hi) load_k(n0 + kBlockN, slot ^ 1);
-    load_v(n0, slot);
-    cp_async_commit();
 
     // S = Q K^T: k step kk covers head-dim columns 16 kk .. 16 kk + 15 (64-column slab kk / 4, 32 bytes per step)
     const unsigned char* kt = sk + slot * Sm90Smem<D>::kKV;
@@ -107,18 +104,22 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
                             sw128_desc(kt + slab * kBlockN * 128 + step, 16), kk > 0);
     }
     wgmma_commit();
-    if (t > 0) {
-      issue_pv(slot ^ 1);
+    // the copies of K_{t+1} and V_t (into slots no wgmma of this iteration reads) are issued while S_t runs; placed
+    // between the P V issue and its wait instead, they make ptxas serialize the wgmmas (advisory C7514)
+    if (n0 + kBlockN < hi) load_k(n0 + kBlockN, slot ^ 1);
+    load_v(n0, slot);
+    cp_async_commit();
+    if (t > 0) issue_pv(slot ^ 1);
+    if (t > 0)
       wgmma_wait<1>();  // S_t is done, P_{t-1} V_{t-1} may still run
-    } else {
+    else
       wgmma_wait<0>();
-    }
     fence_operands(s);
 
     float alpha[2];  // O's rescale, applied once P_{t-1} V_{t-1} is done
     warp_softmax_scores<D, kBlockN>(s, st, scale_log2, x.band.needs_mask(n0, kBlockN, m0, kBlockM),
                                     [&](int r, int c) { return x.band.keeps(row0 + r, n0 + c); }, lane,
-                                    [&](int h, float a) { alpha[h] = a; });
+                                    [&](int row, float a) { alpha[row] = a; });
     wgmma_wait<0>();  // P_{t-1} V_{t-1}: pa is free, O complete up to tile t - 1
     fence_operands(st.o);
     st.rescale(alpha);

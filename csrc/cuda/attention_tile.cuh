@@ -171,7 +171,7 @@ template <int D, int NKEYS, typename Keep>
 __device__ __forceinline__ void warp_softmax(float (&s)[NKEYS / 8][4], WarpState<D>& st, float scale_log2,
                                              bool need_mask, Keep keep, int lane) {
   warp_softmax_scores<D, NKEYS>(s, st, scale_log2, need_mask, keep, lane,
-                                [&](int h, float alpha) { st.rescale_row(h, alpha); });
+                                [&](int row, float alpha) { st.rescale_row(row, alpha); });
 }
 
 // o += P V for the warp's 16 rows; v: row 0 of the tile's NKEYS keys.
