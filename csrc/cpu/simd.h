@@ -83,12 +83,18 @@ inline float hmax(vfloat v) {
 }
 
 inline float hsum(vfloat v) {
-  // pairwise halving: log2(kW) vector adds instead of kW scalar ones
+  // pairwise halving: log2(kW) vector adds instead of kW scalar ones (the AVX form adds in the same order)
+#if defined(__AVX__) && !defined(__AVX512F__)
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#else
   float buf[kW];
   std::memcpy(buf, &v, sizeof(buf));
   for (int w = kW / 2; w >= 1; w /= 2)
     for (int i = 0; i < w; ++i) buf[i] += buf[i + w];
   return buf[0];
+#endif
 }
 
 // out[0..3] = the horizontal sums of a0..a3 (one transpose-and-add tree with AVX instead of four reductions).
