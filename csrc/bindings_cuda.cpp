@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
@@ -30,8 +31,11 @@ DType dtype_of(const at::Tensor& t, const char* op) {
   return t.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
 }
 
-void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+// t is a CUDA tensor, on the device of `like` when given (the kernels run on one device and take raw pointers).
+void check_cuda(const at::Tensor& t, const char* op, const char* name, const at::Tensor* like = nullptr) {
   TORCH_CHECK(t.is_cuda(), "fastlm::", op, " (CUDA): ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(!like || t.device() == like->device(), "fastlm::", op, " (CUDA): ", name, " must be on ",
+              like ? like->device() : t.device(), " with the other inputs, got ", t.device());
 }
 
 // The stride the kernels are given: 0 for a size-1 dim (its index is always 0, and torch leaves such strides
@@ -65,8 +69,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
                                                       int64_t window_left, int64_t window_right) {
   const char* op = "attention_fwd";
   check_cuda(q_in, op, "q");
-  check_cuda(k_in, op, "k");
-  check_cuda(v_in, op, "v");
+  check_cuda(k_in, op, "k", &q_in);
+  check_cuda(v_in, op, "v", &q_in);
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "fastlm::attention_fwd (CUDA): q, k, v must be "
               "4-D (batch, seqlen, nheads, headdim)");
   TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
@@ -79,8 +83,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3), Sk = k.size(1), Hkv = k.size(2);
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "fastlm::attention_fwd (CUDA): nheads (", H, ") must be a multiple of "
               "nheads_kv (", Hkv, ")");
+  TORCH_CHECK(std::isfinite(softmax_scale), "fastlm::attention_fwd (CUDA): softmax_scale must be finite, got ",
+              softmax_scale);
+  TORCH_CHECK(Sq + Sk <= (int64_t{1} << 30), "fastlm::attention_fwd (CUDA): seqlen_q + seqlen_k must be <= 2^30 "
+              "(the kernels' positions are int), got ", Sq, " + ", Sk);
   auto out = at::empty({B, Sq, H, D}, q.options());
   auto lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
   fastlm_cuda::AttentionParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -94,9 +103,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   p.batch = static_cast<int>(B), p.nheads = static_cast<int>(H), p.nheads_kv = static_cast<int>(Hkv);
   p.seqlen_q = static_cast<int>(Sq), p.seqlen_k = static_cast<int>(Sk), p.head_dim = static_cast<int>(D);
   p.softmax_scale = static_cast<float>(softmax_scale);
-  // a window past every key is unbounded in effect: clamped so that the kernels' position arithmetic stays in int
-  p.window_left = static_cast<int>(std::min(window_left, Sq + Sk));
-  p.window_right = causal ? 0 : static_cast<int>(std::min(window_right, Sq + Sk));
+  // a window past every key is unbounded in effect (left Sk, right Sq reach every key from any position): clamped
+  // so that the kernels' position arithmetic stays in int
+  p.window_left = static_cast<int>(std::min(window_left, Sk));
+  p.window_right = causal ? 0 : static_cast<int>(std::min(window_right, Sq));
   p.dtype = dtype;
   p.kernels = kernel_family();
   throw_if(fastlm_cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream()));
@@ -106,12 +116,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
 at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                  const at::Tensor& cache_seqlens, double softmax_scale, int64_t window_left) {
   const char* op = "decode_attention";
+  TORCH_CHECK(std::isfinite(softmax_scale), "fastlm::decode_attention (CUDA): softmax_scale must be finite, got ",
+              softmax_scale);
   TORCH_CHECK(window_left >= -1, "fastlm::decode_attention (CUDA): window_left must be >= -1 (-1: no window), got ",
               window_left);
   check_cuda(q_in, op, "q");
-  check_cuda(k_in, op, "k_cache");
-  check_cuda(v_in, op, "v_cache");
-  check_cuda(cache_seqlens, op, "cache_seqlens");
+  check_cuda(k_in, op, "k_cache", &q_in);
+  check_cuda(v_in, op, "v_cache", &q_in);
+  check_cuda(cache_seqlens, op, "cache_seqlens", &q_in);
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && k_in.sizes() == v_in.sizes(),
               "fastlm::decode_attention (CUDA): q must be 4-D and k_cache, v_cache 4-D of the same shape");
   TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
@@ -150,8 +162,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   p.nheads_kv = static_cast<int>(Hkv), p.max_seqlen = static_cast<int>(S), p.head_dim = static_cast<int>(D);
   p.num_splits = splits;
   p.softmax_scale = static_cast<float>(softmax_scale);
-  // a window reaching every key is none (and keeps the kernel's position arithmetic within int)
-  p.window_left = window_left >= S ? -1 : static_cast<int>(window_left);
+  // (the launcher takes a window reaching every key, >= max_seqlen, for none)
+  p.window_left = static_cast<int>(std::min<int64_t>(window_left, S));
   p.dtype = dtype;
   throw_if(fastlm_cuda::decode_attention(p, c10::cuda::getCurrentCUDAStream()));
   return out;
@@ -166,8 +178,9 @@ at::Tensor mlp_cuda(const char* op, const at::Tensor& x, const at::Tensor& w1, c
   TORCH_CHECK(x.dim() >= 1, "fastlm::", op, " (CUDA): x must have at least 1 dim");
   const DType dtype = dtype_of(x, op);
   const int64_t d_model = x.size(-1);
+  TORCH_CHECK(d_model > 0, "fastlm::", op, " (CUDA): x's last dim (d_model) must be positive, got shape ", x.sizes());
   auto same = [&](const at::Tensor& t, const char* name) {
-    check_cuda(t, op, name);
+    check_cuda(t, op, name, &x);
     TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastlm::", op, " (CUDA): ", name, " must have x's dtype ",
                 x.scalar_type(), ", got ", t.scalar_type());
   };
@@ -195,11 +208,13 @@ at::Tensor mlp_cuda(const char* op, const at::Tensor& x, const at::Tensor& w1, c
     TORCH_CHECK(residual->sizes() == x.sizes(), "fastlm::", op, " (CUDA): residual must have x's shape ", x.sizes());
   }
   c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor x2 = x.reshape({-1, d_model}).contiguous();
-  const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
-  const at::Tensor w1bc = w1b ? w1b->contiguous() : at::Tensor();
+  // the GEMMs read contiguous rows with 16-byte copies from 16-byte aligned bases
+  auto dense = [](const at::Tensor& t) { return rows_aligned(t.contiguous()); };
+  const at::Tensor x2 = dense(x.reshape({-1, d_model}));
+  const at::Tensor w1c = dense(w1), w2c = dense(w2);
+  const at::Tensor w1bc = w1b ? dense(*w1b) : at::Tensor();
   const at::Tensor b1c = b1 ? b1->contiguous() : at::Tensor(), b2c = b2 ? b2->contiguous() : at::Tensor();
-  const at::Tensor res = residual ? residual->reshape({-1, d_model}).contiguous() : at::Tensor();
+  const at::Tensor res = residual ? dense(residual->reshape({-1, d_model})) : at::Tensor();
   const int64_t rows = x2.size(0);
   auto hidden = at::empty({rows, d_ff}, x.options());
   auto out = at::empty({rows, d_model}, x.options());

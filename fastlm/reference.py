@@ -67,7 +67,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
     """
     outs = []
     for b in range(q.shape[0]):
-        n = int(cache_seqlens[b])
+        n = min(max(int(cache_seqlens[b]), 0), k_cache.shape[1])  # clamped into [0, S_max], as the kernels do
         outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], causal=True,
                               softmax_scale=softmax_scale, window=(window_left, 0)))
     return torch.cat(outs, dim=0)

@@ -152,13 +152,18 @@ int main() {
   expect_error(decode([](auto& p) { p.dtype = DType::kFloat32; }), "fp16/bf16", "decode fp32");
   expect_error(decode([](auto& p) { p.num_splits = 0; }), "num_splits >= 1", "decode splits");
   expect_error(decode([](auto& p) { p.k_sh = 4; }), "multiple of 8 elements", "decode stride");
+  expect_error(decode([](auto& p) { p.cache_seqlens = nullptr; }), "cache_seqlens, out and the workspace must be set",
+               "decode null lengths");
+  expect_error(decode([](auto& p) { p.num_splits = 65536; }), "num_splits must be <= 65535", "decode too many splits");
+  expect_error(decode([](auto& p) { p.seqlen_q = 65535 * 8 + 1; }), "<= 65535 * 16 query rows per kv head, got 1048562",
+               "decode rows per kv head");
   expect_ok(decode([](auto& p) { p.batch = 0; }), "decode empty batch");
   if (!gpu) expect_runtime_error(decode([](auto&) {}), "decode launch");
 
   expect_error(mlp([](auto& p) { p.d_model = 60; }), "multiples of 8, got 60 and 128", "mlp d_model");
   expect_error(mlp([](auto& p) { p.w1b = nullptr; }), "non-null and 16-byte aligned", "mlp w_up missing");
   expect_error(mlp([](auto& p) { p.dtype = DType::kFloat32; }, false), "fp16/bf16", "mlp fp32");
-  expect_ok(mlp([](auto& p) { p.rows = 0; }, false), "mlp no rows");
+  expect_ok(mlp([](auto& p) { p.rows = 0, p.x = p.hidden = p.out = nullptr; }, false), "mlp no rows (null buffers)");
   if (!gpu) expect_runtime_error(mlp([](auto&) {}), "mlp launch");
   if (!hopper)
     expect_error(mlp([](auto& p) { p.kernels = KernelFamily::kWgmma; }, false),

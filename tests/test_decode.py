@@ -99,6 +99,17 @@ def test_queries_without_keys(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_lengths_are_clamped(backend):
+    # lengths are not checked on the host (no sync); every backend and the reference take them into [0, S_max]
+    q, k, v, lens = _inputs(3, 2, 2, 1, 32, 10, [-3, 15, 7], _dtype(backend), backend_device(backend))
+    out = decode_attention(q, k, v, lens, backend=backend)
+    assert (out[0] == 0).all()
+    full = decode_attention(q[1:2], k[1:2], v[1:2], torch.tensor([10], device=lens.device), backend=backend)
+    assert torch.equal(out[1:2], full)  # (10 keys are one split for every backend: the same arithmetic)
+    _check(out, q, k, v, lens)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_int64_lengths_and_strided_cache(backend):
     # a per-layer view of a (layers, B, S_max, Hkv, D) cache and a non-contiguous q, as a decode loop passes them
     device = backend_device(backend)

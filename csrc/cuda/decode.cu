@@ -38,13 +38,13 @@ __global__ void __launch_bounds__(decode_warps<D>() * 32) decode_split_kernel(co
   constexpr int TILE = kTileKeys * S;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int split = blockIdx.x * WARPS + warp;
+  const int split = blockIdx.y * WARPS + warp;
   if (split >= p.num_splits) return;  // warps never synchronize with each other
   T* sq = reinterpret_cast<T*>(smem_raw) + warp * 5 * TILE;
   T* sk = sq + TILE;      // two buffers
   T* sv = sk + 2 * TILE;  // two buffers
 
-  const int b = blockIdx.y / p.nheads_kv, hk = blockIdx.y % p.nheads_kv;
+  const int b = blockIdx.x / p.nheads_kv, hk = blockIdx.x % p.nheads_kv;
   const int group = p.nheads / p.nheads_kv, sq_len = p.seqlen_q;
   const int n_rows = group * sq_len;
   const int row_base = blockIdx.z * 16;
@@ -155,10 +155,13 @@ Status launch(const DecodeParams& p, cudaStream_t stream) {
   constexpr int smem = decode_smem_bytes<D>();
   constexpr int warps = decode_warps<D>();
   auto split_kernel = decode_split_kernel<T, D>;
+  const int row_tiles = (p.nheads / p.nheads_kv * p.seqlen_q + 15) / 16;
+  if (row_tiles > 65535)
+    return Status::Error("decode_attention: nheads / nheads_kv * seqlen_q must be <= 65535 * 16 query rows per kv "
+                         "head, got " + std::to_string(p.nheads / p.nheads_kv * p.seqlen_q));
   Status s = reserve_smem(split_kernel, smem, "decode_attention");
   if (!s.ok()) return s;
-  const int row_tiles = (p.nheads / p.nheads_kv * p.seqlen_q + 15) / 16;
-  const dim3 grid((p.num_splits + warps - 1) / warps, p.batch * p.nheads_kv, row_tiles);
+  const dim3 grid(p.batch * p.nheads_kv, (p.num_splits + warps - 1) / warps, row_tiles);
   split_kernel<<<grid, warps * 32, smem, stream>>>(p);
   s = launch_status("decode_attention (split kernel)");
   if (!s.ok()) return s;
@@ -196,7 +199,8 @@ int64_t decode_workspace_floats(int batch, int seqlen_q, int nheads, int num_spl
   return static_cast<int64_t>(batch) * seqlen_q * nheads * num_splits * (head_dim + 2);
 }
 
-Status decode_attention(const DecodeParams& p, cudaStream_t stream) {
+Status decode_attention(const DecodeParams& params, cudaStream_t stream) {
+  DecodeParams p = params;
   if (p.dtype == DType::kFloat32)
     return Status::Error("decode_attention: CUDA kernels take fp16/bf16 (tensor cores); got fp32");
   if (p.batch < 0 || p.seqlen_q < 0 || p.max_seqlen < 0 || p.nheads <= 0 || p.nheads_kv <= 0 ||
@@ -206,9 +210,13 @@ Status decode_attention(const DecodeParams& p, cudaStream_t stream) {
   if (p.window_left < -1)
     return Status::Error("decode_attention: window_left must be >= -1 (-1: no window), got " +
                          std::to_string(p.window_left));
+  if (p.num_splits > 65535) return Status::Error("decode_attention: num_splits must be <= 65535");
+  if (static_cast<int64_t>(p.batch) * p.nheads_kv > 2147483647LL)
+    return Status::Error("decode_attention: batch * nheads_kv must be < 2^31");
   if (p.batch == 0 || p.seqlen_q == 0) return Status::Ok();
-  if (static_cast<int64_t>(p.batch) * p.nheads_kv > 65535)
-    return Status::Error("decode_attention: batch * nheads_kv must be <= 65535");
+  if (!p.q || !p.k || !p.v || !p.cache_seqlens || !p.out || !p.workspace)
+    return Status::Error("decode_attention: q, k_cache, v_cache, cache_seqlens, out and the workspace must be set");
+  if (p.window_left >= p.max_seqlen) p.window_left = -1;  // reaches every key: none (keeps positions in int range)
   const int64_t strides[] = {p.q_sb, p.q_ss, p.q_sh, p.k_sb, p.k_ss, p.k_sh, p.v_sb, p.v_ss, p.v_sh};
   for (int64_t s : strides)
     if (s % 8 != 0) return Status::Error("decode_attention: every stride must be a multiple of 8 elements (16 bytes)");

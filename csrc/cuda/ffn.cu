@@ -324,6 +324,7 @@ Status check(const MlpParams& p, bool swiglu, const char* what) {
   if (p.rows < 0 || p.d_model <= 0 || p.d_ff <= 0 || p.d_model % 8 != 0 || p.d_ff % 8 != 0)
     return Status::Error(std::string(what) + ": d_model and d_ff must be positive multiples of 8, got " +
                          std::to_string(p.d_model) + " and " + std::to_string(p.d_ff));
+  if (p.rows == 0) return Status::Ok();  // no work (torch hands out null pointers for empty tensors)
   const void* ptrs[] = {p.x, p.w1, swiglu ? p.w1b : p.w1, p.w2, p.hidden, p.out};
   for (const void* ptr : ptrs)
     if (ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 != 0)

@@ -16,9 +16,11 @@ namespace fastlm_cuda {
 template <typename Kernel>
 Status reserve_smem(Kernel kernel, int bytes, const std::string& what) {
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err != cudaSuccess)
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // reported here, not left for the next launch check to find
     return Status::Error(what + ": cannot reserve " + std::to_string(bytes) + " bytes of shared memory: " +
                          cudaGetErrorString(err));
+  }
   return Status::Ok();
 }
 
