@@ -109,11 +109,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     if (n0 + kBlockN < hi) load_k(n0 + kBlockN, slot ^ 1);
     load_v(n0, slot);
     cp_async_commit();
-    if (t > 0) issue_pv(slot ^ 1);
-    if (t > 0)
+    if (t > 0) {
+      issue_pv(slot ^ 1);
       wgmma_wait<1>();  // S_t is done, P_{t-1} V_{t-1} may still run
-    else
+    } else {
       wgmma_wait<0>();
+    }
     fence_operands(s);
 
     float alpha[2];  // O's rescale, applied once P_{t-1} V_{t-1} is done

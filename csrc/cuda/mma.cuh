@@ -38,7 +38,7 @@ __device__ __forceinline__ void copy_rows_async(Dst dst, RowPtr row_ptr, const T
     cp_async_16(dst(r, ch), src ? src + ch * 8 : base, src != nullptr);
   }
 }
-// (memory clobbers: shared memory the copies write is not read across a wait, nor written across a commit)
+// (memory clobbers: the compiler moves no shared-memory read above a wait, nor any access across a commit)
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
