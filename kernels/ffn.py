@@ -133,10 +133,12 @@ def gemm_configs():
 
 def gpu_gemm_configs():
     """Candidate tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). On sm_90 the 64/128/256-row tiles map onto wgmma
-    (one warpgroup per 64 rows); the 16/32-row ones serve decoding (M = a few tokens)."""
+    (one warpgroup per 64 rows); the 16/32-row ones serve decoding (M = a few tokens), where the time is streaming the
+    weights and N / BLOCK_N is the number of programs that stream them: the 32- and 16-column tiles give a 2048-wide
+    down projection 64 and 128 programs (enough to keep every SM of an H200 reading) instead of 32."""
     tiles = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
              (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4),
-             (16, 128, 128, 4, 3), (16, 64, 64, 4, 4)]
+             (16, 128, 128, 4, 3), (16, 64, 64, 4, 4), (16, 32, 128, 4, 4), (16, 16, 256, 2, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in tiles]
 
@@ -247,7 +249,9 @@ def aot_specs():
                 ("down_residual", ACT_NONE, True, True, False, (128, 256, 64, 8, 3)),
                 ("swiglu_gate_up", ACT_SWIGLU, False, False, False, (128, 128, 64, 8, 4)),
                 ("swiglu_gate_up_train", ACT_SWIGLU, False, False, True, (128, 128, 64, 8, 4)),
-                ("decode_down", ACT_NONE, False, True, False, (16, 64, 128, 4, 4)))
+                ("decode_down", ACT_NONE, False, True, False, (16, 64, 128, 4, 4)),
+                ("decode_down_narrow", ACT_NONE, False, True, False, (16, 16, 256, 2, 4)),
+                ("decode_swiglu_narrow", ACT_SWIGLU, False, False, False, (16, 32, 128, 4, 4)))
     for name, act, bias, res, pre, (bm, bn, bk, w, s) in variants:
         specs.append({
             "name": f"ffn_{name}[{bm}x{bn}x{bk},{t}]", "fn": ffn_gemm_kernel, "signature": dict(sig),

@@ -164,9 +164,13 @@ int main() {
   expect_error(mlp([](auto& p) { p.w1b = nullptr; }), "non-null and 16-byte aligned", "mlp w_up missing");
   expect_error(mlp([](auto& p) { p.dtype = DType::kFloat32; }, false), "fp16/bf16", "mlp fp32");
   expect_ok(mlp([](auto& p) { p.rows = 0, p.x = p.hidden = p.out = nullptr; }, false), "mlp no rows (null buffers)");
-  if (!gpu) expect_runtime_error(mlp([](auto&) {}), "mlp launch");
+  if (!gpu) {
+    expect_runtime_error(mlp([](auto&) {}), "mlp launch (few rows: gemv)");
+    expect_runtime_error(mlp([](auto& p) { p.rows = 9; }), "mlp launch (tensor-core GEMMs)");
+  }
+  // the kernel family applies to the tensor-core GEMMs, from 9 rows on
   if (!hopper)
-    expect_error(mlp([](auto& p) { p.kernels = KernelFamily::kWgmma; }, false),
+    expect_error(mlp([](auto& p) { p.kernels = KernelFamily::kWgmma, p.rows = 9; }, false),
                  "mlp_gelu: FASTLM_CUDA_KERNELS=wgmma, but", "mlp forced wgmma");
 
   std::printf("%s: %d failed check(s)\n", failures ? "FAILED" : "ok", failures);

@@ -144,8 +144,10 @@ def test_auto_runs_the_wgmma_kernels_on_hopper(monkeypatch):
 # ---------------------------------------------------------------- fused MLPs
 
 # (leading dims, d_model, d_ff): ragged row / column blocks, K a partial last k tile (96, 200, 48), K past the
-# wgmma GEMM's 4 pipeline stages (512, 1376)
-MLP_SHAPES = [((2, 37), 64, 200), ((3, 130), 256, 688), ((5,), 96, 48), ((2, 150), 512, 1376)]
+# wgmma GEMM's 4 pipeline stages (512, 1376); at most 8 rows take the gemv kernel (1, 5, 8 rows; K past its 1024
+# elements per step), 9 rows the tensor-core GEMMs
+MLP_SHAPES = [((2, 37), 64, 200), ((3, 130), 256, 688), ((5,), 96, 48), ((2, 150), 512, 1376), ((1,), 512, 1376),
+              ((2, 4), 264, 96), ((9,), 64, 200)]
 KERNELS = ["mma", "wgmma"]
 
 
@@ -187,6 +189,14 @@ def test_mlp_swiglu(cuda_kernels, kernel, dtype, lead, d, f, residual):
     w_down = _randn(d, f, dtype=dtype, scale=f ** -0.5)
     res = _randn(*lead, d, dtype=dtype) if residual else None
     _check_mlp("mlp_swiglu", x, w_gate, w_up, w_down, res)
+
+
+@pytest.mark.gpu
+@needs_cuda_op("mlp_swiglu")
+def test_mlp_no_rows():
+    x, w = _randn(0, 64, dtype=torch.float16), _randn(24, 64, dtype=torch.float16)
+    assert torch.ops.fastlm.mlp_swiglu(x, w, w, w.t().contiguous(), None).shape == (0, 64)
+    assert torch.ops.fastlm.mlp_gelu(x, w, None, w.t().contiguous(), None, None).shape == (0, 64)
 
 
 @pytest.mark.gpu

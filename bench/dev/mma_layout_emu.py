@@ -4,7 +4,8 @@ address formulas of attention_tile.cuh (warp_qk, warp_pv) and ffn.cu (gemm_tn_ke
 plain matrix products; and of wgmma.mma_async (sm_90a): the 64-bit shared-memory descriptor decoded field by field,
 the 128-byte swizzle applied to absolute byte addresses, K-major and MN-major (transposed) canonical layouts and the
 m64nNk16 accumulator / register-A fragments, driven with wgmma.cuh's sw128_offset / sw128_desc and the descriptor
-start addresses of attention_sm90.cu and of ffn.cu's wgmma GEMM. Keep the formulas here in step with the kernels.
+start addresses of attention_sm90.cu and of ffn.cu's wgmma GEMM; and the lane / column / k mapping of ffn.cu's
+CUDA-core gemv kernel. Keep the formulas here in step with the kernels.
 
     python bench/dev/mma_layout_emu.py      (tests/test_cuda_ext.py runs it too)
 """
@@ -228,7 +229,36 @@ def check_gemm_wgmma(k_valid, threads=256, rows_per_thread=4):
         assert np.allclose(acc_to_matrix(acc, 128), ref), ("gemm wgmma", wg, k_valid)
     print("gemm wgmma ok", k_valid)
 
+def check_gemv(rows, n, k, warps=4, unroll=4, step=256):
+    """ffn.cu's gemv_kernel (<= 8 rows): warp w of block b owns columns col = 2 (b warps + w), col + 1; lane l reads
+    elements k0 + u step + 8 l .. + 7 of each of its weight rows (k0 in strides of step * unroll); the butterfly sums
+    the lanes' partial dot products and lane m stores row m. Every weight element is read exactly once."""
+    A, W = rng.standard_normal((rows, k)), rng.standard_normal((n, k))
+    out, reads = np.full((rows, n), np.nan), np.zeros((n, k), dtype=int)
+    for b in range((n // 2 + warps - 1) // warps):
+        for w in range(warps):
+            col = 2 * (b * warps + w)
+            if col >= n:
+                continue
+            acc = np.zeros((2, rows, 32))  # (column of the pair, row of A, lane)
+            for k0 in range(0, k, step * unroll):
+                for u in range(unroll):
+                    for lane in range(32):
+                        kk = k0 + u * step + lane * 8
+                        if kk >= k:
+                            continue
+                        reads[col: col + 2, kk: kk + 8] += 1
+                        acc[:, :, lane] += W[col: col + 2, kk: kk + 8] @ A[:, kk: kk + 8].T
+            total = acc.sum(axis=2)
+            for lane in range(rows):
+                out[lane, col: col + 2] = total[:, lane]
+    assert (reads == 1).all(), ("gemv reads", rows, n, k)
+    assert np.allclose(out, A @ W.T), ("gemv", rows, n, k)
+    print("gemv ok", rows, n, k)
+
 def main():
+    for rows, n, k in ((1, 48, 96), (8, 96, 1376), (5, 200, 264)):
+        check_gemv(rows, n, k)
     check_gemm_wgmma(64)
     check_gemm_wgmma(40)
     for D in (64, 128):

@@ -6,6 +6,9 @@
 //     pipeline into 128-byte swizzled tiles (wgmma.cuh) read by m64n128k16 wgmma with both operands in shared memory,
 //     one k tile's wgmmas in flight while the next one's are issued;
 //     taken on Hopper (MlpParams::kernels auto or wgmma);
+//   gemv_kernel (CUDA cores, any arch) for at most kGemvRows rows (a decode step's batch), where a 128-row tile
+//     would leave the weights to ceil(N / BN) blocks (16 for a 2048-wide down projection), far too few SMs to
+//     stream them at the memory's rate: one warp per output column pair, every SM busy;
 // with the element-wise work fused into the epilogue so no intermediate takes an extra round trip through memory:
 //   kBiasGelu:     h = gelu_tanh(x w_fc^T + b_fc)                 (first GEMM of the GPT-2 MLP)
 //   kSwiglu:       h = silu(x w_gate^T) * (x w_up^T)             (dual GEMM: both weights share each A tile)
@@ -295,6 +298,95 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_tn_wgmma_kernel(const GemmAr
 #endif
 }
 
+// ---- few rows: one warp per output column pair --------------------------------------------------------------------
+
+constexpr int kGemvRows = 8;    // rows of A up to which the MLPs take gemv_kernel
+constexpr int kGemvWarps = 4;   // warps per block
+constexpr int kGemvUnroll = 4;  // 16-byte loads per weight row in flight per lane
+
+// acc + the dot product of 8 packed elements of w and x.
+template <typename T>
+__device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc) {
+  const uint32_t* wp = reinterpret_cast<const uint32_t*>(&w);
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(&x);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 a = Mma<T>::unpack(wp[i]), b = Mma<T>::unpack(xp[i]);
+    acc = fmaf(a.x, b.x, acc);
+    acc = fmaf(a.y, b.y, acc);
+  }
+  return acc;
+}
+
+// C[m, col..col + 1] for all m < p.m <= kGemvRows: warp w of block b owns the column pair col = 2 (b kGemvWarps + w).
+// It streams its two rows of each weight front to back (lane l takes elements 8 l .. 8 l + 7 of every 256; the loads
+// evict-first, the weights are read once), meets them with the rows of A (read through the caches: every warp
+// shares them), sums across the warp and stores through the GEMMs' epilogue. k % 8 == 0 (checked by the launcher).
+template <typename T, Epilogue E>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemmArgs p) {
+  constexpr int NW = n_weights<E>();
+  constexpr int kStep = 32 * 8;  // elements one warp-wide 16-byte load covers
+  const int lane = threadIdx.x & 31;
+  const int64_t col = 2 * (static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5));
+  if (col >= p.n) return;  // a whole warp; n is even, so col + 1 < n as well
+  const T* w[NW][2];
+#pragma unroll
+  for (int i = 0; i < NW; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) w[i][r] = static_cast<const T*>(i == 0 ? p.b0 : p.b1) + (col + r) * p.k;
+  const T* a = static_cast<const T*>(p.a);
+  const int rows = static_cast<int>(p.m);
+
+  float acc[NW][2][kGemvRows] = {};
+  for (int64_t k0 = 0; k0 < p.k; k0 += kStep * kGemvUnroll) {
+    uint4 wv[kGemvUnroll][NW][2];
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {
+      const int64_t k = k0 + u * kStep + lane * 8;
+#pragma unroll
+      for (int i = 0; i < NW; ++i)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          wv[u][i][r] = k < p.k ? __ldcs(reinterpret_cast<const uint4*>(w[i][r] + k)) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {
+      const int64_t k = k0 + u * kStep + lane * 8;
+      if (k >= p.k) break;
+#pragma unroll
+      for (int m = 0; m < kGemvRows; ++m) {
+        if (m >= rows) break;
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(a + m * p.k + k));
+#pragma unroll
+        for (int i = 0; i < NW; ++i)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) acc[i][r][m] = dot8<T>(wv[u][i][r], xv, acc[i][r][m]);
+      }
+    }
+  }
+  // every lane ends with every sum; lane m stores row m
+  float y0 = 0.f, y1 = 0.f, u0 = 0.f, u1 = 0.f;
+#pragma unroll
+  for (int m = 0; m < kGemvRows; ++m) {
+#pragma unroll
+    for (int i = 0; i < NW; ++i)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int off = 16; off >= 1; off /= 2) acc[i][r][m] += __shfl_xor_sync(0xffffffffu, acc[i][r][m], off);
+    if (m == lane) y0 = acc[0][0][m], y1 = acc[0][1][m], u0 = acc[NW - 1][0][m], u1 = acc[NW - 1][1][m];
+  }
+  if (lane < rows) store_pair<T, E>(p, lane, col, y0, y1, u0, u1, bias_pair<T, E>(p, col));
+}
+
+template <typename T, Epilogue E>
+Status run_gemv(const GemmArgs& g, cudaStream_t stream, const char* what) {
+  const int64_t blocks = (g.n / 2 + kGemvWarps - 1) / kGemvWarps;
+  if (blocks > 2147483647LL) return Status::Error(std::string(what) + ": too many columns for one launch");
+  gemv_kernel<T, E><<<static_cast<unsigned>(blocks), kGemvWarps * 32, 0, stream>>>(g);
+  return launch_status(std::string(what) + " (gemv)");
+}
+
 template <typename Kernel>
 Status launch_gemm(Kernel kernel, int smem, int bm, int bn, const GemmArgs& g, cudaStream_t stream,
                    const std::string& what) {
@@ -333,15 +425,21 @@ Status check(const MlpParams& p, bool swiglu, const char* what) {
   return Status::Ok();
 }
 
+// The GEMM of epilogue E: gemv_kernel for at most kGemvRows rows, else the tensor-core kernel of the family.
+template <typename T, Epilogue E>
+Status run(const GemmArgs& g, KernelFamily kernels, cudaStream_t stream, const char* what) {
+  return g.m <= kGemvRows ? run_gemv<T, E>(g, stream, what) : run_gemm<T, E>(g, kernels, stream, what);
+}
+
 template <typename T>
 Status mlp(const MlpParams& p, bool swiglu, cudaStream_t stream) {
   const char* what = swiglu ? "mlp_swiglu" : "mlp_gelu";
   GemmArgs first{p.x, p.w1, p.w1b, p.b1, nullptr, p.hidden, p.rows, p.d_ff, p.d_model};
-  Status s = swiglu ? run_gemm<T, Epilogue::kSwiglu>(first, p.kernels, stream, what)
-                    : run_gemm<T, Epilogue::kBiasGelu>(first, p.kernels, stream, what);
+  Status s = swiglu ? run<T, Epilogue::kSwiglu>(first, p.kernels, stream, what)
+                    : run<T, Epilogue::kBiasGelu>(first, p.kernels, stream, what);
   if (!s.ok()) return s;
   GemmArgs second{p.hidden, p.w2, nullptr, p.b2, p.residual, p.out, p.rows, p.d_model, p.d_ff};
-  return run_gemm<T, Epilogue::kBiasResidual>(second, p.kernels, stream, what);
+  return run<T, Epilogue::kBiasResidual>(second, p.kernels, stream, what);
 }
 
 Status mlp_dispatch(const MlpParams& p, bool swiglu, cudaStream_t stream) {
