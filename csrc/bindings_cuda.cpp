@@ -207,6 +207,8 @@ at::Tensor mlp_cuda(const char* op, const at::Tensor& x, const at::Tensor& w1, c
     same(*residual, "residual");
     TORCH_CHECK(residual->sizes() == x.sizes(), "fastlm::", op, " (CUDA): residual must have x's shape ", x.sizes());
   }
+  TORCH_CHECK(d_model % 8 == 0 && d_ff % 8 == 0, "fastlm::", op, " (CUDA): d_model and d_ff must be multiples of "
+              "8, got ", d_model, " and ", d_ff);
   c10::cuda::CUDAGuard guard(x.device());
   // the GEMMs read contiguous rows with 16-byte copies from 16-byte aligned bases
   auto dense = [](const at::Tensor& t) { return rows_aligned(t.contiguous()); };

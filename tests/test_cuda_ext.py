@@ -17,6 +17,7 @@ from fastlm.testing import check_rule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float16, torch.bfloat16]
+KERNELS = ["mma", "wgmma"]  # FASTLM_CUDA_KERNELS families
 
 
 def needs_cuda_op(op):
@@ -99,6 +100,21 @@ def test_attention_fwd_large_logits_and_strided(cuda_kernels, kernel, D):
 
 @pytest.mark.gpu
 @needs_cuda_op("attention_fwd")
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("Sq,Sk", [(70, 300), (300, 70)])
+def test_attention_fwd_window_past_every_key(cuda_kernels, kernel, Sq, Sk):
+    # windows past every key (the binding clamps them into int range) are no window, bit for bit
+    cuda_kernels(kernel)
+    q, k, v = _randn(1, Sq, 2, 64, dtype=torch.float16), *(_randn(1, Sk, 2, 64, dtype=torch.float16) for _ in "kv")
+    far = 1 << 40
+    for causal, window in ((False, (far, far)), (True, (far, 0))):
+        wide = torch.ops.fastlm.attention_fwd(q, k, v, causal, 0.125, *window)
+        none = torch.ops.fastlm.attention_fwd(q, k, v, causal, 0.125, -1, 0 if causal else -1)
+        assert all(torch.equal(a, b) for a, b in zip(wide, none)), (causal, window)
+
+
+@pytest.mark.gpu
+@needs_cuda_op("attention_fwd")
 def test_attention_fwd_unsupported_raises():
     q = _randn(1, 4, 2, 64, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
@@ -148,7 +164,6 @@ def test_auto_runs_the_wgmma_kernels_on_hopper(monkeypatch):
 # elements per step), 9 rows the tensor-core GEMMs
 MLP_SHAPES = [((2, 37), 64, 200), ((3, 130), 256, 688), ((5,), 96, 48), ((2, 150), 512, 1376), ((1,), 512, 1376),
               ((2, 4), 264, 96), ((9,), 64, 200)]
-KERNELS = ["mma", "wgmma"]
 
 
 @pytest.mark.gpu

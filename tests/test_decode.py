@@ -110,6 +110,14 @@ def test_out_of_range_lengths_are_clamped(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_cache(backend):
+    # max_seqlen 0 (a zero-size cache: on the GPU its data pointer is null): no query sees a key, out is 0
+    q, k, v, lens = _inputs(2, 1, 2, 1, 32, 0, [0, 0], _dtype(backend), backend_device(backend))
+    out = decode_attention(q, k, v, lens, backend=backend)
+    assert out.shape == q.shape and (out == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_int64_lengths_and_strided_cache(backend):
     # a per-layer view of a (layers, B, S_max, Hkv, D) cache and a non-contiguous q, as a decode loop passes them
     device = backend_device(backend)

@@ -155,10 +155,11 @@ Status launch(const DecodeParams& p, cudaStream_t stream) {
   constexpr int smem = decode_smem_bytes<D>();
   constexpr int warps = decode_warps<D>();
   auto split_kernel = decode_split_kernel<T, D>;
-  const int row_tiles = (p.nheads / p.nheads_kv * p.seqlen_q + 15) / 16;
-  if (row_tiles > 65535)
+  const int64_t rows_per_kv_head = static_cast<int64_t>(p.nheads / p.nheads_kv) * p.seqlen_q;
+  if (rows_per_kv_head > 65535 * 16)
     return Status::Error("decode_attention: nheads / nheads_kv * seqlen_q must be <= 65535 * 16 query rows per kv "
-                         "head, got " + std::to_string(p.nheads / p.nheads_kv * p.seqlen_q));
+                         "head, got " + std::to_string(rows_per_kv_head));
+  const int row_tiles = static_cast<int>((rows_per_kv_head + 15) / 16);
   Status s = reserve_smem(split_kernel, smem, "decode_attention");
   if (!s.ok()) return s;
   const dim3 grid(p.batch * p.nheads_kv, (p.num_splits + warps - 1) / warps, row_tiles);
@@ -188,7 +189,7 @@ int sm_count() {
 
 int decode_num_splits(int batch, int seqlen_q, int nheads, int nheads_kv, int max_seqlen) {
   // ~16 warps per SM (4 blocks of 4), each split >= 4 tiles; depends on shapes only, never on the lengths
-  const int row_tiles = (nheads / std::max(nheads_kv, 1) * seqlen_q + 15) / 16;
+  const int64_t row_tiles = (static_cast<int64_t>(nheads / std::max(nheads_kv, 1)) * seqlen_q + 15) / 16;
   const int64_t programs = std::max<int64_t>(1, static_cast<int64_t>(batch) * nheads_kv * row_tiles);
   const int64_t target = (16LL * sm_count() + programs - 1) / programs;
   const int64_t max_useful = std::max<int64_t>(1, (max_seqlen + 4 * kTileKeys - 1) / (4 * kTileKeys));
@@ -214,7 +215,8 @@ Status decode_attention(const DecodeParams& params, cudaStream_t stream) {
   if (static_cast<int64_t>(p.batch) * p.nheads_kv > 2147483647LL)
     return Status::Error("decode_attention: batch * nheads_kv must be < 2^31");
   if (p.batch == 0 || p.seqlen_q == 0) return Status::Ok();
-  if (!p.q || !p.k || !p.v || !p.cache_seqlens || !p.out || !p.workspace)
+  // (an empty cache, max_seqlen 0, may come with null k / v: torch's pointer for a zero-size tensor)
+  if (!p.q || !p.cache_seqlens || !p.out || !p.workspace || (p.max_seqlen > 0 && (!p.k || !p.v)))
     return Status::Error("decode_attention: q, k_cache, v_cache, cache_seqlens, out and the workspace must be set");
   if (p.window_left >= p.max_seqlen) p.window_left = -1;  // reaches every key: none (keeps positions in int range)
   const int64_t strides[] = {p.q_sb, p.q_ss, p.q_sh, p.k_sb, p.k_ss, p.k_sh, p.v_sb, p.v_ss, p.v_sh};

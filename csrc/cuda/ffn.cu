@@ -1,5 +1,5 @@
 // Fused MLP GEMMs, fp16/bf16 in, fp32 accumulation: C = A B^T with A (M, K) and B (N, K) both K-contiguous
-// (activations times nn.Linear weights), in two kernels of the same shape of work:
+// (activations times nn.Linear weights), in three kernels of the same shape of work:
 //   gemm_tn_kernel (mma.sync, sm_80+): block tile 128 x BN x 32, 8 warps (2 x 4, warp tile 64 x BN / 4), a 3-stage
 //     cp.async pipeline, ldmatrix operand loads;
 //   gemm_tn_wgmma_kernel (wgmma, sm_90a): block tile 128 x 128 x 64, two warpgroups of 64 rows, a 4-slot cp.async
@@ -13,8 +13,9 @@
 //   kBiasGelu:     h = gelu_tanh(x w_fc^T + b_fc)                 (first GEMM of the GPT-2 MLP)
 //   kSwiglu:       h = silu(x w_gate^T) * (x w_up^T)             (dual GEMM: both weights share each A tile)
 //   kBiasResidual: y = h w2^T + b2 + residual                     (second GEMM of either MLP)
-// Memory traffic: x and the weights once per output tile row/column of blocks; h is written once (input dtype)
-// and read by the second GEMM; nothing else is materialized.
+// Memory traffic: x and the weights once per output tile row/column of blocks (gemv: the weights once, the <= 8
+// rows of x once per warp, from the caches); h is written once (input dtype) and read by the second GEMM; nothing
+// else is materialized.
 #include <cuda_runtime.h>
 
 #include <string>

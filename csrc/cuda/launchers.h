@@ -54,7 +54,8 @@ Status attention_fwd_wgmma(const AttentionParams& p, cudaStream_t stream);  // a
 // or int64 on the device, read only by the kernels (clamped to [0, S_max]). Query i of sequence b sits at position
 // cache_seqlens[b] - Sq + i and sees keys from position - window_left (-1: from 0) to its position. The work is
 // split along the cache into num_splits chunks (decode_num_splits) whose partial results go to `workspace`
-// (decode_workspace_floats floats) and are merged by a combine kernel.
+// (decode_workspace_floats floats) and are merged by a combine kernel. Every pointer is required (k and v may be
+// null for an empty cache, max_seqlen 0); a window_left >= max_seqlen is no window.
 struct DecodeParams {
   const void* q;
   const void* k;
@@ -79,7 +80,8 @@ Status decode_attention(const DecodeParams& p, cudaStream_t stream);
 //   gelu:   out = (gelu_tanh(x w_fc^T + b_fc)) w_proj^T + b_proj + residual
 //   swiglu: out = (silu(x w_gate^T) * (x w_up^T)) w_down^T + residual
 // Biases and residual may be null. `hidden` is an (M, d_ff) workspace in the input dtype. fp16/bf16; d_model
-// and d_ff multiples of 8; all pointers 16-byte aligned, all matrices contiguous.
+// and d_ff multiples of 8; all pointers 16-byte aligned (any may be null when M = 0), all matrices contiguous.
+// At most 8 rows run a CUDA-core kernel whatever `kernels` says; the family applies to the tensor-core GEMMs.
 struct MlpParams {
   const void* x;
   const void* w1;   // w_fc or w_gate: (d_ff, d_model)
