@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from fastlm import reference
 from fastlm.backends import extension
 from fastlm.benchmark import (Context, Impl, OpCase, Result, Unavailable, _module_available, attention_flops,
-                              decode_bytes, default_backends, elementwise_bytes, gemm_flops, mlp_flops, run_impls)
+                              decode_bytes, default_backends, elementwise_bytes, gemm_flops, mlp_bytes, mlp_flops,
+                              run_impls)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Shared pieces
@@ -258,6 +259,9 @@ def _liger_swiglu(x, w_gate, w_up, w_down, residual=None):
     return y if residual is None else y + residual
 
 
+DECODE_TOKENS = 16  # MLP cases of at most this many tokens are decode steps (weight-streaming, rated in GB/s)
+
+
 def _ffn_case(ctx, backends, kind, T, d, f, dtype, mode, compile_here):
     def make(gen, device):
         inp = {"x": randn(gen, device, dtype, T, d)}
@@ -278,8 +282,11 @@ def _ffn_case(ctx, backends, kind, T, d, f, dtype, mode, compile_here):
     impls += _cuda_mma_impl(ctx, impls, mode == "fwd") + peers(ref, ctx, compile_here=compile_here, extra=extra)
     grads = ("x", "w_fc", "b_fc", "w_proj", "b_proj", "residual") if kind == "gelu" else \
         ("x", "w_gate", "w_up", "w_down", "residual")
+    # a decode step's few tokens are bound by reading the weights: rated in GB/s against the copy
+    rate = ({"bytes": mlp_bytes(T, d, f, kind, torch.finfo(dtype).bits // 8)} if T <= DECODE_TOKENS and mode == "fwd"
+            else {"flops": mlp_flops(T, d, f, kind, mode=mode)})
     return _case("ffn", f"{op} T{T} d{d} f{f}", {"tokens": T, "d_model": d, "intermediate": f, "kind": kind},
-                 dtype, mode, make, ref, impls, flops=mlp_flops(T, d, f, kind, mode=mode), grad_inputs=grads)
+                 dtype, mode, make, ref, impls, grad_inputs=grads, **rate)
 
 
 def ffn_cases(ctx, backends, dtypes):
@@ -289,6 +296,8 @@ def ffn_cases(ctx, backends, dtypes):
     elif gpu:
         grid = [("swiglu", 8192, 4096, 14336, torch.bfloat16, m, m == "fwd") for m in ("fwd", "bwd")]
         grid += [("gelu", 8192, 1600, 6400, torch.bfloat16, m, False) for m in ("fwd", "bwd")]
+        # decode steps of a llama-1b-like model at batch 1 and 16: weight-streaming
+        grid += [("swiglu", T, 2048, 8192, torch.bfloat16, "fwd", False) for T in (1, DECODE_TOKENS)]
         if ctx.suite == "full":
             grid += [("swiglu", 8192, 2048, 8192, dt, m, False) for dt in (torch.bfloat16, torch.float16)
                      for m in ("fwd", "bwd")]

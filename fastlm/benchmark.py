@@ -94,6 +94,13 @@ def mlp_flops(tokens: int, d_model: int, intermediate: int, kind: str, *, mode: 
     return fwd * {"fwd": 1.0, "bwd": 2.0, "fwd_bwd": 3.0}[mode]
 
 
+def mlp_bytes(tokens: int, d_model: int, intermediate: int, kind: str, itemsize: int) -> float:
+    """Bytes a fused MLP forward must move at least when the weights dominate (a decode step's few tokens): every
+    weight and bias once, x and the residual read, the output written (the hidden activation need not leave chip)."""
+    weights = {"gelu": 2 * d_model * intermediate + intermediate + d_model, "swiglu": 3 * d_model * intermediate}[kind]
+    return float((weights + 3 * tokens * d_model) * itemsize)
+
+
 def elementwise_bytes(numel_read: int, numel_written: int, itemsize: int) -> float:
     """Bytes a memory-bound op must move at least: every input element read once, every output written once."""
     return float((numel_read + numel_written) * itemsize)

@@ -38,6 +38,9 @@ def test_gemm_mlp_and_byte_counts_by_hand():
     assert benchmark.mlp_flops(10, 4, 6, "gelu") == 960
     assert benchmark.mlp_flops(10, 4, 6, "gelu", mode="bwd") == 1920
     assert benchmark.elementwise_bytes(10, 5, 4) == 60
+    # weights (3 d f for SwiGLU; 2 d f + f + d with GELU's biases) once, x / residual / out of T tokens; bf16
+    assert benchmark.mlp_bytes(2, 4, 6, "swiglu", 2) == (3 * 4 * 6 + 3 * 2 * 4) * 2 == 192
+    assert benchmark.mlp_bytes(2, 4, 6, "gelu", 2) == (2 * 4 * 6 + 6 + 4 + 3 * 2 * 4) * 2 == 164
     # K and V: 2 * B * ctx * Hkv * D elements; q and out: 2 * B * 1 * H * D; bf16 = 2 bytes
     assert benchmark.decode_bytes(2, 100, 8, 2, 64, 2) == (2 * 2 * 100 * 2 * 64 + 2 * 2 * 1 * 8 * 64) * 2 == 106_496
 
