@@ -516,6 +516,10 @@ class ModelCase:
         self.mode = kind
         self.shape = {"model": preset, "kind": kind, "batch": batch, "seqlen": seqlen, "new_tokens": new_tokens}
         self.impls = self._fastlm_impls(ctx, backends) + [Impl(p, "peer", None) for p in self.peer_names]
+        if kind == "decode" and ctx.device.type == "cuda" and ctx.suite == "full" and ctx.compile:
+            # the decode step compiled with CUDA graphs (generate(compile=True)): no launch cost per kernel
+            self.impls += [Impl(f"{i.name}+graphs", "fastlm", None, backend=i.backend, compiled=True)
+                           for i in self.impls if i.kind == "fastlm"]
 
     @staticmethod
     def _fastlm_impls(ctx, backends):
@@ -688,7 +692,7 @@ class ModelCase:
 
             def fn():
                 fast.backend = impl.backend
-                return fast.generate(prompt, max_new_tokens=n)
+                return fast.generate(prompt, max_new_tokens=n, compile=impl.compiled)
         else:
             def fn():
                 with torch.no_grad():
