@@ -403,3 +403,27 @@ def test_cuda_mma_peer_only_where_cuda_runs_wgmma(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(bench_suites, "extension", lambda: SimpleNamespace(with_sm90a=False))
     assert bench_suites._cuda_mma_impl(gpu, impls, True) == []                        # built without sm_90a
+
+
+@pytest.mark.parametrize("suite", ["quick", "full"])
+def test_gpu_suites_build_on_a_cpu_machine(suite):
+    """The GPU suites' cases (shapes, rates, implementations) are built here, so that the one GPU run cannot fail on
+    them: a decode step's MLP is rated in bytes, larger ones in FLOPs; the compiled (CUDA graphs) decode step is timed
+    in the full suite only."""
+    from types import SimpleNamespace
+
+    from fastlm import bench_suites
+    ctx = SimpleNamespace(device=torch.device("cuda"), tiny=False, suite=suite, compile=True)
+    cases = {name: fn(ctx, None, None) for name, fn in bench_suites.SUITES.items()}
+    assert all(cases.values())
+    for c in cases["ffn"]:
+        T, d, f, kind = (c.shape[k] for k in ("tokens", "d_model", "intermediate", "kind"))
+        if T <= bench_suites.DECODE_TOKENS:
+            assert c.flops is None and c.bytes == benchmark.mlp_bytes(T, d, f, kind, 2)
+        else:
+            assert c.bytes is None and c.flops == benchmark.mlp_flops(T, d, f, kind, mode=c.mode)
+    assert any(c.shape["tokens"] == 1 for c in cases["ffn"])
+    for c in cases["model"]:
+        graphs = [i for i in c.impls if i.name.endswith("+graphs")]
+        assert all(i.compiled and i.kind == "fastlm" for i in graphs)
+        assert len(graphs) == (1 if suite == "full" and c.kind == "decode" else 0), (suite, c.name)
