@@ -82,13 +82,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const Atten
 
 template <typename T, int D>
 Status launch(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int smem = attention_smem_bytes<D>();
-  auto kernel = attention_fwd_mma_kernel<T, D>;
-  Status s = reserve_smem(kernel, smem, "attention_fwd");
-  if (!s.ok()) return s;
   const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.nheads, p.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return launch_status("attention_fwd");
+  return launch_kernel(attention_fwd_mma_kernel<T, D>, grid, kThreads, attention_smem_bytes<D>(), stream, p,
+                       "attention_fwd");
 }
 
 template <typename T>

@@ -152,13 +152,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
 
 template <typename T, int D>
 Status launch(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int smem = Sm90Smem<D>::kBytes;
-  auto kernel = attention_fwd_wgmma_kernel<T, D>;
-  Status s = reserve_smem(kernel, smem, "attention_fwd (wgmma)");
-  if (!s.ok()) return s;
   const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.nheads, p.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return launch_status("attention_fwd (wgmma)");
+  return launch_kernel(attention_fwd_wgmma_kernel<T, D>, grid, kThreads, Sm90Smem<D>::kBytes, stream, p,
+                       "attention_fwd (wgmma)");
 }
 
 }  // namespace

@@ -152,23 +152,19 @@ __global__ void __launch_bounds__(128) decode_combine_kernel(const DecodeParams 
 
 template <typename T, int D>
 Status launch(const DecodeParams& p, cudaStream_t stream) {
-  constexpr int smem = decode_smem_bytes<D>();
   constexpr int warps = decode_warps<D>();
-  auto split_kernel = decode_split_kernel<T, D>;
   const int64_t rows_per_kv_head = static_cast<int64_t>(p.nheads / p.nheads_kv) * p.seqlen_q;
   if (rows_per_kv_head > 65535 * 16)
     return Status::Error("decode_attention: nheads / nheads_kv * seqlen_q must be <= 65535 * 16 query rows per kv "
                          "head, got " + std::to_string(rows_per_kv_head));
   const int row_tiles = static_cast<int>((rows_per_kv_head + 15) / 16);
-  Status s = reserve_smem(split_kernel, smem, "decode_attention");
-  if (!s.ok()) return s;
   const dim3 grid(p.batch * p.nheads_kv, (p.num_splits + warps - 1) / warps, row_tiles);
-  split_kernel<<<grid, warps * 32, smem, stream>>>(p);
-  s = launch_status("decode_attention (split kernel)");
+  const Status s = launch_kernel(decode_split_kernel<T, D>, grid, warps * 32, decode_smem_bytes<D>(), stream, p,
+                                 "decode_attention (split kernel)");
   if (!s.ok()) return s;
   const int64_t n_rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.nheads;
-  decode_combine_kernel<T, D><<<static_cast<unsigned>((n_rows + 3) / 4), 128, 0, stream>>>(p);
-  return launch_status("decode_attention (combine kernel)");
+  return launch_kernel(decode_combine_kernel<T, D>, dim3(static_cast<unsigned>((n_rows + 3) / 4)), 128, 0, stream, p,
+                       "decode_attention (combine kernel)");
 }
 
 template <typename T>

@@ -384,20 +384,18 @@ template <typename T, Epilogue E>
 Status run_gemv(const GemmArgs& g, cudaStream_t stream, const char* what) {
   const int64_t blocks = (g.n / 2 + kGemvWarps - 1) / kGemvWarps;
   if (blocks > 2147483647LL) return Status::Error(std::string(what) + ": too many columns for one launch");
-  gemv_kernel<T, E><<<static_cast<unsigned>(blocks), kGemvWarps * 32, 0, stream>>>(g);
-  return launch_status(std::string(what) + " (gemv)");
+  return launch_kernel(gemv_kernel<T, E>, dim3(static_cast<unsigned>(blocks)), kGemvWarps * 32, 0, stream, g,
+                       std::string(what) + " (gemv)");
 }
 
 template <typename Kernel>
 Status launch_gemm(Kernel kernel, int smem, int bm, int bn, const GemmArgs& g, cudaStream_t stream,
                    const std::string& what) {
-  const Status s = reserve_smem(kernel, smem, what);
-  if (!s.ok()) return s;
   const int64_t grid_n = (g.n + bn - 1) / bn, grid_m = (g.m + bm - 1) / bm;
   if (grid_m > 65535 || grid_n > 2147483647LL)
     return Status::Error(what + ": too many rows for one launch (at most 65535 * " + std::to_string(bm) + ")");
-  kernel<<<dim3(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m)), kThreads, smem, stream>>>(g);
-  return launch_status(what);
+  return launch_kernel(kernel, dim3(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m)), kThreads, smem,
+                       stream, g, what);
 }
 
 template <typename T, Epilogue E>

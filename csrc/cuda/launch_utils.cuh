@@ -12,20 +12,20 @@
 
 namespace fastlm_cuda {
 
-// Allow `kernel` `bytes` of dynamic shared memory (above the 48 KB default a kernel must opt in).
-template <typename Kernel>
-Status reserve_smem(Kernel kernel, int bytes, const std::string& what) {
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // reported here, not left for the next launch check to find
-    return Status::Error(what + ": cannot reserve " + std::to_string(bytes) + " bytes of shared memory: " +
-                         cudaGetErrorString(err));
+// kernel<<<grid, threads, smem, stream>>>(args), `smem` bytes of dynamic shared memory reserved first (above the
+// 48 KB default a kernel must opt in); a failure to reserve or to launch comes back as an error naming `what`.
+template <typename Kernel, typename Args>
+Status launch_kernel(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, const Args& args,
+                     const std::string& what) {
+  if (smem > 0) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // reported here, not left for the next launch check to find
+      return Status::Error(what + ": cannot reserve " + std::to_string(smem) + " bytes of shared memory: " +
+                           cudaGetErrorString(err));
+    }
   }
-  return Status::Ok();
-}
-
-// The error of the launch just made, if any.
-inline Status launch_status(const std::string& what) {
+  kernel<<<grid, threads, smem, stream>>>(args);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status::Error(what + ": launch failed: " + cudaGetErrorString(err));
   return Status::Ok();
