@@ -43,6 +43,7 @@ ATTN_CASES = [  # (D, Sq, Sk, H, Hkv, causal, window)
     (128, 300, 520, 4, 1, True, (-1, -1)),
     (128, 1, 1000, 2, 1, True, (-1, -1)),
     (64, 1024, 1024, 2, 2, True, (-1, -1)),
+    (64, 300, 20, 2, 2, True, (-1, -1)),    # whole 128-row blocks see no key (the wgmma kernel loads nothing there)
 ]
 WGMMA_HEAD_DIMS = (64, 128)  # csrc/cuda/attention_sm90.cu
 
@@ -96,6 +97,23 @@ def test_attention_fwd_large_logits_and_strided(cuda_kernels, kernel, D):
     q = _randn(1, 2, 300, D, dtype=torch.bfloat16, scale=4.0).transpose(1, 2)  # (1, 300, 2, D), strided
     k, v = _randn(1, 300, 2, D, dtype=torch.bfloat16), _randn(1, 300, 2, D, dtype=torch.bfloat16)
     _check_attention(q, k, v, True, 0.125)
+
+
+@pytest.mark.gpu
+@needs_cuda_op("attention_fwd")
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_attention_fwd_expanded_kv_heads(cuda_kernels, kernel):
+    # one K / V head expanded over 4 (stride 0 with size 4: the wgmma kernel's tensor maps see a zero stride). Where
+    # the driver refuses such a tensor map, auto runs the mma.sync kernel and a forced wgmma refuses by name.
+    q = _randn(2, 200, 8, 128, dtype=torch.bfloat16)
+    k, v = (_randn(2, 200, 1, 128, dtype=torch.bfloat16).expand(2, 200, 4, 128) for _ in "kv")
+    cuda_kernels("auto")
+    _check_attention(q, k, v, True, 0.088)
+    cuda_kernels(kernel)
+    try:
+        _check_attention(q, k, v, True, 0.088)
+    except RuntimeError as e:
+        assert kernel == "wgmma" and "tensor map of k" in str(e), e
 
 
 @pytest.mark.gpu
@@ -238,6 +256,7 @@ ptxas info    : Function properties for _Z5otherv
 ptxas info    : Used 40 registers, used 0 barriers, 380 bytes cmem[0]
 ptxas info    : (C7517) warpgroup.wait is injected in around line 812 to allow use of registers defined by GMMA
 ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to ...
+ptxas info    : (C7508) Potential Performance Loss: 'setmaxnreg' ignored; unable to determine register count at entry.
 ptxas info    : (C7999) an advisory about something else
 """
 
@@ -259,12 +278,15 @@ def test_tensor_core_layout_emulation():
 
 @pytest.mark.parametrize("mutant", ["no swizzle", "sbo 512", "lbo unused"])
 def test_tensor_core_layout_emulation_catches_layout_mistakes(mutant, monkeypatch):
-    """The wgmma checks fail on plausible layout mistakes: storing without the XOR swizzle, a wrong SBO, V's column-
-    slab stride (LBO) left out of its MN-major descriptor."""
+    """The wgmma checks fail on plausible layout mistakes: operands stored without the XOR swizzle (the GEMM's
+    cp.async stores; the attention's TMA boxes, as with a SWIZZLE_NONE tensor map), a wrong SBO, V's column-slab
+    stride (LBO) left out of its MN-major descriptor."""
     emu = _load("bench", "dev", "mma_layout_emu.py")
     if mutant == "no swizzle":
         monkeypatch.setattr(emu, "sw128_offset",
                             lambda rows, row, ch: (ch // 8) * rows * 128 + row * 128 + (ch % 8) * 16)
+        real_box = emu.tma_load_box
+        monkeypatch.setattr(emu, "tma_load_box", lambda *args: real_box(*args, swizzle=lambda addr: addr))
     else:
         real = emu.sw128_desc
         sbo_512 = (1024 >> 4 << 32) ^ (512 >> 4 << 32)
@@ -310,7 +332,7 @@ def test_compile_check_parses_ptxas():
          "smem": 4096},
         {"kernel": "_Z5otherv", "arch": "sm_90a", "regs": 40, "spill_st": 0, "spill_ld": 0, "stack": 0, "smem": 0},
     ]
-    assert [a[:7] for a in mod.wgmma_advisories(PTXAS_SAMPLE)] == ["(C7517)", "(C7515)"]
+    assert [a[:7] for a in mod.wgmma_advisories(PTXAS_SAMPLE)] == ["(C7517)", "(C7515)", "(C7508)"]
 
 
 @pytest.mark.parametrize("advisory", [None, "wgmma", "spill"])

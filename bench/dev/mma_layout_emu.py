@@ -4,7 +4,8 @@ address formulas of attention_tile.cuh (warp_qk, warp_pv) and ffn.cu (gemm_tn_ke
 plain matrix products; and of wgmma.mma_async (sm_90a): the 64-bit shared-memory descriptor decoded field by field,
 the 128-byte swizzle applied to absolute byte addresses, K-major and MN-major (transposed) canonical layouts and the
 m64nNk16 accumulator / register-A fragments, driven with wgmma.cuh's sw128_offset / sw128_desc and the descriptor
-start addresses of attention_sm90.cu and of ffn.cu's wgmma GEMM; and the lane / column / k mapping of ffn.cu's
+start addresses of attention_sm90.cu (its operands written by TMA boxes with the 128-byte swizzle) and of ffn.cu's
+wgmma GEMM; and the lane / column / k mapping of ffn.cu's
 CUDA-core gemv kernel. Keep the formulas here in step with the kernels.
 
     python bench/dev/mma_layout_emu.py      (tests/test_cuda_ext.py runs it too)
@@ -176,21 +177,34 @@ def wgmma_ss(d, smem, desc_a, desc_b, n, scale_d):
 def wgmma_rs_mn(d, a, smem, desc_b, n):
     return matrix_to_acc(acc_to_matrix(d, n) + regs_a_to_matrix(a) @ read_mn_major(smem, desc_b, n))
 
-def check_attention_wgmma(D, BM=128, BN=128):
-    """attention_sm90.cu: Q (BM rows), one K and one V tile (BN keys) stored by load_rows_sw128, then per warpgroup
-    S = Q K^T and O = P V through descriptors as the kernel builds them."""
+def tma_load_box(smem, dst, X, b, row0, h, c, box_rows, swizzle=swizzled):
+    """tma.cuh's tma_load_4d on a tensor map of tma.cuh's encode_tile_map (dims (D, seqlen, heads, batch), box of 64
+    columns x box_rows rows, SWIZZLE_128B) over X (batch, seqlen, heads, D): box row r, column j lands at byte
+    r * 128 + 2 j of dst, through the 128-byte swizzle of the absolute address; rows past seqlen arrive as zeros."""
+    assert dst % 1024 == 0, "a 128-byte swizzled box starts 1024-byte aligned"
+    for r in range(box_rows):
+        for j in range(64):
+            n = row0 + r
+            smem[swizzle(dst + r * 128 + 2 * j) // 2] = X[b, n, h, 64 * c + j] if n < X.shape[1] else 0.0
+
+def check_attention_wgmma(D, BM=128, BN=128, sq_len=200, sk_len=333, m0=128, n0=256):
+    """attention_sm90.cu: the producer's TMA boxes of Q (BM rows from m0) and of one K and one V tile (BN keys from
+    n0; both past the sequence ends, so partly zero-filled), then per consumer warpgroup S = Q K^T and O = P V
+    through descriptors as the kernel builds them."""
     q_bytes, kv_bytes = BM * D * 2, BN * D * 2
     sq, sk, sv = 0, q_bytes, q_bytes + kv_bytes                      # 1024-aligned tile bases
     smem = np.full((q_bytes + 2 * kv_bytes) // 2, np.nan)
-    Q, K, V = rng.standard_normal((BM, D)), rng.standard_normal((BN, D)), rng.standard_normal((BN, D))
-    for base, X in ((sq, Q), (sk, K), (sv, V)):
-        rows = X.shape[0]
-        for r in range(rows):
-            for ch in range(D // 8):
-                off = base + sw128_offset(rows, r, ch)
-                assert np.isnan(smem[off // 2: off // 2 + 8]).all(), "two chunks stored at one place"
-                smem[off // 2: off // 2 + 8] = X[r, ch * 8: ch * 8 + 8]
+    H, Hkv, h, b = 4, 2, 3, 1
+    Xq = rng.standard_normal((2, sq_len, H, D))
+    Xk, Xv = rng.standard_normal((2, sk_len, Hkv, D)), rng.standard_normal((2, sk_len, Hkv, D))
+    hk = h // (H // Hkv)
+    for c in range(D // 64):                                         # the producer's loads, slab c per box
+        tma_load_box(smem, sq + c * BM * 128, Xq, b, m0, h, c, BM)
+        tma_load_box(smem, sk + c * BN * 128, Xk, b, n0, hk, c, BN)
+        tma_load_box(smem, sv + c * BN * 128, Xv, b, n0, hk, c, BN)
     assert not np.isnan(smem).any()
+    pad = lambda X, r0, rows, hh: np.vstack([X[b, r0: r0 + rows, hh], np.zeros((max(0, r0 + rows - X.shape[1]), D))])
+    Q, K, V = pad(Xq, m0, BM, h), pad(Xk, n0, BN, hk), pad(Xv, n0, BN, hk)
     for wg in range(2):
         s = np.zeros((128, BN // 8, 4))
         for kk in range(D // 16):

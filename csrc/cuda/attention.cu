@@ -113,6 +113,10 @@ Status attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out))
     return Status::Error("attention_fwd: q, k, v and out must be 16-byte aligned");
   if (use_wgmma(p.kernels, attention_wgmma_supported(p.head_dim, nullptr))) return attention_fwd_wgmma(p, stream);
+  return attention_fwd_mma(p, stream);
+}
+
+Status attention_fwd_mma(const AttentionParams& p, cudaStream_t stream) {
   return p.dtype == DType::kFloat16 ? launch_any_head_dim<__half>(p, stream)
                                     : launch_any_head_dim<__nv_bfloat16>(p, stream);
 }

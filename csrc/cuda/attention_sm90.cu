@@ -1,65 +1,131 @@
 // Attention forward on Hopper warpgroup tensor cores (wgmma, sm_90a), fp16/bf16, head dims 64 and 128.
 //
-// Grid (ceil(Sq / 128), H, B), two warpgroups of 128 threads; warpgroup w owns query rows 64 w .. 64 w + 63 of the
-// block and each of its warps 16 of them. Q (128 rows) is copied to shared memory once; K and V tiles of 128 keys
-// stream through two slots each, copied with cp.async into 128-byte swizzled tiles (wgmma.cuh) one iteration ahead
-// of use. Per tile t and warpgroup: S_t = Q K_t^T as D / 16 wgmma m64n128k16 with both operands in shared memory,
+// Warp-specialized, FlashAttention-3 style. Grid (ceil(Sq / 128), H, B), three warpgroups of 128 threads: warpgroup
+// 0 is the producer, 1 and 2 the consumers; consumer c owns query rows 64 c .. 64 c + 63 of the block and each of
+// its warps 16 of them. One producer thread loads Q once and the K and V tiles of 128 keys with TMA (tma.cuh) into
+// 128-byte swizzled slabs (wgmma.cuh), K and V each through a ring of kStages slots; per slot a "full" mbarrier
+// (the TMA bytes have landed) and an "empty" one (all 256 consumer threads are done reading it). The producer gives
+// most of its registers to the consumers (setmaxnreg: 24 / 240 per thread). The consumer warpgroups never wait for
+// each other, only for their data, so one's softmax runs while the other's GEMMs keep the tensor cores busy.
+//
+// Per tile t and consumer warpgroup: S_t = Q K_t^T as D / 16 wgmma m64n128k16 with both operands in shared memory,
 // issued together with O += P_{t-1} V_{t-1} (8 wgmma m64nDk16, P from registers, V read transposed from shared
 // memory); the online softmax of attention_tile.cuh (log2 domain) runs on S_t's fragments while the tensor cores
 // still compute P_{t-1} V_{t-1}, and O is rescaled when that product is done (FlashAttention-3's overlap of softmax
-// and GEMMs within a warpgroup). In the sm_90a SASS ptxas puts the wait for P V after the exponentials of the first
-// of a thread's two rows (the packed P of tile t goes into the registers P V reads), so about half of the softmax
-// runs beside the product. Masking, key-tile skipping, empty rows (O = 0, LSE = -inf) and the output write are
-// those of the mma.sync kernel (attention.cu).
+// and GEMMs within a warpgroup). K_t's slot is released as soon as S_t is done, V_{t-1}'s when P_{t-1} V_{t-1} is.
+// Masking, key-tile skipping, empty rows (O = 0, LSE = -inf) and the output write are those of the mma.sync kernel
+// (attention.cu); rows past the sequence ends arrive as zeros from TMA.
 //
 // The kernel body exists only in the sm_90a compilation; attention_fwd (attention.cu) launches it only when the
-// extension was built for sm_90a (FASTLM_CUDA_SM90A) and the device is compute capability 9.x.
+// extension was built for sm_90a (FASTLM_CUDA_SM90A) and the device is compute capability 9.x, and falls back to the
+// mma.sync kernel (with FASTLM_CUDA_KERNELS=wgmma: fails with the reason) where the driver refuses a tensor map.
 #include <cuda_runtime.h>
+
+#include <string>
+#include <tuple>
 
 #include "cuda/attention_tile.cuh"
 #include "cuda/launch_utils.cuh"
 #include "cuda/launchers.h"
+#include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace fastlm_cuda {
 namespace {
 
-constexpr int kBlockM = 128;  // query rows per block: two warpgroups of 64
+constexpr int kBlockM = 128;  // query rows per block: two consumer warpgroups of 64
 constexpr int kBlockN = 128;  // keys per tile
-constexpr int kThreads = 256;
+constexpr int kConsumers = 2;
+constexpr int kThreads = 128 * (1 + kConsumers);
+constexpr int kStages = 2;  // K (and V) slots
+// registers per thread after the hand-over (setmaxnreg), within the SM's 65536
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= 65536, "register file over-subscribed");
+
+struct Barriers {
+  uint64_t q_full;
+  uint64_t k_full[kStages], k_empty[kStages];
+  uint64_t v_full[kStages], v_empty[kStages];
+};
 
 template <int D>
 struct Sm90Smem {
   static constexpr int kQ = kBlockM * D * 2;                 // bytes of the Q tile
   static constexpr int kKV = kBlockN * D * 2;                // bytes of one K (or V) tile
-  static constexpr int kBytes = kQ + 4 * kKV;                // Q, two K and two V tiles
+  static constexpr int kBarriers = kQ + 2 * kStages * kKV;   // Q, the K slots, the V slots, then the barriers
+  static constexpr int kBytes = kBarriers + static_cast<int>(sizeof(Barriers));
+};
+
+// The kernel's parameters: the problem and the tensor maps of q, k and v as (D, seqlen, heads, batch), boxes of 64
+// columns x 128 rows (tensor maps must live in kernel parameter space: __grid_constant__).
+struct Sm90Args {
+  AttentionParams p;
+  CUtensorMap q, k, v;
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const __grid_constant__ Sm90Args args) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  // swizzled tiles start 1024-byte aligned: the dynamic shared memory (no static shared memory here) is declared so
+  const AttentionParams& p = args.p;
+  // swizzled slabs start 1024-byte aligned: the dynamic shared memory (no static shared memory here) is declared so
   extern __shared__ __align__(1024) unsigned char smem[];
   unsigned char* sq = smem;
   unsigned char* sk = sq + Sm90Smem<D>::kQ;
-  unsigned char* sv = sk + 2 * Sm90Smem<D>::kKV;
+  unsigned char* sv = sk + kStages * Sm90Smem<D>::kKV;
+  Barriers& bar = *reinterpret_cast<Barriers*>(smem + Sm90Smem<D>::kBarriers);
 
-  const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, warp = (tid >> 5) & 3;
+  const int tid = threadIdx.x, wg = tid >> 7;
   const int m0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
-  const AttentionSlice<T> x(p, b, h);
-  const int lo = x.band.lo(m0), hi = x.band.hi(m0, kBlockM);
+  const KeyBand band{p.seqlen_k, p.seqlen_k - p.seqlen_q, p.window_left, p.window_right};
+  const int lo = band.lo(m0), hi = band.hi(m0, kBlockM);
   const int n_start = (lo / kBlockN) * kBlockN;
+  const int n_tiles = n_start < hi ? (hi - n_start + kBlockN - 1) / kBlockN : 0;
 
+  if (tid == 0) {
+    mbar_init(&bar.q_full, 1);
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(&bar.k_full[i], 1);
+      mbar_init(&bar.v_full[i], 1);
+      mbar_init(&bar.k_empty[i], 128 * kConsumers);
+      mbar_init(&bar.v_empty[i], 128 * kConsumers);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();  // the only block-wide barrier: from here on the warpgroups meet only at the mbarriers
+
+  if (wg == 0) {  // producer
+    setmaxnreg_dec<kProducerRegs>();
+    if (tid == 0 && n_tiles > 0) {  // (a block whose rows see no key loads nothing, not even Q)
+      const int hk = h / (p.nheads / p.nheads_kv);
+      tma_prefetch_map(&args.q);
+      tma_prefetch_map(&args.k);
+      tma_prefetch_map(&args.v);
+      mbar_arrive_expect_tx(&bar.q_full, Sm90Smem<D>::kQ);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) tma_load_4d(sq + c * kBlockM * 128, &args.q, 64 * c, m0, h, b, &bar.q_full);
+      for (int t = 0; t < n_tiles; ++t) {
+        const int slot = t % kStages, n0 = n_start + t * kBlockN;
+        // a slot's use u = t / kStages waits for the (u - 1)-th release of the slot, parity (u - 1) & 1
+        const int release_parity = ((t / kStages) & 1) ^ 1;
+        if (t >= kStages) mbar_wait(&bar.k_empty[slot], release_parity);
+        mbar_arrive_expect_tx(&bar.k_full[slot], Sm90Smem<D>::kKV);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+          tma_load_4d(sk + slot * Sm90Smem<D>::kKV + c * kBlockN * 128, &args.k, 64 * c, n0, hk, b, &bar.k_full[slot]);
+        if (t >= kStages) mbar_wait(&bar.v_empty[slot], release_parity);
+        mbar_arrive_expect_tx(&bar.v_full[slot], Sm90Smem<D>::kKV);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+          tma_load_4d(sv + slot * Sm90Smem<D>::kKV + c * kBlockN * 128, &args.v, 64 * c, n0, hk, b, &bar.v_full[slot]);
+      }
+    }
+    return;
+  }
+  setmaxnreg_inc<kConsumerRegs>();
+
+  const int cw = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
   WarpState<D> st;
   st.init();
-  auto load_k = [&](int n0, int slot) {
-    load_rows_sw128<T, kBlockN, D, kThreads>(sk + slot * Sm90Smem<D>::kKV, [&](int r) { return x.k_row(n0 + r); },
-                                             x.k, tid);
-  };
-  auto load_v = [&](int n0, int slot) {
-    load_rows_sw128<T, kBlockN, D, kThreads>(sv + slot * Sm90Smem<D>::kKV, [&](int r) { return x.v_row(n0 + r); },
-                                             x.v, tid);
-  };
   // O += P V of the tile in V slot `slot`, P packed in pa (its wgmmas are committed, not waited for). The writes to
   // O and pa are all made before its own wgmma.fence (it follows a branch, and ptxas would inject one anyway).
   uint32_t pa[kBlockN / 16][4];
@@ -73,23 +139,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       Wgmma<T, D>::rs_mn(st.o, pa[kk], sw128_desc(vt + kk * 16 * 128, kBlockN * 128), 1);
     wgmma_commit();
   };
-  load_rows_sw128<T, kBlockM, D, kThreads>(sq, [&](int r) { return x.q_row(m0 + r); }, x.q, tid);
-  if (n_start < hi) load_k(n_start, 0);
-  cp_async_commit();
 
   const float scale_log2 = p.softmax_scale * kLog2e;
-  const int row0 = m0 + wg * 64 + warp * 16;  // first query row of this warp
+  const int row0 = m0 + cw * 64 + warp * 16;  // first query row of this warp
+  if (n_tiles > 0) mbar_wait(&bar.q_full, 0);
   // Iteration t: S_t = Q K_t^T and O += P_{t-1} V_{t-1} are issued together; the softmax of S_t runs while the
-  // tensor cores still work on P_{t-1} V_{t-1}, and O is rescaled once that is done. K_t sits in slot t % 2, V_t in
-  // slot t % 2; K_{t+1} and V_t are copied during iteration t.
-  int t = 0;
-  for (int n0 = n_start; n0 < hi; n0 += kBlockN, ++t) {
-    const int slot = t & 1;
-    cp_async_wait<0>();  // K_t and V_{t-1}, the copies issued last iteration
-    fence_proxy_async();
-    // ... are visible to all, and every wgmma of iteration t - 1 is done (each warpgroup waited for all of its own):
-    // K slot slot ^ 1 (K_{t-1}) and V slot slot (V_{t-2}) are free
-    __syncthreads();
+  // tensor cores still work on P_{t-1} V_{t-1}, and O is rescaled once that is done.
+  for (int t = 0; t < n_tiles; ++t) {
+    const int n0 = n_start + t * kBlockN, slot = t % kStages, prev = (t + kStages - 1) % kStages;
+    mbar_wait(&bar.k_full[slot], (t / kStages) & 1);
+    // V_{t-1} (loaded before K_t) is awaited here too, so nothing waits between the two issues
+    if (t > 0) mbar_wait(&bar.v_full[prev], ((t - 1) / kStages) & 1);
 
     // S = Q K^T: k step kk covers head-dim columns 16 kk .. 16 kk + 15 (64-column slab kk / 4, 32 bytes per step)
     const unsigned char* kt = sk + slot * Sm90Smem<D>::kKV;
@@ -100,28 +160,25 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const int slab = kk / 4, step = (kk % 4) * 32;
-      Wgmma<T, kBlockN>::ss(s, sw128_desc(sq + slab * kBlockM * 128 + wg * 64 * 128 + step, 16),
+      Wgmma<T, kBlockN>::ss(s, sw128_desc(sq + slab * kBlockM * 128 + cw * 64 * 128 + step, 16),
                             sw128_desc(kt + slab * kBlockN * 128 + step, 16), kk > 0);
     }
     wgmma_commit();
-    // the copies of K_{t+1} and V_t (into slots no wgmma of this iteration reads) are issued while S_t runs; placed
-    // between the P V issue and its wait instead, they make ptxas serialize the wgmmas (advisory C7514)
-    if (n0 + kBlockN < hi) load_k(n0 + kBlockN, slot ^ 1);
-    load_v(n0, slot);
-    cp_async_commit();
     if (t > 0) {
-      issue_pv(slot ^ 1);
+      issue_pv(prev);
       wgmma_wait<1>();  // S_t is done, P_{t-1} V_{t-1} may still run
     } else {
       wgmma_wait<0>();
     }
+    mbar_arrive(&bar.k_empty[slot]);  // this thread's part of S_t is done: K_t's slot may be refilled
     fence_operands(s);
 
     float alpha[2];  // O's rescale, applied once P_{t-1} V_{t-1} is done
-    warp_softmax_scores<D, kBlockN>(s, st, scale_log2, x.band.needs_mask(n0, kBlockN, m0, kBlockM),
-                                    [&](int r, int c) { return x.band.keeps(row0 + r, n0 + c); }, lane,
+    warp_softmax_scores<D, kBlockN>(s, st, scale_log2, band.needs_mask(n0, kBlockN, m0, kBlockM),
+                                    [&](int r, int c) { return band.keeps(row0 + r, n0 + c); }, lane,
                                     [&](int row, float a) { alpha[row] = a; });
     wgmma_wait<0>();  // P_{t-1} V_{t-1}: pa is free, O complete up to tile t - 1
+    if (t > 0) mbar_arrive(&bar.v_empty[prev]);
     fence_operands(st.o);
     st.rescale(alpha);
     // P's A fragments for k step kk (keys 16 kk .. 16 kk + 15), packed from S
@@ -134,11 +191,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     }
     fence_operands(pa);  // packed here, while the tensor cores are idle anyway, not sunk into the next issue
   }
-  cp_async_wait<0>();  // V of the last tile (with no tile: Q, whose copies must not outlive the block)
-  if (t > 0) {  // the last tile's P V
-    fence_proxy_async();
-    __syncthreads();
-    issue_pv((t - 1) & 1);
+  if (n_tiles > 0) {  // the last tile's P V
+    const int last = n_tiles - 1;
+    mbar_wait(&bar.v_full[last % kStages], (last / kStages) & 1);
+    issue_pv(last % kStages);
     wgmma_wait<0>();
     fence_operands(st.o);
   }
@@ -151,10 +207,26 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
 }
 
 template <typename T, int D>
-Status launch(const AttentionParams& p, cudaStream_t stream) {
+Status launch(const Sm90Args& args, cudaStream_t stream) {
+  const AttentionParams& p = args.p;
   const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.nheads, p.batch);
-  return launch_kernel(attention_fwd_wgmma_kernel<T, D>, grid, kThreads, Sm90Smem<D>::kBytes, stream, p,
+  return launch_kernel(attention_fwd_wgmma_kernel<T, D>, grid, kThreads, Sm90Smem<D>::kBytes, stream, args,
                        "attention_fwd (wgmma)");
+}
+
+// The tensor maps of q, k and v; false with *why set when the driver refuses one (e.g. a stride-0 expanded dim).
+bool encode_maps(Sm90Args& a, std::string* why) {
+  const AttentionParams& p = a.p;
+  const TileMapSpec q{p.q, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.q_ss, p.q_sh, p.q_sb, kBlockM};
+  const TileMapSpec k{p.k, p.head_dim, p.seqlen_k, p.nheads_kv, p.batch, p.k_ss, p.k_sh, p.k_sb, kBlockN};
+  const TileMapSpec v{p.v, p.head_dim, p.seqlen_k, p.nheads_kv, p.batch, p.v_ss, p.v_sh, p.v_sb, kBlockN};
+  for (auto [map, spec, name] : {std::tuple{&a.q, &q, "q"}, {&a.k, &k, "k"}, {&a.v, &v, "v"}}) {
+    if (!encode_tile_map(map, *spec, p.dtype, why)) {
+      *why = std::string("tensor map of ") + name + ": " + *why;
+      return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace
@@ -172,9 +244,15 @@ Status attention_fwd_wgmma(const AttentionParams& p, cudaStream_t stream) {
   std::string why;
   if (!attention_wgmma_supported(p.head_dim, &why))
     return Status::Error("attention_fwd: FASTLM_CUDA_KERNELS=wgmma, but " + why);
+  Sm90Args args{};
+  args.p = p;
+  if (p.seqlen_k > 0 && !encode_maps(args, &why)) {
+    if (p.kernels == KernelFamily::kWgmma) return Status::Error("attention_fwd: FASTLM_CUDA_KERNELS=wgmma, but " + why);
+    return attention_fwd_mma(p, stream);
+  }
   const bool half = p.dtype == DType::kFloat16;
-  if (p.head_dim == 64) return half ? launch<__half, 64>(p, stream) : launch<__nv_bfloat16, 64>(p, stream);
-  return half ? launch<__half, 128>(p, stream) : launch<__nv_bfloat16, 128>(p, stream);
+  if (p.head_dim == 64) return half ? launch<__half, 64>(args, stream) : launch<__nv_bfloat16, 64>(args, stream);
+  return half ? launch<__half, 128>(args, stream) : launch<__nv_bfloat16, 128>(args, stream);
 }
 
 }  // namespace fastlm_cuda

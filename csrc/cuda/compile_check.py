@@ -28,8 +28,9 @@ _FUNC = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
-# ptxas advisories C75xx: wgmma serialized, or warpgroup waits injected because GMMA results are used too early
-_ADVISORY = re.compile(r"\(C75\d\d\)[^\n]*(?:wgmma|GMMA|warpgroup)[^\n]*")
+# ptxas advisories C75xx: wgmma serialized, warpgroup waits injected because GMMA results are used too early, or
+# setmaxnreg ignored (the register count at entry unknown)
+_ADVISORY = re.compile(r"\(C75\d\d\)[^\n]*(?:wgmma|GMMA|warpgroup|setmaxnreg)[^\n]*")
 
 
 def demangle(names):

@@ -48,7 +48,10 @@ Status attention_fwd(const AttentionParams& p, cudaStream_t stream);
 // Whether the wgmma kernel can run head_dim on the current device (built for sm_90a, a 9.x device, head dim 64 or
 // 128); if not and why is given, *why says what is missing.
 bool attention_wgmma_supported(int head_dim, std::string* why);
-Status attention_fwd_wgmma(const AttentionParams& p, cudaStream_t stream);  // after attention_fwd's checks
+// The two kernels, after attention_fwd's checks; the wgmma one falls back to the mma.sync one under kAuto where the
+// driver refuses a TMA tensor map.
+Status attention_fwd_wgmma(const AttentionParams& p, cudaStream_t stream);
+Status attention_fwd_mma(const AttentionParams& p, cudaStream_t stream);
 
 // Decode attention (Flash-Decoding). q: (B, Sq, H, D); k/v caches: (B, S_max, Hkv, D); cache_seqlens: (B,) int32
 // or int64 on the device, read only by the kernels (clamped to [0, S_max]). Query i of sequence b sits at position

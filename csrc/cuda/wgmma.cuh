@@ -37,14 +37,6 @@ __device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo_by
          (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
 }
 
-// copy_rows_async (mma.cuh) into a sw128 tile.
-template <typename T, int ROWS, int D, int NTHREADS, typename RowPtr>
-__device__ __forceinline__ void load_rows_sw128(unsigned char* tile, RowPtr row_ptr, const T* base, int tid) {
-  static_assert(D % 64 == 0, "sw128 tiles hold rows of a multiple of 64 elements");
-  copy_rows_async<T, ROWS, D, NTHREADS>([&](int r, int ch) { return tile + sw128_offset<ROWS>(r, ch); }, row_ptr,
-                                        base, tid);
-}
-
 // Make this thread's generic-proxy shared-memory writes (cp.async included) visible to wgmma's async proxy; a
 // barrier after it publishes them to the whole block.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
