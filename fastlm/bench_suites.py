@@ -259,6 +259,17 @@ def _liger_swiglu(x, w_gate, w_up, w_down, residual=None):
     return y if residual is None else y + residual
 
 
+def _cublaslt_gelu_mlp(x, w_fc, b_fc, w_proj, b_proj, residual=None):
+    """The GPT-2 MLP on cuBLASLt's fused epilogues (the alternative to fastlm's own GEMMs): the up projection through
+    torch._addmm_activation (GELU_BIAS epilogue, tanh GELU), the down projection through addmm (bias epilogue), then
+    the residual add."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.addmm(b_proj, torch._addmm_activation(b_fc, x2, w_fc.t(), use_gelu=True), w_proj.t())
+    if residual is not None:
+        y += residual.reshape(y.shape)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 DECODE_TOKENS = 16  # MLP cases of at most this many tokens are decode steps (weight-streaming, rated in GB/s)
 
 
@@ -277,7 +288,9 @@ def _ffn_case(ctx, backends, kind, T, d, f, dtype, mode, compile_here):
 
     op = "mlp_gelu" if kind == "gelu" else "mlp_swiglu"
     ref = getattr(reference, op)
-    extra = [Impl("liger", "peer", _liger_swiglu)] if kind == "swiglu" and ctx.device.type == "cuda" else []
+    extra = []
+    if ctx.device.type == "cuda":
+        extra = [Impl("liger", "peer", _liger_swiglu) if kind == "swiglu" else Impl("cublaslt", "peer", _cublaslt_gelu_mlp)]
     impls = fastlm_impls(op, ctx, backends)
     impls += _cuda_mma_impl(ctx, impls, mode == "fwd") + peers(ref, ctx, compile_here=compile_here, extra=extra)
     grads = ("x", "w_fc", "b_fc", "w_proj", "b_proj", "residual") if kind == "gelu" else \
