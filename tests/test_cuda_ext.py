@@ -278,13 +278,11 @@ def test_tensor_core_layout_emulation():
 
 @pytest.mark.parametrize("mutant", ["no swizzle", "sbo 512", "lbo unused"])
 def test_tensor_core_layout_emulation_catches_layout_mistakes(mutant, monkeypatch):
-    """The wgmma checks fail on plausible layout mistakes: operands stored without the XOR swizzle (the GEMM's
-    cp.async stores; the attention's TMA boxes, as with a SWIZZLE_NONE tensor map), a wrong SBO, V's column-slab
-    stride (LBO) left out of its MN-major descriptor."""
+    """The wgmma checks fail on plausible layout mistakes: operands stored without the XOR swizzle (TMA boxes as a
+    SWIZZLE_NONE tensor map writes them), a wrong SBO, V's column-slab stride (LBO) left out of its MN-major
+    descriptor."""
     emu = _load("bench", "dev", "mma_layout_emu.py")
     if mutant == "no swizzle":
-        monkeypatch.setattr(emu, "sw128_offset",
-                            lambda rows, row, ch: (ch // 8) * rows * 128 + row * 128 + (ch % 8) * 16)
         real_box = emu.tma_load_box
         monkeypatch.setattr(emu, "tma_load_box", lambda *args: real_box(*args, swizzle=lambda addr: addr))
     else:

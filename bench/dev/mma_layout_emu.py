@@ -3,10 +3,9 @@
 address formulas of attention_tile.cuh (warp_qk, warp_pv) and ffn.cu (gemm_tn_kernel's k-step), compared with
 plain matrix products; and of wgmma.mma_async (sm_90a): the 64-bit shared-memory descriptor decoded field by field,
 the 128-byte swizzle applied to absolute byte addresses, K-major and MN-major (transposed) canonical layouts and the
-m64nNk16 accumulator / register-A fragments, driven with wgmma.cuh's sw128_offset / sw128_desc and the descriptor
-start addresses of attention_sm90.cu (its operands written by TMA boxes with the 128-byte swizzle) and of ffn.cu's
-wgmma GEMM; and the lane / column / k mapping of ffn.cu's
-CUDA-core gemv kernel. Keep the formulas here in step with the kernels.
+m64nNk16 accumulator / register-A fragments, driven with wgmma.cuh's sw128_desc and the descriptor start addresses
+of attention_sm90.cu and of ffn.cu's wgmma GEMM, their operands written as their TMA boxes write them (128-byte
+swizzle, zero fill); and the lane / column / k mapping of ffn.cu's CUDA-core gemv kernel. Keep the formulas here in step with the kernels.
 
     python bench/dev/mma_layout_emu.py      (tests/test_cuda_ext.py runs it too)
 """
@@ -107,9 +106,6 @@ def check_gemm(BN, dual_w=0):
 
 # ---------------------------------------------------------------- wgmma (sm_90a)
 
-def sw128_offset(rows, row, chunk):  # wgmma.cuh
-    return (chunk // 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) << 4)
-
 def sw128_desc(addr, lbo_bytes):     # wgmma.cuh
     return ((addr & 0x3FFFF) >> 4) | ((lbo_bytes >> 4) << 16) | ((1024 >> 4) << 32) | (1 << 62)
 
@@ -180,12 +176,13 @@ def wgmma_rs_mn(d, a, smem, desc_b, n):
 def tma_load_box(smem, dst, X, b, row0, h, c, box_rows, swizzle=swizzled):
     """tma.cuh's tma_load_4d on a tensor map of tma.cuh's encode_tile_map (dims (D, seqlen, heads, batch), box of 64
     columns x box_rows rows, SWIZZLE_128B) over X (batch, seqlen, heads, D): box row r, column j lands at byte
-    r * 128 + 2 j of dst, through the 128-byte swizzle of the absolute address; rows past seqlen arrive as zeros."""
+    r * 128 + 2 j of dst, through the 128-byte swizzle of the absolute address; elements past the tensor (rows past
+    seqlen, columns past D) arrive as zeros."""
     assert dst % 1024 == 0, "a 128-byte swizzled box starts 1024-byte aligned"
     for r in range(box_rows):
         for j in range(64):
-            n = row0 + r
-            smem[swizzle(dst + r * 128 + 2 * j) // 2] = X[b, n, h, 64 * c + j] if n < X.shape[1] else 0.0
+            n, col = row0 + r, 64 * c + j
+            smem[swizzle(dst + r * 128 + 2 * j) // 2] = X[b, n, h, col] if n < X.shape[1] and col < X.shape[3] else 0.0
 
 def check_attention_wgmma(D, BM=128, BN=128, sq_len=200, sk_len=333, m0=128, n0=256):
     """attention_sm90.cu: the producer's TMA boxes of Q (BM rows from m0) and of one K and one V tile (BN keys from
@@ -220,26 +217,24 @@ def check_attention_wgmma(D, BM=128, BN=128, sq_len=200, sk_len=333, m0=128, n0=
         assert np.allclose(acc_to_matrix(o, D), S @ V), ("pv", D, wg)
     print("attention wgmma ok", D, BN)
 
-def check_gemm_wgmma(k_valid, threads=256, rows_per_thread=4):
-    """ffn.cu's gemm_tn_wgmma_kernel, one stage: thread tid copies chunk tid % 8 of rows tid / 8 + 32 i of the A and B
-    tiles (zero past k_valid columns); each warpgroup's 4 k steps of m64n128k16 give its 64 x 128 block of A B^T."""
+def check_gemm_wgmma(k_valid, m_valid=100, k_tile=1):
+    """ffn.cu's gemm_tn_wgmma_kernel, one stage: the producer's TMA boxes of k tile k_tile of A (m_valid rows) and of
+    B, partial in k (k_valid columns of that tile) and A partial in rows (both arrive zero-filled); each consumer
+    warpgroup's 4 k steps of m64n128k16 give its 64 x 128 block of A B^T."""
     tile = 128 * 128
     smem = np.full(2 * tile // 2, np.nan)
-    A, B = rng.standard_normal((128, 64)), rng.standard_normal((128, 64))
-    for t, X in enumerate((A, B)):
-        for tid in range(threads):
-            ch, r0 = tid % 8, tid // 8
-            for i in range(rows_per_thread):
-                r = r0 + 32 * i
-                off = t * tile + sw128_offset(128, r, ch)
-                assert np.isnan(smem[off // 2: off // 2 + 8]).all(), "two chunks stored at one place"
-                smem[off // 2: off // 2 + 8] = X[r, ch * 8: ch * 8 + 8] if ch * 8 < k_valid else 0.0
+    K = 64 * k_tile + k_valid
+    A, B = rng.standard_normal((1, m_valid, 1, K)), rng.standard_normal((1, 128, 1, K))
+    tma_load_box(smem, 0, A, 0, 0, 0, k_tile, 128)                  # A: (K, M) map, box at (64 k_tile, m0 = 0)
+    tma_load_box(smem, tile, B, 0, 0, 0, k_tile, 128)               # B: (K, N) map, box at (64 k_tile, n0 = 0)
     assert not np.isnan(smem).any()
+    a = np.zeros((128, 64)); a[:m_valid, :k_valid] = A[0, :, 0, 64 * k_tile:]
+    b = np.zeros((128, 64)); b[:, :k_valid] = B[0, :, 0, 64 * k_tile:]
     for wg in range(2):
         acc = np.zeros((128, 16, 4))
         for kk in range(4):
             acc = wgmma_ss(acc, smem, sw128_desc(wg * 64 * 128 + kk * 32, 16), sw128_desc(tile + kk * 32, 16), 128, 1)
-        ref = A[wg * 64: wg * 64 + 64, :k_valid] @ B[:, :k_valid].T
+        ref = a[wg * 64: wg * 64 + 64] @ b.T
         assert np.allclose(acc_to_matrix(acc, 128), ref), ("gemm wgmma", wg, k_valid)
     print("gemm wgmma ok", k_valid)
 

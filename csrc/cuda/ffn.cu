@@ -2,9 +2,10 @@
 // (activations times nn.Linear weights), in three kernels of the same shape of work:
 //   gemm_tn_kernel (mma.sync, sm_80+): block tile 128 x BN x 32, 8 warps (2 x 4, warp tile 64 x BN / 4), a 3-stage
 //     cp.async pipeline, ldmatrix operand loads;
-//   gemm_tn_wgmma_kernel (wgmma, sm_90a): block tile 128 x 128 x 64, two warpgroups of 64 rows, a 4-slot cp.async
-//     pipeline into 128-byte swizzled tiles (wgmma.cuh) read by m64n128k16 wgmma with both operands in shared memory,
-//     one k tile's wgmmas in flight while the next one's are issued;
+//   gemm_tn_wgmma_kernel (wgmma, sm_90a): block tile 128 x 128 x 64, warp-specialized: a producer warpgroup loads
+//     the k tiles with TMA (tma.cuh) into a 4-slot ring of 128-byte swizzled tiles (wgmma.cuh), two consumer
+//     warpgroups of 64 rows read them with m64n128k16 wgmma (both operands in shared memory), one k tile's wgmmas
+//     in flight while the next one's are issued;
 //     taken on Hopper (MlpParams::kernels auto or wgmma);
 //   gemv_kernel (CUDA cores, any arch) for at most kGemvRows rows (a decode step's batch), where a 128-row tile
 //     would leave the weights to ceil(N / BN) blocks (16 for a 2048-wide down projection), far too few SMs to
@@ -19,10 +20,12 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 
 #include "cuda/launch_utils.cuh"
 #include "cuda/launchers.h"
 #include "cuda/mma.cuh"
+#include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace fastlm_cuda {
@@ -194,91 +197,104 @@ __global__ void __launch_bounds__(kThreads) gemm_tn_kernel(const GemmArgs p) {
 }
 
 constexpr int kWgBM = 128, kWgBN = 128, kWgBK = 64, kWgStages = 4;
+constexpr int kWgConsumers = 2, kWgThreads = 128 * (1 + kWgConsumers);  // a producer warpgroup, two consumers
+constexpr int kWgProducerRegs = 24, kWgConsumerRegs = 240;  // per thread after setmaxnreg
+static_assert(128 * kWgProducerRegs + 128 * kWgConsumers * kWgConsumerRegs <= 65536, "register file over-subscribed");
 // bytes of a 128-row operand tile (A rows or B rows): 64 K elements, one 128-byte swizzle slab per row
 constexpr int kWgTile = kWgBM * kWgBK * 2;
 static_assert(kWgBM == kWgBN && kWgBK * 2 == 128, "A and B tiles share one shape, a row is one 128-byte slab");
 
-template <Epilogue E>
-constexpr int wgmma_gemm_smem_bytes() { return kWgStages * (1 + n_weights<E>()) * kWgTile; }
+struct WgBarriers {
+  uint64_t full[kWgStages], empty[kWgStages];
+};
 
+template <Epilogue E>
+constexpr int wgmma_gemm_stage_bytes() { return (1 + n_weights<E>()) * kWgTile; }  // the A tile, then the B tiles
+template <Epilogue E>
+constexpr int wgmma_gemm_smem_bytes() {
+  return kWgStages * wgmma_gemm_stage_bytes<E>() + static_cast<int>(sizeof(WgBarriers));
+}
+
+// The GEMM and the tensor maps of A (K, M) and of the weights (K, N), boxes of 64 x 128 (b1: SwiGLU only).
+struct WgGemmArgs {
+  GemmArgs p;
+  CUtensorMap a, b0, b1;
+};
+
+// Warp-specialized like the Hopper attention (attention_sm90.cu): thread 0 of warpgroup 0 loads the k tiles with TMA
+// into a ring of kWgStages slots (per slot a full and an empty mbarrier; partial tiles arrive zero-filled); the two
+// consumer warpgroups each multiply 64 rows of the A tile with the B tiles. A consumer keeps one k tile's wgmmas in
+// flight while it issues the next tile's (successive wgmmas on the same accumulators are ordered by the hardware),
+// so it releases tile kt - 1's slot once tile kt's wgmmas are issued and kt - 1's are done.
 template <typename T, Epilogue E>
-__global__ void __launch_bounds__(kThreads, 1) gemm_tn_wgmma_kernel(const GemmArgs p) {
+__global__ void __launch_bounds__(kWgThreads, 1) gemm_tn_wgmma_kernel(const __grid_constant__ WgGemmArgs args) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int NW = n_weights<E>();
-  constexpr int STAGE = (1 + NW) * kWgTile;  // the A tile, then NW B tiles
+  constexpr int STAGE = wgmma_gemm_stage_bytes<E>();
+  const GemmArgs& p = args.p;
   // swizzled tiles start 1024-byte aligned: the dynamic shared memory (no static shared memory here) is declared so
   extern __shared__ __align__(1024) unsigned char smem[];
+  WgBarriers& bar = *reinterpret_cast<WgBarriers*>(smem + kWgStages * STAGE);
 
-  const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, warp = (tid >> 5) & 3;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kWgBM, n0 = static_cast<int64_t>(blockIdx.x) * kWgBN;
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int m0 = static_cast<int>(blockIdx.y) * kWgBM, n0 = static_cast<int>(blockIdx.x) * kWgBN;
   const int k_tiles = static_cast<int>((p.k + kWgBK - 1) / kWgBK);
 
-  // This thread's share of every stage: 16-byte chunk ch of rows r0 + 32 i (i < 4) of the A tile and of each B tile
-  // (256 threads x 4 = 128 rows x 8 chunks). Rows past the matrix and chunks past k are zero-filled.
-  constexpr int kRowsPerThread = kWgBM * (kWgBK / 8) / kThreads;
-  const int ch = tid % 8, r0 = tid / 8;
-  const T* src[1 + NW][kRowsPerThread];
-  bool row_ok[1 + NW][kRowsPerThread];
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const int64_t m = m0 + r0 + 32 * i, n = n0 + r0 + 32 * i;
-    row_ok[0][i] = m < p.m;
-    src[0][i] = static_cast<const T*>(p.a) + (row_ok[0][i] ? m * p.k + ch * 8 : 0);
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      row_ok[1 + w][i] = n < p.n;
-      src[1 + w][i] = static_cast<const T*>(w == 0 ? p.b0 : p.b1) + (row_ok[1 + w][i] ? n * p.k + ch * 8 : 0);
+  if (tid == 0) {
+    for (int i = 0; i < kWgStages; ++i) {
+      mbar_init(&bar.full[i], 1);
+      mbar_init(&bar.empty[i], 128 * kWgConsumers);
     }
+    mbar_fence_init();
   }
-  auto load_stage = [&](int kt) {
-    unsigned char* st = smem + (kt % kWgStages) * STAGE;
-    const int64_t k0 = static_cast<int64_t>(kt) * kWgBK;
-    const bool chunk_ok = k0 + ch * 8 < p.k;  // k % 8 == 0: a chunk is all in or all out
+  __syncthreads();  // the only block-wide barrier
+
+  if (wg == 0) {  // producer
+    setmaxnreg_dec<kWgProducerRegs>();
+    if (tid == 0) {
+      tma_prefetch_map(&args.a);
 #pragma unroll
-    for (int t = 0; t < 1 + NW; ++t)
+      for (int w = 0; w < NW; ++w) tma_prefetch_map(w == 0 ? &args.b0 : &args.b1);
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        const int slot = kt % kWgStages;
+        // the slot's use u = kt / kWgStages waits for its (u - 1)-th release
+        if (kt >= kWgStages) mbar_wait(&bar.empty[slot], ((kt / kWgStages) & 1) ^ 1);
+        unsigned char* st = smem + slot * STAGE;
+        mbar_arrive_expect_tx(&bar.full[slot], STAGE);
+        tma_load_4d(st, &args.a, kt * kWgBK, m0, 0, 0, &bar.full[slot]);
 #pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) {
-        const bool ok = chunk_ok && row_ok[t][i];
-        cp_async_16(st + t * kWgTile + sw128_offset<kWgBM>(r0 + 32 * i, ch), ok ? src[t][i] + k0 : src[t][i], ok);
+        for (int w = 0; w < NW; ++w)
+          tma_load_4d(st + (1 + w) * kWgTile, w == 0 ? &args.b0 : &args.b1, kt * kWgBK, n0, 0, 0, &bar.full[slot]);
       }
-  };
-
-  // One k tile's wgmmas stay in flight while the next tile's are issued (successive wgmmas on the same accumulators
-  // are ordered by the hardware), so the slot a copy may refill is the one of tile kt - 2: tiles are copied two
-  // ahead, into kWgStages = 4 slots.
-  float acc[NW][kWgBN / 8][4] = {};
-#pragma unroll
-  for (int s = 0; s < kWgStages - 2; ++s) {
-    if (s < k_tiles) load_stage(s);
-    cp_async_commit();
+    }
+    return;
   }
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kWgStages - 3>();
-    fence_proxy_async();
-    // tile kt is visible to all, and each warpgroup has waited for its wgmmas of tile kt - 2: that slot is free
-    __syncthreads();
+  setmaxnreg_inc<kWgConsumerRegs>();
 
-    // warpgroup wg: rows 64 wg .. of the A tile; k step kk: 16 elements = 32 bytes along the slab
-    const unsigned char* st = smem + (kt % kWgStages) * STAGE;
+  const int cw = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
+  float acc[NW][kWgBN / 8][4] = {};
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int slot = kt % kWgStages;
+    mbar_wait(&bar.full[slot], (kt / kWgStages) & 1);
+    // consumer cw: rows 64 cw .. of the A tile; k step kk: 16 elements = 32 bytes along the slab
+    const unsigned char* st = smem + slot * STAGE;
 #pragma unroll
     for (int w = 0; w < NW; ++w) fence_operands(acc[w]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kWgBK / 16; ++kk) {
-      const uint64_t desc_a = sw128_desc(st + wg * 64 * 128 + kk * 32, 16);
+      const uint64_t desc_a = sw128_desc(st + cw * 64 * 128 + kk * 32, 16);
 #pragma unroll
       for (int w = 0; w < NW; ++w)
         Wgmma<T, kWgBN>::ss(acc[w], desc_a, sw128_desc(st + (1 + w) * kWgTile + kk * 32, 16), 1);
     }
     wgmma_commit();
-    if (kt + kWgStages - 2 < k_tiles) load_stage(kt + kWgStages - 2);
-    cp_async_commit();
     wgmma_wait<1>();  // tile kt - 1's wgmmas are done, tile kt's run on
+    if (kt > 0) mbar_arrive(&bar.empty[(kt - 1) % kWgStages]);
   }
   wgmma_wait<0>();
 #pragma unroll
   for (int w = 0; w < NW; ++w) fence_operands(acc[w]);
-  cp_async_wait<0>();
 
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -288,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_tn_wgmma_kernel(const GemmAr
     const float2 b = bias_pair<T, E>(p, col);
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      const int64_t row = m0 + wg * 64 + warp * 16 + g + 8 * hh;
+      const int64_t row = m0 + cw * 64 + warp * 16 + g + 8 * hh;
       if (row >= p.m) continue;
       store_pair<T, E>(p, row, col, acc[0][j][2 * hh], acc[0][j][2 * hh + 1], acc[NW - 1][j][2 * hh],
                        acc[NW - 1][j][2 * hh + 1], b);
@@ -388,25 +404,56 @@ Status run_gemv(const GemmArgs& g, cudaStream_t stream, const char* what) {
                        std::string(what) + " (gemv)");
 }
 
-template <typename Kernel>
-Status launch_gemm(Kernel kernel, int smem, int bm, int bn, const GemmArgs& g, cudaStream_t stream,
-                   const std::string& what) {
+// The grid of a GEMM of bm x bn output tiles, or an error naming `what` when it exceeds a launch's limits.
+bool gemm_grid(const GemmArgs& g, int bm, int bn, dim3* grid, Status* error, const std::string& what) {
   const int64_t grid_n = (g.n + bn - 1) / bn, grid_m = (g.m + bm - 1) / bm;
-  if (grid_m > 65535 || grid_n > 2147483647LL)
-    return Status::Error(what + ": too many rows for one launch (at most 65535 * " + std::to_string(bm) + ")");
-  return launch_kernel(kernel, dim3(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m)), kThreads, smem,
-                       stream, g, what);
+  if (grid_m > 65535 || grid_n > 2147483647LL) {
+    *error = Status::Error(what + ": too many rows for one launch (at most 65535 * " + std::to_string(bm) + ")");
+    return false;
+  }
+  *grid = dim3(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m));
+  return true;
+}
+
+// The tensor maps of the wgmma GEMM (A and the weights as (K, rows) with 64 x 128 boxes); false with *why set when
+// the driver refuses one.
+template <Epilogue E>
+bool encode_gemm_maps(WgGemmArgs& a, DType dtype, std::string* why) {
+  const GemmArgs& g = a.p;
+  if (g.n > INT32_MAX - kWgBN || g.k > INT32_MAX - kWgBK) {  // TMA coordinates are 32-bit
+    *why = "N and K must stay below 2^31 - 128";
+    return false;
+  }
+  const TileMapSpec specs[3] = {{g.a, g.k, g.m, 1, 1, g.k, 0, 0, kWgBM}, {g.b0, g.k, g.n, 1, 1, g.k, 0, 0, kWgBN},
+                                {g.b1, g.k, g.n, 1, 1, g.k, 0, 0, kWgBN}};
+  CUtensorMap* maps[3] = {&a.a, &a.b0, &a.b1};
+  for (int i = 0; i < 1 + n_weights<E>(); ++i)
+    if (!encode_tile_map(maps[i], specs[i], dtype, why)) return false;
+  return true;
 }
 
 template <typename T, Epilogue E>
 Status run_gemm(const GemmArgs& g, KernelFamily kernels, cudaStream_t stream, const char* what) {
   std::string why;
   const bool sm90 = sm90a_device(&why);
-  if (!use_wgmma(kernels, sm90))
-    return launch_gemm(gemm_tn_kernel<T, E>, gemm_smem_bytes<E>(), kBM, block_n<E>(), g, stream, what);
-  if (!sm90) return Status::Error(std::string(what) + ": FASTLM_CUDA_KERNELS=wgmma, but " + why);
-  return launch_gemm(gemm_tn_wgmma_kernel<T, E>, wgmma_gemm_smem_bytes<E>(), kWgBM, kWgBN, g, stream,
-                     std::string(what) + " (wgmma)");
+  if (kernels == KernelFamily::kWgmma && !sm90)
+    return Status::Error(std::string(what) + ": FASTLM_CUDA_KERNELS=wgmma, but " + why);
+  dim3 grid;
+  Status error;
+  if (use_wgmma(kernels, sm90)) {
+    WgGemmArgs args{};
+    args.p = g;
+    if (encode_gemm_maps<E>(args, std::is_same<T, __half>::value ? DType::kFloat16 : DType::kBFloat16, &why)) {
+      if (!gemm_grid(g, kWgBM, kWgBN, &grid, &error, std::string(what) + " (wgmma)")) return error;
+      return launch_kernel(gemm_tn_wgmma_kernel<T, E>, grid, kWgThreads, wgmma_gemm_smem_bytes<E>(), stream, args,
+                           std::string(what) + " (wgmma)");
+    }
+    if (kernels == KernelFamily::kWgmma)
+      return Status::Error(std::string(what) + ": FASTLM_CUDA_KERNELS=wgmma, but a tensor map: " + why);
+  }
+  // the mma.sync kernel (also where the driver refuses a tensor map under auto)
+  if (!gemm_grid(g, kBM, block_n<E>(), &grid, &error, what)) return error;
+  return launch_kernel(gemm_tn_kernel<T, E>, grid, kThreads, gemm_smem_bytes<E>(), stream, g, what);
 }
 
 Status check(const MlpParams& p, bool swiglu, const char* what) {

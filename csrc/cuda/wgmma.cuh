@@ -4,8 +4,9 @@
 // Shared-memory tiles ("sw128 tiles") hold ROWS rows of a multiple of 64 16-bit elements. The row is cut into
 // 64-element (128-byte) column blocks; block b is a contiguous ROWS x 128-byte slab at b * ROWS * 128, row r at
 // r * 128 in it, and the 16-byte chunk j of a row is stored at chunk position j ^ (r % 8). The hardware applies the
-// same XOR to address bits [4, 7) from bits [7, 10), so a slab must start 1024-byte aligned. One layout serves both
-// operand majors:
+// same XOR to address bits [4, 7) from bits [7, 10), so a slab must start 1024-byte aligned. A TMA load of a
+// 64-element-wide box with the 128-byte swizzle writes exactly such a slab (tma.cuh). One layout serves both operand
+// majors:
 //   K-major (A = Q rows, B = K rows: the reduction dim is contiguous): 8-row core groups are SBO = 1024 bytes
 //     apart; the 16-element k step kk starts at slab kk / 4, byte (kk % 4) * 32 of the first row; LBO is unused.
 //   MN-major (B = V rows for P V: the output dim is contiguous, "transposed" B): k step kk (keys 16 kk ..) starts
@@ -23,12 +24,6 @@
 
 namespace fastlm_cuda {
 
-// Byte offset of 16-byte chunk `chunk` (0 .. D / 8 - 1) of row `row` in a ROWS-row sw128 tile.
-template <int ROWS>
-__host__ __device__ constexpr int sw128_offset(int row, int chunk) {
-  return (chunk / 8) * ROWS * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
-}
-
 // Matrix descriptor of a 128-byte swizzled operand starting at `smem` (see above); lbo_bytes is the MN-major
 // column-block stride (16 for K-major operands, where it is unused).
 __device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo_bytes) {
@@ -37,9 +32,6 @@ __device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo_by
          (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
 }
 
-// Make this thread's generic-proxy shared-memory writes (cp.async included) visible to wgmma's async proxy; a
-// barrier after it publishes them to the whole block.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Order register writes (accumulators, A fragments) before the wgmma that reads them.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
