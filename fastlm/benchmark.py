@@ -997,6 +997,12 @@ def cli(argv=None) -> int:
             raise SystemExit(f"error: --summary-of: {e}") from None
         print(summary_table(doc["results"]))
         return 0
+    from fastlm.train import check_out_dir
+    try:
+        check_out_dir(args.out, "--out")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from fastlm import bench_suites
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

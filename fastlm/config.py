@@ -223,8 +223,11 @@ class Config:
         d, hd = self.d_model, self.head_dim
         q_out, kv_out = self.n_head * hd, self.n_kv_head * hd
         attn = d * q_out + 2 * d * kv_out + q_out * d
+        if self.qkv_bias:
+            attn += q_out + 2 * kv_out
+        if self.bias:
+            attn += d
         if self.family == "gpt2":
-            attn += q_out + 2 * kv_out + d
             mlp = 2 * d * self.intermediate_size + self.intermediate_size + d
             norms = 2 * 2 * d
             final_norm = 2 * d

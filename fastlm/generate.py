@@ -29,9 +29,27 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """Next tokens (B,) from logits (B, V): greedy for temperature 0, else softmax(logits / T) restricted to the
     top_k most likely tokens and to the smallest set whose probability reaches top_p. ``noise`` (B, V) of Exp(1)
     draws may be passed in (drawn from ``generator`` otherwise), which keeps the generator out of compiled code."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        got = f"a {logits.dtype} tensor" if isinstance(logits, torch.Tensor) else _describe(logits)
+        raise TypeError(f"logits must be a floating-point tensor (batch, vocab), got {got}")
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must have shape (batch, vocab) with vocab >= 1, got {tuple(logits.shape)}")
+    _check_sampler(temperature, top_k, top_p)
+    if noise is not None and (not isinstance(noise, torch.Tensor) or noise.shape != logits.shape):
+        got = f"shape {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else _describe(noise)
+        raise ValueError(f"noise must be None or a tensor of the logits' shape {tuple(logits.shape)}, got {got}")
+    return _sample(logits, float(temperature), None if top_k is None else int(top_k),
+                   None if top_p is None else float(top_p), generator, noise)
+
+
+def _sample(logits, temperature, top_k, top_p, generator=None, noise=None):
+    """sample() without the argument checks: generate() checks them once, not at every step."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # (logits - max) <= 0 divided in float64, where no positive temperature rounds to 0: never a NaN, and a tiny
+    # temperature sends every token but the most likely ones to -inf, as greedy decoding would
+    logits = logits.double()
+    logits = ((logits - logits.amax(dim=-1, keepdim=True)) / temperature).float()
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -73,6 +91,10 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
         raise TypeError(f"max_new_tokens must be an int >= 0, got {_describe(max_new_tokens)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    _check_sampler(temperature, top_k, top_p)
+
+
+def _check_sampler(temperature, top_k, top_p):
     if not _is_real(temperature):
         raise TypeError(f"temperature must be a number >= 0 (0 = greedy), got {_describe(temperature)}")
     if not 0 <= temperature < math.inf:
@@ -87,10 +109,17 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
-def _check_args(model, max_new_tokens, temperature, top_k, top_p, sync_every, pad_id, stream):
+def _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, sync_every, pad_id, stream):
     if not hasattr(model, "setup_cache"):
         raise TypeError(f"model must be a fastlm.Transformer (with setup_cache), got {type(model).__name__}")
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(compile, (bool, str)):
+        raise TypeError(f"compile must be a bool or the name of a torch.compile backend, got {_describe(compile)}")
+    if isinstance(compile, str):
+        known = torch.compiler.list_backends(exclude_tags=())
+        if compile not in known:
+            raise ValueError(f"compile must be a bool or the name of a torch.compile backend, got {compile!r}; "
+                             f"backends here: {', '.join(known)}")
     if not _is_int(sync_every):
         raise TypeError(f"sync_every must be a positive int, got {_describe(sync_every)}")
     if sync_every < 1:
@@ -181,7 +210,7 @@ def _decode_step(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p,
     Returns the next tokens (B,) and the updated done mask. Device-only work: nothing here reads a value on the
     host."""
     logits = model(tok[:, None], input_pos=pos)[:, -1]                      # (B, V)
-    nxt = sample(logits, temperature, top_k, top_p, noise=noise)
+    nxt = _sample(logits, temperature, top_k, top_p, noise=noise)
     nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
     if stop is not None:
         done = done | torch.isin(nxt, stop)
@@ -206,7 +235,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     ``compile=True`` compiles the decode step with torch.compile (CUDA graphs on GPU); a string picks the
     torch.compile backend instead (e.g. "aot_eager").
     """
-    _check_args(model, max_new_tokens, temperature, top_k, top_p, sync_every, pad_id, stream)
+    _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, sync_every, pad_id, stream)
     max_new_tokens, temperature, sync_every = int(max_new_tokens), float(temperature), int(sync_every)
     top_k = None if top_k is None else int(top_k)
     top_p = None if top_p is None else float(top_p)
@@ -238,7 +267,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
         n = 0
         if max_new_tokens > 0:
             last = model(tokens, logits_at=(lengths - 1)[:, None])[:, 0]       # prefill: (B, V) at each last token
-            tok = sample(last, temperature, top_k, top_p, generator)
+            tok = _sample(last, temperature, top_k, top_p, generator)
             done = torch.isin(tok, stop) if stop is not None else torch.zeros(B, dtype=torch.bool, device=device)
             out[:, 0] = tok
             n = 1
@@ -279,27 +308,33 @@ def _assemble(tokens, lengths, new, stop_tokens, form):
     return result[0] if form == "flat" else result
 
 
+DEFAULT_NEW_TOKENS = 200     # the CLI's --max-new-tokens when the model's context leaves room for them
+
+
 def cli(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlm generate",
                                      description="Generate text from a checkpoint written by `python -m fastlm train`.")
     parser.add_argument("prompt", nargs="?", default="", help="the prompt text (default: empty = a newline)")
     parser.add_argument("--checkpoint", required=True,
                         help="training output directory (holding checkpoint.safetensors) or a .safetensors file")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"tokens to generate (default: {DEFAULT_NEW_TOKENS}, or as many as the model's context "
+                             f"leaves after the prompt)")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (any integer; reduced modulo 2**64)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable; one token each)")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     args = parser.parse_args(argv)
-    from fastlm.train import load_checkpoint, resolve_device
+    from fastlm.train import load_checkpoint, resolve_device, seed64
     try:
         _check_cli_args(args)
         device = resolve_device(args.device, what="--device")
+        _check_backend(args.backend, device)
         model, info = load_checkpoint(args.checkpoint, backend=args.backend, device=device)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         model = model.to(dtype).eval()
@@ -315,8 +350,14 @@ def cli(argv=None) -> int:
         if budget < 1:
             raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's context "
                              f"(max_seqlen={model.config.max_seqlen})")
-        max_new = min(args.max_new_tokens, budget)
-        gen = torch.Generator(device=device).manual_seed(args.seed)
+        if args.max_new_tokens is None:
+            max_new = min(DEFAULT_NEW_TOKENS, budget)
+        elif args.max_new_tokens > budget:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit: the prompt is {len(ids)} tokens "
+                             f"of the model's context max_seqlen={model.config.max_seqlen}, which leaves {budget}")
+        else:
+            max_new = args.max_new_tokens
+        gen = torch.Generator(device=device).manual_seed(seed64(args.seed))
         stream = _Streamer(tokenizer)
         sys.stdout.write(args.prompt)
         generate(model, [ids], max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -332,12 +373,22 @@ def cli(argv=None) -> int:
 def _check_cli_args(args):
     """The sampling options, checked before the checkpoint is loaded and under their option names."""
     try:
-        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        check_sampling(DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens, args.temperature,
+                       args.top_k, args.top_p)
     except (TypeError, ValueError) as e:
         for name in ("max_new_tokens", "temperature", "top_k", "top_p"):
             if str(e).startswith(name):
                 raise ValueError("--" + name.replace("_", "-") + str(e)[len(name):]) from None
         raise
+
+
+def _check_backend(backend: str, device: torch.device):
+    """--backend checked against the device: the model's attention must be able to run there."""
+    from fastlm.backends import resolve
+    try:
+        resolve(backend, device, "the model's attention", native_ops=("attention_fwd", "decode_attention"))
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"--backend {backend} on device {device}: {e}") from None
 
 
 class _Streamer:

@@ -185,7 +185,7 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch_size: int, max_seqlen: int, dtype=None, device=None):
         """Allocate a static KV cache (batch_size, max_seqlen, n_kv_head, head_dim) per layer, in the parameters'
-        dtype and device unless given."""
+        dtype unless given, on the parameters' device (``device``, if given, must name it)."""
         c = self.config
         for name, value in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -196,7 +196,7 @@ class Transformer(nn.Module):
         dtype = self.tok_emb.weight.dtype if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"setup_cache: dtype must be a floating-point torch.dtype, got {dtype!r}")
-        device = self.tok_emb.weight.device if device is None else device
+        device = self._cache_device(device)
         shape = (batch_size, max_seqlen, c.n_kv_head, c.head_dim)
         for layer in self.layers:
             layer.attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -205,6 +205,20 @@ class Transformer(nn.Module):
             self.rope_cos, self.rope_sin = ops.rope_cos_sin(torch.arange(max_seqlen, device=device), c.head_dim,
                                                             c.rope_base, self.tok_emb.weight.dtype,
                                                             scaling=c.rope_scaling, backend=self._backends.generic)
+
+    def _cache_device(self, device) -> torch.device:
+        """The parameters' device, which ``device`` (None, or a torch.device or str naming it) must be."""
+        own = self.tok_emb.weight.device
+        if device is None:
+            return own
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            dev = None
+        if dev is None or dev.type != own.type or dev.index not in (None, own.index or 0):
+            raise ValueError(f"setup_cache: device must be the model's device {own} (the cache is read next to the "
+                             f"weights), got {device!r}")
+        return own
 
     def clear_cache(self):
         for layer in self.layers:

@@ -56,8 +56,10 @@ def fit_power_law(n, loss, *, use_scipy: bool | None = None) -> dict:
     loss = np.asarray(loss, dtype=np.float64)
     if n.shape != loss.shape or n.ndim != 1 or len(n) < 3:
         raise ValueError(f"need at least 3 (params, loss) points of equal length, got {n.shape} and {loss.shape}")
-    if (n <= 0).any() or not np.isfinite(loss).all():
-        raise ValueError("params must be positive and losses finite")
+    if not (np.isfinite(n) & (n > 0)).all():
+        raise ValueError(f"params must be positive finite numbers, got {n.tolist()}")
+    if not np.isfinite(loss).all():
+        raise ValueError(f"losses must be finite numbers, got {loss.tolist()}")
     scale = n.min()  # fit in units of the smallest model: keeps n^-alpha well conditioned
 
     def solve(alpha):
@@ -113,15 +115,18 @@ def run(*, data: str | None = "stdlib", rungs: int = DEFAULT_RUNGS, tiny: bool =
     """Train the ladder and fit the law. ``tokens`` (default 1.2M, tiny 12K) times ``budget`` tokens per model."""
     from fastlm.config import is_int
     from fastlm.summary import forward_flops_per_token, param_counts
-    from fastlm.train import ByteTokenizer, load_corpus, resolve_device, train
+    from fastlm.train import ByteTokenizer, check_out_dir, load_corpus, resolve_device, train
     if not is_int(rungs):
         raise ValueError(f"rungs must be an integer, got {rungs!r}")
+    if not is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget < math.inf:
         raise ValueError(f"budget must be positive and finite, got {budget!r}")
     for name, value in (("batch_size", batch_size), ("seqlen", seqlen), ("tokens", 1 if tokens is None else tokens)):
         if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     resolve_device(device)
+    check_out_dir(out)
     if tiny:
         seqlen, batch_size = min(seqlen, 32), min(batch_size, 4)
     base = tokens if tokens is not None else (12_000 if tiny else 1_200_000)
@@ -242,8 +247,9 @@ def cli(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
-        from fastlm.train import check_threads
+        from fastlm.train import check_out_dir, check_threads
         check_threads(args.threads)
+        check_out_dir(args.out, "--out")
         run(data=None if args.data == "default" else args.data, rungs=args.rungs, tiny=args.tiny,
             budget=args.budget, tokens=args.tokens, batch_size=args.batch_size, seqlen=args.seqlen,
             backend=args.backend, device=args.device, out=args.out, seed=args.seed, progress=not args.no_progress)

@@ -147,8 +147,8 @@ def summary(model_or_config, *, batch: int = 1, seqlen: int | None = None, dtype
             print_table: bool = True) -> dict:
     """Parameters, FLOPs, memory and roofline speeds for a model, a Config or a preset name.
 
-    ``seqlen`` (default: the config's max_seqlen) is the context for the per-token attention FLOPs, the sequence
-    length for training and prefill, and the cache length for decode. Returns a nested dict; prints a table too
+    ``seqlen`` (default and at most: the config's max_seqlen) is the context for the per-token attention FLOPs, the
+    sequence length for training and prefill, and the cache length for decode. Returns a nested dict; prints a table too
     unless ``print_table=False``.
     """
     cfg = _config_of(model_or_config)
@@ -158,6 +158,8 @@ def summary(model_or_config, *, batch: int = 1, seqlen: int | None = None, dtype
     for name, value in (("batch", batch), ("seqlen", seqlen)):
         if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if seqlen > cfg.max_seqlen:
+        raise ValueError(f"seqlen must be at most the model's context max_seqlen={cfg.max_seqlen}, got {seqlen}")
     nbytes = DTYPE_BYTES[dt]
     params = param_counts(cfg)
     rows = layer_table(cfg)
@@ -295,7 +297,8 @@ def cli(argv=None) -> int:
                                      description="Parameters, FLOPs, memory and a roofline estimate for a preset.")
     parser.add_argument("name", help="preset name (see fastlm.config), a checkpoint (directory or .safetensors) or "
                                      "a config.json")
-    parser.add_argument("--seqlen", type=int, default=None, help="context / sequence length (default: max_seqlen)")
+    parser.add_argument("--seqlen", type=int, default=None,
+                        help="context / sequence length (default and at most: max_seqlen)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
     parser.add_argument("--device", default="h200", help=f"one of {', '.join(DEVICES)}")

@@ -328,12 +328,49 @@ def _read_checkpoint(path: str):
     if meta.get("format") != FORMAT:
         raise ValueError(f"checkpoint {file} is not a fastlm checkpoint (metadata format={meta.get('format')!r}, "
                          f"expected {FORMAT!r})")
+    _check_metadata(file, meta)
     return file, meta, tensors
+
+
+# The metadata entries that hold JSON: what each must hold, and as which Python type. "config" is required; a
+# checkpoint written without an optimizer has no "optim_groups".
+_METADATA = {"config": ("a JSON object", dict), "step": ("an integer >= 0", int),
+             "tokenizer": ("a JSON object", dict), "history": ("a JSON object", dict),
+             "extra": ("a JSON object", dict), "optim_groups": ("a JSON list", list)}
+
+
+def _check_metadata(file: str, meta: dict):
+    """Every JSON entry of a checkpoint's metadata parses to what it must hold; ValueError naming the file and the
+    entry otherwise."""
+    if "config" not in meta:
+        raise ValueError(f"checkpoint {file} is corrupt: metadata 'config' is missing")
+    for key, (what, kind) in _METADATA.items():
+        if key not in meta:
+            continue
+        try:
+            value = json.loads(meta[key])
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise ValueError(f"checkpoint {file} is corrupt: metadata {key!r} must be {what}, got {meta[key][:80]!r}")
+
+
+def _config_from(fields_: dict, where: str):
+    """Config(**fields_) for the fields read from ``where``, unknown fields reported by name."""
+    from fastlm.config import Config
+    known = {f.name for f in dataclasses.fields(Config) if f.init}
+    unknown = sorted(set(fields_) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown Config field(s) {unknown}; fields: {sorted(known)}")
+    return Config(**fields_)
+
+
+def _checkpoint_config(file: str, meta: dict):
+    return _config_from(json.loads(meta["config"]), f"checkpoint {file} metadata 'config'")
 
 
 def load_config(path: str):
     """The Config stored in a checkpoint (file or directory) or in a config.json."""
-    from fastlm.config import Config
     if str(path).endswith(".json"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
@@ -345,13 +382,9 @@ def load_config(path: str):
         if not isinstance(fields_, dict):
             raise ValueError(f"config file {path} must hold a JSON object of Config fields, got a JSON "
                              f"{type(fields_).__name__}")
-        known = {f.name for f in dataclasses.fields(Config) if f.init}
-        unknown = sorted(set(fields_) - known)
-        if unknown:
-            raise ValueError(f"config file {path}: unknown Config field(s) {unknown}; fields: {sorted(known)}")
-        return Config(**fields_)
-    _, meta, _ = _read_checkpoint(path)
-    return Config(**json.loads(meta["config"]))
+        return _config_from(fields_, f"config file {path}")
+    file, meta, _ = _read_checkpoint(path)
+    return _checkpoint_config(file, meta)
 
 
 def load_checkpoint(path: str, *, backend: str = "auto", device=None, optimizer=None):
@@ -373,16 +406,19 @@ def load_model(path: str, *, backend: str = "auto", device=None):
 
 def _model_from(file, meta, tensors, backend, device):
     model = _model_only(file, meta, tensors, backend, device)
-    info = {"step": int(meta.get("step", 0)), "config": model.config, "file": file,
-            "tokenizer": tokenizer_from_spec(json.loads(meta.get("tokenizer", "{}"))),
+    spec = json.loads(meta.get("tokenizer", "{}"))
+    try:
+        tokenizer = tokenizer_from_spec(spec)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"checkpoint {file}: its tokenizer {spec} cannot be built: {e}") from e
+    info = {"step": int(meta.get("step", 0)), "config": model.config, "file": file, "tokenizer": tokenizer,
             "history": json.loads(meta.get("history", "{}")), "extra": json.loads(meta.get("extra", "{}"))}
     return model, info
 
 
 def _model_only(file, meta, tensors, backend, device):
-    from fastlm.config import Config
     from fastlm.model import Transformer
-    config = Config(**json.loads(meta["config"]))
+    config = _checkpoint_config(file, meta)
     model = Transformer(config, backend=backend)
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = model.state_dict()
@@ -441,6 +477,30 @@ def resolve_device(device=None, *, what: str = "device") -> torch.device:
     return dev
 
 
+def check_out_dir(out, what: str = "out"):
+    """``out``, an output directory (created when missing), checked not to be a file: TypeError/ValueError naming
+    ``what`` otherwise."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a directory path (str or os.PathLike), got {type(out).__name__} {out!r}")
+    if os.path.isfile(out):
+        raise ValueError(f"{what} {os.fspath(out)} is a file; expected a directory")
+
+
+def check_run_dir(out, what: str = "out"):
+    """``out``, a training run's directory, checked: not a file, nor a .safetensors path (a run writes
+    checkpoint.safetensors, config.json and loss.png into the directory)."""
+    check_out_dir(out, what)
+    if os.fspath(out).endswith(".safetensors"):
+        raise ValueError(f"{what} {os.fspath(out)} names a .safetensors file; expected a directory (a run writes "
+                         f"{CHECKPOINT}, config.json and loss.png into it)")
+
+
+def seed64(seed: int) -> int:
+    """``seed`` modulo 2**64, a value torch's manual_seed takes for any int; the seeds it takes as they are
+    (-2**63 .. 2**64 - 1, a negative one as its two's complement) keep their random stream."""
+    return seed % 2 ** 64
+
+
 def check_threads(threads):
     """--threads (None: torch's default) set for torch, or a ValueError."""
     if threads is None:
@@ -470,9 +530,12 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
     """Train ``config`` (a fastlm.Config; default the small CLI model) and return a dict with the model, the loss
     history, the final held-out loss and perplexity, tokens seen, the tokenizer and the checkpoint path.
 
-    With ``out`` a checkpoint is written at every evaluation and at the end; with ``resume`` training continues
-    from ``out``'s checkpoint (config, weights, optimizer, step and history come from it). ``stop_after`` ends the
-    run after that many steps of this call (the schedule still spans ``steps``), as an interruption would.
+    ``tokenizer`` is a tokenizer object (make_tokenizer(...); default ByteTokenizer()); ``config.vocab_size`` must
+    equal its vocab_size (the default model takes it). ``text`` (a str) replaces the corpus of ``data``.
+    With ``out`` (a directory) a checkpoint is written at every evaluation and at the end; with ``resume`` training
+    continues from ``out``'s checkpoint (config, weights, optimizer, step and history come from it) up to ``steps``,
+    which must lie past the checkpoint's step. ``stop_after`` ends the run after that many steps of this call (the
+    schedule still spans ``steps``), as an interruption would.
     """
     from fastlm.model import Transformer
     rank, world, local_rank = _dist_setup()
@@ -498,18 +561,41 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
             raise ValueError(f"{name} must be a finite number >= 0{what}, got {value!r}")
     if resume and not out:
         raise ValueError("resume needs out= (the directory holding the checkpoint)")
+    if out is not None:
+        check_run_dir(out)
+    from fastlm.config import Config
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"config must be a fastlm.Config or None (the default model), got {type(config).__name__} "
+                        f"{config!r:.80}; build one with fastlm.Config.from_name(preset, **overrides)")
+    if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "vocab_size", "spec")):
+        raise TypeError(f"tokenizer must be a tokenizer object (with encode, vocab_size and spec, as "
+                        f"make_tokenizer('byte') returns) or None, got {type(tokenizer).__name__} {tokenizer!r:.80}")
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"text must be a str (the training text) or None (the corpus of data), got "
+                        f"{type(text).__name__}")
 
     start, history = 0, {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_loss": []}
     model = optimizer = None
     if resume:
         file, meta, tensors = _read_checkpoint(out)
         model, info = _model_from(file, meta, tensors, backend, device)
+        if info["step"] >= steps:
+            raise ValueError(f"checkpoint {file} is already at step {info['step']} >= steps={steps}: nothing to "
+                             f"train; pass a larger steps to continue")
         config, tokenizer = info["config"], info["tokenizer"]
         optimizer = make_optimizer(model, lr, weight_decay)
         _load_optimizer(optimizer, meta, tensors, file)
         start, history = info["step"], {**history, **info["history"]}
         data = info["extra"].get("data") if data is None else data
     tokenizer = tokenizer or ByteTokenizer()
+    if config is None:
+        config = Config.from_name(DEFAULTS["preset"], **{**parse_overrides(DEFAULTS["overrides"]),
+                                                         "vocab_size": tokenizer.vocab_size})
+    elif config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"config.vocab_size={config.vocab_size} does not match the tokenizer's vocab_size="
+                         f"{tokenizer.vocab_size} ({getattr(tokenizer, 'name', type(tokenizer).__name__)})")
+    if seqlen > config.max_seqlen:
+        raise ValueError(f"seqlen={seqlen} is longer than the model's context max_seqlen={config.max_seqlen}")
     text = load_corpus(data) if text is None else text
     if not text.strip():
         raise ValueError("the training text is empty")
@@ -517,16 +603,9 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
     train_ids, val_ids = split_tokens(ids, seqlen)
 
     if model is None:
-        if config is None:
-            from fastlm.config import Config
-            config = Config.from_name(DEFAULTS["preset"], **parse_overrides(DEFAULTS["overrides"]))
-        if config.vocab_size != tokenizer.vocab_size:
-            config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed64(seed))
         model = Transformer(config, backend=backend).to(device)
         optimizer = make_optimizer(model, lr, weight_decay)
-    if seqlen > config.max_seqlen:
-        raise ValueError(f"seqlen={seqlen} is longer than the model's context max_seqlen={config.max_seqlen}")
     if int(ids.max()) >= config.vocab_size:
         raise ValueError(f"token id {int(ids.max())} does not fit the model's vocab_size={config.vocab_size}")
 
@@ -549,7 +628,7 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
         lr_now = lr_at(step, lr, warmup, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr_now
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + rank)
+        gen = torch.Generator().manual_seed(seed64((seed * 1_000_003 + step) * 65_537 + rank))
         loss_sum = 0.0
         xs, ys = get_batch(train_ids, batch_size * grad_accum, seqlen, gen)
         for micro in range(grad_accum):
@@ -702,6 +781,7 @@ def cli(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         check_threads(args.threads)
+        check_run_dir(args.out, "--out")
         config = None
         if not args.resume:
             from fastlm.config import Config

@@ -292,6 +292,19 @@ def test_cli_rejects_bad_options(argv, message):
     assert message in str(e.value)
 
 
+def test_cli_rejects_an_out_that_is_a_file_before_measuring(tmp_path, monkeypatch, capsys):
+    from fastlm import bench_suites
+
+    def no_cases(*args, **kw):
+        raise AssertionError("the cases were built")
+
+    monkeypatch.setattr(bench_suites, "cases", no_cases)
+    (tmp_path / "afile").write_text("keep")
+    assert benchmark.cli(["--tiny", "--out", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'afile'} is a file; expected a directory\n"
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "nonexistent.json: no such file (expected the bench.json of an earlier"),
     ("{bad", "not valid JSON"),

@@ -6,9 +6,7 @@ from fastlm.config import PRESETS, Config
 from fastlm.model import Transformer
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_preset_param_count_matches_built_model(name):
-    config = Config.from_name(name)
+def _assert_param_counts_match_built_model(config):
     with torch.device("meta"):                       # shapes only: no memory, no init cost
         model = Transformer(config, backend="torch")
     assert sum(p.numel() for p in model.parameters()) == config.num_params()
@@ -16,6 +14,23 @@ def test_preset_param_count_matches_built_model(name):
     if model.lm_head is not None:
         embedding += model.lm_head.weight.numel()
     assert config.num_params(embeddings=False) == config.num_params() - embedding
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_param_count_matches_built_model(name):
+    _assert_param_counts_match_built_model(Config.from_name(name))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(family="llama", qkv_bias=True),                         # Qwen2: q/k/v biases, no others
+    dict(family="llama", qkv_bias=True, n_kv_head=1, head_dim=24, tie_embeddings=True),
+    dict(family="llama", tie_embeddings=True, intermediate_size=100),
+    dict(family="gpt2", n_kv_head=None, tie_embeddings=False, head_dim=24),
+    dict(family="gpt2", n_kv_head=None, intermediate_size=100),
+])
+def test_param_count_matches_built_model_for_every_flag(overrides):
+    _assert_param_counts_match_built_model(Config(**{"vocab_size": 100, "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+                                                     "d_model": 32, "max_seqlen": 16, **overrides}))
 
 
 def test_published_param_counts():

@@ -108,6 +108,36 @@ def test_sample_support_and_distribution():
     assert (freq - probs).abs().max() < 0.03
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_tiny_temperature_samples_like_greedy(temperature):
+    logits = torch.tensor([[0.3, 1.2, 5.1, 2.0], [7.0, -3.0, 6.9, 0.0]])
+    for top_k, top_p in ((None, None), (2, None), (None, 0.5)):
+        assert sample(logits, temperature, top_k, top_p).tolist() == [2, 0]
+    model = _model()
+    prompts = [[1, 2, 3], [4, 5]]
+    assert generate(model, prompts, 6, temperature=temperature, generator=torch.Generator().manual_seed(0)) == \
+        generate(model, prompts, 6)
+
+
+@pytest.mark.parametrize("args, kw, exc, match", [
+    ((torch.zeros(1, 4),), dict(temperature=-1.0), ValueError, "temperature must be >= 0"),
+    ((torch.zeros(1, 4),), dict(temperature=1.0, top_k=0), ValueError, "top_k must be a positive int or None, got 0"),
+    ((torch.zeros(1, 4),), dict(temperature=1.0, top_k=-2), ValueError, "top_k must be a positive int"),
+    ((torch.zeros(1, 4),), dict(temperature=1.0, top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+    ((torch.zeros(1, 4),), dict(temperature=1.0, top_p=-1.0), ValueError, r"top_p must be in \(0, 1\]"),
+    ((torch.zeros(1, 4),), dict(temperature="1"), TypeError, "temperature must be a number"),
+    ((torch.zeros(4),), dict(temperature=1.0, top_k=2), ValueError, r"logits must have shape \(batch, vocab\)"),
+    ((torch.zeros(2, 0),), {}, ValueError, r"logits must have shape \(batch, vocab\) with vocab >= 1"),
+    ((torch.tensor([[1, 5, 2]]),), {}, TypeError, "logits must be a floating-point tensor"),
+    (([[0.0, 1.0]],), {}, TypeError, "logits must be a floating-point tensor"),
+    ((torch.zeros(2, 4),), dict(temperature=1.0, noise=torch.ones(2, 3)), ValueError,
+     r"noise must be None or a tensor of the logits' shape \(2, 4\)"),
+])
+def test_sample_checks_its_arguments(args, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        sample(*args, **kw)
+
+
 def test_stop_tokens():
     model = _model()
     prompts = [[10, 20, 30], [40]]
@@ -212,6 +242,8 @@ def test_bad_input():
     (dict(temperature=1.0, top_p=float("inf")), r"top_p must be in \(0, 1\]"),
     (dict(stop_tokens=[10 ** 20]), r"stop_tokens: token ids must be in \[0, 300\)"),
     (dict(stop_tokens=[-1]), r"stop_tokens: token ids must be in \[0, 300\)"),
+    (dict(compile="nonexistent"), "compile must be a bool or the name of a torch.compile backend, got 'nonexistent'"
+                                  "; backends here: .*aot_eager"),
 ])
 def test_non_finite_and_out_of_range_arguments_raise_value_error(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -243,6 +275,7 @@ def test_non_finite_and_out_of_range_arguments_raise_value_error(kw, match):
     (([[1, 2]], 3), dict(pad_id=1.0), "pad_id must be an int or None"),
     (([[1, 2]], 3), dict(sync_every=True), "sync_every must be a positive int"),
     (([[1, 2]], 3), dict(stream=5), "stream must be a callable or None"),
+    (([[1, 2]], 3), dict(compile=3), r"compile must be a bool or the name of a torch.compile backend, got 3 \(int\)"),
 ])
 def test_mistyped_arguments_raise_type_error_naming_them(args, kw, match):
     with pytest.raises(TypeError, match=match):
@@ -279,3 +312,45 @@ def test_cli_device_cuda_without_cuda(tmp_path, capsys):
     from fastlm.generate import cli
     assert cli(["--checkpoint", str(tmp_path / "nope"), "--device", "cuda", "x"]) == 2
     assert "--device 'cuda': no CUDA device is available here" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained byte-level model with a 64-token context, saved as `python -m fastlm train` saves one."""
+    from fastlm import train as T
+    out = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    T.save_checkpoint(str(out), fastlm.Transformer(Config.from_name("llama-tiny", vocab_size=256, max_seqlen=64)))
+    return str(out)
+
+
+def test_cli_checks_the_backend_against_the_device_first(tmp_path, capsys):
+    from fastlm.generate import cli
+    assert cli(["--checkpoint", str(tmp_path / "nope"), "--device", "cpu", "--backend", "cuda", "hello"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: --backend cuda on device cpu: ") and "cpu tensors" in err
+    assert cli(["--checkpoint", str(tmp_path / "nope"), "--backend", "gpu", "hello"]) == 2
+    assert "error: --backend gpu" in capsys.readouterr().err
+
+
+def test_cli_max_new_tokens_past_the_context_is_an_error(checkpoint, capsys):
+    from fastlm.generate import cli
+    base = ["--checkpoint", checkpoint, "--backend", "torch", "--device", "cpu", "--temperature", "0"]
+    assert cli(base + ["--max-new-tokens", "60", "abcde"]) == 2       # 5 + 60 > 64
+    out, err = capsys.readouterr()
+    assert out == "" and "error: --max-new-tokens 60 does not fit: the prompt is 5 tokens of the model's context " \
+                         "max_seqlen=64, which leaves 59" in err
+    assert cli(base + ["--max-new-tokens", "59", "abcde"]) == 0
+    filled = capsys.readouterr().out
+    assert cli(base + ["abcde"]) == 0                                 # the default: what the context leaves
+    assert capsys.readouterr().out == filled
+
+
+def test_cli_seed_is_any_integer(checkpoint, capsys):
+    from fastlm.generate import cli
+    outs = []
+    for seed in (5, 5 + 2 ** 64, -1, 2 ** 64 - 1):
+        assert cli(["--checkpoint", checkpoint, "--backend", "torch", "--device", "cpu", "--max-new-tokens", "8",
+                    "--seed", str(seed), "ab"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[2] == outs[3]

@@ -180,6 +180,20 @@ def test_cache_lifecycle():
     assert model.cache_shape is None and model.layers[1].attn.k_cache is None
 
 
+def test_cache_device_must_be_the_models():
+    model = Transformer(CONFIGS["llama"], backend="torch").to(DEVICE)
+    own = model.tok_emb.weight.device
+    for device in (own, str(own), own.type):
+        model.setup_cache(1, 8, device=device)
+        assert model.layers[0].attn.k_cache.device == own and model.rope_cos.device == own
+    model.clear_cache()
+    other = "cpu" if ON_GPU else "cuda"
+    for device in ("meta", "bogus", other, 3.5):
+        with pytest.raises(ValueError, match=f"setup_cache: device must be the model's device {own}.*got"):
+            model.setup_cache(1, 8, device=device)
+        assert model.cache_shape is None
+
+
 def test_compile_fullgraph_forward_backward():
     """One graph for forward + backward (llama: RoPE, GQA, every fused op); aot_eager traces through dynamo and
     AOTAutograd with fake tensors like inductor does, without the C++ code generation."""
@@ -352,6 +366,12 @@ def test_cpu_fused_decode_step_errors():
         vcaches = [layer.attn.v_cache for layer in model.layers]
         with pytest.raises(ValueError, match="blocks must hold 17 entries per block"):
             ops.decode_step(*args, [None] * 3, caches, vcaches, model.norm.weight, model.head_weight, eps=1e-5,
+                            is_rms=True)
+        with pytest.raises(TypeError, match="decode_step: blocks must be a list of tensors, got NoneType"):
+            ops.decode_step(*args, None, caches, vcaches, model.norm.weight, model.head_weight, eps=1e-5,
+                            is_rms=True)
+        with pytest.raises(ValueError, match="decode_step: eps must be a finite non-negative number, got 'x'"):
+            ops.decode_step(*args, [None] * 34, caches, vcaches, model.norm.weight, model.head_weight, eps="x",
                             is_rms=True)
         with pytest.raises(RuntimeError, match="only the C\\+\\+ CPU backend"):
             ops.decode_step(*args, [None] * 34, caches, vcaches, model.norm.weight, model.head_weight, eps=1e-5,

@@ -132,6 +132,8 @@ def test_cuda_tensors_auto_is_triton_and_cuda_raises():
     (lambda x, w: rms_norm(x, None), TypeError, "weight"),
     (lambda x, w: rms_norm(x.long(), w), TypeError, "x"),
     (lambda x, w: rms_norm(x, w, eps=-1.0), ValueError, "eps"),
+    (lambda x, w: rms_norm(x, w, eps=float("inf")), ValueError, "eps must be a finite non-negative number, got inf"),
+    (lambda x, w: layer_norm(x, w, None, eps=float("nan")), ValueError, "eps must be a finite non-negative number"),
     (lambda x, w: add_rms_norm(x, x[:, :-1], w), ValueError, "residual"),
     (lambda x, w: add_rms_norm(x, x.half(), w), TypeError, "residual"),
     (lambda x, w: add_layer_norm(x, None, w, None), TypeError, "residual"),

@@ -92,6 +92,8 @@ def test_rope_cos_sin_closed_form():
     (lambda x, c, s: apply_rope(x.double(), c, s, backend="triton"), TypeError, "float64"),
     (lambda x, c, s: rope_cos_sin(torch.arange(4), 7), ValueError, "head_dim"),
     (lambda x, c, s: rope_cos_sin(torch.arange(4), 8, base=-1.0), ValueError, "base"),
+    (lambda x, c, s: rope_cos_sin(torch.arange(4), 8, base=math.inf), ValueError,
+     "base must be a positive finite number, got inf"),
     (lambda x, c, s: rope_cos_sin(torch.zeros(2, 2), 8), ValueError, "positions"),
     (lambda x, c, s: rope_cos_sin(torch.arange(4), 8, dtype=torch.int64), TypeError, "dtype"),
     (lambda x, c, s: rope_cos_sin(torch.arange(4) + 0.5, 8), TypeError, "positions must be an integer tensor"),

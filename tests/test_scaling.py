@@ -36,6 +36,19 @@ def test_fit_with_noise_and_constraints():
         scaling.fit_power_law([1, 2], [1, 2])
 
 
+@pytest.mark.parametrize("n, loss, match", [
+    ([1e4, np.nan, 1e6], [3.0, 2.5, 2.2], r"params must be positive finite numbers, got \[10000.0, nan, 1000000.0\]"),
+    ([1e4, 1e5, np.inf], [3.0, 2.5, 2.2], "params must be positive finite numbers"),
+    ([1e4, 0, 1e6], [3.0, 2.5, 2.2], "params must be positive finite numbers"),
+    ([1e4, -1e5, 1e6], [3.0, 2.5, 2.2], "params must be positive finite numbers"),
+    ([1e4, 1e5, 1e6], [3.0, np.nan, 2.2], r"losses must be finite numbers, got \[3.0, nan, 2.2\]"),
+    ([1e4, 1e5, 1e6], [3.0, 2.5, -np.inf], "losses must be finite numbers"),
+])
+def test_fit_rejects_non_finite_and_non_positive_points(n, loss, match):
+    with pytest.raises(ValueError, match=match):
+        scaling.fit_power_law(n, loss)
+
+
 def test_scipy_refinement_agrees():
     pytest.importorskip("scipy")
     n = np.logspace(4, 7, 6)
@@ -85,6 +98,7 @@ def test_cli(tmp_path, capsys):
     (dict(budget=float("nan")), "budget must be positive and finite, got nan"),
     (dict(budget=float("inf")), "budget must be positive and finite, got inf"),
     (dict(rungs=2.5), "rungs must be an integer"),
+    (dict(seed="0"), "seed must be an integer, got '0'"),
 ])
 def test_bad_arguments_are_rejected_before_training(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -105,3 +119,12 @@ def test_cli_rejects_bad_numbers(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert torch.get_num_threads() == threads
+
+
+def test_out_that_is_a_file_is_rejected_up_front(tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(ValueError, match=f"out {tmp_path / 'afile'} is a file; expected a directory"):
+        scaling.run(data="nonexistent", tiny=True, out=str(tmp_path / "afile"), progress=False, log=None)
+    assert scaling.cli(["--tiny", "--data", "default", "--out", str(tmp_path / "afile"), "--no-progress"]) == 2
+    assert f"error: --out {tmp_path / 'afile'} is a file; expected a directory" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep"

@@ -122,6 +122,8 @@ def test_bad_input():
         summary("gpt2", dtype="int3", print_table=False)
     with pytest.raises(ValueError, match="seqlen must be a positive int"):
         summary("gpt2", seqlen=0, print_table=False)
+    with pytest.raises(ValueError, match="seqlen must be at most the model's context max_seqlen=1024, got 1025"):
+        summary("gpt2", seqlen=1025, print_table=False)
     with pytest.raises(TypeError, match="model_or_config"):
         summary(42, print_table=False)
 
@@ -151,6 +153,8 @@ def test_cli(capsys):
     assert "unknown model preset 'nope'" in capsys.readouterr().err
     assert cli(["gpt2", "--device", "tpu"]) == 2
     assert "known devices: h200, a100, cpu" in capsys.readouterr().err
+    assert cli(["llama-3-8b", "--seqlen", "8193"]) == 2
+    assert "error: seqlen must be at most the model's context max_seqlen=8192, got 8193" in capsys.readouterr().err
 
 
 def test_cli_config_json_that_is_not_an_object(tmp_path, capsys):

@@ -258,6 +258,9 @@ def test_checkpoint_path_that_is_a_file_or_missing(tmp_path, capsys):
     (dict(eval_batches_max=0), "eval_batches_max must be a positive integer"),
     (dict(stop_after=-1), "stop_after must be an integer >= 0"),
     (dict(device="foo"), "device must be cpu, cuda or cuda:N, got 'foo'"),
+    (dict(seed="1"), "seed must be an integer, got '1'"),
+    (dict(config=_cfg(vocab_size=100)), r"config.vocab_size=100 does not match the tokenizer's vocab_size=256 "
+                                        r"\(byte\)"),
 ])
 def test_bad_numbers_are_rejected_before_training(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -298,3 +301,100 @@ def test_load_config_json_errors(tmp_path, capsys):
         T.load_config(str(tmp_path / "missing.json"))
     (tmp_path / "ok.json").write_text('{"family": "gpt2", "n_layer": 1, "d_model": 32, "n_head": 2}')
     assert T.load_config(str(tmp_path / "ok.json")).n_layer == 1
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(config="llama-tiny"), "config must be a fastlm.Config or None .*got str 'llama-tiny'; build one with "
+                                r"fastlm.Config.from_name\(preset, \*\*overrides\)"),
+    (dict(config={"d_model": 16}), "config must be a fastlm.Config or None .*got dict"),
+    (dict(tokenizer="byte"), "tokenizer must be a tokenizer object .* or None, got str 'byte'"),
+    (dict(text=123), r"text must be a str \(the training text\) or None .*got int"),
+    (dict(text=b"bytes"), "text must be a str .*got bytes"),
+])
+def test_mistyped_arguments_are_rejected_before_training(kw, match):
+    with pytest.raises(TypeError, match=match):
+        _train(**kw)
+
+
+def test_seed_is_any_integer():
+    """A seed past 64 bits trains (it is taken modulo 2**64): the same run as its residue."""
+    a, b = _train(steps=2, seed=5), _train(steps=2, seed=5 + 2 ** 64)
+    assert a["history"]["loss"] == b["history"]["loss"]
+    assert _train(steps=1, seed=10 ** 9)["history"]["loss"] != a["history"]["loss"][:1]
+
+
+def test_out_that_is_a_file_is_rejected_up_front(tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(ValueError, match=f"out {tmp_path / 'afile'} is a file; expected a directory"):
+        _train(out=str(tmp_path / "afile"))
+    with pytest.raises(ValueError, match=r"out .*x.safetensors names a .safetensors file; expected a directory"):
+        _train(out=str(tmp_path / "x.safetensors"))
+    with pytest.raises(TypeError, match="out must be a directory path"):
+        _train(out=3)
+    for out, message in ((tmp_path / "afile", f"error: --out {tmp_path / 'afile'} is a file; expected a directory"),
+                         (tmp_path / "x.safetensors", "names a .safetensors file; expected a directory")):
+        assert T.cli(["--out", str(out), "--steps", "1", "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep" and not (tmp_path / "x.safetensors").exists()
+
+
+def test_resume_at_or_past_steps_is_an_error(tmp_path, capsys):
+    _train(steps=4, eval_every=2, out=str(tmp_path), plot=False)
+    for steps in (4, 3):
+        with pytest.raises(ValueError, match=f"checkpoint .* is already at step 4 >= steps={steps}: nothing to train"):
+            _train(steps=steps, out=str(tmp_path), resume=True)
+    assert T.cli(["--out", str(tmp_path), "--resume", "--steps", "2", "--no-progress"]) == 2
+    assert "is already at step 4 >= steps=2" in capsys.readouterr().err
+    assert _train(steps=5, out=str(tmp_path), resume=True, plot=False)["history"]["step"] == [1, 2, 3, 4, 5]
+
+
+def _rewrite_metadata(src, dst, **changes):
+    """A copy of checkpoint file ``src`` at ``dst`` with metadata entries replaced (None: removed)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(src), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for key, value in changes.items():
+        if value is None:
+            del meta[key]
+        else:
+            meta[key] = value
+    save_file(tensors, str(dst), metadata=meta)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(config=None), "metadata 'config' is missing"),
+    (dict(config="[1, 2]"), "metadata 'config' must be a JSON object, got '[1, 2]'"),
+    (dict(config="{bad"), "metadata 'config' must be a JSON object, got '{bad'"),
+    (dict(tokenizer="[]"), "metadata 'tokenizer' must be a JSON object, got '[]'"),
+    (dict(step="abc"), "metadata 'step' must be an integer >= 0, got 'abc'"),
+    (dict(step="-3"), "metadata 'step' must be an integer >= 0, got '-3'"),
+    (dict(step="true"), "metadata 'step' must be an integer >= 0"),
+    (dict(history="{bad"), "metadata 'history' must be a JSON object, got '{bad'"),
+    (dict(extra="3"), "metadata 'extra' must be a JSON object"),
+    (dict(optim_groups="{}"), "metadata 'optim_groups' must be a JSON list"),
+])
+def test_corrupt_checkpoint_metadata_is_named(tmp_path, capsys, changes, message):
+    _train(steps=1, eval_every=1, out=str(tmp_path / "run"), plot=False)
+    bad = tmp_path / "bad.safetensors"
+    _rewrite_metadata(tmp_path / "run" / T.CHECKPOINT, bad, **changes)
+    for load in (T.load_checkpoint, T.load_model, T.load_config):
+        with pytest.raises(ValueError, match=f"checkpoint {bad} is corrupt: " + message.replace("[", r"\[")):
+            load(str(bad))
+    assert generate_cli(["--checkpoint", str(bad), "--backend", "torch", "x"]) == 2
+    assert summary_cli([str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count(f"error: checkpoint {bad} is corrupt: metadata") == 2
+
+
+def test_checkpoint_config_and_tokenizer_errors_name_the_file(tmp_path):
+    _train(steps=1, eval_every=1, out=str(tmp_path / "run"), plot=False)
+    bad = tmp_path / "bad.safetensors"
+    _rewrite_metadata(tmp_path / "run" / T.CHECKPOINT, bad, config='{"d_modle": 3}')
+    with pytest.raises(ValueError, match=rf"checkpoint {bad} metadata 'config': unknown Config field\(s\) "
+                                         r"\['d_modle'\]"):
+        T.load_model(str(bad))
+    _rewrite_metadata(tmp_path / "run" / T.CHECKPOINT, bad, tokenizer='{"kind": "bpe"}')
+    with pytest.raises(ValueError, match=f"checkpoint {bad}: its tokenizer .* cannot be built: tokenizer must be one "
+                                         "of byte, tiktoken, sentencepiece; got 'bpe'"):
+        T.load_checkpoint(str(bad))

@@ -126,6 +126,11 @@ def decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_wei
                            f"{[str(d) for d in KERNEL_DTYPES]}, the extension built: {backends.BUILD_HINT}); got "
                            f"backend={backend!r}, {device} tensors of dtype {dtype}")
     check_window_left("decode_step", window_left)
+    for name, value in (("blocks", blocks), ("k_caches", k_caches), ("v_caches", v_caches)):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"decode_step: {name} must be a list of tensors, got {type(value).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"decode_step: eps must be a finite non-negative number, got {eps!r}")
     if len(blocks) != len(DECODE_STEP_SLOTS) * len(k_caches):
         raise ValueError(f"decode_step: blocks must hold {len(DECODE_STEP_SLOTS)} entries per block "
                          f"({', '.join(DECODE_STEP_SLOTS)}) for the {len(k_caches)} blocks of k_caches, got "

@@ -16,6 +16,7 @@ Backends:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -143,8 +144,8 @@ def _check(op, x, residual, weight, bias, eps):
         raise TypeError(f"{op}: bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
     if residual is not None and residual.dtype != x.dtype:
         raise TypeError(f"{op}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < math.inf:
+        raise ValueError(f"{op}: eps must be a finite non-negative number, got {eps!r}")
 
 
 def _norm(op, x, residual, weight, bias, eps, is_rms, backend):

@@ -16,6 +16,8 @@ Backends:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastlm import reference
@@ -83,8 +85,8 @@ def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, scal
         raise TypeError(f"rope_cos_sin: positions must be an integer tensor, got {positions.dtype}")
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"rope_cos_sin: head_dim must be a positive even int, got {head_dim!r}")
-    if not isinstance(base, (int, float)) or isinstance(base, bool) or not base > 0:
-        raise ValueError(f"rope_cos_sin: base must be a positive number, got {base!r}")
+    if not isinstance(base, (int, float)) or isinstance(base, bool) or not 0 < base < math.inf:
+        raise ValueError(f"rope_cos_sin: base must be a positive finite number, got {base!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"rope_cos_sin: dtype must be a floating-point torch.dtype, got {dtype!r}")
     if backend not in BACKENDS:
