@@ -1,6 +1,7 @@
 """fastlm.train: the loss falls, checkpoints round-trip, resume continues the same loss curve, saves are atomic,
 bad input gets clear errors, and the train / generate CLIs run."""
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -259,7 +260,7 @@ def test_checkpoint_path_that_is_a_file_or_missing(tmp_path, capsys):
     (dict(stop_after=-1), "stop_after must be an integer >= 0"),
     (dict(device="foo"), "device must be cpu, cuda or cuda:N, got 'foo'"),
     (dict(seed="1"), "seed must be an integer, got '1'"),
-    (dict(config=_cfg(vocab_size=100)), r"config.vocab_size=100 does not match the tokenizer's vocab_size=256 "
+    (dict(config=_cfg(vocab_size=100)), r"config.vocab_size=100 is smaller than the tokenizer's vocab_size=256 "
                                         r"\(byte\)"),
 ])
 def test_bad_numbers_are_rejected_before_training(kw, match):
@@ -314,6 +315,12 @@ def test_load_config_json_errors(tmp_path, capsys):
 def test_mistyped_arguments_are_rejected_before_training(kw, match):
     with pytest.raises(TypeError, match=match):
         _train(**kw)
+
+
+def test_padded_vocabulary_trains():
+    """A vocab_size above the tokenizer's (padded for GEMM-friendly shapes) is accepted: the extra rows are unused."""
+    out = _train(steps=2, config=_cfg(vocab_size=320))
+    assert len(out["history"]["loss"]) > 0 and all(math.isfinite(x) for x in out["history"]["loss"])
 
 
 def test_seed_is_any_integer():
