@@ -155,6 +155,10 @@ def test_kernel_family_choice_errors(monkeypatch):
     monkeypatch.setenv("FASTLM_CUDA_KERNELS", "wgmma")  # head dim 32 (and, off Hopper, the device) is refused
     with pytest.raises(RuntimeError, match="wgmma"):
         torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
+    if torch.cuda.get_device_capability()[0] != 9:  # the MLP's tensor-core GEMMs (9 rows and more) off Hopper
+        x = _randn(9, 64, dtype=torch.float16)
+        with pytest.raises(RuntimeError, match="mlp_swiglu: FASTLM_CUDA_KERNELS=wgmma, but "):
+            torch.ops.fastlm.mlp_swiglu(x, w, w, w.t().contiguous(), None)
 
 
 @pytest.mark.gpu
@@ -177,11 +181,12 @@ def test_auto_runs_the_wgmma_kernels_on_hopper(monkeypatch):
 
 # ---------------------------------------------------------------- fused MLPs
 
-# (leading dims, d_model, d_ff): ragged row / column blocks, K a partial last k tile (96, 200, 48), K past the
-# wgmma GEMM's 4 pipeline stages (512, 1376); at most 8 rows take the gemv kernel (1, 5, 8 rows; K past its 1024
-# elements per step), 9 rows the tensor-core GEMMs
+# (leading dims, d_model, d_ff): ragged row / column blocks, K a partial last k tile (200, 688, 96), K below one
+# 64-wide k tile (48), K past the wgmma GEMM's 4 ring slots (320: the first slot reused on the last tile; 512,
+# 1376), whole 128-row blocks and N = 8 (256 rows, d_ff 8); at most 8 rows take the gemv kernel (1, 5, 8 rows; K
+# past its 1024 elements per step), 9 rows the tensor-core GEMMs
 MLP_SHAPES = [((2, 37), 64, 200), ((3, 130), 256, 688), ((5,), 96, 48), ((2, 150), 512, 1376), ((1,), 512, 1376),
-              ((2, 4), 264, 96), ((9,), 64, 200)]
+              ((2, 4), 264, 96), ((9,), 64, 200), ((3, 7), 96, 48), ((256,), 320, 8)]
 
 
 @pytest.mark.gpu
@@ -271,8 +276,8 @@ def _load(*path):
 def test_tensor_core_layout_emulation():
     """bench/dev/mma_layout_emu.py: the kernels' ldmatrix / mma.sync and wgmma descriptor / swizzle arithmetic,
     emulated in numpy as the PTX ISA defines it, equals plain matrix products (runs without a GPU). The emulator
-    carries copies of the kernels' address formulas (sw128_offset, sw128_desc, the descriptor start addresses):
-    they are kept in step with csrc/cuda by hand."""
+    carries copies of the kernels' address formulas (the TMA boxes' placement, sw128_desc, the descriptor start
+    addresses): they are kept in step with csrc/cuda by hand."""
     _load("bench", "dev", "mma_layout_emu.py").main()
 
 

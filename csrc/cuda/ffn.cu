@@ -421,7 +421,7 @@ template <Epilogue E>
 bool encode_gemm_maps(WgGemmArgs& a, DType dtype, std::string* why) {
   const GemmArgs& g = a.p;
   if (g.n > INT32_MAX - kWgBN || g.k > INT32_MAX - kWgBK) {  // TMA coordinates are 32-bit
-    *why = "N and K must stay below 2^31 - 128";
+    *why = "N must stay below 2^31 - 128 and K below 2^31 - 64";
     return false;
   }
   const TileMapSpec specs[3] = {{g.a, g.k, g.m, 1, 1, g.k, 0, 0, kWgBM}, {g.b0, g.k, g.n, 1, 1, g.k, 0, 0, kWgBN},
