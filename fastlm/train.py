@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from fastlm.backends import BACKENDS
 from fastlm.config import is_int, is_real
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -573,6 +574,8 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
     if text is not None and not isinstance(text, str):
         raise TypeError(f"text must be a str (the training text) or None (the corpus of data), got "
                         f"{type(text).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     start, history = 0, {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_loss": []}
     model = optimizer = None

@@ -260,6 +260,7 @@ def test_checkpoint_path_that_is_a_file_or_missing(tmp_path, capsys):
     (dict(stop_after=-1), "stop_after must be an integer >= 0"),
     (dict(device="foo"), "device must be cpu, cuda or cuda:N, got 'foo'"),
     (dict(seed="1"), "seed must be an integer, got '1'"),
+    (dict(backend="gpu"), r"backend must be one of \('auto', 'torch', 'triton', 'cpu', 'cuda'\), got 'gpu'"),
     (dict(config=_cfg(vocab_size=100)), r"config.vocab_size=100 is smaller than the tokenizer's vocab_size=256 "
                                         r"\(byte\)"),
 ])
