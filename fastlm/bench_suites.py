@@ -529,10 +529,14 @@ class ModelCase:
         self.mode = kind
         self.shape = {"model": preset, "kind": kind, "batch": batch, "seqlen": seqlen, "new_tokens": new_tokens}
         self.impls = self._fastlm_impls(ctx, backends) + [Impl(p, "peer", None) for p in self.peer_names]
-        if kind == "decode" and ctx.device.type == "cuda" and ctx.suite == "full" and ctx.compile:
-            # the decode step compiled with CUDA graphs (generate(compile=True)): no launch cost per kernel
-            self.impls += [Impl(f"{i.name}+graphs", "fastlm", None, backend=i.backend, compiled=True)
-                           for i in self.impls if i.kind == "fastlm"]
+        if kind == "decode" and ctx.device.type == "cuda":
+            # the decode step without a launch cost per kernel: captured in a CUDA graph (generate(cuda_graph=True));
+            # in the full suite also compiled with CUDA graphs (generate(compile=True): minutes of compilation)
+            base = [i for i in self.impls if i.kind == "fastlm"]
+            self.impls += [Impl(f"{i.name}+graphs", "fastlm", None, backend=i.backend) for i in base]
+            if ctx.suite == "full" and ctx.compile:
+                self.impls += [Impl(f"{i.name}+compile", "fastlm", None, backend=i.backend, compiled=True)
+                               for i in base]
 
     @staticmethod
     def _fastlm_impls(ctx, backends):
@@ -703,9 +707,11 @@ class ModelCase:
         if impl.kind == "fastlm":
             _use_backend(fast, impl.backend)
 
+            graph = impl.name.endswith("+graphs")
+
             def fn():
                 fast.backend = impl.backend
-                return fast.generate(prompt, max_new_tokens=n, compile=impl.compiled)
+                return fast.generate(prompt, max_new_tokens=n, compile=impl.compiled, cuda_graph=graph)
         else:
             def fn():
                 with torch.no_grad():

@@ -8,7 +8,8 @@ decode step t overwrites position len[b] + t before anything attends it.
 
 The decode step (model call, sampling, position update) has no host synchronization: positions live on the device,
 sampling uses the exponential-race trick instead of torch.multinomial, and finished sequences are masked on the device.
-So on a GPU the step can be compiled with CUDA graphs (``compile=True``). The host looks at the tokens only to check
+So on a GPU the step can be captured in a CUDA graph (``cuda_graph=True``: one replay per token, no kernel launch
+cost) or compiled with CUDA graphs (``compile=True``). The host looks at the tokens only to check
 whether every sequence has hit a stop token, every ``sync_every`` steps (default 1: one tiny device->host copy per
 token, negligible next to reading the weights; raise it under CUDA graphs), and when streaming.
 """
@@ -109,10 +110,18 @@ def _check_sampler(temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
-def _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, sync_every, pad_id, stream):
+def _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, cuda_graph, sync_every, pad_id, stream):
     if not hasattr(model, "setup_cache"):
         raise TypeError(f"model must be a fastlm.Transformer (with setup_cache), got {type(model).__name__}")
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {_describe(cuda_graph)}")
+    if cuda_graph:
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {device}")
+        if compile:
+            raise ValueError("cuda_graph=True and compile are exclusive (compile=True captures CUDA graphs itself)")
     if not isinstance(compile, (bool, str)):
         raise TypeError(f"compile must be a bool or the name of a torch.compile backend, got {_describe(compile)}")
     if isinstance(compile, str):
@@ -217,11 +226,39 @@ def _decode_step(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p,
     return nxt, done
 
 
+class _GraphedStep:
+    """A decode step captured in a CUDA graph: its tensor arguments (tokens, positions, done mask, noise) are copied
+    into static buffers before each replay and its results copied out, so that the caller sees an ordinary call.
+    The step is run once on a side stream before the capture (kernel autotuning and lazy initialization must not
+    happen in it); a step is idempotent (it writes the same cache rows and returns the same tokens for the same
+    arguments), so that run is harmless."""
+
+    _TENSORS = (1, 2, 3, 9)  # the per-step tensors among _decode_step's arguments
+
+    def __init__(self, step, args):
+        self.args = [a.clone() if i in self._TENSORS and a is not None else a for i, a in enumerate(args)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(*self.args)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.result = step(*self.args)
+
+    def __call__(self, *args):
+        for i in self._TENSORS:
+            if args[i] is not None:
+                self.args[i].copy_(args[i])
+        self.graph.replay()
+        return tuple(r.clone() for r in self.result)
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop_tokens: Sequence[int] | None = (),
-             generator: torch.Generator | None = None, compile: bool | str = False, sync_every: int = 1,
-             pad_id: int | None = None,
+             generator: torch.Generator | None = None, compile: bool | str = False, cuda_graph: bool = False,
+             sync_every: int = 1, pad_id: int | None = None,
              stream: Callable[[torch.Tensor], None] | None = None):
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -233,9 +270,10 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     or empty: none). ``generator`` (a seeded torch.Generator on the model's device) makes sampling
     reproducible. ``stream(tokens)`` is called after every step with the new tokens (B,) on the CPU.
     ``compile=True`` compiles the decode step with torch.compile (CUDA graphs on GPU); a string picks the
-    torch.compile backend instead (e.g. "aot_eager").
+    torch.compile backend instead (e.g. "aot_eager"). ``cuda_graph=True`` (CUDA only) captures the decode step, as
+    it is, in a CUDA graph after its first run, and replays it for every later token.
     """
-    _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, sync_every, pad_id, stream)
+    _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, cuda_graph, sync_every, pad_id, stream)
     max_new_tokens, temperature, sync_every = int(max_new_tokens), float(temperature), int(sync_every)
     top_k = None if top_k is None else int(top_k)
     top_p = None if top_p is None else float(top_p)
@@ -280,7 +318,10 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
                 if compile and device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs were consumed
                 noise = exponential_noise((B, cfg.vocab_size), device, generator) if temperature > 0 else None
-                tok, done = step(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p, noise)
+                args = (model, tok, pos, done, stop, pad_id, temperature, top_k, top_p, noise)
+                if cuda_graph and not isinstance(step, _GraphedStep):
+                    step = _GraphedStep(step, args)
+                tok, done = step(*args)
                 out[:, n] = tok
                 pos += 1
                 n += 1
@@ -329,6 +370,8 @@ def cli(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture the decode step in a CUDA graph (CUDA only; no compilation)")
     args = parser.parse_args(argv)
     from fastlm.train import load_checkpoint, resolve_device, seed64
     try:
@@ -361,7 +404,7 @@ def cli(argv=None) -> int:
         stream = _Streamer(tokenizer)
         sys.stdout.write(args.prompt)
         generate(model, [ids], max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 stop_tokens=stop, generator=gen, compile=args.compile, stream=stream)
+                 stop_tokens=stop, generator=gen, compile=args.compile, cuda_graph=args.cuda_graph, stream=stream)
         stream.flush()
         sys.stdout.write("\n")
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as e:

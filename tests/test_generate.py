@@ -217,6 +217,23 @@ def test_decode_step_has_no_host_sync_cuda():
     model.clear_cache()
 
 
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager():
+    """generate(cuda_graph=True): the decode step captured once and replayed gives the eager step's tokens (greedy,
+    and sampled with the same seed), for prompts of different lengths with a stop token; with compile it is refused."""
+    model = _model(backend="auto").cuda()
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    assert generate(model, prompts, 12, cuda_graph=True) == generate(model, prompts, 12)
+    runs = []
+    for graph in (True, False):
+        g = torch.Generator(device="cuda").manual_seed(5)
+        runs.append(generate(model, prompts, 12, temperature=0.9, top_k=20, top_p=0.9, stop_tokens=[3],
+                             generator=g, cuda_graph=graph))
+    assert runs[0] == runs[1]
+    with pytest.raises(ValueError, match="cuda_graph=True and compile are exclusive"):
+        generate(model, prompts, 2, cuda_graph=True, compile=True)
+
+
 def test_bad_input():
     model = _model()
     with pytest.raises(ValueError, match="exceeds the model's context"):
@@ -244,6 +261,7 @@ def test_bad_input():
     (dict(stop_tokens=[-1]), r"stop_tokens: token ids must be in \[0, 300\)"),
     (dict(compile="nonexistent"), "compile must be a bool or the name of a torch.compile backend, got 'nonexistent'"
                                   "; backends here: .*aot_eager"),
+    (dict(cuda_graph=True), "cuda_graph=True needs the model on a CUDA device, got cpu"),
 ])
 def test_non_finite_and_out_of_range_arguments_raise_value_error(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -276,6 +294,7 @@ def test_non_finite_and_out_of_range_arguments_raise_value_error(kw, match):
     (([[1, 2]], 3), dict(sync_every=True), "sync_every must be a positive int"),
     (([[1, 2]], 3), dict(stream=5), "stream must be a callable or None"),
     (([[1, 2]], 3), dict(compile=3), r"compile must be a bool or the name of a torch.compile backend, got 3 \(int\)"),
+    (([[1, 2]], 3), dict(cuda_graph=1), r"cuda_graph must be a bool, got 1 \(int\)"),
 ])
 def test_mistyped_arguments_raise_type_error_naming_them(args, kw, match):
     with pytest.raises(TypeError, match=match):
