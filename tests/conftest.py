@@ -22,8 +22,11 @@ import torch  # noqa: E402
 
 DEVICE = os.environ.get("FASTLM_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE == "cuda"
-# bf16 tl.dot is wrong in the Triton interpreter: bf16 kernels are tested on a GPU only.
+# The Triton interpreter gets bf16 wrong: tl.dot on bf16 operands, fp32 -> bf16 casts (it truncates instead of
+# rounding to nearest) and bf16 additions all give wrong results. bf16 Triton kernels are tested on a GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+# The head dims the CUDA attention and decode kernels (csrc/cuda/attention.cu, decode.cu) are compiled for.
+CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -65,7 +68,8 @@ def needs_cpu_kernel(op):
 
 def triton_and_cpu(op):
     """(backends, (backend, dtype) pairs) for an op with a Triton kernel and a C++ CPU kernel ``op``: Triton at
-    DTYPES, the C++ kernel in fp32, fp16 and bf16 everywhere (bf16 is only wrong in the Triton interpreter)."""
+    DTYPES, the C++ kernel in fp32, fp16 and bf16 everywhere (bf16 is only wrong in the Triton interpreter). The pairs
+    are tuples, or pytest.param for the C++ kernel (skipped where it is not built)."""
     cpu = needs_cpu_kernel(op)
     return (["triton", pytest.param("cpu", marks=cpu)],
             [("triton", dt) for dt in DTYPES]

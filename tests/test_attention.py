@@ -1,14 +1,16 @@
 """fastlm.ops.attention against the float64 reference (numerics rule), for every backend that can run here.
 
-Backends: "triton" (interpreter on CPU: fp32/fp16; on a GPU also bf16), "cpu" (C++ extension: fp32/bf16),
-"cuda" (C++ extension on a GPU: fp16/bf16). The same case matrix serves every backend.
+Backends: "triton" (interpreter on CPU: fp32/fp16; on a GPU also bf16), "cpu" (C++ extension, CPU tensors:
+fp32/fp16/bf16), "cuda" (C++ extension on a GPU: fp16/bf16). The same case matrix serves every backend; the C++ CPU
+kernels also get head dims with a vector tail and long windowed sequences (CPU_CASES) under both of their backward
+schedules.
 """
 import math
 
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU
+from conftest import CUDA_HEAD_DIMS, DEVICE, ON_GPU, backend_device, needs_cpu_kernel, triton_and_cpu
 from fastlm import backends, ops, reference
 from fastlm.testing import check_rule
 
@@ -34,24 +36,23 @@ def _ids(case):
     return f"b{b}-sq{sq}-sk{sk}-h{h}/{hkv}-d{d}-{'causal' if causal else 'full'}-w{win[0]},{win[1]}"
 
 
-def _backend_dtypes():
-    out = [("triton", torch.float32), ("triton", torch.float16)]
-    if ON_GPU:
-        out += [("triton", torch.bfloat16), ("cuda", torch.float16), ("cuda", torch.bfloat16)]
-    else:
-        out += [("cpu", torch.float32), ("cpu", torch.bfloat16)]
-    return out
-
-
-BACKEND_DTYPES = _backend_dtypes()
+# Triton at conftest.DTYPES, the C++ CPU kernels at fp32/fp16/bf16 (CPU tensors), on a GPU the CUDA kernels too
+BACKEND_DTYPES = triton_and_cpu("attention_fwd")[1] + (
+    [("cuda", torch.float16), ("cuda", torch.bfloat16)] if ON_GPU else [])
 
 
 def _params(backend_dtypes):
-    marks = []
-    for backend, dtype in backend_dtypes:
-        m = [pytest.mark.gpu] if (backend == "cuda" or dtype == torch.bfloat16 and backend == "triton") else []
-        marks.append(pytest.param(backend, dtype, marks=m, id=f"{backend}-{str(dtype)[6:]}"))
-    return marks
+    """pytest params (backend, dtype) with readable ids; the CUDA kernels' and Triton's bf16 need a GPU."""
+    out = []
+    for pair in backend_dtypes:
+        (backend, dtype), marks = (pair.values, list(pair.marks)) if hasattr(pair, "marks") else (pair, [])
+        if backend == "cuda" or dtype == torch.bfloat16 and backend == "triton":
+            marks.append(pytest.mark.gpu)
+        out.append(pytest.param(backend, dtype, marks=marks, id=f"{backend}-{str(dtype)[6:]}"))
+    return out
+
+
+CPU_PARAMS = [p for p in _params(BACKEND_DTYPES) if p.values[0] == "cpu"]
 
 
 def _require(backend):
@@ -60,10 +61,10 @@ def _require(backend):
                     f"({backends.BUILD_HINT})")
 
 
-def _inputs(b, sq, sk, h, hkv, d, dtype, scale=1.0):
-    q = torch.randn(b, sq, h, d, device=DEVICE, dtype=dtype) * scale
-    k = torch.randn(b, sk, hkv, d, device=DEVICE, dtype=dtype) * scale
-    v = torch.randn(b, sk, hkv, d, device=DEVICE, dtype=dtype)
+def _inputs(b, sq, sk, h, hkv, d, dtype, scale=1.0, device=DEVICE):
+    q = torch.randn(b, sq, h, d, device=device, dtype=dtype) * scale
+    k = torch.randn(b, sk, hkv, d, device=device, dtype=dtype) * scale
+    v = torch.randn(b, sk, hkv, d, device=device, dtype=dtype)
     return q, k, v
 
 
@@ -84,7 +85,7 @@ def _references(q, k, v, do, dlse, **kw):
 def _check_case(backend, dtype, case, *, logit_scale=1.0, with_lse_grad=False):
     _require(backend)
     b, sq, sk, h, hkv, d, causal, window = case
-    q, k, v = _inputs(b, sq, sk, h, hkv, d, dtype, scale=logit_scale)
+    q, k, v = _inputs(b, sq, sk, h, hkv, d, dtype, scale=logit_scale, device=backend_device(backend))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     kw = dict(causal=causal, window=window)
     out, lse = ops.attention(q, k, v, return_lse=True, backend=backend, **kw)
@@ -104,9 +105,6 @@ def _check_case(backend, dtype, case, *, logit_scale=1.0, with_lse_grad=False):
     for name, g, g64, glow in zip(("dq", "dk", "dv"), (dq, dk, dv), ref64[2:], ref_low[2:]):
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
         check_rule(name, g, g64, glow)
-
-
-CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)  # the head dims csrc/cuda/attention.cu is compiled for
 
 
 def _matrix():
@@ -132,8 +130,9 @@ def test_large_logits(backend, dtype):
     _check_case(backend, dtype, (1, 65, 97, 2, 1, 64, True, (-1, -1)), logit_scale=math.sqrt(30 / math.sqrt(64)) * 2)
 
 
-@pytest.mark.parametrize("backend,dtype", _params([("triton", torch.float32), ("cpu", torch.float32)]
-                                                  + ([("triton", torch.bfloat16)] if ON_GPU else [])))
+@pytest.mark.parametrize("backend,dtype",
+                         _params([("triton", torch.float32)] + ([("triton", torch.bfloat16)] if ON_GPU else []))
+                         + [p for p in CPU_PARAMS if p.values[1] == torch.float32])
 def test_lse_gradient(backend, dtype):
     """A loss that uses lse as well as out (e.g. a downstream merge of partial attentions)."""
     _check_case(backend, dtype, (1, 40, 40, 2, 1, 32, True, (-1, -1)), with_lse_grad=True)
@@ -143,7 +142,7 @@ def test_lse_gradient(backend, dtype):
 def test_rows_without_keys(backend, dtype):
     """Causal with Sq > Sk and a window that leaves rows empty: out 0, lse -inf, gradients 0, never NaN."""
     _require(backend)
-    q, k, v = _inputs(1, 20, 9, 2, 1, 32, dtype)
+    q, k, v = _inputs(1, 20, 9, 2, 1, 32, dtype, device=backend_device(backend))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out, lse = ops.attention(q, k, v, causal=True, return_lse=True, backend=backend)
     assert torch.equal(out[:, :11].float().cpu(), torch.zeros(1, 11, 2, 32))
@@ -156,6 +155,36 @@ def test_rows_without_keys(backend, dtype):
     out2, lse2 = ops.attention(q.detach(), k.detach(), v.detach(), window=(2, 3), return_lse=True, backend=backend)
     assert torch.equal(out2[:, :8].float().cpu(), torch.zeros(1, 8, 2, 32)) and torch.isneginf(lse2[:, :, :8]).all()
     assert torch.isfinite(lse2[:, :, 8:]).all() and torch.isfinite(out2).all()
+
+
+# The C++ CPU kernels widen K/V rows into fp32 tiles (csrc/cpu/attention.h, widen_rows): head dims 20 and 36 leave a
+# tail past the last whole vector on AVX2 (8 floats) and AVX-512 (16) alike (the CASES head dims are whole vectors on
+# AVX2). Several 64-key tiles, and windows under which the forward, walking a kv head's query blocks last to first,
+# packs a key tile after the one that follows it.
+CPU_CASES = [
+    (2, 70, 70, 4, 2, 20, False, (-1, -1)),
+    (1, 500, 500, 2, 1, 20, True, (150, -1)),      # causal window 150 over 8 key tiles, one kv head
+    (1, 200, 330, 4, 2, 36, False, (40, 90)),      # two-sided window, Sq < Sk, GQA 2
+    (1, 130, 200, 3, 1, 36, True, (-1, -1)),       # GQA 3, Sq < Sk, one kv head
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", CPU_CASES, ids=_ids)
+@pytest.mark.parametrize("backend,dtype", CPU_PARAMS)
+def test_cpu_head_dim_tails_and_schedules(backend, dtype, case, threads):
+    """The C++ kernels split their work by at::get_num_threads(), so the thread count is set here, the same on every
+    machine. The forward hands out (batch, kv head, share of the query blocks) items, fewer shares with fewer threads:
+    one thread walks many query blocks per item. The backward (csrc/cpu/attention_bwd.cpp) makes one pass (dQ with
+    dK/dV per (batch, kv head)) when those items keep the threads busy, else two (dK/dV by key chunks, then dQ by query
+    shares): one thread takes the single pass over several key tiles, two threads the split passes where there is one
+    (batch, kv head)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_case(backend, dtype, case, with_lse_grad=True)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_sdpa_cross_check():
@@ -194,11 +223,11 @@ def test_expanded_output_gradient():
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 5), (2, 0, 5), (2, 5, 0)], ids=["batch0", "sq0", "sk0"])
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_empty(shape, backend):
+def test_empty(shape):
+    # ops.attention answers an empty batch, no query or no key itself, before any backend runs
     b, sq, sk = shape
     q, k, v = _inputs(b, sq, sk, 2, 2, 16, torch.float32)
-    out, lse = ops.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    out, lse = ops.attention(q, k, v, causal=True, return_lse=True)
     assert out.shape == q.shape and lse.shape == (b, 2, sq)
     assert (out == 0).all() and torch.isneginf(lse).all()
 
@@ -278,7 +307,7 @@ def test_mixed_devices_and_unavailable_backend():
         ops.attention(q, k, v, backend="cuda")
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"] + ([] if ON_GPU else ["cpu"]))
+@pytest.mark.parametrize("backend", ["auto", pytest.param("cpu", marks=needs_cpu_kernel("attention_fwd"))])
 def test_head_dim_past_triton_limit(backend):
     """Past the Triton kernels' 256, "auto" runs the reference and the C++ CPU kernels run as for any head dim."""
     _check_case(backend, torch.float32, (2, 9, 19, 4, 2, 300, True, (-1, -1)))

@@ -3,23 +3,19 @@ head dims, several new tokens per step, explicit split counts, CUDA-graph / torc
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, backend_device, needs_cpu_kernel
+from conftest import CUDA_HEAD_DIMS, DEVICE, ON_GPU, backend_device, triton_and_cpu
 from fastlm import backends, reference
 from fastlm.ops import decode_attention
 from fastlm.testing import check_rule
 
-_NO_CPU = needs_cpu_kernel("decode_attention")
 _NO_CUDA = pytest.mark.skipif(not backends.extension_has("decode_attention", "cuda"),
                               reason="fastlm._C not built with CUDA kernels")
-BACKENDS = ["triton", pytest.param("cpu", marks=_NO_CPU), pytest.param("cuda", marks=[pytest.mark.gpu, _NO_CUDA])]
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-# dtypes per backend: bf16 tl.dot is wrong in the Triton interpreter (GPU only); the C++ CPU kernels serve fp32/bf16;
-# the CUDA kernels are tensor-core kernels (fp16/bf16)
-BACKEND_DTYPES = [
-    ("triton", F32), ("triton", F16), pytest.param("triton", BF16, marks=pytest.mark.gpu),
-    pytest.param("cpu", F32, marks=_NO_CPU), pytest.param("cpu", BF16, marks=_NO_CPU),
-    *[pytest.param("cuda", d, marks=[pytest.mark.gpu, _NO_CUDA]) for d in (F16, BF16)],
-]
+# dtypes per backend: Triton at conftest.DTYPES (bf16 on a GPU only), the C++ CPU kernels at fp32/fp16/bf16, the CUDA
+# kernels, tensor-core kernels, at fp16/bf16
+_TRITON_CPU, _TRITON_CPU_DTYPES = triton_and_cpu("decode_attention")
+BACKENDS = _TRITON_CPU + [pytest.param("cuda", marks=[pytest.mark.gpu, _NO_CUDA])]
+BACKEND_DTYPES = _TRITON_CPU_DTYPES + [pytest.param("cuda", d, marks=[pytest.mark.gpu, _NO_CUDA]) for d in (F16, BF16)]
 
 
 def _dtype(backend):
@@ -45,10 +41,11 @@ def _check(out, q, k, v, lens, softmax_scale=None, name="out", window_left=-1):
 
 
 # (D, group, Sq): every head dim, GQA ratio and new-token count appears, without the full cross product
-CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
 SHAPES = [(16, 1, 1), (40, 2, 2), (64, 4, 1), (80, 1, 4), (128, 2, 1), (64, 1, 2), (40, 4, 4), (128, 4, 4),
           (64, 8, 3),  # 24 rows per kv head, more than one 16-row tile
-          (20, 3, 1), (20, 5, 1)]  # a head dim that is not a whole number of SIMD vectors, odd rows per kv head
+          # head dims with a tail past the last whole SIMD vector on AVX2 (8 floats) and AVX-512 (16) alike, and odd
+          # rows per kv head (the C++ kernel's one-row dot products and P V updates as well as its two-row ones)
+          (20, 3, 1), (20, 5, 1), (36, 1, 3)]
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=lambda x: str(x).replace("torch.", ""))
@@ -67,8 +64,9 @@ def test_numerics(backend, dtype, D, group, Sq):
 @pytest.mark.parametrize("window_left", [0, 1, 5, 37, 300])
 def test_sliding_window(backend, dtype, window_left):
     # query p sees keys p - window_left .. p: windows inside one key block, across blocks, longer than the cache
-    # (no window); several new queries, ragged lengths, GQA; long enough for several CPU chunks / Triton / CUDA splits
-    D = 64 if backend == "cuda" else 40  # the CUDA kernels are compiled for head dims 32, 64, 96, 128, 256
+    # (no window); several new queries, ragged lengths, GQA; long enough for several CPU chunks / Triton / CUDA splits.
+    # Head dim 36: a vector tail on AVX2 and AVX-512 alike (the CUDA kernels take their compiled head dims only).
+    D = 64 if backend == "cuda" else 36
     q, k, v, lens = _inputs(3, 3, 4, 2, D, 700, [700, 3, 333], dtype, backend_device(backend))
     out = decode_attention(q, k, v, lens, window_left=window_left, backend=backend)
     _check(out, q, k, v, lens, window_left=window_left)
@@ -147,11 +145,18 @@ def test_matches_sdpa():
     assert (out - sdpa.transpose(1, 2)).abs().max() < 1e-5
 
 
-def test_empty_batch_and_torch_backend():
+def test_empty_batch_and_float64_torch_backend():
     q, k, v, lens = _inputs(0, 1, 2, 1, 16, 8, [], torch.float32, DEVICE)
     assert decode_attention(q, k, v, lens, backend="triton").shape == (0, 1, 2, 16)
+    # backend="torch" takes float64: each sequence's query against its valid cache prefix, by torch's SDPA in float64
     q, k, v, lens = _inputs(2, 1, 2, 1, 16, 8, [3, 8], torch.float64, DEVICE)
-    _check(decode_attention(q, k, v, lens, backend="torch"), q, k, v, lens)
+    out = decode_attention(q, k, v, lens, backend="torch")
+    assert out.dtype == torch.float64
+    for b, n in enumerate(lens.tolist()):
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q[b:b + 1].transpose(1, 2), k[b:b + 1, :n].transpose(1, 2), v[b:b + 1, :n].transpose(1, 2),
+            enable_gqa=True).transpose(1, 2)
+        torch.testing.assert_close(out[b:b + 1], sdpa, atol=1e-12, rtol=1e-12)
 
 
 def test_opcheck():
@@ -211,6 +216,7 @@ def test_long_cache_gpu(backend, D, group):
     (lambda q, k, v, l: (q, k, v, l.float()), TypeError, "int32 or int64"),
     (lambda q, k, v, l: (q, k, v, l[:1]), ValueError, r"shape \(batch,\)"),
     (lambda q, k, v, l: (q, k, v, l.tolist()), TypeError, "cache_seqlens must be a torch.Tensor"),
+    (lambda q, k, v, l: (q, k, v, l.to("meta")), ValueError, "cache_seqlens must be on q's device"),
 ])
 def test_bad_input(make, err, match):
     q, k, v, lens = _inputs(2, 1, 4, 2, 16, 8, [3, 8], torch.float32, DEVICE)
