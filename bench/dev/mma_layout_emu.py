@@ -1,11 +1,11 @@
-"""CPU check of the tensor-core index arithmetic of csrc/cuda/ (no GPU needed): numpy emulations of ldmatrix
-(plain and .trans) and mma.m16n8k16 as the PTX ISA defines their fragments, driven with the exact shared-memory
-address formulas of attention_tile.cuh (warp_qk, warp_pv) and ffn.cu (gemm_tn_kernel's k-step), compared with
-plain matrix products; and of wgmma.mma_async (sm_90a): the 64-bit shared-memory descriptor decoded field by field,
-the 128-byte swizzle applied to absolute byte addresses, K-major and MN-major (transposed) canonical layouts and the
-m64nNk16 accumulator / register-A fragments, driven with wgmma.cuh's sw128_desc and the descriptor start addresses
-of attention_sm90.cu and of ffn.cu's wgmma GEMM, their operands written as their TMA boxes write them (128-byte
-swizzle, zero fill); and the lane / column / k mapping of ffn.cu's CUDA-core gemv kernel. Keep the formulas here in step with the kernels.
+"""CPU check of the tensor-core index arithmetic of csrc/cuda/ (no GPU needed): numpy emulations of ldmatrix (plain and
+.trans) and mma.m16n8k16 as the PTX ISA defines their fragments, driven with the exact shared-memory address formulas
+of attention_tile.cuh (warp_qk, warp_pv) and ffn.cu (gemm_tn_kernel's k-step), compared with plain matrix products;
+and of wgmma.mma_async (sm_90a): the 64-bit shared-memory descriptor decoded field by field, the 128-byte swizzle
+applied to absolute byte addresses, K-major and MN-major (transposed) canonical layouts and the m64nNk16 accumulator
+/ register-A fragments, driven with wgmma.cuh's sw128_desc and the descriptor start addresses of attention_sm90.cu
+and of ffn.cu's wgmma GEMM, their operands written as their TMA boxes write them (128-byte swizzle, zero fill); and
+the lane / column / k mapping of ffn.cu's CUDA-core gemv kernel. Keep the formulas here in step with the kernels.
 
     python bench/dev/mma_layout_emu.py      (tests/test_cuda_ext.py runs it too)
 """

@@ -22,7 +22,6 @@
 #include <cuda_runtime.h>
 
 #include <string>
-#include <tuple>
 
 #include "cuda/attention_tile.cuh"
 #include "cuda/launch_utils.cuh"
@@ -35,17 +34,13 @@ namespace {
 
 constexpr int kBlockM = 128;  // query rows per block: two consumer warpgroups of 64
 constexpr int kBlockN = 128;  // keys per tile
-constexpr int kConsumers = 2;
-constexpr int kThreads = 128 * (1 + kConsumers);
-constexpr int kStages = 2;  // K (and V) slots
-// registers per thread after the hand-over (setmaxnreg), within the SM's 65536
-constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= 65536, "register file over-subscribed");
+constexpr int kThreads = 3 * 128;  // a producer warpgroup, two consumer warpgroups
+constexpr int kStages = 2;          // K (and V) slots
+using Ring = TmaRing<kStages, 2 * 128>;
 
 struct Barriers {
   uint64_t q_full;
-  uint64_t k_full[kStages], k_empty[kStages];
-  uint64_t v_full[kStages], v_empty[kStages];
+  Ring k, v;
 };
 
 template <int D>
@@ -76,19 +71,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
 
   const int tid = threadIdx.x, wg = tid >> 7;
   const int m0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
-  const KeyBand band{p.seqlen_k, p.seqlen_k - p.seqlen_q, p.window_left, p.window_right};
+  const KeyBand band = KeyBand::of(p);
   const int lo = band.lo(m0), hi = band.hi(m0, kBlockM);
   const int n_start = (lo / kBlockN) * kBlockN;
   const int n_tiles = n_start < hi ? (hi - n_start + kBlockN - 1) / kBlockN : 0;
 
   if (tid == 0) {
     mbar_init(&bar.q_full, 1);
-    for (int i = 0; i < kStages; ++i) {
-      mbar_init(&bar.k_full[i], 1);
-      mbar_init(&bar.v_full[i], 1);
-      mbar_init(&bar.k_empty[i], 128 * kConsumers);
-      mbar_init(&bar.v_empty[i], 128 * kConsumers);
-    }
+    bar.k.init();
+    bar.v.init();
     mbar_fence_init();
   }
   __syncthreads();  // the only block-wide barrier: from here on the warpgroups meet only at the mbarriers
@@ -105,18 +96,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       for (int c = 0; c < D / 64; ++c) tma_load_4d(sq + c * kBlockM * 128, &args.q, 64 * c, m0, h, b, &bar.q_full);
       for (int t = 0; t < n_tiles; ++t) {
         const int slot = t % kStages, n0 = n_start + t * kBlockN;
-        // a slot's use u = t / kStages waits for the (u - 1)-th release of the slot, parity (u - 1) & 1
-        const int release_parity = ((t / kStages) & 1) ^ 1;
-        if (t >= kStages) mbar_wait(&bar.k_empty[slot], release_parity);
-        mbar_arrive_expect_tx(&bar.k_full[slot], Sm90Smem<D>::kKV);
+        uint64_t* k_full = bar.k.acquire(t, Sm90Smem<D>::kKV);
 #pragma unroll
         for (int c = 0; c < D / 64; ++c)
-          tma_load_4d(sk + slot * Sm90Smem<D>::kKV + c * kBlockN * 128, &args.k, 64 * c, n0, hk, b, &bar.k_full[slot]);
-        if (t >= kStages) mbar_wait(&bar.v_empty[slot], release_parity);
-        mbar_arrive_expect_tx(&bar.v_full[slot], Sm90Smem<D>::kKV);
+          tma_load_4d(sk + slot * Sm90Smem<D>::kKV + c * kBlockN * 128, &args.k, 64 * c, n0, hk, b, k_full);
+        uint64_t* v_full = bar.v.acquire(t, Sm90Smem<D>::kKV);
 #pragma unroll
         for (int c = 0; c < D / 64; ++c)
-          tma_load_4d(sv + slot * Sm90Smem<D>::kKV + c * kBlockN * 128, &args.v, 64 * c, n0, hk, b, &bar.v_full[slot]);
+          tma_load_4d(sv + slot * Sm90Smem<D>::kKV + c * kBlockN * 128, &args.v, 64 * c, n0, hk, b, v_full);
       }
     }
     return;
@@ -147,9 +134,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   // tensor cores still work on P_{t-1} V_{t-1}, and O is rescaled once that is done.
   for (int t = 0; t < n_tiles; ++t) {
     const int n0 = n_start + t * kBlockN, slot = t % kStages, prev = (t + kStages - 1) % kStages;
-    mbar_wait(&bar.k_full[slot], (t / kStages) & 1);
+    bar.k.wait(t);
     // V_{t-1} (loaded before K_t) is awaited here too, so nothing waits between the two issues
-    if (t > 0) mbar_wait(&bar.v_full[prev], ((t - 1) / kStages) & 1);
+    if (t > 0) bar.v.wait(t - 1);
 
     // S = Q K^T: k step kk covers head-dim columns 16 kk .. 16 kk + 15 (64-column slab kk / 4, 32 bytes per step)
     const unsigned char* kt = sk + slot * Sm90Smem<D>::kKV;
@@ -170,7 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     } else {
       wgmma_wait<0>();
     }
-    mbar_arrive(&bar.k_empty[slot]);  // this thread's part of S_t is done: K_t's slot may be refilled
+    bar.k.release(t);  // this thread's part of S_t is done: K_t's slot may be refilled
     fence_operands(s);
 
     float alpha[2];  // O's rescale, applied once P_{t-1} V_{t-1} is done
@@ -178,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
                                     [&](int r, int c) { return band.keeps(row0 + r, n0 + c); }, lane,
                                     [&](int row, float a) { alpha[row] = a; });
     wgmma_wait<0>();  // P_{t-1} V_{t-1}: pa is free, O complete up to tile t - 1
-    if (t > 0) mbar_arrive(&bar.v_empty[prev]);
+    if (t > 0) bar.v.release(t - 1);
     fence_operands(st.o);
     st.rescale(alpha);
     // P's A fragments for k step kk (keys 16 kk .. 16 kk + 15), packed from S
@@ -193,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   }
   if (n_tiles > 0) {  // the last tile's P V
     const int last = n_tiles - 1;
-    mbar_wait(&bar.v_full[last % kStages], (last / kStages) & 1);
+    bar.v.wait(last);
     issue_pv(last % kStages);
     wgmma_wait<0>();
     fence_operands(st.o);
@@ -217,16 +204,11 @@ Status launch(const Sm90Args& args, cudaStream_t stream) {
 // The tensor maps of q, k and v; false with *why set when the driver refuses one (e.g. a stride-0 expanded dim).
 bool encode_maps(Sm90Args& a, std::string* why) {
   const AttentionParams& p = a.p;
-  const TileMapSpec q{p.q, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.q_ss, p.q_sh, p.q_sb, kBlockM};
-  const TileMapSpec k{p.k, p.head_dim, p.seqlen_k, p.nheads_kv, p.batch, p.k_ss, p.k_sh, p.k_sb, kBlockN};
-  const TileMapSpec v{p.v, p.head_dim, p.seqlen_k, p.nheads_kv, p.batch, p.v_ss, p.v_sh, p.v_sb, kBlockN};
-  for (auto [map, spec, name] : {std::tuple{&a.q, &q, "q"}, {&a.k, &k, "k"}, {&a.v, &v, "v"}}) {
-    if (!encode_tile_map(map, *spec, p.dtype, why)) {
-      *why = std::string("tensor map of ") + name + ": " + *why;
-      return false;
-    }
-  }
-  return true;
+  return encode_tile_maps(
+      {{&a.q, {p.q, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.q_ss, p.q_sh, p.q_sb, kBlockM}, "q"},
+       {&a.k, {p.k, p.head_dim, p.seqlen_k, p.nheads_kv, p.batch, p.k_ss, p.k_sh, p.k_sb, kBlockN}, "k"},
+       {&a.v, {p.v, p.head_dim, p.seqlen_k, p.nheads_kv, p.batch, p.v_ss, p.v_sh, p.v_sb, kBlockN}, "v"}},
+      p.dtype, why);
 }
 
 }  // namespace

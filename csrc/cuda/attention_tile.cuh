@@ -1,6 +1,6 @@
 // Warp-level FlashAttention-2 steps shared by the attention kernels: prefill on mma.sync (attention.cu) and on
-// wgmma (attention_sm90.cu), decode (decode.cu); and the block's view of an attention problem (AttentionSlice,
-// KeyBand: row pointers, the keys each query row sees) used by both prefill kernels.
+// wgmma (attention_sm90.cu), decode (decode.cu); the keys each query row sees (KeyBand, both prefill kernels) and
+// the mma.sync kernel's row pointers of a block's Q, K and V (AttentionSlice).
 //
 // A warp owns 16 query rows. The mma.sync kernels compute S = Q K^T per key tile here (Q and K from shared memory
 // through ldmatrix); every kernel updates the online softmax here in the log2 domain (exp2 with log2(e) folded into
@@ -47,6 +47,9 @@ struct KeyBand {
   __device__ __forceinline__ bool needs_mask(int n0, int bn, int m0, int rows) const {
     return n0 + bn > sk_len || (wr >= 0 && n0 + bn - 1 > m0 + off + wr) || (wl >= 0 && n0 < m0 + rows - 1 + off - wl);
   }
+  __device__ __forceinline__ static KeyBand of(const AttentionParams& p) {
+    return {p.seqlen_k, p.seqlen_k - p.seqlen_q, p.window_left, p.window_right};
+  }
   __device__ __forceinline__ bool keeps(int row, int key) const {
     const int pos = row + off;
     return key < sk_len && (wl < 0 || key >= pos - wl) && (wr < 0 || key <= pos + wr);
@@ -69,7 +72,7 @@ struct AttentionSlice {
         k(static_cast<const T*>(p.k) + b * p.k_sb + h / (p.nheads / p.nheads_kv) * p.k_sh),
         v(static_cast<const T*>(p.v) + b * p.v_sb + h / (p.nheads / p.nheads_kv) * p.v_sh),
         q_ss(p.q_ss), k_ss(p.k_ss), v_ss(p.v_ss), seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k),
-        band{p.seqlen_k, p.seqlen_k - p.seqlen_q, p.window_left, p.window_right} {}
+        band(KeyBand::of(p)) {}
   __device__ __forceinline__ const T* q_row(int r) const { return r < seqlen_q ? q + r * q_ss : nullptr; }
   __device__ __forceinline__ const T* k_row(int n) const { return n < seqlen_k ? k + n * k_ss : nullptr; }
   __device__ __forceinline__ const T* v_row(int n) const { return n < seqlen_k ? v + n * v_ss : nullptr; }

@@ -197,22 +197,17 @@ __global__ void __launch_bounds__(kThreads) gemm_tn_kernel(const GemmArgs p) {
 }
 
 constexpr int kWgBM = 128, kWgBN = 128, kWgBK = 64, kWgStages = 4;
-constexpr int kWgConsumers = 2, kWgThreads = 128 * (1 + kWgConsumers);  // a producer warpgroup, two consumers
-constexpr int kWgProducerRegs = 24, kWgConsumerRegs = 240;  // per thread after setmaxnreg
-static_assert(128 * kWgProducerRegs + 128 * kWgConsumers * kWgConsumerRegs <= 65536, "register file over-subscribed");
+constexpr int kWgThreads = 3 * 128;  // a producer warpgroup, two consumer warpgroups
+using WgRing = TmaRing<kWgStages, 2 * 128>;
 // bytes of a 128-row operand tile (A rows or B rows): 64 K elements, one 128-byte swizzle slab per row
 constexpr int kWgTile = kWgBM * kWgBK * 2;
 static_assert(kWgBM == kWgBN && kWgBK * 2 == 128, "A and B tiles share one shape, a row is one 128-byte slab");
-
-struct WgBarriers {
-  uint64_t full[kWgStages], empty[kWgStages];
-};
 
 template <Epilogue E>
 constexpr int wgmma_gemm_stage_bytes() { return (1 + n_weights<E>()) * kWgTile; }  // the A tile, then the B tiles
 template <Epilogue E>
 constexpr int wgmma_gemm_smem_bytes() {
-  return kWgStages * wgmma_gemm_stage_bytes<E>() + static_cast<int>(sizeof(WgBarriers));
+  return kWgStages * wgmma_gemm_stage_bytes<E>() + static_cast<int>(sizeof(WgRing));
 }
 
 // The GEMM and the tensor maps of A (K, M) and of the weights (K, N), boxes of 64 x 128 (b1: SwiGLU only).
@@ -234,50 +229,43 @@ __global__ void __launch_bounds__(kWgThreads, 1) gemm_tn_wgmma_kernel(const __gr
   const GemmArgs& p = args.p;
   // swizzled tiles start 1024-byte aligned: the dynamic shared memory (no static shared memory here) is declared so
   extern __shared__ __align__(1024) unsigned char smem[];
-  WgBarriers& bar = *reinterpret_cast<WgBarriers*>(smem + kWgStages * STAGE);
+  WgRing& ring = *reinterpret_cast<WgRing*>(smem + kWgStages * STAGE);
 
   const int tid = threadIdx.x, wg = tid >> 7;
   const int m0 = static_cast<int>(blockIdx.y) * kWgBM, n0 = static_cast<int>(blockIdx.x) * kWgBN;
   const int k_tiles = static_cast<int>((p.k + kWgBK - 1) / kWgBK);
 
   if (tid == 0) {
-    for (int i = 0; i < kWgStages; ++i) {
-      mbar_init(&bar.full[i], 1);
-      mbar_init(&bar.empty[i], 128 * kWgConsumers);
-    }
+    ring.init();
     mbar_fence_init();
   }
   __syncthreads();  // the only block-wide barrier
 
   if (wg == 0) {  // producer
-    setmaxnreg_dec<kWgProducerRegs>();
+    setmaxnreg_dec<kProducerRegs>();
     if (tid == 0) {
       tma_prefetch_map(&args.a);
 #pragma unroll
       for (int w = 0; w < NW; ++w) tma_prefetch_map(w == 0 ? &args.b0 : &args.b1);
       for (int kt = 0; kt < k_tiles; ++kt) {
-        const int slot = kt % kWgStages;
-        // the slot's use u = kt / kWgStages waits for its (u - 1)-th release
-        if (kt >= kWgStages) mbar_wait(&bar.empty[slot], ((kt / kWgStages) & 1) ^ 1);
-        unsigned char* st = smem + slot * STAGE;
-        mbar_arrive_expect_tx(&bar.full[slot], STAGE);
-        tma_load_4d(st, &args.a, kt * kWgBK, m0, 0, 0, &bar.full[slot]);
+        unsigned char* st = smem + (kt % kWgStages) * STAGE;
+        uint64_t* full = ring.acquire(kt, STAGE);
+        tma_load_4d(st, &args.a, kt * kWgBK, m0, 0, 0, full);
 #pragma unroll
         for (int w = 0; w < NW; ++w)
-          tma_load_4d(st + (1 + w) * kWgTile, w == 0 ? &args.b0 : &args.b1, kt * kWgBK, n0, 0, 0, &bar.full[slot]);
+          tma_load_4d(st + (1 + w) * kWgTile, w == 0 ? &args.b0 : &args.b1, kt * kWgBK, n0, 0, 0, full);
       }
     }
     return;
   }
-  setmaxnreg_inc<kWgConsumerRegs>();
+  setmaxnreg_inc<kConsumerRegs>();
 
   const int cw = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
   float acc[NW][kWgBN / 8][4] = {};
   for (int kt = 0; kt < k_tiles; ++kt) {
-    const int slot = kt % kWgStages;
-    mbar_wait(&bar.full[slot], (kt / kWgStages) & 1);
+    ring.wait(kt);
     // consumer cw: rows 64 cw .. of the A tile; k step kk: 16 elements = 32 bytes along the slab
-    const unsigned char* st = smem + slot * STAGE;
+    const unsigned char* st = smem + (kt % kWgStages) * STAGE;
 #pragma unroll
     for (int w = 0; w < NW; ++w) fence_operands(acc[w]);
     wgmma_fence();
@@ -290,7 +278,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) gemm_tn_wgmma_kernel(const __gr
     }
     wgmma_commit();
     wgmma_wait<1>();  // tile kt - 1's wgmmas are done, tile kt's run on
-    if (kt > 0) mbar_arrive(&bar.empty[(kt - 1) % kWgStages]);
+    if (kt > 0) ring.release(kt - 1);
   }
   wgmma_wait<0>();
 #pragma unroll
@@ -416,20 +404,18 @@ bool gemm_grid(const GemmArgs& g, int bm, int bn, dim3* grid, Status* error, con
 }
 
 // The tensor maps of the wgmma GEMM (A and the weights as (K, rows) with 64 x 128 boxes); false with *why set when
-// the driver refuses one.
+// N or K pass the TMA's 32-bit coordinates or the driver refuses a map.
 template <Epilogue E>
 bool encode_gemm_maps(WgGemmArgs& a, DType dtype, std::string* why) {
   const GemmArgs& g = a.p;
-  if (g.n > INT32_MAX - kWgBN || g.k > INT32_MAX - kWgBK) {  // TMA coordinates are 32-bit
-    *why = "N must stay below 2^31 - 128 and K below 2^31 - 64";
+  if (g.n > INT32_MAX - kWgBN || g.k > INT32_MAX - kWgBK) {
+    *why = "TMA coordinates are 32-bit: N must stay below 2^31 - 128 and K below 2^31 - 64";
     return false;
   }
-  const TileMapSpec specs[3] = {{g.a, g.k, g.m, 1, 1, g.k, 0, 0, kWgBM}, {g.b0, g.k, g.n, 1, 1, g.k, 0, 0, kWgBN},
-                                {g.b1, g.k, g.n, 1, 1, g.k, 0, 0, kWgBN}};
-  CUtensorMap* maps[3] = {&a.a, &a.b0, &a.b1};
-  for (int i = 0; i < 1 + n_weights<E>(); ++i)
-    if (!encode_tile_map(maps[i], specs[i], dtype, why)) return false;
-  return true;
+  const NamedTileMap act{&a.a, {g.a, g.k, g.m, 1, 1, g.k, 0, 0, kWgBM}, "the activations"};
+  const NamedTileMap w0{&a.b0, {g.b0, g.k, g.n, 1, 1, g.k, 0, 0, kWgBN}, "the (first) weight"};
+  const NamedTileMap w1{&a.b1, {g.b1, g.k, g.n, 1, 1, g.k, 0, 0, kWgBN}, "the second weight"};
+  return n_weights<E>() == 2 ? encode_tile_maps({act, w0, w1}, dtype, why) : encode_tile_maps({act, w0}, dtype, why);
 }
 
 template <typename T, Epilogue E>
@@ -449,7 +435,7 @@ Status run_gemm(const GemmArgs& g, KernelFamily kernels, cudaStream_t stream, co
                            std::string(what) + " (wgmma)");
     }
     if (kernels == KernelFamily::kWgmma)
-      return Status::Error(std::string(what) + ": FASTLM_CUDA_KERNELS=wgmma, but a tensor map: " + why);
+      return Status::Error(std::string(what) + ": FASTLM_CUDA_KERNELS=wgmma, but " + why);
   }
   // the mma.sync kernel (also where the driver refuses a tensor map under auto)
   if (!gemm_grid(g, kBM, block_n<E>(), &grid, &error, what)) return error;

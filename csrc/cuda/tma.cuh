@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "cuda/launchers.h"
@@ -76,6 +77,38 @@ __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
+// The warp-specialized kernels' register split: a producer warpgroup keeps kProducerRegs per thread and gives the
+// rest to two consumer warpgroups (setmaxnreg), within the SM's 65536 for a 384-thread block.
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+static_assert(128 * kProducerRegs + 2 * 128 * kConsumerRegs <= 65536, "register file over-subscribed");
+
+// A ring of STAGES shared-memory slots that one producer thread fills with TMA loads and CONSUMERS threads read.
+// Per slot a "full" mbarrier (the producer's arrival with the expected bytes, completed when the TMA writes land)
+// and an "empty" one (one arrival per consumer thread once it is done with the slot). Tile t uses slot t % STAGES
+// for the u-th time, u = t / STAGES: its fill completes the full barrier's u-th phase (parity u & 1), and from the
+// second use on the producer first waits for the (u - 1)-th release (parity (u - 1) & 1).
+template <int STAGES, int CONSUMERS>
+struct TmaRing {
+  uint64_t full[STAGES], empty[STAGES];
+
+  __device__ __forceinline__ void init() {  // one thread, before the block's barrier (see mbar_fence_init)
+    for (int i = 0; i < STAGES; ++i) {
+      mbar_init(&full[i], 1);
+      mbar_init(&empty[i], CONSUMERS);
+    }
+  }
+  // Producer: wait until tile t's slot is free and announce `bytes` of loads; returns the barrier they complete on.
+  __device__ __forceinline__ uint64_t* acquire(int t, uint32_t bytes) {
+    const int slot = t % STAGES;
+    if (t >= STAGES) mbar_wait(&empty[slot], ((t / STAGES) & 1) ^ 1);
+    mbar_arrive_expect_tx(&full[slot], bytes);
+    return &full[slot];
+  }
+  // Consumer: wait until tile t has landed; release it when this thread's reads of it are complete.
+  __device__ __forceinline__ void wait(int t) { mbar_wait(&full[t % STAGES], (t / STAGES) & 1); }
+  __device__ __forceinline__ void release(int t) { mbar_arrive(&empty[t % STAGES]); }
+};
+
 // ---- host side ----
 
 // A 16-bit tensor of rows of `cols` elements addressed as (col, row, head, batch) with element strides (row_stride,
@@ -94,9 +127,13 @@ inline bool encode_tile_map(CUtensorMap* map, const TileMapSpec& s, DType dtype,
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                                             &found);
+#else  // (the versioned lookup is CUDA 12.5+; 13.0 deprecates the plain one)
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found);
+#endif
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
       cudaGetLastError();
       fn = nullptr;
     }
@@ -122,6 +159,24 @@ inline bool encode_tile_map(CUtensorMap* map, const TileMapSpec& s, DType dtype,
   if (r != CUDA_SUCCESS) {
     *why = "cuTensorMapEncodeTiled failed with CUresult " + std::to_string(static_cast<int>(r));
     return false;
+  }
+  return true;
+}
+
+// A tensor map to encode and the name an error gives it.
+struct NamedTileMap {
+  CUtensorMap* map;
+  TileMapSpec spec;
+  const char* name;
+};
+
+// encode_tile_map for each; false with *why = "tensor map of NAME: ..." for the first one the driver refuses.
+inline bool encode_tile_maps(std::initializer_list<NamedTileMap> maps, DType dtype, std::string* why) {
+  for (const NamedTileMap& m : maps) {
+    if (!encode_tile_map(m.map, m.spec, dtype, why)) {
+      *why = std::string("tensor map of ") + m.name + ": " + *why;
+      return false;
+    }
   }
   return true;
 }
