@@ -289,8 +289,10 @@ def _ffn_case(ctx, backends, kind, T, d, f, dtype, mode, compile_here):
     op = "mlp_gelu" if kind == "gelu" else "mlp_swiglu"
     ref = getattr(reference, op)
     extra = []
-    if ctx.device.type == "cuda":
-        extra = [Impl("liger", "peer", _liger_swiglu) if kind == "swiglu" else Impl("cublaslt", "peer", _cublaslt_gelu_mlp)]
+    if ctx.device.type == "cuda" and kind == "swiglu":
+        extra = [Impl("liger", "peer", _liger_swiglu)]
+    elif ctx.device.type == "cuda" and mode == "fwd":  # (torch._addmm_activation has no backward)
+        extra = [Impl("cublaslt", "peer", _cublaslt_gelu_mlp)]
     impls = fastlm_impls(op, ctx, backends)
     impls += _cuda_mma_impl(ctx, impls, mode == "fwd") + peers(ref, ctx, compile_here=compile_here, extra=extra)
     grads = ("x", "w_fc", "b_fc", "w_proj", "b_proj", "residual") if kind == "gelu" else \
@@ -530,10 +532,11 @@ class ModelCase:
         self.shape = {"model": preset, "kind": kind, "batch": batch, "seqlen": seqlen, "new_tokens": new_tokens}
         self.impls = self._fastlm_impls(ctx, backends) + [Impl(p, "peer", None) for p in self.peer_names]
         if kind == "decode" and ctx.device.type == "cuda":
-            # the decode step without a launch cost per kernel: captured in a CUDA graph (generate(cuda_graph=True));
-            # in the full suite also compiled with CUDA graphs (generate(compile=True): minutes of compilation)
+            # the decode step without a launch cost per kernel: captured in a CUDA graph (generate(cuda_graph=True);
+            # the capture, about one step's cost, is inside every timed call); in the full suite also compiled with
+            # CUDA graphs (generate(compile=True): minutes of compilation, once)
             base = [i for i in self.impls if i.kind == "fastlm"]
-            self.impls += [Impl(f"{i.name}+graphs", "fastlm", None, backend=i.backend) for i in base]
+            self.impls += [Impl(f"{i.name}+graphs", "fastlm", None, backend=i.backend, cuda_graph=True) for i in base]
             if ctx.suite == "full" and ctx.compile:
                 self.impls += [Impl(f"{i.name}+compile", "fastlm", None, backend=i.backend, compiled=True)
                                for i in base]
@@ -707,11 +710,9 @@ class ModelCase:
         if impl.kind == "fastlm":
             _use_backend(fast, impl.backend)
 
-            graph = impl.name.endswith("+graphs")
-
             def fn():
                 fast.backend = impl.backend
-                return fast.generate(prompt, max_new_tokens=n, compile=impl.compiled, cuda_graph=graph)
+                return fast.generate(prompt, max_new_tokens=n, compile=impl.compiled, cuda_graph=impl.cuda_graph)
         else:
             def fn():
                 with torch.no_grad():

@@ -328,6 +328,7 @@ class Impl:
     backend: str | None = None
     fallback: "Impl | None" = None      # run instead when this backend is unavailable here (default choice only)
     compiled: bool = False              # torch.compile'd: checking it at another shape would compile it twice
+    cuda_graph: bool = False            # a model's decode step captured in a CUDA graph (generate(cuda_graph=True))
 
 
 @dataclass

@@ -114,6 +114,13 @@ def _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, cuda_
     if not hasattr(model, "setup_cache"):
         raise TypeError(f"model must be a fastlm.Transformer (with setup_cache), got {type(model).__name__}")
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(compile, (bool, str)):
+        raise TypeError(f"compile must be a bool or the name of a torch.compile backend, got {_describe(compile)}")
+    if isinstance(compile, str):
+        known = torch.compiler.list_backends(exclude_tags=())
+        if compile not in known:
+            raise ValueError(f"compile must be a bool or the name of a torch.compile backend, got {compile!r}; "
+                             f"backends here: {', '.join(known)}")
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {_describe(cuda_graph)}")
     if cuda_graph:
@@ -122,13 +129,6 @@ def _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, cuda_
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {device}")
         if compile:
             raise ValueError("cuda_graph=True and compile are exclusive (compile=True captures CUDA graphs itself)")
-    if not isinstance(compile, (bool, str)):
-        raise TypeError(f"compile must be a bool or the name of a torch.compile backend, got {_describe(compile)}")
-    if isinstance(compile, str):
-        known = torch.compiler.list_backends(exclude_tags=())
-        if compile not in known:
-            raise ValueError(f"compile must be a bool or the name of a torch.compile backend, got {compile!r}; "
-                             f"backends here: {', '.join(known)}")
     if not _is_int(sync_every):
         raise TypeError(f"sync_every must be a positive int, got {_describe(sync_every)}")
     if sync_every < 1:
@@ -222,36 +222,40 @@ def _decode_step(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p,
     nxt = _sample(logits, temperature, top_k, top_p, noise=noise)
     nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
     if stop is not None:
-        done = done | torch.isin(nxt, stop)
+        done = done | _is_stop(nxt, stop)
     return nxt, done
 
 
+def _is_stop(tok, stop):
+    """tok (B,) in stop (n,), elementwise (torch.isin sorts, and synchronizes with the host, from about 10 stop
+    tokens on)."""
+    return (tok[:, None] == stop).any(-1)
+
+
 class _GraphedStep:
-    """A decode step captured in a CUDA graph: its tensor arguments (tokens, positions, done mask, noise) are copied
-    into static buffers before each replay and its results copied out, so that the caller sees an ordinary call.
-    The step is run once on a side stream before the capture (kernel autotuning and lazy initialization must not
-    happen in it); a step is idempotent (it writes the same cache rows and returns the same tokens for the same
+    """step(tok, pos, done, noise) -> (tok, done) captured in a CUDA graph: its tensor arguments are copied into
+    static buffers before each replay and its results copied out, so that the caller sees an ordinary call. The
+    step is run once on a side stream before the capture (kernel autotuning and lazy initialization must not happen
+    in it); a decode step is idempotent (it writes the same cache rows and returns the same tokens for the same
     arguments), so that run is harmless."""
 
-    _TENSORS = (1, 2, 3, 9)  # the per-step tensors among _decode_step's arguments
-
-    def __init__(self, step, args):
-        self.args = [a.clone() if i in self._TENSORS and a is not None else a for i, a in enumerate(args)]
+    def __init__(self, step, tok, pos, done, noise):
+        self.inputs = [None if t is None else t.clone() for t in (tok, pos, done, noise)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            step(*self.args)
+            step(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.result = step(*self.args)
+            self.outputs = step(*self.inputs)
 
-    def __call__(self, *args):
-        for i in self._TENSORS:
-            if args[i] is not None:
-                self.args[i].copy_(args[i])
+    def __call__(self, *inputs):
+        for buf, t in zip(self.inputs, inputs):
+            if t is not None:
+                buf.copy_(t)
         self.graph.replay()
-        return tuple(r.clone() for r in self.result)
+        return tuple(t.clone() for t in self.outputs)
 
 
 @torch.no_grad()
@@ -291,13 +295,17 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     if pad_id is None:
         pad_id = stop_tokens[0] if stop_tokens else 0
 
-    step = _decode_step
+    decode = _decode_step
     if compile:
         # not fullgraph: the "torch" backend's reference decode attention reads cache lengths on the host and
         # breaks the graph there; the kernel backends compile into one graph
         options = {"backend": compile} if isinstance(compile, str) else {
             "mode": "reduce-overhead" if device.type == "cuda" else None}
-        step = torch.compile(_decode_step, **options)
+        decode = torch.compile(_decode_step, **options)
+
+    def step(tok, pos, done, noise):
+        return decode(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p, noise)
+
     # the cache dtype follows the weights: under autocast the cache would have to be set up by the caller
     model.setup_cache(B, longest + max_new_tokens, dtype=param.dtype, device=device)
     try:
@@ -306,7 +314,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
         if max_new_tokens > 0:
             last = model(tokens, logits_at=(lengths - 1)[:, None])[:, 0]       # prefill: (B, V) at each last token
             tok = _sample(last, temperature, top_k, top_p, generator)
-            done = torch.isin(tok, stop) if stop is not None else torch.zeros(B, dtype=torch.bool, device=device)
+            done = _is_stop(tok, stop) if stop is not None else torch.zeros(B, dtype=torch.bool, device=device)
             out[:, 0] = tok
             n = 1
             if stream is not None:
@@ -318,10 +326,9 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
                 if compile and device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs were consumed
                 noise = exponential_noise((B, cfg.vocab_size), device, generator) if temperature > 0 else None
-                args = (model, tok, pos, done, stop, pad_id, temperature, top_k, top_p, noise)
                 if cuda_graph and not isinstance(step, _GraphedStep):
-                    step = _GraphedStep(step, args)
-                tok, done = step(*args)
+                    step = _GraphedStep(step, tok, pos, done, noise)
+                tok, done = step(tok, pos, done, noise)
                 out[:, n] = tok
                 pos += 1
                 n += 1

@@ -532,7 +532,8 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
     history, the final held-out loss and perplexity, tokens seen, the tokenizer and the checkpoint path.
 
     ``tokenizer`` is a tokenizer object (make_tokenizer(...); default ByteTokenizer()); ``config.vocab_size`` must
-    be at least its vocab_size (the default model takes it; a larger one pads the embedding and LM head). ``text`` (a str) replaces the corpus of ``data``.
+    be at least its vocab_size (the default model takes it; a larger one pads the embedding and LM head, and is
+    logged). ``text`` (a str) replaces the corpus of ``data``.
     With ``out`` (a directory) a checkpoint is written at every evaluation and at the end; with ``resume`` training
     continues from ``out``'s checkpoint (config, weights, optimizer, step and history come from it) up to ``steps``,
     which must lie past the checkpoint's step. ``stop_after`` ends the run after that many steps of this call (the
@@ -594,9 +595,12 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
     if config is None:
         config = Config.from_name(DEFAULTS["preset"], **{**parse_overrides(DEFAULTS["overrides"]),
                                                          "vocab_size": tokenizer.vocab_size})
-    elif config.vocab_size < tokenizer.vocab_size:  # a larger (padded) vocabulary is fine
+    elif config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"config.vocab_size={config.vocab_size} is smaller than the tokenizer's vocab_size="
                          f"{tokenizer.vocab_size} ({getattr(tokenizer, 'name', type(tokenizer).__name__)})")
+    elif config.vocab_size > tokenizer.vocab_size and log is not None and rank == 0 and not resume:
+        log(f"vocab_size {config.vocab_size} > the tokenizer's {tokenizer.vocab_size}: the embedding and LM head are "
+            f"padded (ids past {tokenizer.vocab_size - 1} never occur)")
     if seqlen > config.max_seqlen:
         raise ValueError(f"seqlen={seqlen} is longer than the model's context max_seqlen={config.max_seqlen}")
     text = load_corpus(data) if text is None else text

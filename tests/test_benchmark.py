@@ -436,10 +436,12 @@ def test_gpu_suites_build_on_a_cpu_machine(suite):
         else:
             assert c.bytes is None and c.flops == benchmark.mlp_flops(T, d, f, kind, mode=c.mode)
     assert any(c.shape["tokens"] == 1 for c in cases["ffn"])
+    for c in cases["ffn"]:  # the cuBLASLt-epilogue peer: forward GPT-2 MLPs only (its op has no backward)
+        assert any(i.name == "cublaslt" for i in c.impls) == (c.shape["kind"] == "gelu" and c.mode == "fwd")
     for c in cases["model"]:
         graphs = [i for i in c.impls if i.name.endswith("+graphs")]
         compiled = [i for i in c.impls if i.name.endswith("+compile")]
-        assert all(i.kind == "fastlm" and not i.compiled for i in graphs)
+        assert all(i.kind == "fastlm" and i.cuda_graph and not i.compiled for i in graphs)
         assert all(i.kind == "fastlm" and i.compiled for i in compiled)
         assert len(graphs) == (1 if c.kind == "decode" else 0), (suite, c.name)
         assert len(compiled) == (1 if suite == "full" and c.kind == "decode" else 0), (suite, c.name)

@@ -218,16 +218,22 @@ def test_decode_step_has_no_host_sync_cuda():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_decode_matches_eager():
-    """generate(cuda_graph=True): the decode step captured once and replayed gives the eager step's tokens (greedy,
-    and sampled with the same seed), for prompts of different lengths with a stop token; with compile it is refused."""
+def test_cuda_graph_decode_matches_eager(monkeypatch):
+    """generate(cuda_graph=True): the decode step captured once and replayed for every later token gives the eager
+    step's tokens (greedy, and sampled with the same seed), for prompts of different lengths with a dozen stop
+    tokens (more than torch.isin takes without a host sync); with compile it is refused."""
     model = _model(backend="auto").cuda()
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or real_replay(self))
     assert generate(model, prompts, 12, cuda_graph=True) == generate(model, prompts, 12)
+    assert len(replays) == 11                    # every token after the prefill's
+    stop = [3] + list(range(200, 211))
     runs = []
     for graph in (True, False):
         g = torch.Generator(device="cuda").manual_seed(5)
-        runs.append(generate(model, prompts, 12, temperature=0.9, top_k=20, top_p=0.9, stop_tokens=[3],
+        runs.append(generate(model, prompts, 12, temperature=0.9, top_k=20, top_p=0.9, stop_tokens=stop,
                              generator=g, cuda_graph=graph))
     assert runs[0] == runs[1]
     with pytest.raises(ValueError, match="cuda_graph=True and compile are exclusive"):

@@ -319,9 +319,11 @@ def test_mistyped_arguments_are_rejected_before_training(kw, match):
 
 
 def test_padded_vocabulary_trains():
-    """A vocab_size above the tokenizer's (padded for GEMM-friendly shapes) is accepted: the extra rows are unused."""
-    out = _train(steps=2, config=_cfg(vocab_size=320))
+    """A vocab_size above the tokenizer's (padded for GEMM-friendly shapes) is accepted, and said so."""
+    lines = []
+    out = _train(steps=2, config=_cfg(vocab_size=320), log=lines.append)
     assert len(out["history"]["loss"]) > 0 and all(math.isfinite(x) for x in out["history"]["loss"])
+    assert lines[0].startswith("vocab_size 320 > the tokenizer's 256: the embedding and LM head are padded")
 
 
 def test_seed_is_any_integer():
