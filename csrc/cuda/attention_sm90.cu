@@ -5,8 +5,9 @@
 // its warps 16 of them. One producer thread loads Q once and the K and V tiles of 128 keys with TMA (tma.cuh) into
 // 128-byte swizzled slabs (wgmma.cuh), K and V each through a ring of kStages slots; per slot a "full" mbarrier
 // (the TMA bytes have landed) and an "empty" one (all 256 consumer threads are done reading it). The producer gives
-// most of its registers to the consumers (setmaxnreg: 24 / 240 per thread). The consumer warpgroups never wait for
-// each other, only for their data, so one's softmax runs while the other's GEMMs keep the tensor cores busy.
+// most of its registers to the consumers (setmaxnreg: 24 / 240 per thread). The consumer warpgroups take turns
+// issuing their GEMMs (ping-pong, through two named barriers), so one's softmax runs while the other's GEMMs keep
+// the tensor cores busy.
 //
 // Per tile t and consumer warpgroup: S_t = Q K_t^T as D / 16 wgmma m64n128k16 with both operands in shared memory,
 // issued together with O += P_{t-1} V_{t-1} (8 wgmma m64nDk16, P from registers, V read transposed from shared
@@ -130,6 +131,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   const float scale_log2 = p.softmax_scale * kLog2e;
   const int row0 = m0 + cw * 64 + warp * 16;  // first query row of this warp
   if (n_tiles > 0) mbar_wait(&bar.q_full, 0);
+  // Ping-pong: the two consumer warpgroups take turns issuing their GEMMs, so that the tensor cores work on one's
+  // while the other runs its softmax. Warpgroup 0's turn is named barrier 1, warpgroup 1's barrier 2: a warpgroup
+  // waits for its turn before issuing (warpgroup 0 not for its first) and hands the turn over once its S is done
+  // (its P V still running); warpgroup 0 takes the hand-over of warpgroup 1's last turn after the loop. A
+  // barrier's arrivals and waits alternate: a warpgroup hands over again only after its next turn came, which
+  // needs the other to have passed its own wait.
+  auto take_turn = [&] { cw == 0 ? named_bar_sync<1, 256>() : named_bar_sync<2, 256>(); };
+  auto hand_over = [&] { cw == 0 ? named_bar_arrive<2, 256>() : named_bar_arrive<1, 256>(); };
   // Iteration t: S_t = Q K_t^T and O += P_{t-1} V_{t-1} are issued together; the softmax of S_t runs while the
   // tensor cores still work on P_{t-1} V_{t-1}, and O is rescaled once that is done.
   for (int t = 0; t < n_tiles; ++t) {
@@ -137,6 +146,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     bar.k.wait(t);
     // V_{t-1} (loaded before K_t) is awaited here too, so nothing waits between the two issues
     if (t > 0) bar.v.wait(t - 1);
+    if (cw == 1 || t > 0) take_turn();
 
     // S = Q K^T: k step kk covers head-dim columns 16 kk .. 16 kk + 15 (64-column slab kk / 4, 32 bytes per step)
     const unsigned char* kt = sk + slot * Sm90Smem<D>::kKV;
@@ -151,12 +161,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
                             sw128_desc(kt + slab * kBlockN * 128 + step, 16), kk > 0);
     }
     wgmma_commit();
+    if (t > 0) issue_pv(prev);
     if (t > 0) {
-      issue_pv(prev);
       wgmma_wait<1>();  // S_t is done, P_{t-1} V_{t-1} may still run
     } else {
       wgmma_wait<0>();
     }
+    hand_over();  // (between the issues and the wait it makes ptxas serialize the wgmmas: advisory C7514)
     bar.k.release(t);  // this thread's part of S_t is done: K_t's slot may be refilled
     fence_operands(s);
 
@@ -178,6 +189,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     }
     fence_operands(pa);  // packed here, while the tensor cores are idle anyway, not sunk into the next issue
   }
+  if (cw == 0 && n_tiles > 0) take_turn();  // warpgroup 1's last hand-over
   if (n_tiles > 0) {  // the last tile's P V
     const int last = n_tiles - 1;
     bar.v.wait(last);

@@ -109,6 +109,17 @@ struct TmaRing {
   __device__ __forceinline__ void release(int t) { mbar_arrive(&empty[t % STAGES]); }
 };
 
+// Named barrier ID (1 .. 15; 0 is __syncthreads') completed by THREADS threads (a multiple of 32): wait at it, or
+// arrive without waiting. Every thread of a warp executes the same one.
+template <int ID, int THREADS>
+__device__ __forceinline__ void named_bar_sync() {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(THREADS) : "memory");
+}
+template <int ID, int THREADS>
+__device__ __forceinline__ void named_bar_arrive() {
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "n"(THREADS) : "memory");
+}
+
 // ---- host side ----
 
 // A 16-bit tensor of rows of `cols` elements addressed as (col, row, head, batch) with element strides (row_stride,
