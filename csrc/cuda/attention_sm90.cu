@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     bar.v.init();
     mbar_fence_init();
   }
-  __syncthreads();  // the only block-wide barrier: from here on the warpgroups meet only at the mbarriers
+  __syncthreads();  // the only block-wide barrier: from here on the warpgroups meet at the mbarriers (and the two
+                    // consumer warpgroups at their turn barriers)
 
   if (wg == 0) {  // producer
     setmaxnreg_dec<kProducerRegs>();
