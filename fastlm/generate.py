@@ -47,10 +47,11 @@ def _sample(logits, temperature, top_k, top_p, generator=None, noise=None):
     """sample() without the argument checks: generate() checks them once, not at every step."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    # (logits - max) <= 0 divided in float64, where no positive temperature rounds to 0: never a NaN, and a tiny
-    # temperature sends every token but the most likely ones to -inf, as greedy decoding would
-    logits = logits.double()
-    logits = ((logits - logits.amax(dim=-1, keepdim=True)) / temperature).float()
+    # (logits - max) <= 0 over a temperature of at least float32's smallest normal (a smaller one would round to 0
+    # and give 0 / 0 at the maximum; below that bound every token but the most likely ones gets probability 0
+    # either way, as greedy decoding would): never a NaN
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

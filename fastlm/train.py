@@ -479,8 +479,8 @@ def resolve_device(device=None, *, what: str = "device") -> torch.device:
 
 
 def check_out_dir(out, what: str = "out"):
-    """``out``, an output directory (created when missing), checked not to be a file: TypeError/ValueError naming
-    ``what`` otherwise."""
+    """``out``, an output directory (its writer creates it when missing), checked not to be a file:
+    TypeError/ValueError naming ``what`` otherwise."""
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"{what} must be a directory path (str or os.PathLike), got {type(out).__name__} {out!r}")
     if os.path.isfile(out):

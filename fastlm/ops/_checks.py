@@ -87,3 +87,9 @@ def check_window_left(op: str, window_left) -> None:
     """A sliding window's left bound: an int >= -1 (-1: no window)."""
     if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
         raise ValueError(f"{op}: window_left must be an int >= -1 (-1: no window), got {window_left!r}")
+
+
+def check_eps(op: str, eps) -> None:
+    """A norm's eps: a finite number >= 0."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"{op}: eps must be a finite non-negative number, got {eps!r}")

@@ -14,7 +14,7 @@ import math
 import torch
 
 from fastlm import backends, reference
-from fastlm.ops._checks import KERNEL_DTYPES, check_qkv, check_window_left, fit_head_dim
+from fastlm.ops._checks import KERNEL_DTYPES, check_eps, check_qkv, check_window_left, fit_head_dim
 NATIVE_OPS = ("decode_attention",)
 
 
@@ -129,8 +129,7 @@ def decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_wei
     for name, value in (("blocks", blocks), ("k_caches", k_caches), ("v_caches", v_caches)):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"decode_step: {name} must be a list of tensors, got {type(value).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ValueError(f"decode_step: eps must be a finite non-negative number, got {eps!r}")
+    check_eps("decode_step", eps)
     if len(blocks) != len(DECODE_STEP_SLOTS) * len(k_caches):
         raise ValueError(f"decode_step: blocks must hold {len(DECODE_STEP_SLOTS)} entries per block "
                          f"({', '.join(DECODE_STEP_SLOTS)}) for the {len(k_caches)} blocks of k_caches, got "

@@ -16,14 +16,13 @@ Backends:
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
-from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, kernel_dtype, needs_grad, num_rows
+from fastlm.ops._checks import check_eps, check_float_tensor, check_triton_dtypes, kernel_dtype, needs_grad, num_rows
 
 
 def _kernels():
@@ -144,8 +143,7 @@ def _check(op, x, residual, weight, bias, eps):
         raise TypeError(f"{op}: bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
     if residual is not None and residual.dtype != x.dtype:
         raise TypeError(f"{op}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < math.inf:
-        raise ValueError(f"{op}: eps must be a finite non-negative number, got {eps!r}")
+    check_eps(op, eps)
 
 
 def _norm(op, x, residual, weight, bias, eps, is_rms, backend):
