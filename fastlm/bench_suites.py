@@ -153,7 +153,7 @@ def _attention_case(ctx, backends, B, H, Hkv, S, D, causal, dtype, mode, compile
     if not eager_ok:
         sdpa = [s for s in sdpa if s.name != "sdpa-math"]
     impls = fastlm_impls("attention", ctx, backends, causal=causal)
-    impls += _cuda_mma_impl(ctx, impls, mode == "fwd" and D in (64, 128)) + sdpa
+    impls += _cuda_mma_impl(ctx, impls, mode == "fwd") + sdpa
     impls += peers(ref, ctx, compile_here=compile_here, eager_ok=eager_ok)
     name = f"B{B} H{H}" + (f"/{Hkv}" if Hkv != H else "") + f" S{S} D{D}" + (" causal" if causal else "")
     shape = {"batch": B, "nheads": H, "nheads_kv": Hkv, "seqlen": S, "headdim": D, "causal": causal}

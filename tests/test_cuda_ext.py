@@ -44,17 +44,19 @@ ATTN_CASES = [  # (D, Sq, Sk, H, Hkv, causal, window)
     (128, 1, 1000, 2, 1, True, (-1, -1)),
     (64, 1024, 1024, 2, 2, True, (-1, -1)),
     (64, 300, 20, 2, 2, True, (-1, -1)),    # whole 128-row blocks see no key (the wgmma kernel loads nothing there)
+    # head dims the wgmma kernel pads to whole 64-column slabs (32, 96), and 256 with its 64-key tiles, over several
+    # query blocks and key tiles (both ring slots reused), ragged at both ends
+    (32, 260, 300, 2, 1, True, (-1, -1)),
+    (96, 257, 390, 4, 2, False, (-1, -1)),
+    (256, 300, 450, 4, 2, True, (-1, -1)),
+    (256, 129, 200, 2, 2, False, (70, 20)),
 ]
-WGMMA_HEAD_DIMS = (64, 128)  # csrc/cuda/attention_sm90.cu
 
 
 def _attention_params():
-    """Every case with the mma.sync kernel, and with the wgmma kernel where it serves the head dim."""
-    out = []
-    for case in ATTN_CASES:
-        for kernel in ("mma", "wgmma") if case[0] in WGMMA_HEAD_DIMS else ("mma",):
-            out.append(pytest.param(kernel, *case, id=f"{kernel}-" + "-".join(map(str, case))))
-    return out
+    """Every case with each tensor-core kernel family."""
+    return [pytest.param(kernel, *case, id=f"{kernel}-" + "-".join(map(str, case)))
+            for case in ATTN_CASES for kernel in KERNELS]
 
 
 @pytest.fixture
@@ -91,7 +93,7 @@ def _check_attention(q, k, v, causal, scale, window=(-1, -1)):
 
 @pytest.mark.gpu
 @needs_cuda_op("attention_fwd")
-@pytest.mark.parametrize("kernel,D", [("mma", 64), ("wgmma", 64), ("wgmma", 128)])
+@pytest.mark.parametrize("kernel,D", [("mma", 64), ("wgmma", 64), ("wgmma", 96), ("wgmma", 128), ("wgmma", 256)])
 def test_attention_fwd_large_logits_and_strided(cuda_kernels, kernel, D):
     # q.k ~ 30 exercises the running-max rescaling; a transposed view exercises the stride handling
     cuda_kernels(kernel)
@@ -153,9 +155,10 @@ def test_kernel_family_choice_errors(monkeypatch):
     x, w = _randn(3, 64, dtype=torch.float16), _randn(24, 64, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="FASTLM_CUDA_KERNELS must be"):
         torch.ops.fastlm.mlp_swiglu(x, w, w, w.t().contiguous(), None)
-    monkeypatch.setenv("FASTLM_CUDA_KERNELS", "wgmma")  # head dim 32 (and, off Hopper, the device) is refused
-    with pytest.raises(RuntimeError, match="wgmma"):
-        torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
+    monkeypatch.setenv("FASTLM_CUDA_KERNELS", "wgmma")  # head dim 40 (and, off Hopper, the device) is refused
+    q40 = _randn(1, 4, 2, 40, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="FASTLM_CUDA_KERNELS=wgmma, but "):
+        torch.ops.fastlm.attention_fwd(q40, q40, q40, False, 0.125, -1, -1)
     if torch.cuda.get_device_capability()[0] != 9:  # the MLP's tensor-core GEMMs (9 rows and more) off Hopper
         x = _randn(9, 64, dtype=torch.float16)
         with pytest.raises(RuntimeError, match="mlp_swiglu: FASTLM_CUDA_KERNELS=wgmma, but "):
@@ -296,8 +299,9 @@ def test_tensor_core_layout_emulation_catches_layout_mistakes(mutant, monkeypatc
         sbo_512 = (1024 >> 4 << 32) ^ (512 >> 4 << 32)
         monkeypatch.setattr(emu, "sw128_desc", (lambda addr, lbo: real(addr, lbo) ^ sbo_512) if mutant == "sbo 512"
                             else (lambda addr, lbo: real(addr, 16)))
-    with pytest.raises(AssertionError):
-        emu.check_attention_wgmma(128)
+    for D in (96, 128, 256):                        # (32: one 64-column slab, where LBO plays no part either)
+        with pytest.raises(AssertionError):
+            emu.check_attention_wgmma(D)
     if mutant != "lbo unused":                      # the GEMM's operands are K-major: LBO plays no part there
         with pytest.raises(AssertionError):
             emu.check_gemm_wgmma(64)

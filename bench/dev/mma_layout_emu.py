@@ -184,18 +184,26 @@ def tma_load_box(smem, dst, X, b, row0, h, c, box_rows, swizzle=swizzled):
             n, col = row0 + r, 64 * c + j
             smem[swizzle(dst + r * 128 + 2 * j) // 2] = X[b, n, h, col] if n < X.shape[1] and col < X.shape[3] else 0.0
 
-def check_attention_wgmma(D, BM=128, BN=128, sq_len=200, sk_len=333, m0=128, n0=256):
+def sm90_tile(D):
+    """attention_sm90.cu's Sm90Tile<D>: 64-column slabs, padded width, keys per tile, N of one P V wgmma."""
+    slabs = (D + 63) // 64
+    do = 64 * slabs
+    return slabs, do, 64 if D > 128 else 128, min(do, 128)
+
+def check_attention_wgmma(D, BM=128, sq_len=200, sk_len=333, m0=128, n0=256):
     """attention_sm90.cu: the producer's TMA boxes of Q (BM rows from m0) and of one K and one V tile (BN keys from
-    n0; both past the sequence ends, so partly zero-filled), then per consumer warpgroup S = Q K^T and O = P V
-    through descriptors as the kernel builds them."""
-    q_bytes, kv_bytes = BM * D * 2, BN * D * 2
+    n0; both past the sequence ends, so partly zero-filled; columns past D of the padded slabs zero-filled too), then
+    per consumer warpgroup S = Q K^T (D / 16 k steps) and O = P V (per k step, one wgmma per PV_N columns of the
+    padded width) through descriptors as the kernel builds them."""
+    slabs, DO, BN, PV_N = sm90_tile(D)
+    q_bytes, kv_bytes = BM * DO * 2, BN * DO * 2
     sq, sk, sv = 0, q_bytes, q_bytes + kv_bytes                      # 1024-aligned tile bases
     smem = np.full((q_bytes + 2 * kv_bytes) // 2, np.nan)
     H, Hkv, h, b = 4, 2, 3, 1
     Xq = rng.standard_normal((2, sq_len, H, D))
     Xk, Xv = rng.standard_normal((2, sk_len, Hkv, D)), rng.standard_normal((2, sk_len, Hkv, D))
     hk = h // (H // Hkv)
-    for c in range(D // 64):                                         # the producer's loads, slab c per box
+    for c in range(slabs):                                           # the producer's loads, slab c per box
         tma_load_box(smem, sq + c * BM * 128, Xq, b, m0, h, c, BM)
         tma_load_box(smem, sk + c * BN * 128, Xk, b, n0, hk, c, BN)
         tma_load_box(smem, sv + c * BN * 128, Xv, b, n0, hk, c, BN)
@@ -210,11 +218,15 @@ def check_attention_wgmma(D, BM=128, BN=128, sq_len=200, sk_len=333, m0=128, n0=
                          sw128_desc(sk + slab * BN * 128 + step, 16), BN, kk > 0)
         S = acc_to_matrix(s, BN)
         assert np.allclose(S, Q[wg * 64: wg * 64 + 64] @ K.T), ("qk", D, wg)
-        o = np.zeros((128, D // 8, 4))
+        o = np.zeros((128, DO // 8, 4))
         for kk in range(BN // 16):
             pa = [[s[th][2*kk][0:2], s[th][2*kk][2:4], s[th][2*kk+1][0:2], s[th][2*kk+1][2:4]] for th in range(128)]
-            o = wgmma_rs_mn(o, pa, smem, sw128_desc(sv + kk * 16 * 128, BN * 128), D)
-        assert np.allclose(acc_to_matrix(o, D), S @ V), ("pv", D, wg)
+            for j in range(DO // PV_N):
+                part = slice(j * PV_N // 8, (j + 1) * PV_N // 8)
+                o[:, part] = wgmma_rs_mn(o[:, part], pa, smem,
+                                         sw128_desc(sv + j * (PV_N // 64) * BN * 128 + kk * 16 * 128, BN * 128), PV_N)
+        O = acc_to_matrix(o, DO)
+        assert np.allclose(O[:, :D], S @ V) and not O[:, D:].any(), ("pv", D, wg)
     print("attention wgmma ok", D, BN)
 
 def check_gemm_wgmma(k_valid, m_valid=100, k_tile=1):
@@ -270,7 +282,7 @@ def main():
         check_gemv(rows, n, k)
     check_gemm_wgmma(64)
     check_gemm_wgmma(40)
-    for D in (64, 128):
+    for D in (32, 64, 96, 128, 256):
         check_attention_wgmma(D)
     for D in (32, 64, 96, 128):
         for NK in (16, 32, 64):

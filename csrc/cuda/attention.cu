@@ -9,7 +9,7 @@
 // Memory traffic per (batch, head): Q and O once, K and V once per 64-row query block (within the band).
 //
 // attention_fwd checks the problem and picks the kernel: the wgmma kernel of attention_sm90.cu where it can run
-// (Hopper, head dims 64 / 128, AttentionParams::kernels auto or wgmma), this one otherwise.
+// (Hopper, AttentionParams::kernels auto or wgmma), this one otherwise.
 #include <cuda_runtime.h>
 
 #include <string>

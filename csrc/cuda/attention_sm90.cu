@@ -1,21 +1,26 @@
-// Attention forward on Hopper warpgroup tensor cores (wgmma, sm_90a), fp16/bf16, head dims 64 and 128.
+// Attention forward on Hopper warpgroup tensor cores (wgmma, sm_90a), fp16/bf16, head dims 32, 64, 96, 128, 256.
 //
 // Warp-specialized, FlashAttention-3 style. Grid (ceil(Sq / 128), H, B), three warpgroups of 128 threads: warpgroup
 // 0 is the producer, 1 and 2 the consumers; consumer c owns query rows 64 c .. 64 c + 63 of the block and each of
-// its warps 16 of them. One producer thread loads Q once and the K and V tiles of 128 keys with TMA (tma.cuh) into
-// 128-byte swizzled slabs (wgmma.cuh), K and V each through a ring of kStages slots; per slot a "full" mbarrier
-// (the TMA bytes have landed) and an "empty" one (all 256 consumer threads are done reading it). The producer gives
-// most of its registers to the consumers (setmaxnreg: 24 / 240 per thread). The consumer warpgroups take turns
-// issuing their GEMMs (ping-pong, through two named barriers), so one's softmax runs while the other's GEMMs keep
-// the tensor cores busy.
+// its warps 16 of them. One producer thread loads Q once and the K and V tiles of kBlockN keys (128; 64 for head
+// dim 256, so that two slots of each fit in shared memory) with TMA (tma.cuh) into 128-byte swizzled slabs
+// (wgmma.cuh), K and V each through a ring of kStages slots; per slot a "full" mbarrier (the TMA bytes have landed)
+// and an "empty" one (all 256 consumer threads are done reading it). The producer gives most of its registers to
+// the consumers (setmaxnreg: 24 / 240 per thread). The consumer warpgroups take turns issuing their GEMMs
+// (ping-pong, through two named barriers), so one's softmax runs while the other's GEMMs keep the tensor cores busy.
 //
-// Per tile t and consumer warpgroup: S_t = Q K_t^T as D / 16 wgmma m64n128k16 with both operands in shared memory,
-// issued together with O += P_{t-1} V_{t-1} (8 wgmma m64nDk16, P from registers, V read transposed from shared
-// memory); the online softmax of attention_tile.cuh (log2 domain) runs on S_t's fragments while the tensor cores
-// still compute P_{t-1} V_{t-1}, and O is rescaled when that product is done (FlashAttention-3's overlap of softmax
-// and GEMMs within a warpgroup). K_t's slot is released as soon as S_t is done, V_{t-1}'s when P_{t-1} V_{t-1} is.
-// Masking, key-tile skipping, empty rows (O = 0, LSE = -inf) and the output write are those of the mma.sync kernel
-// (attention.cu); rows past the sequence ends arrive as zeros from TMA.
+// Head dims that are not a multiple of 64 (32, 96) are stored padded to whole 64-column slabs: TMA writes the
+// columns past D as zeros (no global memory is read for them). S = Q K^T reads only the D real columns; P V runs over
+// the padded width (the swizzled MN-major V operand is read in whole 64-column blocks), whose extra output columns
+// are zero and never stored.
+//
+// Per tile t and consumer warpgroup: S_t = Q K_t^T as D / 16 wgmma m64nBk16 (B = kBlockN) with both operands in
+// shared memory, issued together with O += P_{t-1} V_{t-1} (wgmma m64nNk16 over the padded width, N <= 128, P from
+// registers, V read transposed from shared memory); the online softmax of attention_tile.cuh (log2 domain) runs on
+// S_t's fragments while the tensor cores still compute P_{t-1} V_{t-1}, and O is rescaled when that product is done
+// (FlashAttention-3's overlap of softmax and GEMMs within a warpgroup). K_t's slot is released as soon as S_t is
+// done, V_{t-1}'s when P_{t-1} V_{t-1} is. Masking, key-tile skipping, empty rows (O = 0, LSE = -inf) and the output
+// write are those of the mma.sync kernel (attention.cu); rows past the sequence ends arrive as zeros from TMA.
 //
 // The kernel body exists only in the sm_90a compilation; attention_fwd (attention.cu) launches it only when the
 // extension was built for sm_90a (FASTLM_CUDA_SM90A) and the device is compute capability 9.x, and falls back to the
@@ -34,7 +39,6 @@ namespace fastlm_cuda {
 namespace {
 
 constexpr int kBlockM = 128;  // query rows per block: two consumer warpgroups of 64
-constexpr int kBlockN = 128;  // keys per tile
 constexpr int kThreads = 3 * 128;  // a producer warpgroup, two consumer warpgroups
 constexpr int kStages = 2;          // K (and V) slots
 using Ring = TmaRing<kStages, 2 * 128>;
@@ -44,12 +48,20 @@ struct Barriers {
   Ring k, v;
 };
 
+// Tile shapes and shared-memory layout for head dim D.
 template <int D>
-struct Sm90Smem {
-  static constexpr int kQ = kBlockM * D * 2;                 // bytes of the Q tile
-  static constexpr int kKV = kBlockN * D * 2;                // bytes of one K (or V) tile
-  static constexpr int kBarriers = kQ + 2 * kStages * kKV;   // Q, the K slots, the V slots, then the barriers
+struct Sm90Tile {
+  static_assert(D % 32 == 0 && D <= 256, "head dim: a multiple of 32, at most 256");
+  static constexpr int kSlabs = (D + 63) / 64;        // 64-column slabs of a Q, K or V row
+  static constexpr int kDo = 64 * kSlabs;             // padded width: O's accumulator columns
+  static constexpr int kBlockN = D > 128 ? 64 : 128;  // keys per tile
+  static constexpr int kPvN = kDo < 128 ? kDo : 128;  // N of one P V wgmma (kDo / kPvN of them per k step)
+  static constexpr int kQ = kBlockM * kDo * 2;                // bytes of the Q tile
+  static constexpr int kKV = kBlockN * kDo * 2;               // bytes of one K (or V) tile
+  static constexpr int kBarriers = kQ + 2 * kStages * kKV;    // Q, the K slots, the V slots, then the barriers
   static constexpr int kBytes = kBarriers + static_cast<int>(sizeof(Barriers));
+  static_assert(kBytes <= 227 * 1024, "shared memory of a Hopper block");
+  static_assert(kDo % kPvN == 0 && kPvN % 64 == 0, "P V: whole wgmmas over whole 64-column slabs");
 };
 
 // The kernel's parameters: the problem and the tensor maps of q, k and v as (D, seqlen, heads, batch), boxes of 64
@@ -62,13 +74,15 @@ struct Sm90Args {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const __grid_constant__ Sm90Args args) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Tile = Sm90Tile<D>;
+  constexpr int kBlockN = Tile::kBlockN, kDo = Tile::kDo, kPvN = Tile::kPvN;
   const AttentionParams& p = args.p;
   // swizzled slabs start 1024-byte aligned: the dynamic shared memory (no static shared memory here) is declared so
   extern __shared__ __align__(1024) unsigned char smem[];
   unsigned char* sq = smem;
-  unsigned char* sk = sq + Sm90Smem<D>::kQ;
-  unsigned char* sv = sk + kStages * Sm90Smem<D>::kKV;
-  Barriers& bar = *reinterpret_cast<Barriers*>(smem + Sm90Smem<D>::kBarriers);
+  unsigned char* sk = sq + Tile::kQ;
+  unsigned char* sv = sk + kStages * Tile::kKV;
+  Barriers& bar = *reinterpret_cast<Barriers*>(smem + Tile::kBarriers);
 
   const int tid = threadIdx.x, wg = tid >> 7;
   const int m0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
@@ -93,19 +107,20 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       tma_prefetch_map(&args.q);
       tma_prefetch_map(&args.k);
       tma_prefetch_map(&args.v);
-      mbar_arrive_expect_tx(&bar.q_full, Sm90Smem<D>::kQ);
+      mbar_arrive_expect_tx(&bar.q_full, Tile::kQ);
 #pragma unroll
-      for (int c = 0; c < D / 64; ++c) tma_load_4d(sq + c * kBlockM * 128, &args.q, 64 * c, m0, h, b, &bar.q_full);
+      for (int c = 0; c < Tile::kSlabs; ++c)
+        tma_load_4d(sq + c * kBlockM * 128, &args.q, 64 * c, m0, h, b, &bar.q_full);
       for (int t = 0; t < n_tiles; ++t) {
         const int slot = t % kStages, n0 = n_start + t * kBlockN;
-        uint64_t* k_full = bar.k.acquire(t, Sm90Smem<D>::kKV);
+        uint64_t* k_full = bar.k.acquire(t, Tile::kKV);
 #pragma unroll
-        for (int c = 0; c < D / 64; ++c)
-          tma_load_4d(sk + slot * Sm90Smem<D>::kKV + c * kBlockN * 128, &args.k, 64 * c, n0, hk, b, k_full);
-        uint64_t* v_full = bar.v.acquire(t, Sm90Smem<D>::kKV);
+        for (int c = 0; c < Tile::kSlabs; ++c)
+          tma_load_4d(sk + slot * Tile::kKV + c * kBlockN * 128, &args.k, 64 * c, n0, hk, b, k_full);
+        uint64_t* v_full = bar.v.acquire(t, Tile::kKV);
 #pragma unroll
-        for (int c = 0; c < D / 64; ++c)
-          tma_load_4d(sv + slot * Sm90Smem<D>::kKV + c * kBlockN * 128, &args.v, 64 * c, n0, hk, b, v_full);
+        for (int c = 0; c < Tile::kSlabs; ++c)
+          tma_load_4d(sv + slot * Tile::kKV + c * kBlockN * 128, &args.v, 64 * c, n0, hk, b, v_full);
       }
     }
     return;
@@ -113,19 +128,23 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   setmaxnreg_inc<kConsumerRegs>();
 
   const int cw = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
-  WarpState<D> st;
+  WarpState<kDo> st;  // (columns D .. kDo - 1 stay zero: V is zero there)
   st.init();
   // O += P V of the tile in V slot `slot`, P packed in pa (its wgmmas are committed, not waited for). The writes to
-  // O and pa are all made before its own wgmma.fence (it follows a branch, and ptxas would inject one anyway).
+  // O and pa are all made before its own wgmma.fence (it follows a branch, and ptxas would inject one anyway). Per k
+  // step kDo / kPvN wgmmas, part j on O's columns (and V's slabs) j kPvN ..
   uint32_t pa[kBlockN / 16][4];
   auto issue_pv = [&](int slot) {
-    const unsigned char* vt = sv + slot * Sm90Smem<D>::kKV;
+    const unsigned char* vt = sv + slot * Tile::kKV;
     fence_operands(st.o);
     fence_operands(pa);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk)  // k step kk: keys 16 kk .. 16 kk + 15, rows of the V tile
-      Wgmma<T, D>::rs_mn(st.o, pa[kk], sw128_desc(vt + kk * 16 * 128, kBlockN * 128), 1);
+#pragma unroll
+      for (int j = 0; j < kDo / kPvN; ++j)
+        Wgmma<T, kPvN>::rs_mn(*reinterpret_cast<float(*)[kPvN / 8][4]>(&st.o[j * kPvN / 8]), pa[kk],
+                              sw128_desc(vt + j * (kPvN / 64) * kBlockN * 128 + kk * 16 * 128, kBlockN * 128), 1);
     wgmma_commit();
   };
 
@@ -150,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     if (cw == 1 || t > 0) take_turn();
 
     // S = Q K^T: k step kk covers head-dim columns 16 kk .. 16 kk + 15 (64-column slab kk / 4, 32 bytes per step)
-    const unsigned char* kt = sk + slot * Sm90Smem<D>::kKV;
+    const unsigned char* kt = sk + slot * Tile::kKV;
     float s[kBlockN / 8][4] = {};  // (the first k step overwrites it: scale-d = 0)
     fence_operands(s);
     fence_operands(st.o);
@@ -173,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     fence_operands(s);
 
     float alpha[2];  // O's rescale, applied once P_{t-1} V_{t-1} is done
-    warp_softmax_scores<D, kBlockN>(s, st, scale_log2, band.needs_mask(n0, kBlockN, m0, kBlockM),
+    warp_softmax_scores<kDo, kBlockN>(s, st, scale_log2, band.needs_mask(n0, kBlockN, m0, kBlockM),
                                     [&](int r, int c) { return band.keeps(row0 + r, n0 + c); }, lane,
                                     [&](int row, float a) { alpha[row] = a; });
     wgmma_wait<0>();  // P_{t-1} V_{t-1}: pa is free, O complete up to tile t - 1
@@ -206,30 +225,38 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
 #endif
 }
 
-template <typename T, int D>
-Status launch(const Sm90Args& args, cudaStream_t stream) {
-  const AttentionParams& p = args.p;
-  const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.nheads, p.batch);
-  return launch_kernel(attention_fwd_wgmma_kernel<T, D>, grid, kThreads, Sm90Smem<D>::kBytes, stream, args,
-                       "attention_fwd (wgmma)");
-}
-
-// The tensor maps of q, k and v; false with *why set when the driver refuses one (e.g. a stride-0 expanded dim).
-bool encode_maps(Sm90Args& a, std::string* why) {
+// The tensor maps of q, k and v (boxes of kBlockM query rows, kBlockN key rows); false with *why set when the driver
+// refuses one (e.g. a stride-0 expanded dim).
+bool encode_maps(Sm90Args& a, int block_n, std::string* why) {
   const AttentionParams& p = a.p;
   return encode_tile_maps(
       {{&a.q, {p.q, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.q_ss, p.q_sh, p.q_sb, kBlockM}, "q"},
-       {&a.k, {p.k, p.head_dim, p.seqlen_k, p.nheads_kv, p.batch, p.k_ss, p.k_sh, p.k_sb, kBlockN}, "k"},
-       {&a.v, {p.v, p.head_dim, p.seqlen_k, p.nheads_kv, p.batch, p.v_ss, p.v_sh, p.v_sb, kBlockN}, "v"}},
+       {&a.k, {p.k, p.head_dim, p.seqlen_k, p.nheads_kv, p.batch, p.k_ss, p.k_sh, p.k_sb, block_n}, "k"},
+       {&a.v, {p.v, p.head_dim, p.seqlen_k, p.nheads_kv, p.batch, p.v_ss, p.v_sh, p.v_sb, block_n}, "v"}},
       p.dtype, why);
+}
+
+template <int D>
+Status launch(const AttentionParams& p, cudaStream_t stream) {
+  Sm90Args args{};
+  args.p = p;
+  std::string why;
+  if (p.seqlen_k > 0 && !encode_maps(args, Sm90Tile<D>::kBlockN, &why)) {
+    if (p.kernels == KernelFamily::kWgmma) return Status::Error("attention_fwd: FASTLM_CUDA_KERNELS=wgmma, but " + why);
+    return attention_fwd_mma(p, stream);
+  }
+  const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.nheads, p.batch);
+  const auto kernel = p.dtype == DType::kFloat16 ? attention_fwd_wgmma_kernel<__half, D>
+                                                 : attention_fwd_wgmma_kernel<__nv_bfloat16, D>;
+  return launch_kernel(kernel, grid, kThreads, Sm90Tile<D>::kBytes, stream, args, "attention_fwd (wgmma)");
 }
 
 }  // namespace
 
 bool attention_wgmma_supported(int head_dim, std::string* why) {
   if (!sm90a_device(why)) return false;
-  if (head_dim != 64 && head_dim != 128) {
-    if (why) *why = "the wgmma kernel supports head dims 64 and 128; got " + std::to_string(head_dim);
+  if (head_dim != 32 && head_dim != 64 && head_dim != 96 && head_dim != 128 && head_dim != 256) {
+    if (why) *why = "the wgmma kernel supports head dims 32, 64, 96, 128, 256; got " + std::to_string(head_dim);
     return false;
   }
   return true;
@@ -239,15 +266,8 @@ Status attention_fwd_wgmma(const AttentionParams& p, cudaStream_t stream) {
   std::string why;
   if (!attention_wgmma_supported(p.head_dim, &why))
     return Status::Error("attention_fwd: FASTLM_CUDA_KERNELS=wgmma, but " + why);
-  Sm90Args args{};
-  args.p = p;
-  if (p.seqlen_k > 0 && !encode_maps(args, &why)) {
-    if (p.kernels == KernelFamily::kWgmma) return Status::Error("attention_fwd: FASTLM_CUDA_KERNELS=wgmma, but " + why);
-    return attention_fwd_mma(p, stream);
-  }
-  const bool half = p.dtype == DType::kFloat16;
-  if (p.head_dim == 64) return half ? launch<__half, 64>(args, stream) : launch<__nv_bfloat16, 64>(args, stream);
-  return half ? launch<__half, 128>(args, stream) : launch<__nv_bfloat16, 128>(args, stream);
+  return dispatch_head_dim(p.head_dim, "attention_fwd (wgmma)",
+                           [&](auto d) { return launch<decltype(d)::value>(p, stream); });
 }
 
 }  // namespace fastlm_cuda

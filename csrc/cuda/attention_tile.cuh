@@ -199,10 +199,12 @@ __device__ __forceinline__ void warp_pv(WarpState<D>& st, const float (&p)[NKEYS
 }
 
 // Write the warp's 16 rows (row0 first; rows >= sq_len skipped) of O = o / l to out (row r at out + r * o_ss) and
-// LSE = m ln 2 + ln l to lse[r]. A row that saw no key gets O = 0 and LSE = -inf.
-template <typename T, int D>
-__device__ __forceinline__ void warp_store(const WarpState<D>& st, T* out, int64_t o_ss, float* lse, int row0,
+// LSE = m ln 2 + ln l to lse[r]. A row that saw no key gets O = 0 and LSE = -inf. O's first D of its DS columns are
+// written (DS > D: an accumulator padded past the head dim).
+template <typename T, int D, int DS>
+__device__ __forceinline__ void warp_store(const WarpState<DS>& st, T* out, int64_t o_ss, float* lse, int row0,
                                            int sq_len, int lane) {
+  static_assert(D % 8 == 0 && D <= DS, "warp_store: D columns of a DS-column accumulator");
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {

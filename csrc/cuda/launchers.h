@@ -20,7 +20,7 @@ struct Status {
 };
 
 // Which tensor-core kernels run the attention forward and the MLP GEMMs: kAuto takes the sm_90a wgmma kernels where
-// they can run (a Hopper GPU, an sm_90a build; attention: head dims 64 / 128), otherwise the sm_80 mma.sync kernels;
+// they can run (a Hopper GPU, an sm_90a build), otherwise the sm_80 mma.sync kernels;
 // kMma always the mma.sync ones; kWgmma the wgmma ones, failing with an error where they cannot run.
 enum class KernelFamily { kAuto, kMma, kWgmma };
 
