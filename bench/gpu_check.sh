@@ -107,7 +107,8 @@ kc, vc = torch.randn(2, 300, 2, 64, device=dev, dtype=torch.bfloat16), torch.ran
                                                                                    dtype=torch.bfloat16)
 lens = torch.tensor([300, 77], device=dev, dtype=torch.int32)
 q1 = q[:, :1].detach().expand(2, 1, 4, 64).contiguous()
-q256, k256, v256 = (torch.randn(1, 200, 2, 256, device=dev, dtype=torch.bfloat16) for _ in "qkv")  # 64-key tiles
+# head dim 256: the wgmma kernel's 64-key tiles (CUDA kernels only: the Triton kernels are covered by the first case)
+q256, k256, v256 = (torch.randn(1, 200, 2, 256, device=dev, dtype=torch.bfloat16) for _ in "qkv")
 x = torch.randn(70, 128, device=dev, dtype=torch.bfloat16)
 wg, wu, wd = (torch.randn(*s, device=dev, dtype=torch.bfloat16) * 0.1 for s in ((200, 128), (200, 128), (128, 200)))
 # "cuda": the wgmma attention / MLP kernels on Hopper; "cuda" with FASTLM_CUDA_KERNELS=mma: the mma.sync ones
@@ -117,6 +118,8 @@ for b, kernel in (("triton", "auto"), ("cuda", "auto"), ("cuda", "mma")):
                       ("attention-d256", lambda: ops.attention(q256, k256, v256, causal=True, backend=b)),
                       ("decode", lambda: ops.decode_attention(q1, kc, vc, lens, backend=b)),
                       ("mlp", lambda: ops.mlp_swiglu(x, wg, wu, wd, backend=b))):
+        if name == "attention-d256" and b == "triton":
+            continue
         try:
             run()
         except RuntimeError as e:
