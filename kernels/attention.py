@@ -29,7 +29,6 @@ from fastlm.backends import interpreter
 from fastlm.kernels._helpers import aligned, check_grid
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -173,6 +172,7 @@ def _attn_fwd(Q, K, V, O, LSE,
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # (log2 domain to natural log: times ln 2)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     _store_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_d, d_mask, stride_om, Sq, out)
     tl.store(LSE + (b * H + h) * Sq + offs_m, lse, mask=offs_m < Sq)

@@ -77,7 +77,7 @@ def check_attention(D, NKEYS):
     assert np.allclose(Om, Sm @ V), "pv"
     print("attention ok", D, NKEYS)
 
-def check_gemm(BN, dual_w=0):
+def check_gemm(BN):
     # one k-step of the GEMM kernel for warp (wm, wn): A tile 128 x 32, B tile BN x 32, stride 40
     kS = 40; BM = 128; WN = BN // 4; MT = 4; NT = WN // 8
     A = rng.standard_normal((BM, 32)); B = rng.standard_normal((BN, 32))
