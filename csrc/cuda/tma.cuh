@@ -6,8 +6,8 @@
 //
 // A TMA load with CU_TENSOR_MAP_SWIZZLE_128B and a 64-element (128-byte) inner box writes box row r at r * 128 and
 // its 16-byte chunk j at chunk position j ^ (r % 8) of a 1024-byte aligned destination: the sw128 slab of wgmma.cuh.
-// Elements outside the tensor (rows past a sequence end) are written as zeros, and still count towards the bytes
-// the barrier expects.
+// Elements outside the tensor (rows past a sequence end, columns past a head dim of 32 or 96) are written as zeros
+// without reading memory, and still count towards the bytes the barrier expects.
 #pragma once
 
 #include <cuda.h>
