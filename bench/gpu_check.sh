@@ -7,7 +7,9 @@
 # its own log in OUTDIR (a failing step does not stop the others; the exit status is non-zero if any failed):
 #   env        nvidia-smi, torch / triton / nvcc versions
 #   build      pip install --no-deps --no-build-isolation -e . (builds the C++/CUDA extension, MAX_JOBS = cores)
-#   tests      pytest tests -m "gpu or not slow" with a per-test timeout -> tests.log, junit.xml
+#   tests      pytest tests -m "gpu or not slow" with a per-test timeout (pytest-xdist workers where installed; the
+#              Triton kernels at their default configurations, every candidate in its own tests) -> tests.log,
+#              junit.xml
 #   aot        bench/kernel_report.py and csrc/cuda/compile_check.py (CPU-only compiles, run beside the tests)
 #   bench      python -m fastlm bench --suite quick -> OUTDIR/bench/{bench.json,*.png}
 #   sanitizer  compute-sanitizer memcheck and racecheck on a small attention + decode case, where available
@@ -158,8 +160,14 @@ if [ "$DRY" = 1 ]; then
     step tests 300 "$PY" -m pytest tests -m "not slow" -x -q -p no:cacheprovider --timeout=300 -k "benchmark" \
         --junitxml="$OUT/junit.xml"
 else
-    step tests "$(limit 150 200)" "$PY" -m pytest tests -m "gpu or not slow" -q -p no:cacheprovider --timeout=60 -rfE \
-        --junitxml="$OUT/junit.xml"
+    # in parallel processes where pytest-xdist is installed: each compiles the Triton kernels its tests need, and a
+    # crashing test takes down its worker, not the run
+    XDIST=()
+    if "$PY" -c "import xdist" >/dev/null 2>&1; then
+        XDIST=(-n "$((CORES < 8 ? CORES : 8))")
+    fi
+    step tests "$(limit 150 200)" "$PY" -m pytest tests -m "gpu or not slow" ${XDIST[@]+"${XDIST[@]}"} -q \
+        -p no:cacheprovider --timeout=60 -rfE --junitxml="$OUT/junit.xml"
 fi
 
 wait "$AOT_PID"

@@ -1,6 +1,6 @@
 """Shared pieces of the Triton kernels: activation functions (and their derivatives) as @triton.jit helpers, an fp32
 dot that stays IEEE-exact, and small host-side utilities (SM count, power-of-two sizes, grid limits, (rows, D)
-views, AOT alignment attributes).
+views, AOT alignment attributes, the autotuning switch).
 
 Nothing here runs at import time beyond defining functions; the SM count is queried lazily and cached.
 """
@@ -8,12 +8,42 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from fastlm.backends import interpreter  # noqa: F401  (re-exported for the kernel modules)
+
+
+def autotuning() -> bool:
+    """Whether the autotuned Triton kernels (attention, the MLP GEMMs) time their candidate configurations on the
+    first call of each new problem shape and keep the fastest: FASTLM_TRITON_AUTOTUNE=0 turns that off, and each
+    kernel runs its default configuration for the shape (the first candidate its pruning keeps) with nothing timed.
+    Read whenever a new shape arrives, so it can change within a process; the test suite sets it to 0 (and turns it
+    on where a test is about autotuning), which keeps a first run on a GPU from timing every candidate of every
+    shape."""
+    value = os.environ.get("FASTLM_TRITON_AUTOTUNE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"FASTLM_TRITON_AUTOTUNE must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
+def autotune(configs, key, prune):
+    """triton.autotune over ``configs`` keyed by ``key``, pruned per shape by ``prune(configs, named_args, **kwargs)``,
+    honouring autotuning(): when it is off the pruning keeps only its first survivor and that one is not timed."""
+    def early_prune(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs)
+        return kept if autotuning() else kept[:1]
+
+    def do_bench(kernel_call, quantiles):
+        if not autotuning():  # a single survivor: nothing to choose between
+            return [0.0] * len(quantiles)
+        return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune},
+                           do_bench=do_bench)
 
 
 def next_pow2(n: int) -> int:

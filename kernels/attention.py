@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from fastlm.backends import interpreter
-from fastlm.kernels._helpers import aligned, check_grid
+from fastlm.kernels._helpers import aligned, autotune, check_grid
 
 LOG2E = 1.4426950408889634
 
@@ -366,11 +366,16 @@ def dq_configs(block_d: int) -> list[triton.Config]:
 _AUTOTUNE_KEY = ["seq_bucket", "group", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "PRECISION"]
 
 
+def _config_key(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
 def _prune_by_head_dim(make):
+    """The candidates of the call's head dim, in make()'s order (its default first)."""
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in make(block_d)}
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        by_key = {_config_key(c): c for c in configs}
+        return [by_key[_config_key(c)] for c in make(block_d)]
     return prune
 
 
@@ -378,16 +383,14 @@ def _all_configs(make):
     seen, out = set(), []
     for d in (16, 32, 64, 128, 256):
         for c in make(d):
-            key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-            if key not in seen:
-                seen.add(key)
+            if _config_key(c) not in seen:
+                seen.add(_config_key(c))
                 out.append(c)
     return out
 
 
-def _autotuned(fn, make, zero=()):
-    return triton.autotune(configs=_all_configs(make), key=_AUTOTUNE_KEY, reset_to_zero=list(zero),
-                           prune_configs_by={"early_config_prune": _prune_by_head_dim(make)})(fn)
+def _autotuned(fn, make):
+    return autotune(_all_configs(make), _AUTOTUNE_KEY, _prune_by_head_dim(make))(fn)
 
 
 _attn_fwd_tuned = _autotuned(_attn_fwd, fwd_configs)

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import (aligned, dot_acc, gelu_tanh, gelu_tanh_and_grad, interpreter, next_pow2, rows2d, silu,
-                       triton_dtype_name)
+from ._helpers import (aligned, autotune, dot_acc, gelu_tanh, gelu_tanh_and_grad, interpreter, next_pow2, rows2d,
+                       silu, triton_dtype_name)
 
 ACT_NONE, ACT_GELU, ACT_SWIGLU = 0, 1, 2
 SMEM_BYTES = 220 * 1024  # sm_90 allows 227 KB per block; leave room for the epilogue's layout conversions
@@ -165,8 +165,7 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
-_gemm = triton.autotune(configs=gemm_configs(), key=["M_KEY", "N", "K", "ACT"],
-                        prune_configs_by={"early_config_prune": prune_configs})(ffn_gemm_kernel)
+_gemm = autotune(gemm_configs(), ["M_KEY", "N", "K", "ACT"], prune_configs)(ffn_gemm_kernel)
 
 
 # ---- launchers -----------------------------------------------------------------------------------------------------

@@ -2,8 +2,15 @@
 
 TRITON_INTERPRET must be set before triton is first imported, hence here, before anything imports fastlm.
 Environment knobs: FASTLM_TEST_DEVICE=cuda|cpu overrides the device.
+
+On a GPU the autotuned Triton kernels run their default configuration for each shape (FASTLM_TRITON_AUTOTUNE=0,
+unless set otherwise): timing every candidate of every shape the tests use would make a first run take many
+minutes. Every candidate is tested one at a time instead (test_attention / test_ffn: test_every_*_config), and the
+tests about autotuning turn it on (the ``autotuning`` fixture).
 """
 import os
+
+os.environ.setdefault("FASTLM_TRITON_AUTOTUNE", "0")
 
 if os.environ.get("FASTLM_TEST_DEVICE", "") != "cuda":
     try:
@@ -47,6 +54,12 @@ def device():
 def _seed(request):
     # fresh random inputs per case, but reproducible from the test id
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def autotuning(monkeypatch):
+    """The Triton kernels autotune during the test (FASTLM_TRITON_AUTOTUNE=1)."""
+    monkeypatch.setenv("FASTLM_TRITON_AUTOTUNE", "1")
 
 
 @pytest.fixture(scope="module")

@@ -344,14 +344,46 @@ def test_float64_only_on_reference_backend():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# GPU only: large shapes through the autotuned configurations
+# GPU only: large shapes through the autotuned configurations; every candidate configuration
 # --------------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_large(d, causal):
+def test_gpu_large(autotuning, d, causal):
     _check_case("triton", torch.bfloat16, (2, 1031, 2049, 8, 2, d, causal, (-1, -1)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [40, 128, 256])
+@pytest.mark.parametrize("kernel", ["fwd", "bwd_dkdv", "bwd_dq"])
+def test_every_attention_config(monkeypatch, d, kernel):
+    """Autotuning may pick any candidate configuration of the attention kernels: each one, forced in turn, gives
+    forward and gradients within the rule (the other two kernels at their defaults), on ragged causal and windowed
+    GQA cases."""
+    import triton
+
+    from fastlm.kernels import attention as kernels
+    make = {"fwd": kernels.fwd_configs, "bwd_dkdv": kernels.dkdv_configs, "bwd_dq": kernels.dq_configs}[kernel]
+    raw = getattr(kernels, f"_attn_{kernel}")
+    configs = make(max(16, triton.next_power_of_2(d)))
+    assert len(configs) >= 2
+    for config in configs:
+        monkeypatch.setattr(kernels, f"_attn_{kernel}_tuned", triton.autotune([config], kernels._AUTOTUNE_KEY)(raw))
+        for case in ((1, 300, 300, 4, 2, d, True, (-1, -1)), (2, 130, 261, 2, 1, d, False, (50, 20))):
+            _check_case("triton", torch.bfloat16, case)
+
+
+def test_attention_config_defaults(monkeypatch):
+    """With autotuning off the attention kernels run the first candidate of their head dim's list (the default
+    bench/kernel_report.py compiles): the pruning keeps make(block_d)'s candidates in make's order."""
+    from fastlm.kernels import attention as kernels
+    monkeypatch.setattr(kernels, "interpreter", lambda: False)  # the GPU candidates
+    for make in (kernels.fwd_configs, kernels.dkdv_configs, kernels.dq_configs):
+        prune, configs = kernels._prune_by_head_dim(make), kernels._all_configs(make)
+        for d in (16, 32, 64, 128, 256):
+            kept = prune(configs, {}, BLOCK_D=d)
+            assert [kernels._config_key(c) for c in kept] == [kernels._config_key(c) for c in make(d)], (make, d)
 
 
 def test_triton_grid_limits():

@@ -49,3 +49,25 @@ def test_resolve_dtype_rule():
         # an explicit backend is taken as asked: the kernel then rejects float64 with a clear error
         with pytest.raises(RuntimeError, match="dtype must be float32, bfloat16 or float16, got Double"):
             ops.linear(_t(2, 8), _t(3, 8), backend="cpu")
+
+
+def test_autotuning_switch(monkeypatch):
+    """FASTLM_TRITON_AUTOTUNE: on, the autotuned kernels keep every candidate their pruning keeps and time them; off
+    (the test suite's default), only the first survivor, untimed; read per new shape; any other value is an error
+    naming the variable."""
+    import triton
+
+    from fastlm.kernels import _helpers
+
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64, 128)]
+    tuner = _helpers.autotune(configs, ["n"], lambda cs, named_args, **kw: [c for c in cs if c.kwargs["BLOCK"] >= 32])(
+        triton.jit(lambda n: None))
+    tuner.nargs, calls = {}, []  # (the named arguments of the call being tuned: none here)
+    monkeypatch.setenv("FASTLM_TRITON_AUTOTUNE", "0")
+    assert [c.kwargs["BLOCK"] for c in tuner.prune_configs({})] == [32]
+    assert tuner.do_bench(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0] and calls == []
+    monkeypatch.setenv("FASTLM_TRITON_AUTOTUNE", "1")
+    assert [c.kwargs["BLOCK"] for c in tuner.prune_configs({})] == [32, 64, 128]
+    monkeypatch.setenv("FASTLM_TRITON_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="FASTLM_TRITON_AUTOTUNE must be '0' or '1', got 'yes'"):
+        tuner.prune_configs({})

@@ -129,12 +129,32 @@ def test_bad_input(call, exc, words):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mlps_large_autotuned(dtype):
+def test_mlps_large_autotuned(autotuning, dtype):
     # model-sized GEMMs through the autotuned configs (wgmma tiles), ragged M
     check_op("mlp_gelu(large)", lambda *a: mlp_gelu(*a, backend="triton"), reference.mlp_gelu,
              _gelu_inputs(1031, 768, 3072, dtype))
     check_op("mlp_swiglu(large)", lambda *a: mlp_swiglu(*a, backend="triton"), reference.mlp_swiglu,
              _swiglu_inputs(1031, 1024, 2816, dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [24, 1031])
+def test_every_gemm_config(monkeypatch, rows):
+    """Autotuning may pick any candidate tile the pruning keeps: each one kept for a decode-sized (24: the 16- and
+    32-row tiles) or a prefill-sized (1031) number of rows, forced in turn, gives both MLPs within the rule."""
+    import triton
+
+    k = importlib.import_module("fastlm.kernels.ffn")
+    x = torch.empty(0, dtype=torch.bfloat16)
+    tested = 0
+    for act, op, ref, inputs in ((k.ACT_GELU, mlp_gelu, reference.mlp_gelu, _gelu_inputs),
+                                 (k.ACT_SWIGLU, mlp_swiglu, reference.mlp_swiglu, _swiglu_inputs)):
+        for config in k.prune_configs(k.gpu_gemm_configs(), {"M": rows, "N": 1408, "K": 512, "ACT": act, "X": x}):
+            monkeypatch.setattr(k, "_gemm", triton.autotune([config], ["M_KEY", "N", "K", "ACT"])(k.ffn_gemm_kernel))
+            check_op(f"{op.__name__}({config})", lambda *a: op(*a, backend="triton"), ref,
+                     inputs(rows, 512, 1408, torch.bfloat16))
+            tested += 1
+    assert tested >= 4
 
 
 def test_gemm_config_pruning():
