@@ -441,6 +441,18 @@ def _fused_head_forward(self, *args, original, backend, **kwargs):
     return out if return_dict else out.to_tuple()          # a tuple without the logits, as to_tuple drops None
 
 
+def _fused_head_method(model, backend):
+    """model.forward replaced by _fused_head_forward, under the original's signature: transformers reads it (generate
+    builds position_ids from the attention mask only for a forward that takes them, the Trainer keeps the dataset
+    columns it names, logits_to_keep is passed only where it is a parameter)."""
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        return _fused_head_forward(model, *args, original=original, backend=backend, **kwargs)
+    return forward
+
+
 def _identity(x):
     return x
 
@@ -515,8 +527,7 @@ def patch(model, backend: str = "auto", fused_linear_cross_entropy: bool = True)
         model.loss_function = functools.partial(_causal_lm_loss, backend=backend)
         if fused_linear_cross_entropy:
             forwards.append((model, model.__dict__.get("forward")))
-            model.forward = types.MethodType(
-                functools.partial(_fused_head_forward, original=model.forward, backend=backend), model)
+            model.forward = _fused_head_method(model, backend)
     model._fastlm_patch = state
     return model
 

@@ -2,6 +2,7 @@
 patch / unpatch (same logits, same gradients, exact restoration). Tiny random models built from config objects."""
 import copy
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -386,7 +387,9 @@ def test_patched_generation_and_padding(kind, cache, monkeypatch):
     """HF's own generate through the patched model (its cache, one-token steps; 16 tokens, far past a sliding
     window) runs every attention in fastlm's op and gives what the unpatched model gives, with transformers' default
     cache (sliding-window layers keep only the window's keys) and with a DynamicCache that keeps every key. A padded
-    batch (falls back to transformers' masked attention, its window included) gives the unpatched logits too."""
+    batch (falls back to transformers' masked attention, its window included) gives the unpatched logits too, in a
+    forward and through generate (which builds the position ids from the mask only for a forward whose signature
+    takes them: GPT-2's learned positions are wrong otherwise)."""
     hf = PATCH_MODELS[kind]()
     prompt = torch.randint(1, V, (2, 6))
     mask = torch.ones_like(prompt)
@@ -397,14 +400,21 @@ def test_patched_generation_and_padding(kind, cache, monkeypatch):
         return hf.generate(prompt[:1], max_new_tokens=16, do_sample=False, min_new_tokens=16,
                            attention_mask=mask[:1], **past)
 
+    def generate_padded():
+        return torch.stack(hf.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                       output_logits=True, return_dict_in_generate=True).logits)
+
     with torch.no_grad():
-        gen = generate()
+        gen, gen_padded = generate(), generate_padded()
         padded = hf(prompt, attention_mask=mask).logits
+        signature = inspect.signature(hf.forward)
         counter = CountOps(monkeypatch, ["attention"])
         patch(hf, backend="torch")
         assert torch.equal(generate(), gen)
         assert counter.calls["attention"] == 16 * 2                   # prefill and 15 steps, 2 layers: no fallback
         torch.testing.assert_close(hf(prompt, attention_mask=mask).logits[:, 2:], padded[:, 2:])
+        assert inspect.signature(hf.forward) == signature
+        torch.testing.assert_close(generate_padded(), gen_padded)
         unpatch(hf)
 
 
