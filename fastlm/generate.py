@@ -215,13 +215,13 @@ def _stop_list(stop_tokens, vocab_size: int) -> list[int]:
     return stop
 
 
-def _decode_step(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p, noise):
+def _decode_step(model, tok, pos, done, stop, temperature, top_k, top_p, noise):
     """One token for every sequence: tok (B,) at positions pos (B,); noise (B, V) for sampling (None for greedy).
-    Returns the next tokens (B,) and the updated done mask. Device-only work: nothing here reads a value on the
-    host."""
+    Returns the next tokens (B,) and the updated done mask. A finished sequence goes on sampling (its tokens are
+    replaced by the pad in the output, never fed to the model, so any pad id works). Device-only work: nothing here
+    reads a value on the host."""
     logits = model(tok[:, None], input_pos=pos)[:, -1]                      # (B, V)
     nxt = _sample(logits, temperature, top_k, top_p, noise=noise)
-    nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
     if stop is not None:
         done = done | _is_stop(nxt, stop)
     return nxt, done
@@ -270,7 +270,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     prompts: a LongTensor (B, S), or a list of token lists of different lengths; one prompt may also be given as a
     flat list of ints or a 1-D tensor. Returns the prompt followed by its new tokens, in the input's form: a
     LongTensor (B, S + n) for tensor input (n = the number of steps run; after its stop token a sequence is filled
-    with ``pad_id``, default the first stop token), or a list of token lists ending at (and including) the stop
+    with ``pad_id``, default the first stop token; any int64, it is never fed to the model), or a list of token lists ending at (and including) the stop
     token (a 1-D tensor or a flat list for a single prompt given so). ``stop_tokens`` is a list of token ids (None
     or empty: none). ``generator`` (a seeded torch.Generator on the model's device) makes sampling
     reproducible. ``stream(tokens)`` is called after every step with the new tokens (B,) on the CPU.
@@ -305,7 +305,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
         decode = torch.compile(_decode_step, **options)
 
     def step(tok, pos, done, noise):
-        return decode(model, tok, pos, done, stop, pad_id, temperature, top_k, top_p, noise)
+        return decode(model, tok, pos, done, stop, temperature, top_k, top_p, noise)
 
     # the cache dtype follows the weights: under autocast the cache would have to be set up by the caller
     model.setup_cache(B, longest + max_new_tokens, dtype=param.dtype, device=device)
@@ -329,12 +329,13 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
                 noise = exponential_noise((B, cfg.vocab_size), device, generator) if temperature > 0 else None
                 if cuda_graph and not isinstance(step, _GraphedStep):
                     step = _GraphedStep(step, tok, pos, done, noise)
+                finished = done
                 tok, done = step(tok, pos, done, noise)
-                out[:, n] = tok
+                out[:, n] = torch.where(finished, pad_id, tok)
                 pos += 1
                 n += 1
                 if stream is not None:
-                    stream(tok.cpu())
+                    stream(out[:, n - 1].cpu())
         new = out[:, :n].cpu()
     finally:
         model.clear_cache()

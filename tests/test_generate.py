@@ -152,6 +152,14 @@ def test_stop_tokens():
     t = generate(model, torch.tensor([[10, 20, 30]]), 15, stop_tokens=[stop], sync_every=4)
     assert t[0, :len(out[0])].tolist() == out[0]
     assert (t[0, len(out[0]):] == stop).all()
+    # any pad id, in the vocab or not: it only fills the output (a batch whose other sequence runs on)
+    streamed = []
+    for pad in (-1, model.config.vocab_size, 2 ** 63 - 1):
+        both = generate(model, torch.tensor([[10, 20, 30], [40, 50, 60]]), 15, stop_tokens=[stop], pad_id=pad,
+                        stream=streamed.append)
+        assert both.shape == (2, 18) and both[0, :len(out[0])].tolist() == out[0]
+        assert (both[0, len(out[0]):] == pad).all() and (both[1] != pad).all()
+        assert torch.equal(torch.stack(streamed[-15:], 1), both[:, 3:])   # streamed as returned
 
 
 class _SyncDetector(TorchDispatchMode):
@@ -189,7 +197,7 @@ def test_decode_step_has_no_host_sync(kw):
     model = _PositionalLM()
     with torch.no_grad(), _SyncDetector() as det:
         _decode_step(model, torch.tensor([3, 4]), torch.tensor([5, 2]), torch.zeros(2, dtype=torch.bool),
-                     torch.tensor([7]), 0, kw["temperature"], kw.get("top_k"), kw.get("top_p"),
+                     torch.tensor([7]), kw["temperature"], kw.get("top_k"), kw.get("top_p"),
                      torch.empty(2, 50).exponential_() if kw["temperature"] > 0 else None)
     assert det.seen == []
     # the detector does see a sync when there is one
