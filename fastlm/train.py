@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import inspect
 import json
 import math
 import os
@@ -38,9 +39,8 @@ CHECKPOINT = "checkpoint.safetensors"
 FORMAT = "fastlm-checkpoint-1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# A small default model: trains in about a minute on a 2-core CPU.
-DEFAULTS = dict(preset="llama-tiny", overrides="d_model=128,n_layer=4,n_head=4,n_kv_head=2", steps=300,
-                batch_size=12, seqlen=128, lr=3e-3, warmup=30)
+# A small default model: trains in about a minute on a 2-core CPU (with train()'s default run settings).
+DEFAULTS = dict(preset="llama-tiny", overrides="d_model=128,n_layer=4,n_head=4,n_kv_head=2", steps=300)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -305,7 +305,9 @@ def _config_dict(config) -> dict:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
 
 
-def _read_checkpoint(path: str):
+def _read_checkpoint(path: str, tensors: bool = True):
+    """(file, metadata, tensors) of a checkpoint (a directory or a .safetensors file), the metadata checked;
+    tensors=False reads the metadata alone (tensors comes back empty)."""
     from safetensors import safe_open
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
@@ -323,7 +325,7 @@ def _read_checkpoint(path: str):
     try:
         with safe_open(file, framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as e:  # safetensors raises its own error type for truncated or foreign files
         raise ValueError(f"checkpoint {file} is corrupt or not a safetensors file: {e}") from e
     if meta.get("format") != FORMAT:
@@ -386,6 +388,22 @@ def load_config(path: str):
         return _config_from(fields_, f"config file {path}")
     file, meta, _ = _read_checkpoint(path)
     return _checkpoint_config(file, meta)
+
+
+# The settings of a training run that shape its loss curve: a resumed run must keep them (checkpoint extra "run").
+RUN_SETTINGS = ("seqlen", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "grad_clip", "seed", "dtype")
+
+
+def run_settings(path: str) -> dict:
+    """The RUN_SETTINGS a checkpoint's run was trained with (those it records: checkpoints of older versions hold
+    seqlen and batch_size only), read from its metadata without loading its tensors."""
+    file, meta, _ = _read_checkpoint(path, tensors=False)
+    return _saved_run(json.loads(meta.get("extra", "{}")))
+
+
+def _saved_run(extra: dict) -> dict:
+    run = extra.get("run", {k: extra[k] for k in ("seqlen", "batch_size") if k in extra})
+    return {k: run[k] for k in RUN_SETTINGS if k in run} if isinstance(run, dict) else {}
 
 
 def load_checkpoint(path: str, *, backend: str = "auto", device=None, optimizer=None):
@@ -579,6 +597,8 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     start, history = 0, {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_loss": []}
+    run = {"seqlen": seqlen, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "warmup": warmup,
+           "weight_decay": weight_decay, "grad_clip": grad_clip, "seed": seed, "dtype": dtype}
     model = optimizer = None
     if resume:
         file, meta, tensors = _read_checkpoint(out)
@@ -586,6 +606,13 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
         if info["step"] >= steps:
             raise ValueError(f"checkpoint {file} is already at step {info['step']} >= steps={steps}: nothing to "
                              f"train; pass a larger steps to continue")
+        saved = _saved_run(info["extra"])
+        differ = [f"{k}={run[k]!r} (the checkpoint's: {saved[k]!r})" for k in RUN_SETTINGS
+                  if k in saved and saved[k] != run[k]]
+        if differ:
+            raise ValueError(f"resume: checkpoint {file} was trained with other settings: {', '.join(differ)}; "
+                             f"resume with the checkpoint's settings (the CLI's --resume takes every one not given "
+                             f"from the checkpoint), or train a new run into another out directory")
         config, tokenizer = info["config"], info["tokenizer"]
         optimizer = make_optimizer(model, lr, weight_decay)
         _load_optimizer(optimizer, meta, tensors, file)
@@ -672,7 +699,7 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
             history["eval_loss"].append(last_eval)
             if main and out:
                 file = save_checkpoint(out, model, optimizer, step=done, tokenizer=tokenizer, history=history,
-                                       extra={"data": data, "seqlen": seqlen, "batch_size": batch_size})
+                                       extra={"data": data, "run": run})
         if bar is not None:
             elapsed = time.perf_counter() - t0
             evals = {} if last_eval is None else {"eval": f"{last_eval:.3f}",
@@ -758,51 +785,62 @@ def parse_overrides(spec: str | None) -> dict:
     return result
 
 
+def _run_default(name: str):
+    """The default of a run setting: train()'s (autocast in bf16 on a GPU)."""
+    if name == "dtype":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return inspect.signature(train).parameters[name].default
+
+
 def cli(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastlm train",
                                 description="Train a model on a text corpus (default: the corpus shipped with fastlm, "
                                             "a small byte-level model, about a minute on a CPU).")
+    # the model and run settings default to None here: with --resume, what is not given comes from the checkpoint
     p.add_argument("--data", default=None, help="text file, directory, or 'stdlib' (default: fastlm/data)")
-    p.add_argument("--tokenizer", default="byte", choices=["byte", "tiktoken", "sentencepiece"])
+    p.add_argument("--tokenizer", default=None, choices=["byte", "tiktoken", "sentencepiece"],
+                   help="(default: byte)")
     p.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
-    p.add_argument("--preset", default=DEFAULTS["preset"])
+    p.add_argument("--preset", default=None, help=f"(default: {DEFAULTS['preset']})")
     p.add_argument("--config", default=None,
                    help=f"Config overrides key=value,... (default with the default preset: {DEFAULTS['overrides']})")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--seqlen", type=int, default=DEFAULTS["seqlen"])
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES),
-                   help="autocast dtype on GPU (weights stay fp32); CPU runs in fp32")
+    for flag, kind in (("--batch-size", int), ("--seqlen", int), ("--lr", float), ("--warmup", int),
+                       ("--grad-clip", float), ("--grad-accum", int), ("--weight-decay", float), ("--seed", int)):
+        p.add_argument(flag, type=kind, default=None, help=f"(default: {_run_default(flag[2:].replace('-', '_'))})")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="autocast dtype on GPU (weights stay fp32; default bf16); CPU runs in fp32")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--out", default="fastlm-run", help="output directory (checkpoint, config.json, loss.png)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out: its model, tokenizer and run settings")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
         check_threads(args.threads)
         check_run_dir(args.out, "--out")
-        config = None
+        settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+        config = tokenizer = None
         if not args.resume:
             from fastlm.config import Config
+            preset = args.preset or DEFAULTS["preset"]
             spec = args.config if args.config is not None else (
-                DEFAULTS["overrides"] if args.preset == DEFAULTS["preset"] else None)
-            tokenizer = make_tokenizer(args.tokenizer, args.tokenizer_model)
-            config = Config.from_name(args.preset, **{"vocab_size": tokenizer.vocab_size, **parse_overrides(spec)})
+                DEFAULTS["overrides"] if preset == DEFAULTS["preset"] else None)
+            tokenizer = make_tokenizer(args.tokenizer or "byte", args.tokenizer_model)
+            config = Config.from_name(preset, **{"vocab_size": tokenizer.vocab_size, **parse_overrides(spec)})
         else:
-            tokenizer = None
-        train(config, data=args.data, tokenizer=tokenizer, steps=args.steps, batch_size=args.batch_size,
-              seqlen=args.seqlen, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
-              grad_accum=args.grad_accum, weight_decay=args.weight_decay, dtype=args.dtype,
-              eval_every=args.eval_every, out=args.out, resume=args.resume, backend=args.backend, seed=args.seed,
-              progress=not args.no_progress)
+            given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config),
+                                              ("--tokenizer", args.tokenizer),
+                                              ("--tokenizer-model", args.tokenizer_model)) if value is not None]
+            if given:
+                raise ValueError(f"--resume continues the checkpoint's model and tokenizer: drop {', '.join(given)}")
+            saved = run_settings(args.out)
+            settings = {k: saved.get(k) if v is None else v for k, v in settings.items()}
+        settings = {k: _run_default(k) if v is None else v for k, v in settings.items()}
+        train(config, data=args.data, tokenizer=tokenizer, steps=args.steps, eval_every=args.eval_every,
+              out=args.out, resume=args.resume, backend=args.backend, progress=not args.no_progress, **settings)
     except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -77,6 +77,29 @@ def test_resume_continues_the_same_curve(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
 
+def test_resume_keeps_the_run_settings(tmp_path, capsys):
+    """A resumed run trains with the interrupted run's settings: the CLI's --resume takes every setting not given
+    from the checkpoint (and continues the same loss curve), while a setting that differs (an argument of train(), an
+    option given to the CLI) or a model / tokenizer option is an error naming it."""
+    settings = dict(batch_size=3, seqlen=24, lr=1e-3, warmup=2, seed=5, grad_clip=0.5, weight_decay=0.05)
+    full = _train(steps=8, eval_every=4, **settings)
+    _train(steps=8, eval_every=4, out=str(tmp_path), stop_after=4, plot=False, **settings)
+    assert T.run_settings(str(tmp_path)) == {**settings, "grad_accum": 1, "dtype": "fp32"}
+    with pytest.raises(ValueError, match=r"other settings: seqlen=32 \(the checkpoint's: 24\), batch_size=4 .*"
+                                         r"lr=0.003 \(the checkpoint's: 0.001\), warmup=5 .*seed=0 "):
+        _train(steps=8, out=str(tmp_path), resume=True)
+    for extra, named in ((["--lr", "0.5"], "lr=0.5 (the checkpoint's: 0.001)"), (["--preset", "llama-tiny"], "--preset"),
+                         (["--tokenizer", "byte"], "--tokenizer")):
+        assert T.cli(["--out", str(tmp_path), "--resume", "--steps", "8", "--no-progress"] + extra) == 2
+        assert named in capsys.readouterr().err
+    assert T.cli(["--out", str(tmp_path), "--resume", "--steps", "8", "--eval-every", "4", "--backend", "torch",
+                  "--no-progress"]) == 0
+    resumed = T.load_checkpoint(str(tmp_path), backend="torch")[1]["history"]
+    assert resumed["step"] == list(range(1, 9))
+    torch.testing.assert_close(torch.tensor(resumed["loss"]), torch.tensor(full["history"]["loss"]), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     res = _train(steps=3, out=str(tmp_path), plot=False)
     before = (tmp_path / T.CHECKPOINT).read_bytes()
