@@ -230,6 +230,10 @@ def test_empty(shape):
     out, lse = ops.attention(q, k, v, causal=True, return_lse=True)
     assert out.shape == q.shape and lse.shape == (b, 2, sq)
     assert (out == 0).all() and torch.isneginf(lse).all()
+    # differentiable inputs: the zeros are part of the graph, with zero gradients (as the reference's)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ops.attention(q, k, v, causal=True).sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape and not t.grad.any() for t in (q, k, v))
 
 
 def test_default_scale_and_explicit_scale():

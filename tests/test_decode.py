@@ -116,6 +116,21 @@ def test_empty_cache(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_that_require_grad(backend):
+    """Forward only: with inputs that require grad the kernels give the same output, and a backward through them
+    raises (instead of leaving None gradients); the torch backend differentiates."""
+    q, k, v, lens = _inputs(1, 2, 4, 2, 32, 40, [33], _dtype(backend), backend_device(backend))
+    expected = decode_attention(q, k, v, lens, backend=backend)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    out = decode_attention(q, k, v, lens, backend=backend)
+    assert out.requires_grad and torch.equal(out.detach(), expected)
+    with pytest.raises(RuntimeError, match="decode_attention has no backward with the kernel backends"):
+        out.float().sum().backward()
+    decode_attention(q, k, v, lens, backend="torch").float().sum().backward()
+    assert q.grad is not None and k.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_int64_lengths_and_strided_cache(backend):
     # a per-layer view of a (layers, B, S_max, Hkv, D) cache and a non-contiguous q, as a decode loop passes them
     device = backend_device(backend)

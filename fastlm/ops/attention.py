@@ -140,6 +140,19 @@ class _NativeAttention(torch.autograd.Function):
 # Public function
 # --------------------------------------------------------------------------------------------------------------------
 
+class _NoKeys(torch.autograd.Function):
+    """The output of a problem where no row sees a key: zeros, whose gradients to q, k and v are zeros."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return q.new_zeros(q.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(torch.zeros_like(t) for t in ctx.saved_tensors)
+
+
 def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), return_lse=False, backend="auto"):
     """Softmax attention: out = softmax(q k^T * softmax_scale + mask) v, never materializing the score matrix.
 
@@ -168,7 +181,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
                         f"got {q.dtype}")
 
     if q.numel() == 0 or Sk == 0:  # empty batch / no query / no key: every row sees no key
-        out = q.new_zeros(q.shape)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        out = _NoKeys.apply(q, k, v) if needs_grad else q.new_zeros(q.shape)
         lse = q.new_full((B, H, Sq), float("-inf"), dtype=torch.float32)
         return (out, lse) if return_lse else out
 

@@ -1,8 +1,9 @@
 """fastlm.ops.decode_attention: a few new queries against a static KV cache (the decode step of generation).
 
 Backends: "torch" (fastlm.reference), "triton" (kernels/decode.py, Flash-Decoding), "cpu" / "cuda" (the C++
-extension's torch.ops.fastlm.decode_attention). Forward only: decoding is inference. No backend but "torch" reads
-cache_seqlens on the host, so a decode step can be captured in a CUDA graph or compiled with fullgraph=True.
+extension's torch.ops.fastlm.decode_attention). Forward only: decoding is inference (a backward through the kernel
+backends raises; "torch" differentiates). No backend but "torch" reads cache_seqlens on the host, so a decode step
+can be captured in a CUDA graph or compiled with fullgraph=True.
 
 fastlm.ops.decode_step: a whole decoding step of a stack of pre-norm transformer blocks in one call of the C++ CPU
 kernels (its only backend): what CUDA graphs do for a GPU step, removing the per-op launch and Python cost.
@@ -52,6 +53,20 @@ def _check(q, k_cache, v_cache, cache_seqlens, backend):
             raise ValueError(f"decode_attention: {name} must be on q's device {q.device}, got {t.device}")
 
 
+class _ForwardOnly(torch.autograd.Function):
+    """run(q, k_cache, v_cache) for inputs that require grad, with a backward that raises: the kernels have no
+    backward (a custom op without an autograd formula would give None gradients, or fail obscurely)."""
+
+    @staticmethod
+    def forward(ctx, run, q, k_cache, v_cache):
+        return run(q, k_cache, v_cache)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("decode_attention has no backward with the kernel backends (decoding is inference): run "
+                           "it under torch.no_grad(), or with backend='torch' where gradients are wanted")
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, window_left=-1, backend="auto"):
     """Attention of the Sq newest tokens of each sequence against its KV cache.
 
@@ -83,10 +98,16 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale,
                                           window_left=window_left)
     if concrete == "triton":
-        return _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, scale, window_left)
-    # the C++ kernels read rows with unit stride along the head dim
-    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
-    return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, window_left)
+        def run(q, k_cache, v_cache):
+            return _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, scale, window_left)
+    else:
+        def run(q, k_cache, v_cache):
+            # the C++ kernels read rows with unit stride along the head dim
+            q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+            return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, window_left)
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        return _ForwardOnly.apply(run, q, k_cache, v_cache)
+    return run(q, k_cache, v_cache)
 
 
 DECODE_STEP_SLOTS = ("norm1_weight", "norm1_bias", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "norm2_weight",
