@@ -387,6 +387,10 @@ def cli(argv=None) -> int:
         _check_cli_args(args)
         device = resolve_device(args.device, what="--device")
         _check_backend(args.backend, device)
+        if args.cuda_graph and args.compile:
+            raise ValueError("--cuda-graph and --compile are exclusive (--compile captures CUDA graphs itself)")
+        if args.cuda_graph and device.type != "cuda":
+            raise ValueError(f"--cuda-graph needs a CUDA device, got {device} (--device)")
         model, info = load_checkpoint(args.checkpoint, backend=args.backend, device=device)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         model = model.to(dtype).eval()

@@ -450,6 +450,9 @@ def _model_only(file, meta, tensors, backend, device):
                          + "; ".join(filter(None, [f"missing {missing[:5]}" if missing else "",
                                                    f"unexpected {unexpected[:5]}" if unexpected else "",
                                                    "shape mismatch " + ", ".join(wrong[:5]) if wrong else ""])))
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # (training stops at a non-finite loss before it saves: this is a damaged file)
+        raise ValueError(f"checkpoint {file} is corrupt: non-finite values (NaN or inf) in {broken[:5]}")
     model.load_state_dict(state)
     return model if device is None else model.to(device)
 

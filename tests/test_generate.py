@@ -332,6 +332,8 @@ def test_single_prompt_as_flat_list_or_1d_tensor_and_no_stop_tokens():
     (["--max-new-tokens", "-1"], "--max-new-tokens must be an int >= 0, got -1"),
     (["--top-k", "0"], "--top-k must be a positive int"),
     (["--device", "foo"], "--device must be cpu, cuda or cuda:N, got 'foo'"),
+    (["--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA device, got cpu (--device)"),
+    (["--cuda-graph", "--compile"], "--cuda-graph and --compile are exclusive"),
 ])
 def test_cli_rejects_bad_options_before_loading(tmp_path, capsys, argv, message):
     from fastlm.generate import cli

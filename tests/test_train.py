@@ -141,6 +141,12 @@ def test_bad_checkpoints(tmp_path):
     save_file(tensors, str(other), metadata=meta)
     with pytest.raises(ValueError, match="does not match its config.*shape mismatch"):
         T.load_checkpoint(str(other))
+    # a NaN weight (generation would print garbage): refused by name
+    nan = tmp_path / "nan.safetensors"
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, str(nan), metadata={**meta, "config": meta["config"].replace('"d_model": 48', '"d_model": 32')})
+    with pytest.raises(ValueError, match=r"is corrupt: non-finite values \(NaN or inf\) in \['norm.weight'\]"):
+        T.load_model(str(nan))
 
 
 def test_bad_data_and_args(tmp_path):
