@@ -17,7 +17,7 @@
 # 8-minute budget after a slow build; an interrupted bench still writes what it measured.
 #
 # FASTLM_GPU_CHECK_DRY=1 runs what a CPU machine can (no build, tiny bench shapes, fast tests only), so the script
-# itself is exercised before its one GPU run. PYTHON selects the interpreter (default: python).
+# itself is exercised before its one GPU run. PYTHON selects the interpreter (default: python3, else python).
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
@@ -28,7 +28,7 @@ mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$(pwd)
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python || echo python3)}
 DRY=${FASTLM_GPU_CHECK_DRY:-0}
 CORES=$(nproc 2>/dev/null || echo 4)
 T0=$(date +%s)
