@@ -10,6 +10,10 @@ ops.linear_cross_entropy, so the (tokens x vocab) logits are never materialized.
 
 Parameter names and shapes equal fastlm.reference.Transformer's: a state dict loads into either model.
 
+Under torch.autocast the whole forward runs in the autocast dtype (the embedding output is cast to it, and every
+weight as an op takes it): fastlm's ops take operands of one dtype, where autocast would only cast the torch ops
+among them. The parameters stay in their dtype (fp32 master weights) and receive their gradients in it.
+
 Generation: ``setup_cache`` allocates a static KV cache per layer, (B, max_seqlen, n_kv_head, head_dim), updated in
 place. ``model(tokens)`` with a cache prefills from position 0; ``model(tokens, input_pos=pos)`` places token t of
 sequence b at position pos[b] + t, writes its keys and values there with index ops and attends through
@@ -37,6 +41,11 @@ class _Backends(NamedTuple):
     generic: str       # norms, RoPE, linear, cross-entropy: "auto" for a C++ backend (the CPU has a linear kernel)
 
 
+def _like(t, x):
+    """A weight or bias (or None) in the activations' dtype (under autocast they differ; the cast is differentiable)."""
+    return t if t is None or t.dtype == x.dtype else t.to(x.dtype)
+
+
 class Norm(nn.Module):
     """LayerNorm (gpt2) or RMSNorm (llama) with the residual add available fused (``add``)."""
 
@@ -48,18 +57,19 @@ class Norm(nn.Module):
 
     def forward(self, x, backend):
         if self.bias is not None:
-            return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=backend.generic)
-        return ops.rms_norm(x, self.weight, self.eps, backend=backend.generic)
+            return ops.layer_norm(x, _like(self.weight, x), _like(self.bias, x), self.eps, backend=backend.generic)
+        return ops.rms_norm(x, _like(self.weight, x), self.eps, backend=backend.generic)
 
     def add(self, x, residual, backend):
         """(norm(x + residual), x + residual)"""
         if self.bias is not None:
-            return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, backend=backend.generic)
-        return ops.add_rms_norm(x, residual, self.weight, self.eps, backend=backend.generic)
+            return ops.add_layer_norm(x, residual, _like(self.weight, x), _like(self.bias, x), self.eps,
+                                      backend=backend.generic)
+        return ops.add_rms_norm(x, residual, _like(self.weight, x), self.eps, backend=backend.generic)
 
 
 def _linear(layer: nn.Linear, x, backend):
-    return ops.linear(x, layer.weight, layer.bias, backend=backend.generic)
+    return ops.linear(x, _like(layer.weight, x), _like(layer.bias, x), backend=backend.generic)
 
 
 class Attention(nn.Module):
@@ -115,10 +125,11 @@ class MLP(nn.Module):
     def forward(self, x, residual, backend):
         """mlp(x) + residual, the add fused into the down projection."""
         if self.gpt2:
-            return ops.mlp_gelu(x, self.w_fc.weight, self.w_fc.bias, self.w_proj.weight, self.w_proj.bias,
-                                residual=residual, backend=backend.native)
-        return ops.mlp_swiglu(x, self.w_gate.weight, self.w_up.weight, self.w_down.weight, residual=residual,
-                              backend=backend.native)
+            return ops.mlp_gelu(x, *(_like(t, x) for t in (self.w_fc.weight, self.w_fc.bias, self.w_proj.weight,
+                                                             self.w_proj.bias)), residual=residual,
+                                backend=backend.native)
+        return ops.mlp_swiglu(x, *(_like(t, x) for t in (self.w_gate.weight, self.w_up.weight, self.w_down.weight)),
+                              residual=residual, backend=backend.native)
 
 
 class Block(nn.Module):
@@ -274,9 +285,11 @@ class Transformer(nn.Module):
             positions = input_pos[:, None] + torch.arange(S, device=tokens.device)   # (B, S)
 
         h = self.tok_emb(tokens)                                               # (B, S, d)
+        if torch.is_autocast_enabled(h.device.type):
+            h = h.to(torch.get_autocast_dtype(h.device.type))
         rope = None
         if self.pos_emb is not None:
-            h = h + self.pos_emb(positions)
+            h = h + self.pos_emb(positions).to(h.dtype)
         elif input_pos is not None:                                            # the cache's tables: (B, S, D)
             rope = (self.rope_cos[positions], self.rope_sin[positions])
         else:
@@ -289,10 +302,10 @@ class Transformer(nn.Module):
             if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (B, S):
                 raise ValueError(f"targets must be a tensor of shape (batch, seqlen) = ({B}, {S}), got "
                                  f"{_describe(targets)}")
-            return ops.linear_cross_entropy(y.reshape(B * S, -1), self.head_weight, targets.reshape(B * S),
+            return ops.linear_cross_entropy(y.reshape(B * S, -1), _like(self.head_weight, y), targets.reshape(B * S),
                                             backend=self._backends.generic)
         y = _rows_at(y, logits_at)                                             # (B, k, d) with logits_at
-        return ops.linear(y, self.head_weight, backend=self._backends.generic)  # (B, S or k, V)
+        return ops.linear(y, _like(self.head_weight, y), backend=self._backends.generic)  # (B, S or k, V)
 
     @staticmethod
     def _check_logits_at(logits_at, B, S, targets):

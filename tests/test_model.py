@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, backend_device
 from fastlm import backends, reference
 from fastlm.config import Config
 from fastlm.model import Transformer
@@ -125,15 +125,16 @@ def test_state_dict_round_trips_both_ways(family):
                                              ("llama-window", "triton"), ("llama-window", "cpu")])
 def test_kv_cache_decode_equals_full_recompute(family, backend):
     interpreted = backend == "triton" and not ON_GPU
+    device = backend_device(backend)
     model = Transformer(dataclasses.replace(CONFIGS[family], n_layer=1 if interpreted else 2), backend=backend)
-    model.to(DEVICE)
+    model.to(device)
     prefill, chunks = (3, (2, 1)) if interpreted else (5, (2, 1, 1, 3))
-    tokens = torch.randint(0, 1000, (2, prefill + sum(chunks)), device=DEVICE)
+    tokens = torch.randint(0, 1000, (2, prefill + sum(chunks)), device=device)
     with torch.no_grad():
         full = model(tokens)
         model.setup_cache(2, 32)
         steps = [model(tokens[:, :prefill])]
-        pos = torch.tensor([prefill, prefill], device=DEVICE)
+        pos = torch.tensor([prefill, prefill], device=device)
         for chunk in chunks:                                                   # multi-token and one-token steps
             steps.append(model(tokens[:, pos[0]:pos[0] + chunk], input_pos=pos))
             pos = pos + chunk
@@ -204,12 +205,33 @@ def test_cache_device_must_be_the_models():
         assert model.cache_shape is None
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    not backends.extension_has("attention_fwd", "cpu"), reason="the C++ extension is not built")),
+    pytest.param("triton", marks=pytest.mark.gpu)])
+def test_autocast_runs_the_model_in_the_autocast_dtype(family, backend):
+    """Under torch.autocast (bf16, what training uses on a GPU) the model computes as its bf16 copy does, the loss
+    and logits included, while the fp32 parameters get fp32 gradients."""
+    device = backend_device(backend)
+    model = Transformer(CONFIGS[family], backend=backend).to(device)
+    tokens, targets = tokens_and_targets(device=device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        loss = model(tokens, targets)
+        logits = model(tokens)
+    loss.backward()
+    low = copy.deepcopy(model).to(torch.bfloat16)  # (with autograd on, as above: the C++ MLP splits its GEMMs then)
+    assert torch.equal(loss.detach().float(), low(tokens, targets).detach().float())
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits.detach(), low(tokens).detach())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all()
+               for p in model.parameters())
+
+
 def test_compile_fullgraph_forward_backward():
     """One graph for forward + backward (llama: RoPE, GQA, every fused op); aot_eager traces through dynamo and
     AOTAutograd with fake tensors like inductor does, without the C++ code generation."""
     torch._dynamo.reset()
     model = Transformer(dataclasses.replace(CONFIGS["llama"], n_layer=1), backend="torch")
-    tokens, targets = tokens_and_targets(S=8)
+    tokens, targets = tokens_and_targets(S=8, device="cpu")
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     loss = compiled(tokens, targets)
     loss.backward()
