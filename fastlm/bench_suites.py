@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import reference
-from fastlm.backends import extension
+from fastlm.backends import CUDA_HEAD_DIMS, extension
 from fastlm.benchmark import (Context, Impl, OpCase, Result, Unavailable, _module_available, attention_flops,
                               decode_bytes, default_backends, elementwise_bytes, gemm_flops, mlp_bytes, mlp_flops,
                               run_impls)
@@ -50,14 +50,35 @@ def _liger():
         return None
 
 
-def fastlm_impls(op_name: str, ctx: Context, backends, **kwargs) -> list[Impl]:
+def cuda_limits(dtype, head_dim: int | None = None, dims=()) -> str | None:
+    """Why the CUDA C++ kernels cannot take a case (fp16/bf16 only, their head dims, MLP widths in multiples of 8),
+    or None when they can."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernels take fp16/bf16 (tensor cores), not {str(dtype).replace('torch.', '')}"
+    if head_dim is not None and head_dim not in CUDA_HEAD_DIMS:
+        return f"the CUDA kernels are built for head dims {CUDA_HEAD_DIMS}, not {head_dim}"
+    if any(n % 8 for n in dims):
+        return f"the CUDA MLP kernels take widths in multiples of 8, not {tuple(dims)}"
+    return None
+
+
+def _unavailable(reason: str):
+    def fn(**inputs):
+        raise Unavailable(reason)
+    return fn
+
+
+def fastlm_impls(op_name: str, ctx: Context, backends, cuda_limit: str | None = None, **kwargs) -> list[Impl]:
     """One Impl per fastlm backend, ``kwargs`` bound (the case's options, as the reference has them bound).
-    Default on a CPU: "cpu", falling back to "torch" where the extension lacks the op."""
+    Default on a CPU: "cpu", falling back to "torch" where the extension lacks the op. ``cuda_limit`` (cuda_limits'
+    answer for the case) makes "cuda" an unavailable row instead of a failed one."""
     fn = getattr(importlib.import_module("fastlm.ops"), op_name)
     chosen = backends or default_backends(ctx.device)
     impls = []
     for b in chosen:
-        impl = Impl(f"fastlm[{b}]", "fastlm", functools.partial(fn, backend=b, **kwargs), backend=b)
+        run = _unavailable(f"fastlm[cuda]: {cuda_limit}") if b == "cuda" and cuda_limit else \
+            functools.partial(fn, backend=b, **kwargs)
+        impl = Impl(f"fastlm[{b}]", "fastlm", run, backend=b)
         if backends is None and b == "cpu":
             impl.fallback = Impl("fastlm[torch]", "fastlm", functools.partial(fn, backend="torch", **kwargs),
                                  backend="torch")
@@ -152,8 +173,9 @@ def _attention_case(ctx, backends, B, H, Hkv, S, D, causal, dtype, mode, compile
         sdpa = [Impl("sdpa", "peer", functools.partial(sdpa_attention, causal=causal))]
     if not eager_ok:
         sdpa = [s for s in sdpa if s.name != "sdpa-math"]
-    impls = fastlm_impls("attention", ctx, backends, causal=causal)
-    impls += _cuda_mma_impl(ctx, impls, mode == "fwd") + sdpa
+    limit = cuda_limits(dtype, D)
+    impls = fastlm_impls("attention", ctx, backends, cuda_limit=limit, causal=causal)
+    impls += _cuda_mma_impl(ctx, impls, mode == "fwd" and limit is None) + sdpa
     impls += peers(ref, ctx, compile_here=compile_here, eager_ok=eager_ok)
     name = f"B{B} H{H}" + (f"/{Hkv}" if Hkv != H else "") + f" S{S} D{D}" + (" causal" if causal else "")
     shape = {"batch": B, "nheads": H, "nheads_kv": Hkv, "seqlen": S, "headdim": D, "causal": causal}
@@ -219,7 +241,8 @@ def _decode_case(ctx, backends, B, H, Hkv, ctxlen, D, dtype):
                 "v_cache": randn(gen, device, dtype, B, ctxlen, Hkv, D),
                 "cache_seqlens": torch.full((B,), ctxlen, dtype=torch.int32, device=device)}
 
-    impls = fastlm_impls("decode_attention", ctx, backends) + [Impl("sdpa", "peer", sdpa_decode),
+    impls = fastlm_impls("decode_attention", ctx, backends, cuda_limit=cuda_limits(dtype, D)) + [
+        Impl("sdpa", "peer", sdpa_decode),
                                                                Impl("eager", "peer", reference.decode_attention)]
     name = f"B{B} H{H}/{Hkv} ctx{ctxlen} D{D}"
     shape = {"batch": B, "nheads": H, "nheads_kv": Hkv, "context": ctxlen, "headdim": D}
@@ -293,8 +316,10 @@ def _ffn_case(ctx, backends, kind, T, d, f, dtype, mode, compile_here):
         extra = [Impl("liger", "peer", _liger_swiglu)]
     elif ctx.device.type == "cuda" and mode == "fwd":  # (torch._addmm_activation has no backward)
         extra = [Impl("cublaslt", "peer", _cublaslt_gelu_mlp)]
-    impls = fastlm_impls(op, ctx, backends)
-    impls += _cuda_mma_impl(ctx, impls, mode == "fwd") + peers(ref, ctx, compile_here=compile_here, extra=extra)
+    limit = cuda_limits(dtype, dims=(d, f))
+    impls = fastlm_impls(op, ctx, backends, cuda_limit=limit)
+    impls += _cuda_mma_impl(ctx, impls, mode == "fwd" and limit is None) + peers(ref, ctx, compile_here=compile_here,
+                                                                                  extra=extra)
     grads = ("x", "w_fc", "b_fc", "w_proj", "b_proj", "residual") if kind == "gelu" else \
         ("x", "w_gate", "w_up", "w_down", "residual")
     # a decode step's few tokens are bound by reading the weights: rated in GB/s against the copy

@@ -533,14 +533,22 @@ def check_threads(threads):
 
 
 def _dist_setup():
-    """(rank, world_size, local_rank); initializes the process group under torchrun."""
+    """(rank, world_size, local_rank); initializes the process group under torchrun. With CUDA each rank makes its
+    GPU (LOCAL_RANK) the current device: kernels launch on the current device (Triton's do), and nccl needs one GPU
+    per rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, 0
     import torch.distributed as dist
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"rank with LOCAL_RANK={local_rank} has no GPU: this machine has "
+                               f"{torch.cuda.device_count()} (run at most that many processes per node)")
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+    return dist.get_rank(), world, local_rank
 
 
 def train(config=None, *, data: str | None = None, tokenizer=None, text: str | None = None, steps: int = 300,

@@ -32,8 +32,7 @@ ON_GPU = DEVICE == "cuda"
 # The Triton interpreter gets bf16 wrong: tl.dot on bf16 operands, fp32 -> bf16 casts (it truncates instead of
 # rounding to nearest) and bf16 additions all give wrong results. bf16 Triton kernels are tested on a GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
-# The head dims the CUDA attention and decode kernels (csrc/cuda/attention.cu, decode.cu) are compiled for.
-CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
+from fastlm.backends import CUDA_HEAD_DIMS  # noqa: E402,F401  (the head dims csrc/cuda's kernels are built for)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -445,3 +445,23 @@ def test_gpu_suites_build_on_a_cpu_machine(suite):
         assert all(i.kind == "fastlm" and i.compiled for i in compiled)
         assert len(graphs) == (1 if c.kind == "decode" else 0), (suite, c.name)
         assert len(compiled) == (1 if suite == "full" and c.kind == "decode" else 0), (suite, c.name)
+
+
+def test_cuda_rows_unavailable_where_the_cuda_kernels_do_not_serve():
+    """A case outside the CUDA kernels' domain (fp32, other head dims, MLP widths not multiples of 8) gets an
+    "unavailable" fastlm[cuda] row, not a failed one (which would make the bench exit 1 on a GPU)."""
+    from types import SimpleNamespace
+
+    from fastlm import bench_suites
+    assert "fp16/bf16" in bench_suites.cuda_limits(torch.float32, 64)
+    assert "head dims" in bench_suites.cuda_limits(torch.bfloat16, 40)
+    assert "multiples of 8" in bench_suites.cuda_limits(torch.float16, dims=(20, 64))
+    assert bench_suites.cuda_limits(torch.bfloat16, 128) is None and bench_suites.cuda_limits(torch.float16,
+                                                                                               dims=(64, 176)) is None
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    triton, cuda = bench_suites.fastlm_impls("attention", gpu, ["triton", "cuda"], cuda_limit="no fp32 here",
+                                             causal=True)
+    assert (triton.name, cuda.name) == ("fastlm[triton]", "fastlm[cuda]")
+    with pytest.raises(benchmark.Unavailable, match="fastlm.cuda.: no fp32 here") as e:
+        cuda.fn(q=None, k=None, v=None)
+    assert benchmark.failure(e.value)[0] == "unavailable"

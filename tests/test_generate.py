@@ -213,7 +213,7 @@ def test_decode_step_has_no_host_sync_cuda():
     with torch.no_grad():
         model(torch.randint(0, 300, (2, 5), device="cuda"))
         args = (torch.tensor([3, 4], device="cuda"), torch.tensor([5, 2], device="cuda"),
-                torch.zeros(2, dtype=torch.bool, device="cuda"), torch.tensor([7], device="cuda"), 0, 0.8, 20, 0.9,
+                torch.zeros(2, dtype=torch.bool, device="cuda"), torch.tensor([7], device="cuda"), 0.8, 20, 0.9,
                 torch.empty(2, 300, device="cuda").exponential_())
         _decode_step(model, *args)          # warm-up: first calls may compile or autotune
         torch.cuda.synchronize()

@@ -243,13 +243,14 @@ def test_train_and_generate_cli(tmp_path, capsys):
 
 
 def test_torchrun_trains_with_ddp(tmp_path):
-    """Two processes under torchrun (gloo): DDP keeps the ranks' weights identical, and they differ from a
-    single-process run on rank 0's batches alone (rank 1's gradients were averaged in); rank 0 writes the
-    checkpoint."""
+    """Two processes under torchrun (gloo, on the CPU even where there is a GPU: two nccl ranks need two GPUs): DDP
+    keeps the ranks' weights identical, and they differ from a single-process run on rank 0's batches alone (rank
+    1's gradients were averaged in); rank 0 writes the checkpoint."""
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
            str(tmp_path)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["loss"] == ranks[1]["loss"] and len(ranks[0]["loss"]) == 4      # the logged loss is all-reduced
@@ -258,7 +259,7 @@ def test_torchrun_trains_with_ddp(tmp_path):
     spec = importlib.util.spec_from_file_location("ddp_worker", worker)
     w = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(w)
-    alone = T.train(w.TINY, text=TEXT, **w.ARGS)["model"].state_dict()
+    alone = T.train(w.TINY, text=TEXT, device="cpu", **w.ARGS)["model"].state_dict()
     assert any(not torch.allclose(alone[n], v) for n, v in ranks[0]["state"].items())
     assert os.path.exists(tmp_path / T.CHECKPOINT)
 
