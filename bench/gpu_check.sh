@@ -7,14 +7,18 @@
 # its own log in OUTDIR (a failing step does not stop the others; the exit status is non-zero if any failed):
 #   env        nvidia-smi, torch / triton / nvcc versions
 #   build      pip install --no-deps --no-build-isolation -e . (builds the C++/CUDA extension, MAX_JOBS = cores)
-#   tests      pytest tests -m "gpu or not slow" with a per-test timeout (pytest-xdist workers where installed; the
-#              Triton kernels at their default configurations, every candidate in its own tests) -> tests.log,
-#              junit.xml
-#   aot        bench/kernel_report.py and csrc/cuda/compile_check.py (CPU-only compiles, run beside the tests)
+#   tests-gpu  pytest tests -m gpu: the tests that need a GPU (CUDA kernels, bf16 Triton, every autotuning candidate)
+#              -> tests-gpu.log, junit-gpu.xml
+#   aot        bench/kernel_report.py and csrc/cuda/compile_check.py (CPU-only compiles, run beside those tests)
 #   bench      python -m fastlm bench --suite quick -> OUTDIR/bench/{bench.json,*.png}
-#   sanitizer  compute-sanitizer memcheck and racecheck on a small attention + decode case, where available
-# and prints a short table last: op, shape, fastlm rate, best peer, ratio, max error. Time limits shrink to fit the
-# 8-minute budget after a slow build; an interrupted bench still writes what it measured.
+#   memcheck, racecheck
+#              compute-sanitizer on a small attention + decode + MLP case, where available
+#   tests-rest pytest tests -m "not gpu and not slow" (on a GPU machine most of them run on the GPU too: Triton at
+#              fp32 / fp16, the model, generation) with what time is left -> tests-rest.log, junit-rest.xml
+# and prints a short table last: op, shape, fastlm rate, best peer, ratio, max error. The tests run in pytest-xdist
+# workers where it is installed, with a per-test timeout where pytest-timeout is, and the Triton kernels at their
+# default configurations (FASTLM_TRITON_AUTOTUNE=0, tests/conftest.py). Time limits shrink to fit the 8-minute
+# budget after a slow build, in the order of the steps' value; an interrupted bench still writes what it measured.
 #
 # FASTLM_GPU_CHECK_DRY=1 runs what a CPU machine can (no build, tiny bench shapes, fast tests only), so the script
 # itself is exercised before its one GPU run. PYTHON selects the interpreter (default: python3, else python).
@@ -156,18 +160,19 @@ fi
 ) &
 AOT_PID=$!
 
+# pytest in parallel processes where pytest-xdist is installed (each compiles the Triton kernels its tests need, and
+# a crashing test takes down its worker, not the run), with a per-test timeout where pytest-timeout is
+PYTEST=("$PY" -m pytest tests -q -p no:cacheprovider -rfE)
+if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then
+    PYTEST+=(--timeout="$([ "$DRY" = 1 ] && echo 300 || echo 60)")
+fi
 if [ "$DRY" = 1 ]; then
-    step tests 300 "$PY" -m pytest tests -m "not slow" -x -q -p no:cacheprovider --timeout=300 -k "benchmark" \
-        --junitxml="$OUT/junit.xml"
+    step tests-gpu 300 "${PYTEST[@]}" -m "not slow" -x -k "benchmark" --junitxml="$OUT/junit-gpu.xml"
 else
-    # in parallel processes where pytest-xdist is installed: each compiles the Triton kernels its tests need, and a
-    # crashing test takes down its worker, not the run
-    XDIST=()
     if "$PY" -c "import xdist" >/dev/null 2>&1; then
-        XDIST=(-n "$((CORES < 8 ? CORES : 8))")
+        PYTEST+=(-n "$((CORES < 8 ? CORES : 8))")
     fi
-    step tests "$(limit 150 200)" "$PY" -m pytest tests -m "gpu or not slow" ${XDIST[@]+"${XDIST[@]}"} -q \
-        -p no:cacheprovider --timeout=60 -rfE --junitxml="$OUT/junit.xml"
+    step tests-gpu "$(limit 150 230)" "${PYTEST[@]}" -m gpu --junitxml="$OUT/junit-gpu.xml"
 fi
 
 wait "$AOT_PID"
@@ -183,14 +188,16 @@ done
 if [ "$DRY" = 1 ]; then
     step bench 300 "$PY" -m fastlm bench --tiny --no-compile --out "$OUT/bench"
 else
-    step bench "$(limit 240 80)" "$PY" -m fastlm bench --suite quick --out "$OUT/bench"
+    step bench "$(limit 180 110)" "$PY" -m fastlm bench --suite quick --out "$OUT/bench"
 fi
 
 if [ "$DRY" = 1 ]; then
     echo "=== sanitizer: skipped in the dry run"
+    step tests-rest 300 "${PYTEST[@]}" -m "not gpu and not slow" -x -k "gpu_check" --junitxml="$OUT/junit-rest.xml"
 else
-    step memcheck "$(limit 45 35)" bash -c "sanitize memcheck"
-    step racecheck "$(limit 45 0)" bash -c "sanitize racecheck"
+    step memcheck "$(limit 45 65)" bash -c "sanitize memcheck"
+    step racecheck "$(limit 45 20)" bash -c "sanitize racecheck"
+    step tests-rest "$(limit 240 0)" "${PYTEST[@]}" -m "not gpu and not slow" --junitxml="$OUT/junit-rest.xml"
 fi
 
 echo
