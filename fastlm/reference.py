@@ -57,6 +57,37 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
+def attention_backward(dout, q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), dlse=None):
+    """(dq, dk, dv) of attention() for the output gradient ``dout`` (and ``dlse``, the LSE's, if given), by the
+    explicit formulas, without autograd: P = softmax(S) as the forward computes it, dV = P^T dO, dP = dO V^T,
+    dS = P (dP - rowsum(P dP)) (+ P dlse), dQ = dS K scale, dK = dS^T Q scale; K and V's gradients summed over the
+    query heads that share them. For code that cannot record a graph (a custom op's kernel)."""
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    group = H // Hkv
+    ke, ve = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, ke) * scale
+    keep = attention_mask(Sq, Sk, causal=causal, window=window, device=q.device)
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True) if Sk > 0 else s.new_full((B, H, Sq, 1), float("-inf"))
+    e = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m))
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)                # (B, H, Sq, Sk)
+    do = dout.to(p.dtype)
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
+    dp = torch.einsum("bqhd,bkhd->bhqk", do, ve)
+    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+    if dlse is not None:
+        ds = ds + p * dlse.to(p.dtype)[..., None]
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, ke) * scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.to(p.dtype)) * scale
+
+    def per_kv_head(g):  # (B, Sk, H, D) -> (B, Sk, Hkv, D)
+        return g.view(B, Sk, Hkv, group, D).sum(dim=3)
+    return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, window_left=-1):
     """Attention of a few new queries against a KV cache.
 

@@ -226,11 +226,14 @@ def test_autocast_runs_the_model_in_the_autocast_dtype(family, backend):
                for p in model.parameters())
 
 
-def test_compile_fullgraph_forward_backward():
-    """One graph for forward + backward (llama: RoPE, GQA, every fused op); aot_eager traces through dynamo and
-    AOTAutograd with fake tensors like inductor does, without the C++ code generation."""
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    not backends.extension_has("attention_bwd", "cpu"), reason="the C++ extension is not built"))])
+def test_compile_fullgraph_forward_backward(backend):
+    """One graph for forward + backward (llama: RoPE, GQA, every fused op), with the reference ops and with the C++
+    kernels; aot_eager traces through dynamo and AOTAutograd with fake tensors like inductor does, without the C++
+    code generation."""
     torch._dynamo.reset()
-    model = Transformer(dataclasses.replace(CONFIGS["llama"], n_layer=1), backend="torch")
+    model = Transformer(dataclasses.replace(CONFIGS["llama"], n_layer=1), backend=backend)
     tokens, targets = tokens_and_targets(S=8, device="cpu")
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     loss = compiled(tokens, targets)

@@ -1,4 +1,4 @@
-"""torch.library integration of the norm, RoPE, MLP and cross-entropy ops: opcheck of every custom op (schema, fake
+"""torch.library integration of the norm, RoPE, MLP, cross-entropy and attention ops: opcheck of every custom op (schema, fake
 tensor, autograd registration, AOT dispatch), and torch.compile(fullgraph=True) of forward + backward of each public
 op with the torch and triton backends, and the C++ CPU backend where the extension has the op, compared with eager.
 Compilation uses the aot_eager backend (dynamo + AOTAutograd + fake tensors, which is where custom ops can break);
@@ -12,6 +12,7 @@ from conftest import DEVICE
 from fastlm import backends
 
 # the modules, not the same-named public functions that fastlm.ops binds
+attn_ops = importlib.import_module("fastlm.ops.attention")
 ce_ops = importlib.import_module("fastlm.ops.cross_entropy")
 ffn_ops = importlib.import_module("fastlm.ops.ffn")
 norm_ops = importlib.import_module("fastlm.ops.norm")
@@ -64,6 +65,8 @@ def _native_opcheck_cases():
         ("norm_fwd[rms]", norm_ops._nat_norm, (x, None, w, None, 1e-6, True), "norm_fwd"),
         ("rope", rope_ops._nat_rope, (torch.randn(2, 3, 2, 16), cos, sin, False), "rope_fwd"),
         ("linear", linear_ops._nat_linear, (torch.randn(3, 40), torch.randn(7, 40), torch.randn(7)), "linear"),
+        ("attention", attn_ops._native_fwd, (torch.randn(1, 9, 4, 16), torch.randn(1, 11, 2, 16),
+                                             torch.randn(1, 11, 2, 16), True, 0.25, -1, 0), "attention_fwd"),
     ]
 
 
@@ -110,7 +113,12 @@ def _groups():
                 ce_ops.linear_cross_entropy(x, w, t, chunk_size=4, backend=backend),
                 ce_ops.linear_cross_entropy(x, w, t, b, reduction="none", chunk_size=4, backend=backend))
 
+    def attention(q, k, v, backend):
+        return (attn_ops.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+                + (attn_ops.attention(q, k, v, window=(3, 2), backend=backend),))
+
     return [
+        ("attention", attention, [_r(2, 9, 4, 16), _r(2, 11, 2, 16), _r(2, 11, 2, 16)]),
         ("norms", norms, [_r(2, 3, 40), _r(2, 3, 40), _r(40), _r(40)]),
         ("rope", rope, [_r(2, 3, 4, 16)]),
         ("mlps", mlps, [_r(2, 3, 40), _r(24, 40), _r(24), _r(40, 24), _r(40), _r(2, 3, 40), _r(24, 40)]),
@@ -141,7 +149,7 @@ def test_compile_fullgraph(name, fn, inputs, backend):
     _check_compiled(fn, inputs, backend)
 
 
-NATIVE_OPS = {"norms": ("norm_fwd",), "rope": ("rope_fwd",), "mlps": ("mlp_gelu", "mlp_swiglu"),
+NATIVE_OPS = {"attention": ("attention_fwd", "attention_bwd"), "norms": ("norm_fwd",), "rope": ("rope_fwd",), "mlps": ("mlp_gelu", "mlp_swiglu"),
               "losses": ce_ops._NATIVE}
 
 
