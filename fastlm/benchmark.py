@@ -844,10 +844,12 @@ def summary_table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], out_dir: str, env: dict) -> list[str]:
-    """PNG plots: attention rate vs seqlen per implementation; decode bandwidth vs context; model tokens/s."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """PNG plots: attention rate vs seqlen per implementation; decode bandwidth vs context; model tokens/s (none
+    without matplotlib)."""
+    from fastlm._plots import pyplot
+    plt = pyplot("the plots")
+    if plt is None:
+        return []
 
     device = f"{env['device_name']} ({env['device'].upper()}, {env['threads']} threads)" \
         if env["device"] == "cpu" else env["device_name"]
@@ -951,7 +953,7 @@ def run(cases, ctx: Context, *, progress: bool = True) -> list[Result]:
 def _parse_list(text: str | None, allowed, what: str) -> list[str] | None:
     if text is None:
         return None
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))   # (each once, in order)
     bad = [t for t in items if t not in allowed]
     if bad or not items:
         raise SystemExit(f"error: --{what} takes a comma-separated list of {', '.join(allowed)}; got {text!r}")
@@ -1001,7 +1003,8 @@ def cli(argv=None) -> int:
     from fastlm.train import check_out_dir
     try:
         check_out_dir(args.out, "--out")
-    except ValueError as e:
+        os.makedirs(args.out, exist_ok=True)     # before measuring: a run is never lost for want of its directory
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from fastlm import bench_suites
@@ -1035,7 +1038,6 @@ def cli(argv=None) -> int:
     del kernels
     results = run(cases, ctx)
     env = environment(device)
-    os.makedirs(args.out, exist_ok=True)
     rows = [dataclasses.asdict(r) for r in results]
     plots = [] if args.no_plots else plot(rows, args.out, env)
     config = {"suite": args.suite, "ops": ops, "backends": backends_ or default_backends(device),
@@ -1088,7 +1090,15 @@ def load(path: str) -> dict:
     results = doc.get("results")
     if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
         raise ValueError(f"{path}: a fastlm bench JSON without a list of results")
+    for i, r in enumerate(results):
+        missing = [k for k in _RESULT_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"{path}: result {i} lacks {', '.join(missing)} (a damaged or hand-edited file)")
     return doc
+
+
+# what every result row of a bench JSON holds (and the summary and plots read)
+_RESULT_KEYS = ("op", "case", "shape", "dtype", "mode", "impl", "kind", "status", "median_s")
 
 
 def _module_available(name: str) -> str:

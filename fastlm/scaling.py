@@ -125,6 +125,9 @@ def run(*, data: str | None = "stdlib", rungs: int = DEFAULT_RUNGS, tiny: bool =
     for name, value in (("batch_size", batch_size), ("seqlen", seqlen), ("tokens", 1 if tokens is None else tokens)):
         if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    from fastlm.backends import BACKENDS
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     resolve_device(device)
     check_out_dir(out)
     if tiny:
@@ -194,9 +197,10 @@ def _write(result: dict, out: str):
     os.replace(os.path.join(out, "scaling.json.tmp"), os.path.join(out, "scaling.json"))
     with open(os.path.join(out, "scaling.md"), "w") as f:
         f.write("# fastlm scaling study\n\n" + _table(result) + "\n")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastlm._plots import pyplot
+    plt = pyplot("the scaling plots")
+    if plt is None:
+        return
     rows, fit = result["models"], result["fit"]
     n = np.array([r["non_embedding_params"] for r in rows], dtype=np.float64)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))

@@ -17,6 +17,7 @@ Conventions (stated in the printed output too):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -38,13 +39,48 @@ DEVICES = {
         "flops": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
         "bandwidth": 2.04e12,
     },
-    "cpu": {
-        "label": "2-core AMD EPYC Zen 4 (measured through torch: fp32 GEMM ~162 GFLOP/s, bf16 ~407 GFLOP/s, "
-                 "copy ~31 GB/s; fp16 assumed at the fp32 rate)",
-        "flops": {"bf16": 407e9, "fp16": 162e9, "fp32": 162e9},
-        "bandwidth": 31e9,
-    },
+    "cpu": None,   # this machine's CPU, measured on first use (_measure_cpu)
 }
+
+
+@functools.cache
+def _measure_cpu() -> dict:
+    """The ceilings of this machine's CPU, timed now (about a second): torch's fp32 and bf16 GEMMs (1024^3, best of
+    3) and a 64 MB copy. bf16 and fp16 are rated at the faster of their own GEMM and fp32's, since fastlm's CPU
+    kernels can widen them to fp32 exactly (without bf16 arithmetic in the CPU, torch's bf16 GEMM is far slower)."""
+    import platform
+    import time
+
+    import torch
+
+    def best(fn, reps=3):
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    n = 1024
+    flops = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        flops[name] = 2 * n ** 3 / best(lambda: torch.mm(a, b))
+    flops["bf16"] = flops["fp16"] = max(flops["bf16"], flops["fp32"])
+    src = torch.ones(16 << 20)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 4 / best(lambda: dst.copy_(src))
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"label": f"this machine's CPU, {cpu}, {torch.get_num_threads()} threads (measured now through torch: "
+                     f"fp32 GEMM {flops['fp32'] / 1e9:.0f} GFLOP/s, bf16 / fp16 at {flops['bf16'] / 1e9:.0f} "
+                     f"(the faster of their GEMM and fp32's), copy {bandwidth / 1e9:.1f} GB/s)",
+            "flops": flops, "bandwidth": bandwidth}
 
 
 def _canon_dtype(dtype) -> str:
@@ -58,7 +94,7 @@ def _canon_dtype(dtype) -> str:
 def _device(name: str) -> dict:
     if not isinstance(name, str) or name not in DEVICES:
         raise ValueError(f"unknown device {name!r}; known devices: {', '.join(DEVICES)}")
-    return DEVICES[name]
+    return _measure_cpu() if name == "cpu" else DEVICES[name]
 
 
 def _config_of(model_or_config):

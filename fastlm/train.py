@@ -165,6 +165,9 @@ class SentencePieceTokenizer:
 
 
 def make_tokenizer(kind: str = "byte", model_file: str | None = None, encoding: str = "gpt2"):
+    if model_file is not None and kind != "sentencepiece":
+        raise ValueError(f"a tokenizer model file (--tokenizer-model {model_file}) is read by the sentencepiece "
+                         f"tokenizer only; got tokenizer {kind!r}")
     if kind == "byte":
         return ByteTokenizer()
     if kind == "tiktoken":
@@ -500,12 +503,23 @@ def resolve_device(device=None, *, what: str = "device") -> torch.device:
 
 
 def check_out_dir(out, what: str = "out"):
-    """``out``, an output directory (its writer creates it when missing), checked not to be a file:
-    TypeError/ValueError naming ``what`` otherwise."""
+    """``out``, an output directory (its writer creates it when missing), checked before any work: not empty, not a
+    file, not under a file, and writable where it would be created; TypeError/ValueError naming ``what``
+    otherwise."""
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"{what} must be a directory path (str or os.PathLike), got {type(out).__name__} {out!r}")
-    if os.path.isfile(out):
-        raise ValueError(f"{what} {os.fspath(out)} is a file; expected a directory")
+    path = os.fspath(out)
+    if not path:
+        raise ValueError(f"{what} must be a directory path, got an empty string")
+    if os.path.isfile(path):
+        raise ValueError(f"{what} {path} is a file; expected a directory")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{what} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {existing} is not writable")
 
 
 def check_run_dir(out, what: str = "out"):
@@ -744,10 +758,12 @@ class _nullcontext:
         return False
 
 
-def plot_loss(history: dict, path: str, title: str = "") -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_loss(history: dict, path: str, title: str = "") -> str | None:
+    """The loss curve as a PNG at ``path`` (None without matplotlib)."""
+    from fastlm._plots import pyplot
+    plt = pyplot("the loss-curve plot")
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(history["step"], history["loss"], lw=0.8, alpha=0.8, label="train loss")
     if history.get("eval_step"):

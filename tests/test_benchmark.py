@@ -303,6 +303,26 @@ def test_cli_rejects_an_out_that_is_a_file_before_measuring(tmp_path, monkeypatc
     assert benchmark.cli(["--tiny", "--out", str(tmp_path / "afile")]) == 2
     assert capsys.readouterr().err == f"error: --out {tmp_path / 'afile'} is a file; expected a directory\n"
     assert (tmp_path / "afile").read_text() == "keep"
+    # a directory that cannot be created (under a file, or no path at all) is refused before measuring too
+    for out, message in ((tmp_path / "afile" / "sub", f"cannot be created: {tmp_path / 'afile'} is a file"),
+                         ("", "must be a directory path, got an empty string")):
+        assert benchmark.cli(["--tiny", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_plots_are_skipped_without_matplotlib(monkeypatch, capsys, tmp_path):
+    """matplotlib is optional (the plots extra): without it bench, train and scaling skip their plots with a note
+    and keep everything else."""
+    import sys
+
+    from fastlm import _plots, train
+    monkeypatch.setitem(sys.modules, "matplotlib", None)                 # import matplotlib -> ImportError
+    assert _plots.pyplot("the plots") is None
+    assert "matplotlib is not installed: the plots skipped" in capsys.readouterr().err
+    rows = [{"op": "attention", "case": "x", "median_s": 1.0, "status": "ok"}]
+    assert benchmark.plot(rows, str(tmp_path), {"device": "cpu", "device_name": "cpu", "threads": 1}) == []
+    history = {"step": [1, 2], "loss": [3.0, 2.0]}
+    assert train.plot_loss(history, str(tmp_path / "loss.png")) is None and not (tmp_path / "loss.png").exists()
 
 
 @pytest.mark.parametrize("content, message", [
@@ -312,6 +332,7 @@ def test_cli_rejects_an_out_that_is_a_file_before_measuring(tmp_path, monkeypatc
     ('{"env": {}}', "not a fastlm bench JSON (schema None"),
     ('{"schema": "%s"}' % benchmark.SCHEMA, "a fastlm bench JSON without a list of results"),
     ('{"schema": "%s", "results": 5}' % benchmark.SCHEMA, "without a list of results"),
+    ('{"schema": "%s", "results": [{"op": "rope"}]}' % benchmark.SCHEMA, "result 0 lacks case, shape, dtype"),
 ])
 def test_summary_of_a_missing_or_bad_file(tmp_path, content, message):
     path = tmp_path / "nonexistent.json"
@@ -465,3 +486,9 @@ def test_cuda_rows_unavailable_where_the_cuda_kernels_do_not_serve():
     with pytest.raises(benchmark.Unavailable, match="fastlm.cuda.: no fp32 here") as e:
         cuda.fn(q=None, k=None, v=None)
     assert benchmark.failure(e.value)[0] == "unavailable"
+
+
+def test_list_options_take_each_item_once():
+    assert benchmark._parse_list("rope,rope, norm", benchmark.OPS, "ops") == ["rope", "norm"]
+    with pytest.raises(SystemExit, match="--ops takes a comma-separated list of"):
+        benchmark._parse_list("rope,nope", benchmark.OPS, "ops")

@@ -1,5 +1,7 @@
 """fastlm.summary: parameter counts against built models and published numbers, FLOPs against a FLOP counter,
 KV-cache bytes against the allocated cache, roofline arithmetic, bad input and the CLI."""
+import importlib
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -143,6 +145,10 @@ def test_model_input_and_print(capsys):
     out = capsys.readouterr().out
     assert s["params"]["total"] == sum(p.numel() for p in model.parameters())
     assert "Param #" in out and "roofline estimates" in out and f"{s['params']['total']:,}" in out
+    # "cpu" is this machine's CPU, its ceilings timed on first use (bf16 at least at the fp32 rate)
+    assert "this machine's CPU" in out and "measured now" in out
+    cpu = importlib.import_module("fastlm.summary")._measure_cpu()
+    assert cpu["flops"]["bf16"] >= cpu["flops"]["fp32"] > 1e9 and cpu["bandwidth"] > 1e8
 
 
 def test_cli(capsys):

@@ -187,6 +187,14 @@ def test_missing_tokenizer_package():
         T.make_tokenizer("tiktoken")
 
 
+def test_tokenizer_model_file_needs_sentencepiece(tmp_path, capsys):
+    with pytest.raises(ValueError, match="read by the sentencepiece tokenizer only; got tokenizer 'byte'"):
+        T.make_tokenizer("byte", "x.model")
+    assert T.cli(["--tokenizer-model", "x.model", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "--tokenizer-model x.model) is read by the sentencepiece tokenizer only" in capsys.readouterr().err
+    assert not (tmp_path / T.CHECKPOINT).exists()
+
+
 def test_schedule():
     lrs = [T.lr_at(s, 1.0, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
