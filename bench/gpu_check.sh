@@ -172,7 +172,7 @@ else
     if "$PY" -c "import xdist" >/dev/null 2>&1; then
         PYTEST+=(-n "$((CORES < 8 ? CORES : 8))")
     fi
-    step tests-gpu "$(limit 150 230)" "${PYTEST[@]}" -m gpu --junitxml="$OUT/junit-gpu.xml"
+    step tests-gpu "$(limit 180 200)" "${PYTEST[@]}" -m gpu --junitxml="$OUT/junit-gpu.xml"
 fi
 
 wait "$AOT_PID"
@@ -188,15 +188,15 @@ done
 if [ "$DRY" = 1 ]; then
     step bench 300 "$PY" -m fastlm bench --tiny --no-compile --out "$OUT/bench"
 else
-    step bench "$(limit 180 110)" "$PY" -m fastlm bench --suite quick --out "$OUT/bench"
+    step bench "$(limit 180 80)" "$PY" -m fastlm bench --suite quick --out "$OUT/bench"
 fi
 
 if [ "$DRY" = 1 ]; then
     echo "=== sanitizer: skipped in the dry run"
     step tests-rest 300 "${PYTEST[@]}" -m "not gpu and not slow" -x -k "gpu_check" --junitxml="$OUT/junit-rest.xml"
 else
-    step memcheck "$(limit 45 65)" bash -c "sanitize memcheck"
-    step racecheck "$(limit 45 20)" bash -c "sanitize racecheck"
+    step memcheck "$(limit 40 40)" bash -c "sanitize memcheck"
+    step racecheck "$(limit 40 0)" bash -c "sanitize racecheck"
     step tests-rest "$(limit 240 0)" "${PYTEST[@]}" -m "not gpu and not slow" --junitxml="$OUT/junit-rest.xml"
 fi
 

@@ -10,9 +10,9 @@ ops.linear_cross_entropy, so the (tokens x vocab) logits are never materialized.
 
 Parameter names and shapes equal fastlm.reference.Transformer's: a state dict loads into either model.
 
-Under torch.autocast the whole forward runs in the autocast dtype (the embedding output is cast to it, and every
-weight as an op takes it): fastlm's ops take operands of one dtype, where autocast would only cast the torch ops
-among them. The parameters stay in their dtype (fp32 master weights) and receive their gradients in it.
+Under torch.autocast the whole forward runs in the autocast dtype (the embedding output is cast to it, every weight
+as an op takes it, and autocast is off inside): fastlm's ops take operands of one dtype, where autocast would cast
+only the torch ops among them, and some of those to fp32. The parameters stay in their dtype (fp32 master weights) and receive their gradients in it.
 
 Generation: ``setup_cache`` allocates a static KV cache per layer, (B, max_seqlen, n_kv_head, head_dim), updated in
 place. ``model(tokens)`` with a cache prefills from position 0; ``model(tokens, input_pos=pos)`` places token t of
@@ -285,8 +285,18 @@ class Transformer(nn.Module):
             positions = input_pos[:, None] + torch.arange(S, device=tokens.device)   # (B, S)
 
         h = self.tok_emb(tokens)                                               # (B, S, d)
-        if torch.is_autocast_enabled(h.device.type):
-            h = h.to(torch.get_autocast_dtype(h.device.type))
+        kind = h.device.type
+        if torch.is_autocast_enabled(kind):
+            # the whole forward in the autocast dtype, autocast itself off: it would run some torch ops (the "torch"
+            # backend's exp, sums, norms) in fp32 on one device and not on another
+            with torch.autocast(kind, enabled=False):
+                return self._body(h.to(torch.get_autocast_dtype(kind)), positions, input_pos, targets, logits_at)
+        return self._body(h, positions, input_pos, targets, logits_at)
+
+    def _body(self, h, positions, input_pos, targets, logits_at):
+        """The forward from the token embeddings h (B, S, d) on."""
+        B, S, _ = h.shape
+        c = self.config
         rope = None
         if self.pos_emb is not None:
             h = h + self.pos_emb(positions).to(h.dtype)

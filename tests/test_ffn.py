@@ -129,6 +129,7 @@ def test_bad_input(call, exc, words):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.timeout(300)  # (autotuning: every candidate compiled and timed)
 def test_mlps_large_autotuned(autotuning, dtype):
     # model-sized GEMMs through the autotuned configs (wgmma tiles), ragged M
     check_op("mlp_gelu(large)", lambda *a: mlp_gelu(*a, backend="triton"), reference.mlp_gelu,
@@ -137,24 +138,29 @@ def test_mlps_large_autotuned(autotuning, dtype):
              _swiglu_inputs(1031, 1024, 2816, dtype))
 
 
+def _kept_gemm_configs():
+    """(rows, kind, config) for every candidate tile the pruning keeps for a decode-sized (24: the 16- and 32-row
+    tiles) or a prefill-sized (1031) number of rows, per MLP."""
+    k = importlib.import_module("fastlm.kernels.ffn")
+    x = torch.empty(0, dtype=torch.bfloat16)
+    return [pytest.param(rows, kind, config, id=f"{rows}-{kind}-config{i}")
+            for rows in (24, 1031) for kind, act in (("gelu", k.ACT_GELU), ("swiglu", k.ACT_SWIGLU))
+            for i, config in enumerate(k.prune_configs(k.gpu_gemm_configs(),
+                                                       {"M": rows, "N": 1408, "K": 512, "ACT": act, "X": x}))]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [24, 1031])
-def test_every_gemm_config(monkeypatch, rows):
-    """Autotuning may pick any candidate tile the pruning keeps: each one kept for a decode-sized (24: the 16- and
-    32-row tiles) or a prefill-sized (1031) number of rows, forced in turn, gives both MLPs within the rule."""
+@pytest.mark.parametrize("rows, kind, config", _kept_gemm_configs())
+def test_every_gemm_config(monkeypatch, rows, kind, config):
+    """Autotuning may pick any candidate tile the pruning keeps: each one, forced, gives the MLP within the rule."""
     import triton
 
     k = importlib.import_module("fastlm.kernels.ffn")
-    x = torch.empty(0, dtype=torch.bfloat16)
-    tested = 0
-    for act, op, ref, inputs in ((k.ACT_GELU, mlp_gelu, reference.mlp_gelu, _gelu_inputs),
-                                 (k.ACT_SWIGLU, mlp_swiglu, reference.mlp_swiglu, _swiglu_inputs)):
-        for config in k.prune_configs(k.gpu_gemm_configs(), {"M": rows, "N": 1408, "K": 512, "ACT": act, "X": x}):
-            monkeypatch.setattr(k, "_gemm", triton.autotune([config], ["M_KEY", "N", "K", "ACT"])(k.ffn_gemm_kernel))
-            check_op(f"{op.__name__}({config})", lambda *a: op(*a, backend="triton"), ref,
-                     inputs(rows, 512, 1408, torch.bfloat16))
-            tested += 1
-    assert tested >= 4
+    monkeypatch.setattr(k, "_gemm", triton.autotune([config], ["M_KEY", "N", "K", "ACT"])(k.ffn_gemm_kernel))
+    op, ref, inputs = ((mlp_gelu, reference.mlp_gelu, _gelu_inputs) if kind == "gelu" else
+                       (mlp_swiglu, reference.mlp_swiglu, _swiglu_inputs))
+    check_op(f"{op.__name__}({config})", lambda *a: op(*a, backend="triton"), ref,
+             inputs(rows, 512, 1408, torch.bfloat16))
 
 
 def test_gemm_config_pruning():

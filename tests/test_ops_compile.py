@@ -109,9 +109,10 @@ def _groups():
                 ffn_ops.mlp_swiglu(x, wg, w1, w2, backend=backend))
 
     def losses(logits, x, w, b, backend):
-        return (ce_ops.cross_entropy(logits, t, backend=backend),
-                ce_ops.linear_cross_entropy(x, w, t, chunk_size=4, backend=backend),
-                ce_ops.linear_cross_entropy(x, w, t, b, reduction="none", chunk_size=4, backend=backend))
+        tt = t.to(logits.device)
+        return (ce_ops.cross_entropy(logits, tt, backend=backend),
+                ce_ops.linear_cross_entropy(x, w, tt, chunk_size=4, backend=backend),
+                ce_ops.linear_cross_entropy(x, w, tt, b, reduction="none", chunk_size=4, backend=backend))
 
     def attention(q, k, v, backend):
         return (attn_ops.attention(q, k, v, causal=True, return_lse=True, backend=backend)

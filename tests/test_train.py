@@ -27,8 +27,9 @@ def _cfg(**kw):
 
 
 def _train(**kw):
+    # (on the CPU where there is a GPU too: the expectations below are CPU results)
     args = dict(text=TEXT, steps=20, batch_size=4, seqlen=32, lr=3e-3, warmup=5, eval_every=10, eval_batches_max=2,
-                backend="torch", progress=False, log=None)
+                backend="torch", device="cpu", progress=False, log=None)
     args.update(kw)
     return T.train(args.pop("config", _cfg()), **args)
 
@@ -77,7 +78,7 @@ def test_resume_continues_the_same_curve(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
 
-def test_resume_keeps_the_run_settings(tmp_path, capsys):
+def test_resume_keeps_the_run_settings(tmp_path, capsys, monkeypatch):
     """A resumed run trains with the interrupted run's settings: the CLI's --resume takes every setting not given
     from the checkpoint (and continues the same loss curve), while a setting that differs (an argument of train(), an
     option given to the CLI) or a model / tokenizer option is an error naming it."""
@@ -92,6 +93,7 @@ def test_resume_keeps_the_run_settings(tmp_path, capsys):
                          (["--tokenizer", "byte"], "--tokenizer")):
         assert T.cli(["--out", str(tmp_path), "--resume", "--steps", "8", "--no-progress"] + extra) == 2
         assert named in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the CLI trains on the CPU, as _train did
     assert T.cli(["--out", str(tmp_path), "--resume", "--steps", "8", "--eval-every", "4", "--backend", "torch",
                   "--no-progress"]) == 0
     resumed = T.load_checkpoint(str(tmp_path), backend="torch")[1]["history"]
