@@ -270,10 +270,11 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     prompts: a LongTensor (B, S), or a list of token lists of different lengths; one prompt may also be given as a
     flat list of ints or a 1-D tensor. Returns the prompt followed by its new tokens, in the input's form: a
     LongTensor (B, S + n) for tensor input (n = the number of steps run; after its stop token a sequence is filled
-    with ``pad_id``, default the first stop token; any int64, it is never fed to the model), or a list of token lists ending at (and including) the stop
-    token (a 1-D tensor or a flat list for a single prompt given so). ``stop_tokens`` is a list of token ids (None
-    or empty: none). ``generator`` (a seeded torch.Generator on the model's device) makes sampling
-    reproducible. ``stream(tokens)`` is called after every step with the new tokens (B,) on the CPU.
+    with ``pad_id``, default the first stop token; any int64, it is never fed to the model), or a list of token
+    lists ending at (and including) the stop token (a 1-D tensor or a flat list for a single prompt given so).
+    ``stop_tokens`` is a list of token ids (None or empty: none). ``generator`` (a seeded torch.Generator on the
+    model's device) makes sampling reproducible. ``stream(tokens)`` is called after every step with the new tokens
+    (B,) on the CPU.
     ``compile=True`` compiles the decode step with torch.compile (CUDA graphs on GPU); a string picks the
     torch.compile backend instead (e.g. "aot_eager"). ``cuda_graph=True`` (CUDA only) captures the decode step, as
     it is, in a CUDA graph after its first run, and replays it for every later token.

@@ -12,7 +12,8 @@ Parameter names and shapes equal fastlm.reference.Transformer's: a state dict lo
 
 Under torch.autocast the whole forward runs in the autocast dtype (the embedding output is cast to it, every weight
 as an op takes it, and autocast is off inside): fastlm's ops take operands of one dtype, where autocast would cast
-only the torch ops among them, and some of those to fp32. The parameters stay in their dtype (fp32 master weights) and receive their gradients in it.
+only the torch ops among them, and some of those to fp32. The parameters stay in their dtype (fp32 master weights)
+and receive their gradients in it.
 
 Generation: ``setup_cache`` allocates a static KV cache per layer, (B, max_seqlen, n_kv_head, head_dim), updated in
 place. ``model(tokens)`` with a cache prefills from position 0; ``model(tokens, input_pos=pos)`` places token t of

@@ -1,6 +1,7 @@
-"""torch.library integration of the norm, RoPE, MLP, cross-entropy and attention ops: opcheck of every custom op (schema, fake
-tensor, autograd registration, AOT dispatch), and torch.compile(fullgraph=True) of forward + backward of each public
-op with the torch and triton backends, and the C++ CPU backend where the extension has the op, compared with eager.
+"""torch.library integration of the norm, RoPE, MLP, cross-entropy and attention ops: opcheck of every custom op
+(schema, fake tensor, autograd registration, AOT dispatch), and torch.compile(fullgraph=True) of forward + backward of
+each public op with the torch and triton backends, and the C++ CPU backend where the extension has the op, compared
+with eager.
 Compilation uses the aot_eager backend (dynamo + AOTAutograd + fake tensors, which is where custom ops can break);
 inductor's C++ codegen adds nothing for opaque custom ops and costs seconds per graph on a CPU."""
 import importlib
@@ -150,7 +151,8 @@ def test_compile_fullgraph(name, fn, inputs, backend):
     _check_compiled(fn, inputs, backend)
 
 
-NATIVE_OPS = {"attention": ("attention_fwd", "attention_bwd"), "norms": ("norm_fwd",), "rope": ("rope_fwd",), "mlps": ("mlp_gelu", "mlp_swiglu"),
+NATIVE_OPS = {"attention": ("attention_fwd", "attention_bwd"), "norms": ("norm_fwd",), "rope": ("rope_fwd",),
+              "mlps": ("mlp_gelu", "mlp_swiglu"),
               "losses": ce_ops._NATIVE}
 
 

@@ -89,8 +89,8 @@ def test_resume_keeps_the_run_settings(tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match=r"other settings: seqlen=32 \(the checkpoint's: 24\), batch_size=4 .*"
                                          r"lr=0.003 \(the checkpoint's: 0.001\), warmup=5 .*seed=0 "):
         _train(steps=8, out=str(tmp_path), resume=True)
-    for extra, named in ((["--lr", "0.5"], "lr=0.5 (the checkpoint's: 0.001)"), (["--preset", "llama-tiny"], "--preset"),
-                         (["--tokenizer", "byte"], "--tokenizer")):
+    for extra, named in ((["--lr", "0.5"], "lr=0.5 (the checkpoint's: 0.001)"),
+                         (["--preset", "llama-tiny"], "--preset"), (["--tokenizer", "byte"], "--tokenizer")):
         assert T.cli(["--out", str(tmp_path), "--resume", "--steps", "8", "--no-progress"] + extra) == 2
         assert named in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the CLI trains on the CPU, as _train did

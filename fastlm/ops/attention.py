@@ -119,7 +119,6 @@ def _native_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     return torch.ops.fastlm.attention_fwd(q, k, v, causal, softmax_scale, window_left, window_right)
 
 
-
 @torch.library.custom_op("fastlm_native_py::attention_bwd", mutates_args=())
 def _native_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                 lse: torch.Tensor, dlse: torch.Tensor | None, causal: bool, softmax_scale: float, window_left: int,
