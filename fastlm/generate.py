@@ -332,6 +332,10 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
                     step = _GraphedStep(step, tok, pos, done, noise)
                 finished = done
                 tok, done = step(tok, pos, done, noise)
+                if compile and device.type == "cuda":
+                    # a CUDA-graph replay's outputs are overwritten by the next replay: keep copies (the next step
+                    # reads them, and `finished` above must outlive that replay)
+                    tok, done = tok.clone(), done.clone()
                 out[:, n] = torch.where(finished, pad_id, tok)
                 pos += 1
                 n += 1
