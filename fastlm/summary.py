@@ -45,32 +45,18 @@ DEVICES = {
 
 @functools.cache
 def _measure_cpu() -> dict:
-    """The ceilings of this machine's CPU, timed now (about a second): torch's fp32 and bf16 GEMMs (1024^3, best of
-    3) and a 64 MB copy. bf16 and fp16 are rated at the faster of their own GEMM and fp32's, since fastlm's CPU
-    kernels can widen them to fp32 exactly (without bf16 arithmetic in the CPU, torch's bf16 GEMM is far slower)."""
+    """The ceilings of this machine's CPU, timed now by the bench's ceiling kernels (benchmark.measure_ceilings, a
+    few seconds): fp32 and bf16 GEMM rates, bf16 at the faster of its GEMM and fp32's (fastlm's CPU kernels widen it
+    exactly), fp16 at the fp32 rate (widened likewise; its own GEMM is not timed), and the copy bandwidth."""
     import platform
-    import time
 
     import torch
 
-    def best(fn, reps=3):
-        fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    n = 1024
-    flops = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        flops[name] = 2 * n ** 3 / best(lambda: torch.mm(a, b))
-    flops["bf16"] = flops["fp16"] = max(flops["bf16"], flops["fp32"])
-    src = torch.ones(16 << 20)
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 / best(lambda: dst.copy_(src))
+    from fastlm.benchmark import QUICK_CPU, measure_ceilings
+    ceilings = measure_ceilings(torch.device("cpu"), [torch.float32, torch.bfloat16], QUICK_CPU)
+    rate = ceilings["compute_flop_per_s"]
+    flops = {"fp32": rate["float32"], "bf16": rate["bfloat16"], "fp16": rate["float32"]}
+    bandwidth = ceilings["copy_bytes_per_s"]
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -78,8 +64,8 @@ def _measure_cpu() -> dict:
     except OSError:
         pass
     return {"label": f"this machine's CPU, {cpu}, {torch.get_num_threads()} threads (measured now through torch: "
-                     f"fp32 GEMM {flops['fp32'] / 1e9:.0f} GFLOP/s, bf16 / fp16 at {flops['bf16'] / 1e9:.0f} "
-                     f"(the faster of their GEMM and fp32's), copy {bandwidth / 1e9:.1f} GB/s)",
+                     f"fp32 GEMM {flops['fp32'] / 1e9:.0f} GFLOP/s, bf16 at {flops['bf16'] / 1e9:.0f} (the faster "
+                     f"of its GEMM and fp32's), fp16 at the fp32 rate, copy {bandwidth / 1e9:.1f} GB/s)",
             "flops": flops, "bandwidth": bandwidth}
 
 
