@@ -37,8 +37,9 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _load_tile(base, rows, offs_d, d_mask, stride_row, n_rows, MASK_ROWS: tl.constexpr):
-    """A (rows, D) tile; without MASK_ROWS every row is known to be in bounds (interior key blocks)."""
-    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
+    """A (rows, D) tile; without MASK_ROWS every row is known to be in bounds (interior key blocks). Row offsets in
+    int64: rows * stride_row passes 2^31 for a million-token sequence of 32 x 128 heads."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :]
     if MASK_ROWS:
         x = tl.load(ptrs, mask=(rows < n_rows)[:, None] & d_mask[None, :], other=0.0)
     else:
@@ -49,7 +50,7 @@ def _load_tile(base, rows, offs_d, d_mask, stride_row, n_rows, MASK_ROWS: tl.con
 @triton.jit
 def _load_tile_t(base, rows, offs_d, d_mask, stride_row, n_rows, MASK_ROWS: tl.constexpr):
     """The same tile transposed, (D, rows), for the B operand of tl.dot."""
-    ptrs = base + rows[None, :] * stride_row + offs_d[:, None]
+    ptrs = base + rows[None, :].to(tl.int64) * stride_row + offs_d[:, None]
     if MASK_ROWS:
         x = tl.load(ptrs, mask=(rows < n_rows)[None, :] & d_mask[:, None], other=0.0)
     else:
@@ -59,14 +60,15 @@ def _load_tile_t(base, rows, offs_d, d_mask, stride_row, n_rows, MASK_ROWS: tl.c
 
 @triton.jit
 def _query_block(H, group, BLOCK_M: tl.constexpr):
-    """(batch, head, kv head, first query row) of a program on the grid (query blocks, heads, batch)."""
-    h = tl.program_id(1)
-    return tl.program_id(2), h, h // group, tl.program_id(0) * BLOCK_M
+    """(batch, head, kv head, first query row) of a program on the grid (query blocks, heads, batch); batch and heads
+    in int64, as they multiply strides (a batch stride times the batch index passes 2^31 from 2^31 elements on)."""
+    h = tl.program_id(1).to(tl.int64)
+    return tl.program_id(2).to(tl.int64), h, h // group, tl.program_id(0) * BLOCK_M
 
 
 @triton.jit
 def _store_tile(base, rows, offs_d, d_mask, stride_row, n_rows, x):
-    tl.store(base + rows[:, None] * stride_row + offs_d[None, :], x.to(base.dtype.element_ty),
+    tl.store(base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :], x.to(base.dtype.element_ty),
              mask=(rows < n_rows)[:, None] & d_mask[None, :])
 
 
@@ -219,8 +221,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
-    b = tl.program_id(2)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     offset = Sk - Sq
     n_start = pid_n * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)

@@ -43,8 +43,8 @@ def _decode_split_kernel(
 ):
     split = tl.program_id(0) // N_ROW_BLOCKS
     row_block = tl.program_id(0) % N_ROW_BLOCKS
-    hk = tl.program_id(1)
-    b = tl.program_id(2)
+    hk = tl.program_id(1).to(tl.int64)  # (int64: they multiply strides)
+    b = tl.program_id(2).to(tl.int64)
 
     seqlen = tl.load(SEQLENS + b).to(tl.int32)
     seqlen = tl.minimum(tl.maximum(seqlen, 0), S_max)
@@ -65,15 +65,15 @@ def _decode_split_kernel(
     pos_lo = tl.where(WINDOW_LEFT >= 0, pos - WINDOW_LEFT, 0)  # and the first
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + qi[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + qi[:, None].to(tl.int64) * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < hi
@@ -93,7 +93,7 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
-    mid_row = ((b * Sq + qi) * H + head).to(tl.int64) * NUM_SPLITS + split
+    mid_row = ((b * Sq + qi) * H + head) * NUM_SPLITS + split
     tl.store(MID_M + mid_row, m_i, mask=row_ok)
     tl.store(MID_L + mid_row, l_i, mask=row_ok)
     tl.store(MID_O + mid_row[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
@@ -131,7 +131,8 @@ def _decode_combine_kernel(
         acc = acc * alpha[:, None] + w[:, None] * o_s
         m_run = m_new
     out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]  # no key at all: acc = 0, out = 0
-    tl.store(O + b.to(tl.int64)[:, None] * stride_ob + (i * stride_os + h * stride_oh)[:, None] + offs_d[None, :],
+    tl.store(O + (b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh)[:, None]
+             + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=mask)
 
 

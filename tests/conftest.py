@@ -8,6 +8,7 @@ unless set otherwise): timing every candidate of every shape the tests use would
 minutes. Every candidate is tested one at a time instead (test_attention / test_ffn: test_every_*_config), and the
 tests about autotuning turn it on (the ``autotuning`` fixture).
 """
+import math
 import os
 
 os.environ.setdefault("FASTLM_TRITON_AUTOTUNE", "0")
@@ -86,6 +87,30 @@ def triton_and_cpu(op):
     return (["triton", pytest.param("cpu", marks=cpu)],
             [("triton", dt) for dt in DTYPES]
             + [pytest.param("cpu", dt, marks=cpu) for dt in (torch.float32, torch.float16, torch.bfloat16)])
+
+
+def far_views(shapes, dim, stride, dtype, device):
+    """Tensors of `shapes` (randn) whose dimension `dim` has a stride of `stride` elements (the others contiguous
+    among themselves), side by side in one buffer that reaches past 2^31 elements: kernels whose index arithmetic
+    wraps in int32 read and write the wrong memory for the far elements. On a CPU the buffer is virtual memory, mostly
+    never touched."""
+    views, start = [], 0
+    for shape in shapes:
+        rest = shape[:dim] + shape[dim + 1:]
+        strides = [math.prod(rest[i + 1:]) for i in range(len(rest))]
+        strides.insert(dim, stride)
+        views.append((start, shape, strides))
+        start += math.prod(rest)
+    assert start <= stride, "the views must fit side by side within one stride"
+    size = max(o + sum((n - 1) * st for n, st in zip(sh, sts)) + 1 for o, sh, sts in views)
+    assert size > 2**31, "the views must reach past 2^31 elements"
+    buffer = torch.empty(size, dtype=dtype, device=device)
+    out = []
+    for offset, shape, strides in views:
+        t = buffer.as_strided(shape, strides, offset)
+        t.copy_(torch.randn(shape, dtype=dtype, device=device))
+        out.append(t)
+    return out
 
 
 def backend_device(backend):

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import CUDA_HEAD_DIMS, DEVICE, ON_GPU, backend_device, needs_cpu_kernel, triton_and_cpu
+from conftest import CUDA_HEAD_DIMS, DEVICE, ON_GPU, backend_device, far_views, needs_cpu_kernel, triton_and_cpu
 from fastlm import backends, ops, reference
 from fastlm.testing import check_rule
 
@@ -86,10 +86,15 @@ def _check_case(backend, dtype, case, *, logit_scale=1.0, with_lse_grad=False):
     _require(backend)
     b, sq, sk, h, hkv, d, causal, window = case
     q, k, v = _inputs(b, sq, sk, h, hkv, d, dtype, scale=logit_scale, device=backend_device(backend))
+    _check_attention(backend, q, k, v, torch.randn_like(q), with_lse_grad=with_lse_grad, causal=causal, window=window)
+
+
+def _check_attention(backend, q, k, v, do, *, with_lse_grad=False, **kw):
+    """Forward (out, LSE) and the gradients of q, k, v for the output gradient do (and a random LSE gradient)."""
+    b, sq, h, _ = q.shape
+    dtype = q.dtype
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    kw = dict(causal=causal, window=window)
     out, lse = ops.attention(q, k, v, return_lse=True, backend=backend, **kw)
-    do = torch.randn_like(out)
     dlse = torch.randn_like(lse) if with_lse_grad else None
     ref64, ref_low = _references(q, k, v, do, dlse, **kw)
     assert out.dtype == dtype and lse.dtype == torch.float32
@@ -98,10 +103,10 @@ def _check_case(backend, dtype, case, *, logit_scale=1.0, with_lse_grad=False):
     # the LSE is fp32 whatever the inputs' dtype: its low-precision reference is fp32 math on the same inputs
     lse_low = reference.attention(*(t.detach().cpu().float() for t in (q, k, v)), return_lse=True, **kw)[1]
     check_rule("lse", lse, ref64[1], lse_low)
-    loss = (out.float() * do.float()).sum()
+    outputs, grads = (out,), (do,)  # do itself reaches the backward (the views of test_offsets_past_int32)
     if dlse is not None:
-        loss = loss + (torch.where(torch.isinf(lse), 0, lse) * dlse).sum()
-    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
+        outputs, grads = (out, lse), (do, torch.where(torch.isinf(lse), 0, dlse))
+    dq, dk, dv = torch.autograd.grad(outputs, (q, k, v), grads)
     for name, g, g64, glow in zip(("dq", "dk", "dv"), (dq, dk, dv), ref64[2:], ref_low[2:]):
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
         check_rule(name, g, g64, glow)
@@ -122,6 +127,23 @@ def _matrix():
 @pytest.mark.parametrize("backend,dtype,case", _matrix())
 def test_attention_matches_reference(backend, dtype, case):
     _check_case(backend, dtype, case)
+
+
+FAR_BACKENDS = ["triton", pytest.param("cpu", marks=needs_cpu_kernel("attention_fwd"))] + (
+    [pytest.param("cuda", marks=pytest.mark.gpu)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("backend", FAR_BACKENDS)
+@pytest.mark.parametrize("dim", [0, 1], ids=["batch", "seq"])
+def test_offsets_past_int32(backend, dim):
+    """q, k, v and the output gradient with elements past 2^31 in their buffer: a batch stride of 2^29 (batch 4 starts
+    at 2^31, as in 8 x 128k tokens x 32 heads x 128), or a sequence stride of 2^26 (rows from 32 on, as a million-token
+    sequence of 32 x 128 heads from row 2^19 on); forward and every gradient under the numerics rule."""
+    _require(backend)
+    b, s, h, hkv, d = (5, 24, 2, 1, 32) if dim == 0 else (1, 40, 2, 1, 32)
+    q, k, v, do = far_views([(b, s, h, d), (b, s, hkv, d), (b, s, hkv, d), (b, s, h, d)], dim,
+                            2**29 if dim == 0 else 2**26, torch.float16, backend_device(backend))
+    _check_attention(backend, q, k, v, do, causal=True)
 
 
 @pytest.mark.parametrize("backend,dtype", _params(BACKEND_DTYPES))

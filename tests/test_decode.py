@@ -3,7 +3,7 @@ head dims, several new tokens per step, explicit split counts, CUDA-graph / torc
 import pytest
 import torch
 
-from conftest import CUDA_HEAD_DIMS, DEVICE, ON_GPU, backend_device, triton_and_cpu
+from conftest import CUDA_HEAD_DIMS, DEVICE, ON_GPU, backend_device, far_views, triton_and_cpu
 from fastlm import backends, reference
 from fastlm.ops import decode_attention
 from fastlm.testing import check_rule
@@ -139,6 +139,19 @@ def test_int64_lengths_and_strided_cache(backend):
     k, v = cache[0, 1], cache[1, 1]
     q = torch.randn(2, 4, 1, D, device=device).to(_dtype(backend)).transpose(1, 2)  # (B, Sq=1, H=4, D), strided
     lens = torch.tensor([50, 17], dtype=torch.int64, device=device)
+    out = decode_attention(q, k, v, lens, backend=backend)
+    _check(out, q, k, v, lens)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dim", [0, 2], ids=["batch", "heads"])
+def test_offsets_past_int32(backend, dim):
+    """q and the caches with elements past 2^31 in their buffer: a batch stride of 2^29 (sequence 4 starts at 2^31),
+    or a head stride of 2^29 (head-major (B, Hkv, S_max, D) caches seen through a transpose: kv head 4)."""
+    B, H, Hkv = (5, 2, 1) if dim == 0 else (1, 5, 5)
+    q, k, v = far_views([(B, 2, H, 32), (B, 40, Hkv, 32), (B, 40, Hkv, 32)], dim, 2**29, _dtype(backend),
+                        backend_device(backend))
+    lens = torch.tensor([40, 7, 33, 1, 40][:B], device=q.device)
     out = decode_attention(q, k, v, lens, backend=backend)
     _check(out, q, k, v, lens)
 
