@@ -21,7 +21,9 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton and C++ kernels take
-CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)  # the head dims csrc/cuda's attention and decode kernels are built for
+# the head dims csrc/cuda's attention and decode kernels are built for (compiled_head_dim in launch_utils.cuh; the
+# launcher host test checks that the two agree)
+CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
 
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from the fastlm checkout "
               "(CUDA kernels need a CUDA build of torch and nvcc)")

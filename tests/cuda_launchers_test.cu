@@ -4,8 +4,11 @@
 // gives its documented figures, and (without a usable GPU) a valid problem fails with an error from the CUDA
 // runtime instead of crashing. Prints one line per failed check; exit status 1 if any.
 #include <cstdio>
+#include <cstdlib>
+#include <set>
 #include <string>
 
+#include "cuda/launch_utils.cuh"
 #include "cuda/launchers.h"
 
 using namespace fastlm_cuda;
@@ -115,8 +118,21 @@ Status mlp(Change change, bool swiglu = true) {
   return swiglu ? mlp_swiglu(p, nullptr) : mlp_gelu(p, nullptr);
 }
 
-int main() {
+// argv: the head dims Python believes the kernels are compiled for (fastlm.backends.CUDA_HEAD_DIMS).
+int main(int argc, char** argv) {
   const bool gpu = have_gpu();
+  std::set<int> head_dims;
+  for (int i = 1; i < argc; ++i) head_dims.insert(std::atoi(argv[i]));
+  if (head_dims.empty()) {
+    std::printf("FAIL: pass the head dims of fastlm.backends.CUDA_HEAD_DIMS as arguments\n");
+    return 1;
+  }
+  for (int d = 0; d <= 512; ++d)
+    if (compiled_head_dim(d) != (head_dims.count(d) == 1)) {
+      std::printf("FAIL head dim %d: compiled_head_dim says %d, CUDA_HEAD_DIMS says %d\n", d, compiled_head_dim(d),
+                  int(head_dims.count(d)));
+      ++failures;
+    }
   int dev = 0, sms = 132, major = 0;  // 132 SMs when the device cannot be asked
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
                                                 cudaSuccess)

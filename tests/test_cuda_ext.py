@@ -311,7 +311,8 @@ def test_tensor_core_layout_emulation_catches_layout_mistakes(mutant, monkeypatc
 def test_cuda_launchers_host_side(tmp_path):
     """tests/cuda_launchers_test.cu against csrc/cuda's launchers, built with nvcc (PTX only: nothing is launched on
     a GPU) and run here: argument errors name the problem, empty problems succeed without the device, decode's split
-    heuristic gives its figures, and without a usable GPU a valid launch fails cleanly."""
+    heuristic gives its figures, without a usable GPU a valid launch fails cleanly, and the kernels' head dims are
+    fastlm.backends.CUDA_HEAD_DIMS."""
     sources = [os.path.join(ROOT, "tests", "cuda_launchers_test.cu")] + sorted(
         glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     flags = ["-gencode=arch=compute_80,code=compute_80", "-std=c++17", "-O1", "--expt-relaxed-constexpr",
@@ -328,7 +329,7 @@ def test_cuda_launchers_host_side(tmp_path):
     exe = str(tmp_path / "launchers_test")
     link = subprocess.run(["nvcc", "-o", exe, *objects], capture_output=True, text=True)
     assert link.returncode == 0, link.stdout + link.stderr
-    run = subprocess.run([exe], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([exe, *map(str, backends.CUDA_HEAD_DIMS)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "ok: 0 failed" in run.stdout, run.stdout + run.stderr
 
 

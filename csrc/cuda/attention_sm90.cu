@@ -255,8 +255,9 @@ Status launch(const AttentionParams& p, cudaStream_t stream) {
 
 bool attention_wgmma_supported(int head_dim, std::string* why) {
   if (!sm90a_device(why)) return false;
-  if (head_dim != 32 && head_dim != 64 && head_dim != 96 && head_dim != 128 && head_dim != 256) {
-    if (why) *why = "the wgmma kernel supports head dims 32, 64, 96, 128, 256; got " + std::to_string(head_dim);
+  if (!compiled_head_dim(head_dim)) {
+    if (why) *why = std::string("the wgmma kernel supports head dims ") + kCompiledHeadDims + "; got " +
+                    std::to_string(head_dim);
     return false;
   }
   return true;
