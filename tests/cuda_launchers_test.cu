@@ -181,6 +181,8 @@ int main(int argc, char** argv) {
   expect_error(mlp([](auto& p) { p.w1b = nullptr; }), "non-null and 16-byte aligned", "mlp w_up missing");
   expect_error(mlp([](auto& p) { p.dtype = DType::kFloat32; }, false), "fp16/bf16", "mlp fp32");
   expect_ok(mlp([](auto& p) { p.rows = 0, p.x = p.hidden = p.out = nullptr; }, false), "mlp no rows (null buffers)");
+  expect_error(mlp([](auto& p) { p.rows = 65535 * 128 + 1; }),
+               "too many rows for one launch (at most 65535 * 128), got 8388481", "mlp rows past the grid");
   if (!gpu) {  // which kernel a valid problem takes shows in how its launch fails without a device
     expect_error(mlp([](auto& p) { p.rows = 8; }), "mlp_swiglu (gemv): launch failed", "mlp launch (8 rows: gemv)");
     expect_error(mlp([](auto& p) { p.rows = 9; }), "mlp_swiglu: cannot reserve", "mlp launch (9 rows: tensor cores)");

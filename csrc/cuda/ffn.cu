@@ -395,8 +395,14 @@ Status run_gemv(const GemmArgs& g, cudaStream_t stream, const char* what) {
 // The grid of a GEMM of bm x bn output tiles, or an error naming `what` when it exceeds a launch's limits.
 bool gemm_grid(const GemmArgs& g, int bm, int bn, dim3* grid, Status* error, const std::string& what) {
   const int64_t grid_n = (g.n + bn - 1) / bn, grid_m = (g.m + bm - 1) / bm;
-  if (grid_m > 65535 || grid_n > 2147483647LL) {
-    *error = Status::Error(what + ": too many rows for one launch (at most 65535 * " + std::to_string(bm) + ")");
+  if (grid_m > 65535) {
+    *error = Status::Error(what + ": too many rows for one launch (at most 65535 * " + std::to_string(bm) + "), got " +
+                           std::to_string(g.m));
+    return false;
+  }
+  if (grid_n > 2147483647LL) {
+    *error = Status::Error(what + ": too many columns for one launch (at most 2^31 - 1 tiles of " +
+                           std::to_string(bn) + "), got " + std::to_string(g.n));
     return false;
   }
   *grid = dim3(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m));
