@@ -79,6 +79,30 @@ def needs_cpu_kernel(op):
                               reason=f"the C++ extension (fastlm._C) with the CPU {op} kernel is not built")
 
 
+def needs_cuda_kernel(op):
+    """The marks of a test (or parameter) of the C++ extension's CUDA kernel ``op``: a GPU test (skipped without a CUDA
+    device); on a CUDA machine the extension must have been built with the kernel: a missing one fails the test,
+    saying how to build it, instead of passing as a skip."""
+    return [pytest.mark.gpu, pytest.mark.cuda_kernel(op)]
+
+
+def cuda_kernel_test(op):
+    """needs_cuda_kernel(op) as a test decorator."""
+    def mark(fn):
+        for m in needs_cuda_kernel(op):
+            fn = m(fn)
+        return fn
+    return mark
+
+
+def pytest_runtest_setup(item):
+    from fastlm import backends
+    for mark in item.iter_markers("cuda_kernel"):
+        if ON_GPU and not backends.extension_has(mark.args[0], "cuda"):
+            pytest.fail(f"fastlm._C has no CUDA {mark.args[0]} kernel on this CUDA machine: {backends.BUILD_HINT}",
+                        pytrace=False)
+
+
 def triton_and_cpu(op):
     """(backends, (backend, dtype) pairs) for an op with a Triton kernel and a C++ CPU kernel ``op``: Triton at
     DTYPES, the C++ kernel in fp32, fp16 and bf16 everywhere (bf16 is only wrong in the Triton interpreter). The pairs

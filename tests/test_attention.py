@@ -28,6 +28,10 @@ CASES = [
     (1, 33, 33, 2, 2, 72, False, (-1, 10)),
     (1, 7, 129, 4, 4, 80, True, (-1, -1)),         # few queries against a long context
     (1, 33, 47, 1, 1, 256, True, (-1, -1)),
+    # windows wider than a tile (the interpreter's 32 x 32, the C++ CPU kernels' 64-key tiles): key tiles inside a
+    # window are fully visible, and the kernels skip their masks
+    (1, 200, 200, 2, 1, 64, True, (100, -1)),
+    (1, 150, 230, 2, 2, 40, False, (70, 80)),
 ]
 
 
@@ -275,6 +279,14 @@ def test_reference_backward_formulas_equal_autograd(case, with_lse_grad):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("backend,dtype", _params(BACKEND_DTYPES))
+def test_explicit_scale_gradients(backend, dtype):
+    """softmax_scale reaches every gradient (the CUDA backend's backward is the Triton one)."""
+    _require(backend)
+    q, k, v = _inputs(2, 45, 45, 4, 2, 32, dtype, device=backend_device(backend))
+    _check_attention(backend, q, k, v, torch.randn_like(q), with_lse_grad=True, causal=True, softmax_scale=0.3)
+
+
 def test_default_scale_and_explicit_scale():
     q, k, v = _inputs(1, 17, 17, 2, 2, 48, torch.float32)
     a = ops.attention(q, k, v, backend="triton")
@@ -423,7 +435,9 @@ def test_every_attention_config(monkeypatch, kernel, d, config):
     from fastlm.kernels import attention as kernels
     raw = getattr(kernels, f"_attn_{kernel}")
     monkeypatch.setattr(kernels, f"_attn_{kernel}_tuned", triton.autotune([config], kernels._AUTOTUNE_KEY)(raw))
-    for case in ((1, 300, 300, 4, 2, d, True, (-1, -1)), (2, 130, 261, 2, 1, d, False, (50, 20))):
+    # (a window of 300 holds whole 64- and 128-key tiles for 128-row query blocks: masks skipped inside it)
+    for case in ((1, 300, 300, 4, 2, d, True, (-1, -1)), (2, 130, 261, 2, 1, d, False, (50, 20)),
+                 (1, 700, 700, 2, 1, d, True, (300, -1))):
         _check_case("triton", torch.bfloat16, case)
 
 

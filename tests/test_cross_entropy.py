@@ -33,15 +33,17 @@ def _ce(reduction, backend, ignore_index=-100):
 
 
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=lambda x: str(x).replace("torch.", ""))
-@pytest.mark.parametrize("N, V, reduction", [(1, 1000, "none"), (7, 1000, "mean"), (129, 1000, "sum"),
-                                             (129, 1000, "none"), (3, 50257, "mean"), (3, 50257, "none"),
-                                             (5, 13, "none")])   # a row shorter than two SIMD vectors
-def test_cross_entropy_rule(backend, dtype, N, V, reduction):
+@pytest.mark.parametrize("N, V, reduction, ignore_index",
+                         [(1, 1000, "none", -100), (7, 1000, "mean", 3), (129, 1000, "sum", 3),
+                          (129, 1000, "none", -100), (3, 50257, "mean", -100), (3, 50257, "none", 3),
+                          (5, 13, "none", -100)])   # a row shorter than two SIMD vectors
+def test_cross_entropy_rule(backend, dtype, N, V, reduction, ignore_index):
+    # ignore_index 3 is also a valid class: targets equal to it are ignored all the same (and leave the mean)
     dev = backend_device(backend)
     logits = 3.0 * torch.randn(N, V, dtype=dtype, device=dev)
-    fn, ref = _ce(reduction, backend)
-    check_op(f"cross_entropy[{backend}, {reduction}]", fn, ref,
-             [logits, _targets((N,), V, n_ignored=min(1, N - 1), device=dev)])
+    fn, ref = _ce(reduction, backend, ignore_index)
+    check_op(f"cross_entropy[{backend}, {reduction}, ignore_index={ignore_index}]", fn, ref,
+             [logits, _targets((N,), V, ignore_index, n_ignored=min(2, N - 1), device=dev)])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -122,30 +124,31 @@ def test_cpu_kernels_check_their_arguments():
     assert torch.equal(grad, ops.cross_entropy_bwd(scale, logits, t, lse, -100))
 
 
-def _lce(reduction, chunk_size, bias, backend):
+def _lce(reduction, chunk_size, bias, backend, ignore_index=-100):
     def fn(x, w, t, *b):
-        return linear_cross_entropy(x, w, t, b[0] if bias else None, reduction=reduction, chunk_size=chunk_size,
-                                    backend=backend)
+        return linear_cross_entropy(x, w, t, b[0] if bias else None, ignore_index=ignore_index, reduction=reduction,
+                                    chunk_size=chunk_size, backend=backend)
 
     def ref(x, w, t, *b):
         out = reference.linear_cross_entropy(x.reshape(-1, x.shape[-1]), w, t.reshape(-1), b[0] if bias else None,
-                                             reduction=reduction)
+                                             ignore_index=ignore_index, reduction=reduction)
         return out.reshape(t.shape) if reduction == "none" else out
     return fn, ref
 
 
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=lambda x: str(x).replace("torch.", ""))
-@pytest.mark.parametrize("N, d, V, chunk, bias, reduction",
-                         [(7, 40, 1000, None, True, red) for red in ("mean", "sum", "none")]
-                         + [(129, 96, 1000, 32, False, red) for red in ("mean", "none")]
-                         + [(1, 40, 1000, 1, False, "sum"), (3, 40, 50257, 2, True, "mean")])
-def test_linear_cross_entropy_rule(backend, dtype, N, d, V, chunk, bias, reduction):
+@pytest.mark.parametrize("N, d, V, chunk, bias, reduction, ignore_index",
+                         [(7, 40, 1000, None, True, red, ign) for red, ign in (("mean", 3), ("sum", -100),
+                                                                              ("none", 3))]
+                         + [(129, 96, 1000, 32, False, red, ign) for red, ign in (("mean", -100), ("none", -100))]
+                         + [(1, 40, 1000, 1, False, "sum", -100), (3, 40, 50257, 2, True, "mean", 3)])
+def test_linear_cross_entropy_rule(backend, dtype, N, d, V, chunk, bias, reduction, ignore_index):
     dev = backend_device(backend)
     x = torch.randn(N, d, dtype=dtype, device=dev)
     w = torch.randn(V, d, dtype=dtype, device=dev) / d ** 0.5
-    inputs = [x, w, _targets((N,), V, n_ignored=min(1, N - 1), device=dev)] + (
+    inputs = [x, w, _targets((N,), V, ignore_index, n_ignored=min(1, N - 1), device=dev)] + (
         [torch.randn(V, dtype=dtype, device=dev)] if bias else [])
-    fn, ref = _lce(reduction, chunk, bias, backend)
+    fn, ref = _lce(reduction, chunk, bias, backend, ignore_index)
     # mean/sum: the gradients are formed in the forward and scaled by the upstream scalar afterwards, exact for a
     # power of two (1, or a loss scale); "none" takes random per-token cotangents
     check_op(f"linear_cross_entropy[{backend}, {reduction}, chunk={chunk}]", fn, ref, inputs, scalar_cotangent=0.5)

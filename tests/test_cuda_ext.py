@@ -12,16 +12,13 @@ import subprocess
 import pytest
 import torch
 
+from conftest import cuda_kernel_test
 from fastlm import backends, reference
 from fastlm.testing import check_rule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float16, torch.bfloat16]
 KERNELS = ["mma", "wgmma"]  # FASTLM_CUDA_KERNELS families
-
-
-def needs_cuda_op(op):
-    return pytest.mark.skipif(not backends.extension_has(op, "cuda"), reason="fastlm._C not built with CUDA kernels")
 
 
 def _randn(*shape, dtype, scale=1.0):
@@ -50,6 +47,9 @@ ATTN_CASES = [  # (D, Sq, Sk, H, Hkv, causal, window)
     (96, 257, 390, 4, 2, False, (-1, -1)),
     (256, 300, 450, 4, 2, True, (-1, -1)),
     (256, 129, 200, 2, 2, False, (70, 20)),
+    # windows wider than a query block and a key tile: tiles inside the window are fully visible
+    (64, 700, 700, 2, 1, True, (300, -1)),
+    (128, 500, 600, 2, 2, False, (260, 200)),
 ]
 
 
@@ -69,8 +69,7 @@ def cuda_kernels(monkeypatch):
     return select
 
 
-@pytest.mark.gpu
-@needs_cuda_op("attention_fwd")
+@cuda_kernel_test("attention_fwd")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kernel,D,Sq,Sk,H,Hkv,causal,window", _attention_params())
 def test_attention_fwd(cuda_kernels, kernel, dtype, D, Sq, Sk, H, Hkv, causal, window):
@@ -91,8 +90,7 @@ def _check_attention(q, k, v, causal, scale, window=(-1, -1)):
     check_rule("lse", lse, lse64, lse_low.cpu())
 
 
-@pytest.mark.gpu
-@needs_cuda_op("attention_fwd")
+@cuda_kernel_test("attention_fwd")
 @pytest.mark.parametrize("kernel,D", [("mma", 64), ("wgmma", 64), ("wgmma", 96), ("wgmma", 128), ("wgmma", 256)])
 def test_attention_fwd_large_logits_and_strided(cuda_kernels, kernel, D):
     # q.k ~ 30 exercises the running-max rescaling; a transposed view exercises the stride handling
@@ -102,8 +100,7 @@ def test_attention_fwd_large_logits_and_strided(cuda_kernels, kernel, D):
     _check_attention(q, k, v, True, 0.125)
 
 
-@pytest.mark.gpu
-@needs_cuda_op("attention_fwd")
+@cuda_kernel_test("attention_fwd")
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_attention_fwd_expanded_kv_heads(cuda_kernels, kernel):
     # one K / V head expanded over 4 (stride 0 with size 4: the wgmma kernel's tensor maps see a zero stride). Where
@@ -119,8 +116,7 @@ def test_attention_fwd_expanded_kv_heads(cuda_kernels, kernel):
         assert kernel == "wgmma" and "tensor map of k" in str(e), e
 
 
-@pytest.mark.gpu
-@needs_cuda_op("attention_fwd")
+@cuda_kernel_test("attention_fwd")
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("Sq,Sk", [(70, 300), (300, 70)])
 def test_attention_fwd_window_past_every_key(cuda_kernels, kernel, Sq, Sk):
@@ -134,8 +130,7 @@ def test_attention_fwd_window_past_every_key(cuda_kernels, kernel, Sq, Sk):
         assert all(torch.equal(a, b) for a, b in zip(wide, none)), (causal, window)
 
 
-@pytest.mark.gpu
-@needs_cuda_op("attention_fwd")
+@cuda_kernel_test("attention_fwd")
 def test_attention_fwd_unsupported_raises():
     q = _randn(1, 4, 2, 64, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
@@ -145,8 +140,7 @@ def test_attention_fwd_unsupported_raises():
         torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
 
 
-@pytest.mark.gpu
-@needs_cuda_op("attention_fwd")
+@cuda_kernel_test("attention_fwd")
 def test_kernel_family_choice_errors(monkeypatch):
     q = _randn(1, 4, 2, 32, dtype=torch.float16)
     monkeypatch.setenv("FASTLM_CUDA_KERNELS", "fastest")
@@ -165,8 +159,7 @@ def test_kernel_family_choice_errors(monkeypatch):
             torch.ops.fastlm.mlp_swiglu(x, w, w, w.t().contiguous(), None)
 
 
-@pytest.mark.gpu
-@needs_cuda_op("mlp_swiglu")
+@cuda_kernel_test("mlp_swiglu")
 def test_auto_runs_the_wgmma_kernels_on_hopper(monkeypatch):
     """FASTLM_CUDA_KERNELS unset ("auto") on a 9.x GPU with an sm_90a build: attention (head dim 128) and the MLP give
     bit for bit what the forced wgmma kernels give."""
@@ -193,8 +186,7 @@ MLP_SHAPES = [((2, 37), 64, 200), ((3, 130), 256, 688), ((5,), 96, 48), ((2, 150
               ((2, 4), 264, 96), ((9,), 64, 200), ((3, 7), 96, 48), ((256,), 320, 8)]
 
 
-@pytest.mark.gpu
-@needs_cuda_op("mlp_gelu")
+@cuda_kernel_test("mlp_gelu")
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,d,f", MLP_SHAPES)
@@ -218,8 +210,7 @@ def _check_mlp(name, *args):
     check_rule(name, out, ref64, ref_low.cpu())
 
 
-@pytest.mark.gpu
-@needs_cuda_op("mlp_swiglu")
+@cuda_kernel_test("mlp_swiglu")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,d,f", MLP_SHAPES)
 @pytest.mark.parametrize("residual", [True, False])
@@ -233,16 +224,14 @@ def test_mlp_swiglu(cuda_kernels, kernel, dtype, lead, d, f, residual):
     _check_mlp("mlp_swiglu", x, w_gate, w_up, w_down, res)
 
 
-@pytest.mark.gpu
-@needs_cuda_op("mlp_swiglu")
+@cuda_kernel_test("mlp_swiglu")
 def test_mlp_no_rows():
     x, w = _randn(0, 64, dtype=torch.float16), _randn(24, 64, dtype=torch.float16)
     assert torch.ops.fastlm.mlp_swiglu(x, w, w, w.t().contiguous(), None).shape == (0, 64)
     assert torch.ops.fastlm.mlp_gelu(x, w, None, w.t().contiguous(), None, None).shape == (0, 64)
 
 
-@pytest.mark.gpu
-@needs_cuda_op("mlp_swiglu")
+@cuda_kernel_test("mlp_swiglu")
 def test_mlp_unsupported_raises():
     x, w = _randn(3, 60, dtype=torch.float16), _randn(24, 60, dtype=torch.float16)  # d_model 60: not a multiple of 8
     with pytest.raises(RuntimeError, match="multiples of 8"):

@@ -3,19 +3,19 @@ head dims, several new tokens per step, explicit split counts, CUDA-graph / torc
 import pytest
 import torch
 
-from conftest import CUDA_HEAD_DIMS, DEVICE, ON_GPU, backend_device, far_views, triton_and_cpu
+from conftest import (CUDA_HEAD_DIMS, DEVICE, ON_GPU, backend_device, cuda_kernel_test, far_views, needs_cuda_kernel,
+                      triton_and_cpu)
 from fastlm import backends, reference
 from fastlm.ops import decode_attention
 from fastlm.testing import check_rule
 
-_NO_CUDA = pytest.mark.skipif(not backends.extension_has("decode_attention", "cuda"),
-                              reason="fastlm._C not built with CUDA kernels")
+_CUDA = needs_cuda_kernel("decode_attention")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # dtypes per backend: Triton at conftest.DTYPES (bf16 on a GPU only), the C++ CPU kernels at fp32/fp16/bf16, the CUDA
 # kernels, tensor-core kernels, at fp16/bf16
 _TRITON_CPU, _TRITON_CPU_DTYPES = triton_and_cpu("decode_attention")
-BACKENDS = _TRITON_CPU + [pytest.param("cuda", marks=[pytest.mark.gpu, _NO_CUDA])]
-BACKEND_DTYPES = _TRITON_CPU_DTYPES + [pytest.param("cuda", d, marks=[pytest.mark.gpu, _NO_CUDA]) for d in (F16, BF16)]
+BACKENDS = _TRITON_CPU + [pytest.param("cuda", marks=_CUDA)]
+BACKEND_DTYPES = _TRITON_CPU_DTYPES + [pytest.param("cuda", d, marks=_CUDA) for d in (F16, BF16)]
 
 
 def _dtype(backend):
@@ -204,7 +204,7 @@ def test_compile_fullgraph_no_host_sync(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=_NO_CUDA)])
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=_CUDA)])
 def test_cuda_graph_replay(backend):
     q, k, v, lens = _inputs(2, 1, 8, 2, 128, 4096, [4096, 1000], torch.bfloat16, "cuda")
     decode_attention(q, k, v, lens, backend=backend)
@@ -217,8 +217,7 @@ def test_cuda_graph_replay(backend):
     _check(out, q, k, v, lens)
 
 
-@pytest.mark.gpu
-@_NO_CUDA
+@cuda_kernel_test("decode_attention")
 def test_cuda_backend_rejects_fp32():
     q, k, v, lens = _inputs(1, 1, 2, 1, 64, 8, [3], torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
@@ -226,7 +225,7 @@ def test_cuda_backend_rejects_fp32():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=_NO_CUDA)])
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=_CUDA)])
 @pytest.mark.parametrize("D,group", [(128, 4), (64, 8), (128, 1)])
 def test_long_cache_gpu(backend, D, group):
     q, k, v, lens = _inputs(2, 1, 2 * group, 2, D, 32768, [32768, 20001], torch.bfloat16, "cuda")

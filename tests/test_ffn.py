@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES
+from conftest import DEVICE, DTYPES, backend_device, needs_cpu_kernel, needs_cuda_kernel
 from fastlm import backends, reference
 from fastlm.ops.ffn import mlp_gelu, mlp_swiglu
 from fastlm.testing import check_op, check_rule
@@ -14,32 +14,51 @@ from fastlm.testing import check_op, check_rule
 ffn = importlib.import_module("fastlm.ops.ffn")
 
 
-def _gelu_inputs(M, d, inter, dtype, bias=True, residual=True, lead=()):
+def _gelu_inputs(M, d, inter, dtype, bias=True, residual=True, lead=(), device=DEVICE):
     def t(*shape, scale=1.0):
-        return scale * torch.randn(*shape, dtype=dtype, device=DEVICE)
+        return scale * torch.randn(*shape, dtype=dtype, device=device)
     return [t(*lead, M, d), t(inter, d, scale=d ** -0.5), t(inter) if bias else None,
             t(d, inter, scale=inter ** -0.5), t(d) if bias else None, t(*lead, M, d) if residual else None]
 
 
-def _swiglu_inputs(M, d, inter, dtype, residual=True):
+def _swiglu_inputs(M, d, inter, dtype, residual=True, device=DEVICE):
     def t(*shape, scale=1.0):
-        return scale * torch.randn(*shape, dtype=dtype, device=DEVICE)
+        return scale * torch.randn(*shape, dtype=dtype, device=device)
     return [t(M, d), t(inter, d, scale=d ** -0.5), t(inter, d, scale=d ** -0.5), t(d, inter, scale=inter ** -0.5),
             t(M, d) if residual else None]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M, d, inter", [(1, 40, 160), (7, 96, 64), (129, 40, 96)])
-def test_mlp_gelu_rule(M, d, inter, dtype):
-    check_op("mlp_gelu", lambda *a: mlp_gelu(*a, backend="triton"), reference.mlp_gelu,
-             _gelu_inputs(M, d, inter, dtype))
+def _backend_dtypes(op):
+    """Triton at DTYPES, the C++ CPU kernels at fp32/fp16/bf16, the CUDA kernels (tensor cores) at fp16/bf16."""
+    return ([pytest.param("triton", dt, id=f"triton-{str(dt)[6:]}") for dt in DTYPES]
+            + [pytest.param("cpu", dt, marks=needs_cpu_kernel(op), id=f"cpu-{str(dt)[6:]}")
+               for dt in (torch.float32, torch.float16, torch.bfloat16)]
+            + [pytest.param("cuda", dt, marks=needs_cuda_kernel(op), id=f"cuda-{str(dt)[6:]}")
+               for dt in (torch.float16, torch.bfloat16)])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M, d, inter", [(1, 40, 160), (7, 96, 64), (129, 40, 96)])
-def test_mlp_swiglu_rule(M, d, inter, dtype):
-    check_op("mlp_swiglu", lambda *a: mlp_swiglu(*a, backend="triton"), reference.mlp_swiglu,
-             _swiglu_inputs(M, d, inter, dtype))
+# (1 row: the CUDA decode-sized kernel; 7 and 129: ragged tiles)
+MLP_SHAPES = [(1, 40, 160), (7, 96, 64), (129, 40, 96)]
+
+
+@pytest.mark.parametrize("backend, dtype", _backend_dtypes("mlp_gelu"))
+@pytest.mark.parametrize("M, d, inter", MLP_SHAPES)
+def test_mlp_gelu_rule(backend, dtype, M, d, inter):
+    inputs = _gelu_inputs(M, d, inter, dtype, device=backend_device(backend))
+    fn = lambda *a: mlp_gelu(*a, backend=backend)  # noqa: E731
+    check_op(f"mlp_gelu[{backend}]", fn, reference.mlp_gelu, inputs)
+    with torch.no_grad():  # the inference path (the fused kernels of the C++ backends)
+        check_op(f"mlp_gelu[{backend}, no_grad]", fn, reference.mlp_gelu, inputs, grads=False)
+
+
+@pytest.mark.parametrize("backend, dtype", _backend_dtypes("mlp_swiglu"))
+@pytest.mark.parametrize("M, d, inter", MLP_SHAPES)
+def test_mlp_swiglu_rule(backend, dtype, M, d, inter):
+    inputs = _swiglu_inputs(M, d, inter, dtype, device=backend_device(backend))
+    fn = lambda *a: mlp_swiglu(*a, backend=backend)  # noqa: E731
+    check_op(f"mlp_swiglu[{backend}]", fn, reference.mlp_swiglu, inputs)
+    with torch.no_grad():
+        check_op(f"mlp_swiglu[{backend}, no_grad]", fn, reference.mlp_swiglu, inputs, grads=False)
 
 
 def test_mlp_variants_without_bias_residual_and_with_leading_dims():
@@ -93,12 +112,10 @@ def test_native_wrapper_backward(name):
 @pytest.mark.skipif(not backends.extension_has("mlp_swiglu", "cpu") or not backends.extension_has("mlp_gelu", "cpu"),
                     reason="the C++ extension (fastlm._C) with the CPU MLP ops is not built")
 @pytest.mark.parametrize("name", ["mlp_gelu", "mlp_swiglu"])
-def test_cpu_backend(name):
-    inputs = _gelu_inputs(7, 40, 96, torch.float32) if name == "mlp_gelu" else _swiglu_inputs(7, 40, 96, torch.float32)
-    inputs = [t.cpu() if t is not None else None for t in inputs]
+def test_cpu_backend_has_no_double_backward(name):
+    # an error, never a silent zero second derivative
+    inputs = (_gelu_inputs if name == "mlp_gelu" else _swiglu_inputs)(7, 40, 96, torch.float32, device="cpu")
     fn = mlp_gelu if name == "mlp_gelu" else mlp_swiglu
-    check_op(f"{name}[cpu]", lambda *a: fn(*a, backend="cpu"), getattr(reference, name), inputs)
-    # no double backward: an error, never a silent zero second derivative
     x = inputs[0].clone().requires_grad_(True)
     (gx,) = torch.autograd.grad(fn(x, *inputs[1:], backend="cpu").sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):

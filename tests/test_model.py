@@ -119,10 +119,11 @@ def test_state_dict_round_trips_both_ways(family):
     assert (config.family == "gpt2") == ("lm_head.weight" not in fast.state_dict())   # tied head: one tensor
 
 
-@pytest.mark.parametrize("family, backend", [("gpt2", "torch"), ("llama", "torch"), ("llama", "triton"),
-                                             ("llama-rope-scaled", "torch"), ("llama-rope-scaled", "cpu"),
-                                             ("llama-head-dim", "cpu"), ("llama-window", "torch"),
-                                             ("llama-window", "triton"), ("llama-window", "cpu")])
+@pytest.mark.parametrize("family, backend", [("gpt2", "torch"), ("gpt2", "cpu"), ("llama", "torch"),
+                                             ("llama", "triton"), ("llama-rope-scaled", "torch"),
+                                             ("llama-rope-scaled", "cpu"), ("llama-head-dim", "cpu"),
+                                             ("llama-window", "torch"), ("llama-window", "triton"),
+                                             ("llama-window", "cpu")])
 def test_kv_cache_decode_equals_full_recompute(family, backend):
     interpreted = backend == "triton" and not ON_GPU
     device = backend_device(backend)

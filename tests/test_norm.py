@@ -27,16 +27,35 @@ def _inputs(shape, dtype, residual, bias, w_dtype=None, device=DEVICE):
 @pytest.mark.parametrize("kind", ["layer", "rms", "add_layer", "add_rms"])
 def test_norm_rule(kind, shape, backend, dtype):
     x, r, w, b = _inputs(shape, dtype, kind.startswith("add"), kind.endswith("layer"), device=backend_device(backend))
+    _check_norm(kind, backend, x, r, w, b)
+
+
+def _check_norm(kind, backend, x, r, w, b, eps=None):
+    """The op of `kind` against the reference, at its default eps (1e-5 LayerNorm, 1e-6 RMSNorm) unless given."""
+    kw = {} if eps is None else {"eps": eps}
+    eps = eps if eps is not None else (1e-5 if kind.endswith("layer") else 1e-6)
     if kind == "layer":
-        check_op(kind, lambda x, w, b: layer_norm(x, w, b, backend=backend), reference.layer_norm, [x, w, b])
+        check_op(kind, lambda x, w, b: layer_norm(x, w, b, backend=backend, **kw),
+                 lambda x, w, b: reference.layer_norm(x, w, b, eps), [x, w, b])
     elif kind == "rms":
-        check_op(kind, lambda x, w: rms_norm(x, w, backend=backend), reference.rms_norm, [x, w])
+        check_op(kind, lambda x, w: rms_norm(x, w, backend=backend, **kw),
+                 lambda x, w: reference.rms_norm(x, w, eps), [x, w])
     elif kind == "add_layer":
-        check_op(kind, lambda x, r, w, b: add_layer_norm(x, r, w, b, backend=backend),
-                 lambda x, r, w, b: reference.add_norm(x, r, w, b, 1e-5, kind="layer"), [x, r, w, b])
+        check_op(kind, lambda x, r, w, b: add_layer_norm(x, r, w, b, backend=backend, **kw),
+                 lambda x, r, w, b: reference.add_norm(x, r, w, b, eps, kind="layer"), [x, r, w, b])
     else:
-        check_op(kind, lambda x, r, w: add_rms_norm(x, r, w, backend=backend),
-                 lambda x, r, w: reference.add_norm(x, r, w, None, 1e-6, kind="rms"), [x, r, w])
+        check_op(kind, lambda x, r, w: add_rms_norm(x, r, w, backend=backend, **kw),
+                 lambda x, r, w: reference.add_norm(x, r, w, None, eps, kind="rms"), [x, r, w])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["layer", "rms", "add_layer", "add_rms"])
+def test_eps(kind, backend):
+    # inputs of variance ~0.01 and eps 0.05: eps moves every output and gradient far past the rule's bound
+    x, r, w, b = _inputs((7, 96), torch.float32, kind.startswith("add"), kind.endswith("layer"),
+                         device=backend_device(backend))
+    x, r = x * 0.1, (r * 0.01 if r is not None else None)
+    _check_norm(kind, backend, x, r, w, b, eps=0.05)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -76,7 +76,8 @@ def _opcheck(name, op, args):
     # no double-backward formula
     if not name.endswith("bwd"):
         args = (args[0].clone().requires_grad_(),) + args[1:]
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                                "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("name, op, args", _opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
