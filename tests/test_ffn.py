@@ -28,37 +28,32 @@ def _swiglu_inputs(M, d, inter, dtype, residual=True, device=DEVICE):
             t(M, d) if residual else None]
 
 
-def _backend_dtypes(op):
-    """Triton at DTYPES, the C++ CPU kernels at fp32/fp16/bf16, the CUDA kernels (tensor cores) at fp16/bf16."""
-    return ([pytest.param("triton", dt, id=f"triton-{str(dt)[6:]}") for dt in DTYPES]
-            + [pytest.param("cpu", dt, marks=needs_cpu_kernel(op), id=f"cpu-{str(dt)[6:]}")
-               for dt in (torch.float32, torch.float16, torch.bfloat16)]
-            + [pytest.param("cuda", dt, marks=needs_cuda_kernel(op), id=f"cuda-{str(dt)[6:]}")
-               for dt in (torch.float16, torch.bfloat16)])
+MLPS = {"mlp_gelu": (mlp_gelu, reference.mlp_gelu, _gelu_inputs),
+        "mlp_swiglu": (mlp_swiglu, reference.mlp_swiglu, _swiglu_inputs)}
 
 
-# (1 row: the CUDA decode-sized kernel; 7 and 129: ragged tiles)
-MLP_SHAPES = [(1, 40, 160), (7, 96, 64), (129, 40, 96)]
+def _rule_params():
+    """Each MLP on Triton at DTYPES, the C++ CPU kernels at fp32/fp16/bf16, the CUDA kernels (tensor cores) at
+    fp16/bf16."""
+    out = []
+    for name in MLPS:
+        pairs = ([("triton", dt, []) for dt in DTYPES]
+                 + [("cpu", dt, [needs_cpu_kernel(name)]) for dt in (torch.float32, torch.float16, torch.bfloat16)]
+                 + [("cuda", dt, needs_cuda_kernel(name)) for dt in (torch.float16, torch.bfloat16)])
+        out += [pytest.param(name, backend, dt, marks=marks, id=f"{name}-{backend}-{str(dt)[6:]}")
+                for backend, dt, marks in pairs]
+    return out
 
 
-@pytest.mark.parametrize("backend, dtype", _backend_dtypes("mlp_gelu"))
-@pytest.mark.parametrize("M, d, inter", MLP_SHAPES)
-def test_mlp_gelu_rule(backend, dtype, M, d, inter):
-    inputs = _gelu_inputs(M, d, inter, dtype, device=backend_device(backend))
-    fn = lambda *a: mlp_gelu(*a, backend=backend)  # noqa: E731
-    check_op(f"mlp_gelu[{backend}]", fn, reference.mlp_gelu, inputs)
+@pytest.mark.parametrize("name, backend, dtype", _rule_params())
+@pytest.mark.parametrize("M, d, inter", [(1, 40, 160), (7, 96, 64), (129, 40, 96)])  # 1 row: CUDA's decode kernel
+def test_mlp_rule(name, backend, dtype, M, d, inter):
+    op, ref, make = MLPS[name]
+    inputs = make(M, d, inter, dtype, device=backend_device(backend))
+    fn = lambda *a: op(*a, backend=backend)  # noqa: E731
+    check_op(f"{name}[{backend}]", fn, ref, inputs)
     with torch.no_grad():  # the inference path (the fused kernels of the C++ backends)
-        check_op(f"mlp_gelu[{backend}, no_grad]", fn, reference.mlp_gelu, inputs, grads=False)
-
-
-@pytest.mark.parametrize("backend, dtype", _backend_dtypes("mlp_swiglu"))
-@pytest.mark.parametrize("M, d, inter", MLP_SHAPES)
-def test_mlp_swiglu_rule(backend, dtype, M, d, inter):
-    inputs = _swiglu_inputs(M, d, inter, dtype, device=backend_device(backend))
-    fn = lambda *a: mlp_swiglu(*a, backend=backend)  # noqa: E731
-    check_op(f"mlp_swiglu[{backend}]", fn, reference.mlp_swiglu, inputs)
-    with torch.no_grad():
-        check_op(f"mlp_swiglu[{backend}, no_grad]", fn, reference.mlp_swiglu, inputs, grads=False)
+        check_op(f"{name}[{backend}, no_grad]", fn, ref, inputs, grads=False)
 
 
 def test_mlp_variants_without_bias_residual_and_with_leading_dims():
