@@ -111,9 +111,22 @@ def _check_sampler(temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
-def _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, cuda_graph, sync_every, pad_id, stream):
+def _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, cuda_graph, sync_every, pad_id, stream,
+                generator, vocab_size):
     if not hasattr(model, "setup_cache"):
         raise TypeError(f"model must be a fastlm.Transformer (with setup_cache), got {type(model).__name__}")
+    if vocab_size is not None and not _is_int(vocab_size):
+        raise TypeError(f"vocab_size must be an int or None, got {_describe(vocab_size)}")
+    if vocab_size is not None and not 1 <= vocab_size <= model.config.vocab_size:
+        raise ValueError(f"vocab_size must be in [1, {model.config.vocab_size}] (the model's vocab_size), got "
+                         f"{vocab_size!r}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {_describe(generator)}")
+        device = next(model.parameters()).device
+        if generator.device.type != device.type:
+            raise ValueError(f"generator must be on the model's device ({device}), got a generator on "
+                             f"{generator.device}")
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(compile, (bool, str)):
         raise TypeError(f"compile must be a bool or the name of a torch.compile backend, got {_describe(compile)}")
@@ -215,12 +228,13 @@ def _stop_list(stop_tokens, vocab_size: int) -> list[int]:
     return stop
 
 
-def _decode_step(model, tok, pos, done, stop, temperature, top_k, top_p, noise):
-    """One token for every sequence: tok (B,) at positions pos (B,); noise (B, V) for sampling (None for greedy).
+def _decode_step(model, tok, pos, done, stop, temperature, top_k, top_p, noise, n_vocab):
+    """One token for every sequence: tok (B,) at positions pos (B,), drawn from ids [0, n_vocab); noise (B, n_vocab)
+    for sampling (None for greedy).
     Returns the next tokens (B,) and the updated done mask. A finished sequence goes on sampling (its tokens are
     replaced by the pad in the output, never fed to the model, so any pad id works). Device-only work: nothing here
     reads a value on the host."""
-    logits = model(tok[:, None], input_pos=pos)[:, -1]                      # (B, V)
+    logits = model(tok[:, None], input_pos=pos)[:, -1, :n_vocab]            # (B, n_vocab)
     nxt = _sample(logits, temperature, top_k, top_p, noise=noise)
     if stop is not None:
         done = done | _is_stop(nxt, stop)
@@ -264,7 +278,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
              top_p: float | None = None, stop_tokens: Sequence[int] | None = (),
              generator: torch.Generator | None = None, compile: bool | str = False, cuda_graph: bool = False,
              sync_every: int = 1, pad_id: int | None = None,
-             stream: Callable[[torch.Tensor], None] | None = None):
+             stream: Callable[[torch.Tensor], None] | None = None, vocab_size: int | None = None):
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
     prompts: a LongTensor (B, S), or a list of token lists of different lengths; one prompt may also be given as a
@@ -273,17 +287,20 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     with ``pad_id``, default the first stop token; any int64, it is never fed to the model), or a list of token
     lists ending at (and including) the stop token (a 1-D tensor or a flat list for a single prompt given so).
     ``stop_tokens`` is a list of token ids (None or empty: none). ``generator`` (a seeded torch.Generator on the
-    model's device) makes sampling reproducible. ``stream(tokens)`` is called after every step with the new tokens
-    (B,) on the CPU.
+    model's device) makes sampling reproducible. ``vocab_size`` (default: the model's) limits the new tokens to ids
+    below it, for a model whose embedding and LM head are padded past its tokenizer's vocabulary.
+    ``stream(tokens)`` is called after every step with the new tokens (B,) on the CPU.
     ``compile=True`` compiles the decode step with torch.compile (CUDA graphs on GPU); a string picks the
     torch.compile backend instead (e.g. "aot_eager"). ``cuda_graph=True`` (CUDA only) captures the decode step, as
     it is, in a CUDA graph after its first run, and replays it for every later token.
     """
-    _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, cuda_graph, sync_every, pad_id, stream)
+    _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, cuda_graph, sync_every, pad_id, stream,
+                generator, vocab_size)
     max_new_tokens, temperature, sync_every = int(max_new_tokens), float(temperature), int(sync_every)
     top_k = None if top_k is None else int(top_k)
     top_p = None if top_p is None else float(top_p)
     cfg = model.config
+    n_vocab = cfg.vocab_size if vocab_size is None else int(vocab_size)  # ids sampled: [0, n_vocab)
     param = next(model.parameters())
     device = param.device
     tokens, lengths, host_lengths, form = _pad_prompts(prompts, cfg.vocab_size, device)
@@ -306,7 +323,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
         decode = torch.compile(_decode_step, **options)
 
     def step(tok, pos, done, noise):
-        return decode(model, tok, pos, done, stop, temperature, top_k, top_p, noise)
+        return decode(model, tok, pos, done, stop, temperature, top_k, top_p, noise, n_vocab)
 
     # the cache dtype follows the weights: under autocast the cache would have to be set up by the caller
     model.setup_cache(B, longest + max_new_tokens, dtype=param.dtype, device=device)
@@ -314,7 +331,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         n = 0
         if max_new_tokens > 0:
-            last = model(tokens, logits_at=(lengths - 1)[:, None])[:, 0]       # prefill: (B, V) at each last token
+            last = model(tokens, logits_at=(lengths - 1)[:, None])[:, 0, :n_vocab]  # prefill, at the last tokens
             tok = _sample(last, temperature, top_k, top_p, generator)
             done = _is_stop(tok, stop) if stop is not None else torch.zeros(B, dtype=torch.bool, device=device)
             out[:, 0] = tok
@@ -327,7 +344,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
                     break
                 if compile and device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs were consumed
-                noise = exponential_noise((B, cfg.vocab_size), device, generator) if temperature > 0 else None
+                noise = exponential_noise((B, n_vocab), device, generator) if temperature > 0 else None
                 if cuda_graph and not isinstance(step, _GraphedStep):
                     step = _GraphedStep(step, tok, pos, done, noise)
                 finished = done
@@ -408,10 +425,13 @@ def cli(argv=None) -> int:
                 raise ValueError(f"--stop {s!r} is {len(enc)} tokens; a stop string must be exactly one token")
             stop.append(enc[0])
         budget = model.config.max_seqlen - len(ids)
-        if budget < 1:
+        if budget < 0:
             raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's context "
                              f"(max_seqlen={model.config.max_seqlen})")
         if args.max_new_tokens is None:
+            if budget == 0:
+                raise ValueError(f"the prompt is {len(ids)} tokens, the whole of the model's context "
+                                 f"(max_seqlen={model.config.max_seqlen}): no room for new tokens")
             max_new = min(DEFAULT_NEW_TOKENS, budget)
         elif args.max_new_tokens > budget:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit: the prompt is {len(ids)} tokens "
@@ -421,8 +441,10 @@ def cli(argv=None) -> int:
         gen = torch.Generator(device=device).manual_seed(seed64(args.seed))
         stream = _Streamer(tokenizer)
         sys.stdout.write(args.prompt)
+        # (a model trained with a padded vocab_size: only the tokenizer's ids are sampled)
         generate(model, [ids], max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 stop_tokens=stop, generator=gen, compile=args.compile, cuda_graph=args.cuda_graph, stream=stream)
+                 stop_tokens=stop, generator=gen, compile=args.compile, cuda_graph=args.cuda_graph, stream=stream,
+                 vocab_size=min(tokenizer.vocab_size, model.config.vocab_size))
         stream.flush()
         sys.stdout.write("\n")
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as e:

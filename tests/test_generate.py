@@ -198,7 +198,7 @@ def test_decode_step_has_no_host_sync(kw):
     with torch.no_grad(), _SyncDetector() as det:
         _decode_step(model, torch.tensor([3, 4]), torch.tensor([5, 2]), torch.zeros(2, dtype=torch.bool),
                      torch.tensor([7]), kw["temperature"], kw.get("top_k"), kw.get("top_p"),
-                     torch.empty(2, 50).exponential_() if kw["temperature"] > 0 else None)
+                     torch.empty(2, 50).exponential_() if kw["temperature"] > 0 else None, 50)
     assert det.seen == []
     # the detector does see a sync when there is one
     with _SyncDetector() as det:
@@ -214,7 +214,7 @@ def test_decode_step_has_no_host_sync_cuda():
         model(torch.randint(0, 300, (2, 5), device="cuda"))
         args = (torch.tensor([3, 4], device="cuda"), torch.tensor([5, 2], device="cuda"),
                 torch.zeros(2, dtype=torch.bool, device="cuda"), torch.tensor([7], device="cuda"), 0.8, 20, 0.9,
-                torch.empty(2, 300, device="cuda").exponential_())
+                torch.empty(2, 300, device="cuda").exponential_(), 300)
         _decode_step(model, *args)          # warm-up: first calls may compile or autotune
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -276,6 +276,8 @@ def test_bad_input():
     (dict(compile="nonexistent"), "compile must be a bool or the name of a torch.compile backend, got 'nonexistent'"
                                   "; backends here: .*aot_eager"),
     (dict(cuda_graph=True), "cuda_graph=True needs the model on a CUDA device, got cpu"),
+    (dict(vocab_size=0), r"vocab_size must be in \[1, 300\] \(the model's vocab_size\), got 0"),
+    (dict(vocab_size=301), r"vocab_size must be in \[1, 300\]"),
 ])
 def test_non_finite_and_out_of_range_arguments_raise_value_error(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -309,6 +311,8 @@ def test_non_finite_and_out_of_range_arguments_raise_value_error(kw, match):
     (([[1, 2]], 3), dict(stream=5), "stream must be a callable or None"),
     (([[1, 2]], 3), dict(compile=3), r"compile must be a bool or the name of a torch.compile backend, got 3 \(int\)"),
     (([[1, 2]], 3), dict(cuda_graph=1), r"cuda_graph must be a bool, got 1 \(int\)"),
+    (([[1, 2]], 3), dict(generator=5), r"generator must be a torch.Generator or None, got 5 \(int\)"),
+    (([[1, 2]], 3), dict(vocab_size=2.5), r"vocab_size must be an int or None, got 2.5"),
 ])
 def test_mistyped_arguments_raise_type_error_naming_them(args, kw, match):
     with pytest.raises(TypeError, match=match):
@@ -379,6 +383,59 @@ def test_cli_max_new_tokens_past_the_context_is_an_error(checkpoint, capsys):
     filled = capsys.readouterr().out
     assert cli(base + ["abcde"]) == 0                                 # the default: what the context leaves
     assert capsys.readouterr().out == filled
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_vocab_size_limits_the_new_tokens(temperature):
+    """A model whose embedding is padded past the tokenizer's vocabulary: with vocab_size, only ids below it come out,
+    and they are the tokens of the model's logits cut to those ids."""
+    model = _model(vocab_size=300)
+    with torch.no_grad():
+        model.lm_head.weight[200:] += 5.0           # the padded rows would win every step
+    gen = torch.Generator().manual_seed(0)
+    free = generate(model, [[1, 2, 3]], 12, temperature=temperature, generator=gen)[0]
+    assert max(free[3:]) >= 200
+    gen = torch.Generator().manual_seed(0)
+    limited = generate(model, [[1, 2, 3]], 12, temperature=temperature, generator=gen, vocab_size=200)[0]
+    assert max(limited[3:]) < 200
+    if temperature == 0:
+        seq = [1, 2, 3]
+        with torch.no_grad():
+            for _ in range(12):
+                seq.append(int(model(torch.tensor([seq]))[0, -1, :200].argmax()))
+        assert limited == seq
+
+
+@pytest.mark.gpu
+def test_generator_on_another_device():
+    with pytest.raises(ValueError, match=r"generator must be on the model's device \(cuda:0\), got a generator on cpu"):
+        generate(_model().cuda(), [[1, 2]], 3, temperature=1.0, generator=torch.Generator())
+
+
+def test_cli_padded_vocab_samples_only_the_tokenizers_ids(tmp_path, capsys):
+    from fastlm import train as T
+    from fastlm.generate import cli
+    torch.manual_seed(0)
+    model = fastlm.Transformer(Config.from_name("llama-tiny", vocab_size=4096, max_seqlen=64))
+    with torch.no_grad():
+        model.lm_head.weight[256:] += 5.0
+    T.save_checkpoint(str(tmp_path), model)
+    assert cli(["--checkpoint", str(tmp_path), "--backend", "torch", "--device", "cpu", "--max-new-tokens", "20",
+                "--temperature", "1", "hi"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("hi") and err == ""
+
+
+def test_cli_prompt_filling_the_context(checkpoint, capsys):
+    from fastlm.generate import cli
+    base = ["--checkpoint", checkpoint, "--backend", "torch", "--device", "cpu"]
+    assert cli(base + ["--max-new-tokens", "0", "a" * 64]) == 0       # as generate(prompt, 0): the prompt itself
+    assert capsys.readouterr().out == "a" * 64 + "\n"
+    assert cli(base + ["a" * 64]) == 2
+    assert "the prompt is 64 tokens, the whole of the model's context (max_seqlen=64): no room" in \
+        capsys.readouterr().err
+    assert cli(base + ["--max-new-tokens", "0", "a" * 65]) == 2
+    assert "the prompt is 65 tokens, longer than the model's context (max_seqlen=64)" in capsys.readouterr().err
 
 
 def test_cli_seed_is_any_integer(checkpoint, capsys):
