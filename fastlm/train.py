@@ -645,8 +645,7 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
         data = info["extra"].get("data") if data is None else data
     tokenizer = tokenizer or ByteTokenizer()
     if config is None:
-        config = Config.from_name(DEFAULTS["preset"], **{**parse_overrides(DEFAULTS["overrides"]),
-                                                         "vocab_size": tokenizer.vocab_size})
+        config = config_from_spec(DEFAULTS["preset"], DEFAULTS["overrides"], tokenizer.vocab_size)
     elif config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"config.vocab_size={config.vocab_size} is smaller than the tokenizer's vocab_size="
                          f"{tokenizer.vocab_size} ({getattr(tokenizer, 'name', type(tokenizer).__name__)})")
@@ -780,6 +779,16 @@ def plot_loss(history: dict, path: str, title: str = "") -> str | None:
     return path
 
 
+def config_from_spec(preset: str, spec: str | None, vocab_size: int):
+    """Config.from_name(preset) with the --config overrides ``spec`` and the tokenizer's vocab_size; a preset whose
+    shape the overrides change is named after both ("llama-tiny(d_model=128,...)"), unless they name it."""
+    from fastlm.config import Config
+    overrides = parse_overrides(spec)
+    if overrides and "name" not in overrides:
+        overrides["name"] = f"{preset}({','.join(f'{k}={v}' for k, v in overrides.items())})"
+    return Config.from_name(preset, **{"vocab_size": vocab_size, **overrides})
+
+
 def parse_overrides(spec: str | None) -> dict:
     """"d_model=128,n_layer=4,tie_embeddings=true" -> typed dict of Config fields."""
     from fastlm.config import Config
@@ -831,16 +840,19 @@ def cli(argv=None) -> int:
     p.add_argument("--preset", default=None, help=f"(default: {DEFAULTS['preset']})")
     p.add_argument("--config", default=None,
                    help=f"Config overrides key=value,... (default with the default preset: {DEFAULTS['overrides']})")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=f"(default: {DEFAULTS['steps']})")
     for flag, kind in (("--batch-size", int), ("--seqlen", int), ("--lr", float), ("--warmup", int),
                        ("--grad-clip", float), ("--grad-accum", int), ("--weight-decay", float), ("--seed", int)):
         p.add_argument(flag, type=kind, default=None, help=f"(default: {_run_default(flag[2:].replace('-', '_'))})")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="autocast dtype on GPU (weights stay fp32; default bf16); CPU runs in fp32")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--out", default="fastlm-run", help="output directory (checkpoint, config.json, loss.png)")
+    p.add_argument("--eval-every", type=int, default=100, help="(default: 100)")
+    p.add_argument("--out", default="fastlm-run",
+                   help="output directory (checkpoint, config.json, loss.png; default: fastlm-run)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out: its model, tokenizer and run settings")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoint of an earlier run in --out (without it, that is an error)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
@@ -848,15 +860,20 @@ def cli(argv=None) -> int:
     try:
         check_threads(args.threads)
         check_run_dir(args.out, "--out")
+        if args.resume and args.overwrite:
+            raise ValueError("--resume and --overwrite are exclusive (--resume continues the checkpoint in --out)")
         settings = {k: getattr(args, k) for k in RUN_SETTINGS}
         config = tokenizer = None
         if not args.resume:
-            from fastlm.config import Config
             preset = args.preset or DEFAULTS["preset"]
             spec = args.config if args.config is not None else (
                 DEFAULTS["overrides"] if preset == DEFAULTS["preset"] else None)
             tokenizer = make_tokenizer(args.tokenizer or "byte", args.tokenizer_model)
-            config = Config.from_name(preset, **{"vocab_size": tokenizer.vocab_size, **parse_overrides(spec)})
+            config = config_from_spec(preset, spec, tokenizer.vocab_size)
+            existing = _checkpoint_file(args.out)
+            if not args.overwrite and os.path.exists(existing):
+                raise ValueError(f"--out {args.out} holds the checkpoint of an earlier run ({existing}): continue it "
+                                 f"with --resume, train into another --out, or replace it with --overwrite")
         else:
             given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config),
                                               ("--tokenizer", args.tokenizer),

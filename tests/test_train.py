@@ -388,6 +388,28 @@ def test_out_that_is_a_file_is_rejected_up_front(tmp_path, capsys):
     assert (tmp_path / "afile").read_text() == "keep" and not (tmp_path / "x.safetensors").exists()
 
 
+def test_cli_keeps_an_earlier_run_unless_told(tmp_path, capsys, monkeypatch):
+    """A new run into a directory holding a checkpoint is an error naming --resume and --overwrite; --overwrite
+    replaces it. The CLI's model is named after its preset and overrides."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = ["--out", str(tmp_path), "--steps", "2", "--eval-every", "2", "--seqlen", "16", "--batch-size", "2",
+            "--backend", "torch", "--no-progress"]
+    assert T.cli(base + ["--config", "d_model=32,n_layer=1,n_head=2,n_kv_head=1"]) == 0
+    first = (tmp_path / T.CHECKPOINT).read_bytes()
+    assert T.load_checkpoint(str(tmp_path), backend="torch")[1]["config"].name == \
+        "llama-tiny(d_model=32,n_layer=1,n_head=2,n_kv_head=1)"
+    capsys.readouterr()
+    other = base + ["--config", "d_model=64,n_layer=1,n_head=2,n_kv_head=1"]
+    assert T.cli(other) == 2
+    assert f"--out {tmp_path} holds the checkpoint of an earlier run" in capsys.readouterr().err
+    assert (tmp_path / T.CHECKPOINT).read_bytes() == first
+    assert T.cli(other + ["--resume"]) == 2
+    assert T.cli(other + ["--overwrite", "--resume"]) == 2
+    assert "--resume and --overwrite are exclusive" in capsys.readouterr().err
+    assert T.cli(other + ["--overwrite"]) == 0
+    assert T.load_checkpoint(str(tmp_path), backend="torch")[1]["config"].d_model == 64
+
+
 def test_resume_at_or_past_steps_is_an_error(tmp_path, capsys):
     _train(steps=4, eval_every=2, out=str(tmp_path), plot=False)
     for steps in (4, 3):
