@@ -35,6 +35,9 @@ TINY_LADDER = [(8, 1, 2), (16, 1, 2), (24, 2, 2), (32, 2, 2), (48, 2, 4)]
 DEFAULT_RUNGS = 5
 
 
+MIN_STEPS = 5  # training steps per model at least, whatever the token budget
+
+
 def ladder_configs(rungs: int = DEFAULT_RUNGS, *, tiny: bool = False, seqlen: int = 128, vocab_size: int = 256):
     from fastlm.config import Config
     ladder = TINY_LADDER if tiny else LADDER
@@ -130,10 +133,18 @@ def run(*, data: str | None = "stdlib", rungs: int = DEFAULT_RUNGS, tiny: bool =
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     resolve_device(device)
     check_out_dir(out)
-    if tiny:
+    if tiny and (seqlen > 32 or batch_size > 4):
+        if log:
+            log(f"tiny ladder: seqlen {seqlen} -> {min(seqlen, 32)}, batch size {batch_size} -> {min(batch_size, 4)} "
+                f"(the tiny ladder's limits)")
         seqlen, batch_size = min(seqlen, 32), min(batch_size, 4)
     base = tokens if tokens is not None else (12_000 if tiny else 1_200_000)
-    steps = max(int(base * budget) // (batch_size * seqlen), 5)
+    steps = int(base * budget) // (batch_size * seqlen)
+    if steps < MIN_STEPS:
+        if log:
+            log(f"{int(base * budget):,} tokens per model is under {MIN_STEPS} steps of {batch_size}x{seqlen}: each "
+                f"model trains {MIN_STEPS} steps ({MIN_STEPS * batch_size * seqlen:,} tokens)")
+        steps = MIN_STEPS
     text = load_corpus(data)
     configs = ladder_configs(rungs, tiny=tiny, seqlen=seqlen)
     os.makedirs(out, exist_ok=True)
@@ -236,9 +247,12 @@ def cli(argv=None) -> int:
                                 "corpus and fit L(N) = a*N^-alpha + c.")
     p.add_argument("--data", default="stdlib", help="text file, directory, 'stdlib' (default) or 'default' "
                                                     "(the corpus shipped in fastlm/data)")
-    p.add_argument("--rungs", type=int, default=DEFAULT_RUNGS, help=f"models in the ladder (max {len(LADDER)})")
+    p.add_argument("--rungs", type=int, default=DEFAULT_RUNGS,
+                   help=f"models in the ladder (default {DEFAULT_RUNGS}; at most {len(LADDER)}, {len(TINY_LADDER)} "
+                        f"with --tiny)")
     p.add_argument("--budget", type=float, default=1.0, help="multiply the tokens per model (e.g. 20 on a GPU)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens per model before --budget (default 1200000)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help=f"tokens per model before --budget (default 1200000; at least {MIN_STEPS} steps)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="sequences per step (small: a short, token-limited run gains more from extra updates)")
     p.add_argument("--seqlen", type=int, default=128)
@@ -246,7 +260,8 @@ def cli(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="fastlm-scaling")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="a seconds-long ladder of tiny models (for tests)")
+    p.add_argument("--tiny", action="store_true",
+                   help="a seconds-long ladder of tiny models (for tests; seqlen at most 32, batch size at most 4)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

@@ -89,6 +89,17 @@ def test_cli(tmp_path, capsys):
     assert "budget must be positive" in capsys.readouterr().err
 
 
+def test_settings_changed_by_the_run_are_reported(tmp_path):
+    """--tiny caps seqlen and batch size, and a token budget under MIN_STEPS steps is raised: the run says so."""
+    lines = []
+    res = scaling.run(data=None, tiny=True, rungs=1, seqlen=64, batch_size=8, tokens=10, backend="torch",
+                      out=str(tmp_path), progress=False, log=lines.append)
+    assert "tiny ladder: seqlen 64 -> 32, batch size 8 -> 4 (the tiny ladder's limits)" in lines
+    assert f"10 tokens per model is under {scaling.MIN_STEPS} steps of 4x32: each model trains {scaling.MIN_STEPS} " \
+           f"steps ({scaling.MIN_STEPS * 128} tokens)" in lines
+    assert res["tokens_per_model"] == scaling.MIN_STEPS * 128
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(seqlen=0), "seqlen must be a positive integer, got 0"),
     (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
