@@ -400,7 +400,8 @@ def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_
     """transformers' ForCausalLMLoss (labels shifted by one, mean over non-ignored tokens or sum / num_items) with
     ops.cross_entropy, which works in float32 internally without an upcast copy of the logits. With ``weight`` (the
     LM head's), ``logits`` are the final hidden states (transformers passes them under that name) and
-    ops.linear_cross_entropy applies the head chunk by chunk, so the (tokens x vocab) logits never exist."""
+    ops.linear_cross_entropy applies the head chunk by chunk, so the (tokens x vocab) logits never exist. One
+    difference: a mean over a batch whose labels are all ignore_index is 0 here (ops.cross_entropy), NaN there."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(logits.device)
@@ -500,7 +501,8 @@ def patch(model, backend: str = "auto", fused_linear_cross_entropy: bool = True)
     Attention (with RoPE for the Llama-like ones, and each layer's sliding window), MLP and norm modules get a
     forward built on fastlm.ops; the causal-LM loss uses ops.cross_entropy, and with
     ``fused_linear_cross_entropy`` a training forward with labels computes the LM head inside
-    ops.linear_cross_entropy (the logits are never held; the output's logits are None). Masks follow
+    ops.linear_cross_entropy (the logits are never held; the output's logits are None); a batch whose labels are
+    all ignored gets loss 0 where transformers' is NaN. Masks follow
     transformers' sdpa convention while patched, so unpadded causal attention runs in fastlm's kernel and padded
     batches, dropout or attention weights fall back to transformers' sdpa path. (transformers materializes a
     sliding-window layer's mask once the keys reach the window; the patched layers read it to tell a plain window

@@ -303,7 +303,10 @@ def _check_common(op, targets, lead_shape, device, vocab, ignore_index, reductio
 
 
 def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backend="auto"):
-    """Cross-entropy of logits (..., V) against integer targets (...), in fp32, without fp32 copies of the logits."""
+    """Cross-entropy of logits (..., V) against integer targets (...), in fp32, without fp32 copies of the logits.
+    ``reduction="mean"`` divides by the number of targets other than ``ignore_index``; with none (every target
+    ignored, or no tokens) the loss and its gradients are 0, where torch.nn.functional.cross_entropy gives NaN: a
+    batch without a labelled token leaves the weights unchanged instead of turning them to NaN."""
     op = "cross_entropy"
     check_float_tensor(op, "logits", logits)
     if logits.dim() < 1:
@@ -328,7 +331,8 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
 def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, reduction="mean", chunk_size=None,
                          backend="auto"):
     """cross_entropy(x @ weight.T + bias, targets) for x (..., d), weight (V, d), chunked over tokens so the (N, V)
-    logits are never held; ``chunk_size`` tokens per chunk (default: about 256 MB of logits)."""
+    logits are never held; ``chunk_size`` tokens per chunk (default: about 256 MB of logits). ``ignore_index`` and
+    ``reduction`` as in cross_entropy (a mean over no labelled token is 0)."""
     op = "linear_cross_entropy"
     check_float_tensor(op, "x", x)
     check_float_tensor(op, "weight", weight)
