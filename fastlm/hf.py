@@ -161,6 +161,26 @@ def _state_to_hf(sd, config):
     return out
 
 
+def config_from_hf(hf_config) -> Config:
+    """The fastlm.Config of a transformers GPT-2, Llama, Mistral or Qwen2 configuration (a PretrainedConfig, or the
+    dict of its config.json); others raise NotImplementedError."""
+    if isinstance(hf_config, dict):
+        import transformers
+        fields = dict(hf_config)
+        model_type = fields.pop("model_type", None)
+        if model_type not in _PATCH_SUPPORTED:
+            raise NotImplementedError(f"fastlm reads transformers configurations of model_type "
+                                      f"{', '.join(_PATCH_SUPPORTED)}; got {model_type!r}")
+        hf_config = transformers.AutoConfig.for_model(model_type, **fields)
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type == "gpt2":
+        return _config_gpt2(hf_config)
+    if model_type in _LLAMA_LIKE:
+        return _config_llama(hf_config, qkv_bias=model_type == "qwen2")
+    raise NotImplementedError(f"fastlm reads transformers configurations of model_type "
+                              f"{', '.join(_PATCH_SUPPORTED)}; got {model_type!r}")
+
+
 def from_hf(hf_model, backend: str = "auto") -> Transformer:
     """A fastlm.Transformer with the weights and configuration of a transformers causal LM (same dtype and device).
 

@@ -317,8 +317,9 @@ def format_summary(s: dict, cfg) -> str:
 def cli(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlm summary",
                                      description="Parameters, FLOPs, memory and a roofline estimate for a preset.")
-    parser.add_argument("name", help="preset name (see fastlm.config), a checkpoint (directory or .safetensors) or "
-                                     "a config.json")
+    parser.add_argument("name", help="preset name (see fastlm.config), a checkpoint (directory or .safetensors), "
+                                     "a config.json, or a transformers model directory or config.json (GPT-2, Llama, "
+                                     "Mistral, Qwen2)")
     parser.add_argument("--seqlen", type=int, default=None,
                         help="context / sequence length (default and at most: max_seqlen)")
     parser.add_argument("--batch", type=int, default=1)
@@ -328,7 +329,7 @@ def cli(argv=None) -> int:
     try:
         cfg = _resolve_name(args.name)
         summary(cfg, batch=args.batch, seqlen=args.seqlen, dtype=args.dtype, device=args.device)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

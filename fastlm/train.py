@@ -376,7 +376,11 @@ def _checkpoint_config(file: str, meta: dict):
 
 
 def load_config(path: str):
-    """The Config stored in a checkpoint (file or directory) or in a config.json."""
+    """The Config stored in a checkpoint (file or directory), in a config.json of Config fields, or in a transformers
+    config.json (a GPT-2, Llama, Mistral or Qwen2 one; also a model directory holding it, as `export` writes)."""
+    hf_dir_config = os.path.join(path, "config.json")
+    if os.path.isdir(path) and not os.path.exists(_checkpoint_file(path)) and os.path.isfile(hf_dir_config):
+        path = hf_dir_config
     if str(path).endswith(".json"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
@@ -388,6 +392,12 @@ def load_config(path: str):
         if not isinstance(fields_, dict):
             raise ValueError(f"config file {path} must hold a JSON object of Config fields, got a JSON "
                              f"{type(fields_).__name__}")
+        if "model_type" in fields_:  # a transformers configuration
+            from fastlm.hf import config_from_hf
+            try:
+                return config_from_hf(fields_)
+            except NotImplementedError as e:
+                raise ValueError(f"config file {path}: {e}") from None
         return _config_from(fields_, f"config file {path}")
     file, meta, _ = _read_checkpoint(path)
     return _checkpoint_config(file, meta)

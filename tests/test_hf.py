@@ -92,6 +92,13 @@ def test_from_hf_logits_and_loss(kind):
                    hf(tokens, labels=tokens).loss)
 
 
+@pytest.mark.parametrize("kind", list(MODELS) + ["mistral-window"])
+def test_config_from_hf_dict(kind):
+    """A transformers config.json's dict (as summary reads one) gives the configuration from_hf builds."""
+    hf = hf_mistral_window() if kind == "mistral-window" else MODELS[kind]()
+    assert fastlm.hf.config_from_hf(hf.config.to_dict()) == fastlm.from_hf(hf).config
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "qwen2-gqa"])
 def test_greedy_generation_token_identical(kind):
     hf = MODELS[kind]()

@@ -1,5 +1,6 @@
 """fastlm.train: the loss falls, checkpoints round-trip, resume continues the same loss curve, saves are atomic,
 bad input gets clear errors, and the train / generate CLIs run."""
+import dataclasses
 import importlib.util
 import math
 import os
@@ -243,6 +244,18 @@ def test_train_and_generate_cli(tmp_path, capsys):
     x = torch.randint(0, 256, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model.eval()(x), rtol=1e-5, atol=1e-5)
+    # the exported directory and its config.json read back as the run's model (summary takes them)
+    for path in (tmp_path / "hf", tmp_path / "hf" / "config.json"):
+        # (multiple_of only derives an intermediate size when none is given: transformers gives one)
+        loaded = dataclasses.replace(T.load_config(str(path)), name=model.config.name,
+                                     multiple_of=model.config.multiple_of)
+        assert loaded == model.config
+        assert summary_cli([str(path), "--device", "cpu", "--seqlen", "32"]) == 0
+        assert "Params: total" in capsys.readouterr().out
+    (tmp_path / "bert.json").write_text('{"model_type": "bert"}')
+    assert summary_cli([str(tmp_path / "bert.json")]) == 2
+    assert "transformers configurations of model_type gpt2, llama, mistral, qwen2; got 'bert'" in \
+        capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), str(tmp_path / "hf2")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert main(["export", "--checkpoint", out, out]) == 2                         # the run's config.json stays
