@@ -228,7 +228,8 @@ def summary(model_or_config, *, batch: int = 1, seqlen: int | None = None, dtype
         "decode_tokens_per_s": batch / t_decode, "decode_bound": _bound(decode_flops / peak, decode_bytes / bw),
         "decode_ms_per_step": t_decode * 1e3,
         "train_tokens_per_s": tokens / t_train, "train_bound": _bound(train_flops / peak, train_bytes / bw),
-        "note": "roofline estimates: time = max(FLOPs / matmul ceiling, bytes / bandwidth)",
+        "note": "roofline estimates: time = max(FLOPs / matmul ceiling, bytes / bandwidth); prefill computes the "
+                "logits of every position, as a forward pass does (generate's prefill only the last one's)",
     }
     result = {
         "name": cfg.name, "family": cfg.family, "batch": batch, "seqlen": seqlen, "dtype": dt,
