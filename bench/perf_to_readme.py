@@ -37,7 +37,8 @@ def section(doc: dict, image_paths: list[str], note: str = "") -> str:
     device = f"{env['device_name']}, {env['threads']} threads" if cpu else env["device_name"]
     mm = ", ".join(f"{benchmark._short(k)} {benchmark.fmt_rate(v, 'FLOP/s')}"
                    for k, v in ceil["matmul_flop_per_s"].items())
-    command = "python -m fastlm bench" + ("" if cfg["suite"] == "quick" else f" --suite {cfg['suite']}")
+    command = cfg.get("command") or ("python -m fastlm bench" + ("" if cfg["suite"] == "quick" else
+                                                                  f" --suite {cfg['suite']}"))
     lines = [
         f"**{what}** — {device}. Measured {env['date']} by `{command}` (fastlm commit "
         f"`{(env.get('fastlm_commit') or 'unknown')[:12]}`; torch {env['torch']}, triton {env['triton']}, "

@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -608,13 +609,13 @@ def rotation_ceiling(results: list[Result], ctx: Context) -> tuple[list[Callable
 def run_impls(case, ctx: Context, progress=None, **prepare_kw) -> list[Result]:
     """Check and time every implementation of a case. On a GPU one after the other (a training step's peak memory
     is read right after its own timing); on a CPU checked one after the other, then timed in rotation. A case may
-    ask for more timed calls than the suite's minimum (``min_reps``; not in the --tiny self-check)."""
+    set its own minimum of timed calls in place of the suite's (``min_reps``; not in the --tiny self-check)."""
     def note(impl):
         if progress is not None:
             progress.set_postfix_str(f"{case.op} {case.name} {impl.name}"[:60])
 
     timing = ctx.timing
-    if getattr(case, "min_reps", 0) > timing.min_reps and timing is not TINY:
+    if getattr(case, "min_reps", None) is not None and timing is not TINY:
         timing = dataclasses.replace(timing, min_reps=case.min_reps)
     if ctx.device.type == "cuda":
         results = []
@@ -649,14 +650,15 @@ def run_impls(case, ctx: Context, progress=None, **prepare_kw) -> list[Result]:
 
 
 def add_speedups(results: list[Result]):
-    """For each fastlm row: median time of each timed peer in the same case / the fastlm time."""
+    """For each fastlm row that is not wrong: median time of each timed peer in the same case that is not wrong / the
+    fastlm time (a wrong answer gets no speed-up, nor is one measured against it)."""
     groups: dict = {}
     for r in results:
         groups.setdefault((r.op, r.case, r.dtype, r.mode), []).append(r)
     for rows in groups.values():
-        peers = [r for r in rows if r.kind == "peer" and r.median_s]
+        peers = [r for r in rows if r.kind == "peer" and r.median_s and r.correct is not False]
         for r in rows:
-            if r.kind == "fastlm" and r.median_s:
+            if r.kind == "fastlm" and r.median_s and r.correct is not False:
                 r.speedup = {p.impl: p.median_s / r.median_s for p in peers}
 
 
@@ -762,7 +764,7 @@ def rate_text(r: dict) -> str:
 def err_text(r: dict) -> str:
     if r.get("max_err") is None:
         return "-"
-    if r.get("op") == "model" and r.get("mode") == "decode":          # greedy tokens compared, not values
+    if r.get("op") == "model" and r.get("mode") == "decode" and r.get("ref_err") is None:  # greedy tokens compared
         text = r["check"].rsplit(": ", 1)[-1].replace(" differ", " tok differ")
         return text + " WRONG" if r.get("correct") is False else text
     text = f"{r['max_err']:.2e}"
@@ -780,10 +782,11 @@ def table(results: list[dict], *, show_unavailable: bool = False) -> str:
             rows.append([r["op"], r["case"], _short(r["dtype"]), r["mode"], r["impl"], r["status"].upper(),
                          _Tail(r["message"][:100])])
             continue
-        pct = "-" if r.get("pct_ceiling") is None else f"{r['pct_ceiling']:.0f}%"
+        wrong = r.get("correct") is False     # its time is shown, never as a rate or a speed-up
+        pct = "-" if r.get("pct_ceiling") is None or wrong else f"{r['pct_ceiling']:.0f}%"
         speed = " ".join(f"{k} {v:.2f}x" for k, v in r.get("speedup", {}).items()) or "-"
         rows.append([r["op"], r["case"], _short(r["dtype"]), r["mode"], r["impl"], fmt_time(r["median_s"]),
-                     rate_text(r), pct, speed, err_text(r)])
+                     "-" if wrong else rate_text(r), pct, speed, err_text(r)])
     full = [r for r in rows if len(r) == len(head)]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *full)]
 
@@ -823,7 +826,7 @@ def summary_rows(results: list[dict]) -> list[dict]:
         for r in rs:
             if r["kind"] != "fastlm":
                 continue
-            timed = r.get("median_s") is not None
+            timed = r.get("median_s") is not None and r.get("correct") is not False  # no speed for a wrong answer
             rows.append({"op": op, "case": f"{case} {_short(dtype)} {mode}", "impl": r["impl"],
                          "rate": rate_text(r) if timed else r["status"],
                          "best_peer": best["impl"] if best else "-",
@@ -1040,7 +1043,9 @@ def cli(argv=None) -> int:
     env = environment(device)
     rows = [dataclasses.asdict(r) for r in results]
     plots = [] if args.no_plots else plot(rows, args.out, env)
-    config = {"suite": args.suite, "ops": ops, "backends": backends_ or default_backends(device),
+    given = sys.argv[1:] if argv is None else list(argv)
+    config = {"command": shlex.join(["python", "-m", "fastlm", "bench", *given]),
+              "suite": args.suite, "ops": ops, "backends": backends_ or default_backends(device),
               "dtypes": [str(d).replace("torch.", "") for d in case_dtypes], "compile": ctx.compile, "tiny": tiny,
               "timing": dataclasses.asdict(timing), "wall_s": round(time.perf_counter() - t0, 1),
               "interrupted": ctx.interrupted}

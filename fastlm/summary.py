@@ -216,7 +216,10 @@ def summary(model_or_config, *, batch: int = 1, seqlen: int | None = None, dtype
     prefill_bytes = weights + kv_cache + tokens * 2 * cfg.d_model * nbytes * cfg.n_layer
     t_prefill = max(prefill_flops / peak, prefill_bytes / bw)
     decode_flops = batch * fwd_decode
-    decode_bytes = weights + kv_tok * batch * min(seqlen, window)  # the KV cache read: the window's keys
+    # a decode step reads every weight but the embedding tables, of which it gathers a row per token; the LM head
+    # (tied or not) is read whole; and the KV cache of the window's keys
+    streamed = (params["non_embedding"] + cfg.vocab_size * cfg.d_model) * nbytes
+    decode_bytes = streamed + kv_tok * batch * min(seqlen, window)
     t_decode = max(decode_flops / peak, decode_bytes / bw)
     train_flops = tokens * train_per_token
     # per optimizer step: weights read 3x in compute dtype, fp32 grads written, AdamW reads/writes p, g, m, v

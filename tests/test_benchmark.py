@@ -61,20 +61,27 @@ def _off_by_a_little(x, weight):
 
 
 def test_wrong_result_is_flagged_in_results_and_table():
+    """A wrong answer is timed and flagged, but gets no rate or speed-up, and no speed-up is measured against it."""
     case = _rms_case([benchmark.Impl("fastlm[bad]", "fastlm", _off_by_a_little),
                       benchmark.Impl("fastlm[good]", "fastlm", reference.rms_norm),
-                      benchmark.Impl("eager", "peer", reference.rms_norm)])
+                      benchmark.Impl("eager", "peer", reference.rms_norm),
+                      benchmark.Impl("bad-peer", "peer", _off_by_a_little)])
     ctx = benchmark.Context(device=torch.device("cpu"), timing=benchmark.TINY)
     results = {r.impl: r for r in benchmark.run([case], ctx, progress=False)}
+    benchmark.add_speedups(list(results.values()))
     bad, good = results["fastlm[bad]"], results["fastlm[good]"]
     assert bad.status == "wrong" and bad.correct is False and bad.max_err > 1e-5
     assert good.status == "ok" and good.correct is True and good.max_err <= 2 * good.ref_err + 1e-6
-    assert bad.median_s > 0 and set(bad.speedup) == {"eager"}
+    assert results["bad-peer"].correct is False
+    assert bad.median_s > 0 and bad.speedup == {} and set(good.speedup) == {"eager"}
     lines = benchmark.table([r.__dict__ for r in results.values()]).splitlines()
-    assert any("fastlm[bad]" in line and "WRONG" in line for line in lines)
+    bad_line = next(line for line in lines if "fastlm[bad]" in line)
+    assert "WRONG" in bad_line and "B/s" not in bad_line and "x " not in bad_line
     assert not any("fastlm[good]" in line and "WRONG" in line for line in lines)
-    summary = benchmark.summary_table([r.__dict__ for r in results.values()])
-    assert "WRONG" in summary and "eager" in summary
+    summary = benchmark.summary_rows([r.__dict__ for r in results.values()])
+    rows = {r["impl"]: r for r in summary}
+    assert rows["fastlm[bad]"]["ratio"] is None and rows["fastlm[bad]"]["rate"] == "wrong"
+    assert "WRONG" in rows["fastlm[bad]"]["max_err"] and rows["fastlm[good]"]["best_peer"] == "eager"
 
 
 def test_failing_and_unavailable_implementations_become_rows():
@@ -369,6 +376,7 @@ def test_perf_to_readme_replaces_only_the_marked_section(tiny_run, tmp_path):
     assert text.endswith("<!-- perf:end -->\n\n## Next\nkept\n")
     assert "old table" not in text and ("CPU figures" in text or "GPU figures" in text)
     assert "| op | case | fastlm |" in text and "![" in text
+    assert "by `python -m fastlm bench --tiny --no-compile --threads 2 --out " in text    # the command as it ran
     for line in text.splitlines():
         if line.startswith("!["):
             assert (tmp_path / line.split("(")[1].rstrip(")")).exists()
@@ -468,6 +476,29 @@ def test_gpu_suites_build_on_a_cpu_machine(suite):
         assert all(i.kind == "fastlm" and i.compiled for i in compiled)
         assert len(graphs) == (1 if c.kind == "decode" else 0), (suite, c.name)
         assert len(compiled) == (1 if suite == "full" and c.kind == "decode" else 0), (suite, c.name)
+        # the quick suite (the GPU check's three minutes): no compiled 1B model, 32 new tokens, three timed rounds
+        assert ("compile" in c.peer_names) == (suite == "full" and c.kind != "decode"), (suite, c.name)
+        assert c.new_tokens == (0 if c.kind != "decode" else 128 if suite == "full" else 32)
+        assert c.min_reps == 3
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["right", "decode step off by 5%"])
+def test_16_bit_decode_steps_are_held_to_the_rule_on_their_logits(monkeypatch, broken):
+    """In bf16 greedy tokens may flip on near-ties, so fastlm's decode row is judged by its decode step's logits: a
+    decode attention 5% off is WRONG even where the tokens still agree."""
+    from fastlm import bench_suites
+    from fastlm import model as fastlm_model
+    if broken:
+        real = fastlm_model.ops.decode_attention
+        monkeypatch.setattr(fastlm_model.ops, "decode_attention", lambda *a, **k: real(*a, **k) * 1.05)
+    ctx = benchmark.Context(device=torch.device("cpu"), timing=benchmark.TINY, compile=False, tiny=True)
+    case = bench_suites.ModelCase(ctx, ["torch"], "llama-tiny", "decode", 1, 8, torch.bfloat16, 4, ("transformers",))
+    rows = {r.impl: r for r in benchmark.run([case], ctx, progress=False)}
+    fast = rows["fastlm[torch]"]
+    assert fast.check.startswith("decode-step logits after 8 tokens; greedy tokens vs transformers: ")
+    assert fast.correct is (not broken) and fast.ref_err is not None
+    assert rows["transformers"].correct is None                 # a peer's tokens are not judged at 16 bits
+    assert ("WRONG" in benchmark.err_text(fast.__dict__)) == broken
 
 
 def test_cuda_rows_unavailable_where_the_cuda_kernels_do_not_serve():
