@@ -185,7 +185,19 @@ def _attention_case(ctx, backends, B, H, Hkv, S, D, causal, dtype, mode, compile
     if B * H * S * S > 2**25:
         small = max(64, int(math.sqrt(2**25 / (B * H))) // 64 * 64)
         case.check_case = _attention_case(ctx, backends, B, H, Hkv, min(S, small), D, causal, dtype, mode, False)
+        if mode == "fwd":
+            case.spot_check = functools.partial(_attention_last_rows, causal=causal)
     return case
+
+
+def _attention_last_rows(outputs, inputs, *, causal, rows=64):
+    """The output of the last ``rows`` queries of the last sequence and head at the full length, and the reference's
+    for them (float64 and the inputs' dtype): the keys of one head against a few queries, small at any length
+    (bottom-right causal alignment: those queries are the last positions either way)."""
+    q, k, v = inputs["q"][-1:, -rows:, -1:], inputs["k"][-1:, :, -1:], inputs["v"][-1:, :, -1:]
+    got = outputs[0][-1:, -rows:, -1:]
+    ref64 = reference.attention(q.double(), k.double(), v.double(), causal=causal)
+    return got, ref64, reference.attention(q, k, v, causal=causal)
 
 
 def attention_cases(ctx, backends, dtypes):

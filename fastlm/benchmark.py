@@ -441,6 +441,8 @@ class OpCase:
     bytes: float | None = None
     grad_inputs: tuple = ()
     check_case: "OpCase | None" = None     # a smaller case the error is checked on when the reference is too big
+    # with a check_case, also a part of the timed shape's result: spot_check(outputs, inputs) -> (got, ref64, ref_low)
+    spot_check: "Callable | None" = None
     skip_reason: str = ""                  # set when fastlm's op module is missing: one "unavailable" row
     _refs: tuple | None = field(default=None, init=False, repr=False)
 
@@ -535,6 +537,16 @@ class OpCase:
         what = ("grads " + ",".join(names)) if case.mode != "fwd" else "output"
         if case is not self:
             what += f" at {case.name}"
+            if self.spot_check is not None:      # the timed shape itself, in part
+                inputs = self.input_sets(device, 1)[0]
+                got, r64, rl = self.spot_check(self.forward(impl.fn, inputs), inputs)
+                e, el = testing.max_err(got, r64), testing.max_err(rl, r64)
+                err, ref_err = max(err, e), max(ref_err, el)
+                try:
+                    testing.check_rule("spot check", got, r64, rl)
+                except AssertionError:
+                    ok = False
+                what += " and a part of the output at the timed shape"
         return err, ref_err, ok, what
 
     def prepare(self, impl: Impl, ctx: Context, sets: list[dict] | None = None):

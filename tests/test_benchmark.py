@@ -501,6 +501,28 @@ def test_16_bit_decode_steps_are_held_to_the_rule_on_their_logits(monkeypatch, b
     assert ("WRONG" in benchmark.err_text(fast.__dict__)) == broken
 
 
+def test_attention_checked_at_a_smaller_shape_is_spot_checked_at_the_timed_one():
+    """An attention case too big for the float64 reference is checked at a shorter length, and its last queries at
+    the timed length: a kernel wrong only for long sequences is WRONG."""
+    from types import SimpleNamespace
+
+    from fastlm import bench_suites
+    ctx = SimpleNamespace(device=torch.device("cpu"), tiny=False, suite="quick", compile=False)
+    case = bench_suites._attention_case(ctx, ["torch"], 1, 16, 16, 2048, 64, True, torch.float32, "fwd", False)
+    assert case.check_case is not None and case.check_case.shape["seqlen"] < 1500
+
+    def right(q, k, v):
+        return bench_suites.sdpa_attention(q, k, v, causal=True)
+
+    def wrong_past_1500(q, k, v):
+        out = right(q, k, v)
+        out[:, 1500:] *= 1.01
+        return out
+    for fn, ok in ((right, True), (wrong_past_1500, False)):
+        err, ref_err, passed, what = case.check(benchmark.Impl("x", "peer", fn), torch.device("cpu"))
+        assert passed is ok and what.endswith("and a part of the output at the timed shape"), (fn, what)
+
+
 def test_cuda_rows_unavailable_where_the_cuda_kernels_do_not_serve():
     """A case outside the CUDA kernels' domain (fp32, other head dims, MLP widths not multiples of 8) gets an
     "unavailable" fastlm[cuda] row, not a failed one (which would make the bench exit 1 on a GPU)."""
