@@ -32,6 +32,10 @@ CASES = [
     # window are fully visible, and the kernels skip their masks
     (1, 200, 200, 2, 1, 64, True, (100, -1)),
     (1, 150, 230, 2, 2, 40, False, (70, 80)),
+    # window_left = Sk - Sq + 1: the last query that sees a key tile is the first row of a query tile, for any tile
+    # size (the backward's query range per key tile ends there)
+    (1, 64, 64, 2, 1, 32, True, (1, -1)),
+    (1, 40, 72, 2, 1, 32, True, (33, -1)),
 ]
 
 

@@ -422,6 +422,25 @@ def test_mlp_strided_and_empty():
     assert _ops().mlp_swiglu(empty, args[1], args[1], args[3], None).shape == (0, 3, 20)
 
 
+@pytest.mark.parametrize("tokens", [3, 8, 20])               # the matrix-vector path (up to 8 rows) and the block path
+@pytest.mark.parametrize("strided", ["w_fc", "w_proj", "w_gate", "w_up", "w_down"])
+def test_mlp_transposed_weights(tokens, strided):
+    """Each weight in turn a transposed view (column-major): the kernels take strided weights on every path."""
+    x, w1, b1, w2, b2, res = _gelu_case((tokens,), 24, 40, 24, F32, True, True)
+    w_gate = (torch.randn(40, 24) / math.sqrt(24))
+
+    def t(w, name):
+        return w.t().contiguous().t() if name == strided else w
+    if strided in ("w_fc", "w_proj"):
+        args = (x, t(w1, "w_fc"), b1, t(w2, "w_proj"), b2, res)
+        op, ref = _ops().mlp_gelu, reference.mlp_gelu
+    else:
+        args = (x, t(w_gate, "w_gate"), t(w1, "w_up"), t(w2, "w_down"), res)
+        op, ref = _ops().mlp_swiglu, reference.mlp_swiglu
+    assert not all(a.is_contiguous() for a in args if a is not None)
+    check_rule(f"strided {strided}", op(*args), ref(*map(_f64, args)), ref(*args))
+
+
 def test_mlp_zero_hidden():
     """x (..., 0): the up-projections are 0, so the output is bias / activation(0) / residual only."""
     x = torch.randn(2, 3, 0)

@@ -13,6 +13,7 @@ import torch
 from fastlm import train as T
 from fastlm.config import Config
 from fastlm.generate import cli as generate_cli
+from fastlm.model import Transformer
 from fastlm.summary import cli as summary_cli
 
 TEXT = T.load_corpus()
@@ -201,8 +202,34 @@ def test_tokenizer_model_file_needs_sentencepiece(tmp_path, capsys):
 def test_schedule():
     lrs = [T.lr_at(s, 1.0, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert max(lrs) == lrs[9] == lrs[10] == 1.0                     # the peak, once warm-up ends
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    for s in (10, 55, 99):                                          # cosine from the peak at 10 to 0.1 at 100
+        assert lrs[s] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (s - 10) / 90)), abs=1e-12)
+
+
+def test_weight_decay_on_matrices_only():
+    """AdamW decays the 2-D weights; embeddings (token and position), norms and biases are not decayed."""
+    model = Transformer(Config.from_name("gpt2-tiny"))
+    groups = T.make_optimizer(model, 1e-3, 0.1).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2 and "emb" not in n}
+    assert "tok_emb.weight" not in decayed and "pos_emb.weight" not in decayed and decayed
+
+
+def test_gradients_are_clipped_to_grad_clip(monkeypatch):
+    """The global gradient norm is clipped to grad_clip before each optimizer step (and not at grad_clip 0)."""
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, **kw: (
+        seen.append(max_norm), real(params, max_norm, **kw))[1])
+    _train(steps=2, grad_clip=0.5)
+    assert seen == [0.5, 0.5]
+    seen.clear()
+    _train(steps=2, grad_clip=0.0)
+    assert seen == []
 
 
 def test_grad_accum_matches_bigger_batch():
