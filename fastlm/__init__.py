@@ -1,7 +1,8 @@
 """fastlm: a decoder-only Transformer (GPT-2 and Llama families) on fused kernels, tested against a float64 reference.
 
-Public names: Config, Transformer, from_hf, to_hf, patch, unpatch, summary, ops, reference. Submodules are imported
-lazily, so ``import fastlm`` compiles nothing and needs neither a GPU nor the C++ extension.
+Public names: Config, Transformer, from_hf, to_hf, patch, unpatch, summary, and the modules ops, reference, backends,
+testing, kernels. Submodules are imported lazily, so ``import fastlm`` compiles nothing and needs neither a GPU nor
+the C++ extension.
 """
 import importlib
 

@@ -4,7 +4,7 @@ import sys
 
 COMMANDS = {
     "bench": ("fastlm.benchmark", "benchmark the kernels and the model against their peers (the main job)"),
-    "summary": ("fastlm.summary", "parameters, FLOPs, memory and a roofline estimate for a preset"),
+    "summary": ("fastlm.summary", "parameters, FLOPs, memory and a roofline estimate for a model"),
     "train": ("fastlm.train", "train a model on a text corpus"),
     "generate": ("fastlm.generate", "generate text from a checkpoint"),
     "scaling": ("fastlm.scaling", "train a ladder of model sizes and fit loss against parameters"),

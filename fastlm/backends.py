@@ -20,7 +20,9 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton and C++ kernels take
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton and C++ CPU kernels take
+# the ops with a CUDA C++ kernel (csrc/bindings_cuda.cpp; fp16 / bf16 only: tensor cores)
+CUDA_OPS = ("attention_fwd", "decode_attention", "mlp_gelu", "mlp_swiglu")
 # the head dims csrc/cuda's attention and decode kernels are built for (compiled_head_dim in launch_utils.cuh; the
 # launcher host test checks that the two agree)
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -121,6 +123,10 @@ def _resolve(backend: str, dev: str, op: str, native_ops: tuple, interpreting: b
         if dev != backend:
             raise ValueError(f"backend={backend!r} for {op} needs {backend} tensors, got {dev} tensors")
         missing = [n for n in native_ops if not extension_has(n, dev)]
+        never = [n for n in missing if dev == "cuda" and n not in CUDA_OPS]
+        if never:
+            raise RuntimeError(f"backend='cuda' for {op}: fastlm has no CUDA C++ kernel for {', '.join(never)} (its "
+                               f"CUDA kernels: {', '.join(CUDA_OPS)}); use 'triton' or 'auto'")
         if missing:
             raise RuntimeError(f"backend={backend!r} for {op}: the extension has no {dev} kernel for "
                                f"{', '.join(missing)}; {BUILD_HINT}")

@@ -987,7 +987,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="comma-separated fastlm backends to measure (default: cpu on a CPU, falling "
                                      "back to torch where the extension lacks an op; triton,cuda on a GPU)")
     p.add_argument("--dtype", help="comma-separated dtypes (float32,float16,bfloat16; default: per case)")
-    p.add_argument("--out", default="bench-results", help="output directory for the JSON and PNG files")
+    p.add_argument("--out", default="bench-results",
+                   help="output directory for the JSON and PNG files (default: bench-results)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's default); recorded in the JSON")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (slow to compile on CPU)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")

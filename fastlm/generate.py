@@ -392,9 +392,9 @@ def cli(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help=f"tokens to generate (default: {DEFAULT_NEW_TOKENS}, or as many as the model's context "
                              f"leaves after the prompt)")
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--temperature", type=float, default=0.8, help="(default: 0.8; 0 = greedy)")
     parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-p", type=float, default=0.95, help="(default: 0.95)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (any integer; reduced modulo 2**64)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable; one token each)")
     parser.add_argument("--backend", default="auto")

@@ -154,10 +154,11 @@ class Transformer(nn.Module):
     and "auto" for the others (linear layers, norms, RoPE, cross-entropy; "auto" takes the C++ kernel of such an op
     on a CPU where the extension has one); any other value is passed to every op.
 
-    forward(tokens (B, S), targets=None, input_pos=None, logits_at=None): logits (B, S, V) in the parameters' dtype,
-    or with targets (B, S) the mean cross-entropy over targets != -100. ``logits_at`` (B, k) int64 returns only the
-    logits at those positions of each sequence, (B, k, V): the LM head runs on k rows instead of S (a prefill that
-    samples from the last prompt token needs one). ``input_pos`` (B,) needs a KV cache; positions
+    forward(tokens (B, S), targets=None, input_pos=None, logits_at=None): logits (B, S, V) in the parameters' dtype
+    (the autocast dtype under torch.autocast), or with targets (B, S) the mean cross-entropy over targets != -100.
+    ``logits_at`` (B, k) int64 returns only the logits at those positions of each sequence, (B, k, V): the LM head
+    runs on k rows instead of S (a prefill that samples from the last prompt token needs one). ``input_pos`` (B,)
+    needs a KV cache; positions
     input_pos + S must stay within the cache and, in such decode steps, token ids within the vocabulary (neither is
     checked on the host, so that decoding never synchronizes; without input_pos the ids are checked; the CPU
     backend's fused decode step checks both, which costs it no sync).

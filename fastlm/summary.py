@@ -320,15 +320,17 @@ def format_summary(s: dict, cfg) -> str:
 
 def cli(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlm summary",
-                                     description="Parameters, FLOPs, memory and a roofline estimate for a preset.")
+                                     description="Parameters, FLOPs, memory and a roofline estimate for a preset, a "
+                                                 "checkpoint or a transformers model.")
     parser.add_argument("name", help="preset name (see fastlm.config), a checkpoint (directory or .safetensors), "
                                      "a config.json, or a transformers model directory or config.json (GPT-2, Llama, "
                                      "Mistral, Qwen2)")
     parser.add_argument("--seqlen", type=int, default=None,
                         help="context / sequence length (default and at most: max_seqlen)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
-    parser.add_argument("--device", default="h200", help=f"one of {', '.join(DEVICES)}")
+    parser.add_argument("--batch", type=int, default=1, help="(default: 1)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="(default: bf16)")
+    parser.add_argument("--device", default="h200",
+                        help=f"the roofline's device: one of {', '.join(DEVICES)} (default: h200)")
     args = parser.parse_args(argv)
     try:
         cfg = _resolve_name(args.name)

@@ -1,4 +1,4 @@
-"""The numerics rule (see docs/numerics.md), shared by tests/ and the benchmark's error column.
+"""The numerics rule (README, "How correctness is judged"), shared by tests/ and the benchmark's error column.
 
     max|out - ref64| <= 2 * max|ref_low - ref64| + atol
 

@@ -51,6 +51,26 @@ def test_resolve_dtype_rule():
             ops.linear(_t(2, 8), _t(3, 8), backend="cpu")
 
 
+@pytest.mark.skipif(backends.extension() is None, reason="needs the C++ extension")
+def test_cuda_backend_for_an_op_without_a_cuda_kernel():
+    """backend="cuda" for an op fastlm has no CUDA C++ kernel for says so (no build would add one); for one it has,
+    on a build without them, the error says how to build (device type "cuda" asked of the resolver directly)."""
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "csrc", "bindings_cuda.cpp")) as f:       # the ops the CUDA build registers
+        block = f.read().split("TORCH_LIBRARY_IMPL(fastlm, CUDA, m)")[1].split("}")[0]
+    assert tuple(re.findall(r'm\.impl\("(\w+)"', block)) == backends.CUDA_OPS
+    backends._resolve.cache_clear()
+    with pytest.raises(RuntimeError, match=r"backend='cuda' for rms_norm: fastlm has no CUDA C\+\+ kernel for "
+                                           r"norm_fwd \(its CUDA kernels: attention_fwd, decode_attention, mlp_gelu, "
+                                           r"mlp_swiglu\); use 'triton' or 'auto'"):
+        backends._resolve("cuda", "cuda", "rms_norm", ("norm_fwd",), False)
+    if not backends.extension_has("attention_fwd", "cuda"):
+        with pytest.raises(RuntimeError, match="the extension has no cuda kernel for attention_fwd; build it with"):
+            backends._resolve("cuda", "cuda", "attention", ("attention_fwd",), False)
+
+
 def test_autotuning_switch(monkeypatch):
     """FASTLM_TRITON_AUTOTUNE: on, the autotuned kernels keep every candidate their pruning keeps and time them; off
     (the test suite's default), only the first survivor, untimed; read per new shape; any other value is an error
