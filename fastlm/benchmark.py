@@ -1087,7 +1087,9 @@ def _header(env: dict, ceilings: dict) -> str:
             f"CUDA {env['cuda']}; fastlm {env['fastlm_commit']}; {env['date']}\n"
             f"ceilings measured now: matmul {mm}; copy {fmt_rate(ceilings['copy_bytes_per_s'], 'B/s')}"
             + ("; each % of ceiling is against its ceiling kernel timed again in the case's rotation\n"
-               if env["device"] == "cpu" else "\n"))
+               if env["device"] == "cpu" else
+               "; times are GPU times (CUDA events around each call, L2 flushed before it; implementations one after "
+               "another), not host latency\n"))
 
 
 def load(path: str) -> dict:
