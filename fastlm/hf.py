@@ -395,12 +395,24 @@ def _gpt2_attention(self, hidden_states, cache=None, attention_mask=None, encode
     return self.resid_dropout(self.c_proj(y.reshape(B, S, -1))), None
 
 
+def _plain(module, cls) -> bool:
+    """Whether ``module`` computes exactly what its class does on its own weight: no adapter class around it (e.g.
+    a LoRA layer), no hooks, no forward of its own set on the instance (e.g. an offloading hook). The fused MLPs read
+    their projections' weights, so they run only over plain ones."""
+    return (type(module) is cls and "forward" not in module.__dict__ and not module._forward_hooks
+            and not module._forward_pre_hooks and not nn.modules.module._global_forward_hooks
+            and not nn.modules.module._global_forward_pre_hooks)
+
+
 def _llama_mlp(self, x, *, backend):
+    if not all(_plain(m, nn.Linear) and m.bias is None for m in (self.gate_proj, self.up_proj, self.down_proj)):
+        return type(self).forward(self, x)
     return ops.mlp_swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, backend=backend)
 
 
 def _gpt2_mlp(self, x, *, backend):
-    if self.training and self.dropout.p > 0:
+    from transformers.pytorch_utils import Conv1D
+    if (self.training and self.dropout.p > 0) or not all(_plain(m, Conv1D) for m in (self.c_fc, self.c_proj)):
         return type(self).forward(self, x)
     # Conv1D stores (in, out): its transpose is the nn.Linear layout the op takes
     return ops.mlp_gelu(x, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(), self.c_proj.bias,
@@ -439,13 +451,19 @@ def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_
     return loss / num_items_in_batch
 
 
-def _fused_head_forward(self, *args, original, backend, **kwargs):
+def _fused_head_forward(self, *args, backend, **kwargs):
     """A patched causal LM's forward. Training with labels: the LM head passes the hidden states through and the
     loss applies it inside ops.linear_cross_entropy, so the logits are never materialized; the output then has
-    logits None (as Liger-Kernel's patched models). Otherwise transformers' own forward."""
+    logits None (as Liger-Kernel's patched models). Otherwise transformers' own forward: in eval, without labels,
+    under torch.compile, and where the LM head or the loss is not the plain one (an adapter or a hook on the head,
+    a loss function set after patch())."""
+    state = self._fastlm_patch
+    previous = state["model_forward"]                # a forward set on the instance before patch(), e.g. a hook
+    original = previous if previous is not None else types.MethodType(type(self).forward, self)
     head = self.lm_head
-    if not (self.training and kwargs.get("labels") is not None and isinstance(head, nn.Linear)
-            and head.bias is None):
+    if not (self.training and kwargs.get("labels") is not None and _plain(head, nn.Linear) and head.bias is None
+            and self.__dict__.get("_loss_function") is state["loss_function"]
+            and not torch.compiler.is_compiling()):
         return original(*args, **kwargs)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
@@ -465,13 +483,12 @@ def _fused_head_forward(self, *args, original, backend, **kwargs):
 def _fused_head_method(model, backend):
     """model.forward replaced by _fused_head_forward, under the original's signature: transformers reads it (generate
     builds position_ids from the attention mask only for a forward that takes them, the Trainer keeps the dataset
-    columns it names, logits_to_keep is passed only where it is a parameter)."""
-    original = model.forward
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        return _fused_head_forward(model, *args, original=original, backend=backend, **kwargs)
-    return forward
+    columns it names, logits_to_keep is passed only where it is a parameter). A method bound to the model, so that
+    a copy of the model (copy.deepcopy) runs its own weights."""
+    @functools.wraps(type(model).forward)                         # (self, input_ids, ...): bound, without self
+    def forward(self, *args, **kwargs):
+        return _fused_head_forward(self, *args, backend=backend, **kwargs)
+    return types.MethodType(forward, model)
 
 
 def _identity(x):
@@ -527,6 +544,12 @@ def patch(model, backend: str = "auto", fused_linear_cross_entropy: bool = True)
     batches, dropout or attention weights fall back to transformers' sdpa path. (transformers materializes a
     sliding-window layer's mask once the keys reach the window; the patched layers read it to tell a plain window
     from padding, one host sync per forward.)
+    Modules that are not plain run transformers' own forward: an MLP whose projections are wrapped (LoRA adapters)
+    or hooked, an LM head so (then the training forward returns logits), and a module that already had a forward of
+    its own on the instance (an offloading hook) is left as it is; so is the training forward under torch.compile or
+    with a loss function set after patching. Attention runs in transformers' sdpa mode: output_attentions gives no
+    weights (as for transformers' sdpa models). A patched model deep-copies (its copy runs its own weights) but does
+    not pickle: save_pretrained it, or unpatch it first.
     ``backend`` is passed to every op. Patching a patched model does nothing. unpatch(model) restores it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -539,18 +562,25 @@ def patch(model, backend: str = "auto", fused_linear_cross_entropy: bool = True)
     if getattr(model, "_fastlm_patch", None) is not None:
         return model
     forwards = []
-    for module, fn in _patch_plan(model, model_type):
-        forwards.append((module, module.__dict__.get("forward")))
+    # a module whose instance already has a forward of its own (an offloading or other hook) keeps it
+    plan = [(m, fn) for m, fn in _patch_plan(model, model_type) if "forward" not in m.__dict__]
+    for module, fn in plan:
+        forwards.append((module, None))
         module.forward = types.MethodType(functools.partial(fn, backend=backend), module)
-    state = {"forwards": forwards, "attn_implementation": config._attn_implementation, "loss": None}
-    config._attn_implementation = "sdpa"
+    state = {"forwards": forwards, "attn_implementation": config._attn_implementation, "loss": None,
+             "loss_function": None, "model_forward": None}
+    if any(fn.func is _llama_attention if isinstance(fn, functools.partial) else fn is _gpt2_attention
+           for _, fn in plan):                   # the patched attention reads sdpa's masks (None: causal)
+        config._attn_implementation = "sdpa"
+    model._fastlm_patch = state
     if hasattr(model, "lm_head") and hasattr(type(model), "loss_function"):
         state["loss"] = (model.__dict__.get("_loss_function"),)
-        model.loss_function = functools.partial(_causal_lm_loss, backend=backend)
+        state["loss_function"] = functools.partial(_causal_lm_loss, backend=backend)
+        model.loss_function = state["loss_function"]
         if fused_linear_cross_entropy:
-            forwards.append((model, model.__dict__.get("forward")))
+            state["model_forward"] = model.__dict__.get("forward")
+            forwards.append((model, state["model_forward"]))
             model.forward = _fused_head_method(model, backend)
-    model._fastlm_patch = state
     return model
 
 
@@ -565,8 +595,8 @@ def unpatch(model):
         else:
             module.forward = previous
     model.config._attn_implementation = state["attn_implementation"]
-    if state["loss"] is not None:
-        previous, = state["loss"]
+    if state["loss"] is not None and model.__dict__.get("_loss_function") is state["loss_function"]:
+        previous, = state["loss"]             # (a loss function set after patch() stays)
         if previous is None:
             del model._loss_function
         else:

@@ -2,6 +2,7 @@
 patch / unpatch (same logits, same gradients, exact restoration). Tiny random models built from config objects."""
 import copy
 import dataclasses
+import functools
 import inspect
 
 import pytest
@@ -335,6 +336,95 @@ def test_patch_same_logits_and_gradients_then_unpatch(kind, monkeypatch):
     assert hf.config._attn_implementation == {"gpt2": "eager", "mistral-mqa": "eager"}.get(kind, "sdpa")
     with torch.no_grad():
         assert torch.equal(hf(tokens).logits, before)
+
+
+def test_patched_copy_runs_its_own_weights():
+    """copy.deepcopy of a patched model (an EMA copy, a DPO reference model) computes with the copy's weights, in the
+    fused training forward too."""
+    hf = patch(hf_llama(), backend="torch")
+    clone = copy.deepcopy(hf)
+    tokens = torch.randint(0, V, (2, 7))
+    with torch.no_grad():
+        clone.lm_head.weight.zero_()
+        assert not clone(tokens).logits.any() and hf(tokens).logits.any()
+    clone.train()
+    clone(tokens, labels=tokens).loss.backward()
+    assert clone.lm_head.weight.grad is not None and hf.lm_head.weight.grad is None
+
+
+class _Adapter(torch.nn.Module):
+    """A projection wrapped as LoRA-style adapters wrap one: the base layer plus a low-rank update."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.a, self.b = base, torch.nn.Linear(base.in_features, 2, bias=False), \
+            torch.nn.Linear(2, base.out_features, bias=False)
+        torch.nn.init.normal_(self.b.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.b(self.a(x))
+
+
+def test_patch_runs_adapters_hooks_and_instance_forwards_as_transformers_does():
+    """The fused MLP and LM head read their projections' weights: where a projection is wrapped (an adapter), hooked,
+    or has a forward of its own on the instance (an offloading hook), the patched model runs transformers' forward
+    for that module and gives its result; a module hooked so before patch() keeps its forward."""
+    hf = hf_llama()
+    hf.model.layers[0].mlp.gate_proj = _Adapter(hf.model.layers[0].mlp.gate_proj)
+    hf.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, i, o: o * 1.5)
+    reference = copy.deepcopy(hf)
+    calls = []
+    for m in (hf, reference):                                     # instance forwards, as accelerate's hooks set
+        head_forward, norm_forward = m.lm_head.forward, m.model.norm.forward
+        m.lm_head.forward = functools.partial(lambda x, f, mine: (mine and calls.append(1), f(x))[1],
+                                              f=head_forward, mine=m is hf)
+        m.model.norm.forward = functools.partial(lambda x, f: f(x) * 2.0, f=norm_forward)
+    patch(hf, backend="torch")
+    assert hf.model.norm.__dict__["forward"] is not None and "fastlm" not in repr(hf.model.norm.forward)
+    tokens = torch.randint(0, V, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, reference(tokens).logits, rtol=1e-5, atol=1e-5)
+    hf.train(), reference.train()
+    out = hf(tokens, labels=tokens)
+    assert out.logits is not None                                # the hooked head: transformers' path, with logits
+    torch.testing.assert_close(out.loss, reference(tokens, labels=tokens).loss, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2 and "forward" in hf.lm_head.__dict__  # both calls went through the hook, which stays
+    out.loss.backward()
+    assert hf.model.layers[0].mlp.gate_proj.b.weight.grad is not None
+
+
+def test_patch_keeps_a_loss_function_set_afterwards():
+    hf = patch(hf_llama(), backend="torch")
+    hf.loss_function = lambda logits, labels, vocab_size, **kw: logits.float().mean() * 0 + 123.0
+    tokens = torch.randint(0, V, (2, 7))
+    with torch.no_grad():
+        assert hf(tokens, labels=tokens).loss.item() == 123.0
+    hf.train()
+    assert hf(tokens, labels=tokens).loss.item() == 123.0       # the fused head gives way to the user's loss
+    unpatch(hf)
+    assert hf(tokens, labels=tokens).loss.item() == 123.0
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+def test_patched_training_step_compiles(kind):
+    """torch.compile of a patched model, a training forward with labels: the same loss as without compiling."""
+    hf = patch(MODELS[kind](), backend="torch").train()
+    tokens = torch.randint(0, V, (2, 7))
+    want = hf(tokens, labels=tokens).loss
+    got = torch.compile(hf, backend="aot_eager")(tokens, labels=tokens).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert hf.lm_head.weight.grad is not None and "forward" not in hf.lm_head.__dict__
+
+
+def test_patch_on_the_meta_device_and_eager_gpt2_with_upcast_attention():
+    hf = patch(hf_llama().to("meta"), backend="auto").train()
+    tokens = torch.randint(0, V, (2, 7), device="meta")
+    assert hf(tokens, labels=tokens).loss.device.type == "meta"
+    # GPT-2's reordered, upcast eager attention is not patched: the model keeps its eager attention
+    gpt2 = hf_gpt2(reorder_and_upcast_attn=True, attn_implementation="eager")
+    patch(gpt2, backend="torch")
+    assert gpt2.config._attn_implementation == "eager"
 
 
 def test_patch_without_fused_head_keeps_training_logits():
