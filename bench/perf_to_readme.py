@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 
@@ -39,6 +40,7 @@ def section(doc: dict, image_paths: list[str], note: str = "") -> str:
                    for k, v in ceil["matmul_flop_per_s"].items())
     command = cfg.get("command") or ("python -m fastlm bench" + ("" if cfg["suite"] == "quick" else
                                                                   f" --suite {cfg['suite']}"))
+    command = re.sub(r" --out(=| )\S+", "", command)         # where it wrote its files does not shape the figures
     lines = [
         f"**{what}** — {device}. Measured {env['date']} by `{command}` (fastlm commit "
         f"`{(env.get('fastlm_commit') or 'unknown')[:12]}`; torch {env['torch']}, triton {env['triton']}, "

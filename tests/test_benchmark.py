@@ -376,7 +376,7 @@ def test_perf_to_readme_replaces_only_the_marked_section(tiny_run, tmp_path):
     assert text.endswith("<!-- perf:end -->\n\n## Next\nkept\n")
     assert "old table" not in text and ("CPU figures" in text or "GPU figures" in text)
     assert "| op | case | fastlm |" in text and "![" in text
-    assert "by `python -m fastlm bench --tiny --no-compile --threads 2 --out " in text    # the command as it ran
+    assert "by `python -m fastlm bench --tiny --no-compile --threads 2` " in text    # as it ran, but for --out
     for line in text.splitlines():
         if line.startswith("!["):
             assert (tmp_path / line.split("(")[1].rstrip(")")).exists()
