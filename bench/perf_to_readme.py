@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
+import shlex
 import shutil
 import sys
 
@@ -40,7 +40,10 @@ def section(doc: dict, image_paths: list[str], note: str = "") -> str:
                    for k, v in ceil["matmul_flop_per_s"].items())
     command = cfg.get("command") or ("python -m fastlm bench" + ("" if cfg["suite"] == "quick" else
                                                                   f" --suite {cfg['suite']}"))
-    command = re.sub(r" --out(=| )\S+", "", command)         # where it wrote its files does not shape the figures
+    words = shlex.split(command)                          # where it wrote its files does not shape the figures
+    words = [w for i, w in enumerate(words) if not (w == "--out" or w.startswith("--out=")
+                                                    or (i and words[i - 1] == "--out"))]
+    command = shlex.join(words)
     lines = [
         f"**{what}** — {device}. Measured {env['date']} by `{command}` (fastlm commit "
         f"`{(env.get('fastlm_commit') or 'unknown')[:12]}`; torch {env['torch']}, triton {env['triton']}, "

@@ -843,7 +843,7 @@ def summary_rows(results: list[dict]) -> list[dict]:
                          "rate": rate_text(r) if timed else r["status"],
                          "best_peer": best["impl"] if best else "-",
                          "ratio": (best["median_s"] / r["median_s"]) if (best and timed) else None,
-                         "pct_ceiling": r.get("pct_ceiling"), "ceiling": r.get("ceiling"),
+                         "pct_ceiling": r.get("pct_ceiling") if timed else None, "ceiling": r.get("ceiling"),
                          "bound": r.get("bound"), "max_err": err_text(r)})
     return rows
 

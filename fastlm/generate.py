@@ -123,10 +123,10 @@ def _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, cuda_
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {_describe(generator)}")
-        device = next(model.parameters()).device
-        if generator.device.type != device.type:
-            raise ValueError(f"generator must be on the model's device ({device}), got a generator on "
-                             f"{generator.device}")
+        device, where = next(model.parameters()).device, generator.device
+        same = where.type == device.type and None in (where.index, device.index) or where == device
+        if temperature != 0 and not same:  # (greedy decoding draws nothing from it)
+            raise ValueError(f"generator must be on the model's device ({device}), got a generator on {where}")
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(compile, (bool, str)):
         raise TypeError(f"compile must be a bool or the name of a torch.compile backend, got {_describe(compile)}")

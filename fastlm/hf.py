@@ -399,9 +399,10 @@ def _plain(module, cls) -> bool:
     """Whether ``module`` computes exactly what its class does on its own weight: no adapter class around it (e.g.
     a LoRA layer), no hooks, no forward of its own set on the instance (e.g. an offloading hook). The fused MLPs read
     their projections' weights, so they run only over plain ones."""
-    return (type(module) is cls and "forward" not in module.__dict__ and not module._forward_hooks
-            and not module._forward_pre_hooks and not nn.modules.module._global_forward_hooks
-            and not nn.modules.module._global_forward_pre_hooks)
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return (type(module) is cls and "forward" not in module.__dict__
+            and not any(getattr(module, h) for h in hooks)
+            and not any(getattr(nn.modules.module, "_global" + h) for h in hooks))
 
 
 def _llama_mlp(self, x, *, backend):
@@ -446,9 +447,10 @@ def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_
                                         ignore_index=ignore_index, reduction=reduction, backend=backend)
     if num_items_in_batch is None:
         return loss
+    # (no labelled token in the whole step: the sum is 0, and so is the loss; no host sync for a tensor count)
     if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+        return loss / num_items_in_batch.to(loss.device).clamp(min=1)
+    return loss / max(num_items_in_batch, 1)
 
 
 def _fused_head_forward(self, *args, backend, **kwargs):
@@ -459,7 +461,7 @@ def _fused_head_forward(self, *args, backend, **kwargs):
     a loss function set after patch())."""
     state = self._fastlm_patch
     previous = state["model_forward"]                # a forward set on the instance before patch(), e.g. a hook
-    original = previous if previous is not None else types.MethodType(type(self).forward, self)
+    original = previous if previous is not None else functools.partial(type(self).forward, self)
     head = self.lm_head
     if not (self.training and kwargs.get("labels") is not None and _plain(head, nn.Linear) and head.bias is None
             and self.__dict__.get("_loss_function") is state["loss_function"]

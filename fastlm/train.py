@@ -378,6 +378,7 @@ def _checkpoint_config(file: str, meta: dict):
 def load_config(path: str):
     """The Config stored in a checkpoint (file or directory), in a config.json of Config fields, or in a transformers
     config.json (a GPT-2, Llama, Mistral or Qwen2 one; also a model directory holding it, as `export` writes)."""
+    path = os.fspath(path)
     hf_dir_config = os.path.join(path, "config.json")
     if os.path.isdir(path) and not os.path.exists(_checkpoint_file(path)) and os.path.isfile(hf_dir_config):
         path = hf_dir_config

@@ -81,6 +81,7 @@ def test_wrong_result_is_flagged_in_results_and_table():
     summary = benchmark.summary_rows([r.__dict__ for r in results.values()])
     rows = {r["impl"]: r for r in summary}
     assert rows["fastlm[bad]"]["ratio"] is None and rows["fastlm[bad]"]["rate"] == "wrong"
+    assert rows["fastlm[bad]"]["pct_ceiling"] is None
     assert "WRONG" in rows["fastlm[bad]"]["max_err"] and rows["fastlm[good]"]["best_peer"] == "eager"
 
 

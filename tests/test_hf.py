@@ -372,6 +372,8 @@ def test_patch_runs_adapters_hooks_and_instance_forwards_as_transformers_does():
     hf = hf_llama()
     hf.model.layers[0].mlp.gate_proj = _Adapter(hf.model.layers[0].mlp.gate_proj)
     hf.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, i, o: o * 1.5)
+    backward_calls = []
+    hf.model.layers[0].mlp.down_proj.register_full_backward_hook(lambda m, gi, go: backward_calls.append(1))
     reference = copy.deepcopy(hf)
     calls = []
     for m in (hf, reference):                                     # instance forwards, as accelerate's hooks set
@@ -390,7 +392,18 @@ def test_patch_runs_adapters_hooks_and_instance_forwards_as_transformers_does():
     torch.testing.assert_close(out.loss, reference(tokens, labels=tokens).loss, rtol=1e-5, atol=1e-6)
     assert len(calls) == 2 and "forward" in hf.lm_head.__dict__  # both calls went through the hook, which stays
     out.loss.backward()
-    assert hf.model.layers[0].mlp.gate_proj.b.weight.grad is not None
+    assert hf.model.layers[0].mlp.gate_proj.b.weight.grad is not None and backward_calls
+
+
+def test_patched_loss_of_a_step_without_labelled_tokens():
+    """The Trainer's num_items_in_batch (labelled tokens of the whole step) may be 0: the loss is 0, not 0 / 0."""
+    from fastlm.hf import _causal_lm_loss
+    logits, labels = torch.randn(2, 5, V, requires_grad=True), torch.full((2, 5), -100)
+    for n in (torch.tensor(0), 0):
+        loss = _causal_lm_loss(logits, labels, V, num_items_in_batch=n, backend="torch")
+        assert loss.item() == 0.0
+    loss.backward()
+    assert not logits.grad.any()
 
 
 def test_patch_keeps_a_loss_function_set_afterwards():
@@ -411,7 +424,7 @@ def test_patched_training_step_compiles(kind):
     hf = patch(MODELS[kind](), backend="torch").train()
     tokens = torch.randint(0, V, (2, 7))
     want = hf(tokens, labels=tokens).loss
-    got = torch.compile(hf, backend="aot_eager")(tokens, labels=tokens).loss
+    got = torch.compile(hf, backend="aot_eager", fullgraph=True)(tokens, labels=tokens).loss
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     got.backward()
     assert hf.lm_head.weight.grad is not None and "forward" not in hf.lm_head.__dict__

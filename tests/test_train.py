@@ -272,9 +272,9 @@ def test_train_and_generate_cli(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model.eval()(x), rtol=1e-5, atol=1e-5)
     # the exported directory and its config.json read back as the run's model (summary takes them)
-    for path in (tmp_path / "hf", tmp_path / "hf" / "config.json"):
+    for path in (tmp_path / "hf", tmp_path / "hf" / "config.json", str(tmp_path / "hf")):
         # (multiple_of only derives an intermediate size when none is given: transformers gives one)
-        loaded = dataclasses.replace(T.load_config(str(path)), name=model.config.name,
+        loaded = dataclasses.replace(T.load_config(path), name=model.config.name,        # (a Path too)
                                      multiple_of=model.config.multiple_of)
         assert loaded == model.config
         assert summary_cli([str(path), "--device", "cpu", "--seqlen", "32"]) == 0
