@@ -154,6 +154,10 @@ def test_stop_tokens():
     t = generate(model, torch.tensor([[10, 20, 30]]), 15, stop_tokens=[stop], sync_every=4)
     assert t[0, :len(out[0])].tolist() == out[0]
     assert (t[0, len(out[0]):] == stop).all()
+    # several stop tokens: any of them stops; the pad defaults to the first
+    other = next(i for i in range(model.config.vocab_size) if i not in free[0])
+    two = generate(model, torch.tensor([[10, 20, 30]]), 15, stop_tokens=[other, stop])
+    assert two[0, :len(out[0])].tolist() == out[0] and (two[0, len(out[0]):] == other).all()
     # any pad id, in the vocab or not: it only fills the output (a batch whose other sequence runs on)
     streamed = []
     for pad in (-1, model.config.vocab_size, 2 ** 63 - 1):

@@ -214,7 +214,8 @@ def test_to_hf_round_trip(kind):
 
 def test_to_hf_of_a_fastlm_model_saves_and_generates_alike(tmp_path):
     config = fastlm.Config(family="llama", vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, d_model=64, head_dim=24,
-                           max_seqlen=128, tie_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})
+                           max_seqlen=128, tie_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0},
+                           rope_base=500000.0)
     model = fastlm.Transformer(config, backend="torch").eval()
     with torch.no_grad():                                  # the random init leaves the norms at one: make them matter
         for name, p in model.named_parameters():

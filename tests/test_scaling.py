@@ -76,6 +76,10 @@ def test_tiny_ladder_end_to_end(tmp_path):
     assert res["fit"] is not None and res["fit"]["alpha"] >= 0
     for name in ("scaling.json", "scaling.md", "loss_vs_params.png", "loss_vs_flops.png"):
         assert (tmp_path / name).stat().st_size > 200, name
+    from fastlm.summary import forward_flops_per_token   # 3 x forward at the causal mean context, per token
+    for m, cfg in zip(models, scaling.ladder_configs(5, tiny=True, seqlen=res["seqlen"])):
+        assert m["train_flops_per_token"] == 3 * forward_flops_per_token(cfg, (res["seqlen"] + 1) / 2)
+        assert m["train_flops"] == m["train_flops_per_token"] * m["tokens"]
     saved = json.loads((tmp_path / "scaling.json").read_text())
     assert saved["models"][0]["non_embedding_params"] == models[0]["non_embedding_params"]
 

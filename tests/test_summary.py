@@ -88,6 +88,8 @@ def test_memory_and_roofline_arithmetic():
     assert m["inference"]["weights"] == 2 * n
     assert m["inference"]["kv_cache"] == 4096 * 2 * 32 * 4096 * 2
     assert m["training"]["weights"] + m["training"]["grads"] + m["training"]["adamw_states"] == 16 * n
+    for part in ("inference", "training"):
+        assert m[part]["total"] == sum(v for k, v in m[part].items() if k != "total")
     # batch-1 decode of a 7B model is bandwidth-bound: one step reads the weights (the LM head, not the token
     # embedding table: 32000 x 4096 of the 6.74B) and the cache
     sp = s["speed"]
@@ -99,6 +101,16 @@ def test_memory_and_roofline_arithmetic():
     assert sp["train_tokens_per_s"] == pytest.approx(DEVICES["h200"]["flops"]["bf16"]
                                                      / s["flops"]["training_per_token"])
     assert s["flops"]["training_per_token"] == 3 * s["flops"]["forward_per_token"]
+
+
+def test_activation_elements_per_token_by_hand():
+    """Per token and layer, what a training step keeps for its backward (elements): llama-tiny d 64, I 192, 4 heads
+    of 16, 2 kv heads."""
+    from fastlm.summary import activation_elements_per_token
+    c = Config.from_name("llama-tiny")
+    assert (c.d_model, c.intermediate_size, c.n_head, c.n_kv_head, c.head_dim) == (64, 192, 4, 2, 16)
+    attn = 64 + 64 + 64 + 2 * 32 + 64 + 4      # norm in and out, q, k and v, attention out, an LSE per head
+    assert activation_elements_per_token(c) == c.n_layer * (attn + 64 + 64 + 3 * 192) + 2 * 64
 
 
 def test_sliding_window_bounds_the_attended_keys():

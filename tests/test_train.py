@@ -74,6 +74,7 @@ def test_resume_continues_the_same_curve(tmp_path):
     resumed = _train(steps=16, eval_every=4, out=str(tmp_path), resume=True, plot=False)
     a, b = full["history"], resumed["history"]
     assert b["step"] == list(range(1, 17))
+    assert resumed["tokens"] == 8 * 4 * 32 and full["tokens"] == 16 * 4 * 32       # the steps this run trained
     torch.testing.assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(b["eval_loss"]), torch.tensor(a["eval_loss"]), rtol=1e-5, atol=1e-6)
     for p, q in zip(full["model"].parameters(), resumed["model"].parameters()):
@@ -197,6 +198,22 @@ def test_tokenizer_model_file_needs_sentencepiece(tmp_path, capsys):
     assert T.cli(["--tokenizer-model", "x.model", "--out", str(tmp_path), "--no-progress"]) == 2
     assert "--tokenizer-model x.model) is read by the sentencepiece tokenizer only" in capsys.readouterr().err
     assert not (tmp_path / T.CHECKPOINT).exists()
+
+
+def test_held_out_split_is_the_corpus_end_and_disjoint():
+    train_ids, val_ids = T.split_tokens(torch.arange(1000), 32)
+    assert torch.equal(torch.cat([train_ids, val_ids]), torch.arange(1000)) and len(val_ids) == 100
+    assert len(T.split_tokens(torch.arange(100), 32)[1]) == 33                    # at least one window + 1
+
+
+def test_evaluate_is_the_token_mean_of_the_model_loss():
+    torch.manual_seed(0)
+    model = Transformer(_cfg(), backend="torch")
+    val = torch.randint(0, 256, (300,))
+    with torch.no_grad():
+        parts = [(model(x, y).item(), y.numel()) for x, y in T.eval_batches(val, 3, 16, 8)]
+    got = T.evaluate(model, val, 3, 16, torch.device("cpu"), max_batches=8)
+    assert got == pytest.approx(sum(v * n for v, n in parts) / sum(n for _, n in parts), rel=1e-6)
 
 
 def test_schedule():
