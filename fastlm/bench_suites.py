@@ -679,26 +679,22 @@ class ModelCase:
     def _check_logits(self, fn, res, ref, tokens, full):
         """The numerics rule on the logits of the first (at most) 128 tokens of the first sequence, or of all the
         tokens (``full``: a compiled model is checked at the shape it was compiled for)."""
-        from fastlm import testing
         t = tokens if full else tokens[:1, :128]
         with torch.no_grad():
-            out = fn(t)
-            ref_low = ref(t)
-            ref64 = _float64_copy(ref)(t)
-        res.max_err, res.ref_err = testing.max_err(out, ref64), testing.max_err(ref_low, ref64)
-        try:
-            testing.check_rule("logits", out.float(), ref64, ref_low.float(),
-                               atol=testing.ATOL.get(self.dtype, 1e-6) * float(ref64.abs().max()))
-            res.correct = True
-        except AssertionError:
-            res.correct = False
+            res.correct, res.max_err, res.ref_err = self._judge_logits("logits", fn(t), ref(t), _float64_copy(ref)(t))
         res.check = f"logits, {t.shape[0]}x{t.shape[1]} tokens"
+
+    def _judge_logits(self, name, out, ref_low, ref64):
+        """(rule passed, error, the reference's own error) for logits: the atol at this dtype per unit of the
+        largest logit (the rule's default takes fp32's, as they are compared in fp32)."""
+        from fastlm import testing
+        return testing.passes_rule(name, out.float(), ref64, ref_low.float(),
+                                   atol=testing.ATOL.get(self.dtype, 1e-6) * float(ref64.abs().max()))
 
     def _check_decode_step(self, fast, ref, prompt):
         """fastlm's decode step (the prompt's first 128 tokens of the first sequence, then one token through the KV
         cache: the kernels every generated token runs) by the numerics rule on its logits against the reference's
         at that position. At 16-bit precision greedy tokens may flip on a near-tie; the logits may not drift."""
-        from fastlm import testing
         p = prompt[:1, :128]
         with torch.no_grad():
             fast.setup_cache(1, p.shape[1] + 1)
@@ -708,14 +704,7 @@ class ModelCase:
             finally:
                 fast.clear_cache()
             seq = torch.cat([p, nxt], dim=1)
-            ref_low, ref64 = ref(seq)[:, -1], _float64_copy(ref)(seq)[:, -1]
-        err, ref_err = testing.max_err(out, ref64), testing.max_err(ref_low, ref64)
-        try:
-            testing.check_rule("decode logits", out.float(), ref64, ref_low.float(),
-                               atol=testing.ATOL.get(self.dtype, 1e-6) * float(ref64.abs().max()))
-            return True, err, ref_err
-        except AssertionError:
-            return False, err, ref_err
+            return self._judge_logits("decode logits", out, ref(seq)[:, -1], _float64_copy(ref)(seq)[:, -1])
 
     def _prepare_prefill(self, impl, res, ctx, hf, fast, ref):
         cfg = fast.config
@@ -743,12 +732,7 @@ class ModelCase:
         loss = fn(xs, ys).detach()  # with autograd on, as timed (fastlm's loss then takes its fused backward path)
         with torch.no_grad():
             ref_low, ref64 = ref(xs, ys), _float64_copy(ref)(xs, ys)
-        res.max_err, res.ref_err = testing.max_err(loss, ref64), testing.max_err(ref_low, ref64)
-        try:
-            testing.check_rule("loss", loss.float(), ref64, ref_low.float())
-            res.correct = True
-        except AssertionError:
-            res.correct = False
+        res.correct, res.max_err, res.ref_err = testing.passes_rule("loss", loss.float(), ref64, ref_low.float())
         res.check = f"loss, {xs.shape[0]}x{xs.shape[1]} tokens"
         params = [p for p in module.parameters() if p.requires_grad]
 

@@ -382,7 +382,7 @@ def load_config(path: str):
     hf_dir_config = os.path.join(path, "config.json")
     if os.path.isdir(path) and not os.path.exists(_checkpoint_file(path)) and os.path.isfile(hf_dir_config):
         path = hf_dir_config
-    if str(path).endswith(".json"):
+    if path.endswith(".json"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
         try:
