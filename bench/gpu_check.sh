@@ -11,8 +11,9 @@
 #              -> tests-gpu.log, junit-gpu.xml
 #   aot        bench/kernel_report.py and csrc/cuda/compile_check.py (CPU-only compiles, run beside those tests)
 #   bench      python -m fastlm bench --suite quick -> OUTDIR/bench/{bench.json,*.png}
-#   memcheck, racecheck
-#              compute-sanitizer on a small attention + decode + MLP case, where available
+#   memcheck, racecheck, synccheck
+#              compute-sanitizer on small attention (head dims 64, 96, 256), decode and MLP (tensor-core GEMMs and
+#              the few-row gemv) cases, where available
 #   tests-rest pytest tests -m "not gpu and not slow" (on a GPU machine most of them run on the GPU too: Triton at
 #              fp32 / fp16, the model, generation) with what time is left -> tests-rest.log, junit-rest.xml
 # and prints a short table last: op, shape, fastlm rate, best peer, ratio, max error. The tests run in pytest-xdist
@@ -115,6 +116,9 @@ lens = torch.tensor([300, 77], device=dev, dtype=torch.int32)
 q1 = q[:, :1].detach().expand(2, 1, 4, 64).contiguous()
 # head dim 256: the wgmma kernel's 64-key tiles (CUDA kernels only: the Triton kernels are covered by the first case)
 q256, k256, v256 = (torch.randn(1, 200, 2, 256, device=dev, dtype=torch.bfloat16) for _ in "qkv")
+# head dim 96 (padded 64-column slabs, TMA boxes wider than the rows), causal with 300 queries on 20 keys: blocks of
+# rows that see no key and load nothing
+q96, k96, v96 = (torch.randn(1, n, 2, 96, device=dev, dtype=torch.bfloat16) for n in (300, 20, 20))
 x = torch.randn(70, 128, device=dev, dtype=torch.bfloat16)
 wg, wu, wd = (torch.randn(*s, device=dev, dtype=torch.bfloat16) * 0.1 for s in ((200, 128), (200, 128), (128, 200)))
 # "cuda": the wgmma attention / MLP kernels on Hopper; "cuda" with FASTLM_CUDA_KERNELS=mma: the mma.sync ones
@@ -123,7 +127,9 @@ for b, kernel in (("triton", "auto"), ("cuda", "auto"), ("cuda", "mma")):
     for name, run in (("attention", lambda: ops.attention(q, k, v, causal=True, backend=b).float().sum().backward()),
                       ("attention-d256", lambda: ops.attention(q256, k256, v256, causal=True, backend=b)),
                       ("decode", lambda: ops.decode_attention(q1, kc, vc, lens, backend=b)),
-                      ("mlp", lambda: ops.mlp_swiglu(x, wg, wu, wd, backend=b))):
+                      ("attention-d96", lambda: ops.attention(q96, k96, v96, causal=True, backend=b)),
+                      ("mlp", lambda: ops.mlp_swiglu(x, wg, wu, wd, backend=b)),
+                      ("mlp-gemv", lambda: ops.mlp_swiglu(x[:5], wg, wu, wd, backend=b))):  # <= 8 rows
         if name == "attention-d256" and b == "triton":
             continue
         try:
@@ -201,6 +207,7 @@ if [ "$DRY" = 1 ]; then
 else
     step memcheck "$(limit 40 40)" bash -c "sanitize memcheck"
     step racecheck "$(limit 40 0)" bash -c "sanitize racecheck"
+    step synccheck "$(limit 40 0)" bash -c "sanitize synccheck"
     step tests-rest "$(limit 240 0)" "${PYTEST[@]}" -m "not gpu and not slow" --junitxml="$OUT/junit-rest.xml"
 fi
 

@@ -38,6 +38,14 @@ void check_cuda(const at::Tensor& t, const char* op, const char* name, const at:
               like ? like->device() : t.device(), " with the other inputs, got ", t.device());
 }
 
+// The head dim (q's last) is one the kernels are compiled for: checked before anything is copied or allocated.
+void check_head_dim(const at::Tensor& q, const char* op) {
+  const int64_t d = q.size(-1);
+  TORCH_CHECK(d <= 1024 && fastlm_cuda::compiled_head_dim(static_cast<int>(d)), "fastlm::", op, " (CUDA): the head "
+              "dim must be one of ", fastlm_cuda::kCompiledHeadDims, " (the dims the kernels are compiled for), got ",
+              d, "; use backend='triton' for others");
+}
+
 // The stride the kernels are given: 0 for a size-1 dim (its index is always 0, and torch leaves such strides
 // arbitrary even in "contiguous" tensors).
 int64_t stride_of(const at::Tensor& t, int64_t d) { return t.size(d) == 1 ? 0 : t.stride(d); }
@@ -78,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   TORCH_CHECK(k_in.sizes() == v_in.sizes() && k_in.size(0) == q_in.size(0) && k_in.size(3) == q_in.size(3),
               "fastlm::attention_fwd (CUDA): k and v must be (batch, seqlen_k, nheads_kv, headdim) matching q");
   const DType dtype = dtype_of(q_in, op);
+  check_head_dim(q_in, op);
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3), Sk = k.size(1), Hkv = k.size(2);
@@ -134,6 +143,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   TORCH_CHECK(k_in.size(0) == q_in.size(0) && k_in.size(3) == q_in.size(3),
               "fastlm::decode_attention (CUDA): caches must be (batch, max_seqlen, nheads_kv, headdim) matching q");
   const DType dtype = dtype_of(q_in, op);
+  check_head_dim(q_in, op);
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
   const at::Tensor lens = cache_seqlens.contiguous();

@@ -147,10 +147,21 @@ int main(int argc, char** argv) {
   expect_error(attention([](auto& p) { p.window_left = -2; }), "window values must be >= -1", "attention window");
   expect_error(attention([](auto& p) { p.k_ss = 60; }), "multiple of 8 elements", "attention stride");
   expect_error(attention([](auto& p) { p.q = buffer + 2; }), "16-byte aligned", "attention alignment");
-  expect_error(attention([](auto& p) { p.head_dim = 40; }), "head dims 32, 64, 96, 128, 256", "attention head dim");
+  expect_error(attention([](auto& p) { p.head_dim = 40; }), "head dims 32, 64, 96, 128, 256; got 40",
+               "attention head dim");
+  // the head dim is named first: its strides (36, not a multiple of 8) would be refused next
+  expect_error(attention([](auto& p) { p.head_dim = 36, p.q_sh = p.k_sh = p.v_sh = p.o_sh = 36; }),
+               "head dims 32, 64, 96, 128, 256; got 36", "attention head dim before strides");
   // (a head dim no kernel serves: on a Hopper GPU too, the forced wgmma kernel refuses before any launch)
   expect_error(attention([](auto& p) { p.kernels = KernelFamily::kWgmma, p.head_dim = 40; }),
-               "FASTLM_CUDA_KERNELS=wgmma, but", "attention forced wgmma");
+               "head dims 32, 64, 96, 128, 256; got 40", "attention forced wgmma, head dim");
+  if (!hopper)
+    expect_error(attention([](auto& p) { p.kernels = KernelFamily::kWgmma; }), "FASTLM_CUDA_KERNELS=wgmma, but",
+                 "attention forced wgmma");
+  expect_error(attention([](auto& p) { p.k = nullptr; }), "q, k, v, out and lse must be set", "attention null k");
+  expect_error(attention([](auto& p) { p.lse = nullptr; }), "q, k, v, out and lse must be set", "attention null lse");
+  expect_error(attention([](auto& p) { p.seqlen_q = 1 << 29, p.seqlen_k = (1 << 29) + 1; }),
+               "seqlen_q + seqlen_k must be <= 2^30", "attention positions past int");
   expect_ok(attention([](auto& p) { p.batch = 0; }), "attention empty batch");
   expect_ok(attention([](auto& p) { p.seqlen_q = 0; }), "attention no queries");
   if (!gpu) {
@@ -169,6 +180,8 @@ int main(int argc, char** argv) {
   expect_error(decode([](auto& p) { p.dtype = DType::kFloat32; }), "fp16/bf16", "decode fp32");
   expect_error(decode([](auto& p) { p.num_splits = 0; }), "num_splits >= 1", "decode splits");
   expect_error(decode([](auto& p) { p.k_sh = 4; }), "multiple of 8 elements", "decode stride");
+  expect_error(decode([](auto& p) { p.head_dim = 36, p.q_sh = p.k_sh = p.v_sh = 36; }),
+               "decode_attention: CUDA kernels support head dims 32, 64, 96, 128, 256; got 36", "decode head dim");
   expect_error(decode([](auto& p) { p.cache_seqlens = nullptr; }), "cache_seqlens, out and the workspace must be set",
                "decode null lengths");
   expect_error(decode([](auto& p) { p.num_splits = 65536; }), "num_splits must be <= 65535", "decode too many splits");

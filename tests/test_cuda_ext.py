@@ -135,9 +135,15 @@ def test_attention_fwd_unsupported_raises():
     q = _randn(1, 4, 2, 64, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
-    q = _randn(1, 4, 2, 40, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="head dims"):
-        torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
+    # refused before anything is copied or allocated: 36's rows are not 16-byte aligned (a decode cache would be
+    # cloned whole first), 0 has no lse to fill
+    lens = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for d in (40, 36, 0):
+        q = _randn(1, 4, 2, d, dtype=torch.float16)
+        with pytest.raises(RuntimeError, match=f"head dim must be one of 32, 64, 96, 128, 256 .*got {d}"):
+            torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
+        with pytest.raises(RuntimeError, match=f"head dim must be one of 32, 64, 96, 128, 256 .*got {d}"):
+            torch.ops.fastlm.decode_attention(q[:, :1], q, q, lens, 0.125, -1)
 
 
 @cuda_kernel_test("attention_fwd")
@@ -149,12 +155,11 @@ def test_kernel_family_choice_errors(monkeypatch):
     x, w = _randn(3, 64, dtype=torch.float16), _randn(24, 64, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="FASTLM_CUDA_KERNELS must be"):
         torch.ops.fastlm.mlp_swiglu(x, w, w, w.t().contiguous(), None)
-    monkeypatch.setenv("FASTLM_CUDA_KERNELS", "wgmma")  # head dim 40 (and, off Hopper, the device) is refused
-    q40 = _randn(1, 4, 2, 40, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="FASTLM_CUDA_KERNELS=wgmma, but "):
-        torch.ops.fastlm.attention_fwd(q40, q40, q40, False, 0.125, -1, -1)
-    if torch.cuda.get_device_capability()[0] != 9:  # the MLP's tensor-core GEMMs (9 rows and more) off Hopper
-        x = _randn(9, 64, dtype=torch.float16)
+    monkeypatch.setenv("FASTLM_CUDA_KERNELS", "wgmma")  # off Hopper, the device is refused
+    if torch.cuda.get_device_capability()[0] != 9:
+        with pytest.raises(RuntimeError, match="attention_fwd: FASTLM_CUDA_KERNELS=wgmma, but "):
+            torch.ops.fastlm.attention_fwd(q, q, q, False, 0.125, -1, -1)
+        x = _randn(9, 64, dtype=torch.float16)  # the MLP's tensor-core GEMMs (9 rows and more)
         with pytest.raises(RuntimeError, match="mlp_swiglu: FASTLM_CUDA_KERNELS=wgmma, but "):
             torch.ops.fastlm.mlp_swiglu(x, w, w, w.t().contiguous(), None)
 
@@ -259,6 +264,19 @@ ptxas info    : (C7999) an advisory about something else
 """
 
 
+# the two warp-specialized kernels at the register count their setmaxnreg split needs at entry (168)
+WARP_SPECIALIZED_SAMPLE = """\
+ptxas info    : Compiling entry function '_Z26attention_fwd_wgmma_kernelv' for 'sm_90a'
+ptxas info    : Function properties for _Z26attention_fwd_wgmma_kernelv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z20gemm_tn_wgmma_kernelv' for 'sm_90a'
+ptxas info    : Function properties for _Z20gemm_tn_wgmma_kernelv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 400 bytes cmem[0]
+"""
+
+
 def _load(*path):
     spec = importlib.util.spec_from_file_location(path[-1][:-3], os.path.join(ROOT, *path))
     mod = importlib.util.module_from_spec(spec)
@@ -333,18 +351,26 @@ def test_compile_check_parses_ptxas():
     assert [a[:7] for a in mod.wgmma_advisories(PTXAS_SAMPLE)] == ["(C7517)", "(C7515)", "(C7508)"]
 
 
-@pytest.mark.parametrize("advisory", [None, "wgmma", "spill"])
+@pytest.mark.parametrize("advisory", [None, "wgmma", "spill", "registers", "renamed"])
 def test_compile_check_fails_on_advisories_and_spills(advisory, monkeypatch, capsys):
-    """--check exits 1 when ptxas reports a wgmma advisory or a spill, 0 for a clean report (nvcc stubbed out)."""
+    """--check exits 1 when ptxas reports a wgmma advisory or a spill, when a warp-specialized kernel gets fewer
+    registers at entry than its setmaxnreg split needs (a hang on the GPU) or is no longer in the report, 0 for a
+    clean report (nvcc stubbed out)."""
     mod = _load("csrc", "cuda", "compile_check.py")
+    assert mod.entry_registers_needed() == 168  # (128 x 24 + 256 x 240) / 384 for tma.cuh's split
     clean = PTXAS_SAMPLE.split("ptxas info    : (C75")[0].replace("8 bytes spill stores, 12 bytes spill loads",
                                                                     "0 bytes spill stores, 0 bytes spill loads")
+    clean += WARP_SPECIALIZED_SAMPLE
     out = {None: clean, "wgmma": PTXAS_SAMPLE.replace("8 bytes spill stores, 12 bytes spill loads",
-                                                      "0 bytes spill stores, 0 bytes spill loads"),
+                                                      "0 bytes spill stores, 0 bytes spill loads") +
+           WARP_SPECIALIZED_SAMPLE,
            "spill": clean.replace("0 bytes stack frame, 0 bytes spill stores", "0 bytes stack frame, 4 bytes spill "
-                                  "stores", 1)}[advisory]
+                                  "stores", 1),
+           "registers": clean.replace("Used 168 registers", "Used 160 registers", 1),
+           "renamed": clean.replace("gemm_tn_wgmma_kernel", "gemm_wgmma_tn_kernel")}[advisory]
     monkeypatch.setattr(mod.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(mod, "compile_one", lambda nvcc, src, arch, gencode, tmp: (src, arch, 0, out, 0.1))
     assert mod.main(["--check"]) == (0 if advisory is None else 1)
     report = capsys.readouterr().out
     assert ("WGMMA: " in report) == (advisory == "wgmma") and ("SPILLS: " in report) == (advisory == "spill")
+    assert ("REGISTERS: " in report) == (advisory in ("registers", "renamed")), report

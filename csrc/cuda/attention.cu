@@ -12,6 +12,7 @@
 // (Hopper, AttentionParams::kernels auto or wgmma), this one otherwise.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 
 #include "cuda/attention_tile.cuh"
@@ -97,15 +98,25 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 }  // namespace
 
-Status attention_fwd(const AttentionParams& p, cudaStream_t stream) {
+Status attention_fwd(const AttentionParams& params, cudaStream_t stream) {
+  AttentionParams p = params;
   if (p.dtype == DType::kFloat32)
     return Status::Error("attention_fwd: CUDA kernels take fp16/bf16 (tensor cores); got fp32");
   if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.nheads <= 0 || p.nheads_kv <= 0 ||
       p.nheads % p.nheads_kv != 0)
     return Status::Error("attention_fwd: bad sizes (nheads must be a positive multiple of nheads_kv)");
+  if (!compiled_head_dim(p.head_dim)) return head_dim_error("attention_fwd", p.head_dim);
   if (p.batch == 0 || p.seqlen_q == 0) return Status::Ok();
   if (p.nheads > 65535 || p.batch > 65535) return Status::Error("attention_fwd: batch and nheads must be <= 65535");
+  if (static_cast<int64_t>(p.seqlen_q) + p.seqlen_k > (int64_t{1} << 30))
+    return Status::Error("attention_fwd: seqlen_q + seqlen_k must be <= 2^30 (the kernels' positions are int)");
   if (p.window_left < -1 || p.window_right < -1) return Status::Error("attention_fwd: window values must be >= -1");
+  // a window reaching past every key is unbounded in effect (left seqlen_k, right seqlen_q reach every key from
+  // any query position): clamped so that the kernels' position arithmetic stays in int
+  p.window_left = std::min(p.window_left, p.seqlen_k);
+  p.window_right = std::min(p.window_right, p.seqlen_q);
+  if (!p.q || !p.out || !p.lse || (p.seqlen_k > 0 && (!p.k || !p.v)))
+    return Status::Error("attention_fwd: q, k, v, out and lse must be set");
   const int64_t strides[] = {p.q_sb, p.q_ss, p.q_sh, p.k_sb, p.k_ss, p.k_sh,
                              p.v_sb, p.v_ss, p.v_sh, p.o_sb, p.o_ss, p.o_sh};
   for (int64_t s : strides)

@@ -3,7 +3,8 @@ shared memory (from ptxas -v), and whether ptxas had to serialize wgmma or injec
 needed: the kernel sources include no torch headers.
 
     python csrc/cuda/compile_check.py           # report
-    python csrc/cuda/compile_check.py --check   # also exit 1 on a compile failure, a spill or a wgmma advisory
+    python csrc/cuda/compile_check.py --check   # also exit 1 on a compile failure, a spill, a wgmma advisory or
+                                                # a warp-specialized kernel short of its register budget
 
 Without nvcc the report is skipped (exit 0) with a loud SKIPPED line.
 """
@@ -31,6 +32,11 @@ _SMEM = re.compile(r"(\d+) bytes smem")
 # ptxas advisories C75xx: wgmma serialized, warpgroup waits injected because GMMA results are used too early, or
 # setmaxnreg ignored (the register count at entry unknown)
 _ADVISORY = re.compile(r"\(C75\d\d\)[^\n]*(?:wgmma|GMMA|warpgroup|setmaxnreg)[^\n]*")
+# The warp-specialized kernels: a producer warpgroup and two consumer warpgroups (3 x 128 threads) that trade
+# registers with setmaxnreg. A block holds the register count ptxas gives the kernel at entry, and setmaxnreg.inc
+# waits until the producer's released registers cover the consumers' increase: unless entry x 384 covers
+# 128 x kProducerRegs + 256 x kConsumerRegs (csrc/cuda/tma.cuh), the consumers wait forever.
+WARP_SPECIALIZED = ("attention_fwd_wgmma_kernel", "gemm_tn_wgmma_kernel")
 
 
 def demangle(names):
@@ -78,6 +84,14 @@ def wgmma_advisories(text):
     return [m.group(0) for m in _ADVISORY.finditer(text)]
 
 
+def entry_registers_needed():
+    """The register count the warp-specialized kernels need at entry, from tma.cuh's split (allocated in units of 8)."""
+    with open(os.path.join(HERE, "tma.cuh")) as f:
+        producer, consumer = map(int, re.search(r"kProducerRegs = (\d+), kConsumerRegs = (\d+)", f.read()).groups())
+    threads = 3 * 128
+    return -(-(128 * producer + 2 * 128 * consumer) // (8 * threads)) * 8
+
+
 def compile_one(nvcc, src, arch_name, gencode, outdir):
     obj = os.path.join(outdir, f"{os.path.basename(src)}.{arch_name}.o")
     # the flags of setup.py's extension build, so the figures are those of the kernels that run
@@ -90,7 +104,8 @@ def compile_one(nvcc, src, arch_name, gencode, outdir):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="exit 1 on a compile failure or any spill")
+    ap.add_argument("--check", action="store_true", help="exit 1 on a compile failure, a spill, a wgmma advisory "
+                    "or a warp-specialized kernel short of its register budget")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
 
@@ -102,7 +117,8 @@ def main(argv=None):
     if not sources:
         print("no csrc/cuda/*.cu files")
         return 0
-    failed, spills, advisories = [], [], []
+    failed, spills, advisories, short = [], [], [], []
+    need, seen = entry_registers_needed(), set()
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         t0 = time.time()
         jobs = [pool.submit(compile_one, nvcc, s, a, g, tmp) for s in sources for a, g in ARCHS]
@@ -124,18 +140,29 @@ def main(argv=None):
             if r["spill_st"] or r["spill_ld"]:
                 spills.append(f"{pretty[r['kernel']]} [{arch}]")
                 flag = "  <-- SPILLS"
+            ws = [w for w in WARP_SPECIALIZED if pretty[r["kernel"]].startswith(w)]
+            if ws and arch == "sm_90a":
+                seen.update(ws)
+                if r["regs"] < need:
+                    short.append(f"{pretty[r['kernel']]} [{arch}]: {r['regs']} registers at entry, setmaxnreg "
+                                 f"needs {need}")
+                    flag = "  <-- REGISTERS"
             print(f"  {r['regs']:>4} {r['spill_st']:>5}/{r['spill_ld']:<5} {r['stack']:>5} {r['smem']:>6}  "
                   f"{pretty[r['kernel']]}{flag}")
+    if not failed:  # a renamed kernel must not drop out of the register check unnoticed
+        short += [f"{w}: not found in the sm_90a report" for w in WARP_SPECIALIZED if w not in seen]
     print(f"\n{len(sources)} files x {len(ARCHS)} archs compiled in {elapsed:.1f} s "
           f"({args.jobs} jobs); failures: {len(failed)}; spilling kernels: {len(spills)}; "
-          f"wgmma advisories: {len(advisories)}")
+          f"wgmma advisories: {len(advisories)}; warp-specialized kernels short of {need} registers: {len(short)}")
     for f in failed:
         print(f"FAILED: {f}")
     for s in spills:
         print(f"SPILLS: {s}")
     for s in advisories:
         print(f"WGMMA: {s}")
-    return 1 if args.check and (failed or spills or advisories) else 0
+    for s in short:
+        print(f"REGISTERS: {s}")
+    return 1 if args.check and (failed or spills or advisories or short) else 0
 
 
 if __name__ == "__main__":

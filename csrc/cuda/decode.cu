@@ -204,6 +204,7 @@ Status decode_attention(const DecodeParams& params, cudaStream_t stream) {
       p.nheads % p.nheads_kv != 0 || p.num_splits <= 0)
     return Status::Error("decode_attention: bad sizes (nheads must be a positive multiple of nheads_kv, "
                          "num_splits >= 1)");
+  if (!compiled_head_dim(p.head_dim)) return head_dim_error("decode_attention", p.head_dim);
   if (p.window_left < -1)
     return Status::Error("decode_attention: window_left must be >= -1 (-1: no window), got " +
                          std::to_string(p.window_left));

@@ -59,12 +59,6 @@ inline bool use_wgmma(KernelFamily kernels, bool supported) {
   return kernels == KernelFamily::kWgmma || (kernels == KernelFamily::kAuto && supported);
 }
 
-// The head dims the attention and decode kernels are compiled for (fastlm.backends.CUDA_HEAD_DIMS in Python).
-inline bool compiled_head_dim(int head_dim) {
-  return head_dim == 32 || head_dim == 64 || head_dim == 96 || head_dim == 128 || head_dim == 256;
-}
-inline const char* kCompiledHeadDims = "32, 64, 96, 128, 256";
-
 // launch(std::integral_constant<int, D>{}) for head_dim == D, D one of the compiled head dims.
 template <typename Launch>
 Status dispatch_head_dim(int head_dim, const char* op, Launch launch) {
@@ -74,9 +68,7 @@ Status dispatch_head_dim(int head_dim, const char* op, Launch launch) {
     case 96: return launch(std::integral_constant<int, 96>{});
     case 128: return launch(std::integral_constant<int, 128>{});
     case 256: return launch(std::integral_constant<int, 256>{});
-    default:
-      return Status::Error(std::string(op) + ": CUDA kernels support head dims " + kCompiledHeadDims + "; got " +
-                           std::to_string(head_dim));
+    default: return head_dim_error(op, head_dim);
   }
 }
 

@@ -24,6 +24,17 @@ struct Status {
 // kMma always the mma.sync ones; kWgmma the wgmma ones, failing with an error where they cannot run.
 enum class KernelFamily { kAuto, kMma, kWgmma };
 
+// The head dims the attention and decode kernels are compiled for (fastlm.backends.CUDA_HEAD_DIMS in Python).
+inline bool compiled_head_dim(int head_dim) {
+  return head_dim == 32 || head_dim == 64 || head_dim == 96 || head_dim == 128 || head_dim == 256;
+}
+inline constexpr const char* kCompiledHeadDims = "32, 64, 96, 128, 256";
+// The error for any other head dim, naming the launcher `op`.
+inline Status head_dim_error(const std::string& op, int head_dim) {
+  return Status::Error(op + ": CUDA kernels support head dims " + kCompiledHeadDims + "; got " +
+                       std::to_string(head_dim));
+}
+
 // Forward attention in FlashAttention's layout. q: (B, Sq, H, D), k/v: (B, Sk, Hkv, D), out like q; strides in
 // elements (the head dim is contiguous); lse: (B, H, Sq) fp32 contiguous. Query i sits at key position
 // i + Sk - Sq; it sees keys in [pos - window_left, pos + window_right] (-1 = unbounded; causal is right = 0).
@@ -45,8 +56,8 @@ struct AttentionParams {
   KernelFamily kernels;
 };
 Status attention_fwd(const AttentionParams& p, cudaStream_t stream);
-// Whether the wgmma kernel can run head_dim on the current device (built for sm_90a, a 9.x device, head dim 64 or
-// 128); if not and why is given, *why says what is missing.
+// Whether the wgmma kernel can run head_dim on the current device (built for sm_90a, a 9.x device, a compiled head
+// dim); if not and why is given, *why says what is missing.
 bool attention_wgmma_supported(int head_dim, std::string* why);
 // The two kernels, after attention_fwd's checks; the wgmma one falls back to the mma.sync one under kAuto where the
 // driver refuses a TMA tensor map.
