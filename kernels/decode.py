@@ -46,8 +46,8 @@ def _decode_split_kernel(
     hk = tl.program_id(1).to(tl.int64)  # (int64: they multiply strides)
     b = tl.program_id(2).to(tl.int64)
 
-    seqlen = tl.load(SEQLENS + b).to(tl.int32)
-    seqlen = tl.minimum(tl.maximum(seqlen, 0), S_max)
+    # clamped before the cast to int32 (an int64 length past 2^31 must not wrap)
+    seqlen = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), S_max).to(tl.int32)
     # the keys any query may see: [first, seqlen), first > 0 with a sliding window (WINDOW_LEFT >= 0)
     first = tl.where(WINDOW_LEFT >= 0, tl.maximum(seqlen - Sq - WINDOW_LEFT, 0), 0)
     # balance them (not S_max) over the splits, in whole key blocks

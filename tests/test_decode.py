@@ -105,6 +105,11 @@ def test_out_of_range_lengths_are_clamped(backend):
     full = decode_attention(q[1:2], k[1:2], v[1:2], torch.tensor([10], device=lens.device), backend=backend)
     assert torch.equal(out[1:2], full)  # (10 keys are one split for every backend: the same arithmetic)
     _check(out, q, k, v, lens)
+    # int64 lengths past 2^31 are clamped, not wrapped to their low 32 bits (2^32 + 5 is not 5, 2^40 is not 0)
+    wide = torch.tensor([2**32 + 5, 2**40, -2**40], dtype=torch.int64, device=lens.device)
+    out = decode_attention(q, k, v, wide, backend=backend)
+    assert torch.equal(out[:2], decode_attention(q[:2], k[:2], v[:2], torch.full_like(wide[:2], 10), backend=backend))
+    assert (out[2] == 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
