@@ -167,6 +167,23 @@ def test_linear_cross_entropy_leading_dims_and_no_grad(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_has_no_double_backward(backend, reduction):
+    # an error, never a silent zero second derivative (mean / sum take the gradients the forward computed); the
+    # reference backend differentiates twice
+    dev = backend_device(backend)
+    x = torch.randn(6, 16, device=dev, requires_grad=True)
+    w = torch.randn(40, 16, device=dev, requires_grad=True)
+    t = _targets((6,), 40, device=dev)
+    loss = linear_cross_entropy(x, w, t, reduction=reduction, backend=backend).sum()
+    with pytest.raises(RuntimeError, match="linear_cross_entropy: higher-order gradients are not supported"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    loss = linear_cross_entropy(x, w, t, reduction=reduction, backend="torch").sum()
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert torch.autograd.grad(gx.square().sum(), w)[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_cross_entropy_empty(backend):
     dev = backend_device(backend)
     x = torch.randn(0, 40, device=dev, requires_grad=True)

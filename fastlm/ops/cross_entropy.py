@@ -241,6 +241,10 @@ def _lce_setup(ctx, inputs, output):
 
 
 def _lce_backward(ctx, dloss, ddx, ddw, ddb):
+    if torch.is_grad_enabled():  # backward(create_graph=True): the gradients below are constants to autograd
+        raise RuntimeError("linear_cross_entropy: higher-order gradients are not supported on the kernel backends "
+                           "(the gradients are computed by the kernels, in the forward for reduction='mean'/'sum'); "
+                           "use backend='torch'")
     ignore_index, reduction, chunk_size, backend = ctx.args
     if ctx.precomputed:
         dx, dw, db = ctx.saved_tensors
