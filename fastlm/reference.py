@@ -36,6 +36,12 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     Returns out (B, Sq, H, D) in q's dtype, and with ``return_lse`` also lse (B, H, Sq) = logsumexp of the scaled,
     masked scores (float32, or float64 for float64 inputs). A query that sees no key gets out = 0 and lse = -inf.
     """
+    keep = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window, device=q.device)
+    return _masked_attention(q, k, v, keep, softmax_scale, return_lse)
+
+
+def _masked_attention(q, k, v, keep, softmax_scale, return_lse=False):
+    """attention() with the mask given: ``keep`` broadcasts to (B, H, Sq, Sk), True where a query may see a key."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
@@ -43,7 +49,6 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale                      # (B, H, Sq, Sk)
-    keep = attention_mask(Sq, Sk, causal=causal, window=window, device=q.device)
     s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(dim=-1, keepdim=True) if Sk > 0 else s.new_full((B, H, Sq, 1), float("-inf"))
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()        # rows with no key: shift by 0
@@ -94,14 +99,19 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
     q: (B, Sq, H, D); k_cache, v_cache: (B, S_max, Hkv, D); cache_seqlens: (B,) integer, the number of valid cache
     positions for each sequence (the new tokens' keys already written). Query i of sequence b sits at position
     p = cache_seqlens[b] - Sq + i and sees keys 0..p (causal, bottom-right), or only p - window_left..p with a
-    sliding window (window_left >= 0). Returns (B, Sq, H, D).
+    sliding window (window_left >= 0). Returns (B, Sq, H, D). The lengths are never read on the host (no sync).
     """
-    outs = []
-    for b in range(q.shape[0]):
-        n = min(max(int(cache_seqlens[b]), 0), k_cache.shape[1])  # clamped into [0, S_max], as the kernels do
-        outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n], causal=True,
-                              softmax_scale=softmax_scale, window=(window_left, 0)))
-    return torch.cat(outs, dim=0)
+    Sq, S = q.shape[1], k_cache.shape[1]
+    n = cache_seqlens.clamp(0, S)                                       # into [0, S_max], as the kernels do
+    pos = n[:, None] - Sq + torch.arange(Sq, device=q.device)           # (B, Sq): the last key each query sees
+    j = torch.arange(S, device=q.device)
+    keep = j <= pos[..., None]                                          # (B, Sq, S)
+    if window_left >= 0:
+        keep &= j >= pos[..., None] - window_left
+    # cache rows no query sees (past the lengths, before every window) may hold anything, NaN included: 0 x NaN in
+    # the P V product would reach every row
+    v_cache = v_cache.masked_fill(~keep.any(dim=1)[:, :, None, None], 0)
+    return _masked_attention(q, k_cache, v_cache, keep[:, None], softmax_scale)
 
 
 def _stat_dtype(x):

@@ -112,6 +112,17 @@ def test_out_of_range_lengths_are_clamped(backend):
     assert (out[2] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_unseen_cache_rows_may_hold_anything(backend):
+    # a cache allocated with torch.empty: rows past the lengths and before every query's window are never seen, and
+    # NaN / inf there must not reach the output (0 x NaN in a P V product would)
+    q, k, v, lens = _inputs(2, 2, 4, 2, 32, 40, [30, 11], _dtype(backend), backend_device(backend))
+    clean = decode_attention(q, k, v, lens, window_left=6, backend=backend)
+    k[0, 30:], v[0, 30:], k[1, 11:], v[1, 11:] = float("nan"), float("inf"), float("inf"), float("nan")
+    k[0, :20], v[0, :20] = float("nan"), float("nan")                   # before the window of both queries
+    assert torch.equal(decode_attention(q, k, v, lens, window_left=6, backend=backend), clean)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_cache(backend):
     # max_seqlen 0 (a zero-size cache: on the GPU its data pointer is null): no query sees a key, out is 0
@@ -199,7 +210,7 @@ def test_opcheck():
                               _inputs(1, 1, 2, 1, 16, 8, [5], torch.float32, DEVICE) + (0.25, window_left))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 def test_compile_fullgraph_no_host_sync(backend):
     q, k, v, lens = _inputs(2, 1, 4, 2, 32, 40, [40, 9], _dtype(backend), backend_device(backend))
     fn = torch.compile(lambda *a: decode_attention(*a, backend=backend), fullgraph=True)

@@ -2,8 +2,9 @@
 
 Backends: "torch" (fastlm.reference), "triton" (kernels/decode.py, Flash-Decoding), "cpu" / "cuda" (the C++
 extension's torch.ops.fastlm.decode_attention). Forward only: decoding is inference (a backward through the kernel
-backends raises; "torch" differentiates). No backend but "torch" reads cache_seqlens on the host, so a decode step
-can be captured in a CUDA graph or compiled with fullgraph=True.
+backends raises; "torch" differentiates). No backend reads cache_seqlens on the host, so a decode step can be
+captured in a CUDA graph or compiled with fullgraph=True; none reads what the cache holds past the lengths (or
+before every query's window), so it may hold anything.
 
 fastlm.ops.decode_step: a whole decoding step of a stack of pre-norm transformer blocks in one call of the C++ CPU
 kernels (its only backend): what CUDA graphs do for a GPU step, removing the per-op launch and Python cost.
