@@ -7,7 +7,8 @@ Backends:
   "cuda"    the CUDA C++ kernels of the extension fastlm._C (CUDA tensors).
   "auto"    CUDA tensors: "triton"; CPU tensors: "cpu" when the extension is built and serves the op, else "triton"
             under the interpreter, else "torch". Inputs of a dtype no kernel takes (float64) get "torch",
-            and so does attention past the Triton kernels' head dims (fastlm.ops._checks.fit_head_dim).
+            and so do attention past the Triton kernels' head dims and norms past their row width where "auto"
+            would be Triton (fastlm.ops._checks.fit_triton).
 
 Everything here is lazy and cached: importing fastlm compiles nothing and touches no GPU.
 """

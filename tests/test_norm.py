@@ -109,6 +109,20 @@ def test_zero_hidden_size(backend):
     assert x.grad.shape == (3, 0) and w.grad.shape == b.grad.shape == (0,)
 
 
+def test_rows_wider_than_the_triton_kernels():
+    # the Triton kernels keep a row in registers: past their width "auto" takes the reference, backend="triton"
+    # raises naming the limit
+    from fastlm.kernels.norm import MAX_D
+    from fastlm.ops._checks import TRITON_MAX_NORM_DIM, fit_triton
+    assert MAX_D == TRITON_MAX_NORM_DIM
+    assert fit_triton("rms_norm", "triton", "auto", "hidden size", MAX_D, MAX_D) == "triton"
+    assert fit_triton("rms_norm", "triton", "auto", "hidden size", MAX_D + 1, MAX_D) == "torch"
+    assert fit_triton("rms_norm", "cpu", "auto", "hidden size", MAX_D + 1, MAX_D) == "cpu"
+    x, _, w, _ = _inputs((2, MAX_D + 1), torch.float32, False, False, device=backend_device("triton"))
+    with pytest.raises(ValueError, match=rf"rms_norm: backend='triton' takes hidden size 1..{MAX_D}, got {MAX_D + 1}"):
+        rms_norm(x, w, backend="triton")
+
+
 def test_torch_backend_is_reference():
     x, r, w, _ = _inputs((7, 40), torch.float32, True, False)
     y, h = add_rms_norm(x, r, w, backend="torch")

@@ -69,18 +69,24 @@ def check_qkv(op: str, q, k, v, *, k_name: str = "k", v_name: str = "v", seq_nam
 
 
 TRITON_MAX_HEAD_DIM = 256  # the Triton attention kernels keep a next_power_of_2(headdim) wide tile in registers
+TRITON_MAX_NORM_DIM = 16384  # the Triton norm kernels keep whole rows in registers (kernels/norm.py: MAX_D)
 
 
-def fit_head_dim(op: str, chosen: str, backend: str, head_dim: int) -> str:
-    """The backend that runs attention of this head dim: ``chosen``, unless it is the Triton one and the head dim is
-    past what its kernels take; then "auto" falls back to the reference and an explicit backend="triton" raises. (The
-    C++ CPU kernels and the reference take any head dim; the CUDA ones raise for head dims they were not built for.)"""
-    if chosen != "triton" or head_dim <= TRITON_MAX_HEAD_DIM:
+def fit_triton(op: str, chosen: str, backend: str, what: str, size: int, limit: int) -> str:
+    """The backend that runs ``op`` when its ``what`` is ``size``: ``chosen``, unless it is the Triton one and size is
+    past ``limit``, what its kernels take; then "auto" falls back to the reference and an explicit backend="triton"
+    raises. (The C++ CPU kernels and the reference take any size; the CUDA ones check their own.)"""
+    if chosen != "triton" or size <= limit:
         return chosen
     if backend == "auto":
         return "torch"
-    raise ValueError(f"{op}: backend='triton' takes headdim 1..{TRITON_MAX_HEAD_DIM}, got {head_dim} "
-                     "(the 'cpu' and 'torch' backends take any)")
+    raise ValueError(f"{op}: backend='triton' takes {what} 1..{limit}, got {size} (the 'cpu' and 'torch' backends "
+                     "take any)")
+
+
+def fit_head_dim(op: str, chosen: str, backend: str, head_dim: int) -> str:
+    """fit_triton for the attention kernels' head dim."""
+    return fit_triton(op, chosen, backend, "headdim", head_dim, TRITON_MAX_HEAD_DIM)
 
 
 def check_window_left(op: str, window_left) -> None:

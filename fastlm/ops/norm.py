@@ -22,7 +22,8 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
-from fastlm.ops._checks import check_eps, check_float_tensor, check_triton_dtypes, kernel_dtype, needs_grad, num_rows
+from fastlm.ops._checks import (TRITON_MAX_NORM_DIM, check_eps, check_float_tensor, check_triton_dtypes, fit_triton,
+                                kernel_dtype, needs_grad, num_rows)
 
 
 def _kernels():
@@ -149,6 +150,7 @@ def _check(op, x, residual, weight, bias, eps):
 def _norm(op, x, residual, weight, bias, eps, is_rms, backend):
     _check(op, x, residual, weight, bias, eps)
     be = resolve(backend, x.device, op, native_ops=("norm_fwd",), dtype=kernel_dtype(x, weight, bias))
+    be = fit_triton(op, be, backend, "hidden size", x.shape[-1], TRITON_MAX_NORM_DIM)
     if be == "torch":
         if residual is not None:
             return reference.add_norm(x, residual, weight, bias, eps, kind="rms" if is_rms else "layer")
