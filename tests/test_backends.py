@@ -94,3 +94,49 @@ def test_autotuning_switch(monkeypatch):
     monkeypatch.setenv("FASTLM_TRITON_AUTOTUNE", "yes")
     with pytest.raises(ValueError, match="FASTLM_TRITON_AUTOTUNE must be '0' or '1', got 'yes'"):
         tuner.prune_configs({})
+
+
+
+MATMUL_OPS = {  # the ops built on matrix products: call(backend, *tensors), tensor shapes (activation first)
+    "attention": (lambda be, q, k, v: ops.attention(q, k, v, causal=True, backend=be), (2, 5, 4, 16), (2, 5, 2, 16),
+                  (2, 5, 2, 16)),
+    "decode_attention": (lambda be, q, k, v: ops.decode_attention(q, k, v, torch.tensor([3, 6], device=q.device),
+                                                                  backend=be), (2, 1, 4, 16), (2, 6, 2, 16),
+                         (2, 6, 2, 16)),
+    "linear": (lambda be, x, w, b: ops.linear(x, w, b, backend=be), (3, 16), (24, 16), (24,)),
+    "mlp_gelu": (lambda be, x, w1, b1, w2, b2: ops.mlp_gelu(x, w1, b1, w2, b2, backend=be), (3, 16), (40, 16), (40,),
+                 (16, 40), (16,)),
+    "mlp_swiglu": (lambda be, x, wg, wu, wd, r: ops.mlp_swiglu(x, wg, wu, wd, r, backend=be), (3, 16), (40, 16),
+                   (40, 16), (16, 40), (3, 16)),
+    "linear_cross_entropy": (lambda be, x, w: ops.linear_cross_entropy(x, w, torch.tensor([1, 0, 29], device=x.device),
+                                                                       backend=be), (3, 16), (30, 16)),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("name", list(MATMUL_OPS))
+def test_matmul_ops_under_autocast(name, backend):
+    """Under torch.autocast the ops built on matrix products compute as autocast runs a matmul: bf16 activations
+    beside fp32 weights (and caches) are fine, every fp32 argument is cast to bf16, the result is exactly the op's on
+    the cast inputs, in bf16 (the cross-entropy's loss in fp32), and fp32 leaves get fp32 gradients; float64 stays
+    float64 on the reference. (Before, the weights were refused, the result's dtype depended on the backend, and the
+    Triton linear cross-entropy failed on autocast's bf16 matmul.)"""
+    from conftest import DEVICE
+    if backend == "cpu" and not backends.extension_has("linear", "cpu"):
+        pytest.skip("the C++ extension (fastlm._C) is not built")
+    device = DEVICE if backend == "triton" else "cpu"
+    kind = torch.device(device).type
+    fn, *shapes = MATMUL_OPS[name]
+    grads = name != "decode_attention"                                  # (decoding is inference: no backward)
+    leaves = [torch.randn(s, device=device, requires_grad=grads) for s in shapes]
+    args = [leaves[0].detach().bfloat16()] + leaves[1:]
+    with torch.autocast(kind, dtype=torch.bfloat16):
+        out = fn(backend, *args)
+    assert out.dtype == (torch.float32 if name == "linear_cross_entropy" else torch.bfloat16)
+    assert torch.equal(out, fn(backend, *(a.bfloat16() for a in args)))    # (the same path: with autograd)
+    if grads:
+        out.float().sum().backward()
+        assert all(leaf.grad is not None and leaf.grad.dtype == torch.float32 for leaf in leaves[1:])
+    if backend == "torch":
+        with torch.autocast(kind, dtype=torch.bfloat16):
+            assert fn(backend, *(a.detach().double() for a in args)).dtype == torch.float64

@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fastlm  # noqa: E402
-from conftest import DEVICE  # noqa: E402
+from conftest import DEVICE, needs_cpu_kernel  # noqa: E402
 from fastlm import ops  # noqa: E402
 from fastlm.hf import from_hf, patch, to_hf, unpatch  # noqa: E402
 from fastlm.testing import check_rule  # noqa: E402
@@ -490,6 +490,39 @@ def test_patch_with_triton_kernels(kind):
     grads64, grads_low = dict(hf64.named_parameters()), dict(reference.named_parameters())
     for name, p in hf.named_parameters():
         check_rule(f"grad {name}", p.grad, grads64[name].grad, grads_low[name].grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernel("mlp_swiglu")), "triton"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+def test_patched_training_step_under_autocast(kind, backend):
+    """transformers' Trainer with bf16 on an fp32 model: the step runs under torch.autocast. The patched ops compute
+    as autocast runs matmuls (fp32 weights cast to bf16, fp32 gradients). Against the float64 model: the loss within
+    bf16's relative rounding (2^-8), each gradient within twice the unpatched model's error under autocast plus
+    2^-7 of its largest entry (the two round to bf16 at different points; both err by ~1 % of the largest entry).
+    (The Triton interpreter gets bf16 wrong: there the step must only run, in the same dtypes.)"""
+    device = DEVICE if backend == "triton" else "cpu"
+    hf = MODELS[kind]().to(device).train()
+    perturb_norms(hf)
+    hf64, reference = copy.deepcopy(hf).double(), copy.deepcopy(hf)
+    patch(hf, backend=backend)
+    tokens = torch.randint(0, V, (2, 9), device=device)
+    losses = []
+    for m in (hf, reference):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            losses.append(m(tokens, labels=tokens).loss)
+    losses.insert(1, hf64(tokens, labels=tokens).loss)
+    for loss in losses:
+        loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in hf.parameters())
+    if backend == "triton" and device == "cpu":
+        assert torch.isfinite(losses[0]) and all(torch.isfinite(p.grad).all() for p in hf.parameters())
+        return
+    assert abs(losses[0].item() - losses[1].item()) <= 2 ** -8 * abs(losses[1].item()), losses
+    grads64, grads_low = dict(hf64.named_parameters()), dict(reference.named_parameters())
+    for name, p in hf.named_parameters():
+        g64 = grads64[name].grad.to(device)
+        err, err_low = ((g.double() - g64).abs().max().item() for g in (p.grad, grads_low[name].grad))
+        assert err <= 2 * err_low + 2 ** -7 * g64.abs().max().item(), (name, err, err_low)
 
 
 @pytest.mark.parametrize("cache", ["default", "full-history"])

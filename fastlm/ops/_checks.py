@@ -1,12 +1,35 @@
 """Argument checks shared by the public ops: each raises TypeError/ValueError naming the op, the argument, what was
-expected and what was given. Also ``needs_grad``, which picks between an op's autograd wrapper and its bare kernel."""
+expected and what was given. Also ``needs_grad``, which picks between an op's autograd wrapper and its bare kernel,
+and ``autocast_matmul``, the ops' behaviour under torch.autocast."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from fastlm.backends import KERNEL_DTYPES
+
+
+def autocast_matmul(fn):
+    """An op built on matrix products, under torch.autocast: it computes as autocast runs a matmul. Its floating-point
+    tensor arguments (float64 excepted, as autocast leaves it) are cast to the autocast dtype of their device, so that
+    fp32 weights meet the lower-precision activations; the output comes in that dtype; autocast is off inside (the
+    kernels take operands of one dtype, and the torch code around them must not be recast). Casts are
+    differentiable: fp32 weights get fp32 gradients. Without autocast on the device the call is unchanged."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        dtype = torch.get_autocast_dtype(device)
+
+        def cast(a):
+            eligible = isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
+            return a.to(dtype) if eligible else a
+        with torch.autocast(device, enabled=False):
+            return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+    return wrapper
 
 
 def check_float_tensor(op: str, name: str, t) -> None:

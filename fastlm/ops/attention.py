@@ -12,7 +12,7 @@ import math
 import torch
 
 from fastlm import backends, reference
-from fastlm.ops._checks import check_qkv, fit_head_dim
+from fastlm.ops._checks import autocast_matmul, check_qkv, fit_head_dim
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -157,6 +157,7 @@ class _NoKeys(torch.autograd.Function):
         return tuple(torch.zeros_like(t) for t in ctx.saved_tensors)
 
 
+@autocast_matmul
 def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), return_lse=False, backend="auto"):
     """Softmax attention: out = softmax(q k^T * softmax_scale + mask) v, never materializing the score matrix.
 

@@ -25,7 +25,7 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
-from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, needs_grad
+from fastlm.ops._checks import autocast_matmul, check_float_tensor, check_triton_dtypes, needs_grad
 _REDUCTIONS = ("mean", "sum", "none")
 _NATIVE = ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_fused_")
 
@@ -332,6 +332,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
     return loss.reshape(lead) if reduction == "none" else loss
 
 
+@autocast_matmul
 def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, reduction="mean", chunk_size=None,
                          backend="auto"):
     """cross_entropy(x @ weight.T + bias, targets) for x (..., d), weight (V, d), chunked over tokens so the (N, V)

@@ -16,7 +16,8 @@ import math
 import torch
 
 from fastlm import backends, reference
-from fastlm.ops._checks import KERNEL_DTYPES, check_eps, check_qkv, check_window_left, fit_head_dim
+from fastlm.ops._checks import (KERNEL_DTYPES, autocast_matmul, check_eps, check_qkv, check_window_left,
+                                fit_head_dim)
 NATIVE_OPS = ("decode_attention",)
 
 
@@ -68,6 +69,7 @@ class _ForwardOnly(torch.autograd.Function):
                            "it under torch.no_grad(), or with backend='torch' where gradients are wanted")
 
 
+@autocast_matmul
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, window_left=-1, backend="auto"):
     """Attention of the Sq newest tokens of each sequence against its KV cache.
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from fastlm import reference
 from fastlm.backends import extension_has, resolve
-from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, needs_grad, num_rows
+from fastlm.ops._checks import autocast_matmul, check_float_tensor, check_triton_dtypes, needs_grad, num_rows
 from fastlm.ops.linear import linear
 
 
@@ -293,6 +293,7 @@ def _weight_dims(op, name, w, in_dim):
     return w.shape[0]
 
 
+@autocast_matmul
 def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None, *, backend="auto"):
     """GPT-2 MLP: gelu_tanh(x @ w_fc^T + b_fc) @ w_proj^T + b_proj (+ residual)."""
     op = "mlp_gelu"
@@ -313,6 +314,7 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None, *, backend="auto"):
     return y
 
 
+@autocast_matmul
 def mlp_swiglu(x, w_gate, w_up, w_down, residual=None, *, backend="auto"):
     """Llama MLP: (silu(x @ w_gate^T) * (x @ w_up^T)) @ w_down^T (+ residual)."""
     op = "mlp_swiglu"

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.backends import resolve
-from fastlm.ops._checks import check_float_tensor, needs_grad, num_rows
+from fastlm.ops._checks import autocast_matmul, check_float_tensor, needs_grad, num_rows
 
 
 @torch.library.custom_op("fastlm_native_py::linear", mutates_args=())
@@ -47,6 +47,7 @@ def _backward(ctx, dy):
 _nat_linear.register_autograd(_backward, setup_context=_setup)
 
 
+@autocast_matmul
 def linear(x, weight, bias=None, *, backend="auto"):
     """x (..., in_features) @ weight^T + bias: (..., out_features) in x's dtype."""
     op = "linear"
