@@ -51,6 +51,18 @@ def test_rope_general_tables_gradient(backend):
     check_op("apply_rope(random tables)", _rope(backend), reference.apply_rope, [x, cos, sin], constants=(1, 2))
 
 
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=str)
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_rope_table_gradients(backend, dtype, per_sequence):
+    # tables that require grad (learned frequencies) get their gradients on every backend, summed over the heads (and
+    # the batch, for shared tables), as the reference's autograd gives them; fp32 tables beside low-precision x too
+    dev = backend_device(backend)
+    x = torch.randn(2, 7, 3, 40, dtype=dtype, device=dev)
+    shape = (2, 7, 40) if per_sequence else (7, 40)
+    cos, sin = torch.randn(shape, device=dev), torch.randn(shape, device=dev)
+    check_op("apply_rope(learned tables)", _rope(backend), reference.apply_rope, [x, cos, sin])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rope_expanded_grad_and_empty(backend):
     dev, rope = backend_device(backend), _rope(backend)

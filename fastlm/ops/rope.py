@@ -4,8 +4,9 @@
     apply_rope(x, cos, sin) -> x rotated                            x (B, S, H, D); cos/sin (S, D) or (B, S, D)
 
 Position offsets (decoding with a KV cache) are expressed through the tables: pass the rows for the positions being
-processed, (S, D) when the batch shares them, (B, S, D) when each sequence has its own. The gradient flows to x
-only (the tables are constants): it is the transposed rotation of the output's gradient.
+processed, (S, D) when the batch shares them, (B, S, D) when each sequence has its own. x's gradient is the
+transposed rotation of the output's gradient (by the kernels); tables that require grad (learned frequencies) get
+theirs by torch math, summed over what they broadcast over.
 
 Backends:
   "triton"  kernels/rope.py, forward and backward.
@@ -42,14 +43,28 @@ def _(x, cos, sin, inverse):
 
 
 def _setup(ctx, inputs, output):
-    _, cos, sin, inverse = inputs
+    x, cos, sin, inverse = inputs
     ctx.inverse = inverse
-    ctx.save_for_backward(cos, sin)
+    ctx.table_grads = cos.requires_grad or sin.requires_grad
+    ctx.save_for_backward(cos, sin, x if ctx.table_grads else None)
+
+
+def _table_grads(ctx, dy):
+    """(dcos, dsin) of y = x cos + rotate_half(x) sin (sin negated for the inverse rotation), or (None, None) where
+    no table requires grad; fp32 sums over the heads (and the batch, for (S, D) tables)."""
+    cos, sin, x = ctx.saved_tensors
+    if not ctx.table_grads:
+        return None, None
+    dy, x = dy.float(), x.float()
+    dims = (0, 2) if cos.dim() == 2 else (2,)
+    dcos = (dy * x).sum(dims)
+    dsin = (dy * reference.rotate_half(x)).sum(dims)
+    return dcos.to(cos.dtype), (-dsin if ctx.inverse else dsin).to(sin.dtype)
 
 
 def _backward(ctx, dy):
-    cos, sin = ctx.saved_tensors
-    return _rope(dy, cos, sin, not ctx.inverse), None, None, None
+    cos, sin, _ = ctx.saved_tensors
+    return _rope(dy, cos, sin, not ctx.inverse), *_table_grads(ctx, dy), None
 
 
 _rope.register_autograd(_backward, setup_context=_setup)
@@ -66,8 +81,8 @@ def _(x, cos, sin, inverse):
 
 
 def _nat_backward(ctx, dy):
-    cos, sin = ctx.saved_tensors
-    return _nat_rope(dy, cos, sin, not ctx.inverse), None, None, None
+    cos, sin, _ = ctx.saved_tensors
+    return _nat_rope(dy, cos, sin, not ctx.inverse), *_table_grads(ctx, dy), None
 
 
 _nat_rope.register_autograd(_nat_backward, setup_context=_setup)
