@@ -10,8 +10,9 @@ import math
 import torch
 
 
-def attention_mask(seqlen_q: int, seqlen_k: int, *, causal: bool = False, window=(-1, -1), device=None):
-    """Boolean (seqlen_q, seqlen_k) mask, True where query i may attend key j.
+def attention_mask(seqlen_q: int, seqlen_k: int, *, causal: bool = False, window=(-1, -1), device=None, rows=None):
+    """Boolean (seqlen_q, seqlen_k) mask, True where query i may attend key j (with ``rows=(start, stop)``, only
+    those query rows).
 
     Positions are aligned bottom-right (FlashAttention >= 2.1): query i sits at key position i + seqlen_k - seqlen_q.
     ``window=(left, right)`` keeps keys within [pos - left, pos + right]; -1 means unbounded; causal sets right = 0.
@@ -19,9 +20,10 @@ def attention_mask(seqlen_q: int, seqlen_k: int, *, causal: bool = False, window
     left, right = (min(w, seqlen_q + seqlen_k) for w in window)   # larger bounds reach every key as well
     if causal:
         right = 0
-    i = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    start, stop = rows if rows is not None else (0, seqlen_q)
+    i = torch.arange(start, stop, device=device)[:, None] + (seqlen_k - seqlen_q)
     j = torch.arange(seqlen_k, device=device)[None, :]
-    keep = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    keep = torch.ones(stop - start, seqlen_k, dtype=torch.bool, device=device)
     if left >= 0:
         keep &= j >= i - left
     if right >= 0:
@@ -67,13 +69,20 @@ def attention_backward(dout, q, k, v, *, causal=False, softmax_scale=None, windo
     explicit formulas, without autograd: P = softmax(S) as the forward computes it, dV = P^T dO, dP = dO V^T,
     dS = P (dP - rowsum(P dP)) (+ P dlse), dQ = dS K scale, dK = dS^T Q scale; K and V's gradients summed over the
     query heads that share them. For code that cannot record a graph (a custom op's kernel)."""
+    keep = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window, device=q.device)
+    dq, dk, dv = masked_attention_backward(dout, q, k, v, keep, softmax_scale, dlse)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def masked_attention_backward(dout, q, k, v, keep, softmax_scale=None, dlse=None):
+    """attention_backward() with the (Sq, Sk) mask ``keep`` given, its gradients not yet cast to the inputs' dtypes:
+    the query rows of a problem can be taken in blocks (their rows of the mask), their dK and dV summed."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     group = H // Hkv
     ke, ve = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, ke) * scale
-    keep = attention_mask(Sq, Sk, causal=causal, window=window, device=q.device)
     s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(dim=-1, keepdim=True) if Sk > 0 else s.new_full((B, H, Sq, 1), float("-inf"))
     e = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m))
@@ -90,7 +99,7 @@ def attention_backward(dout, q, k, v, *, causal=False, softmax_scale=None, windo
 
     def per_kv_head(g):  # (B, Sk, H, D) -> (B, Sk, Hkv, D)
         return g.view(B, Sk, Hkv, group, D).sum(dim=3)
-    return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+    return dq, per_kv_head(dk), per_kv_head(dv)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, window_left=-1):

@@ -3,6 +3,7 @@ with_cuda attribute), argument errors surfacing as RuntimeError with clear messa
 the float64 reference (numerics rule), the norm and RoPE kernels over odd sizes, dtypes and strides, and attention /
 decode cases that the shared backend matrices do not cover (strided inputs, scales of either sign, empty rows, block
 boundaries, clamped cache lengths)."""
+import importlib
 import math
 
 import pytest
@@ -799,6 +800,33 @@ def test_attention_backward_with_huge_lse_takes_the_reference():
     with torch.profiler.profile() as prof:
         out.sum().backward()
     assert "fastlm::attention_bwd" in [e.name for e in prof.events()]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_attention_backward_fallback_in_row_blocks(dtype, monkeypatch):
+    """The huge-LSE fallback takes the query rows in blocks of about _FALLBACK_SCORES scores (a long sequence's whole
+    score matrix would not fit in memory): its gradients pass the rule against the unblocked reference's (the blocks'
+    dK, dV summed in fp32), causal and windowed, GQA, with an LSE gradient."""
+    attention_op = importlib.import_module("fastlm.ops.attention")     # (fastlm.ops.attention is the function)
+    monkeypatch.setattr(attention_op, "_FALLBACK_SCORES", 2 * 4 * 23 * 3)     # blocks of 3 query rows
+    blocks = []
+    real = reference.masked_attention_backward
+    monkeypatch.setattr(reference, "masked_attention_backward",
+                        lambda *a, **kw: blocks.append(a[0].shape[1]) or real(*a, **kw))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 17, 4, 8) * 3e3, torch.randn(2, 23, 2, 8) * 3e3, torch.randn(2, 23, 2, 8)
+    dout, dlse = torch.randn(2, 17, 4, 8), torch.randn(2, 4, 17)
+    for causal, window in ((True, (-1, 0)), (False, (5, 2))):
+        blocks.clear()
+        args = [t.to(dtype) for t in (dout, q, k, v)]
+        out, lse = _ops().attention_fwd(*args[1:], causal, 1.0, *window)
+        got = attention_op._native_bwd(args[0], *args[1:], out, lse, dlse, causal, 1.0, *window)
+        assert blocks == [3] * 5 + [2]
+        want64, want = (reference.attention_backward(*(t.to(dt) for t in args), causal=causal, softmax_scale=1.0,
+                                                     window=window, dlse=dlse.to(dt)) for dt in (torch.float64, dtype))
+        for name, g, w64, w in zip("qkv", got, want64, want):
+            assert g.dtype == dtype
+            check_rule(f"d{name}", g, w64, w)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)

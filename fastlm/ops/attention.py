@@ -103,8 +103,10 @@ _triton_fwd.register_autograd(_backward_with(_triton_bwd), setup_context=_setup_
 # The C++ CPU backward recomputes P = 2^(S c - LSE log2 e) from the fp32 LSE, whose rounding grows with it: from
 # |LSE log2 e| = 2^14 on (scaled scores of ~1e4, a diverged model) it moves a row's largest probability by 0.07 % and
 # more (at 2^24 by a factor up to 2), where PyTorch's softmax still gives it exactly 1 (it subtracts the row's max).
-# Such rows take the reference's backward instead. Checked on the host, which costs nothing on a CPU.
+# Such rows take the reference's backward instead, in blocks of query rows that hold about _FALLBACK_SCORES scores
+# (a long sequence's whole score matrix would not fit in memory). Checked on the host, which costs nothing on a CPU.
 _LSE_RECOMPUTE_LIMIT = 2.0 ** 14 / math.log2(math.e)
+_FALLBACK_SCORES = 1 << 22
 
 
 def _lse_too_large(lse: torch.Tensor) -> bool:
@@ -130,9 +132,34 @@ def _native_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if not q.is_cuda and backends.extension_has("attention_bwd", "cpu") and not _lse_too_large(lse):
         return torch.ops.fastlm.attention_bwd(dout, q, k, v, out, lse, dlse, causal, softmax_scale, window_left,
                                               window_right)
-    grads = reference.attention_backward(dout, q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                         window=(window_left, window_right), dlse=dlse)
-    return tuple(g.contiguous() for g in grads)
+    if q.is_cuda:
+        grads = reference.attention_backward(dout, q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                             window=(window_left, window_right), dlse=dlse)
+        return tuple(g.contiguous() for g in grads)
+    return _reference_backward_in_blocks(dout, q, k, v, dlse, causal, softmax_scale, window_left, window_right)
+
+
+def _reference_backward_in_blocks(dout, q, k, v, dlse, causal, softmax_scale, window_left, window_right):
+    """reference.attention_backward over blocks of query rows of about _FALLBACK_SCORES scores each, dK and dV summed
+    in fp32 (float64 for float64 inputs)."""
+    B, Sq, H, _ = q.shape
+    Sk = k.shape[1]
+    rows = max(1, _FALLBACK_SCORES // max(1, B * H * Sk))
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for start in range(0, Sq, rows):
+        stop = min(Sq, start + rows)
+        keep = reference.attention_mask(Sq, Sk, causal=causal, window=(window_left, window_right), device=q.device,
+                                        rows=(start, stop))
+        gq, gk, gv = reference.masked_attention_backward(
+            dout[:, start:stop], q[:, start:stop], k, v, keep, softmax_scale,
+            dlse[:, :, start:stop] if dlse is not None else None)
+        dq[:, start:stop] = gq
+        dk += gk
+        dv += gv
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 _native_fwd.register_fake(_fwd_fake)
