@@ -367,8 +367,6 @@ def _llama_attention(self, hidden_states, position_embeddings=None, attention_ma
     k = self.k_proj(hidden_states).view(B, S, -1, self.head_dim)              # (B, S, Hkv, D)
     v = self.v_proj(hidden_states).view(B, S, -1, self.head_dim)
     cos, sin = position_embeddings                                            # (B or 1, S, D)
-    if cos.shape[0] == 1:
-        cos, sin = cos[0], sin[0]                                             # positions shared by the batch
     q, k = ops.apply_rope(q, cos, sin, backend=backend), ops.apply_rope(k, cos, sin, backend=backend)
     if cache is not None:
         k, v = _cache_update(cache, k, v, self.layer_idx, kwargs)

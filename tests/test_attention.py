@@ -385,6 +385,23 @@ def test_auto_past_triton_head_dim_runs_the_reference(monkeypatch):
                        reference.decode_attention(q[:, :1], k, v, lens, softmax_scale=264 ** -0.5))
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernel("attention_fwd")),
+                                     "triton"])
+def test_numpy_scalars_as_scale_and_window(backend):
+    # a scale or window computed with numpy (np.float32, np.int64) is a number like any other
+    import numpy as np
+    from fastlm.ops import decode_attention
+    dev = backend_device(backend)
+    q, k, v = (torch.randn(1, 6, 2, 16, device=dev) for _ in "qkv")
+    got = ops.attention(q, k, v, causal=True, softmax_scale=np.float32(0.25), window=(np.int64(2), np.int64(0)),
+                        backend=backend)
+    assert torch.equal(got, ops.attention(q, k, v, causal=True, softmax_scale=0.25, window=(2, 0), backend=backend))
+    lens = torch.tensor([5], device=dev)
+    got = decode_attention(q[:, :1], k, v, lens, softmax_scale=np.float32(0.25), window_left=np.int64(2),
+                           backend=backend)
+    assert torch.equal(got, decode_attention(q[:, :1], k, v, lens, softmax_scale=0.25, window_left=2, backend=backend))
+
+
 def test_fit_head_dim():
     from fastlm.ops._checks import fit_head_dim
     assert fit_head_dim("attention", "triton", "auto", 256) == "triton"

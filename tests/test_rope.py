@@ -63,6 +63,18 @@ def test_rope_table_gradients(backend, dtype, per_sequence):
     check_op("apply_rope(learned tables)", _rope(backend), reference.apply_rope, [x, cos, sin])
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_rope_tables_with_a_batch_dim_of_one(backend):
+    # transformers' rotary tables are (1, S, D) when the batch shares its positions: the (S, D) result, gradients too
+    dev = backend_device(backend) if backend != "torch" else DEVICE
+    x = torch.randn(3, 7, 2, 40, device=dev, requires_grad=True)
+    cos, sin = (t.requires_grad_() for t in rope_cos_sin(torch.arange(7, device=dev), 40))
+    outs = [apply_rope(x, c, s, backend=backend) for c, s in ((cos, sin), (cos[None], sin[None]))]
+    assert torch.equal(*outs)
+    grads = [torch.autograd.grad(o.square().sum(), (x, cos, sin)) for o in outs]
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(*grads))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rope_expanded_grad_and_empty(backend):
     dev, rope = backend_device(backend), _rope(backend)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 
@@ -114,7 +115,7 @@ def fit_head_dim(op: str, chosen: str, backend: str, head_dim: int) -> str:
 
 def check_window_left(op: str, window_left) -> None:
     """A sliding window's left bound: an int >= -1 (-1: no window)."""
-    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+    if isinstance(window_left, bool) or not isinstance(window_left, numbers.Integral) or window_left < -1:
         raise ValueError(f"{op}: window_left must be an int >= -1 (-1: no window), got {window_left!r}")
 
 

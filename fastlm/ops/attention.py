@@ -8,6 +8,7 @@ and a registered autograd formula, so it works under torch.compile(fullgraph=Tru
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -32,12 +33,12 @@ def _check(q, k, v, causal, softmax_scale, window, return_lse):
     if not isinstance(return_lse, bool):
         raise TypeError(f"attention: return_lse must be a bool, got {type(return_lse).__name__}")
     if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):  # (numpy scalars too)
             raise TypeError(f"attention: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
         if not math.isfinite(softmax_scale):
             raise ValueError(f"attention: softmax_scale must be finite, got {softmax_scale}")
     if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window)):
         raise TypeError(f"attention: window must be a pair of ints (left, right), got {window!r}")
     if window[0] < -1 or window[1] < -1:
         raise ValueError(f"attention: window values must be >= -1 (-1 = unbounded), got {tuple(window)}")

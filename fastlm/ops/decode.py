@@ -12,6 +12,7 @@ kernels (its only backend): what CUDA graphs do for a GPU step, removing the per
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -87,7 +88,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
                                 dtype=q.dtype if isinstance(q, torch.Tensor) else None)
     _check(q, k_cache, v_cache, cache_seqlens, concrete)
     concrete = fit_head_dim("decode_attention", concrete, backend, q.shape[-1])
-    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
+    if softmax_scale is not None and (isinstance(softmax_scale, bool)
+                                      or not isinstance(softmax_scale, numbers.Real)):  # (numpy scalars too)
         raise TypeError(f"decode_attention: softmax_scale must be a number or None, got {softmax_scale!r}")
     if softmax_scale is not None and not math.isfinite(softmax_scale):
         raise ValueError(f"decode_attention: softmax_scale must be finite, got {softmax_scale}")
@@ -96,7 +98,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
     if q.numel() == 0:
         return q.new_empty(q.shape)
     # a window reaching every key is no window (and keeps the kernels' position arithmetic small)
-    window_left = -1 if window_left >= k_cache.shape[1] else window_left
+    window_left = -1 if window_left >= k_cache.shape[1] else int(window_left)
     if concrete == "torch":
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale,
                                           window_left=window_left)

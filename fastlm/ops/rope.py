@@ -1,7 +1,7 @@
 """Rotary position embedding (Hugging Face rotate_half convention).
 
     rope_cos_sin(positions, head_dim, base, dtype, scaling=None) -> (cos, sin)   tables (len(positions), head_dim)
-    apply_rope(x, cos, sin) -> x rotated                            x (B, S, H, D); cos/sin (S, D) or (B, S, D)
+    apply_rope(x, cos, sin) -> x rotated                   x (B, S, H, D); cos/sin (S, D), (1, S, D) or (B, S, D)
 
 Position offsets (decoding with a KV cache) are expressed through the tables: pass the rows for the positions being
 processed, (S, D) when the batch shares them, (B, S, D) when each sequence has its own. x's gradient is the
@@ -118,9 +118,9 @@ def _check(x, cos, sin):
     if D % 2:
         raise ValueError(f"apply_rope: head_dim (x.shape[-1]) must be even, got {D}")
     for name, t in (("cos", cos), ("sin", sin)):
-        if tuple(t.shape) not in ((S, D), (B, S, D)):
-            raise ValueError(f"apply_rope: {name} must have shape ({S}, {D}) or ({B}, {S}, {D}) for x of shape "
-                             f"{tuple(x.shape)}, got {tuple(t.shape)}")
+        if tuple(t.shape) not in ((S, D), (B, S, D), (1, S, D)):
+            raise ValueError(f"apply_rope: {name} must have shape ({S}, {D}), (1, {S}, {D}) or ({B}, {S}, {D}) for x "
+                             f"of shape {tuple(x.shape)}, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"apply_rope: {name} is on {t.device} but x is on {x.device}")
     if cos.shape != sin.shape:
@@ -129,8 +129,11 @@ def _check(x, cos, sin):
 
 
 def apply_rope(x, cos, sin, *, backend="auto"):
-    """x * cos + rotate_half(x) * sin for x (B, S, H, D) (any strides), broadcast over heads; returns x's dtype."""
+    """x * cos + rotate_half(x) * sin for x (B, S, H, D) (any strides), broadcast over heads; returns x's dtype.
+    cos, sin: (S, D) or (1, S, D) (transformers' rotary tables) shared by the batch, or (B, S, D)."""
     _check(x, cos, sin)
+    if cos.dim() == 3 and cos.shape[0] == 1:
+        cos, sin = cos[0], sin[0]
     be = resolve(backend, x.device, "apply_rope", native_ops=("rope_fwd",), dtype=x.dtype)
     if be == "torch":
         return reference.apply_rope(x, cos, sin)
