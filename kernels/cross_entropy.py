@@ -8,7 +8,8 @@ with its per-chunk logits). Nothing of size (N, V) is ever held in fp32.
 
 Traffic: forward reads the logits once; backward (LSE given) reads them once and writes the gradient once; the
 fused mode reads twice and writes once. Targets equal to ignore_index give loss 0 and gradient 0; a target outside
-[0, V) gives a NaN loss (the ops layer rejects such targets eagerly outside torch.compile).
+[0, V) gives a NaN loss and a NaN gradient row (the ops layer rejects such targets eagerly outside torch.compile,
+where they cannot be checked without a host sync).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def cross_entropy_kernel(LOGITS, stride_l, TARGETS, LOSS, LSE, GRAD, stride_g, G
         tl.store(LOSS + rows, loss, mask=rmask)
         tl.store(LSE + rows, lse, mask=rmask)
     if HAS_GRAD:
-        scale = tl.where(valid, 1.0, 0.0)
+        scale = tl.where(valid, tl.where(in_range, 1.0, float("nan")), 0.0)
         if HAS_GSCALE:
             scale *= tl.load(GSCALE + rows, mask=rmask, other=0.0).to(tl.float32)
         grad = GRAD + rows64[:, None] * stride_g

@@ -166,6 +166,22 @@ def test_linear_cross_entropy_leading_dims_and_no_grad(backend):
         check_op("linear_cross_entropy(no_grad)", *_lce("mean", 3, False, backend), [x, w, t], grads=False)
 
 
+def test_out_of_range_target_under_compile_poisons_its_row():
+    # under torch.compile the host check of the targets cannot run (no sync): a target outside [0, V) gives the
+    # Triton kernel's row a NaN loss and a NaN gradient row, never a finite wrong gradient; the other rows are exact
+    logits = torch.randn(4, 7, device=DEVICE, requires_grad=True)
+    t = torch.tensor([1, 7, 2, 3], device=DEVICE)
+    fn = torch.compile(lambda lg, t: cross_entropy(lg, t, reduction="none", backend="triton"), fullgraph=True,
+                       backend="aot_eager")
+    loss = fn(logits, t)
+    loss.nansum().backward()
+    assert torch.isnan(loss[1]) and torch.isnan(logits.grad[1]).all()
+    good = [0, 2, 3]
+    want = torch.nn.functional.cross_entropy(logits[good].detach().double(), t[good], reduction="none")
+    torch.testing.assert_close(loss[good].double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(logits.grad[good]).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_linear_cross_entropy_has_no_double_backward(backend, reduction):
