@@ -2,6 +2,7 @@
 rule; state dicts both ways; KV-cache decoding against full recomputation; torch.compile; bad input."""
 import copy
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -225,6 +226,30 @@ def test_autocast_runs_the_model_in_the_autocast_dtype(family, backend):
     assert logits.dtype == torch.bfloat16 and torch.equal(logits.detach(), low(tokens).detach())
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all()
                for p in model.parameters())
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    not backends.extension_has("attention_bwd", "cpu"), reason="the C++ extension is not built")), "triton"])
+def test_activation_checkpointing(backend, family, use_reentrant):
+    """torch.utils.checkpoint around every block (what gradient checkpointing does) gives the gradients of the plain
+    backward: every op's backward survives recomputation, and non-reentrant checkpointing's rule that each saved
+    tensor is unpacked once (RoPE's backward broke it)."""
+    import torch.utils.checkpoint as ckpt
+    device = backend_device(backend)
+    model = Transformer(CONFIGS[family], backend=backend).to(device)
+    tokens, targets = tokens_and_targets(S=9, device=device)
+    def grads():  # (.backward(): reentrant checkpointing refuses autograd.grad)
+        model.zero_grad()
+        model(tokens, targets).backward()
+        return [p.grad.clone() for p in model.parameters()]
+    plain = grads()
+    for layer in model.layers:
+        layer.forward = functools.partial(ckpt.checkpoint, layer.forward, use_reentrant=use_reentrant)
+    checkpointed = grads()
+    for (name, _), a, b in zip(model.named_parameters(), plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.skipif(

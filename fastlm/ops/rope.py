@@ -49,10 +49,9 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(cos, sin, x if ctx.table_grads else None)
 
 
-def _table_grads(ctx, dy):
+def _table_grads(ctx, dy, x, cos, sin):
     """(dcos, dsin) of y = x cos + rotate_half(x) sin (sin negated for the inverse rotation), or (None, None) where
     no table requires grad; fp32 sums over the heads (and the batch, for (S, D) tables)."""
-    cos, sin, x = ctx.saved_tensors
     if not ctx.table_grads:
         return None, None
     dy, x = dy.float(), x.float()
@@ -63,8 +62,8 @@ def _table_grads(ctx, dy):
 
 
 def _backward(ctx, dy):
-    cos, sin, _ = ctx.saved_tensors
-    return _rope(dy, cos, sin, not ctx.inverse), *_table_grads(ctx, dy), None
+    cos, sin, x = ctx.saved_tensors  # (read once: non-reentrant checkpointing refuses a second unpack)
+    return _rope(dy, cos, sin, not ctx.inverse), *_table_grads(ctx, dy, x, cos, sin), None
 
 
 _rope.register_autograd(_backward, setup_context=_setup)
@@ -81,8 +80,8 @@ def _(x, cos, sin, inverse):
 
 
 def _nat_backward(ctx, dy):
-    cos, sin, _ = ctx.saved_tensors
-    return _nat_rope(dy, cos, sin, not ctx.inverse), *_table_grads(ctx, dy), None
+    cos, sin, x = ctx.saved_tensors  # (read once: non-reentrant checkpointing refuses a second unpack)
+    return _nat_rope(dy, cos, sin, not ctx.inverse), *_table_grads(ctx, dy, x, cos, sin), None
 
 
 _nat_rope.register_autograd(_nat_backward, setup_context=_setup)
