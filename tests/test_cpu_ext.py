@@ -851,6 +851,37 @@ def test_attention_window_bounds_beyond_int64_positions():
             assert torch.equal(ops.attention(q, k, v, window=window, backend=backend), want)
 
 
+def test_decode_positions_and_windows_near_int64_max():
+    """Sums of a position and a length near 2^63 overflowed: decode_step took input_pos 2^63 - 1 as in range (1 + it
+    wrapped) and wrote one cache row before the caches (glibc then aborted at a free), and decode_attention's window
+    start for window_left 2^63 - 1 with fewer cached keys than queries wrapped (zeros instead of the keys)."""
+    from fastlm import ops
+    d, D, V, inter = 16, 16, 10, 8
+
+    def w(*s):
+        return torch.randn(*s) / 4
+    blocks = [w(d), None, w(D, d), None, w(D, d), None, w(D, d), None, w(d, D), None, w(d), None,
+              w(inter, d), None, w(inter, d), w(d, inter), None]
+    kc, vc = torch.zeros(1, 9, 1, D), torch.zeros(1, 9, 1, D)
+    for pos in (2**63 - 1, 2**63 - 9, 9):
+        with pytest.raises(RuntimeError, match=rf"input_pos\[0\] \+ seqlen = {pos} \+ 1 must lie in \[1, 9\]"):
+            ops.decode_step(torch.tensor([[3]]), torch.tensor([pos]), w(V, d), blocks, [kc], [vc], w(d), w(V, d),
+                            eps=1e-6, is_rms=True, backend="cpu")
+    assert (kc == 0).all() and (vc == 0).all()
+    q, k, v = torch.randn(1, 3, 2, 8), torch.randn(1, 6, 1, 8), torch.randn(1, 6, 1, 8)
+    lens = torch.tensor([2])                                    # 2 keys for 3 queries: the first sees none
+    full = _ops().decode_attention(q, k, v, lens, 0.3, -1)
+    for window_left in (6, 2**62, 2**63 - 2, 2**63 - 1):
+        assert torch.equal(_ops().decode_attention(q, k, v, lens, 0.3, window_left), full), window_left
+
+
+def test_cross_entropy_vocab_of_one_any_stride():
+    # a (N, 1) logits tensor's last-dim stride is meaningless (a transposed (1, N) one has N): taken as it is
+    logits, t = torch.randn(1, 4).t(), torch.zeros(4, dtype=torch.long)
+    from fastlm import ops
+    assert torch.equal(ops.cross_entropy(logits, t, backend="cpu"), ops.cross_entropy(logits, t, backend="torch"))
+
+
 def test_ops_feed_the_kernels_unit_stride_rows():
     """The C++ kernels read rows with unit stride along the head dim; ops.attention / ops.decode_attention copy an
     input whose head dim is strided, so backend="cpu" accepts any strides, as the other backends do."""

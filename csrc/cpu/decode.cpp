@@ -329,6 +329,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
               softmax_scale);
   TORCH_CHECK(window_left >= -1, "fastlm::decode_attention: window_left must be >= -1 (-1: no window), got ",
               window_left);
+  // a window reaching past the cache's start from any position is no window (and keeps the position arithmetic
+  // from overflowing: window_left may be up to 2^63 - 1)
+  if (window_left >= k_cache.size(1)) window_left = -1;
 
   at::Tensor out = at::empty({B, Sq, H, D}, q.options());
   if (out.numel() == 0) return out;

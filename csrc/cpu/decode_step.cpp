@@ -183,9 +183,10 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, co
                 (*t)->sizes());
   }
   const std::vector<int64_t> pos = read_positions(input_pos, B);
+  // (no sum that can overflow: a position near 2^63 must not pass the check and write before the cache)
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(pos[b] >= 0 && pos[b] + S <= S_max, "fastlm::decode_step: input_pos[", b, "] + seqlen = ", pos[b],
-                " + ", S, " must lie in [", S, ", ", S_max, "] (the KV cache's max_seqlen)");
+    TORCH_CHECK(pos[b] >= 0 && S <= S_max && pos[b] <= S_max - S, "fastlm::decode_step: input_pos[", b,
+                "] + seqlen = ", pos[b], " + ", S, " must lie in [", S, ", ", S_max, "] (the KV cache's max_seqlen)");
   const at::Tensor ids = tokens.reshape({B * S}).to(at::kLong).contiguous();
   for (int64_t i = 0; i < B * S; ++i) {
     const int64_t id = ids.const_data_ptr<int64_t>()[i];
