@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from fastlm import ops, reference
 from fastlm.backends import BACKENDS
 from fastlm.config import ROPE_SCALING_KEYS, Config, sliding_window_left
-from fastlm.model import Transformer
+from fastlm.model import Transformer, plain_module
 
 _FROM_HF_SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _LLAMA_LIKE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # model_type -> transformers class prefix
@@ -393,25 +393,15 @@ def _gpt2_attention(self, hidden_states, cache=None, attention_mask=None, encode
     return self.resid_dropout(self.c_proj(y.reshape(B, S, -1))), None
 
 
-def _plain(module, cls) -> bool:
-    """Whether ``module`` computes exactly what its class does on its own weight: no adapter class around it (e.g.
-    a LoRA layer), no hooks, no forward of its own set on the instance (e.g. an offloading hook). The fused MLPs read
-    their projections' weights, so they run only over plain ones."""
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return (type(module) is cls and "forward" not in module.__dict__
-            and not any(getattr(module, h) for h in hooks)
-            and not any(getattr(nn.modules.module, "_global" + h) for h in hooks))
-
-
 def _llama_mlp(self, x, *, backend):
-    if not all(_plain(m, nn.Linear) and m.bias is None for m in (self.gate_proj, self.up_proj, self.down_proj)):
+    if not all(plain_module(m, nn.Linear) and m.bias is None for m in (self.gate_proj, self.up_proj, self.down_proj)):
         return type(self).forward(self, x)
     return ops.mlp_swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, backend=backend)
 
 
 def _gpt2_mlp(self, x, *, backend):
     from transformers.pytorch_utils import Conv1D
-    if (self.training and self.dropout.p > 0) or not all(_plain(m, Conv1D) for m in (self.c_fc, self.c_proj)):
+    if (self.training and self.dropout.p > 0) or not all(plain_module(m, Conv1D) for m in (self.c_fc, self.c_proj)):
         return type(self).forward(self, x)
     # Conv1D stores (in, out): its transpose is the nn.Linear layout the op takes
     return ops.mlp_gelu(x, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(), self.c_proj.bias,
@@ -461,7 +451,7 @@ def _fused_head_forward(self, *args, backend, **kwargs):
     previous = state["model_forward"]                # a forward set on the instance before patch(), e.g. a hook
     original = previous if previous is not None else functools.partial(type(self).forward, self)
     head = self.lm_head
-    if not (self.training and kwargs.get("labels") is not None and _plain(head, nn.Linear) and head.bias is None
+    if not (self.training and kwargs.get("labels") is not None and plain_module(head, nn.Linear) and head.bias is None
             and self.__dict__.get("_loss_function") is state["loss_function"]
             and not torch.compiler.is_compiling()):
         return original(*args, **kwargs)

@@ -21,7 +21,13 @@ sequence b at position pos[b] + t, writes its keys and values there with index o
 ops.decode_attention. The decode step reads nothing back to the host, so it can be compiled or captured in a graph.
 On the CPU backend, with autograd off, a decode step is one call of ops.decode_step (the same C++ kernels in the same
 order, without the per-op Python cost that dominates a small model's step); ``model.fused_decode = False`` turns
-that off.
+that off, and so does a hook on any module the step would otherwise call (the blocks, their attention, MLP and
+norms, the final norm, the embeddings) or norms of different eps.
+
+The nn.Linear layers hold weights that the fused ops read; they are never called. A Linear that would compute
+something else when called (an adapter class around it such as a LoRA layer, a parametrization, pruning, a hook)
+makes forward raise instead of silently computing without it; the blocks, their attention, MLP and norm modules are
+called, so hooks on them run.
 """
 from __future__ import annotations
 
@@ -40,6 +46,26 @@ from fastlm.reference import init_weights
 class _Backends(NamedTuple):
     native: str        # attention, decode_attention, mlp_*: the ops the C++ extension implements (csrc/bindings.cpp)
     generic: str       # norms, RoPE, linear, cross-entropy: "auto" for a C++ backend (the CPU has a linear kernel)
+
+
+def _hooked(module) -> bool:
+    """Whether a hook is registered on ``module`` (its own dicts: a decode step asks for every module)."""
+    d = module.__dict__
+    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"])
+
+
+def _global_hooks() -> bool:
+    """Whether a hook is registered on every module (nn.modules.module's global hooks)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
+def plain_module(module, cls) -> bool:
+    """Whether ``module`` computes exactly what its class does on its own weight: no adapter class around it (e.g.
+    a LoRA layer), no parametrization, no hooks, no forward of its own set on the instance (e.g. an offloading
+    hook). Fused ops read such modules' weights instead of calling them."""
+    return type(module) is cls and "forward" not in module.__dict__ and not _hooked(module) and not _global_hooks()
 
 
 def _like(t, x):
@@ -247,7 +273,26 @@ class Transformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------------
 
+    def _check_linears(self):
+        """Every nn.Linear whose weights the ops read is plain (plain_module); else a ValueError naming it. (Dict
+        lookups only: it runs in every forward, decode steps included.)"""
+        linears = [m for layer in self._modules["layers"]._modules.values()
+                   for part in (layer._modules["attn"], layer._modules["mlp"]) for m in part._modules.values()]
+        if self.lm_head is not None:
+            linears.append(self.lm_head)
+        if not _global_hooks() and all(type(m) is nn.Linear and "forward" not in m.__dict__ and not _hooked(m)
+                                       for m in linears):
+            return
+        name = next(n for n, m in self.named_modules() if any(m is x for x in linears)
+                    and not plain_module(m, nn.Linear))
+        raise ValueError(f"{name} is a {type(self.get_submodule(name)).__name__} with hooks, a parametrization or a "
+                         "forward of its own: fastlm.Transformer reads its Linear layers' weights and never calls "
+                         "them, so it would compute without them (for adapters, use fastlm.patch on a transformers "
+                         "model, whose patched MLP falls back to the modules, or fastlm.reference.Transformer)")
+
     def forward(self, tokens, targets=None, input_pos=None, logits_at=None):
+        if not torch.compiler.is_compiling():
+            self._check_linears()
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32,
                                                                                                torch.int64):
             raise TypeError(f"tokens must be an integer tensor of shape (batch, seqlen), got "
@@ -334,9 +379,22 @@ class Transformer(nn.Module):
 
     def _fused_decode_here(self, tokens) -> bool:
         """Whether this decode step runs as one C++ call (ops.decode_step): on the CPU backend, when autograd records
-        nothing and torch.compile is not tracing, unless ``fused_decode`` was set False."""
-        return (self.fused_decode and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and decode_step_backend(self._backends.native, tokens.device, self.tok_emb.weight.dtype) == "cpu")
+        nothing and torch.compile is not tracing, unless ``fused_decode`` was set False, a module the step would call
+        has a hook (the fused step would skip it) or the norms' eps differ (the fused step takes one)."""
+        if not (self.fused_decode and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and decode_step_backend(self._backends.native, tokens.device, self.tok_emb.weight.dtype) == "cpu"):
+            return False
+        if _global_hooks():
+            return False
+        called = [self._modules["tok_emb"], self._modules["norm"]] + (
+            [] if self.pos_emb is None else [self._modules["pos_emb"]])
+        eps = self._modules["norm"].eps
+        for layer in self._modules["layers"]._modules.values():
+            m = layer._modules
+            called += (layer, m["attn_norm"], m["attn"], m["mlp_norm"], m["mlp"])
+            if m["attn_norm"].eps != eps or m["mlp_norm"].eps != eps:
+                return False
+        return not any(map(_hooked, called))
 
     def _fused_decode_step(self, tokens, input_pos):
         # the tensors are looked up afresh every step (a replaced parameter or module is never missed), through the
@@ -358,7 +416,7 @@ class Transformer(nn.Module):
             v_caches.append(attn._buffers["v_cache"])
         norm = self._modules["norm"]._parameters
         return ops.decode_step(tokens, input_pos, self.tok_emb.weight, blocks, k_caches, v_caches, norm["weight"],
-                               self.head_weight, eps=self.config.norm_eps, is_rms=norm.get("bias") is None,
+                               self.head_weight, eps=self._modules["norm"].eps, is_rms=norm.get("bias") is None,
                                norm_bias=norm.get("bias"),
                                pos_emb=None if self.pos_emb is None else self.pos_emb.weight,
                                rope_cos=self.rope_cos, rope_sin=self.rope_sin, window_left=self.config.window_left,

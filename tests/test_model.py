@@ -411,6 +411,54 @@ def test_cpu_fused_decode_step_sees_replaced_parameters():
 
 
 @pytest.mark.skipif(not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built")
+def test_cpu_fused_decode_step_runs_hooks_and_each_norms_eps():
+    """A hook on a module the op-by-op step calls (a block: activation steering) and a norm whose eps was changed
+    after construction act in every decoding step: the step is then not fused (it would skip the hook and take one
+    eps). Before, the fused steps ignored both (logits off by 34 and 1.5)."""
+    fused, _, _ = make("llama", "cpu")
+    split = copy.deepcopy(fused)
+    split.fused_decode = False
+    tok, pos = torch.tensor([[4]]), torch.tensor([3])
+
+    def step(m):
+        m.setup_cache(1, 8)
+        m(torch.tensor([[1, 2, 3]]))
+        return m(tok, input_pos=pos)
+    with torch.no_grad():
+        for change in ("hook", "eps"):
+            for m in (fused, split):
+                if change == "hook":
+                    m.layers[0].register_forward_hook(lambda mod, args, out: out * 2)
+                else:
+                    m.layers[1].mlp_norm.eps = 0.5
+            assert fused._fused_decode_here(tok) is False
+            assert torch.equal(step(fused), step(split)), change
+
+
+def test_linear_layers_that_compute_something_else_are_refused():
+    """The model reads its Linear layers' weights and never calls them: a hook, an adapter subclass or a
+    parametrization on one would be silently left out (a LoRA delta trained nothing). Forward refuses, naming it."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class LoRALinear(torch.nn.Linear):
+        pass
+
+    for change in ("hook", "subclass", "parametrization", "instance forward"):
+        model, _, _ = make("llama", "torch")
+        wq = model.layers[1].attn.wq
+        if change == "hook":
+            wq.register_forward_hook(lambda mod, args, out: out)
+        elif change == "subclass":
+            model.layers[1].attn.wq = LoRALinear(wq.in_features, wq.out_features, bias=False)
+        elif change == "parametrization":
+            parametrize.register_parametrization(wq, "weight", torch.nn.Identity())
+        else:
+            wq.forward = lambda x: x
+        with pytest.raises(ValueError, match="layers.1.attn.wq is a .* fastlm.Transformer reads its Linear layers"):
+            model(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.skipif(not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built")
 def test_cpu_fused_decode_step_errors():
     from fastlm import ops
     model, _, _ = make("llama", "cpu")
