@@ -20,6 +20,7 @@ import argparse
 import functools
 import os
 import sys
+import types
 
 from fastlm.config import is_int
 
@@ -350,3 +351,15 @@ def _resolve_name(name: str):
 
 
 __all__ = ["summary", "param_counts", "forward_flops_per_token", "kv_cache_bytes_per_token", "DEVICES"]
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this module (``import fastlm.summary``, ``from fastlm.summary import ...``) makes ``fastlm.summary``
+    the module, where ``import fastlm`` alone gives the function: calling the module calls the function, so
+    ``fastlm.summary(...)`` works whatever was imported first."""
+
+    def __call__(self, *args, **kwargs):
+        return summary(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -185,3 +185,16 @@ def test_cli_config_json_that_is_not_an_object(tmp_path, capsys):
     (tmp_path / "flags.json").write_text('{"tie_embeddings": "yes"}')
     assert cli([str(tmp_path / "flags.json")]) == 2              # Config's own TypeError is reported too
     assert "error: tie_embeddings must be a bool" in capsys.readouterr().err
+
+
+def test_fastlm_summary_is_callable_whatever_was_imported_first():
+    # `from fastlm.summary import ...` (as this file does) makes fastlm.summary the submodule: it stays callable,
+    # and gives what the function gives
+    import subprocess
+    import sys
+    code = ("import fastlm.summary, fastlm; from fastlm.summary import param_counts; "
+            "out = fastlm.summary('llama-tiny'); assert out == fastlm.summary.summary('llama-tiny'), out; "
+            "print(type(fastlm.summary).__name__, 'ok')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+    assert fastlm.summary("llama-tiny") == summary("llama-tiny")
