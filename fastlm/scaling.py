@@ -196,8 +196,11 @@ def _table(result: dict) -> str:
                      f"{r['non_embedding_params']:,} | {r['train_flops']:.3g} | {r['eval_loss']:.4f} | {pred} | "
                      f"{r['seconds']:.1f} |")
     if fit:
+        # three points determine the three parameters: the curve passes through them, its residual tells nothing
+        residual = ("exact through 3 points: no residual to judge the fit by" if len(result["models"]) == 3 else
+                    f"RMS residual {fit['rms']:.4f}")
         lines.append(f"\nFit: L(N) = {fit['a']:.4g} * N^(-{fit['alpha']:.4f}) + {fit['c']:.4f}  "
-                     f"(RMS residual {fit['rms']:.4f}, {fit['method']}); {result['tokens_per_model']:,} tokens per "
+                     f"({residual}, {fit['method']}); {result['tokens_per_model']:,} tokens per "
                      f"model, corpus {result['corpus']}, seqlen {result['seqlen']}")
     return "\n".join(lines)
 

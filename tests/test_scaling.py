@@ -80,6 +80,7 @@ def test_tiny_ladder_end_to_end(tmp_path):
     for m, cfg in zip(models, scaling.ladder_configs(5, tiny=True, seqlen=res["seqlen"])):
         assert m["train_flops_per_token"] == 3 * forward_flops_per_token(cfg, (res["seqlen"] + 1) / 2)
         assert m["train_flops"] == m["train_flops_per_token"] * m["tokens"]
+    assert "RMS residual" in (tmp_path / "scaling.md").read_text()
     saved = json.loads((tmp_path / "scaling.json").read_text())
     assert saved["models"][0]["non_embedding_params"] == models[0]["non_embedding_params"]
 
@@ -89,6 +90,7 @@ def test_cli(tmp_path, capsys):
                         "--backend", "torch", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "Fit: L(N) =" in out and (tmp_path / "loss_vs_params.png").exists()
+    assert "exact through 3 points: no residual to judge the fit by" in out and "RMS residual" not in out
     assert scaling.cli(["--tiny", "--budget", "0", "--out", str(tmp_path)]) == 2
     assert "budget must be positive" in capsys.readouterr().err
 
