@@ -48,6 +48,9 @@ def cross_entropy_kernel(LOGITS, stride_l, TARGETS, LOSS, LSE, GRAD, stride_g, G
                 tl.sum(tl.exp2((x - shift[:, None]) * 1.4426950408889634), axis=1)
             m = m_new
         log_s = tl.log(tl.where(rmask, s, 1.0))      # padding rows of the last block: no log(0)
+        # a +inf logit: the sum above is inf - inf = NaN, but the logsumexp is +inf (and so is the loss, unless the
+        # target's logit is +inf too), as torch gives them
+        log_s = tl.where(m == float("inf"), 0.0, log_s)
         lse = m + log_s
     if WRITE_LOSS:  # (never with LSE_IN) the loss as (m - picked) + log s: exact next to huge logits
         picked = tl.load(LOGITS + rows64 * stride_l + tgt, mask=rmask & valid & in_range, other=0.0).to(tl.float32)

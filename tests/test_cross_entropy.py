@@ -78,8 +78,10 @@ def test_cross_entropy_extreme_and_nan_logits(backend):
     logits[0, 7] = 1e10                        # certain prediction of a huge logit: loss 0, gradient 0
     logits[1] = torch.finfo(torch.float32).min  # all equal and huge: loss log(100)
     logits[2, 3] = float("nan")                # NaN in, NaN out (a diverged model must not report a finite loss)
+    logits = torch.cat([logits, torch.randn(1, 100, device=dev)])
+    logits[4, 9] = float("inf")                # +inf at another class: loss +inf, as torch gives it
     logits.requires_grad_(True)
-    t = torch.tensor([7, 5, 1, 2], device=dev)
+    t = torch.tensor([7, 5, 1, 2, 4], device=dev)
     loss = cross_entropy(logits, t, reduction="none", backend=backend)
     loss.sum().backward()
     want = reference.cross_entropy(logits.detach().double(), t, reduction="none")
@@ -87,6 +89,7 @@ def test_cross_entropy_extreme_and_nan_logits(backend):
     # (the float64 reference rounds row 1's log(100) away next to 3.4e38)
     assert abs(loss[1].item() - math.log(100)) < 1e-5 and torch.isnan(loss[2])
     assert abs(loss[3].item() - want[3].item()) < 1e-5
+    assert loss[4].item() == math.inf == want[4].item()
 
 
 @needs_cpu_kernel("cross_entropy_fwd")
