@@ -21,13 +21,14 @@ sequence b at position pos[b] + t, writes its keys and values there with index o
 ops.decode_attention. The decode step reads nothing back to the host, so it can be compiled or captured in a graph.
 On the CPU backend, with autograd off, a decode step is one call of ops.decode_step (the same C++ kernels in the same
 order, without the per-op Python cost that dominates a small model's step); ``model.fused_decode = False`` turns
-that off, and so does a hook on any module the step would otherwise call (the blocks, their attention, MLP and
-norms, the final norm, the embeddings) or norms of different eps.
+that off, and so do a hook (of its own or global) or a forward of its own on any module the step would otherwise
+call (the blocks, their attention, MLP and norms, the final norm, the embeddings), wrapped blocks, parametrized
+Linear layers and norms of different eps.
 
-The nn.Linear layers hold weights that the fused ops read; they are never called. A Linear that would compute
-something else when called (an adapter class around it such as a LoRA layer, a parametrization, pruning, a hook)
-makes forward raise instead of silently computing without it; the blocks, their attention, MLP and norm modules are
-called, so hooks on them run.
+The nn.Linear layers hold weights that the fused ops read (through the weight attribute, so a parametrization
+applies); they are never called. A Linear that would compute something else when called (an adapter class around
+it such as a LoRA layer, pruning, a hook, a forward set on it) makes forward raise instead of silently computing
+without it; the blocks, their attention, MLP and norm modules are called, so hooks on them run.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fastlm import ops
 from fastlm.backends import BACKENDS
@@ -46,6 +48,9 @@ from fastlm.reference import init_weights
 class _Backends(NamedTuple):
     native: str        # attention, decode_attention, mlp_*: the ops the C++ extension implements (csrc/bindings.cpp)
     generic: str       # norms, RoPE, linear, cross-entropy: "auto" for a C++ backend (the CPU has a linear kernel)
+
+
+_LINEARS = ("wq", "wk", "wv", "wo", "w_fc", "w_proj", "w_gate", "w_up", "w_down", "lm_head")
 
 
 def _hooked(module) -> bool:
@@ -273,26 +278,38 @@ class Transformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------------
 
-    def _check_linears(self):
-        """Every nn.Linear whose weights the ops read is plain (plain_module); else a ValueError naming it. (Dict
-        lookups only: it runs in every forward, decode steps included.)"""
-        linears = [m for layer in self._modules["layers"]._modules.values()
-                   for part in (layer._modules["attn"], layer._modules["mlp"]) for m in part._modules.values()]
+    def _linears(self):
+        """(name, module) of the nn.Linear layers whose weights the ops read (a walk of every module where the blocks
+        are wrapped, e.g. by activation checkpointing or FSDP). Dict lookups otherwise: it runs in every forward."""
+        out = []
+        for i, layer in enumerate(self._modules["layers"]._modules.values()):
+            parts = layer._modules
+            if type(layer) is not Block:
+                return [(n, m) for n, m in self.named_modules() if n.rsplit(".", 1)[-1] in _LINEARS]
+            for part in ("attn", "mlp"):
+                for name, module in parts[part]._modules.items():
+                    if name in _LINEARS:
+                        out.append((f"layers.{i}.{part}.{name}", module))
         if self.lm_head is not None:
-            linears.append(self.lm_head)
-        if not _global_hooks() and all(type(m) is nn.Linear and "forward" not in m.__dict__ and not _hooked(m)
-                                       for m in linears):
-            return
-        name = next(n for n, m in self.named_modules() if any(m is x for x in linears)
-                    and not plain_module(m, nn.Linear))
-        raise ValueError(f"{name} is a {type(self.get_submodule(name)).__name__} with hooks, a parametrization or a "
-                         "forward of its own: fastlm.Transformer reads its Linear layers' weights and never calls "
-                         "them, so it would compute without them (for adapters, use fastlm.patch on a transformers "
-                         "model, whose patched MLP falls back to the modules, or fastlm.reference.Transformer)")
+            out.append(("lm_head", self.lm_head))
+        return out
+
+    def _check_linears(self, linears):
+        """Each Linear computes what its weight says when called: no hooks of its own, no forward set on the
+        instance, an nn.Linear or a parametrized one (its weight property is what the ops read); else a ValueError
+        naming it. (Global hooks, e.g. a FLOP counter's, only turn the fused decode step off.)"""
+        for name, m in linears:
+            if ((type(m) is nn.Linear or (parametrize.is_parametrized(m) and type(m).__bases__ == (nn.Linear,)))
+                    and "forward" not in m.__dict__ and not _hooked(m)):
+                continue
+            raise ValueError(f"{name} is a {type(m).__name__} with hooks or a forward of its own: fastlm.Transformer "
+                             "reads its Linear layers' weights and never calls them, so it would compute without "
+                             "them (for adapters, use fastlm.patch on a transformers model, whose patched MLP falls "
+                             "back to the modules, or fastlm.reference.Transformer)")
 
     def forward(self, tokens, targets=None, input_pos=None, logits_at=None):
         if not torch.compiler.is_compiling():
-            self._check_linears()
+            self._check_linears(self._linears())
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32,
                                                                                                torch.int64):
             raise TypeError(f"tokens must be an integer tensor of shape (batch, seqlen), got "
@@ -386,15 +403,20 @@ class Transformer(nn.Module):
             return False
         if _global_hooks():
             return False
-        called = [self._modules["tok_emb"], self._modules["norm"]] + (
-            [] if self.pos_emb is None else [self._modules["pos_emb"]])
+        called = [(self._modules["tok_emb"], nn.Embedding), (self._modules["norm"], Norm)] + (
+            [] if self.pos_emb is None else [(self._modules["pos_emb"], nn.Embedding)])
         eps = self._modules["norm"].eps
         for layer in self._modules["layers"]._modules.values():
+            if type(layer) is not Block:                                       # wrapped: not this step's modules
+                return False
             m = layer._modules
-            called += (layer, m["attn_norm"], m["attn"], m["mlp_norm"], m["mlp"])
+            called += ((layer, Block), (m["attn_norm"], Norm), (m["attn"], Attention), (m["mlp_norm"], Norm),
+                       (m["mlp"], MLP))
             if m["attn_norm"].eps != eps or m["mlp_norm"].eps != eps:
                 return False
-        return not any(map(_hooked, called))
+        # the step reads the Linear layers' parameters themselves: a parametrized one is left to the op-by-op step
+        return (all(type(m) is cls and "forward" not in m.__dict__ and not _hooked(m) for m, cls in called)
+                and all(type(m) is nn.Linear for _, m in self._linears()))
 
     def _fused_decode_step(self, tokens, input_pos):
         # the tensors are looked up afresh every step (a replaced parameter or module is never missed), through the

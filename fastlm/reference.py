@@ -118,8 +118,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
     if window_left >= 0:
         keep &= j >= pos[..., None] - window_left
     # cache rows no query sees (past the lengths, before every window) may hold anything, NaN included: 0 x NaN in
-    # the P V product would reach every row
-    v_cache = v_cache.masked_fill(~keep.any(dim=1)[:, :, None, None], 0)
+    # the P V product (and in dQ = dS K) would reach every row
+    unseen = ~keep.any(dim=1)[:, :, None, None]
+    k_cache, v_cache = k_cache.masked_fill(unseen, 0), v_cache.masked_fill(unseen, 0)
     return _masked_attention(q, k_cache, v_cache, keep[:, None], softmax_scale)
 
 

@@ -196,8 +196,10 @@ def _table(result: dict) -> str:
                      f"{r['non_embedding_params']:,} | {r['train_flops']:.3g} | {r['eval_loss']:.4f} | {pred} | "
                      f"{r['seconds']:.1f} |")
     if fit:
-        # three points determine the three parameters: the curve passes through them, its residual tells nothing
-        residual = ("exact through 3 points: no residual to judge the fit by" if len(result["models"]) == 3 else
+        # three points determine the three parameters: a curve through them (residual ~0) tells nothing about the
+        # fit; the constraints (a, c >= 0) can keep it off them, and then the residual is reported
+        exact = len(result["models"]) == 3 and fit["rms"] < 1e-6 * max(abs(m["eval_loss"]) for m in result["models"])
+        residual = ("exact through 3 points: no residual to judge the fit by" if exact else
                     f"RMS residual {fit['rms']:.4f}")
         lines.append(f"\nFit: L(N) = {fit['a']:.4g} * N^(-{fit['alpha']:.4f}) + {fit['c']:.4f}  "
                      f"({residual}, {fit['method']}); {result['tokens_per_model']:,} tokens per "

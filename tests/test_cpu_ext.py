@@ -814,7 +814,9 @@ def test_attention_backward_fallback_in_row_blocks(dtype, monkeypatch):
     monkeypatch.setattr(reference, "masked_attention_backward",
                         lambda *a, **kw: blocks.append(a[0].shape[1]) or real(*a, **kw))
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 17, 4, 8) * 3e3, torch.randn(2, 23, 2, 8) * 3e3, torch.randn(2, 23, 2, 8)
+    # (q as a (B, H, S, D) tensor's transpose: the gradients come back contiguous, as the op's fake promises)
+    q = torch.randn(2, 4, 17, 8).transpose(1, 2) * 3e3
+    k, v = torch.randn(2, 23, 2, 8) * 3e3, torch.randn(2, 23, 2, 8)
     dout, dlse = torch.randn(2, 17, 4, 8), torch.randn(2, 4, 17)
     for causal, window in ((True, (-1, 0)), (False, (5, 2))):
         blocks.clear()
@@ -825,7 +827,7 @@ def test_attention_backward_fallback_in_row_blocks(dtype, monkeypatch):
         want64, want = (reference.attention_backward(*(t.to(dt) for t in args), causal=causal, softmax_scale=1.0,
                                                      window=window, dlse=dlse.to(dt)) for dt in (torch.float64, dtype))
         for name, g, w64, w in zip("qkv", got, want64, want):
-            assert g.dtype == dtype
+            assert g.dtype == dtype and g.is_contiguous()
             check_rule(f"d{name}", g, w64, w)
 
 
@@ -868,8 +870,8 @@ def test_decode_positions_and_windows_near_int64_max():
             ops.decode_step(torch.tensor([[3]]), torch.tensor([pos]), w(V, d), blocks, [kc], [vc], w(d), w(V, d),
                             eps=1e-6, is_rms=True, backend="cpu")
     assert (kc == 0).all() and (vc == 0).all()
-    q, k, v = torch.randn(1, 3, 2, 8), torch.randn(1, 6, 1, 8), torch.randn(1, 6, 1, 8)
-    lens = torch.tensor([2])                                    # 2 keys for 3 queries: the first sees none
+    q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 6, 1, 8), torch.randn(1, 6, 1, 8)
+    lens = torch.tensor([2])                       # 2 keys for 4 queries (2 - 4 - (2^63 - 1) wraps): 2 see none
     full = _ops().decode_attention(q, k, v, lens, 0.3, -1)
     for window_left in (6, 2**62, 2**63 - 2, 2**63 - 1):
         assert torch.equal(_ops().decode_attention(q, k, v, lens, 0.3, window_left), full), window_left

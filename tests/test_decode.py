@@ -117,10 +117,16 @@ def test_unseen_cache_rows_may_hold_anything(backend):
     # a cache allocated with torch.empty: rows past the lengths and before every query's window are never seen, and
     # NaN / inf there must not reach the output (0 x NaN in a P V product would)
     q, k, v, lens = _inputs(2, 2, 4, 2, 32, 40, [30, 11], _dtype(backend), backend_device(backend))
+    grads = backend == "torch"                                          # (the one differentiable backend)
+    q.requires_grad_(grads)
     clean = decode_attention(q, k, v, lens, window_left=6, backend=backend)
+    dq = torch.autograd.grad(clean.sum(), q)[0] if grads else None
     k[0, 30:], v[0, 30:], k[1, 11:], v[1, 11:] = float("nan"), float("inf"), float("inf"), float("nan")
     k[0, :20], v[0, :20] = float("nan"), float("nan")                   # before the window of both queries
-    assert torch.equal(decode_attention(q, k, v, lens, window_left=6, backend=backend), clean)
+    out = decode_attention(q, k, v, lens, window_left=6, backend=backend)
+    assert torch.equal(out, clean)
+    if grads:                                                           # dQ = dS K: 0 x NaN there too
+        assert torch.equal(torch.autograd.grad(out.sum(), q)[0], dq)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

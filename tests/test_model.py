@@ -436,26 +436,69 @@ def test_cpu_fused_decode_step_runs_hooks_and_each_norms_eps():
 
 
 def test_linear_layers_that_compute_something_else_are_refused():
-    """The model reads its Linear layers' weights and never calls them: a hook, an adapter subclass or a
-    parametrization on one would be silently left out (a LoRA delta trained nothing). Forward refuses, naming it."""
-    import torch.nn.utils.parametrize as parametrize
-
+    """The model reads its Linear layers' weights and never calls them: a hook, an adapter subclass or a forward set
+    on one would be silently left out (a LoRA delta trained nothing). Forward refuses, naming it."""
     class LoRALinear(torch.nn.Linear):
         pass
 
-    for change in ("hook", "subclass", "parametrization", "instance forward"):
+    for change in ("hook", "subclass", "instance forward"):
         model, _, _ = make("llama", "torch")
         wq = model.layers[1].attn.wq
         if change == "hook":
             wq.register_forward_hook(lambda mod, args, out: out)
         elif change == "subclass":
             model.layers[1].attn.wq = LoRALinear(wq.in_features, wq.out_features, bias=False)
-        elif change == "parametrization":
-            parametrize.register_parametrization(wq, "weight", torch.nn.Identity())
         else:
             wq.forward = lambda x: x
         with pytest.raises(ValueError, match="layers.1.attn.wq is a .* fastlm.Transformer reads its Linear layers"):
             model(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built"))])
+def test_what_the_linear_check_lets_through(backend):
+    """A parametrized Linear (weight norm, a scaling) computes with its parametrized weight, which the ops read (the
+    fused decode step, which reads the parameters, steps aside); a global hook (a FLOP counter's) and wrapped blocks
+    (activation checkpointing) are fine; each gives the model with the equivalent plain weights."""
+    import torch.nn.utils.parametrize as parametrize
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    class Wrapped(torch.nn.Module):  # as torch's checkpoint_wrapper: attributes reach the wrapped block
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, *args):
+            return self.block(*args)
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.block, name)
+    model, _, _ = make("llama", backend)
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        plain.layers[1].attn.wq.weight *= 2
+    parametrize.register_parametrization(model.layers[1].attn.wq, "weight", Double())
+    tokens, pos = torch.tensor([[1, 2, 3]]), torch.tensor([3])
+    with torch.no_grad():
+        for m in (model, plain):
+            m.setup_cache(1, 8)
+        assert torch.equal(model(tokens), plain(tokens))
+        assert not model._fused_decode_here(tokens) and plain._fused_decode_here(tokens) == (backend == "cpu")
+        torch.testing.assert_close(model(tokens[:, :1], input_pos=pos), plain(tokens[:, :1], input_pos=pos))
+        with FlopCounterMode(display=False):
+            assert torch.equal(plain(tokens), model(tokens))
+            assert not plain._fused_decode_here(tokens)
+        plain.clear_cache()
+        want = plain(tokens)
+        plain.layers = torch.nn.ModuleList(Wrapped(b) for b in plain.layers)
+        assert torch.equal(plain(tokens), want)
 
 
 @pytest.mark.skipif(not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built")

@@ -145,3 +145,18 @@ def test_out_that_is_a_file_is_rejected_up_front(tmp_path, capsys):
     assert scaling.cli(["--tiny", "--data", "default", "--out", str(tmp_path / "afile"), "--no-progress"]) == 2
     assert f"error: --out {tmp_path / 'afile'} is a file; expected a directory" in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_three_rung_fit_reports_its_residual_unless_exact():
+    # a = c >= 0 constrain the curve: three losses that do not fall with size are not fit exactly, and the residual
+    # says so; three that do are passed through exactly, which the table says instead of a meaningless 0
+    n = [1e4, 1e5, 1e6]
+
+    def table(losses):
+        models = [dict(name=f"m{i}", d_model=8, n_layer=1, params=p, non_embedding_params=p, train_flops=1.0,
+                       eval_loss=loss, seconds=1.0) for i, (p, loss) in enumerate(zip(n, losses))]
+        result = dict(models=models, fit=scaling.fit_power_law(n, losses), tokens_per_model=1000, corpus="c",
+                      seqlen=8)
+        return scaling._table(result)
+    assert "exact through 3 points" in table([4.0, 3.0, 2.6])
+    assert "RMS residual" in table([3.0, 3.5, 2.9])

@@ -140,7 +140,7 @@ def main(argv=None):
             if r["spill_st"] or r["spill_ld"]:
                 spills.append(f"{pretty[r['kernel']]} [{arch}]")
                 flag = "  <-- SPILLS"
-            ws = [w for w in WARP_SPECIALIZED if pretty[r["kernel"]].startswith(w)]
+            ws = [w for w in WARP_SPECIALIZED if w in pretty[r["kernel"]]]   # (mangled too, without c++filt)
             if ws and arch == "sm_90a":
                 seen.update(ws)
                 if r["regs"] < need:

@@ -147,7 +147,7 @@ def _reference_backward_in_blocks(dout, q, k, v, dlse, causal, softmax_scale, wi
     Sk = k.shape[1]
     rows = max(1, _FALLBACK_SCORES // max(1, B * H * Sk))
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = torch.empty_like(q)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)      # contiguous, as the op's fake promises
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     for start in range(0, Sq, rows):
