@@ -194,6 +194,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     causal: mask aligned bottom-right (query i sits at key position i + seqlen_k - seqlen_q).
     window: (left, right) sliding window around that position, -1 = unbounded (causal implies right = 0).
     softmax_scale: default 1 / sqrt(headdim).
+    Under torch.autocast q, k, v are cast to the autocast dtype first (ops._checks.autocast_matmul).
     Returns out (q's shape and dtype), and with return_lse also lse (batch, nheads, seqlen_q) float32, the natural-log
     log-sum-exp of each row's scaled scores. A query that sees no key gets out = 0 and lse = -inf.
     backend: "auto", "triton", "cpu", "cuda" or "torch" (see fastlm.backends).

@@ -77,7 +77,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
     q: (B, Sq, H, D); k_cache, v_cache: (B, S_max, Hkv, D), H % Hkv == 0; cache_seqlens: (B,) int32/int64, the number
     of valid cache positions of each sequence, the new tokens' keys and values already written. Query i of sequence b
     sits at position p = cache_seqlens[b] - Sq + i and sees keys 0..p, or p - window_left..p with a sliding window
-    (window_left >= 0). Returns (B, Sq, H, D) in q's dtype; a query that sees no key
+    (window_left >= 0). Returns (B, Sq, H, D) in q's dtype (under torch.autocast q and the caches are cast to the
+    autocast dtype first, the caches copied on every call: keep them in that dtype); a query that sees no key
     gets 0. Lengths must lie in [0, S_max]: they are not checked on the host (no sync) and the kernels clamp them into
     that range.
     """

@@ -4,7 +4,8 @@
     mlp_swiglu(x, w_gate, w_up, w_down, residual=None)       Llama: down(silu(gate(x)) * up(x)) (+ residual)
 
 x (..., d); weights in nn.Linear layout (out_features, in_features); biases may be None; the output is
-(..., d_out) in x's dtype. Gradients to x, every weight and bias, and the residual.
+(..., d_out) in x's dtype (under torch.autocast every argument, the residual included, is cast to the autocast
+dtype first). Gradients to x, every weight and bias, and the residual.
 
 Backends:
   "triton"       kernels/ffn.py: GEMMs with bias/activation/residual epilogues; backward = one Triton elementwise

@@ -49,7 +49,8 @@ _nat_linear.register_autograd(_backward, setup_context=_setup)
 
 @autocast_matmul
 def linear(x, weight, bias=None, *, backend="auto"):
-    """x (..., in_features) @ weight^T + bias: (..., out_features) in x's dtype."""
+    """x (..., in_features) @ weight^T + bias: (..., out_features) in x's dtype (under torch.autocast, every
+    argument cast to the autocast dtype first: ops._checks.autocast_matmul)."""
     op = "linear"
     check_float_tensor(op, "x", x)
     if x.dim() < 1:
