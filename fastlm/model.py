@@ -66,11 +66,17 @@ def _global_hooks() -> bool:
                 or m._global_backward_pre_hooks)
 
 
+def _calls_its_class(module, cls) -> bool:
+    """Whether calling ``module`` runs cls.forward and nothing else: its class is cls, no forward set on the instance
+    (e.g. an offloading hook), no hooks of its own."""
+    return type(module) is cls and "forward" not in module.__dict__ and not _hooked(module)
+
+
 def plain_module(module, cls) -> bool:
     """Whether ``module`` computes exactly what its class does on its own weight: no adapter class around it (e.g.
-    a LoRA layer), no parametrization, no hooks, no forward of its own set on the instance (e.g. an offloading
-    hook). Fused ops read such modules' weights instead of calling them."""
-    return type(module) is cls and "forward" not in module.__dict__ and not _hooked(module) and not _global_hooks()
+    a LoRA layer), no parametrization, no hooks (global ones included), no forward of its own. Fused ops read such
+    modules' weights instead of calling them."""
+    return _calls_its_class(module, cls) and not _global_hooks()
 
 
 def _like(t, x):
@@ -299,8 +305,9 @@ class Transformer(nn.Module):
         instance, an nn.Linear or a parametrized one (its weight property is what the ops read); else a ValueError
         naming it. (Global hooks, e.g. a FLOP counter's, only turn the fused decode step off.)"""
         for name, m in linears:
-            if ((type(m) is nn.Linear or (parametrize.is_parametrized(m) and type(m).__bases__ == (nn.Linear,)))
-                    and "forward" not in m.__dict__ and not _hooked(m)):
+            # (a parametrization swaps the module's class for a subclass of it)
+            if _calls_its_class(m, nn.Linear) or (parametrize.is_parametrized(m) and type(m).__bases__ == (nn.Linear,)
+                                                  and _calls_its_class(m, type(m))):
                 continue
             raise ValueError(f"{name} is a {type(m).__name__} with hooks or a forward of its own: fastlm.Transformer "
                              "reads its Linear layers' weights and never calls them, so it would compute without "
@@ -308,8 +315,9 @@ class Transformer(nn.Module):
                              "back to the modules, or fastlm.reference.Transformer)")
 
     def forward(self, tokens, targets=None, input_pos=None, logits_at=None):
-        if not torch.compiler.is_compiling():
-            self._check_linears(self._linears())
+        linears = None if torch.compiler.is_compiling() else self._linears()
+        if linears is not None:
+            self._check_linears(linears)
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32,
                                                                                                torch.int64):
             raise TypeError(f"tokens must be an integer tensor of shape (batch, seqlen), got "
@@ -344,7 +352,7 @@ class Transformer(nn.Module):
                     torch.int32, torch.int64):
                 raise TypeError(f"input_pos must be an integer tensor of shape (batch,) = ({B},), got "
                                 f"{_describe(input_pos)}")
-            if targets is None and self._fused_decode_here(tokens):
+            if targets is None and self._fused_decode_here(tokens, linears):
                 return _rows_at(self._fused_decode_step(tokens, input_pos), logits_at)
             positions = input_pos[:, None] + torch.arange(S, device=tokens.device)   # (B, S)
 
@@ -394,11 +402,13 @@ class Transformer(nn.Module):
             if lo < 0 or hi >= S:
                 raise ValueError(f"logits_at must hold positions in [0, {S}) of tokens, got values in [{lo}, {hi}]")
 
-    def _fused_decode_here(self, tokens) -> bool:
+    def _fused_decode_here(self, tokens, linears) -> bool:
         """Whether this decode step runs as one C++ call (ops.decode_step): on the CPU backend, when autograd records
-        nothing and torch.compile is not tracing, unless ``fused_decode`` was set False, a module the step would call
-        has a hook (the fused step would skip it) or the norms' eps differ (the fused step takes one)."""
-        if not (self.fused_decode and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        nothing and torch.compile is not tracing (``linears``, forward's _linears(), is None then), unless
+        ``fused_decode`` was set False, a module the step would call has a hook or a forward of its own (the fused
+        step would skip it), a Linear is parametrized (it reads the parameters) or the norms' eps differ (it takes
+        one)."""
+        if not (self.fused_decode and not torch.is_grad_enabled() and linears is not None
                 and decode_step_backend(self._backends.native, tokens.device, self.tok_emb.weight.dtype) == "cpu"):
             return False
         if _global_hooks():
@@ -415,8 +425,8 @@ class Transformer(nn.Module):
             if m["attn_norm"].eps != eps or m["mlp_norm"].eps != eps:
                 return False
         # the step reads the Linear layers' parameters themselves: a parametrized one is left to the op-by-op step
-        return (all(type(m) is cls and "forward" not in m.__dict__ and not _hooked(m) for m, cls in called)
-                and all(type(m) is nn.Linear for _, m in self._linears()))
+        return (all(_calls_its_class(m, cls) for m, cls in called)
+                and all(type(m) is nn.Linear for _, m in linears))
 
     def _fused_decode_step(self, tokens, input_pos):
         # the tensors are looked up afresh every step (a replaced parameter or module is never missed), through the

@@ -431,7 +431,7 @@ def test_cpu_fused_decode_step_runs_hooks_and_each_norms_eps():
                     m.layers[0].register_forward_hook(lambda mod, args, out: out * 2)
                 else:
                     m.layers[1].mlp_norm.eps = 0.5
-            assert fused._fused_decode_here(tok) is False
+            assert fused._fused_decode_here(tok, fused._linears()) is False
             assert torch.equal(step(fused), step(split)), change
 
 
@@ -490,11 +490,12 @@ def test_what_the_linear_check_lets_through(backend):
         for m in (model, plain):
             m.setup_cache(1, 8)
         assert torch.equal(model(tokens), plain(tokens))
-        assert not model._fused_decode_here(tokens) and plain._fused_decode_here(tokens) == (backend == "cpu")
+        assert not model._fused_decode_here(tokens, model._linears())
+        assert plain._fused_decode_here(tokens, plain._linears()) == (backend == "cpu")
         torch.testing.assert_close(model(tokens[:, :1], input_pos=pos), plain(tokens[:, :1], input_pos=pos))
         with FlopCounterMode(display=False):
             assert torch.equal(plain(tokens), model(tokens))
-            assert not plain._fused_decode_here(tokens)
+            assert not plain._fused_decode_here(tokens, plain._linears())
         plain.clear_cache()
         want = plain(tokens)
         plain.layers = torch.nn.ModuleList(Wrapped(b) for b in plain.layers)

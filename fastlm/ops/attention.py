@@ -99,7 +99,8 @@ _triton_fwd.register_autograd(_backward_with(_triton_bwd), setup_context=_setup_
 
 # --------------------------------------------------------------------------------------------------------------------
 # The C++ forward ("cpu", "cuda"); backward by the Triton kernels on CUDA, by the C++ kernel on CPU (the reference
-# where neither is available, and on CPU for rows whose LSE is too large to recompute probabilities from)
+# in blocks of query rows where neither is available, and on CPU for rows whose LSE is too large to recompute
+# probabilities from)
 
 # The C++ CPU backward recomputes P = 2^(S c - LSE log2 e) from the fp32 LSE, whose rounding grows with it: from
 # |LSE log2 e| = 2^14 on (scaled scores of ~1e4, a diverged model) it moves a row's largest probability by 0.07 % and
@@ -133,10 +134,6 @@ def _native_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if not q.is_cuda and backends.extension_has("attention_bwd", "cpu") and not _lse_too_large(lse):
         return torch.ops.fastlm.attention_bwd(dout, q, k, v, out, lse, dlse, causal, softmax_scale, window_left,
                                               window_right)
-    if q.is_cuda:
-        grads = reference.attention_backward(dout, q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                             window=(window_left, window_right), dlse=dlse)
-        return tuple(g.contiguous() for g in grads)
     return _reference_backward_in_blocks(dout, q, k, v, dlse, causal, softmax_scale, window_left, window_right)
 
 
