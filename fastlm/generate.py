@@ -1,10 +1,11 @@
 """Autoregressive generation with the model's static KV cache.
 
-generate() allocates the cache once (model.setup_cache: (batch, max_seqlen, n_kv_head, head_dim) per layer), runs
-one prefill over the right-padded prompts with the fused attention, then one-token decode steps
-``model(tok, input_pos=pos)`` in which sequence b's new token sits at position pos[b]. Right padding is safe: a
-sequence's pad positions lie after its last prompt token, so the causal prefill never lets a real token see them, and
-decode step t overwrites position len[b] + t before anything attends it.
+generate() allocates a cache of its own once (model.setup_cache: (batch, max_seqlen, n_kv_head, head_dim) per
+layer; a cache the caller set up is put back afterwards, contents untouched), runs one prefill over the right-padded
+prompts with the fused attention, then one-token decode steps ``model(tok, input_pos=pos)`` in which sequence b's new
+token sits at position pos[b]. Right padding is safe: a sequence's pad positions lie after its last prompt token, so
+the causal prefill never lets a real token see them, and decode step t overwrites position len[b] + t before anything
+attends it.
 
 The decode step (model call, sampling, position update) has no host synchronization: positions live on the device,
 sampling uses the exponential-race trick instead of torch.multinomial, and finished sequences are masked on the device.
@@ -325,9 +326,11 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     def step(tok, pos, done, noise):
         return decode(model, tok, pos, done, stop, temperature, top_k, top_p, noise, n_vocab)
 
-    # the cache dtype follows the weights: under autocast the cache would have to be set up by the caller
-    model.setup_cache(B, longest + max_new_tokens, dtype=param.dtype, device=device)
+    # generate runs on a cache of its own and leaves the model's as it found it (a cache set up by the caller, with
+    # its contents, or none). The cache dtype follows the weights.
+    caller_cache = model._cache_state()
     try:
+        model.setup_cache(B, longest + max_new_tokens, dtype=param.dtype, device=device)
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         n = 0
         if max_new_tokens > 0:
@@ -360,7 +363,7 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
                     stream(out[:, n - 1].cpu())
         new = out[:, :n].cpu()
     finally:
-        model.clear_cache()
+        model._set_cache_state(caller_cache)
     return _assemble(tokens.cpu(), host_lengths, new, stop_tokens, form)
 
 

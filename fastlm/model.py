@@ -132,17 +132,23 @@ class Attention(nn.Module):
             cos, sin = rope
             q = ops.apply_rope(q, cos, sin, backend=backend.generic)
             k = ops.apply_rope(k, cos, sin, backend=backend.generic)
+        # The cache is state, not part of any autograd graph: it keeps detached keys and values (a graph recorded
+        # into it would outlive its backward). Gradients reach this call's keys and values; rows cached by earlier
+        # calls are constants.
         if self.k_cache is None or input_pos is None:
             if self.k_cache is not None:                                       # prefill from position 0
-                self.k_cache[:, :S].copy_(k)
-                self.v_cache[:, :S].copy_(v)
+                self.k_cache[:, :S].copy_(k.detach())
+                self.v_cache[:, :S].copy_(v.detach())
             y = ops.attention(q, k, v, causal=True, window=(c.window_left, 0), backend=backend.native)
         else:
             positions = input_pos[:, None] + torch.arange(S, device=x.device)  # (B, S)
             rows = torch.arange(B, device=x.device)[:, None].expand(B, S)
-            self.k_cache.index_put_((rows, positions), k)
-            self.v_cache.index_put_((rows, positions), v)
-            y = ops.decode_attention(q, self.k_cache, self.v_cache, input_pos + S, window_left=c.window_left,
+            self.k_cache.index_put_((rows, positions), k.detach())
+            self.v_cache.index_put_((rows, positions), v.detach())
+            k_all, v_all = self.k_cache, self.v_cache
+            if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):  # the cache with k, v in the graph
+                k_all, v_all = k_all.index_put((rows, positions), k), v_all.index_put((rows, positions), v)
+            y = ops.decode_attention(q, k_all, v_all, input_pos + S, window_left=c.window_left,
                                      backend=backend.native)
         return _linear(self.wo, y.reshape(B, S, c.n_head * c.head_dim), backend)
 
@@ -193,12 +199,13 @@ class Transformer(nn.Module):
 
     forward(tokens (B, S), targets=None, input_pos=None, logits_at=None): logits (B, S, V) in the parameters' dtype
     (the autocast dtype under torch.autocast), or with targets (B, S) the mean cross-entropy over targets != -100.
-    ``logits_at`` (B, k) int64 returns only the logits at those positions of each sequence, (B, k, V): the LM head
-    runs on k rows instead of S (a prefill that samples from the last prompt token needs one). ``input_pos`` (B,)
-    needs a KV cache; positions
-    input_pos + S must stay within the cache and, in such decode steps, token ids within the vocabulary (neither is
-    checked on the host, so that decoding never synchronizes; without input_pos the ids are checked; the CPU
-    backend's fused decode step checks both, which costs it no sync).
+    ``logits_at`` (B, k) int64 / int32 returns only the logits at those positions of each sequence, (B, k, V): the
+    LM head runs on k rows instead of S (a prefill that samples from the last prompt token needs one).
+    ``input_pos`` (B,) needs a KV cache; positions input_pos + S must stay within the cache and, in such decode
+    steps, token ids within the vocabulary (neither is checked on the host, so that decoding never synchronizes;
+    without input_pos the ids are checked; the CPU backend's fused decode step checks both, which costs it no sync).
+    The cache holds detached keys and values: with autograd on, gradients reach those of the call itself, and rows
+    cached by earlier calls are constants.
     """
 
     def __init__(self, config: Config, backend: str = "auto"):
@@ -275,6 +282,15 @@ class Transformer(nn.Module):
             layer.attn.k_cache = None
             layer.attn.v_cache = None
         self.rope_cos = self.rope_sin = None
+
+    def _cache_state(self):
+        """The KV cache and RoPE tables as they are, for _set_cache_state to put back."""
+        return [(layer.attn.k_cache, layer.attn.v_cache) for layer in self.layers], self.rope_cos, self.rope_sin
+
+    def _set_cache_state(self, state):
+        caches, self.rope_cos, self.rope_sin = state
+        for layer, (k, v) in zip(self.layers, caches):
+            layer.attn.k_cache, layer.attn.v_cache = k, v
 
     @property
     def cache_shape(self):
@@ -394,9 +410,9 @@ class Transformer(nn.Module):
         if targets is not None:
             raise ValueError("logits_at selects logits to return; it cannot be combined with targets (a loss)")
         if not isinstance(logits_at, torch.Tensor) or logits_at.dim() != 2 or logits_at.shape[0] != B or \
-                logits_at.dtype != torch.int64:
-            raise TypeError(f"logits_at must be an int64 tensor of shape (batch, k) = ({B}, k), got "
-                            f"{_describe(logits_at)}")
+                logits_at.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"logits_at must be an integer (int64 or int32) tensor of shape (batch, k) = ({B}, k), "
+                            f"got {_describe(logits_at)}")
         if logits_at.numel() and not torch.compiler.is_compiling():
             lo, hi = torch.stack(torch.aminmax(logits_at)).tolist()                # one host sync
             if lo < 0 or hi >= S:
@@ -462,7 +478,7 @@ class Transformer(nn.Module):
 
 def _rows_at(t, positions):
     """t (B, S, n) at positions (B, k) of each sequence: (B, k, n); t itself when positions is None."""
-    return t if positions is None else t.gather(1, positions[..., None].expand(-1, -1, t.shape[-1]))
+    return t if positions is None else t.gather(1, positions.long()[..., None].expand(-1, -1, t.shape[-1]))
 
 
 def _describe(x) -> str:

@@ -55,6 +55,27 @@ def test_cache_equals_recompute_auto_backend():
         assert o == _greedy_recompute(ref, p, 6)
 
 
+def test_generate_leaves_the_callers_cache_as_it_found_it():
+    """generate decodes on a cache of its own: a cache the caller set up (and filled) comes back, the same tensors
+    with the same contents, and a model without one stays without one."""
+    model = _model()
+    prompt = torch.randint(0, 300, (1, 6))
+    with torch.no_grad():
+        model.setup_cache(1, 12)
+        model(prompt)
+    state = model._cache_state()
+    before = [t.clone() for t in (state[0][0] + (state[1],))]
+    out = generate(model, torch.randint(0, 300, (3, 4)), 5)
+    assert out.shape == (3, 9) and model.cache_shape == (1, 12)
+    after = model._cache_state()
+    assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(after[0], state[0]))
+    assert after[1] is state[1] and after[2] is state[2]
+    assert all(torch.equal(a, b) for a, b in zip(before, state[0][0] + (state[1],)))
+    model.clear_cache()
+    generate(model, prompt, 3)
+    assert model.cache_shape is None and model.rope_cos is None
+
+
 def test_tensor_prompts_and_model_method():
     model = _model()
     prompts = torch.randint(0, 300, (2, 7))

@@ -176,8 +176,13 @@ def test_logits_at_selects_positions(backend):
     torch.testing.assert_close(step, torch.stack([full[0, 8:9], full[1, 6:7]]), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"positions in \[0, 9\) of tokens, got values in \[0, 9\]"):
         Transformer(CONFIGS["llama"])(tokens, logits_at=torch.tensor([[0], [9]]))
-    with pytest.raises(TypeError, match=r"logits_at must be an int64 tensor of shape \(batch, k\) = \(2, k\)"):
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, logits_at=at.int()), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match=r"logits_at must be an integer \(int64 or int32\) tensor of shape "
+                                        r"\(batch, k\) = \(2, k\)"):
         Transformer(CONFIGS["llama"])(tokens, logits_at=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match=r"logits_at must be an integer .* got shape \(2, 1\) dtype torch.float32"):
+        Transformer(CONFIGS["llama"])(tokens, logits_at=torch.tensor([[1.0], [2.0]]))
     with pytest.raises(ValueError, match="cannot be combined with targets"):
         Transformer(CONFIGS["llama"])(tokens, tokens, logits_at=torch.tensor([[1], [2]]))
 
@@ -191,6 +196,55 @@ def test_cache_lifecycle():
     assert "layers.0.attn.k_cache" not in model.state_dict()                   # never saved with the weights
     model.clear_cache()
     assert model.cache_shape is None and model.layers[1].attn.k_cache is None
+
+
+def test_cache_holds_no_autograd_graph():
+    """The KV cache keeps detached keys and values: training forwards with a cache set up give the gradients they
+    give without one, step after step, and the cache never joins a graph (it would outlive its backward)."""
+    model = Transformer(CONFIGS["llama"], backend="torch")
+    tokens, targets = tokens_and_targets(device="cpu")
+    model(tokens, targets).backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.setup_cache(tokens.shape[0], 32)
+    for _ in range(2):
+        model(tokens, targets).backward()
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), want))
+        model.zero_grad()
+    caches = [t for layer in model.layers for t in (layer.attn.k_cache, layer.attn.v_cache)]
+    assert not any(t.requires_grad for t in caches)
+
+
+def test_decode_step_gradient_treats_cached_rows_as_constants():
+    """A decode step with autograd on (backend="torch"): gradients reach the step's own keys and values, which it
+    writes into the cache and attends, and the rows cached by earlier calls are constants. Checked against central
+    differences in float64 along a random direction of the last layer's key weights (a step that lost its own keys'
+    gradient would give 0 there)."""
+    torch.manual_seed(0)
+    model = Transformer(CONFIGS["llama"], backend="torch").double()
+    tokens = torch.randint(0, 1000, (2, 7))
+    model.setup_cache(2, 16, dtype=torch.float64)
+    with torch.no_grad():
+        model(tokens[:, :5])
+    pos = torch.tensor([5, 5])
+
+    def step():
+        return model(tokens[:, 5:], input_pos=pos).square().mean()
+
+    w = model.layers[-1].attn.wk.weight
+    step().backward()
+    direction = torch.randn_like(w)
+    with torch.no_grad():
+        eps = 1e-6
+        w += eps * direction
+        up = step()
+        w -= 2 * eps * direction
+        down = step()
+        w += eps * direction
+    slope = (up - down) / (2 * eps)
+    assert slope.abs() > 1e-6
+    torch.testing.assert_close((w.grad * direction).sum(), slope, rtol=1e-6, atol=0)
+    assert not model.layers[-1].attn.k_cache.requires_grad
 
 
 def test_cache_device_must_be_the_models():
