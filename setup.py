@@ -36,6 +36,12 @@ def _extensions():
         archs = os.environ.get("FASTLM_CUDA_ARCHS", "80;90a").split(";")
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        # and the PTX of the oldest portable arch, which the driver compiles for a GPU newer than every listed one
+        # (e.g. Blackwell: its mma.sync kernels; arch-specific "a" PTX runs on its own arch only)
+        portable = [a for a in archs if a.isdigit()]
+        if portable:
+            oldest = min(portable, key=int)
+            nvcc.append(f"-gencode=arch=compute_{oldest},code=compute_{oldest}")
         define_macros.append(("FASTLM_WITH_CUDA", "1"))
         if "90" in archs and "90a" in archs:
             raise RuntimeError("FASTLM_CUDA_ARCHS: list 90a or 90, not both (which one a 9.0 GPU loads is not "
