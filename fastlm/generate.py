@@ -442,7 +442,7 @@ def cli(argv=None) -> int:
         else:
             max_new = args.max_new_tokens
         gen = torch.Generator(device=device).manual_seed(seed64(args.seed))
-        stream = _Streamer(tokenizer)
+        stream = _Streamer(tokenizer, ids)
         sys.stdout.write(args.prompt)
         # (a model trained with a padded vocab_size: only the tokenizer's ids are sampled)
         generate(model, [ids], max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -478,21 +478,37 @@ def _check_backend(backend: str, device: torch.device):
 
 
 class _Streamer:
-    """Prints tokens as they arrive; byte-level tokens may split a UTF-8 character, so bytes go through an
-    incremental decoder."""
+    """Prints tokens as they arrive. Byte-level tokens may split a UTF-8 character, so bytes go through an
+    incremental decoder. Other tokenizers decode a token's text in context (SentencePiece drops a lone piece's
+    leading space; a BPE token may hold part of a character): the prompt and the new ids are decoded together and
+    the text past what was printed is written, held back while it ends in an incomplete character."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, prompt_ids=()):
         self.tokenizer = tokenizer
         self.byte_level = getattr(tokenizer, "byte_level", False)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.ids = [int(i) for i in prompt_ids]
+        self.printed = len(tokenizer.decode(self.ids)) if not self.byte_level else 0
 
     def __call__(self, tok: torch.Tensor):
         t = int(tok[0])
-        text = self.decoder.decode(bytes([t])) if self.byte_level else self.tokenizer.decode([t])
+        if self.byte_level:
+            self._write(self.decoder.decode(bytes([t])))
+            return
+        self.ids.append(t)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self._write(text[self.printed:])
+            self.printed = len(text)
+
+    @staticmethod
+    def _write(text):
         sys.stdout.write(text)
         sys.stdout.flush()
 
     def flush(self):
         if self.byte_level:
             sys.stdout.write(self.decoder.decode(b"", final=True))
+        elif self.ids:
+            sys.stdout.write(self.tokenizer.decode(self.ids)[self.printed:])
         sys.stdout.flush()

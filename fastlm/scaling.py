@@ -53,8 +53,13 @@ def learning_rate(n_params: int) -> float:
     return 2 * max(0.003239 - 0.0001395 * math.log(n_params), 3e-4)
 
 
+MAX_ALPHA = 5.0   # the exponents searched: (0, MAX_ALPHA]
+
+
 def fit_power_law(n, loss, *, use_scipy: bool | None = None) -> dict:
-    """Least-squares fit of loss = a * n^(-alpha) + c with a, c >= 0. Returns a, alpha, c and the RMS residual."""
+    """Least-squares fit of loss = a * n^(-alpha) + c with a, c >= 0 and alpha in (0, MAX_ALPHA], over at least three
+    distinct sizes n. Returns a, alpha, c, the RMS residual and the method; where the loss does not fall with n
+    (a = 0) alpha is 0 and a "note" says so."""
     n = np.asarray(n, dtype=np.float64)
     loss = np.asarray(loss, dtype=np.float64)
     if n.shape != loss.shape or n.ndim != 1 or len(n) < 3:
@@ -63,6 +68,8 @@ def fit_power_law(n, loss, *, use_scipy: bool | None = None) -> dict:
         raise ValueError(f"params must be positive finite numbers, got {n.tolist()}")
     if not np.isfinite(loss).all():
         raise ValueError(f"losses must be finite numbers, got {loss.tolist()}")
+    if len(np.unique(n)) < 3:
+        raise ValueError(f"need at least 3 distinct model sizes to fit a, alpha and c, got {n.tolist()}")
     scale = n.min()  # fit in units of the smallest model: keeps n^-alpha well conditioned
 
     def solve(alpha):
@@ -75,7 +82,7 @@ def fit_power_law(n, loss, *, use_scipy: bool | None = None) -> dict:
             a, c = 0.0, float(loss.mean())
         return float(((a * x + c - loss) ** 2).sum()), a, c
 
-    grid = np.linspace(0.005, 2.0, 400)
+    grid = np.linspace(0.005, MAX_ALPHA, 1000)
     sse = [solve(a)[0] for a in grid]
     i = int(np.argmin(sse))
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
@@ -98,14 +105,16 @@ def fit_power_law(n, loss, *, use_scipy: bool | None = None) -> dict:
         else:
             try:
                 popt, _ = curve_fit(lambda x, a_, al, c_: a_ * (x / scale) ** -al + c_, n, loss, p0=[a, alpha, c],
-                                    bounds=([0, 0, 0], [np.inf, 5, np.inf]), maxfev=10000)
+                                    bounds=([0, 0, 0], [np.inf, MAX_ALPHA, np.inf]), maxfev=10000)
                 cand = float((((popt[0] * (n / scale) ** -popt[1] + popt[2]) - loss) ** 2).sum())
                 if cand <= err:
                     a, alpha, c, err, method = float(popt[0]), float(popt[1]), float(popt[2]), cand, "scipy"
             except RuntimeError:
                 pass  # curve_fit did not converge: keep the numpy solution
-    # report a for n in parameters (not in units of the smallest model)
-    return {"a": a * scale ** alpha, "alpha": alpha, "c": c, "rms": math.sqrt(err / len(n)), "method": method}
+    fit = {"a": a * scale ** alpha, "alpha": alpha, "c": c, "rms": math.sqrt(err / len(n)), "method": method}
+    if a == 0:   # (reported for n in parameters above, not in units of the smallest model)
+        fit.update(alpha=0.0, note="the loss does not fall with N: no power law fits; L(N) = c, the mean loss")
+    return fit
 
 
 def predict(fit: dict, n) -> np.ndarray:
@@ -204,6 +213,8 @@ def _table(result: dict) -> str:
         lines.append(f"\nFit: L(N) = {fit['a']:.4g} * N^(-{fit['alpha']:.4f}) + {fit['c']:.4f}  "
                      f"({residual}, {fit['method']}); {result['tokens_per_model']:,} tokens per "
                      f"model, corpus {result['corpus']}, seqlen {result['seqlen']}")
+        if fit.get("note"):
+            lines.append(f"Note: {fit['note']}")
     return "\n".join(lines)
 
 

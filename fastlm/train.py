@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import hashlib
 import inspect
 import json
 import math
@@ -415,6 +416,36 @@ def run_settings(path: str) -> dict:
     return _saved_run(json.loads(meta.get("extra", "{}")))
 
 
+def _resume_steps(file, step: int, extra: dict, steps, log) -> int:
+    """The length of a resumed run: the run's own (``steps`` None or equal), or a longer one for a finished run."""
+    run = extra.get("run")
+    own = run.get("steps") if isinstance(run, dict) else None    # (checkpoints of older versions do not record it)
+    if steps is None:
+        if own is None:
+            raise ValueError(f"resume: checkpoint {file} does not record its run's length: pass steps")
+        steps = own
+    if step >= steps:
+        raise ValueError(f"checkpoint {file} is already at step {step} >= steps={steps}: nothing to train; pass a "
+                         f"larger steps to continue")
+    if own is not None and steps != own:
+        if step < own:
+            raise ValueError(f"resume: checkpoint {file} is step {step} of a {own}-step run, and its LR schedule "
+                             f"spans {own} steps: resume with steps={own} (or leave it out), not {steps}")
+        if log is not None:
+            log(f"extending a finished {own}-step run to {steps} steps: the LR schedule is re-spanned over {steps}")
+    return steps
+
+
+def _checked_history(file, history) -> dict:
+    """A checkpoint's loss history, which the resumed run appends to: lists of finite numbers."""
+    if not isinstance(history, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+            for v in history.values()):
+        raise ValueError(f"checkpoint {file} is corrupt: its history must map names to lists of finite numbers, got "
+                         f"{str(history)[:120]}")
+    return history
+
+
 def _saved_run(extra: dict) -> dict:
     run = extra.get("run", {k: extra[k] for k in ("seqlen", "batch_size") if k in extra})
     return {k: run[k] for k in RUN_SETTINGS if k in run} if isinstance(run, dict) else {}
@@ -474,20 +505,34 @@ def _model_only(file, meta, tensors, backend, device):
 def _load_optimizer(optimizer, meta, tensors, file):
     if "optim_groups" not in meta:
         raise ValueError(f"checkpoint {file} has no optimizer state to resume from")
-    groups = json.loads(meta["optim_groups"])
-    state = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    device = optimizer.param_groups[0]["params"][0].device
-    for entry in state.values():
-        for name, value in entry.items():
-            entry[name] = value if name == "step" else value.to(device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     try:
+        groups = json.loads(meta["optim_groups"])
+        if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+            raise ValueError(f"optim_groups must be a list of {len(optimizer.param_groups)} parameter groups, each "
+                             f"with its params, got {meta['optim_groups'][:120]}")
+        state = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                if not idx.isdigit() or int(idx) >= len(params):
+                    raise ValueError(f"tensor {key}: no parameter {idx} (the model has {len(params)})")
+                state.setdefault(int(idx), {})[name] = value
+        device = optimizer.param_groups[0]["params"][0].device
+        for idx, entry in state.items():
+            if set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
+                raise ValueError(f"parameter {idx} has state {sorted(entry)}, expected exp_avg, exp_avg_sq and step")
+            for name, value in entry.items():
+                want = () if name == "step" else tuple(params[idx].shape)
+                if tuple(value.shape) != want or not value.is_floating_point() or not torch.isfinite(value).all():
+                    raise ValueError(f"tensor optim.{idx}.{name} must hold finite floats of shape {want}, got "
+                                     f"shape {tuple(value.shape)} {value.dtype}")
+                entry[name] = value if name == "step" else value.to(device)
         optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except ValueError as e:
-        raise ValueError(f"checkpoint {file}: optimizer state does not match the model: {e}") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {file}: corrupt optimizer state or one that does not match the model: {e}") \
+            from e
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -576,7 +621,7 @@ def _dist_setup():
     return dist.get_rank(), world, local_rank
 
 
-def train(config=None, *, data: str | None = None, tokenizer=None, text: str | None = None, steps: int = 300,
+def train(config=None, *, data: str | None = None, tokenizer=None, text: str | None = None, steps: int | None = None,
           batch_size: int = 12, seqlen: int = 128, lr: float = 3e-3, warmup: int = 30, grad_clip: float = 1.0,
           grad_accum: int = 1, weight_decay: float = 0.1, dtype: str = "fp32", eval_every: int = 100,
           eval_batches_max: int = 8, out: str | None = None, resume: bool = False, backend: str = "auto",
@@ -588,10 +633,13 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
     ``tokenizer`` is a tokenizer object (make_tokenizer(...); default ByteTokenizer()); ``config.vocab_size`` must
     be at least its vocab_size (the default model takes it; a larger one pads the embedding and LM head, and is
     logged). ``text`` (a str) replaces the corpus of ``data``.
-    With ``out`` (a directory) a checkpoint is written at every evaluation and at the end; with ``resume`` training
-    continues from ``out``'s checkpoint (config, weights, optimizer, step and history come from it) up to ``steps``,
-    which must lie past the checkpoint's step. ``stop_after`` ends the run after that many steps of this call (the
-    schedule still spans ``steps``), as an interruption would.
+    ``steps`` (default 300; with ``resume`` the run's own) is the length of the run, over which the LR schedule
+    spans. With ``out`` (a directory) a checkpoint is written at every evaluation and at the end; with ``resume``
+    training continues from ``out``'s checkpoint (config, weights, optimizer, step and history come from it) on the
+    same corpus, with the same run settings and number of processes; ``steps`` must be the run's own for an
+    interrupted run, and may extend a finished one (the schedule is then re-spanned over the new length).
+    ``stop_after`` ends the run after that many steps of this call (the schedule still spans ``steps``), as an
+    interruption would.
     """
     from fastlm.model import Transformer
     rank, world, local_rank = _dist_setup()
@@ -601,8 +649,8 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     amp_dtype = DTYPES[dtype]
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("seqlen", seqlen), ("grad_accum", grad_accum),
-                        ("eval_every", eval_every), ("eval_batches_max", eval_batches_max)):
+    for name, value in (("steps", 1 if steps is None else steps), ("batch_size", batch_size), ("seqlen", seqlen),
+                        ("grad_accum", grad_accum), ("eval_every", eval_every), ("eval_batches_max", eval_batches_max)):
         if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     for name, value in (("warmup", warmup), ("stop_after", 0 if stop_after is None else stop_after)):
@@ -635,14 +683,18 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
     start, history = 0, {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_loss": []}
     run = {"seqlen": seqlen, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "warmup": warmup,
            "weight_decay": weight_decay, "grad_clip": grad_clip, "seed": seed, "dtype": dtype}
-    model = optimizer = None
+    model = optimizer = saved_corpus = None
     if resume:
         file, meta, tensors = _read_checkpoint(out)
         model, info = _model_from(file, meta, tensors, backend, device)
-        if info["step"] >= steps:
-            raise ValueError(f"checkpoint {file} is already at step {info['step']} >= steps={steps}: nothing to "
-                             f"train; pass a larger steps to continue")
-        saved = _saved_run(info["extra"])
+        extra = info["extra"]
+        steps = _resume_steps(file, info["step"], extra, steps, log if rank == 0 else None)
+        saved_world = extra.get("world_size", 1)
+        if saved_world != world:
+            raise ValueError(f"resume: checkpoint {file} was trained by {saved_world} process(es) and this run has "
+                             f"{world} (WORLD_SIZE): the global batch and the data each step sees depend on it; "
+                             f"resume with {saved_world}")
+        saved = _saved_run(extra)
         differ = [f"{k}={run[k]!r} (the checkpoint's: {saved[k]!r})" for k in RUN_SETTINGS
                   if k in saved and saved[k] != run[k]]
         if differ:
@@ -652,8 +704,13 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
         config, tokenizer = info["config"], info["tokenizer"]
         optimizer = make_optimizer(model, lr, weight_decay)
         _load_optimizer(optimizer, meta, tensors, file)
-        start, history = info["step"], {**history, **info["history"]}
-        data = info["extra"].get("data") if data is None else data
+        start, history = info["step"], {**history, **_checked_history(file, info["history"])}
+        data = extra.get("data") if data is None else data
+        saved_corpus = extra.get("corpus")
+    steps = DEFAULTS["steps"] if steps is None else steps
+    if log is not None and rank == 0 and not resume and warmup >= steps:
+        log(f"warmup={warmup} >= steps={steps}: the LR rises for the whole run and never decays (pass a smaller "
+            f"warmup)")
     tokenizer = tokenizer or ByteTokenizer()
     if config is None:
         config = config_from_spec(DEFAULTS["preset"], DEFAULTS["overrides"], tokenizer.vocab_size)
@@ -665,9 +722,18 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
             f"padded (ids past {tokenizer.vocab_size - 1} never occur)")
     if seqlen > config.max_seqlen:
         raise ValueError(f"seqlen={seqlen} is longer than the model's context max_seqlen={config.max_seqlen}")
+    if data is not None and data != "stdlib" and os.path.exists(data):
+        data = os.path.abspath(data)      # what a resumed run reads, from whatever directory it starts in
     text = load_corpus(data) if text is None else text
     if not text.strip():
         raise ValueError("the training text is empty")
+    corpus = {"chars": len(text), "sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()}
+    if saved_corpus is not None and saved_corpus != corpus:
+        theirs = saved_corpus if isinstance(saved_corpus, dict) else {}
+        raise ValueError(f"resume: the training text differs from the checkpoint's run (now {corpus['chars']} "
+                         f"characters, sha256 {corpus['sha256'][:12]}; the run's: {theirs.get('chars')} characters, "
+                         f"sha256 {str(theirs.get('sha256'))[:12]}): pass the run's data or text (it recorded "
+                         f"data={extra.get('data')!r}; None is the default corpus, or text given to train())")
     ids = encode_tensor(tokenizer, text)
     train_ids, val_ids = split_tokens(ids, seqlen)
 
@@ -734,7 +800,8 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
             history["eval_loss"].append(last_eval)
             if main and out:
                 file = save_checkpoint(out, model, optimizer, step=done, tokenizer=tokenizer, history=history,
-                                       extra={"data": data, "run": run})
+                                       extra={"data": data, "corpus": corpus, "world_size": world,
+                                              "run": {**run, "steps": steps}})
         if bar is not None:
             elapsed = time.perf_counter() - t0
             evals = {} if last_eval is None else {"eval": f"{last_eval:.3f}",
@@ -851,7 +918,8 @@ def cli(argv=None) -> int:
     p.add_argument("--preset", default=None, help=f"(default: {DEFAULTS['preset']})")
     p.add_argument("--config", default=None,
                    help=f"Config overrides key=value,... (default with the default preset: {DEFAULTS['overrides']})")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=f"(default: {DEFAULTS['steps']})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"length of the run (default: {DEFAULTS['steps']}; with --resume the run's own)")
     for flag, kind in (("--batch-size", int), ("--seqlen", int), ("--lr", float), ("--warmup", int),
                        ("--grad-clip", float), ("--grad-accum", int), ("--weight-decay", float), ("--seed", int)):
         p.add_argument(flag, type=kind, default=None, help=f"(default: {_run_default(flag[2:].replace('-', '_'))})")

@@ -1,5 +1,7 @@
 """fastlm.generate: KV-cache generation equals full recomputation token for token (fp32), batched prompts of
 different lengths, seeded sampling, top-k / top-p, stop tokens, no host sync in the decode step, bad input."""
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -473,3 +475,37 @@ def test_cli_seed_is_any_integer(checkpoint, capsys):
                     "--seed", str(seed), "ab"]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and outs[2] == outs[3]
+
+
+class _PieceTokenizer:
+    """SentencePiece-like: pieces carry their leading space as "▁", and a decoded text never starts with a space."""
+    byte_level = False
+    pieces = ["▁The", "▁old", "▁house", ".", "▁it", "s"]
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids).replace("▁", " ").lstrip(" ")
+
+
+class _BytePairTokenizer:
+    """BPE-like: tokens are byte strings, one may hold part of a UTF-8 character (decoded with replacement)."""
+    byte_level = False
+    tokens = [b"caf", b"\xc3", b"\xa9", b" ok"]
+
+    def decode(self, ids):
+        return b"".join(self.tokens[i] for i in ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("tokenizer, prompt, new, want", [
+    (_PieceTokenizer(), [0, 1], [2, 3, 4, 5], "The old house. its"),
+    (_BytePairTokenizer(), [0], [1, 2, 3], "café ok"),
+])
+def test_cli_stream_decodes_tokens_in_context(capsys, tokenizer, prompt, new, want):
+    """The CLI's streamed text is the decoded prompt + tokens, spaces and split characters included: a piece's
+    leading space survives and a character split across tokens is written once whole (never as U+FFFD)."""
+    from fastlm.generate import _Streamer
+    stream = _Streamer(tokenizer, prompt)
+    sys.stdout.write(tokenizer.decode(prompt))
+    for t in new:
+        stream(torch.tensor([t]))
+    stream.flush()
+    assert capsys.readouterr().out == want

@@ -12,7 +12,7 @@ from fastlm.summary import param_counts
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("a,alpha,c", [(3.2, 0.25, 1.1), (40.0, 0.6, 0.0), (8.0, 0.076, 0.5)])
+@pytest.mark.parametrize("a,alpha,c", [(3.2, 0.25, 1.1), (40.0, 0.6, 0.0), (8.0, 0.076, 0.5), (1e12, 2.5, 1.0)])
 def test_fit_recovers_a_known_law(a, alpha, c):
     n = np.logspace(4, 7.5, 6)
     loss = a * n ** -alpha + c
@@ -36,7 +36,23 @@ def test_fit_with_noise_and_constraints():
         scaling.fit_power_law([1, 2], [1, 2])
 
 
+def test_fit_of_a_loss_that_does_not_fall_says_so():
+    """Losses flat or rising with N: no power law; the fit is the mean loss (a = 0, alpha = 0) with a note, which
+    the table prints."""
+    n = [1e4, 1e5, 1e6, 1e7]
+    for loss in ([2.0, 2.1, 2.2, 2.3], [2.0, 2.0, 2.0, 2.0]):
+        fit = scaling.fit_power_law(n, loss)
+        assert fit["a"] == 0.0 and fit["alpha"] == 0.0 and fit["c"] == pytest.approx(np.mean(loss))
+        assert "the loss does not fall with N" in fit["note"]
+    models = [dict(name=f"m{i}", d_model=8, n_layer=1, params=int(x), non_embedding_params=int(x), train_flops=1.0,
+                   eval_loss=y, seconds=1.0) for i, (x, y) in enumerate(zip(n, loss))]
+    table = scaling._table(dict(models=models, fit=fit, tokens_per_model=10, corpus="c", seqlen=8))
+    assert table.endswith("Note: the loss does not fall with N: no power law fits; L(N) = c, the mean loss")
+
+
 @pytest.mark.parametrize("n, loss, match", [
+    ([1e5, 1e5, 1e5], [3.0, 2.5, 2.0], r"need at least 3 distinct model sizes .* got \[100000.0, 100000.0, 100000.0\]"),
+    ([1e4, 1e5, 1e5], [3.0, 2.5, 2.0], "need at least 3 distinct model sizes"),
     ([1e4, np.nan, 1e6], [3.0, 2.5, 2.2], r"params must be positive finite numbers, got \[10000.0, nan, 1000000.0\]"),
     ([1e4, 1e5, np.inf], [3.0, 2.5, 2.2], "params must be positive finite numbers"),
     ([1e4, 0, 1e6], [3.0, 2.5, 2.2], "params must be positive finite numbers"),

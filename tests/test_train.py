@@ -2,6 +2,7 @@
 bad input gets clear errors, and the train / generate CLIs run."""
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -418,7 +419,7 @@ def test_mistyped_arguments_are_rejected_before_training(kw, match):
 def test_padded_vocabulary_trains():
     """A vocab_size above the tokenizer's (padded for GEMM-friendly shapes) is accepted, and said so."""
     lines = []
-    out = _train(steps=2, config=_cfg(vocab_size=320), log=lines.append)
+    out = _train(steps=2, warmup=1, config=_cfg(vocab_size=320), log=lines.append)
     assert len(out["history"]["loss"]) > 0 and all(math.isfinite(x) for x in out["history"]["loss"])
     assert lines[0].startswith("vocab_size 320 > the tokenizer's 256: the embedding and LM head are padded")
 
@@ -475,6 +476,92 @@ def test_resume_at_or_past_steps_is_an_error(tmp_path, capsys):
     assert T.cli(["--out", str(tmp_path), "--resume", "--steps", "2", "--no-progress"]) == 2
     assert "is already at step 4 >= steps=2" in capsys.readouterr().err
     assert _train(steps=5, out=str(tmp_path), resume=True, plot=False)["history"]["step"] == [1, 2, 3, 4, 5]
+
+
+def test_resume_spans_the_runs_own_schedule(tmp_path, capsys):
+    """The checkpoint records the run's length: an interrupted run resumes to it (steps left out, or given equal),
+    another length is an error (the LR schedule spans the run), and a finished run may be extended, which is said."""
+    _train(steps=8, eval_every=2, out=str(tmp_path), stop_after=4, plot=False)
+    with pytest.raises(ValueError, match=r"is step 4 of a 8-step run, and its LR schedule spans 8 steps: resume "
+                                         r"with steps=8 \(or leave it out\), not 20"):
+        _train(steps=20, out=str(tmp_path), resume=True)
+    lines = []
+    res = _train(steps=None, out=str(tmp_path), resume=True, plot=False, log=lines.append)
+    assert res["history"]["step"] == list(range(1, 9)) and not any("extending" in line for line in lines)
+    full = _train(steps=8, eval_every=2)
+    assert res["history"]["lr"] == full["history"]["lr"]
+    assert T.cli(["--out", str(tmp_path), "--resume", "--no-progress", "--backend", "torch"]) == 2  # finished
+    assert "already at step 8 >= steps=8" in capsys.readouterr().err
+    res = _train(steps=10, out=str(tmp_path), resume=True, plot=False, log=lines.append)
+    assert res["history"]["step"] == list(range(1, 11))
+    assert "extending a finished 8-step run to 10 steps: the LR schedule is re-spanned over 10" in lines
+
+
+def test_resume_refuses_another_corpus(tmp_path, monkeypatch):
+    """A resumed run must see the run's corpus: other text, or a relative --data path that now names another file,
+    is an error; the path is recorded absolute, so the same file resumes from any directory."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "corpus.txt").write_text(TEXT[:20000])
+    (tmp_path / "b" / "corpus.txt").write_text(TEXT[20000:40000])
+    monkeypatch.chdir(tmp_path / "a")
+    args = dict(text=None, data="corpus.txt", steps=4, eval_every=2, out=str(tmp_path / "run"), plot=False)
+    _train(stop_after=2, **args)
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(ValueError, match=r"resume: the training text differs from the checkpoint's run \(now 20000 "
+                                         r"characters.*pass the run's data or text"):
+        _train(resume=True, **{**args, "data": "corpus.txt"})
+    with pytest.raises(ValueError, match=r"the training text differs"):
+        _train(resume=True, **{**args, "data": None, "text": TEXT[:1000]})
+    assert _train(resume=True, **{**args, "data": None})["history"]["step"] == [1, 2, 3, 4]   # the recorded path
+
+
+def test_resume_refuses_another_world_size(tmp_path):
+    _train(steps=4, eval_every=2, out=str(tmp_path / "run"), stop_after=2, plot=False)
+    src = tmp_path / "run" / T.CHECKPOINT
+    extra = json.loads(T._read_checkpoint(str(src), tensors=False)[1]["extra"])
+    assert extra["world_size"] == 1
+    _rewrite_metadata(src, src, extra=json.dumps({**extra, "world_size": 2}))
+    with pytest.raises(ValueError, match=r"trained by 2 process\(es\) and this run has 1 \(WORLD_SIZE\)"):
+        _train(steps=4, out=str(tmp_path / "run"), resume=True)
+
+
+def _rewrite_tensors(src, dst, change):
+    """A copy of checkpoint file ``src`` at ``dst`` with change(tensors, meta) applied."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(src), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors, meta)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t, m: m.update(optim_groups="[1, 2]"), "optim_groups must be a list of 2 parameter groups"),
+    (lambda t, m: m.update(optim_groups=json.dumps([{"lr": 1}, {"lr": 1}])), "optim_groups must be a list"),
+    (lambda t, m: t.pop("optim.0.step"), r"parameter 0 has state \['exp_avg', 'exp_avg_sq'\], expected"),
+    (lambda t, m: t.update({"optim.0.exp_avg": torch.zeros(3)}), r"tensor optim.0.exp_avg must hold finite floats"),
+    (lambda t, m: t["optim.1.exp_avg_sq"].view(-1)[0].fill_(float("nan")), "optim.1.exp_avg_sq must hold finite"),
+    (lambda t, m: t.update({"optim.x.exp_avg": torch.zeros(3)}), "tensor optim.x.exp_avg: no parameter x"),
+    (lambda t, m: t.update({"optim.99.exp_avg": torch.zeros(3)}), "tensor optim.99.exp_avg: no parameter 99"),
+    (lambda t, m: m.update(history='{"loss": 3}'), "its history must map names to lists of finite numbers"),
+])
+def test_corrupt_optimizer_state_or_history_is_named(tmp_path, capsys, change, message):
+    """Damaged optimizer tensors or loss history in a checkpoint: an error naming the file before training starts,
+    from the API and the CLI, never a traceback mid-step."""
+    _train(steps=4, eval_every=2, out=str(tmp_path / "run"), stop_after=2, plot=False)
+    src = tmp_path / "run" / T.CHECKPOINT
+    _rewrite_tensors(src, src, change)
+    with pytest.raises(ValueError, match=f"checkpoint {src}.*{message}"):
+        _train(steps=4, out=str(tmp_path / "run"), resume=True)
+    assert T.cli(["--out", str(tmp_path / "run"), "--resume", "--no-progress", "--backend", "torch"]) == 2
+    assert f"error: checkpoint {src}" in capsys.readouterr().err
+
+
+def test_warmup_past_the_run_is_said():
+    lines = []
+    _train(steps=3, warmup=5, log=lines.append)
+    assert lines[0] == "warmup=5 >= steps=3: the LR rises for the whole run and never decays (pass a smaller warmup)"
 
 
 def _rewrite_metadata(src, dst, **changes):
