@@ -16,6 +16,7 @@ transformers is imported only when these functions run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import types
@@ -73,8 +74,11 @@ def _config_llama(hf, qkv_bias: bool = False) -> Config:
         raise NotImplementedError(f"from_hf: RoPE type {kind!r} is not supported (only 'default', "
                                   f"{', '.join(repr(k) for k in ROPE_SCALING_KEYS)})")
     scaling = None if kind == "default" else {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALING_KEYS[kind]}}
-    # a sliding window in every layer (Mistral; Qwen2 with use_sliding_window from layer 0 on), or in none
+    # a sliding window in every layer (Mistral; Qwen2 with use_sliding_window from layer 0 on), or in none; Llama
+    # has none: transformers ignores a sliding_window entry in a Llama config (one left by a conversion)
     window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
+    if name == "llama":
+        window = None
     layer_types = getattr(hf, "layer_types", None)
     if layer_types is None and getattr(hf, "use_sliding_window", False):   # transformers 4.x Qwen2: from a layer on
         first = getattr(hf, "max_window_layers", 0)
@@ -193,8 +197,20 @@ def from_hf(hf_model, backend: str = "auto") -> Transformer:
     config = _config_gpt2(hf_model.config) if gpt2 else _config_llama(hf_model.config,
                                                                       qkv_bias=kind == "Qwen2ForCausalLM")
     weight = hf_model.get_input_embeddings().weight
+    head = hf_model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError(f"from_hf: {kind} with a bias on its LM head is not supported (fastlm's LM head "
+                                  f"has none)")
+    # tied as the tensors are: the config's tie_word_embeddings no longer says so for a head untied after loading
+    config = dataclasses.replace(config, tie_embeddings=head.weight is weight)
     model = Transformer(config, backend=backend).to(device=weight.device, dtype=weight.dtype)
-    state = _state_from_hf(hf_model.state_dict(), config)
+    sd = hf_model.state_dict()
+    state = _state_from_hf(sd, config)
+    used = {h for h, _, _ in (_pairs_gpt2 if gpt2 else _pairs_llama)(config)} | {
+        f"transformer.h.{i}.attn.c_attn.{p}" for i in range(config.n_layer) for p in ("weight", "bias")}
+    unused = sorted(set(sd) - used - ({"lm_head.weight"} if config.tie_embeddings else set()))
+    if unused:
+        raise NotImplementedError(f"from_hf: {kind} has tensors fastlm's model has no place for: {unused[:5]}")
     model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True)
     return model
 
@@ -317,11 +333,16 @@ def _plain_window_mask(mask, Sq, Sk, window_left) -> bool:
     then goes to transformers' sdpa path."""
     if torch.compiler.is_compiling() or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (Sq, Sk):
         return False
+    def read():
+        keep = reference.attention_mask(Sq, Sk, causal=True, window=(window_left, 0), device=mask.device)  # (Sq, Sk)
+        return bool((mask == keep).all())
+
+    if mask.is_inference():            # (an inference tensor has no version counter: read it every time)
+        return read()
     answers = mask.__dict__.setdefault("_fastlm_plain_window", {})
     key = (window_left, mask._version)
     if key not in answers:
-        keep = reference.attention_mask(Sq, Sk, causal=True, window=(window_left, 0), device=mask.device)  # (Sq, Sk)
-        answers[key] = bool((mask == keep).all())
+        answers[key] = read()
     return answers[key]
 
 
@@ -497,8 +518,9 @@ def _patch_plan(model, model_type):
         for m in model.modules():
             if isinstance(m, attn_cls):
                 # each layer its own window: Qwen2's modules carry theirs (None in full-attention layers of a model
-                # with layer_types), Mistral's take the config's
-                window = getattr(m, "sliding_window", getattr(cfg, "sliding_window", None))
+                # with layer_types), Mistral's take the config's; Llama's have none (as in _config_llama)
+                window = None if model_type == "llama" else getattr(m, "sliding_window",
+                                                                     getattr(cfg, "sliding_window", None))
                 # transformers' masking_utils.sliding_window_overlay keeps kv_idx > q_idx - W: a query sees itself
                 # and the W - 1 keys before it, as fastlm's Config.sliding_window does
                 plan.append((m, functools.partial(_llama_attention, window_left=sliding_window_left(window))))
@@ -526,7 +548,8 @@ def patch(model, backend: str = "auto", fused_linear_cross_entropy: bool = True)
     """Put fastlm's ops inside a transformers GPT-2, Llama, Mistral or Qwen2 model, in place, and return it.
 
     Attention (with RoPE for the Llama-like ones, and each layer's sliding window), MLP and norm modules get a
-    forward built on fastlm.ops; the causal-LM loss uses ops.cross_entropy, and with
+    forward built on fastlm.ops; in the causal LMs (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
+    Qwen2ForCausalLM) the loss uses ops.cross_entropy, and with
     ``fused_linear_cross_entropy`` a training forward with labels computes the LM head inside
     ops.linear_cross_entropy (the logits are never held; the output's logits are None); a batch whose labels are
     all ignored gets loss 0 where transformers' is NaN. Masks follow
@@ -563,7 +586,9 @@ def patch(model, backend: str = "auto", fused_linear_cross_entropy: bool = True)
            for _, fn in plan):                   # the patched attention reads sdpa's masks (None: causal)
         config._attn_implementation = "sdpa"
     model._fastlm_patch = state
-    if hasattr(model, "lm_head") and hasattr(type(model), "loss_function"):
+    # the causal-LM loss and fused head only where the model's forward computes that loss through loss_function
+    # (transformers' causal LMs; not e.g. GPT2DoubleHeadsModel, whose own loss reads the LM head's logits)
+    if type(model).__name__ in _FROM_HF_SUPPORTED and type(model).__module__.startswith("transformers."):
         state["loss"] = (model.__dict__.get("_loss_function"),)
         state["loss_function"] = functools.partial(_causal_lm_loss, backend=backend)
         model.loss_function = state["loss_function"]

@@ -258,6 +258,40 @@ def test_from_hf_keeps_dtype_and_untied_head():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-12, atol=1e-12)
 
 
+def test_from_hf_reads_the_head_from_its_tensors():
+    """A head untied from the embedding after loading (the config still says tied) is converted as the untied head
+    it is; a head with a bias, which fastlm's model has no place for, is refused rather than dropped."""
+    hf = hf_llama(tie_word_embeddings=True)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    tokens = torch.randint(0, V, (1, 8))
+    with torch.no_grad():
+        tied = from_hf(hf, backend="torch")
+        assert tied.config.tie_embeddings
+        torch.testing.assert_close(tied(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+        hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight + 0.05 * torch.randn_like(hf.lm_head.weight))
+        untied = from_hf(hf, backend="torch")
+        assert not untied.config.tie_embeddings and torch.equal(untied.lm_head.weight, hf.lm_head.weight)
+        torch.testing.assert_close(untied(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+    hf.lm_head = torch.nn.Linear(64, V, bias=True)
+    with pytest.raises(NotImplementedError, match="LlamaForCausalLM with a bias on its LM head is not supported"):
+        from_hf(hf)
+
+
+def test_llama_ignores_a_sliding_window_entry_as_transformers_does():
+    """A Llama config carrying a sliding_window entry (left by a conversion): transformers' Llama attends to every
+    key, and so do from_hf's model and the patched one."""
+    hf = hf_llama(sliding_window=4)
+    assert hf.config.sliding_window == 4
+    tokens = torch.randint(0, V, (1, 16))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        model = from_hf(hf, backend="torch")
+        assert model.config.sliding_window is None
+        torch.testing.assert_close(model(tokens), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(patch(copy.deepcopy(hf), backend="torch")(tokens).logits, want, rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_from_hf_unsupported():
     with pytest.raises(NotImplementedError, match="GPT2LMHeadModel.*Qwen2ForCausalLM; got GPT2Model"):
         from_hf(transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V)))
@@ -581,6 +615,37 @@ def test_patch_gives_each_layer_its_window(kind, monkeypatch):
     with torch.no_grad():
         hf(torch.randint(0, V, (2, 9)))                     # 9 keys > W = 4: transformers materializes the mask
     assert windows == [(3, 0) if t == "sliding_attention" else (-1, 0) for t in layer_types]
+
+
+@pytest.mark.parametrize("kind", ["mistral-window", "qwen2-window"])
+def test_patched_window_model_under_inference_mode(kind):
+    """torch.inference_mode (serving, evaluation): transformers' materialized window mask is an inference tensor,
+    which has no version counter to key the cached answer by; it is read afresh, and outputs stay transformers'."""
+    hf = WINDOWED[kind]()
+    tokens = torch.randint(0, V, (1, 9))                     # 9 keys > W = 4: transformers materializes the mask
+    with torch.inference_mode():
+        want = hf(tokens).logits
+        want_gen = hf.generate(tokens[:, :3], max_new_tokens=8, do_sample=False)
+        patch(hf, backend="torch")
+        torch.testing.assert_close(hf(tokens).logits, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(hf.generate(tokens[:, :3], max_new_tokens=8, do_sample=False), want_gen)
+
+
+def test_patch_leaves_the_loss_of_other_heads_alone():
+    """GPT2DoubleHeadsModel (model_type gpt2, with an LM head) computes its losses itself from the LM head's logits:
+    patch swaps its modules but neither its loss nor its head, so a training step with labels keeps transformers'
+    loss and logits."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=64, n_layer=1, n_head=4, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
+    hf = transformers.GPT2DoubleHeadsModel(cfg).train()
+    ref = copy.deepcopy(hf)
+    patch(hf, backend="torch")
+    assert "forward" in hf.transformer.h[0].mlp.__dict__ and "forward" not in hf.__dict__
+    tokens = torch.randint(0, V, (2, 10))
+    got, want = hf(tokens, labels=tokens), ref(tokens, labels=tokens)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_window_mask_recognition():
