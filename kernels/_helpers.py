@@ -60,6 +60,23 @@ def sm_count(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+H200_SHARED_MEMORY = 232448  # bytes of shared memory a block may use on sm_90 (227 KB)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block), props.major
+
+
+def shared_memory(device: torch.device) -> tuple[int, int]:
+    """(bytes of shared memory a block may use, compute capability major) of a CUDA device, queried once per device;
+    for the interpreter (CPU tensors) the H200's, the device the tiles are chosen for."""
+    if device.type != "cuda":
+        return H200_SHARED_MEMORY, 9
+    return _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def num_programs(device: torch.device, per_sm: int = 4, cpu: int = 4) -> int:
     """A persistent-grid size: a few programs per SM on a GPU, a handful in the (sequential) interpreter."""
     if device.type != "cuda":

@@ -26,10 +26,10 @@ import triton
 import triton.language as tl
 
 from ._helpers import (aligned, autotune, dot_acc, gelu_tanh, gelu_tanh_and_grad, interpreter, next_pow2, rows2d,
-                       silu, triton_dtype_name)
+                       shared_memory, silu, triton_dtype_name)
 
 ACT_NONE, ACT_GELU, ACT_SWIGLU = 0, 1, 2
-SMEM_BYTES = 220 * 1024  # sm_90 allows 227 KB per block; leave room for the epilogue's layout conversions
+SMEM_RESERVE = 7 * 1024  # shared memory kept free of the pipeline's buffers for the epilogue's layout conversions
 
 
 @triton.jit
@@ -144,20 +144,23 @@ def gpu_gemm_configs():
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Keep tiles that fit the problem (no tile far larger than M, N or K), shared memory, and the register file (at
-    most 128 fp32 accumulator values per thread, counting both of gate+up's accumulators); large M skips the
-    decode tiles."""
+    """Keep tiles that fit the problem (no tile far larger than M, N or K), the device's shared memory, and the
+    register file (at most 128 fp32 accumulator values per thread, counting both of gate+up's accumulators); large M
+    skips the decode tiles. The pipeline holds num_stages tiles of the operands on sm_90 (TMA / wgmma pipelining)
+    and num_stages - 1 on earlier GPUs (cp.async)."""
     args = {**named_args, **kwargs}
     M, N, K = args["M"], args["N"], args["K"]
     dual = args["ACT"] == ACT_SWIGLU
     size = args["X"].element_size()
+    limit, major = shared_memory(args["X"].device)
     m_cap, n_cap, k_cap = max(16, next_pow2(M)), max(16, next_pow2(N)), max(16, next_pow2(K))
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        smem = c.num_stages * (bm * bk + (2 if dual else 1) * bn * bk) * size
+        buffers = c.num_stages if major >= 9 else c.num_stages - 1
+        smem = buffers * (bm * bk + (2 if dual else 1) * bn * bk) * size
         acc_regs = (2 if dual else 1) * bm * bn // (32 * c.num_warps)
-        if bm > m_cap or bn > n_cap or bk > k_cap or smem > SMEM_BYTES or acc_regs > 128:
+        if bm > m_cap or bn > n_cap or bk > k_cap or smem > limit - SMEM_RESERVE or acc_regs > 128:
             continue
         if M >= 512 and bm < 64:
             continue

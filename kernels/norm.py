@@ -38,13 +38,16 @@ def norm_fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, n_rows, D, eps,
         tl.store(H + off, h, mask=mask)
         x = h
     x = x.to(tl.float32)
+    # the statistics rounded correctly (div_rn / sqrt_rn): a plain `/` and tl.sqrt compile to the GPU's approximate
+    # division and square root, off by a few ulp in every row, where the interpreter computes exactly
+    n = D * 1.0
     if IS_RMS:
         xc = x
     else:
-        mean = tl.sum(x, axis=1) / D
+        mean = tl.div_rn(tl.sum(x, axis=1), n)
         tl.store(MEAN + rows, mean, mask=rmask)
         xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(xc * xc, axis=1), n) + eps))
     tl.store(RSTD + rows, rstd, mask=rmask)
     y = xc * rstd[:, None] * tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:

@@ -175,10 +175,11 @@ def test_every_gemm_config(monkeypatch, rows, kind, config):
              inputs(rows, 512, 1408, torch.bfloat16))
 
 
-def test_gemm_config_pruning():
+def test_gemm_config_pruning(monkeypatch):
     k = importlib.import_module("fastlm.kernels.ffn")
     x = torch.empty(0, dtype=torch.bfloat16)
     configs = k.gpu_gemm_configs()
+    limit = 232448                                                 # an H200 (the CPU tensor stands for it)
 
     def kept(M, N, K, act):
         out = k.prune_configs(configs, {"M": M, "N": N, "K": K, "ACT": act, "X": x})
@@ -189,5 +190,15 @@ def test_gemm_config_pruning():
     assert all(bm == 16 for bm, *_ in kept(1, 4096, 4096, k.ACT_NONE))                  # decoding: thin tiles
     for bm, bn, bk, warps, stages in kept(8192, 14336, 4096, k.ACT_SWIGLU):
         assert bm >= 64 and 2 * bm * bn <= 128 * 32 * warps                              # registers of 2 accumulators
-        assert stages * (bm * bk + 2 * bn * bk) * 2 <= k.SMEM_BYTES
+        assert stages * (bm * bk + 2 * bn * bk) * 2 <= limit - k.SMEM_RESERVE
     assert all(bn <= 64 and bk <= 64 for _, bn, bk, *_ in kept(7, 40, 40, k.ACT_GELU))
+    assert kept(4096, 14336, 4096, k.ACT_SWIGLU)[0] == (128, 128, 64, 8, 4)           # 196608 bytes on sm_90 (ptxas)
+    # the device's shared memory, not the H200's: an sm_89 GPU (L4, L40S, RTX 4090) has 99 KB a block and pipelines
+    # num_stages - 1 tiles (cp.async); that tile needs 147456 bytes there (ptxas), more than it has
+    monkeypatch.setattr(k, "shared_memory", lambda device: (101376, 8))
+    limit = 101376
+    for M, act in ((4096, k.ACT_SWIGLU), (4096, k.ACT_GELU), (1, k.ACT_NONE)):
+        out = kept(M, 14336, 4096, act)
+        assert (128, 128, 64, 8, 4) not in out
+        assert all((stages - 1) * (bm * bk + (2 if act == k.ACT_SWIGLU else 1) * bn * bk) * 2
+                   <= limit - k.SMEM_RESERVE for bm, bn, bk, _, stages in out)
