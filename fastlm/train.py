@@ -139,19 +139,28 @@ class TiktokenTokenizer:
 
 
 class SentencePieceTokenizer:
+    """A SentencePiece model from its .model file, or from the model itself (``proto``, the file's bytes: a
+    checkpoint carries them, so that it does not depend on the file staying where it was)."""
     byte_level = False
 
-    def __init__(self, model_file: str | None):
+    def __init__(self, model_file: str | None, proto: bytes | None = None):
         try:
             import sentencepiece
         except ImportError as e:
             raise ImportError("--tokenizer sentencepiece needs the sentencepiece package (pip install "
                               "sentencepiece)") from e
-        if not model_file or not os.path.isfile(model_file):
-            raise FileNotFoundError(f"--tokenizer sentencepiece needs --tokenizer-model PATH to a .model file, "
-                                    f"got {model_file!r}")
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
-        self.model_file = os.path.abspath(model_file)
+        if proto is None:
+            if not model_file or not os.path.isfile(model_file):
+                raise FileNotFoundError(f"--tokenizer sentencepiece needs --tokenizer-model PATH to a .model file, "
+                                        f"got {model_file!r}")
+            with open(model_file, "rb") as f:
+                proto = f.read()
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError as e:
+            raise ValueError(f"sentencepiece model {model_file!r} cannot be read: {e}") from e
+        self.proto = proto
+        self.model_file = None if model_file is None else os.path.abspath(model_file)
         self.name = "sentencepiece"
         self.vocab_size = self.sp.get_piece_size()
 
@@ -162,7 +171,8 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids])
 
     def spec(self):
-        return {"kind": "sentencepiece", "model_file": self.model_file}
+        return {"kind": "sentencepiece", "model_file": self.model_file,
+                "sha256": hashlib.sha256(self.proto).hexdigest()}
 
 
 def make_tokenizer(kind: str = "byte", model_file: str | None = None, encoding: str = "gpt2"):
@@ -178,7 +188,15 @@ def make_tokenizer(kind: str = "byte", model_file: str | None = None, encoding: 
     raise ValueError(f"tokenizer must be one of byte, tiktoken, sentencepiece; got {kind!r}")
 
 
-def tokenizer_from_spec(spec: dict):
+def tokenizer_from_spec(spec: dict, proto: bytes | None = None):
+    """The tokenizer a checkpoint's spec names; a SentencePiece model from ``proto`` (the bytes the checkpoint
+    carries, checked against the spec's sha256) when given, else from its model_file."""
+    if proto is not None and spec.get("kind") == "sentencepiece":
+        digest = hashlib.sha256(proto).hexdigest()
+        if digest != spec.get("sha256"):
+            raise ValueError(f"the sentencepiece model it carries has sha256 {digest[:12]}, its spec says "
+                             f"{str(spec.get('sha256'))[:12]}")
+        return SentencePieceTokenizer(spec.get("model_file"), proto=proto)
     return make_tokenizer(spec.get("kind", "byte"), spec.get("model_file"), spec.get("encoding", "gpt2"))
 
 
@@ -273,6 +291,9 @@ def save_checkpoint(path: str, model, optimizer=None, *, step: int = 0, tokenize
     file = _checkpoint_file(path)
     os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    proto = getattr(tokenizer, "proto", None)
+    if proto is not None:                                    # a SentencePiece model travels with the checkpoint
+        tensors[TOKENIZER_TENSOR] = torch.frombuffer(bytearray(proto), dtype=torch.uint8)
     meta = {"format": FORMAT, "config": json.dumps(_config_dict(model.config)), "step": str(step),
             "tokenizer": json.dumps((tokenizer or ByteTokenizer()).spec()), "history": json.dumps(history or {}),
             "extra": json.dumps(extra or {})}
@@ -405,6 +426,8 @@ def load_config(path: str):
     return _checkpoint_config(file, meta)
 
 
+TOKENIZER_TENSOR = "tokenizer.sentencepiece_model"  # checkpoint tensor: the SentencePiece model's bytes (uint8)
+
 # The settings of a training run that shape its loss curve: a resumed run must keep them (checkpoint extra "run").
 RUN_SETTINGS = ("seqlen", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "grad_clip", "seed", "dtype")
 
@@ -471,8 +494,9 @@ def load_model(path: str, *, backend: str = "auto", device=None):
 def _model_from(file, meta, tensors, backend, device):
     model = _model_only(file, meta, tensors, backend, device)
     spec = json.loads(meta.get("tokenizer", "{}"))
+    proto = tensors.get(TOKENIZER_TENSOR)
     try:
-        tokenizer = tokenizer_from_spec(spec)
+        tokenizer = tokenizer_from_spec(spec, None if proto is None else proto.numpy().tobytes())
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"checkpoint {file}: its tokenizer {spec} cannot be built: {e}") from e
     info = {"step": int(meta.get("step", 0)), "config": model.config, "file": file, "tokenizer": tokenizer,

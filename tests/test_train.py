@@ -193,6 +193,33 @@ def test_missing_tokenizer_package():
         T.make_tokenizer("tiktoken")
 
 
+def test_sentencepiece_run_carries_its_model(tmp_path, capsys, monkeypatch):
+    """A SentencePiece run: the checkpoint carries the tokenizer model itself, so moving or deleting the .model file
+    keeps it resumable and sampleable (CLI included); the model's bytes are checked against the spec's sha256."""
+    spm = pytest.importorskip("sentencepiece")   # (in requirements-cpu.txt: CI runs this)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT[:60000])
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spm"), vocab_size=300,
+                                   model_type="bpe", minloglevel=2)
+    tokenizer = T.make_tokenizer("sentencepiece", str(tmp_path / "spm.model"))
+    assert tokenizer.vocab_size == 300
+    run = tmp_path / "run"
+    _train(steps=4, eval_every=2, stop_after=2, text=None, data=str(corpus), tokenizer=tokenizer,
+           config=_cfg(vocab_size=300), out=str(run), plot=False)
+    (tmp_path / "spm.model").unlink()
+    model, info = T.load_checkpoint(str(run), backend="torch")
+    assert info["tokenizer"].encode("The old house") == tokenizer.encode("The old house")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert T.cli(["--out", str(run), "--resume", "--backend", "torch", "--no-progress"]) == 0
+    assert generate_cli(["--checkpoint", str(run), "--backend", "torch", "--max-new-tokens", "4", "The old"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("The old")
+    bad = tmp_path / "bad.safetensors"
+    _rewrite_metadata(run / T.CHECKPOINT, bad, tokenizer=json.dumps({**tokenizer.spec(), "sha256": "0" * 64}))
+    with pytest.raises(ValueError, match=r"its tokenizer .* cannot be built: the sentencepiece model it carries has "
+                                         r"sha256 \w{12}, its spec says 000000000000"):
+        T.load_checkpoint(str(bad))
+
+
 def test_tokenizer_model_file_needs_sentencepiece(tmp_path, capsys):
     with pytest.raises(ValueError, match="read by the sentencepiece tokenizer only; got tokenizer 'byte'"):
         T.make_tokenizer("byte", "x.model")
