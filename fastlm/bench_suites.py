@@ -111,10 +111,38 @@ _SDPA_GPU = ("flash", "efficient", "cudnn", "math")
 def sdpa_attention(q, k, v, *, causal=False, sdpa_backend=None):
     """torch's scaled_dot_product_attention on fastlm's (B, S, H, D) layout (transposed views, no copies), the
     causal mask aligned bottom-right as fastlm's."""
+    return sdpa_bhsd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+                     sdpa_backend=sdpa_backend)
+
+
+def bhsd(inputs: dict) -> dict:
+    """Attention inputs in SDPA's own layout, (B, H, S, D) contiguous: what a user of SDPA holds (an Impl's
+    convert, made outside the timed calls)."""
+    return {name: t.transpose(1, 2).contiguous() for name, t in inputs.items()}
+
+
+def widened(convert=None):
+    """An Impl's convert that also widens bf16 / fp16 inputs to fp32 (the CPU peers' fastest way to compute in half
+    precision: this CPU's native bf16 paths are slower), once, as a user keeping fp32 copies would."""
+    def run(inputs):
+        inputs = {k: t.float() if t.is_floating_point() else t for k, t in inputs.items()}
+        return inputs if convert is None else convert(inputs)
+    return run
+
+
+def rounded(fn, dtype):
+    """fn with its output rounded to ``dtype`` (the case's), as the widened peers return it."""
+    def call(**inputs):
+        return fn(**inputs).to(dtype)
+    return call
+
+
+def sdpa_bhsd(q, k, v, *, causal=False, sdpa_backend=None):
+    """SDPA on q, k, v in its layout (B, H, S, D); the output back in fastlm's (B, S, H, D) (a view)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    Sq, Sk = q.shape[1], k.shape[1]
-    kwargs = {"enable_gqa": q.shape[2] != k.shape[2]}
+    qt, kt, vt = q, k, v
+    Sq, Sk = q.shape[2], k.shape[2]
+    kwargs = {"enable_gqa": q.shape[1] != k.shape[1]}
     if causal and Sq == Sk:
         kwargs["is_causal"] = True
     elif causal:
@@ -167,10 +195,19 @@ def _attention_case(ctx, backends, B, H, Hkv, S, D, causal, dtype, mode, compile
     # (on a CPU) where its passes over the scores would take most of the quick suite's minutes
     score_bytes = B * H * S * S * 4 * 4 * (3 if mode == "bwd" else 1)
     eager_ok = score_bytes < (24 if gpu else 1) * 2**30
-    sdpa = [Impl(f"sdpa-{b}", "peer", functools.partial(sdpa_attention, causal=causal, sdpa_backend=b))
-            for b in (_SDPA_GPU if gpu else ())]
+    # forward: SDPA on inputs in its own layout (B, H, S, D); backward: on fastlm's, the gradients' layout
+    fwd = mode == "fwd"
+
+    def sdpa_impl(name, backend=None, widen=False):
+        fn = functools.partial(sdpa_bhsd if fwd else sdpa_attention, causal=causal, sdpa_backend=backend)
+        convert = bhsd if fwd else None
+        if widen:
+            fn, convert = rounded(fn, dtype), widened(convert)
+        return Impl(name, "peer", fn, convert=convert)
+    sdpa = [sdpa_impl(f"sdpa-{b}", b) for b in (_SDPA_GPU if gpu else ())]
     if not gpu:
-        sdpa = [Impl("sdpa", "peer", functools.partial(sdpa_attention, causal=causal))]
+        sdpa = [sdpa_impl("sdpa")] + ([sdpa_impl("sdpa-fp32", widen=True)]
+                                      if fwd and dtype in (torch.bfloat16, torch.float16) else [])
     if not eager_ok:
         sdpa = [s for s in sdpa if s.name != "sdpa-math"]
     limit = cuda_limits(dtype, D)
@@ -241,10 +278,24 @@ def attention_cases(ctx, backends, dtypes):
 # Decode attention
 # ----------------------------------------------------------------------------------------------------------------------
 
+def decode_layout(inputs: dict) -> dict:
+    """A decode case's inputs as a user of SDPA holds them: the caches in (B, Hkv, S_max, D) (transformers' cache
+    layout) and the new token's queries grouped by kv head, (B, Hkv, H / Hkv, D): GQA as one SDPA call without
+    repeating K / V, each kv head's queries a block of rows."""
+    q, k, v = inputs["q"], inputs["k_cache"], inputs["v_cache"]
+    B, _, H, D = q.shape
+    Hkv = k.shape[2]
+    return {"q": q[:, 0].reshape(B, Hkv, H // Hkv, D).contiguous(), "k_cache": k.transpose(1, 2).contiguous(),
+            "v_cache": v.transpose(1, 2).contiguous(), "cache_seqlens": inputs["cache_seqlens"]}
+
+
 def sdpa_decode(q, k_cache, v_cache, cache_seqlens, *, length: int):
-    """The PyTorch way to attend over a cache whose sequences all have the same length: SDPA on a slice of ``length``
-    keys, known on the host (reading cache_seqlens would wait for the GPU inside the timed call)."""
-    return sdpa_attention(q, k_cache[:, :length], v_cache[:, :length], causal=q.shape[1] > 1)
+    """The PyTorch way to attend over a cache whose sequences all have the same length, on decode_layout's inputs:
+    SDPA of the grouped queries against a slice of ``length`` keys, known on the host (reading cache_seqlens would
+    wait for the GPU inside the timed call). Returns fastlm's (B, 1, H, D)."""
+    B, Hkv, G, D = q.shape
+    out = F.scaled_dot_product_attention(q, k_cache[:, :, :length], v_cache[:, :, :length])
+    return out.reshape(B, 1, Hkv * G, D)
 
 
 def _decode_case(ctx, backends, B, H, Hkv, ctxlen, D, dtype):
@@ -254,7 +305,7 @@ def _decode_case(ctx, backends, B, H, Hkv, ctxlen, D, dtype):
                 "cache_seqlens": torch.full((B,), ctxlen, dtype=torch.int32, device=device)}
 
     impls = fastlm_impls("decode_attention", ctx, backends, cuda_limit=cuda_limits(dtype, D)) + [
-        Impl("sdpa", "peer", functools.partial(sdpa_decode, length=ctxlen)),
+        Impl("sdpa", "peer", functools.partial(sdpa_decode, length=ctxlen), convert=decode_layout),
                                                                Impl("eager", "peer", reference.decode_attention)]
     name = f"B{B} H{H}/{Hkv} ctx{ctxlen} D{D}"
     shape = {"batch": B, "nheads": H, "nheads_kv": Hkv, "context": ctxlen, "headdim": D}
@@ -328,6 +379,8 @@ def _ffn_case(ctx, backends, kind, T, d, f, dtype, mode, compile_here):
         extra = [Impl("liger", "peer", _liger_swiglu)]
     elif ctx.device.type == "cuda" and mode == "fwd":  # (torch._addmm_activation has no backward)
         extra = [Impl("cublaslt", "peer", _cublaslt_gelu_mlp)]
+    elif mode == "fwd" and dtype in (torch.bfloat16, torch.float16):     # a CPU: fp32 arithmetic is the faster way
+        extra = [Impl("eager-fp32", "peer", rounded(ref, dtype), convert=widened())]
     limit = cuda_limits(dtype, dims=(d, f))
     impls = fastlm_impls(op, ctx, backends, cuda_limit=limit)
     impls += _cuda_mma_impl(ctx, impls, mode == "fwd" and limit is None) + peers(ref, ctx, compile_here=compile_here,

@@ -128,7 +128,7 @@ class Timing:
     max_reps: int = 50
 
 
-QUICK_CPU, QUICK_GPU = Timing(0.05, 0.25, 3, 30), Timing(0.05, 0.15, 10, 200)
+QUICK_CPU, QUICK_GPU = Timing(0.05, 0.25, 5, 30), Timing(0.05, 0.15, 10, 200)
 FULL_CPU, FULL_GPU = Timing(0.2, 1.0, 5, 100), Timing(0.1, 0.5, 20, 1000)
 TINY = Timing(0.0, 0.01, 2, 3)
 
@@ -197,9 +197,10 @@ def _stats(times: list[float]) -> dict:
 def time_rotation(fn_lists: list[list[Callable]], timing: Timing, companion: list[Callable] | None = None) -> list:
     """CPU: several implementations timed in rotation, one call of each per round in a shuffled order (each cycling
     through its own closures, one per input set), after the same warm-up; the budget is ``timing``'s per
-    implementation. Returns, per implementation, time_fns' statistics or the exception one of its calls raised (it
-    then leaves the rotation; the others go on). ``companion`` (the closures of a ceiling kernel) takes part in
-    every round while an implementation is left; its statistics come last."""
+    implementation: each leaves the rotation once it has min_reps calls and either max_reps or budget_s of timed
+    time. Returns, per implementation, time_fns' statistics or the exception one of its calls raised (it then
+    leaves the rotation; the others go on). ``companion`` (the closures of a ceiling kernel) takes part in every
+    round while an implementation is left (up to max_reps calls); its statistics come last."""
     fn_lists = fn_lists + ([companion] if companion else [])
     n_impls = len(fn_lists) - (1 if companion else 0)
     out: list = [None] * len(fn_lists)
@@ -209,7 +210,7 @@ def time_rotation(fn_lists: list[list[Callable]], timing: Timing, companion: lis
     def call(j: int, n: int) -> None:
         try:
             t = time.perf_counter()
-            fn_lists[j][n % len(fn_lists[j])]()
+            fn_lists[j][(n + j) % len(fn_lists[j])]()     # (+ j: no call finds the set the one before it read)
             times[j].append(time.perf_counter() - t)
         except Exception as e:  # noqa: BLE001 - one failing implementation must not end the others' measurement
             out[j] = e
@@ -217,6 +218,11 @@ def time_rotation(fn_lists: list[list[Callable]], timing: Timing, companion: lis
 
     def running() -> bool:
         return any(j < n_impls for j in live)
+
+    def wants_more(j: int) -> bool:
+        """Each implementation's own budget: a slow peer stops at min_reps without cutting a fast one short."""
+        done = len(times[j])
+        return done < timing.min_reps or (done < timing.max_reps and sum(times[j]) < timing.budget_s)
 
     for j in list(live):                                 # compile / first-touch happen here
         for n in range(len(fn_lists[j])):
@@ -237,10 +243,13 @@ def time_rotation(fn_lists: list[list[Callable]], timing: Timing, companion: lis
         one_round(n)
         n += 1
     times = [[] for _ in fn_lists]
-    start, n = time.perf_counter(), 0
-    budget = timing.budget_s * len(fn_lists)
-    while running() and (n < timing.min_reps or (n < timing.max_reps and time.perf_counter() - start < budget)):
-        one_round(n)
+    n = 0
+    while running():
+        for j in order.sample(live, len(live)):
+            # the ceiling's companion is timed while an implementation is
+            if j in live and (wants_more(j) if j < n_impls else len(times[j]) < timing.max_reps):
+                call(j, n)
+        live[:] = [j for j in live if j >= n_impls or wants_more(j)]
         n += 1
     return [out[j] if out[j] is not None else _stats(times[j]) if times[j] else RuntimeError("never timed")
             for j in range(len(fn_lists))]
@@ -329,7 +338,13 @@ class Impl:
     backend: str | None = None
     fallback: "Impl | None" = None      # run instead when this backend is unavailable here (default choice only)
     compiled: bool = False              # torch.compile'd: checking it at another shape would compile it twice
+    # "fwd" cases: the inputs as this implementation takes them (a peer's own layout or dtype), made once per input
+    # set outside the timed calls, as a user of it would hold them; fn takes them and returns fastlm's layout
+    convert: Callable | None = None
     cuda_graph: bool = False            # a model's decode step captured in a CUDA graph (generate(cuda_graph=True))
+
+    def converted(self, inputs: dict) -> dict:
+        return inputs if self.convert is None else self.convert(inputs)
 
 
 @dataclass
@@ -521,7 +536,7 @@ class OpCase:
             case._refs = (inputs, case.forward(case.reference, _cast(inputs, torch.float64)),
                           case.forward(case.reference, inputs))
         inputs, ref64, ref_low = case._refs
-        out = case.forward(impl.fn, inputs)
+        out = case.forward(impl.fn, impl.converted(inputs))
         names = case.grad_inputs if case.mode != "fwd" else [f"out{i}" for i in range(len(ref64))]
         if len(out) != len(ref64):
             return float("nan"), float("nan"), False, f"{len(out)} outputs, reference has {len(ref64)}"
@@ -531,7 +546,8 @@ class OpCase:
             what += f" at {case.name}"
             if self.spot_check is not None:      # the timed shape itself, in part
                 inputs = self.input_sets(device, 1)[0]
-                compared.append(("spot check", *self.spot_check(self.forward(impl.fn, inputs), inputs)))
+                compared.append(("spot check", *self.spot_check(self.forward(impl.fn, impl.converted(inputs)),
+                                                                inputs)))
                 what += " and a part of the output at the timed shape"
         verdicts = [testing.passes_rule(*c) for c in compared]
         return (max((v[1] for v in verdicts), default=0.0), max((v[2] for v in verdicts), default=0.0),
@@ -543,7 +559,7 @@ class OpCase:
         res.max_err, res.ref_err, res.correct, res.check = self.check(impl, ctx.device)
         res.status = "wrong" if res.correct is False else "ok"
         sets = sets if sets is not None else self.input_sets(ctx.device, self.n_sets(ctx.device))
-        return res, [self.closure(impl.fn, s) for s in sets]
+        return res, [self.closure(impl.fn, impl.converted(s)) for s in sets]
 
     def run(self, ctx: Context, progress=None) -> list[Result]:
         if self.skip_reason:
