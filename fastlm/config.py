@@ -75,6 +75,11 @@ def check_rope_scaling(scaling) -> dict | None:
         if not is_real(scaling[k]) or not 0 < scaling[k] < math.inf:
             raise ValueError(f"rope_scaling[{k!r}] must be a positive finite number, got {scaling[k]!r}")
         out[k] = scaling[k]
+    if out["factor"] < 1:
+        raise ValueError(f"rope_scaling['factor'] must be >= 1 (it stretches the context), got {out['factor']!r}")
+    if kind == "llama3" and not is_int(out["original_max_position_embeddings"]):
+        raise ValueError(f"rope_scaling['original_max_position_embeddings'] must be an integer, got "
+                         f"{out['original_max_position_embeddings']!r}")
     if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
         raise ValueError(f"rope_scaling: high_freq_factor ({out['high_freq_factor']}) must exceed low_freq_factor "
                          f"({out['low_freq_factor']})")

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from fastlm import ops, reference
 from fastlm.backends import BACKENDS
 from fastlm.config import ROPE_SCALING_KEYS, Config, sliding_window_left
-from fastlm.model import Transformer, plain_module
+from fastlm.model import Transformer, effective_state_dict, plain_module, unwrapped
 
 _FROM_HF_SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _LLAMA_LIKE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # model_type -> transformers class prefix
@@ -249,6 +249,7 @@ def to_hf(model, *, bos_token_id=None, eos_token_id=None, pad_token_id=None):
     fastlm.reference.Transformer), in its dtype and on its device, in eval mode — e.g. to ``save_pretrained`` a model
     trained with fastlm. fastlm's configs name no special tokens: give the tokenizer's here (otherwise the model has
     none, and ``generate`` stops only at max_new_tokens). Needs transformers >= 5."""
+    model = unwrapped(model) if isinstance(model, torch.nn.Module) else model
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or not isinstance(config, Config):
         raise TypeError(f"to_hf: model must be a fastlm.Transformer (a module with a fastlm Config), got "
@@ -269,7 +270,7 @@ def to_hf(model, *, bos_token_id=None, eos_token_id=None, pad_token_id=None):
     weight = model.tok_emb.weight
     with no_init_weights(), torch.device(weight.device):
         hf = transformers.AutoModelForCausalLM.from_config(_hf_config(config, tokens), dtype=weight.dtype)
-    state = _state_to_hf(model.state_dict(), config)
+    state = _state_to_hf(effective_state_dict(model), config)
     if config.tie_embeddings:                               # transformers lists the tied head too
         state["lm_head.weight"] = state["transformer.wte.weight" if config.family == "gpt2" else
                                         "model.embed_tokens.weight"]
@@ -293,6 +294,9 @@ def cli(argv=None) -> int:
                         help="training output directory (holding checkpoint.safetensors) or a .safetensors file")
     parser.add_argument("out", help="directory to write (created if missing; not a training run's directory)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty directory, replacing the model files of an earlier export "
+                             "(weights, index, configs) there")
     for name in ("bos", "eos", "pad"):
         parser.add_argument(f"--{name}-token-id", type=int, default=None,
                             help=f"the tokenizer's {name} token id (default: none)")
@@ -304,10 +308,18 @@ def cli(argv=None) -> int:
         if os.path.exists(os.path.join(args.out, CHECKPOINT)):
             raise ValueError(f"{args.out} holds a training checkpoint ({CHECKPOINT}): write the export elsewhere "
                              f"(its config.json would replace the run's)")
+        existing = sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []
+        if existing and not args.overwrite:
+            raise ValueError(f"{args.out} is not empty ({', '.join(existing[:5])}): export into a new directory, or "
+                             f"pass --overwrite to replace the model files there")
         model, meta = load_model(args.checkpoint, backend="torch", device=torch.device("cpu"))
         model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
         hf = to_hf(model, bos_token_id=args.bos_token_id, eos_token_id=args.eos_token_id,
                    pad_token_id=args.pad_token_id)
+        for name in existing:   # (--overwrite) an earlier export's model files: shards and index would linger
+            if name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")) or name in (
+                    "config.json", "generation_config.json"):
+                os.remove(os.path.join(args.out, name))
         hf.save_pretrained(args.out)
         if not os.path.exists(os.path.join(args.out, "config.json")):
             raise OSError(f"transformers wrote no config.json into {args.out}")

@@ -72,6 +72,32 @@ def _calls_its_class(module, cls) -> bool:
     return type(module) is cls and "forward" not in module.__dict__ and not _hooked(module)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's and DistributedDataParallel's wrappers (whose state dicts prefix every
+    name with _orig_mod. / module.)."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def effective_state_dict(model: nn.Module) -> dict:
+    """model's state dict with each parametrized tensor (torch.nn.utils.parametrize: weight norm, ...) as the value
+    it computes, under its plain name, in place of the parametrization's own entries."""
+    state = dict(model.state_dict())
+    for prefix, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            dot = f"{prefix}." if prefix else ""
+            for name in module.parametrizations:
+                for key in [k for k in state if k.startswith(f"{dot}parametrizations.{name}.")]:
+                    del state[key]
+                state[dot + name] = getattr(module, name).detach()
+    return state
+
+
 def plain_module(module, cls) -> bool:
     """Whether ``module`` computes exactly what its class does on its own weight: no adapter class around it (e.g.
     a LoRA layer), no parametrization, no hooks (global ones included), no forward of its own. Fused ops read such
@@ -205,7 +231,9 @@ class Transformer(nn.Module):
     steps, token ids within the vocabulary (neither is checked on the host, so that decoding never synchronizes;
     without input_pos the ids are checked; the CPU backend's fused decode step checks both, which costs it no sync).
     The cache holds detached keys and values: with autograd on, gradients reach those of the call itself, and rows
-    cached by earlier calls are constants.
+    cached by earlier calls are constants. The model reads its Linear layers' weights and never calls them, so a
+    Linear with a hook or a forward of its own (an adapter) is refused by the eager forward; under torch.compile that
+    check is not run (traced, it misses the hooks): compile only models whose Linear layers are plain.
     """
 
     def __init__(self, config: Config, backend: str = "auto"):

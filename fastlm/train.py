@@ -287,7 +287,8 @@ def save_checkpoint(path: str, model, optimizer=None, *, step: int = 0, tokenize
                     extra: dict | None = None) -> str:
     """Write model (+ optimizer) tensors and metadata to ``path`` (a directory or a .safetensors file) atomically."""
     from safetensors.torch import save_file
-    model = getattr(model, "module", model)
+    from fastlm.model import unwrapped
+    model = unwrapped(model)
     file = _checkpoint_file(path)
     os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

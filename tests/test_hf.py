@@ -237,6 +237,19 @@ def test_to_hf_of_a_fastlm_model_saves_and_generates_alike(tmp_path):
         assert torch.equal(model.generate(prompt, 16), expected)
 
 
+def test_to_hf_of_a_compiled_or_parametrized_model():
+    """to_hf takes the model inside torch.compile's wrapper, and a parametrized Linear's weight as it computes it
+    (weight norm here), as fastlm's forward does."""
+    torch.manual_seed(0)
+    model = fastlm.Transformer(fastlm.Config.from_name("llama-tiny"), backend="torch").eval()
+    torch.nn.utils.parametrizations.weight_norm(model.layers[0].attn.wq)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        want = model(tokens)
+        for m in (model, torch.compile(model, backend="eager")):
+            torch.testing.assert_close(to_hf(m)(tokens).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_to_hf_errors():
     with pytest.raises(TypeError, match="to_hf: model must be a fastlm.Transformer"):
         to_hf(hf_llama())

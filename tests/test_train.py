@@ -106,6 +106,14 @@ def test_resume_keeps_the_run_settings(tmp_path, capsys, monkeypatch):
                                atol=1e-6)
 
 
+def test_checkpoint_of_a_compiled_model_loads(tmp_path):
+    """save_checkpoint unwraps torch.compile's module (its state dict prefixes every name with _orig_mod.)."""
+    model = Transformer(_cfg(), backend="torch")
+    file = T.save_checkpoint(str(tmp_path), torch.compile(model, backend="eager"))
+    loaded, _ = T.load_model(file, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     res = _train(steps=3, out=str(tmp_path), plot=False)
     before = (tmp_path / T.CHECKPOINT).read_bytes()
@@ -335,6 +343,14 @@ def test_train_and_generate_cli(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     assert main(["export", "--checkpoint", out, str(tmp_path / "afile")]) == 2
     assert "is a file" in capsys.readouterr().err
+    # a non-empty directory (here: the export above, plus a stale shard index) needs --overwrite, which replaces
+    # the earlier export's model files
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text("{}")
+    assert main(["export", "--checkpoint", out, str(tmp_path / "hf")]) == 2
+    assert "is not empty (config.json, generation_config.json, model.safetensors" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", out, str(tmp_path / "hf"), "--overwrite"]) == 0
+    assert not (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")) is not None
 
 
 def test_torchrun_trains_with_ddp(tmp_path):
