@@ -52,10 +52,10 @@ def section(doc: dict, image_paths: list[str], note: str = "", data_path: str = 
         f"Ceilings measured in the same run: matmul {mm}; copy {benchmark.fmt_rate(ceil['copy_bytes_per_s'], 'B/s')} "
         f"(read + write){IN_ROTATION if rotated else ''}{HALF_ON_CPU if cpu else ''}. Speed-up = the fastest peer "
         f"not shown wrong (its result passes the numerics rule, or was not checked: a compiled peer at a large "
-        f"shape), divided by fastlm's time; peers get their inputs in their own layout (SDPA: (B, H, S, D); decode: "
-        f"the cache in (B, Hkv, S, D), the queries grouped by kv head), and on a CPU bf16 ones also widened to "
-        f"fp32 (-fp32), made outside the timed calls; max err = max |fastlm − float64 "
-        f"reference| (WRONG if it fails the rule).",
+        f"shape), divided by fastlm's time; in forward cases peers get their inputs in their own layout (SDPA: "
+        f"(B, H, S, D); decode: the cache in (B, Hkv, S, D), the queries grouped by kv head), made outside the "
+        f"timed calls, and on a CPU bf16 attention and MLPs also have a peer on fp32-widened inputs (-fp32); "
+        f"max err = max |fastlm − float64 reference| (WRONG if it fails the rule).",
         "",
     ]
     if note:

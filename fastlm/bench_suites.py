@@ -140,7 +140,6 @@ def rounded(fn, dtype):
 def sdpa_bhsd(q, k, v, *, causal=False, sdpa_backend=None):
     """SDPA on q, k, v in its layout (B, H, S, D); the output back in fastlm's (B, S, H, D) (a view)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    qt, kt, vt = q, k, v
     Sq, Sk = q.shape[2], k.shape[2]
     kwargs = {"enable_gqa": q.shape[1] != k.shape[1]}
     if causal and Sq == Sk:
@@ -151,7 +150,7 @@ def sdpa_bhsd(q, k, v, *, causal=False, sdpa_backend=None):
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}.get(sdpa_backend)
     with (sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()):
-        out = F.scaled_dot_product_attention(qt, kt, vt, **kwargs)
+        out = F.scaled_dot_product_attention(q, k, v, **kwargs)
     return out.transpose(1, 2)
 
 
@@ -283,7 +282,9 @@ def decode_layout(inputs: dict) -> dict:
     layout) and the new token's queries grouped by kv head, (B, Hkv, H / Hkv, D): GQA as one SDPA call without
     repeating K / V, each kv head's queries a block of rows."""
     q, k, v = inputs["q"], inputs["k_cache"], inputs["v_cache"]
-    B, _, H, D = q.shape
+    B, Sq, H, D = q.shape
+    if Sq != 1:
+        raise ValueError(f"decode_layout groups one new token's queries; got {Sq} per sequence")
     Hkv = k.shape[2]
     return {"q": q[:, 0].reshape(B, Hkv, H // Hkv, D).contiguous(), "k_cache": k.transpose(1, 2).contiguous(),
             "v_cache": v.transpose(1, 2).contiguous(), "cache_seqlens": inputs["cache_seqlens"]}

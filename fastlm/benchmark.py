@@ -210,7 +210,7 @@ def time_rotation(fn_lists: list[list[Callable]], timing: Timing, companion: lis
     def call(j: int, n: int) -> None:
         try:
             t = time.perf_counter()
-            fn_lists[j][(n + j) % len(fn_lists[j])]()     # (+ j: no call finds the set the one before it read)
+            fn_lists[j][(n + j) % len(fn_lists[j])]()     # (+ j: within a round, each reads another set)
             times[j].append(time.perf_counter() - t)
         except Exception as e:  # noqa: BLE001 - one failing implementation must not end the others' measurement
             out[j] = e
@@ -343,8 +343,12 @@ class Impl:
     convert: Callable | None = None
     cuda_graph: bool = False            # a model's decode step captured in a CUDA graph (generate(cuda_graph=True))
 
-    def converted(self, inputs: dict) -> dict:
-        return inputs if self.convert is None else self.convert(inputs)
+    def converted(self, inputs: dict, mode: str) -> dict:
+        if self.convert is None:
+            return inputs
+        if mode != "fwd":   # (converted tensors would be the gradients' leaves: another layout or dtype)
+            raise ValueError(f"{self.name}: an Impl's convert serves forward cases only, got mode {mode!r}")
+        return self.convert(inputs)
 
 
 @dataclass
@@ -536,7 +540,7 @@ class OpCase:
             case._refs = (inputs, case.forward(case.reference, _cast(inputs, torch.float64)),
                           case.forward(case.reference, inputs))
         inputs, ref64, ref_low = case._refs
-        out = case.forward(impl.fn, impl.converted(inputs))
+        out = case.forward(impl.fn, impl.converted(inputs, case.mode))
         names = case.grad_inputs if case.mode != "fwd" else [f"out{i}" for i in range(len(ref64))]
         if len(out) != len(ref64):
             return float("nan"), float("nan"), False, f"{len(out)} outputs, reference has {len(ref64)}"
@@ -546,8 +550,8 @@ class OpCase:
             what += f" at {case.name}"
             if self.spot_check is not None:      # the timed shape itself, in part
                 inputs = self.input_sets(device, 1)[0]
-                compared.append(("spot check", *self.spot_check(self.forward(impl.fn, impl.converted(inputs)),
-                                                                inputs)))
+                got = self.forward(impl.fn, impl.converted(inputs, self.mode))
+                compared.append(("spot check", *self.spot_check(got, inputs)))
                 what += " and a part of the output at the timed shape"
         verdicts = [testing.passes_rule(*c) for c in compared]
         return (max((v[1] for v in verdicts), default=0.0), max((v[2] for v in verdicts), default=0.0),
@@ -559,7 +563,7 @@ class OpCase:
         res.max_err, res.ref_err, res.correct, res.check = self.check(impl, ctx.device)
         res.status = "wrong" if res.correct is False else "ok"
         sets = sets if sets is not None else self.input_sets(ctx.device, self.n_sets(ctx.device))
-        return res, [self.closure(impl.fn, impl.converted(s)) for s in sets]
+        return res, [self.closure(impl.fn, impl.converted(s, self.mode)) for s in sets]
 
     def run(self, ctx: Context, progress=None) -> list[Result]:
         if self.skip_reason:

@@ -114,6 +114,9 @@ def fit_power_law(n, loss, *, use_scipy: bool | None = None) -> dict:
     fit = {"a": a * scale ** alpha, "alpha": alpha, "c": c, "rms": math.sqrt(err / len(n)), "method": method}
     if a == 0:   # (reported for n in parameters above, not in units of the smallest model)
         fit.update(alpha=0.0, note="the loss does not fall with N: no power law fits; L(N) = c, the mean loss")
+    elif not grid[0] < alpha < MAX_ALPHA * 0.999:
+        fit["note"] = (f"alpha sits at the edge of the exponents searched ({grid[0]:g} .. {MAX_ALPHA:g}): these "
+                       f"losses do not determine a power law")
     return fit
 
 

@@ -13,9 +13,11 @@ Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel 
 draws its own batches and rank 0 logs and writes checkpoints.
 
 Checkpoint: ``<out>/checkpoint.safetensors`` holds the model ("model.<name>") and the AdamW state
-("optim.<param index>.<exp_avg|exp_avg_sq|step>") tensors; its metadata holds the config, step, tokenizer,
-optimizer hyper-parameters and loss history as JSON. It is written to a temporary file and renamed over the old one,
-so an interrupted save leaves the previous checkpoint intact.
+("optim.<param index>.<exp_avg|exp_avg_sq|step>") tensors, and a SentencePiece tokenizer's model bytes
+("tokenizer.sentencepiece_model"); its metadata holds the config, step, tokenizer, optimizer hyper-parameters and
+loss history as JSON, and in "extra" what a resume checks: the run settings and length ("run"), the corpus
+("data", and "corpus": its length and sha256) and the number of processes ("world_size"). It is written to a
+temporary file and renamed over the old one, so an interrupted save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
@@ -714,8 +716,8 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
         model, info = _model_from(file, meta, tensors, backend, device)
         extra = info["extra"]
         steps = _resume_steps(file, info["step"], extra, steps, log if rank == 0 else None)
-        saved_world = extra.get("world_size", 1)
-        if saved_world != world:
+        saved_world = extra.get("world_size")            # (checkpoints of older versions do not record it)
+        if saved_world is not None and saved_world != world:
             raise ValueError(f"resume: checkpoint {file} was trained by {saved_world} process(es) and this run has "
                              f"{world} (WORLD_SIZE): the global batch and the data each step sees depend on it; "
                              f"resume with {saved_world}")

@@ -1,5 +1,6 @@
 """The benchmark harness itself: work counts, the wrong-result flag, the JSON, the CLI, the README generator."""
 import dataclasses
+import functools
 import importlib.util
 import os
 import subprocess
@@ -141,6 +142,55 @@ def test_rotation_companion_runs_while_an_implementation_is_left():
     a, c = benchmark.time_rotation([[impl]], timing, companion=[ceiling])
     assert isinstance(a, RuntimeError)
     assert c["reps"] <= 3 and calls["ceiling"] <= 4      # it stopped with the implementation, not at max_reps
+
+
+def test_rotation_budget_is_each_implementations_own():
+    """A slow peer stops at min_reps without cutting a fast implementation short: each has its own budget."""
+    import time
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.02)
+    timing = benchmark.Timing(warmup_s=0.0, budget_s=0.05, min_reps=3, max_reps=40)
+    f, s = benchmark.time_rotation([[fast], [slow]], timing)
+    assert f["reps"] == 40 and 3 <= s["reps"] <= 4
+
+
+def test_peers_in_their_own_layout_and_precision():
+    """The peers' inputs, converted once outside the timed calls: SDPA in (B, H, S, D); the decode peer's cache in
+    (B, Hkv, S, D) with the queries grouped by kv head; the fp32-widened peers return the case's dtype. Each gives
+    the reference's answer in fastlm's layout; a convert is refused in a backward case (its tensors would be the
+    gradients' leaves)."""
+    from types import SimpleNamespace
+
+    from fastlm import bench_suites as bs
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 9, h, 16, generator=gen) for h in (8, 2, 2))
+    want = reference.attention(q, k, v, causal=True)
+    inputs = bs.bhsd({"q": q, "k": k, "v": v})
+    assert inputs["q"].shape == (2, 8, 9, 16) and inputs["q"].is_contiguous()
+    torch.testing.assert_close(bs.sdpa_bhsd(**inputs, causal=True), want, rtol=1e-5, atol=1e-5)
+    lens = torch.tensor([9, 9], dtype=torch.int32)
+    layout = bs.decode_layout({"q": q[:, -1:], "k_cache": k, "v_cache": v, "cache_seqlens": lens})
+    assert layout["q"].shape == (2, 2, 4, 16) and layout["k_cache"].shape == (2, 2, 9, 16)
+    torch.testing.assert_close(bs.sdpa_decode(**layout, length=9), reference.decode_attention(q[:, -1:], k, v, lens),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one new token's queries; got 2"):
+        bs.decode_layout({"q": q[:, -2:], "k_cache": k, "v_cache": v, "cache_seqlens": lens})
+    half = {name: t.bfloat16() for name, t in (("q", q), ("k", k), ("v", v))}
+    peer = bs.rounded(functools.partial(bs.sdpa_bhsd, causal=True), torch.bfloat16)
+    out = peer(**bs.widened(bs.bhsd)(half))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference.attention(*half.values(), causal=True), rtol=2e-2, atol=2e-2)
+    ctx = SimpleNamespace(device=torch.device("cpu"), tiny=False, suite="quick", compile=False)
+    case = bs._attention_case(ctx, ["torch"], 1, 2, 2, 16, 16, True, torch.float32, "bwd", False)
+    impl = benchmark.Impl("sdpa", "peer", bs.sdpa_bhsd, convert=bs.bhsd)
+    with pytest.raises(ValueError, match="convert serves forward cases only, got mode 'bwd'"):
+        case.check(impl, torch.device("cpu"))
 
 
 def test_a_case_can_ask_for_more_timed_calls():

@@ -499,8 +499,8 @@ class _BytePairTokenizer:
     (_PieceTokenizer(), [0, 1], [2, 3, 4, 5], "The old house. its"),
     (_BytePairTokenizer(), [0], [1, 2, 3], "café ok"),
 ])
-def test_cli_stream_decodes_tokens_in_context(capsys, tokenizer, prompt, new, want):
-    """The CLI's streamed text is the decoded prompt + tokens, spaces and split characters included: a piece's
+def test_stream_decodes_tokens_in_context(capsys, tokenizer, prompt, new, want):
+    """The CLI's streamer writes the decoded prompt + tokens, spaces and split characters included: a piece's
     leading space survives and a character split across tokens is written once whole (never as U+FFFD)."""
     from fastlm.generate import _Streamer
     stream = _Streamer(tokenizer, prompt)

@@ -44,6 +44,10 @@ def test_fit_of_a_loss_that_does_not_fall_says_so():
         fit = scaling.fit_power_law(n, loss)
         assert fit["a"] == 0.0 and fit["alpha"] == 0.0 and fit["c"] == pytest.approx(np.mean(loss))
         assert "the loss does not fall with N" in fit["note"]
+    # falling then rising, or flat with noise: the exponent runs to an edge of its range, which the note says
+    for noisy in ([2.3, 2.2, 2.25, 2.4], [2.0, 2.05, 1.98, 2.02]):
+        assert "alpha sits at the edge of the exponents searched" in scaling.fit_power_law(n, noisy)["note"]
+    assert "note" not in scaling.fit_power_law(n, [3.0, 2.6, 2.4, 2.3])
     models = [dict(name=f"m{i}", d_model=8, n_layer=1, params=int(x), non_embedding_params=int(x), train_flops=1.0,
                    eval_loss=y, seconds=1.0) for i, (x, y) in enumerate(zip(n, loss))]
     table = scaling._table(dict(models=models, fit=fit, tokens_per_model=10, corpus="c", seqlen=8))
