@@ -289,11 +289,12 @@ def save_checkpoint(path: str, model, optimizer=None, *, step: int = 0, tokenize
                     extra: dict | None = None) -> str:
     """Write model (+ optimizer) tensors and metadata to ``path`` (a directory or a .safetensors file) atomically."""
     from safetensors.torch import save_file
-    from fastlm.model import unwrapped
+    from fastlm.model import effective_state_dict, unwrapped
     model = unwrapped(model)
     file = _checkpoint_file(path)
     os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # (a parametrized Linear saved as the weight it computes: the checkpoint loads into a plain model)
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in effective_state_dict(model).items()}
     proto = getattr(tokenizer, "proto", None)
     if proto is not None:                                    # a SentencePiece model travels with the checkpoint
         tensors[TOKENIZER_TENSOR] = torch.frombuffer(bytearray(proto), dtype=torch.uint8)

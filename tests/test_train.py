@@ -106,12 +106,18 @@ def test_resume_keeps_the_run_settings(tmp_path, capsys, monkeypatch):
                                atol=1e-6)
 
 
-def test_checkpoint_of_a_compiled_model_loads(tmp_path):
-    """save_checkpoint unwraps torch.compile's module (its state dict prefixes every name with _orig_mod.)."""
+def test_checkpoint_of_a_compiled_or_parametrized_model_loads(tmp_path):
+    """save_checkpoint unwraps torch.compile's module (its state dict prefixes every name with _orig_mod.) and saves
+    a parametrized Linear's weight as it computes it (weight norm here): both load into a plain model."""
     model = Transformer(_cfg(), backend="torch")
     file = T.save_checkpoint(str(tmp_path), torch.compile(model, backend="eager"))
     loaded, _ = T.load_model(file, backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    torch.nn.utils.parametrizations.weight_norm(model.layers[0].attn.wq)
+    loaded, _ = T.load_model(T.save_checkpoint(str(tmp_path), model), backend="torch")
+    tokens = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), rtol=1e-6, atol=1e-6)
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
