@@ -233,9 +233,9 @@ def time_rotation(fn_lists: list[list[Callable]], timing: Timing, companion: lis
     # every time
     order = random.Random(0)
 
-    def one_round(n: int) -> None:
+    def one_round(n: int, wanted=lambda j: True) -> None:
         for j in order.sample(live, len(live)):
-            if j in live:
+            if j in live and wanted(j):
                 call(j, n)
 
     t0, n = time.perf_counter(), 0
@@ -245,10 +245,8 @@ def time_rotation(fn_lists: list[list[Callable]], timing: Timing, companion: lis
     times = [[] for _ in fn_lists]
     n = 0
     while running():
-        for j in order.sample(live, len(live)):
-            # the ceiling's companion is timed while an implementation is
-            if j in live and (wants_more(j) if j < n_impls else len(times[j]) < timing.max_reps):
-                call(j, n)
+        # (the ceiling's companion is timed while an implementation is, up to max_reps calls)
+        one_round(n, lambda j: wants_more(j) if j < n_impls else len(times[j]) < timing.max_reps)
         live[:] = [j for j in live if j >= n_impls or wants_more(j)]
         n += 1
     return [out[j] if out[j] is not None else _stats(times[j]) if times[j] else RuntimeError("never timed")

@@ -161,7 +161,7 @@ class SentencePieceTokenizer:
             self.sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
         except RuntimeError as e:
             raise ValueError(f"sentencepiece model {model_file!r} cannot be read: {e}") from e
-        self.proto = proto
+        self.proto, self.sha256 = proto, hashlib.sha256(proto).hexdigest()
         self.model_file = None if model_file is None else os.path.abspath(model_file)
         self.name = "sentencepiece"
         self.vocab_size = self.sp.get_piece_size()
@@ -173,8 +173,7 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids])
 
     def spec(self):
-        return {"kind": "sentencepiece", "model_file": self.model_file,
-                "sha256": hashlib.sha256(self.proto).hexdigest()}
+        return {"kind": "sentencepiece", "model_file": self.model_file, "sha256": self.sha256}
 
 
 def make_tokenizer(kind: str = "byte", model_file: str | None = None, encoding: str = "gpt2"):
@@ -547,7 +546,6 @@ def _load_optimizer(optimizer, meta, tensors, file):
                 if not idx.isdigit() or int(idx) >= len(params):
                     raise ValueError(f"tensor {key}: no parameter {idx} (the model has {len(params)})")
                 state.setdefault(int(idx), {})[name] = value
-        device = optimizer.param_groups[0]["params"][0].device
         for idx, entry in state.items():
             if set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
                 raise ValueError(f"parameter {idx} has state {sorted(entry)}, expected exp_avg, exp_avg_sq and step")
@@ -556,7 +554,7 @@ def _load_optimizer(optimizer, meta, tensors, file):
                 if tuple(value.shape) != want or not value.is_floating_point() or not torch.isfinite(value).all():
                     raise ValueError(f"tensor optim.{idx}.{name} must hold finite floats of shape {want}, got "
                                      f"shape {tuple(value.shape)} {value.dtype}")
-                entry[name] = value if name == "step" else value.to(device)
+                entry[name] = value if name == "step" else value.to(params[idx].device)
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {file}: corrupt optimizer state or one that does not match the model: {e}") \

@@ -51,30 +51,30 @@ def next_pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def _device_properties(device: torch.device):
+    """A CUDA device's properties, queried once per device, on first use."""
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (queried once per device, on first use)."""
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    """Streaming multiprocessors of a CUDA device."""
+    return _device_properties(device).multi_processor_count
 
 
 H200_SHARED_MEMORY = 232448  # bytes of shared memory a block may use on sm_90 (227 KB)
 
 
-@functools.lru_cache(maxsize=None)
-def _shared_memory(index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(index)
-    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block), props.major
-
-
 def shared_memory(device: torch.device) -> tuple[int, int]:
-    """(bytes of shared memory a block may use, compute capability major) of a CUDA device, queried once per device;
-    for the interpreter (CPU tensors) the H200's, the device the tiles are chosen for."""
+    """(bytes of shared memory a block may use, compute capability major) of a CUDA device; for the interpreter (CPU
+    tensors) the H200's, the device the tiles are chosen for."""
     if device.type != "cuda":
         return H200_SHARED_MEMORY, 9
-    return _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+    props = _device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block), props.major
 
 
 def num_programs(device: torch.device, per_sm: int = 4, cpu: int = 4) -> int:
