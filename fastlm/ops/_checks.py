@@ -115,6 +115,16 @@ def fit_head_dim(op: str, chosen: str, backend: str, head_dim: int) -> str:
     return fit_triton(op, chosen, backend, "headdim", head_dim, TRITON_MAX_HEAD_DIM)
 
 
+def check_softmax_scale(op: str, softmax_scale) -> None:
+    """An attention op's softmax_scale: None (1/sqrt(headdim)) or a finite real number (numpy scalars too)."""
+    if softmax_scale is None:
+        return
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"{op}: softmax_scale must be a number or None, got {softmax_scale!r}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"{op}: softmax_scale must be finite, got {softmax_scale}")
+
+
 def check_window_left(op: str, window_left) -> None:
     """A sliding window's left bound: an int >= -1 (-1: no window)."""
     if isinstance(window_left, bool) or not isinstance(window_left, numbers.Integral) or window_left < -1:

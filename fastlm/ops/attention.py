@@ -13,7 +13,7 @@ import numbers
 import torch
 
 from fastlm import backends, reference
-from fastlm.ops._checks import autocast_matmul, check_qkv, fit_head_dim
+from fastlm.ops._checks import autocast_matmul, check_qkv, check_softmax_scale, fit_head_dim
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -32,11 +32,7 @@ def _check(q, k, v, causal, softmax_scale, window, return_lse):
         raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"attention: return_lse must be a bool, got {type(return_lse).__name__}")
-    if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):  # (numpy scalars too)
-            raise TypeError(f"attention: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        if not math.isfinite(softmax_scale):
-            raise ValueError(f"attention: softmax_scale must be finite, got {softmax_scale}")
+    check_softmax_scale("attention", softmax_scale)
     if (not isinstance(window, (tuple, list)) or len(window) != 2
             or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window)):
         raise TypeError(f"attention: window must be a pair of ints (left, right), got {window!r}")

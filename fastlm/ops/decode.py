@@ -12,13 +12,12 @@ kernels (its only backend): what CUDA graphs do for a GPU step, removing the per
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from fastlm import backends, reference
-from fastlm.ops._checks import (KERNEL_DTYPES, autocast_matmul, check_eps, check_qkv, check_window_left,
-                                fit_head_dim)
+from fastlm.ops._checks import (KERNEL_DTYPES, autocast_matmul, check_eps, check_qkv, check_softmax_scale,
+                                check_window_left, fit_head_dim)
 NATIVE_OPS = ("decode_attention",)
 
 
@@ -89,11 +88,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
                                 dtype=q.dtype if isinstance(q, torch.Tensor) else None)
     _check(q, k_cache, v_cache, cache_seqlens, concrete)
     concrete = fit_head_dim("decode_attention", concrete, backend, q.shape[-1])
-    if softmax_scale is not None and (isinstance(softmax_scale, bool)
-                                      or not isinstance(softmax_scale, numbers.Real)):  # (numpy scalars too)
-        raise TypeError(f"decode_attention: softmax_scale must be a number or None, got {softmax_scale!r}")
-    if softmax_scale is not None and not math.isfinite(softmax_scale):
-        raise ValueError(f"decode_attention: softmax_scale must be finite, got {softmax_scale}")
+    check_softmax_scale("decode_attention", softmax_scale)
     check_window_left("decode_attention", window_left)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if q.numel() == 0:
