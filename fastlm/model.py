@@ -350,8 +350,8 @@ class Transformer(nn.Module):
         naming it. (Global hooks, e.g. a FLOP counter's, only turn the fused decode step off.)"""
         for name, m in linears:
             # (a parametrization swaps the module's class for a subclass of it)
-            if _calls_its_class(m, nn.Linear) or (parametrize.is_parametrized(m) and type(m).__bases__ == (nn.Linear,)
-                                                  and _calls_its_class(m, type(m))):
+            linear = type(m) is nn.Linear or (parametrize.is_parametrized(m) and type(m).__bases__ == (nn.Linear,))
+            if linear and "forward" not in m.__dict__ and not _hooked(m):
                 continue
             raise ValueError(f"{name} is a {type(m).__name__} with hooks or a forward of its own: fastlm.Transformer "
                              "reads its Linear layers' weights and never calls them, so it would compute without "
