@@ -746,6 +746,19 @@ def test_attention_empty_rows_and_sizes():
     assert out.shape == (1, 0, 2, 16) and lse.shape == (1, 2, 0)
 
 
+def test_attention_packs_the_visible_keys_in_chunks():
+    # the kernel packs q, k and v first, at most 8M floats at a time unless one kv head needs more: 40000 keys of
+    # 4 kv heads (64 + 64 floats each) are 2.4x that, so each kv head (and its 2 query heads) is a chunk of its own;
+    # and the output, summed over 625 key tiles, stays within the rule (one serial chain through every key did not)
+    q, k, v = torch.randn(2, 16, 4, 64), torch.randn(2, 40000, 2, 64), torch.randn(2, 40000, 2, 64)
+    _attention_check(q, k, v, False, 0.125, (-1, -1))
+    # only the key tiles some query sees are read: here from key 300 - 16 - 20 = 264 on, in the tile from 256
+    q, k, v = torch.randn(1, 16, 2, 32), torch.randn(1, 300, 1, 32), torch.randn(1, 300, 1, 32)
+    out, _ = _attention_check(q, k, v, True, 0.3, (20, -1))
+    k[:, :256], v[:, :256] = float("nan"), float("nan")
+    assert torch.equal(_ops().attention_fwd(q, k, v, True, 0.3, 20, 0)[0], out)
+
+
 def test_attention_threads_agree():
     # the work split differs with the thread count (set here: the same on every machine), the results do not
     q, k, v = torch.randn(2, 200, 4, 64), torch.randn(2, 200, 2, 64), torch.randn(2, 200, 2, 64)

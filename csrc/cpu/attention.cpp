@@ -1,20 +1,24 @@
 // Softmax attention forward on the CPU, FlashAttention-2 style.
 //
-// Algorithm: a work item is (batch, kv head, share of the query blocks): all H / Hkv query heads of the kv head,
-// and query blocks c, c + n, c + 2n, ... of kBlockQ queries (interleaved so that under a causal mask every share
-// costs about the same). The thread copies the key tiles its item needs, once, into a contiguous fp32 K/V buffer
-// (widening bf16/fp16; in place reads would make tile rows a power-of-two stride apart and thrash L1). Per query
-// block, its queries are packed transposed (D x kBlockQ) and stay in L1 while the visible key tiles stream through:
+// Algorithm: first q, k and v are widened to fp32 and packed head-major (every head's rows contiguous; only the keys
+// some query can see). In the (batch, seqlen, heads, headdim) layout a head's rows are a page apart for a model-sized
+// head count, so reading one head at a time would take a TLB miss on every row; the packing reads each row of all
+// heads at once instead (tasks ordered row tile first). Then a work item is (batch, kv head, share of the query
+// blocks): all H / Hkv query heads of the kv head, and query blocks c, c + n, c + 2n, ... of kBlockQ queries
+// (interleaved so that under a causal mask every share costs about the same). Per query block, its queries are
+// transposed (D x kBlockQ) and stay in L1 while the visible key tiles stream through:
 //   S^T = K Q^T        a kBlockK x kBlockQ tile, keys as rows, so every softmax statistic below is lane-wise
 //   online softmax     per query (column), in base 2 with the scale applied inside the exponent (tile.h): running
 //                      max and sum, P = 2^(S c - max) in place of S
 //   O = alpha O + P V  O (kBlockQ x D) in L1, alpha = 2^(old max - new max) applied as O is loaded
 // All arithmetic is fp32 with fp32 accumulation. Tiles entirely outside the causal/window mask are never touched,
 // tiles entirely inside it are not masked, and the S x S score matrix never exists. Items are handed out through an
-// atomic counter, which balances the threads.
+// atomic counter, which balances the threads. Problems whose packed copy would exceed kPackBudget floats run in
+// chunks of kv heads, each packed and then attended.
 //
-// Memory traffic: q read once, K/V read once per work item (once per kv head when there are enough heads to keep
-// the threads busy), out and lse written once. Scratch: per thread the packed K/V of one kv head plus a few tiles.
+// Memory traffic: q, k, v read once (packing), the packed K/V once per work item (once per kv head when there are
+// enough heads to keep the threads busy), out and lse written once. Scratch: the packed copy of one chunk, and per
+// thread a few tiles.
 #include "cpu/attention.h"
 #include "cpu/ops.h"
 #include "cpu/output.h"
@@ -32,34 +36,44 @@
 namespace fastlm_cpu {
 namespace {
 
+// Floats of packed q, k and v at most, unless one kv head needs more: 32 MB, a few times the last-level cache.
+constexpr int64_t kPackBudget = int64_t{8} << 20;
+
 struct Scratch {
   std::vector<float> qt, s, o, m, l, alpha;
   std::vector<int64_t> lo, hi;
-  std::unique_ptr<float[]> kp, vp;  // packed K (Sk x D) and V (Sk x Dv) of the item's kv head
-  std::vector<char> packed;         // per key tile: already in kp/vp
   explicit Scratch(const Problem& p)
       : qt(p.D * kBlockQ), s(kBlockK * kBlockQ), o(kBlockQ * p.Dv), m(kBlockQ), l(kBlockQ), alpha(kBlockQ),
-        lo(kBlockQ), hi(kBlockQ), kp(new float[p.n_ktiles() * kBlockK * p.D]),
-        vp(new float[p.n_ktiles() * kBlockK * p.Dv]), packed(p.n_ktiles()) {}
+        lo(kBlockQ), hi(kBlockQ) {}
 };
 
-struct Inputs {
-  const void *q, *k, *v;
-  Strides qs, ks, vs;
-  void* out;
-  float* lse;
+// The packed operands of one chunk of (batch, kv head) pairs [bk0, ...): query head bk * G + g at
+// q + (bk * G + g - bk0 * G) * Sq * D (rows of D), and keys k0 <= j < k1 of kv head bk at
+// k + (bk - bk0) * (k1 - k0) * D + (j - k0) * D, v likewise with rows of Dv (zero padded).
+struct Packed {
+  float *q, *k, *v;
+  int64_t bk0, k0, k1;
+  const float* q_head(const Problem& p, int64_t b, int64_t h) const {
+    return q + ((b * p.H + h) - bk0 * p.G) * p.Sq * p.D;
+  }
+  const float* k_row(const Problem& p, int64_t b, int64_t hk, int64_t j) const {
+    return k + (((b * p.Hkv + hk) - bk0) * (k1 - k0) + (j - k0)) * p.D;
+  }
+  const float* v_row(const Problem& p, int64_t b, int64_t hk, int64_t j) const {
+    return v + (((b * p.Hkv + hk) - bk0) * (k1 - k0) + (j - k0)) * p.Dv;
+  }
 };
 
 // One query block of one head: out and lse of queries [qb * kBlockQ, ...).
 template <typename T>
-void attend_block(const Problem& p, const Inputs& in, int64_t b, int64_t h, int64_t qb, Scratch& sc) {
+void attend_block(const Problem& p, const Packed& pk, T* out, float* lse, int64_t b, int64_t h, int64_t qb,
+                  Scratch& sc) {
   const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0);
   const int64_t hk = h / p.G;
-  const T* q = static_cast<const T*>(in.q) + b * in.qs.b + h * in.qs.h;
+  const float* q = pk.q_head(p, b, h) + i0 * p.D;
   for (int64_t r = 0; r < kBlockQ; ++r) {
     if (r < rows) {
-      const T* src = q + (i0 + r) * in.qs.s;
-      for (int64_t d = 0; d < p.D; ++d) sc.qt[d * kBlockQ + r] = to_float(src[d]) * p.scale.q_sign;
+      for (int64_t d = 0; d < p.D; ++d) sc.qt[d * kBlockQ + r] = q[r * p.D + d] * p.scale.q_sign;
       sc.lo[r] = p.lo(i0 + r), sc.hi[r] = p.hi(i0 + r);
     } else {  // padding queries: scores 0, never written out
       for (int64_t d = 0; d < p.D; ++d) sc.qt[d * kBlockQ + r] = 0.0f;
@@ -71,15 +85,8 @@ void attend_block(const Problem& p, const Inputs& in, int64_t b, int64_t h, int6
   const int64_t lo = sc.lo[0], hi = sc.hi[rows - 1];  // the union of the rows' key ranges
   for (int64_t j0 = lo / kBlockK * kBlockK; j0 <= hi && lo <= hi; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, p.Sk - j0);
-    float* kt = sc.kp.get() + j0 * p.D;
-    float* vt = sc.vp.get() + j0 * p.Dv;
-    if (!sc.packed[j0 / kBlockK]) {
-      const T* k = static_cast<const T*>(in.k) + b * in.ks.b + hk * in.ks.h + j0 * in.ks.s;
-      const T* v = static_cast<const T*>(in.v) + b * in.vs.b + hk * in.vs.h + j0 * in.vs.s;
-      widen_rows(k, in.ks.s, nk, p.D, kt, p.D);
-      widen_rows(v, in.vs.s, nk, p.D, vt, p.Dv);
-      sc.packed[j0 / kBlockK] = 1;
-    }
+    const float* kt = pk.k_row(p, b, hk, j0);
+    const float* vt = pk.v_row(p, b, hk, j0);
     gemm_tile(nk, kBlockQ, p.D, MatA{kt, p.D, 1}, sc.qt.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
     const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
     if (!inside) {
@@ -94,11 +101,10 @@ void attend_block(const Problem& p, const Inputs& in, int64_t b, int64_t h, int6
                       sc.alpha.data() + r);
     gemm_tile(rows, p.Dv, nk, MatA{sc.s.data(), 1, kBlockQ}, vt, p.Dv, sc.o.data(), p.Dv, sc.alpha.data());
   }
-  T* out = static_cast<T*>(in.out);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     T* dst = out + ((b * p.Sq + i) * p.H + h) * p.D;
-    float* lse_i = in.lse + (b * p.H + h) * p.Sq + i;
+    float* lse_i = lse + (b * p.H + h) * p.Sq + i;
     if (sc.m[r] == kNegInf) {  // the query sees no key: out 0, lse -inf
       for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(0.0f);
       *lse_i = kNegInf;
@@ -114,23 +120,38 @@ void attend_block(const Problem& p, const Inputs& in, int64_t b, int64_t h, int6
 template <typename T>
 void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       at::Tensor& out, at::Tensor& lse) {
-  const Inputs in{q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), strides_of(q), strides_of(k),
-                  strides_of(v), out.data_ptr(), lse.data_ptr<float>()};
   const int64_t nqb = (p.Sq + kBlockQ - 1) / kBlockQ, n_kv = p.B * p.Hkv;
+  // the keys some query sees, whole tiles: lo() and hi() are monotone, so the union is [lo(0), hi(Sq - 1)]
+  const int64_t k0 = p.lo(0) / kBlockK * kBlockK, k1 = std::max(k0, p.hi(p.Sq - 1) + 1);
+  const int64_t per_kv = p.G * p.Sq * p.D + (k1 - k0) * (p.D + p.Dv);
+  const int64_t chunk = std::min(n_kv, std::max<int64_t>(1, kPackBudget / std::max<int64_t>(per_kv, 1)));
+  std::unique_ptr<float[]> buffer(new float[chunk * per_kv]);
+  const T *q_p = static_cast<const T*>(q.const_data_ptr()), *k_p = static_cast<const T*>(k.const_data_ptr()),
+          *v_p = static_cast<const T*>(v.const_data_ptr());
+  T* out_p = out.data_ptr<T>();
+  float* lse_p = lse.data_ptr<float>();
   const int64_t threads = at::get_num_threads();
-  // Shares per kv head: enough items to keep the threads busy (each share re-packs the keys it needs).
-  const int64_t shares = std::min(nqb, std::max<int64_t>(1, (2 * threads + n_kv - 1) / n_kv));
-  const int64_t n_items = n_kv * shares;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
-    Scratch sc(p);
-    for (int64_t w = next.fetch_add(1); w < n_items; w = next.fetch_add(1)) {
-      const int64_t share = w % shares, bk = w / shares, b = bk / p.Hkv, hk = bk % p.Hkv;
-      std::fill(sc.packed.begin(), sc.packed.end(), 0);
-      for (int64_t qb = nqb - 1 - share; qb >= 0; qb -= shares)
-        for (int64_t g = 0; g < p.G; ++g) attend_block<T>(p, in, b, hk * p.G + g, qb, sc);
-    }
-  });
+  for (int64_t bk0 = 0; bk0 < n_kv; bk0 += chunk) {
+    const int64_t n = std::min(chunk, n_kv - bk0);
+    const Packed pk{buffer.get(), buffer.get() + n * p.G * p.Sq * p.D,
+                    buffer.get() + n * (p.G * p.Sq * p.D + (k1 - k0) * p.D), bk0, k0, k1};
+    pack_heads(q_p, strides_of(q), p.H, bk0 * p.G, (bk0 + n) * p.G, 0, p.Sq, p.D, pk.q, p.D);
+    pack_heads(k_p, strides_of(k), p.Hkv, bk0, bk0 + n, k0, k1, p.D, pk.k, p.D);
+    pack_heads(v_p, strides_of(v), p.Hkv, bk0, bk0 + n, k0, k1, p.D, pk.v, p.Dv);
+    // Shares per kv head: enough items to keep the threads busy.
+    const int64_t shares = std::min(nqb, std::max<int64_t>(1, (2 * threads + n - 1) / n));
+    const int64_t n_items = n * shares;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
+      Scratch sc(p);
+      for (int64_t w = next.fetch_add(1); w < n_items; w = next.fetch_add(1)) {
+        const int64_t share = w % shares, bk = bk0 + w / shares, b = bk / p.Hkv, hk = bk % p.Hkv;
+        for (int64_t qb = nqb - 1 - share; qb >= 0; qb -= shares)
+          for (int64_t g = 0; g < p.G; ++g)
+            attend_block<T>(p, pk, out_p, lse_p, b, hk * p.G + g, qb, sc);
+      }
+    });
+  }
 }
 
 }  // namespace

@@ -7,8 +7,11 @@
 // A with any strides (element (i, k) at A[i * a_row + k * a_col], read as scalars), B a row-major panel
 // (B[k * ldb + n], read as vectors), N a multiple of kW. The micro-kernel keeps a kRows x 2 block of vectors of C in
 // registers and, per k, loads two vectors of B and broadcasts kRows elements of A: 2 * kRows FMAs per 2 + kRows
-// loads, so it is FMA-bound while the B panel (K x 2 vectors) stays in L1 across the row blocks. The optional row
-// scale folds the online-softmax rescaling of the output accumulator into the load of C.
+// loads, so it is FMA-bound while the B panel (K x 2 vectors) stays in L1 across the row blocks (B is held in
+// registers: the FMAs take no memory operands, which would double the loads). The product is summed from zero and
+// added to the scaled C by one FMA at the end: an accumulator built over many calls (the attention output over the
+// key tiles) then sums K terms per call and one term per call, not all of them in one serial chain. The optional
+// row scale is the online-softmax rescaling of that accumulator.
 #pragma once
 
 #include "cpu/simd.h"
@@ -31,13 +34,13 @@ struct MatA {
 template <int R, int NV>
 inline void gemm_micro(MatA A, const float* __restrict B, int64_t ldb, int64_t K, float* __restrict C, int64_t ldc,
                        const float* __restrict row_scale) {
-  vfloat acc[R][NV];
-  for (int i = 0; i < R; ++i)
-    for (int v = 0; v < NV; ++v)
-      acc[i][v] = row_scale ? vset1(row_scale[i]) * vload(C + i * ldc + v * kW) : vfloat{};
+  vfloat acc[R][NV] = {};
   for (int64_t k = 0; k < K; ++k) {
     vfloat b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * kW);
+    for (int v = 0; v < NV; ++v) {
+      b[v] = vload(B + k * ldb + v * kW);
+      __asm__("" : "+v"(b[v]));  // opaque to the compiler, so it cannot fold the load into each FMA
+    }
     const float* a = A.p + k * A.col;
     for (int i = 0; i < R; ++i) {
       const vfloat ai = vset1(a[i * A.row]);
@@ -45,7 +48,9 @@ inline void gemm_micro(MatA A, const float* __restrict B, int64_t ldb, int64_t K
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int v = 0; v < NV; ++v) vstore(C + i * ldc + v * kW, acc[i][v]);
+    for (int v = 0; v < NV; ++v)
+      vstore(C + i * ldc + v * kW,
+             row_scale ? vfma(vset1(row_scale[i]), vload(C + i * ldc + v * kW), acc[i][v]) : acc[i][v]);
 }
 
 template <int NV>
