@@ -39,7 +39,7 @@ inline void gemm_micro(MatA A, const float* __restrict B, int64_t ldb, int64_t K
     vfloat b[NV];
     for (int v = 0; v < NV; ++v) {
       b[v] = vload(B + k * ldb + v * kW);
-      __asm__("" : "+v"(b[v]));  // opaque to the compiler, so it cannot fold the load into each FMA
+      keep_in_register(b[v]);
     }
     const float* a = A.p + k * A.col;
     for (int i = 0; i < R; ++i) {
