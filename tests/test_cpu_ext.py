@@ -234,6 +234,29 @@ def test_attention_bwd_split_passes(threads):
         torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_attention_bwd_in_chunks(threads):
+    """More packed operands than the kernel holds at once (8M floats): 33000 keys of 2 kv heads, K and V in rows of 64
+    floats, are 1.05x that, so each kv head with its 2 query heads is a chunk of its own; with 3 threads each chunk
+    also splits into the dK/dV and dQ passes."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v = torch.randn(1, 16, 4, 64), torch.randn(1, 33000, 2, 64), torch.randn(1, 33000, 2, 64)
+        out, lse = _ops().attention_fwd(q, k, v, False, 0.125, -1, -1)
+        dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+        grads = _ops().attention_bwd(dout, q, k, v, out, lse, dlse, False, 0.125, -1, -1)
+        refs = []
+        for dt in (torch.float64, F32):
+            leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
+            ref, ref_lse = reference.attention(*leaves, softmax_scale=0.125, return_lse=True)
+            refs.append(torch.autograd.grad((ref, ref_lse), leaves, (dout.to(dt), dlse.to(dt))))
+        for name, g, g64, glow in zip(("dq", "dk", "dv"), grads, *refs):
+            check_rule(name, g, g64, glow)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_decode_errors():
     dec = _ops().decode_attention
     q, kc = torch.randn(2, 1, 4, 16), torch.randn(2, 10, 2, 16)

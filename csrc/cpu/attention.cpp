@@ -36,9 +36,6 @@
 namespace fastlm_cpu {
 namespace {
 
-// Floats of packed q, k and v at most, unless one kv head needs more: 32 MB, a few times the last-level cache.
-constexpr int64_t kPackBudget = int64_t{8} << 20;
-
 struct Scratch {
   std::vector<float> qt, s, o, m, l, alpha;
   std::vector<int64_t> lo, hi;

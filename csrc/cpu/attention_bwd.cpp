@@ -5,10 +5,12 @@
 // gradient arriving at lse itself, since d lse_i / d s_ij = P_ij):
 //     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
 //
-// Algorithm: a work item is (batch, kv head). The thread widens the item's K and V once into fp32 (Sk x Dv) and keeps
-// fp32 dK, dV accumulators of the same size; then for each query head of the GQA group and each block of kBlockQ
-// queries it packs Q and dO (row-major and transposed), and streams the visible key tiles (the forward's mask
-// geometry: tiles outside the causal/window mask are skipped, tiles inside it are not masked):
+// Algorithm: first K and V, Q and dO are widened to fp32 and packed head-major (pack_heads in attention.h: one head's
+// rows are a page apart in the (batch, seqlen, heads, headdim) layout), and delta is computed for every query row;
+// problems larger than kPackBudget floats go in chunks of kv heads. Then a work item is (batch, kv head): the thread
+// keeps fp32 dK, dV accumulators (Sk x Dv), and for each query head of the GQA group and each block of kBlockQ queries
+// it transposes Q and dO and streams the visible key tiles (the forward's mask geometry: tiles outside the
+// causal/window mask are skipped, tiles inside it are not masked):
 //   S^T = K Q^T,  P^T = 2^(S^T c - lse log2 e)     keys as rows, so the per-query statistics are lane-wise
 //   dV += P^T dO,  dP^T = V dO^T,  dS^T = scale P^T (dP^T - delta)
 //   dK += dS^T Q,  dQ += dS K                       dQ of the block is complete after its last tile
@@ -18,8 +20,9 @@
 // each recomputing P and dP (7 tile products per tile pair instead of 5, all threads busy). All arithmetic is fp32;
 // outputs are rounded once.
 //
-// Memory traffic: q, dO, out read once per pass and item, K/V once per item; dQ, dK, dV written once. Scratch per thread: K, V, dK, dV
-// of one kv head in fp32 plus a few tiles.
+// Memory traffic: q, k, v, dO and out read once (packing), the packed K/V once per item and the packed Q/dO once per
+// pass and item; dQ, dK, dV written once. Scratch: the packed operands of one chunk, and per thread dK, dV of one kv
+// head in fp32 plus a few tiles.
 #include "cpu/attention.h"
 #include "cpu/ops.h"
 #include "cpu/output.h"
@@ -31,6 +34,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace fastlm_cpu {
@@ -39,15 +43,15 @@ namespace {
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
 struct Scratch {
-  std::vector<float> k, v, dk, dv;     // the item's kv head, Sk x Dv
+  std::vector<float> dk, dv;           // the item's kv head, Sk x Dv
   std::vector<float> q, qt, d_o, dot;  // the query block: Q, dO (kBlockQ x Dv) and transposed (D x kBlockQ)
   std::vector<float> p, ds, dq;        // P^T, dP^T then dS^T (kBlockK x kBlockQ); dQ of the block (kBlockQ x Dv)
   std::vector<float> lse2, delta, ones;
   std::vector<int64_t> lo, hi;
   explicit Scratch(const Problem& p)
-      : k(p.Sk * p.Dv), v(p.Sk * p.Dv), dk(p.Sk * p.Dv), dv(p.Sk * p.Dv), q(kBlockQ * p.Dv), qt(p.D * kBlockQ),
-        d_o(kBlockQ * p.Dv), dot(p.D * kBlockQ), p(kBlockK * kBlockQ), ds(kBlockK * kBlockQ), dq(kBlockQ * p.Dv),
-        lse2(kBlockQ), delta(kBlockQ), ones(std::max(kBlockQ, kBlockK), 1.0f), lo(kBlockQ), hi(kBlockQ) {}
+      : dk(p.Sk * p.Dv), dv(p.Sk * p.Dv), q(kBlockQ * p.Dv), qt(p.D * kBlockQ), d_o(kBlockQ * p.Dv),
+        dot(p.D * kBlockQ), p(kBlockK * kBlockQ), ds(kBlockK * kBlockQ), dq(kBlockQ * p.Dv), lse2(kBlockQ),
+        delta(kBlockQ), ones(std::max(kBlockQ, kBlockK), 1.0f), lo(kBlockQ), hi(kBlockQ) {}
 };
 
 struct Tensors {
@@ -58,34 +62,41 @@ struct Tensors {
   void *dq, *dk, *dv;  // contiguous, q's / k's shape
 };
 
-// Packs query block qb of head h (Q and dO both ways, lse in base 2, delta, key ranges); padding rows get zeros and
+// The packed operands of the kv heads bk in [bk0, ...) (bk = batch * Hkv + kv head), rows of Dv floats: K and V of
+// kv head bk at k / v + (bk - bk0) * Sk * Dv; Q and dO of query head f = batch * H + head (f / G = bk) at
+// q / d_o + (f - bk0 G) * Sq * Dv; delta of query i of head f at delta[(f - bk0 G) * Sq + i].
+struct Packed {
+  float *k, *v, *q, *d_o, *delta;
+  int64_t bk0;
+  int64_t head(const Problem& p, int64_t b, int64_t h) const { return b * p.H + h - bk0 * p.G; }
+  const float* k_head(const Problem& p, int64_t b, int64_t hk) const {
+    return k + (b * p.Hkv + hk - bk0) * p.Sk * p.Dv;
+  }
+  const float* v_head(const Problem& p, int64_t b, int64_t hk) const {
+    return v + (b * p.Hkv + hk - bk0) * p.Sk * p.Dv;
+  }
+};
+
+// Loads query block qb of head h (Q and dO both ways, lse in base 2, delta, key ranges); padding rows get zeros and
 // lse2 = +inf, so their P is exactly 0.
-template <typename T>
-void pack_queries(const Problem& p, const Tensors& t, int64_t b, int64_t h, int64_t i0, int64_t rows, Scratch& sc) {
-  std::fill(sc.q.begin(), sc.q.end(), 0.0f);
-  std::fill(sc.d_o.begin(), sc.d_o.end(), 0.0f);
+void load_queries(const Problem& p, const Tensors& t, const Packed& pk, int64_t b, int64_t h, int64_t i0,
+                  int64_t rows, Scratch& sc) {
+  const int64_t f = pk.head(p, b, h);
+  std::copy_n(pk.q + (f * p.Sq + i0) * p.Dv, rows * p.Dv, sc.q.begin());
+  std::copy_n(pk.d_o + (f * p.Sq + i0) * p.Dv, rows * p.Dv, sc.d_o.begin());
+  std::fill(sc.q.begin() + rows * p.Dv, sc.q.end(), 0.0f);
+  std::fill(sc.d_o.begin() + rows * p.Dv, sc.d_o.end(), 0.0f);
   for (int64_t r = 0; r < kBlockQ; ++r) {
-    sc.lse2[r] = kPosInf, sc.delta[r] = 0.0f;
-    if (r >= rows) {
-      for (int64_t d = 0; d < p.D; ++d) sc.qt[d * kBlockQ + r] = sc.dot[d * kBlockQ + r] = 0.0f;
-      continue;
-    }
-    const int64_t i = i0 + r;
-    const T* qr = static_cast<const T*>(t.q) + b * t.qs.b + i * t.qs.s + h * t.qs.h;
-    const T* dor = static_cast<const T*>(t.dout) + b * t.dos.b + i * t.dos.s + h * t.dos.h;
-    const T* orow = static_cast<const T*>(t.out) + b * t.os.b + i * t.os.s + h * t.os.h;
-    widen_rows(qr, 0, 1, p.D, sc.q.data() + r * p.Dv, p.Dv);
-    widen_rows(dor, 0, 1, p.D, sc.d_o.data() + r * p.Dv, p.Dv);
-    float delta = 0.0f;
     for (int64_t d = 0; d < p.D; ++d) {
       sc.qt[d * kBlockQ + r] = sc.q[r * p.Dv + d];
       sc.dot[d * kBlockQ + r] = sc.d_o[r * p.Dv + d];
-      delta += sc.d_o[r * p.Dv + d] * to_float(orow[d]);
     }
-    const int64_t row = (b * p.H + h) * p.Sq + i;
-    const float lse = t.lse[row];
+    sc.lse2[r] = kPosInf, sc.delta[r] = 0.0f;
+    if (r >= rows) continue;
+    const int64_t i = i0 + r;
+    const float lse = t.lse[(b * p.H + h) * p.Sq + i];
     sc.lse2[r] = lse == kNegInf ? kPosInf : lse * kLog2e;  // a query without keys: P = 0
-    sc.delta[r] = t.dlse ? delta - t.dlse[row] : delta;
+    sc.delta[r] = pk.delta[f * p.Sq + i];
     sc.lo[r] = p.lo(i), sc.hi[r] = p.hi(i);
   }
 }
@@ -97,17 +108,17 @@ enum class Grads { kAll, kKV, kQ };
 // One query block of head h against the visible key tiles in [k_lo, k_hi) (multiples of kBlockK) of the item's
 // packed K/V.
 template <typename T>
-void block_bwd(const Problem& p, const Tensors& t, int64_t b, int64_t h, int64_t qb, int64_t k_lo, int64_t k_hi,
-               Grads grads, float scale, Scratch& sc) {
+void block_bwd(const Problem& p, const Tensors& t, const Packed& pk, int64_t b, int64_t h, int64_t qb, int64_t k_lo,
+               int64_t k_hi, Grads grads, float scale, Scratch& sc) {
   const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0);
-  pack_queries<T>(p, t, b, h, i0, rows, sc);
+  load_queries(p, t, pk, b, h, i0, rows, sc);
   std::fill(sc.dq.begin(), sc.dq.end(), 0.0f);
   const vfloat c2 = vset1(scale * kLog2e), vscale = vset1(scale);
   const int64_t lo = std::max(sc.lo[0], k_lo), hi = std::min(sc.hi[rows - 1], k_hi - 1);  // keys the rows may see
   for (int64_t j0 = lo / kBlockK * kBlockK; j0 <= hi && lo <= hi; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, p.Sk - j0);
-    const float* kt = sc.k.data() + j0 * p.Dv;
-    const float* vt = sc.v.data() + j0 * p.Dv;
+    const float* kt = pk.k_head(p, b, h / p.G) + j0 * p.Dv;
+    const float* vt = pk.v_head(p, b, h / p.G) + j0 * p.Dv;
     // P^T = 2^(S^T c - lse2), zero outside the mask
     gemm_tile(nk, kBlockQ, p.D, MatA{kt, p.Dv, 1}, sc.qt.data(), kBlockQ, sc.p.data(), kBlockQ, nullptr);
     for (int64_t j = 0; j < nk; ++j) {
@@ -161,44 +172,60 @@ template <typename T>
 void attention_bwd_kernel(const Problem& p, const Tensors& t, float scale) {
   const int64_t nqb = (p.Sq + kBlockQ - 1) / kBlockQ, nkb = p.n_ktiles(), n_kv = p.B * p.Hkv;
   const int64_t threads = at::get_num_threads();
-  // Enough key chunks (dK/dV pass) and query chunks (dQ pass) to give every thread ~2 items; one chunk each, a
-  // single pass computing everything, when the kv heads alone do.
-  const int64_t want = n_kv >= threads ? 1 : (2 * threads + n_kv - 1) / n_kv;
-  const int64_t tiles_per_chunk = (nkb + want - 1) / want;
-  const int64_t k_chunks = (nkb + tiles_per_chunk - 1) / tiles_per_chunk;  // none empty
-  const int64_t k_chunk = tiles_per_chunk * kBlockK;                        // keys per chunk
-  const Grads kv_pass = k_chunks == 1 ? Grads::kAll : Grads::kKV;
-  auto pack_kv = [&](int64_t b, int64_t hk, Scratch& sc) {
-    widen_rows(static_cast<const T*>(t.k) + b * t.ks.b + hk * t.ks.h, t.ks.s, p.Sk, p.D, sc.k.data(), p.Dv);
-    widen_rows(static_cast<const T*>(t.v) + b * t.vs.b + hk * t.vs.h, t.vs.s, p.Sk, p.D, sc.v.data(), p.Dv);
-  };
-  // dK, dV (and dQ in the single pass): item (batch, kv head, key chunk)
-  for_items(p, n_kv * k_chunks, [&](int64_t w, Scratch& sc) {
-    const int64_t c = w % k_chunks, b = w / k_chunks / p.Hkv, hk = w / k_chunks % p.Hkv;
-    const int64_t k_lo = c * k_chunk, k_hi = std::min(p.Sk, k_lo + k_chunk);
-    pack_kv(b, hk, sc);
-    std::fill(sc.dk.begin() + k_lo * p.Dv, sc.dk.begin() + k_hi * p.Dv, 0.0f);
-    std::fill(sc.dv.begin() + k_lo * p.Dv, sc.dv.begin() + k_hi * p.Dv, 0.0f);
-    for (int64_t g = 0; g < p.G; ++g)
-      for (int64_t qb = 0; qb < nqb; ++qb) block_bwd<T>(p, t, b, hk * p.G + g, qb, k_lo, k_hi, kv_pass, scale, sc);
-    for (int64_t j = k_lo; j < k_hi; ++j) {
-      T* dk = static_cast<T*>(t.dk) + ((b * p.Sk + j) * p.Hkv + hk) * p.D;
-      T* dv = static_cast<T*>(t.dv) + ((b * p.Sk + j) * p.Hkv + hk) * p.D;
-      for (int64_t d = 0; d < p.D; ++d) {
-        dk[d] = from_float<T>(sc.dk[j * p.Dv + d]);
-        dv[d] = from_float<T>(sc.dv[j * p.Dv + d]);
+  const int64_t per_kv = 2 * (p.Sk + p.G * p.Sq) * p.Dv + p.G * p.Sq;  // packed floats of one kv head
+  const int64_t chunk = std::min(n_kv, std::max<int64_t>(1, kPackBudget / per_kv));
+  std::unique_ptr<float[]> buffer(new float[chunk * per_kv]);
+  for (int64_t bk0 = 0; bk0 < n_kv; bk0 += chunk) {
+    const int64_t n = std::min(chunk, n_kv - bk0), f0 = bk0 * p.G, f1 = (bk0 + n) * p.G;
+    Packed pk{buffer.get(), nullptr, nullptr, nullptr, nullptr, bk0};
+    pk.v = pk.k + n * p.Sk * p.Dv, pk.q = pk.v + n * p.Sk * p.Dv;
+    pk.d_o = pk.q + (f1 - f0) * p.Sq * p.Dv, pk.delta = pk.d_o + (f1 - f0) * p.Sq * p.Dv;
+    pack_heads(static_cast<const T*>(t.k), t.ks, p.Hkv, bk0, bk0 + n, 0, p.Sk, p.D, pk.k, p.Dv);
+    pack_heads(static_cast<const T*>(t.v), t.vs, p.Hkv, bk0, bk0 + n, 0, p.Sk, p.D, pk.v, p.Dv);
+    pack_heads(static_cast<const T*>(t.q), t.qs, p.H, f0, f1, 0, p.Sq, p.D, pk.q, p.Dv);
+    pack_heads(static_cast<const T*>(t.dout), t.dos, p.H, f0, f1, 0, p.Sq, p.D, pk.d_o, p.Dv);
+    // delta_i = dO_i . O_i - dlse_i
+    for_rows_of_heads(f0, f1, 0, p.Sq, [&](int64_t f, int64_t i) {
+      const float* d_o = pk.d_o + ((f - f0) * p.Sq + i) * p.Dv;
+      const T* o = static_cast<const T*>(t.out) + (f / p.H) * t.os.b + i * t.os.s + (f % p.H) * t.os.h;
+      float delta = 0.0f;
+      for (int64_t d = 0; d < p.D; ++d) delta += d_o[d] * to_float(o[d]);
+      pk.delta[(f - f0) * p.Sq + i] = t.dlse ? delta - t.dlse[f * p.Sq + i] : delta;
+    });
+    // Enough key chunks (dK/dV pass) and query chunks (dQ pass) to give every thread ~2 items; one chunk each, a
+    // single pass computing everything, when the kv heads alone do.
+    const int64_t want = n >= threads ? 1 : (2 * threads + n - 1) / n;
+    const int64_t tiles_per_chunk = (nkb + want - 1) / want;
+    const int64_t k_chunks = (nkb + tiles_per_chunk - 1) / tiles_per_chunk;  // none empty
+    const int64_t k_chunk = tiles_per_chunk * kBlockK;                        // keys per chunk
+    const Grads kv_pass = k_chunks == 1 ? Grads::kAll : Grads::kKV;
+    // dK, dV (and dQ in the single pass): item (batch, kv head, key chunk)
+    for_items(p, n * k_chunks, [&](int64_t w, Scratch& sc) {
+      const int64_t c = w % k_chunks, bk = bk0 + w / k_chunks, b = bk / p.Hkv, hk = bk % p.Hkv;
+      const int64_t k_lo = c * k_chunk, k_hi = std::min(p.Sk, k_lo + k_chunk);
+      std::fill(sc.dk.begin() + k_lo * p.Dv, sc.dk.begin() + k_hi * p.Dv, 0.0f);
+      std::fill(sc.dv.begin() + k_lo * p.Dv, sc.dv.begin() + k_hi * p.Dv, 0.0f);
+      for (int64_t g = 0; g < p.G; ++g)
+        for (int64_t qb = 0; qb < nqb; ++qb)
+          block_bwd<T>(p, t, pk, b, hk * p.G + g, qb, k_lo, k_hi, kv_pass, scale, sc);
+      for (int64_t j = k_lo; j < k_hi; ++j) {
+        T* dk = static_cast<T*>(t.dk) + ((b * p.Sk + j) * p.Hkv + hk) * p.D;
+        T* dv = static_cast<T*>(t.dv) + ((b * p.Sk + j) * p.Hkv + hk) * p.D;
+        for (int64_t d = 0; d < p.D; ++d) {
+          dk[d] = from_float<T>(sc.dk[j * p.Dv + d]);
+          dv[d] = from_float<T>(sc.dv[j * p.Dv + d]);
+        }
       }
-    }
-  });
-  if (kv_pass == Grads::kAll) return;
-  // dQ: item (batch, head, share of the query blocks), interleaved so causal shares cost about the same
-  const int64_t n_heads = p.B * p.H, q_shares = std::min(nqb, (2 * threads + n_heads - 1) / n_heads);
-  for_items(p, n_heads * q_shares, [&](int64_t w, Scratch& sc) {
-    const int64_t share = w % q_shares, bh = w / q_shares, b = bh / p.H, h = bh % p.H;
-    pack_kv(b, h / p.G, sc);
-    for (int64_t qb = share; qb < nqb; qb += q_shares)
-      block_bwd<T>(p, t, b, h, qb, 0, nkb * kBlockK, Grads::kQ, scale, sc);
-  });
+    });
+    if (kv_pass == Grads::kAll) continue;
+    // dQ: item (batch, head, share of the query blocks), interleaved so causal shares cost about the same
+    const int64_t n_heads = f1 - f0, q_shares = std::min(nqb, (2 * threads + n_heads - 1) / n_heads);
+    for_items(p, n_heads * q_shares, [&](int64_t w, Scratch& sc) {
+      const int64_t share = w % q_shares, f = f0 + w / q_shares, b = f / p.H, h = f % p.H;
+      for (int64_t qb = share; qb < nqb; qb += q_shares)
+        block_bwd<T>(p, t, pk, b, h, qb, 0, nkb * kBlockK, Grads::kQ, scale, sc);
+    });
+  }
 }
 
 }  // namespace
