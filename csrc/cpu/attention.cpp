@@ -1,16 +1,17 @@
 // Softmax attention forward on the CPU, FlashAttention-2 style.
 //
-// Algorithm: first q, k and v are widened to fp32 and packed head-major (every head's rows contiguous; only the keys
-// some query can see). In the (batch, seqlen, heads, headdim) layout a head's rows are a page apart for a model-sized
-// head count, so reading one head at a time would take a TLB miss on every row; the packing reads each row of all
-// heads at once instead (tasks ordered row tile first). Then a work item is (batch, kv head, share of the query
-// blocks): all H / Hkv query heads of the kv head, and query blocks c, c + n, c + 2n, ... of kBlockQ queries
-// (interleaved so that under a causal mask every share costs about the same). Per query block, its queries are
-// transposed (D x kBlockQ) and stay in L1 while the visible key tiles stream through:
+// Algorithm: first q, k and v are widened to fp32 and packed head-major, every head's rows contiguous (K and V from
+// the first key tile some query sees). In the (batch, seqlen, heads, headdim) layout one head's rows are a page apart
+// for a model-sized head count, so reading one head at a time would take a TLB miss on every row; the packing visits
+// every head of a row before the next (for_rows_of_heads in attention.h). Then a work item is (batch, kv head, share
+// of the query blocks): all H / Hkv query heads of the kv head, and query blocks c, c + n, c + 2n, ... of kBlockQ
+// queries (interleaved so that under a causal mask every share costs about the same). Per query block, its queries
+// are transposed (D x kBlockQ) and stay in L1 while the visible key tiles stream through:
 //   S^T = K Q^T        a kBlockK x kBlockQ tile, keys as rows, so every softmax statistic below is lane-wise
 //   online softmax     per query (column), in base 2 with the scale applied inside the exponent (tile.h): running
 //                      max and sum, P = 2^(S c - max) in place of S
-//   O = alpha O + P V  O (kBlockQ x D) in L1, alpha = 2^(old max - new max) applied as O is loaded
+//   O = alpha O + P V  O (kBlockQ x D) in L1, alpha = 2^(old max - new max); the tile's P V is summed apart and
+//                      added to alpha O once (tile.h), so O is not one serial sum over every key
 // All arithmetic is fp32 with fp32 accumulation. Tiles entirely outside the causal/window mask are never touched,
 // tiles entirely inside it are not masked, and the S x S score matrix never exists. Items are handed out through an
 // atomic counter, which balances the threads. Problems whose packed copy would exceed kPackBudget floats run in
@@ -118,8 +119,8 @@ template <typename T>
 void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       at::Tensor& out, at::Tensor& lse) {
   const int64_t nqb = (p.Sq + kBlockQ - 1) / kBlockQ, n_kv = p.B * p.Hkv;
-  // the keys some query sees, whole tiles: lo() and hi() are monotone, so the union is [lo(0), hi(Sq - 1)]
-  const int64_t k0 = p.lo(0) / kBlockK * kBlockK, k1 = std::max(k0, p.hi(p.Sq - 1) + 1);
+  // the keys some query sees, whole tiles: lo() is monotone, and the last query sees the last key (right >= 0)
+  const int64_t k0 = p.lo(0) / kBlockK * kBlockK, k1 = p.Sk;
   const int64_t per_kv = p.G * p.Sq * p.D + (k1 - k0) * (p.D + p.Dv);
   const int64_t chunk = std::min(n_kv, std::max<int64_t>(1, kPackBudget / std::max<int64_t>(per_kv, 1)));
   std::unique_ptr<float[]> buffer(new float[chunk * per_kv]);
