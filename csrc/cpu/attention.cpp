@@ -45,20 +45,17 @@ struct Scratch {
         lo(kBlockQ), hi(kBlockQ) {}
 };
 
-// The packed operands of one chunk of (batch, kv head) pairs [bk0, ...): query head bk * G + g at
-// q + (bk * G + g - bk0 * G) * Sq * D (rows of D), and keys k0 <= j < k1 of kv head bk at
-// k + (bk - bk0) * (k1 - k0) * D + (j - k0) * D, v likewise with rows of Dv (zero padded).
+// The packed operands of one chunk of (batch, kv head) pairs bk = batch * Hkv + kv head from bk0 on: query head
+// f = batch * H + head (f / G = bk) at q + (f - bk0 G) * Sq * D, in rows of D; keys k0 <= j < Sk of kv head bk at
+// k + ((bk - bk0) * (Sk - k0) + j - k0) * D, v likewise in rows of Dv (zero padded).
 struct Packed {
   float *q, *k, *v;
-  int64_t bk0, k0, k1;
+  int64_t bk0, k0;
   const float* q_head(const Problem& p, int64_t b, int64_t h) const {
-    return q + ((b * p.H + h) - bk0 * p.G) * p.Sq * p.D;
+    return q + (b * p.H + h - bk0 * p.G) * p.Sq * p.D;
   }
-  const float* k_row(const Problem& p, int64_t b, int64_t hk, int64_t j) const {
-    return k + (((b * p.Hkv + hk) - bk0) * (k1 - k0) + (j - k0)) * p.D;
-  }
-  const float* v_row(const Problem& p, int64_t b, int64_t hk, int64_t j) const {
-    return v + (((b * p.Hkv + hk) - bk0) * (k1 - k0) + (j - k0)) * p.Dv;
+  int64_t k_row(const Problem& p, int64_t b, int64_t hk, int64_t j) const {  // row index into k and v
+    return (b * p.Hkv + hk - bk0) * (p.Sk - k0) + j - k0;
   }
 };
 
@@ -83,8 +80,8 @@ void attend_block(const Problem& p, const Packed& pk, T* out, float* lse, int64_
   const int64_t lo = sc.lo[0], hi = sc.hi[rows - 1];  // the union of the rows' key ranges
   for (int64_t j0 = lo / kBlockK * kBlockK; j0 <= hi && lo <= hi; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, p.Sk - j0);
-    const float* kt = pk.k_row(p, b, hk, j0);
-    const float* vt = pk.v_row(p, b, hk, j0);
+    const float* kt = pk.k + pk.k_row(p, b, hk, j0) * p.D;
+    const float* vt = pk.v + pk.k_row(p, b, hk, j0) * p.Dv;
     gemm_tile(nk, kBlockQ, p.D, MatA{kt, p.D, 1}, sc.qt.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
     const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
     if (!inside) {
@@ -120,9 +117,9 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
                       at::Tensor& out, at::Tensor& lse) {
   const int64_t nqb = (p.Sq + kBlockQ - 1) / kBlockQ, n_kv = p.B * p.Hkv;
   // the keys some query sees, whole tiles: lo() is monotone, and the last query sees the last key (right >= 0)
-  const int64_t k0 = p.lo(0) / kBlockK * kBlockK, k1 = p.Sk;
-  const int64_t per_kv = p.G * p.Sq * p.D + (k1 - k0) * (p.D + p.Dv);
-  const int64_t chunk = std::min(n_kv, std::max<int64_t>(1, kPackBudget / std::max<int64_t>(per_kv, 1)));
+  const int64_t k0 = p.lo(0) / kBlockK * kBlockK;
+  const int64_t per_kv = p.G * p.Sq * p.D + (p.Sk - k0) * (p.D + p.Dv);  // packed floats of one kv head
+  const int64_t chunk = std::min(n_kv, std::max<int64_t>(1, kPackBudget / per_kv));
   std::unique_ptr<float[]> buffer(new float[chunk * per_kv]);
   const T *q_p = static_cast<const T*>(q.const_data_ptr()), *k_p = static_cast<const T*>(k.const_data_ptr()),
           *v_p = static_cast<const T*>(v.const_data_ptr());
@@ -132,10 +129,10 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
   for (int64_t bk0 = 0; bk0 < n_kv; bk0 += chunk) {
     const int64_t n = std::min(chunk, n_kv - bk0);
     const Packed pk{buffer.get(), buffer.get() + n * p.G * p.Sq * p.D,
-                    buffer.get() + n * (p.G * p.Sq * p.D + (k1 - k0) * p.D), bk0, k0, k1};
+                    buffer.get() + n * (p.G * p.Sq * p.D + (p.Sk - k0) * p.D), bk0, k0};
     pack_heads(q_p, strides_of(q), p.H, bk0 * p.G, (bk0 + n) * p.G, 0, p.Sq, p.D, pk.q, p.D);
-    pack_heads(k_p, strides_of(k), p.Hkv, bk0, bk0 + n, k0, k1, p.D, pk.k, p.D);
-    pack_heads(v_p, strides_of(v), p.Hkv, bk0, bk0 + n, k0, k1, p.D, pk.v, p.Dv);
+    pack_heads(k_p, strides_of(k), p.Hkv, bk0, bk0 + n, k0, p.Sk, p.D, pk.k, p.D);
+    pack_heads(v_p, strides_of(v), p.Hkv, bk0, bk0 + n, k0, p.Sk, p.D, pk.v, p.Dv);
     // Shares per kv head: enough items to keep the threads busy.
     const int64_t shares = std::min(nqb, std::max<int64_t>(1, (2 * threads + n - 1) / n));
     const int64_t n_items = n * shares;
