@@ -73,9 +73,9 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const
           float* dst = k0 == 0 ? tile.data() : partial.data();
           for (int64_t p = 0; p < np; ++p)
             for (int64_t i = 0; i < rows; i += kRows)
-              gemm_rows<2>(std::min<int64_t>(kRows, rows - i), MatA{x + (m0 + i) * ldx + k0, ldx, 1},
-                           packed.data() + (p * K + k0) * kPanel, kPanel, depth, dst + i * ldt + p * kPanel, ldt,
-                           nullptr);
+              gemm_rows<2, false>(std::min<int64_t>(kRows, rows - i), MatA{x + (m0 + i) * ldx + k0, ldx, 1},
+                                  packed.data() + (p * K + k0) * kPanel, kPanel, depth, dst + i * ldt + p * kPanel,
+                                  ldt, nullptr);
           if (k0 > 0)
             for (int64_t i = 0; i < rows; ++i)
               for (int64_t e = i * ldt; e < i * ldt + np * kPanel; e += kW)
