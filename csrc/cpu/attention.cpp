@@ -130,9 +130,21 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
     const int64_t n = std::min(chunk, n_kv - bk0);
     const Packed pk{buffer.get(), buffer.get() + n * p.G * p.Sq * p.D,
                     buffer.get() + n * (p.G * p.Sq * p.D + (p.Sk - k0) * p.D), bk0, k0};
-    pack_heads(q_p, strides_of(q), p.H, bk0 * p.G, (bk0 + n) * p.G, 0, p.Sq, p.D, pk.q, p.D);
-    pack_heads(k_p, strides_of(k), p.Hkv, bk0, bk0 + n, k0, p.Sk, p.D, pk.k, p.D);
-    pack_heads(v_p, strides_of(v), p.Hkv, bk0, bk0 + n, k0, p.Sk, p.D, pk.v, p.Dv);
+    const Strides qs = strides_of(q), ks = strides_of(k), vs = strides_of(v);
+    const int64_t nk = p.Sk - k0;
+    // one pass over the rows (query rows and key rows side by side): q row s, k and v row k0 + s
+    for_rows_of_heads(bk0, bk0 + n, 0, std::max(p.Sq, nk), [&](int64_t bk, int64_t s) {
+      const int64_t b = bk / p.Hkv, hk = bk % p.Hkv;
+      if (s < p.Sq)
+        for (int64_t g = 0; g < p.G; ++g)
+          widen_rows(q_p + b * qs.b + (hk * p.G + g) * qs.h + s * qs.s, qs.s, 1, p.D,
+                     pk.q + (((bk - bk0) * p.G + g) * p.Sq + s) * p.D, p.D);
+      if (s < nk) {
+        widen_rows(k_p + b * ks.b + hk * ks.h + (k0 + s) * ks.s, ks.s, 1, p.D, pk.k + ((bk - bk0) * nk + s) * p.D, p.D);
+        widen_rows(v_p + b * vs.b + hk * vs.h + (k0 + s) * vs.s, vs.s, 1, p.D, pk.v + ((bk - bk0) * nk + s) * p.Dv,
+                   p.Dv);
+      }
+    });
     // Shares per kv head: enough items to keep the threads busy.
     const int64_t shares = std::min(nqb, std::max<int64_t>(1, (2 * threads + n - 1) / n));
     const int64_t n_items = n * shares;
