@@ -790,12 +790,23 @@ def test_attention_empty_rows_and_sizes():
     assert out.shape == (1, 0, 2, 16) and lse.shape == (1, 2, 0)
 
 
-def test_attention_packs_the_visible_keys_in_chunks():
-    # the kernel packs q, k and v first, at most 8M floats at a time unless one kv head needs more: 40000 keys of
-    # 4 kv heads (64 + 64 floats each) are 2.4x that, so each kv head (and its 2 query heads) is a chunk of its own;
-    # and the output, summed over 625 key tiles, stays within the rule (one serial chain through every key did not)
-    q, k, v = torch.randn(2, 16, 4, 64), torch.randn(2, 40000, 2, 64), torch.randn(2, 40000, 2, 64)
-    _attention_check(q, k, v, False, 0.125, (-1, -1))
+def test_attention_packs_the_visible_keys_or_reads_them_in_place():
+    # each thread packs the visible keys of its kv head when they fit its share of 8M floats: 40001 keys of 64 + 64
+    # floats (5.1M) do on one thread and are read tile by tile from the inputs on two; both give the same bits, and
+    # the output, summed over 626 key tiles (the last one ragged), stays within the rule (one serial chain through
+    # every key did not). Then the same with a causal window whose ~35000 visible keys (4.5M floats) still need the
+    # reading in place on two threads.
+    q, k, v = torch.randn(2, 16, 4, 64), torch.randn(2, 40001, 2, 64), torch.randn(2, 40001, 2, 64)
+    n = torch.get_num_threads()
+    try:
+        for causal, window in ((False, (-1, -1)), (True, (35000, -1))):
+            torch.set_num_threads(1)
+            packed, packed_lse = _attention_check(q, k, v, causal, 0.125, window)
+            torch.set_num_threads(2)
+            in_place, in_place_lse = _ops().attention_fwd(q, k, v, causal, 0.125, window[0], 0 if causal else -1)
+            assert torch.equal(packed, in_place) and torch.equal(packed_lse, in_place_lse)
+    finally:
+        torch.set_num_threads(n)
     # only the key tiles some query sees are read: here from key 300 - 16 - 20 = 264 on, in the tile from 256
     q, k, v = torch.randn(1, 16, 2, 32), torch.randn(1, 300, 1, 32), torch.randn(1, 300, 1, 32)
     out, _ = _attention_check(q, k, v, True, 0.3, (20, -1))

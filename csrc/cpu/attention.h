@@ -37,11 +37,14 @@ inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1
 Problem attention_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                           double softmax_scale, int64_t window_left, int64_t window_right);
 
-// n rows of length D (row stride ld) widened to fp32 rows of length ldo, zero padded.
+// n rows of length D (row stride ld) widened to fp32 rows of length ldo, zero padded. Rows a page or more apart are
+// not streamed by the hardware prefetchers, so each is asked for a few rows ahead.
 template <typename T>
 inline void widen_rows(const T* src, int64_t ld, int64_t n, int64_t D, float* dst, int64_t ldo) {
+  constexpr int64_t kAhead = 8;
   const int64_t full = D / kW * kW;
   for (int64_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) prefetch_row(src + (j + kAhead) * ld, D);
     const T* s = src + j * ld;
     float* d = dst + j * ldo;
     for (int64_t c = 0; c < full; c += kW) vstore(d + c, vload_cvt(s + c));
@@ -51,7 +54,8 @@ inline void widen_rows(const T* src, int64_t ld, int64_t n, int64_t D, float* ds
 }
 
 // Floats of packed operands a kernel holds at most, unless one kv head needs more: 32 MB, a few times the last-level
-// cache. Larger problems are packed and processed in chunks of kv heads.
+// cache. The backward packs larger problems in chunks of kv heads; the forward packs per thread, one kv head at a
+// time, and reads a kv head that exceeds the thread's share unpacked.
 constexpr int64_t kPackBudget = int64_t{8} << 20;
 
 // Calls fn(f, s) for the heads f0 <= f < f1 (f = batch * nheads + head) and rows lo <= s < hi of a (batch, seqlen,

@@ -123,10 +123,7 @@ inline void block_rows(const T* base, Strides st, int64_t hk, int64_t j, int64_t
 // Asks for the cache lines of head hk in rows j, j + r, ..., j + (kKeys - 1) r (those below n_rows) ahead of use.
 template <typename T>
 inline void prefetch_rows(const T* base, Strides st, int64_t hk, int64_t j, int64_t r, int64_t n_rows, int64_t D) {
-  for (int64_t i = j; i < std::min(j + kKeys * r, n_rows); i += r) {
-    const char* row = reinterpret_cast<const char*>(base + i * st.s + hk * st.h);
-    for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) __builtin_prefetch(row + off);
-  }
+  for (int64_t i = j; i < std::min(j + kKeys * r, n_rows); i += r) prefetch_row(base + i * st.s + hk * st.h, D);
 }
 
 // Start of a chunk: the query rows of every kv head (fp32, sign of the scale applied) into qh, the chunk's

@@ -225,6 +225,13 @@ inline void vstore_cvt_n(T* p, vfloat v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = from_float<T>(buf[i]);
 }
 
+// Asks for the cache lines of a row of D elements ahead of use.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) __builtin_prefetch(bytes + off);
+}
+
 // Elements per parallel task of the row-wise kernels (norms, RoPE, cross-entropy): below that, threads cost more
 // than they save.
 constexpr int64_t kGrainElems = 16384;

@@ -13,7 +13,7 @@ import numbers
 import torch
 
 from fastlm import backends, reference
-from fastlm.ops._checks import autocast_matmul, check_qkv, check_softmax_scale, fit_head_dim
+from fastlm.ops._checks import autocast_matmul, check_qkv, check_softmax_scale, fit_head_dim, needs_grad
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -208,8 +208,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
                         f"got {q.dtype}")
 
     if q.numel() == 0 or Sk == 0:  # empty batch / no query / no key: every row sees no key
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        out = _NoKeys.apply(q, k, v) if needs_grad else q.new_zeros(q.shape)
+        out = _NoKeys.apply(q, k, v) if needs_grad(q, k, v) else q.new_zeros(q.shape)
         lse = q.new_full((B, H, Sq), float("-inf"), dtype=torch.float32)
         return (out, lse) if return_lse else out
 
@@ -221,5 +220,6 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     else:
         # the C++ kernels read rows with unit stride along the head dim
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out, lse = _native_fwd(q, k, v, causal, scale, window_left, window_right)
+        native = _native_fwd if needs_grad(q, k, v) else torch.ops.fastlm.attention_fwd
+        out, lse = native(q, k, v, causal, scale, window_left, window_right)
     return (out, lse) if return_lse else out
