@@ -189,8 +189,8 @@ def test_rows_without_keys(backend, dtype):
 
 # The C++ CPU kernels widen K/V rows into fp32 tiles (csrc/cpu/attention.h, widen_rows): head dims 20 and 36 leave a
 # tail past the last whole vector on AVX2 (8 floats) and AVX-512 (16) alike (the CASES head dims are whole vectors on
-# AVX2). Several 64-key tiles, and windows under which the forward, walking a kv head's query blocks last to first,
-# packs a key tile after the one that follows it.
+# AVX2). Several 64-key tiles, and windows under which the query blocks see different key ranges, the first of them
+# past the kv head's first key.
 CPU_CASES = [
     (2, 70, 70, 4, 2, 20, False, (-1, -1)),
     (1, 500, 500, 2, 1, 20, True, (150, -1)),      # causal window 150 over 8 key tiles, one kv head

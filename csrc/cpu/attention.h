@@ -5,7 +5,6 @@
 #include "cpu/simd.h"
 #include "cpu/tile.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
@@ -57,30 +56,5 @@ inline void widen_rows(const T* src, int64_t ld, int64_t n, int64_t D, float* ds
 // cache. The backward packs larger problems in chunks of kv heads; the forward packs per thread, one kv head at a
 // time, and reads a kv head that exceeds the thread's share unpacked.
 constexpr int64_t kPackBudget = int64_t{8} << 20;
-
-// Calls fn(f, s) for the heads f0 <= f < f1 (f = batch * nheads + head) and rows lo <= s < hi of a (batch, seqlen,
-// nheads, ...) tensor, on the threads: each task takes a tile of rows and visits every head of a row before the next.
-// In that layout one head's rows are far apart (a page apart for 16 heads of 64 floats), so visiting one head at a
-// time would miss the TLB on every row.
-template <typename F>
-void for_rows_of_heads(int64_t f0, int64_t f1, int64_t lo, int64_t hi, F&& fn) {
-  constexpr int64_t kTileRows = 16;
-  if (f1 <= f0 || hi <= lo) return;
-  at::parallel_for(0, (hi - lo + kTileRows - 1) / kTileRows, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t s = lo + t0 * kTileRows; s < std::min(hi, lo + t1 * kTileRows); ++s)
-      for (int64_t f = f0; f < f1; ++f) fn(f, s);
-  });
-}
-
-// Widens rows lo <= s < hi of the heads f0 <= f < f1 of a (batch, seqlen, nheads, D) tensor into fp32 panels, row s
-// of head f at dst + ((f - f0) * (hi - lo) + s - lo) * ldo (rows of ldo >= D, zero padded).
-template <typename T>
-void pack_heads(const T* src, Strides st, int64_t nheads, int64_t f0, int64_t f1, int64_t lo, int64_t hi, int64_t D,
-                float* dst, int64_t ldo) {
-  for_rows_of_heads(f0, f1, lo, hi, [&](int64_t f, int64_t s) {
-    widen_rows(src + (f / nheads) * st.b + (f % nheads) * st.h + s * st.s, st.s, 1, D,
-               dst + ((f - f0) * (hi - lo) + s - lo) * ldo, ldo);
-  });
-}
 
 }  // namespace fastlm_cpu

@@ -5,9 +5,9 @@
 // gradient arriving at lse itself, since d lse_i / d s_ij = P_ij):
 //     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
 //
-// Algorithm: first K and V, Q and dO are widened to fp32 and packed head-major (pack_heads in attention.h: one head's
-// rows are a page apart in the (batch, seqlen, heads, headdim) layout), and delta is computed for every query row;
-// problems larger than kPackBudget floats go in chunks of kv heads. Then a work item is (batch, kv head): the thread
+// Algorithm: first K and V, Q and dO are widened to fp32 and packed head-major in one pass over the rows
+// (for_rows_of_heads: one head's rows are a page apart in the (batch, seqlen, heads, headdim) layout),
+// and delta is computed for every query row; problems larger than kPackBudget floats go in chunks of kv heads. Then a work item is (batch, kv head): the thread
 // keeps fp32 dK, dV accumulators (Sk x Dv), and for each query head of the GQA group and each block of kBlockQ queries
 // it transposes Q and dO and streams the visible key tiles (the forward's mask geometry: tiles outside the
 // causal/window mask are skipped, tiles inside it are not masked):
@@ -41,6 +41,20 @@ namespace fastlm_cpu {
 namespace {
 
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
+
+// Calls fn(f, s) for the heads f0 <= f < f1 (f = batch * nheads + head) and rows lo <= s < hi of a (batch, seqlen,
+// nheads, ...) tensor, on the threads: each task takes a tile of rows and visits every head of a row before the next.
+// In that layout one head's rows are far apart (a page apart for 16 heads of 64 floats), so visiting one head at a
+// time would miss the TLB on every row.
+template <typename F>
+void for_rows_of_heads(int64_t f0, int64_t f1, int64_t lo, int64_t hi, F&& fn) {
+  constexpr int64_t kTileRows = 16;
+  if (f1 <= f0 || hi <= lo) return;
+  at::parallel_for(0, (hi - lo + kTileRows - 1) / kTileRows, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t s = lo + t0 * kTileRows; s < std::min(hi, lo + t1 * kTileRows); ++s)
+      for (int64_t f = f0; f < f1; ++f) fn(f, s);
+  });
+}
 
 struct Scratch {
   std::vector<float> dk, dv;           // the item's kv head, Sk x Dv
@@ -180,17 +194,30 @@ void attention_bwd_kernel(const Problem& p, const Tensors& t, float scale) {
     Packed pk{buffer.get(), nullptr, nullptr, nullptr, nullptr, bk0};
     pk.v = pk.k + n * p.Sk * p.Dv, pk.q = pk.v + n * p.Sk * p.Dv;
     pk.d_o = pk.q + (f1 - f0) * p.Sq * p.Dv, pk.delta = pk.d_o + (f1 - f0) * p.Sq * p.Dv;
-    pack_heads(static_cast<const T*>(t.k), t.ks, p.Hkv, bk0, bk0 + n, 0, p.Sk, p.D, pk.k, p.Dv);
-    pack_heads(static_cast<const T*>(t.v), t.vs, p.Hkv, bk0, bk0 + n, 0, p.Sk, p.D, pk.v, p.Dv);
-    pack_heads(static_cast<const T*>(t.q), t.qs, p.H, f0, f1, 0, p.Sq, p.D, pk.q, p.Dv);
-    pack_heads(static_cast<const T*>(t.dout), t.dos, p.H, f0, f1, 0, p.Sq, p.D, pk.d_o, p.Dv);
+    // one pass over the rows, key row s and query row s side by side: K, V, Q, dO packed, and
     // delta_i = dO_i . O_i - dlse_i
-    for_rows_of_heads(f0, f1, 0, p.Sq, [&](int64_t f, int64_t i) {
-      const float* d_o = pk.d_o + ((f - f0) * p.Sq + i) * p.Dv;
-      const T* o = static_cast<const T*>(t.out) + (f / p.H) * t.os.b + i * t.os.s + (f % p.H) * t.os.h;
-      float delta = 0.0f;
-      for (int64_t d = 0; d < p.D; ++d) delta += d_o[d] * to_float(o[d]);
-      pk.delta[(f - f0) * p.Sq + i] = t.dlse ? delta - t.dlse[f * p.Sq + i] : delta;
+    for_rows_of_heads(bk0, bk0 + n, 0, std::max(p.Sq, p.Sk), [&](int64_t bk, int64_t s) {
+      const int64_t b = bk / p.Hkv, hk = bk % p.Hkv;
+      if (s < p.Sk) {
+        const int64_t row = (bk - bk0) * p.Sk + s;
+        widen_rows(static_cast<const T*>(t.k) + b * t.ks.b + hk * t.ks.h + s * t.ks.s, t.ks.s, 1, p.D,
+                   pk.k + row * p.Dv, p.Dv);
+        widen_rows(static_cast<const T*>(t.v) + b * t.vs.b + hk * t.vs.h + s * t.vs.s, t.vs.s, 1, p.D,
+                   pk.v + row * p.Dv, p.Dv);
+      }
+      if (s >= p.Sq) return;
+      for (int64_t f = bk * p.G; f < (bk + 1) * p.G; ++f) {
+        const int64_t h = f % p.H, row = (f - f0) * p.Sq + s;
+        widen_rows(static_cast<const T*>(t.q) + b * t.qs.b + h * t.qs.h + s * t.qs.s, t.qs.s, 1, p.D,
+                   pk.q + row * p.Dv, p.Dv);
+        float* d_o = pk.d_o + row * p.Dv;
+        widen_rows(static_cast<const T*>(t.dout) + b * t.dos.b + h * t.dos.h + s * t.dos.s, t.dos.s, 1, p.D, d_o,
+                   p.Dv);
+        const T* o = static_cast<const T*>(t.out) + b * t.os.b + h * t.os.h + s * t.os.s;
+        float delta = 0.0f;
+        for (int64_t d = 0; d < p.D; ++d) delta += d_o[d] * to_float(o[d]);
+        pk.delta[row] = t.dlse ? delta - t.dlse[f * p.Sq + s] : delta;
+      }
     });
     // Enough key chunks (dK/dV pass) and query chunks (dQ pass) to give every thread ~2 items; one chunk each, a
     // single pass computing everything, when the kv heads alone do.
@@ -260,8 +287,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   const at::Tensor lse_c = lse.contiguous();
   const at::Tensor dlse_c = dlse.has_value() ? dlse->contiguous() : at::Tensor();
   at::Tensor dq = empty_output(q.sizes(), q.options());
-  at::Tensor dk = empty_output(k.sizes(), k.options()).zero_(), dv = empty_output(v.sizes(), v.options()).zero_();
-  if (dq.numel() == 0 || p.Sk == 0) return {dq.zero_(), dk, dv};
+  at::Tensor dk = empty_output(k.sizes(), k.options()), dv = empty_output(v.sizes(), v.options());
+  if (dq.numel() == 0 || p.Sk == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
   const Tensors t{q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), out_c.const_data_ptr(),
                   dout_c.const_data_ptr(), lse_c.const_data_ptr<float>(),
                   dlse_c.defined() ? dlse_c.const_data_ptr<float>() : nullptr, strides_of(q), strides_of(k),
