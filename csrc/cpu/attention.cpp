@@ -34,7 +34,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <memory>
 #include <vector>
 
 namespace fastlm_cpu {
@@ -55,13 +54,13 @@ struct KeyPanel {
 };
 
 struct Scratch {
-  std::vector<float> qt, s, o, m, l, alpha, kt, vt;
+  Floats qt, s, o, m, l, alpha, kt, vt;
   std::vector<int64_t> lo, hi;
-  std::unique_ptr<float[]> panel;  // the kv head's KeyPanel, when it is packed
+  Floats panel;  // the kv head's KeyPanel, when it is packed
   Scratch(const Problem& p, int64_t panel_floats)
       : qt(p.D * kBlockQ), s(kBlockK * kBlockQ), o(kBlockQ * p.Dv), m(kBlockQ), l(kBlockQ), alpha(kBlockQ),
         kt(panel_floats ? 0 : kBlockK * p.D), vt(panel_floats ? 0 : kBlockK * p.Dv), lo(kBlockQ), hi(kBlockQ),
-        panel(panel_floats ? new float[panel_floats] : nullptr) {}
+        panel(panel_floats) {}
 };
 
 // One query block of one head: out and lse of queries [qb * kBlockQ, ...).
@@ -144,12 +143,12 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
     for (int64_t w = next.fetch_add(1); w < n_items; w = next.fetch_add(1)) {
       const int64_t share = w % shares, bk = w / shares, b = bk / p.Hkv, hk = bk % p.Hkv;
       if (panel && bk != packed) {
-        widen_rows(in.k + b * in.ks.b + hk * in.ks.h + k0 * in.ks.s, in.ks.s, nk, p.D, sc.panel.get(), p.D);
-        widen_rows(in.v + b * in.vs.b + hk * in.vs.h + k0 * in.vs.s, in.vs.s, nk, p.D, sc.panel.get() + nk * p.D,
+        widen_rows(in.k + b * in.ks.b + hk * in.ks.h + k0 * in.ks.s, in.ks.s, nk, p.D, sc.panel.data(), p.D);
+        widen_rows(in.v + b * in.vs.b + hk * in.vs.h + k0 * in.vs.s, in.vs.s, nk, p.D, sc.panel.data() + nk * p.D,
                    p.Dv);
         packed = bk;
       }
-      const KeyPanel kp{sc.panel.get(), sc.panel.get() + nk * p.D, k0};
+      const KeyPanel kp{sc.panel.data(), sc.panel.data() + nk * p.D, k0};
       for (int64_t qb = nqb - 1 - share; qb >= 0; qb -= shares) {
         if (qb >= shares)  // the next block's queries, a row stride apart, arrive while this one is computed
           for (int64_t g = 0; g < p.G; ++g)

@@ -57,10 +57,10 @@ void for_rows_of_heads(int64_t f0, int64_t f1, int64_t lo, int64_t hi, F&& fn) {
 }
 
 struct Scratch {
-  std::vector<float> dk, dv;           // the item's kv head, Sk x Dv
-  std::vector<float> q, qt, d_o, dot;  // the query block: Q, dO (kBlockQ x Dv) and transposed (D x kBlockQ)
-  std::vector<float> p, ds, dq;        // P^T, dP^T then dS^T (kBlockK x kBlockQ); dQ of the block (kBlockQ x Dv)
-  std::vector<float> lse2, delta, ones;
+  Floats dk, dv;           // the item's kv head, Sk x Dv
+  Floats q, qt, d_o, dot;  // the query block: Q, dO (kBlockQ x Dv) and transposed (D x kBlockQ)
+  Floats p, ds, dq;        // P^T, dP^T then dS^T (kBlockK x kBlockQ); dQ of the block (kBlockQ x Dv)
+  Floats lse2, delta, ones;
   std::vector<int64_t> lo, hi;
   explicit Scratch(const Problem& p)
       : dk(p.Sk * p.Dv), dv(p.Sk * p.Dv), q(kBlockQ * p.Dv), qt(p.D * kBlockQ), d_o(kBlockQ * p.Dv),
