@@ -17,8 +17,9 @@
 // All arithmetic is fp32 with fp32 accumulation. Tiles entirely outside the causal/window mask are never touched,
 // tiles entirely inside it are not masked, and the S x S score matrix never exists. Items are handed out through an
 // atomic counter, which balances the threads. A kv head whose panel would exceed the thread's share of kPackBudget
-// floats (tens of thousands of keys, where K and V come from memory either way) is not packed: each key tile is
-// widened from the inputs when a query block needs it.
+// floats (on 2 threads 32768 keys of 64 floats; on 16 threads or more 4096) is not packed: each key tile is widened
+// from the inputs when a query block needs it (1.10-1.15x slower at 1024-2048 keys, as fast from 16384 keys on, where
+// the panel too comes from memory).
 //
 // Memory traffic: q read once, k and v once per work item (once per kv head when there are enough heads to keep the
 // threads busy; unpacked, once per query block), the panel once per query block (from L2 for a few hundred keys),
@@ -131,8 +132,10 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
   const int64_t threads = at::get_num_threads();
   // the keys some query sees, whole tiles: lo() is monotone, and the last query sees the last key (right >= 0)
   const int64_t k0 = p.lo(0) / kBlockK * kBlockK, nk = p.Sk - k0;
-  // each thread packs the kv head it works on, when that takes at most its share of kPackBudget
-  const int64_t panel = nk * (p.D + p.Dv) <= kPackBudget / threads ? nk * (p.D + p.Dv) : 0;
+  // each thread packs the kv head it works on, when that takes at most its share of kPackBudget (shared by at most 16
+  // threads: 2 MB a thread at least, 2048 keys of 128 floats)
+  const int64_t budget = kPackBudget / std::min<int64_t>(threads, 16);
+  const int64_t panel = nk * (p.D + p.Dv) <= budget ? nk * (p.D + p.Dv) : 0;
   // Shares per kv head: enough items to keep the threads busy.
   const int64_t shares = std::min(nqb, std::max<int64_t>(1, (2 * threads + n_kv - 1) / n_kv));
   const int64_t n_items = n_kv * shares;
