@@ -7,8 +7,8 @@
 // (batch, seqlen, heads, headdim) layout one head's rows are a page apart for a model-sized head count: read there
 // for every query block, each row would cost a TLB miss and escape the hardware prefetchers (1.10-1.15x slower at
 // seqlen 1024-2048, 16 heads of 64); packed once per item, they are read in order. Per query block, its queries are
-// transposed (D x kBlockQ) and stay in L1 (the next block's query rows are prefetched while this one is computed)
-// while the visible key tiles stream through:
+// transposed (D x kBlockQ) and stay in L1 (the next block's query rows are prefetched into L2 while this one is
+// computed) while the visible key tiles stream through:
 //   S^T = K Q^T        a kBlockK x kBlockQ tile, keys as rows, so every softmax statistic below is lane-wise
 //   online softmax     per query (column), in base 2 with the scale applied inside the exponent (tile.h): running
 //                      max and sum, P = 2^(S c - max) in place of S
@@ -22,8 +22,9 @@
 // the panel too comes from memory).
 //
 // Memory traffic: q read once, k and v once per work item (once per kv head when there are enough heads to keep the
-// threads busy; unpacked, once per query block), the panel once per query block (from L2 for a few hundred keys),
-// out and lse written once. Scratch per thread: a panel and a few tiles.
+// threads busy, else by each of its items: shares = 2 x threads / kv heads; unpacked, once per query block and query
+// head), the panel once per query block and query head (from L2 for a few hundred keys), out and lse written once.
+// Scratch per thread: a panel and a few tiles.
 #include "cpu/attention.h"
 #include "cpu/ops.h"
 #include "cpu/output.h"
@@ -47,8 +48,8 @@ struct Inputs {
   Strides qs, ks, vs;
 };
 
-// Keys [k0, Sk) of one kv head, widened to fp32 rows: k in rows of D, v in rows of Dv (zero padded); or, with k
-// null, none: each key tile is then widened from the inputs when it is needed.
+// Keys [k0, Sk) of one kv head, widened to fp32 rows: k in rows of D, v in rows of Dv (zero padded); or, all null,
+// none: each key tile is then widened from the inputs when it is needed.
 struct KeyPanel {
   const float *k, *v;
   int64_t k0;
@@ -151,14 +152,16 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
                    p.Dv);
         packed = bk;
       }
-      const KeyPanel kp{sc.panel.data(), sc.panel.data() + nk * p.D, k0};
+      const KeyPanel kp = panel ? KeyPanel{sc.panel.data(), sc.panel.data() + nk * p.D, k0} : KeyPanel{};
       for (int64_t qb = nqb - 1 - share; qb >= 0; qb -= shares) {
-        if (qb >= shares)  // the next block's queries, a row stride apart, arrive while this one is computed
-          for (int64_t g = 0; g < p.G; ++g)
-            for (int64_t i = (qb - shares) * kBlockQ; i < (qb - shares + 1) * kBlockQ; ++i)
-              prefetch_row(in.q + b * in.qs.b + (hk * p.G + g) * in.qs.h + i * in.qs.s, p.D);
-        for (int64_t g = 0; g < p.G; ++g)
+        for (int64_t g = 0; g < p.G; ++g) {
+          // the next block's query rows, a row stride apart, come into L2 while this one is computed
+          const int64_t next_qb = g + 1 < p.G ? qb : qb - shares, next_h = hk * p.G + (g + 1) % p.G;
+          if (next_qb >= 0)
+            for (int64_t i = next_qb * kBlockQ; i < std::min(p.Sq, (next_qb + 1) * kBlockQ); ++i)
+              prefetch_row<2>(in.q + b * in.qs.b + next_h * in.qs.h + i * in.qs.s, p.D);
           attend_block<T>(p, in, kp, out_p, lse_p, b, hk * p.G + g, qb, sc);
+        }
       }
     }
   });

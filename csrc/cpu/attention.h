@@ -52,9 +52,10 @@ inline void widen_rows(const T* src, int64_t ld, int64_t n, int64_t D, float* ds
   }
 }
 
-// Floats of packed operands a kernel holds at most, unless one kv head needs more: 32 MB, a few times the last-level
-// cache. The backward packs larger problems in chunks of kv heads; the forward packs per thread, one kv head at a
-// time, and reads a kv head that exceeds the thread's share unpacked.
+// Floats of packed operands a kernel holds at most (32 MB, a few times the last-level cache), unless one kv head needs
+// more: the backward packs larger problems in chunks of kv heads. The forward packs per thread, one kv head at a
+// time, sharing the budget among at most 16 threads (so with more it holds up to 2 MB a thread), and reads a kv head
+// that exceeds a thread's share unpacked.
 constexpr int64_t kPackBudget = int64_t{8} << 20;
 
 }  // namespace fastlm_cpu

@@ -6,11 +6,11 @@
 //     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
 //
 // Algorithm: first K and V, Q and dO are widened to fp32 and packed head-major in one pass over the rows
-// (for_rows_of_heads: one head's rows are a page apart in the (batch, seqlen, heads, headdim) layout),
-// and delta is computed for every query row; problems larger than kPackBudget floats go in chunks of kv heads. Then a work item is (batch, kv head): the thread
-// keeps fp32 dK, dV accumulators (Sk x Dv), and for each query head of the GQA group and each block of kBlockQ queries
-// it transposes Q and dO and streams the visible key tiles (the forward's mask geometry: tiles outside the
-// causal/window mask are skipped, tiles inside it are not masked):
+// (for_rows_of_heads: one head's rows are a page apart in the (batch, seqlen, heads, headdim) layout), and delta is
+// computed for every query row; problems larger than kPackBudget floats go in chunks of kv heads. Then a work item is
+// (batch, kv head): the thread keeps fp32 dK, dV accumulators (Sk x Dv), and for each query head of the GQA group and
+// each block of kBlockQ queries it transposes Q and dO and streams the visible key tiles (the forward's mask
+// geometry: tiles outside the causal/window mask are skipped, tiles inside it are not masked):
 //   S^T = K Q^T,  P^T = 2^(S^T c - lse log2 e)     keys as rows, so the per-query statistics are lane-wise
 //   dV += P^T dO,  dP^T = V dO^T,  dS^T = scale P^T (dP^T - delta)
 //   dK += dS^T Q,  dQ += dS K                       dQ of the block is complete after its last tile

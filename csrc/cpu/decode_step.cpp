@@ -95,8 +95,8 @@ void check_block(const Blocks& blocks, int64_t l, int64_t d, int64_t Hkv, int64_
   check_shape(required(blocks, l, kNorm2W, "norm2 weight"), l, "norm2 weight", d, -1, for_d);
   const at::Tensor wq = required(blocks, l, kWq, "wq"), w1 = required(blocks, l, kW1, "w1 (w_fc / w_gate)");
   TORCH_CHECK(wq.dim() == 2 && wq.size(0) % D == 0 && wq.size(1) == d, "fastlm::decode_step: block ", l,
-              "'s wq must have shape (n_head * ", D, ", ", d, ") for the caches' head_dim ", D, " and tok_emb's d_model ",
-              d, ", got ", wq.sizes());
+              "'s wq must have shape (n_head * ", D, ", ", d, ") for the caches' head_dim ", D,
+              " and tok_emb's d_model ", d, ", got ", wq.sizes());
   TORCH_CHECK(w1.dim() == 2 && w1.size(1) == d, "fastlm::decode_step: block ", l,
               "'s w1 (w_fc / w_gate) must have shape (intermediate, ", d, "), got ", w1.sizes());
   const int64_t q_dim = wq.size(0), kv_dim = Hkv * D, inter = w1.size(0);

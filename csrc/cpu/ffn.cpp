@@ -107,7 +107,8 @@ void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
     return p;
   };
   const at::Tensor b1f = padded(b1, inter), b2f = padded(b2, d_out);
-  const int64_t tb = std::max<int64_t>(1, std::min(n, std::max(kMinBlockTokens, kBlockBytes / (4 * std::max<int64_t>(inter, 1)))));
+  const int64_t tb =
+      std::max<int64_t>(1, std::min(n, std::max(kMinBlockTokens, kBlockBytes / (4 * std::max<int64_t>(inter, 1)))));
   at::Tensor h = at::empty({tb, inter}, fp32);
   float* hp = h.data_ptr<float>();
   const float *pb1 = b1f.const_data_ptr<float>(), *pb2 = b2f.const_data_ptr<float>();

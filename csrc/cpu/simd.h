@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX__) || defined(__AVX512F__)
@@ -229,6 +230,8 @@ inline void vstore_cvt_n(T* p, vfloat v, int64_t n) {
 
 // An allocator aligned to a cache line: malloc aligns to 16 bytes, so a buffer's whole-vector accesses would straddle
 // two lines in turn (a 32- or 64-byte access that splits costs two; the attention kernels' tiles ran 1-3 % slower so).
+// Elements are default-initialized, as by new T[n]: a vector of n floats is NOT zeroed (its user writes it first;
+// a scratch panel of megabytes is not filled twice), only vector(n, value) sets them.
 template <typename T>
 struct LineAligned {
   using value_type = T;
@@ -237,16 +240,23 @@ struct LineAligned {
   LineAligned(const LineAligned<U>&) {}
   T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
   void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    if constexpr (sizeof...(Args) == 0)
+      ::new (static_cast<void*>(p)) U;
+    else
+      ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
   bool operator==(const LineAligned&) const { return true; }
   bool operator!=(const LineAligned&) const { return false; }
 };
 using Floats = std::vector<float, LineAligned<float>>;
 
-// Asks for the cache lines of a row of D elements ahead of use.
-template <typename T>
+// Asks for the cache lines of a row of D elements ahead of use: into L1 (Locality 3) or only as far as L2 (2).
+template <int Locality = 3, typename T>
 inline void prefetch_row(const T* row, int64_t D) {
   const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) __builtin_prefetch(bytes + off);
+  for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) __builtin_prefetch(bytes + off, 0, Locality);
 }
 
 // Elements per parallel task of the row-wise kernels (norms, RoPE, cross-entropy): below that, threads cost more
