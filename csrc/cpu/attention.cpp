@@ -48,6 +48,14 @@ struct Inputs {
   Strides qs, ks, vs;
 };
 
+// Keys [j, j + n) of kv head hk of batch b widened to fp32: k into rows of D at kd, v into rows of Dv at vd.
+template <typename T>
+void widen_keys(const Problem& p, const Inputs<T>& in, int64_t b, int64_t hk, int64_t j, int64_t n, float* kd,
+                float* vd) {
+  widen_rows(in.k + in.ks.of(b, j, hk), in.ks.s, n, p.D, kd, p.D);
+  widen_rows(in.v + in.vs.of(b, j, hk), in.vs.s, n, p.D, vd, p.Dv);
+}
+
 // Keys [k0, Sk) of one kv head, widened to fp32 rows: k in rows of D, v in rows of Dv (zero padded); or, all null,
 // none: each key tile is then widened from the inputs when it is needed.
 struct KeyPanel {
@@ -70,7 +78,7 @@ template <typename T>
 void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* out, float* lse, int64_t b,
                   int64_t h, int64_t qb, Scratch& sc) {
   const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0);
-  const T* q = in.q + b * in.qs.b + h * in.qs.h + i0 * in.qs.s;
+  const T* q = in.q + in.qs.of(b, i0, h);
   for (int64_t r = 0; r < kBlockQ; ++r) {
     if (r < rows) {
       for (int64_t d = 0; d < p.D; ++d) sc.qt[d * kBlockQ + r] = to_float(q[r * in.qs.s + d]) * p.scale.q_sign;
@@ -89,8 +97,7 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
     if (kp.k) {
       kt = kp.k + (j0 - kp.k0) * p.D, vt = kp.v + (j0 - kp.k0) * p.Dv;
     } else {
-      widen_rows(in.k + b * in.ks.b + (h / p.G) * in.ks.h + j0 * in.ks.s, in.ks.s, nk, p.D, sc.kt.data(), p.D);
-      widen_rows(in.v + b * in.vs.b + (h / p.G) * in.vs.h + j0 * in.vs.s, in.vs.s, nk, p.D, sc.vt.data(), p.Dv);
+      widen_keys(p, in, b, h / p.G, j0, nk, sc.kt.data(), sc.vt.data());
     }
     gemm_tile(nk, kBlockQ, p.D, MatA{kt, p.D, 1}, sc.qt.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
     const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
@@ -147,9 +154,7 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
     for (int64_t w = next.fetch_add(1); w < n_items; w = next.fetch_add(1)) {
       const int64_t share = w % shares, bk = w / shares, b = bk / p.Hkv, hk = bk % p.Hkv;
       if (panel && bk != packed) {
-        widen_rows(in.k + b * in.ks.b + hk * in.ks.h + k0 * in.ks.s, in.ks.s, nk, p.D, sc.panel.data(), p.D);
-        widen_rows(in.v + b * in.vs.b + hk * in.vs.h + k0 * in.vs.s, in.vs.s, nk, p.D, sc.panel.data() + nk * p.D,
-                   p.Dv);
+        widen_keys(p, in, b, hk, k0, nk, sc.panel.data(), sc.panel.data() + nk * p.D);
         packed = bk;
       }
       const KeyPanel kp = panel ? KeyPanel{sc.panel.data(), sc.panel.data() + nk * p.D, k0} : KeyPanel{};
@@ -159,7 +164,7 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
           const int64_t next_qb = g + 1 < p.G ? qb : qb - shares, next_h = hk * p.G + (g + 1) % p.G;
           if (next_qb >= 0)
             for (int64_t i = next_qb * kBlockQ; i < std::min(p.Sq, (next_qb + 1) * kBlockQ); ++i)
-              prefetch_row<2>(in.q + b * in.qs.b + next_h * in.qs.h + i * in.qs.s, p.D);
+              prefetch_row<2>(in.q + in.qs.of(b, i, next_h), p.D);
           attend_block<T>(p, in, kp, out_p, lse_p, b, hk * p.G + g, qb, sc);
         }
       }

@@ -27,6 +27,7 @@ struct Problem {
 
 struct Strides {
   int64_t b, s, h;
+  int64_t of(int64_t bi, int64_t si, int64_t hi) const { return bi * b + si * s + hi * h; }  // of (bi, si, hi, 0)
 };
 
 inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }

@@ -200,20 +200,16 @@ void attention_bwd_kernel(const Problem& p, const Tensors& t, float scale) {
       const int64_t b = bk / p.Hkv, hk = bk % p.Hkv;
       if (s < p.Sk) {
         const int64_t row = (bk - bk0) * p.Sk + s;
-        widen_rows(static_cast<const T*>(t.k) + b * t.ks.b + hk * t.ks.h + s * t.ks.s, t.ks.s, 1, p.D,
-                   pk.k + row * p.Dv, p.Dv);
-        widen_rows(static_cast<const T*>(t.v) + b * t.vs.b + hk * t.vs.h + s * t.vs.s, t.vs.s, 1, p.D,
-                   pk.v + row * p.Dv, p.Dv);
+        widen_rows(static_cast<const T*>(t.k) + t.ks.of(b, s, hk), t.ks.s, 1, p.D, pk.k + row * p.Dv, p.Dv);
+        widen_rows(static_cast<const T*>(t.v) + t.vs.of(b, s, hk), t.vs.s, 1, p.D, pk.v + row * p.Dv, p.Dv);
       }
       if (s >= p.Sq) return;
       for (int64_t f = bk * p.G; f < (bk + 1) * p.G; ++f) {
         const int64_t h = f % p.H, row = (f - f0) * p.Sq + s;
-        widen_rows(static_cast<const T*>(t.q) + b * t.qs.b + h * t.qs.h + s * t.qs.s, t.qs.s, 1, p.D,
-                   pk.q + row * p.Dv, p.Dv);
+        widen_rows(static_cast<const T*>(t.q) + t.qs.of(b, s, h), t.qs.s, 1, p.D, pk.q + row * p.Dv, p.Dv);
         float* d_o = pk.d_o + row * p.Dv;
-        widen_rows(static_cast<const T*>(t.dout) + b * t.dos.b + h * t.dos.h + s * t.dos.s, t.dos.s, 1, p.D, d_o,
-                   p.Dv);
-        const T* o = static_cast<const T*>(t.out) + b * t.os.b + h * t.os.h + s * t.os.s;
+        widen_rows(static_cast<const T*>(t.dout) + t.dos.of(b, s, h), t.dos.s, 1, p.D, d_o, p.Dv);
+        const T* o = static_cast<const T*>(t.out) + t.os.of(b, s, h);
         float delta = 0.0f;
         for (int64_t d = 0; d < p.D; ++d) delta += d_o[d] * to_float(o[d]);
         pk.delta[row] = t.dlse ? delta - t.dlse[f * p.Sq + s] : delta;
