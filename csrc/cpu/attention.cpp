@@ -77,17 +77,22 @@ struct Scratch {
 template <typename T>
 void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* out, float* lse, int64_t b,
                   int64_t h, int64_t qb, Scratch& sc) {
-  const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0);
+  // a block cut short by the sequence's end computes its rows' scores in whole vectors only (cols)
+  const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0), cols = (rows + kW - 1) / kW * kW;
   const T* q = in.q + in.qs.of(b, i0, h);
-  for (int64_t r = 0; r < kBlockQ; ++r) {
-    if (r < rows) {
-      for (int64_t d = 0; d < p.D; ++d) sc.qt[d * kBlockQ + r] = to_float(q[r * in.qs.s + d]) * p.scale.q_sign;
-      sc.lo[r] = p.lo(i0 + r), sc.hi[r] = p.hi(i0 + r);
-    } else {  // padding queries: scores 0, never written out
-      for (int64_t d = 0; d < p.D; ++d) sc.qt[d * kBlockQ + r] = 0.0f;
+  // kW queries at a time: each of their rows is read front to back, and qt is written a whole vector at a time
+  for (int64_t r0 = 0; r0 < cols; r0 += kW) {
+    const T* rows_q[kW];
+    const int64_t n = std::min<int64_t>(kW, rows - r0);
+    for (int64_t r = 0; r < n; ++r) rows_q[r] = q + (r0 + r) * in.qs.s;
+    for (int64_t d = 0; d < p.D; ++d) {
+      vfloat x{};  // padding queries: scores 0, never written out
+      for (int64_t r = 0; r < n; ++r) x[r] = to_float(rows_q[r][d]);
+      vstore(sc.qt.data() + d * kBlockQ + r0, x * p.scale.q_sign);
     }
   }
-  std::fill(sc.o.begin(), sc.o.end(), 0.0f);
+  for (int64_t r = 0; r < rows; ++r) sc.lo[r] = p.lo(i0 + r), sc.hi[r] = p.hi(i0 + r);
+  std::fill(sc.o.begin(), sc.o.begin() + rows * p.Dv, 0.0f);
   std::fill(sc.m.begin(), sc.m.end(), kNegInf);
   std::fill(sc.l.begin(), sc.l.end(), 0.0f);
   const int64_t lo = sc.lo[0], hi = sc.hi[rows - 1];  // the union of the rows' key ranges
@@ -99,7 +104,7 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
     } else {
       widen_keys(p, in, b, h / p.G, j0, nk, sc.kt.data(), sc.vt.data());
     }
-    gemm_tile(nk, kBlockQ, p.D, MatA{kt, p.D, 1}, sc.qt.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
+    gemm_tile(nk, cols, p.D, MatA{kt, p.D, 1}, sc.qt.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
     const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
     if (!inside) {
       for (int64_t j = 0; j < nk; ++j) {
@@ -108,7 +113,7 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
           if (j0 + j < sc.lo[r] || j0 + j > sc.hi[r]) srow[r] = kNegInf;
       }
     }
-    for (int64_t r = 0; r < kBlockQ; r += kW)
+    for (int64_t r = 0; r < cols; r += kW)
       softmax_columns(sc.s.data() + r, kBlockQ, nk, p.scale.c, sc.m.data() + r, sc.l.data() + r,
                       sc.alpha.data() + r);
     gemm_tile(rows, p.Dv, nk, MatA{sc.s.data(), 1, kBlockQ}, vt, p.Dv, sc.o.data(), p.Dv, sc.alpha.data());

@@ -91,20 +91,21 @@ struct Packed {
   }
 };
 
-// Loads query block qb of head h (Q and dO both ways, lse in base 2, delta, key ranges); padding rows get zeros and
-// lse2 = +inf, so their P is exactly 0.
+// Loads query block qb of head h (Q and dO both ways, lse in base 2, delta, key ranges) as `cols` (rows rounded up
+// to whole vectors) queries; padding rows get zeros and lse2 = +inf, so their P is exactly 0.
 void load_queries(const Problem& p, const Tensors& t, const Packed& pk, int64_t b, int64_t h, int64_t i0,
-                  int64_t rows, Scratch& sc) {
+                  int64_t rows, int64_t cols, Scratch& sc) {
   const int64_t f = pk.head(p, b, h);
   std::copy_n(pk.q + (f * p.Sq + i0) * p.Dv, rows * p.Dv, sc.q.begin());
   std::copy_n(pk.d_o + (f * p.Sq + i0) * p.Dv, rows * p.Dv, sc.d_o.begin());
-  std::fill(sc.q.begin() + rows * p.Dv, sc.q.end(), 0.0f);
-  std::fill(sc.d_o.begin() + rows * p.Dv, sc.d_o.end(), 0.0f);
-  for (int64_t r = 0; r < kBlockQ; ++r) {
-    for (int64_t d = 0; d < p.D; ++d) {
+  std::fill(sc.q.begin() + rows * p.Dv, sc.q.begin() + cols * p.Dv, 0.0f);
+  std::fill(sc.d_o.begin() + rows * p.Dv, sc.d_o.begin() + cols * p.Dv, 0.0f);
+  for (int64_t d = 0; d < p.D; ++d)  // row by row of the transposes: their stores are contiguous
+    for (int64_t r = 0; r < cols; ++r) {
       sc.qt[d * kBlockQ + r] = sc.q[r * p.Dv + d];
       sc.dot[d * kBlockQ + r] = sc.d_o[r * p.Dv + d];
     }
+  for (int64_t r = 0; r < cols; ++r) {
     sc.lse2[r] = kPosInf, sc.delta[r] = 0.0f;
     if (r >= rows) continue;
     const int64_t i = i0 + r;
@@ -124,9 +125,10 @@ enum class Grads { kAll, kKV, kQ };
 template <typename T>
 void block_bwd(const Problem& p, const Tensors& t, const Packed& pk, int64_t b, int64_t h, int64_t qb, int64_t k_lo,
                int64_t k_hi, Grads grads, float scale, Scratch& sc) {
-  const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0);
-  load_queries(p, t, pk, b, h, i0, rows, sc);
-  std::fill(sc.dq.begin(), sc.dq.end(), 0.0f);
+  // a block cut short by the sequence's end works on its rows rounded up to whole vectors (cols)
+  const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0), cols = (rows + kW - 1) / kW * kW;
+  load_queries(p, t, pk, b, h, i0, rows, cols, sc);
+  std::fill(sc.dq.begin(), sc.dq.begin() + rows * p.Dv, 0.0f);
   const vfloat c2 = vset1(scale * kLog2e), vscale = vset1(scale);
   const int64_t lo = std::max(sc.lo[0], k_lo), hi = std::min(sc.hi[rows - 1], k_hi - 1);  // keys the rows may see
   for (int64_t j0 = lo / kBlockK * kBlockK; j0 <= hi && lo <= hi; j0 += kBlockK) {
@@ -134,10 +136,10 @@ void block_bwd(const Problem& p, const Tensors& t, const Packed& pk, int64_t b, 
     const float* kt = pk.k_head(p, b, h / p.G) + j0 * p.Dv;
     const float* vt = pk.v_head(p, b, h / p.G) + j0 * p.Dv;
     // P^T = 2^(S^T c - lse2), zero outside the mask
-    gemm_tile(nk, kBlockQ, p.D, MatA{kt, p.Dv, 1}, sc.qt.data(), kBlockQ, sc.p.data(), kBlockQ, nullptr);
+    gemm_tile(nk, cols, p.D, MatA{kt, p.Dv, 1}, sc.qt.data(), kBlockQ, sc.p.data(), kBlockQ, nullptr);
     for (int64_t j = 0; j < nk; ++j) {
       float* pj = sc.p.data() + j * kBlockQ;
-      for (int64_t r = 0; r < kBlockQ; r += kW)
+      for (int64_t r = 0; r < cols; r += kW)
         vstore(pj + r, vexp2(vfma(vload(pj + r), c2, -vload(sc.lse2.data() + r))));
     }
     const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
@@ -148,18 +150,18 @@ void block_bwd(const Problem& p, const Tensors& t, const Packed& pk, int64_t b, 
     }
     // dV += P^T dO;  dP^T = V dO^T;  dS^T = scale P^T (dP^T - delta)
     if (grads != Grads::kQ)
-      gemm_tile(nk, p.Dv, kBlockQ, MatA{sc.p.data(), kBlockQ, 1}, sc.d_o.data(), p.Dv, sc.dv.data() + j0 * p.Dv,
+      gemm_tile(nk, p.Dv, cols, MatA{sc.p.data(), kBlockQ, 1}, sc.d_o.data(), p.Dv, sc.dv.data() + j0 * p.Dv,
                 p.Dv, sc.ones.data());
-    gemm_tile(nk, kBlockQ, p.D, MatA{vt, p.Dv, 1}, sc.dot.data(), kBlockQ, sc.ds.data(), kBlockQ, nullptr);
+    gemm_tile(nk, cols, p.D, MatA{vt, p.Dv, 1}, sc.dot.data(), kBlockQ, sc.ds.data(), kBlockQ, nullptr);
     for (int64_t j = 0; j < nk; ++j) {
       float* dsj = sc.ds.data() + j * kBlockQ;
       const float* pj = sc.p.data() + j * kBlockQ;
-      for (int64_t r = 0; r < kBlockQ; r += kW)
+      for (int64_t r = 0; r < cols; r += kW)
         vstore(dsj + r, vscale * vload(pj + r) * (vload(dsj + r) - vload(sc.delta.data() + r)));
     }
     // dK += dS^T Q;  dQ += dS K  (dS read transposed)
     if (grads != Grads::kQ)
-      gemm_tile(nk, p.Dv, kBlockQ, MatA{sc.ds.data(), kBlockQ, 1}, sc.q.data(), p.Dv, sc.dk.data() + j0 * p.Dv,
+      gemm_tile(nk, p.Dv, cols, MatA{sc.ds.data(), kBlockQ, 1}, sc.q.data(), p.Dv, sc.dk.data() + j0 * p.Dv,
                 p.Dv, sc.ones.data());
     if (grads != Grads::kKV)
       gemm_tile(rows, p.Dv, nk, MatA{sc.ds.data(), 1, kBlockQ}, kt, p.Dv, sc.dq.data(), p.Dv, sc.ones.data());
