@@ -447,7 +447,7 @@ def test_mlp_strided_and_empty():
     assert _ops().mlp_swiglu(empty, args[1], args[1], args[3], None).shape == (0, 3, 20)
 
 
-@pytest.mark.parametrize("tokens", [3, 8, 20])               # the matrix-vector path (up to 8 rows) and the block path
+@pytest.mark.parametrize("tokens", [3, 16, 20])              # the matrix-vector path (up to 16 rows) and the block path
 @pytest.mark.parametrize("strided", ["w_fc", "w_proj", "w_gate", "w_up", "w_down"])
 def test_mlp_transposed_weights(tokens, strided):
     """Each weight in turn a transposed view (column-major): the kernels take strided weights on every path."""
@@ -502,13 +502,13 @@ def test_mlp_inputs_requiring_grad_across_threads():
 
 # ---- linear ----------------------------------------------------------------------------------------------------------
 
-# (leading dims of x, in_features, out_features): the matrix-vector path (<= 8 rows: 1, 6, 7 and 8 rows go through
-# the 4-, 2- and 1-row dot products; in_features not a whole number of vectors or of unrolled blocks; one output) and
-# the packed GEMM above it (rows not a multiple of the 6-row block, columns not of the 16-column panel, a reduction
-# of 600 = 256 + 256 + 88 in three partial sums; 100 rows, more than one row chunk, against 200 columns in panel
-# groups whose last group and last panel are partial)
-LINEAR_SHAPES = [((1,), 40, 1000), ((2, 3), 20, 7), ((7,), 72, 1), ((1, 8), 1, 13), ((9,), 40, 33), ((3, 50), 24, 17),
-                 ((13,), 600, 20), ((100,), 300, 200)]
+# (leading dims of x, in_features, out_features): the matrix-vector path (<= 16 rows: 1, 6, 7, 15 and 16 rows go
+# through the 4-, 2- and 1-row dot products; in_features not a whole number of vectors or of unrolled blocks; one
+# output) and the packed GEMM above it (17 rows, one past the path's limit; rows not a multiple of the 6-row block,
+# columns not of the 16-column panel, a reduction of 600 = 256 + 256 + 88 in three partial sums; 100 rows, more than
+# one row chunk, against 200 columns in panel groups whose last group and last panel are partial)
+LINEAR_SHAPES = [((1,), 40, 1000), ((2, 3), 20, 7), ((7,), 72, 1), ((1, 8), 1, 13), ((15,), 40, 33), ((2, 8), 36, 9),
+                 ((17,), 40, 33), ((3, 50), 24, 17), ((19,), 600, 20), ((100,), 300, 200)]
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)

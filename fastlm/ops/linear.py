@@ -4,7 +4,7 @@ The projections and the LM head of a decoding step multiply a handful of rows by
 product whose time is reading the weight once.
 
 Backends:
-  "cpu"    the C++ extension (torch.ops.fastlm.linear): for up to 8 rows of x, matrix-vector products that stream
+  "cpu"    the C++ extension (torch.ops.fastlm.linear): for up to 16 rows of x, matrix-vector products that stream
            the weight at the memory's rate on every thread (csrc/cpu/gemv.h); the packed GEMM of csrc/cpu/gemm.h
            above that. Backward in torch matmuls.
   others   torch (F.linear): on a GPU that is cuBLAS, which a Triton GEMM of these shapes would not beat.
