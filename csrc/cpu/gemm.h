@@ -44,6 +44,23 @@ inline int64_t panel_group(int64_t panels, int64_t threads) {
   return 1;
 }
 
+// packed[(p * K + k) * kPanel + j] = W[n0 + p * kPanel + j, k] for the np panels from column n0, widened to fp32
+// (0 past column cols). Unit-stride rows go in kW x kW blocks transposed in registers (simd.h), the rest one
+// element at a time: the packing is the GEMM's cost per weight element, which few rows of x do not amortize.
+template <typename W>
+void pack_panels(const W* w, int64_t w_row, int64_t w_col, int64_t n0, int64_t cols, int64_t np, int64_t K,
+                 float* packed) {
+  for (int64_t j0 = 0; j0 < np * kPanel; j0 += kW) {
+    float* dst = packed + (j0 / kPanel) * K * kPanel + j0 % kPanel;
+    int64_t k = 0;
+    if (w_col == 1 && j0 + kW <= cols)
+      for (; k + kW <= K; k += kW) transpose_block(w + (n0 + j0) * w_row + k, w_row, dst + k * kPanel, kPanel);
+    for (int64_t j = j0; j < j0 + kW; ++j)
+      for (int64_t kk = k; kk < K; ++kk)
+        dst[kk * kPanel + j - j0] = j < cols ? to_float(w[(n0 + j) * w_row + kk * w_col]) : 0.0f;
+  }
+}
+
 // Computes x W^T tile by tile and calls epilogue(m0, rows, n0, cols, tile, ldt) for each, with
 // tile[i * ldt + j] = y[m0 + i, n0 + j] for i < rows, j < cols; ldt is a multiple of kPanel and the tile is
 // readable up to the next multiple of kPanel past cols, so epilogues may load whole vectors.
@@ -57,15 +74,7 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const
     std::vector<float> packed(group * K * kPanel), tile(kChunkRows * ldt), partial(K > kDepth ? kChunkRows * ldt : 0);
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t n0 = g * ldt, cols = std::min(ldt, N - n0), np = (cols + kPanel - 1) / kPanel;
-      // packed[(p * K + k) * kPanel + j] = W[n0 + p * kPanel + j, k] (0 past the last row)
-      for (int64_t j = 0; j < np * kPanel; ++j) {
-        float* dst = packed.data() + (j / kPanel) * K * kPanel + j % kPanel;
-        const W* row = w + (n0 + j) * w_row;
-        if (j < cols)
-          for (int64_t k = 0; k < K; ++k) dst[k * kPanel] = to_float(row[k * w_col]);
-        else
-          for (int64_t k = 0; k < K; ++k) dst[k * kPanel] = 0.0f;
-      }
+      pack_panels(w, w_row, w_col, n0, cols, np, K, packed.data());
       for (int64_t m0 = 0; m0 < M; m0 += kChunkRows) {
         const int64_t rows = std::min(kChunkRows, M - m0);
         for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kDepth) {

@@ -210,6 +210,34 @@ inline void vstore_cvt(c10::Half* p, vfloat v) {
 #endif
 }
 
+// The kW x kW block of rows src + r * lds (r < kW, elements of type T) widened and stored transposed:
+// dst[c * ldd + r] = src[r * lds + c]. With AVX, kW whole-row loads and one 8 x 8 shuffle network in registers
+// (24 shuffles and 8 whole-vector stores, against 64 scalar loads and stores).
+template <typename T>
+inline void transpose_block(const T* src, int64_t lds, float* dst, int64_t ldd) {
+#if defined(__AVX__) && !defined(__AVX512F__)
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = vload_cvt(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // u[i + c] = column c (and c + 4 in the upper half) of rows i .. i + 3
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    vstore(dst + c * ldd, _mm256_permute2f128_ps(u[c], u[c + 4], 0x20));
+    vstore(dst + (c + 4) * ldd, _mm256_permute2f128_ps(u[c], u[c + 4], 0x31));
+  }
+#else
+  for (int r = 0; r < kW; ++r)
+    for (int c = 0; c < kW; ++c) dst[c * ldd + r] = to_float(src[r * lds + c]);
+#endif
+}
+
 // Up to kW elements (a row's tail when n < kW): n elements of type T as a float vector whose other lanes hold pad,
 // and the first n lanes of v stored (rounded as vstore_cvt rounds); whole vectors when n == kW.
 template <typename T>
