@@ -2,6 +2,7 @@
 // description with its mask geometry, the argument checks, and the widening of K/V rows into fp32 tiles.
 #pragma once
 
+#include "cpu/layout.h"
 #include "cpu/simd.h"
 #include "cpu/tile.h"
 
@@ -24,13 +25,6 @@ struct Problem {
   int64_t lo(int64_t i) const { return left < 0 ? 0 : std::max<int64_t>(0, i + Sk - Sq - left); }
   int64_t hi(int64_t i) const { return right < 0 ? Sk - 1 : std::min<int64_t>(Sk - 1, i + Sk - Sq + right); }
 };
-
-struct Strides {
-  int64_t b, s, h;
-  int64_t of(int64_t bi, int64_t si, int64_t hi) const { return bi * b + si * s + hi * h; }  // of (bi, si, hi, 0)
-};
-
-inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 // Checks q (B, Sq, H, D), k and v (B, Sk, Hkv, D) and the options, with errors that name ``op``, and returns the
 // problem they describe (causal sets the right window to 0).

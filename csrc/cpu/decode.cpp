@@ -14,6 +14,7 @@
 //
 // Memory traffic: each valid K and V row read once (the bandwidth bound of decoding), q read and out written once;
 // the partial results (chunks x M x D floats per kv head) are small next to the cache.
+#include "cpu/layout.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 #include "cpu/tile.h"
@@ -80,10 +81,6 @@ struct Problem {
   SoftmaxScale scale;
 };
 
-struct Strides {
-  int64_t b, s, h;
-};
-
 // Per-thread state of a work item, for all kv heads: query rows (fp32, zero padded to Dv), scores of one block and
 // the softmax rescaling factors; row (hk, r) is at index hk * M + r.
 struct Scratch {
@@ -117,13 +114,13 @@ inline void axpy_rows(const float* p, int64_t ldp, const T* const* v, int64_t D,
 // (their scores are masked, so they contribute nothing) to keep every read inside the cache.
 template <typename T>
 inline void block_rows(const T* base, Strides st, int64_t hk, int64_t j, int64_t r, int64_t nb, const T** rows) {
-  for (int64_t i = 0; i < kKeys; ++i) rows[i] = base + std::min(j + i * r, nb - 1) * st.s + hk * st.h;
+  for (int64_t i = 0; i < kKeys; ++i) rows[i] = base + st.of(0, std::min(j + i * r, nb - 1), hk);
 }
 
 // Asks for the cache lines of head hk in rows j, j + r, ..., j + (kKeys - 1) r (those below n_rows) ahead of use.
 template <typename T>
 inline void prefetch_rows(const T* base, Strides st, int64_t hk, int64_t j, int64_t r, int64_t n_rows, int64_t D) {
-  for (int64_t i = j; i < std::min(j + kKeys * r, n_rows); i += r) prefetch_row(base + i * st.s + hk * st.h, D);
+  for (int64_t i = j; i < std::min(j + kKeys * r, n_rows); i += r) prefetch_row(base + st.of(0, i, hk), D);
 }
 
 // Start of a chunk: the query rows of every kv head (fp32, sign of the scale applied) into qh, the chunk's
@@ -132,7 +129,7 @@ template <typename T>
 void chunk_init(const Problem& p, const T* q, Strides qs, int64_t b, float* qh, float* po, float* pm, float* pl) {
   for (int64_t row = 0; row < p.Hkv * p.M; ++row) {
     const int64_t hk = row / p.M, r = row % p.M, g = r / p.Sq, i = r % p.Sq;
-    const T* src = q + b * qs.b + i * qs.s + (hk * p.G + g) * qs.h;
+    const T* src = q + qs.of(b, i, hk * p.G + g);
     float* dst = qh + row * p.Dv;
     for (int64_t d = 0; d < p.D; ++d) dst[d] = to_float(src[d]) * p.scale.q_sign;
     for (int64_t d = p.D; d < p.Dv; ++d) dst[d] = 0.0f;
@@ -224,9 +221,7 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
   float* po = part_o.data_ptr<float>();
   float* pm = part_ml.data_ptr<float>();
   float* pl = pm + n_items * p.M;
-  const Strides qs{q.stride(0), q.stride(1), q.stride(2)};
-  const Strides ks{kc.stride(0), kc.stride(1), kc.stride(2)};
-  const Strides vs{vc.stride(0), vc.stride(1), vc.stride(2)};
+  const Strides qs = strides_of(q), ks = strides_of(kc), vs = strides_of(vc);
   const T* qp = q.const_data_ptr<T>();
   const T* kp = kc.const_data_ptr<T>();
   const T* vp = vc.const_data_ptr<T>();
@@ -243,7 +238,7 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
       float *o = po + w * rows * p.Dv, *m = pm + w * rows, *l = pl + w * rows;
       chunk_init<T>(p, qp, qs, b, sc.q.data(), o, m, l);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK)
-        chunk_step<T>(p, kp + b * ks.b + j0 * ks.s, vp + b * vs.b + j0 * vs.s, ks, vs, n, j0,
+        chunk_step<T>(p, kp + ks.of(b, j0, 0), vp + vs.of(b, j0, 0), ks, vs, n, j0,
                       std::min(kBlockK, j_end - j0), o, m, l, sc);
     }
   });
