@@ -787,6 +787,25 @@ def test_attention_scale_sign(scale):
     _attention_check(q, k, v, True, scale, (5, -1))
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_attention_single_key_rows_are_exact(dtype):
+    """A query that sees exactly one key (the first row under a causal mask, every row with window (0, 0)) gets that
+    key's value row exactly, and its score's gradient cancels exactly (dq = 0, no dk), as the reference's softmax of
+    one element gives, at any logit size: the running maximum's own exponent is exactly 0, and delta = dO . O sums as
+    the tile product forms dP."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 70, 2, 40, dtype=dtype) * 3 for _ in range(3))
+    dout = torch.randn(2, 70, 2, 40, dtype=dtype)
+    for causal, window in ((True, (-1, -1)), (False, (0, 0))):
+        out, lse = _ops().attention_fwd(q, k, v, causal, 1.0, *window)
+        one = slice(0, 1) if causal else slice(None)  # the rows that see one key
+        assert torch.equal(out[:, one], v[:, one])
+        dq, dk, _ = _ops().attention_bwd(dout, q, k, v, out, lse, None, causal, 1.0, *window)
+        assert torch.equal(dq[:, one], torch.zeros_like(dq[:, one]))
+        if not causal:
+            assert torch.equal(dk, torch.zeros_like(dk))
+
+
 def test_attention_empty_rows_and_sizes():
     # causal with Sk < Sq: the first Sq - Sk queries see no key -> out 0, lse -inf
     q, k, v = torch.randn(1, 70, 2, 16), torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16)

@@ -64,11 +64,11 @@ struct KeyPanel {
 };
 
 struct Scratch {
-  Floats qt, s, o, m, l, alpha, kt, vt;
+  Floats qt, s, o, m, m_lo, l, alpha, kt, vt;
   std::vector<int64_t> lo, hi;
   Floats panel;  // the kv head's KeyPanel, when it is packed
   Scratch(const Problem& p, int64_t panel_floats)
-      : qt(p.D * kBlockQ), s(kBlockK * kBlockQ), o(kBlockQ * p.Dv), m(kBlockQ), l(kBlockQ), alpha(kBlockQ),
+      : qt(p.D * kBlockQ), s(kBlockK * kBlockQ), o(kBlockQ * p.Dv), m(kBlockQ), m_lo(kBlockQ), l(kBlockQ), alpha(kBlockQ),
         kt(panel_floats ? 0 : kBlockK * p.D), vt(panel_floats ? 0 : kBlockK * p.Dv), lo(kBlockQ), hi(kBlockQ),
         panel(panel_floats) {}
 };
@@ -94,6 +94,7 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
   for (int64_t r = 0; r < rows; ++r) sc.lo[r] = p.lo(i0 + r), sc.hi[r] = p.hi(i0 + r);
   std::fill(sc.o.begin(), sc.o.begin() + rows * p.Dv, 0.0f);
   std::fill(sc.m.begin(), sc.m.end(), kNegInf);
+  std::fill(sc.m_lo.begin(), sc.m_lo.end(), 0.0f);
   std::fill(sc.l.begin(), sc.l.end(), 0.0f);
   const int64_t lo = sc.lo[0], hi = sc.hi[rows - 1];  // the union of the rows' key ranges
   for (int64_t j0 = lo / kBlockK * kBlockK; j0 <= hi && lo <= hi; j0 += kBlockK) {
@@ -114,8 +115,8 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
       }
     }
     for (int64_t r = 0; r < cols; r += kW)
-      softmax_columns(sc.s.data() + r, kBlockQ, nk, p.scale.c, sc.m.data() + r, sc.l.data() + r,
-                      sc.alpha.data() + r);
+      softmax_columns(sc.s.data() + r, kBlockQ, nk, p.scale.c, sc.m.data() + r, sc.m_lo.data() + r,
+                      sc.l.data() + r, sc.alpha.data() + r);
     gemm_tile(rows, p.Dv, nk, MatA{sc.s.data(), 1, kBlockQ}, vt, p.Dv, sc.o.data(), p.Dv, sc.alpha.data());
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -130,7 +131,8 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
     const float* orow = sc.o.data() + r * p.Dv;
     const float inv = 1.0f / sc.l[r];
     for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(orow[d] * inv);
-    *lse_i = (sc.m[r] + std::log2(sc.l[r])) * kLn2;
+    // in double: m_lo is far below m's ulp, and l was summed with it taken out
+    *lse_i = static_cast<float>((double{sc.m[r]} + sc.m_lo[r] + std::log2(double{sc.l[r]})) * 0.6931471805599453);
   }
 }
 

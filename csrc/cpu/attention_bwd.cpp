@@ -212,8 +212,10 @@ void attention_bwd_kernel(const Problem& p, const Tensors& t, float scale) {
         float* d_o = pk.d_o + row * p.Dv;
         widen_rows(static_cast<const T*>(t.dout) + t.dos.of(b, s, h), t.dos.s, 1, p.D, d_o, p.Dv);
         const T* o = static_cast<const T*>(t.out) + t.os.of(b, s, h);
+        // one FMA chain over d, as the tile product forms dP = dO V^T: where O is exactly a value row (a query
+        // that sees one key, tile.h softmax_columns), dP - delta is exactly 0 for that key
         float delta = 0.0f;
-        for (int64_t d = 0; d < p.D; ++d) delta += d_o[d] * to_float(o[d]);
+        for (int64_t d = 0; d < p.D; ++d) delta = sfma(d_o[d], to_float(o[d]), delta);
         pk.delta[row] = t.dlse ? delta - t.dlse[f * p.Sq + s] : delta;
       }
     });

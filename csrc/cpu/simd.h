@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -61,6 +62,16 @@ inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
   return _mm512_fmadd_ps(a, b, c);
 #elif defined(__FMA__)
   return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The scalar a * b + c rounded as vfma rounds it (once with FMA, twice without): a dot product written with it
+// matches, bit for bit, a tile product's lane that sums the same terms in the same order.
+inline float sfma(float a, float b, float c) {
+#if defined(__AVX512F__) || defined(__FMA__)
+  return std::fma(a, b, c);
 #else
   return a * b + c;
 #endif

@@ -112,7 +112,8 @@ struct SoftmaxScale {
 };
 
 // The exponents x = S c - m of the online softmax, m the running maximum of the rounded products S c. An FMA forms
-// S c exactly, so x is exact but for m's rounding, which every score of a row shares and the normalization cancels.
+// S c exactly, so x is exact but for m's rounding, which every score of a row shares and the normalization cancels
+// (softmax_columns, the attention forward's, also takes the maximum's own residual S c - m out, so that its x is 0).
 // From |m| >= 2^24 on that rounding (up to half an ulp of m) exceeds 1 and grows with m; from 2^31 on it can put the
 // row's own maximum at 2^-128, which underflows. There x is formed from the rounded product, as m was, so the
 // maximum's x is 0.
@@ -152,22 +153,33 @@ inline float softmax_row(float* s, int64_t n, float c, float& m, float& l) {
 }
 
 // The same update for kW independent rows stored as columns: s[j * lds + lane] is score j of row `lane`, for
-// j < n. Everything is lane-wise (no horizontal reductions); m, l, alpha hold one value per lane.
-inline void softmax_columns(float* s, int64_t lds, int64_t n, float c, float* m, float* l, float* alpha) {
+// j < n. Everything is lane-wise (no horizontal reductions); m, m_lo, l, alpha hold one value per lane.
+// The running maximum is kept in two parts: m (the rounded product S c) and m_lo = S c - m of that score (exact, by
+// an FMA), and the exponents are x = (S c - m) - m_lo, so the maximum's own x is exactly 0 and its P exactly 1. A
+// query that sees a single key then gets exactly that key's value row as output, and its backward dP - delta
+// cancels exactly (attention_bwd.cpp), as the reference's softmax of one element does.
+inline void softmax_columns(float* s, int64_t lds, int64_t n, float c, float* m, float* m_lo, float* l,
+                            float* alpha) {
   const vfloat vc = vset1(c);
-  vfloat vm = vset1(kNegInf);
-  for (int64_t j = 0; j < n; ++j) vm = vmax(vm, vload(s + j * lds) * vc);
+  vfloat vm = vset1(kNegInf), arg = vset1(0.0f);  // arg: a score whose product is the tile's maximum
+  for (int64_t j = 0; j < n; ++j) {
+    const vfloat sj = vload(s + j * lds), x = sj * vc;
+    arg = x > vm ? sj : arg;
+    vm = vmax(vm, x);
+  }
   const vfloat m_old = vload(m);
   const vfloat m_new = vmax(m_old, vm);
   // lanes with no finite score so far subtract 0 instead of -inf: their P is 2^-inf = 0 and alpha 2^-inf = 0
   // (their accumulator is still 0), never NaN
-  const vfloat m_use = (vfloat)((vint)m_new & (m_new != vset1(kNegInf)));
+  const vint finite = m_new != vset1(kNegInf);
+  const vfloat m_use = (vfloat)((vint)m_new & finite);
   const vfloat neg_m = -m_use;
+  const vfloat lo = (vfloat)((vint)(vm > m_old ? vfma(arg, vc, -vm) : vload(m_lo)) & finite);
   bool exact = true;
   for (int i = 0; i < kW; ++i) exact = exact && std::abs(m_use[i]) < kExactExponentLimit;
   vfloat vs{};
   for (int64_t j = 0; j < n; ++j) {
-    const vfloat e = vexp2(exact ? vfma(vload(s + j * lds), vc, neg_m) : vload(s + j * lds) * vc + neg_m);
+    const vfloat e = vexp2(exact ? vfma(vload(s + j * lds), vc, neg_m) - lo : vload(s + j * lds) * vc + neg_m);
     vstore(s + j * lds, e);
     vs += e;
   }
@@ -175,6 +187,7 @@ inline void softmax_columns(float* s, int64_t lds, int64_t n, float c, float* m,
   vstore(alpha, a);
   vstore(l, vfma(vload(l), a, vs));
   vstore(m, m_new);
+  vstore(m_lo, lo);
 }
 
 }  // namespace fastlm_cpu
