@@ -68,9 +68,9 @@ struct Scratch {
   std::vector<int64_t> lo, hi;
   Floats panel;  // the kv head's KeyPanel, when it is packed
   Scratch(const Problem& p, int64_t panel_floats)
-      : qt(p.D * kBlockQ), s(kBlockK * kBlockQ), o(kBlockQ * p.Dv), m(kBlockQ), m_lo(kBlockQ), l(kBlockQ), alpha(kBlockQ),
-        kt(panel_floats ? 0 : kBlockK * p.D), vt(panel_floats ? 0 : kBlockK * p.Dv), lo(kBlockQ), hi(kBlockQ),
-        panel(panel_floats) {}
+      : qt(p.D * kBlockQ), s(kBlockK * kBlockQ), o(kBlockQ * p.Dv), m(kBlockQ), m_lo(kBlockQ), l(kBlockQ),
+        alpha(kBlockQ), kt(panel_floats ? 0 : kBlockK * p.D), vt(panel_floats ? 0 : kBlockK * p.Dv), lo(kBlockQ),
+        hi(kBlockQ), panel(panel_floats) {}
 };
 
 // One query block of one head: out and lse of queries [qb * kBlockQ, ...).
