@@ -165,6 +165,11 @@ def _state_to_hf(sd, config):
     return out
 
 
+_SIZE_FIELDS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head", "n_positions", "n_inner",
+                "max_position_embeddings"}
+
+
 def config_from_hf(hf_config) -> Config:
     """The fastlm.Config of a transformers GPT-2, Llama, Mistral or Qwen2 configuration (a PretrainedConfig, or the
     dict of its config.json); others raise NotImplementedError."""
@@ -175,7 +180,14 @@ def config_from_hf(hf_config) -> Config:
         if model_type not in _PATCH_SUPPORTED:
             raise NotImplementedError(f"fastlm reads transformers configurations of model_type "
                                       f"{', '.join(_PATCH_SUPPORTED)}; got {model_type!r}")
-        hf_config = transformers.AutoConfig.for_model(model_type, **fields)
+        for key in _SIZE_FIELDS & fields.keys():  # (transformers divides by some of these before it validates them)
+            if fields[key] is not None and (isinstance(fields[key], bool) or not isinstance(fields[key], int)
+                                            or fields[key] < 1):
+                raise ValueError(f"{key} must be a positive integer, got {fields[key]!r}")
+        try:
+            hf_config = transformers.AutoConfig.for_model(model_type, **fields)
+        except Exception as e:  # noqa: BLE001 - transformers' own validation raises several kinds (even ZeroDivision)
+            raise ValueError(f"invalid {model_type} configuration: {type(e).__name__}: {e}") from e
     model_type = getattr(hf_config, "model_type", None)
     if model_type == "gpt2":
         return _config_gpt2(hf_config)

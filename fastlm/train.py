@@ -422,7 +422,7 @@ def load_config(path: str):
             from fastlm.hf import config_from_hf
             try:
                 return config_from_hf(fields_)
-            except NotImplementedError as e:
+            except (NotImplementedError, ValueError, TypeError) as e:
                 raise ValueError(f"config file {path}: {e}") from None
         return _config_from(fields_, f"config file {path}")
     file, meta, _ = _read_checkpoint(path)
@@ -517,11 +517,15 @@ def _model_only(file, meta, tensors, backend, device):
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items()
              if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
+    # load_state_dict would cast integer, boolean or complex tensors into the floating-point parameters silently
+    kinds = [f"{k}: {state[k].dtype} (a floating-point tensor expected)" for k, v in expected.items()
+             if k in state and v.is_floating_point() and not state[k].is_floating_point()]
+    if missing or unexpected or wrong or kinds:
         raise ValueError(f"checkpoint {file} does not match its config ({config.name}): "
                          + "; ".join(filter(None, [f"missing {missing[:5]}" if missing else "",
                                                    f"unexpected {unexpected[:5]}" if unexpected else "",
-                                                   "shape mismatch " + ", ".join(wrong[:5]) if wrong else ""])))
+                                                   "shape mismatch " + ", ".join(wrong[:5]) if wrong else "",
+                                                   "dtype mismatch " + ", ".join(kinds[:5]) if kinds else ""])))
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:  # (training stops at a non-finite loss before it saves: this is a damaged file)
         raise ValueError(f"checkpoint {file} is corrupt: non-finite values (NaN or inf) in {broken[:5]}")

@@ -1,6 +1,7 @@
 """fastlm.summary: parameter counts against built models and published numbers, FLOPs against a FLOP counter,
 KV-cache bytes against the allocated cache, roofline arithmetic, bad input and the CLI."""
 import importlib
+import json
 
 import pytest
 import torch
@@ -185,6 +186,23 @@ def test_cli_config_json_that_is_not_an_object(tmp_path, capsys):
     (tmp_path / "flags.json").write_text('{"tie_embeddings": "yes"}')
     assert cli([str(tmp_path / "flags.json")]) == 2              # Config's own TypeError is reported too
     assert "error: tie_embeddings must be a bool" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps"),                      # transformers' own validation, whatever it raises
+    ({"hidden_size": "64"}, "hidden_size"),
+    ({"head_dim": 7}, "head_dim"),
+    ({"num_key_value_heads": 3}, "3"),
+])
+def test_cli_bad_transformers_config_is_named(tmp_path, capsys, change, message):
+    pytest.importorskip("transformers")
+    fields = {"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, **change}
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    assert cli([str(tmp_path / "config.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config file {tmp_path / 'config.json'}: ") and message in err, err
 
 
 def test_fastlm_summary_is_callable_whatever_was_imported_first():

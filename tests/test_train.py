@@ -167,6 +167,14 @@ def test_bad_checkpoints(tmp_path):
     save_file(tensors, str(nan), metadata={**meta, "config": meta["config"].replace('"d_model": 48', '"d_model": 32')})
     with pytest.raises(ValueError, match=r"is corrupt: non-finite values \(NaN or inf\) in \['norm.weight'\]"):
         T.load_model(str(nan))
+    # weights stored as integers (or booleans, complex numbers) would be cast silently: refused by name
+    for dtype in (torch.int32, torch.bool, torch.complex64):
+        odd = tmp_path / f"odd_{str(dtype)[6:]}.safetensors"
+        save_file({k: v.to(dtype) if k == "model.layers.0.attn.wq.weight" else v for k, v in tensors.items()
+                   if k != "model.norm.weight"} | {"model.norm.weight": torch.ones(32)}, str(odd),
+                  metadata={**meta, "config": meta["config"].replace('"d_model": 48', '"d_model": 32')})
+        with pytest.raises(ValueError, match=rf"dtype mismatch layers.0.attn.wq.weight: {dtype} \(a floating-point"):
+            T.load_model(str(odd))
 
 
 def test_bad_data_and_args(tmp_path):
