@@ -228,8 +228,8 @@ class Transformer(nn.Module):
     ``logits_at`` (B, k) int64 / int32 returns only the logits at those positions of each sequence, (B, k, V): the
     LM head runs on k rows instead of S (a prefill that samples from the last prompt token needs one).
     ``input_pos`` (B,) needs a KV cache; positions input_pos + S must stay within the cache and, in such decode
-    steps, token ids within the vocabulary (neither is checked on the host, so that decoding never synchronizes;
-    without input_pos the ids are checked; the CPU backend's fused decode step checks both, which costs it no sync).
+    steps, token ids within the vocabulary (on a GPU neither is checked on the host, so that decoding never
+    synchronizes; without input_pos the ids are checked; on a CPU, where reading them costs no sync, both are).
     The cache holds detached keys and values: with autograd on, gradients reach those of the call itself, and rows
     cached by earlier calls are constants. The model reads its Linear layers' weights and never calls them, so a
     Linear with a hook or a forward of its own (an adapter) is refused by the eager forward; under torch.compile that
@@ -398,6 +398,8 @@ class Transformer(nn.Module):
                                 f"{_describe(input_pos)}")
             if targets is None and self._fused_decode_here(tokens, linears):
                 return _rows_at(self._fused_decode_step(tokens, input_pos), logits_at)
+            if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+                _check_cpu_step(tokens, input_pos, cache[1], c.vocab_size)
             positions = input_pos[:, None] + torch.arange(S, device=tokens.device)   # (B, S)
 
         h = self.tok_emb(tokens)                                               # (B, S, d)
@@ -502,6 +504,21 @@ class Transformer(nn.Module):
         """See fastlm.generate.generate."""
         from fastlm.generate import generate
         return generate(self, *args, **kwargs)
+
+
+def _check_cpu_step(tokens, input_pos, max_seqlen, vocab_size):
+    """A decode step's positions and ids, checked where reading them costs no host sync (a CPU), as the fused decode
+    step checks them: a negative position would wrap around the cache, an id past the vocabulary index past the
+    embedding."""
+    S = tokens.shape[1]
+    bad = ((input_pos < 0) | (input_pos > max_seqlen - S)).nonzero().flatten().tolist()
+    if bad:
+        b = bad[0]
+        raise ValueError(f"input_pos[{b}] + seqlen = {int(input_pos[b])} + {S} must lie in [{S}, {max_seqlen}] (the "
+                         f"KV cache's max_seqlen)")
+    lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"tokens must be ids in [0, {vocab_size}), got values in [{lo}, {hi}]")
 
 
 def _rows_at(t, positions):

@@ -589,3 +589,41 @@ def test_cpu_fused_decode_step_errors():
         with pytest.raises(RuntimeError, match="block 0 has no norm1 weight"):
             ops.decode_step(*args, [None] * 34, caches, vcaches, model.norm.weight, model.head_weight, eps=1e-5,
                             is_rms=True)
+
+
+@pytest.mark.skipif(not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built")
+@pytest.mark.parametrize("window", [16, 2 ** 64])
+def test_window_past_the_cache_is_no_window(window):
+    """A sliding window that reaches every cache position (even past int64) decodes as no window, fused or not."""
+    def model(**kw):
+        torch.manual_seed(0)
+        return Transformer(Config.from_name("llama-tiny", vocab_size=50, max_seqlen=16, n_layer=1, **kw),
+                           backend="cpu").eval()
+    want = model().generate([1, 2, 3], 6)
+    windowed = model(sliding_window=window)
+    assert windowed.generate([1, 2, 3], 6) == want
+    windowed.fused_decode = False
+    assert windowed.generate([1, 2, 3], 6) == want
+
+
+@pytest.mark.parametrize("path", ["torch", "cpu-op-by-op"])
+def test_cpu_decode_step_checks_positions_and_ids(path):
+    """On a CPU every decode step checks its positions and ids (reading them costs no sync there), fused or not: a
+    negative position would otherwise wrap around to the cache's last row."""
+    if path != "torch" and not _extension_serves_model(("decode_attention",)):
+        pytest.skip("fastlm._C is not built")
+    torch.manual_seed(0)
+    model = Transformer(Config.from_name("llama-tiny", vocab_size=50, max_seqlen=16, n_layer=1),
+                        backend="torch" if path == "torch" else "cpu").eval()
+    model.fused_decode = False
+    model.setup_cache(2, 8)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+        for pos, message in (([3, -1], r"input_pos\[1\] \+ seqlen = -1 \+ 1 must lie in \[1, 8\]"),
+                             ([8, 3], r"input_pos\[0\] \+ seqlen = 8 \+ 1 must lie in \[1, 8\]"),
+                             ([2 ** 63 - 1, 3], r"input_pos\[0\] \+ seqlen = 9223372036854775807 \+ 1")):
+            with pytest.raises(ValueError, match=message):
+                model(torch.tensor([[7], [8]]), input_pos=torch.tensor(pos))
+        with pytest.raises(ValueError, match=r"tokens must be ids in \[0, 50\), got values in \[7, 50\]"):
+            model(torch.tensor([[7], [50]]), input_pos=torch.tensor([3, 3]))
+        assert model(torch.tensor([[7], [8]]), input_pos=torch.tensor([3, 7])).shape == (2, 1, 50)

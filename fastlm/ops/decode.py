@@ -156,6 +156,10 @@ def decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_wei
         raise ValueError(f"decode_step: blocks must hold {len(DECODE_STEP_SLOTS)} entries per block "
                          f"({', '.join(DECODE_STEP_SLOTS)}) for the {len(k_caches)} blocks of k_caches, got "
                          f"{len(blocks)}")
+    # a window reaching every cache position is no window (as in decode_attention; it also keeps int64 arguments)
+    if k_caches and isinstance(k_caches[0], torch.Tensor) and k_caches[0].dim() >= 2 and \
+            window_left >= k_caches[0].shape[1]:
+        window_left = -1
     return torch.ops.fastlm.decode_step(tokens, input_pos, tok_emb, pos_emb, rope_cos, rope_sin, blocks, k_caches,
                                         v_caches, norm_weight, norm_bias, head, float(eps), bool(is_rms),
                                         int(window_left))
