@@ -30,7 +30,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
            generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Next tokens (B,) from logits (B, V): greedy for temperature 0, else softmax(logits / T) restricted to the
     top_k most likely tokens and to the smallest set whose probability reaches top_p. ``noise`` (B, V) of Exp(1)
-    draws may be passed in (drawn from ``generator`` otherwise), which keeps the generator out of compiled code."""
+    draws may be passed in (drawn from ``generator`` otherwise), which keeps the generator out of compiled code.
+    A row whose logits hold a NaN or +inf, or are all -inf, has no distribution to draw from: ValueError (this check
+    reads the result on the host)."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         got = f"a {logits.dtype} tensor" if isinstance(logits, torch.Tensor) else _describe(logits)
         raise TypeError(f"logits must be a floating-point tensor (batch, vocab), got {got}")
@@ -40,12 +42,22 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     if noise is not None and (not isinstance(noise, torch.Tensor) or noise.shape != logits.shape):
         got = f"shape {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else _describe(noise)
         raise ValueError(f"noise must be None or a tensor of the logits' shape {tuple(logits.shape)}, got {got}")
-    return _sample(logits, float(temperature), None if top_k is None else int(top_k),
-                   None if top_p is None else float(top_p), generator, noise)
+    out = _sample(logits, float(temperature), None if top_k is None else int(top_k),
+                  None if top_p is None else float(top_p), generator, noise)
+    bad = (out < 0).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"logits rows {bad[:8]} hold a NaN or +inf, or are all -inf: no token can be drawn")
+    return out
 
 
 def _sample(logits, temperature, top_k, top_p, generator=None, noise=None):
-    """sample() without the argument checks: generate() checks them once, not at every step."""
+    """sample() without the argument checks (generate() checks them once, not at every step) and without reading
+    anything on the host: a row with no distribution to draw from (a NaN or +inf logit, or all -inf) gets -1."""
+    valid = torch.isfinite(logits.amax(dim=-1))      # (amax propagates NaN)
+    return torch.where(valid, _draw(logits, temperature, top_k, top_p, generator, noise), -1)
+
+
+def _draw(logits, temperature, top_k, top_p, generator, noise):
     if temperature == 0:
         return logits.argmax(dim=-1)
     # (logits - max) <= 0 over a temperature of at least float32's smallest normal (a smaller one would round to 0
@@ -234,8 +246,9 @@ def _decode_step(model, tok, pos, done, stop, temperature, top_k, top_p, noise, 
     for sampling (None for greedy).
     Returns the next tokens (B,) and the updated done mask. A finished sequence goes on sampling (its tokens are
     replaced by the pad in the output, never fed to the model, so any pad id works). Device-only work: nothing here
-    reads a value on the host."""
-    logits = model(tok[:, None], input_pos=pos)[:, -1, :n_vocab]            # (B, n_vocab)
+    reads a value on the host. (A token of -1, from logits with nothing to draw from, is fed as 0: generate raises
+    once it sees it on the host.)"""
+    logits = model(tok.clamp(min=0)[:, None], input_pos=pos)[:, -1, :n_vocab]            # (B, n_vocab)
     nxt = _sample(logits, temperature, top_k, top_p, noise=noise)
     if stop is not None:
         done = done | _is_stop(nxt, stop)
@@ -332,14 +345,17 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
     try:
         model.setup_cache(B, longest + max_new_tokens, dtype=param.dtype, device=device)
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+        drawless = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # see _sample's -1
         n = 0
         if max_new_tokens > 0:
             last = model(tokens, logits_at=(lengths - 1)[:, None])[:, 0, :n_vocab]  # prefill, at the last tokens
             tok = _sample(last, temperature, top_k, top_p, generator)
             done = _is_stop(tok, stop) if stop is not None else torch.zeros(B, dtype=torch.bool, device=device)
             out[:, 0] = tok
+            drawless[:, 0] = tok < 0
             n = 1
             if stream is not None:
+                _raise_if_drawless(drawless[:, :1].cpu(), 0)
                 stream(tok.cpu())
             pos = lengths.clone()
             while n < max_new_tokens:
@@ -357,14 +373,28 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
                     # reads them, and `finished` above must outlive that replay)
                     tok, done = tok.clone(), done.clone()
                 out[:, n] = torch.where(finished, pad_id, tok)
+                drawless[:, n] = (tok < 0) & ~finished
                 pos += 1
                 n += 1
                 if stream is not None:
+                    _raise_if_drawless(drawless[:, n - 1:n].cpu(), n - 1)
                     stream(out[:, n - 1].cpu())
+        _raise_if_drawless(drawless[:, :n].cpu(), 0)
         new = out[:, :n].cpu()
     finally:
         model._set_cache_state(caller_cache)
     return _assemble(tokens.cpu(), host_lengths, new, stop_tokens, form)
+
+
+def _raise_if_drawless(drawless, first):
+    """drawless (B, n), on the host: which new tokens from ``first`` on came from logits with nothing to draw from
+    (_sample's -1) in a sequence still running."""
+    bad = drawless.nonzero().tolist()
+    if bad:
+        b, i = bad[0]
+        raise RuntimeError(f"generate: the model's logits for sequence {b} at new token {first + i} hold a NaN or "
+                           f"+inf, or are all -inf: no token can be drawn (are its weights finite, and its "
+                           f"activations within its dtype's range?)")
 
 
 def _assemble(tokens, lengths, new, stop_tokens, form):
@@ -420,10 +450,10 @@ def cli(argv=None) -> int:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         model = model.to(dtype).eval()
         tokenizer = info["tokenizer"]
-        ids = tokenizer.encode(args.prompt or "\n")
+        ids = _encode(tokenizer, args.prompt or "\n", "the prompt")
         stop = []
         for s in args.stop:
-            enc = tokenizer.encode(s)
+            enc = _encode(tokenizer, s, f"--stop {s!r}")
             if len(enc) != 1:
                 raise ValueError(f"--stop {s!r} is {len(enc)} tokens; a stop string must be exactly one token")
             stop.append(enc[0])
@@ -454,6 +484,13 @@ def cli(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _encode(tokenizer, text, what):
+    try:
+        return tokenizer.encode(text)
+    except UnicodeError as e:  # (command-line bytes that are not UTF-8 arrive as lone surrogates)
+        raise ValueError(f"{what} is not valid UTF-8 text: {e}") from None
 
 
 def _check_cli_args(args):

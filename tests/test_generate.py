@@ -163,6 +163,36 @@ def test_sample_checks_its_arguments(args, kw, exc, match):
         sample(*args, **kw)
 
 
+@pytest.mark.parametrize("row", [[float("nan"), 1.0], [float("inf"), 1.0], [float("-inf")] * 3])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sample_refuses_rows_without_a_distribution(row, temperature):
+    logits = torch.tensor([[0.5, 2.0, -1.0][:len(row)], row])
+    with pytest.raises(ValueError, match=r"logits rows \[1\] hold a NaN or \+inf, or are all -inf"):
+        sample(logits, temperature)
+    assert sample(torch.tensor([[float("-inf"), 2.0, float("-inf")]]), temperature).tolist() == [1]  # masked: fine
+
+
+@pytest.mark.parametrize("kw", [{}, dict(temperature=1.0), dict(stop_tokens=[5]), dict(stream=lambda t: None)])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_generate_raises_on_non_finite_logits(kw, backend):
+    """Logits that turn NaN (here: those of the second sequence, from the third new token on) stop generation with
+    an error naming the sequence and the token, instead of tokens drawn from nothing."""
+    model = _model(backend=backend)
+    calls = []
+
+    def poison(module, args, out):
+        calls.append(1)
+        if len(calls) >= 3:
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+    model.register_forward_hook(poison)
+    assert len(generate(model, [[1, 2, 3], [4, 5]], 2, **kw)) == 2        # two tokens: two calls, no NaN
+    calls.clear()
+    with pytest.raises(RuntimeError, match="logits for sequence 1 at new token 2 hold a NaN or \\+inf"):
+        generate(model, [[1, 2, 3], [4, 5]], 6, **kw)
+
+
 def test_stop_tokens():
     model = _model()
     prompts = [[10, 20, 30], [40]]
@@ -412,6 +442,16 @@ def test_cli_max_new_tokens_past_the_context_is_an_error(checkpoint, capsys):
     filled = capsys.readouterr().out
     assert cli(base + ["abcde"]) == 0                                 # the default: what the context leaves
     assert capsys.readouterr().out == filled
+
+
+def test_cli_prompt_that_is_not_utf8_is_named(checkpoint, capsys):
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates."""
+    from fastlm.generate import cli
+    base = ["--checkpoint", checkpoint, "--backend", "torch", "--device", "cpu"]
+    assert cli(base + ["ab\udcff"]) == 2
+    assert capsys.readouterr().err.startswith("error: the prompt is not valid UTF-8 text: ")
+    assert cli(base + ["--stop", "\udcfe", "ab"]) == 2
+    assert capsys.readouterr().err.startswith("error: --stop '\\udcfe' is not valid UTF-8 text: ")
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
