@@ -446,6 +446,20 @@ def test_mlp_strided_and_empty():
     assert _ops().mlp_swiglu(empty, args[1], args[1], args[3], None).shape == (0, 3, 20)
 
 
+@pytest.mark.parametrize("lead", [(3,), (20,), (2, 10)])     # the matrix-vector path and the block path
+def test_mlp_residual_with_padded_rows(lead):
+    """A residual whose rows are padded (row stride d_out + 8, last dim contiguous) is read in place, by its stride."""
+    x, w1, b1, w2, b2, _ = _gelu_case(lead, 24, 40, 17, F32, True, False)
+    res = torch.randn(*lead, 25)[..., :17]
+    args = (x, w1, b1, w2, b2, res)
+    check_rule("mlp_gelu padded residual", _ops().mlp_gelu(*args), reference.mlp_gelu(*map(_f64, args)),
+               reference.mlp_gelu(*args))
+    w_gate = torch.randn(40, 24) / math.sqrt(24)
+    args = (x, w_gate, w1, w2, res)
+    check_rule("mlp_swiglu padded residual", _ops().mlp_swiglu(*args), reference.mlp_swiglu(*map(_f64, args)),
+               reference.mlp_swiglu(*args))
+
+
 @pytest.mark.parametrize("tokens", [3, 16, 20])              # the matrix-vector path (up to 16 rows) and the block path
 @pytest.mark.parametrize("strided", ["w_fc", "w_proj", "w_gate", "w_up", "w_down"])
 def test_mlp_transposed_weights(tokens, strided):

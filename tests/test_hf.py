@@ -58,11 +58,11 @@ def hf_qwen2(**kw):
 MODELS = {"gpt2": hf_gpt2, "llama-gqa": hf_llama, "mistral-mqa": hf_mistral, "qwen2-gqa": hf_qwen2}
 
 
-def perturb_norms(hf):
+def perturb_norms_and_biases(hf):
     """Random init leaves norm weights at one and biases at zero: make them matter for the comparison."""
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if "norm" in name or ".ln_" in name:
+            if "norm" in name or ".ln_" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
 
 
@@ -80,7 +80,7 @@ def same_as_hf(model, hf, seqlen, prompt_len, new_tokens=16):
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_from_hf_logits_and_loss(kind):
     hf = MODELS[kind]()
-    perturb_norms(hf)
+    perturb_norms_and_biases(hf)
     hf64 = copy.deepcopy(hf).double()
     model = from_hf(hf, backend="torch")
     assert model.config.n_layer == 2 and model.config.vocab_size == V
@@ -122,7 +122,7 @@ ROPE_SCALINGS = {"llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_fact
 def test_from_hf_rope_scaling(kind):
     from fastlm import reference
     hf = hf_llama(rope_parameters=ROPE_SCALINGS[kind], max_position_embeddings=256)
-    perturb_norms(hf)
+    perturb_norms_and_biases(hf)
     model = from_hf(hf, backend="torch")
     assert model.config.rope_scaling["rope_type"] == kind
     inv_freq = reference.rope_inv_freq(16, model.config.rope_base, model.config.rope_scaling)
@@ -137,7 +137,7 @@ def test_from_hf_rope_scaling(kind):
 @pytest.mark.parametrize("make", [hf_llama, hf_qwen2], ids=["llama", "qwen2"])
 def test_from_hf_head_dim_apart_from_hidden_size(make):
     hf = make(head_dim=24)                        # 4 heads of 24 on a 64-wide model, as Mistral NeMo's 32 x 128 on 5120
-    perturb_norms(hf)
+    perturb_norms_and_biases(hf)
     model = from_hf(hf)
     assert model.config.head_dim == 24 and model.layers[0].attn.wq.weight.shape == (96, 64)
     same_as_hf(model, hf, seqlen=11, prompt_len=5)
@@ -184,7 +184,7 @@ def hf_mistral_window(**kw):
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_from_hf_sliding_window(make, backend):
     hf = make()
-    perturb_norms(hf)
+    perturb_norms_and_biases(hf)
     model = from_hf(hf, backend=backend)
     assert model.config.sliding_window == 7
     same_as_hf(model, hf, seqlen=40, prompt_len=12, new_tokens=20)   # prefill and decoding past the window
@@ -198,7 +198,7 @@ def test_from_hf_sliding_window(make, backend):
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_to_hf_round_trip(kind):
     hf = MODELS[kind]()
-    perturb_norms(hf)
+    perturb_norms_and_biases(hf)
     model = from_hf(hf, backend="torch")
     back = to_hf(model)
     assert type(back).__name__ == {"gpt2": "GPT2LMHeadModel", "qwen2-gqa": "Qwen2ForCausalLM"}.get(
@@ -346,7 +346,7 @@ PATCH_OPS = {**dict.fromkeys(PATCH_MODELS, ["attention", "rms_norm", "apply_rope
 @pytest.mark.parametrize("kind", list(PATCH_MODELS))
 def test_patch_same_logits_and_gradients_then_unpatch(kind, monkeypatch):
     hf = PATCH_MODELS[kind]()
-    perturb_norms(hf)
+    perturb_norms_and_biases(hf)
     hf64 = copy.deepcopy(hf).double()
     reference = copy.deepcopy(hf)
     tokens = torch.randint(0, V, (2, 9))
@@ -521,7 +521,7 @@ def test_patched_loss_per_item_normalization(fused):
 def test_patch_with_triton_kernels(kind):
     """The kernels take what transformers hands them: Conv1D weights transposed (strided), k/v as views."""
     hf = MODELS[kind](**{"n_layer" if kind == "gpt2" else "num_hidden_layers": 1}).to(DEVICE)
-    perturb_norms(hf)
+    perturb_norms_and_biases(hf)
     hf64, reference = copy.deepcopy(hf).double(), copy.deepcopy(hf)
     patch(hf, backend="triton")
     tokens = torch.randint(0, V, (2, 5), device=DEVICE)
@@ -549,7 +549,7 @@ def test_patched_training_step_under_autocast(kind, backend):
     (The Triton interpreter gets bf16 wrong: there the step must only run, in the same dtypes.)"""
     device = DEVICE if backend == "triton" else "cpu"
     hf = MODELS[kind]().to(device).train()
-    perturb_norms(hf)
+    perturb_norms_and_biases(hf)
     hf64, reference = copy.deepcopy(hf).double(), copy.deepcopy(hf)
     patch(hf, backend=backend)
     tokens = torch.randint(0, V, (2, 9), device=device)

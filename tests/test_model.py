@@ -34,11 +34,16 @@ CONFIGS = {
 
 def make(family, backend="torch", dtype=torch.float32, device=DEVICE, **overrides):
     """A fastlm model and the reference at ``dtype``, and the reference at float64, all with the same weights.
-    Overriding d_model or n_head re-derives head_dim (unless it is given too)."""
+    Overriding d_model or n_head re-derives head_dim (unless it is given too). The initialization's biases (zero) and
+    norm weights (one) are perturbed, so that a dropped bias or a swapped norm weight shows."""
     if {"d_model", "n_head"} & set(overrides):
         overrides.setdefault("head_dim", None)
     config = dataclasses.replace(CONFIGS[family], **overrides)
     model = Transformer(config, backend=backend).to(device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
     ref64 = reference.Transformer(config).to(device)
     ref64.load_state_dict(model.state_dict())
     ref_low = copy.deepcopy(ref64).to(dtype)
