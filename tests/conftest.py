@@ -140,3 +140,12 @@ def far_views(shapes, dim, stride, dtype, device):
 def backend_device(backend):
     """Where a backend's test tensors live: the C++ CPU kernels take CPU tensors, the others DEVICE's."""
     return "cpu" if backend == "cpu" else DEVICE
+
+
+def perturb_norms_and_biases(model):
+    """Random init leaves norm weights at one and biases at zero, so a dropped bias or a swapped norm weight would
+    not show: move them (fastlm's and transformers' parameter names alike)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))

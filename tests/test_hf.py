@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fastlm  # noqa: E402
-from conftest import DEVICE, needs_cpu_kernel  # noqa: E402
+from conftest import DEVICE, needs_cpu_kernel, perturb_norms_and_biases  # noqa: E402
 from fastlm import ops  # noqa: E402
 from fastlm.hf import from_hf, patch, to_hf, unpatch  # noqa: E402
 from fastlm.testing import check_rule  # noqa: E402
@@ -56,14 +56,6 @@ def hf_qwen2(**kw):
 
 
 MODELS = {"gpt2": hf_gpt2, "llama-gqa": hf_llama, "mistral-mqa": hf_mistral, "qwen2-gqa": hf_qwen2}
-
-
-def perturb_norms_and_biases(hf):
-    """Random init leaves norm weights at one and biases at zero: make them matter for the comparison."""
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or ".ln_" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
 
 
 def same_as_hf(model, hf, seqlen, prompt_len, new_tokens=16):
@@ -217,10 +209,7 @@ def test_to_hf_of_a_fastlm_model_saves_and_generates_alike(tmp_path):
                            max_seqlen=128, tie_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0},
                            rope_base=500000.0)
     model = fastlm.Transformer(config, backend="torch").eval()
-    with torch.no_grad():                                  # the random init leaves the norms at one: make them matter
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    perturb_norms_and_biases(model)
     hf = to_hf(model)
     assert hf.lm_head.weight is hf.get_input_embeddings().weight          # tied, as in the fastlm model
     # fastlm names no special tokens: the exported model stops only at max_new_tokens unless told its tokenizer's

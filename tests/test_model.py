@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, backend_device
+from conftest import DEVICE, ON_GPU, backend_device, perturb_norms_and_biases
 from fastlm import backends, reference
 from fastlm.config import Config
 from fastlm.model import Transformer
@@ -40,10 +40,7 @@ def make(family, backend="torch", dtype=torch.float32, device=DEVICE, **override
         overrides.setdefault("head_dim", None)
     config = dataclasses.replace(CONFIGS[family], **overrides)
     model = Transformer(config, backend=backend).to(device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    perturb_norms_and_biases(model)
     ref64 = reference.Transformer(config).to(device)
     ref64.load_state_dict(model.state_dict())
     ref_low = copy.deepcopy(ref64).to(dtype)
