@@ -7,7 +7,7 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 SOURCES := setup.py pyproject.toml requirements-cpu.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: test bench report clean
+.PHONY: test sanitize bench report clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider tests
 	$(PY) bench/kernel_report.py --check
 	$(PY) csrc/cuda/compile_check.py --check
+	$(PY) tests/sanitize.py
+
+# the C++ CPU kernels' tests again, on a build with AddressSanitizer and UndefinedBehaviorSanitizer (build/sanitize/)
+sanitize: $(VENV)/.installed
+	$(PY) tests/sanitize.py
 
 bench: $(VENV)/.installed
 	$(PY) -m fastlm bench

@@ -23,7 +23,7 @@ def _inputs(shape, dtype, residual, bias, w_dtype=None, device=DEVICE):
 
 
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 40), (7, 96), (3, 43, 40), (129, 96)])
+@pytest.mark.parametrize("shape", [(1, 40), (7, 96), (3, 43, 40), (129, 96), (5, 37)])  # 37: a tail past any vector
 @pytest.mark.parametrize("kind", ["layer", "rms", "add_layer", "add_rms"])
 def test_norm_rule(kind, shape, backend, dtype):
     x, r, w, b = _inputs(shape, dtype, kind.startswith("add"), kind.endswith("layer"), device=backend_device(backend))
