@@ -15,7 +15,8 @@ from fastlm.testing import check_rule
 pytestmark = pytest.mark.skipif(backends.extension() is None, reason="fastlm._C is not built")
 
 OPS = ("attention_fwd", "attention_bwd", "decode_attention", "linear", "mlp_gelu", "mlp_swiglu", "norm_fwd",
-       "rope_fwd", "decode_step", "gelu_bwd", "swiglu_bwd")
+       "rope_fwd", "decode_step", "gelu_bwd", "swiglu_bwd", "cross_entropy_fwd", "cross_entropy_bwd",
+       "cross_entropy_fused_")
 SCHEMAS = {
     "attention_fwd": "fastlm::attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
                      "int window_left, int window_right) -> (Tensor, Tensor)",
@@ -34,6 +35,12 @@ SCHEMAS = {
     "rope_fwd": "fastlm::rope_fwd(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor",
     "gelu_bwd": "fastlm::gelu_bwd(Tensor dh, Tensor a) -> (Tensor da, Tensor h)",
     "swiglu_bwd": "fastlm::swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor dg, Tensor du, Tensor h)",
+    "cross_entropy_fwd": "fastlm::cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index) "
+                         "-> (Tensor loss, Tensor lse)",
+    "cross_entropy_bwd": "fastlm::cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, "
+                         "int ignore_index) -> Tensor",
+    "cross_entropy_fused_": "fastlm::cross_entropy_fused_(Tensor(a!) logits, Tensor targets, int ignore_index, "
+                            "Tensor? grad_scale) -> (Tensor loss, Tensor lse)",
     "decode_step": "fastlm::decode_step(Tensor tokens, Tensor input_pos, Tensor tok_emb, Tensor? pos_emb, "
                    "Tensor? rope_cos, Tensor? rope_sin, Tensor?[] blocks, Tensor(a!)[] k_caches, "
                    "Tensor(b!)[] v_caches, Tensor norm_w, Tensor? norm_b, Tensor head, float eps, bool is_rms, "
@@ -93,6 +100,25 @@ def test_meta_shapes():
     args = _decode_step_args(**m)
     logits = _ops().decode_step(*args)
     assert (logits.shape, logits.dtype) == ((2, 3, 50), F32)
+    a = torch.empty(3, 20, dtype=BF16, **m)
+    assert [(t.shape, t.dtype) for t in _ops().gelu_bwd(a, a)] == [((3, 20), BF16)] * 2
+    assert [(t.shape, t.dtype) for t in _ops().swiglu_bwd(a, a, a)] == [((3, 20), BF16)] * 3
+    logits, targets = torch.empty(6, 11, dtype=BF16, **m), torch.empty(6, dtype=torch.long, **m)
+    for loss, lse in (_ops().cross_entropy_fwd(logits, targets, -100),
+                      _ops().cross_entropy_fused_(logits, targets, -100, None)):
+        assert [(t.shape, t.dtype) for t in (loss, lse)] == [((6,), F32)] * 2
+    grad = _ops().cross_entropy_bwd(loss, logits, targets, lse, -100)
+    assert (grad.shape, grad.dtype) == ((6, 11), BF16)
+
+
+def test_meta_errors():
+    m = dict(device="meta")
+    logits, targets = torch.empty(2, 6, 11, **m), torch.empty(2, 6, dtype=torch.long, **m)
+    _raises(r"fastlm::cross_entropy: logits must be 2-D \(tokens, vocab\), got shape \[2, 6, 11\]",
+            _ops().cross_entropy_fwd, logits, targets, -100)
+    args = list(_decode_step_args(**m))
+    args[0] = args[0][0]
+    _raises(r"fastlm::decode_step: tokens and head must be 2-D, got 1-D and 2-D", _ops().decode_step, *args)
 
 
 def _decode_step_args(**m):
@@ -133,6 +159,11 @@ def test_opcheck():
     torch.library.opcheck(_ops().decode_step.default, _decode_step_args())
     torch.library.opcheck(_ops().gelu_bwd.default, (torch.randn(3, 20), torch.randn(3, 20)))
     torch.library.opcheck(_ops().swiglu_bwd.default, (torch.randn(3, 20), torch.randn(3, 20), torch.randn(3, 20)))
+    logits, targets = torch.randn(6, 11), torch.tensor([0, 10, -100, 3, 3, 7])
+    torch.library.opcheck(_ops().cross_entropy_fwd.default, (logits, targets, -100))
+    loss, lse = _ops().cross_entropy_fwd(logits, targets, -100)
+    torch.library.opcheck(_ops().cross_entropy_bwd.default, (torch.randn(6), logits, targets, lse, -100))
+    torch.library.opcheck(_ops().cross_entropy_fused_.default, (logits.clone(), targets, -100, torch.randn(6)))
 
 
 def test_compile_fullgraph():
