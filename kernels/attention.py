@@ -446,9 +446,7 @@ def attention_fwd(q, k, v, causal: bool, softmax_scale: float, window_left: int 
 def attention_bwd(dout, q, k, v, out, lse, causal: bool, softmax_scale: float, window_left: int = -1,
                   window_right: int = -1, dlse=None):
     """dq, dk, dv for out = attention(q, k, v); ``dlse`` is an optional upstream gradient of lse (B, H, Sq)."""
-    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
-    if dout.stride(1) == 0 or dout.stride(2) == 0 or dout.stride(0) == 0:  # expanded grads (e.g. from .sum())
-        dout = dout.contiguous()
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))  # any other strides, 0 included
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     if causal:

@@ -137,11 +137,11 @@ def test_attention_matches_reference(backend, dtype, case):
     _check_case(backend, dtype, case)
 
 
-FAR_BACKENDS = ["triton", pytest.param("cpu", marks=needs_cpu_kernel("attention_fwd"))] + (
+EVERY_BACKEND = ["triton", pytest.param("cpu", marks=needs_cpu_kernel("attention_fwd"))] + (
     [pytest.param("cuda", marks=pytest.mark.gpu)] if ON_GPU else [])
 
 
-@pytest.mark.parametrize("backend", FAR_BACKENDS)
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
 @pytest.mark.parametrize("dim", [0, 1], ids=["batch", "seq"])
 def test_offsets_past_int32(backend, dim):
     """q, k, v and the output gradient with elements past 2^31 in their buffer: a batch stride of 2^29 (batch 4 starts
@@ -242,14 +242,19 @@ def test_non_contiguous_inputs():
     check_rule("out", out_t, reference.attention(qt.double(), k.double(), v.double()), reference.attention(qt, k, v))
 
 
-def test_expanded_output_gradient():
-    """out.sum() hands backward a stride-0 gradient; the kernel must not read it as contiguous memory."""
-    q, k, v = (t.requires_grad_() for t in _inputs(1, 33, 33, 2, 1, 32, torch.float32))
-    ops.attention(q, k, v, causal=True, backend="triton").sum().backward()
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    reference.attention(q64, k64, v64, causal=True).sum().backward()
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+@pytest.mark.parametrize("loss", ["sum", "sum_over_seq"])
+def test_expanded_output_gradient(backend, loss):
+    """out.sum() hands backward a gradient of stride 0 in every dimension, out.sum(1) one of stride 0 along the
+    sequence only (unit stride along the head dim): the kernels must read it through its strides."""
+    reduce = (lambda o: o.sum()) if loss == "sum" else (lambda o: o.sum(1).square().sum())
+    q, k, v = (t.requires_grad_() for t in _inputs(2, 33, 33, 2, 1, 32, torch.float32,
+                                                   device=backend_device(backend)))
+    reduce(ops.attention(q, k, v, causal=True, backend=backend)).backward()
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    reduce(reference.attention(q64, k64, v64, causal=True)).backward()
     for t, t64 in ((q, q64), (k, k64), (v, v64)):
-        torch.testing.assert_close(t.grad.double(), t64.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(t.grad.cpu().double(), t64.grad, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 5), (2, 0, 5), (2, 5, 0)], ids=["batch0", "sq0", "sk0"])
@@ -343,6 +348,7 @@ BAD = [
     (lambda q, k, v: (q, k, v), {"window": (1.5, 2)}, TypeError, "window must be a pair"),
     (lambda q, k, v: (q, k, v), {"causal": True, "window": (4, 2)}, ValueError, "causal=True"),
     (lambda q, k, v: (q, k, v), {"causal": 1}, TypeError, "causal must be a bool"),
+    (lambda q, k, v: (q, k, v), {"return_lse": 1}, TypeError, "return_lse must be a bool"),
     (lambda q, k, v: (q, k, v), {"softmax_scale": float("nan")}, ValueError, "softmax_scale must be finite"),
     (lambda q, k, v: (q, k, v), {"softmax_scale": "0.1"}, TypeError, "softmax_scale"),
     (lambda q, k, v: (q.cpu().numpy(), k, v), {}, TypeError, "q must be a torch.Tensor"),

@@ -186,6 +186,23 @@ def test_out_of_range_target_under_compile_poisons_its_row():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_gradients_formed_in_backward(backend, reduction):
+    """The op itself, told compute_grad=False, forms the mean / sum gradients in its backward from the upstream
+    gradient instead of in the forward: the same gradients."""
+    dev = backend_device(backend)
+    x = torch.randn(9, 16, device=dev, requires_grad=True)
+    w = torch.randn(40, 16, device=dev, requires_grad=True)
+    b = torch.randn(40, device=dev, requires_grad=True)
+    t = _targets((9,), 40, ignore_index=3, n_ignored=2, device=dev)
+    want = torch.autograd.grad(3 * linear_cross_entropy(x, w, t, b, ignore_index=3, reduction=reduction,
+                                                        backend=backend), (x, w, b))
+    loss = torch.ops.fastlm_py.linear_cross_entropy(x, w, b, t, 3, reduction, 4, False, backend)[0]
+    for g, g_want in zip(torch.autograd.grad(3 * loss, (x, w, b)), want):
+        torch.testing.assert_close(g, g_want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_linear_cross_entropy_has_no_double_backward(backend, reduction):
     # an error, never a silent zero second derivative (mean / sum take the gradients the forward computed); the
@@ -227,6 +244,10 @@ def test_linear_cross_entropy_empty(backend):
     (lambda l, t, x, w: cross_entropy(l, t[:-1]), ValueError, "targets"),
     (lambda l, t, x, w: cross_entropy(l, t, reduction="avg"), ValueError, "reduction"),
     (lambda l, t, x, w: cross_entropy(l, t, ignore_index=1.5), TypeError, "ignore_index"),
+    (lambda l, t, x, w: cross_entropy(l, t, ignore_index=2 ** 31), ValueError, "ignore_index must fit in int32"),
+    (lambda l, t, x, w: cross_entropy(l, t.tolist()), TypeError, "targets must be a torch.Tensor, got list"),
+    (lambda l, t, x, w: cross_entropy(l[0, 0], t[0]), ValueError, "logits must be \\(..., vocab\\), got a 0-dim"),
+    (lambda l, t, x, w: linear_cross_entropy(x[0, 0], w, t[0]), ValueError, "x must be \\(..., hidden\\), got a 0-dim"),
     (lambda l, t, x, w: cross_entropy(l, torch.full_like(t, 50)), ValueError, "targets"),
     (lambda l, t, x, w: cross_entropy(l, torch.full_like(t, -1)), ValueError, "targets"),
     (lambda l, t, x, w: cross_entropy(l.long(), t), TypeError, "logits"),

@@ -94,11 +94,14 @@ def test_mlp_zero_hidden_size():
 
 @pytest.mark.skipif(DEVICE == "cpu" and not backends.extension_has("linear", "cpu"),
                     reason="the C++ extension (fastlm._C) with the CPU linear op is not built")
+@pytest.mark.parametrize("fused_act_bwd", [True, False], ids=["fused_act_bwd", "torch_act_bwd"])
 @pytest.mark.parametrize("name", ["mlp_gelu", "mlp_swiglu"])
-def test_native_wrapper_backward(name):
+def test_native_wrapper_backward(name, fused_act_bwd, monkeypatch):
     # the "cpu"/"cuda" backends' autograd wrapper: the three products run separately, the pre-activations are kept
     # (the second output) and the backward runs from them; the activation gradient falls back to torch math on a
-    # device without the extension's kernel
+    # device without the extension's kernel (as if so here with torch_act_bwd)
+    if not fused_act_bwd:
+        monkeypatch.setattr(ffn, "extension_has", lambda op, device: False)
     op = ffn._nat_gelu if name == "mlp_gelu" else ffn._nat_swiglu
     inputs = _gelu_inputs(7, 40, 96, torch.float32) if name == "mlp_gelu" else _swiglu_inputs(7, 40, 96, torch.float32)
     check_op(f"{name} native wrapper", lambda *a: op(*a)[0], getattr(reference, name), inputs)

@@ -163,6 +163,9 @@ def test_cuda_tensors_auto_is_triton_and_cuda_raises():
 @pytest.mark.parametrize("call, exc, words", [
     (lambda x, w: layer_norm(x, w[:-1], None), ValueError, "weight"),
     (lambda x, w: layer_norm(x, w, torch.zeros(3)), ValueError, "bias"),
+    (lambda x, w: layer_norm(x, w, torch.zeros_like(w).half()), TypeError, "bias must have weight's dtype"),
+    (lambda x, w: rms_norm(x[0, 0], w), ValueError, "x must have at least 1 dim"),
+    (lambda x, w: add_rms_norm(x, None, w), TypeError, "add_rms_norm: residual must be a tensor"),
     (lambda x, w: rms_norm(x, None), TypeError, "weight"),
     (lambda x, w: rms_norm(x.long(), w), TypeError, "x"),
     (lambda x, w: rms_norm(x, w, eps=-1.0), ValueError, "eps"),

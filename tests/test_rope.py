@@ -112,6 +112,7 @@ def test_rope_cos_sin_closed_form():
     (lambda x, c, s: apply_rope(x, c[:-1], s), ValueError, "cos"),
     (lambda x, c, s: apply_rope(x, c.to("meta"), s), ValueError, "cos is on meta"),
     (lambda x, c, s: apply_rope(x, c, s[None].expand(3, -1, -1)), ValueError, "sin"),
+    (lambda x, c, s: apply_rope(x, c, s[None].expand(2, -1, -1)), ValueError, "cos and sin must have the same shape"),
     (lambda x, c, s: apply_rope(x.long(), c, s), TypeError, "x"),
     (lambda x, c, s: apply_rope(x.double(), c, s, backend="triton"), TypeError, "float64"),
     (lambda x, c, s: rope_cos_sin(torch.arange(4), 7), ValueError, "head_dim"),

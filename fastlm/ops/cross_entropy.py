@@ -246,8 +246,10 @@ def _lce_backward(ctx, dloss, ddx, ddw, ddb):
                            "(the gradients are computed by the kernels, in the forward for reduction='mean'/'sum'); "
                            "use backend='torch'")
     ignore_index, reduction, chunk_size, backend = ctx.args
-    if ctx.precomputed:
+    if ctx.precomputed:  # the forward's gradients, for an upstream gradient of 1
         dx, dw, db = ctx.saved_tensors
+        g = dloss.to(dx.dtype)
+        dx, dw, db = dx * g, dw * g, db * g
     else:
         x, weight, bias, targets = ctx.saved_tensors
         n = x.shape[0]
@@ -258,10 +260,7 @@ def _lce_backward(ctx, dloss, ddx, ddw, ddb):
         else:
             grad_rows = (dloss / _n_valid(targets, ignore_index)).expand(n)
         dx, dw, db = _lce_bwd(grad_rows.contiguous(), x, weight, bias, targets, ignore_index, chunk_size, backend)
-        if reduction == "none":
-            return dx, dw, db if ctx.has_bias else None, None, None, None, None, None, None
-    g = dloss.to(dx.dtype)
-    return dx * g, dw * g, db * g if ctx.has_bias else None, None, None, None, None, None, None
+    return dx, dw, db if ctx.has_bias else None, None, None, None, None, None, None
 
 
 _lce.register_autograd(_lce_backward, setup_context=_lce_setup)
