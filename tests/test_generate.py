@@ -313,6 +313,8 @@ def test_bad_input():
         generate(model, [list(range(120))], 20)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, [[1], []], 2)
+    with pytest.raises(ValueError, match="prompts is empty: need at least one prompt"):
+        generate(model, [], 2)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 300\)"):
         generate(model, [[1, 300]], 2)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
@@ -335,6 +337,8 @@ def test_bad_input():
     (dict(compile="nonexistent"), "compile must be a bool or the name of a torch.compile backend, got 'nonexistent'"
                                   "; backends here: .*aot_eager"),
     (dict(cuda_graph=True), "cuda_graph=True needs the model on a CUDA device, got cpu"),
+    (dict(sync_every=0), "sync_every must be a positive int, got 0"),
+    (dict(pad_id=2 ** 63), "pad_id must fit in int64, got 9223372036854775808"),
     (dict(vocab_size=0), r"vocab_size must be in \[1, 300\] \(the model's vocab_size\), got 0"),
     (dict(vocab_size=301), r"vocab_size must be in \[1, 300\]"),
 ])

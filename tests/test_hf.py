@@ -299,8 +299,14 @@ def test_from_hf_unsupported():
         from_hf(transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V)))
     with pytest.raises(NotImplementedError, match="sliding-window attention in some layers only"):
         from_hf(hf_qwen2(use_sliding_window=True, sliding_window=16, max_window_layers=1))
-    with pytest.raises(NotImplementedError, match="GPT2LMHeadModel"):
-        from_hf(transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V)))
+    with pytest.raises(NotImplementedError, match="GPT-2 activation 'relu' is not supported"):
+        from_hf(hf_gpt2(activation_function="relu"))
+    with pytest.raises(NotImplementedError, match="GPT-2 with scale_attn_weights=False"):
+        from_hf(hf_gpt2(scale_attn_weights=False))
+    with pytest.raises(NotImplementedError, match="llama activation 'gelu' is not supported"):
+        from_hf(hf_llama(hidden_act="gelu"))
+    with pytest.raises(NotImplementedError, match="llama with attention_bias or mlp_bias is not supported"):
+        from_hf(hf_llama(attention_bias=True))
     with pytest.raises(NotImplementedError, match="RoPE type 'yarn'.*'llama3'"):
         from_hf(hf_llama(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}))
 
