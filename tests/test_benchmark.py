@@ -600,3 +600,12 @@ def test_list_options_take_each_item_once():
     assert benchmark._parse_list("rope,rope, norm", benchmark.OPS, "ops") == ["rope", "norm"]
     with pytest.raises(SystemExit, match="--ops takes a comma-separated list of"):
         benchmark._parse_list("rope,nope", benchmark.OPS, "ops")
+
+
+@pytest.mark.parametrize("argv, code", [([], 0), (["--help"], 0), (["bnech"], 2)])
+def test_fastlm_command_usage(argv, code, capsys):
+    from fastlm.__main__ import COMMANDS, main
+    assert main(argv) == code
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: python -m fastlm COMMAND") and all(f"  {name} " in out for name in COMMANDS)
+    assert err == ("" if code == 0 else "\nerror: unknown command 'bnech'; choose one of " + ", ".join(COMMANDS) + "\n")

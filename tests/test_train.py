@@ -29,6 +29,14 @@ def _cfg(**kw):
     return Config(name="test-tiny", **{**TINY, **kw})
 
 
+class _ShiftedBytes(T.ByteTokenizer):
+    """Byte ids + 200: ids past the vocab_size it claims (256)."""
+    byte_level = False
+
+    def encode(self, text):
+        return [i + 200 for i in super().encode(text)]
+
+
 def _train(**kw):
     # (on the CPU where there is a GPU too: the expectations below are CPU results)
     args = dict(text=TEXT, steps=20, batch_size=4, seqlen=32, lr=3e-3, warmup=5, eval_every=10, eval_batches_max=2,
@@ -198,6 +206,19 @@ def test_bad_data_and_args(tmp_path):
         T.parse_overrides("rope_scaling=linear")
     assert T.parse_overrides("d_model=64,tie_embeddings=true,rope_base=5e5") == dict(
         d_model=64, tie_embeddings=True, rope_base=500000.0)
+    assert T.parse_overrides("family=llama, n_layer = 3") == dict(family="llama", n_layer=3)
+    with pytest.raises(ValueError, match="--config expects key=value pairs separated by commas, got 'n_layer'"):
+        T.parse_overrides("d_model=64,n_layer")
+    with pytest.raises(ValueError, match="--config: tie_embeddings='yes' is not a valid"):
+        T.parse_overrides("tie_embeddings=yes")
+    with pytest.raises(ValueError, match="--config: n_layer='2.5' is not a valid"):
+        T.parse_overrides("n_layer=2.5")
+    with pytest.raises(ValueError, match="the training text is empty"):
+        _train(text=" \n\t")
+    with pytest.raises(ValueError, match="resume needs out="):
+        _train(resume=True)
+    with pytest.raises(ValueError, match=r"token id \d+ does not fit the model's vocab_size=256"):
+        _train(tokenizer=_ShiftedBytes())
 
 
 def test_corpus_sources(tmp_path):
@@ -415,6 +436,7 @@ def test_checkpoint_path_that_is_a_file_or_missing(tmp_path, capsys):
     (dict(stop_after=-1), "stop_after must be an integer >= 0"),
     (dict(device="foo"), "device must be cpu, cuda or cuda:N, got 'foo'"),
     (dict(seed="1"), "seed must be an integer, got '1'"),
+    (dict(dtype="float16"), r"dtype must be one of \[.*\], got 'float16'"),
     (dict(backend="gpu"), r"backend must be one of \('auto', 'torch', 'triton', 'cpu', 'cuda'\), got 'gpu'"),
     (dict(config=_cfg(vocab_size=100)), r"config.vocab_size=100 is smaller than the tokenizer's vocab_size=256 "
                                         r"\(byte\)"),
