@@ -60,10 +60,8 @@ def run_child(lib, pytest_args):
     sys.modules["fastlm._C"] = module
     spec.loader.exec_module(module)
 
-    import fastlm
     from fastlm import backends
     assert backends.extension() is module, "fastlm did not take the sanitized extension"
-    fastlm._C = module
     import pytest
     # --capture=sys: a sanitizer writes its report to file descriptor 2 and aborts, which pytest's default capture of
     # the descriptors would swallow
