@@ -4,14 +4,53 @@
 // extension is built with FASTLM_WITH_CUDA.
 #include "cpu/ops.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace {
+
+// The dispatcher runs an op's Meta kernel when any tensor argument is on the meta device, also when others are not:
+// a call that mixes devices must fail, naming the argument, instead of returning uninitialized tensors on another
+// device. Argument names come from the op's schema (looked up only on that error path).
+void check_meta_tensor(const char* op, size_t index, const at::Tensor& t) {
+  if (!t.defined() || t.is_meta()) return;
+  const auto schema = c10::Dispatcher::singleton().findSchema({std::string("fastlm::") + op, ""});
+  const auto& args = schema ? schema->schema().arguments() : std::vector<c10::Argument>{};
+  const std::string name = index < args.size() ? args[index].name() : "argument " + std::to_string(index);
+  TORCH_CHECK(false, "fastlm::", op, ": ", name, " is on ", t.device(),
+              " while other tensor arguments are on the meta device: all tensor arguments must be on one device");
+}
+void check_meta_arg(const char* op, size_t i, const at::Tensor& t) { check_meta_tensor(op, i, t); }
+void check_meta_arg(const char* op, size_t i, const std::optional<at::Tensor>& t) {
+  if (t.has_value()) check_meta_tensor(op, i, *t);
+}
+void check_meta_arg(const char* op, size_t i, at::TensorList ts) {
+  for (const auto& t : ts) check_meta_tensor(op, i, t);
+}
+void check_meta_arg(const char* op, size_t i, const c10::List<std::optional<at::Tensor>>& ts) {
+  for (const std::optional<at::Tensor>& t : ts) check_meta_arg(op, i, t);
+}
+template <typename T>
+void check_meta_arg(const char*, size_t, const T&) {}  // a scalar argument
+
+// Meta<kOpName, &kernel>::call: the Meta kernel behind the device check of every tensor argument.
+template <const char* Op, auto Fn>
+struct Meta;
+template <const char* Op, typename R, typename... Args, R (*Fn)(Args...)>
+struct Meta<Op, Fn> {
+  static R call(Args... args) {
+    size_t i = 0;
+    (check_meta_arg(Op, i++, args), ...);
+    return Fn(std::forward<Args>(args)...);
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       bool, double, int64_t, int64_t) {
@@ -157,20 +196,24 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastlm, Meta, m) {
-  m.impl("attention_fwd", &attention_fwd_meta);
-  m.impl("attention_bwd", &attention_bwd_meta);
-  m.impl("decode_attention", &decode_attention_meta);
-  m.impl("linear", &linear_meta);
-  m.impl("mlp_gelu", &mlp_gelu_meta);
-  m.impl("mlp_swiglu", &mlp_swiglu_meta);
-  m.impl("gelu_bwd", &gelu_bwd_meta);
-  m.impl("swiglu_bwd", &swiglu_bwd_meta);
-  m.impl("cross_entropy_fwd", &cross_entropy_fwd_meta);
-  m.impl("cross_entropy_bwd", &cross_entropy_bwd_meta);
-  m.impl("cross_entropy_fused_", &cross_entropy_fused_meta);
-  m.impl("norm_fwd", &norm_fwd_meta);
-  m.impl("rope_fwd", &rope_fwd_meta);
-  m.impl("decode_step", &decode_step_meta);
+#define FASTLM_META(op, kernel)            \
+  static constexpr char op##_name[] = #op; \
+  m.impl(#op, &Meta<op##_name, &kernel>::call)
+  FASTLM_META(attention_fwd, attention_fwd_meta);
+  FASTLM_META(attention_bwd, attention_bwd_meta);
+  FASTLM_META(decode_attention, decode_attention_meta);
+  FASTLM_META(linear, linear_meta);
+  FASTLM_META(mlp_gelu, mlp_gelu_meta);
+  FASTLM_META(mlp_swiglu, mlp_swiglu_meta);
+  FASTLM_META(gelu_bwd, gelu_bwd_meta);
+  FASTLM_META(swiglu_bwd, swiglu_bwd_meta);
+  FASTLM_META(cross_entropy_fwd, cross_entropy_fwd_meta);
+  FASTLM_META(cross_entropy_bwd, cross_entropy_bwd_meta);
+  FASTLM_META(cross_entropy_fused_, cross_entropy_fused_meta);
+  FASTLM_META(norm_fwd, norm_fwd_meta);
+  FASTLM_META(rope_fwd, rope_fwd_meta);
+  FASTLM_META(decode_step, decode_step_meta);
+#undef FASTLM_META
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

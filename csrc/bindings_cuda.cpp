@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
@@ -92,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3), Sk = k.size(1), Hkv = k.size(2);
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "fastlm::attention_fwd (CUDA): nheads (", H, ") must be a multiple of "
               "nheads_kv (", Hkv, ")");
-  TORCH_CHECK(std::isfinite(softmax_scale), "fastlm::attention_fwd (CUDA): softmax_scale must be finite, got ",
-              softmax_scale);
+  TORCH_CHECK(std::abs(softmax_scale) <= std::numeric_limits<float>::max(),  // (false for NaN)
+              "fastlm::attention_fwd (CUDA): softmax_scale must be finite in float32, got ", softmax_scale);
   TORCH_CHECK(Sq + Sk <= (int64_t{1} << 30), "fastlm::attention_fwd (CUDA): seqlen_q + seqlen_k must be <= 2^30 "
               "(the kernels' positions are int), got ", Sq, " + ", Sk);
   auto out = at::empty({B, Sq, H, D}, q.options());
@@ -125,8 +126,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
 at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                  const at::Tensor& cache_seqlens, double softmax_scale, int64_t window_left) {
   const char* op = "decode_attention";
-  TORCH_CHECK(std::isfinite(softmax_scale), "fastlm::decode_attention (CUDA): softmax_scale must be finite, got ",
-              softmax_scale);
+  TORCH_CHECK(std::abs(softmax_scale) <= std::numeric_limits<float>::max(),  // (false for NaN)
+              "fastlm::decode_attention (CUDA): softmax_scale must be finite in float32, got ", softmax_scale);
   TORCH_CHECK(window_left >= -1, "fastlm::decode_attention (CUDA): window_left must be >= -1 (-1: no window), got ",
               window_left);
   check_cuda(q_in, op, "q");

@@ -7,6 +7,7 @@ schedules.
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -353,6 +354,8 @@ BAD = [
     (lambda q, k, v: (q, k, v), {"causal": 1}, TypeError, "causal must be a bool"),
     (lambda q, k, v: (q, k, v), {"return_lse": 1}, TypeError, "return_lse must be a bool"),
     (lambda q, k, v: (q, k, v), {"softmax_scale": float("nan")}, ValueError, "softmax_scale must be finite"),
+    (lambda q, k, v: (q, k, v), {"softmax_scale": 1e308}, ValueError, "softmax_scale must be finite in float32"),
+    (lambda q, k, v: (q, k, v), {"causal": np.bool_(True)}, TypeError, r"causal must be a bool, got .*numpy"),
     (lambda q, k, v: (q, k, v), {"softmax_scale": "0.1"}, TypeError, "softmax_scale"),
     (lambda q, k, v: (q.cpu().numpy(), k, v), {}, TypeError, "q must be a torch.Tensor"),
     (lambda q, k, v: (q, k, v), {"backend": "tpu"}, ValueError, "backend must be one of"),

@@ -134,36 +134,58 @@ def _decode_step_args(**m):
             [torch.zeros(2, 9, 1, 8, **m)], w(16), None, w(50, 16), 1e-6, True)
 
 
-def test_opcheck():
+def _op_cases():
+    """(op name, arguments) of every CPU op, valid for its kernel."""
     q, k, v = torch.randn(1, 5, 4, 16), torch.randn(1, 7, 2, 16), torch.randn(1, 7, 2, 16)
-    torch.library.opcheck(_ops().attention_fwd.default, (q, k, v, True, 0.25, -1, 0))
     out, lse = _ops().attention_fwd(q, k, v, True, 0.25, -1, 0)
-    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-    torch.library.opcheck(_ops().attention_bwd.default, (dout, q, k, v, out, lse, dlse, True, 0.25, -1, 0))
     kc, vc = torch.randn(2, 12, 2, 16), torch.randn(2, 12, 2, 16)
-    torch.library.opcheck(_ops().decode_attention.default,
-                          (torch.randn(2, 1, 4, 16), kc, vc, torch.tensor([12, 5], dtype=torch.int32), 0.25))
     x = torch.randn(3, 8)
-    gelu_args = (x, torch.randn(24, 8), torch.randn(24), torch.randn(8, 24), torch.randn(8), torch.randn(3, 8))
-    torch.library.opcheck(_ops().mlp_gelu.default, gelu_args)
-    torch.library.opcheck(_ops().mlp_swiglu.default,
-                          (x, torch.randn(24, 8), torch.randn(24, 8), torch.randn(8, 24), None))
-    torch.library.opcheck(_ops().linear.default, (x, torch.randn(24, 8), torch.randn(24)))
     w, b = torch.randn(8), torch.randn(8)
-    torch.library.opcheck(_ops().norm_fwd.default, (x, torch.randn(3, 8), w, b, 1e-5, False))
-    torch.library.opcheck(_ops().norm_fwd.default, (x.to(BF16), None, w, None, 1e-6, True))
-    q = torch.randn(2, 3, 4, 16)
+    q4 = torch.randn(2, 3, 4, 16)
     cos, sin = reference.rope_cos_sin(torch.arange(3), 16)
-    torch.library.opcheck(_ops().rope_fwd.default, (q, cos, sin, False))
-    torch.library.opcheck(_ops().rope_fwd.default, (q, cos.expand(2, 3, 16), sin.expand(2, 3, 16), True))
-    torch.library.opcheck(_ops().decode_step.default, _decode_step_args())
-    torch.library.opcheck(_ops().gelu_bwd.default, (torch.randn(3, 20), torch.randn(3, 20)))
-    torch.library.opcheck(_ops().swiglu_bwd.default, (torch.randn(3, 20), torch.randn(3, 20), torch.randn(3, 20)))
     logits, targets = torch.randn(6, 11), torch.tensor([0, 10, -100, 3, 3, 7])
-    torch.library.opcheck(_ops().cross_entropy_fwd.default, (logits, targets, -100))
-    loss, lse = _ops().cross_entropy_fwd(logits, targets, -100)
-    torch.library.opcheck(_ops().cross_entropy_bwd.default, (torch.randn(6), logits, targets, lse, -100))
-    torch.library.opcheck(_ops().cross_entropy_fused_.default, (logits.clone(), targets, -100, torch.randn(6)))
+    _, ce_lse = _ops().cross_entropy_fwd(logits, targets, -100)
+    return [
+        ("attention_fwd", (q, k, v, True, 0.25, -1, 0)),
+        ("attention_bwd", (torch.randn_like(out), q, k, v, out, lse, torch.randn_like(lse), True, 0.25, -1, 0)),
+        ("decode_attention", (torch.randn(2, 1, 4, 16), kc, vc, torch.tensor([12, 5], dtype=torch.int32), 0.25)),
+        ("mlp_gelu", (x, torch.randn(24, 8), torch.randn(24), torch.randn(8, 24), torch.randn(8), torch.randn(3, 8))),
+        ("mlp_swiglu", (x, torch.randn(24, 8), torch.randn(24, 8), torch.randn(8, 24), None)),
+        ("linear", (x, torch.randn(24, 8), torch.randn(24))),
+        ("norm_fwd", (x, torch.randn(3, 8), w, b, 1e-5, False)),
+        ("norm_fwd", (x.to(BF16), None, w, None, 1e-6, True)),
+        ("rope_fwd", (q4, cos, sin, False)),
+        ("rope_fwd", (q4, cos.expand(2, 3, 16), sin.expand(2, 3, 16), True)),
+        ("decode_step", _decode_step_args()),
+        ("gelu_bwd", (torch.randn(3, 20), torch.randn(3, 20))),
+        ("swiglu_bwd", (torch.randn(3, 20), torch.randn(3, 20), torch.randn(3, 20))),
+        ("cross_entropy_fwd", (logits, targets, -100)),
+        ("cross_entropy_bwd", (torch.randn(6), logits, targets, ce_lse, -100)),
+        ("cross_entropy_fused_", (logits.clone(), targets, -100, torch.randn(6))),
+    ]
+
+
+def test_opcheck():
+    for name, args in _op_cases():
+        torch.library.opcheck(getattr(_ops(), name).default, args)
+
+
+def test_meta_kernels_refuse_mixed_devices():
+    """A call with one tensor argument on the CPU and the others on the meta device (the dispatcher then runs the
+    Meta kernel) is an error that names that argument, not uninitialized CPU tensors."""
+    def to_meta(a, keep):
+        if isinstance(a, (list, tuple)):
+            return [to_meta(t, keep) for t in a]
+        return a.to("meta") if isinstance(a, torch.Tensor) and a is not keep else a
+
+    for name, args in _op_cases():
+        arg_names = [a.name for a in getattr(_ops(), name).default._schema.arguments]
+        kept = [(i, t) for i, a in enumerate(args) for t in (a if isinstance(a, (list, tuple)) else [a])
+                if isinstance(t, torch.Tensor)]
+        for i, keep in kept:
+            with pytest.raises(RuntimeError, match=rf"fastlm::{name}: {arg_names[i]} is on cpu while other tensor "
+                                                   r"arguments are on the meta device"):
+                getattr(_ops(), name)(*[to_meta(a, keep) for a in args])
 
 
 def test_compile_fullgraph():
@@ -200,6 +222,8 @@ def test_attention_errors():
     _raises(r"window values must be >= -1", att, q, k, k, False, 1.0, -2, -1)
     _raises(r"causal means window_right = 0", att, q, k, k, True, 1.0, -1, 3)
     _raises(r"softmax_scale must be finite", att, q, k, k, False, math.inf, -1, -1)
+    _raises(r"softmax_scale must be finite in float32, got 1e\+39", att, q, k, k, False, 1e39, -1, -1)
+    _raises(r"softmax_scale must be finite in float32", _ops().decode_attention, q, k, k, torch.tensor([4]), -1e39)
 
 
 def test_attention_bwd_errors():
@@ -315,6 +339,15 @@ def test_decode_step_errors():
     with pytest.raises(ValueError, match="window_left must be an int >= -1"):
         ops.decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_w, head, eps=eps, is_rms=is_rms,
                         rope_cos=cos, rope_sin=sin, window_left=-5, backend="cpu")
+    assert torch.equal(k_caches[0], before)
+    for at, words in ((dict(k_caches=[k_caches[0].to("meta")]), r"k_caches\[0\] is on meta"),
+                      (dict(head=head.to("meta")), "head is on meta"),
+                      (dict(blocks=blocks[:4] + [blocks[4].to("meta")] + blocks[5:]),
+                       r"blocks\[4\] \(wk\) is on meta")):
+        kw = {**dict(tokens=tokens, input_pos=input_pos, tok_emb=tok_emb, blocks=blocks, k_caches=k_caches,
+                     v_caches=v_caches, norm_weight=norm_w, head=head), **at}
+        with pytest.raises(ValueError, match=words + " but tokens is on cpu"):
+            ops.decode_step(**kw, eps=eps, is_rms=is_rms, rope_cos=cos, rope_sin=sin)
     assert torch.equal(k_caches[0], before)
     with pytest.raises(RuntimeError, match=r"elements must not overlap \(an expanded tensor\)"):
         call(i8=[torch.zeros(1, 9, 1, 8).expand(2, 9, 1, 8)])
@@ -888,6 +921,27 @@ def test_attention_backward_with_huge_lse_takes_the_reference():
     with torch.profiler.profile() as prof:
         out.sum().backward()
     assert "fastlm::attention_bwd" in [e.name for e in prof.events()]
+
+
+def test_attention_backward_fallback_fp16_past_its_range():
+    """fp16 scores past fp16's range (|LSE| ~ 4e4-8e4, finite output): the huge-LSE fallback computes in fp32, as the
+    kernels do, so the gradients are finite and within twice the error of the fp32 reference's rounded to fp16 (in
+    fp16 PyTorch's own are NaN)."""
+    from fastlm import ops
+    torch.manual_seed(0)
+    for _ in range(3):
+        q, k = ((torch.randn(1, 4, 1, 16) * 100).half().requires_grad_() for _ in range(2))
+        v = torch.randn(1, 4, 1, 16).half().requires_grad_()
+        out = ops.attention(q, k, v, softmax_scale=1.0, backend="cpu")
+        dout = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        want64, want32 = ([t.detach().to(dt).requires_grad_() for t in (q, k, v)] for dt in (torch.float64, F32))
+        for leaves in (want64, want32):
+            leaves[:] = torch.autograd.grad(reference.attention(*leaves, softmax_scale=1.0), leaves,
+                                            dout.to(leaves[0].dtype))
+        for name, g, w64, w32 in zip("qkv", got, want64, want32):
+            assert torch.isfinite(g).all(), f"d{name}: non-finite"
+            check_rule(f"d{name}", g, w64, w32.half())
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)

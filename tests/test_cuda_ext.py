@@ -351,11 +351,12 @@ def test_compile_check_parses_ptxas():
     assert [a[:7] for a in mod.wgmma_advisories(PTXAS_SAMPLE)] == ["(C7517)", "(C7515)", "(C7508)"]
 
 
-@pytest.mark.parametrize("advisory", [None, "wgmma", "spill", "registers", "renamed"])
+@pytest.mark.parametrize("advisory", [None, "wgmma", "spill", "registers", "renamed", "static smem"])
 def test_compile_check_fails_on_advisories_and_spills(advisory, monkeypatch, capsys):
     """--check exits 1 when ptxas reports a wgmma advisory or a spill, when a warp-specialized kernel gets fewer
-    registers at entry than its setmaxnreg split needs (a hang on the GPU) or is no longer in the report, 0 for a
-    clean report (nvcc stubbed out)."""
+    registers at entry than its setmaxnreg split needs (a hang on the GPU), is no longer in the report or has static
+    shared memory (which would shift its 1024-byte aligned swizzled tiles), 0 for a clean report (nvcc stubbed
+    out)."""
     mod = _load("csrc", "cuda", "compile_check.py")
     assert mod.entry_registers_needed() == 168  # (128 x 24 + 256 x 240) / 384 for tma.cuh's split
     clean = PTXAS_SAMPLE.split("ptxas info    : (C75")[0].replace("8 bytes spill stores, 12 bytes spill loads",
@@ -367,10 +368,13 @@ def test_compile_check_fails_on_advisories_and_spills(advisory, monkeypatch, cap
            "spill": clean.replace("0 bytes stack frame, 0 bytes spill stores", "0 bytes stack frame, 4 bytes spill "
                                   "stores", 1),
            "registers": clean.replace("Used 168 registers", "Used 160 registers", 1),
-           "renamed": clean.replace("gemm_tn_wgmma_kernel", "gemm_wgmma_tn_kernel")}[advisory]
+           "renamed": clean.replace("gemm_tn_wgmma_kernel", "gemm_wgmma_tn_kernel"),
+           "static smem": clean.replace("Used 168 registers, used 1 barriers,", "Used 168 registers, used 1 "
+                                        "barriers, 16 bytes smem,", 1)}[advisory]
     monkeypatch.setattr(mod.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(mod, "compile_one", lambda nvcc, src, arch, gencode, tmp: (src, arch, 0, out, 0.1))
     assert mod.main(["--check"]) == (0 if advisory is None else 1)
     report = capsys.readouterr().out
     assert ("WGMMA: " in report) == (advisory == "wgmma") and ("SPILLS: " in report) == (advisory == "spill")
     assert ("REGISTERS: " in report) == (advisory in ("registers", "renamed")), report
+    assert ("STATIC SMEM: " in report) == (advisory == "static smem"), report

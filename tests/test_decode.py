@@ -137,6 +137,10 @@ def test_empty_cache(backend):
     q, k, v, lens = _inputs(2, 1, 2, 1, 32, 0, [0, 0], _dtype(backend), backend_device(backend))
     out = decode_attention(q, k, v, lens, backend=backend)
     assert out.shape == q.shape and (out == 0).all()
+    # a zero-size cache with a strided head dim has no element to read: its strides are no error either
+    k, v = (torch.cat([t, t], dim=-1)[..., ::2] for t in (k, v))
+    out = decode_attention(q, k, v, lens, backend=backend)
+    assert out.shape == q.shape and (out == 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -282,7 +286,7 @@ def test_bad_backend_and_head_dim():
     with pytest.raises(TypeError, match="softmax_scale must be a number"):
         decode_attention(q, k, v, lens, softmax_scale="0.1", backend="triton")
     for backend in ("torch", "triton") + (("cpu",) if backends.extension() is not None and not ON_GPU else ()):
-        for bad in (float("nan"), float("inf")):
+        for bad in (float("nan"), float("inf"), -1e39):
             with pytest.raises(ValueError, match="softmax_scale must be finite"):
                 decode_attention(q, k, v, lens, softmax_scale=bad, backend=backend)
     for bad in (-2, 1.5, True):

@@ -51,6 +51,21 @@ def test_rope_general_tables_gradient(backend):
     check_op("apply_rope(random tables)", _rope(backend), reference.apply_rope, [x, cos, sin], constants=(1, 2))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_rope_double_backward(backend, per_sequence):
+    # the backward (the transposed rotation of dy) differentiated again: gradients for dy and for both tables, whose
+    # halves differ, so that a table gradient with its halves swapped shows
+    dev = backend_device(backend)
+    shape = (2, 7, 40) if per_sequence else (7, 40)
+    x, dy = torch.randn(2, 7, 3, 40, device=dev), torch.randn(2, 7, 3, 40, device=dev)
+    cos, sin = torch.randn(shape, device=dev), torch.randn(shape, device=dev)
+
+    def backward_of(rope):
+        return lambda x, c, s, dy: torch.autograd.grad(rope(x, c, s), x, dy, create_graph=True)[0]
+    check_op("apply_rope backward", backward_of(_rope(backend)), backward_of(reference.apply_rope), [x, cos, sin, dy])
+
+
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=str)
 @pytest.mark.parametrize("per_sequence", [False, True])
 def test_rope_table_gradients(backend, dtype, per_sequence):
@@ -179,3 +194,17 @@ def test_cos_sin_tables_on_every_backend(backend):
     want = reference.rope_cos_sin(torch.arange(5), 8)
     for got, ref in zip(rope_cos_sin(torch.arange(5), 8, backend=backend), want):
         assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_rope_float64_tables(backend):
+    """float64 tables beside fp32 x are rounded to x's dtype on every backend (the Triton kernel takes no float64):
+    the result of fp32 tables, and their gradients come back in float64."""
+    dev = backend_device(backend) if backend != "torch" else DEVICE
+    x = torch.randn(2, 7, 3, 40, device=dev)
+    cos, sin = (t.requires_grad_() for t in rope_cos_sin(torch.arange(7, device=dev), 40, dtype=torch.float64))
+    y = apply_rope(x, cos, sin, backend=backend)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, apply_rope(x, cos.detach().float(), sin.detach().float(), backend=backend))
+    y.sum().backward()
+    assert cos.grad.dtype == sin.grad.dtype == torch.float64

@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace fastlm_cpu {
@@ -195,7 +196,7 @@ Problem attention_problem(const char* op, const at::Tensor& q, const at::Tensor&
                 t->device());
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "fastlm::", op, ": ", name, " must have q's dtype ",
                 q.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "fastlm::", op, ": ", name,
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1 || t->numel() == 0, "fastlm::", op, ": ", name,
                 " must have a contiguous last dim (stride 1), got strides ", t->strides());
   }
   const auto dtype = q.scalar_type();
@@ -210,8 +211,8 @@ Problem attention_problem(const char* op, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(D >= 1, "fastlm::", op, ": headdim must be >= 1, got ", D);
   TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, "fastlm::", op, ": nheads of q (", H,
               ") must be a multiple of nheads of k/v (", Hkv, ")");
-  TORCH_CHECK(std::isfinite(softmax_scale), "fastlm::", op, ": softmax_scale must be finite, got ",
-              softmax_scale);
+  TORCH_CHECK(std::abs(softmax_scale) <= std::numeric_limits<float>::max(),  // (false for NaN)
+              "fastlm::", op, ": softmax_scale must be finite in float32, got ", softmax_scale);
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
               "fastlm::", op, ": window values must be >= -1 (-1 = unbounded), got (", window_left, ", ",
               window_right, ")");

@@ -85,7 +85,7 @@ std::vector<int64_t> checked_targets(const char* op, const at::Tensor& logits, c
               ": logits must be float32, bfloat16 or float16, got ", dtype);
   const int64_t N = logits.size(0), V = logits.size(1);
   TORCH_CHECK(V >= 1, "fastlm::", op, ": the vocabulary (logits' last dim) must be >= 1, got ", V);
-  TORCH_CHECK(V == 1 || logits.stride(1) == 1, "fastlm::", op,
+  TORCH_CHECK(V == 1 || N == 0 || logits.stride(1) == 1, "fastlm::", op,
               ": logits must have a contiguous last dim (stride 1), got strides ", logits.strides());
   TORCH_CHECK(targets.device().is_cpu() && targets.dim() == 1 && targets.size(0) == N &&
                   (targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt),

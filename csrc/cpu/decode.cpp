@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace fastlm_cpu {
@@ -295,7 +296,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                 t->device());
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "fastlm::decode_attention: ", name, " must have q's dtype ",
                 q.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "fastlm::decode_attention: ", name,
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1 || t->numel() == 0, "fastlm::decode_attention: ", name,
                 " must have a contiguous last dim (stride 1), got strides ", t->strides());
   }
   const auto dtype = q.scalar_type();
@@ -317,8 +318,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B,
               "fastlm::decode_attention: cache_seqlens must have shape (batch,) = (", B, ",), got ",
               cache_seqlens.sizes());
-  TORCH_CHECK(std::isfinite(softmax_scale), "fastlm::decode_attention: softmax_scale must be finite, got ",
-              softmax_scale);
+  TORCH_CHECK(std::abs(softmax_scale) <= std::numeric_limits<float>::max(),  // (false for NaN)
+              "fastlm::decode_attention: softmax_scale must be finite in float32, got ", softmax_scale);
   TORCH_CHECK(window_left >= -1, "fastlm::decode_attention: window_left must be >= -1 (-1: no window), got ",
               window_left);
   // a window reaching past the cache's start from any position is no window (and keeps the position arithmetic

@@ -4,7 +4,8 @@ needed: the kernel sources include no torch headers.
 
     python csrc/cuda/compile_check.py           # report
     python csrc/cuda/compile_check.py --check   # also exit 1 on a compile failure, a spill, a wgmma advisory or
-                                                # a warp-specialized kernel short of its register budget
+                                                # a warp-specialized kernel short of its register budget or with
+                                                # static shared memory
 
 Without nvcc the report is skipped (exit 0) with a loud SKIPPED line.
 """
@@ -35,7 +36,10 @@ _ADVISORY = re.compile(r"\(C75\d\d\)[^\n]*(?:wgmma|GMMA|warpgroup|setmaxnreg)[^\
 # The warp-specialized kernels: a producer warpgroup and two consumer warpgroups (3 x 128 threads) that trade
 # registers with setmaxnreg. A block holds the register count ptxas gives the kernel at entry, and setmaxnreg.inc
 # waits until the producer's released registers cover the consumers' increase: unless entry x 384 covers
-# 128 x kProducerRegs + 256 x kConsumerRegs (csrc/cuda/tma.cuh), the consumers wait forever.
+# 128 x kProducerRegs + 256 x kConsumerRegs (csrc/cuda/tma.cuh), the consumers wait forever. Their swizzled tiles
+# need 1024-byte aligned shared memory, which `extern __shared__ __align__(1024)` gives only while no static shared
+# memory comes before the dynamic one: a static `__shared__` variable would shift every tile and silently break the
+# swizzle, so the check also fails on static shared memory in them.
 WARP_SPECIALIZED = ("attention_fwd_wgmma_kernel", "gemm_tn_wgmma_kernel")
 
 
@@ -105,7 +109,7 @@ def compile_one(nvcc, src, arch_name, gencode, outdir):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="exit 1 on a compile failure, a spill, a wgmma advisory "
-                    "or a warp-specialized kernel short of its register budget")
+                    "or a warp-specialized kernel short of its register budget or with static shared memory")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
 
@@ -117,7 +121,7 @@ def main(argv=None):
     if not sources:
         print("no csrc/cuda/*.cu files")
         return 0
-    failed, spills, advisories, short = [], [], [], []
+    failed, spills, advisories, short, static_smem = [], [], [], [], []
     need, seen = entry_registers_needed(), set()
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         t0 = time.time()
@@ -147,13 +151,18 @@ def main(argv=None):
                     short.append(f"{pretty[r['kernel']]} [{arch}]: {r['regs']} registers at entry, setmaxnreg "
                                  f"needs {need}")
                     flag = "  <-- REGISTERS"
+                if r["smem"]:
+                    static_smem.append(f"{pretty[r['kernel']]} [{arch}]: {r['smem']} bytes of static shared memory "
+                                       "(the swizzled tiles need the dynamic shared memory 1024-byte aligned)")
+                    flag += "  <-- STATIC SMEM"
             print(f"  {r['regs']:>4} {r['spill_st']:>5}/{r['spill_ld']:<5} {r['stack']:>5} {r['smem']:>6}  "
                   f"{pretty[r['kernel']]}{flag}")
     if not failed:  # a renamed kernel must not drop out of the register check unnoticed
         short += [f"{w}: not found in the sm_90a report" for w in WARP_SPECIALIZED if w not in seen]
     print(f"\n{len(sources)} files x {len(ARCHS)} archs compiled in {elapsed:.1f} s "
           f"({args.jobs} jobs); failures: {len(failed)}; spilling kernels: {len(spills)}; "
-          f"wgmma advisories: {len(advisories)}; warp-specialized kernels short of {need} registers: {len(short)}")
+          f"wgmma advisories: {len(advisories)}; warp-specialized kernels short of {need} registers: {len(short)}, "
+          f"with static shared memory: {len(static_smem)}")
     for f in failed:
         print(f"FAILED: {f}")
     for s in spills:
@@ -162,7 +171,9 @@ def main(argv=None):
         print(f"WGMMA: {s}")
     for s in short:
         print(f"REGISTERS: {s}")
-    return 1 if args.check and (failed or spills or advisories or short) else 0
+    for s in static_smem:
+        print(f"STATIC SMEM: {s}")
+    return 1 if args.check and (failed or spills or advisories or short or static_smem) else 0
 
 
 if __name__ == "__main__":

@@ -115,14 +115,19 @@ def fit_head_dim(op: str, chosen: str, backend: str, head_dim: int) -> str:
     return fit_triton(op, chosen, backend, "headdim", head_dim, TRITON_MAX_HEAD_DIM)
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
 def check_softmax_scale(op: str, softmax_scale) -> None:
-    """An attention op's softmax_scale: None (1/sqrt(headdim)) or a finite real number (numpy scalars too)."""
+    """An attention op's softmax_scale: None (1/sqrt(headdim)) or a real number (numpy scalars too) finite in fp32,
+    in which every kernel scales the scores."""
     if softmax_scale is None:
         return
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"{op}: softmax_scale must be a number or None, got {softmax_scale!r}")
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"{op}: softmax_scale must be finite, got {softmax_scale}")
+    if not abs(softmax_scale) <= _FP32_MAX:
+        raise ValueError(f"{op}: softmax_scale must be finite in float32 (|softmax_scale| <= {_FP32_MAX:.4g}), got "
+                         f"{softmax_scale}")
 
 
 def check_window_left(op: str, window_left) -> None:

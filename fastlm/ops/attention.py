@@ -29,9 +29,11 @@ def _check(q, k, v, causal, softmax_scale, window, return_lse):
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
     if not isinstance(causal, bool):
-        raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"attention: causal must be a bool, got {causal!r} ({type(causal).__module__}."
+                        f"{type(causal).__qualname__})")
     if not isinstance(return_lse, bool):
-        raise TypeError(f"attention: return_lse must be a bool, got {type(return_lse).__name__}")
+        raise TypeError(f"attention: return_lse must be a bool, got {return_lse!r} ({type(return_lse).__module__}."
+                        f"{type(return_lse).__qualname__})")
     check_softmax_scale("attention", softmax_scale)
     if (not isinstance(window, (tuple, list)) or len(window) != 2
             or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window)):
@@ -134,8 +136,9 @@ def _native_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 def _reference_backward_in_blocks(dout, q, k, v, dlse, causal, softmax_scale, window_left, window_right):
-    """reference.attention_backward over blocks of query rows of about _FALLBACK_SCORES scores each, dK and dV summed
-    in fp32 (float64 for float64 inputs)."""
+    """reference.attention_backward over blocks of query rows of about _FALLBACK_SCORES scores each, computed in fp32
+    (float64 for float64 inputs), as the kernels compute: fp16 / bf16 scores of the size that sends rows here (|LSE|
+    >= ~1.1e4) would be coarse, and in fp16 past its range."""
     B, Sq, H, _ = q.shape
     Sk = k.shape[1]
     rows = max(1, _FALLBACK_SCORES // max(1, B * H * Sk))
@@ -143,12 +146,13 @@ def _reference_backward_in_blocks(dout, q, k, v, dlse, causal, softmax_scale, wi
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)      # contiguous, as the op's fake promises
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    k_acc, v_acc = k.to(acc), v.to(acc)
     for start in range(0, Sq, rows):
         stop = min(Sq, start + rows)
         keep = reference.attention_mask(Sq, Sk, causal=causal, window=(window_left, window_right), device=q.device,
                                         rows=(start, stop))
         gq, gk, gv = reference.masked_attention_backward(
-            dout[:, start:stop], q[:, start:stop], k, v, keep, softmax_scale,
+            dout[:, start:stop].to(acc), q[:, start:stop].to(acc), k_acc, v_acc, keep, softmax_scale,
             dlse[:, :, start:stop] if dlse is not None else None)
         dq[:, start:stop] = gq
         dk += gk

@@ -50,15 +50,17 @@ def _setup(ctx, inputs, output):
 
 
 def _table_grads(ctx, dy, x, cos, sin):
-    """(dcos, dsin) of y = x cos + rotate_half(x) sin (sin negated for the inverse rotation), or (None, None) where
-    no table requires grad; fp32 sums over the heads (and the batch, for (S, D) tables)."""
+    """(dcos, dsin) of y = x cos + rotate_half(x) sin, or of the inverse (transposed) rotation y1 = x1 c1 + x2 s2,
+    y2 = x2 c2 - x1 s1 (the backward, differentiated again in a double backward), or (None, None) where no table
+    requires grad; fp32 sums over the heads (and the batch, for (S, D) tables)."""
     if not ctx.table_grads:
         return None, None
     dy, x = dy.float(), x.float()
     dims = (0, 2) if cos.dim() == 2 else (2,)
     dcos = (dy * x).sum(dims)
-    dsin = (dy * reference.rotate_half(x)).sum(dims)
-    return dcos.to(cos.dtype), (-dsin if ctx.inverse else dsin).to(sin.dtype)
+    # forward: dsin = (-dy1 x2, dy2 x1); inverse: dsin = (-dy2 x1, dy1 x2)
+    dsin = (reference.rotate_half(dy) * x if ctx.inverse else dy * reference.rotate_half(x)).sum(dims)
+    return dcos.to(cos.dtype), dsin.to(sin.dtype)
 
 
 def _backward(ctx, dy):
@@ -140,5 +142,7 @@ def apply_rope(x, cos, sin, *, backend="auto"):
         cos, sin = (t if t.dtype == x.dtype else t.to(x.dtype) for t in (cos, sin))
         native = _nat_rope if needs_grad(x, cos, sin) else torch.ops.fastlm.rope_fwd
         return native(x, cos, sin, False)
+    # float64 tables (the Triton kernels take none) are rounded to x's dtype, as the reference and the cpu kernel do
+    cos, sin = (t.to(x.dtype) if t.dtype == torch.float64 else t for t in (cos, sin))
     check_triton_dtypes("apply_rope", x=x, cos=cos, sin=sin)
     return _rope(x, cos, sin, False)
