@@ -340,10 +340,10 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
         return decode(model, tok, pos, done, stop, temperature, top_k, top_p, noise, n_vocab)
 
     # generate runs on a cache of its own and leaves the model's as it found it (a cache set up by the caller, with
-    # its contents, or none). The cache dtype follows the weights.
+    # its contents, or none), in the dtype the model computes in (the autocast dtype under torch.autocast).
     caller_cache = model._cache_state()
     try:
-        model.setup_cache(B, longest + max_new_tokens, dtype=param.dtype, device=device)
+        model.setup_cache(B, longest + max_new_tokens, device=device)
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         drawless = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # see _sample's -1
         n = 0

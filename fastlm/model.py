@@ -269,8 +269,10 @@ class Transformer(nn.Module):
     # -- KV cache ------------------------------------------------------------------------------------------------
 
     def setup_cache(self, batch_size: int, max_seqlen: int, dtype=None, device=None):
-        """Allocate a static KV cache (batch_size, max_seqlen, n_kv_head, head_dim) per layer, in the parameters'
-        dtype unless given, on the parameters' device (``device``, if given, must name it)."""
+        """Allocate a static KV cache (batch_size, max_seqlen, n_kv_head, head_dim) per layer on the parameters'
+        device (``device``, if given, must name it), in ``dtype``: by default the dtype the forward computes in here,
+        the autocast dtype under torch.autocast, else the parameters'. A forward that computes in another dtype than
+        the cache's is an error."""
         c = self.config
         for name, value in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -278,7 +280,7 @@ class Transformer(nn.Module):
         if max_seqlen > c.max_seqlen:
             raise ValueError(f"setup_cache: max_seqlen must be at most the model's context {c.max_seqlen}, "
                              f"got {max_seqlen}")
-        dtype = self.tok_emb.weight.dtype if dtype is None else dtype
+        dtype = self._compute_dtype() if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"setup_cache: dtype must be a floating-point torch.dtype, got {dtype!r}")
         device = self._cache_device(device)
@@ -290,6 +292,11 @@ class Transformer(nn.Module):
             self.rope_cos, self.rope_sin = ops.rope_cos_sin(torch.arange(max_seqlen, device=device), c.head_dim,
                                                             c.rope_base, self.tok_emb.weight.dtype,
                                                             scaling=c.rope_scaling, backend=self._backends.generic)
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the forward computes in: the autocast dtype under torch.autocast, else the embedding's."""
+        kind = self.tok_emb.weight.device.type
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.tok_emb.weight.dtype
 
     def _cache_device(self, device) -> torch.device:
         """The parameters' device, which ``device`` (None, or a torch.device or str naming it) must be."""
@@ -385,6 +392,10 @@ class Transformer(nn.Module):
                              f"({limit})")
         if cache is not None and B != cache[0]:
             raise ValueError(f"tokens has batch {B} but the KV cache was set up for batch {cache[0]}")
+        if cache is not None and self.layers[0].attn.k_cache.dtype != self._compute_dtype():
+            raise ValueError(f"the KV cache holds {self.layers[0].attn.k_cache.dtype} but the forward computes in "
+                             f"{self._compute_dtype()} (the autocast dtype under torch.autocast, else the weights'): "
+                             f"set the cache up in it (setup_cache(..., dtype=None) picks it)")
         if logits_at is not None:
             self._check_logits_at(logits_at, B, S, targets)
         if input_pos is None:
@@ -450,11 +461,13 @@ class Transformer(nn.Module):
 
     def _fused_decode_here(self, tokens, linears) -> bool:
         """Whether this decode step runs as one C++ call (ops.decode_step): on the CPU backend, when autograd records
-        nothing and torch.compile is not tracing (``linears``, forward's _linears(), is None then), unless
+        nothing, autocast is off (the step computes in the weights' dtype) and torch.compile is not tracing
+        (``linears``, forward's _linears(), is None then), unless
         ``fused_decode`` was set False, a module the step would call has a hook or a forward of its own (the fused
         step would skip it), a Linear is parametrized (it reads the parameters) or the norms' eps differ (it takes
         one)."""
         if not (self.fused_decode and not torch.is_grad_enabled() and linears is not None
+                and not torch.is_autocast_enabled(tokens.device.type)
                 and decode_step_backend(self._backends.native, tokens.device, self.tok_emb.weight.dtype) == "cpu"):
             return False
         if _global_hooks():

@@ -203,8 +203,13 @@ def tokenizer_from_spec(spec: dict, proto: bytes | None = None):
 
 def encode_tensor(tokenizer, text: str) -> torch.Tensor:
     """The token ids of ``text`` as a LongTensor (bytes go straight through a buffer: megabytes in milliseconds)."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text must be encodable as UTF-8, but it holds a lone surrogate at character {e.start}: "
+                         f"{text[e.start:e.end]!r}") from e
     if getattr(tokenizer, "byte_level", False):
-        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 
@@ -446,6 +451,8 @@ def _resume_steps(file, step: int, extra: dict, steps, log) -> int:
     """The length of a resumed run: the run's own (``steps`` None or equal), or a longer one for a finished run."""
     run = extra.get("run")
     own = run.get("steps") if isinstance(run, dict) else None    # (checkpoints of older versions do not record it)
+    if own is not None and (isinstance(own, bool) or not isinstance(own, int) or own < 1):
+        raise ValueError(f"checkpoint {file} is corrupt: its run's steps must be a positive int, got {own!r}")
     if steps is None:
         if own is None:
             raise ValueError(f"resume: checkpoint {file} does not record its run's length: pass steps")
@@ -463,12 +470,18 @@ def _resume_steps(file, step: int, extra: dict, steps, log) -> int:
 
 
 def _checked_history(file, history) -> dict:
-    """A checkpoint's loss history, which the resumed run appends to: lists of finite numbers."""
+    """A checkpoint's loss history, which the resumed run appends to: lists of finite numbers, one entry per step in
+    step, loss and lr, one per evaluation in eval_step and eval_loss."""
     if not isinstance(history, dict) or not all(
             isinstance(v, list) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
             for v in history.values()):
         raise ValueError(f"checkpoint {file} is corrupt: its history must map names to lists of finite numbers, got "
                          f"{str(history)[:120]}")
+    for names in (("step", "loss", "lr"), ("eval_step", "eval_loss")):
+        lengths = {name: len(history[name]) for name in names if name in history}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"checkpoint {file} is corrupt: its history's {', '.join(lengths)} must have one "
+                             f"length, got {lengths}")
     return history
 
 
@@ -533,6 +546,17 @@ def _model_only(file, meta, tensors, backend, device):
     return model if device is None else model.to(device)
 
 
+def _same_kind(saved, own) -> bool:
+    """Whether a setting read back from JSON has the type of the optimizer's own (tuples come back as lists)."""
+    if isinstance(own, bool) or own is None:                 # (foreach, fused: None or a bool)
+        return saved is None or isinstance(saved, bool)
+    if isinstance(own, (int, float)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool)
+    if isinstance(own, (tuple, list)):
+        return isinstance(saved, list) and len(saved) == len(own) and all(map(_same_kind, saved, own))
+    return isinstance(saved, type(own))
+
+
 def _load_optimizer(optimizer, meta, tensors, file):
     if "optim_groups" not in meta:
         raise ValueError(f"checkpoint {file} has no optimizer state to resume from")
@@ -543,6 +567,10 @@ def _load_optimizer(optimizer, meta, tensors, file):
                 isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
             raise ValueError(f"optim_groups must be a list of {len(optimizer.param_groups)} parameter groups, each "
                              f"with its params, got {meta['optim_groups'][:120]}")
+        for i, (saved, own) in enumerate(zip(groups, optimizer.param_groups)):
+            for name, value in own.items():
+                if name != "params" and name in saved and not _same_kind(saved[name], value):
+                    raise ValueError(f"optim_groups[{i}][{name!r}] must be like {value!r}, got {saved[name]!r}")
         state = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
@@ -550,6 +578,10 @@ def _load_optimizer(optimizer, meta, tensors, file):
                 if not idx.isdigit() or int(idx) >= len(params):
                     raise ValueError(f"tensor {key}: no parameter {idx} (the model has {len(params)})")
                 state.setdefault(int(idx), {})[name] = value
+        # every trained parameter has its moments once a step was taken (a checkpoint is saved after steps)
+        missing = [i for i, p in enumerate(params) if p.requires_grad and i not in state]
+        if missing:
+            raise ValueError(f"no state (optim.<i>.*) for parameters {missing[:8]} of {len(params)}")
         for idx, entry in state.items():
             if set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
                 raise ValueError(f"parameter {idx} has state {sorted(entry)}, expected exp_avg, exp_avg_sq and step")

@@ -284,6 +284,38 @@ def test_autocast_runs_the_model_in_the_autocast_dtype(family, backend):
                for p in model.parameters())
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    not backends.extension_has("attention_fwd", "cpu"), reason="the C++ extension is not built")),
+    pytest.param("triton", marks=pytest.mark.gpu)])
+def test_autocast_decodes_with_a_cache_in_the_autocast_dtype(family, backend):
+    """Under torch.autocast the KV cache (setup_cache's default, generate's own) is in the autocast dtype and the
+    cached steps compute as the model's bf16 copy does (with autograd recording or not); a cache in another dtype than
+    the forward computes in is an error that says so."""
+    device = backend_device(backend)
+    model = Transformer(CONFIGS[family], backend=backend).to(device)
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    prompts = [[5, 3, 9, 1], [7, 2]]
+    kind = torch.device(device).type
+    with torch.autocast(kind, dtype=torch.bfloat16):
+        assert model.generate(prompts, 6) == low.generate(prompts, 6)
+        model.setup_cache(2, 16)
+        assert model.layers[0].attn.k_cache.dtype == torch.bfloat16
+        tokens = torch.tensor([[5, 3, 9], [7, 2, 4]], device=device)
+        model(tokens)
+        low.setup_cache(2, 16)
+        low(tokens)
+        pos = torch.tensor([3, 3], device=device)
+        for grad in (False, True):              # (with autograd recording the C++ MLP splits its GEMMs)
+            with torch.set_grad_enabled(grad):
+                step, want = model(tokens[:, :1], input_pos=pos), low(tokens[:, :1], input_pos=pos)
+            assert step.dtype == torch.bfloat16 and torch.equal(step.detach(), want.detach())
+    model.setup_cache(2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"the KV cache holds torch.bfloat16 but the forward computes in "
+                                         r"torch.float32"):
+        model(tokens)
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.skipif(

@@ -196,6 +196,9 @@ def test_bad_data_and_args(tmp_path):
         T.load_corpus(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="too few for seqlen"):
         _train(text="short text")
+    with pytest.raises(ValueError, match=r"text must be encodable as UTF-8, but it holds a lone surrogate at "
+                                         r"character 5: '\\ud800'"):
+        _train(text=TEXT[:5] + "\ud800" + TEXT)
     with pytest.raises(ValueError, match="longer than the model's context"):
         _train(seqlen=65)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
@@ -605,6 +608,13 @@ def test_resume_refuses_another_world_size(tmp_path):
         _train(steps=4, out=str(tmp_path / "run"), resume=True)
 
 
+def _edit_json(meta, key, change):
+    """meta[key] (a JSON string) with change(value) applied to its decoded value."""
+    value = json.loads(meta[key])
+    change(value)
+    meta[key] = json.dumps(value)
+
+
 def _rewrite_tensors(src, dst, change):
     """A copy of checkpoint file ``src`` at ``dst`` with change(tensors, meta) applied."""
     from safetensors import safe_open
@@ -624,6 +634,15 @@ def _rewrite_tensors(src, dst, change):
     (lambda t, m: t.update({"optim.x.exp_avg": torch.zeros(3)}), "tensor optim.x.exp_avg: no parameter x"),
     (lambda t, m: t.update({"optim.99.exp_avg": torch.zeros(3)}), "tensor optim.99.exp_avg: no parameter 99"),
     (lambda t, m: m.update(history='{"loss": 3}'), "its history must map names to lists of finite numbers"),
+    (lambda t, m: _edit_json(m, "history", lambda h: h["loss"].pop()),
+     r"its history's step, loss, lr must have one length, got \{'step': 2, 'loss': 1, 'lr': 2\}"),
+    (lambda t, m: _edit_json(m, "optim_groups", lambda g: g[0].update(betas="x")),
+     r"optim_groups\[0\]\['betas'\] must be like \(0.9, 0.95\), got 'x'"),
+    (lambda t, m: _edit_json(m, "optim_groups", lambda g: g[1].update(lr=None)), r"optim_groups\[1\]\['lr'\]"),
+    (lambda t, m: [t.pop(f"optim.3.{k}") for k in ("step", "exp_avg", "exp_avg_sq")],
+     r"no state \(optim.<i>.\*\) for parameters \[3\]"),
+    (lambda t, m: _edit_json(m, "extra", lambda e: e["run"].update(steps="4")),
+     "is corrupt: its run's steps must be a positive int, got '4'"),
 ])
 def test_corrupt_optimizer_state_or_history_is_named(tmp_path, capsys, change, message):
     """Damaged optimizer tensors or loss history in a checkpoint: an error naming the file before training starts,
