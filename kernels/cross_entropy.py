@@ -62,6 +62,10 @@ def cross_entropy_kernel(LOGITS, stride_l, TARGETS, LOSS, LSE, GRAD, stride_g, G
         if HAS_GSCALE:
             scale *= tl.load(GSCALE + rows, mask=rmask, other=0.0).to(tl.float32)
         grad = GRAD + rows64[:, None] * stride_g
+        if WRITE_LOSS:
+            # in place (cross_entropy_fused_: GRAD is LOGITS) the thread that read the target's logit above and
+            # the one that writes its gradient below differ: a barrier orders the read first
+            tl.debug_barrier()
         for start in range(0, V, BLOCK_V):
             c = start + cols
             mask = rmask[:, None] & (c < V)

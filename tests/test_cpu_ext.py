@@ -349,7 +349,7 @@ def test_decode_step_errors():
         with pytest.raises(ValueError, match=words + " but tokens is on cpu"):
             ops.decode_step(**kw, eps=eps, is_rms=is_rms, rope_cos=cos, rope_sin=sin)
     assert torch.equal(k_caches[0], before)
-    with pytest.raises(RuntimeError, match=r"elements must not overlap \(an expanded tensor\)"):
+    with pytest.raises(RuntimeError, match=r"elements must not overlap \(e.g. an expanded tensor\)"):
         call(i8=[torch.zeros(1, 9, 1, 8).expand(2, 9, 1, 8)])
     block = list(args[6])
     block[15] = torch.randn(16, 20)
@@ -1069,3 +1069,94 @@ def test_decode_lengths_and_strides(dtype):
     check_rule("decode", out, r64, reference.decode_attention(q, kc, vc, clamped, softmax_scale=0.2))
     assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(out[2, 0], torch.zeros_like(out[2, 0]))
     assert torch.equal(out, _ops().decode_attention(q, kc, vc, clamped.int(), 0.2))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_attention_nan_input_gives_nan(dtype, where):
+    """A NaN in a query (or key) makes that query's (or every query that sees the key's) output and LSE NaN, as
+    torch's softmax does, also where masked scores follow it in a tile (the diagonal tile of a causal mask, whose
+    running maximum took the -inf after the NaN); the other rows stay finite."""
+    q, k, v = (torch.randn(1, 70, 2, 16, dtype=dtype) for _ in range(3))
+    (q if where == "q" else k)[0, 5, 1, 3] = float("nan")
+    out, lse = ops.attention(q, k, v, causal=True, return_lse=True, backend="cpu")
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), causal=True, return_lse=True)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isnan(lse), torch.isnan(ref_lse))
+    assert torch.isnan(lse).sum() == (1 if where == "q" else 70 - 5)
+
+
+def test_cross_entropy_nan_logit_gives_nan_lse():
+    logits = torch.full((2, 20), float("-inf"))
+    logits[0, 0], logits[1] = float("nan"), torch.randn(20)
+    loss, lse = _ops().cross_entropy_fwd(logits, torch.tensor([3, 3]), -100)
+    assert torch.isnan(lse[0]) and torch.isnan(loss[0]) and torch.isfinite(lse[1]) and torch.isfinite(loss[1])
+
+
+@pytest.mark.parametrize("shift", [100.0, 1000.0, -3000.0])
+def test_cross_entropy_gradient_next_to_a_large_lse(shift):
+    """Logits far from 0 (|lse| of 100-3000): the gradient's probabilities are formed from the row's max and log-sum,
+    not from the rounded lse (which moved each one by up to half an ulp of |lse|: 3.5e-6 off at a shift of 100 where
+    torch errs by 7.5e-8); by the rule for the separate backward and the fused (in-place) one."""
+    logits, t = torch.randn(64, 50) * 2 + shift, torch.randint(0, 50, (64,))
+    g = torch.randn(64)
+    x64 = logits.double().requires_grad_()
+    want64 = torch.autograd.grad((torch.nn.functional.cross_entropy(x64, t, reduction="none") * g.double()).sum(),
+                                 x64)[0]
+    x32 = logits.clone().requires_grad_()
+    want32 = torch.autograd.grad((torch.nn.functional.cross_entropy(x32, t, reduction="none") * g).sum(), x32)[0]
+    _, lse = _ops().cross_entropy_fwd(logits, t, -100)
+    check_rule("cross_entropy_bwd", _ops().cross_entropy_bwd(g, logits, t, lse, -100), want64, want32)
+    fused = logits.clone()
+    _ops().cross_entropy_fused_(fused, t, -100, g)
+    check_rule("cross_entropy_fused_", fused, want64, want32)
+
+
+def test_activations_of_huge_negative_inputs():
+    """gelu and silu of x << 0 are -0 (the logistic underflows to 0), not x / (1 + 2^126): finite garbage from
+    |x| ~ 1e30 on (gelu_bwd's h was -3.5 at x = -3e38) and NaN through the SwiGLU MLP."""
+    x = torch.tensor([-3e38, -1e36, -1e32, -90.0, 0.5])
+    _, h = _ops().gelu_bwd(torch.ones(5), x)
+    torch.testing.assert_close(h, torch.nn.functional.gelu(x.double(), approximate="tanh").float())
+    _, _, h = _ops().swiglu_bwd(torch.ones(5), x, torch.ones(5))
+    torch.testing.assert_close(h, torch.nn.functional.silu(x.double()).float())
+    eye = torch.eye(5)
+    out = _ops().mlp_swiglu(x[None], eye, eye, eye, None)                 # silu(x) * x
+    torch.testing.assert_close(out[0], (torch.nn.functional.silu(x.double()) * x.double()).float())
+    out = _ops().mlp_gelu(x[None], eye, None, eye, None, None)
+    torch.testing.assert_close(out[0], torch.nn.functional.gelu(x.double(), approximate="tanh").float())
+
+
+def test_in_place_ops_refuse_overlapping_but_take_strided_tensors():
+    """cross_entropy_fused_ (logits overwritten) and decode_step (caches written) refuse tensors whose elements
+    overlap, an unfolded one too (ATen calls its overlap "too hard" to tell; it gave losses 1.9 off), and take
+    non-overlapping ones that are not dense (a slice of a larger buffer)."""
+    t = torch.randint(0, 16, (22,))
+    with pytest.raises(RuntimeError, match="their elements must not overlap"):
+        _ops().cross_entropy_fused_(torch.randn(100).unfold(0, 16, 4), t, -100, None)
+    rows = torch.randn(44, 16)[::2]                                  # every other row: strided, not overlapping
+    want, _ = _ops().cross_entropy_fwd(rows, t, -100)
+    loss, _ = _ops().cross_entropy_fused_(rows, t, -100, None)
+    assert torch.equal(loss, want)
+    args = list(_decode_step_args())
+    want = _ops().decode_step(*args)
+    args[7], args[8] = ([torch.zeros(2, 12, 1, 8)[:, :9]] for _ in range(2))   # views into longer caches
+    assert torch.equal(_ops().decode_step(*args), want)
+    args[7] = [torch.zeros(2, 10, 1, 8).as_strided((2, 9, 1, 8), (80, 4, 8, 1))]   # rows overlap
+    with pytest.raises(RuntimeError, match="the KV caches are written in place, so their elements must not overlap"):
+        _ops().decode_step(*args)
+
+
+def test_decode_step_table_dtypes():
+    """pos_emb (and the RoPE tables) in another dtype than tok_emb: an error before any cache is written (a bf16
+    model with an fp32 pos_emb promoted its hidden state to fp32, whose keys were then copied into the bf16 caches
+    with fp32 row lengths, past the caches' ends)."""
+    args = list(_decode_step_args())
+    cos = args[4]
+    args[4] = cos.double()
+    before = args[7][0].clone()
+    with pytest.raises(RuntimeError, match="rope_cos must have tok_emb's dtype Float, got Double"):
+        _ops().decode_step(*args)
+    args[4], args[3] = cos, torch.randn(9, 16, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="pos_emb must have tok_emb's dtype Float, got Double"):
+        _ops().decode_step(*args)
+    assert torch.equal(args[7][0], before)

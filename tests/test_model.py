@@ -87,7 +87,12 @@ def check_logits_loss_and_grads(model, ref64, ref_low, tokens, targets):
     for name, p in params[0].items():
         assert p.grad is not None, f"no gradient for {name}"
         assert torch.isfinite(p.grad).all(), name
-        check_rule(f"grad {name}", p.grad, params[1][name].grad, params[2][name].grad)
+        atol = None
+        if name.endswith("attn.wk.bias"):
+            # zero in exact arithmetic (q . b_k shifts a query's whole row of scores, and softmax ignores a shift): the
+            # computed values are rounding noise, judged on the scale of the key projection's weight gradient
+            atol = ATOL[dtype] * params[1][name[:-len("bias")] + "weight"].grad.abs().max().item()
+        check_rule(f"grad {name}", p.grad, params[1][name].grad, params[2][name].grad, atol=atol)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("auto", marks=pytest.mark.gpu), "cpu"])

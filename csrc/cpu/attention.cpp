@@ -26,6 +26,7 @@
 // head), the panel once per query block and query head (from L2 for a few hundred keys), out and lse written once.
 // Scratch per thread: a panel and a few tiles.
 #include "cpu/attention.h"
+#include "cpu/bf16dot.h"
 #include "cpu/ops.h"
 #include "cpu/output.h"
 
@@ -57,22 +58,46 @@ void widen_keys(const Problem& p, const Inputs<T>& in, int64_t b, int64_t hk, in
   widen_rows(in.v + in.vs.of(b, j, hk), in.vs.s, n, p.D, vd, p.Dv);
 }
 
-// Keys [k0, Sk) of one kv head, widened to fp32 rows: k in rows of D, v in rows of Dv (zero padded); or, all null,
-// none: each key tile is then widened from the inputs when it is needed.
+// Keys [k0, Sk) of one kv head, widened to fp32 rows: k in rows of D, v in rows of Dv (zero padded); for bf16 with
+// the dot products (bf16dot.h) as words instead: k2 in rows of D2 = ceil(D / 2) words of pairs along the head dim,
+// v2 as key pairs interleaved, rows of Dv words. All null: none, each key tile is then packed from the inputs when
+// it is needed.
 struct KeyPanel {
   const float *k, *v;
+  const uint32_t *k2, *v2;
   int64_t k0;
 };
+
+// Words of a bf16 panel of n keys (k2 and v2; the fp32 panel takes n * (D + Dv) floats).
+inline int64_t panel_words(const Problem& p, int64_t n) { return n * ((p.D + 1) / 2) + (n + 1) / 2 * p.Dv; }
 
 struct Scratch {
   Floats qt, s, o, m, m_lo, l, alpha, kt, vt;
   std::vector<int64_t> lo, hi;
   Floats panel;  // the kv head's KeyPanel, when it is packed
-  Scratch(const Problem& p, int64_t panel_floats)
-      : qt(p.D * kBlockQ), s(kBlockK * kBlockQ), o(kBlockQ * p.Dv), m(kBlockQ), m_lo(kBlockQ), l(kBlockQ),
-        alpha(kBlockQ), kt(panel_floats ? 0 : kBlockK * p.D), vt(panel_floats ? 0 : kBlockK * p.Dv), lo(kBlockQ),
-        hi(kBlockQ), panel(panel_floats) {}
+  Words qt2, pt2, kt2, panel2;  // the same as words, for the bf16 dot products (vt2 follows kt2)
+  Scratch(const Problem& p, int64_t panel_floats, bool words)
+      : qt(words ? 0 : p.D * kBlockQ), s(kBlockK * kBlockQ), o(kBlockQ * p.Dv), m(kBlockQ), m_lo(kBlockQ),
+        l(kBlockQ), alpha(kBlockQ), kt(panel_floats || words ? 0 : kBlockK * p.D),
+        vt(panel_floats || words ? 0 : kBlockK * p.Dv), lo(kBlockQ), hi(kBlockQ), panel(words ? 0 : panel_floats),
+        qt2(words ? (p.D + 1) / 2 * kBlockQ : 0), pt2(words ? kBlockK / 2 * kBlockQ : 0),
+        kt2(words && !panel_floats ? panel_words(p, kBlockK) : 0), panel2(words ? panel_floats : 0) {}
 };
+
+// Packs keys [j, j + n) of kv head hk of batch b into k (fp32 rows or, for the dot products, words) and v.
+template <typename T>
+void pack_keys(const Problem& p, const Inputs<T>& in, int64_t b, int64_t hk, int64_t j, int64_t n, float* kd,
+               float* vd, uint32_t* kw) {
+#if defined(FASTLM_BF16_DOT)
+  if constexpr (kBf16Dot<T>) {
+    const int64_t D2 = (p.D + 1) / 2;
+    pair_rows(in.k + in.ks.of(b, j, hk), in.ks.s, n, p.D, kw, D2);
+    interleave_rows(in.v + in.vs.of(b, j, hk), in.vs.s, n, p.D, kw + n * D2, p.Dv);
+    return;
+  }
+#endif
+  widen_keys(p, in, b, hk, j, n, kd, vd);
+}
 
 // One query block of one head: out and lse of queries [qb * kBlockQ, ...).
 template <typename T>
@@ -81,8 +106,21 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
   // a block cut short by the sequence's end computes its rows' scores in whole vectors only (cols)
   const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0), cols = (rows + kW - 1) / kW * kW;
   const T* q = in.q + in.qs.of(b, i0, h);
+  constexpr bool words = kBf16Dot<T>;
+  const int64_t D2 = (p.D + 1) / 2;
+  if constexpr (words) {  // Q^T as words qt2[pair][query]: the sign of the scale flips sign bits (exact), 0 zeroes
+    const uint32_t flip = p.scale.q_sign < 0 ? 0x80008000u : 0u, keep = p.scale.q_sign == 0 ? 0u : ~0u;
+    for (int64_t r = 0; r < cols; ++r) {
+      const auto* qr = r < rows ? reinterpret_cast<const uint16_t*>(q + r * in.qs.s) : nullptr;
+      for (int64_t w = 0; w < D2; ++w) {
+        uint32_t x = 0;  // padding queries: scores 0, never written out
+        if (qr) x = ((uint32_t{qr[2 * w]} | (2 * w + 1 < p.D ? uint32_t{qr[2 * w + 1]} << 16 : 0u)) ^ flip) & keep;
+        sc.qt2[w * kBlockQ + r] = x;
+      }
+    }
+  }
   // kW queries at a time: each of their rows is read front to back, and qt is written a whole vector at a time
-  for (int64_t r0 = 0; r0 < cols; r0 += kW) {
+  for (int64_t r0 = 0; r0 < cols && !words; r0 += kW) {
     const T* rows_q[kW];
     const int64_t n = std::min<int64_t>(kW, rows - r0);
     for (int64_t r = 0; r < n; ++r) rows_q[r] = q + (r0 + r) * in.qs.s;
@@ -101,12 +139,21 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
   for (int64_t j0 = lo / kBlockK * kBlockK; j0 <= hi && lo <= hi; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, p.Sk - j0);
     const float *kt = sc.kt.data(), *vt = sc.vt.data();
+    const uint32_t *kt2 = sc.kt2.data(), *vt2 = sc.kt2.data() + kBlockK * D2;
     if (kp.k) {
       kt = kp.k + (j0 - kp.k0) * p.D, vt = kp.v + (j0 - kp.k0) * p.Dv;
+    } else if (kp.k2) {
+      kt2 = kp.k2 + (j0 - kp.k0) * D2, vt2 = kp.v2 + (j0 - kp.k0) / 2 * p.Dv;
     } else {
-      widen_keys(p, in, b, h / p.G, j0, nk, sc.kt.data(), sc.vt.data());
+      pack_keys(p, in, b, h / p.G, j0, nk, sc.kt.data(), sc.vt.data(), sc.kt2.data());
+      vt2 = sc.kt2.data() + nk * D2;
     }
-    gemm_tile(nk, cols, p.D, MatA{kt, p.D, 1}, sc.qt.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
+#if defined(FASTLM_BF16_DOT)
+    if constexpr (words)
+      dot_tile(nk, cols, D2, WordsA{kt2, D2, 1}, sc.qt2.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
+    else
+#endif
+      gemm_tile(nk, cols, p.D, MatA{kt, p.D, 1}, sc.qt.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
     const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
     if (!inside) {
       for (int64_t j = 0; j < nk; ++j) {
@@ -118,7 +165,14 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
     for (int64_t r = 0; r < cols; r += kW)
       softmax_columns(sc.s.data() + r, kBlockQ, nk, p.scale.c, sc.m.data() + r, sc.m_lo.data() + r,
                       sc.l.data() + r, sc.alpha.data() + r);
-    gemm_tile(rows, p.Dv, nk, MatA{sc.s.data(), 1, kBlockQ}, vt, p.Dv, sc.o.data(), p.Dv, sc.alpha.data());
+#if defined(FASTLM_BF16_DOT)
+    if constexpr (words) {  // P rounded to bf16 (as FlashAttention rounds it for its P V), key pairs interleaved
+      round_interleave_rows(sc.s.data(), kBlockQ, nk, cols, sc.pt2.data(), kBlockQ);
+      dot_tile(rows, p.Dv, (nk + 1) / 2, WordsA{sc.pt2.data(), 1, kBlockQ}, vt2, p.Dv, sc.o.data(), p.Dv,
+               sc.alpha.data());
+    } else
+#endif
+      gemm_tile(rows, p.Dv, nk, MatA{sc.s.data(), 1, kBlockQ}, vt, p.Dv, sc.o.data(), p.Dv, sc.alpha.data());
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
@@ -151,21 +205,27 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
   // each thread packs the kv head it works on, when that takes at most its share of kPackBudget (shared by at most 16
   // threads: 2 MB a thread at least, 2048 keys of 128 floats)
   const int64_t budget = kPackBudget / std::min<int64_t>(threads, 16);
-  const int64_t panel = nk * (p.D + p.Dv) <= budget ? nk * (p.D + p.Dv) : 0;
+  constexpr bool words = kBf16Dot<T>;
+  const int64_t panel = nk * (p.D + p.Dv) > budget ? 0 : words ? panel_words(p, nk) : nk * (p.D + p.Dv);
   // Shares per kv head: enough items to keep the threads busy.
   const int64_t shares = std::min(nqb, std::max<int64_t>(1, (2 * threads + n_kv - 1) / n_kv));
   const int64_t n_items = n_kv * shares;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
-    Scratch sc(p, panel);
+    Scratch sc(p, panel, words);
     int64_t packed = -1;
+    const int64_t D2 = (p.D + 1) / 2;
     for (int64_t w = next.fetch_add(1); w < n_items; w = next.fetch_add(1)) {
       const int64_t share = w % shares, bk = w / shares, b = bk / p.Hkv, hk = bk % p.Hkv;
       if (panel && bk != packed) {
-        widen_keys(p, in, b, hk, k0, nk, sc.panel.data(), sc.panel.data() + nk * p.D);
+        pack_keys(p, in, b, hk, k0, nk, sc.panel.data(), sc.panel.data() + nk * p.D, sc.panel2.data());
         packed = bk;
       }
-      const KeyPanel kp = panel ? KeyPanel{sc.panel.data(), sc.panel.data() + nk * p.D, k0} : KeyPanel{};
+      KeyPanel kp{};
+      if (panel && words)
+        kp = KeyPanel{nullptr, nullptr, sc.panel2.data(), sc.panel2.data() + nk * D2, k0};
+      else if (panel)
+        kp = KeyPanel{sc.panel.data(), sc.panel.data() + nk * p.D, nullptr, nullptr, k0};
       for (int64_t qb = nqb - 1 - share; qb >= 0; qb -= shares) {
         for (int64_t g = 0; g < p.G; ++g) {
           // the next block's query rows, a row stride apart, come into L2 while this one is computed

@@ -13,18 +13,20 @@
 // (128-200 KB fp32) stays in L2 between its passes.
 //
 // Memory traffic: forward reads the logits once from memory; the backward (lse given) reads them once and writes
-// the gradient once; the fused call reads once and writes once. Per row 8 bytes of loss and lse.
+// the gradient once (a row whose |lse| >= 16 is read twice more, from cache); the fused call reads once and writes
+// once. Per row 8 bytes of loss and lse.
+#include "cpu/layout.h"
 #include "cpu/ops.h"
 #include "cpu/output.h"
 #include "cpu/simd.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <utility>
 
 namespace fastlm_cpu {
@@ -35,8 +37,11 @@ constexpr int64_t kSumBlock = 1024;     // elements per partial sum of the expon
 template <typename T>
 float row_max(const T* x, int64_t V) {
   vfloat acc[4] = {vset1(kNegInf), vset1(kNegInf), vset1(kNegInf), vset1(kNegInf)};
-  row_fold(x, V, kNegInf, acc, [](vfloat a, vfloat v) { return vmax(a, v); });
-  return hmax(vmax(vmax(acc[0], acc[1]), vmax(acc[2], acc[3])));
+  row_fold(x, V, kNegInf, acc, [](vfloat a, vfloat v) { return vmax_nan(a, v); });
+  const vfloat m = vmax_nan(vmax_nan(acc[0], acc[1]), vmax_nan(acc[2], acc[3]));
+  for (int i = 0; i < kW; ++i)
+    if (m[i] != m[i]) return m[i];  // a NaN logit: NaN max, lse and loss
+  return hmax(m);
 }
 
 // The row's max m and log sum_j exp(x_j - m) (lse = m + that); m not finite (an inf or a NaN max, or an all -inf
@@ -56,17 +61,24 @@ std::pair<float, float> row_logsum(const T* x, int64_t V) {
   return {m, std::log(hsum(total))};
 }
 
-// g[j] = (exp(x_j - lse) - [j == t]) * scale, rounded to G; g may alias x. t is a valid class index.
+// g[j] = (exp((x_j - m) - log_s) - [j == t]) * scale, rounded to G, with lse = m + log_s; g may alias x. t is a valid
+// class index. Given m and log_s apart, the exponent is exact but for log_s's rounding, as in torch's softmax; from a
+// stored lse (m = lse, log_s = 0) it carries lse's rounding, half an ulp of |lse|.
 template <typename T, typename G>
-void row_grad(const T* x, int64_t V, float lse, int64_t t, float scale, G* g) {
-  const vfloat c = vset1(kLog2e), vl = vset1(lse), s = vset1(scale);
+void row_grad(const T* x, int64_t V, float m, float log_s, int64_t t, float scale, G* g) {
+  const vfloat c = vset1(kLog2e), vm = vset1(m), vl = vset1(log_s), s = vset1(scale);
   const float xt = to_float(x[t]);  // read before an in-place pass overwrites it
   int64_t j = 0;
-  for (; j + kW <= V; j += kW) vstore_cvt(g + j, vexp2((vload_cvt(x + j) - vl) * c) * s);
-  if (j < V) vstore_cvt_n(g + j, vexp2((vload_cvt_n(x + j, V - j) - vl) * c) * s, V - j);
-  const float pt = vexp2((vset1(xt) - vl) * c)[0];
+  for (; j + kW <= V; j += kW) vstore_cvt(g + j, vexp2(((vload_cvt(x + j) - vm) - vl) * c) * s);
+  if (j < V) vstore_cvt_n(g + j, vexp2(((vload_cvt_n(x + j, V - j) - vm) - vl) * c) * s, V - j);
+  const float pt = vexp2(((vset1(xt) - vm) - vl) * c)[0];
   g[t] = from_float<G>((pt - 1.0f) * scale);
 }
+
+// From a stored lse of at least this size the backward recomputes the row's max and log-sum (one more pass over the
+// row, from cache): lse's rounding, up to |lse| 2^-25, would move every probability by as much, more than fp32
+// torch's softmax errs (about 1e-7) from |lse| ~ 16 on.
+constexpr float kRecomputeLse = 16.0f;
 
 template <typename G>
 void zero_row(G* g, int64_t V) {
@@ -120,18 +132,19 @@ void run_rows(const at::Tensor& logits, const std::vector<int64_t>& t, int64_t i
       for (int64_t i = begin; i < end; ++i) {
         const T* row = x + i * ld;
         const bool valid = t[i] != ignore_index;
-        float lse_i;
-        if (lse_in) {
-          lse_i = lse_in[i];
+        float m = 0.0f, log_s = 0.0f;
+        if (lse_in && !(std::abs(lse_in[i]) >= kRecomputeLse && g && valid)) {
+          m = lse_in[i];
         } else {
-          const auto [m, log_s] = row_logsum(row, V);
-          lse_i = m + log_s;
+          std::tie(m, log_s) = row_logsum(row, V);
+        }
+        if (!lse_in) {
           loss[i] = valid ? (m - to_float(row[t[i]])) + log_s : 0.0f;
-          lse[i] = lse_i;
+          lse[i] = m + log_s;
         }
         if (g) {
           if (valid)
-            row_grad(row, V, lse_i, t[i], scale ? scale[i] : 1.0f, g + i * ldg);
+            row_grad(row, V, m, log_s, t[i], scale ? scale[i] : 1.0f, g + i * ldg);
           else
             zero_row(g + i * ldg, V);
         }
@@ -167,9 +180,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_(at::Tensor& logits, cons
                                                         const std::optional<at::Tensor>& grad_scale) {
   const char* op = "cross_entropy_fused_";
   const auto t = checked_targets(op, logits, targets, ignore_index);
-  TORCH_CHECK(at::has_internal_overlap(logits) != at::MemOverlap::Yes, "fastlm::", op,
-              ": logits are overwritten with the gradient, so their elements must not overlap (an expanded tensor), "
-              "got strides ", logits.strides());
+  TORCH_CHECK(non_overlapping(logits), "fastlm::", op,
+              ": logits are overwritten with the gradient, so their elements must not overlap (e.g. an expanded or "
+              "unfolded tensor), got strides ", logits.strides());
   at::Tensor s;
   if (grad_scale.has_value()) s = checked_rows(op, "grad_scale", *grad_scale, logits.size(0));
   const auto opts = logits.options().dtype(at::kFloat);

@@ -16,9 +16,9 @@
 // The block's tensors arrive in one flat list, kBlockTensors per block (see Slot); absent biases and the SwiGLU
 // w_up of a GELU MLP are None. Positions and token ids are on the CPU, so they are checked here, unlike in the
 // GPU decode steps.
+#include "cpu/layout.h"
 #include "cpu/ops.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
@@ -53,6 +53,8 @@ std::vector<int64_t> read_positions(const at::Tensor& input_pos, int64_t B) {
 
 // cache[b, pos[b] + t, h, :] = x[b, t, h, :] for x (B, S, Hkv, D) contiguous.
 void write_cache(at::Tensor& cache, const at::Tensor& x, const std::vector<int64_t>& pos) {
+  TORCH_CHECK(x.scalar_type() == cache.scalar_type(), "fastlm::decode_step: keys and values of ", x.scalar_type(),
+              " for a ", cache.scalar_type(), " KV cache");
   const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3), bytes = D * x.element_size();
   const char* src = static_cast<const char*>(x.const_data_ptr());
   char* dst = static_cast<char*>(cache.data_ptr());
@@ -120,9 +122,9 @@ void check_disjoint(at::TensorList k_caches, at::TensorList v_caches) {
   std::vector<std::pair<uintptr_t, uintptr_t>> spans;  // [first byte, one past the last) of each cache
   for (at::TensorList list : {k_caches, v_caches})
     for (const at::Tensor& c : list) {
-      TORCH_CHECK(at::has_internal_overlap(c) != at::MemOverlap::Yes,
+      TORCH_CHECK(non_overlapping(c),
                   "fastlm::decode_step: the KV caches are written in place, so their elements must not overlap "
-                  "(an expanded tensor), got strides ", c.strides());
+                  "(e.g. an expanded tensor), got strides ", c.strides());
       int64_t last = 0;
       for (int64_t i = 0; i < c.dim(); ++i) last += (c.size(i) - 1) * c.stride(i);
       const auto begin = reinterpret_cast<uintptr_t>(c.const_data_ptr());
@@ -181,6 +183,8 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, co
     TORCH_CHECK((*t)->dim() == 2 && (*t)->size(0) >= S_max && (*t)->size(1) == cols, "fastlm::decode_step: ",
                 name, " must be a (positions >= ", S_max, " (the caches' max_seqlen), ", cols, ") table, got shape ",
                 (*t)->sizes());
+    TORCH_CHECK((*t)->scalar_type() == tok_emb.scalar_type(), "fastlm::decode_step: ", name,
+                " must have tok_emb's dtype ", tok_emb.scalar_type(), ", got ", (*t)->scalar_type());
   }
   const std::vector<int64_t> pos = read_positions(input_pos, B);
   // (no sum that can overflow: a position near 2^63 must not pass the check and write before the cache)

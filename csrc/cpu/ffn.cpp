@@ -39,14 +39,14 @@ constexpr int64_t kMinBlockTokens = 64;      // below this the GEMMs lose effici
 
 enum class Act { kGelu, kSwiGLU };
 
-// gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+// gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x sigmoid(2u),  u = sqrt(2/pi) (x + 0.044715 x^3)
 inline vfloat gelu(vfloat x) {
   const vfloat u = vset1(0.7978845608028654f) * vfma(vset1(0.044715f) * x, x * x, x);
-  return x / (vset1(1.0f) + vexp2(vset1(-2.0f * kLog2e) * u));
+  return x * vlogistic2(vset1(-2.0f * kLog2e) * u);
 }
 
-// silu(g) * u = g u / (1 + e^(-g))
-inline vfloat swiglu(vfloat g, vfloat u) { return g * u / (vset1(1.0f) + vexp2(vset1(-kLog2e) * g)); }
+// silu(g) * u = (g sigmoid(g)) u
+inline vfloat swiglu(vfloat g, vfloat u) { return g * vlogistic2(vset1(-kLog2e) * g) * u; }
 
 // h[0..n) <- act(h) (gelu) or silu(h) * u (swiglu), fp32.
 void activate(Act act, float* h, const float* u, int64_t n) {
@@ -298,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dh, const at::Tens
       // with z = c (x + k x^3) and s = sigmoid(2z) = (1 + tanh z) / 2:  gelu(x) = x s and
       // gelu'(x) = s (1 + 2 x (1 - s) c (1 + 3 k x^2)), free of the cancellation in 1 + tanh z for x << 0
       const vfloat z = c * vfma(k * x, x * x, x);
-      const vfloat sg = one / (one + vexp2(vset1(-2.0f * kLog2e) * z));
+      const vfloat sg = vlogistic2(vset1(-2.0f * kLog2e) * z);
       const vfloat d = sg * vfma(two * x * (one - sg) * c, vfma(vset1(3.0f) * k, x * x, one), one);
       vstore_cvt_n(pda + o, g * d, len);
       vstore_cvt_n(ph + o, x * sg, len);
@@ -320,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dh, 
     const vfloat one = vset1(1.0f);
     for_vectors(gc.numel(), [&](int64_t o, int64_t len) {
       const vfloat x = vload_cvt_n(pg + o, len), up = vload_cvt_n(pu + o, len), d = vload_cvt_n(pdh + o, len);
-      const vfloat sig = one / (one + vexp2(vset1(-kLog2e) * x));
+      const vfloat sig = vlogistic2(vset1(-kLog2e) * x);
       const vfloat act = x * sig;                                   // silu(g)
       vstore_cvt_n(pdg + o, d * up * sig * vfma(x, one - sig, one), len);   // silu'(g) = s (1 + g (1 - s))
       vstore_cvt_n(pdu + o, d * act, len);

@@ -148,6 +148,15 @@ inline vfloat vexp2(vfloat x) {
   return (vfloat)((vint)r & ~underflow);
 }
 
+// The logistic 1 / (1 + 2^x) for any x: exactly 0 where 2^x overflows (vexp2 stops at 2^126), NaN for NaN.
+inline vfloat vlogistic2(vfloat x) {
+  const vfloat r = vset1(1.0f) / (vset1(1.0f) + vexp2(x));
+  return x > vset1(126.0f) ? vset1(0.0f) : r;
+}
+
+// The lane-wise maximum with NaN kept: a NaN in either operand gives NaN (vmax keeps its second operand then).
+inline vfloat vmax_nan(vfloat a, vfloat b) { return a > b || a != a ? a : b; }
+
 // ---- element conversions -----------------------------------------------------------------------------------------
 
 // Calls f with a value of the C++ type of a float32, bfloat16 or float16 dtype (the kernels' dispatch; callers have

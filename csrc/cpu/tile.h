@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace fastlm_cpu {
 
@@ -82,21 +83,31 @@ inline void gemm_rows(int64_t rows, MatA A, const float* B, int64_t ldb, int64_t
   }
 }
 
-// The whole M x N product, column panels outermost so each B panel is reused by all row blocks.
-inline void gemm_tile(int64_t M, int64_t N, int64_t K, MatA A, const float* B, int64_t ldb, float* C, int64_t ldc,
-                      const float* row_scale) {
+// The whole M x N product by a register-blocked micro-kernel, rows<NV>(row count, A's rows, B, ldb, K, C, ldc, row
+// scale) for NV = 2 vectors of columns (1 at a ragged end): column panels outermost, so that each B panel is reused
+// by all row blocks, then kRows rows at a time. A (MatA or another {p, row, col}) and B as the micro-kernel takes them.
+template <typename Mat, typename BT, typename Rows>
+inline void blocked_product(int64_t M, int64_t N, int64_t K, Mat A, const BT* B, int64_t ldb, float* C, int64_t ldc,
+                            const float* row_scale, Rows rows) {
   for (int64_t n = 0; n < N; n += 2 * kW) {
     const bool two = n + 2 * kW <= N;
     for (int64_t i = 0; i < M; i += kRows) {
       const int64_t r = M - i < kRows ? M - i : kRows;
-      const MatA Ai{A.p + i * A.row, A.row, A.col};
+      const Mat Ai{A.p + i * A.row, A.row, A.col};
       const float* rs = row_scale ? row_scale + i : nullptr;
       if (two)
-        gemm_rows<2>(r, Ai, B + n, ldb, K, C + i * ldc + n, ldc, rs);
+        rows(std::integral_constant<int, 2>{}, r, Ai, B + n, ldb, K, C + i * ldc + n, ldc, rs);
       else
-        gemm_rows<1>(r, Ai, B + n, ldb, K, C + i * ldc + n, ldc, rs);
+        rows(std::integral_constant<int, 1>{}, r, Ai, B + n, ldb, K, C + i * ldc + n, ldc, rs);
     }
   }
+}
+
+// The whole M x N fp32 product.
+inline void gemm_tile(int64_t M, int64_t N, int64_t K, MatA A, const float* B, int64_t ldb, float* C, int64_t ldc,
+                      const float* row_scale) {
+  blocked_product(M, N, K, A, B, ldb, C, ldc, row_scale,
+                  [](auto nv, auto... args) { gemm_rows<decltype(nv)::value>(args...); });
 }
 
 // Scores are kept unscaled (S = q.k, rounded exactly as a plain fp32 GEMM rounds them) and the scale c > 0
@@ -162,13 +173,14 @@ inline void softmax_columns(float* s, int64_t lds, int64_t n, float c, float* m,
                             float* alpha) {
   const vfloat vc = vset1(c);
   vfloat vm = vset1(kNegInf), arg = vset1(0.0f);  // arg: a score whose product is the tile's maximum
+  const vfloat m_old = vload(m);
+  vint nan = m_old != m_old;  // lanes that met a NaN score: NaN from then on (vmax would drop it for a later score)
   for (int64_t j = 0; j < n; ++j) {
     const vfloat sj = vload(s + j * lds), x = sj * vc;
     arg = x > vm ? sj : arg;
-    vm = vmax(vm, x);
+    vm = vmax(vm, x), nan |= x != x;
   }
-  const vfloat m_old = vload(m);
-  const vfloat m_new = vmax(m_old, vm);
+  const vfloat m_new = nan ? vset1(std::numeric_limits<float>::quiet_NaN()) : vmax(m_old, vm);
   // lanes with no finite score so far subtract 0 instead of -inf: their P is 2^-inf = 0 and alpha 2^-inf = 0
   // (their accumulator is still 0), never NaN
   const vint finite = m_new != vset1(kNegInf);
@@ -176,7 +188,7 @@ inline void softmax_columns(float* s, int64_t lds, int64_t n, float c, float* m,
   const vfloat neg_m = -m_use;
   const vfloat lo = (vfloat)((vint)(vm > m_old ? vfma(arg, vc, -vm) : vload(m_lo)) & finite);
   bool exact = true;
-  for (int i = 0; i < kW; ++i) exact = exact && std::abs(m_use[i]) < kExactExponentLimit;
+  for (int i = 0; i < kW; ++i) exact = exact && !(std::abs(m_use[i]) >= kExactExponentLimit);  // (NaN lanes: NaN)
   vfloat vs{};
   for (int64_t j = 0; j < n; ++j) {
     const vfloat e = vexp2(exact ? vfma(vload(s + j * lds), vc, neg_m) - lo : vload(s + j * lds) * vc + neg_m);

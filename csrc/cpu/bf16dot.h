@@ -1,0 +1,155 @@
+// bf16 tile products on the AVX512-BF16 dot-product instruction (VDPBF16PS: 16 fp32 lanes, each += a[2i] b[2i] +
+// a[2i + 1] b[2i + 1] over 32 bf16 products; twice the multiply-adds of an fp32 FMA per instruction, no widening).
+// Compiled where the build target has AVX512-BF16 (FASTLM_BF16_DOT); elsewhere the kernels widen bf16 to fp32.
+//
+// Operands are in "pair" layout: a 32-bit word holds two bf16 values that are consecutive along the reduction
+// (low half first). The product
+//     C[M x N] = (row_scale ? diag(row_scale) * C : 0) + A[M x K] * B[K x N]      (K = 2 * K2)
+// takes A as words A[i * a_row + p * a_col] = (A[i][2p], A[i][2p + 1]), broadcast one at a time, and B as rows of
+// words B[p * ldb + n] = (B[2p][n], B[2p + 1][n]), N a multiple of 16, loaded as vectors: the fp32 tile product of
+// tile.h with half the reduction steps. Products are exact in fp32 and summed in fp32 (bf16 denormals read as 0).
+#pragma once
+
+#include "cpu/simd.h"
+#include "cpu/tile.h"
+
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define FASTLM_BF16_DOT 1
+#endif
+
+namespace fastlm_cpu {
+
+using Words = std::vector<uint32_t, LineAligned<uint32_t>>;
+
+// Whether kernels on T take the bf16 dot products.
+template <typename T>
+constexpr bool kBf16Dot =
+#if defined(FASTLM_BF16_DOT)
+    std::is_same_v<T, c10::BFloat16>;
+#else
+    false;
+#endif
+
+// Rows of n bf16 values (row stride ld) as words of consecutive pairs, ldo words a row: row j's word p = elements
+// 2p, 2p + 1; an odd n's last word and the words past (n + 1) / 2 are zero padded.
+inline void pair_rows(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t n, uint32_t* dst, int64_t ldo) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const auto* s = reinterpret_cast<const uint16_t*>(src + j * ld);
+    uint32_t* d = dst + j * ldo;
+    int64_t p = 0;
+    for (; 2 * p + 1 < n; ++p) d[p] = uint32_t{s[2 * p]} | uint32_t{s[2 * p + 1]} << 16;
+    if (2 * p < n) {
+      d[p] = s[2 * p];
+      ++p;
+    }
+    for (; p < ldo; ++p) d[p] = 0;
+  }
+}
+
+#if defined(FASTLM_BF16_DOT)
+
+// The 16 bf16 values at p (or zeros) and at p2 interleaved into 16 words (p[i], p2[i]).
+inline __m512i interleave16(const uint16_t* p, const uint16_t* p2) {
+  const __m512i lo = p ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
+                       : _mm512_setzero_si512();
+  const __m512i hi = p2 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p2)))
+                        : _mm512_setzero_si512();
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+// Rows 2m and 2m + 1 of an n x D bf16 matrix (row stride ld) interleaved, pair m at dst + m * ldo (ldo >= D, a
+// multiple of 16, the words past D zero): the B operand of a product that reduces over the rows (P V over keys). An
+// odd n's last pair takes a zero row.
+inline void interleave_rows(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t D, uint32_t* dst, int64_t ldo) {
+  const int64_t full = D / 16 * 16;
+  for (int64_t m = 0; 2 * m < n; ++m) {
+    const auto* a = reinterpret_cast<const uint16_t*>(src + 2 * m * ld);
+    const auto* b = 2 * m + 1 < n ? reinterpret_cast<const uint16_t*>(src + (2 * m + 1) * ld) : nullptr;
+    uint32_t* d = dst + m * ldo;
+    for (int64_t c = 0; c < full; c += 16)
+      _mm512_storeu_si512(d + c, interleave16(a + c, b ? b + c : nullptr));
+    for (int64_t c = full; c < D; ++c) d[c] = uint32_t{a[c]} | (b ? uint32_t{b[c]} << 16 : 0u);
+    for (int64_t c = D; c < ldo; ++c) d[c] = 0;
+  }
+}
+
+// Rows 2m, 2m + 1 of an fp32 tile (n rows of N floats, N a multiple of 16, row stride lds) rounded to bf16 (to nearest
+// even) and interleaved into words, pair m at dst + m * ldd; an odd n's last pair takes a zero row.
+inline void round_interleave_rows(const float* s, int64_t lds, int64_t n, int64_t N, uint32_t* dst, int64_t ldd) {
+  for (int64_t m = 0; 2 * m < n; ++m) {
+    const float* a = s + 2 * m * lds;
+    const float* b = 2 * m + 1 < n ? a + lds : nullptr;
+    for (int64_t c = 0; c < N; c += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + c)));
+      const __m512i hi = b ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(b + c)))
+                           : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + m * ldd + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+struct WordsA {
+  const uint32_t* p;
+  int64_t row, col;  // strides of the row index i and the pair index p, in words
+};
+
+template <int R, int NV>
+inline void dot_micro(WordsA A, const uint32_t* __restrict B, int64_t ldb, int64_t K2, float* __restrict C,
+                      int64_t ldc, const float* __restrict row_scale) {
+  __m512 acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < K2; ++p) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + p * ldb + v * 16);
+    const uint32_t* a = A.p + p * A.col;
+    for (int i = 0; i < R; ++i) {
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * A.row]));
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], ai, b[v]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v)
+      vstore(C + i * ldc + v * 16,
+             row_scale ? vfma(vset1(row_scale[i]), vload(C + i * ldc + v * 16), acc[i][v]) : acc[i][v]);
+}
+
+template <int NV>
+inline void dot_rows(int64_t rows, WordsA A, const uint32_t* B, int64_t ldb, int64_t K2, float* C, int64_t ldc,
+                     const float* row_scale) {
+  switch (rows) {
+#define FASTLM_DOT_CASE(r) \
+  case r:                  \
+    return dot_micro<r, NV>(A, B, ldb, K2, C, ldc, row_scale);
+    FASTLM_DOT_CASE(1)
+    FASTLM_DOT_CASE(2)
+    FASTLM_DOT_CASE(3)
+    FASTLM_DOT_CASE(4)
+    FASTLM_DOT_CASE(5)
+    FASTLM_DOT_CASE(6)
+    FASTLM_DOT_CASE(7)
+    FASTLM_DOT_CASE(8)
+    FASTLM_DOT_CASE(9)
+    FASTLM_DOT_CASE(10)
+    FASTLM_DOT_CASE(11)
+    FASTLM_DOT_CASE(12)
+#undef FASTLM_DOT_CASE
+    default:
+      return;
+  }
+}
+
+// The whole M x N product, blocked as gemm_tile's.
+inline void dot_tile(int64_t M, int64_t N, int64_t K2, WordsA A, const uint32_t* B, int64_t ldb, float* C,
+                     int64_t ldc, const float* row_scale) {
+  static_assert(kRows == 12 && kW == 16, "dot_tile: the AVX-512 register block");
+  blocked_product(M, N, K2, A, B, ldb, C, ldc, row_scale,
+                  [](auto nv, auto... args) { dot_rows<decltype(nv)::value>(args...); });
+}
+
+#endif  // FASTLM_BF16_DOT
+
+}  // namespace fastlm_cpu
