@@ -24,6 +24,15 @@ namespace fastlm_cpu {
 
 using Words = std::vector<uint32_t, LineAligned<uint32_t>>;
 
+// Whether this build has the bf16 dot products.
+constexpr bool bf16_dot_available() {
+#if defined(FASTLM_BF16_DOT)
+  return true;
+#else
+  return false;
+#endif
+}
+
 // Whether kernels on T take the bf16 dot products.
 template <typename T>
 constexpr bool kBf16Dot =
@@ -102,10 +111,12 @@ inline void dot_micro(WordsA A, const uint32_t* __restrict B, int64_t ldb, int64
   __m512 acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  // (A may be bf16 storage read as words: an aliasing-safe view)
+  typedef uint32_t word_alias __attribute__((may_alias));
   for (int64_t p = 0; p < K2; ++p) {
     __m512bh b[NV];
     for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + p * ldb + v * 16);
-    const uint32_t* a = A.p + p * A.col;
+    const word_alias* a = reinterpret_cast<const word_alias*>(A.p) + p * A.col;
     for (int i = 0; i < R; ++i) {
       const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * A.row]));
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], ai, b[v]);

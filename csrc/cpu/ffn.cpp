@@ -99,7 +99,8 @@ void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
                at::Tensor& out) {
   const int64_t n = x2.size(0), d = x2.size(1), inter = w1.size(0), d_out = w2.size(0);
   const auto fp32 = x2.options().dtype(at::kFloat);
-  const at::Tensor xf = x2.to(at::kFloat).contiguous();
+  const bool words = x2.scalar_type() == at::kBFloat16 && bf16_dot_available();
+  const at::Tensor xf = words ? at::Tensor() : x2.to(at::kFloat).contiguous();
   // the biases, fp32, padded with zeros to whole panels so that the epilogues read whole vectors
   auto padded = [&](const std::optional<at::Tensor>& b, int64_t len) {
     at::Tensor p = at::zeros({(len + kPanel - 1) / kPanel * kPanel}, fp32);
@@ -112,47 +113,78 @@ void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
   at::Tensor h = at::empty({tb, inter}, fp32);
   float* hp = h.data_ptr<float>();
   const float *pb1 = b1f.const_data_ptr<float>(), *pb2 = b2f.const_data_ptr<float>();
+  // bf16 on the dot products (bf16dot.h): x and the activation h as bf16 words of pairs (h rounded to bf16, as a bf16
+  // model's MLP rounds it, with an odd width's pad column 0); the gate stays fp32 in hp
+  const int64_t d2 = (d + 1) / 2, i2 = (inter + 1) / 2;
+  Words xw(words ? n * d2 : 0), hw(words ? tb * i2 : 0, 0u);
+  auto* hb = reinterpret_cast<c10::BFloat16*>(hw.data());  // hw's rows as 2 * i2 bf16 values
   with_float_type(x2.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     T* op = out.data_ptr<T>();
     const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
     const int64_t ldr = res.defined() ? res.stride(0) : 0;
+    constexpr bool dot = kBf16Dot<T>;
+    if constexpr (dot) {
+      const at::Tensor xc = x2.contiguous();
+      pair_rows(xc.const_data_ptr<T>(), d, n, d, xw.data(), d2);
+    }
     for (int64_t t0 = 0; t0 < n; t0 += tb) {
       const int64_t rows = std::min(tb, n - t0);
-      const float* xb = xf.const_data_ptr<float>() + t0 * d;
-      // h = x W1^T + b1, then gelu(h); or the gate alone
-      gemm_nt(rows, inter, d, xb, d, w1.const_data_ptr<T>(), w1.stride(0), w1.stride(1),
-              [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
-                for (int64_t i = 0; i < r; ++i)
-                  for (int64_t v = 0; v < cols; v += kW) {
-                    vfloat y = vload(tile + i * ldt + v) + vload(pb1 + n0 + v);
-                    if (act == Act::kGelu) y = gelu(y);
-                    vstore_cvt_n(hp + (m0 + i) * inter + n0 + v, y, std::min<int64_t>(kW, cols - v));
-                  }
-              });
-      if (w_up)  // h = silu(h) * (x W_up^T), the up product consumed in the epilogue
-        gemm_nt(rows, inter, d, xb, d, w_up->const_data_ptr<T>(), w_up->stride(0), w_up->stride(1),
-                [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
-                  for (int64_t i = 0; i < r; ++i)
-                    for (int64_t v = 0; v < cols; v += kW) {
-                      float* g = hp + (m0 + i) * inter + n0 + v;
-                      const int64_t len = std::min<int64_t>(kW, cols - v);
-                      vstore_cvt_n(g, swiglu(vload_cvt_n(g, len), vload(tile + i * ldt + v)), len);
-                    }
-                });
+      // a GEMM over x's rows of this block, or over h's
+      auto over_x = [&](const at::Tensor& w, auto&& epilogue) {
+        if constexpr (dot)
+          gemm_nt(rows, w.size(0), d, xw.data() + t0 * d2, d2, w.const_data_ptr<T>(), w.stride(0), w.stride(1),
+                  epilogue);
+        else
+          gemm_nt(rows, w.size(0), d, xf.const_data_ptr<float>() + t0 * d, d, w.const_data_ptr<T>(), w.stride(0),
+                  w.stride(1), epilogue);
+      };
+      auto over_h = [&](const at::Tensor& w, auto&& epilogue) {
+        if constexpr (dot)
+          gemm_nt(rows, w.size(0), inter, hw.data(), i2, w.const_data_ptr<T>(), w.stride(0), w.stride(1), epilogue);
+        else
+          gemm_nt(rows, w.size(0), inter, hp, inter, w.const_data_ptr<T>(), w.stride(0), w.stride(1), epilogue);
+      };
+      // the activation of row i, columns [c, c + len)
+      auto put_h = [&](int64_t i, int64_t c, vfloat y, int64_t len) {
+        if constexpr (dot)
+          vstore_cvt_n(hb + i * 2 * i2 + c, y, len);
+        else
+          vstore_cvt_n(hp + i * inter + c, y, len);
+      };
+      // h = gelu(x W1^T + b1); or the gate alone (fp32)
+      over_x(w1, [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
+        for (int64_t i = 0; i < r; ++i)
+          for (int64_t v = 0; v < cols; v += kW) {
+            const vfloat y = vload(tile + i * ldt + v) + vload(pb1 + n0 + v);
+            const int64_t len = std::min<int64_t>(kW, cols - v);
+            if (act == Act::kGelu)
+              put_h(m0 + i, n0 + v, gelu(y), len);
+            else
+              vstore_cvt_n(hp + (m0 + i) * inter + n0 + v, y, len);
+          }
+      });
+      if (w_up)  // h = silu(gate) * (x W_up^T), the up product consumed in the epilogue
+        over_x(*w_up, [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
+          for (int64_t i = 0; i < r; ++i)
+            for (int64_t v = 0; v < cols; v += kW) {
+              const int64_t len = std::min<int64_t>(kW, cols - v);
+              const vfloat g = vload_cvt_n(hp + (m0 + i) * inter + n0 + v, len);
+              put_h(m0 + i, n0 + v, swiglu(g, vload(tile + i * ldt + v)), len);
+            }
+        });
       // out = h W2^T + b2 (+ res), rounded once
-      gemm_nt(rows, d_out, inter, hp, inter, w2.const_data_ptr<T>(), w2.stride(0), w2.stride(1),
-              [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
-                for (int64_t i = 0; i < r; ++i) {
-                  const int64_t row = t0 + m0 + i;
-                  for (int64_t v = 0; v < cols; v += kW) {
-                    const int64_t len = std::min<int64_t>(kW, cols - v);
-                    vfloat y = vload(tile + i * ldt + v) + vload(pb2 + n0 + v);
-                    if (rp) y += vload_cvt_n(rp + row * ldr + n0 + v, len);
-                    vstore_cvt_n(op + row * d_out + n0 + v, y, len);
-                  }
-                }
-              });
+      over_h(w2, [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
+        for (int64_t i = 0; i < r; ++i) {
+          const int64_t row = t0 + m0 + i;
+          for (int64_t v = 0; v < cols; v += kW) {
+            const int64_t len = std::min<int64_t>(kW, cols - v);
+            vfloat y = vload(tile + i * ldt + v) + vload(pb2 + n0 + v);
+            if (rp) y += vload_cvt_n(rp + row * ldr + n0 + v, len);
+            vstore_cvt_n(op + row * d_out + n0 + v, y, len);
+          }
+        }
+      });
     }
   });
 }

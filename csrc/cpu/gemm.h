@@ -9,10 +9,14 @@
 // partial sums, and hands the rows x group tile to an epilogue (bias, activation, residual, rounding to the output
 // dtype), which writes whole row segments of the output.
 //
+// bf16 on a CPU with AVX512-BF16 (bf16dot.h): x comes as bf16 words of pairs and W is packed as such words, the
+// same loops on the dot-product micro-kernel (half the reduction steps, no widening); fp32 accumulation either way.
+//
 // Memory traffic: W read once; x once per group (the chunk's rows stay in L2 across the group's panels); the output
 // written once by the epilogue, group-wide row segments at a time.
 #pragma once
 
+#include "cpu/bf16dot.h"
 #include "cpu/simd.h"
 #include "cpu/tile.h"
 
@@ -20,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace fastlm_cpu {
@@ -61,30 +66,68 @@ void pack_panels(const W* w, int64_t w_row, int64_t w_col, int64_t n0, int64_t c
   }
 }
 
+#if defined(FASTLM_BF16_DOT)
+// pack_panels for the bf16 dot products: packed[(p * K2 + kk) * kPanel + j] = the word (W[n, 2 kk], W[n, 2 kk + 1])
+// of column n = n0 + p * kPanel + j (K2 = ceil(K / 2); zero past column cols and past K).
+inline void pack_panels(const c10::BFloat16* w, int64_t w_row, int64_t w_col, int64_t n0, int64_t cols, int64_t np,
+                        int64_t K, uint32_t* packed) {
+  const int64_t K2 = (K + 1) / 2;
+  const auto* u = reinterpret_cast<const uint16_t*>(w);
+  for (int64_t j = 0; j < np * kPanel; ++j) {
+    uint32_t* dst = packed + (j / kPanel) * K2 * kPanel + j % kPanel;
+    const uint16_t* row = u + (n0 + j) * w_row;
+    for (int64_t kk = 0; kk < K2; ++kk) {
+      uint32_t word = 0;
+      if (j < cols) {
+        word = row[2 * kk * w_col];
+        if (2 * kk + 1 < K) word |= uint32_t{row[(2 * kk + 1) * w_col]} << 16;
+      }
+      dst[kk * kPanel] = word;
+    }
+  }
+}
+#endif
+
 // Computes x W^T tile by tile and calls epilogue(m0, rows, n0, cols, tile, ldt) for each, with
 // tile[i * ldt + j] = y[m0 + i, n0 + j] for i < rows, j < cols; ldt is a multiple of kPanel and the tile is
-// readable up to the next multiple of kPanel past cols, so epilogues may load whole vectors.
-template <typename W, typename Epilogue>
-void gemm_nt(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const W* w, int64_t w_row, int64_t w_col,
+// readable up to the next multiple of kPanel past cols, so epilogues may load whole vectors. x is fp32 (row stride
+// ldx floats) or, for bf16 weights on the dot products (bf16dot.h), bf16 rows as words of pairs (ldx words a row,
+// an odd K's last word zero padded).
+template <typename X, typename W, typename Epilogue>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const W* w, int64_t w_row, int64_t w_col,
              Epilogue&& epilogue) {
+  constexpr bool words = std::is_same_v<X, uint32_t>;
+  static_assert(std::is_same_v<X, float> || (words && kBf16Dot<W>), "gemm_nt: fp32 x, or words with bf16 W");
+  constexpr int64_t per = words ? 2 : 1;  // reduction elements per x element
+  const int64_t Kx = (K + per - 1) / per;  // x elements (and packed rows) a row
   const int64_t panels = (N + kPanel - 1) / kPanel;
   const int64_t group = panel_group(panels, at::get_num_threads()), groups = (panels + group - 1) / group;
   const int64_t ldt = group * kPanel;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> packed(group * K * kPanel), tile(kChunkRows * ldt), partial(K > kDepth ? kChunkRows * ldt : 0);
+    std::vector<X> packed(group * Kx * kPanel);
+    std::vector<float> tile(kChunkRows * ldt), partial(K > kDepth ? kChunkRows * ldt : 0);
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t n0 = g * ldt, cols = std::min(ldt, N - n0), np = (cols + kPanel - 1) / kPanel;
       pack_panels(w, w_row, w_col, n0, cols, np, K, packed.data());
       for (int64_t m0 = 0; m0 < M; m0 += kChunkRows) {
         const int64_t rows = std::min(kChunkRows, M - m0);
         for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kDepth) {
-          const int64_t depth = std::min(kDepth, K - k0);
+          const int64_t depth = (std::min(kDepth, K - k0) + per - 1) / per, kx = k0 / per;  // in x elements
           float* dst = k0 == 0 ? tile.data() : partial.data();
           for (int64_t p = 0; p < np; ++p)
-            for (int64_t i = 0; i < rows; i += kRows)
-              gemm_rows<2, false>(std::min<int64_t>(kRows, rows - i), MatA{x + (m0 + i) * ldx + k0, ldx, 1},
-                                  packed.data() + (p * K + k0) * kPanel, kPanel, depth, dst + i * ldt + p * kPanel,
-                                  ldt, nullptr);
+            for (int64_t i = 0; i < rows; i += kRows) {
+              const int64_t r = std::min<int64_t>(kRows, rows - i);
+              const X* b = packed.data() + (p * Kx + kx) * kPanel;
+              float* c = dst + i * ldt + p * kPanel;
+#if defined(FASTLM_BF16_DOT)
+              if constexpr (words) {
+                dot_rows<2>(r, WordsA{x + (m0 + i) * ldx + kx, ldx, 1}, b, kPanel, depth, c, ldt, nullptr);
+                continue;
+              }
+#endif
+              if constexpr (!words)
+                gemm_rows<2, false>(r, MatA{x + (m0 + i) * ldx + kx, ldx, 1}, b, kPanel, depth, c, ldt, nullptr);
+            }
           if (k0 > 0)
             for (int64_t i = 0; i < rows; ++i)
               for (int64_t e = i * ldt; e < i * ldt + np * kPanel; e += kW)

@@ -4,7 +4,8 @@
 // bandwidth-bound matrix-vector product: gemv.h streams W once at the memory's rate. Larger inputs go to the packed
 // GEMM of gemm.h (on par with ATen's fp32 GEMM on the model's square-ish shapes, 2x on an LM head at a few dozen
 // rows, bench/dev/cpu_notes.md), which also widens bf16 / fp16 weights to fp32 while packing them. x is widened to
-// fp32 once, accumulation is fp32 for every dtype, and the bias is added before the one rounding to x's dtype.
+// fp32 once (bf16 with AVX512-BF16: x and W stay bf16, on the dot products), accumulation is fp32 for every dtype,
+// and the bias is added before the one rounding to x's dtype.
 #include "cpu/gemm.h"
 #include "cpu/gemv.h"
 #include "cpu/ops.h"
@@ -47,7 +48,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   at::Tensor out = empty_output(out_shape, x.options());
   if (out.numel() == 0) return out;
   if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();
-  const at::Tensor xf = x.reshape({T, K}).to(at::kFloat).contiguous();
+  const at::Tensor xb = x.reshape({T, K}).contiguous();
+  const bool words = dtype == at::kBFloat16 && bf16_dot_available() && !gemv;  // (x stays bf16, as words)
+  const at::Tensor xf = words ? at::Tensor() : xb.to(at::kFloat);
   const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
   with_float_type(dtype, [&](auto tag) {
@@ -70,16 +73,22 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
       });
       return;
     }
-    gemm_nt(T, N, K, xf.const_data_ptr<float>(), K, w, weight.stride(0), weight.stride(1),
-            [&](int64_t m0, int64_t rows, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
-              for (int64_t i = 0; i < rows; ++i)
-                for (int64_t j = 0; j < cols; j += kW) {
-                  const int64_t len = std::min<int64_t>(kW, cols - j);
-                  vfloat y = vload(tile + i * ldt + j);
-                  if (bp) y += vload_cvt_n(bp + n0 + j, len);
-                  vstore_cvt_n(op + (m0 + i) * N + n0 + j, y, len);
-                }
-            });
+    auto epilogue = [&](int64_t m0, int64_t rows, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; j += kW) {
+          const int64_t len = std::min<int64_t>(kW, cols - j);
+          vfloat y = vload(tile + i * ldt + j);
+          if (bp) y += vload_cvt_n(bp + n0 + j, len);
+          vstore_cvt_n(op + (m0 + i) * N + n0 + j, y, len);
+        }
+    };
+    if constexpr (kBf16Dot<T_>) {  // x as words of bf16 pairs for the dot products
+      Words xw(T * ((K + 1) / 2));
+      pair_rows(xb.const_data_ptr<T_>(), K, T, K, xw.data(), (K + 1) / 2);
+      gemm_nt(T, N, K, xw.data(), (K + 1) / 2, w, weight.stride(0), weight.stride(1), epilogue);
+    } else {
+      gemm_nt(T, N, K, xf.const_data_ptr<float>(), K, w, weight.stride(0), weight.stride(1), epilogue);
+    }
   });
   return out;
 }
