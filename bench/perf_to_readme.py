@@ -27,7 +27,8 @@ IN_ROTATION = (" at the start of the run; each row's % of ceiling is against the
                "with the implementations, whose rate the column names. These are the rates PyTorch's own large GEMM "
                "and copy reach, not hardware peaks: a kernel can pass them")
 HALF_ON_CPU = ("; a bf16/fp16 % of ceiling is against the GEMM, bf16/fp16 or fp32, that was faster at the start of "
-               "the run (widening to fp32 is exact, and fastlm's CPU kernels compute bf16 that way)")
+               "the run (widening to fp32 is exact, and fastlm's CPU kernels compute bf16 that way, except on CPUs "
+               "with AVX512-BF16, where its attention forward, linear layers and MLPs take the bf16 dot products)")
 
 
 def section(doc: dict, image_paths: list[str], note: str = "", data_path: str = "the bench JSON") -> str:
@@ -35,7 +36,8 @@ def section(doc: dict, image_paths: list[str], note: str = "", data_path: str = 
     cpu = env["device"] == "cpu"
     rotated = any(r.get("ceiling_in_rotation") for r in doc["results"])
     what = "CPU figures" if cpu else "GPU figures"
-    device = f"{env['device_name']}, {env['threads']} threads" if cpu else env["device_name"]
+    isa = f" ({', '.join(env['cpu_isa'])})" if env.get("cpu_isa") else ""
+    device = f"{env['device_name']}{isa}, {env['threads']} threads" if cpu else env["device_name"]
     mm = ", ".join(f"{benchmark._short(k)} {benchmark.fmt_rate(v, 'FLOP/s')}"
                    for k, v in ceil["matmul_flop_per_s"].items())
     command = cfg.get("command") or ("python -m fastlm bench" + ("" if cfg["suite"] == "quick" else

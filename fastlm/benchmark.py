@@ -695,6 +695,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+_ISA_FLAGS = (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+              ("amx_bf16", "AMX-BF16"))
+
+
+def _cpu_isa() -> list[str]:
+    """The CPU's vector extensions that decide the C++ kernels' speed (fastlm builds with -march=native): AVX2, FMA,
+    AVX-512, AVX512-BF16 (bf16 dot products), AMX-BF16, as /proc/cpuinfo lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [name for flag, name in _ISA_FLAGS if flag in flags]
+
+
 def _git_commit() -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -724,6 +739,7 @@ def environment(device: torch.device) -> dict:
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_model(),
         "cpu_model": _cpu_model(),
+        "cpu_isa": _cpu_isa(),
         "gpu_model": torch.cuda.get_device_name(device) if cuda else None,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),

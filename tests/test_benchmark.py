@@ -220,7 +220,8 @@ def test_wrong_fastlm_result_makes_the_cli_fail(tmp_path, monkeypatch, capsys):
 RESULT_FIELDS = {"op": str, "case": str, "shape": dict, "dtype": str, "mode": str, "impl": str, "kind": str,
                  "status": str, "message": str, "reps": int, "speedup": dict, "check": str, "bound": str,
                  "ceiling_in_rotation": bool}
-ENV_FIELDS = ("date", "device", "device_name", "cpu_model", "gpu_model", "threads", "python", "torch", "triton",
+ENV_FIELDS = ("date", "device", "device_name", "cpu_model", "cpu_isa", "gpu_model", "threads", "python", "torch",
+              "triton",
               "cuda", "transformers", "fastlm", "fastlm_commit", "extension")
 
 
@@ -256,6 +257,10 @@ def test_cli_tiny_run_writes_json_table_and_plots(tiny_run):
     for key in ENV_FIELDS:
         assert key in doc["env"], key
     assert doc["env"]["threads"] == 2 and doc["env"]["device"] in ("cpu", "cuda")
+    with open("/proc/cpuinfo") as f:                                   # the extensions the C++ kernels build for
+        flags = next(line for line in f if line.startswith("flags")).split()
+    assert ("AVX2" in doc["env"]["cpu_isa"]) == ("avx2" in flags)
+    assert ("AVX512-BF16" in doc["env"]["cpu_isa"]) == ("avx512_bf16" in flags)
     assert doc["config"]["tiny"] is True and doc["config"]["compile"] is False
     ceilings = doc["ceilings"]
     assert ceilings["copy_bytes_per_s"] > 0 and ceilings["matmul_flop_per_s"]["float32"] > 0
@@ -426,6 +431,9 @@ def test_perf_to_readme_replaces_only_the_marked_section(tiny_run, tmp_path):
     assert text.startswith("# fastlm\n\nintro\n\n## Performance\n<!-- perf:start -->\n")
     assert text.endswith("<!-- perf:end -->\n\n## Next\nkept\n")
     assert "old table" not in text and ("CPU figures" in text or "GPU figures" in text)
+    isa = benchmark.load(str(out / "bench.json"))["env"]["cpu_isa"]
+    if "CPU figures" in text and isa:                                  # the extensions beside the CPU's name
+        assert f"({', '.join(isa)}), 2 threads" in text
     assert "| op | case | fastlm |" in text and "![" in text
     assert "by `python -m fastlm bench --tiny --no-compile --threads 2` " in text    # as it ran, but for --out
     for line in text.splitlines():
