@@ -73,7 +73,24 @@ inline void pack_panels(const c10::BFloat16* w, int64_t w_row, int64_t w_col, in
                         int64_t K, uint32_t* packed) {
   const int64_t K2 = (K + 1) / 2;
   const auto* u = reinterpret_cast<const uint16_t*>(w);
-  for (int64_t j = 0; j < np * kPanel; ++j) {
+  int64_t j = 0;
+  if (w_col == 1)  // 16 whole rows of W at a time: 16 x 16 blocks of words transposed in registers
+    for (; j + 16 <= std::min(cols, np * kPanel); j += 16) {
+      uint32_t* dst = packed + (j / kPanel) * K2 * kPanel + j % kPanel;
+      int64_t kk = 0;
+      for (; kk + 16 <= K / 2; kk += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(u + (n0 + j + i) * w_row + 2 * kk);
+        transpose16(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (kk + i) * kPanel, r[i]);
+      }
+      for (int64_t jj = j; jj < j + 16; ++jj) {  // the rest of these rows' words
+        const uint16_t* row = u + (n0 + jj) * w_row;
+        for (int64_t k2 = kk; k2 < K2; ++k2)
+          dst[k2 * kPanel + jj - j] = row[2 * k2] | (2 * k2 + 1 < K ? uint32_t{row[2 * k2 + 1]} << 16 : 0u);
+      }
+    }
+  for (; j < np * kPanel; ++j) {
     uint32_t* dst = packed + (j / kPanel) * K2 * kPanel + j % kPanel;
     const uint16_t* row = u + (n0 + j) * w_row;
     for (int64_t kk = 0; kk < K2; ++kk) {

@@ -230,12 +230,43 @@ inline void vstore_cvt(c10::Half* p, vfloat v) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// r[i] = element c of each row becomes row c: the 16 x 16 block of 32-bit elements transposed in registers
+// (unpacks of 32- and 64-bit elements within 128-bit lanes, then two rounds of 128-bit lane shuffles; 64 shuffles).
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[i + c]: lane k holds rows i .. i + 3 of column 4k + c
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v01 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), v23 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+    const __m512i w01 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44),
+                  w23 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_i32x4(v01, w01, 0x88), t[4 + c] = _mm512_shuffle_i32x4(v01, w01, 0xDD);
+    t[8 + c] = _mm512_shuffle_i32x4(v23, w23, 0x88), t[12 + c] = _mm512_shuffle_i32x4(v23, w23, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
 // The kW x kW block of rows src + r * lds (r < kW, elements of type T) widened and stored transposed:
 // dst[c * ldd + r] = src[r * lds + c]. With AVX, kW whole-row loads and one 8 x 8 shuffle network in registers
-// (24 shuffles and 8 whole-vector stores, against 64 scalar loads and stores).
+// (24 shuffles and 8 whole-vector stores, against 64 scalar loads and stores); with AVX-512 the 16 x 16 one.
 template <typename T>
 inline void transpose_block(const T* src, int64_t lds, float* dst, int64_t ldd) {
-#if defined(__AVX__) && !defined(__AVX512F__)
+#if defined(__AVX512F__)
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = (__m512i)vload_cvt(src + i * lds);
+  transpose16(r);
+  for (int c = 0; c < 16; ++c) vstore(dst + c * ldd, (vfloat)r[c]);
+#elif defined(__AVX__)
   __m256 r[8], t[8], u[8];
   for (int i = 0; i < 8; ++i) r[i] = vload_cvt(src + i * lds);
   for (int i = 0; i < 8; i += 2) {
