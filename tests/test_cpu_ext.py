@@ -1160,3 +1160,21 @@ def test_decode_step_table_dtypes():
     with pytest.raises(RuntimeError, match="pos_emb must have tok_emb's dtype Float, got Double"):
         _ops().decode_step(*args)
     assert torch.equal(args[7][0], before)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_attention_forward_with_key_tiles_packed_per_query_block(dtype):
+    """A kv head whose keys exceed a thread's share of the packing budget (8M floats over min(threads, 16)) is not
+    packed whole: each key tile is packed when a query block needs it (fp32 rows, or bf16 words on the dot
+    products). 16 threads bring the share down to 512K floats, which 2100 keys of head dim 128 pass."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(16)
+    try:
+        for sq, sk, d, causal in ((70, 2100, 128, True), (33, 2111, 127, False)):
+            q = torch.randn(1, sq, 2, d).to(dtype)
+            k, v = (torch.randn(1, sk, 1, d).to(dtype) for _ in range(2))
+            ref64 = reference.attention(q.double(), k.double(), v.double(), causal=causal)
+            out = ops.attention(q, k, v, causal=causal, backend="cpu")
+            check_rule(f"out {sq}x{sk} D{d}", out, ref64, reference.attention(q, k, v, causal=causal))
+    finally:
+        torch.set_num_threads(threads)
