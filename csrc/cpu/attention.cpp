@@ -14,12 +14,14 @@
 //                      max and sum, P = 2^(S c - max) in place of S
 //   O = alpha O + P V  O (kBlockQ x D) in L1, alpha = 2^(old max - new max); the tile's P V is summed apart and
 //                      added to alpha O once (tile.h), so O is not one serial sum over every key
-// All arithmetic is fp32 with fp32 accumulation. Tiles entirely outside the causal/window mask are never touched,
-// tiles entirely inside it are not masked, and the S x S score matrix never exists. Items are handed out through an
-// atomic counter, which balances the threads. A kv head whose panel would exceed the thread's share of kPackBudget
-// floats (on 2 threads 32768 keys of 64 floats; on 16 threads or more 4096) is not packed: each key tile is widened
-// from the inputs when a query block needs it (1.10-1.15x slower at 1024-2048 keys, as fast from 16384 keys on, where
-// the panel too comes from memory).
+// All arithmetic is fp32 with fp32 accumulation; bf16 inputs on a CPU with AVX512-BF16 take the dot products of
+// bf16dot.h instead of being widened (K, Q^T and V as words of bf16 pairs, P rounded to bf16 for P V). Tiles
+// entirely outside the causal/window mask are never touched, tiles entirely inside it are not masked, and the S x S
+// score matrix never exists. Items are handed out through an atomic counter, which balances the threads. A kv head
+// whose panel would exceed the thread's share of kPackBudget floats (on 2 threads 32768 keys of 64 floats; on 16
+// threads or more 4096) is not packed: each key tile is widened (or packed as words) from the inputs when a query
+// block needs it (1.10-1.15x slower at 1024-2048 keys, as fast from 16384 keys on, where the panel too comes from
+// memory).
 //
 // Memory traffic: q read once, k and v once per work item (once per kv head when there are enough heads to keep the
 // threads busy, else by each of its items: shares = 2 x threads / kv heads; unpacked, once per query block and query
@@ -139,14 +141,14 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
   for (int64_t j0 = lo / kBlockK * kBlockK; j0 <= hi && lo <= hi; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, p.Sk - j0);
     const float *kt = sc.kt.data(), *vt = sc.vt.data();
-    const uint32_t *kt2 = sc.kt2.data(), *vt2 = sc.kt2.data() + kBlockK * D2;
+    const uint32_t *kt2 = nullptr, *vt2 = nullptr;
     if (kp.k) {
       kt = kp.k + (j0 - kp.k0) * p.D, vt = kp.v + (j0 - kp.k0) * p.Dv;
     } else if (kp.k2) {
       kt2 = kp.k2 + (j0 - kp.k0) * D2, vt2 = kp.v2 + (j0 - kp.k0) / 2 * p.Dv;
     } else {
       pack_keys(p, in, b, h / p.G, j0, nk, sc.kt.data(), sc.vt.data(), sc.kt2.data());
-      vt2 = sc.kt2.data() + nk * D2;
+      if constexpr (words) kt2 = sc.kt2.data(), vt2 = kt2 + nk * D2;
     }
 #if defined(FASTLM_BF16_DOT)
     if constexpr (words)

@@ -8,7 +8,9 @@
 // panels) and its epilogue adds b_fc and applies the GELU, or stores the gate; the up product's epilogue computes
 // silu(gate) * up in place, so the up activation never exists as a tensor. The second product reads the
 // intermediate back from cache and its epilogue adds the bias and the residual and rounds once to x's dtype. bf16 /
-// fp16 weights are widened to fp32 as gemm.h packs them; x once per call; all arithmetic is fp32.
+// fp16 weights are widened to fp32 as gemm.h packs them; x once per call; all arithmetic is fp32. On a CPU with
+// AVX512-BF16, bf16 MLPs run both products on its dot products instead (gemm.h), with the intermediate rounded to
+// bf16 between them.
 //
 // Up to kGemvMaxRows tokens (decoding) the products are matrix-vector products bound by reading the weights: those
 // go through gemv.h instead (each weight byte read once at the memory's rate, the threads splitting the output rows),
