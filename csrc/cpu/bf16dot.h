@@ -14,6 +14,7 @@
 #include "cpu/tile.h"
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -35,12 +36,7 @@ constexpr bool bf16_dot_available() {
 
 // Whether kernels on T take the bf16 dot products.
 template <typename T>
-constexpr bool kBf16Dot =
-#if defined(FASTLM_BF16_DOT)
-    std::is_same_v<T, c10::BFloat16>;
-#else
-    false;
-#endif
+constexpr bool kBf16Dot = bf16_dot_available() && std::is_same_v<T, c10::BFloat16>;
 
 // Rows of n bf16 values (row stride ld) as words of consecutive pairs, ldo words a row: row j's word p = elements
 // 2p, 2p + 1; an odd n's last word and the words past (n + 1) / 2 are zero padded.
@@ -60,14 +56,12 @@ inline void pair_rows(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_
 
 #if defined(FASTLM_BF16_DOT)
 
-// The 16 bf16 values at p (or zeros) and at p2 interleaved into 16 words (p[i], p2[i]).
-inline __m512i interleave16(const uint16_t* p, const uint16_t* p2) {
-  const __m512i lo = p ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
-                       : _mm512_setzero_si512();
-  const __m512i hi = p2 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p2)))
-                        : _mm512_setzero_si512();
-  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+// 16 bf16 values lo[i] and 16 more hi[i] as the 16 words (lo[i], hi[i]).
+inline __m512i pair_words(__m256i lo, __m256i hi) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
 }
+
+inline __m256i load16(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 // Rows 2m and 2m + 1 of an n x D bf16 matrix (row stride ld) interleaved, pair m at dst + m * ldo (ldo >= D, a
 // multiple of 16, the words past D zero): the B operand of a product that reduces over the rows (P V over keys). An
@@ -79,7 +73,7 @@ inline void interleave_rows(const c10::BFloat16* src, int64_t ld, int64_t n, int
     const auto* b = 2 * m + 1 < n ? reinterpret_cast<const uint16_t*>(src + (2 * m + 1) * ld) : nullptr;
     uint32_t* d = dst + m * ldo;
     for (int64_t c = 0; c < full; c += 16)
-      _mm512_storeu_si512(d + c, interleave16(a + c, b ? b + c : nullptr));
+      _mm512_storeu_si512(d + c, pair_words(load16(a + c), b ? load16(b + c) : _mm256_setzero_si256()));
     for (int64_t c = full; c < D; ++c) d[c] = uint32_t{a[c]} | (b ? uint32_t{b[c]} << 16 : 0u);
     for (int64_t c = D; c < ldo; ++c) d[c] = 0;
   }
@@ -92,10 +86,9 @@ inline void round_interleave_rows(const float* s, int64_t lds, int64_t n, int64_
     const float* a = s + 2 * m * lds;
     const float* b = 2 * m + 1 < n ? a + lds : nullptr;
     for (int64_t c = 0; c < N; c += 16) {
-      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + c)));
-      const __m512i hi = b ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(b + c)))
-                           : _mm512_setzero_si512();
-      _mm512_storeu_si512(dst + m * ldd + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + c));
+      const __m256i hi = b ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(b + c)) : _mm256_setzero_si256();
+      _mm512_storeu_si512(dst + m * ldd + c, pair_words(lo, hi));
     }
   }
 }

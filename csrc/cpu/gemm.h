@@ -73,33 +73,23 @@ inline void pack_panels(const c10::BFloat16* w, int64_t w_row, int64_t w_col, in
                         int64_t K, uint32_t* packed) {
   const int64_t K2 = (K + 1) / 2;
   const auto* u = reinterpret_cast<const uint16_t*>(w);
-  int64_t j = 0;
-  if (w_col == 1)  // 16 whole rows of W at a time: 16 x 16 blocks of words transposed in registers
-    for (; j + 16 <= std::min(cols, np * kPanel); j += 16) {
-      uint32_t* dst = packed + (j / kPanel) * K2 * kPanel + j % kPanel;
-      int64_t kk = 0;
-      for (; kk + 16 <= K / 2; kk += 16) {
-        __m512i r[16];
-        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(u + (n0 + j + i) * w_row + 2 * kk);
-        transpose16(r);
-        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (kk + i) * kPanel, r[i]);
-      }
-      for (int64_t jj = j; jj < j + 16; ++jj) {  // the rest of these rows' words
-        const uint16_t* row = u + (n0 + jj) * w_row;
-        for (int64_t k2 = kk; k2 < K2; ++k2)
-          dst[k2 * kPanel + jj - j] = row[2 * k2] | (2 * k2 + 1 < K ? uint32_t{row[2 * k2 + 1]} << 16 : 0u);
-      }
+  auto dst = [&](int64_t j) { return packed + (j / kPanel) * K2 * kPanel + j % kPanel; };  // column j's first word
+  // unit-stride rows: whole 16 x 16 blocks of words (16 rows of W, 16 word columns) transposed in registers
+  const int64_t j_vec = w_col == 1 ? std::min(cols, np * kPanel) / 16 * 16 : 0, kk_vec = K / 2 / 16 * 16;
+  for (int64_t j = 0; j < j_vec; j += 16)
+    for (int64_t kk = 0; kk < kk_vec; kk += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(u + (n0 + j + i) * w_row + 2 * kk);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst(j) + (kk + i) * kPanel, r[i]);
     }
-  for (; j < np * kPanel; ++j) {
-    uint32_t* dst = packed + (j / kPanel) * K2 * kPanel + j % kPanel;
-    const uint16_t* row = u + (n0 + j) * w_row;
-    for (int64_t kk = 0; kk < K2; ++kk) {
+  // the rest one word at a time
+  for (int64_t j = 0; j < np * kPanel; ++j) {
+    const uint16_t* row = j < cols ? u + (n0 + j) * w_row : nullptr;  // (zero columns past cols)
+    for (int64_t kk = j < j_vec ? kk_vec : 0; kk < K2; ++kk) {
       uint32_t word = 0;
-      if (j < cols) {
-        word = row[2 * kk * w_col];
-        if (2 * kk + 1 < K) word |= uint32_t{row[(2 * kk + 1) * w_col]} << 16;
-      }
-      dst[kk * kPanel] = word;
+      if (row) word = row[2 * kk * w_col] | (2 * kk + 1 < K ? uint32_t{row[(2 * kk + 1) * w_col]} << 16 : 0u);
+      dst(j)[kk * kPanel] = word;
     }
   }
 }
@@ -137,12 +127,10 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const W* 
               const X* b = packed.data() + (p * Kx + kx) * kPanel;
               float* c = dst + i * ldt + p * kPanel;
 #if defined(FASTLM_BF16_DOT)
-              if constexpr (words) {
+              if constexpr (words)
                 dot_rows<2>(r, WordsA{x + (m0 + i) * ldx + kx, ldx, 1}, b, kPanel, depth, c, ldt, nullptr);
-                continue;
-              }
+              else
 #endif
-              if constexpr (!words)
                 gemm_rows<2, false>(r, MatA{x + (m0 + i) * ldx + kx, ldx, 1}, b, kPanel, depth, c, ldt, nullptr);
             }
           if (k0 > 0)
