@@ -152,14 +152,18 @@ def decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_wei
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"decode_step: {name} must be a list of tensors, got {type(value).__name__}")
     check_eps("decode_step", eps)
-    named = [("input_pos", input_pos), ("tok_emb", tok_emb), ("norm_weight", norm_weight), ("head", head),
-             ("norm_bias", norm_bias), ("pos_emb", pos_emb), ("rope_cos", rope_cos), ("rope_sin", rope_sin)]
-    named += [(f"blocks[{i}] ({DECODE_STEP_SLOTS[i % len(DECODE_STEP_SLOTS)]})", t) for i, t in enumerate(blocks)]
-    named += [(f"{name}[{i}]", t) for name, ts in (("k_caches", k_caches), ("v_caches", v_caches))
-              for i, t in enumerate(ts)]
-    for name, t in named:
-        if isinstance(t, torch.Tensor) and t.device != device:
-            raise ValueError(f"decode_step: {name} is on {t.device} but tokens is on {device}")
+    # every tensor on tokens' device (names formatted only for the error: this runs every decoding step)
+    lists = (("input_pos", [input_pos]), ("tok_emb", [tok_emb]), ("norm_weight", [norm_weight]), ("head", [head]),
+             ("norm_bias", [norm_bias]), ("pos_emb", [pos_emb]), ("rope_cos", [rope_cos]), ("rope_sin", [rope_sin]),
+             ("blocks", blocks), ("k_caches", k_caches), ("v_caches", v_caches))
+    for name, ts in lists:
+        for i, t in enumerate(ts):
+            if isinstance(t, torch.Tensor) and t.device != device:
+                if name == "blocks":
+                    name = f"blocks[{i}] ({DECODE_STEP_SLOTS[i % len(DECODE_STEP_SLOTS)]})"
+                elif name.endswith("_caches"):
+                    name = f"{name}[{i}]"
+                raise ValueError(f"decode_step: {name} is on {t.device} but tokens is on {device}")
     if len(blocks) != len(DECODE_STEP_SLOTS) * len(k_caches):
         raise ValueError(f"decode_step: blocks must hold {len(DECODE_STEP_SLOTS)} entries per block "
                          f"({', '.join(DECODE_STEP_SLOTS)}) for the {len(k_caches)} blocks of k_caches, got "
