@@ -44,8 +44,8 @@ def _check(out, q, k, v, lens, softmax_scale=None, name="out", window_left=-1):
 SHAPES = [(16, 1, 1), (40, 2, 2), (64, 4, 1), (80, 1, 4), (128, 2, 1), (64, 1, 2), (40, 4, 4), (128, 4, 4),
           (64, 8, 3),  # 24 rows per kv head, more than one 16-row tile
           # head dims with a tail past the last whole SIMD vector on AVX2 (8 floats) and AVX-512 (16) alike, and odd
-          # rows per kv head (the C++ kernel's one-row dot products and P V updates as well as its two-row ones)
-          (20, 3, 1), (20, 5, 1), (36, 1, 3),
+          # rows per kv head (the C++ kernel's one-row dot products and P V updates after its four- and two-row ones)
+          (20, 3, 1), (20, 7, 1), (36, 1, 3),
           # an odd number of whole vectors on AVX2 (7) and AVX-512 (3): the one-row dot product's last vector
           (56, 3, 1)]
 

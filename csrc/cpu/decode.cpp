@@ -7,10 +7,11 @@
 // prefetchers stream the kKeys rows in parallel (visiting one head's rows a row stride apart instead touches a new
 // page per key and defeats them); rows shorter than a 4 KB page are taken about a page apart, so that each page too
 // is read front to back (chunk_step). A kv head's rows serve all G = H / Hkv query heads and all Sq queries
-// (M = G * Sq rows), so every K and V byte is read once. Per block: scores by vector dot products, kKeys keys at a
-// time; the online softmax of tile.h in base 2 per row; O += P V, again kKeys value rows per pass over a row of O, so
-// O is loaded and stored once per kKeys keys. bf16/fp16 caches are widened in registers as they are loaded. Each chunk
-// leaves its unnormalized output, running max and sum; a combine pass merges the chunks of each row and writes out.
+// (M = G * Sq rows), so every K and V byte is read once. Per block: scores by vector dot products, kKeys keys and up
+// to four query rows at a time; the online softmax of tile.h in base 2 per row; O += P V, again kKeys value rows and
+// up to four rows of O per pass, so O is loaded and stored once per kKeys keys. bf16/fp16 caches are widened in
+// registers as they are loaded. Rows are requested into L2 kAhead rows before their use. Each chunk leaves its
+// unnormalized output, running max and sum; a combine pass merges the chunks of each row and writes out.
 //
 // Memory traffic: each valid K and V row read once (the bandwidth bound of decoding), q read and out written once;
 // the partial results (chunks x M x D floats per kv head) are small next to the cache.
@@ -34,10 +35,10 @@ namespace {
 
 constexpr int64_t kKeys = 4;  // cache rows streamed together: the rows of one dot_rows / axpy_rows call
 
-// The scores' dot products: R (1 or 2) fp32 vectors q_r = q + r * ldq against kKeys cache rows k[i] of length D
-// (fp32, bf16 or fp16, widened in registers): s[r * lds + i] = q_r . k[i]. Eight named accumulators (arrays of
-// vectors end up on the stack): with two q rows every k vector loaded feeds both, with one the even and odd vectors
-// go to separate sets, so there are always eight independent FMA chains.
+// The scores' dot products (dot_rows4 below takes four query rows): R (1 or 2) fp32 vectors q_r = q + r * ldq against
+// kKeys cache rows k[i] of length D (fp32, bf16 or fp16, widened in registers): s[r * lds + i] = q_r . k[i]. Eight
+// named accumulators (arrays of vectors end up on the stack): with two q rows every k vector loaded feeds both, with
+// one the even and odd vectors go to separate sets, so there are always eight independent FMA chains.
 template <int R, typename T>
 inline void dot_rows(const float* q, int64_t ldq, const T* const* k, int64_t D, float* s, int64_t lds) {
   static_assert(kKeys == 4 && (R == 1 || R == 2), "dot_rows: four k rows, one or two q rows");
@@ -70,9 +71,44 @@ inline void dot_rows(const float* q, int64_t ldq, const T* const* k, int64_t D, 
       for (int i = 0; i < kKeys; ++i) s[r * lds + i] += q[r * ldq + d] * to_float(k[i][d]);
 }
 
+// The scores of four q rows (q + r * ldq) against kKeys cache rows: sixteen accumulators, each k and q vector loaded
+// feeds four FMAs (half a load per FMA, against three quarters for two rows).
+template <typename T>
+inline void dot_rows4(const float* q, int64_t ldq, const T* const* k, int64_t D, float* s, int64_t lds) {
+  static_assert(kKeys == 4, "dot_rows4: four k rows");
+  const int64_t full = D / kW * kW;
+  const float *q1 = q + ldq, *q2 = q + 2 * ldq, *q3 = q + 3 * ldq;
+  vfloat a00{}, a01{}, a02{}, a03{}, a10{}, a11{}, a12{}, a13{};
+  vfloat a20{}, a21{}, a22{}, a23{}, a30{}, a31{}, a32{}, a33{};
+  for (int64_t c = 0; c < full; c += kW) {
+    const vfloat k0 = vload_cvt(k[0] + c), k1 = vload_cvt(k[1] + c), k2 = vload_cvt(k[2] + c),
+                 k3 = vload_cvt(k[3] + c);
+    vfloat x = vload(q + c);
+    keep_in_register(x);
+    a00 = vfma(x, k0, a00), a01 = vfma(x, k1, a01), a02 = vfma(x, k2, a02), a03 = vfma(x, k3, a03);
+    x = vload(q1 + c);
+    keep_in_register(x);
+    a10 = vfma(x, k0, a10), a11 = vfma(x, k1, a11), a12 = vfma(x, k2, a12), a13 = vfma(x, k3, a13);
+    x = vload(q2 + c);
+    keep_in_register(x);
+    a20 = vfma(x, k0, a20), a21 = vfma(x, k1, a21), a22 = vfma(x, k2, a22), a23 = vfma(x, k3, a23);
+    x = vload(q3 + c);
+    keep_in_register(x);
+    a30 = vfma(x, k0, a30), a31 = vfma(x, k1, a31), a32 = vfma(x, k2, a32), a33 = vfma(x, k3, a33);
+  }
+  hsum4(a00, a01, a02, a03, s);
+  hsum4(a10, a11, a12, a13, s + lds);
+  hsum4(a20, a21, a22, a23, s + 2 * lds);
+  hsum4(a30, a31, a32, a33, s + 3 * lds);
+  for (int r = 0; r < 4; ++r)
+    for (int64_t d = full; d < D; ++d)
+      for (int i = 0; i < kKeys; ++i) s[r * lds + i] += q[r * ldq + d] * to_float(k[i][d]);
+}
+
 constexpr int64_t kBlockK = 64;     // keys per softmax block; a multiple of kW and of kKeys
 constexpr int64_t kPage = 4096;     // bytes the hardware prefetchers stream within
 constexpr int64_t kMinChunk = 256;  // keys per work item at least (amortizes the per-item set-up)
+constexpr int64_t kAhead = kBlockK / 2;  // software prefetch distance in cache rows (into L2)
 
 struct Problem {
   int64_t B, Sq, H, Hkv, G, M, D, Dv;  // M = G * Sq rows per kv head; Dv: D padded to whole vectors
@@ -121,7 +157,7 @@ inline void block_rows(const T* base, Strides st, int64_t hk, int64_t j, int64_t
 // Asks for the cache lines of head hk in rows j, j + r, ..., j + (kKeys - 1) r (those below n_rows) ahead of use.
 template <typename T>
 inline void prefetch_rows(const T* base, Strides st, int64_t hk, int64_t j, int64_t r, int64_t n_rows, int64_t D) {
-  for (int64_t i = j; i < std::min(j + kKeys * r, n_rows); i += r) prefetch_row(base + st.of(0, i, hk), D);
+  for (int64_t i = j; i < std::min(j + kKeys * r, n_rows); i += r) prefetch_row<2>(base + st.of(0, i, hk), D);
 }
 
 // Start of a chunk: the query rows of every kv head (fp32, sign of the scale applied) into qh, the chunk's
@@ -153,7 +189,6 @@ void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs
                 float* po, float* pm, float* pl, Scratch& sc) {
   // a block cut short (a sequence's last) takes rows in order: its passes would repeat row nb - 1 for the rest
   const int64_t rows = p.Hkv * p.M, r = nb == kBlockK ? p.interleave : 1, group = kKeys * r;
-  const int64_t ahead = std::min(2 * group, kBlockK / 2);  // prefetch distance in rows, within the next half block
   // The passes of the walk: f(hk, first, at) for every kv head of pass (j, t), whose rows are first, first + r, ...
   // and whose scores sit at block entries at .. at + kKeys - 1.
   auto for_each_pass = [&](auto f) {
@@ -165,11 +200,13 @@ void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs
   for_each_pass([&](int64_t hk, int64_t first, int64_t at) {
     const T* kr[kKeys];
     block_rows(k, ks, hk, first, r, nb, kr);
-    if (first + ahead < nb)  // the K rows ahead, near the block's end the first V rows
-      prefetch_rows(k, ks, hk, first + ahead, r, nb, p.D);
+    if (first + kAhead < nb)  // the K rows ahead, near the block's end the first V rows
+      prefetch_rows(k, ks, hk, first + kAhead, r, nb, p.D);
     else
-      prefetch_rows(v, vs, hk, first + ahead - nb, r, nb, p.D);
+      prefetch_rows(v, vs, hk, first + kAhead - nb, r, nb, p.D);
     int64_t row = hk * p.M;
+    for (; row + 4 <= (hk + 1) * p.M; row += 4)
+      dot_rows4(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + at, kBlockK);
     for (; row + 2 <= (hk + 1) * p.M; row += 2)
       dot_rows<2>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + at, kBlockK);
     if (row < (hk + 1) * p.M)
@@ -202,9 +239,11 @@ void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs
     const T* vr[kKeys];
     block_rows(v, vs, hk, first, r, nb, vr);
     // the V rows ahead, near the block's end the first K rows of the next block
-    const bool in_v = first + ahead < nb;
-    prefetch_rows(in_v ? v : k, in_v ? vs : ks, hk, first + ahead, r, n - j0, p.D);
+    const bool in_v = first + kAhead < nb;
+    prefetch_rows(in_v ? v : k, in_v ? vs : ks, hk, first + kAhead, r, n - j0, p.D);
     int64_t row = hk * p.M;
+    for (; row + 4 <= (hk + 1) * p.M; row += 4)
+      axpy_rows<4>(sc.s.data() + row * kBlockK + at, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
     for (; row + 2 <= (hk + 1) * p.M; row += 2)
       axpy_rows<2>(sc.s.data() + row * kBlockK + at, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
     if (row < (hk + 1) * p.M)
@@ -237,6 +276,10 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
       const int64_t c = w % p.n_chunks, b = w / p.n_chunks, n = lens[b];
       const int64_t j_begin = std::min(firsts[b] + c * p.chunk, n), j_end = std::min(j_begin + p.chunk, n);
       float *o = po + w * rows * p.Dv, *m = pm + w * rows, *l = pl + w * rows;
+      // the chunk's first K rows (chunk_step asks for each later one kAhead rows before its use)
+      for (int64_t j = 0; j < kAhead; j += kKeys)
+        for (int64_t hk = 0; hk < p.Hkv; ++hk)
+          prefetch_rows(kp + ks.of(b, j_begin, 0), ks, hk, j, 1, j_end - j_begin, p.D);
       chunk_init<T>(p, qp, qs, b, sc.q.data(), o, m, l);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK)
         chunk_step<T>(p, kp + ks.of(b, j0, 0), vp + vs.of(b, j0, 0), ks, vs, n, j0,
