@@ -17,7 +17,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+// (every CPU with AVX512-BF16 has AVX512-BW, whose 16-bit unpacks and masked loads the decode kernel takes)
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define FASTLM_BF16_DOT 1
 #endif
 

@@ -9,12 +9,15 @@
 // is read front to back (chunk_step). A kv head's rows serve all G = H / Hkv query heads and all Sq queries
 // (M = G * Sq rows), so every K and V byte is read once. Per block: scores by vector dot products, kKeys keys and up
 // to four query rows at a time; the online softmax of tile.h in base 2 per row; O += P V, again kKeys value rows and
-// up to four rows of O per pass, so O is loaded and stored once per kKeys keys. bf16/fp16 caches are widened in
-// registers as they are loaded. Rows are requested into L2 kAhead rows before their use. Each chunk leaves its
-// unnormalized output, running max and sum; a combine pass merges the chunks of each row and writes out.
+// up to four rows of O per pass, so O is loaded and stored once per kKeys keys. fp16 caches (bf16 ones without
+// AVX512-BF16) are widened in registers as they are loaded; with it, bf16 caches go through its dot products. Rows are
+// requested into L2 kAhead rows before their use: the hardware prefetchers alone leave the loads waiting on memory
+// between the blocks' arithmetic (fp32, 16k keys: 56-67% of the copy bandwidth instead of 80-89%). Each chunk leaves
+// its unnormalized output, running max and sum; a combine pass merges the chunks of each row and writes out.
 //
 // Memory traffic: each valid K and V row read once (the bandwidth bound of decoding), q read and out written once;
 // the partial results (chunks x M x D floats per kv head) are small next to the cache.
+#include "cpu/bf16dot.h"
 #include "cpu/layout.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
@@ -27,6 +30,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -105,6 +109,68 @@ inline void dot_rows4(const float* q, int64_t ldq, const T* const* k, int64_t D,
       for (int i = 0; i < kKeys; ++i) s[r * lds + i] += q[r * ldq + d] * to_float(k[i][d]);
 }
 
+// bf16 caches on the AVX512-BF16 dot products (bf16dot.h; kBf16Dot<T>): rows are taken in segments of kSeg elements
+// (16 pair words, one vector), a row's last segment loaded under a mask. Scores: the query rows as pair words against
+// the key rows read as they lie. P V: P rounded to bf16 as words of consecutive block entries, against the value rows
+// of a pass paired by unpacking (rows 0 and 1, rows 2 and 3), which takes each segment's elements in the order of
+// seg_lane: the output rows of a chunk keep that order until the combine.
+constexpr int64_t kSeg = 32;
+
+// Where element e (0 <= e < kSeg) of a segment sits in the output rows: unpacking 16-bit elements pairs the low four
+// of each 128-bit lane (eight elements) into the first 16 floats, the high four into the last 16.
+constexpr int64_t seg_lane(int64_t e) { return (e % 8 < 4 ? 0 : 16) + e / 8 * 4 + e % 4; }
+
+#if defined(FASTLM_BF16_DOT)
+inline __m512i load_seg(const c10::BFloat16* p, int64_t n) {  // min(n, kSeg) elements, zeros past them
+  return n >= kSeg ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((uint64_t{1} << n) - 1), p);
+}
+
+// s[r * lds + i] = q_r . k[i] for R query rows as pair words (qw + r * ldw, zero past D) and kKeys bf16 key rows.
+template <int R>
+inline void dot_rows_bf16(const uint32_t* qw, int64_t ldw, const c10::BFloat16* const* k, int64_t D, float* s,
+                          int64_t lds) {
+  __m512 acc[R][kKeys];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += kSeg) {
+    __m512bh kv[kKeys];
+    for (int i = 0; i < kKeys; ++i) kv[i] = (__m512bh)load_seg(k[i] + c, D - c);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh x = (__m512bh)_mm512_loadu_si512(qw + r * ldw + c / 2);
+      for (int i = 0; i < kKeys; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], x, kv[i]);
+    }
+  }
+  for (int r = 0; r < R; ++r) hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], s + r * lds);
+}
+
+// o_r += sum_i p_r[i] v[i] for R output rows (o + r * ldo, in seg_lane order) over kKeys bf16 value rows, p_r the
+// words (p_r[0], p_r[1]), (p_r[2], p_r[3]) at pw + r * ldp.
+template <int R>
+inline void axpy_rows_bf16(const uint32_t* pw, int64_t ldp, const c10::BFloat16* const* v, int64_t D, float* o,
+                           int64_t ldo) {
+  static_assert(kKeys == 4, "axpy_rows_bf16: two pairs of value rows");
+  __m512bh p01[R], p23[R];
+  for (int r = 0; r < R; ++r) {
+    p01[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pw[r * ldp]));
+    p23[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pw[r * ldp + 1]));
+  }
+  for (int64_t c = 0; c < D; c += kSeg) {
+    const __m512i v0 = load_seg(v[0] + c, D - c), v1 = load_seg(v[1] + c, D - c);
+    const __m512i v2 = load_seg(v[2] + c, D - c), v3 = load_seg(v[3] + c, D - c);
+    const __m512bh w01lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1), w01hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+    const __m512bh w23lo = (__m512bh)_mm512_unpacklo_epi16(v2, v3), w23hi = (__m512bh)_mm512_unpackhi_epi16(v2, v3);
+    for (int r = 0; r < R; ++r) {
+      float* out = o + r * ldo + c;
+      __m512 lo = _mm512_loadu_ps(out), hi = _mm512_loadu_ps(out + 16);
+      lo = _mm512_dpbf16_ps(_mm512_dpbf16_ps(lo, p01[r], w01lo), p23[r], w23lo);
+      hi = _mm512_dpbf16_ps(_mm512_dpbf16_ps(hi, p01[r], w01hi), p23[r], w23hi);
+      _mm512_storeu_ps(out, lo);
+      _mm512_storeu_ps(out + 16, hi);
+    }
+  }
+}
+#endif
+
 constexpr int64_t kBlockK = 64;     // keys per softmax block; a multiple of kW and of kKeys
 constexpr int64_t kPage = 4096;     // bytes the hardware prefetchers stream within
 constexpr int64_t kMinChunk = 256;  // keys per work item at least (amortizes the per-item set-up)
@@ -121,8 +187,11 @@ struct Problem {
 // Per-thread state of a work item, for all kv heads: query rows (fp32, zero padded to Dv), scores of one block and
 // the softmax rescaling factors; row (hk, r) is at index hk * M + r.
 struct Scratch {
-  std::vector<float> q, s, alpha;
-  explicit Scratch(const Problem& p) : q(p.Hkv * p.M * p.Dv), s(p.Hkv * p.M * kBlockK), alpha(p.Hkv * p.M) {}
+  std::vector<float> q, s;
+  Words qw, pw;  // the bf16 dot products' query rows (Dv / 2 words a row) and rounded P (kBlockK / 2 words a row)
+  Scratch(const Problem& p, bool words)
+      : q(p.Hkv * p.M * p.Dv), s(p.Hkv * p.M * kBlockK), qw(words ? p.Hkv * p.M * p.Dv / 2 : 0),
+        pw(words ? p.Hkv * p.M * kBlockK / 2 : 0) {}
 };
 
 // o_r[0..D) += sum_i p_r[i] v[i] for R output rows (o + r * ldo, probabilities p + r * ldp) over kKeys value rows;
@@ -160,16 +229,22 @@ inline void prefetch_rows(const T* base, Strides st, int64_t hk, int64_t j, int6
   for (int64_t i = j; i < std::min(j + kKeys * r, n_rows); i += r) prefetch_row<2>(base + st.of(0, i, hk), D);
 }
 
-// Start of a chunk: the query rows of every kv head (fp32, sign of the scale applied) into qh, the chunk's
+// Start of a chunk: the query rows of every kv head (fp32, sign of the scale applied) into sc.q, and as pair words
+// into sc.qw where it is used (bf16 queries times a sign are bf16: the words hold them exactly); the chunk's
 // unnormalized outputs po (Hkv x M x Dv), running maxima pm and sums pl (Hkv x M) reset.
 template <typename T>
-void chunk_init(const Problem& p, const T* q, Strides qs, int64_t b, float* qh, float* po, float* pm, float* pl) {
+void chunk_init(const Problem& p, const T* q, Strides qs, int64_t b, Scratch& sc, float* po, float* pm, float* pl) {
   for (int64_t row = 0; row < p.Hkv * p.M; ++row) {
     const int64_t hk = row / p.M, r = row % p.M, g = r / p.Sq, i = r % p.Sq;
     const T* src = q + qs.of(b, i, hk * p.G + g);
-    float* dst = qh + row * p.Dv;
+    float* dst = sc.q.data() + row * p.Dv;
     for (int64_t d = 0; d < p.D; ++d) dst[d] = to_float(src[d]) * p.scale.q_sign;
     for (int64_t d = p.D; d < p.Dv; ++d) dst[d] = 0.0f;
+    if (!sc.qw.empty()) {
+      auto top = [](float x) { uint32_t w; std::memcpy(&w, &x, 4); return w >> 16; };
+      for (int64_t w = 0; w < p.Dv / 2; ++w)
+        sc.qw[row * p.Dv / 2 + w] = top(dst[2 * w]) | top(dst[2 * w + 1]) << 16;
+    }
     pm[row] = kNegInf;
     pl[row] = 0.0f;
   }
@@ -204,13 +279,22 @@ void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs
       prefetch_rows(k, ks, hk, first + kAhead, r, nb, p.D);
     else
       prefetch_rows(v, vs, hk, first + kAhead - nb, r, nb, p.D);
+    const int64_t end = (hk + 1) * p.M;
     int64_t row = hk * p.M;
-    for (; row + 4 <= (hk + 1) * p.M; row += 4)
-      dot_rows4(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + at, kBlockK);
-    for (; row + 2 <= (hk + 1) * p.M; row += 2)
-      dot_rows<2>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + at, kBlockK);
-    if (row < (hk + 1) * p.M)
-      dot_rows<1>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, sc.s.data() + row * kBlockK + at, kBlockK);
+    float* s = sc.s.data() + at;
+    if constexpr (kBf16Dot<T>) {
+#if defined(FASTLM_BF16_DOT)
+      const int64_t ldw = p.Dv / 2;
+      const uint32_t* qw = sc.qw.data();
+      for (; row + 4 <= end; row += 4) dot_rows_bf16<4>(qw + row * ldw, ldw, kr, p.D, s + row * kBlockK, kBlockK);
+      for (; row < end; ++row) dot_rows_bf16<1>(qw + row * ldw, ldw, kr, p.D, s + row * kBlockK, kBlockK);
+#endif
+    } else {
+      for (; row + 4 <= end; row += 4) dot_rows4(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, s + row * kBlockK, kBlockK);
+      for (; row + 2 <= end; row += 2)
+        dot_rows<2>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, s + row * kBlockK, kBlockK);
+      if (row < end) dot_rows<1>(sc.q.data() + row * p.Dv, p.Dv, kr, p.D, s + row * kBlockK, kBlockK);
+    }
   });
   for (int64_t row = 0; row < rows; ++row) {
     // query i sits at position n - Sq + i and sees keys [first, visible) of the block: up to it, and with a window
@@ -233,6 +317,13 @@ void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs
       float* o = po + row * p.Dv;
       for (int64_t d = 0; d < p.Dv; d += kW) vstore(o + d, vset1(alpha) * vload(o + d));
     }
+#if defined(FASTLM_BF16_DOT)
+    if constexpr (kBf16Dot<T>) {  // P rounded to bf16 for the P V products (the sums l above are of the fp32 P)
+      uint32_t* pw = sc.pw.data() + row * (kBlockK / 2);
+      for (int64_t e = 0; e < kBlockK; e += 32)
+        _mm512_storeu_si512(pw + e / 2, (__m512i)_mm512_cvtne2ps_pbh(vload(sr + e + 16), vload(sr + e)));
+    }
+#endif
   }
   // O += P V (masked entries have P = 0)
   for_each_pass([&](int64_t hk, int64_t first, int64_t at) {
@@ -241,13 +332,21 @@ void chunk_step(const Problem& p, const T* k, const T* v, Strides ks, Strides vs
     // the V rows ahead, near the block's end the first K rows of the next block
     const bool in_v = first + kAhead < nb;
     prefetch_rows(in_v ? v : k, in_v ? vs : ks, hk, first + kAhead, r, n - j0, p.D);
+    const int64_t end = (hk + 1) * p.M;
     int64_t row = hk * p.M;
-    for (; row + 4 <= (hk + 1) * p.M; row += 4)
-      axpy_rows<4>(sc.s.data() + row * kBlockK + at, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
-    for (; row + 2 <= (hk + 1) * p.M; row += 2)
-      axpy_rows<2>(sc.s.data() + row * kBlockK + at, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
-    if (row < (hk + 1) * p.M)
-      axpy_rows<1>(sc.s.data() + row * kBlockK + at, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
+    if constexpr (kBf16Dot<T>) {
+#if defined(FASTLM_BF16_DOT)
+      constexpr int64_t ldp = kBlockK / 2;
+      const uint32_t* pw = sc.pw.data() + at / 2;
+      for (; row + 4 <= end; row += 4) axpy_rows_bf16<4>(pw + row * ldp, ldp, vr, p.D, po + row * p.Dv, p.Dv);
+      for (; row < end; ++row) axpy_rows_bf16<1>(pw + row * ldp, ldp, vr, p.D, po + row * p.Dv, p.Dv);
+#endif
+    } else {
+      const float* s = sc.s.data() + at;
+      for (; row + 4 <= end; row += 4) axpy_rows<4>(s + row * kBlockK, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
+      for (; row + 2 <= end; row += 2) axpy_rows<2>(s + row * kBlockK, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
+      if (row < end) axpy_rows<1>(s + row * kBlockK, kBlockK, vr, p.D, po + row * p.Dv, p.Dv);
+    }
   });
 }
 
@@ -271,7 +370,7 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
   const int64_t n_work = p.B * p.n_chunks;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_work), 1, [&](int64_t, int64_t) {
-    Scratch sc(p);
+    Scratch sc(p, kBf16Dot<T>);
     for (int64_t w = next.fetch_add(1); w < n_work; w = next.fetch_add(1)) {
       const int64_t c = w % p.n_chunks, b = w / p.n_chunks, n = lens[b];
       const int64_t j_begin = std::min(firsts[b] + c * p.chunk, n), j_end = std::min(j_begin + p.chunk, n);
@@ -280,7 +379,7 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
       for (int64_t j = 0; j < kAhead; j += kKeys)
         for (int64_t hk = 0; hk < p.Hkv; ++hk)
           prefetch_rows(kp + ks.of(b, j_begin, 0), ks, hk, j, 1, j_end - j_begin, p.D);
-      chunk_init<T>(p, qp, qs, b, sc.q.data(), o, m, l);
+      chunk_init<T>(p, qp, qs, b, sc, o, m, l);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK)
         chunk_step<T>(p, kp + ks.of(b, j0, 0), vp + vs.of(b, j0, 0), ks, vs, n, j0,
                       std::min(kBlockK, j_end - j0), o, m, l, sc);
@@ -317,7 +416,11 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
           vstore(acc.data() + d, vfma(vset1(f), vload(oc + d), vload(acc.data() + d)));
       }
       const float inv = 1.0f / l;
-      for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(acc[d] * inv);
+      if constexpr (kBf16Dot<T>) {  // the bf16 dot products' rows hold each segment in seg_lane order
+        for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(acc[d / kSeg * kSeg + seg_lane(d % kSeg)] * inv);
+      } else {
+        for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(acc[d] * inv);
+      }
     }
   });
 }
@@ -404,7 +507,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   if (k_cache.stride(2) * Hkv <= k_cache.stride(1) && v_cache.stride(2) * Hkv <= v_cache.stride(1))
     while (2 * p.interleave * row_bytes <= kPage && 2 * p.interleave * kKeys <= kBlockK) p.interleave *= 2;
 
-  with_float_type(dtype, [&](auto tag) { decode_kernel<decltype(tag)>(p, q, k_cache, v_cache, lens, firsts, out); });
+  with_float_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (kBf16Dot<T>) p.Dv = (D + kSeg - 1) / kSeg * kSeg;  // whole segments of the bf16 dot products
+    decode_kernel<T>(p, q, k_cache, v_cache, lens, firsts, out);
+  });
   return out;
 }
 
