@@ -57,6 +57,17 @@ def test_mlp_rule(name, backend, dtype, M, d, inter):
         check_op(f"{name}[{backend}, no_grad]", fn, ref, inputs, grads=False)
 
 
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_cpu_kernel(n)) for n in MLPS])
+def test_cpu_mlp_x_starting_mid_word(name):
+    """bf16 x whose first element sits at an odd offset: the C++ GEMMs read x's rows as 32-bit words of pairs
+    (AVX512-BF16), in place only where they are word-aligned."""
+    op, ref, make = MLPS[name]
+    inputs = make(33, 40, 96, torch.bfloat16, device="cpu")
+    inputs[0] = torch.randn(1 + inputs[0].numel()).to(torch.bfloat16)[1:].view(inputs[0].shape)
+    with torch.no_grad():
+        check_op(f"{name}[cpu]", lambda *a: op(*a, backend="cpu"), ref, inputs, grads=False)
+
+
 def test_mlp_variants_without_bias_residual_and_with_leading_dims():
     check_op("mlp_gelu(no bias, no residual, (2, 7, d))", lambda *a: mlp_gelu(*a, backend="triton"),
              reference.mlp_gelu, _gelu_inputs(7, 40, 96, torch.float32, bias=False, residual=False, lead=(2,)))

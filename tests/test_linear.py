@@ -53,3 +53,13 @@ def test_bad_input(call, exc, words):
     with pytest.raises(exc, match=None) as info:
         call(x, w, b)
     assert words in str(info.value)
+
+
+@NEEDS_CPU_KERNEL
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_x_starting_mid_word(dtype):
+    """A contiguous x whose first element sits at an odd offset: with bf16 the GEMM reads x's rows as 32-bit words of
+    pairs, in place only where they are word-aligned (else through a copy)."""
+    x = torch.randn(1 + 18 * 24).to(dtype)[1:].view(18, 24)
+    inputs = [x, (torch.randn(17, 24) / 24 ** 0.5).to(dtype), None]
+    check_op("linear[cpu]", lambda *a: linear(*a, backend="cpu"), F.linear, inputs)

@@ -55,6 +55,16 @@ inline void pair_rows(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_
   }
 }
 
+// A contiguous rows x n bf16 matrix as rows of (n + 1) / 2 words of pairs: the matrix itself, read as words, when
+// n is even and it starts on a word boundary; else a zero-padded copy in buf (pair_rows).
+inline const uint32_t* as_words(const c10::BFloat16* src, int64_t rows, int64_t n, Words& buf) {
+  if (n % 2 == 0 && reinterpret_cast<uintptr_t>(src) % alignof(uint32_t) == 0)
+    return reinterpret_cast<const uint32_t*>(src);
+  buf.resize(rows * ((n + 1) / 2));
+  pair_rows(src, n, rows, n, buf.data(), (n + 1) / 2);
+  return buf.data();
+}
+
 #if defined(FASTLM_BF16_DOT)
 
 // 16 bf16 values lo[i] and 16 more hi[i] as the 16 words (lo[i], hi[i]).

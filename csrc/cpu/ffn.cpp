@@ -118,7 +118,8 @@ void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
   // bf16 on the dot products (bf16dot.h): x and the activation h as bf16 words of pairs (h rounded to bf16, as a bf16
   // model's MLP rounds it, with an odd width's pad column 0); the gate stays fp32 in hp
   const int64_t d2 = (d + 1) / 2, i2 = (inter + 1) / 2;
-  Words xw(words ? n * d2 : 0), hw(words ? tb * i2 : 0, 0u);
+  Words xbuf, hw(words ? tb * i2 : 0, 0u);
+  const uint32_t* xw = nullptr;  // x's rows as words (as_words)
   auto* hb = reinterpret_cast<c10::BFloat16*>(hw.data());  // hw's rows as 2 * i2 bf16 values
   with_float_type(x2.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -126,16 +127,14 @@ void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
     const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
     const int64_t ldr = res.defined() ? res.stride(0) : 0;
     constexpr bool dot = kBf16Dot<T>;
-    if constexpr (dot) {
-      const at::Tensor xc = x2.contiguous();
-      pair_rows(xc.const_data_ptr<T>(), d, n, d, xw.data(), d2);
-    }
+    const at::Tensor xc = dot ? x2.contiguous() : at::Tensor();
+    if constexpr (dot) xw = as_words(xc.const_data_ptr<T>(), n, d, xbuf);
     for (int64_t t0 = 0; t0 < n; t0 += tb) {
       const int64_t rows = std::min(tb, n - t0);
       // a GEMM over x's rows of this block, or over h's
       auto over_x = [&](const at::Tensor& w, auto&& epilogue) {
         if constexpr (dot)
-          gemm_nt(rows, w.size(0), d, xw.data() + t0 * d2, d2, w.const_data_ptr<T>(), w.stride(0), w.stride(1),
+          gemm_nt(rows, w.size(0), d, xw + t0 * d2, d2, w.const_data_ptr<T>(), w.stride(0), w.stride(1),
                   epilogue);
         else
           gemm_nt(rows, w.size(0), d, xf.const_data_ptr<float>() + t0 * d, d, w.const_data_ptr<T>(), w.stride(0),

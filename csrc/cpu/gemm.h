@@ -5,9 +5,9 @@
 // split across the threads. For each group a thread packs its rows of W transposed, panel by panel (K x kPanel,
 // fp32: half-precision weights are widened here, once per element), then walks down x kChunkRows rows at a time:
 // for each 256-deep slice of the reduction (kDepth) it runs the register-blocked micro-kernel of tile.h (kRows x
-// kPanel accumulators: kRows broadcasts of x and two panel vectors per k) over every panel of the group, adds the
-// partial sums, and hands the rows x group tile to an epilogue (bias, activation, residual, rounding to the output
-// dtype), which writes whole row segments of the output.
+// kPanel accumulators: kRows broadcasts of x and two panel vectors per k) over every panel of the group, the first
+// slice writing the tile and each later one adding its sums to it, and hands the rows x group tile to an epilogue
+// (bias, activation, residual, rounding to the output dtype), which writes whole row segments of the output.
 //
 // bf16 on a CPU with AVX512-BF16 (bf16dot.h): x comes as bf16 words of pairs and W is packed as such words, the
 // same loops on the dot-product micro-kernel (half the reduction steps, no widening); fp32 accumulation either way.
@@ -111,8 +111,10 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const W* 
   const int64_t group = panel_group(panels, at::get_num_threads()), groups = (panels + group - 1) / group;
   const int64_t ldt = group * kPanel;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<X> packed(group * Kx * kPanel);
-    std::vector<float> tile(kChunkRows * ldt), partial(K > kDepth ? kChunkRows * ldt : 0);
+    // (cache-line aligned: the micro-kernel loads whole vectors of the panels and stores whole vectors of the tile)
+    std::vector<X, LineAligned<X>> packed(group * Kx * kPanel);
+    Floats tile(kChunkRows * ldt);
+    const Floats ones(kRows, 1.0f);  // row scales that make a depth step add its sums to the tile's (C = 1 C + A B)
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t n0 = g * ldt, cols = std::min(ldt, N - n0), np = (cols + kPanel - 1) / kPanel;
       pack_panels(w, w_row, w_col, n0, cols, np, K, packed.data());
@@ -120,23 +122,19 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const W* 
         const int64_t rows = std::min(kChunkRows, M - m0);
         for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kDepth) {
           const int64_t depth = (std::min(kDepth, K - k0) + per - 1) / per, kx = k0 / per;  // in x elements
-          float* dst = k0 == 0 ? tile.data() : partial.data();
+          const float* add = k0 == 0 ? nullptr : ones.data();  // the first step writes the tile, later ones add
           for (int64_t p = 0; p < np; ++p)
             for (int64_t i = 0; i < rows; i += kRows) {
               const int64_t r = std::min<int64_t>(kRows, rows - i);
               const X* b = packed.data() + (p * Kx + kx) * kPanel;
-              float* c = dst + i * ldt + p * kPanel;
+              float* c = tile.data() + i * ldt + p * kPanel;
 #if defined(FASTLM_BF16_DOT)
               if constexpr (words)
-                dot_rows<2>(r, WordsA{x + (m0 + i) * ldx + kx, ldx, 1}, b, kPanel, depth, c, ldt, nullptr);
+                dot_rows<2>(r, WordsA{x + (m0 + i) * ldx + kx, ldx, 1}, b, kPanel, depth, c, ldt, add);
               else
 #endif
-                gemm_rows<2, false>(r, MatA{x + (m0 + i) * ldx + kx, ldx, 1}, b, kPanel, depth, c, ldt, nullptr);
+                gemm_rows<2, false>(r, MatA{x + (m0 + i) * ldx + kx, ldx, 1}, b, kPanel, depth, c, ldt, add);
             }
-          if (k0 > 0)
-            for (int64_t i = 0; i < rows; ++i)
-              for (int64_t e = i * ldt; e < i * ldt + np * kPanel; e += kW)
-                vstore(tile.data() + e, vload(tile.data() + e) + vload(dst + e));
         }
         epilogue(m0, rows, n0, cols, tile.data(), ldt);
       }

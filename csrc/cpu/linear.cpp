@@ -83,9 +83,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
         }
     };
     if constexpr (kBf16Dot<T_>) {  // x as words of bf16 pairs for the dot products
-      Words xw(T * ((K + 1) / 2));
-      pair_rows(xb.const_data_ptr<T_>(), K, T, K, xw.data(), (K + 1) / 2);
-      gemm_nt(T, N, K, xw.data(), (K + 1) / 2, w, weight.stride(0), weight.stride(1), epilogue);
+      const int64_t K2 = (K + 1) / 2;
+      Words xw;
+      gemm_nt(T, N, K, as_words(xb.const_data_ptr<T_>(), T, K, xw), K2, w, weight.stride(0), weight.stride(1),
+              epilogue);
     } else {
       gemm_nt(T, N, K, xf.const_data_ptr<float>(), K, w, weight.stride(0), weight.stride(1), epilogue);
     }
