@@ -184,10 +184,10 @@ struct Problem {
   SoftmaxScale scale;
 };
 
-// Per-thread state of a work item, for all kv heads: query rows (fp32, zero padded to Dv), scores of one block and
-// the softmax rescaling factors; row (hk, r) is at index hk * M + r.
+// Per-thread state of a work item, for all kv heads: query rows (fp32, zero padded to Dv) and the scores of one
+// block, cache-line aligned (read and written as whole vectors); row (hk, r) is at index hk * M + r.
 struct Scratch {
-  std::vector<float> q, s;
+  Floats q, s;
   Words qw, pw;  // the bf16 dot products' query rows (Dv / 2 words a row) and rounded P (kBlockK / 2 words a row)
   Scratch(const Problem& p, bool words)
       : q(p.Hkv * p.M * p.Dv), s(p.Hkv * p.M * kBlockK), qw(words ? p.Hkv * p.M * p.Dv / 2 : 0),
@@ -389,7 +389,7 @@ void decode_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& kc, 
   // Combine: out_r = sum_c 2^(m_c - m) o_c / sum_c 2^(m_c - m) l_c with m = max_c m_c.
   T* optr = out.data_ptr<T>();
   at::parallel_for(0, p.B * p.Hkv * p.M, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(p.Dv);
+    Floats acc(p.Dv);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t r = w % p.M, bh = w / p.M, b = bh / p.Hkv, hk = bh % p.Hkv;
       const int64_t g = r / p.Sq, i = r % p.Sq;
