@@ -177,7 +177,8 @@ constexpr int64_t kMinChunk = 256;  // keys per work item at least (amortizes th
 constexpr int64_t kAhead = kBlockK / 2;  // software prefetch distance in cache rows (into L2)
 
 struct Problem {
-  int64_t B, Sq, H, Hkv, G, M, D, Dv;  // M = G * Sq rows per kv head; Dv: D padded to whole vectors (to kSeg for bf16 dots)
+  // M = G * Sq rows per kv head; Dv: D padded to whole vectors (to whole kSeg segments on the bf16 dot products)
+  int64_t B, Sq, H, Hkv, G, M, D, Dv;
   int64_t chunk, n_chunks;
   int64_t interleave;  // r: consecutive cache rows that share a 4 KB page (1 when a row fills a page or more)
   int64_t window_left;  // a query at position i sees keys i - window_left .. i; -1: from 0
