@@ -109,8 +109,9 @@ struct WordsA {
   int64_t row, col;  // strides of the row index i and the pair index p, in words
 };
 
+// Never inlined, as tile.h's gemm_micro (inlined, its accumulators can end up in memory).
 template <int R, int NV>
-inline void dot_micro(WordsA A, const uint32_t* __restrict B, int64_t ldb, int64_t K2, float* __restrict C,
+[[gnu::noinline]] void dot_micro(WordsA A, const uint32_t* __restrict B, int64_t ldb, int64_t K2, float* __restrict C,
                       int64_t ldc, const float* __restrict row_scale) {
   __m512 acc[R][NV];
   for (int i = 0; i < R; ++i)

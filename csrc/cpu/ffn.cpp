@@ -5,8 +5,9 @@
 //
 // Algorithm: tokens are processed in blocks whose fp32 intermediate activation (block x I) stays in the last-level
 // cache (kBlockBytes). Per block, the first product runs on the packed GEMM of gemm.h (all threads, split by output
-// panels) and its epilogue adds b_fc and applies the GELU, or stores the gate; the up product's epilogue computes
-// silu(gate) * up in place, so the up activation never exists as a tensor. The second product reads the
+// panels) and its epilogue adds b_fc and applies the GELU; for SwiGLU the gate and up products run as one pass
+// (gemm_nt2: both products of a column panel side by side in the tile) whose epilogue computes silu(gate) * up, so
+// neither product exists as a tensor. The second product reads the
 // intermediate back from cache and its epilogue adds the bias and the residual and rounds once to x's dtype. bf16 /
 // fp16 weights are widened to fp32 as gemm.h packs them; x once per call; all arithmetic is fp32. On a CPU with
 // AVX512-BF16, bf16 MLPs run both products on its dot products instead (gemm.h), with the intermediate rounded to
@@ -112,11 +113,11 @@ void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
   const at::Tensor b1f = padded(b1, inter), b2f = padded(b2, d_out);
   const int64_t tb =
       std::max<int64_t>(1, std::min(n, std::max(kMinBlockTokens, kBlockBytes / (4 * std::max<int64_t>(inter, 1)))));
-  at::Tensor h = at::empty({tb, inter}, fp32);
+  at::Tensor h = at::empty({words ? 0 : tb, inter}, fp32);  // the fp32 activation (words: hw below)
   float* hp = h.data_ptr<float>();
   const float *pb1 = b1f.const_data_ptr<float>(), *pb2 = b2f.const_data_ptr<float>();
   // bf16 on the dot products (bf16dot.h): x and the activation h as bf16 words of pairs (h rounded to bf16, as a bf16
-  // model's MLP rounds it, with an odd width's pad column 0); the gate stays fp32 in hp
+  // model's MLP rounds it, with an odd width's pad column 0)
   const int64_t d2 = (d + 1) / 2, i2 = (inter + 1) / 2;
   Words xbuf, hw(words ? tb * i2 : 0, 0u);
   const uint32_t* xw = nullptr;  // x's rows as words (as_words)
@@ -140,6 +141,15 @@ void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
           gemm_nt(rows, w.size(0), d, xf.const_data_ptr<float>() + t0 * d, d, w.const_data_ptr<T>(), w.stride(0),
                   w.stride(1), epilogue);
       };
+      // both products of SwiGLU's gate and up weights in one pass (gemm.h: each panel's two tiles side by side)
+      auto over_x2 = [&](const at::Tensor& wa, const at::Tensor& wb, auto&& epilogue) {
+        const Weight<T> a{wa.const_data_ptr<T>(), wa.stride(0), wa.stride(1)};
+        const Weight<T> b{wb.const_data_ptr<T>(), wb.stride(0), wb.stride(1)};
+        if constexpr (dot)
+          gemm_nt2(rows, wa.size(0), d, xw + t0 * d2, d2, a, b, epilogue);
+        else
+          gemm_nt2(rows, wa.size(0), d, xf.const_data_ptr<float>() + t0 * d, d, a, b, epilogue);
+      };
       auto over_h = [&](const at::Tensor& w, auto&& epilogue) {
         if constexpr (dot)
           gemm_nt(rows, w.size(0), inter, hw.data(), i2, w.const_data_ptr<T>(), w.stride(0), w.stride(1), epilogue);
@@ -153,25 +163,21 @@ void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
         else
           vstore_cvt_n(hp + i * inter + c, y, len);
       };
-      // h = gelu(x W1^T + b1); or the gate alone (fp32)
-      over_x(w1, [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
-        for (int64_t i = 0; i < r; ++i)
-          for (int64_t v = 0; v < cols; v += kW) {
-            const vfloat y = vload(tile + i * ldt + v) + vload(pb1 + n0 + v);
-            const int64_t len = std::min<int64_t>(kW, cols - v);
-            if (act == Act::kGelu)
-              put_h(m0 + i, n0 + v, gelu(y), len);
-            else
-              vstore_cvt_n(hp + (m0 + i) * inter + n0 + v, y, len);
-          }
-      });
-      if (w_up)  // h = silu(gate) * (x W_up^T), the up product consumed in the epilogue
-        over_x(*w_up, [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
+      if (w_up)  // h = silu(x W1^T + b1) * (x W_up^T)
+        over_x2(w1, *w_up, [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
           for (int64_t i = 0; i < r; ++i)
             for (int64_t v = 0; v < cols; v += kW) {
-              const int64_t len = std::min<int64_t>(kW, cols - v);
-              const vfloat g = vload_cvt_n(hp + (m0 + i) * inter + n0 + v, len);
-              put_h(m0 + i, n0 + v, swiglu(g, vload(tile + i * ldt + v)), len);
+              const float* g = tile + i * ldt + v / kPanel * 2 * kPanel + v % kPanel;  // the up product: kPanel on
+              const vfloat y = swiglu(vload(g) + vload(pb1 + n0 + v), vload(g + kPanel));
+              put_h(m0 + i, n0 + v, y, std::min<int64_t>(kW, cols - v));
+            }
+        });
+      else  // h = gelu(x W1^T + b1)
+        over_x(w1, [&](int64_t m0, int64_t r, int64_t n0, int64_t cols, const float* tile, int64_t ldt) {
+          for (int64_t i = 0; i < r; ++i)
+            for (int64_t v = 0; v < cols; v += kW) {
+              const vfloat y = vload(tile + i * ldt + v) + vload(pb1 + n0 + v);
+              put_h(m0 + i, n0 + v, gelu(y), std::min<int64_t>(kW, cols - v));
             }
         });
       // out = h W2^T + b2 (+ res), rounded once

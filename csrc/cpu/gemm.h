@@ -39,12 +39,12 @@ constexpr int64_t kDepth = 256;            // reduction depth per pass: separate
 // Panels per group for `panels` panels on `threads` threads: the largest size (at most kMaxGroup) that leaves the
 // busiest thread at most 1/16 more panels than single panels would. at::parallel_for hands each thread a
 // contiguous run of ceil(groups / threads) groups, and only the last group can be short.
-inline int64_t panel_group(int64_t panels, int64_t threads) {
+inline int64_t panel_group(int64_t panels, int64_t threads, int64_t max_group = kMaxGroup) {
   auto busiest = [&](int64_t g) {
     const int64_t groups = (panels + g - 1) / g;
     return std::min(panels, (groups + threads - 1) / threads * g);
   };
-  for (int64_t g = std::min(kMaxGroup, panels); g > 1; --g)
+  for (int64_t g = std::min(max_group, panels); g > 1; --g)
     if (16 * busiest(g) <= 17 * busiest(1)) return g;
   return 1;
 }
@@ -95,35 +95,56 @@ inline void pack_panels(const c10::BFloat16* w, int64_t w_row, int64_t w_col, in
 }
 #endif
 
+// A weight in nn.Linear layout: element (n, k) at p[n * row + k * col].
+template <typename W>
+struct Weight {
+  const W* p;
+  int64_t row, col;
+};
+
 // Computes x W^T tile by tile and calls epilogue(m0, rows, n0, cols, tile, ldt) for each, with
 // tile[i * ldt + j] = y[m0 + i, n0 + j] for i < rows, j < cols; ldt is a multiple of kPanel and the tile is
 // readable up to the next multiple of kPanel past cols, so epilogues may load whole vectors. x is fp32 (row stride
 // ldx floats) or, for bf16 weights on the dot products (bf16dot.h), bf16 rows as words of pairs (ldx words a row,
 // an odd K's last word zero padded).
+//
+// With nw = 2 weights of the same shape (SwiGLU's gate and up) both products come in one pass: their panels
+// alternate in the packing, so a tile holds, for each panel q of its columns, ws[0]'s kPanel columns at
+// [2 q kPanel, (2 q + 1) kPanel) and ws[1]'s same columns right after; n0 and cols still count output columns.
+// The epilogue gets both products of an element while they are in L1 (a second pass would read the first product
+// back from memory).
 template <typename X, typename W, typename Epilogue>
-void gemm_nt(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const W* w, int64_t w_row, int64_t w_col,
-             Epilogue&& epilogue) {
+void gemm_impl(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const Weight<W>* ws, int64_t nw,
+               Epilogue&& epilogue) {
   constexpr bool words = std::is_same_v<X, uint32_t>;
   static_assert(std::is_same_v<X, float> || (words && kBf16Dot<W>), "gemm_nt: fp32 x, or words with bf16 W");
   constexpr int64_t per = words ? 2 : 1;  // reduction elements per x element
   const int64_t Kx = (K + per - 1) / per;  // x elements (and packed rows) a row
   const int64_t panels = (N + kPanel - 1) / kPanel;
-  const int64_t group = panel_group(panels, at::get_num_threads()), groups = (panels + group - 1) / group;
-  const int64_t ldt = group * kPanel;
+  // groups of output panels (each nw packed panels: the packed slice per depth step stays the same size)
+  const int64_t group = panel_group(panels, at::get_num_threads(), kMaxGroup / nw);
+  const int64_t groups = (panels + group - 1) / group, ldt = group * nw * kPanel;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     // (cache-line aligned: the micro-kernel loads whole vectors of the panels and stores whole vectors of the tile)
-    std::vector<X, LineAligned<X>> packed(group * Kx * kPanel);
+    std::vector<X, LineAligned<X>> packed(group * nw * Kx * kPanel);
     Floats tile(kChunkRows * ldt);
     const Floats ones(kRows, 1.0f);  // row scales that make a depth step add its sums to the tile's (C = 1 C + A B)
     for (int64_t g = g0; g < g1; ++g) {
-      const int64_t n0 = g * ldt, cols = std::min(ldt, N - n0), np = (cols + kPanel - 1) / kPanel;
-      pack_panels(w, w_row, w_col, n0, cols, np, K, packed.data());
+      const int64_t n0 = g * group * kPanel, cols = std::min(group * kPanel, N - n0), np = (cols + kPanel - 1) / kPanel;
+      if (nw == 1) {
+        pack_panels(ws[0].p, ws[0].row, ws[0].col, n0, cols, np, K, packed.data());
+      } else {
+        for (int64_t q = 0; q < np; ++q)
+          for (int64_t u = 0; u < nw; ++u)
+            pack_panels(ws[u].p, ws[u].row, ws[u].col, n0 + q * kPanel, std::min(kPanel, cols - q * kPanel), 1, K,
+                        packed.data() + (q * nw + u) * Kx * kPanel);
+      }
       for (int64_t m0 = 0; m0 < M; m0 += kChunkRows) {
         const int64_t rows = std::min(kChunkRows, M - m0);
         for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kDepth) {
           const int64_t depth = (std::min(kDepth, K - k0) + per - 1) / per, kx = k0 / per;  // in x elements
           const float* add = k0 == 0 ? nullptr : ones.data();  // the first step writes the tile, later ones add
-          for (int64_t p = 0; p < np; ++p)
+          for (int64_t p = 0; p < np * nw; ++p)
             for (int64_t i = 0; i < rows; i += kRows) {
               const int64_t r = std::min<int64_t>(kRows, rows - i);
               const X* b = packed.data() + (p * Kx + kx) * kPanel;
@@ -140,6 +161,21 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const W* 
       }
     }
   });
+}
+
+template <typename X, typename W, typename Epilogue>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const W* w, int64_t w_row, int64_t w_col,
+             Epilogue&& epilogue) {
+  const Weight<W> ws[1] = {{w, w_row, w_col}};
+  gemm_impl(M, N, K, x, ldx, ws, 1, epilogue);
+}
+
+// x W1^T and x W2^T in one pass (gemm_impl with two weights of the same shape).
+template <typename X, typename W, typename Epilogue>
+void gemm_nt2(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, Weight<W> w1, Weight<W> w2,
+              Epilogue&& epilogue) {
+  const Weight<W> ws[2] = {w1, w2};
+  gemm_impl(M, N, K, x, ldx, ws, 2, epilogue);
 }
 
 }  // namespace fastlm_cpu
