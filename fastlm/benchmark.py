@@ -699,7 +699,7 @@ _ISA_FLAGS = (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"), ("avx512
               ("amx_bf16", "AMX-BF16"))
 
 
-def _cpu_isa() -> list[str]:
+def cpu_isa() -> list[str]:
     """The CPU's vector extensions that decide the C++ kernels' speed (fastlm builds with -march=native): AVX2, FMA,
     AVX-512, AVX512-BF16 (bf16 dot products), AMX-BF16, as /proc/cpuinfo lists them."""
     try:
@@ -739,7 +739,7 @@ def environment(device: torch.device) -> dict:
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_model(),
         "cpu_model": _cpu_model(),
-        "cpu_isa": _cpu_isa(),
+        "cpu_isa": cpu_isa(),
         "gpu_model": torch.cuda.get_device_name(device) if cuda else None,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),

@@ -37,8 +37,8 @@ struct MatA {
 // Never inlined: inlined into a large caller (gemm.h's loops), GCC has kept the accumulators of this array in
 // memory, a store per FMA (2.7x slower); compiled alone they stay in registers.
 template <int R, int NV, bool HoldB>
-[[gnu::noinline]] void gemm_micro(MatA A, const float* __restrict B, int64_t ldb, int64_t K, float* __restrict C, int64_t ldc,
-                       const float* __restrict row_scale) {
+[[gnu::noinline]] void gemm_micro(MatA A, const float* __restrict B, int64_t ldb, int64_t K, float* __restrict C,
+                                  int64_t ldc, const float* __restrict row_scale) {
   vfloat acc[R][NV] = {};
   for (int64_t k = 0; k < K; ++k) {
     vfloat b[NV];
