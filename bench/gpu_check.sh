@@ -14,7 +14,7 @@
 #   memcheck, racecheck, synccheck
 #              compute-sanitizer on small attention (head dims 64, 96, 256), decode and MLP (tensor-core GEMMs and
 #              the few-row gemv) cases, where available
-#   tests-rest pytest tests -m "not gpu and not slow" (on a GPU machine most of them run on the GPU too: Triton at
+#   tests-rest pytest tests -m "not gpu" (on a GPU machine most of them run on the GPU too: Triton at
 #              fp32 / fp16, the model, generation) with what time is left -> tests-rest.log, junit-rest.xml
 # and prints a short table last: op, shape, fastlm rate, best peer, ratio, max error. The tests run in pytest-xdist
 # workers where it is installed, with a per-test timeout where pytest-timeout is, and the Triton kernels at their
@@ -177,7 +177,7 @@ if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then
     PYTEST+=(--timeout="$([ "$DRY" = 1 ] && echo 300 || echo 60)")
 fi
 if [ "$DRY" = 1 ]; then
-    step tests-gpu 300 "${PYTEST[@]}" -m "not slow" -x -k "benchmark" --junitxml="$OUT/junit-gpu.xml"
+    step tests-gpu 300 "${PYTEST[@]}" -x -k "benchmark" --junitxml="$OUT/junit-gpu.xml"
 else
     if "$PY" -c "import xdist" >/dev/null 2>&1; then
         PYTEST+=(-n "$((CORES < 8 ? CORES : 8))")
@@ -203,12 +203,12 @@ fi
 
 if [ "$DRY" = 1 ]; then
     echo "=== sanitizer: skipped in the dry run"
-    step tests-rest 300 "${PYTEST[@]}" -m "not gpu and not slow" -x -k "gpu_check" --junitxml="$OUT/junit-rest.xml"
+    step tests-rest 300 "${PYTEST[@]}" -m "not gpu" -x -k "gpu_check" --junitxml="$OUT/junit-rest.xml"
 else
     step memcheck "$(limit 40 40)" bash -c "sanitize memcheck"
     step racecheck "$(limit 40 0)" bash -c "sanitize racecheck"
     step synccheck "$(limit 40 0)" bash -c "sanitize synccheck"
-    step tests-rest "$(limit 240 0)" "${PYTEST[@]}" -m "not gpu and not slow" --junitxml="$OUT/junit-rest.xml"
+    step tests-rest "$(limit 240 0)" "${PYTEST[@]}" -m "not gpu" --junitxml="$OUT/junit-rest.xml"
 fi
 
 echo

@@ -24,7 +24,7 @@ BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton and C++ CPU kernels take
 # the ops with a CUDA C++ kernel (csrc/bindings_cuda.cpp; fp16 / bf16 only: tensor cores)
 CUDA_OPS = ("attention_fwd", "decode_attention", "mlp_gelu", "mlp_swiglu")
-# the head dims csrc/cuda's attention and decode kernels are built for (compiled_head_dim in launch_utils.cuh; the
+# the head dims csrc/cuda's attention and decode kernels are built for (compiled_head_dim in launchers.h; the
 # launcher host test checks that the two agree)
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
 

@@ -1048,7 +1048,7 @@ def cli(argv=None) -> int:
     from fastlm import bench_suites
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tiny = args.tiny or os.environ.get("FASTLM_BENCH_TINY") == "1"
+    tiny = args.tiny
     ops = _parse_list(args.ops, OPS, "ops") or default_ops(device, args.suite, tiny)
     if args.backend:
         choices = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")

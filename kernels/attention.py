@@ -59,7 +59,7 @@ def _load_tile_t(base, rows, offs_d, d_mask, stride_row, n_rows, MASK_ROWS: tl.c
 
 
 @triton.jit
-def _query_block(H, group, BLOCK_M: tl.constexpr):
+def _query_block(group, BLOCK_M: tl.constexpr):
     """(batch, head, kv head, first query row) of a program on the grid (query blocks, heads, batch); batch and heads
     in int64, as they multiply strides (a batch stride times the batch index passes 2^31 from 2^31 elements on)."""
     h = tl.program_id(1).to(tl.int64)
@@ -145,7 +145,7 @@ def _attn_fwd(Q, K, V, O, LSE,
               H, Sq, Sk, D, group, wl, wr, qk_scale, seq_bucket,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    b, h, hk, m_start = _query_block(H, group, BLOCK_M)
+    b, h, hk, m_start = _query_block(group, BLOCK_M)
     offset = Sk - Sq
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -189,7 +189,7 @@ def _bwd_preprocess(O, DO, DLSE, DELTA,
                     stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
                     H, Sq, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(dO * O) - dLSE (an upstream LSE gradient adds P * dLSE to dS, i.e. shifts delta)."""
-    b, h, _, m_start = _query_block(H, 1, BLOCK_M)
+    b, h, _, m_start = _query_block(1, BLOCK_M)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -297,7 +297,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  H, Sq, Sk, D, group, wl, wr, qk_scale, sm_scale, seq_bucket,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    b, h, hk, m_start = _query_block(H, group, BLOCK_M)
+    b, h, hk, m_start = _query_block(group, BLOCK_M)
     offset = Sk - Sq
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

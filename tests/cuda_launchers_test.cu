@@ -127,12 +127,22 @@ int main(int argc, char** argv) {
     std::printf("FAIL: pass the head dims of fastlm.backends.CUDA_HEAD_DIMS as arguments\n");
     return 1;
   }
-  for (int d = 0; d <= 512; ++d)
+  for (int d = 0; d <= 512; ++d) {
     if (compiled_head_dim(d) != (head_dims.count(d) == 1)) {
       std::printf("FAIL head dim %d: compiled_head_dim says %d, CUDA_HEAD_DIMS says %d\n", d, compiled_head_dim(d),
                   int(head_dims.count(d)));
       ++failures;
     }
+    // the switch that picks the compiled kernels: the same head dims, each to its own instantiation
+    const Status s = dispatch_head_dim(d, "dispatch", [&](auto D) {
+      return decltype(D)::value == d ? Status::Ok() : Status::Error("instantiation " + std::to_string(D()));
+    });
+    if (s.ok() != compiled_head_dim(d)) {
+      std::printf("FAIL head dim %d: dispatch_head_dim says \"%s\", compiled_head_dim %d\n", d,
+                  s.ok() ? "ok" : s.error.c_str(), compiled_head_dim(d));
+      ++failures;
+    }
+  }
   int dev = 0, sms = 132, major = 0;  // 132 SMs when the device cannot be asked
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
                                                 cudaSuccess)

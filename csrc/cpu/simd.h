@@ -41,7 +41,6 @@ typedef uint16_t vu16 __attribute__((vector_size(FASTLM_VEC_BYTES / 2)));
 typedef uint32_t vu32 __attribute__((vector_size(FASTLM_VEC_BYTES)));
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline vfloat vset1(float s) {
@@ -88,7 +87,6 @@ inline void keep_in_register(vfloat& v) {
 }
 
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
-inline vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
 
 inline float hmax(vfloat v) {
   float m = v[0];
@@ -135,7 +133,7 @@ inline void hsum4(vfloat a0, vfloat a1, vfloat a2, vfloat a3, float* out) {
 // relative), and put n into the exponent field.
 inline vfloat vexp2(vfloat x) {
   const vint underflow = x < vset1(-126.0f);
-  x = x < vset1(-126.0f) ? vset1(-126.0f) : x;  // clamps written so that NaN passes (vmax / vmin would drop it)
+  x = x < vset1(-126.0f) ? vset1(-126.0f) : x;  // clamps written so that NaN passes (a max / min would drop it)
   x = x > vset1(126.0f) ? vset1(126.0f) : x;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits
   const vfloat t = x + vset1(magic);

@@ -14,7 +14,8 @@ the incoming scalar gradient (Liger-Kernel's scheme). That scaling multiplies al
 or a power-of-two loss scale, one extra rounding otherwise. With "none" (a per-token incoming gradient) the forward
 computes only the loss and backward recomputes each chunk's logits (four GEMMs per chunk in all).
 Backends: "triton" (kernels/cross_entropy.py + torch GEMMs), "cpu" (the C++ extension's row kernels,
-csrc/cpu/cross_entropy.cpp, + torch GEMMs) and "torch" (fastlm.reference).
+csrc/cpu/cross_entropy.cpp; the chunks' logits by its linear, the gradients' GEMMs by torch) and "torch"
+(fastlm.reference).
 """
 from __future__ import annotations
 
