@@ -3,6 +3,7 @@ reference for every op instead of failing."""
 import pytest
 import torch
 
+from conftest import backend_device, needs_cpu_kernel
 from fastlm import backends, ops, reference
 
 F64 = torch.float64
@@ -140,3 +141,38 @@ def test_matmul_ops_under_autocast(name, backend):
     if backend == "torch":
         with torch.autocast(kind, dtype=torch.bfloat16):
             assert fn(backend, *(a.detach().double() for a in args)).dtype == torch.float64
+
+
+def _f32(*shape, device):
+    return torch.randn(*shape, device=device, requires_grad=True)
+
+
+SECOND_ORDER = {  # op on fp32 leaves whose backward runs a kernel with no derivative of its own: backends
+    "attention": (lambda q, k, v, backend: ops.attention(q, k, v, causal=True, backend=backend), [(1, 5, 2, 8)] * 3,
+                  ("triton", "cpu")),
+    "mlp_gelu": (lambda x, w1, w2, backend: ops.mlp_gelu(x, w1, None, w2, None, backend=backend),
+                 [(3, 8), (12, 8), (8, 12)], ("triton", "cpu")),
+    "mlp_swiglu": (lambda x, w1, w3, w2, backend: ops.mlp_swiglu(x, w1, w3, w2, backend=backend),
+                   [(3, 8), (12, 8), (12, 8), (8, 12)], ("triton", "cpu")),
+    "cross_entropy": (lambda x, backend: ops.cross_entropy(x, torch.tensor([1, 2, 9], device=x.device),
+                                                           backend=backend), [(3, 10)], ("triton", "cpu")),
+    "rms_norm": (lambda x, w, backend: ops.rms_norm(x, w, backend=backend), [(3, 8), (8,)], ("triton",)),
+}
+
+
+@pytest.mark.parametrize("name, backend", [
+    pytest.param(n, b, marks=needs_cpu_kernel({"attention": "attention_fwd", "cross_entropy": "cross_entropy_fwd"}
+                                              .get(n, n)) if b == "cpu" else ())
+    for n, (_, _, bs) in SECOND_ORDER.items() for b in bs])
+def test_second_order_gradients_are_a_clear_error(name, backend):
+    """backward(create_graph=True) gives the right first-order gradients; differentiating them raises an error that
+    names the op and the way out, never torch's bare 'no autograd formula' nor a silent zero."""
+    fn, shapes, _ = SECOND_ORDER[name]
+    device = backend_device(backend)
+    leaves = [_f32(*s, device=device) for s in shapes]
+    grads = torch.autograd.grad(fn(*leaves, backend=backend).square().sum(), leaves, create_graph=True)
+    want = torch.autograd.grad(fn(*leaves, backend="torch").square().sum(), leaves)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match=f"{name}.*second-order gradients .* use backend='torch'"):
+        sum(g.sum() for g in grads).backward()

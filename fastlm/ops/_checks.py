@@ -35,6 +35,17 @@ def autocast_matmul(fn):
     return wrapper
 
 
+def first_order_only(bwd_op, op: str) -> None:
+    """Gives the custom op ``bwd_op``, the backward kernel of ``op``, an autograd formula that raises a clear error:
+    a gradient through the gradients (after torch.autograd.grad(..., create_graph=True)) has no kernel. The first
+    backward with create_graph=True still runs; only differentiating its results fails."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op}: second-order gradients (differentiating its gradients, e.g. after "
+                           f"torch.autograd.grad(..., create_graph=True)) are not supported on the kernel backends; "
+                           f"use backend='torch'")
+    bwd_op.register_autograd(backward)
+
+
 def check_float_tensor(op: str, name: str, t) -> None:
     """``t`` is a floating-point torch.Tensor."""
     if not isinstance(t, torch.Tensor):

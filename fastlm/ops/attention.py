@@ -13,7 +13,8 @@ import numbers
 import torch
 
 from fastlm import backends, reference
-from fastlm.ops._checks import autocast_matmul, check_qkv, check_softmax_scale, fit_head_dim, needs_grad
+from fastlm.ops._checks import (autocast_matmul, check_qkv, check_softmax_scale, fit_head_dim, first_order_only,
+                                needs_grad)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -93,6 +94,7 @@ def _backward_with(bwd_op):
 _triton_fwd.register_fake(_fwd_fake)
 _triton_bwd.register_fake(_bwd_fake)
 _triton_fwd.register_autograd(_backward_with(_triton_bwd), setup_context=_setup_context)
+first_order_only(_triton_bwd, "attention")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -163,6 +165,7 @@ def _reference_backward_in_blocks(dout, q, k, v, dlse, causal, softmax_scale, wi
 _native_fwd.register_fake(_fwd_fake)
 _native_bwd.register_fake(_bwd_fake)
 _native_fwd.register_autograd(_backward_with(_native_bwd), setup_context=_setup_context)
+first_order_only(_native_bwd, "attention")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
-from fastlm.ops._checks import autocast_matmul, check_float_tensor, check_triton_dtypes, needs_grad
+from fastlm.ops._checks import autocast_matmul, check_float_tensor, check_triton_dtypes, first_order_only, needs_grad
 _REDUCTIONS = ("mean", "sum", "none")
 _NATIVE = ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_fused_")
 
@@ -80,6 +80,7 @@ def _ce_backward_by(bwd_op):
 
 
 _ce_fwd.register_autograd(_ce_backward_by(_ce_bwd), setup_context=_ce_setup)
+first_order_only(_ce_bwd, "cross_entropy")
 
 
 @torch.library.custom_op("fastlm_native_py::cross_entropy", mutates_args=())
@@ -93,13 +94,14 @@ _nat_ce.register_fake(_rows_fake)
 @torch.library.custom_op("fastlm_native_py::cross_entropy_bwd", mutates_args=())
 def _nat_ce_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                 ignore_index: int) -> torch.Tensor:
-    """The C++ backward behind an op without an autograd formula: a double backward raises instead of returning
+    """The C++ backward in an op of its own: a double backward raises (first_order_only) instead of returning
     silent zeros."""
     return torch.ops.fastlm.cross_entropy_bwd(grad_loss, logits, targets, lse, ignore_index)
 
 
 _nat_ce_bwd.register_fake(_grad_fake)
 _nat_ce.register_autograd(_ce_backward_by(_nat_ce_bwd), setup_context=_ce_setup)
+first_order_only(_nat_ce_bwd, "cross_entropy")
 
 
 # ---- the chunked LM head + loss, shared by the Triton and C++ row kernels --------------------------------------------

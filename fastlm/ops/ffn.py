@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from fastlm import reference
 from fastlm.backends import extension_has, resolve
-from fastlm.ops._checks import autocast_matmul, check_float_tensor, check_triton_dtypes, needs_grad, num_rows
+from fastlm.ops._checks import (autocast_matmul, check_float_tensor, check_triton_dtypes, first_order_only, needs_grad,
+                                num_rows)
 from fastlm.ops.linear import linear
 
 
@@ -108,6 +109,7 @@ def _swiglu_bwd_fake(dh, g, u):
 
 
 _tr_gelu_bwd.register_fake(_gelu_bwd_fake)
+first_order_only(_tr_gelu_bwd, "mlp_gelu")
 
 
 def _tr_gelu_setup(ctx, inputs, output):
@@ -144,6 +146,7 @@ def _tr_swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
 
 
 _tr_swiglu_bwd.register_fake(_swiglu_bwd_fake)
+first_order_only(_tr_swiglu_bwd, "mlp_swiglu")
 
 
 def _tr_swiglu_setup(ctx, inputs, output):
@@ -172,6 +175,7 @@ def _nat_gelu_bwd(dh: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 _nat_gelu_bwd.register_fake(_gelu_bwd_fake)
+first_order_only(_nat_gelu_bwd, "mlp_gelu")
 
 
 @torch.library.custom_op("fastlm_native_py::swiglu_bwd", mutates_args=())
@@ -181,6 +185,7 @@ def _nat_swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
 
 
 _nat_swiglu_bwd.register_fake(_swiglu_bwd_fake)
+first_order_only(_nat_swiglu_bwd, "mlp_swiglu")
 
 
 def _native_act_bwd(name, device, fallback):

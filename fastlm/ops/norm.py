@@ -22,8 +22,8 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
-from fastlm.ops._checks import (TRITON_MAX_NORM_DIM, check_eps, check_float_tensor, check_triton_dtypes, fit_triton,
-                                kernel_dtype, needs_grad, num_rows)
+from fastlm.ops._checks import (TRITON_MAX_NORM_DIM, check_eps, check_float_tensor, check_triton_dtypes,
+                                first_order_only, fit_triton, kernel_dtype, needs_grad, num_rows)
 
 
 def _kernels():
@@ -74,6 +74,7 @@ def _backward(ctx, dy, dh, dmean, drstd):
 
 
 _norm_fwd.register_autograd(_backward, setup_context=_setup)
+first_order_only(_norm_bwd, "rms_norm / layer_norm")
 
 
 # ---- native (C++ extension forward, torch backward) ----------------------------------------------------------------
