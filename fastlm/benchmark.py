@@ -1038,7 +1038,7 @@ def cli(argv=None) -> int:
             raise SystemExit(f"error: --summary-of: {e}") from None
         print(summary_table(doc["results"]))
         return 0
-    from fastlm.train import check_out_dir
+    from fastlm.train import check_out_dir, check_threads
     try:
         check_out_dir(args.out, "--out")
         os.makedirs(args.out, exist_ok=True)     # before measuring: a run is never lost for want of its directory
@@ -1056,10 +1056,10 @@ def cli(argv=None) -> int:
     else:
         backends_ = None
     dtypes = [DTYPES[d] for d in _parse_list(args.dtype, tuple(DTYPES), "dtype")] if args.dtype else None
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise SystemExit(f"error: --threads must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    try:
+        check_threads(args.threads)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     timing = timing_for(args.suite, device, tiny)
     ctx = Context(device=device, timing=timing, compile=not args.no_compile, tiny=tiny, suite=args.suite)
     bench_suites.configure_compile()

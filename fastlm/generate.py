@@ -42,6 +42,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     if noise is not None and (not isinstance(noise, torch.Tensor) or noise.shape != logits.shape):
         got = f"shape {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else _describe(noise)
         raise ValueError(f"noise must be None or a tensor of the logits' shape {tuple(logits.shape)}, got {got}")
+    if noise is not None and not bool(((noise > 0) & (noise < math.inf)).all()):
+        raise ValueError("noise must hold positive finite Exp(1) draws (exponential_noise), got a value <= 0, inf or "
+                         "NaN: it would bias the draw")
     out = _sample(logits, float(temperature), None if top_k is None else int(top_k),
                   None if top_p is None else float(top_p), generator, noise)
     bad = (out < 0).nonzero().flatten().tolist()
@@ -204,8 +207,8 @@ def _pad_prompts(prompts, vocab_size: int, device):
                         f"{type(prompts).__name__}")
     else:
         prompts = list(prompts)
-        if prompts and all(_is_int(t) for t in prompts):
-            form, rows = "flat", [[int(t) for t in prompts]]            # one prompt as a flat list of ids
+        if prompts and _is_int(prompts[0]):                             # one prompt as a flat list of ids
+            form, rows = "flat", [_token_list(prompts, "prompts (one prompt as a flat list of token ids)")]
         else:
             form = "list"
             rows = [_token_list(p, f"prompts[{b}]") for b, p in enumerate(prompts)]

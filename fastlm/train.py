@@ -656,11 +656,13 @@ def seed64(seed: int) -> int:
 
 
 def check_threads(threads):
-    """--threads (None: torch's default) set for torch, or a ValueError."""
+    """--threads (None: torch's default) set for torch, or a ValueError. At most 4 per logical CPU: more only
+    oversubscribes the cores, and far more fails to create the threads (or crashes the OpenMP runtime)."""
     if threads is None:
         return
-    if not is_int(threads) or threads < 1:
-        raise ValueError(f"--threads must be a positive integer, got {threads!r}")
+    limit = 4 * (os.cpu_count() or 1)
+    if not is_int(threads) or not 1 <= threads <= limit:
+        raise ValueError(f"--threads must be an integer in [1, {limit}] (at most 4 per logical CPU), got {threads!r}")
     torch.set_num_threads(threads)
 
 
@@ -720,11 +722,12 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if not is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    if not is_real(lr) or not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    top = torch.finfo(torch.float32).max  # the optimizer computes with these in float32
+    if not is_real(lr) or not 0 < lr <= top:
+        raise ValueError(f"lr must be a positive number at most {top:.4g} (float32's largest), got {lr!r}")
     for name, value, what in (("weight_decay", weight_decay, ""), ("grad_clip", grad_clip, " (0 = no clipping)")):
-        if not is_real(value) or not 0 <= value < math.inf:
-            raise ValueError(f"{name} must be a finite number >= 0{what}, got {value!r}")
+        if not is_real(value) or not 0 <= value <= top:
+            raise ValueError(f"{name} must be a number in [0, {top:.4g}] (float32's range){what}, got {value!r}")
     if resume and not out:
         raise ValueError("resume needs out= (the directory holding the checkpoint)")
     if out is not None:
@@ -839,7 +842,8 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
         if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"step {step}: the loss is {float(loss_sum)}; lower --lr or check the data")
+            raise FloatingPointError(f"step {step + 1}: the loss is {float(loss_sum)} (the run diverged: lower --lr "
+                                     f"or --weight-decay, or check the data); the last checkpoint is kept")
         scaler.unscale_(optimizer)
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -858,6 +862,12 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
         done = step + 1
         if done % eval_every == 0 or done == end:
             last_eval = evaluate(model, val_ids, batch_size, seqlen, device, amp_dtype, eval_batches_max)
+            broken = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+            if broken or not math.isfinite(last_eval):
+                raise FloatingPointError(
+                    f"step {done}: the update left " + (f"non-finite weights in {broken[:3]}" if broken else
+                                                        f"a held-out loss of {last_eval}")
+                    + " (the run diverged: lower --lr or --weight-decay); not saved, the last checkpoint is kept")
             history["eval_step"].append(done)
             history["eval_loss"].append(last_eval)
             if main and out:

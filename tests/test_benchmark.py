@@ -348,7 +348,8 @@ def test_summary_of_an_earlier_run_through_the_fastlm_command(tiny_run, capsys):
 @pytest.mark.parametrize("argv,message", [(["--ops", "attention,warp"], "--ops"),
                                           (["--dtype", "float8"], "--dtype"),
                                           (["--backend", "triton"], "--backend"),
-                                          (["--threads", "0"], "--threads")])
+                                          (["--threads", "0"], "--threads"),
+                                          (["--threads", "100000"], "--threads must be an integer in [1, ")])
 def test_cli_rejects_bad_options(argv, message):
     if "--backend" in argv and torch.cuda.is_available():
         pytest.skip("triton is a valid backend on a GPU")

@@ -157,6 +157,10 @@ def test_tiny_temperature_samples_like_greedy(temperature):
     (([[0.0, 1.0]],), {}, TypeError, "logits must be a floating-point tensor"),
     ((torch.zeros(2, 4),), dict(temperature=1.0, noise=torch.ones(2, 3)), ValueError,
      r"noise must be None or a tensor of the logits' shape \(2, 4\)"),
+    ((torch.zeros(2, 4),), dict(temperature=1.0, noise=torch.zeros(2, 4)), ValueError,
+     "noise must hold positive finite Exp"),
+    ((torch.zeros(2, 4),), dict(temperature=1.0, noise=torch.full((2, 4), float("inf"))), ValueError,
+     "noise must hold positive finite Exp"),
 ])
 def test_sample_checks_its_arguments(args, kw, exc, match):
     with pytest.raises(exc, match=match):
@@ -350,6 +354,9 @@ def test_non_finite_and_out_of_range_arguments_raise_value_error(kw, match):
 @pytest.mark.parametrize("args, kw, match", [
     (([[1.7, 2.2]], 3), {}, r"prompts\[0\] must hold token ids \(ints\), got 1.7"),
     (([[1, True]], 3), {}, r"prompts\[0\] must hold token ids"),
+    (([1, 2, True], 3), {}, r"prompts \(one prompt as a flat list of token ids\) must hold token ids \(ints\), "
+                            r"got True \(bool\) at index 2"),
+    (([1, 2, 3.0], 3), {}, r"flat list of token ids\) must hold token ids \(ints\), got 3.0 .*at index 2"),
     (([[1, 2]], True), {}, "max_new_tokens must be an int >= 0, got True"),
     (([[1, 2]], 3.0), {}, "max_new_tokens must be an int"),
     (([[1, 2]], 3), dict(temperature=1.0, top_k=True), "top_k must be a positive int or None, got True"),

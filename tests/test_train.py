@@ -429,11 +429,13 @@ def test_checkpoint_path_that_is_a_file_or_missing(tmp_path, capsys):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(warmup=-1), "warmup must be an integer >= 0, got -1"),
-    (dict(weight_decay=-1.0), "weight_decay must be a finite number >= 0, got -1.0"),
-    (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
-    (dict(lr=float("nan")), "lr must be a positive finite number, got nan"),
-    (dict(lr=0.0), "lr must be a positive finite number"),
-    (dict(grad_clip=float("nan")), "grad_clip must be a finite number >= 0"),
+    (dict(weight_decay=-1.0), r"weight_decay must be a number in \[0, 3.403e\+38\] \(float32's range\), got -1.0"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a number in"),
+    (dict(weight_decay=1e300), "weight_decay must be a number in .*, got 1e[+]?300"),
+    (dict(lr=float("nan")), r"lr must be a positive number at most 3.403e\+38 \(float32's largest\), got nan"),
+    (dict(lr=0.0), "lr must be a positive number"),
+    (dict(lr=1e40), "lr must be a positive number at most .*, got 1e[+]?40"),
+    (dict(grad_clip=float("nan")), r"grad_clip must be a number in .* \(0 = no clipping\)"),
     (dict(steps=True), "steps must be a positive integer, got True"),
     (dict(eval_batches_max=0), "eval_batches_max must be a positive integer"),
     (dict(stop_after=-1), "stop_after must be an integer >= 0"),
@@ -449,6 +451,24 @@ def test_bad_numbers_are_rejected_before_training(kw, match):
         _train(**kw)
 
 
+def test_a_diverged_update_is_not_saved(tmp_path, monkeypatch):
+    """An update that leaves the weights non-finite (here lr=1e30: finite weights of ~1e30, infinite logits) stops
+    the run at its evaluation, before the checkpoint: the last good one stays, and resume stays possible."""
+    out = tmp_path / "run"
+    _train(steps=2, warmup=0, eval_every=1, out=str(out))
+    good = T.load_checkpoint(str(out))[0].state_dict()
+    with pytest.raises(FloatingPointError, match=r"step 1: the update left .*lower --lr or --weight-decay.*"
+                                                 r"the last checkpoint is kept"):
+        _train(steps=1, warmup=0, lr=1e30, out=str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "checkpoint.safetensors").exists()
+    # a resumed run whose held-out loss comes out NaN at its first evaluation: the checkpoint before it stays
+    monkeypatch.setattr(T, "evaluate", lambda *a, **kw: float("nan"))
+    with pytest.raises(FloatingPointError, match="step 3: the update left a held-out loss of nan"):
+        _train(steps=4, warmup=0, eval_every=1, out=str(out), resume=True)
+    kept = T.load_checkpoint(str(out))[0].state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in good.items())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda():
     with pytest.raises(ValueError, match="no CUDA device is available"):
@@ -456,10 +476,11 @@ def test_cuda_device_without_cuda():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--threads", "-1"], "--threads must be a positive integer, got -1"),
-    (["--threads", "0"], "--threads must be a positive integer, got 0"),
+    (["--threads", "-1"], "--threads must be an integer in [1, "),
+    (["--threads", "0"], "--threads must be an integer in [1, "),
+    (["--threads", "100000"], "(at most 4 per logical CPU), got 100000"),
     (["--warmup", "-1"], "warmup must be an integer >= 0, got -1"),
-    (["--weight-decay", "-1"], "weight_decay must be a finite number >= 0, got -1.0"),
+    (["--weight-decay", "-1"], "weight_decay must be a number in [0, 3.403e+38] (float32's range), got -1.0"),
 ])
 def test_train_cli_rejects_bad_numbers(tmp_path, capsys, argv, message):
     threads = torch.get_num_threads()
