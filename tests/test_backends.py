@@ -147,23 +147,23 @@ def _f32(*shape, device):
     return torch.randn(*shape, device=device, requires_grad=True)
 
 
-SECOND_ORDER = {  # op on fp32 leaves whose backward runs a kernel with no derivative of its own: backends
+SECOND_ORDER = {  # op on fp32 leaves whose backward runs a kernel with no derivative of its own: input shapes, and
+    # the C++ CPU kernel behind its "cpu" backend (None: "cpu" runs a differentiable torch backward)
     "attention": (lambda q, k, v, backend: ops.attention(q, k, v, causal=True, backend=backend), [(1, 5, 2, 8)] * 3,
-                  ("triton", "cpu")),
+                  "attention_fwd"),
     "mlp_gelu": (lambda x, w1, w2, backend: ops.mlp_gelu(x, w1, None, w2, None, backend=backend),
-                 [(3, 8), (12, 8), (8, 12)], ("triton", "cpu")),
+                 [(3, 8), (12, 8), (8, 12)], "mlp_gelu"),
     "mlp_swiglu": (lambda x, w1, w3, w2, backend: ops.mlp_swiglu(x, w1, w3, w2, backend=backend),
-                   [(3, 8), (12, 8), (12, 8), (8, 12)], ("triton", "cpu")),
+                   [(3, 8), (12, 8), (12, 8), (8, 12)], "mlp_swiglu"),
     "cross_entropy": (lambda x, backend: ops.cross_entropy(x, torch.tensor([1, 2, 9], device=x.device),
-                                                           backend=backend), [(3, 10)], ("triton", "cpu")),
-    "rms_norm": (lambda x, w, backend: ops.rms_norm(x, w, backend=backend), [(3, 8), (8,)], ("triton",)),
+                                                           backend=backend), [(3, 10)], "cross_entropy_fwd"),
+    "rms_norm": (lambda x, w, backend: ops.rms_norm(x, w, backend=backend), [(3, 8), (8,)], None),
 }
 
 
 @pytest.mark.parametrize("name, backend", [
-    pytest.param(n, b, marks=needs_cpu_kernel({"attention": "attention_fwd", "cross_entropy": "cross_entropy_fwd"}
-                                              .get(n, n)) if b == "cpu" else ())
-    for n, (_, _, bs) in SECOND_ORDER.items() for b in bs])
+    case for n, (_, _, cpu_kernel) in SECOND_ORDER.items()
+    for case in [(n, "triton")] + ([pytest.param(n, "cpu", marks=needs_cpu_kernel(cpu_kernel))] if cpu_kernel else [])])
 def test_second_order_gradients_are_a_clear_error(name, backend):
     """backward(create_graph=True) gives the right first-order gradients; differentiating them raises an error that
     names the op and the way out, never torch's bare 'no autograd formula' nor a silent zero."""
