@@ -6,6 +6,7 @@ Llama family: RoPE, RMSNorm, grouped-query attention, SwiGLU MLP, untied LM head
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 FAMILIES = ("gpt2", "llama")
@@ -74,7 +75,7 @@ def check_rope_scaling(scaling) -> dict | None:
     for k in keys:
         if not is_real(scaling[k]) or not 0 < scaling[k] < math.inf:
             raise ValueError(f"rope_scaling[{k!r}] must be a positive finite number, got {scaling[k]!r}")
-        out[k] = scaling[k]
+        out[k] = plain(scaling[k])
     if out["factor"] < 1:
         raise ValueError(f"rope_scaling['factor'] must be >= 1 (it stretches the context), got {out['factor']!r}")
     if kind == "llama3" and not is_int(out["original_max_position_embeddings"]):
@@ -97,14 +98,23 @@ def sliding_window_left(sliding_window) -> int:
 
 
 def is_int(value) -> bool:
-    """A Python int, not a bool: what Config fields and the training / scaling arguments take (they are written to
-    JSON as they are)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (Python's or numpy's), not a bool: what Config fields and the training / scaling arguments take.
+    Where such a value is kept (Config fields, run settings written to JSON) it is stored as ``plain(value)``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_real(value) -> bool:
-    """A Python int or float, not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def plain(value):
+    """A checked number as a Python int or float (numpy scalars are not JSON-serializable); anything else as is."""
+    if type(value) in (bool, int, float):  # (np.float64 is a float subclass: made plain too)
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if isinstance(value, numbers.Real) else value
 
 
 @dataclass
@@ -169,7 +179,7 @@ class Config:
             raise ValueError(f"intermediate_size must be a positive integer, got {self.intermediate_size!r}")
         for name in ("norm_eps", "rope_base"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+            if not is_real(value) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         for name in ("tie_embeddings", "bias", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
@@ -200,6 +210,8 @@ class Config:
         if self.family == "gpt2" and self.n_kv_head != self.n_head:
             raise ValueError(f"the gpt2 family has no grouped-query attention: n_kv_head ({self.n_kv_head}) "
                              f"must equal n_head ({self.n_head})")
+        for f in fields(self):  # numpy scalars as Python numbers: the config is written to JSON
+            setattr(self, f.name, plain(getattr(self, f.name)))
 
     @classmethod
     def from_name(cls, preset: str, /, **overrides) -> "Config":

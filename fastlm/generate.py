@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import codecs
 import math
-import numbers
 import sys
 from typing import Callable, Sequence
 
 import torch
+
+from fastlm.config import is_int, is_real
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -89,15 +90,6 @@ def exponential_noise(shape, device, generator=None) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
 
 
-# Wider than fastlm.config.is_int / is_real: token ids and sampling values may come as numpy scalars (rows of an
-# array), and are converted to Python numbers before use.
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
 
 def _describe(value) -> str:
     return f"{value!r} ({type(value).__name__})"
@@ -105,7 +97,7 @@ def _describe(value) -> str:
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p):
     """The sampling arguments' checks, shared with the CLI (which runs them before loading a checkpoint)."""
-    if not _is_int(max_new_tokens):
+    if not is_int(max_new_tokens):
         raise TypeError(f"max_new_tokens must be an int >= 0, got {_describe(max_new_tokens)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -113,15 +105,15 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
 
 
 def _check_sampler(temperature, top_k, top_p):
-    if not _is_real(temperature):
+    if not is_real(temperature):
         raise TypeError(f"temperature must be a number >= 0 (0 = greedy), got {_describe(temperature)}")
     if not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature!r}")
-    if top_k is not None and not _is_int(top_k):
+    if top_k is not None and not is_int(top_k):
         raise TypeError(f"top_k must be a positive int or None, got {_describe(top_k)}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not _is_real(top_p):
+    if top_p is not None and not is_real(top_p):
         raise TypeError(f"top_p must be a number in (0, 1] or None, got {_describe(top_p)}")
     if top_p is not None and not 0.0 < top_p <= 1.0:          # also rejects nan
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
@@ -131,7 +123,7 @@ def _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, cuda_
                 generator, vocab_size):
     if not hasattr(model, "setup_cache"):
         raise TypeError(f"model must be a fastlm.Transformer (with setup_cache), got {type(model).__name__}")
-    if vocab_size is not None and not _is_int(vocab_size):
+    if vocab_size is not None and not is_int(vocab_size):
         raise TypeError(f"vocab_size must be an int or None, got {_describe(vocab_size)}")
     if vocab_size is not None and not 1 <= vocab_size <= model.config.vocab_size:
         raise ValueError(f"vocab_size must be in [1, {model.config.vocab_size}] (the model's vocab_size), got "
@@ -159,11 +151,11 @@ def _check_args(model, max_new_tokens, temperature, top_k, top_p, compile, cuda_
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {device}")
         if compile:
             raise ValueError("cuda_graph=True and compile are exclusive (compile=True captures CUDA graphs itself)")
-    if not _is_int(sync_every):
+    if not is_int(sync_every):
         raise TypeError(f"sync_every must be a positive int, got {_describe(sync_every)}")
     if sync_every < 1:
         raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
-    if pad_id is not None and not _is_int(pad_id):
+    if pad_id is not None and not is_int(pad_id):
         raise TypeError(f"pad_id must be an int or None, got {_describe(pad_id)}")
     if pad_id is not None and not -2 ** 63 <= pad_id < 2 ** 63:
         raise ValueError(f"pad_id must fit in int64, got {pad_id!r}")
@@ -185,7 +177,7 @@ def _token_list(row, what: str) -> list[int]:
         raise TypeError(f"{what} must be a list of token ids (ints), got {_describe(row)}")
     ids = list(row)
     for i, t in enumerate(ids):
-        if not _is_int(t):
+        if not is_int(t):
             raise TypeError(f"{what} must hold token ids (ints), got {_describe(t)} at index {i}")
     return [int(t) for t in ids]
 
@@ -207,7 +199,7 @@ def _pad_prompts(prompts, vocab_size: int, device):
                         f"{type(prompts).__name__}")
     else:
         prompts = list(prompts)
-        if prompts and _is_int(prompts[0]):                             # one prompt as a flat list of ids
+        if prompts and is_int(prompts[0]):                             # one prompt as a flat list of ids
             form, rows = "flat", [_token_list(prompts, "prompts (one prompt as a flat list of token ids)")]
         else:
             form = "list"
@@ -230,7 +222,7 @@ def _pad_prompts(prompts, vocab_size: int, device):
 def _stop_list(stop_tokens, vocab_size: int) -> list[int]:
     if stop_tokens is None:
         return []
-    if _is_int(stop_tokens) or (isinstance(stop_tokens, torch.Tensor) and stop_tokens.dim() == 0
+    if is_int(stop_tokens) or (isinstance(stop_tokens, torch.Tensor) and stop_tokens.dim() == 0
                                 and stop_tokens.dtype in _INT_DTYPES):
         raise TypeError(f"stop_tokens must be a list of token ids, got the single value {stop_tokens!r}; "
                         f"pass [{int(stop_tokens)}] for one stop token")

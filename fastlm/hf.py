@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import math
 import types
 
 import torch
@@ -27,7 +28,7 @@ from torch.nn import functional as F
 
 from fastlm import ops, reference
 from fastlm.backends import BACKENDS
-from fastlm.config import ROPE_SCALING_KEYS, Config, sliding_window_left
+from fastlm.config import ROPE_SCALING_KEYS, Config, is_int, is_real, plain, sliding_window_left
 from fastlm.model import Transformer, effective_state_dict, plain_module, unwrapped
 
 _FROM_HF_SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -92,11 +93,14 @@ def _config_llama(hf, qkv_bias: bool = False) -> Config:
         window = window if all(sliding) else None
     if window is not None and window >= hf.max_position_embeddings:
         window = None                                       # it reaches every key
+    theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    if not is_real(theta) or not 0 < theta < math.inf:
+        raise ValueError(f"{name} rope_theta must be a positive finite number, got {theta!r}")
     return Config(name=f"hf-{name}", family="llama", vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers,
                   n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads or hf.num_attention_heads,
                   d_model=hf.hidden_size, intermediate_size=hf.intermediate_size,
                   max_seqlen=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
-                  rope_base=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))), rope_scaling=scaling,
+                  rope_base=float(theta), rope_scaling=scaling,
                   tie_embeddings=bool(hf.tie_word_embeddings), qkv_bias=qkv_bias, head_dim=head_dim,
                   sliding_window=window)
 
@@ -181,8 +185,7 @@ def config_from_hf(hf_config) -> Config:
             raise NotImplementedError(f"fastlm reads transformers configurations of model_type "
                                       f"{', '.join(_PATCH_SUPPORTED)}; got {model_type!r}")
         for key in _SIZE_FIELDS & fields.keys():  # (transformers divides by some of these before it validates them)
-            if fields[key] is not None and (isinstance(fields[key], bool) or not isinstance(fields[key], int)
-                                            or fields[key] < 1):
+            if fields[key] is not None and (not is_int(fields[key]) or fields[key] < 1):
                 raise ValueError(f"{key} must be a positive integer, got {fields[key]!r}")
         try:
             hf_config = transformers.AutoConfig.for_model(model_type, **fields)
@@ -268,9 +271,9 @@ def to_hf(model, *, bos_token_id=None, eos_token_id=None, pad_token_id=None):
                         f"{type(model).__name__}")
     tokens = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
     for name, value in tokens.items():
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
-                                      and 0 <= value < config.vocab_size):
+        if value is not None and not (is_int(value) and 0 <= value < config.vocab_size):
             raise ValueError(f"to_hf: {name} must be None or a token id in [0, {config.vocab_size}), got {value!r}")
+    tokens = {name: plain(value) for name, value in tokens.items()}
     import transformers
     if int(transformers.__version__.split(".")[0]) < 5:
         raise RuntimeError(f"to_hf needs transformers >= 5 (its configs take rope_parameters), got "

@@ -40,7 +40,7 @@ from torch.nn.utils import parametrize
 
 from fastlm import ops
 from fastlm.backends import BACKENDS
-from fastlm.config import Config
+from fastlm.config import Config, is_int
 from fastlm.ops.decode import decode_step_backend
 from fastlm.reference import init_weights
 
@@ -275,7 +275,7 @@ class Transformer(nn.Module):
         the cache's is an error."""
         c = self.config
         for name, value in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"setup_cache: {name} must be a positive integer, got {value!r}")
         if max_seqlen > c.max_seqlen:
             raise ValueError(f"setup_cache: max_seqlen must be at most the model's context {c.max_seqlen}, "
@@ -284,7 +284,7 @@ class Transformer(nn.Module):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"setup_cache: dtype must be a floating-point torch.dtype, got {dtype!r}")
         device = self._cache_device(device)
-        shape = (batch_size, max_seqlen, c.n_kv_head, c.head_dim)
+        shape = (int(batch_size), int(max_seqlen), c.n_kv_head, c.head_dim)
         for layer in self.layers:
             layer.attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             layer.attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)

@@ -128,18 +128,19 @@ def run(*, data: str | None = "stdlib", rungs: int = DEFAULT_RUNGS, tiny: bool =
         tokens: int | None = None, batch_size: int = 8, seqlen: int = 128, backend: str = "auto", device=None,
         out: str = "fastlm-scaling", seed: int = 0, progress: bool = True, log=print) -> dict:
     """Train the ladder and fit the law. ``tokens`` (default 1.2M, tiny 12K) times ``budget`` tokens per model."""
-    from fastlm.config import is_int
+    from fastlm.config import is_int, is_real, plain
     from fastlm.summary import forward_flops_per_token, param_counts
     from fastlm.train import ByteTokenizer, check_out_dir, load_corpus, resolve_device, train
     if not is_int(rungs):
         raise ValueError(f"rungs must be an integer, got {rungs!r}")
     if not is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget < math.inf:
+    if not is_real(budget) or not 0 < budget < math.inf:
         raise ValueError(f"budget must be positive and finite, got {budget!r}")
     for name, value in (("batch_size", batch_size), ("seqlen", seqlen), ("tokens", 1 if tokens is None else tokens)):
         if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    rungs, seed, budget, tokens, batch_size, seqlen = map(plain, (rungs, seed, budget, tokens, batch_size, seqlen))
     from fastlm.backends import BACKENDS
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

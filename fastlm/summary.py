@@ -181,6 +181,7 @@ def summary(model_or_config, *, batch: int = 1, seqlen: int | None = None, dtype
     for name, value in (("batch", batch), ("seqlen", seqlen)):
         if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    batch, seqlen = int(batch), int(seqlen)
     if seqlen > cfg.max_seqlen:
         raise ValueError(f"seqlen must be at most the model's context max_seqlen={cfg.max_seqlen}, got {seqlen}")
     nbytes = DTYPE_BYTES[dt]
@@ -347,6 +348,9 @@ def _resolve_name(name: str):
     if os.path.isdir(name) or name.endswith((".json", ".safetensors")):
         from fastlm.train import load_config
         return load_config(name)
+    if os.path.exists(name):
+        raise ValueError(f"{name} is a file but not a checkpoint (.safetensors) or a config (.json); expected one of "
+                         f"those, a checkpoint or model directory, or a preset name")
     return Config.from_name(name)
 
 

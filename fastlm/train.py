@@ -36,7 +36,7 @@ import time
 import torch
 
 from fastlm.backends import BACKENDS
-from fastlm.config import is_int, is_real
+from fastlm.config import is_int, is_real, plain
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = "fastlm-checkpoint-1"
@@ -85,6 +85,9 @@ def load_corpus(data: str | None = None) -> str:
             raise ValueError(f"corpus directory {data!r} has no .txt/.md/.py/.rst files")
     elif os.path.isfile(data):
         files = [data]
+    elif os.path.exists(data):
+        raise ValueError(f"corpus {data!r} is neither a regular file nor a directory (expected a text file, a "
+                         f"directory or 'stdlib')")
     else:
         raise FileNotFoundError(f"corpus {data!r} does not exist (expected a text file, a directory or 'stdlib')")
     parts = []
@@ -728,6 +731,9 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
     for name, value, what in (("weight_decay", weight_decay, ""), ("grad_clip", grad_clip, " (0 = no clipping)")):
         if not is_real(value) or not 0 <= value <= top:
             raise ValueError(f"{name} must be a number in [0, {top:.4g}] (float32's range){what}, got {value!r}")
+    steps, batch_size, seqlen, grad_accum, eval_every, eval_batches_max, warmup, stop_after, seed, lr, weight_decay, \
+        grad_clip = map(plain, (steps, batch_size, seqlen, grad_accum, eval_every, eval_batches_max, warmup,
+                                stop_after, seed, lr, weight_decay, grad_clip))  # (numpy scalars: JSON in checkpoints)
     if resume and not out:
         raise ValueError("resume needs out= (the directory holding the checkpoint)")
     if out is not None:

@@ -146,3 +146,40 @@ def test_rope_scaling_is_checked_and_copied():
 def test_flags_must_be_bool():
     with pytest.raises(TypeError, match="tie_embeddings"):
         Config(tie_embeddings="yes")
+
+
+def test_numpy_scalars_are_numbers_everywhere():
+    # sizes and hyper-parameters computed with numpy (a sweep over np.arange, a value read from an array) are taken
+    # like Python numbers and kept as Python numbers, so configs and run settings still serialize to JSON
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from fastlm import ops, summary
+    from fastlm.backends import available
+    c = Config(family="llama", vocab_size=np.int64(96), d_model=np.int32(32), n_head=np.int64(4),
+               n_kv_head=np.int16(2), n_layer=np.uint8(1), norm_eps=np.float64(1e-5), rope_base=np.float64(500.0),
+               rope_scaling={"rope_type": "linear", "factor": np.float32(2.0)}, sliding_window=np.int64(8))
+    kept = dataclasses.asdict(c)
+    assert json.loads(json.dumps(kept)) == kept
+    assert {type(c.vocab_size), type(c.n_layer), type(c.norm_eps), type(c.rope_base)} == {int, float}
+    assert Config(family="llama", vocab_size=96, d_model=32, n_head=4, n_kv_head=2, n_layer=1, norm_eps=1e-5,
+                  rope_base=500.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, sliding_window=8) == c
+
+    model = Transformer(c, backend="torch")
+    model.setup_cache(np.int64(2), np.int32(16))
+    assert model.layers[0].attn.k_cache.shape == (2, 16, 2, 8)
+    x = torch.randn(3, 5, 32)
+    assert torch.equal(ops.rms_norm(x, torch.ones(32), eps=np.float32(1e-5), backend="torch"),
+                       ops.rms_norm(x, torch.ones(32), eps=float(np.float32(1e-5)), backend="torch"))
+    logits, targets = torch.randn(6, 96), torch.tensor([1, 2, -1, 3, -1, 5])
+    for backend in ["torch"] + ["cpu"] * available()["cpu"]:
+        assert torch.equal(ops.cross_entropy(logits, targets, ignore_index=np.int64(-1), backend=backend),
+                           ops.cross_entropy(logits, targets, ignore_index=-1, backend=backend))
+    table = summary(c, batch=np.int64(2), seqlen=np.int32(16), print_table=False)
+    assert table == summary(c, batch=2, seqlen=16, print_table=False)
+    with pytest.raises(ValueError, match=r"n_layer must be a positive integer, got np.float64\(2.0\)"):
+        Config(n_layer=np.float64(2.0))
+    with pytest.raises(ValueError, match=r"norm_eps must be a positive finite number, got np.True_"):
+        Config(norm_eps=np.bool_(True))

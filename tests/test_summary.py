@@ -166,12 +166,15 @@ def test_model_input_and_print(capsys):
     assert cpu["flops"]["bf16"] >= cpu["flops"]["fp32"] > 1e9 and cpu["bandwidth"] > 1e8
 
 
-def test_cli(capsys):
+def test_cli(tmp_path, capsys):
     assert cli(["llama-3-8b", "--seqlen", "8192", "--batch", "2", "--dtype", "fp16", "--device", "a100"]) == 0
     out = capsys.readouterr().out
     assert "8,030,261,248" in out and "A100" in out
     assert cli(["nope"]) == 2
     assert "unknown model preset 'nope'" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("x")      # an existing file is not taken for a preset name
+    assert cli([str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt is a file but not a checkpoint (.safetensors) or a config (.json)" in capsys.readouterr().err
     assert cli(["gpt2", "--device", "tpu"]) == 2
     assert "known devices: h200, a100, cpu" in capsys.readouterr().err
     assert cli(["llama-3-8b", "--seqlen", "8193"]) == 2
@@ -194,6 +197,7 @@ def test_cli_config_json_that_is_not_an_object(tmp_path, capsys):
     ({"hidden_size": "64"}, "hidden_size"),
     ({"head_dim": 7}, "head_dim"),
     ({"num_key_value_heads": 3}, "3"),
+    ({"rope_theta": "abc"}, "llama rope_theta must be a positive finite number, got 'abc'"),
 ])
 def test_cli_bad_transformers_config_is_named(tmp_path, capsys, change, message):
     pytest.importorskip("transformers")

@@ -192,6 +192,8 @@ def test_bad_data_and_args(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(ValueError, match="has no .txt"):
         T.load_corpus(str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="'/dev/null' is neither a regular file nor a directory"):
+        T.load_corpus("/dev/null")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         T.load_corpus(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="too few for seqlen"):

@@ -10,6 +10,7 @@ import numbers
 import torch
 
 from fastlm.backends import KERNEL_DTYPES
+from fastlm.config import is_real
 
 
 def autocast_matmul(fn):
@@ -149,5 +150,5 @@ def check_window_left(op: str, window_left) -> None:
 
 def check_eps(op: str, eps) -> None:
     """A norm's eps: a finite number >= 0."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+    if not is_real(eps) or not 0 <= eps < math.inf:
         raise ValueError(f"{op}: eps must be a finite non-negative number, got {eps!r}")

@@ -26,6 +26,7 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
+from fastlm.config import is_int
 from fastlm.ops._checks import autocast_matmul, check_float_tensor, check_triton_dtypes, first_order_only, needs_grad
 _REDUCTIONS = ("mean", "sum", "none")
 _NATIVE = ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_fused_")
@@ -292,7 +293,7 @@ def _check_common(op, targets, lead_shape, device, vocab, ignore_index, reductio
                          f"{tuple(targets.shape)}")
     if targets.device != device:
         raise ValueError(f"{op}: targets is on {targets.device} but the inputs are on {device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if not is_int(ignore_index):
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     if not -2 ** 31 <= ignore_index < 2 ** 31:
         raise ValueError(f"{op}: ignore_index must fit in int32, got {ignore_index}")
@@ -318,6 +319,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
     if logits.dim() < 1:
         raise ValueError(f"{op}: logits must be (..., vocab), got a 0-dim tensor")
     _check_common(op, targets, logits.shape[:-1], logits.device, logits.shape[-1], ignore_index, reduction)
+    ignore_index = int(ignore_index)  # (numpy integers too)
     lead = targets.shape
     logits2, targets2 = logits.reshape(targets.numel(), logits.shape[-1]), targets.reshape(-1)
     be = resolve(backend, logits.device, op, native_ops=_NATIVE, dtype=logits.dtype)
@@ -360,9 +362,10 @@ def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, re
             raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
     if bias is not None and tuple(bias.shape) != (V,):
         raise ValueError(f"{op}: bias must have shape ({V},), got {tuple(bias.shape)}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_common(op, targets, x.shape[:-1], x.device, V, ignore_index, reduction)
+    ignore_index, chunk_size = int(ignore_index), None if chunk_size is None else int(chunk_size)
     lead = targets.shape
     x2, targets2 = x.reshape(targets.numel(), d), targets.reshape(-1)   # (-1, d) is ambiguous for d = 0
     be = resolve(backend, x.device, op, native_ops=_NATIVE, dtype=x.dtype)

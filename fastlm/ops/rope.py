@@ -23,7 +23,7 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import BACKENDS, resolve
-from fastlm.config import check_rope_scaling
+from fastlm.config import check_rope_scaling, is_int, is_real
 from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, needs_grad
 
 
@@ -99,9 +99,9 @@ def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, scal
         raise ValueError(f"rope_cos_sin: positions must be a 1-D tensor, got {got}")
     if positions.dtype == torch.bool or positions.dtype.is_floating_point or positions.dtype.is_complex:
         raise TypeError(f"rope_cos_sin: positions must be an integer tensor, got {positions.dtype}")
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+    if not is_int(head_dim) or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"rope_cos_sin: head_dim must be a positive even int, got {head_dim!r}")
-    if not isinstance(base, (int, float)) or isinstance(base, bool) or not 0 < base < math.inf:
+    if not is_real(base) or not 0 < base < math.inf:
         raise ValueError(f"rope_cos_sin: base must be a positive finite number, got {base!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"rope_cos_sin: dtype must be a floating-point torch.dtype, got {dtype!r}")
