@@ -287,6 +287,26 @@ def test_expanded_grads(backend):
     check_rule("linear_cross_entropy dx (expanded grad)", x.grad, x64.grad, x64.grad.float())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_logit_rows(backend):
+    # logits whose rows are views into wider rows (logits[..., :V] of a padded vocabulary): read at their own row
+    # stride, the gradient written at its own (dense) one, the padding's gradient 0
+    dev = backend_device(backend)
+    base = (3.0 * torch.randn(7, 310, device=dev)).requires_grad_()
+    t = _targets((7,), 300, device=dev)
+    cot = torch.randn(7, device=dev)
+    loss = cross_entropy(base[:, :300], t, reduction="none", backend=backend)
+    (loss * cot).sum().backward()
+    base64 = base.detach().double().requires_grad_()
+    loss64 = reference.cross_entropy(base64[:, :300], t, reduction="none")
+    (loss64 * cot.double()).sum().backward()
+    low = base.detach().clone().requires_grad_()
+    (reference.cross_entropy(low[:, :300], t, reduction="none") * cot).sum().backward()
+    check_rule("cross_entropy loss (padded rows)", loss, loss64, loss64.float())
+    check_rule("cross_entropy dlogits (padded rows)", base.grad, base64.grad, low.grad)
+    assert torch.equal(base.grad[:, 300:], torch.zeros(7, 10, device=dev))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_large_vocab_gpu(dtype):
