@@ -243,6 +243,28 @@ def test_non_contiguous_inputs():
     check_rule("out", out_t, reference.attention(qt.double(), k.double(), v.double()), reference.attention(qt, k, v))
 
 
+@pytest.mark.parametrize("backend", EVERY_BACKEND[:2])
+def test_v_strides_differ_from_k(backend):
+    """k contiguous and v a (B, Hkv, S, D) transpose: the kernels read v through its own strides, forward and
+    backward (fp32: the Triton and C++ CPU kernels)."""
+    b, sq, sk, h, hkv, d = 2, 19, 37, 4, 2, 40
+    dev = backend_device(backend)
+    q = torch.randn(b, sq, h, d, device=dev)
+    k = torch.randn(b, sk, hkv, d, device=dev)
+    vt = torch.randn(b, hkv, sk, d, device=dev)
+    cot = torch.randn(b, sq, h, d, device=dev)
+    grads = {}
+    for name, dt in (("fast", None), ("ref", torch.float64), ("low", torch.float32)):
+        leaves = [t.detach().to(dt or t.dtype).requires_grad_() for t in (q, k, vt)]
+        args = leaves[0], leaves[1], leaves[2].transpose(1, 2)
+        out = ops.attention(*args, causal=True, backend=backend) if name == "fast" else \
+            reference.attention(*args, causal=True)
+        (out * cot.to(out.dtype)).sum().backward()
+        grads[name] = [out] + [t.grad for t in leaves]
+    for i, what in enumerate(("out", "dq", "dk", "dv")):
+        check_rule(f"{what} ({backend}, v strided apart from k)", grads["fast"][i], grads["ref"][i], grads["low"][i])
+
+
 @pytest.mark.parametrize("backend", EVERY_BACKEND)
 @pytest.mark.parametrize("loss", ["sum", "sum_over_seq"])
 def test_expanded_output_gradient(backend, loss):
