@@ -243,6 +243,16 @@ def test_non_contiguous_inputs():
     check_rule("out", out_t, reference.attention(qt.double(), k.double(), v.double()), reference.attention(qt, k, v))
 
 
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("softmax_scale", [-0.3, 0.0])
+def test_negative_and_zero_scale(backend, dtype, softmax_scale):
+    """A negative scale flips which keys dominate, zero weighs every visible key alike: forward and gradients."""
+    _require(backend)
+    q, k, v = _inputs(2, 23, 41, 4, 2, 64, dtype, device=backend_device(backend))
+    _check_attention(backend, q, k, v, torch.randn_like(q), with_lse_grad=True, causal=True,
+                     softmax_scale=softmax_scale)
+
+
 @pytest.mark.parametrize("backend", EVERY_BACKEND[:2])
 def test_v_strides_differ_from_k(backend):
     """k contiguous and v a (B, Hkv, S, D) transpose: the kernels read v through its own strides, forward and

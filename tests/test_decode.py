@@ -82,6 +82,15 @@ def test_large_logits_and_scale(backend):
     _check(out, q, k, v, lens, softmax_scale=0.3)
 
 
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("softmax_scale", [-0.3, 0.0])
+def test_negative_and_zero_scale(backend, dtype, softmax_scale):
+    # a negative scale flips which keys dominate; zero gives every visible key the same weight
+    q, k, v, lens = _inputs(2, 2, 4, 2, 64, 140, [140, 90], dtype, backend_device(backend), scale=2.0)
+    out = decode_attention(q, k, v, lens, softmax_scale=softmax_scale, backend=backend)
+    _check(out, q, k, v, lens, softmax_scale=softmax_scale)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_many_new_queries(backend):
     # a prefill-sized chunk (66 rows per kv head: several row blocks), one sequence shorter than the chunk
