@@ -762,6 +762,8 @@ def test_rope_strided():
         for inverse in (False, True):
             _rope_check(x, cos, sin, inverse)
             _rope_check(x, wide[:, 0], wide[:, 1], inverse)
+            _rope_check(x, cos, wide[:, 1], inverse)              # cos and sin with different row strides
+            _rope_check(x, wide[:, 0], sin, inverse)
     assert _ops().rope_fwd(torch.randn(0, S, H, D), cos, sin, False).shape == (0, S, H, D)
 
 
