@@ -178,6 +178,12 @@ def test_int64_lengths_and_strided_cache(backend):
     lens = torch.tensor([50, 17], dtype=torch.int64, device=device)
     out = decode_attention(q, k, v, lens, backend=backend)
     _check(out, q, k, v, lens)
+    # v with strides of its own (a head-major (B, Hkv, S_max, D) cache seen through a transpose), k as before, and
+    # the lengths read through a stride
+    v = torch.randn(2, 2, 50, D, device=device).to(_dtype(backend)).transpose(1, 2)
+    lens = torch.tensor([50, 0, 17, 0], dtype=torch.int64, device=device)[::2]
+    out = decode_attention(q, k, v, lens, backend=backend)
+    _check(out, q, k, v, lens)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
