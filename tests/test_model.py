@@ -463,7 +463,7 @@ def test_cpu_decode_step_is_one_call_without_autograd():
 
 @pytest.mark.skipif(not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built")
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cpu_fused_decode_step_equals_op_by_op(family, dtype):
     """ops.decode_step runs the op-by-op step's kernels in the same order: the same logits and caches, bit for bit,
     for one- and multi-token steps of sequences at different positions (and the GELU / SwiGLU MLPs, LayerNorm /
