@@ -54,7 +54,7 @@ def tokens_and_targets(B=2, S=13, V=1000, device=DEVICE):
     return tokens, targets
 
 
-@pytest.mark.parametrize("family, backend", [(f, b) for b in ("torch", "triton") for f in ("gpt2", "llama")]
+@pytest.mark.parametrize("family, backend", [(f, b) for b in ("torch", "triton", "cpu") for f in ("gpt2", "llama")]
                          + [("qwen2", "torch"), ("qwen2", "cpu"), ("llama-rope-scaled", "cpu"),
                             ("llama-head-dim", "torch"), ("llama-head-dim", "cpu"), ("llama-window", "torch"),
                             ("llama-window", "cpu")])
