@@ -25,8 +25,11 @@ def _extensions():
     # no implicit FMA contraction (GCC and Clang fuse a * b + c by default): the kernels spell out their FMAs, and some
     # results depend on an expression being rounded as written (csrc/cpu/simd.h)
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
-    if os.environ.get("FASTLM_NATIVE", "1") == "1":  # AVX-512 / AVX512-BF16 where the build machine has them
-        cxx.append("-march=native")
+    # the instruction set the CPU kernels are compiled for: by default the build machine's own (AVX-512 and AVX512-BF16
+    # where it has them); e.g. FASTLM_MARCH=x86-64-v3 for AVX2 + FMA only, an empty value for the compiler's default
+    march = os.environ.get("FASTLM_MARCH", "native")
+    if march:
+        cxx.append(f"-march={march}")
     define_macros = []
     ldflags = ["-fopenmp"]
     sanitize = os.environ.get("FASTLM_SANITIZE")  # e.g. "address,undefined": the sanitizer build of tests/sanitize.py

@@ -37,6 +37,8 @@ def section(doc: dict, image_paths: list[str], note: str = "", data_path: str = 
     rotated = any(r.get("ceiling_in_rotation") for r in doc["results"])
     what = "CPU figures" if cpu else "GPU figures"
     isa = f" ({', '.join(env['cpu_isa'])})" if env.get("cpu_isa") else ""
+    if cpu and benchmark.isa_left_out(env):                  # a build for less than the host has
+        isa += f", C++ kernels built for {', '.join(env['kernels_isa']) or 'the compiler default'}"
     device = f"{env['device_name']}{isa}, {env['threads']} threads" if cpu else env["device_name"]
     mm = ", ".join(f"{benchmark._short(k)} {benchmark.fmt_rate(v, 'FLOP/s')}"
                    for k, v in ceil["matmul_flop_per_s"].items())

@@ -2,6 +2,7 @@
 // (csrc/cpu/), shape-only Meta kernels (so torch.compile and fake tensors can trace them), and the pybind11 module
 // fastlm._C for what is not an operator. The CUDA kernels are registered by csrc/bindings_cuda.cpp when the
 // extension is built with FASTLM_WITH_CUDA.
+#include "cpu/bf16dot.h"
 #include "cpu/ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -229,4 +230,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_sm90a") = false;
 #endif
+  // the vector extensions the CPU kernels were compiled for (setup.py's FASTLM_MARCH), named as
+  // fastlm.benchmark.cpu_isa() names the host's: a kernel uses no more than both lists have in common
+  pybind11::list isa;
+#ifdef __AVX2__
+  isa.append("AVX2");
+#endif
+#ifdef __FMA__
+  isa.append("FMA");
+#endif
+#ifdef __AVX512F__
+  isa.append("AVX-512");
+#endif
+#ifdef FASTLM_BF16_DOT
+  isa.append("AVX512-BF16");
+#endif
+  m.attr("cpu_isa") = pybind11::tuple(isa);
 }

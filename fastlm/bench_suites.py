@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from fastlm import reference
 from fastlm.backends import CUDA_HEAD_DIMS, extension
 from fastlm.benchmark import (Context, Impl, OpCase, Result, Unavailable, _module_available, attention_flops, cpu_isa,
-                              decode_bytes, default_backends, elementwise_bytes, gemm_flops, mlp_bytes, mlp_flops,
-                              run_impls)
+                              decode_bytes, default_backends, elementwise_bytes, gemm_flops, kernels_isa, mlp_bytes,
+                              mlp_flops, run_impls)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Shared pieces
@@ -888,7 +888,7 @@ def model_cases(ctx, backends, dtypes):
                 (p, "decode", 1, 16, torch.float32, 128 if full else 32, ("transformers",))]
         # bf16 prefill: ~0.4 s a run on a CPU with the bf16 dot products, ~6 s (fastlm and transformers alike)
         # without them, where only the full suite takes it
-        if full or "AVX512-BF16" in cpu_isa():
+        if full or "AVX512-BF16" in set(cpu_isa()) & set(kernels_isa() or ()):
             grid += [(p, "prefill", 1, 1024, torch.bfloat16, 0, ("transformers", "eager"))]
         if full:
             grid += [(p, "decode", 16, 16, torch.float32, 64, ("transformers",)),

@@ -697,17 +697,34 @@ def _cpu_model() -> str:
 
 _ISA_FLAGS = (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
               ("amx_bf16", "AMX-BF16"))
+KERNEL_ISA = ("AVX2", "FMA", "AVX-512", "AVX512-BF16")  # those the C++ kernels can be compiled for
+
+
+def isa_left_out(env: dict) -> list[str]:
+    """The vector extensions of a bench JSON's host that its C++ kernels were not compiled for."""
+    built = env.get("kernels_isa")
+    if built is None:
+        return []
+    return [name for name in env.get("cpu_isa") or () if name in KERNEL_ISA and name not in built]
 
 
 def cpu_isa() -> list[str]:
-    """The CPU's vector extensions that decide the C++ kernels' speed (fastlm builds with -march=native): AVX2, FMA,
-    AVX-512, AVX512-BF16 (bf16 dot products), AMX-BF16, as /proc/cpuinfo lists them."""
+    """The host CPU's vector extensions that decide the C++ kernels' speed, with those compiled in (kernels_isa()):
+    AVX2, FMA, AVX-512, AVX512-BF16 (bf16 dot products), AMX-BF16, as /proc/cpuinfo lists them."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return []
     return [name for flag, name in _ISA_FLAGS if flag in flags]
+
+
+def kernels_isa() -> list[str] | None:
+    """The vector extensions fastlm's C++ CPU kernels were compiled for (setup.py's FASTLM_MARCH), in cpu_isa()'s
+    names; None when the extension is not built. They use what both lists have in common."""
+    from fastlm.backends import extension
+    ext = extension()
+    return None if ext is None else list(ext.cpu_isa)
 
 
 def _git_commit() -> str | None:
@@ -740,6 +757,7 @@ def environment(device: torch.device) -> dict:
         "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_model(),
         "cpu_model": _cpu_model(),
         "cpu_isa": cpu_isa(),
+        "kernels_isa": kernels_isa(),
         "gpu_model": torch.cuda.get_device_name(device) if cuda else None,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),

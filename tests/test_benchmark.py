@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from fastlm import benchmark, reference
+from fastlm import backends, benchmark, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -220,9 +220,8 @@ def test_wrong_fastlm_result_makes_the_cli_fail(tmp_path, monkeypatch, capsys):
 RESULT_FIELDS = {"op": str, "case": str, "shape": dict, "dtype": str, "mode": str, "impl": str, "kind": str,
                  "status": str, "message": str, "reps": int, "speedup": dict, "check": str, "bound": str,
                  "ceiling_in_rotation": bool}
-ENV_FIELDS = ("date", "device", "device_name", "cpu_model", "cpu_isa", "gpu_model", "threads", "python", "torch",
-              "triton",
-              "cuda", "transformers", "fastlm", "fastlm_commit", "extension")
+ENV_FIELDS = ("date", "device", "device_name", "cpu_model", "cpu_isa", "kernels_isa", "gpu_model", "threads", "python",
+              "torch", "triton", "cuda", "transformers", "fastlm", "fastlm_commit", "extension")
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +247,15 @@ def test_default_ops():
     assert benchmark.default_ops(cpu, "quick", tiny=True) == list(benchmark.OPS)
 
 
+def test_isa_left_out_names_what_the_build_lacks():
+    host = ["AVX2", "FMA", "AVX-512", "AVX512-BF16", "AMX-BF16"]
+    assert benchmark.isa_left_out({"cpu_isa": host, "kernels_isa": host[:4]}) == []    # (AMX is no build option)
+    assert benchmark.isa_left_out({"cpu_isa": host, "kernels_isa": ["AVX2", "FMA"]}) == ["AVX-512", "AVX512-BF16"]
+    assert benchmark.isa_left_out({"cpu_isa": host, "kernels_isa": []}) == host[:4]
+    assert benchmark.isa_left_out({"cpu_isa": host, "kernels_isa": None}) == []        # no extension
+    assert benchmark.isa_left_out({"cpu_isa": host}) == []                             # a JSON from before the field
+
+
 @pytest.mark.timeout(600)  # (the module's tiny bench runs in the first test that asks for it: compiles on a GPU)
 def test_cli_tiny_run_writes_json_table_and_plots(tiny_run):
     rc, out = tiny_run
@@ -261,6 +269,9 @@ def test_cli_tiny_run_writes_json_table_and_plots(tiny_run):
         flags = next(line for line in f if line.startswith("flags")).split()
     assert ("AVX2" in doc["env"]["cpu_isa"]) == ("avx2" in flags)
     assert ("AVX512-BF16" in doc["env"]["cpu_isa"]) == ("avx512_bf16" in flags)
+    ext = backends.extension()                                         # and the ones they were built for
+    assert doc["env"]["kernels_isa"] == (None if ext is None else list(ext.cpu_isa))
+    assert set(doc["env"]["kernels_isa"] or ()) <= set(doc["env"]["cpu_isa"])
     assert doc["config"]["tiny"] is True and doc["config"]["compile"] is False
     ceilings = doc["ceilings"]
     assert ceilings["copy_bytes_per_s"] > 0 and ceilings["matmul_flop_per_s"]["float32"] > 0
@@ -433,8 +444,10 @@ def test_perf_to_readme_replaces_only_the_marked_section(tiny_run, tmp_path):
     assert text.endswith("<!-- perf:end -->\n\n## Next\nkept\n")
     assert "old table" not in text and ("CPU figures" in text or "GPU figures" in text)
     isa = benchmark.load(str(out / "bench.json"))["env"]["cpu_isa"]
+    below = bool(benchmark.isa_left_out(benchmark.load(str(out / "bench.json"))["env"]))
     if "CPU figures" in text and isa:                                  # the extensions beside the CPU's name
-        assert f"({', '.join(isa)}), 2 threads" in text
+        assert (f"({', '.join(isa)}), 2 threads" in text) == (not below)
+        assert ("C++ kernels built for" in text) == below              # and the build's, where it has fewer
     assert "| op | case | fastlm |" in text and "![" in text
     assert "by `python -m fastlm bench --tiny --no-compile --threads 2` " in text    # as it ran, but for --out
     for line in text.splitlines():
