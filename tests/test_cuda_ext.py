@@ -286,10 +286,50 @@ def _load(*path):
 
 def test_tensor_core_layout_emulation():
     """bench/dev/mma_layout_emu.py: the kernels' ldmatrix / mma.sync and wgmma descriptor / swizzle arithmetic,
-    emulated in numpy as the PTX ISA defines it, equals plain matrix products (runs without a GPU). The emulator
-    carries copies of the kernels' address formulas (the TMA boxes' placement, sw128_desc, the descriptor start
-    addresses): they are kept in step with csrc/cuda by hand."""
+    emulated in numpy as the PTX ISA defines it, equals plain matrix products (runs without a GPU). Its wgmma
+    formulas are the kernels' own: test_tensor_core_layout_is_the_kernels."""
     _load("bench", "dev", "mma_layout_emu.py").main()
+
+
+def layout_mismatches(lines, emu):
+    """The lines of tests/cuda_layout_test.cu's output ("name args... = value") whose value differs from the
+    emulator's formula of that name, and lines naming no formula."""
+    formulas = {"sm90_tile": emu.sm90_tile, "slab": emu.slab, "k_step": emu.k_step, "mn_step": emu.mn_step,
+                "mn_lbo": emu.mn_lbo, "desc": emu.sw128_desc, "k_major_lbo": lambda: emu.K_MAJOR_LBO}
+    bad = []
+    for line in lines:
+        lhs, rhs = line.split(" = ")
+        name, *args = lhs.split()
+        value = tuple(map(int, rhs.split()))
+        if name not in formulas:
+            bad.append(f"{line} (no such formula)")
+            continue
+        expected = formulas[name](*map(int, args))
+        if (expected if isinstance(expected, tuple) else (expected,)) != value:
+            bad.append(f"{line} (emulator: {expected})")
+    return bad
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_tensor_core_layout_is_the_kernels(tmp_path):
+    """The wgmma layout arithmetic the emulation checks is the kernels' own: wgmma.cuh's descriptors and sw128 tile
+    offsets and attention_tile.cuh's Sm90Shape, printed by tests/cuda_layout_test.cu (built with nvcc, host code
+    only), equal the emulator's formulas at every printed point. A mismatch is caught (a tampered line)."""
+    exe = str(tmp_path / "layout_test")
+    build = subprocess.run(["nvcc", "-std=c++17", "--expt-relaxed-constexpr", "-I", os.path.join(ROOT, "csrc"),
+                            "-Werror", "all-warnings", "-o", exe, os.path.join(ROOT, "tests", "cuda_layout_test.cu")],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout + build.stderr
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    names = {line.split()[0] for line in lines}
+    assert names == {"sm90_tile", "slab", "k_step", "mn_step", "mn_lbo", "desc", "k_major_lbo"}, names
+    assert {int(line.split()[1]) for line in lines if line.startswith("sm90_tile")} >= set(backends.CUDA_HEAD_DIMS)
+    emu = _load("bench", "dev", "mma_layout_emu.py")
+    assert layout_mismatches(lines, emu) == []
+    tampered = [line.replace("= ", "= 1", 1) if line.startswith("k_step 5 128 64") else line for line in lines]
+    assert len(layout_mismatches(tampered, emu)) == 1
 
 
 @pytest.mark.parametrize("mutant", ["no swizzle", "sbo 512", "lbo unused"])

@@ -3,9 +3,11 @@
 of attention_tile.cuh (warp_qk, warp_pv) and ffn.cu (gemm_tn_kernel's k-step), compared with plain matrix products;
 and of wgmma.mma_async (sm_90a): the 64-bit shared-memory descriptor decoded field by field, the 128-byte swizzle
 applied to absolute byte addresses, K-major and MN-major (transposed) canonical layouts and the m64nNk16 accumulator
-/ register-A fragments, driven with wgmma.cuh's sw128_desc and the descriptor start addresses of attention_sm90.cu
-and of ffn.cu's wgmma GEMM, their operands written as their TMA boxes write them (128-byte swizzle, zero fill); and
-the lane / column / k mapping of ffn.cu's CUDA-core gemv kernel. Keep the formulas here in step with the kernels.
+/ register-A fragments, driven with wgmma.cuh's descriptors and sw128 tile offsets as attention_sm90.cu and ffn.cu's
+wgmma GEMM use them, their operands written as their TMA boxes write them (128-byte swizzle, zero fill); and the
+lane / column / k mapping of ffn.cu's CUDA-core gemv kernel. The wgmma formulas (sw128_desc, slab, k_step, mn_step,
+mn_lbo, sm90_tile) are compared with the C++ ones, printed by tests/cuda_layout_test.cu, in tests/test_cuda_ext.py;
+the mma.sync and gemv ones are kept in step with the kernels by hand.
 
     python bench/dev/mma_layout_emu.py      (tests/test_cuda_ext.py runs it too)
 """
@@ -106,8 +108,23 @@ def check_gemm(BN):
 
 # ---------------------------------------------------------------- wgmma (sm_90a)
 
-def sw128_desc(addr, lbo_bytes):     # wgmma.cuh
+def sw128_desc(addr, lbo_bytes):     # wgmma.cuh's sw128_desc_bits
     return ((addr & 0x3FFFF) >> 4) | ((lbo_bytes >> 4) << 16) | ((1024 >> 4) << 32) | (1 << 62)
+
+# wgmma.cuh's byte offsets in an sw128 tile of `rows` rows
+K_MAJOR_LBO = 16                     # (unused by the hardware for K-major operands)
+
+def slab(c, rows):                   # 64-column slab c
+    return c * rows * 128
+
+def k_step(kk, rows, row0):          # K-major k step kk of rows row0 ..
+    return slab(kk // 4, rows) + row0 * 128 + (kk % 4) * 32
+
+def mn_step(kk, rows, col0):         # MN-major k step kk of columns col0 ..
+    return slab(col0 // 64, rows) + kk * 16 * 128
+
+def mn_lbo(rows):
+    return rows * 128
 
 def decode_desc(desc):
     start, lbo, sbo = (desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
@@ -185,7 +202,7 @@ def tma_load_box(smem, dst, X, b, row0, h, c, box_rows, swizzle=swizzled):
             smem[swizzle(dst + r * 128 + 2 * j) // 2] = X[b, n, h, col] if n < X.shape[1] and col < X.shape[3] else 0.0
 
 def sm90_tile(D):
-    """attention_sm90.cu's Sm90Tile<D>: 64-column slabs, padded width, keys per tile, N of one P V wgmma."""
+    """attention_tile.cuh's Sm90Shape<D>: 64-column slabs, padded width, keys per tile, N of one P V wgmma."""
     slabs = (D + 63) // 64
     do = 64 * slabs
     return slabs, do, 64 if D > 128 else 128, min(do, 128)
@@ -204,18 +221,17 @@ def check_attention_wgmma(D, BM=128, sq_len=200, sk_len=333, m0=128, n0=256):
     Xk, Xv = rng.standard_normal((2, sk_len, Hkv, D)), rng.standard_normal((2, sk_len, Hkv, D))
     hk = h // (H // Hkv)
     for c in range(slabs):                                           # the producer's loads, slab c per box
-        tma_load_box(smem, sq + c * BM * 128, Xq, b, m0, h, c, BM)
-        tma_load_box(smem, sk + c * BN * 128, Xk, b, n0, hk, c, BN)
-        tma_load_box(smem, sv + c * BN * 128, Xv, b, n0, hk, c, BN)
+        tma_load_box(smem, sq + slab(c, BM), Xq, b, m0, h, c, BM)
+        tma_load_box(smem, sk + slab(c, BN), Xk, b, n0, hk, c, BN)
+        tma_load_box(smem, sv + slab(c, BN), Xv, b, n0, hk, c, BN)
     assert not np.isnan(smem).any()
     pad = lambda X, r0, rows, hh: np.vstack([X[b, r0: r0 + rows, hh], np.zeros((max(0, r0 + rows - X.shape[1]), D))])
     Q, K, V = pad(Xq, m0, BM, h), pad(Xk, n0, BN, hk), pad(Xv, n0, BN, hk)
     for wg in range(2):
         s = np.zeros((128, BN // 8, 4))
         for kk in range(D // 16):
-            slab, step = kk // 4, (kk % 4) * 32
-            s = wgmma_ss(s, smem, sw128_desc(sq + slab * BM * 128 + wg * 64 * 128 + step, 16),
-                         sw128_desc(sk + slab * BN * 128 + step, 16), BN, kk > 0)
+            s = wgmma_ss(s, smem, sw128_desc(sq + k_step(kk, BM, wg * 64), K_MAJOR_LBO),
+                         sw128_desc(sk + k_step(kk, BN, 0), K_MAJOR_LBO), BN, kk > 0)
         S = acc_to_matrix(s, BN)
         assert np.allclose(S, Q[wg * 64: wg * 64 + 64] @ K.T), ("qk", D, wg)
         o = np.zeros((128, DO // 8, 4))
@@ -224,7 +240,7 @@ def check_attention_wgmma(D, BM=128, sq_len=200, sk_len=333, m0=128, n0=256):
             for j in range(DO // PV_N):
                 part = slice(j * PV_N // 8, (j + 1) * PV_N // 8)
                 o[:, part] = wgmma_rs_mn(o[:, part], pa, smem,
-                                         sw128_desc(sv + j * (PV_N // 64) * BN * 128 + kk * 16 * 128, BN * 128), PV_N)
+                                         sw128_desc(sv + mn_step(kk, BN, j * PV_N), mn_lbo(BN)), PV_N)
         O = acc_to_matrix(o, DO)
         assert np.allclose(O[:, :D], S @ V) and not O[:, D:].any(), ("pv", D, wg)
     print("attention wgmma ok", D, BN)
@@ -245,7 +261,8 @@ def check_gemm_wgmma(k_valid, m_valid=100, k_tile=1):
     for wg in range(2):
         acc = np.zeros((128, 16, 4))
         for kk in range(4):
-            acc = wgmma_ss(acc, smem, sw128_desc(wg * 64 * 128 + kk * 32, 16), sw128_desc(tile + kk * 32, 16), 128, 1)
+            acc = wgmma_ss(acc, smem, sw128_desc(k_step(kk, 128, wg * 64), K_MAJOR_LBO),
+                           sw128_desc(tile + k_step(kk, 128, 0), K_MAJOR_LBO), 128, 1)
         ref = a[wg * 64: wg * 64 + 64] @ b.T
         assert np.allclose(acc_to_matrix(acc, 128), ref), ("gemm wgmma", wg, k_valid)
     print("gemm wgmma ok", k_valid)

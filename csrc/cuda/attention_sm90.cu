@@ -48,20 +48,16 @@ struct Barriers {
   Ring k, v;
 };
 
-// Tile shapes and shared-memory layout for head dim D.
+// Tile shapes (attention_tile.cuh) and shared-memory layout for head dim D.
 template <int D>
-struct Sm90Tile {
-  static_assert(D % 32 == 0 && D <= 256, "head dim: a multiple of 32, at most 256");
-  static constexpr int kSlabs = (D + 63) / 64;        // 64-column slabs of a Q, K or V row
-  static constexpr int kDo = 64 * kSlabs;             // padded width: O's accumulator columns
-  static constexpr int kBlockN = D > 128 ? 64 : 128;  // keys per tile
-  static constexpr int kPvN = kDo < 128 ? kDo : 128;  // N of one P V wgmma (kDo / kPvN of them per k step)
+struct Sm90Tile : Sm90Shape<D> {
+  using Sm90Shape<D>::kDo;
+  using Sm90Shape<D>::kBlockN;
   static constexpr int kQ = kBlockM * kDo * 2;                // bytes of the Q tile
   static constexpr int kKV = kBlockN * kDo * 2;               // bytes of one K (or V) tile
   static constexpr int kBarriers = kQ + 2 * kStages * kKV;    // Q, the K slots, the V slots, then the barriers
   static constexpr int kBytes = kBarriers + static_cast<int>(sizeof(Barriers));
   static_assert(kBytes <= 227 * 1024, "shared memory of a Hopper block");
-  static_assert(kDo % kPvN == 0 && kPvN % 64 == 0, "P V: whole wgmmas over whole 64-column slabs");
 };
 
 // The kernel's parameters: the problem and the tensor maps of q, k and v as (D, seqlen, heads, batch), boxes of 64
@@ -110,17 +106,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       mbar_arrive_expect_tx(&bar.q_full, Tile::kQ);
 #pragma unroll
       for (int c = 0; c < Tile::kSlabs; ++c)
-        tma_load_4d(sq + c * kBlockM * 128, &args.q, 64 * c, m0, h, b, &bar.q_full);
+        tma_load_4d(sq + sw128_slab(c, kBlockM), &args.q, 64 * c, m0, h, b, &bar.q_full);
       for (int t = 0; t < n_tiles; ++t) {
         const int slot = t % kStages, n0 = n_start + t * kBlockN;
         uint64_t* k_full = bar.k.acquire(t, Tile::kKV);
 #pragma unroll
         for (int c = 0; c < Tile::kSlabs; ++c)
-          tma_load_4d(sk + slot * Tile::kKV + c * kBlockN * 128, &args.k, 64 * c, n0, hk, b, k_full);
+          tma_load_4d(sk + slot * Tile::kKV + sw128_slab(c, kBlockN), &args.k, 64 * c, n0, hk, b, k_full);
         uint64_t* v_full = bar.v.acquire(t, Tile::kKV);
 #pragma unroll
         for (int c = 0; c < Tile::kSlabs; ++c)
-          tma_load_4d(sv + slot * Tile::kKV + c * kBlockN * 128, &args.v, 64 * c, n0, hk, b, v_full);
+          tma_load_4d(sv + slot * Tile::kKV + sw128_slab(c, kBlockN), &args.v, 64 * c, n0, hk, b, v_full);
       }
     }
     return;
@@ -144,7 +140,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
 #pragma unroll
       for (int j = 0; j < kDo / kPvN; ++j)
         Wgmma<T, kPvN>::rs_mn(*reinterpret_cast<float(*)[kPvN / 8][4]>(&st.o[j * kPvN / 8]), pa[kk],
-                              sw128_desc(vt + j * (kPvN / 64) * kBlockN * 128 + kk * 16 * 128, kBlockN * 128), 1);
+                              sw128_desc(vt + sw128_mn_step(kk, kBlockN, j * kPvN), sw128_mn_lbo(kBlockN)), 1);
     wgmma_commit();
   };
 
@@ -175,11 +171,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     fence_operands(st.o);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int slab = kk / 4, step = (kk % 4) * 32;
-      Wgmma<T, kBlockN>::ss(s, sw128_desc(sq + slab * kBlockM * 128 + cw * 64 * 128 + step, 16),
-                            sw128_desc(kt + slab * kBlockN * 128 + step, 16), kk > 0);
-    }
+    for (int kk = 0; kk < D / 16; ++kk)
+      Wgmma<T, kBlockN>::ss(s, sw128_desc(sq + sw128_k_step(kk, kBlockM, cw * 64), kSw128KMajorLbo),
+                            sw128_desc(kt + sw128_k_step(kk, kBlockN, 0), kSw128KMajorLbo), kk > 0);
     wgmma_commit();
     if (t > 0) issue_pv(prev);
     if (t > 0) {

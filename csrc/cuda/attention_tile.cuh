@@ -26,6 +26,18 @@ struct TileShape {
   static constexpr int kStride = D + 8;  // elements per shared-memory row
 };
 
+// The wgmma kernel's (attention_sm90.cu) tile shape for head dim D, in 64-column slabs of wgmma.cuh's swizzled tiles.
+// Host code too: tests/cuda_layout_test.cu prints it for the tensor-core emulation (bench/dev/mma_layout_emu.py).
+template <int D>
+struct Sm90Shape {
+  static_assert(D % 32 == 0 && D <= 256, "head dim: a multiple of 32, at most 256");
+  static constexpr int kSlabs = (D + 63) / 64;        // 64-column slabs of a Q, K or V row
+  static constexpr int kDo = 64 * kSlabs;             // padded width: O's accumulator columns
+  static constexpr int kBlockN = D > 128 ? 64 : 128;  // keys per tile
+  static constexpr int kPvN = kDo < 128 ? kDo : 128;  // N of one P V wgmma (kDo / kPvN of them per k step)
+  static_assert(kDo % kPvN == 0 && kPvN % 64 == 0, "P V: whole wgmmas over whole 64-column slabs");
+};
+
 // copy_rows_async into a padded tile (row stride D + 8 elements).
 template <typename T, int ROWS, int D, int NTHREADS, typename RowPtr>
 __device__ __forceinline__ void load_rows_async(T* smem, RowPtr row_ptr, const T* base, int tid) {

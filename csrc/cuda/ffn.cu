@@ -271,10 +271,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) gemm_tn_wgmma_kernel(const __gr
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kWgBK / 16; ++kk) {
-      const uint64_t desc_a = sw128_desc(st + cw * 64 * 128 + kk * 32, 16);
+      const uint64_t desc_a = sw128_desc(st + sw128_k_step(kk, kWgBM, cw * 64), kSw128KMajorLbo);
 #pragma unroll
       for (int w = 0; w < NW; ++w)
-        Wgmma<T, kWgBN>::ss(acc[w], desc_a, sw128_desc(st + (1 + w) * kWgTile + kk * 32, 16), 1);
+        Wgmma<T, kWgBN>::ss(acc[w], desc_a, sw128_desc(st + (1 + w) * kWgTile + sw128_k_step(kk, kWgBN, 0),
+                                                       kSw128KMajorLbo), 1);
     }
     wgmma_commit();
     wgmma_wait<1>();  // tile kt - 1's wgmmas are done, tile kt's run on

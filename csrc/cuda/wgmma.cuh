@@ -24,12 +24,29 @@
 
 namespace fastlm_cuda {
 
-// Matrix descriptor of a 128-byte swizzled operand starting at `smem` (see above); lbo_bytes is the MN-major
-// column-block stride (16 for K-major operands, where it is unused).
-__device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo_bytes) {
-  const uint32_t addr = smem_addr(smem);
+// Byte offsets in an sw128 tile of `rows` rows (see above). Host code too: tests/cuda_layout_test.cu prints them for
+// the tensor-core emulation (bench/dev/mma_layout_emu.py), which checks them against plain matrix products.
+// Column slab c (columns 64 c .. 64 c + 63): where a TMA box of those columns lands.
+__host__ __device__ constexpr uint32_t sw128_slab(int c, int rows) { return static_cast<uint32_t>(c * rows * 128); }
+// K-major k step kk (columns 16 kk .. 16 kk + 15) of the operand rows row0 .. (a multiple of 8).
+__host__ __device__ constexpr uint32_t sw128_k_step(int kk, int rows, int row0) {
+  return sw128_slab(kk / 4, rows) + static_cast<uint32_t>(row0 * 128 + (kk % 4) * 32);
+}
+// MN-major k step kk (rows 16 kk .. 16 kk + 15) of the output columns col0 .. (a multiple of 64).
+__host__ __device__ constexpr uint32_t sw128_mn_step(int kk, int rows, int col0) {
+  return sw128_slab(col0 / 64, rows) + static_cast<uint32_t>(kk * 16 * 128);
+}
+// The MN-major column-block stride (LBO); 16 for K-major operands, where it is unused.
+__host__ __device__ constexpr uint32_t sw128_mn_lbo(int rows) { return static_cast<uint32_t>(rows * 128); }
+constexpr uint32_t kSw128KMajorLbo = 16;
+// Matrix descriptor of a 128-byte swizzled operand at shared-memory byte address `addr`.
+__host__ __device__ constexpr uint64_t sw128_desc_bits(uint32_t addr, uint32_t lbo_bytes) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo_bytes >> 4) << 16) |
          (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+}
+// The same for the operand starting at `smem`.
+__device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo_bytes) {
+  return sw128_desc_bits(smem_addr(smem), lbo_bytes);
 }
 
 // Order register writes (accumulators, A fragments) before the wgmma that reads them.

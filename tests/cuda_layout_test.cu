@@ -1,0 +1,44 @@
+// The tensor-core layout arithmetic of csrc/cuda/ as the kernels compute it, printed on the host: wgmma.cuh's sw128
+// tile offsets and matrix descriptors, and the wgmma attention kernel's tile shapes (attention_tile.cuh's Sm90Shape).
+// tests/test_cuda_ext.py::test_tensor_core_layout_is_the_kernels
+// builds it with nvcc (host code only: no GPU needed) and compares every line with the formulas of
+// bench/dev/mma_layout_emu.py, whose emulation of the PTX operand layouts checks them against matrix products.
+//
+// One line per value: a name, its integer arguments, "=", the value.
+#include <cinttypes>
+#include <cstdio>
+
+#include "cuda/attention_tile.cuh"
+#include "cuda/wgmma.cuh"
+
+using namespace fastlm_cuda;
+
+template <int D>
+void print_shape() {
+  using S = Sm90Shape<D>;
+  std::printf("sm90_tile %d = %d %d %d %d\n", D, S::kSlabs, S::kDo, S::kBlockN, S::kPvN);
+}
+
+int main() {
+  print_shape<32>();
+  print_shape<64>();
+  print_shape<96>();
+  print_shape<128>();
+  print_shape<256>();
+  for (int rows : {64, 128}) {
+    std::printf("mn_lbo %d = %u\n", rows, sw128_mn_lbo(rows));
+    for (int c = 0; c < 4; ++c) std::printf("slab %d %d = %u\n", c, rows, sw128_slab(c, rows));
+    for (int kk = 0; kk < 16; ++kk)
+      for (int r0 : {0, 64}) std::printf("k_step %d %d %d = %u\n", kk, rows, r0, sw128_k_step(kk, rows, r0));
+    for (int kk = 0; kk < rows / 16; ++kk)
+      for (int c0 : {0, 64, 128, 192})
+        std::printf("mn_step %d %d %d = %u\n", kk, rows, c0, sw128_mn_step(kk, rows, c0));
+  }
+  std::printf("k_major_lbo = %u\n", kSw128KMajorLbo);
+  // addresses on swizzle-pattern rows (1024-byte multiples plus whole k steps), also past the 18 address bits the
+  // descriptor keeps
+  for (uint32_t addr : {0u, 32u, 96u, 1024u, 16384u + 64u, 0x3FC00u, 0x40000u + 2048u, 0xFFFFFC20u})
+    for (uint32_t lbo : {16u, 8192u, 16384u})
+      std::printf("desc %u %u = %" PRIu64 "\n", addr, lbo, sw128_desc_bits(addr, lbo));
+  return 0;
+}
