@@ -1,5 +1,6 @@
-// The tensor-core layout arithmetic of csrc/cuda/ as the kernels compute it, printed on the host: wgmma.cuh's sw128
-// tile offsets and matrix descriptors, and the wgmma attention kernel's tile shapes (attention_tile.cuh's Sm90Shape).
+// The tensor-core layout arithmetic of csrc/cuda/ as the kernels compute it, printed on the host: mma.cuh's ldmatrix
+// rows of the lanes, wgmma.cuh's sw128 tile offsets and matrix descriptors, and the wgmma attention kernel's tile
+// shapes (attention_tile.cuh's Sm90Shape).
 // tests/test_cuda_ext.py::test_tensor_core_layout_is_the_kernels
 // builds it with nvcc (host code only: no GPU needed) and compares every line with the formulas of
 // bench/dev/mma_layout_emu.py, whose emulation of the PTX operand layouts checks them against matrix products.
@@ -35,6 +36,15 @@ int main() {
         std::printf("mn_step %d %d %d = %u\n", kk, rows, c0, sw128_mn_step(kk, rows, c0));
   }
   std::printf("k_major_lbo = %u\n", kSw128KMajorLbo);
+  for (int stride : {40, 136})  // (the mma.sync GEMM's k tile of 32 + 8; attention's head dim 128 + 8)
+    for (int row0 : {0, 16})
+      for (int col0 : {0, 16})
+        for (int lane = 0; lane < 32; ++lane) {
+          std::printf("ldsm_a %d %d %d %d = %d\n", lane, row0, col0, stride, ldsm_a(lane, row0, col0, stride));
+          std::printf("ldsm_b %d %d %d %d = %d\n", lane, row0, col0, stride, ldsm_b(lane, row0, col0, stride));
+          std::printf("ldsm_b_trans %d %d %d %d = %d\n", lane, row0, col0, stride,
+                      ldsm_b_trans(lane, row0, col0, stride));
+        }
   // addresses on swizzle-pattern rows (1024-byte multiples plus whole k steps), also past the 18 address bits the
   // descriptor keeps
   for (uint32_t addr : {0u, 32u, 96u, 1024u, 16384u + 64u, 0x3FC00u, 0x40000u + 2048u, 0xFFFFFC20u})

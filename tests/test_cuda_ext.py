@@ -286,7 +286,7 @@ def _load(*path):
 
 def test_tensor_core_layout_emulation():
     """bench/dev/mma_layout_emu.py: the kernels' ldmatrix / mma.sync and wgmma descriptor / swizzle arithmetic,
-    emulated in numpy as the PTX ISA defines it, equals plain matrix products (runs without a GPU). Its wgmma
+    emulated in numpy as the PTX ISA defines it, equals plain matrix products (runs without a GPU). Its address
     formulas are the kernels' own: test_tensor_core_layout_is_the_kernels."""
     _load("bench", "dev", "mma_layout_emu.py").main()
 
@@ -295,7 +295,8 @@ def layout_mismatches(lines, emu):
     """The lines of tests/cuda_layout_test.cu's output ("name args... = value") whose value differs from the
     emulator's formula of that name, and lines naming no formula."""
     formulas = {"sm90_tile": emu.sm90_tile, "slab": emu.slab, "k_step": emu.k_step, "mn_step": emu.mn_step,
-                "mn_lbo": emu.mn_lbo, "desc": emu.sw128_desc, "k_major_lbo": lambda: emu.K_MAJOR_LBO}
+                "mn_lbo": emu.mn_lbo, "desc": emu.sw128_desc, "k_major_lbo": lambda: emu.K_MAJOR_LBO,
+                "ldsm_a": emu.ldsm_a, "ldsm_b": emu.ldsm_b, "ldsm_b_trans": emu.ldsm_b_trans}
     bad = []
     for line in lines:
         lhs, rhs = line.split(" = ")
@@ -312,9 +313,10 @@ def layout_mismatches(lines, emu):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_tensor_core_layout_is_the_kernels(tmp_path):
-    """The wgmma layout arithmetic the emulation checks is the kernels' own: wgmma.cuh's descriptors and sw128 tile
-    offsets and attention_tile.cuh's Sm90Shape, printed by tests/cuda_layout_test.cu (built with nvcc, host code
-    only), equal the emulator's formulas at every printed point. A mismatch is caught (a tampered line)."""
+    """The layout arithmetic the emulation checks is the kernels' own: mma.cuh's ldmatrix rows, wgmma.cuh's
+    descriptors and sw128 tile offsets and attention_tile.cuh's Sm90Shape, printed by tests/cuda_layout_test.cu
+    (built with nvcc, host code only), equal the emulator's formulas at every printed point. A mismatch is caught (a
+    tampered line)."""
     exe = str(tmp_path / "layout_test")
     build = subprocess.run(["nvcc", "-std=c++17", "--expt-relaxed-constexpr", "-I", os.path.join(ROOT, "csrc"),
                             "-Werror", "all-warnings", "-o", exe, os.path.join(ROOT, "tests", "cuda_layout_test.cu")],
@@ -324,12 +326,14 @@ def test_tensor_core_layout_is_the_kernels(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     names = {line.split()[0] for line in lines}
-    assert names == {"sm90_tile", "slab", "k_step", "mn_step", "mn_lbo", "desc", "k_major_lbo"}, names
+    assert names == {"sm90_tile", "slab", "k_step", "mn_step", "mn_lbo", "desc", "k_major_lbo", "ldsm_a", "ldsm_b",
+                     "ldsm_b_trans"}, names
     assert {int(line.split()[1]) for line in lines if line.startswith("sm90_tile")} >= set(backends.CUDA_HEAD_DIMS)
     emu = _load("bench", "dev", "mma_layout_emu.py")
     assert layout_mismatches(lines, emu) == []
-    tampered = [line.replace("= ", "= 1", 1) if line.startswith("k_step 5 128 64") else line for line in lines]
-    assert len(layout_mismatches(tampered, emu)) == 1
+    for name in ("k_step 5 128 64 ", "ldsm_b_trans 17 16 0 40 "):
+        tampered = [line.replace("= ", "= 1", 1) if line.startswith(name) else line for line in lines]
+        assert len(layout_mismatches(tampered, emu)) == 1, name
 
 
 @pytest.mark.parametrize("mutant", ["no swizzle", "sbo 512", "lbo unused"])

@@ -6,8 +6,9 @@ applied to absolute byte addresses, K-major and MN-major (transposed) canonical 
 / register-A fragments, driven with wgmma.cuh's descriptors and sw128 tile offsets as attention_sm90.cu and ffn.cu's
 wgmma GEMM use them, their operands written as their TMA boxes write them (128-byte swizzle, zero fill); and the
 lane / column / k mapping of ffn.cu's CUDA-core gemv kernel. The wgmma formulas (sw128_desc, slab, k_step, mn_step,
-mn_lbo, sm90_tile) are compared with the C++ ones, printed by tests/cuda_layout_test.cu, in tests/test_cuda_ext.py;
-the mma.sync and gemv ones are kept in step with the kernels by hand.
+mn_lbo, sm90_tile) and the lanes' ldmatrix rows (ldsm_a, ldsm_b, ldsm_b_trans) are compared with the C++ ones, printed
+by tests/cuda_layout_test.cu, in tests/test_cuda_ext.py; the tile bases of the mma.sync GEMM, the TMA box placement
+of tma_load_box and the gemv mapping are kept in step with the kernels by hand.
 
     python bench/dev/mma_layout_emu.py      (tests/test_cuda_ext.py runs it too)
 """
@@ -26,6 +27,16 @@ def ldmatrix_x4(mem, addr_of_lane, trans=False):
             else:
                 regs[L, i] = [M[2 * (L % 4), L // 4], M[2 * (L % 4) + 1, L // 4]]
     return regs
+
+# mma.cuh's rows of the lanes' ldmatrix addresses: element offsets in a tile of row stride `stride`
+def ldsm_a(lane, row0, col0, stride):         # A, 16 x 16 at (row0, col0)
+    return (row0 + (lane & 15)) * stride + col0 + (lane >> 4) * 8
+
+def ldsm_b(lane, row0, col0, stride):         # B, two n8 tiles stored n-major
+    return (row0 + (lane & 7) + ((lane >> 4) << 3)) * stride + col0 + ((lane >> 3) & 1) * 8
+
+def ldsm_b_trans(lane, row0, col0, stride):   # B, two n8 tiles stored k-major (ldmatrix .trans)
+    return (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * stride + col0 + (lane >> 4) * 8
 
 def mma(c, a, b0, b1):
     # c: (32,4) floats, a: (32,4,2), b0,b1: (32,2)
@@ -59,10 +70,9 @@ def check_attention(D, NKEYS):
     for r in range(NKEYS): k[r*S:r*S+D] = K[r]; v[r*S:r*S+D] = V[r]
     s = [np.zeros((32, 4)) for _ in range(NKEYS // 8)]
     for kk in range(D // 16):
-        a = ldmatrix_x4(q, lambda lane: (lane & 15) * S + kk * 16 + (lane >> 4) * 8)
+        a = ldmatrix_x4(q, lambda lane: ldsm_a(lane, 0, kk * 16, S))
         for jp in range(NKEYS // 16):
-            b = ldmatrix_x4(k, lambda lane: (jp * 16 + (lane & 7) + ((lane >> 4) << 3)) * S + kk * 16
-                            + ((lane >> 3) & 1) * 8)
+            b = ldmatrix_x4(k, lambda lane: ldsm_b(lane, jp * 16, kk * 16, S))
             s[2*jp] = mma(s[2*jp], a, b[:, 0], b[:, 1]); s[2*jp+1] = mma(s[2*jp+1], a, b[:, 2], b[:, 3])
     Sm = frag_to_matrix(s, NKEYS // 8)
     assert np.allclose(Sm, Q @ K.T), "qk"
@@ -72,8 +82,7 @@ def check_attention(D, NKEYS):
         a = np.zeros((32, 4, 2))
         a[:, 0] = s[2*kk][:, 0:2]; a[:, 1] = s[2*kk][:, 2:4]; a[:, 2] = s[2*kk+1][:, 0:2]; a[:, 3] = s[2*kk+1][:, 2:4]
         for dp in range(D // 16):
-            b = ldmatrix_x4(v, lambda lane: (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16
-                            + (lane >> 4) * 8, trans=True)
+            b = ldmatrix_x4(v, lambda lane: ldsm_b_trans(lane, kk * 16, dp * 16, S), trans=True)
             o[2*dp] = mma(o[2*dp], a, b[:, 0], b[:, 1]); o[2*dp+1] = mma(o[2*dp+1], a, b[:, 2], b[:, 3])
     Om = frag_to_matrix(o, D // 8)
     assert np.allclose(Om, Sm @ V), "pv"
@@ -92,11 +101,9 @@ def check_gemm(BN):
             sa = wm * 64 * kS
             sb = (BM + wn * WN) * kS
             for kk in range(2):
-                a = [ldmatrix_x4(st, lambda lane: sa + (i * 16 + (lane & 15)) * kS + kk * 16 + (lane >> 4) * 8)
-                     for i in range(MT)]
+                a = [ldmatrix_x4(st, lambda lane: sa + ldsm_a(lane, i * 16, kk * 16, kS)) for i in range(MT)]
                 for jp in range(NT // 2):
-                    b = ldmatrix_x4(st, lambda lane: sb + (jp * 16 + (lane & 7) + ((lane >> 4) << 3)) * kS
-                                    + kk * 16 + ((lane >> 3) & 1) * 8)
+                    b = ldmatrix_x4(st, lambda lane: sb + ldsm_b(lane, jp * 16, kk * 16, kS))
                     for i in range(MT):
                         acc[i][2*jp] = mma(acc[i][2*jp], a[i], b[:, 0], b[:, 1])
                         acc[i][2*jp+1] = mma(acc[i][2*jp+1], a[i], b[:, 2], b[:, 3])

@@ -133,11 +133,11 @@ __device__ __forceinline__ void warp_qk(float (&s)[NKEYS / 8][4], const T* q, co
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[4];
-    ldmatrix_x4(a, q + (lane & 15) * S + kk * 16 + (lane >> 4) * 8);
+    ldmatrix_x4(a, q + ldsm_a(lane, 0, kk * 16, S));
 #pragma unroll
     for (int jp = 0; jp < NKEYS / 16; ++jp) {
       uint32_t b[4];  // keys jp*16 + 0..7 -> b[0], b[1]; keys jp*16 + 8..15 -> b[2], b[3]
-      ldmatrix_x4(b, k + (jp * 16 + (lane & 7) + ((lane >> 4) << 3)) * S + kk * 16 + ((lane >> 3) & 1) * 8);
+      ldmatrix_x4(b, k + ldsm_b(lane, jp * 16, kk * 16, S));
       Mma<T>::run(s[2 * jp], a, b[0], b[1]);
       Mma<T>::run(s[2 * jp + 1], a, b[2], b[3]);
     }
@@ -203,7 +203,7 @@ __device__ __forceinline__ void warp_pv(WarpState<D>& st, const float (&p)[NKEYS
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t b[4];  // columns dp*16 + 0..7 -> b[0], b[1]; dp*16 + 8..15 -> b[2], b[3]
-      ldmatrix_x4_trans(b, v + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * S + dp * 16 + (lane >> 4) * 8);
+      ldmatrix_x4_trans(b, v + ldsm_b_trans(lane, kk * 16, dp * 16, S));
       Mma<T>::run(st.o[2 * dp], a, b[0], b[1]);
       Mma<T>::run(st.o[2 * dp + 1], a, b[2], b[3]);
     }

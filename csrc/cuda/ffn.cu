@@ -158,15 +158,14 @@ __global__ void __launch_bounds__(kThreads) gemm_tn_kernel(const GemmArgs p) {
       uint32_t a[MT][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i)
-        ldmatrix_x4(a[i], sa + (i * 16 + (lane & 15)) * kStride + kk * 16 + (lane >> 4) * 8);
+        ldmatrix_x4(a[i], sa + ldsm_a(lane, i * 16, kk * 16, kStride));
 #pragma unroll
       for (int w = 0; w < NW; ++w) {
         const T* sb = st + (kBM + w * BN + wn * WN) * kStride;
 #pragma unroll
         for (int jp = 0; jp < NT / 2; ++jp) {
           uint32_t b[4];  // columns jp*16 + 0..7 -> b[0], b[1]; + 8..15 -> b[2], b[3]
-          ldmatrix_x4(b, sb + (jp * 16 + (lane & 7) + ((lane >> 4) << 3)) * kStride + kk * 16 +
-                             ((lane >> 3) & 1) * 8);
+          ldmatrix_x4(b, sb + ldsm_b(lane, jp * 16, kk * 16, kStride));
 #pragma unroll
           for (int i = 0; i < MT; ++i) {
             Mma<T>::run(acc[w][i][2 * jp], a[i], b[0], b[1]);

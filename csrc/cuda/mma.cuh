@@ -54,6 +54,24 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(smem)));
 }
 
+// The row each lane hands to ldmatrix_x4 (lane 8 i + r: row r of 8 x 8 matrix i, register i), as an element offset
+// in a row-major shared-memory tile of row stride `stride`, for the m16n8k16 operands at (row0, col0). Host code too:
+// tests/cuda_layout_test.cu prints them for the tensor-core emulation (bench/dev/mma_layout_emu.py).
+// A, 16 rows x 16 k: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
+__host__ __device__ constexpr int ldsm_a(int lane, int row0, int col0, int stride) {
+  return (row0 + (lane & 15)) * stride + col0 + (lane >> 4) * 8;
+}
+// B of two n8 tiles stored n-major (rows n, columns k, as K for Q K^T): matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
+// (n 8-15, k 0-7), (n 8-15, k 8-15): registers 0, 1 are the first tile's b0, b1, registers 2, 3 the second's.
+__host__ __device__ constexpr int ldsm_b(int lane, int row0, int col0, int stride) {
+  return (row0 + (lane & 7) + ((lane >> 4) << 3)) * stride + col0 + ((lane >> 3) & 1) * 8;
+}
+// B of two n8 tiles stored k-major (rows k, columns n, as V for P V), through ldmatrix_x4_trans: matrices
+// (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15), registers as for ldsm_b.
+__host__ __device__ constexpr int ldsm_b_trans(int lane, int row0, int col0, int stride) {
+  return (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * stride + col0 + (lane >> 4) * 8;
+}
+
 template <typename T>
 struct Mma;
 
