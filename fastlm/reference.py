@@ -42,6 +42,14 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     return _masked_attention(q, k, v, keep, softmax_scale, return_lse)
 
 
+def _scores(q, k, scale):
+    """S = scale Q K^T, (B, H, Sq, Sk) in q's dtype. For fp16 / bf16 the product is taken in fp32 and rounded once, as
+    the kernels' fp32 accumulators hold it: an fp16 q . k past 65504 would be inf although the scaled score is not."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return (torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale).to(q.dtype)
+    return torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+
+
 def _masked_attention(q, k, v, keep, softmax_scale, return_lse=False):
     """attention() with the mask given: ``keep`` broadcasts to (B, H, Sq, Sk), True where a query may see a key."""
     B, Sq, H, D = q.shape
@@ -50,7 +58,7 @@ def _masked_attention(q, k, v, keep, softmax_scale, return_lse=False):
     group = H // Hkv
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale                      # (B, H, Sq, Sk)
+    s = _scores(q, k, scale)                                                 # (B, H, Sq, Sk)
     s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(dim=-1, keepdim=True) if Sk > 0 else s.new_full((B, H, Sq, 1), float("-inf"))
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()        # rows with no key: shift by 0
@@ -82,7 +90,7 @@ def masked_attention_backward(dout, q, k, v, keep, softmax_scale=None, dlse=None
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     group = H // Hkv
     ke, ve = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, ke) * scale
+    s = _scores(q, ke, scale)
     s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(dim=-1, keepdim=True) if Sk > 0 else s.new_full((B, H, Sq, 1), float("-inf"))
     e = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m))

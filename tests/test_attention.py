@@ -161,6 +161,19 @@ def test_large_logits(backend, dtype):
     _check_case(backend, dtype, (1, 65, 97, 2, 1, 64, True, (-1, -1)), logit_scale=math.sqrt(30 / math.sqrt(64)) * 2)
 
 
+@pytest.mark.parametrize("backend,dtype", _params(BACKEND_DTYPES))
+def test_dot_products_past_the_fp16_range(backend, dtype):
+    """q . k ~ 1e5, past fp16's largest value (65504), while the scaled scores (~1.3e4, a few units apart) are not:
+    the kernels keep the product in fp32, and so does the reference at the inputs' dtype (backend="torch"), whose
+    results are finite too (they were NaN)."""
+    _require(backend)
+    q, k, v = _inputs(1, 37, 45, 2, 1, 64, torch.float32, device=backend_device(backend))
+    q, k, v = (t.to(dtype) for t in (40 + 0.05 * q, 40 + 0.05 * k, v))
+    _check_attention(backend, q, k, v, torch.randn_like(q), causal=True)
+    out, lse = ops.attention(q, k, v, causal=True, return_lse=True, backend="torch")
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
 @pytest.mark.parametrize("backend,dtype",
                          _params([("triton", torch.float32)] + ([("triton", torch.bfloat16)] if ON_GPU else []))
                          + [p for p in CPU_PARAMS if p.values[1] == torch.float32])
