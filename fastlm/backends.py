@@ -90,18 +90,26 @@ def resolve(backend: str, device, op: str, *, native_ops=(), dtype=None) -> str:
     Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here.
     Under torch.compile the choice is made once, at trace time (it depends only on its arguments and the machine).
     """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto" and dtype is not None and dtype not in KERNEL_DTYPES:
         return "torch"
     dev = device.type if isinstance(device, torch.device) else str(device)
-    return _resolve(backend, dev, op, tuple(native_ops), interpreter())
+    chosen = _resolve(backend, dev, op, tuple(native_ops), interpreter())
+    if chosen == "triton" and dev != "cuda" and dtype == torch.bfloat16:
+        # the Triton interpreter computes bf16 wrongly (tl.dot, fp32 -> bf16 casts, bf16 additions): refuse, and let
+        # "auto" take the reference
+        if backend == "auto":
+            return "torch"
+        raise TypeError(f"{op}: backend='triton' on {dev} tensors runs through the Triton interpreter, which computes "
+                        f"bfloat16 wrongly; use float32 / float16, or backend='cpu' or 'torch' for bfloat16")
+    return chosen
 
 
 @functools.lru_cache(maxsize=None)
 def _resolve(backend: str, dev: str, op: str, native_ops: tuple, interpreting: bool) -> str:
     """resolve() for a device type, cached: the answer depends only on its arguments, whether the Triton interpreter
     is on, and the machine (a model's decoding step asks a few hundred times). Errors are raised, not cached."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if dev == "cuda":
             return "triton" if triton_available() else "torch"

@@ -436,13 +436,13 @@ def cli(argv=None) -> int:
     try:
         _check_cli_args(args)
         device = resolve_device(args.device, what="--device")
-        _check_backend(args.backend, device)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        _check_backend(args.backend, device, dtype)
         if args.cuda_graph and args.compile:
             raise ValueError("--cuda-graph and --compile are exclusive (--compile captures CUDA graphs itself)")
         if args.cuda_graph and device.type != "cuda":
             raise ValueError(f"--cuda-graph needs a CUDA device, got {device} (--device)")
         model, info = load_checkpoint(args.checkpoint, backend=args.backend, device=device)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         model = model.to(dtype).eval()
         tokenizer = info["tokenizer"]
         ids = _encode(tokenizer, args.prompt or "\n", "the prompt")
@@ -500,13 +500,14 @@ def _check_cli_args(args):
         raise
 
 
-def _check_backend(backend: str, device: torch.device):
-    """--backend checked against the device: the model's attention must be able to run there."""
+def _check_backend(backend: str, device: torch.device, dtype: torch.dtype):
+    """--backend checked against the device and --dtype: the model's attention must be able to run there."""
     from fastlm.backends import resolve
     try:
-        resolve(backend, device, "the model's attention", native_ops=("attention_fwd", "decode_attention"))
-    except (ValueError, RuntimeError) as e:
-        raise ValueError(f"--backend {backend} on device {device}: {e}") from None
+        resolve(backend, device, "the model's attention", native_ops=("attention_fwd", "decode_attention"),
+                dtype=dtype)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise ValueError(f"--backend {backend} on device {device} with --dtype {str(dtype)[6:]}: {e}") from None
 
 
 class _Streamer:

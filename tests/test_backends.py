@@ -14,10 +14,10 @@ def _t(*shape):
 
 
 CASES = {  # op call on float64 inputs, the reference's answer
-    "attention": (lambda q, k, v: ops.attention(q, k, v, causal=True),
+    "attention": (lambda q, k, v, **kw: ops.attention(q, k, v, causal=True, **kw),
                   lambda q, k, v: reference.attention(q, k, v, causal=True), (_t(1, 5, 2, 8), _t(1, 5, 1, 8),
                                                                              _t(1, 5, 1, 8))),
-    "decode_attention": (lambda q, k, v: ops.decode_attention(q, k, v, torch.tensor([3])),
+    "decode_attention": (lambda q, k, v, **kw: ops.decode_attention(q, k, v, torch.tensor([3]), **kw),
                          lambda q, k, v: reference.decode_attention(q, k, v, torch.tensor([3])),
                          (_t(1, 1, 2, 8), _t(1, 4, 1, 8), _t(1, 4, 1, 8))),
     "linear": (ops.linear, torch.nn.functional.linear, (_t(2, 8), _t(3, 8), _t(3))),
@@ -47,9 +47,30 @@ def test_resolve_dtype_rule():
     assert backends.resolve("auto", cpu, "linear", native_ops=("linear",), dtype=F64) == "torch"
     if backends.extension_has("linear", "cpu"):
         assert backends.resolve("auto", cpu, "linear", native_ops=("linear",), dtype=torch.bfloat16) == "cpu"
-        # an explicit backend is taken as asked: the kernel then rejects float64 with a clear error
-        with pytest.raises(RuntimeError, match="dtype must be float32, bfloat16 or float16, got Double"):
-            ops.linear(_t(2, 8), _t(3, 8), backend="cpu")
+        # (an explicit backend is taken as asked: test_explicit_backends_refuse_what_they_cannot_run)
+    # the Triton interpreter computes bf16 wrongly: "auto" takes the reference for an op without a C++ kernel
+    if backends.interpreter() and backends.triton_available():
+        assert backends.resolve("auto", cpu, "an op", native_ops=(), dtype=torch.float32) == "triton"
+        assert backends.resolve("auto", cpu, "an op", native_ops=(), dtype=torch.bfloat16) == "torch"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_explicit_backends_refuse_what_they_cannot_run(name):
+    """Every op, named in the error: a backend that is no name, float64 on the C++ CPU kernels (a TypeError naming
+    the argument, as the Triton path gives), bf16 on the Triton interpreter (which computes it wrongly)."""
+    fn, _, inputs = CASES[name]
+    op = name.split()[0]
+    for bad in (["cpu"], "tpu", None):
+        with pytest.raises(ValueError, match=f"^{op}: backend must be one of"):
+            fn(*inputs, backend=bad)
+    if backends.extension() is not None:
+        with pytest.raises(TypeError, match=f"^{op}: (the cpu backend takes float32/float16/bfloat16 [a-z_]+|.*dtype "
+                                            "must be one of .* for backend 'cpu'), got torch.float64"):
+            fn(*inputs, backend="cpu")
+    if backends.interpreter() and backends.triton_available():
+        with pytest.raises(TypeError, match=f"^{op}: backend='triton' on cpu tensors runs through the Triton "
+                                            "interpreter, which computes bfloat16 wrongly"):
+            fn(*[t.bfloat16() if t.is_floating_point() else t for t in inputs], backend="triton")
 
 
 @pytest.mark.skipif(backends.extension() is None, reason="needs the C++ extension")
@@ -131,6 +152,11 @@ def test_matmul_ops_under_autocast(name, backend):
     grads = name != "decode_attention"                                  # (decoding is inference: no backward)
     leaves = [torch.randn(s, device=device, requires_grad=grads) for s in shapes]
     args = [leaves[0].detach().bfloat16()] + leaves[1:]
+    if backend == "triton" and kind == "cpu":                          # the interpreter's bf16 is refused, by name
+        with pytest.raises(TypeError, match=f"^{name}: backend='triton' on cpu tensors runs through the Triton "
+                                            "interpreter"), torch.autocast(kind, dtype=torch.bfloat16):
+            fn(backend, *args)
+        return
     with torch.autocast(kind, dtype=torch.bfloat16):
         out = fn(backend, *args)
     assert out.dtype == (torch.float32 if name == "linear_cross_entropy" else torch.bfloat16)

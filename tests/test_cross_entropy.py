@@ -170,6 +170,7 @@ def test_linear_cross_entropy_leading_dims_and_no_grad(backend):
     check_op("linear_cross_entropy(leading dims)", fn, ref, [x, w, t])
     with torch.no_grad():
         check_op("linear_cross_entropy(no_grad)", *_lce("mean", 3, False, backend), [x, w, t], grads=False)
+    check_op("linear_cross_entropy(chunk past int64)", *_lce("sum", 2 ** 64, False, backend), [x, w, t])  # one chunk
 
 
 def test_out_of_range_target_under_compile_poisons_its_row():

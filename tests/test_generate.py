@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlm
+from fastlm import backends
 from fastlm.config import Config
 from fastlm.generate import _decode_step, generate, sample
 
@@ -437,9 +438,14 @@ def test_cli_checks_the_backend_against_the_device_first(tmp_path, capsys):
     from fastlm.generate import cli
     assert cli(["--checkpoint", str(tmp_path / "nope"), "--device", "cpu", "--backend", "cuda", "hello"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("error: --backend cuda on device cpu: ") and "cpu tensors" in err
+    assert out == "" and err.startswith("error: --backend cuda on device cpu with --dtype float32: ")
+    assert "cpu tensors" in err
     assert cli(["--checkpoint", str(tmp_path / "nope"), "--backend", "gpu", "hello"]) == 2
     assert "error: --backend gpu" in capsys.readouterr().err
+    if backends.interpreter() and backends.triton_available():     # (the interpreter computes bf16 wrongly)
+        assert cli(["--checkpoint", str(tmp_path / "nope"), "--device", "cpu", "--backend", "triton", "--dtype",
+                    "bf16", "hello"]) == 2
+        assert "computes bfloat16 wrongly" in capsys.readouterr().err
 
 
 def test_cli_max_new_tokens_past_the_context_is_an_error(checkpoint, capsys):

@@ -55,7 +55,7 @@ def check_float_tensor(op: str, name: str, t) -> None:
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
 
 
-def check_triton_dtypes(op: str, backend: str = "triton", **tensors) -> None:
+def check_kernel_dtypes(op: str, backend: str, **tensors) -> None:
     """Every tensor given (None skipped) has a dtype the kernels of ``backend`` (Triton's, or the C++ ones) take."""
     for name, t in tensors.items():
         if t is not None and t.dtype not in KERNEL_DTYPES:

@@ -27,7 +27,7 @@ import torch
 from fastlm import reference
 from fastlm.backends import resolve
 from fastlm.config import is_int
-from fastlm.ops._checks import autocast_matmul, check_float_tensor, check_triton_dtypes, first_order_only, needs_grad
+from fastlm.ops._checks import autocast_matmul, check_float_tensor, check_kernel_dtypes, first_order_only, needs_grad
 _REDUCTIONS = ("mean", "sum", "none")
 _NATIVE = ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_fused_")
 
@@ -326,11 +326,11 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", backe
     if be == "torch":
         loss = reference.cross_entropy(logits2, targets2, ignore_index=ignore_index, reduction=reduction)
         return loss.reshape(lead) if reduction == "none" else loss
+    check_kernel_dtypes(op, be, logits=logits)
     if be == "cpu":
         native = _nat_ce if needs_grad(logits) else torch.ops.fastlm.cross_entropy_fwd
         loss_rows, _ = native(logits2 if logits2.stride(-1) == 1 else logits2.contiguous(), targets2, ignore_index)
     else:
-        check_triton_dtypes(op, logits=logits)
         loss_rows, _ = _ce_fwd(logits2, targets2, ignore_index)
     loss = _reduce(loss_rows, targets2, ignore_index, reduction)
     return loss.reshape(lead) if reduction == "none" else loss
@@ -373,9 +373,10 @@ def linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, re
         loss = reference.linear_cross_entropy(x2, weight, targets2, bias, ignore_index=ignore_index,
                                               reduction=reduction)
         return loss.reshape(lead) if reduction == "none" else loss
-    check_triton_dtypes(op, be, x=x)
+    check_kernel_dtypes(op, be, x=x)
     if chunk_size is None:
         chunk_size = default_chunk(V, x.element_size())
+    chunk_size = min(chunk_size, max(targets2.numel(), 1))  # (one chunk; also keeps it an int64 for the custom op)
     loss, _, _, _ = _lce(x2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
                          targets2.contiguous(), ignore_index, reduction, chunk_size, needs_grad(x, weight, bias), be)
     return loss.reshape(lead) if reduction == "none" else loss

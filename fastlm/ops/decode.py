@@ -81,8 +81,6 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, 
     gets 0. Lengths must lie in [0, S_max]: they are not checked on the host (no sync) and the kernels clamp them into
     that range.
     """
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"decode_attention: backend must be one of {backends.BACKENDS}, got {backend!r}")
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     concrete = backends.resolve(backend, device, "decode_attention", native_ops=NATIVE_OPS,
                                 dtype=q.dtype if isinstance(q, torch.Tensor) else None)
@@ -148,6 +146,12 @@ def decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_wei
                            f"{[str(d) for d in KERNEL_DTYPES]}, the extension built: {backends.BUILD_HINT}); got "
                            f"backend={backend!r}, {device} tensors of dtype {dtype}")
     check_window_left("decode_step", window_left)
+    if not isinstance(is_rms, bool):
+        raise TypeError(f"decode_step: is_rms must be a bool (RMSNorm, else LayerNorm), got {is_rms!r}")
+    for name, value in (("tokens", tokens), ("input_pos", input_pos), ("tok_emb", tok_emb),
+                        ("norm_weight", norm_weight), ("head", head)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"decode_step: {name} must be a tensor, got {type(value).__name__}")
     for name, value in (("blocks", blocks), ("k_caches", k_caches), ("v_caches", v_caches)):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"decode_step: {name} must be a list of tensors, got {type(value).__name__}")

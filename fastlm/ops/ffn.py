@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fastlm import reference
 from fastlm.backends import extension_has, resolve
-from fastlm.ops._checks import (autocast_matmul, check_float_tensor, check_triton_dtypes, first_order_only, needs_grad,
+from fastlm.ops._checks import (autocast_matmul, check_float_tensor, check_kernel_dtypes, first_order_only, needs_grad,
                                 num_rows)
 from fastlm.ops.linear import linear
 
@@ -311,11 +311,11 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None, *, backend="auto"):
     be = resolve(backend, x.device, op, native_ops=("mlp_gelu",), dtype=x.dtype)
     if be == "torch":
         return reference.mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual)
+    check_kernel_dtypes(op, be, x=x)
     if be in ("cpu", "cuda"):
         if not needs_grad(x, w_fc, b_fc, w_proj, b_proj, residual):
             return _native_call("mlp_gelu", x, w_fc, b_fc, w_proj, b_proj, residual)
         return _nat_gelu(x, w_fc, b_fc, w_proj, b_proj, residual)[0]
-    check_triton_dtypes(op, x=x)
     y, _ = _tr_gelu(x, w_fc, b_fc, w_proj, b_proj, residual, needs_grad(x, w_fc, b_fc, w_proj, b_proj))
     return y
 
@@ -333,10 +333,10 @@ def mlp_swiglu(x, w_gate, w_up, w_down, residual=None, *, backend="auto"):
     be = resolve(backend, x.device, op, native_ops=("mlp_swiglu",), dtype=x.dtype)
     if be == "torch":
         return reference.mlp_swiglu(x, w_gate, w_up, w_down, residual)
+    check_kernel_dtypes(op, be, x=x)
     if be in ("cpu", "cuda"):
         if not needs_grad(x, w_gate, w_up, w_down, residual):
             return _native_call("mlp_swiglu", x, w_gate, w_up, w_down, residual)
         return _nat_swiglu(x, w_gate, w_up, w_down, residual)[0]
-    check_triton_dtypes(op, x=x)
     y, _, _ = _tr_swiglu(x, w_gate, w_up, w_down, residual, needs_grad(x, w_gate, w_up, w_down))
     return y

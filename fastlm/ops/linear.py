@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.backends import resolve
-from fastlm.ops._checks import autocast_matmul, check_float_tensor, needs_grad, num_rows
+from fastlm.ops._checks import autocast_matmul, check_float_tensor, check_kernel_dtypes, needs_grad, num_rows
 
 
 @torch.library.custom_op("fastlm_native_py::linear", mutates_args=())
@@ -71,5 +71,6 @@ def linear(x, weight, bias=None, *, backend="auto"):
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     be = resolve(backend, x.device, op, native_ops=("linear",), dtype=x.dtype)
     if be == "cpu":
+        check_kernel_dtypes(op, be, x=x)
         return _nat_linear(x, weight, bias) if needs_grad(x, weight, bias) else torch.ops.fastlm.linear(x, weight, bias)
     return F.linear(x, weight, bias)

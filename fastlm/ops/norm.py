@@ -22,7 +22,7 @@ import torch
 
 from fastlm import reference
 from fastlm.backends import resolve
-from fastlm.ops._checks import (TRITON_MAX_NORM_DIM, check_eps, check_float_tensor, check_triton_dtypes,
+from fastlm.ops._checks import (TRITON_MAX_NORM_DIM, check_eps, check_float_tensor, check_kernel_dtypes,
                                 first_order_only, fit_triton, kernel_dtype, needs_grad, num_rows)
 
 
@@ -156,11 +156,11 @@ def _norm(op, x, residual, weight, bias, eps, is_rms, backend):
         if residual is not None:
             return reference.add_norm(x, residual, weight, bias, eps, kind="rms" if is_rms else "layer")
         return reference.rms_norm(x, weight, eps) if is_rms else reference.layer_norm(x, weight, bias, eps)
+    check_kernel_dtypes(op, be, x=x, weight=weight, bias=bias)
     if be == "cpu":
         native = _nat_norm if needs_grad(x, residual, weight, bias) else torch.ops.fastlm.norm_fwd
         y, h = native(x, residual, weight, bias, float(eps), is_rms)
     else:
-        check_triton_dtypes(op, x=x, weight=weight, bias=bias)
         y, h, _, _ = _norm_fwd(x, residual, weight, bias, float(eps), is_rms)
     return (y, h) if residual is not None else y
 

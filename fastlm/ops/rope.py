@@ -24,7 +24,7 @@ import torch
 from fastlm import reference
 from fastlm.backends import BACKENDS, resolve
 from fastlm.config import check_rope_scaling, is_int, is_real
-from fastlm.ops._checks import check_float_tensor, check_triton_dtypes, needs_grad
+from fastlm.ops._checks import check_float_tensor, check_kernel_dtypes, needs_grad
 
 
 def _kernels():
@@ -139,10 +139,11 @@ def apply_rope(x, cos, sin, *, backend="auto"):
     if be == "torch":
         return reference.apply_rope(x, cos, sin)
     if be == "cpu":
+        check_kernel_dtypes("apply_rope", be, x=x)
         cos, sin = (t if t.dtype == x.dtype else t.to(x.dtype) for t in (cos, sin))
         native = _nat_rope if needs_grad(x, cos, sin) else torch.ops.fastlm.rope_fwd
         return native(x, cos, sin, False)
     # float64 tables (the Triton kernels take none) are rounded to x's dtype, as the reference and the cpu kernel do
     cos, sin = (t.to(x.dtype) if t.dtype == torch.float64 else t for t in (cos, sin))
-    check_triton_dtypes("apply_rope", x=x, cos=cos, sin=sin)
+    check_kernel_dtypes("apply_rope", be, x=x, cos=cos, sin=sin)
     return _rope(x, cos, sin, False)
