@@ -32,6 +32,7 @@ without it; the blocks, their attention, MLP and norm modules are called, so hoo
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -285,9 +286,19 @@ class Transformer(nn.Module):
             raise TypeError(f"setup_cache: dtype must be a floating-point torch.dtype, got {dtype!r}")
         device = self._cache_device(device)
         shape = (int(batch_size), int(max_seqlen), c.n_kv_head, c.head_dim)
-        for layer in self.layers:
-            layer.attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            layer.attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        nbytes = math.prod(shape) * dtype.itemsize                     # of each of the 2 x n_layer cache tensors
+        self.clear_cache()                                             # (the old cache's memory first)
+        try:
+            if nbytes >= 2 ** 63:
+                raise RuntimeError("more bytes than a tensor can hold")
+            for layer in self.layers:
+                layer.attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+                layer.attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            self.clear_cache()
+            raise RuntimeError(f"setup_cache: the KV cache for batch_size {batch_size} x max_seqlen {max_seqlen} needs "
+                               f"2 x {c.n_layer} layers x {nbytes} bytes on {device}, which could not be allocated: "
+                               f"{str(e).splitlines()[0]}") from None
         if c.family == "llama":
             self.rope_cos, self.rope_sin = ops.rope_cos_sin(torch.arange(max_seqlen, device=device), c.head_dim,
                                                             c.rope_base, self.tok_emb.weight.dtype,
@@ -397,7 +408,7 @@ class Transformer(nn.Module):
                              f"{self._compute_dtype()} (the autocast dtype under torch.autocast, else the weights'): "
                              f"set the cache up in it (setup_cache(..., dtype=None) picks it)")
         if logits_at is not None:
-            self._check_logits_at(logits_at, B, S, targets)
+            self._check_logits_at(logits_at, B, S, targets, tokens.device)
         if input_pos is None:
             positions = torch.arange(S, device=tokens.device)                  # (S,)
         else:
@@ -407,10 +418,13 @@ class Transformer(nn.Module):
                     torch.int32, torch.int64):
                 raise TypeError(f"input_pos must be an integer tensor of shape (batch,) = ({B},), got "
                                 f"{_describe(input_pos)}")
+            if input_pos.device != tokens.device:
+                raise ValueError(f"input_pos is on {input_pos.device} but tokens are on {tokens.device}")
+            if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+                # (~30 us) before the fused step as well, whose own checks raise RuntimeError: a ValueError either way
+                _check_cpu_step(tokens, input_pos, cache[1], c.vocab_size)
             if targets is None and self._fused_decode_here(tokens, linears):
                 return _rows_at(self._fused_decode_step(tokens, input_pos), logits_at)
-            if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
-                _check_cpu_step(tokens, input_pos, cache[1], c.vocab_size)
             positions = input_pos[:, None] + torch.arange(S, device=tokens.device)   # (B, S)
 
         h = self.tok_emb(tokens)                                               # (B, S, d)
@@ -447,13 +461,15 @@ class Transformer(nn.Module):
         return ops.linear(y, _like(self.head_weight, y), backend=self._backends.generic)  # (B, S or k, V)
 
     @staticmethod
-    def _check_logits_at(logits_at, B, S, targets):
+    def _check_logits_at(logits_at, B, S, targets, device):
         if targets is not None:
             raise ValueError("logits_at selects logits to return; it cannot be combined with targets (a loss)")
         if not isinstance(logits_at, torch.Tensor) or logits_at.dim() != 2 or logits_at.shape[0] != B or \
                 logits_at.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"logits_at must be an integer (int64 or int32) tensor of shape (batch, k) = ({B}, k), "
                             f"got {_describe(logits_at)}")
+        if logits_at.device != device:
+            raise ValueError(f"logits_at is on {logits_at.device} but tokens are on {device}")
         if logits_at.numel() and not torch.compiler.is_compiling():
             lo, hi = torch.stack(torch.aminmax(logits_at)).tolist()                # one host sync
             if lo < 0 or hi >= S:

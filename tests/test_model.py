@@ -398,6 +398,12 @@ def test_bad_input():
         model.setup_cache(1, 65)
     with pytest.raises(ValueError, match="batch_size"):
         model.setup_cache(0, 8)
+    for batch in (2 ** 70, 2 ** 40):        # past int64 bytes; petabytes (the allocator refuses them)
+        with pytest.raises(RuntimeError, match=f"setup_cache: the KV cache for batch_size {batch} x max_seqlen 8 "
+                                               "needs 2 x 2 layers x [0-9]+ bytes on cpu, which could not be "
+                                               "allocated"):
+            model.setup_cache(batch, 8)
+        assert model.cache_shape is None                           # no half-made cache left behind
     model.setup_cache(2, 8)
     with pytest.raises(ValueError, match="batch 2"):
         model(torch.randint(0, 10, (3, 4)))
@@ -596,17 +602,44 @@ def test_what_the_linear_check_lets_through(backend):
 
 
 @pytest.mark.skipif(not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built")
-def test_cpu_fused_decode_step_errors():
+def test_cpu_fused_decode_step_errors(monkeypatch):
     from fastlm import ops
     model, _, _ = make("llama", "cpu")
     with torch.no_grad():
         model.setup_cache(2, 8)
+        # the arguments the model passes, one changed at a time: each mistake named
+        real, calls = ops.decode_step, []
+        monkeypatch.setattr(ops, "decode_step", lambda *a, **kw: calls.append((a, kw)))
+        model._fused_decode_step(torch.tensor([[1], [2]]), torch.tensor([0, 0]))
+        monkeypatch.undo()
+        (good, kw), = calls
+        wq = good[3][2]
+        for slot, value, message in (
+                (2, wq.half(), "block 0's wq must have tok_emb's dtype Float, got Half"),
+                (2, wq[:48], r"block 0's wq must have shape \(n_head \* 16, 64\), n_head a multiple of the caches' "
+                             "n_kv_head 2"),
+                (2 + 17, None, "block 1 has no wq"),
+                (12, good[3][12].double(), "block 0's w1 \\(w_fc / w_gate\\) must have tok_emb's dtype Float"),
+                ("head", good[7].half(), "head must have tok_emb's dtype Float, got Half")):
+            args, blocks = list(good), list(good[3])
+            if slot == "head":
+                args[7] = value
+            else:
+                blocks[slot] = value
+                args[3] = blocks
+            with pytest.raises(RuntimeError, match=message):
+                real(*args, **kw)
+        with pytest.raises(TypeError, match="decode_step: is_rms must be a bool"):
+            real(*good, **dict(kw, is_rms="no"))
+        with pytest.raises(TypeError, match="decode_step: input_pos must be a tensor, got NoneType"):
+            real(good[0], None, *good[2:], **kw)
+        # the op's own checks (the model checks the same first: test_cpu_decode_step_checks_positions_and_ids)
         with pytest.raises(RuntimeError, match=r"input_pos\[1\] \+ seqlen = 7 \+ 2 must lie in \[2, 8\]"):
-            model(torch.randint(0, 1000, (2, 2)), input_pos=torch.tensor([1, 7]))
+            model._fused_decode_step(torch.randint(0, 1000, (2, 2)), torch.tensor([1, 7]))
         with pytest.raises(RuntimeError, match=r"input_pos\[0\] \+ seqlen = -1 \+ 1"):
-            model(torch.randint(0, 1000, (2, 1)), input_pos=torch.tensor([-1, 0]))
+            model._fused_decode_step(torch.randint(0, 1000, (2, 1)), torch.tensor([-1, 0]))
         with pytest.raises(RuntimeError, match=r"token ids must be in \[0, 1000\), got 1000"):
-            model(torch.tensor([[3], [1000]]), input_pos=torch.tensor([1, 1]))
+            model._fused_decode_step(torch.tensor([[3], [1000]]), torch.tensor([1, 1]))
         args = (torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 1]), model.tok_emb.weight)
         caches = [layer.attn.k_cache for layer in model.layers]
         vcaches = [layer.attn.v_cache for layer in model.layers]
@@ -645,16 +678,16 @@ def test_window_past_the_cache_is_no_window(window):
     assert windowed.generate([1, 2, 3], 6) == want
 
 
-@pytest.mark.parametrize("path", ["torch", "cpu-op-by-op"])
+@pytest.mark.parametrize("path", ["torch", "cpu-op-by-op", "cpu-fused"])
 def test_cpu_decode_step_checks_positions_and_ids(path):
-    """On a CPU every decode step checks its positions and ids (reading them costs no sync there), fused or not: a
-    negative position would otherwise wrap around to the cache's last row."""
-    if path != "torch" and not _extension_serves_model(("decode_attention",)):
+    """On a CPU every decode step checks its positions and ids (reading them costs no sync there), fused or not, with
+    the same ValueError: a negative position would otherwise wrap around to the cache's last row."""
+    if path != "torch" and not _extension_serves_model(("decode_attention", "decode_step")):
         pytest.skip("fastlm._C is not built")
     torch.manual_seed(0)
     model = Transformer(Config.from_name("llama-tiny", vocab_size=50, max_seqlen=16, n_layer=1),
                         backend="torch" if path == "torch" else "cpu").eval()
-    model.fused_decode = False
+    model.fused_decode = path == "cpu-fused"
     model.setup_cache(2, 8)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3], [4, 5, 6]]))
@@ -666,3 +699,9 @@ def test_cpu_decode_step_checks_positions_and_ids(path):
         with pytest.raises(ValueError, match=r"tokens must be ids in \[0, 50\), got values in \[7, 50\]"):
             model(torch.tensor([[7], [50]]), input_pos=torch.tensor([3, 3]))
         assert model(torch.tensor([[7], [8]]), input_pos=torch.tensor([3, 7])).shape == (2, 1, 50)
+        assert model._fused_decode_here(torch.tensor([[7], [8]]), model._linears()) == (path == "cpu-fused")
+        with pytest.raises(ValueError, match="input_pos is on meta but tokens are on cpu"):
+            model(torch.tensor([[7], [8]]), input_pos=torch.tensor([3, 7], device="meta"))
+        with pytest.raises(ValueError, match="logits_at is on meta but tokens are on cpu"):
+            at = torch.zeros(2, 1, dtype=torch.long, device="meta")
+            model(torch.tensor([[7], [8]]), input_pos=torch.tensor([3, 7]), logits_at=at)
