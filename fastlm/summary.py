@@ -93,8 +93,12 @@ def _config_of(model_or_config):
     cfg = getattr(model_or_config, "config", None)
     if isinstance(cfg, Config):
         return cfg
-    raise TypeError(f"model_or_config must be a fastlm.Config, a preset name or a model with a .config, "
-                    f"got {type(model_or_config).__name__}")
+    for hf_config in (model_or_config, cfg):        # a transformers model or its configuration
+        if any(k.__name__.lower() == "pretrainedconfig" for k in type(hf_config).__mro__):
+            from fastlm.hf import config_from_hf
+            return config_from_hf(hf_config)
+    raise TypeError(f"model_or_config must be a fastlm.Config, a preset name, a fastlm or transformers model, or a "
+                    f"transformers configuration, got {type(model_or_config).__name__}")
 
 
 def layer_table(cfg) -> list[dict]:

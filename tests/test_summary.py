@@ -166,6 +166,23 @@ def test_model_input_and_print(capsys):
     assert cpu["flops"]["bf16"] >= cpu["flops"]["fp32"] > 1e9 and cpu["bandwidth"] > 1e8
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_transformers_model_and_config(family):
+    """A transformers model (or its configuration) is summarized as fastlm's conversion of it: the same parameters."""
+    transformers = pytest.importorskip("transformers")
+    if family == "gpt2":
+        hf_config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=32)
+        hf = transformers.GPT2LMHeadModel(hf_config)
+    else:
+        hf_config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=96, vocab_size=300,
+                                             max_position_embeddings=32)
+        hf = transformers.LlamaForCausalLM(hf_config)
+    s = summary(hf, batch=1, seqlen=16, print_table=False)
+    assert s["params"]["total"] == sum(p.numel() for p in hf.parameters())
+    assert summary(hf_config, batch=1, seqlen=16, print_table=False)["params"] == s["params"]
+
+
 def test_cli(tmp_path, capsys):
     assert cli(["llama-3-8b", "--seqlen", "8192", "--batch", "2", "--dtype", "fp16", "--device", "a100"]) == 0
     out = capsys.readouterr().out
