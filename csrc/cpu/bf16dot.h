@@ -168,8 +168,8 @@ inline void dot_rows(int64_t rows, WordsA A, const uint32_t* B, int64_t ldb, int
     FASTLM_DOT_CASE(11)
     FASTLM_DOT_CASE(12)
 #undef FASTLM_DOT_CASE
-    default:
-      return;
+    default:  // (the callers' row blocks: a larger one is a bug, never an output left unwritten)
+      TORCH_CHECK(false, "dot_rows: 1 to 12 rows per call, got ", rows);
   }
 }
 

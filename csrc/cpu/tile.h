@@ -18,6 +18,8 @@
 
 #include "cpu/simd.h"
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -80,8 +82,8 @@ inline void gemm_rows(int64_t rows, MatA A, const float* B, int64_t ldb, int64_t
     FASTLM_GEMM_CASE(12)
 #endif
 #undef FASTLM_GEMM_CASE
-    default:
-      return;
+    default:  // (the callers' row blocks: a larger one is a bug, never an output left unwritten)
+      TORCH_CHECK(false, "gemm_rows: 1 to ", FASTLM_VEC_BYTES == 64 ? 12 : 6, " rows per call, got ", rows);
   }
 }
 
