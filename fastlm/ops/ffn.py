@@ -112,8 +112,9 @@ _tr_gelu_bwd.register_fake(_gelu_bwd_fake)
 first_order_only(_tr_gelu_bwd, "mlp_gelu")
 
 
-def _tr_gelu_setup(ctx, inputs, output):
-    x, w_fc, b_fc, w_proj, b_proj, residual, _ = inputs
+def _gelu_setup(ctx, inputs, output):
+    """For the Triton and the native op alike (the Triton op's last input, save_pre, plays no part)."""
+    x, w_fc, b_fc, w_proj, b_proj, residual = inputs[:6]
     ctx.flags = (b_proj is not None, residual is not None)
     ctx.save_for_backward(x, w_fc, b_fc, w_proj, output[1])
 
@@ -123,7 +124,7 @@ def _tr_gelu_backward(ctx, dy, _da):
     return *_gelu_grads(dy, x, w_fc, b_fc, w_proj, *ctx.flags, a, _tr_gelu_bwd), None
 
 
-_tr_gelu.register_autograd(_tr_gelu_backward, setup_context=_tr_gelu_setup)
+_tr_gelu.register_autograd(_tr_gelu_backward, setup_context=_gelu_setup)
 
 
 @torch.library.custom_op("fastlm_triton::mlp_swiglu", mutates_args=())
@@ -149,8 +150,9 @@ _tr_swiglu_bwd.register_fake(_swiglu_bwd_fake)
 first_order_only(_tr_swiglu_bwd, "mlp_swiglu")
 
 
-def _tr_swiglu_setup(ctx, inputs, output):
-    x, w_gate, w_up, w_down, residual, _ = inputs
+def _swiglu_setup(ctx, inputs, output):
+    """For the Triton and the native op alike (the Triton op's last input, save_pre, plays no part)."""
+    x, w_gate, w_up, w_down, residual = inputs[:5]
     ctx.has_res = residual is not None
     ctx.save_for_backward(x, w_gate, w_up, w_down, output[1], output[2])
 
@@ -160,7 +162,7 @@ def _tr_swiglu_backward(ctx, dy, _dg, _du):
     return *_swiglu_grads(dy, x, w_gate, w_up, w_down, ctx.has_res, g, u, _tr_swiglu_bwd), None
 
 
-_tr_swiglu.register_autograd(_tr_swiglu_backward, setup_context=_tr_swiglu_setup)
+_tr_swiglu.register_autograd(_tr_swiglu_backward, setup_context=_swiglu_setup)
 
 
 # ---- native (C++ extension forward; under autograd the pre-activations are kept for a torch backward) ------------
@@ -219,19 +221,13 @@ def _(x, w_fc, b_fc, w_proj, b_proj, residual):
     return x.new_empty(_out_shape(x, w_proj)), x.new_empty((num_rows(x), w_fc.shape[0]))
 
 
-def _nat_gelu_setup(ctx, inputs, output):
-    x, w_fc, b_fc, w_proj, b_proj, residual = inputs
-    ctx.flags = (b_proj is not None, residual is not None)
-    ctx.save_for_backward(x, w_fc, b_fc, w_proj, output[1])
-
-
 def _nat_gelu_backward(ctx, dy, _da):
     x, w_fc, b_fc, w_proj, a = ctx.saved_tensors
     return _gelu_grads(dy, x, w_fc, b_fc, w_proj, *ctx.flags, a,
                        _native_act_bwd("gelu_bwd", x.device, _gelu_bwd_torch))
 
 
-_nat_gelu.register_autograd(_nat_gelu_backward, setup_context=_nat_gelu_setup)
+_nat_gelu.register_autograd(_nat_gelu_backward, setup_context=_gelu_setup)
 
 
 @torch.library.custom_op("fastlm_native_py::mlp_swiglu", mutates_args=())
@@ -249,19 +245,13 @@ def _(x, w_gate, w_up, w_down, residual):
     return x.new_empty(_out_shape(x, w_down)), x.new_empty(pre), x.new_empty(pre)
 
 
-def _nat_swiglu_setup(ctx, inputs, output):
-    x, w_gate, w_up, w_down, residual = inputs
-    ctx.has_res = residual is not None
-    ctx.save_for_backward(x, w_gate, w_up, w_down, output[1], output[2])
-
-
 def _nat_swiglu_backward(ctx, dy, _dg, _du):
     x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
     return _swiglu_grads(dy, x, w_gate, w_up, w_down, ctx.has_res, g, u,
                          _native_act_bwd("swiglu_bwd", x.device, _swiglu_bwd_torch))
 
 
-_nat_swiglu.register_autograd(_nat_swiglu_backward, setup_context=_nat_swiglu_setup)
+_nat_swiglu.register_autograd(_nat_swiglu_backward, setup_context=_swiglu_setup)
 
 
 # ---- public functions ----------------------------------------------------------------------------------------------
@@ -272,16 +262,15 @@ def _check_x(op, x):
         raise ValueError(f"{op}: x must be (..., hidden), got a 0-dim tensor")
 
 
-def _check(op, x, named, out_dim, residual):
-    """named: (name, tensor or None, expected shape, required); the residual (optional) is added to it."""
-    for name, t, shape, required in named + [("residual", residual, (*x.shape[:-1], out_dim), False)]:
+def _check(op, x, weights, named):
+    """weights: (name, tensor), shaped already (_weight_dims); named: (name, tensor or None, expected shape) for the
+    biases, the residual and a weight whose shape another one fixes. Each of x's dtype and device."""
+    for name, t, shape in [(n, w, None) for n, w in weights] + named:
         if t is None:
-            if required:
-                raise TypeError(f"{op}: {name} must be a tensor of shape {shape}, got None")
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != tuple(shape):
+        if shape is not None and tuple(t.shape) != tuple(shape):
             raise ValueError(f"{op}: {name} must have shape {tuple(shape)} (x is {tuple(x.shape)}), got "
                              f"{tuple(t.shape)}")
         if t.dtype != x.dtype:
@@ -306,8 +295,8 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual=None, *, backend="auto"):
     _check_x(op, x)
     inter = _weight_dims(op, "w_fc", w_fc, x.shape[-1])
     out_dim = _weight_dims(op, "w_proj", w_proj, inter)
-    _check(op, x, [("w_fc", w_fc, w_fc.shape, True), ("b_fc", b_fc, (inter,), False),
-                   ("w_proj", w_proj, w_proj.shape, True), ("b_proj", b_proj, (out_dim,), False)], out_dim, residual)
+    _check(op, x, [("w_fc", w_fc), ("w_proj", w_proj)],
+           [("b_fc", b_fc, (inter,)), ("b_proj", b_proj, (out_dim,)), ("residual", residual, (*x.shape[:-1], out_dim))])
     be = resolve(backend, x.device, op, native_ops=("mlp_gelu",), dtype=x.dtype)
     if be == "torch":
         return reference.mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, residual)
@@ -328,8 +317,8 @@ def mlp_swiglu(x, w_gate, w_up, w_down, residual=None, *, backend="auto"):
     inter = _weight_dims(op, "w_gate", w_gate, x.shape[-1])
     _weight_dims(op, "w_up", w_up, x.shape[-1])
     out_dim = _weight_dims(op, "w_down", w_down, inter)
-    _check(op, x, [("w_gate", w_gate, w_gate.shape, True), ("w_up", w_up, w_gate.shape, True),
-                   ("w_down", w_down, w_down.shape, True)], out_dim, residual)
+    _check(op, x, [("w_gate", w_gate), ("w_down", w_down)],
+           [("w_up", w_up, w_gate.shape), ("residual", residual, (*x.shape[:-1], out_dim))])
     be = resolve(backend, x.device, op, native_ops=("mlp_swiglu",), dtype=x.dtype)
     if be == "torch":
         return reference.mlp_swiglu(x, w_gate, w_up, w_down, residual)
