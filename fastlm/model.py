@@ -302,7 +302,7 @@ class Transformer(nn.Module):
         if c.family == "llama":
             self.rope_cos, self.rope_sin = ops.rope_cos_sin(torch.arange(max_seqlen, device=device), c.head_dim,
                                                             c.rope_base, self.tok_emb.weight.dtype,
-                                                            scaling=c.rope_scaling, backend=self._backends.generic)
+                                                            scaling=c.rope_scaling)
 
     def _compute_dtype(self) -> torch.dtype:
         """The dtype the forward computes in: the autocast dtype under torch.autocast, else the embedding's."""
@@ -446,8 +446,7 @@ class Transformer(nn.Module):
         elif input_pos is not None:                                            # the cache's tables: (B, S, D)
             rope = (self.rope_cos[positions], self.rope_sin[positions])
         else:
-            rope = ops.rope_cos_sin(positions, c.head_dim, c.rope_base, h.dtype, scaling=c.rope_scaling,
-                                    backend=self._backends.generic)
+            rope = ops.rope_cos_sin(positions, c.head_dim, c.rope_base, h.dtype, scaling=c.rope_scaling)
         for layer in self.layers:
             h = layer(h, rope, input_pos, self._backends)
         y = self.norm(h, self._backends)

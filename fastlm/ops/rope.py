@@ -22,7 +22,7 @@ import math
 import torch
 
 from fastlm import reference
-from fastlm.backends import BACKENDS, resolve
+from fastlm.backends import resolve
 from fastlm.config import check_rope_scaling, is_int, is_real
 from fastlm.ops._checks import check_float_tensor, check_kernel_dtypes, needs_grad
 
@@ -63,12 +63,15 @@ def _table_grads(ctx, dy, x, cos, sin):
     return dcos.to(cos.dtype), dsin.to(sin.dtype)
 
 
-def _backward(ctx, dy):
-    cos, sin, x = ctx.saved_tensors  # (read once: non-reentrant checkpointing refuses a second unpack)
-    return _rope(dy, cos, sin, not ctx.inverse), *_table_grads(ctx, dy, x, cos, sin), None
+def _backward_by(op):
+    """The backward of a rotation by ``op`` (Triton's or the C++ one): the inverse rotation by the same op."""
+    def backward(ctx, dy):
+        cos, sin, x = ctx.saved_tensors  # (read once: non-reentrant checkpointing refuses a second unpack)
+        return op(dy, cos, sin, not ctx.inverse), *_table_grads(ctx, dy, x, cos, sin), None
+    return backward
 
 
-_rope.register_autograd(_backward, setup_context=_setup)
+_rope.register_autograd(_backward_by(_rope), setup_context=_setup)
 
 
 @torch.library.custom_op("fastlm_native_py::rope", mutates_args=())
@@ -81,19 +84,14 @@ def _(x, cos, sin, inverse):
     return x.new_empty(x.shape)
 
 
-def _nat_backward(ctx, dy):
-    cos, sin, x = ctx.saved_tensors  # (read once: non-reentrant checkpointing refuses a second unpack)
-    return _nat_rope(dy, cos, sin, not ctx.inverse), *_table_grads(ctx, dy, x, cos, sin), None
+_nat_rope.register_autograd(_backward_by(_nat_rope), setup_context=_setup)
 
 
-_nat_rope.register_autograd(_nat_backward, setup_context=_setup)
-
-
-def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, scaling=None, backend="auto"):
+def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, scaling=None):
     """cos, sin tables (len(positions), head_dim) for the given integer positions (computed in float64, then cast),
     with the frequencies rescaled by ``scaling`` (a Config.rope_scaling dict, or None).
 
-    Plain torch on every backend: the tables are built once per sequence length, not per layer."""
+    Plain torch (no kernel): the tables are built once per sequence length, not per layer."""
     if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
         got = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
         raise ValueError(f"rope_cos_sin: positions must be a 1-D tensor, got {got}")
@@ -105,8 +103,6 @@ def rope_cos_sin(positions, head_dim, base=10000.0, dtype=torch.float32, *, scal
         raise ValueError(f"rope_cos_sin: base must be a positive finite number, got {base!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"rope_cos_sin: dtype must be a floating-point torch.dtype, got {dtype!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"rope_cos_sin: backend must be one of {BACKENDS}, got {backend!r}")
     return reference.rope_cos_sin(positions, head_dim, float(base), dtype, check_rope_scaling(scaling))
 
 
