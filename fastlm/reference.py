@@ -50,21 +50,27 @@ def _scores(q, k, scale):
     return torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
 
 
-def _masked_attention(q, k, v, keep, softmax_scale, return_lse=False):
-    """attention() with the mask given: ``keep`` broadcasts to (B, H, Sq, Sk), True where a query may see a key."""
+def _probabilities(q, k, keep, softmax_scale):
+    """P = softmax(scale Q K^T) over the keys ``keep`` allows ((B, H, Sq, Sk); a row with no key all zero), the row
+    maxima m it was shifted by (0 for such a row) and its row sums before normalization; and k's heads repeated to
+    q's."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    group = H // Hkv
-    k = k.repeat_interleave(group, dim=2)
-    v = v.repeat_interleave(group, dim=2)
+    k = k.repeat_interleave(H // Hkv, dim=2)
     s = _scores(q, k, scale)                                                 # (B, H, Sq, Sk)
     s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(dim=-1, keepdim=True) if Sk > 0 else s.new_full((B, H, Sq, 1), float("-inf"))
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()        # rows with no key: shift by 0
     e = torch.exp(s - m)                                                     # masked entries: exp(-inf) = 0
     denom = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    return e / torch.where(denom == 0, torch.ones_like(denom), denom), m, denom, k
+
+
+def _masked_attention(q, k, v, keep, softmax_scale, return_lse=False):
+    """attention() with the mask given: ``keep`` broadcasts to (B, H, Sq, Sk), True where a query may see a key."""
+    p, m, denom, _ = _probabilities(q, k, keep, softmax_scale)
+    v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
     out = torch.einsum("bhqk,bkhd->bqhd", p, v).to(q.dtype)
     if not return_lse:
         return out
@@ -89,13 +95,8 @@ def masked_attention_backward(dout, q, k, v, keep, softmax_scale=None, dlse=None
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     group = H // Hkv
-    ke, ve = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    s = _scores(q, ke, scale)
-    s = s.masked_fill(~keep, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True) if Sk > 0 else s.new_full((B, H, Sq, 1), float("-inf"))
-    e = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m))
-    denom = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)                # (B, H, Sq, Sk)
+    p, _, _, ke = _probabilities(q, k, keep, scale)                               # (B, H, Sq, Sk)
+    ve = v.repeat_interleave(group, dim=2)
     do = dout.to(p.dtype)
     dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
     dp = torch.einsum("bqhd,bkhd->bhqk", do, ve)

@@ -49,24 +49,16 @@ def _measure_cpu() -> dict:
     """The ceilings of this machine's CPU, timed now by the bench's ceiling kernels (benchmark.measure_ceilings, a
     few seconds): fp32 and bf16 GEMM rates, bf16 at the faster of its GEMM and fp32's (fastlm's CPU kernels widen it
     exactly), fp16 at the fp32 rate (widened likewise; its own GEMM is not timed), and the copy bandwidth."""
-    import platform
-
     import torch
 
-    from fastlm.benchmark import QUICK_CPU, measure_ceilings
+    from fastlm.benchmark import QUICK_CPU, _cpu_model, measure_ceilings
     ceilings = measure_ceilings(torch.device("cpu"), [torch.float32, torch.bfloat16], QUICK_CPU)
     rate = ceilings["compute_flop_per_s"]
     flops = {"fp32": rate["float32"], "bf16": rate["bfloat16"], "fp16": rate["float32"]}
     bandwidth = ceilings["copy_bytes_per_s"]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"label": f"this machine's CPU, {cpu}, {torch.get_num_threads()} threads (measured now through torch: "
-                     f"fp32 GEMM {flops['fp32'] / 1e9:.0f} GFLOP/s, bf16 at {flops['bf16'] / 1e9:.0f} (the faster "
-                     f"of its GEMM and fp32's), fp16 at the fp32 rate, copy {bandwidth / 1e9:.1f} GB/s)",
+    return {"label": f"this machine's CPU, {_cpu_model()}, {torch.get_num_threads()} threads (measured now through "
+                     f"torch: fp32 GEMM {flops['fp32'] / 1e9:.0f} GFLOP/s, bf16 at {flops['bf16'] / 1e9:.0f} (the "
+                     f"faster of its GEMM and fp32's), fp16 at the fp32 rate, copy {bandwidth / 1e9:.1f} GB/s)",
             "flops": flops, "bandwidth": bandwidth}
 
 

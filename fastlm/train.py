@@ -22,6 +22,7 @@ temporary file and renamed over the old one, so an interrupted save leaves the p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -841,7 +842,7 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
             x = xs[micro * batch_size:(micro + 1) * batch_size].to(device)
             y = ys[micro * batch_size:(micro + 1) * batch_size].to(device)
             sync = micro == grad_accum - 1 or world == 1
-            ctx = ddp_model.no_sync() if not sync else _nullcontext()
+            ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with _autocast(device, amp_dtype):
                     loss = ddp_model(x, y) / grad_accum
@@ -904,13 +905,6 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
             + (f"; checkpoint {file}" if file else ""))
     return result
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def plot_loss(history: dict, path: str, title: str = "") -> str | None:

@@ -16,9 +16,6 @@ from fastlm import backends, reference
 from fastlm.ops._checks import (autocast_matmul, check_qkv, check_softmax_scale, fit_head_dim, first_order_only,
                                 needs_grad)
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------------------------------
@@ -207,10 +204,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     window_left, window_right = (min(int(w), Sq + Sk) for w in (window[0], 0 if causal else window[1]))
     chosen = backends.resolve(backend, q.device, "attention", native_ops=("attention_fwd",), dtype=q.dtype)
     chosen = fit_head_dim("attention", chosen, backend, D)
-    if chosen != "torch" and q.dtype not in _DTYPES:
+    if chosen != "torch" and q.dtype not in backends.KERNEL_DTYPES:
         raise TypeError(f"attention: dtype must be one of float16, bfloat16, float32 for backend {chosen!r}, "
                         f"got {q.dtype}")
-    if chosen == "torch" and q.dtype not in _DTYPES + (torch.float64,):
+    if chosen == "torch" and q.dtype not in backends.KERNEL_DTYPES + (torch.float64,):
         raise TypeError(f"attention: dtype must be a floating type (float16, bfloat16, float32, float64), "
                         f"got {q.dtype}")
 
