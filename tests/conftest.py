@@ -23,6 +23,7 @@ if os.environ.get("FASTLM_TEST_DEVICE", "") != "cuda":
     if not _has_cuda:
         os.environ["TRITON_INTERPRET"] = "1"
 
+import contextlib  # noqa: E402
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -101,6 +102,17 @@ def pytest_runtest_setup(item):
         if ON_GPU and not backends.extension_has(mark.args[0], "cuda"):
             pytest.fail(f"fastlm._C has no CUDA {mark.args[0]} kernel on this CUDA machine: {backends.BUILD_HINT}",
                         pytrace=False)
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's intra-op (OpenMP) thread count set to n inside the block, restored after it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def triton_and_cpu(op):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CUDA_HEAD_DIMS, DEVICE, ON_GPU, backend_device, far_views, needs_cpu_kernel, triton_and_cpu
+from conftest import (CUDA_HEAD_DIMS, DEVICE, ON_GPU, backend_device, far_views, needs_cpu_kernel, num_threads,
+                      triton_and_cpu)
 from fastlm import backends, ops, reference
 from fastlm.testing import check_rule
 
@@ -223,12 +224,8 @@ def test_cpu_head_dim_tails_and_schedules(backend, dtype, case, threads):
     dK/dV per (batch, kv head)) when those items keep the threads busy, else two (dK/dV by key chunks, then dQ by query
     shares): one thread takes the single pass over several key tiles, two threads the split passes where there is one
     (batch, kv head)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         _check_case(backend, dtype, case, with_lse_grad=True)
-    finally:
-        torch.set_num_threads(saved)
 
 
 def test_sdpa_cross_check():

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import num_threads
 from fastlm import backends, ops, reference
 from fastlm.testing import check_rule
 
@@ -269,9 +270,7 @@ def test_attention_bwd_empty_and_fp16():
 def test_attention_bwd_split_passes(threads):
     """Fewer (batch, kv head) items than threads: dK/dV by key chunks, then dQ by query shares; 5 key tiles split into
     chunks of uneven size, causal with Sq < Sk and non-causal with a window."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         for sq, causal, window in ((300, False, (-1, -1)), (170, True, (-1, -1)), (300, False, (90, 7))):
             q, k, v = torch.randn(1, sq, 3, 24), torch.randn(1, 300, 1, 24), torch.randn(1, 300, 1, 24)
             left, right = window
@@ -285,8 +284,6 @@ def test_attention_bwd_split_passes(threads):
                 refs.append(torch.autograd.grad(ref, leaves, dout.to(dt)))
             for name, g, g64, glow in zip(("dq", "dk", "dv"), grads, *refs):
                 check_rule(f"{name} sq={sq} causal={causal} window={window}", g, g64, glow)
-    finally:
-        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -294,9 +291,7 @@ def test_attention_bwd_in_chunks(threads):
     """More packed operands than the kernel holds at once (8M floats): 33000 keys of 2 kv heads, K and V in rows of 64
     floats, are 1.05x that, so each kv head with its 2 query heads is a chunk of its own; with 3 threads each chunk
     also splits into the dK/dV and dQ passes."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         q, k, v = torch.randn(1, 16, 4, 64), torch.randn(1, 33000, 2, 64), torch.randn(1, 33000, 2, 64)
         out, lse = _ops().attention_fwd(q, k, v, False, 0.125, -1, -1)
         dout, dlse = torch.randn_like(out), torch.randn_like(lse)
@@ -308,8 +303,6 @@ def test_attention_bwd_in_chunks(threads):
             refs.append(torch.autograd.grad((ref, ref_lse), leaves, (dout.to(dt), dlse.to(dt))))
         for name, g, g64, glow in zip(("dq", "dk", "dv"), grads, *refs):
             check_rule(name, g, g64, glow)
-    finally:
-        torch.set_num_threads(saved)
 
 
 def test_decode_errors():
@@ -360,8 +353,9 @@ def test_decode_step_errors():
         call(i2=torch.randn(50, 12))
     block = list(args[6])
     block[2] = torch.randn(12, 16)
-    with pytest.raises(RuntimeError, match=r"block 0's wq must have shape \(n_head \* 8, 16\) for the caches' "
-                                           r"head_dim 8 and tok_emb's d_model 16, got \[12, 16\]"):
+    with pytest.raises(RuntimeError, match=r"block 0's wq must have shape \(n_head \* 8, 16\), n_head a multiple of "
+                                           r"the caches' n_kv_head 1, for the caches' head_dim 8 and tok_emb's "
+                                           r"d_model 16, got \[12, 16\]"):
         call(i6=block)
     with pytest.raises(RuntimeError, match=r"the batch of tokens \(3\) must equal the KV caches' batch"):
         call(i0=torch.zeros(3, 3, dtype=torch.long), i1=torch.zeros(3, dtype=torch.long))
@@ -854,16 +848,12 @@ def test_attention_packs_the_visible_keys_or_reads_them_in_place():
     # every key did not). Then the same with a causal window whose ~35000 visible keys (4.5M floats) still need the
     # reading in place on two threads.
     q, k, v = torch.randn(2, 16, 4, 64), torch.randn(2, 40001, 2, 64), torch.randn(2, 40001, 2, 64)
-    n = torch.get_num_threads()
-    try:
-        for causal, window in ((False, (-1, -1)), (True, (35000, -1))):
-            torch.set_num_threads(1)
+    for causal, window in ((False, (-1, -1)), (True, (35000, -1))):
+        with num_threads(1):
             packed, packed_lse = _attention_check(q, k, v, causal, 0.125, window)
-            torch.set_num_threads(2)
+        with num_threads(2):
             in_place, in_place_lse = _ops().attention_fwd(q, k, v, causal, 0.125, window[0], 0 if causal else -1)
-            assert torch.equal(packed, in_place) and torch.equal(packed_lse, in_place_lse)
-    finally:
-        torch.set_num_threads(n)
+        assert torch.equal(packed, in_place) and torch.equal(packed_lse, in_place_lse)
     # only the key tiles some query sees are read: here from key 300 - 16 - 20 = 264 on, in the tile from 256
     q, k, v = torch.randn(1, 16, 2, 32), torch.randn(1, 300, 1, 32), torch.randn(1, 300, 1, 32)
     out, _ = _attention_check(q, k, v, True, 0.3, (20, -1))
@@ -874,14 +864,10 @@ def test_attention_packs_the_visible_keys_or_reads_them_in_place():
 def test_attention_threads_agree():
     # the work split differs with the thread count (set here: the same on every machine), the results do not
     q, k, v = torch.randn(2, 200, 4, 64), torch.randn(2, 200, 2, 64), torch.randn(2, 200, 2, 64)
-    n = torch.get_num_threads()
     results = []
-    try:
-        for threads in (1, 3):
-            torch.set_num_threads(threads)
+    for threads in (1, 3):
+        with num_threads(threads):
             results.append(_ops().attention_fwd(q, k, v, True, 0.125, -1, 0))
-    finally:
-        torch.set_num_threads(n)
     (one, one_lse), (many, many_lse) = results
     assert torch.equal(one, many) and torch.equal(one_lse, many_lse)
 
@@ -1171,14 +1157,10 @@ def test_attention_forward_with_key_tiles_packed_per_query_block(dtype):
     """A kv head whose keys exceed a thread's share of the packing budget (8M floats over min(threads, 16)) is not
     packed whole: each key tile is packed when a query block needs it (fp32 rows, or bf16 words on the dot
     products). 16 threads bring the share down to 512K floats, which 2100 keys of head dim 128 pass."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(16)
-    try:
+    with num_threads(16):
         for sq, sk, d, causal in ((70, 2100, 128, True), (33, 2111, 127, False)):
             q = torch.randn(1, sq, 2, d).to(dtype)
             k, v = (torch.randn(1, sk, 1, d).to(dtype) for _ in range(2))
             ref64 = reference.attention(q.double(), k.double(), v.double(), causal=causal)
             out = ops.attention(q, k, v, causal=causal, backend="cpu")
             check_rule(f"out {sq}x{sk} D{d}", out, ref64, reference.attention(q, k, v, causal=causal))
-    finally:
-        torch.set_num_threads(threads)

@@ -524,6 +524,21 @@ def test_cli_prompt_filling_the_context(checkpoint, capsys):
     assert "the prompt is 65 tokens, longer than the model's context (max_seqlen=64)" in capsys.readouterr().err
 
 
+def test_cli_stop_strings(checkpoint, capsys):
+    """--stop: generation ends at the first new token that is a stop string (printed); a stop string must be one
+    token of the tokenizer."""
+    from fastlm.generate import cli
+    base = ["--checkpoint", checkpoint, "--backend", "torch", "--device", "cpu", "--temperature", "0",
+            "--max-new-tokens", "40"]
+    assert cli(base + ["ab"]) == 0
+    free = capsys.readouterr().out[2:-1]                                # the 40 new characters (bytes) of greedy
+    stop = next(c for c in free[3:] if c.isascii() and c.isprintable())  # (a byte of its own: one token)
+    assert cli(base + ["--stop", stop, "--stop", "\x00", "ab"]) == 0
+    assert capsys.readouterr().out == "ab" + free[:free.index(stop) + 1] + "\n"
+    assert cli(base + ["--stop", "xy", "ab"]) == 2
+    assert "--stop 'xy' is 2 tokens; a stop string must be exactly one token" in capsys.readouterr().err
+
+
 def test_cli_seed_is_any_integer(checkpoint, capsys):
     from fastlm.generate import cli
     outs = []

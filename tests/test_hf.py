@@ -376,6 +376,7 @@ def test_patch_same_logits_and_gradients_then_unpatch(kind, monkeypatch):
     assert not hasattr(hf, "_fastlm_patch") and "_loss_function" not in hf.__dict__
     assert "forward" not in hf.lm_head.__dict__ and "forward" not in hf.__dict__
     assert all("forward" not in m.__dict__ for m in hf.modules())
+    assert unpatch(hf) is hf and not hasattr(hf, "_fastlm_patch")         # (a model not patched: as it is)
     assert hf.config._attn_implementation == {"gpt2": "eager", "mistral-mqa": "eager"}.get(kind, "sdpa")
     with torch.no_grad():
         assert torch.equal(hf(tokens).logits, before)

@@ -27,10 +27,21 @@ def test_rule_and_grads(dtype, lead, k, n, bias):
 
 
 def test_auto_uses_the_extension_on_cpu():
-    if backends.extension_has("linear", "cpu"):
-        assert backends.resolve("auto", torch.device("cpu"), "linear", native_ops=("linear",)) == "cpu"
+    """CPU tensors: "auto" and "cpu" run the C++ kernel (the profiler sees it), called directly when no gradient is
+    needed, through the autograd wrapper otherwise (the rule tests compare with F.linear: a fallback to it would pass
+    them)."""
     x, w = torch.randn(1, 16), torch.randn(8, 16)
     torch.testing.assert_close(linear(x, w), F.linear(x, w))
+    if not backends.extension_has("linear", "cpu"):
+        return
+    assert backends.resolve("auto", torch.device("cpu"), "linear", native_ops=("linear",)) == "cpu"
+    for backend in ("auto", "cpu"):
+        for grad in (False, True):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                y = linear(x, w.requires_grad_(grad), backend=backend)
+            names = {e.name for e in prof.events()}
+            assert "fastlm::linear" in names and ("fastlm_native_py::linear" in names) == grad, (backend, grad)
+            assert y.requires_grad == grad
 
 
 @NEEDS_CPU_KERNEL
@@ -50,6 +61,7 @@ def test_compile_fullgraph():
     (lambda x, w, b: linear(x.long(), w, b), TypeError, "x must be a floating-point tensor"),
     (lambda x, w, b: linear(x[0, 0], w, b), ValueError, "0-dim"),
     (lambda x, w, b: linear(x, w, b, backend="tpu"), ValueError, "backend must be one of"),
+    (lambda x, w, b: linear(x, w.to("meta"), b), ValueError, "linear: weight is on meta but x is on cpu"),
 ])
 def test_bad_input(call, exc, words):
     x, w, b = torch.randn(2, 16), torch.randn(8, 16), torch.randn(8)

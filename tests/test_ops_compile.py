@@ -47,7 +47,14 @@ def _opcheck_cases():
         ("gelu_bwd", ffn_ops._tr_gelu_bwd, (_r(5, 24), _r(5, 24))),
         ("mlp_swiglu", ffn_ops._tr_swiglu, (x, w1, _r(24, 40), w2, None, True)),
         ("swiglu_bwd", ffn_ops._tr_swiglu_bwd, (_r(5, 24), _r(5, 24), _r(5, 24))),
+        ("attention_bwd", attn_ops._triton_bwd, _attention_bwd_args(_r)),
     ]
+
+
+def _attention_bwd_args(randn):
+    """dout, q, k, v, out, lse, dlse and the flags of an attention backward (GQA, causal, a window)."""
+    q, k, v = randn(1, 9, 4, 16), randn(1, 11, 2, 16), randn(1, 11, 2, 16)
+    return (randn(1, 9, 4, 16), q, k, v, randn(1, 9, 4, 16), randn(1, 4, 9), randn(1, 4, 9), True, 0.25, 5, 0)
 
 
 def _native_opcheck_cases():
@@ -68,6 +75,16 @@ def _native_opcheck_cases():
         ("linear", linear_ops._nat_linear, (torch.randn(3, 40), torch.randn(7, 40), torch.randn(7)), "linear"),
         ("attention", attn_ops._native_fwd, (torch.randn(1, 9, 4, 16), torch.randn(1, 11, 2, 16),
                                              torch.randn(1, 11, 2, 16), True, 0.25, -1, 0), "attention_fwd"),
+        ("attention_bwd", attn_ops._native_bwd, _attention_bwd_args(torch.randn), "attention_bwd"),
+        ("cross_entropy_bwd", ce_ops._nat_ce_bwd, (torch.randn(5), logits, t, torch.logsumexp(logits, -1), -100),
+         "cross_entropy_bwd"),
+        ("mlp_gelu", ffn_ops._nat_gelu, (x, torch.randn(24, 40), torch.randn(24), torch.randn(40, 24), None, r),
+         "gelu_bwd"),
+        ("gelu_bwd", ffn_ops._nat_gelu_bwd, (torch.randn(5, 24), torch.randn(5, 24)), "gelu_bwd"),
+        ("mlp_swiglu", ffn_ops._nat_swiglu, (x, torch.randn(24, 40), torch.randn(24, 40), torch.randn(40, 24), r),
+         "swiglu_bwd"),
+        ("swiglu_bwd", ffn_ops._nat_swiglu_bwd, (torch.randn(5, 24), torch.randn(5, 24), torch.randn(5, 24)),
+         "swiglu_bwd"),
     ]
 
 

@@ -390,7 +390,9 @@ def test_train_and_generate_cli(tmp_path, capsys):
     assert "is not empty (config.json, generation_config.json, model.safetensors" in capsys.readouterr().err
     assert main(["export", "--checkpoint", out, str(tmp_path / "hf"), "--overwrite"]) == 0
     assert not (tmp_path / "hf" / "model.safetensors.index.json").exists()
-    assert transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")) is not None
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():                                        # the overwritten export is the same model
+        torch.testing.assert_close(again(x).logits, model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_torchrun_trains_with_ddp(tmp_path):
@@ -462,6 +464,10 @@ def test_a_diverged_update_is_not_saved(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"step 1: the update left .*lower --lr or --weight-decay.*"
                                                  r"the last checkpoint is kept"):
         _train(steps=1, warmup=0, lr=1e30, out=str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "checkpoint.safetensors").exists()
+    # with no evaluation between: the next step's training loss stops it
+    with pytest.raises(FloatingPointError, match=r"step 2: the loss is (nan|inf) \(the run diverged: lower --lr"):
+        _train(steps=3, warmup=0, eval_every=3, lr=1e30, out=str(tmp_path / "bad"))
     assert not (tmp_path / "bad" / "checkpoint.safetensors").exists()
     # a resumed run whose held-out loss comes out NaN at its first evaluation: the checkpoint before it stays
     monkeypatch.setattr(T, "evaluate", lambda *a, **kw: float("nan"))
