@@ -120,6 +120,18 @@ def test_meta_errors():
     args = list(_decode_step_args(**m))
     args[0] = args[0][0]
     _raises(r"fastlm::decode_step: tokens and head must be 2-D, got 1-D and 2-D", _ops().decode_step, *args)
+    q3, w = torch.empty(2, 5, 16, **m), torch.empty(8, 16, **m)
+    _raises(r"fastlm::attention_fwd: q, k, v must be 4-D, got 3-D, 3-D, 3-D", _ops().attention_fwd, q3, q3, q3, True,
+            0.25, -1, 0)
+    _raises(r"fastlm::decode_attention: q must be 4-D, got 3-D", _ops().decode_attention, q3, q3, q3,
+            torch.empty(2, dtype=torch.long, **m), 0.25, -1)
+    _raises(r"fastlm: x must have at least 1 dim and weights 2, got 0 and 2", _ops().linear, torch.empty((), **m), w,
+            None)
+    _raises(r"fastlm: x must have at least 1 dim and weights 2, got 3 and 1", _ops().mlp_swiglu, q3, w, w, w[0], None)
+    _raises(r"fastlm::norm_fwd: x must have at least 1 dim", _ops().norm_fwd, torch.empty((), **m), None, w[0], None,
+            1e-5, True)
+    _raises(r"fastlm::rope_fwd: x must be 4-D \(batch, seqlen, heads, head_dim\), got 3-D", _ops().rope_fwd, q3, w, w,
+            False)
 
 
 def _decode_step_args(**m):
@@ -314,6 +326,10 @@ def test_decode_errors():
     _raises(r"v_cache must have k_cache's shape", dec, q, kc, kc[:, :5], lens, 1.0)
     _raises(r"k_cache must have q's dtype", dec, q, kc.to(BF16), kc, lens, 1.0)
     _raises(r"batch of the caches \(2\) must equal batch of q \(1\)", dec, q[:1], kc, kc, lens, 1.0)
+    _raises(r"headdim of the caches \(8\) must equal headdim of q \(16\)", dec, q, kc[..., :8], kc[..., :8], lens,
+            1.0)
+    _raises(r"headdim must be >= 1, got 0", dec, q[..., :0], kc[..., :0], kc[..., :0], lens, 1.0)
+    _raises(r"window_left must be >= -1 \(-1: no window\), got -2", dec, q, kc, kc, lens, 1.0, -2)
 
 
 def test_decode_step_errors():
@@ -361,6 +377,18 @@ def test_decode_step_errors():
         call(i0=torch.zeros(3, 3, dtype=torch.long), i1=torch.zeros(3, dtype=torch.long))
     with pytest.raises(RuntimeError, match=r"norm_w must have shape \(16,\), got \[15\]"):
         call(i9=torch.randn(15))
+    # the op's own checks ahead of any the Python wrapper makes
+    for at, words in (
+            (dict(i0=args[0].float()), r"tokens must be an int32/int64 CPU tensor of shape \(batch, seqlen\), got a "
+                                       r"Float tensor of shape \[2, 3\]"),
+            (dict(i0=args[0][:, :0]), r"tokens must have batch >= 1 and seqlen >= 1, got shape \[2, 0\]"),
+            (dict(i8=[]), r"need one k_cache and one v_cache per block and 17 block tensors per block; got 1 k_caches, "
+                          r"0 v_caches and 17 block tensors"),
+            (dict(i2=args[2][0]), r"tok_emb must be 2-D \(vocab, d_model\), got shape \[16\]"),
+            (dict(i5=None), "rope_cos and rope_sin must be given together"),
+            (dict(i7=[kc[..., :0]], i8=[kc[..., :0]]), r"the KV caches need n_kv_head >= 1 and head_dim >= 1")):
+        with pytest.raises(RuntimeError, match=words):
+            call(**at)
 
 
 def test_mlp_errors():
@@ -376,6 +404,13 @@ def test_mlp_errors():
     _raises(r"w_up must have w_gate's shape", _ops().mlp_swiglu, x, w1, w1[:5], w2, None)
     _raises(r"w_down must be \(d_out, intermediate\)", _ops().mlp_swiglu, x, w1, w1, w2[:, :4], None)
     _raises(r"w_gate must have x's dtype", _ops().mlp_swiglu, x, w1.to(BF16), w1, w2, None)
+    _raises(r"b_proj must have shape \(8,\), got \[5\]", _ops().mlp_gelu, x, w1, None, w2, torch.randn(5), None)
+    _raises(r"w_gate must be \(intermediate, d\) with d = 8 \(x's last dim\), got \[24, 5\]", _ops().mlp_swiglu, x,
+            w1[:, :5], w1[:, :5], w2, None)
+    for op in ("cross_entropy_fwd", "cross_entropy_fused_"):             # (an empty vocabulary has no softmax)
+        _raises(f"fastlm::{op}: the vocabulary \\(logits' last dim\\) must be >= 1, got 0",
+                getattr(_ops(), op), torch.randn(3, 0), torch.zeros(3, dtype=torch.long), -100,
+                *([None] if op.endswith("_") else []))
 
 
 def test_norm_errors():
