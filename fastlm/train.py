@@ -494,14 +494,11 @@ def _saved_run(extra: dict) -> dict:
     return {k: run[k] for k in RUN_SETTINGS if k in run} if isinstance(run, dict) else {}
 
 
-def load_checkpoint(path: str, *, backend: str = "auto", device=None, optimizer=None):
-    """(model, info) from a checkpoint; info has step, tokenizer, history, config, extra. With ``optimizer`` (built
-    for this model's parameters) its state is restored too."""
+def load_checkpoint(path: str, *, backend: str = "auto", device=None):
+    """(model, info) from a checkpoint; info has step, tokenizer, history, config, extra. (train(resume=True) restores
+    the optimizer's state too.)"""
     file, meta, tensors = _read_checkpoint(path)
-    model, info = _model_from(file, meta, tensors, backend, device)
-    if optimizer is not None:
-        _load_optimizer(optimizer, meta, tensors, file)
-    return model, info
+    return _model_from(file, meta, tensors, backend, device)
 
 
 def load_model(path: str, *, backend: str = "auto", device=None):
