@@ -659,6 +659,28 @@ def test_patch_leaves_the_loss_of_other_heads_alone():
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attn_pdrop", [0.0, 0.1])
+def test_patched_gpt2_training_with_dropout(attn_pdrop, monkeypatch):
+    """A GPT-2 in train mode with dropout: its MLP (dropout inside) runs transformers' own forward, its attention
+    fastlm's op unless attention dropout is on (then transformers' sdpa path); with attention dropout off, the same
+    seed gives the unpatched model's logits (the same dropout draws, in the same order)."""
+    torch.manual_seed(0)
+    hf = hf_gpt2(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=attn_pdrop).train()
+    ref = copy.deepcopy(hf)
+    patch(hf, backend="torch")
+    counter = CountOps(monkeypatch, ["attention", "mlp_gelu"])
+    tokens = torch.randint(0, V, (2, 10))
+    torch.manual_seed(1)
+    got = hf(tokens).logits
+    assert counter.calls == {"attention": 0 if attn_pdrop else 2, "mlp_gelu": 0}
+    if not attn_pdrop:
+        torch.manual_seed(1)
+        torch.testing.assert_close(got, ref(tokens).logits, rtol=1e-5, atol=1e-5)
+    hf.eval()                                                         # no dropout: fastlm's ops again
+    hf(tokens)
+    assert counter.calls["mlp_gelu"] == 2
+
+
 def test_window_mask_recognition():
     """_plain_window_mask accepts exactly the op's bottom-right causal window mask in every batch row; a wider or
     narrower window, a padded row, a float mask or another shape go to transformers' sdpa path."""
