@@ -1011,7 +1011,7 @@ def _parse_list(text: str | None, allowed, what: str) -> list[str] | None:
     items = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))   # (each once, in order)
     bad = [t for t in items if t not in allowed]
     if bad or not items:
-        raise SystemExit(f"error: --{what} takes a comma-separated list of {', '.join(allowed)}; got {text!r}")
+        raise ValueError(f"--{what} takes a comma-separated list of {', '.join(allowed)}; got {text!r}")
     return items
 
 
@@ -1053,7 +1053,8 @@ def cli(argv=None) -> int:
         try:
             doc = load(args.summary_of)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --summary-of: {e}") from None
+            print(f"error: --summary-of: {e}", file=sys.stderr)
+            return 2
         print(summary_table(doc["results"]))
         return 0
     from fastlm.train import check_out_dir, check_threads
@@ -1067,23 +1068,22 @@ def cli(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = args.tiny
-    ops = _parse_list(args.ops, OPS, "ops") or default_ops(device, args.suite, tiny)
-    if args.backend:
-        choices = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
-        backends_ = _parse_list(args.backend, choices, "backend")
-    else:
-        backends_ = None
-    dtypes = [DTYPES[d] for d in _parse_list(args.dtype, tuple(DTYPES), "dtype")] if args.dtype else None
     try:
+        ops = _parse_list(args.ops, OPS, "ops") or default_ops(device, args.suite, tiny)
+        choices = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+        backends_ = _parse_list(args.backend, choices, "backend") if args.backend else None
+        dtypes = [DTYPES[d] for d in _parse_list(args.dtype, tuple(DTYPES), "dtype")] if args.dtype else None
         check_threads(args.threads)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     timing = timing_for(args.suite, device, tiny)
     ctx = Context(device=device, timing=timing, compile=not args.no_compile, tiny=tiny, suite=args.suite)
     bench_suites.configure_compile()
     cases = bench_suites.cases(ops, ctx, backends=backends_, dtypes=dtypes)
     if not cases:
-        raise SystemExit("error: no benchmark case matches the chosen --ops/--dtype")
+        print("error: no benchmark case matches the chosen --ops/--dtype", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     case_dtypes = sorted({c.dtype for c in cases}, key=str)
     print(f"fastlm bench: {args.suite} suite on {device.type} ({torch.get_num_threads()} threads), "

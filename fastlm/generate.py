@@ -198,6 +198,9 @@ def _pad_prompts(prompts, vocab_size: int, device):
         raise TypeError(f"prompts must be a list of token lists or an integer tensor (batch, seqlen), got "
                         f"{type(prompts).__name__}")
     else:
+        if getattr(prompts, "ndim", 1) not in (1, 2):                   # (an array: one prompt, or a batch)
+            raise ValueError(f"prompts must be a list of token lists or an integer array of shape (batch, seqlen), "
+                             f"got an array of shape {tuple(prompts.shape)}")
         prompts = list(prompts)
         if prompts and is_int(prompts[0]):                             # one prompt as a flat list of ids
             form, rows = "flat", [_token_list(prompts, "prompts (one prompt as a flat list of token ids)")]

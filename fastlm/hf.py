@@ -593,6 +593,8 @@ def patch(model, backend: str = "auto", fused_linear_cross_entropy: bool = True)
     ``backend`` is passed to every op. Patching a patched model does nothing. unpatch(model) restores it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(fused_linear_cross_entropy, bool):
+        raise TypeError(f"fused_linear_cross_entropy must be a bool, got {fused_linear_cross_entropy!r}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if not isinstance(model, nn.Module) or model_type not in _PATCH_SUPPORTED:

@@ -396,6 +396,11 @@ def test_single_prompt_as_flat_list_or_1d_tensor_and_no_stop_tokens():
     assert generate(model, [1, 2, 3], 5) == batched[0]
     out = generate(model, torch.tensor([1, 2, 3]), 5)
     assert out.dim() == 1 and out.tolist() == batched[0]
+    import numpy as np                                                   # numpy arrays: a prompt, a batch
+    assert generate(model, np.array([1, 2, 3]), 5) == batched[0]
+    assert generate(model, np.array([[1, 2, 3]]), 5) == batched
+    with pytest.raises(ValueError, match=r"prompts must be .* got an array of shape \(\)"):
+        generate(model, np.array(5), 5)
     assert generate(model, [[1, 2, 3]], 5, stop_tokens=None) == batched
     assert generate(model, [torch.tensor([1, 2, 3])], 5, stop_tokens=torch.tensor([7])) == \
         generate(model, [[1, 2, 3]], 5, stop_tokens=[7])

@@ -731,6 +731,8 @@ def test_patch_unsupported():
         patch(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backend"):
         patch(hf_gpt2(), backend="jax")
+    with pytest.raises(TypeError, match="fused_linear_cross_entropy must be a bool, got 'no'"):
+        patch(hf_gpt2(), fused_linear_cross_entropy="no")
 
 
 def test_public_names():
