@@ -307,7 +307,7 @@ class Transformer(nn.Module):
     def _compute_dtype(self) -> torch.dtype:
         """The dtype the forward computes in: the autocast dtype under torch.autocast, else the embedding's."""
         kind = self.tok_emb.weight.device.type
-        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.tok_emb.weight.dtype
+        return torch.get_autocast_dtype(kind) if _autocast_on(kind) else self.tok_emb.weight.dtype
 
     def _cache_device(self, device) -> torch.device:
         """The parameters' device, which ``device`` (None, or a torch.device or str naming it) must be."""
@@ -390,7 +390,7 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must have batch >= 1 and seqlen >= 1, got shape {tuple(tokens.shape)}")
         if tokens.device != self.tok_emb.weight.device:
             raise ValueError(f"tokens are on {tokens.device} but the model is on {self.tok_emb.weight.device}")
-        if input_pos is None and not torch.compiler.is_compiling():
+        if input_pos is None and not torch.compiler.is_compiling() and tokens.device.type != "meta":
             # an out-of-range id would index past the embedding (a device-side assert on a GPU); checked here, not in
             # the decode step (input_pos given), which stays free of host synchronization
             lo, hi = torch.stack(torch.aminmax(tokens)).tolist()                 # one host sync
@@ -429,7 +429,7 @@ class Transformer(nn.Module):
 
         h = self.tok_emb(tokens)                                               # (B, S, d)
         kind = h.device.type
-        if torch.is_autocast_enabled(kind):
+        if _autocast_on(kind):
             # the whole forward in the autocast dtype, autocast itself off: it would run some torch ops (the "torch"
             # backend's exp, sums, norms) in fp32 on one device and not on another
             with torch.autocast(kind, enabled=False):
@@ -469,7 +469,7 @@ class Transformer(nn.Module):
                             f"got {_describe(logits_at)}")
         if logits_at.device != device:
             raise ValueError(f"logits_at is on {logits_at.device} but tokens are on {device}")
-        if logits_at.numel() and not torch.compiler.is_compiling():
+        if logits_at.numel() and not torch.compiler.is_compiling() and device.type != "meta":
             lo, hi = torch.stack(torch.aminmax(logits_at)).tolist()                # one host sync
             if lo < 0 or hi >= S:
                 raise ValueError(f"logits_at must hold positions in [0, {S}) of tokens, got values in [{lo}, {hi}]")
@@ -482,7 +482,7 @@ class Transformer(nn.Module):
         step would skip it), a Linear is parametrized (it reads the parameters) or the norms' eps differ (it takes
         one)."""
         if not (self.fused_decode and not torch.is_grad_enabled() and linears is not None
-                and not torch.is_autocast_enabled(tokens.device.type)
+                and not _autocast_on(tokens.device.type)
                 and decode_step_backend(self._backends.native, tokens.device, self.tok_emb.weight.dtype) == "cpu"):
             return False
         if _global_hooks():
@@ -532,6 +532,11 @@ class Transformer(nn.Module):
         """See fastlm.generate.generate."""
         from fastlm.generate import generate
         return generate(self, *args, **kwargs)
+
+
+def _autocast_on(kind: str) -> bool:
+    """Whether torch.autocast is on for the device type (never for meta, which autocast does not know)."""
+    return kind != "meta" and torch.is_autocast_enabled(kind)
 
 
 def _check_cpu_step(tokens, input_pos, max_seqlen, vocab_size):

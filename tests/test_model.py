@@ -111,6 +111,19 @@ def test_bf16_model_matches_reference(family, backend):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_meta_device_model_gives_shapes(family):
+    """A model on the meta device (shape inference, deferred initialization): logits, loss, selected logits and a
+    decode step have their shapes (the id and position checks, which read values, are skipped there)."""
+    with torch.device("meta"):
+        model = Transformer(CONFIGS[family], backend="auto")
+    tokens = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    assert model(tokens).shape == (2, 5, 1000) and model(tokens, tokens).shape == ()
+    assert model(tokens, logits_at=torch.zeros(2, 1, dtype=torch.long, device="meta")).shape == (2, 1, 1000)
+    model.setup_cache(2, 8)
+    assert model(tokens[:, :1], input_pos=torch.zeros(2, dtype=torch.long, device="meta")).shape == (2, 1, 1000)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_state_dict_round_trips_both_ways(family):
     config = CONFIGS[family]
     fast, ref = Transformer(config, backend="torch"), reference.Transformer(config)
