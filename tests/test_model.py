@@ -482,12 +482,18 @@ def test_cpu_decode_step_is_one_call_without_autograd():
 
 @pytest.mark.skipif(not _extension_serves_model(("decode_step",)), reason="fastlm._C with decode_step is not built")
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, "bf16 with fp32 norms"], ids=str)
 def test_cpu_fused_decode_step_equals_op_by_op(family, dtype):
     """ops.decode_step runs the op-by-op step's kernels in the same order: the same logits and caches, bit for bit,
     for one- and multi-token steps of sequences at different positions (and the GELU / SwiGLU MLPs, LayerNorm /
-    RMSNorm, learned positions / RoPE, q/k/v biases)."""
+    RMSNorm, learned positions / RoPE, q/k/v biases; norms kept in fp32 in a bf16 model, which the norms take)."""
+    fp32_norms = dtype == "bf16 with fp32 norms"
+    dtype = torch.bfloat16 if fp32_norms else dtype
     fused, _, _ = make(family, "cpu", dtype=dtype)
+    if fp32_norms:
+        for name, module in fused.named_modules():
+            if name.endswith("norm"):
+                module.float()
     split = copy.deepcopy(fused)
     split.fused_decode = False
     prompt = torch.randint(0, 1000, (2, 6))
@@ -498,6 +504,7 @@ def test_cpu_fused_decode_step_equals_op_by_op(family, dtype):
         for m in (fused, split):
             m.setup_cache(2, 16)
             m(prompt)
+        assert fused._fused_decode_here(steps[0][0], fused._linears())
         for tokens, pos in steps:
             out, want = fused(tokens, input_pos=pos), split(tokens, input_pos=pos)
             assert out.dtype == dtype and out.shape == (2, tokens.shape[1], 1000)

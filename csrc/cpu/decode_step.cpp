@@ -78,25 +78,26 @@ at::Tensor required(const Blocks& blocks, int64_t layer, int s, const char* name
 }
 
 // A weight (rows x cols, cols < 0: a vector of rows) of block `layer` (-1: outside the blocks), when present, in
-// tok_emb's dtype `dtype`; `why` ends the message's expectation.
-void check_shape(const std::optional<at::Tensor>& t, int64_t layer, const char* name, at::ScalarType dtype,
-                 int64_t rows, int64_t cols, const std::string& why = "") {
+// tok_emb's dtype `dtype` unless that is nullopt (the norms' weights and biases: norm_fwd takes any float dtype);
+// `why` ends the message's expectation.
+void check_shape(const std::optional<at::Tensor>& t, int64_t layer, const char* name,
+                 std::optional<at::ScalarType> dtype, int64_t rows, int64_t cols, const std::string& why = "") {
   if (!t.has_value()) return;
   const bool ok = cols < 0 ? t->dim() == 1 && t->size(0) == rows
                            : t->dim() == 2 && t->size(0) == rows && t->size(1) == cols;
   const std::string where = layer < 0 ? std::string() : "block " + std::to_string(layer) + "'s ";
   const std::string shape = cols < 0 ? std::to_string(rows) + "," : std::to_string(rows) + ", " + std::to_string(cols);
   TORCH_CHECK(ok, "fastlm::decode_step: ", where, name, " must have shape (", shape, ")", why, ", got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == dtype, "fastlm::decode_step: ", where, name, " must have tok_emb's dtype ", dtype,
-              ", got ", t->scalar_type());
+  TORCH_CHECK(!dtype || t->scalar_type() == *dtype, "fastlm::decode_step: ", where, name, " must have tok_emb's dtype ",
+              *dtype, ", got ", t->scalar_type());
 }
 
 // The shapes of block l's tensors for d_model d, n_kv_head Hkv and head_dim D (n_head from wq, the MLP width from
 // its first weight), so that a wrong one is named rather than reported by the kernel it reaches.
 void check_block(const Blocks& blocks, int64_t l, at::ScalarType dt, int64_t d, int64_t Hkv, int64_t D) {
   const std::string for_d = " for tok_emb's d_model " + std::to_string(d);
-  check_shape(required(blocks, l, kNorm1W, "norm1 weight"), l, "norm1 weight", dt, d, -1, for_d);
-  check_shape(required(blocks, l, kNorm2W, "norm2 weight"), l, "norm2 weight", dt, d, -1, for_d);
+  check_shape(required(blocks, l, kNorm1W, "norm1 weight"), l, "norm1 weight", std::nullopt, d, -1, for_d);
+  check_shape(required(blocks, l, kNorm2W, "norm2 weight"), l, "norm2 weight", std::nullopt, d, -1, for_d);
   const at::Tensor wq = required(blocks, l, kWq, "wq"), w1 = required(blocks, l, kW1, "w1 (w_fc / w_gate)");
   TORCH_CHECK(wq.dim() == 2 && wq.size(0) % (Hkv * D) == 0 && wq.size(1) == d, "fastlm::decode_step: block ", l,
               "'s wq must have shape (n_head * ", D, ", ", d, "), n_head a multiple of the caches' n_kv_head ", Hkv,
@@ -113,8 +114,8 @@ void check_block(const Blocks& blocks, int64_t l, at::ScalarType dt, int64_t d, 
   check_shape(slot(blocks, l, kBv), l, "bv", dt, kv_dim, -1);
   check_shape(required(blocks, l, kWo, "wo"), l, "wo", dt, d, q_dim);
   check_shape(slot(blocks, l, kBo), l, "bo", dt, d, -1);
-  check_shape(slot(blocks, l, kNorm1B), l, "norm1 bias", dt, d, -1);
-  check_shape(slot(blocks, l, kNorm2B), l, "norm2 bias", dt, d, -1);
+  check_shape(slot(blocks, l, kNorm1B), l, "norm1 bias", std::nullopt, d, -1);
+  check_shape(slot(blocks, l, kNorm2B), l, "norm2 bias", std::nullopt, d, -1);
   check_shape(slot(blocks, l, kB1), l, "b1", dt, inter, -1);
   check_shape(slot(blocks, l, kWUp), l, "w_up", dt, inter, d);
   check_shape(required(blocks, l, kW2, "w2 (w_proj / w_down)"), l, "w2 (w_proj / w_down)", dt, d, inter);
@@ -204,8 +205,8 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, co
   const int64_t d = tok_emb.size(1);
   const at::ScalarType dt = tok_emb.scalar_type();
   for (int64_t l = 0; l < L; ++l) check_block(blocks, l, dt, d, Hkv, D);
-  check_shape(norm_w, -1, "norm_w", dt, d, -1);
-  check_shape(norm_b, -1, "norm_b", dt, d, -1);
+  check_shape(norm_w, -1, "norm_w", std::nullopt, d, -1);
+  check_shape(norm_b, -1, "norm_b", std::nullopt, d, -1);
   TORCH_CHECK(head.dim() == 2 && head.size(1) == d, "fastlm::decode_step: head must have shape (vocab, ", d,
               "), got ", head.sizes());
   check_shape(head, -1, "head", dt, head.size(0), d);
