@@ -43,8 +43,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
 
 
 def _scores(q, k, scale):
-    """S = scale Q K^T, (B, H, Sq, Sk) in q's dtype. For fp16 / bf16 the product is taken in fp32 and rounded once, as
-    the kernels' fp32 accumulators hold it: an fp16 q . k past 65504 would be inf although the scaled score is not."""
+    """S = scale Q K^T, (B, H, Sq, Sk) in q's dtype. For fp16 / bf16 the product is taken in fp32 (as the kernels'
+    fp32 accumulators hold it) and only the scaled score rounded to q's dtype: an fp16 q . k past 65504 would be inf
+    although the scaled score is not (the kernels keep the scores in fp32 throughout)."""
     if q.dtype in (torch.float16, torch.bfloat16):
         return (torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale).to(q.dtype)
     return torch.einsum("bqhd,bkhd->bhqk", q, k) * scale

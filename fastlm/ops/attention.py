@@ -190,8 +190,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     (grouped-query / multi-query attention without copying K/V). Any strides.
     causal: mask aligned bottom-right (query i sits at key position i + seqlen_k - seqlen_q).
     window: (left, right) sliding window around that position, -1 = unbounded (causal implies right = 0).
-    softmax_scale: default 1 / sqrt(headdim); any value finite in float32, but the scaled scores are float32 too: a
-    scale that takes them past float32's range (~3.4e38) overflows them, and such rows come out NaN.
+    softmax_scale: default 1 / sqrt(headdim); any value finite in float32, but the kernels' scaled scores are float32
+    too (the "torch" backend's are in the inputs' dtype): a scale that takes them past that range overflows them, and
+    such rows come out NaN.
     Under torch.autocast q, k, v are cast to the autocast dtype first (ops._checks.autocast_matmul).
     Returns out (q's shape and dtype), and with return_lse also lse (batch, nheads, seqlen_q) float32, the natural-log
     log-sum-exp of each row's scaled scores. A query that sees no key gets out = 0 and lse = -inf.
