@@ -27,6 +27,9 @@ def _extensions():
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
     # the instruction set the CPU kernels are compiled for: by default the build machine's own (AVX-512 and AVX512-BF16
     # where it has them); e.g. FASTLM_MARCH=x86-64-v3 for AVX2 + FMA only, an empty value for the compiler's default
+    if "FASTLM_NATIVE" in os.environ:
+        raise RuntimeError("FASTLM_NATIVE is replaced by FASTLM_MARCH: FASTLM_MARCH= (empty) for the compiler's "
+                           "default instruction set, e.g. FASTLM_MARCH=x86-64-v3 for AVX2 + FMA")
     march = os.environ.get("FASTLM_MARCH", "native")
     if march:
         cxx.append(f"-march={march}")

@@ -81,13 +81,16 @@ def available() -> dict[str, bool]:
 
 
 @torch.compiler.assume_constant_result
-def resolve(backend: str, device, op: str, *, native_ops=(), dtype=None) -> str:
+def resolve(backend: str, device, op: str, *, native_ops=(), dtype=None, triton_kernel: bool = True) -> str:
     """The concrete backend that runs ``op`` for tensors on ``device``.
 
     ``native_ops`` names the extension ops (``torch.ops.fastlm.*``) that the "cpu"/"cuda" backends need; an op with
     none has no C++ implementation and "auto" never picks the extension for it. ``dtype``, the op's input dtype, sends
-    "auto" to the reference when no kernel takes it (float64: the reference is the only float64 implementation).
-    Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here.
+    "auto" to the reference when no kernel takes it (float64: the reference is the only float64 implementation), and
+    bf16 on CPU tensors away from the Triton interpreter, which computes it wrongly (to the reference for "auto"; a
+    TypeError for "triton"), unless ``triton_kernel`` is False (the op's "triton" path runs no Triton kernel).
+    Raises ValueError for an unknown name, RuntimeError for a backend that cannot run here and TypeError for bf16 on
+    the interpreter.
     Under torch.compile the choice is made once, at trace time (it depends only on its arguments and the machine).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -96,7 +99,7 @@ def resolve(backend: str, device, op: str, *, native_ops=(), dtype=None) -> str:
         return "torch"
     dev = device.type if isinstance(device, torch.device) else str(device)
     chosen = _resolve(backend, dev, op, tuple(native_ops), interpreter())
-    if chosen == "triton" and dev != "cuda" and dtype == torch.bfloat16:
+    if chosen == "triton" and dev != "cuda" and dtype == torch.bfloat16 and triton_kernel:
         # the Triton interpreter computes bf16 wrongly (tl.dot, fp32 -> bf16 casts, bf16 additions): refuse, and let
         # "auto" take the reference
         if backend == "auto":

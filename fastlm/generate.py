@@ -440,7 +440,7 @@ def cli(argv=None) -> int:
         _check_cli_args(args)
         device = resolve_device(args.device, what="--device")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        _check_backend(args.backend, device, dtype)
+        _check_backend(args.backend, device, dtype, args.dtype)
         if args.cuda_graph and args.compile:
             raise ValueError("--cuda-graph and --compile are exclusive (--compile captures CUDA graphs itself)")
         if args.cuda_graph and device.type != "cuda":
@@ -503,14 +503,14 @@ def _check_cli_args(args):
         raise
 
 
-def _check_backend(backend: str, device: torch.device, dtype: torch.dtype):
+def _check_backend(backend: str, device: torch.device, dtype: torch.dtype, dtype_name: str):
     """--backend checked against the device and --dtype: the model's attention must be able to run there."""
     from fastlm.backends import resolve
     try:
         resolve(backend, device, "the model's attention", native_ops=("attention_fwd", "decode_attention"),
                 dtype=dtype)
     except (ValueError, RuntimeError, TypeError) as e:
-        raise ValueError(f"--backend {backend} on device {device} with --dtype {str(dtype)[6:]}: {e}") from None
+        raise ValueError(f"--backend {backend} on device {device} with --dtype {dtype_name}: {e}") from None
 
 
 class _Streamer:

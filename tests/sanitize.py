@@ -38,14 +38,18 @@ V3_FLAGS = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave
 
 
 def builds():
-    """(march, cpu_isa, default tests) per build: V3_BUILDS where the host runs x86-64-v3; elsewhere (another
-    architecture, an older x86) one build for the host's own instruction set (native), its ISA unchecked."""
+    """(march, cpu_isa, default tests) per build: V3_BUILDS where the host runs x86-64-v3 and the compiler knows the
+    level names (GCC >= 11, Clang >= 12); elsewhere (another architecture, an older x86 or compiler) one build for the
+    host's own instruction set (native), its ISA unchecked."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
     except OSError:
         flags = set()
-    return V3_BUILDS if V3_FLAGS <= flags else (("native", None, DEFAULT),)
+    compiler = os.environ.get("CXX", "g++")
+    known = all(subprocess.run([compiler, f"-march={arch}", "-x", "c++", "-E", "-"], input="", capture_output=True,
+                               text=True).returncode == 0 for arch, _, _ in V3_BUILDS)
+    return V3_BUILDS if V3_FLAGS <= flags and known else (("native", None, DEFAULT),)
 # leaks: CPython and torch keep allocations alive until exit by design; alloc_dealloc_mismatch: the interpreter and
 # torch are not instrumented, so their allocator pairs are not ASan's to judge
 ASAN_OPTIONS = "detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1:halt_on_error=1"

@@ -68,9 +68,13 @@ def test_explicit_backends_refuse_what_they_cannot_run(name):
                                             "must be one of .* for backend 'cpu'), got torch.float64"):
             fn(*inputs, backend="cpu")
     if backends.interpreter() and backends.triton_available():
+        bf16 = [t.bfloat16() if t.is_floating_point() else t for t in inputs]
+        if op == "linear":                                  # (its "triton" path is torch's GEMM, right in bf16)
+            torch.testing.assert_close(fn(*bf16, backend="triton"), torch.nn.functional.linear(*bf16))
+            return
         with pytest.raises(TypeError, match=f"^{op}: backend='triton' on cpu tensors runs through the Triton "
                                             "interpreter, which computes bfloat16 wrongly"):
-            fn(*[t.bfloat16() if t.is_floating_point() else t for t in inputs], backend="triton")
+            fn(*bf16, backend="triton")
 
 
 @pytest.mark.skipif(backends.extension() is None, reason="needs the C++ extension")
@@ -152,7 +156,8 @@ def test_matmul_ops_under_autocast(name, backend):
     grads = name != "decode_attention"                                  # (decoding is inference: no backward)
     leaves = [torch.randn(s, device=device, requires_grad=grads) for s in shapes]
     args = [leaves[0].detach().bfloat16()] + leaves[1:]
-    if backend == "triton" and kind == "cpu":                          # the interpreter's bf16 is refused, by name
+    if backend == "triton" and kind == "cpu" and name != "linear":     # the interpreter's bf16 is refused, by name
+        # (linear's "triton" path is torch's GEMM, no Triton kernel)
         with pytest.raises(TypeError, match=f"^{name}: backend='triton' on cpu tensors runs through the Triton "
                                             "interpreter"), torch.autocast(kind, dtype=torch.bfloat16):
             fn(backend, *args)

@@ -443,7 +443,7 @@ def test_cli_checks_the_backend_against_the_device_first(tmp_path, capsys):
     from fastlm.generate import cli
     assert cli(["--checkpoint", str(tmp_path / "nope"), "--device", "cpu", "--backend", "cuda", "hello"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("error: --backend cuda on device cpu with --dtype float32: ")
+    assert out == "" and err.startswith("error: --backend cuda on device cpu with --dtype fp32: ")
     assert "cpu tensors" in err
     assert cli(["--checkpoint", str(tmp_path / "nope"), "--backend", "gpu", "hello"]) == 2
     assert "error: --backend gpu" in capsys.readouterr().err

@@ -69,7 +69,8 @@ def linear(x, weight, bias=None, *, backend="auto"):
             raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    be = resolve(backend, x.device, op, native_ops=("linear",), dtype=x.dtype)
+    # (its "triton" path is torch's GEMM: no Triton kernel, bf16 on the interpreter included)
+    be = resolve(backend, x.device, op, native_ops=("linear",), dtype=x.dtype, triton_kernel=False)
     if be == "cpu":
         check_kernel_dtypes(op, be, x=x)
         return _nat_linear(x, weight, bias) if needs_grad(x, weight, bias) else torch.ops.fastlm.linear(x, weight, bias)
