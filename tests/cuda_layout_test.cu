@@ -1,6 +1,6 @@
-// The tensor-core layout arithmetic of csrc/cuda/ as the kernels compute it, printed on the host: mma.cuh's ldmatrix
-// rows of the lanes, wgmma.cuh's sw128 tile offsets and matrix descriptors, and the wgmma attention kernel's tile
-// shapes (attention_tile.cuh's Sm90Shape).
+// The layout arithmetic of csrc/cuda/ as the kernels compute it, printed on the host: mma.cuh's ldmatrix rows of the
+// lanes, wgmma.cuh's sw128 tile offsets and matrix descriptors, the wgmma attention kernel's tile shapes
+// (attention_tile.cuh's Sm90Shape) and the CUDA-core GEMV's work mapping (gemv_layout.cuh).
 // tests/test_cuda_ext.py::test_tensor_core_layout_is_the_kernels
 // builds it with nvcc (host code only: no GPU needed) and compares every line with the formulas of
 // bench/dev/mma_layout_emu.py, whose emulation of the PTX operand layouts checks them against matrix products.
@@ -10,6 +10,7 @@
 #include <cstdio>
 
 #include "cuda/attention_tile.cuh"
+#include "cuda/gemv_layout.cuh"
 #include "cuda/wgmma.cuh"
 
 using namespace fastlm_cuda;
@@ -36,6 +37,16 @@ int main() {
         std::printf("mn_step %d %d %d = %u\n", kk, rows, c0, sw128_mn_step(kk, rows, c0));
   }
   std::printf("k_major_lbo = %u\n", kSw128KMajorLbo);
+  std::printf("gemv_shape = %d %d %d %d\n", kGemvRows, kGemvWarps, kGemvUnroll, kGemvStep);
+  for (int64_t block : {0, 1, 7})
+    for (int warp = 0; warp < kGemvWarps; ++warp)
+      std::printf("gemv_col %lld %d = %lld\n", static_cast<long long>(block), warp,
+                  static_cast<long long>(gemv_col(block, warp)));
+  for (int64_t k0 : {0, kGemvStep * kGemvUnroll, 3 * kGemvStep * kGemvUnroll})
+    for (int u = 0; u < kGemvUnroll; ++u)
+      for (int lane : {0, 1, 17, 31})
+        std::printf("gemv_k %lld %d %d = %lld\n", static_cast<long long>(k0), u, lane,
+                    static_cast<long long>(gemv_k(k0, u, lane)));
   for (int stride : {40, 136})  // (the mma.sync GEMM's k tile of 32 + 8; attention's head dim 128 + 8)
     for (int row0 : {0, 16})
       for (int col0 : {0, 16})

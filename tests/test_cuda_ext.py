@@ -296,7 +296,8 @@ def layout_mismatches(lines, emu):
     emulator's formula of that name, and lines naming no formula."""
     formulas = {"sm90_tile": emu.sm90_tile, "slab": emu.slab, "k_step": emu.k_step, "mn_step": emu.mn_step,
                 "mn_lbo": emu.mn_lbo, "desc": emu.sw128_desc, "k_major_lbo": lambda: emu.K_MAJOR_LBO,
-                "ldsm_a": emu.ldsm_a, "ldsm_b": emu.ldsm_b, "ldsm_b_trans": emu.ldsm_b_trans}
+                "ldsm_a": emu.ldsm_a, "ldsm_b": emu.ldsm_b, "ldsm_b_trans": emu.ldsm_b_trans,
+                "gemv_shape": lambda: emu.GEMV_SHAPE, "gemv_col": emu.gemv_col, "gemv_k": emu.gemv_k}
     bad = []
     for line in lines:
         lhs, rhs = line.split(" = ")
@@ -314,9 +315,9 @@ def layout_mismatches(lines, emu):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_tensor_core_layout_is_the_kernels(tmp_path):
     """The layout arithmetic the emulation checks is the kernels' own: mma.cuh's ldmatrix rows, wgmma.cuh's
-    descriptors and sw128 tile offsets and attention_tile.cuh's Sm90Shape, printed by tests/cuda_layout_test.cu
-    (built with nvcc, host code only), equal the emulator's formulas at every printed point. A mismatch is caught (a
-    tampered line)."""
+    descriptors and sw128 tile offsets, attention_tile.cuh's Sm90Shape and gemv_layout.cuh's GEMV mapping, printed by
+    tests/cuda_layout_test.cu (built with nvcc, host code only), equal the emulator's formulas at every printed point.
+    A mismatch is caught (a tampered line)."""
     exe = str(tmp_path / "layout_test")
     build = subprocess.run(["nvcc", "-std=c++17", "--expt-relaxed-constexpr", "-I", os.path.join(ROOT, "csrc"),
                             "-Werror", "all-warnings", "-o", exe, os.path.join(ROOT, "tests", "cuda_layout_test.cu")],
@@ -327,11 +328,11 @@ def test_tensor_core_layout_is_the_kernels(tmp_path):
     lines = run.stdout.splitlines()
     names = {line.split()[0] for line in lines}
     assert names == {"sm90_tile", "slab", "k_step", "mn_step", "mn_lbo", "desc", "k_major_lbo", "ldsm_a", "ldsm_b",
-                     "ldsm_b_trans"}, names
+                     "ldsm_b_trans", "gemv_shape", "gemv_col", "gemv_k"}, names
     assert {int(line.split()[1]) for line in lines if line.startswith("sm90_tile")} >= set(backends.CUDA_HEAD_DIMS)
     emu = _load("bench", "dev", "mma_layout_emu.py")
     assert layout_mismatches(lines, emu) == []
-    for name in ("k_step 5 128 64 ", "ldsm_b_trans 17 16 0 40 "):
+    for name in ("k_step 5 128 64 ", "ldsm_b_trans 17 16 0 40 ", "gemv_k 1024 2 17 "):
         tampered = [line.replace("= ", "= 1", 1) if line.startswith(name) else line for line in lines]
         assert len(layout_mismatches(tampered, emu)) == 1, name
 

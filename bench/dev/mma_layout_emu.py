@@ -7,8 +7,8 @@ applied to absolute byte addresses, K-major and MN-major (transposed) canonical 
 wgmma GEMM use them, their operands written as their TMA boxes write them (128-byte swizzle, zero fill); and the
 lane / column / k mapping of ffn.cu's CUDA-core gemv kernel. The wgmma formulas (sw128_desc, slab, k_step, mn_step,
 mn_lbo, sm90_tile) and the lanes' ldmatrix rows (ldsm_a, ldsm_b, ldsm_b_trans) are compared with the C++ ones, printed
-by tests/cuda_layout_test.cu, in tests/test_cuda_ext.py; the tile bases of the mma.sync GEMM, the TMA box placement
-of tma_load_box and the gemv mapping are kept in step with the kernels by hand.
+by tests/cuda_layout_test.cu, in tests/test_cuda_ext.py, as is the gemv mapping (GEMV_SHAPE, gemv_col, gemv_k); the
+tile bases of the mma.sync GEMM and the TMA box placement of tma_load_box are kept in step with the kernels by hand.
 
     python bench/dev/mma_layout_emu.py      (tests/test_cuda_ext.py runs it too)
 """
@@ -274,22 +274,33 @@ def check_gemm_wgmma(k_valid, m_valid=100, k_tile=1):
         assert np.allclose(acc_to_matrix(acc, 128), ref), ("gemm wgmma", wg, k_valid)
     print("gemm wgmma ok", k_valid)
 
-def check_gemv(rows, n, k, warps=4, unroll=4, step=256):
-    """ffn.cu's gemv_kernel (<= 8 rows): warp w of block b owns columns col = 2 (b warps + w), col + 1; lane l reads
-    elements k0 + u step + 8 l .. + 7 of each of its weight rows (k0 in strides of step * unroll); the butterfly sums
+# gemv_layout.cuh: rows, warps per block, unrolled loads, elements per warp-wide load; the mapping
+GEMV_SHAPE = (8, 4, 4, 256)
+
+def gemv_col(block, warp):
+    return 2 * (block * GEMV_SHAPE[1] + warp)
+
+def gemv_k(k0, u, lane):
+    return k0 + u * GEMV_SHAPE[3] + lane * 8
+
+def check_gemv(rows, n, k):
+    """ffn.cu's gemv_kernel (<= 8 rows): warp w of block b owns columns col = gemv_col(b, w), col + 1; lane l reads
+    elements gemv_k(k0, u, l) .. + 7 of each of its weight rows (k0 in strides of step * unroll); the butterfly sums
     the lanes' partial dot products and lane m stores row m. Every weight element is read exactly once."""
+    max_rows, warps, unroll, step = GEMV_SHAPE
+    assert rows <= max_rows
     A, W = rng.standard_normal((rows, k)), rng.standard_normal((n, k))
     out, reads = np.full((rows, n), np.nan), np.zeros((n, k), dtype=int)
     for b in range((n // 2 + warps - 1) // warps):
         for w in range(warps):
-            col = 2 * (b * warps + w)
+            col = gemv_col(b, w)
             if col >= n:
                 continue
             acc = np.zeros((2, rows, 32))  # (column of the pair, row of A, lane)
             for k0 in range(0, k, step * unroll):
                 for u in range(unroll):
                     for lane in range(32):
-                        kk = k0 + u * step + lane * 8
+                        kk = gemv_k(k0, u, lane)
                         if kk >= k:
                             continue
                         reads[col: col + 2, kk: kk + 8] += 1

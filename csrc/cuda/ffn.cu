@@ -22,6 +22,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cuda/gemv_layout.cuh"
 #include "cuda/launch_utils.cuh"
 #include "cuda/launchers.h"
 #include "cuda/mma.cuh"
@@ -305,9 +306,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) gemm_tn_wgmma_kernel(const __gr
 
 // ---- few rows: one warp per output column pair --------------------------------------------------------------------
 
-constexpr int kGemvRows = 8;    // rows of A up to which the MLPs take gemv_kernel
-constexpr int kGemvWarps = 4;   // warps per block
-constexpr int kGemvUnroll = 4;  // 16-byte loads per weight row in flight per lane
+// (kGemvRows, kGemvWarps, kGemvUnroll, kGemvStep and the mapping: gemv_layout.cuh)
 
 // acc + the dot product of 8 packed elements of w and x.
 template <typename T>
@@ -330,9 +329,8 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc)
 template <typename T, Epilogue E>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemmArgs p) {
   constexpr int NW = n_weights<E>();
-  constexpr int kStep = 32 * 8;  // elements one warp-wide 16-byte load covers
   const int lane = threadIdx.x & 31;
-  const int64_t col = 2 * (static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5));
+  const int64_t col = gemv_col(blockIdx.x, threadIdx.x >> 5);
   if (col >= p.n) return;  // a whole warp; n is even, so col + 1 < n as well
   const T* w[NW][2];
 #pragma unroll
@@ -343,11 +341,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemmArgs p)
   const int rows = static_cast<int>(p.m);
 
   float acc[NW][2][kGemvRows] = {};
-  for (int64_t k0 = 0; k0 < p.k; k0 += kStep * kGemvUnroll) {
+  for (int64_t k0 = 0; k0 < p.k; k0 += kGemvStep * kGemvUnroll) {
     uint4 wv[kGemvUnroll][NW][2];
 #pragma unroll
     for (int u = 0; u < kGemvUnroll; ++u) {
-      const int64_t k = k0 + u * kStep + lane * 8;
+      const int64_t k = gemv_k(k0, u, lane);
 #pragma unroll
       for (int i = 0; i < NW; ++i)
 #pragma unroll
@@ -356,7 +354,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemmArgs p)
     }
 #pragma unroll
     for (int u = 0; u < kGemvUnroll; ++u) {
-      const int64_t k = k0 + u * kStep + lane * 8;
+      const int64_t k = gemv_k(k0, u, lane);
       if (k >= p.k) break;
 #pragma unroll
       for (int m = 0; m < kGemvRows; ++m) {
