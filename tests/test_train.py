@@ -241,6 +241,42 @@ def test_missing_tokenizer_package():
         T.make_tokenizer("tiktoken")
 
 
+class _FakeTiktoken:
+    """tiktoken's interface (get_encoding -> an encoding with n_vocab, encode_ordinary, decode), as bytes + 3, so that
+    the tiktoken tokenizer runs offline and without the package; an encoding it does not know fails as an offline
+    download does."""
+    class Encoding:
+        n_vocab = 259
+
+        def encode_ordinary(self, text):
+            return [b + 3 for b in text.encode()]
+
+        def decode(self, ids):
+            return bytes(i - 3 for i in ids).decode(errors="replace")
+
+    @classmethod
+    def get_encoding(cls, name):
+        if name != "gpt2":
+            raise ConnectionError(f"could not download the {name} BPE ranks")
+        return cls.Encoding()
+
+
+def test_tiktoken_run_round_trips_through_its_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiktoken", _FakeTiktoken)
+    tokenizer = T.make_tokenizer("tiktoken")
+    assert (tokenizer.name, tokenizer.vocab_size, tokenizer.spec()) == ("tiktoken:gpt2", 259,
+                                                                      {"kind": "tiktoken", "encoding": "gpt2"})
+    assert tokenizer.encode("ab") == [100, 101] and tokenizer.decode([100, 101]) == "ab"
+    out = str(tmp_path / "run")
+    _train(steps=2, warmup=0, eval_every=2, tokenizer=tokenizer, out=out,
+           config=Config.from_name("llama-tiny", vocab_size=259, max_seqlen=64))
+    model, info = T.load_checkpoint(out, backend="torch")
+    assert info["tokenizer"].spec() == tokenizer.spec() and info["tokenizer"].encode("é") == tokenizer.encode("é")
+    with pytest.raises(RuntimeError, match="tiktoken could not load encoding 'cl100k_base' .* offline, use "
+                                           "--tokenizer byte"):
+        T.make_tokenizer("tiktoken", encoding="cl100k_base")
+
+
 def test_sentencepiece_run_carries_its_model(tmp_path, capsys, monkeypatch):
     """A SentencePiece run: the checkpoint carries the tokenizer model itself, so moving or deleting the .model file
     keeps it resumable and sampleable (CLI included); the model's bytes are checked against the spec's sha256."""
