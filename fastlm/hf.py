@@ -518,6 +518,14 @@ def _fused_head_forward(self, *args, backend, **kwargs):
     return out if return_dict else out.to_tuple()          # a tuple without the logits, as to_tuple drops None
 
 
+def _refuse_output_attentions(model, args, kwargs):
+    """A patched model whose attention was transformers' eager one (which returns the probabilities): a call that asks
+    for them (output_attentions) is an error, where it would get none (fastlm's attention never forms them)."""
+    if kwargs.get("output_attentions", getattr(model.config, "output_attentions", False)):
+        raise ValueError("output_attentions=True: the patched attention (fastlm's fused op) never forms the attention "
+                         "probabilities; unpatch(model) for this call's outputs")
+
+
 def _fused_head_method(model, backend):
     """model.forward replaced by _fused_head_forward, under the original's signature: transformers reads it (generate
     builds position_ids from the attention mask only for a forward that takes them, the Trainer keeps the dataset
@@ -615,6 +623,8 @@ def patch(model, backend: str = "auto", fused_linear_cross_entropy: bool = True)
            for _, fn in plan):                   # the patched attention reads sdpa's masks (None: causal)
         config._attn_implementation = "sdpa"
     model._fastlm_patch = state
+    if config._attn_implementation == "sdpa" and state["attn_implementation"] != "sdpa":
+        state["hook"] = model.register_forward_pre_hook(_refuse_output_attentions, with_kwargs=True)
     # the causal-LM loss and fused head only where the model's forward computes that loss through loss_function
     # (transformers' causal LMs; not e.g. GPT2DoubleHeadsModel, whose own loss reads the LM head's logits)
     if type(model).__name__ in _FROM_HF_SUPPORTED and type(model).__module__.startswith("transformers."):
@@ -639,6 +649,8 @@ def unpatch(model):
         else:
             module.forward = previous
     model.config._attn_implementation = state["attn_implementation"]
+    if "hook" in state:
+        state["hook"].remove()
     if state["loss"] is not None and model.__dict__.get("_loss_function") is state["loss_function"]:
         previous, = state["loss"]             # (a loss function set after patch() stays)
         if previous is None:

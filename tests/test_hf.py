@@ -681,6 +681,25 @@ def test_patched_gpt2_training_with_dropout(attn_pdrop, monkeypatch):
     assert counter.calls["mlp_gelu"] == 2
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+def test_patched_model_refuses_output_attentions(kind):
+    """An eager-attention model returns the attention probabilities when asked (output_attentions); patched, its
+    attention is fastlm's fused op, which never forms them: asking is an error instead of an empty answer. Unpatched,
+    the model answers again."""
+    hf = MODELS[kind](attn_implementation="eager")
+    tokens = torch.randint(0, V, (2, 10))
+    with torch.no_grad():
+        want = hf(tokens, output_attentions=True).attentions
+        patch(hf, backend="torch")
+        with pytest.raises(ValueError, match="output_attentions=True: the patched attention .* never forms the "
+                                             "attention probabilities; unpatch"):
+            hf(tokens, output_attentions=True)
+        hf(tokens)                                                    # (without them: runs)
+        unpatch(hf)
+        assert all(torch.equal(a, b) for a, b in zip(hf(tokens, output_attentions=True).attentions, want))
+        assert len(want) == 2 and not hf._forward_pre_hooks
+
+
 def test_window_mask_recognition():
     """_plain_window_mask accepts exactly the op's bottom-right causal window mask in every batch row; a wider or
     narrower window, a padded row, a float mask or another shape go to transformers' sdpa path."""
