@@ -653,6 +653,10 @@ def test_cpu_fused_decode_step_errors(monkeypatch):
             real(*good, **dict(kw, is_rms="no"))
         with pytest.raises(TypeError, match="decode_step: input_pos must be a tensor, got NoneType"):
             real(good[0], None, *good[2:], **kw)
+        with pytest.raises(TypeError, match=r"decode_step: blocks\[4\] \(wk\) must be a tensor or None, got list"):
+            real(*good[:3], good[3][:4] + [[1.0]] + good[3][5:], *good[4:], **kw)
+        with pytest.raises(TypeError, match=r"decode_step: v_caches\[1\] must be a tensor, got NoneType"):
+            real(*good[:5], [good[5][0], None], *good[6:], **kw)
         # the op's own checks (the model checks the same first: test_cpu_decode_step_checks_positions_and_ids)
         with pytest.raises(RuntimeError, match=r"input_pos\[1\] \+ seqlen = 7 \+ 2 must lie in \[2, 8\]"):
             model._fused_decode_step(torch.randint(0, 1000, (2, 2)), torch.tensor([1, 7]))

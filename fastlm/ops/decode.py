@@ -155,6 +155,11 @@ def decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_wei
     for name, value in (("blocks", blocks), ("k_caches", k_caches), ("v_caches", v_caches)):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"decode_step: {name} must be a list of tensors, got {type(value).__name__}")
+        for i, t in enumerate(value):
+            if not (isinstance(t, torch.Tensor) or t is None and name == "blocks"):
+                slot = f" ({DECODE_STEP_SLOTS[i % len(DECODE_STEP_SLOTS)]})" if name == "blocks" else ""
+                raise TypeError(f"decode_step: {name}[{i}]{slot} must be a tensor{' or None' if slot else ''}, got "
+                                f"{type(t).__name__}")
     check_eps("decode_step", eps)
     # every tensor on tokens' device (names formatted only for the error: this runs every decoding step)
     lists = (("input_pos", [input_pos]), ("tok_emb", [tok_emb]), ("norm_weight", [norm_weight]), ("head", [head]),
