@@ -420,11 +420,10 @@ class Transformer(nn.Module):
                                 f"{_describe(input_pos)}")
             if input_pos.device != tokens.device:
                 raise ValueError(f"input_pos is on {input_pos.device} but tokens are on {tokens.device}")
-            if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
-                # (~30 us) before the fused step as well, whose own checks raise RuntimeError: a ValueError either way
-                _check_cpu_step(tokens, input_pos, cache[1], c.vocab_size)
-            if targets is None and self._fused_decode_here(tokens, linears):
+            if targets is None and self._fused_decode_here(tokens, linears):   # (checks positions and ids itself)
                 return _rows_at(self._fused_decode_step(tokens, input_pos), logits_at)
+            if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+                _check_cpu_step(tokens, input_pos, cache[1], c.vocab_size)
             positions = input_pos[:, None] + torch.arange(S, device=tokens.device)   # (B, S)
 
         h = self.tok_emb(tokens)                                               # (B, S, d)

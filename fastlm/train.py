@@ -903,7 +903,6 @@ def train(config=None, *, data: str | None = None, tokenizer=None, text: str | N
     return result
 
 
-
 def plot_loss(history: dict, path: str, title: str = "") -> str | None:
     """The loss curve as a PNG at ``path`` (None without matplotlib)."""
     from fastlm._plots import pyplot

@@ -1033,7 +1033,7 @@ def test_decode_positions_and_windows_near_int64_max():
               w(inter, d), None, w(inter, d), w(d, inter), None]
     kc, vc = torch.zeros(1, 9, 1, D), torch.zeros(1, 9, 1, D)
     for pos in (2**63 - 1, 2**63 - 9, 9):
-        with pytest.raises(RuntimeError, match=rf"input_pos\[0\] \+ seqlen = {pos} \+ 1 must lie in \[1, 9\]"):
+        with pytest.raises(ValueError, match=rf"input_pos\[0\] \+ seqlen = {pos} \+ 1 must lie in \[1, 9\]"):
             ops.decode_step(torch.tensor([[3]]), torch.tensor([pos]), w(V, d), blocks, [kc], [vc], w(d), w(V, d),
                             eps=1e-6, is_rms=True, backend="cpu")
     assert (kc == 0).all() and (vc == 0).all()

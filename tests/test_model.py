@@ -657,12 +657,12 @@ def test_cpu_fused_decode_step_errors(monkeypatch):
             real(*good[:3], good[3][:4] + [[1.0]] + good[3][5:], *good[4:], **kw)
         with pytest.raises(TypeError, match=r"decode_step: v_caches\[1\] must be a tensor, got NoneType"):
             real(*good[:5], [good[5][0], None], *good[6:], **kw)
-        # the op's own checks (the model checks the same first: test_cpu_decode_step_checks_positions_and_ids)
-        with pytest.raises(RuntimeError, match=r"input_pos\[1\] \+ seqlen = 7 \+ 2 must lie in \[2, 8\]"):
+        # the op's own checks, which the model relies on (test_cpu_decode_step_checks_positions_and_ids)
+        with pytest.raises(ValueError, match=r"input_pos\[1\] \+ seqlen = 7 \+ 2 must lie in \[2, 8\]"):
             model._fused_decode_step(torch.randint(0, 1000, (2, 2)), torch.tensor([1, 7]))
-        with pytest.raises(RuntimeError, match=r"input_pos\[0\] \+ seqlen = -1 \+ 1"):
+        with pytest.raises(ValueError, match=r"input_pos\[0\] \+ seqlen = -1 \+ 1"):
             model._fused_decode_step(torch.randint(0, 1000, (2, 1)), torch.tensor([-1, 0]))
-        with pytest.raises(RuntimeError, match=r"token ids must be in \[0, 1000\), got 1000"):
+        with pytest.raises(ValueError, match=r"tokens must be ids in \[0, 1000\), got values in \[3, 1000\]"):
             model._fused_decode_step(torch.tensor([[3], [1000]]), torch.tensor([1, 1]))
         args = (torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 1]), model.tok_emb.weight)
         caches = [layer.attn.k_cache for layer in model.layers]

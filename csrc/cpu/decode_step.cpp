@@ -192,15 +192,17 @@ at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& input_pos, co
                 " must have tok_emb's dtype ", tok_emb.scalar_type(), ", got ", (*t)->scalar_type());
   }
   const std::vector<int64_t> pos = read_positions(input_pos, B);
-  // (no sum that can overflow: a position near 2^63 must not pass the check and write before the cache)
+  // (no sum that can overflow: a position near 2^63 must not pass the check and write before the cache). Bad
+  // positions and ids are ValueErrors in Python, worded as fastlm.Transformer's op-by-op step words them.
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(pos[b] >= 0 && S <= S_max && pos[b] <= S_max - S, "fastlm::decode_step: input_pos[", b,
-                "] + seqlen = ", pos[b], " + ", S, " must lie in [", S, ", ", S_max, "] (the KV cache's max_seqlen)");
+    TORCH_CHECK_VALUE(pos[b] >= 0 && S <= S_max && pos[b] <= S_max - S, "fastlm::decode_step: input_pos[", b,
+                      "] + seqlen = ", pos[b], " + ", S, " must lie in [", S, ", ", S_max,
+                      "] (the KV cache's max_seqlen)");
   const at::Tensor ids = tokens.reshape({B * S}).to(at::kLong).contiguous();
-  for (int64_t i = 0; i < B * S; ++i) {
-    const int64_t id = ids.const_data_ptr<int64_t>()[i];
-    TORCH_CHECK(id >= 0 && id < V, "fastlm::decode_step: token ids must be in [0, ", V, "), got ", id);
-  }
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  const auto [lo, hi] = std::minmax_element(id, id + B * S);
+  TORCH_CHECK_VALUE(*lo >= 0 && *hi < V, "fastlm::decode_step: tokens must be ids in [0, ", V, "), got values in [",
+                    *lo, ", ", *hi, "]");
   check_disjoint(k_caches, v_caches);
   const int64_t d = tok_emb.size(1);
   const at::ScalarType dt = tok_emb.scalar_type();

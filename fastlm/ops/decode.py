@@ -148,31 +148,30 @@ def decode_step(tokens, input_pos, tok_emb, blocks, k_caches, v_caches, norm_wei
     check_window_left("decode_step", window_left)
     if not isinstance(is_rms, bool):
         raise TypeError(f"decode_step: is_rms must be a bool (RMSNorm, else LayerNorm), got {is_rms!r}")
-    for name, value in (("tokens", tokens), ("input_pos", input_pos), ("tok_emb", tok_emb),
-                        ("norm_weight", norm_weight), ("head", head)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"decode_step: {name} must be a tensor, got {type(value).__name__}")
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"decode_step: tokens must be a tensor, got {type(tokens).__name__}")
     for name, value in (("blocks", blocks), ("k_caches", k_caches), ("v_caches", v_caches)):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"decode_step: {name} must be a list of tensors, got {type(value).__name__}")
-        for i, t in enumerate(value):
-            if not (isinstance(t, torch.Tensor) or t is None and name == "blocks"):
-                slot = f" ({DECODE_STEP_SLOTS[i % len(DECODE_STEP_SLOTS)]})" if name == "blocks" else ""
-                raise TypeError(f"decode_step: {name}[{i}]{slot} must be a tensor{' or None' if slot else ''}, got "
-                                f"{type(t).__name__}")
     check_eps("decode_step", eps)
-    # every tensor on tokens' device (names formatted only for the error: this runs every decoding step)
-    lists = (("input_pos", [input_pos]), ("tok_emb", [tok_emb]), ("norm_weight", [norm_weight]), ("head", [head]),
-             ("norm_bias", [norm_bias]), ("pos_emb", [pos_emb]), ("rope_cos", [rope_cos]), ("rope_sin", [rope_sin]),
-             ("blocks", blocks), ("k_caches", k_caches), ("v_caches", v_caches))
-    for name, ts in lists:
+    # every other tensor argument a tensor (or None where it may be) on tokens' device; entries named only for an
+    # error (this runs every decoding step)
+    lists = (("input_pos", [input_pos], False), ("tok_emb", [tok_emb], False), ("norm_weight", [norm_weight], False),
+             ("head", [head], False), ("norm_bias", [norm_bias], True), ("pos_emb", [pos_emb], True),
+             ("rope_cos", [rope_cos], True), ("rope_sin", [rope_sin], True), ("blocks", blocks, True),
+             ("k_caches", k_caches, False), ("v_caches", v_caches, False))
+    for name, ts, optional in lists:
         for i, t in enumerate(ts):
-            if isinstance(t, torch.Tensor) and t.device != device:
-                if name == "blocks":
-                    name = f"blocks[{i}] ({DECODE_STEP_SLOTS[i % len(DECODE_STEP_SLOTS)]})"
-                elif name.endswith("_caches"):
-                    name = f"{name}[{i}]"
+            if isinstance(t, torch.Tensor) and t.device == device or t is None and optional:
+                continue
+            if name == "blocks":
+                name = f"blocks[{i}] ({DECODE_STEP_SLOTS[i % len(DECODE_STEP_SLOTS)]})"
+            elif name.endswith("_caches"):
+                name = f"{name}[{i}]"
+            if isinstance(t, torch.Tensor):
                 raise ValueError(f"decode_step: {name} is on {t.device} but tokens is on {device}")
+            raise TypeError(f"decode_step: {name} must be a tensor{' or None' if optional else ''}, got "
+                            f"{type(t).__name__}")
     if len(blocks) != len(DECODE_STEP_SLOTS) * len(k_caches):
         raise ValueError(f"decode_step: blocks must hold {len(DECODE_STEP_SLOTS)} entries per block "
                          f"({', '.join(DECODE_STEP_SLOTS)}) for the {len(k_caches)} blocks of k_caches, got "
