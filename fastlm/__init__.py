@@ -5,8 +5,31 @@ testing, kernels. Submodules are imported lazily, so ``import fastlm`` compiles 
 the C++ extension.
 """
 import importlib
+import importlib.abc
+import importlib.machinery
+import os
+import sys
 
 __version__ = "0.1.0"
+
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _CheckoutKernelsFinder(importlib.abc.MetaPathFinder):
+    """Run from a checkout (``python -m fastlm`` or ``python -m pytest`` in it), the checkout's root is on sys.path,
+    and its kernels/ (the sources of fastlm.kernels) would be found as a top-level package ``kernels``, in place of
+    the PyPI package of that name that transformers imports. The top-level name is looked up past the checkout."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "kernels":
+            return None
+        outside = [p for p in sys.path if os.path.abspath(p or os.curdir) != _CHECKOUT]
+        return importlib.machinery.PathFinder.find_spec(name, outside, target)
+
+
+if (os.path.isfile(os.path.join(_CHECKOUT, "setup.py")) and os.path.isdir(os.path.join(_CHECKOUT, "kernels"))
+        and "kernels" not in sys.modules):
+    sys.meta_path.insert(0, _CheckoutKernelsFinder())
 
 _LAZY = {
     "Config": ("fastlm.config", "Config"),

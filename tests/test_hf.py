@@ -4,6 +4,9 @@ import copy
 import dataclasses
 import functools
 import inspect
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +20,20 @@ from fastlm.hf import from_hf, patch, to_hf, unpatch  # noqa: E402
 from fastlm.testing import check_rule  # noqa: E402
 
 V = 1000
+
+
+def test_checkout_kernels_do_not_shadow_the_kernels_package(tmp_path):
+    """Run from the checkout (its root first on sys.path, as `python -m` there puts it), the top-level name `kernels`
+    (a PyPI package transformers imports) is still that package once fastlm is imported, not the checkout's kernels/
+    (fastlm.kernels' sources); fastlm.kernels stays the Triton kernels."""
+    root = os.path.dirname(os.path.dirname(fastlm.__file__))
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("WHO = 'the kernels package'\n")
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import fastlm, fastlm.kernels, kernels; "
+            "print(kernels.WHO, fastlm.kernels.__name__)")
+    run = subprocess.run([sys.executable, "-c", code, root, str(tmp_path)], capture_output=True, text=True, cwd=root)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["the", "kernels", "package", "fastlm.kernels"]
 
 
 def hf_gpt2(**kw):
