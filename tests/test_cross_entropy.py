@@ -1,6 +1,7 @@
 """Cross-entropy and fused linear + cross-entropy against the float64 reference: losses and gradients by the numerics
 rule for every reduction, ignore_index, vocabularies 13 to 50257, chunking, empty and bad input; the Triton kernels and
 the C++ CPU kernels (cpu backend) through one test matrix."""
+import importlib
 import math
 
 import pytest
@@ -143,7 +144,9 @@ def _lce(reduction, chunk_size, bias, backend, ignore_index=-100):
                          [(7, 40, 1000, None, True, red, ign) for red, ign in (("mean", 3), ("sum", -100),
                                                                               ("none", 3))]
                          + [(129, 96, 1000, 32, False, red, ign) for red, ign in (("mean", -100), ("none", -100))]
-                         + [(1, 40, 1000, 1, False, "sum", -100), (3, 40, 50257, 2, True, "mean", 3)])
+                         # (ragged chunks of at least 2 rows: a 1-row product of 50257 terms takes MKL's GEMV,
+                         # whose fp32 error is up to 4x its GEMM's, which the reference's 5-row product takes)
+                         + [(1, 40, 1000, 1, False, "sum", -100), (5, 40, 50257, 3, True, "mean", 3)])
 def test_linear_cross_entropy_rule(backend, dtype, N, d, V, chunk, bias, reduction, ignore_index):
     dev = backend_device(backend)
     x = torch.randn(N, d, dtype=dtype, device=dev)
@@ -154,6 +157,37 @@ def test_linear_cross_entropy_rule(backend, dtype, N, d, V, chunk, bias, reducti
     # mean/sum: the gradients are formed in the forward and scaled by the upstream scalar afterwards, exact for a
     # power of two (1, or a loss scale); "none" takes random per-token cotangents
     check_op(f"linear_cross_entropy[{backend}, {reduction}, chunk={chunk}]", fn, ref, inputs, scalar_cotangent=0.5)
+
+
+@needs_cpu_kernel("cross_entropy_fwd")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_linear_cross_entropy_weight_gradient_through_addmm_out_dtype(dtype):
+    """Over several chunks, the 16-bit weight's gradient accumulates in fp32 through torch.addmm(out_dtype=float32)
+    where torch has that kernel (CUDA). CPU torch has none, so a CPU kernel that computes as cuBLAS does (fp32
+    products of the 16-bit operands) is registered here for the duration of the test, to run that path: the loss and
+    every gradient keep to the numerics rule, and every chunk's product went through it."""
+    ce = importlib.import_module("fastlm.ops.cross_entropy")  # (the module; fastlm.ops.cross_entropy is the op)
+    calls = []
+
+    def addmm_out_dtype(acc, mat1, mat2, out_dtype, *, beta=1, alpha=1):
+        calls.append((acc.dtype, mat1.dtype, mat2.dtype, out_dtype))
+        return beta * acc + alpha * (mat1.to(out_dtype) @ mat2.to(out_dtype))
+
+    N, d, V, chunk = 100, 40, 300, 32
+    x, w = torch.randn(N, d, dtype=dtype), torch.randn(V, d, dtype=dtype) / d ** 0.5
+    try:
+        with torch.library._scoped_library("aten", "IMPL") as lib:
+            lib.impl("addmm.dtype", addmm_out_dtype, "CPU")
+            ce._has_addmm_out_dtype.cache_clear()
+            assert ce._has_addmm_out_dtype("cpu")
+            check_op(f"linear_cross_entropy[cpu, {dtype}, addmm out_dtype]", *_lce("mean", chunk, False, "cpu"),
+                     [x, w, _targets((N,), V, device="cpu")])
+    finally:
+        ce._has_addmm_out_dtype.cache_clear()
+    assert not ce._has_addmm_out_dtype("cpu")
+    chunks = -(-N // chunk)
+    assert calls and len(calls) % chunks == 0, calls
+    assert set(calls) == {(torch.float32, dtype, dtype, torch.float32)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -361,14 +361,24 @@ def test_gradients_are_clipped_to_grad_clip(monkeypatch):
     assert seen == []
 
 
-def test_grad_accum_matches_bigger_batch():
-    # 2 micro-batches of 4 sequences == one batch of the same 8 sequences
+def test_grad_accum_matches_bigger_batch(monkeypatch):
+    # 2 micro-batches of 4 sequences == one batch of the same 8 sequences. With AdamW's eps at 1e-8 a parameter whose
+    # gradient is a sum that cancels to ~1e-9 moves by lr * g / (|g| + eps): by an amount set by the rounding of the
+    # sum, which the two orders of summation round differently. eps = 1e-3 bounds that amplification by lr / eps.
+    real = T.make_optimizer
+    monkeypatch.setattr(T, "make_optimizer", lambda *a, **k: _with_eps(real(*a, **k), 1e-3))
     a = _train(steps=2, batch_size=8, grad_accum=1, warmup=1)
     b = _train(steps=2, batch_size=4, grad_accum=2, warmup=1)
     torch.testing.assert_close(torch.tensor(b["history"]["loss"]), torch.tensor(a["history"]["loss"]),
                                rtol=1e-5, atol=1e-6)
     for p, q in zip(a["model"].parameters(), b["model"].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def _with_eps(opt, eps):
+    for group in opt.param_groups:
+        group["eps"] = eps
+    return opt
 
 
 def test_train_and_generate_cli(tmp_path, capsys):
