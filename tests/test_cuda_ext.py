@@ -291,13 +291,20 @@ def test_tensor_core_layout_emulation():
     _load("bench", "dev", "mma_layout_emu.py").main()
 
 
+# the formulas of tests/cuda_layout_test.cu's lines, each a function of the same name in the emulator; and its constants
+LAYOUT_FORMULAS = ("sm90_tile", "slab", "k_step", "mn_step", "mn_lbo", "tile_map", "ldsm_a", "ldsm_b", "ldsm_b_trans",
+                   "gemm_stage_rows", "gemm_weight_row", "gemm_a_row", "gemm_b_row", "gemm_row", "gemm_col",
+                   "wg_gemm_b_tile", "wg_gemm_a_row", "wg_gemm_row", "wg_gemm_col", "gemv_col", "gemv_k")
+LAYOUT_NAMES = set(LAYOUT_FORMULAS) | {"desc", "k_major_lbo", "gemv_shape", "gemm_shape", "wg_gemm_shape"}
+
+
 def layout_mismatches(lines, emu):
     """The lines of tests/cuda_layout_test.cu's output ("name args... = value") whose value differs from the
     emulator's formula of that name, and lines naming no formula."""
-    formulas = {"sm90_tile": emu.sm90_tile, "slab": emu.slab, "k_step": emu.k_step, "mn_step": emu.mn_step,
-                "mn_lbo": emu.mn_lbo, "desc": emu.sw128_desc, "k_major_lbo": lambda: emu.K_MAJOR_LBO,
-                "ldsm_a": emu.ldsm_a, "ldsm_b": emu.ldsm_b, "ldsm_b_trans": emu.ldsm_b_trans,
-                "gemv_shape": lambda: emu.GEMV_SHAPE, "gemv_col": emu.gemv_col, "gemv_k": emu.gemv_k}
+    constants = {"k_major_lbo": emu.K_MAJOR_LBO, "gemv_shape": emu.GEMV_SHAPE, "gemm_shape": emu.GEMM_SHAPE,
+                 "wg_gemm_shape": emu.WG_GEMM_SHAPE}
+    formulas = {name: getattr(emu, name) for name in LAYOUT_FORMULAS}
+    formulas.update({name: (lambda value=value: value) for name, value in constants.items()}, desc=emu.sw128_desc)
     bad = []
     for line in lines:
         lhs, rhs = line.split(" = ")
@@ -315,9 +322,9 @@ def layout_mismatches(lines, emu):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_tensor_core_layout_is_the_kernels(tmp_path):
     """The layout arithmetic the emulation checks is the kernels' own: mma.cuh's ldmatrix rows, wgmma.cuh's
-    descriptors and sw128 tile offsets, attention_tile.cuh's Sm90Shape and gemv_layout.cuh's GEMV mapping, printed by
-    tests/cuda_layout_test.cu (built with nvcc, host code only), equal the emulator's formulas at every printed point.
-    A mismatch is caught (a tampered line)."""
+    descriptors and sw128 tile offsets, attention_tile.cuh's Sm90Shape, tma.cuh's tensor-map geometry and
+    ffn_layout.cuh's GEMM and GEMV mappings, printed by tests/cuda_layout_test.cu (built with nvcc, host code only),
+    equal the emulator's formulas at every printed point. A mismatch is caught (a tampered line)."""
     exe = str(tmp_path / "layout_test")
     build = subprocess.run(["nvcc", "-std=c++17", "--expt-relaxed-constexpr", "-I", os.path.join(ROOT, "csrc"),
                             "-Werror", "all-warnings", "-o", exe, os.path.join(ROOT, "tests", "cuda_layout_test.cu")],
@@ -327,12 +334,12 @@ def test_tensor_core_layout_is_the_kernels(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     names = {line.split()[0] for line in lines}
-    assert names == {"sm90_tile", "slab", "k_step", "mn_step", "mn_lbo", "desc", "k_major_lbo", "ldsm_a", "ldsm_b",
-                     "ldsm_b_trans", "gemv_shape", "gemv_col", "gemv_k"}, names
+    assert names == LAYOUT_NAMES, names
     assert {int(line.split()[1]) for line in lines if line.startswith("sm90_tile")} >= set(backends.CUDA_HEAD_DIMS)
     emu = _load("bench", "dev", "mma_layout_emu.py")
     assert layout_mismatches(lines, emu) == []
-    for name in ("k_step 5 128 64 ", "ldsm_b_trans 17 16 0 40 ", "gemv_k 1024 2 17 "):
+    for name in ("k_step 5 128 64 ", "ldsm_b_trans 17 16 0 40 ", "gemv_k 1024 2 17 ", "tile_map 64 5 1 3 ",
+                 "gemm_col 5 1 6 64 ", "wg_gemm_row 1 2 31 1 "):
         tampered = [line.replace("= ", "= 1", 1) if line.startswith(name) else line for line in lines]
         assert len(layout_mismatches(tampered, emu)) == 1, name
 
@@ -357,6 +364,30 @@ def test_tensor_core_layout_emulation_catches_layout_mistakes(mutant, monkeypatc
     if mutant != "lbo unused":                      # the GEMM's operands are K-major: LBO plays no part there
         with pytest.raises(AssertionError):
             emu.check_gemm_wgmma(64)
+
+
+@pytest.mark.parametrize("mutant", ["gemm b rows", "gemm store columns", "wgmma gemm store rows", "map head stride"])
+def test_tensor_core_mapping_emulation_catches_mapping_mistakes(mutant, monkeypatch):
+    """The GEMM and TMA checks fail on plausible mapping mistakes: the warps' weight rows at a wrong column offset,
+    one warp storing to the wrong columns, a consumer warpgroup storing to the wrong rows, a tensor map that packs the
+    heads onto the rows whatever the head stride."""
+    emu = _load("bench", "dev", "mma_layout_emu.py")
+    if mutant == "gemm b rows":
+        monkeypatch.setattr(emu, "gemm_b_row", lambda warp, w, bn: emu.gemm_weight_row(w, bn) + (warp & 3) * bn // 8)
+        check = lambda: emu.check_gemm(128, 1)
+    elif mutant == "gemm store columns":
+        real = emu.gemm_col
+        monkeypatch.setattr(emu, "gemm_col", lambda warp, j, lane, bn: real(warp, j, lane, bn) ^ (8 * (warp == 5)))
+        check = lambda: emu.check_gemm(64, 2)
+    elif mutant == "wgmma gemm store rows":
+        monkeypatch.setattr(emu, "wg_gemm_row", lambda cw, warp, lane, hh: 32 * cw + 16 * warp + lane // 4 + 8 * hh)
+        check = lambda: emu.check_gemm_wgmma(64)
+    else:
+        real = emu.tile_map
+        monkeypatch.setattr(emu, "tile_map", lambda *spec: real(*spec[:5], spec[1] * spec[4], *spec[6:]))
+        check = lambda: emu.check_attention_wgmma(128)
+    with pytest.raises(AssertionError):
+        check()
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")

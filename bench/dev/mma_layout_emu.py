@@ -1,14 +1,14 @@
 """CPU check of the tensor-core index arithmetic of csrc/cuda/ (no GPU needed): numpy emulations of ldmatrix (plain and
-.trans) and mma.m16n8k16 as the PTX ISA defines their fragments, driven with the exact shared-memory address formulas
-of attention_tile.cuh (warp_qk, warp_pv) and ffn.cu (gemm_tn_kernel's k-step), compared with plain matrix products;
-and of wgmma.mma_async (sm_90a): the 64-bit shared-memory descriptor decoded field by field, the 128-byte swizzle
-applied to absolute byte addresses, K-major and MN-major (transposed) canonical layouts and the m64nNk16 accumulator
-/ register-A fragments, driven with wgmma.cuh's descriptors and sw128 tile offsets as attention_sm90.cu and ffn.cu's
-wgmma GEMM use them, their operands written as their TMA boxes write them (128-byte swizzle, zero fill); and the
-lane / column / k mapping of ffn.cu's CUDA-core gemv kernel. The wgmma formulas (sw128_desc, slab, k_step, mn_step,
-mn_lbo, sm90_tile) and the lanes' ldmatrix rows (ldsm_a, ldsm_b, ldsm_b_trans) are compared with the C++ ones, printed
-by tests/cuda_layout_test.cu, in tests/test_cuda_ext.py, as is the gemv mapping (GEMV_SHAPE, gemv_col, gemv_k); the
-tile bases of the mma.sync GEMM and the TMA box placement of tma_load_box are kept in step with the kernels by hand.
+.trans) and mma.m16n8k16 as the PTX ISA defines their fragments, driven with the shared-memory address formulas of
+attention_tile.cuh (warp_qk, warp_pv) and of ffn.cu's mma.sync GEMM (every warp's operand rows and output elements),
+compared with plain matrix products; and of wgmma.mma_async (sm_90a): the 64-bit shared-memory descriptor decoded
+field by field, the 128-byte swizzle applied to absolute byte addresses, K-major and MN-major (transposed) canonical
+layouts and the m64nNk16 accumulator / register-A fragments, driven with wgmma.cuh's descriptors and sw128 tile
+offsets as attention_sm90.cu and ffn.cu's wgmma GEMM use them, their operands loaded from global memory by emulated
+TMA boxes through tma.cuh's tensor-map geometry (128-byte swizzle, zero fill); and the lane / column / k mapping of
+ffn.cu's CUDA-core gemv kernel. Every formula these checks take from the kernels (sw128_desc, slab, k_step, mn_step,
+mn_lbo, sm90_tile, tile_map, ldsm_a, ldsm_b, ldsm_b_trans, the gemm_*, wg_gemm_* and gemv_* mappings) is compared
+with the C++ one, printed by tests/cuda_layout_test.cu, in tests/test_cuda_ext.py.
 
     python bench/dev/mma_layout_emu.py      (tests/test_cuda_ext.py runs it too)
 """
@@ -88,30 +88,62 @@ def check_attention(D, NKEYS):
     assert np.allclose(Om, Sm @ V), "pv"
     print("attention ok", D, NKEYS)
 
-def check_gemm(BN):
-    # one k-step of the GEMM kernel for warp (wm, wn): A tile 128 x 32, B tile BN x 32, stride 40
-    kS = 40; BM = 128; WN = BN // 4; MT = 4; NT = WN // 8
-    A = rng.standard_normal((BM, 32)); B = rng.standard_normal((BN, 32))
-    st = np.zeros((BM + BN) * kS)
-    for r in range(BM): st[r*kS:r*kS+32] = A[r]
-    for r in range(BN): st[(BM + r)*kS:(BM + r)*kS+32] = B[r]
-    for wm in range(2):
-        for wn in range(4):
-            acc = [[np.zeros((32, 4)) for _ in range(NT)] for _ in range(MT)]
-            sa = wm * 64 * kS
-            sb = (BM + wn * WN) * kS
-            for kk in range(2):
-                a = [ldmatrix_x4(st, lambda lane: sa + ldsm_a(lane, i * 16, kk * 16, kS)) for i in range(MT)]
+# ffn_layout.cuh, the mma.sync GEMM: block rows, k tile, shared-memory row stride; the mapping
+GEMM_SHAPE = (128, 32, 40)
+
+def gemm_stage_rows(nw, bn):
+    return GEMM_SHAPE[0] + nw * bn
+
+def gemm_weight_row(w, bn):
+    return GEMM_SHAPE[0] + w * bn
+
+def gemm_a_row(warp):
+    return (warp >> 2) * 64
+
+def gemm_b_row(warp, w, bn):
+    return gemm_weight_row(w, bn) + (warp & 3) * (bn // 4)
+
+def gemm_row(warp, i, lane, hh):
+    return gemm_a_row(warp) + i * 16 + (lane >> 2) + 8 * hh
+
+def gemm_col(warp, j, lane, bn):
+    return (warp & 3) * (bn // 4) + j * 8 + 2 * (lane & 3)
+
+def check_gemm(bn, nw):
+    """One k tile of ffn.cu's gemm_tn_kernel with nw weights of bn rows (bn 128; SwiGLU: 64 and two weights): the
+    stage as the loaders fill it, each of the 8 warps' ldmatrix / mma steps from its rows, and its accumulators
+    stored where the epilogue stores them. Every output element is written once and equals A B_w^T."""
+    BM, BK, kS = GEMM_SHAPE
+    MT, NT = 4, bn // 32
+    A = rng.standard_normal((BM, BK)); B = rng.standard_normal((nw, bn, BK))
+    st = np.zeros(gemm_stage_rows(nw, bn) * kS)
+    for r in range(BM): st[r*kS:r*kS+BK] = A[r]
+    for w in range(nw):
+        for r in range(bn): st[(gemm_weight_row(w, bn) + r)*kS:(gemm_weight_row(w, bn) + r)*kS+BK] = B[w, r]
+    C = np.full((nw, BM, bn), np.nan)
+    for warp in range(8):
+        acc = [[[np.zeros((32, 4)) for _ in range(NT)] for _ in range(MT)] for _ in range(nw)]
+        sa = gemm_a_row(warp) * kS
+        for kk in range(BK // 16):
+            a = [ldmatrix_x4(st, lambda lane: sa + ldsm_a(lane, i * 16, kk * 16, kS)) for i in range(MT)]
+            for w in range(nw):
+                sb = gemm_b_row(warp, w, bn) * kS
                 for jp in range(NT // 2):
                     b = ldmatrix_x4(st, lambda lane: sb + ldsm_b(lane, jp * 16, kk * 16, kS))
                     for i in range(MT):
-                        acc[i][2*jp] = mma(acc[i][2*jp], a[i], b[:, 0], b[:, 1])
-                        acc[i][2*jp+1] = mma(acc[i][2*jp+1], a[i], b[:, 2], b[:, 3])
-            C = A @ B.T
+                        acc[w][i][2*jp] = mma(acc[w][i][2*jp], a[i], b[:, 0], b[:, 1])
+                        acc[w][i][2*jp+1] = mma(acc[w][i][2*jp+1], a[i], b[:, 2], b[:, 3])
+        for w in range(nw):
             for i in range(MT):
-                M = frag_to_matrix(acc[i], NT)
-                assert np.allclose(M, C[wm*64 + i*16: wm*64 + i*16 + 16, wn*WN: wn*WN + WN]), (wm, wn, i)
-    print("gemm ok", BN)
+                for j in range(NT):
+                    for lane in range(32):
+                        for hh in range(2):
+                            r, c = gemm_row(warp, i, lane, hh), gemm_col(warp, j, lane, bn)
+                            assert np.isnan(C[w, r, c: c + 2]).all(), ("gemm stored twice", warp, r, c)
+                            C[w, r, c: c + 2] = acc[w][i][j][lane, 2 * hh: 2 * hh + 2]
+    for w in range(nw):
+        assert np.allclose(C[w], A @ B[w].T), ("gemm", bn, nw, w)
+    print("gemm ok", bn, nw)
 
 # ---------------------------------------------------------------- wgmma (sm_90a)
 
@@ -197,16 +229,35 @@ def wgmma_ss(d, smem, desc_a, desc_b, n, scale_d):
 def wgmma_rs_mn(d, a, smem, desc_b, n):
     return matrix_to_acc(acc_to_matrix(d, n) + regs_a_to_matrix(a) @ read_mn_major(smem, desc_b, n))
 
-def tma_load_box(smem, dst, X, b, row0, h, c, box_rows, swizzle=swizzled):
-    """tma.cuh's tma_load_4d on a tensor map of tma.cuh's encode_tile_map (dims (D, seqlen, heads, batch), box of 64
-    columns x box_rows rows, SWIZZLE_128B) over X (batch, seqlen, heads, D): box row r, column j lands at byte
-    r * 128 + 2 j of dst, through the 128-byte swizzle of the absolute address; elements past the tensor (rows past
-    seqlen, columns past D) arrive as zeros."""
+def tile_map(cols, rows, heads, batch, row_stride, head_stride, batch_stride, box_rows):
+    """tma.cuh's tile_map_layout: the tensor map of a 16-bit (batch, rows, heads, cols) tensor with the given element
+    strides: dims (cols, rows, heads, batch), byte strides of dims 1..3 (a size-1 dim's as if packed), the box."""
+    s0 = 2 * (cols if rows == 1 else row_stride)
+    s1 = s0 * rows if heads == 1 else 2 * head_stride
+    s2 = s1 * heads if batch == 1 else 2 * batch_stride
+    return cols, rows, heads, batch, s0, s1, s2, 64, box_rows, 1, 1
+
+def map_of(X, box_rows):
+    """tile_map of a numpy view X (batch, rows, heads, cols), as the launchers build it from a tensor's strides."""
+    batch, rows, heads, cols = X.shape
+    bs, rs, hs, _ = (st // X.itemsize for st in X.strides)
+    return tile_map(cols, rows, heads, batch, rs, hs, bs, box_rows)
+
+def tma_load_box(smem, dst, mem, tmap, coords, swizzle=swizzled):
+    """cp.async.bulk.tensor (tma.cuh's tma_load_4d) of the box at element coordinates coords (c0 .. c3) of tensor
+    map tmap (tile_map) over the global memory mem (16-bit elements, flat), with CU_TENSOR_MAP_SWIZZLE_128B: box row
+    r, element j lands at byte r * 128 + 2 j of dst through the 128-byte swizzle of the absolute address; elements
+    outside the tensor's dims arrive as zeros."""
+    dims, strides, box = tmap[:4], tmap[4:7], tmap[7:]
     assert dst % 1024 == 0, "a 128-byte swizzled box starts 1024-byte aligned"
-    for r in range(box_rows):
-        for j in range(64):
-            n, col = row0 + r, 64 * c + j
-            smem[swizzle(dst + r * 128 + 2 * j) // 2] = X[b, n, h, col] if n < X.shape[1] and col < X.shape[3] else 0.0
+    assert box[0] * 2 == 128 and box[2] == box[3] == 1, "a box of 128-byte rows of one head and batch"
+    for r in range(box[1]):
+        for j in range(box[0]):
+            at = (coords[0] + j, coords[1] + r, coords[2], coords[3])
+            inside = all(0 <= a < d for a, d in zip(at, dims))
+            offset = (2 * at[0] + sum(a * st for a, st in zip(at[1:], strides))) // 2 if inside else None
+            assert offset is None or 0 <= offset < len(mem), ("TMA read outside the tensor's memory", at)
+            smem[swizzle(dst + r * 128 + 2 * j) // 2] = mem[offset] if inside else 0.0
 
 def sm90_tile(D):
     """attention_tile.cuh's Sm90Shape<D>: 64-column slabs, padded width, keys per tile, N of one P V wgmma."""
@@ -224,13 +275,15 @@ def check_attention_wgmma(D, BM=128, sq_len=200, sk_len=333, m0=128, n0=256):
     sq, sk, sv = 0, q_bytes, q_bytes + kv_bytes                      # 1024-aligned tile bases
     smem = np.full((q_bytes + 2 * kv_bytes) // 2, np.nan)
     H, Hkv, h, b = 4, 2, 3, 1
-    Xq = rng.standard_normal((2, sq_len, H, D))
-    Xk, Xv = rng.standard_normal((2, sk_len, Hkv, D)), rng.standard_normal((2, sk_len, Hkv, D))
+    # q in (batch, seqlen, heads, D) order, k and v stored head-major (batch, heads, seqlen, D) and seen transposed
+    mq = rng.standard_normal((2, sq_len, H, D))
+    mk, mv = rng.standard_normal((2, Hkv, sk_len, D)), rng.standard_normal((2, Hkv, sk_len, D))
+    Xq, Xk, Xv = mq, mk.transpose(0, 2, 1, 3), mv.transpose(0, 2, 1, 3)
     hk = h // (H // Hkv)
     for c in range(slabs):                                           # the producer's loads, slab c per box
-        tma_load_box(smem, sq + slab(c, BM), Xq, b, m0, h, c, BM)
-        tma_load_box(smem, sk + slab(c, BN), Xk, b, n0, hk, c, BN)
-        tma_load_box(smem, sv + slab(c, BN), Xv, b, n0, hk, c, BN)
+        tma_load_box(smem, sq + slab(c, BM), mq.ravel(), map_of(Xq, BM), (64 * c, m0, h, b))
+        tma_load_box(smem, sk + slab(c, BN), mk.ravel(), map_of(Xk, BN), (64 * c, n0, hk, b))
+        tma_load_box(smem, sv + slab(c, BN), mv.ravel(), map_of(Xv, BN), (64 * c, n0, hk, b))
     assert not np.isnan(smem).any()
     pad = lambda X, r0, rows, hh: np.vstack([X[b, r0: r0 + rows, hh], np.zeros((max(0, r0 + rows - X.shape[1]), D))])
     Q, K, V = pad(Xq, m0, BM, h), pad(Xk, n0, BN, hk), pad(Xv, n0, BN, hk)
@@ -252,29 +305,54 @@ def check_attention_wgmma(D, BM=128, sq_len=200, sk_len=333, m0=128, n0=256):
         assert np.allclose(O[:, :D], S @ V) and not O[:, D:].any(), ("pv", D, wg)
     print("attention wgmma ok", D, BN)
 
-def check_gemm_wgmma(k_valid, m_valid=100, k_tile=1):
-    """ffn.cu's gemm_tn_wgmma_kernel, one stage: the producer's TMA boxes of k tile k_tile of A (m_valid rows) and of
-    B, partial in k (k_valid columns of that tile) and A partial in rows (both arrive zero-filled); each consumer
-    warpgroup's 4 k steps of m64n128k16 give its 64 x 128 block of A B^T."""
-    tile = 128 * 128
-    smem = np.full(2 * tile // 2, np.nan)
-    K = 64 * k_tile + k_valid
-    A, B = rng.standard_normal((1, m_valid, 1, K)), rng.standard_normal((1, 128, 1, K))
-    tma_load_box(smem, 0, A, 0, 0, 0, k_tile, 128)                  # A: (K, M) map, box at (64 k_tile, m0 = 0)
-    tma_load_box(smem, tile, B, 0, 0, 0, k_tile, 128)               # B: (K, N) map, box at (64 k_tile, n0 = 0)
-    assert not np.isnan(smem).any()
-    a = np.zeros((128, 64)); a[:m_valid, :k_valid] = A[0, :, 0, 64 * k_tile:]
-    b = np.zeros((128, 64)); b[:, :k_valid] = B[0, :, 0, 64 * k_tile:]
-    for wg in range(2):
-        acc = np.zeros((128, 16, 4))
-        for kk in range(4):
-            acc = wgmma_ss(acc, smem, sw128_desc(k_step(kk, 128, wg * 64), K_MAJOR_LBO),
-                           sw128_desc(tile + k_step(kk, 128, 0), K_MAJOR_LBO), 128, 1)
-        ref = a[wg * 64: wg * 64 + 64] @ b.T
-        assert np.allclose(acc_to_matrix(acc, 128), ref), ("gemm wgmma", wg, k_valid)
-    print("gemm wgmma ok", k_valid)
+# ffn_layout.cuh, the wgmma GEMM: block rows, block columns, k tile, bytes of an operand tile; the mapping
+WG_GEMM_SHAPE = (128, 128, 64, 128 * 64 * 2)
 
-# gemv_layout.cuh: rows, warps per block, unrolled loads, elements per warp-wide load; the mapping
+def wg_gemm_b_tile(w):
+    return (1 + w) * WG_GEMM_SHAPE[3]
+
+def wg_gemm_a_row(cw):
+    return cw * 64
+
+def wg_gemm_row(cw, warp, lane, hh):
+    return wg_gemm_a_row(cw) + warp * 16 + (lane >> 2) + 8 * hh
+
+def wg_gemm_col(j, lane):
+    return j * 8 + 2 * (lane & 3)
+
+def check_gemm_wgmma(k_valid, nw=1, m_valid=100, k_tile=1):
+    """ffn.cu's gemm_tn_wgmma_kernel, one stage: the producer's TMA boxes of k tile k_tile of A (m_valid rows) and of
+    nw weights (SwiGLU: 2), partial in k (k_valid columns of that tile) and A partial in rows (both arrive
+    zero-filled); each consumer warpgroup's 4 k steps of m64n128k16 per weight, its accumulators stored where the
+    epilogue stores them: every element of the block's A B_w^T once."""
+    BM, BN, BK, tile = WG_GEMM_SHAPE
+    smem = np.full(wg_gemm_b_tile(nw) // 2, np.nan)
+    K = BK * k_tile + k_valid
+    A, B = rng.standard_normal((1, m_valid, 1, K)), rng.standard_normal((nw, 1, BN, 1, K))
+    tma_load_box(smem, 0, A.ravel(), map_of(A, BM), (BK * k_tile, 0, 0, 0))
+    for w in range(nw):
+        tma_load_box(smem, wg_gemm_b_tile(w), B[w].ravel(), map_of(B[w], BN), (BK * k_tile, 0, 0, 0))
+    assert not np.isnan(smem).any()
+    a = np.zeros((BM, BK)); a[:m_valid, :k_valid] = A[0, :, 0, BK * k_tile:]
+    C = np.full((nw, BM, BN), np.nan)
+    for cw in range(2):
+        for w in range(nw):
+            acc = np.zeros((128, BN // 8, 4))
+            for kk in range(BK // 16):
+                acc = wgmma_ss(acc, smem, sw128_desc(k_step(kk, BM, wg_gemm_a_row(cw)), K_MAJOR_LBO),
+                               sw128_desc(wg_gemm_b_tile(w) + k_step(kk, BN, 0), K_MAJOR_LBO), BN, 1)
+            for th in range(128):
+                for j in range(BN // 8):
+                    for hh in range(2):
+                        r, c = wg_gemm_row(cw, th // 32, th % 32, hh), wg_gemm_col(j, th % 32)
+                        assert np.isnan(C[w, r, c: c + 2]).all(), ("gemm wgmma stored twice", r, c)
+                        C[w, r, c: c + 2] = acc[th][j][2 * hh: 2 * hh + 2]
+    for w in range(nw):
+        b = np.zeros((BN, BK)); b[:, :k_valid] = B[w, 0, :, 0, BK * k_tile:]
+        assert np.allclose(C[w], a @ b.T), ("gemm wgmma", w, k_valid)
+    print("gemm wgmma ok", k_valid, nw)
+
+# ffn_layout.cuh, the gemv: rows, warps per block, unrolled loads, elements per warp-wide load; the mapping
 GEMV_SHAPE = (8, 4, 4, 256)
 
 def gemv_col(block, warp):
@@ -316,14 +394,14 @@ def main():
     for rows, n, k in ((1, 48, 96), (8, 96, 1376), (5, 200, 264)):
         check_gemv(rows, n, k)
     check_gemm_wgmma(64)
-    check_gemm_wgmma(40)
+    check_gemm_wgmma(40, nw=2)
     for D in (32, 64, 96, 128, 256):
         check_attention_wgmma(D)
     for D in (32, 64, 96, 128):
         for NK in (16, 32, 64):
             check_attention(D, NK)
-    check_gemm(128)
-    check_gemm(64)
+    check_gemm(128, 1)
+    check_gemm(64, 2)
 
 
 if __name__ == "__main__":

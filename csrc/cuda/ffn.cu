@@ -22,7 +22,7 @@
 #include <string>
 #include <type_traits>
 
-#include "cuda/gemv_layout.cuh"
+#include "cuda/ffn_layout.cuh"
 #include "cuda/launch_utils.cuh"
 #include "cuda/launchers.h"
 #include "cuda/mma.cuh"
@@ -34,8 +34,7 @@ namespace {
 
 enum class Epilogue { kBiasGelu, kSwiglu, kBiasResidual };
 
-constexpr int kBM = 128, kBK = 32, kStages = 3, kThreads = 256;
-constexpr int kStride = kBK + 8;  // 80-byte rows: the 8 rows of an ldmatrix phase fall in 8 bank groups
+constexpr int kStages = 3, kThreads = 256;  // (the tile shape and warp mapping: ffn_layout.cuh)
 
 template <Epilogue E>
 constexpr int block_n() { return E == Epilogue::kSwiglu ? 64 : 128; }  // the dual GEMM keeps two accumulators
@@ -44,7 +43,9 @@ template <Epilogue E>
 constexpr int n_weights() { return E == Epilogue::kSwiglu ? 2 : 1; }
 
 template <Epilogue E>
-constexpr int gemm_smem_bytes() { return kStages * (kBM + n_weights<E>() * block_n<E>()) * kStride * 2; }
+constexpr int gemm_smem_bytes() {
+  return kStages * gemm_stage_rows(n_weights<E>(), block_n<E>()) * kGemmStride * 2;
+}
 
 struct GemmArgs {
   const void* a;    // (M, K)
@@ -97,11 +98,11 @@ template <typename T, int ROWS>
 __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t rows, int64_t k, int64_t row0, int64_t k0,
                                           int tid) {
 #pragma unroll
-  for (int c = tid; c < ROWS * (kBK / 8); c += kThreads) {
-    const int r = c / (kBK / 8), ch = c % (kBK / 8);
+  for (int c = tid; c < ROWS * (kGemmBK / 8); c += kThreads) {
+    const int r = c / (kGemmBK / 8), ch = c % (kGemmBK / 8);
     const bool ok = row0 + r < rows && k0 + ch * 8 < k;  // k % 8 == 0: a chunk is all in or all out
     const T* src = ok ? g + (row0 + r) * k + k0 + ch * 8 : g;
-    cp_async_16(smem + r * kStride + ch * 8, src, ok);
+    cp_async_16(smem + r * kGemmStride + ch * 8, src, ok);
   }
 }
 
@@ -109,26 +110,25 @@ template <typename T, Epilogue E>
 __global__ void __launch_bounds__(kThreads) gemm_tn_kernel(const GemmArgs p) {
   constexpr int BN = block_n<E>();
   constexpr int NW = n_weights<E>();
-  constexpr int WN = BN / 4;      // warps are 2 (M) x 4 (N): warp tile 64 x WN
-  constexpr int MT = 4;           // 16-row tiles per warp
-  constexpr int NT = WN / 8;      // 8-column tiles per warp
-  constexpr int STAGE = (kBM + NW * BN) * kStride;
+  constexpr int MT = 4;           // 16-row tiles per warp (warp tile 64 x BN / 4: ffn_layout.cuh)
+  constexpr int NT = BN / 32;     // 8-column tiles per warp
+  constexpr int STAGE = gemm_stage_rows(NW, BN) * kGemmStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int wm = warp >> 2, wn = warp & 3;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kGemmBM, n0 = static_cast<int64_t>(blockIdx.x) * BN;
   const T* A = static_cast<const T*>(p.a);
   const T* B[2] = {static_cast<const T*>(p.b0), static_cast<const T*>(NW == 2 ? p.b1 : p.b0)};
-  const int k_tiles = static_cast<int>((p.k + kBK - 1) / kBK);
+  const int k_tiles = static_cast<int>((p.k + kGemmBK - 1) / kGemmBK);
 
   auto load_stage = [&](int kt) {
     T* st = smem + (kt % kStages) * STAGE;
-    load_tile<T, kBM>(st, A, p.m, p.k, m0, static_cast<int64_t>(kt) * kBK, tid);
+    load_tile<T, kGemmBM>(st, A, p.m, p.k, m0, static_cast<int64_t>(kt) * kGemmBK, tid);
 #pragma unroll
     for (int w = 0; w < NW; ++w)
-      load_tile<T, BN>(st + (kBM + w * BN) * kStride, B[w], p.n, p.k, n0, static_cast<int64_t>(kt) * kBK, tid);
+      load_tile<T, BN>(st + gemm_weight_row(w, BN) * kGemmStride, B[w], p.n, p.k, n0,
+                       static_cast<int64_t>(kt) * kGemmBK, tid);
   };
 
   float acc[NW][MT][NT][4];
@@ -153,20 +153,20 @@ __global__ void __launch_bounds__(kThreads) gemm_tn_kernel(const GemmArgs p) {
     cp_async_commit();
 
     const T* st = smem + (kt % kStages) * STAGE;
-    const T* sa = st + wm * 64 * kStride;
+    const T* sa = st + gemm_a_row(warp) * kGemmStride;
 #pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) {
+    for (int kk = 0; kk < kGemmBK / 16; ++kk) {
       uint32_t a[MT][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i)
-        ldmatrix_x4(a[i], sa + ldsm_a(lane, i * 16, kk * 16, kStride));
+        ldmatrix_x4(a[i], sa + ldsm_a(lane, i * 16, kk * 16, kGemmStride));
 #pragma unroll
       for (int w = 0; w < NW; ++w) {
-        const T* sb = st + (kBM + w * BN + wn * WN) * kStride;
+        const T* sb = st + gemm_b_row(warp, w, BN) * kGemmStride;
 #pragma unroll
         for (int jp = 0; jp < NT / 2; ++jp) {
           uint32_t b[4];  // columns jp*16 + 0..7 -> b[0], b[1]; + 8..15 -> b[2], b[3]
-          ldmatrix_x4(b, sb + ldsm_b(lane, jp * 16, kk * 16, kStride));
+          ldmatrix_x4(b, sb + ldsm_b(lane, jp * 16, kk * 16, kGemmStride));
 #pragma unroll
           for (int i = 0; i < MT; ++i) {
             Mma<T>::run(acc[w][i][2 * jp], a[i], b[0], b[1]);
@@ -178,17 +178,16 @@ __global__ void __launch_bounds__(kThreads) gemm_tn_kernel(const GemmArgs p) {
   }
   cp_async_wait<0>();
 
-  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-    const int64_t col = n0 + wn * WN + j * 8 + 2 * t;
+    const int64_t col = n0 + gemm_col(warp, j, lane, BN);
     if (col >= p.n) continue;
     const float2 b = bias_pair<T, E>(p, col);
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        const int64_t row = m0 + wm * 64 + i * 16 + g + 8 * hh;
+        const int64_t row = m0 + gemm_row(warp, i, lane, hh);
         if (row >= p.m) continue;
         store_pair<T, E>(p, row, col, acc[0][i][j][2 * hh], acc[0][i][j][2 * hh + 1], acc[NW - 1][i][j][2 * hh],
                          acc[NW - 1][i][j][2 * hh + 1], b);
@@ -196,12 +195,9 @@ __global__ void __launch_bounds__(kThreads) gemm_tn_kernel(const GemmArgs p) {
   }
 }
 
-constexpr int kWgBM = 128, kWgBN = 128, kWgBK = 64, kWgStages = 4;
+constexpr int kWgStages = 4;  // (the tile shape and mapping: ffn_layout.cuh)
 constexpr int kWgThreads = 3 * 128;  // a producer warpgroup, two consumer warpgroups
 using WgRing = TmaRing<kWgStages, 2 * 128>;
-// bytes of a 128-row operand tile (A rows or B rows): 64 K elements, one 128-byte swizzle slab per row
-constexpr int kWgTile = kWgBM * kWgBK * 2;
-static_assert(kWgBM == kWgBN && kWgBK * 2 == 128, "A and B tiles share one shape, a row is one 128-byte slab");
 
 template <Epilogue E>
 constexpr int wgmma_gemm_stage_bytes() { return (1 + n_weights<E>()) * kWgTile; }  // the A tile, then the B tiles
@@ -253,7 +249,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) gemm_tn_wgmma_kernel(const __gr
         tma_load_4d(st, &args.a, kt * kWgBK, m0, 0, 0, full);
 #pragma unroll
         for (int w = 0; w < NW; ++w)
-          tma_load_4d(st + (1 + w) * kWgTile, w == 0 ? &args.b0 : &args.b1, kt * kWgBK, n0, 0, 0, full);
+          tma_load_4d(st + wg_gemm_b_tile(w), w == 0 ? &args.b0 : &args.b1, kt * kWgBK, n0, 0, 0, full);
       }
     }
     return;
@@ -271,10 +267,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) gemm_tn_wgmma_kernel(const __gr
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kWgBK / 16; ++kk) {
-      const uint64_t desc_a = sw128_desc(st + sw128_k_step(kk, kWgBM, cw * 64), kSw128KMajorLbo);
+      const uint64_t desc_a = sw128_desc(st + sw128_k_step(kk, kWgBM, wg_gemm_a_row(cw)), kSw128KMajorLbo);
 #pragma unroll
       for (int w = 0; w < NW; ++w)
-        Wgmma<T, kWgBN>::ss(acc[w], desc_a, sw128_desc(st + (1 + w) * kWgTile + sw128_k_step(kk, kWgBN, 0),
+        Wgmma<T, kWgBN>::ss(acc[w], desc_a, sw128_desc(st + wg_gemm_b_tile(w) + sw128_k_step(kk, kWgBN, 0),
                                                        kSw128KMajorLbo), 1);
     }
     wgmma_commit();
@@ -285,15 +281,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) gemm_tn_wgmma_kernel(const __gr
 #pragma unroll
   for (int w = 0; w < NW; ++w) fence_operands(acc[w]);
 
-  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int j = 0; j < kWgBN / 8; ++j) {
-    const int64_t col = n0 + j * 8 + 2 * t;
+    const int64_t col = n0 + wg_gemm_col(j, lane);
     if (col >= p.n) continue;
     const float2 b = bias_pair<T, E>(p, col);
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      const int64_t row = m0 + cw * 64 + warp * 16 + g + 8 * hh;
+      const int64_t row = m0 + wg_gemm_row(cw, warp, lane, hh);
       if (row >= p.m) continue;
       store_pair<T, E>(p, row, col, acc[0][j][2 * hh], acc[0][j][2 * hh + 1], acc[NW - 1][j][2 * hh],
                        acc[NW - 1][j][2 * hh + 1], b);
@@ -306,7 +301,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) gemm_tn_wgmma_kernel(const __gr
 
 // ---- few rows: one warp per output column pair --------------------------------------------------------------------
 
-// (kGemvRows, kGemvWarps, kGemvUnroll, kGemvStep and the mapping: gemv_layout.cuh)
+// (kGemvRows, kGemvWarps, kGemvUnroll, kGemvStep and the mapping: ffn_layout.cuh)
 
 // acc + the dot product of 8 packed elements of w and x.
 template <typename T>
@@ -442,7 +437,7 @@ Status run_gemm(const GemmArgs& g, KernelFamily kernels, cudaStream_t stream, co
       return Status::Error(std::string(what) + ": FASTLM_CUDA_KERNELS=wgmma, but " + why);
   }
   // the mma.sync kernel (also where the driver refuses a tensor map under auto)
-  if (!gemm_grid(g, kBM, block_n<E>(), &grid, &error, what)) return error;
+  if (!gemm_grid(g, kGemmBM, block_n<E>(), &grid, &error, what)) return error;
   return launch_kernel(gemm_tn_kernel<T, E>, grid, kThreads, gemm_smem_bytes<E>(), stream, g, what);
 }
 

@@ -134,6 +134,25 @@ struct TileMapSpec {
   int box_rows;
 };
 
+// The tensor map's geometry for a spec: dims (cols, rows, heads, batch), the byte strides of dims 1..3, the box.
+// Host code only: tests/cuda_layout_test.cu prints it for the emulation's TMA loads (bench/dev/mma_layout_emu.py).
+struct TileMapLayout {
+  cuuint64_t dims[4];
+  cuuint64_t strides[3];
+  cuuint32_t box[4];
+};
+
+inline TileMapLayout tile_map_layout(const TileMapSpec& s) {
+  TileMapLayout m{{static_cast<cuuint64_t>(s.cols), static_cast<cuuint64_t>(s.rows), static_cast<cuuint64_t>(s.heads),
+                   static_cast<cuuint64_t>(s.batch)},
+                  {},
+                  {64, static_cast<cuuint32_t>(s.box_rows), 1, 1}};
+  m.strides[0] = static_cast<cuuint64_t>(s.rows == 1 ? s.cols * 2 : s.row_stride * 2);
+  m.strides[1] = s.heads == 1 ? m.strides[0] * m.dims[1] : static_cast<cuuint64_t>(s.head_stride * 2);
+  m.strides[2] = s.batch == 1 ? m.strides[1] * m.dims[2] : static_cast<cuuint64_t>(s.batch_stride * 2);
+  return m;
+}
+
 inline bool encode_tile_map(CUtensorMap* map, const TileMapSpec& s, DType dtype, std::string* why) {
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
@@ -154,17 +173,11 @@ inline bool encode_tile_map(CUtensorMap* map, const TileMapSpec& s, DType dtype,
     *why = "the CUDA driver does not provide cuTensorMapEncodeTiled";
     return false;
   }
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(s.cols), static_cast<cuuint64_t>(s.rows),
-                              static_cast<cuuint64_t>(s.heads), static_cast<cuuint64_t>(s.batch)};
-  cuuint64_t strides[3];
-  strides[0] = static_cast<cuuint64_t>(s.rows == 1 ? s.cols * 2 : s.row_stride * 2);
-  strides[1] = s.heads == 1 ? strides[0] * dims[1] : static_cast<cuuint64_t>(s.head_stride * 2);
-  strides[2] = s.batch == 1 ? strides[1] * dims[2] : static_cast<cuuint64_t>(s.batch_stride * 2);
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(s.box_rows), 1, 1};
+  const TileMapLayout m = tile_map_layout(s);
   const cuuint32_t unit[4] = {1, 1, 1, 1};
   const CUresult r = encode(map, dtype == DType::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                           : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                            4, const_cast<void*>(s.base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            4, const_cast<void*>(s.base), m.dims, m.strides, m.box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
                             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
