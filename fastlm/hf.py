@@ -595,9 +595,10 @@ def patch(model, backend: str = "auto", fused_linear_cross_entropy: bool = True)
     Modules that are not plain run transformers' own forward: an MLP whose projections are wrapped (LoRA adapters)
     or hooked, an LM head so (then the training forward returns logits), and a module that already had a forward of
     its own on the instance (an offloading hook) is left as it is; so is the training forward under torch.compile or
-    with a loss function set after patching. Attention runs in transformers' sdpa mode: output_attentions gives no
-    weights (as for transformers' sdpa models). A patched model deep-copies (its copy runs its own weights) but does
-    not pickle: save_pretrained it, or unpatch it first.
+    with a loss function set after patching. Attention runs in transformers' sdpa mode, which never forms the
+    attention weights: output_attentions gives none, as for transformers' sdpa models, and a model whose attention
+    was transformers' eager one refuses output_attentions=True (ValueError) until unpatched. A patched model
+    deep-copies (its copy runs its own weights) but does not pickle: save_pretrained it, or unpatch it first.
     ``backend`` is passed to every op. Patching a patched model does nothing. unpatch(model) restores it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

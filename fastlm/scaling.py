@@ -272,7 +272,8 @@ def cli(argv=None) -> int:
                         f"with --tiny)")
     p.add_argument("--budget", type=float, default=1.0, help="multiply the tokens per model (e.g. 20 on a GPU)")
     p.add_argument("--tokens", type=int, default=None,
-                   help=f"tokens per model before --budget (default 1200000; at least {MIN_STEPS} steps)")
+                   help=f"tokens per model before --budget (default 1200000, with --tiny 12000; at least {MIN_STEPS} "
+                   "steps)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="sequences per step (small: a short, token-limited run gains more from extra updates)")
     p.add_argument("--seqlen", type=int, default=128)

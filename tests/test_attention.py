@@ -306,13 +306,16 @@ def test_expanded_output_gradient(backend, loss):
         check_rule(f"{name} ({loss}, {backend})", t.grad.cpu(), g64, g32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(0, 5, 5), (2, 0, 5), (2, 5, 0)], ids=["batch0", "sq0", "sk0"])
-def test_empty(shape):
-    # ops.attention answers an empty batch, no query or no key itself, before any backend runs
+def test_empty(shape, dtype):
+    # ops.attention answers an empty batch, no query or no key itself, before any backend runs; lse's dtype is that
+    # of a non-empty call's (float64 inputs: the reference's float64)
     b, sq, sk = shape
-    q, k, v = _inputs(b, sq, sk, 2, 2, 16, torch.float32)
+    q, k, v = _inputs(b, sq, sk, 2, 2, 16, dtype)
     out, lse = ops.attention(q, k, v, causal=True, return_lse=True)
-    assert out.shape == q.shape and lse.shape == (b, 2, sq)
+    full = ops.attention(*_inputs(1, 3, 3, 2, 2, 16, dtype), return_lse=True)[1]
+    assert out.shape == q.shape and lse.shape == (b, 2, sq) and lse.dtype == full.dtype
     assert (out == 0).all() and torch.isneginf(lse).all()
     # differentiable inputs: the zeros are part of the graph, with zero gradients (as the reference's)
     q, k, v = (t.requires_grad_() for t in (q, k, v))

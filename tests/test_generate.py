@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import needs_cpu_kernel
 import fastlm
 from fastlm import backends
 from fastlm.config import Config
@@ -254,6 +255,26 @@ class _PositionalLM(torch.nn.Module):
     def forward(self, tokens, input_pos=None):
         positions = torch.arange(tokens.shape[1]) if input_pos is None else input_pos[:, None]
         return self.emb(tokens) + self.pos(positions)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("backend", [
+    "torch", pytest.param("cpu", marks=needs_cpu_kernel("decode_attention")),
+    pytest.param("triton", marks=pytest.mark.skipif(not backends.interpreter(), reason="TRITON_INTERPRET is not set"))])
+def test_decode_step_compiles_as_one_graph(backend, name):
+    """The whole decode step (model, sampling, stop tokens) traces as one graph on every backend (fullgraph=True
+    fails on a graph break), and computes what the eager step does, greedy and sampled."""
+    model = _model(name, backend=backend, n_layer=1)
+    model.setup_cache(2, 16)
+    torch._dynamo.reset()  # (each model and sampling mode is a recompile; the earlier ones would count)
+    compiled = torch.compile(_decode_step, fullgraph=True, backend="aot_eager")
+    tok, pos, stop = torch.tensor([3, 4]), torch.tensor([5, 2]), torch.tensor([7])
+    done = torch.zeros(2, dtype=torch.bool)
+    with torch.no_grad():
+        for temperature, top_k, top_p in ((0.0, None, None), (0.8, 20, 0.9)):
+            noise = torch.empty(2, 300).exponential_() if temperature > 0 else None
+            args = (model, tok, pos, done, stop, temperature, top_k, top_p, noise, 300)
+            assert all(map(torch.equal, compiled(*args), _decode_step(*args))), (temperature, top_k, top_p)
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=0.8, top_k=20, top_p=0.9)])

@@ -194,8 +194,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
     too (the "torch" backend's are in the inputs' dtype): a scale that takes them past that range overflows them, and
     such rows come out NaN.
     Under torch.autocast q, k, v are cast to the autocast dtype first (ops._checks.autocast_matmul).
-    Returns out (q's shape and dtype), and with return_lse also lse (batch, nheads, seqlen_q) float32, the natural-log
-    log-sum-exp of each row's scaled scores. A query that sees no key gets out = 0 and lse = -inf.
+    Returns out (q's shape and dtype), and with return_lse also lse (batch, nheads, seqlen_q) float32 (float64 for
+    float64 inputs), the natural-log log-sum-exp of each row's scaled scores. A query that sees no key gets out = 0
+    and lse = -inf.
     backend: "auto", "triton", "cpu", "cuda" or "torch" (see fastlm.backends).
     """
     _check(q, k, v, causal, softmax_scale, window, return_lse)
@@ -215,7 +216,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), ret
 
     if q.numel() == 0 or Sk == 0:  # empty batch / no query / no key: every row sees no key
         out = _NoKeys.apply(q, k, v) if needs_grad(q, k, v) else q.new_zeros(q.shape)
-        lse = q.new_full((B, H, Sq), float("-inf"), dtype=torch.float32)
+        lse = q.new_full((B, H, Sq), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32))
         return (out, lse) if return_lse else out
 
     if chosen == "torch":

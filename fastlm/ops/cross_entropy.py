@@ -3,9 +3,9 @@
     cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean")
     linear_cross_entropy(x, weight, targets, bias=None, *, ignore_index=-100, reduction="mean", chunk_size=None)
 
-logits (..., V) with targets (...); x (..., d) with weight (V, d) in nn.Linear layout. Losses are fp32. "mean"
-divides by the number of targets != ignore_index (the result is 0 when there are none), "sum" adds, "none" returns
-per-token losses shaped like targets (0 at ignored positions).
+logits (..., V) with targets (...); x (..., d) with weight (V, d) in nn.Linear layout. Losses are fp32 (float64 for
+float64 inputs). "mean" divides by the number of targets != ignore_index (the result is 0 when there are none), "sum"
+adds, "none" returns per-token losses shaped like targets (0 at ignored positions).
 
 linear_cross_entropy never holds the (N, V) logits: it runs the LM-head GEMM and the loss over chunks of tokens.
 With "mean"/"sum" and gradients needed, the gradients (dx, dweight, dbias) are computed in the forward from each

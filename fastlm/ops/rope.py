@@ -1,6 +1,6 @@
 """Rotary position embedding (Hugging Face rotate_half convention).
 
-    rope_cos_sin(positions, head_dim, base, dtype, scaling=None) -> (cos, sin)   tables (len(positions), head_dim)
+    rope_cos_sin(positions, head_dim, base, dtype, *, scaling=None) -> (cos, sin)   tables (len(positions), head_dim)
     apply_rope(x, cos, sin) -> x rotated                   x (B, S, H, D); cos/sin (S, D), (1, S, D) or (B, S, D)
 
 Position offsets (decoding with a KV cache) are expressed through the tables: pass the rows for the positions being
