@@ -28,7 +28,8 @@ IN_ROTATION = (" at the start of the run; each row's % of ceiling is against the
                "and copy reach, not hardware peaks: a kernel can pass them")
 HALF_ON_CPU = ("; a bf16/fp16 % of ceiling is against the GEMM, bf16/fp16 or fp32, that was faster at the start of "
                "the run (widening to fp32 is exact, and fastlm's CPU kernels compute bf16 that way, except on CPUs "
-               "with AVX512-BF16, where its attention forward, linear layers and MLPs take the bf16 dot products)")
+               "with AVX512-BF16, where its attention forward, linear layers and MLPs take the bf16 dot products, and "
+               "on CPUs with AMX-BF16, where those run on ATen's oneDNN kernels, on the AMX tiles)")
 
 
 def section(doc: dict, image_paths: list[str], note: str = "", data_path: str = "the bench JSON") -> str:
@@ -39,7 +40,8 @@ def section(doc: dict, image_paths: list[str], note: str = "", data_path: str = 
     isa = f" ({', '.join(env['cpu_isa'])})" if env.get("cpu_isa") else ""
     if cpu and benchmark.isa_left_out(env):                  # a build for less than the host has
         isa += f", C++ kernels built for {', '.join(env['kernels_isa']) or 'the compiler default'}"
-    device = f"{env['device_name']}{isa}, {env['threads']} threads" if cpu else env["device_name"]
+    bf16 = "; bf16 matrix products on ATen's kernels (oneDNN)" if env.get("cpu_bf16") == "aten" else ""
+    device = f"{env['device_name']}{isa}, {env['threads']} threads{bf16}" if cpu else env["device_name"]
     mm = ", ".join(f"{benchmark._short(k)} {benchmark.fmt_rate(v, 'FLOP/s')}"
                    for k, v in ceil["matmul_flop_per_s"].items())
     command = cfg.get("command") or ("python -m fastlm bench" + ("" if cfg["suite"] == "quick" else

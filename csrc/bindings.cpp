@@ -3,6 +3,7 @@
 // fastlm._C for what is not an operator. The CUDA kernels are registered by csrc/bindings_cuda.cpp when the
 // extension is built with FASTLM_WITH_CUDA.
 #include "cpu/bf16dot.h"
+#include "cpu/gemm.h"
 #include "cpu/ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -246,4 +247,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   isa.append("AVX512-BF16");
 #endif
   m.attr("cpu_isa") = pybind11::tuple(isa);
+  m.def("bf16_on_aten", &fastlm_cpu::bf16_on_aten,
+        "whether the CPU kernels' bf16 matrix products run on ATen's (oneDNN: AMX-BF16 tiles) now, per FASTLM_CPU_BF16 "
+        "(auto: where the CPU has AMX-BF16)");
 }

@@ -727,6 +727,15 @@ def kernels_isa() -> list[str] | None:
     return None if ext is None else list(ext.cpu_isa)
 
 
+def cpu_bf16_engine() -> str | None:
+    """Where the C++ CPU kernels' bf16 matrix products run (csrc/cpu/gemm.h's bf16_on_aten, FASTLM_CPU_BF16): "aten"
+    (oneDNN, on the AMX-BF16 tiles where the CPU has them) or "fastlm" (its own kernels); None without the
+    extension."""
+    from fastlm.backends import extension
+    ext = extension()
+    return None if ext is None else ("aten" if ext.bf16_on_aten() else "fastlm")
+
+
 def _git_commit() -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -758,6 +767,7 @@ def environment(device: torch.device) -> dict:
         "cpu_model": _cpu_model(),
         "cpu_isa": cpu_isa(),
         "kernels_isa": kernels_isa(),
+        "cpu_bf16": cpu_bf16_engine(),
         "gpu_model": torch.cuda.get_device_name(device) if cuda else None,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
@@ -1123,8 +1133,9 @@ def cli(argv=None) -> int:
 def _header(env: dict, ceilings: dict) -> str:
     what = "CPU figures" if env["device"] == "cpu" else "GPU figures"
     mm = ", ".join(f"{_short(k)} {fmt_rate(v, 'FLOP/s')}" for k, v in ceilings["matmul_flop_per_s"].items())
-    return (f"\n{what}: {env['device_name']}, {env['threads']} threads; torch {env['torch']}, triton {env['triton']}, "
-            f"CUDA {env['cuda']}; fastlm {env['fastlm_commit']}; {env['date']}\n"
+    bf16 = "; bf16 matrix products on ATen's kernels (oneDNN)" if env.get("cpu_bf16") == "aten" else ""
+    return (f"\n{what}: {env['device_name']}, {env['threads']} threads{bf16}; torch {env['torch']}, "
+            f"triton {env['triton']}, CUDA {env['cuda']}; fastlm {env['fastlm_commit']}; {env['date']}\n"
             f"ceilings measured now: matmul {mm}; copy {fmt_rate(ceilings['copy_bytes_per_s'], 'B/s')}"
             + ("; each % of ceiling is against its ceiling kernel timed again in the case's rotation\n"
                if env["device"] == "cpu" else

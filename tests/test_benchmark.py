@@ -220,8 +220,8 @@ def test_wrong_fastlm_result_makes_the_cli_fail(tmp_path, monkeypatch, capsys):
 RESULT_FIELDS = {"op": str, "case": str, "shape": dict, "dtype": str, "mode": str, "impl": str, "kind": str,
                  "status": str, "message": str, "reps": int, "speedup": dict, "check": str, "bound": str,
                  "ceiling_in_rotation": bool}
-ENV_FIELDS = ("date", "device", "device_name", "cpu_model", "cpu_isa", "kernels_isa", "gpu_model", "threads", "python",
-              "torch", "triton", "cuda", "transformers", "fastlm", "fastlm_commit", "extension")
+ENV_FIELDS = ("date", "device", "device_name", "cpu_model", "cpu_isa", "kernels_isa", "cpu_bf16", "gpu_model",
+              "threads", "python", "torch", "triton", "cuda", "transformers", "fastlm", "fastlm_commit", "extension")
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +272,8 @@ def test_cli_tiny_run_writes_json_table_and_plots(tiny_run):
     ext = backends.extension()                                         # and the ones they were built for
     assert doc["env"]["kernels_isa"] == (None if ext is None else list(ext.cpu_isa))
     assert set(doc["env"]["kernels_isa"] or ()) <= set(doc["env"]["cpu_isa"])
+    # where bf16 matrix products ran: by default on ATen's kernels exactly where the CPU has AMX-BF16
+    assert doc["env"]["cpu_bf16"] == (None if ext is None else "aten" if "amx_bf16" in flags else "fastlm")
     assert doc["config"]["tiny"] is True and doc["config"]["compile"] is False
     ceilings = doc["ceilings"]
     assert ceilings["copy_bytes_per_s"] > 0 and ceilings["matmul_flop_per_s"]["float32"] > 0
@@ -448,6 +450,8 @@ def test_perf_to_readme_replaces_only_the_marked_section(tiny_run, tmp_path):
     if "CPU figures" in text and isa:                                  # the extensions beside the CPU's name
         assert (f"({', '.join(isa)}), 2 threads" in text) == (not below)
         assert ("C++ kernels built for" in text) == below              # and the build's, where it has fewer
+        on_aten = benchmark.load(str(out / "bench.json"))["env"]["cpu_bf16"] == "aten"
+        assert ("bf16 matrix products on ATen's kernels" in text) == on_aten
     assert "| op | case | fastlm |" in text and "![" in text
     assert "by `python -m fastlm bench --tiny --no-compile --threads 2` " in text    # as it ran, but for --out
     for line in text.splitlines():

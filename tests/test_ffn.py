@@ -68,6 +68,30 @@ def test_cpu_mlp_x_starting_mid_word(name):
         check_op(f"{name}[cpu]", lambda *a: op(*a, backend="cpu"), ref, inputs, grads=False)
 
 
+def _ops_run(fn):
+    """The names of the operators fn() calls (torch's profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("engine", ["aten", "fastlm"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_cpu_kernel(n)) for n in MLPS])
+# 300 x 8200: two token blocks (255 + a ragged 45) on either engine
+@pytest.mark.parametrize("M, d, inter, residual", [(33, 37, 51, True), (129, 40, 96, False), (300, 24, 8200, True)])
+def test_cpu_bf16_mlp_on_either_gemm(name, engine, M, d, inter, residual, monkeypatch):
+    """bf16 MLPs above the decode sizes run their products on ATen's GEMM (oneDNN: AMX tiles where the CPU has them;
+    FASTLM_CPU_BF16=aten, the default there) or on gemm.h's (fastlm): both by the numerics rule, on the engine
+    asked for (the profiler sees ATen's products or none)."""
+    monkeypatch.setenv("FASTLM_CPU_BF16", engine)
+    op, ref, make = MLPS[name]
+    inputs = make(M, d, inter, torch.bfloat16, residual=residual, device="cpu")
+    with torch.no_grad():
+        check_op(f"{name}[cpu, {engine}]", lambda *a: op(*a, backend="cpu"), ref, inputs, grads=False)
+        names = _ops_run(lambda: op(*inputs, backend="cpu"))
+    assert f"fastlm::{name}" in names and ("aten::mm" in names) == (engine == "aten"), names
+
+
 def test_mlp_variants_without_bias_residual_and_with_leading_dims():
     check_op("mlp_gelu(no bias, no residual, (2, 7, d))", lambda *a: mlp_gelu(*a, backend="triton"),
              reference.mlp_gelu, _gelu_inputs(7, 40, 96, torch.float32, bias=False, residual=False, lead=(2,)))

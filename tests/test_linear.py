@@ -45,6 +45,26 @@ def test_auto_uses_the_extension_on_cpu():
 
 
 @NEEDS_CPU_KERNEL
+@pytest.mark.parametrize("engine", ["aten", "fastlm"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_on_either_gemm(engine, bias, monkeypatch):
+    """bf16 above the matrix-vector sizes runs on ATen's GEMM (oneDNN: AMX tiles where the CPU has them;
+    FASTLM_CPU_BF16=aten, the default there) or on gemm.h's (fastlm): both by the numerics rule, on the engine
+    asked for. Any other value of the variable is an error naming it."""
+    monkeypatch.setenv("FASTLM_CPU_BF16", engine)
+    inputs = [torch.randn(2, 67, 300).bfloat16(), (torch.randn(80, 300) / 300 ** 0.5).bfloat16(),
+              torch.randn(80).bfloat16() if bias else None]
+    check_op(f"linear[cpu, {engine}]", lambda *a: linear(*a, backend="cpu"), F.linear, inputs)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        linear(*inputs, backend="cpu")
+    names = {e.name for e in prof.events()}
+    assert "fastlm::linear" in names and bool({"aten::mm", "aten::addmm"} & names) == (engine == "aten"), names
+    monkeypatch.setenv("FASTLM_CPU_BF16", "amx")
+    with pytest.raises(ValueError, match="FASTLM_CPU_BF16 must be auto, aten or fastlm, got 'amx'"):
+        linear(*inputs, backend="cpu")
+
+
+@NEEDS_CPU_KERNEL
 def test_compile_fullgraph():
     x, w, b = torch.randn(2, 16), torch.randn(8, 16), torch.randn(8)
     torch._dynamo.reset()

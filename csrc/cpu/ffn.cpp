@@ -11,7 +11,8 @@
 // intermediate back from cache and its epilogue adds the bias and the residual and rounds once to x's dtype. bf16 /
 // fp16 weights are widened to fp32 as gemm.h packs them; x once per call; all arithmetic is fp32. On a CPU with
 // AVX512-BF16, bf16 MLPs run both products on its dot products instead (gemm.h), with the intermediate rounded to
-// bf16 between them.
+// bf16 between them; on one with AMX-BF16 on ATen's GEMMs (oneDNN's AMX tiles, gemm.h's bf16_on_aten), per
+// block the products in bf16 and the activation, bias and residual in fp32 between them (aten_block_mlp).
 //
 // Up to kGemvMaxRows tokens (decoding) the products are matrix-vector products bound by reading the weights: those
 // go through gemv.h instead (each weight byte read once at the memory's rate, the threads splitting the output rows),
@@ -26,7 +27,9 @@
 #include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
@@ -196,6 +199,61 @@ void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
   });
 }
 
+// block_mlp on ATen's GEMMs, for bf16 where bf16_on_aten() (gemm.h): per block of tokens each product in
+// bf16 (fp32 accumulation, b_fc included, one rounding: a bf16 F.linear's arithmetic), the activation in fp32 on the
+// rounded products and rounded once, the second product's bias and the residual added in fp32 before the last
+// rounding. The block's two (SwiGLU) bf16 products take the room of block_mlp's fp32 intermediate.
+void aten_block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                    const at::Tensor* w_up, const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                    const at::Tensor& res, at::Tensor& out) {
+  using T = c10::BFloat16;
+  const int64_t n = x2.size(0), inter = w1.size(0), d_out = w2.size(0);
+  const int64_t tb =
+      std::max<int64_t>(1, std::min(n, std::max(kMinBlockTokens, kBlockBytes / (4 * std::max<int64_t>(inter, 1)))));
+  at::Tensor g = at::empty({tb, inter}, x2.options()), u = w_up ? at::empty({tb, inter}, x2.options()) : at::Tensor();
+  at::Tensor y = at::empty({tb, d_out}, x2.options());
+  const at::Tensor b2f = b2.has_value() ? b2->to(at::kFloat).contiguous() : at::Tensor();
+  const float* pb2 = b2f.defined() ? b2f.const_data_ptr<float>() : nullptr;
+  const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
+  const int64_t ldr = res.defined() ? res.stride(0) : 0;
+  T* op = out.data_ptr<T>();
+  for (int64_t t0 = 0; t0 < n; t0 += tb) {
+    const int64_t rows = std::min(tb, n - t0);
+    const at::Tensor xb = x2.narrow(0, t0, rows);
+    at::Tensor gb = g.narrow(0, 0, rows), yb = y.narrow(0, 0, rows);
+    if (b1.has_value())
+      at::addmm_out(gb, *b1, xb, w1.t());
+    else
+      at::mm_out(gb, xb, w1.t());
+    if (w_up) {
+      at::Tensor ub = u.narrow(0, 0, rows);
+      at::mm_out(ub, xb, w_up->t());
+    }
+    T* gp = gb.data_ptr<T>();
+    const T* up = w_up ? u.const_data_ptr<T>() : nullptr;
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t c = 0; c < inter; c += kW) {
+          const int64_t len = std::min<int64_t>(kW, inter - c);
+          const vfloat a = vload_cvt_n(gp + i * inter + c, len);
+          vstore_cvt_n(gp + i * inter + c, up ? swiglu(a, vload_cvt_n(up + i * inter + c, len)) : gelu(a), len);
+        }
+    });
+    at::mm_out(yb, gb, w2.t());
+    const T* yp = yb.const_data_ptr<T>();
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t c = 0; c < d_out; c += kW) {
+          const int64_t len = std::min<int64_t>(kW, d_out - c), row = t0 + i;
+          vfloat v = vload_cvt_n(yp + i * d_out + c, len);
+          if (pb2) v += vload_cvt_n(pb2 + c, len);
+          if (rp) v += vload_cvt_n(rp + row * ldr + c, len);
+          vstore_cvt_n(op + row * d_out + c, v, len);
+        }
+    });
+  }
+}
+
 bool rows_contiguous(std::initializer_list<const at::Tensor*> ws) {
   return std::all_of(ws.begin(), ws.end(), [](const at::Tensor* w) { return w->stride(1) == 1 || w->size(1) <= 1; });
 }
@@ -267,6 +325,8 @@ at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::opti
   at::Tensor out = empty_output({n, d_out}, x.options());
   if (n > 0 && d_out > 0 && n <= kGemvMaxRows && rows_contiguous({&w_fc, &w_proj}))
     small_mlp(Act::kGelu, x2, w_fc, b_fc, nullptr, w_proj, b_proj, res, out);
+  else if (n > 0 && d_out > 0 && x.scalar_type() == at::kBFloat16 && bf16_on_aten())
+    aten_block_mlp(Act::kGelu, x2, w_fc, b_fc, nullptr, w_proj, b_proj, res, out);
   else if (n > 0 && d_out > 0)
     block_mlp(Act::kGelu, x2, w_fc, b_fc, nullptr, w_proj, b_proj, res, out);
   return out.view(out_shape);
@@ -294,6 +354,8 @@ at::Tensor mlp_swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::T
   at::Tensor out = empty_output({n, d_out}, x.options());
   if (n > 0 && d_out > 0 && n <= kGemvMaxRows && rows_contiguous({&w_gate, &w_up, &w_down}))
     small_mlp(Act::kSwiGLU, x2, w_gate, std::nullopt, &w_up, w_down, std::nullopt, res, out);
+  else if (n > 0 && d_out > 0 && x.scalar_type() == at::kBFloat16 && bf16_on_aten())
+    aten_block_mlp(Act::kSwiGLU, x2, w_gate, std::nullopt, &w_up, w_down, std::nullopt, res, out);
   else if (n > 0 && d_out > 0)
     block_mlp(Act::kSwiGLU, x2, w_gate, std::nullopt, &w_up, w_down, std::nullopt, res, out);
   return out.view(out_shape);

@@ -22,9 +22,13 @@
 #include "cpu/tile.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <cpuinfo.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -178,6 +182,21 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const W* 
              Epilogue&& epilogue) {
   const Weight<W> ws[1] = {{w, w_row, w_col}};
   gemm_impl(M, N, K, x, ldx, ws, 1, epilogue);
+}
+
+// Whether bf16 matrix products go to ATen's kernels (oneDNN) instead of fastlm's: the GEMMs of linear and the MLPs
+// (rather than this file's) and the attention forward (its flash-attention kernel, where it computes the same
+// masks: attention.cpp). Where the CPU has AMX-BF16, oneDNN runs them on the AMX tile units: GEMMs at 2.1-2.2
+// TFLOP/s on 2 threads of a Xeon against 0.19 for the AVX512-BF16 dot products here, attention 3-4x faster
+// (bench/dev/cpu_notes.md). FASTLM_CPU_BF16: "auto" (default: ATen where the CPU has AMX-BF16), "aten" or "fastlm",
+// read at each call.
+inline bool bf16_on_aten() {
+  static const bool amx = cpuinfo_initialize() && cpuinfo_has_x86_amx_bf16();
+  const char* env = std::getenv("FASTLM_CPU_BF16");
+  const std::string mode = env && *env ? env : "auto";
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "aten" || mode == "fastlm",
+                    "FASTLM_CPU_BF16 must be auto, aten or fastlm, got '", mode, "'");
+  return mode == "aten" || (mode == "auto" && amx);
 }
 
 // x W1^T and x W2^T in one pass (gemm_impl with two weights of the same shape).

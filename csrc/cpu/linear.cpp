@@ -5,13 +5,16 @@
 // GEMM of gemm.h (on par with ATen's fp32 GEMM on the model's square-ish shapes, 2x on an LM head at a few dozen
 // rows, bench/dev/cpu_notes.md), which also widens bf16 / fp16 weights to fp32 while packing them. x is widened to
 // fp32 once (bf16 with AVX512-BF16: x and W stay bf16, on the dot products), accumulation is fp32 for every dtype,
-// and the bias is added before the one rounding to x's dtype.
+// and the bias is added before the one rounding to x's dtype. bf16 GEMMs go to ATen's instead where the CPU has
+// AMX-BF16 (gemm.h's bf16_on_aten), with the same arithmetic.
 #include "cpu/gemm.h"
 #include "cpu/gemv.h"
 #include "cpu/ops.h"
 #include "cpu/output.h"
 
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
 #include <vector>
@@ -49,6 +52,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   if (out.numel() == 0) return out;
   if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();
   const at::Tensor xb = x.reshape({T, K}).contiguous();
+  if (!gemv && dtype == at::kBFloat16 && bf16_on_aten()) {  // (fp32 accumulation, the bias, one rounding)
+    at::Tensor out2 = out.view({T, N});
+    if (bias.has_value())
+      at::addmm_out(out2, *bias, xb, weight.t());
+    else
+      at::mm_out(out2, xb, weight.t());
+    return out;
+  }
   const bool words = dtype == at::kBFloat16 && bf16_dot_available() && !gemv;  // (x stays bf16, as words)
   const at::Tensor xf = words ? at::Tensor() : xb.to(at::kFloat);
   const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
