@@ -98,6 +98,14 @@ def _references(q, k, v, do, dlse, **kw):
 CPU_BF16_LSE_ATOL = 2 ** -13
 
 
+def _on_aten_flash(backend, q, k, causal=False, window=(-1, -1), softmax_scale=None, **_):
+    """Whether ops.attention runs ATen's flash-attention kernel for these arguments (csrc/cpu/attention.cpp)."""
+    ext = backends.extension()
+    return (backend == "cpu" and q.dtype == torch.bfloat16 and ext is not None and ext.bf16_on_aten()
+            and window[0] < 0 and (q.shape[1] == k.shape[1] if causal else window[1] < 0)
+            and (softmax_scale is None or softmax_scale > 0))
+
+
 def _check_case(backend, dtype, case, *, logit_scale=1.0, with_lse_grad=False):
     _require(backend)
     b, sq, sk, h, hkv, d, causal, window = case
@@ -118,8 +126,7 @@ def _check_attention(backend, q, k, v, do, *, with_lse_grad=False, **kw):
     check_rule("out", out, ref64[0], ref_low[0])
     # the LSE is fp32 whatever the inputs' dtype: its low-precision reference is fp32 math on the same inputs
     lse_low = reference.attention(*(t.detach().cpu().float() for t in (q, k, v)), return_lse=True, **kw)[1]
-    check_rule("lse", lse, ref64[1], lse_low, atol=CPU_BF16_LSE_ATOL if (backend, dtype) == ("cpu", torch.bfloat16)
-               else None)
+    check_rule("lse", lse, ref64[1], lse_low, atol=CPU_BF16_LSE_ATOL if _on_aten_flash(backend, q, k, **kw) else None)
     outputs, grads = (out,), (do,)  # do itself reaches the backward (the views of test_offsets_past_int32)
     if dlse is not None:
         outputs, grads = (out, lse), (do, torch.where(torch.isinf(lse), 0, dlse))
@@ -226,25 +233,34 @@ CPU_CASES = [
 
 @needs_cpu_kernel("attention_fwd")
 @pytest.mark.parametrize("engine", ["aten", "fastlm"])
-@pytest.mark.parametrize("case, aten_serves", [
-    ((2, 70, 70, 4, 2, 80, True, (-1, -1)), True),     # causal with Sq == Sk: top-left = bottom-right
-    ((3, 7, 65, 3, 1, 40, False, (-1, -1)), True),     # non-causal, GQA 3
-    ((1, 65, 129, 2, 1, 64, True, (-1, -1)), False),   # causal with Sq < Sk: bottom-right, fastlm's kernel
-    ((1, 65, 65, 4, 2, 96, True, (8, -1)), False),     # a window, fastlm's kernel
+@pytest.mark.parametrize("case, scale, aten_serves", [
+    ((2, 70, 70, 4, 2, 80, True, (-1, -1)), None, True),    # causal with Sq == Sk: top-left = bottom-right
+    ((3, 7, 65, 3, 1, 40, False, (-1, -1)), 0.3, True),     # non-causal, GQA 3
+    ((1, 65, 129, 2, 1, 64, True, (-1, -1)), None, False),  # causal with Sq < Sk: bottom-right, fastlm's kernel
+    ((1, 65, 65, 4, 2, 96, True, (8, -1)), None, False),    # a window, fastlm's kernel
+    ((1, 17, 17, 2, 1, 64, True, (-1, -1)), -0.5, False),   # causal with a negative scale (NaN in ATen's)
+    ((1, 16, 16, 2, 2, 64, True, (-1, -1)), 0.0, False),
 ], ids=lambda x: _ids(x) if isinstance(x, tuple) else str(x))
-def test_cpu_bf16_attention_on_either_engine(engine, case, aten_serves, monkeypatch):
+def test_cpu_bf16_attention_on_either_engine(engine, case, scale, aten_serves, monkeypatch):
     """bf16 attention forward on the C++ CPU backend runs ATen's flash-attention kernel (FASTLM_CPU_BF16=aten, the
-    default where the CPU has AMX-BF16) where that kernel computes the same mask, fastlm's own otherwise: either way
-    the forward and every gradient by the numerics rule, on the kernel expected (the profiler sees which)."""
+    default where the CPU has AMX-BF16) where that kernel computes what fastlm's does, fastlm's own otherwise: either
+    way the forward and every gradient by the numerics rule, on the kernel expected (the profiler sees which); the
+    op's outputs have the layout its fake kernel promises (opcheck), and a direct call with inputs that require grad
+    gets torch's not-implemented autograd node, not a graph of ATen's calls."""
     monkeypatch.setenv("FASTLM_CPU_BF16", engine)
-    _check_case("cpu", torch.bfloat16, case)
     b, sq, sk, h, hkv, d, causal, window = case
     q, k, v = _inputs(b, sq, sk, h, hkv, d, torch.bfloat16, device="cpu")
+    _check_attention("cpu", q.clone(), k.clone(), v.clone(), torch.randn_like(q), causal=causal, window=window,
+                     softmax_scale=scale)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        ops.attention(q, k, v, causal=causal, window=window, backend="cpu")
+        ops.attention(q, k, v, causal=causal, window=window, softmax_scale=scale, backend="cpu")
     names = {e.name for e in prof.events()}
     assert "fastlm::attention_fwd" in names
     assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in names) == (engine == "aten" and aten_serves), names
+    args = (q, k, v, causal, d ** -0.5 if scale is None else scale, *(window if not causal else (window[0], 0)))
+    torch.library.opcheck(torch.ops.fastlm.attention_fwd, args)
+    out, lse = torch.ops.fastlm.attention_fwd(*(t.requires_grad_() if i < 3 else t for i, t in enumerate(args)))
+    assert out.grad_fn.name().endswith("::WarnNotImplemented") and lse.is_contiguous()  # (not an ATen graph)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -82,7 +82,8 @@ def _ops_run(fn):
 def test_cpu_bf16_mlp_on_either_gemm(name, engine, M, d, inter, residual, monkeypatch):
     """bf16 MLPs above the decode sizes run their products on ATen's GEMM (oneDNN: AMX tiles where the CPU has them;
     FASTLM_CPU_BF16=aten, the default there) or on gemm.h's (fastlm): both by the numerics rule, on the engine
-    asked for (the profiler sees ATen's products or none)."""
+    asked for (the profiler sees ATen's products or none), also when called directly with inputs that require
+    grad."""
     monkeypatch.setenv("FASTLM_CPU_BF16", engine)
     op, ref, make = MLPS[name]
     inputs = make(M, d, inter, torch.bfloat16, residual=residual, device="cpu")
@@ -90,6 +91,9 @@ def test_cpu_bf16_mlp_on_either_gemm(name, engine, M, d, inter, residual, monkey
         check_op(f"{name}[cpu, {engine}]", lambda *a: op(*a, backend="cpu"), ref, inputs, grads=False)
         names = _ops_run(lambda: op(*inputs, backend="cpu"))
     assert f"fastlm::{name}" in names and ("aten::mm" in names) == (engine == "aten"), names
+    # the op called directly with an input that requires grad (ATen's out= GEMMs refuse to record a graph)
+    direct = getattr(torch.ops.fastlm, name)(inputs[0].clone().requires_grad_(), *inputs[1:])
+    torch.testing.assert_close(direct, op(*inputs, backend="cpu"), rtol=0, atol=0)
 
 
 def test_mlp_variants_without_bias_residual_and_with_leading_dims():

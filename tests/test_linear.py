@@ -50,7 +50,8 @@ def test_auto_uses_the_extension_on_cpu():
 def test_bf16_on_either_gemm(engine, bias, monkeypatch):
     """bf16 above the matrix-vector sizes runs on ATen's GEMM (oneDNN: AMX tiles where the CPU has them;
     FASTLM_CPU_BF16=aten, the default there) or on gemm.h's (fastlm): both by the numerics rule, on the engine
-    asked for. Any other value of the variable is an error naming it."""
+    asked for, also when called directly with inputs that require grad. Any other value of the variable is an error
+    naming it."""
     monkeypatch.setenv("FASTLM_CPU_BF16", engine)
     inputs = [torch.randn(2, 67, 300).bfloat16(), (torch.randn(80, 300) / 300 ** 0.5).bfloat16(),
               torch.randn(80).bfloat16() if bias else None]
@@ -59,6 +60,9 @@ def test_bf16_on_either_gemm(engine, bias, monkeypatch):
         linear(*inputs, backend="cpu")
     names = {e.name for e in prof.events()}
     assert "fastlm::linear" in names and bool({"aten::mm", "aten::addmm"} & names) == (engine == "aten"), names
+    # the op called directly with an input that requires grad (ATen's out= GEMMs refuse to record a graph)
+    torch.testing.assert_close(torch.ops.fastlm.linear(inputs[0].clone().requires_grad_(), *inputs[1:]),
+                               linear(*inputs, backend="cpu"), rtol=0, atol=0)
     monkeypatch.setenv("FASTLM_CPU_BF16", "amx")
     with pytest.raises(ValueError, match="FASTLM_CPU_BF16 must be auto, aten or fastlm, got 'amx'"):
         linear(*inputs, backend="cpu")

@@ -29,7 +29,7 @@
 // Scratch per thread: a panel and a few tiles.
 //
 // bf16 on a CPU with AMX-BF16 (gemm.h's bf16_on_aten) runs ATen's flash-attention kernel instead, on the AMX tiles,
-// where its masks are these (no window; causal only for Sq == Sk).
+// where it computes what this kernel does (no window; causal only for Sq == Sk; a positive scale).
 #include "cpu/attention.h"
 #include "cpu/bf16dot.h"
 #include "cpu/gemm.h"
@@ -37,6 +37,7 @@
 #include "cpu/output.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -307,14 +308,18 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  // bf16 where bf16_on_aten() (gemm.h), for the masks ATen's flash attention computes (causal is top-left aligned
-  // there: the same as bottom-right only for Sq == Sk): its kernel, on the AMX tiles where the CPU has them.
-  if (dtype == at::kBFloat16 && p.left < 0 && (p.right < 0 || (p.right == 0 && p.Sq == p.Sk)) && bf16_on_aten()) {
+  // bf16 where bf16_on_aten() (gemm.h), for the problems ATen's flash attention computes as fastlm does: no window,
+  // causal only for Sq == Sk (its mask is top-left aligned, the same as bottom-right only there), and a positive
+  // scale (with a causal mask it gives NaN for a zero or negative one): its kernel, on the AMX tiles where the CPU
+  // has them. (Below autograd: this is a kernel, its ATen calls record no graph.)
+  if (dtype == at::kBFloat16 && p.left < 0 && (p.right < 0 || (p.right == 0 && p.Sq == p.Sk)) && softmax_scale > 0 &&
+      bf16_on_aten()) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(q.transpose(1, 2), k.transpose(1, 2),
                                                                   v.transpose(1, 2), 0.0, p.right == 0, std::nullopt,
                                                                   softmax_scale);
-    at::Tensor ot = o.transpose(1, 2);  // (its memory is (B, Sq, H, D) already)
-    return {ot.is_contiguous() ? ot : ot.contiguous(), l};
+    at::Tensor ot = o.transpose(1, 2);  // (its memory is (B, Sq, H, D) already; its LSE's is (B, Sq, H))
+    return {ot.is_contiguous() ? ot : ot.contiguous(), l.contiguous()};
   }
   with_float_type(dtype, [&](auto tag) { attention_kernel<decltype(tag)>(p, q, k, v, out, lse); });
   return {out, lse};

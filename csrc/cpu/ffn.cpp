@@ -27,6 +27,7 @@
 #include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -207,6 +208,7 @@ void aten_block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const s
                     const at::Tensor* w_up, const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                     const at::Tensor& res, at::Tensor& out) {
   using T = c10::BFloat16;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // (a kernel: its ATen calls record no graph)
   const int64_t n = x2.size(0), inter = w1.size(0), d_out = w2.size(0);
   const int64_t tb =
       std::max<int64_t>(1, std::min(n, std::max(kMinBlockTokens, kBlockBytes / (4 * std::max<int64_t>(inter, 1)))));

@@ -187,7 +187,7 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const W* 
 // Whether bf16 matrix products go to ATen's kernels (oneDNN) instead of fastlm's: the GEMMs of linear and the MLPs
 // (rather than this file's) and the attention forward (its flash-attention kernel, where it computes the same
 // masks: attention.cpp). Where the CPU has AMX-BF16, oneDNN runs them on the AMX tile units: GEMMs at 2.1-2.2
-// TFLOP/s on 2 threads of a Xeon against 0.19 for the AVX512-BF16 dot products here, attention 3-4x faster
+// TFLOP/s on 2 threads of a Xeon against 0.19 for the AVX512-BF16 dot products here, attention about 3x faster
 // (bench/dev/cpu_notes.md). FASTLM_CPU_BF16: "auto" (default: ATen where the CPU has AMX-BF16), "aten" or "fastlm",
 // read at each call.
 inline bool bf16_on_aten() {

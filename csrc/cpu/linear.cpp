@@ -12,6 +12,7 @@
 #include "cpu/ops.h"
 #include "cpu/output.h"
 
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -53,6 +54,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();
   const at::Tensor xb = x.reshape({T, K}).contiguous();
   if (!gemv && dtype == at::kBFloat16 && bf16_on_aten()) {  // (fp32 accumulation, the bias, one rounding)
+    at::AutoDispatchBelowADInplaceOrView below_autograd;    // (a kernel: its ATen calls record no graph)
     at::Tensor out2 = out.view({T, N});
     if (bias.has_value())
       at::addmm_out(out2, *bias, xb, weight.t());
