@@ -261,6 +261,10 @@ def test_cpu_bf16_attention_on_either_engine(engine, case, scale, aten_serves, m
     torch.library.opcheck(torch.ops.fastlm.attention_fwd, args)
     out, lse = torch.ops.fastlm.attention_fwd(*(t.requires_grad_() if i < 3 else t for i, t in enumerate(args)))
     assert out.grad_fn.name().endswith("::WarnNotImplemented") and lse.is_contiguous()  # (not an ATen graph)
+    monkeypatch.setenv("FASTLM_CPU_BF16", "amx")                 # an unknown value: an error on every bf16 call
+    with pytest.raises(ValueError, match="FASTLM_CPU_BF16 must be auto, aten or fastlm, got 'amx'"):
+        ops.attention(q.detach(), k.detach(), v.detach(), causal=causal, window=window, softmax_scale=scale,
+                      backend="cpu")
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -94,6 +94,11 @@ def test_cpu_bf16_mlp_on_either_gemm(name, engine, M, d, inter, residual, monkey
     # the op called directly with an input that requires grad (ATen's out= GEMMs refuse to record a graph)
     direct = getattr(torch.ops.fastlm, name)(inputs[0].clone().requires_grad_(), *inputs[1:])
     torch.testing.assert_close(direct, op(*inputs, backend="cpu"), rtol=0, atol=0)
+    monkeypatch.setenv("FASTLM_CPU_BF16", "amx")     # an unknown value: an error on every bf16 call, decode sizes too
+    for rows in (M, 4):
+        small = [t[:rows] if t is not None and i in (0, len(inputs) - 1) else t for i, t in enumerate(inputs)]
+        with pytest.raises(ValueError, match="FASTLM_CPU_BF16 must be auto, aten or fastlm, got 'amx'"):
+            op(*small, backend="cpu")
 
 
 def test_mlp_variants_without_bias_residual_and_with_leading_dims():

@@ -312,8 +312,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   // causal only for Sq == Sk (its mask is top-left aligned, the same as bottom-right only there), and a positive
   // scale (with a causal mask it gives NaN for a zero or negative one): its kernel, on the AMX tiles where the CPU
   // has them. (Below autograd: this is a kernel, its ATen calls record no graph.)
-  if (dtype == at::kBFloat16 && p.left < 0 && (p.right < 0 || (p.right == 0 && p.Sq == p.Sk)) && softmax_scale > 0 &&
-      bf16_on_aten()) {
+  const bool aten = dtype == at::kBFloat16 && bf16_on_aten();  // (checks FASTLM_CPU_BF16 on every bf16 call)
+  if (aten && p.left < 0 && (p.right < 0 || (p.right == 0 && p.Sq == p.Sk)) && softmax_scale > 0) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(q.transpose(1, 2), k.transpose(1, 2),
                                                                   v.transpose(1, 2), 0.0, p.right == 0, std::nullopt,

@@ -325,9 +325,10 @@ at::Tensor mlp_gelu(const at::Tensor& x, const at::Tensor& w_fc, const std::opti
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
   at::Tensor out = empty_output({n, d_out}, x.options());
+  const bool aten = x.scalar_type() == at::kBFloat16 && bf16_on_aten();  // (gemm.h; checks FASTLM_CPU_BF16)
   if (n > 0 && d_out > 0 && n <= kGemvMaxRows && rows_contiguous({&w_fc, &w_proj}))
     small_mlp(Act::kGelu, x2, w_fc, b_fc, nullptr, w_proj, b_proj, res, out);
-  else if (n > 0 && d_out > 0 && x.scalar_type() == at::kBFloat16 && bf16_on_aten())
+  else if (n > 0 && d_out > 0 && aten)
     aten_block_mlp(Act::kGelu, x2, w_fc, b_fc, nullptr, w_proj, b_proj, res, out);
   else if (n > 0 && d_out > 0)
     block_mlp(Act::kGelu, x2, w_fc, b_fc, nullptr, w_proj, b_proj, res, out);
@@ -354,9 +355,10 @@ at::Tensor mlp_swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::T
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = d_out;
   at::Tensor out = empty_output({n, d_out}, x.options());
+  const bool aten = x.scalar_type() == at::kBFloat16 && bf16_on_aten();  // (gemm.h; checks FASTLM_CPU_BF16)
   if (n > 0 && d_out > 0 && n <= kGemvMaxRows && rows_contiguous({&w_gate, &w_up, &w_down}))
     small_mlp(Act::kSwiGLU, x2, w_gate, std::nullopt, &w_up, w_down, std::nullopt, res, out);
-  else if (n > 0 && d_out > 0 && x.scalar_type() == at::kBFloat16 && bf16_on_aten())
+  else if (n > 0 && d_out > 0 && aten)
     aten_block_mlp(Act::kSwiGLU, x2, w_gate, std::nullopt, &w_up, w_down, std::nullopt, res, out);
   else if (n > 0 && d_out > 0)
     block_mlp(Act::kSwiGLU, x2, w_gate, std::nullopt, &w_up, w_down, std::nullopt, res, out);

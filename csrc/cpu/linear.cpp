@@ -46,6 +46,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   int64_t T = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) T *= x.size(i);
   const bool gemv = T <= kGemvMaxRows && (weight.stride(1) == 1 || K <= 1);
+  const bool aten = dtype == at::kBFloat16 && bf16_on_aten();  // (gemm.h; checks FASTLM_CPU_BF16)
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
@@ -53,7 +54,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   if (out.numel() == 0) return out;
   if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();
   const at::Tensor xb = x.reshape({T, K}).contiguous();
-  if (!gemv && dtype == at::kBFloat16 && bf16_on_aten()) {  // (fp32 accumulation, the bias, one rounding)
+  if (aten && !gemv) {  // (fp32 accumulation, the bias, one rounding)
     at::AutoDispatchBelowADInplaceOrView below_autograd;    // (a kernel: its ATen calls record no graph)
     at::Tensor out2 = out.view({T, N});
     if (bias.has_value())
