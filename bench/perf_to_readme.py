@@ -40,8 +40,8 @@ def section(doc: dict, image_paths: list[str], note: str = "", data_path: str = 
     isa = f" ({', '.join(env['cpu_isa'])})" if env.get("cpu_isa") else ""
     if cpu and benchmark.isa_left_out(env):                  # a build for less than the host has
         isa += f", C++ kernels built for {', '.join(env['kernels_isa']) or 'the compiler default'}"
-    bf16 = "; bf16 matrix products on ATen's kernels (oneDNN)" if env.get("cpu_bf16") == "aten" else ""
-    device = f"{env['device_name']}{isa}, {env['threads']} threads{bf16}" if cpu else env["device_name"]
+    device = (f"{env['device_name']}{isa}, {env['threads']} threads{benchmark.bf16_note(env)}" if cpu
+              else env["device_name"])
     mm = ", ".join(f"{benchmark._short(k)} {benchmark.fmt_rate(v, 'FLOP/s')}"
                    for k, v in ceil["matmul_flop_per_s"].items())
     command = cfg.get("command") or ("python -m fastlm bench" + ("" if cfg["suite"] == "quick" else

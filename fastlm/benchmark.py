@@ -736,6 +736,11 @@ def cpu_bf16_engine() -> str | None:
     return None if ext is None else ("aten" if ext.bf16_on_aten() else "fastlm")
 
 
+def bf16_note(env: dict) -> str:
+    """The remark a bench JSON's CPU figures carry when its bf16 matrix products ran on ATen's kernels."""
+    return "; bf16 matrix products on ATen's kernels (oneDNN)" if env.get("cpu_bf16") == "aten" else ""
+
+
 def _git_commit() -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -1133,8 +1138,7 @@ def cli(argv=None) -> int:
 def _header(env: dict, ceilings: dict) -> str:
     what = "CPU figures" if env["device"] == "cpu" else "GPU figures"
     mm = ", ".join(f"{_short(k)} {fmt_rate(v, 'FLOP/s')}" for k, v in ceilings["matmul_flop_per_s"].items())
-    bf16 = "; bf16 matrix products on ATen's kernels (oneDNN)" if env.get("cpu_bf16") == "aten" else ""
-    return (f"\n{what}: {env['device_name']}, {env['threads']} threads{bf16}; torch {env['torch']}, "
+    return (f"\n{what}: {env['device_name']}, {env['threads']} threads{bf16_note(env)}; torch {env['torch']}, "
             f"triton {env['triton']}, CUDA {env['cuda']}; fastlm {env['fastlm_commit']}; {env['date']}\n"
             f"ceilings measured now: matmul {mm}; copy {fmt_rate(ceilings['copy_bytes_per_s'], 'B/s')}"
             + ("; each % of ceiling is against its ceiling kernel timed again in the case's rotation\n"

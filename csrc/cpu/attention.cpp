@@ -319,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                                   v.transpose(1, 2), 0.0, p.right == 0, std::nullopt,
                                                                   softmax_scale);
     at::Tensor ot = o.transpose(1, 2);  // (its memory is (B, Sq, H, D) already; its LSE's is (B, Sq, H))
-    return {ot.is_contiguous() ? ot : ot.contiguous(), l.contiguous()};
+    return {ot.contiguous(), l.contiguous()};
   }
   with_float_type(dtype, [&](auto tag) { attention_kernel<decltype(tag)>(p, q, k, v, out, lse); });
   return {out, lse};

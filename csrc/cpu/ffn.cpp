@@ -55,8 +55,9 @@ inline vfloat gelu(vfloat x) {
 // silu(g) * u = (g sigmoid(g)) u
 inline vfloat swiglu(vfloat g, vfloat u) { return g * vlogistic2(vset1(-kLog2e) * g) * u; }
 
-// h[0..n) <- act(h) (gelu) or silu(h) * u (swiglu), fp32.
-void activate(Act act, float* h, const float* u, int64_t n) {
+// h[0..n) <- act(h) (gelu) or silu(h) * u (swiglu), computed in fp32 (T: fp32, or bf16 rounded once).
+template <typename T>
+void activate(Act act, T* h, const T* u, int64_t n) {
   for (int64_t c = 0; c < n; c += kW) {
     const int64_t len = std::min<int64_t>(kW, n - c);
     const vfloat x = vload_cvt_n(h + c, len);
@@ -99,6 +100,12 @@ at::Tensor residual_rows(const char* op, const std::optional<at::Tensor>& residu
   return (r.stride(-1) == 1 ? r : r.contiguous()).reshape({token_count(x), d_out});  // rows with unit stride
 }
 
+// Tokens per block for n tokens and an intermediate width inter: a block's 4-byte-per-element intermediate fits
+// kBlockBytes (block_mlp: fp32; aten_block_mlp: SwiGLU's two bf16 products), at least kMinBlockTokens.
+int64_t block_tokens(int64_t n, int64_t inter) {
+  return std::max<int64_t>(1, std::min(n, std::max(kMinBlockTokens, kBlockBytes / (4 * std::max<int64_t>(inter, 1)))));
+}
+
 // The block path: out = act(x W1^T + b1 [, x W_up^T]) W2^T + b2 + res for any number of tokens; x2 (n, d), res
 // (n, d_out) or undefined, out (n, d_out) contiguous.
 void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
@@ -115,8 +122,7 @@ void block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const std::o
     return p;
   };
   const at::Tensor b1f = padded(b1, inter), b2f = padded(b2, d_out);
-  const int64_t tb =
-      std::max<int64_t>(1, std::min(n, std::max(kMinBlockTokens, kBlockBytes / (4 * std::max<int64_t>(inter, 1)))));
+  const int64_t tb = block_tokens(n, inter);
   at::Tensor h = at::empty({words ? 0 : tb, inter}, fp32);  // the fp32 activation (words: hw below)
   float* hp = h.data_ptr<float>();
   const float *pb1 = b1f.const_data_ptr<float>(), *pb2 = b2f.const_data_ptr<float>();
@@ -210,8 +216,7 @@ void aten_block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const s
   using T = c10::BFloat16;
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // (a kernel: its ATen calls record no graph)
   const int64_t n = x2.size(0), inter = w1.size(0), d_out = w2.size(0);
-  const int64_t tb =
-      std::max<int64_t>(1, std::min(n, std::max(kMinBlockTokens, kBlockBytes / (4 * std::max<int64_t>(inter, 1)))));
+  const int64_t tb = block_tokens(n, inter);
   at::Tensor g = at::empty({tb, inter}, x2.options()), u = w_up ? at::empty({tb, inter}, x2.options()) : at::Tensor();
   at::Tensor y = at::empty({tb, d_out}, x2.options());
   const at::Tensor b2f = b2.has_value() ? b2->to(at::kFloat).contiguous() : at::Tensor();
@@ -234,12 +239,7 @@ void aten_block_mlp(Act act, const at::Tensor& x2, const at::Tensor& w1, const s
     T* gp = gb.data_ptr<T>();
     const T* up = w_up ? u.const_data_ptr<T>() : nullptr;
     at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i)
-        for (int64_t c = 0; c < inter; c += kW) {
-          const int64_t len = std::min<int64_t>(kW, inter - c);
-          const vfloat a = vload_cvt_n(gp + i * inter + c, len);
-          vstore_cvt_n(gp + i * inter + c, up ? swiglu(a, vload_cvt_n(up + i * inter + c, len)) : gelu(a), len);
-        }
+      for (int64_t i = r0; i < r1; ++i) activate(act, gp + i * inter, up ? up + i * inter : nullptr, inter);
     });
     at::mm_out(yb, gb, w2.t());
     const T* yp = yb.const_data_ptr<T>();
