@@ -29,7 +29,8 @@ IN_ROTATION = (" at the start of the run; each row's % of ceiling is against the
 HALF_ON_CPU = ("; a bf16/fp16 % of ceiling is against the GEMM, bf16/fp16 or fp32, that was faster at the start of "
                "the run (widening to fp32 is exact, and fastlm's CPU kernels compute bf16 that way, except on CPUs "
                "with AVX512-BF16, where its attention forward, linear layers and MLPs take the bf16 dot products, and "
-               "on CPUs with AMX-BF16, where those run on ATen's oneDNN kernels, on the AMX tiles)")
+               "on CPUs with AMX-BF16, where its attention forward runs on the AMX tiles and the linear layers and "
+               "MLPs on ATen's oneDNN kernels, on the AMX tiles too)")
 
 
 def section(doc: dict, image_paths: list[str], note: str = "", data_path: str = "the bench JSON") -> str:

@@ -2,6 +2,7 @@
 // (csrc/cpu/), shape-only Meta kernels (so torch.compile and fake tensors can trace them), and the pybind11 module
 // fastlm._C for what is not an operator. The CUDA kernels are registered by csrc/bindings_cuda.cpp when the
 // extension is built with FASTLM_WITH_CUDA.
+#include "cpu/amx.h"
 #include "cpu/bf16dot.h"
 #include "cpu/gemm.h"
 #include "cpu/ops.h"
@@ -246,8 +247,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef FASTLM_BF16_DOT
   isa.append("AVX512-BF16");
 #endif
+#ifdef FASTLM_AMX
+  isa.append("AMX-BF16");
+#endif
   m.attr("cpu_isa") = pybind11::tuple(isa);
   m.def("bf16_on_aten", &fastlm_cpu::bf16_on_aten,
         "whether the CPU kernels' bf16 matrix products run on ATen's (oneDNN: AMX-BF16 tiles) now, per FASTLM_CPU_BF16 "
         "(auto: where the CPU has AMX-BF16)");
+  m.def("amx_enabled", &fastlm_cpu::amx_enabled,
+        "whether fastlm's own AMX-BF16 kernels (the bf16 attention forward) run now: built with them, the CPU has "
+        "AMX-BF16, the OS grants the tile state, and FASTLM_CPU_AMX (auto|off) allows them");
 }

@@ -3,9 +3,10 @@
 Backends:
   "torch"   fastlm.reference: plain PyTorch math, any device, the ground truth.
   "triton"  kernels/ (Triton): CUDA tensors, or CPU tensors through the interpreter (TRITON_INTERPRET=1).
-  "cpu"     the C++ CPU kernels of the extension fastlm._C (CPU tensors). Their bf16 matrix products (linear, the
-            MLPs' GEMMs, the attention forward where its masks match) run on ATen's oneDNN kernels where the CPU
-            has AMX-BF16; FASTLM_CPU_BF16=auto|aten|fastlm chooses (fastlm._C.bf16_on_aten() says which applies).
+  "cpu"     the C++ CPU kernels of the extension fastlm._C (CPU tensors). Where the CPU has AMX-BF16, the bf16
+            attention forward runs on fastlm's AMX kernel (FASTLM_CPU_AMX=auto|off; fastlm._C.amx_enabled()) and
+            the bf16 GEMMs of linear and the MLPs on ATen's oneDNN kernels; FASTLM_CPU_BF16=auto|aten|fastlm
+            chooses (aten: the attention forward too, where ATen's masks match; fastlm._C.bf16_on_aten()).
   "cuda"    the CUDA C++ kernels of the extension fastlm._C (CUDA tensors).
   "auto"    CUDA tensors: "triton"; CPU tensors: "cpu" when the extension is built and serves the op, else "triton"
             under the interpreter, else "torch". Inputs of a dtype no kernel takes (float64) get "torch",

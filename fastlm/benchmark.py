@@ -697,7 +697,7 @@ def _cpu_model() -> str:
 
 _ISA_FLAGS = (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
               ("amx_bf16", "AMX-BF16"))
-KERNEL_ISA = ("AVX2", "FMA", "AVX-512", "AVX512-BF16")  # those the C++ kernels can be compiled for
+KERNEL_ISA = ("AVX2", "FMA", "AVX-512", "AVX512-BF16", "AMX-BF16")  # those the C++ kernels can be compiled for
 
 
 def isa_left_out(env: dict) -> list[str]:
@@ -736,9 +736,19 @@ def cpu_bf16_engine() -> str | None:
     return None if ext is None else ("aten" if ext.bf16_on_aten() else "fastlm")
 
 
+def cpu_amx() -> bool | None:
+    """Whether fastlm's own AMX-BF16 kernels ran (the bf16 attention forward; csrc/cpu/amx.h, FASTLM_CPU_AMX); None
+    without the extension."""
+    from fastlm.backends import extension
+    ext = extension()
+    return None if ext is None else bool(ext.amx_enabled())
+
+
 def bf16_note(env: dict) -> str:
-    """The remark a bench JSON's CPU figures carry when its bf16 matrix products ran on ATen's kernels."""
-    return "; bf16 matrix products on ATen's kernels (oneDNN)" if env.get("cpu_bf16") == "aten" else ""
+    """The remark a bench JSON's CPU figures carry where bf16 ran on ATen's kernels or on fastlm's AMX kernel."""
+    parts = (["bf16 GEMMs on ATen's kernels (oneDNN)"] if env.get("cpu_bf16") == "aten" else []) + (
+        ["bf16 attention on fastlm's AMX-BF16 kernel"] if env.get("cpu_amx") else [])
+    return "".join("; " + p for p in parts)
 
 
 def _git_commit() -> str | None:
@@ -773,6 +783,7 @@ def environment(device: torch.device) -> dict:
         "cpu_isa": cpu_isa(),
         "kernels_isa": kernels_isa(),
         "cpu_bf16": cpu_bf16_engine(),
+        "cpu_amx": cpu_amx(),
         "gpu_model": torch.cuda.get_device_name(device) if cuda else None,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),

@@ -232,7 +232,7 @@ CPU_CASES = [
 
 
 @needs_cpu_kernel("attention_fwd")
-@pytest.mark.parametrize("engine", ["aten", "fastlm"])
+@pytest.mark.parametrize("engine, amx", [("aten", "auto"), ("fastlm", "auto"), ("fastlm", "off")])
 @pytest.mark.parametrize("case, scale, aten_serves", [
     ((2, 70, 70, 4, 2, 80, True, (-1, -1)), None, True),    # causal with Sq == Sk: top-left = bottom-right
     ((3, 7, 65, 3, 1, 40, False, (-1, -1)), 0.3, True),     # non-causal, GQA 3
@@ -241,13 +241,15 @@ CPU_CASES = [
     ((1, 17, 17, 2, 1, 64, True, (-1, -1)), -0.5, False),   # causal with a negative scale (NaN in ATen's)
     ((1, 16, 16, 2, 2, 64, True, (-1, -1)), 0.0, False),
 ], ids=lambda x: _ids(x) if isinstance(x, tuple) else str(x))
-def test_cpu_bf16_attention_on_either_engine(engine, case, scale, aten_serves, monkeypatch):
-    """bf16 attention forward on the C++ CPU backend runs ATen's flash-attention kernel (FASTLM_CPU_BF16=aten, the
-    default where the CPU has AMX-BF16) where that kernel computes what fastlm's does, fastlm's own otherwise: either
-    way the forward and every gradient by the numerics rule, on the kernel expected (the profiler sees which); the
-    op's outputs have the layout its fake kernel promises (opcheck), and a direct call with inputs that require grad
-    gets torch's not-implemented autograd node, not a graph of ATen's calls."""
+def test_cpu_bf16_attention_on_either_engine(engine, amx, case, scale, aten_serves, monkeypatch):
+    """bf16 attention forward on the C++ CPU backend runs fastlm's AMX-BF16 kernel where the CPU has AMX-BF16
+    (FASTLM_CPU_AMX=auto), else its AVX512-BF16 / fp32 kernel; FASTLM_CPU_BF16=aten (or auto with FASTLM_CPU_AMX=off on
+    such a CPU) takes ATen's flash-attention kernel where that kernel computes what fastlm's does. Every kernel by
+    the numerics rule, forward and gradients, and the kernel expected (the profiler sees ATen's); the op's outputs
+    have the layout its fake kernel promises (opcheck), and a direct call with inputs that require grad gets
+    torch's not-implemented autograd node, not a graph of ATen's calls."""
     monkeypatch.setenv("FASTLM_CPU_BF16", engine)
+    monkeypatch.setenv("FASTLM_CPU_AMX", amx)
     b, sq, sk, h, hkv, d, causal, window = case
     q, k, v = _inputs(b, sq, sk, h, hkv, d, torch.bfloat16, device="cpu")
     _check_attention("cpu", q.clone(), k.clone(), v.clone(), torch.randn_like(q), causal=causal, window=window,
@@ -265,6 +267,25 @@ def test_cpu_bf16_attention_on_either_engine(engine, case, scale, aten_serves, m
     with pytest.raises(ValueError, match="FASTLM_CPU_BF16 must be auto, aten or fastlm, got 'amx'"):
         ops.attention(q.detach(), k.detach(), v.detach(), causal=causal, window=window, softmax_scale=scale,
                       backend="cpu")
+    monkeypatch.setenv("FASTLM_CPU_BF16", engine)
+    monkeypatch.setenv("FASTLM_CPU_AMX", "on")
+    with pytest.raises(ValueError, match="FASTLM_CPU_AMX must be auto or off, got 'on'"):
+        ops.attention(q.detach(), k.detach(), v.detach(), causal=causal, window=window, softmax_scale=scale,
+                      backend="cpu")
+
+
+@needs_cpu_kernel("attention_fwd")
+def test_amx_kernels_run_where_built_and_the_cpu_has_them(monkeypatch):
+    """fastlm._C.amx_enabled(): true exactly where the extension was built for AMX-BF16 (-march=native on such a
+    CPU) and the CPU has it, so that on such a machine the tests above check the AMX kernel; FASTLM_CPU_AMX=off turns
+    it off."""
+    ext = backends.extension()
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    monkeypatch.delenv("FASTLM_CPU_AMX", raising=False)
+    assert ext.amx_enabled() == ("AMX-BF16" in ext.cpu_isa and "amx_bf16" in flags)
+    monkeypatch.setenv("FASTLM_CPU_AMX", "off")
+    assert not ext.amx_enabled()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -279,6 +300,19 @@ def test_cpu_head_dim_tails_and_schedules(backend, dtype, case, threads):
     (batch, kv head)."""
     with num_threads(threads):
         _check_case(backend, dtype, case, with_lse_grad=True)
+
+
+@pytest.mark.parametrize("backend,dtype,amx", [
+    pytest.param(*p.values, amx, id=f"{p.id}-amx_{amx}") for p in CPU_PARAMS
+    for amx in (("auto", "off") if p.values[1] == torch.bfloat16 else ("auto",))])
+def test_cpu_keys_past_the_pack_budget(backend, dtype, amx, monkeypatch):
+    """A kv head whose keys exceed a thread's share of the forward's pack budget (csrc/cpu/attention.h: 4M floats a
+    thread on 2 threads, 16384 keys of head dim 128) is read unpacked, each key tile packed when a query block needs
+    it: that path, on every kernel (bf16 with and without the AMX tiles: FASTLM_CPU_AMX), with a ragged last tile."""
+    monkeypatch.setenv("FASTLM_CPU_AMX", amx)
+    monkeypatch.setenv("FASTLM_CPU_BF16", "fastlm")
+    with num_threads(2):
+        _check_case(backend, dtype, (1, 5, 16411, 2, 1, 128, True, (-1, -1)))
 
 
 def test_sdpa_cross_check():

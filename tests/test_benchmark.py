@@ -220,8 +220,9 @@ def test_wrong_fastlm_result_makes_the_cli_fail(tmp_path, monkeypatch, capsys):
 RESULT_FIELDS = {"op": str, "case": str, "shape": dict, "dtype": str, "mode": str, "impl": str, "kind": str,
                  "status": str, "message": str, "reps": int, "speedup": dict, "check": str, "bound": str,
                  "ceiling_in_rotation": bool}
-ENV_FIELDS = ("date", "device", "device_name", "cpu_model", "cpu_isa", "kernels_isa", "cpu_bf16", "gpu_model",
-              "threads", "python", "torch", "triton", "cuda", "transformers", "fastlm", "fastlm_commit", "extension")
+ENV_FIELDS = ("date", "device", "device_name", "cpu_model", "cpu_isa", "kernels_isa", "cpu_bf16", "cpu_amx",
+              "gpu_model", "threads", "python", "torch", "triton", "cuda", "transformers", "fastlm", "fastlm_commit",
+              "extension")
 
 
 @pytest.fixture(scope="module")
@@ -249,9 +250,10 @@ def test_default_ops():
 
 def test_isa_left_out_names_what_the_build_lacks():
     host = ["AVX2", "FMA", "AVX-512", "AVX512-BF16", "AMX-BF16"]
-    assert benchmark.isa_left_out({"cpu_isa": host, "kernels_isa": host[:4]}) == []    # (AMX is no build option)
-    assert benchmark.isa_left_out({"cpu_isa": host, "kernels_isa": ["AVX2", "FMA"]}) == ["AVX-512", "AVX512-BF16"]
-    assert benchmark.isa_left_out({"cpu_isa": host, "kernels_isa": []}) == host[:4]
+    assert benchmark.isa_left_out({"cpu_isa": host, "kernels_isa": host}) == []
+    assert benchmark.isa_left_out({"cpu_isa": host, "kernels_isa": host[:4]}) == ["AMX-BF16"]
+    assert benchmark.isa_left_out({"cpu_isa": host, "kernels_isa": ["AVX2", "FMA"]}) == host[2:]
+    assert benchmark.isa_left_out({"cpu_isa": host, "kernels_isa": []}) == host
     assert benchmark.isa_left_out({"cpu_isa": host, "kernels_isa": None}) == []        # no extension
     assert benchmark.isa_left_out({"cpu_isa": host}) == []                             # a JSON from before the field
 
@@ -274,6 +276,8 @@ def test_cli_tiny_run_writes_json_table_and_plots(tiny_run):
     assert set(doc["env"]["kernels_isa"] or ()) <= set(doc["env"]["cpu_isa"])
     # where bf16 matrix products ran: by default on ATen's kernels exactly where the CPU has AMX-BF16
     assert doc["env"]["cpu_bf16"] == (None if ext is None else "aten" if "amx_bf16" in flags else "fastlm")
+    # and fastlm's AMX attention exactly where the CPU has AMX-BF16 and the kernels were built for it
+    assert doc["env"]["cpu_amx"] == (None if ext is None else "AMX-BF16" in ext.cpu_isa and "amx_bf16" in flags)
     assert doc["config"]["tiny"] is True and doc["config"]["compile"] is False
     ceilings = doc["ceilings"]
     assert ceilings["copy_bytes_per_s"] > 0 and ceilings["matmul_flop_per_s"]["float32"] > 0
@@ -450,8 +454,9 @@ def test_perf_to_readme_replaces_only_the_marked_section(tiny_run, tmp_path):
     if "CPU figures" in text and isa:                                  # the extensions beside the CPU's name
         assert (f"({', '.join(isa)}), 2 threads" in text) == (not below)
         assert ("C++ kernels built for" in text) == below              # and the build's, where it has fewer
-        on_aten = benchmark.load(str(out / "bench.json"))["env"]["cpu_bf16"] == "aten"
-        assert ("bf16 matrix products on ATen's kernels" in text) == on_aten
+        env = benchmark.load(str(out / "bench.json"))["env"]
+        assert ("bf16 GEMMs on ATen's kernels" in text) == (env["cpu_bf16"] == "aten")
+        assert ("bf16 attention on fastlm's AMX-BF16 kernel" in text) == env["cpu_amx"]
     assert "| op | case | fastlm |" in text and "![" in text
     assert "by `python -m fastlm bench --tiny --no-compile --threads 2` " in text    # as it ran, but for --out
     for line in text.splitlines():

@@ -15,7 +15,12 @@
 //   O = alpha O + P V  O (kBlockQ x D) in L1, alpha = 2^(old max - new max); the tile's P V is summed apart and
 //                      added to alpha O once (tile.h), so O is not one serial sum over every key
 // All arithmetic is fp32 with fp32 accumulation; bf16 inputs on a CPU with AVX512-BF16 take the dot products of
-// bf16dot.h instead of being widened (K, Q^T and V as words of bf16 pairs, P rounded to bf16 for P V). Tiles
+// bf16dot.h instead of being widened (K, Q^T and V as words of bf16 pairs, P rounded to bf16 for P V, the softmax
+// writing it so: softmax_columns_bf16). On a CPU with AMX-BF16 (amx.h) both products run on the tile unit instead,
+// per column of 16 queries (amx_key_tile): S^T = K Q^T (K's rows of pairs, Q^T's pairs), the softmax on the vector
+// units, and O^T = alpha O^T + V^T P^T, the output kept transposed (Dv x kBlockQ) so that P^T, as the softmax leaves
+// it, is the B operand and V^T (packed once per panel, 32 x 32 blocks transposed in registers) the A operand; the
+// next column's S^T is issued before this column's softmax. Tiles
 // entirely outside the causal/window mask are never touched, tiles entirely inside it are not masked, and the S x S
 // score matrix never exists. Items are handed out through an atomic counter, which balances the threads. A kv head
 // whose panel would exceed the thread's share of kPackBudget floats (on 2 threads 32768 keys of 64 floats; on 16
@@ -28,8 +33,11 @@
 // head), the panel once per query block and query head (from L2 for a few hundred keys), out and lse written once.
 // Scratch per thread: a panel and a few tiles.
 //
-// bf16 on a CPU with AMX-BF16 (gemm.h's bf16_on_aten) runs ATen's flash-attention kernel instead, on the AMX tiles,
-// where it computes what this kernel does (no window; causal only for Sq == Sk; a positive scale).
+// FASTLM_CPU_BF16=aten (or auto with FASTLM_CPU_AMX=off on a CPU with AMX-BF16: gemm.h's bf16_on_aten) runs ATen's
+// flash-attention kernel for bf16 instead, where it computes what this kernel does (no window; causal only for
+// Sq == Sk; a positive scale). On 2 threads of a Xeon (16 heads of 64, seqlen 2048) this kernel's AMX path runs at
+// 685 GFLOP/s non-causal and 577 causal against ATen's 508 and 405 (bench/dev/cpu_notes.md).
+#include "cpu/amx.h"
 #include "cpu/attention.h"
 #include "cpu/bf16dot.h"
 #include "cpu/gemm.h"
@@ -46,6 +54,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace fastlm_cpu {
@@ -79,25 +88,78 @@ struct KeyPanel {
 // Words of a bf16 panel of n keys (k2 and v2; the fp32 panel takes n * (D + Dv) floats).
 inline int64_t panel_words(const Problem& p, int64_t n) { return n * ((p.D + 1) / 2) + (n + 1) / 2 * p.Dv; }
 
+// The AMX tile products (amx.h) read whole tiles: K^T's words of pairs along the head dim in rows of D2p (a whole
+// number of 16-word tile rows, zero padded), and V transposed, kBlockK-key blocks of Dv rows of kBlockK bf16 values
+// (the tile product's A operand: rows along the head dim, the key pairs along the reduction), keys past the end zero.
+// A panel of n keys holds whole blocks of kBlockK keys.
+inline int64_t amx_row_words(const Problem& p) { return ((p.D + 1) / 2 + 15) / 16 * 16; }
+inline int64_t amx_panel_words(const Problem& p, int64_t n) {
+  return (n + kBlockK - 1) / kBlockK * kBlockK * (amx_row_words(p) + p.Dv / 2);
+}
+
 struct Scratch {
   Floats qt, s, o, m, m_lo, l, alpha, kt, vt;
   std::vector<int64_t> lo, hi;
+  std::vector<int32_t> lo32, hi32;  // (the AMX path) lo and hi from the key tile's first key
   Floats panel;  // the kv head's KeyPanel, when it is packed
   Words qt2, pt2, kt2, panel2;  // the same as words, for the bf16 dot products (vt2 follows kt2)
-  Scratch(const Problem& p, int64_t panel_floats, bool words)
+  // panel_floats: the panel's size (floats or words), 0 for none; tile_words: a key tile's words, as words
+  Scratch(const Problem& p, int64_t panel_floats, bool words, int64_t tile_words)
       : qt(words ? 0 : p.D * kBlockQ), s(kBlockK * kBlockQ), o(kBlockQ * p.Dv), m(kBlockQ), m_lo(kBlockQ),
         l(kBlockQ), alpha(kBlockQ), kt(panel_floats || words ? 0 : kBlockK * p.D),
-        vt(panel_floats || words ? 0 : kBlockK * p.Dv), lo(kBlockQ), hi(kBlockQ), panel(words ? 0 : panel_floats),
-        qt2(words ? (p.D + 1) / 2 * kBlockQ : 0), pt2(words ? kBlockK / 2 * kBlockQ : 0),
-        kt2(words && !panel_floats ? panel_words(p, kBlockK) : 0), panel2(words ? panel_floats : 0) {}
+        vt(panel_floats || words ? 0 : kBlockK * p.Dv), lo(kBlockQ), hi(kBlockQ), lo32(kBlockQ), hi32(kBlockQ),
+        panel(words ? 0 : panel_floats),
+        qt2(words ? amx_row_words(p) * kBlockQ : 0), pt2(words ? kBlockK / 2 * kBlockQ : 0),
+        kt2(words && !panel_floats ? tile_words : 0), panel2(words ? panel_floats : 0) {}
 };
 
-// Packs keys [j, j + n) of kv head hk of batch b into k (fp32 rows or, for the dot products, words) and v.
-template <typename T>
+#if defined(FASTLM_AMX)
+// Up to 32 rows of n values (row stride ld; rows past `rows` and values past n read as 0), values [d0, d0 + 32)
+// transposed: value d0 + e of row t at dst[e * ldd + t] for e < ne. Each 16 rows, read as words of value pairs, are
+// transposed in registers (simd.h), and the two halves of the words of both 16-row blocks are gathered into rows of
+// 32 values (VPERMT2W).
+inline void transpose32_bf16(const uint16_t* src, int64_t ld, int64_t rows, int64_t n, int64_t d0, int64_t ne,
+                             uint16_t* dst, int64_t ldd) {
+  const __mmask32 in_row = d0 + 32 <= n ? ~__mmask32{0} : (__mmask32{1} << (n - d0)) - 1;
+  __m512i a[16], b[16];
+  for (int t = 0; t < 16; ++t) {
+    a[t] = t < rows ? _mm512_maskz_loadu_epi16(in_row, src + t * ld + d0) : _mm512_setzero_si512();
+    b[t] = t + 16 < rows ? _mm512_maskz_loadu_epi16(in_row, src + (t + 16) * ld + d0) : _mm512_setzero_si512();
+  }
+  transpose16(a), transpose16(b);  // a[p], b[p]: the words (value d0 + 2p, d0 + 2p + 1) of rows 0-15, 16-31
+  alignas(64) uint16_t even[32], odd[32];
+  for (int t = 0; t < 32; ++t)
+    even[t] = static_cast<uint16_t>(t < 16 ? 2 * t : 32 + 2 * (t - 16)), odd[t] = static_cast<uint16_t>(even[t] + 1);
+  const __m512i ie = _mm512_load_si512(even), io = _mm512_load_si512(odd);
+  for (int64_t e = 0; e < ne; ++e)
+    _mm512_storeu_si512(dst + e * ldd, _mm512_permutex2var_epi16(a[e / 2], e % 2 ? io : ie, b[e / 2]));
+}
+
+// Keys [j, j + n) of kv head hk of batch b for the AMX tile products, into kw as amx_panel_words lays them out.
+inline void pack_keys_amx(const Problem& p, const Inputs<c10::BFloat16>& in, int64_t b, int64_t hk, int64_t j,
+                          int64_t n, uint32_t* kw) {
+  const int64_t ldk = amx_row_words(p), np = (n + kBlockK - 1) / kBlockK * kBlockK;
+  pair_rows(in.k + in.ks.of(b, j, hk), in.ks.s, n, p.D, kw, ldk);
+  std::fill(kw + n * ldk, kw + np * ldk, 0u);
+  auto* vt = reinterpret_cast<uint16_t*>(kw + np * ldk);
+  const auto* v = reinterpret_cast<const uint16_t*>(in.v + in.vs.of(b, j, hk));
+  for (int64_t t = 0; t < np; t += 32)  // 32 keys at a time, 32 rows of the head dim at a time
+    for (int64_t d0 = 0; d0 < p.Dv; d0 += 32)
+      transpose32_bf16(v + t * in.vs.s, in.vs.s, std::max<int64_t>(0, n - t), p.D, d0, std::min<int64_t>(32, p.Dv - d0),
+                       vt + t / kBlockK * p.Dv * kBlockK + d0 * kBlockK + t % kBlockK, kBlockK);
+}
+#endif
+
+// Packs keys [j, j + n) of kv head hk of batch b into k (fp32 rows or, for the dot products, words) and v; for the
+// AMX tile products (Amx), into kw as amx_panel_words lays them out.
+template <typename T, bool Amx>
 void pack_keys(const Problem& p, const Inputs<T>& in, int64_t b, int64_t hk, int64_t j, int64_t n, float* kd,
                float* vd, uint32_t* kw) {
 #if defined(FASTLM_BF16_DOT)
   if constexpr (kBf16Dot<T>) {
+#if defined(FASTLM_AMX)
+    if constexpr (Amx) return pack_keys_amx(p, in, b, hk, j, n, kw);
+#endif
     const int64_t D2 = (p.D + 1) / 2;
     pair_rows(in.k + in.ks.of(b, j, hk), in.ks.s, n, p.D, kw, D2);
     interleave_rows(in.v + in.vs.of(b, j, hk), in.vs.s, n, p.D, kw + n * D2, p.Dv);
@@ -107,22 +169,69 @@ void pack_keys(const Problem& p, const Inputs<T>& in, int64_t b, int64_t hk, int
   widen_keys(p, in, b, hk, j, n, kd, vd);
 }
 
-// One query block of one head: out and lse of queries [qb * kBlockQ, ...).
-template <typename T>
+// kW columns of the n rows of O^T (row stride kBlockQ) times alpha[column]; nothing to do where every factor is 1 (a
+// NaN one is not).
+inline void scale_column(float* o, int64_t n, const float* alpha) {
+  const vfloat a = vload(alpha);
+  bool ones = true;
+  for (int i = 0; i < kW; ++i) ones = ones && a[i] == 1.0f;
+  if (ones) return;
+  for (int64_t r = 0; r < n; ++r) vstore(o + r * kBlockQ, vload(o + r * kBlockQ) * a);
+}
+
+#if defined(FASTLM_AMX)
+// Key tile [j0, j0 + nk) of a query block on the AMX tiles: S^T = K Q^T, the online softmax (P^T as bf16 pairs),
+// O^T = alpha O^T + V^T P^T, one column of kW queries at a time, the next column's S^T issued before this column's
+// softmax so that the tile unit computes it while the vector units work.
+inline void amx_key_tile(const Problem& p, Scratch& sc, const uint32_t* kt2, const uint32_t* vt2, int64_t j0,
+                         int64_t nk, int64_t rows, int64_t cols) {
+  static_assert(kW == 16, "a column of queries is one tile wide");
+  const int64_t ldk = amx_row_words(p), key_tiles = (nk + 15) / 16, chunks = (nk + 31) / 32;
+  const TileOperand k{reinterpret_cast<const char*>(kt2), 16 * ldk * 4, 64, ldk * 4};
+  const TileOperand qt{reinterpret_cast<const char*>(sc.qt2.data()), 16 * kBlockQ * 4, 64, kBlockQ * 4};
+  const TileOperand vt{reinterpret_cast<const char*>(vt2), 16 * kBlockK * 2, 64, kBlockK * 2};
+  const TileOperand pt{reinterpret_cast<const char*>(sc.pt2.data()), 16 * kBlockQ * 4, 64, kBlockQ * 4};
+  const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
+  if (!inside)  // the keys each query sees, from j0 (padding queries: none)
+    for (int64_t r = 0; r < cols; ++r) {
+      sc.lo32[r] = r < rows ? static_cast<int32_t>(std::clamp<int64_t>(sc.lo[r] - j0, 0, kBlockK)) : 1;
+      sc.hi32[r] = r < rows ? static_cast<int32_t>(std::clamp<int64_t>(sc.hi[r] - j0, -1, kBlockK)) : 0;
+    }
+  float* s = sc.s.data();
+  tile_column(key_tiles, ldk / 16, k, qt, 0, s, kBlockQ, false);
+  for (int64_t g = 0; g < cols / kW; ++g) {
+    if ((g + 1) * kW < cols) tile_column(key_tiles, ldk / 16, k, qt, g + 1, s, kBlockQ, false);
+    const int64_t c0 = g * kW;
+    LaneBounds bounds{sc.lo32.data() + c0, sc.hi32.data() + c0};
+    softmax_columns_bf16(s + c0, kBlockQ, nk, p.scale.c, sc.m.data() + c0, sc.m_lo.data() + c0, sc.l.data() + c0,
+                         sc.alpha.data() + c0, sc.pt2.data() + c0, kBlockQ, inside ? nullptr : &bounds);
+    for (int64_t j = (nk + 1) / 2; j < chunks * 16; ++j)  // the pairs past the last key, to the tile's end: 0
+      std::fill_n(sc.pt2.data() + j * kBlockQ + c0, kW, 0u);
+    scale_column(sc.o.data() + c0, p.Dv, sc.alpha.data() + c0);
+    tile_column(p.Dv / 16, chunks, vt, pt, g, sc.o.data(), kBlockQ, true);
+  }
+}
+#endif
+
+// One query block of one head: out and lse of queries [qb * kBlockQ, ...). With Amx (bf16 only) the two tile
+// products run on the AMX tiles, the output accumulated transposed (O^T = V^T P^T, Dv x kBlockQ: P^T is what the
+// softmax leaves, and alpha scales its columns).
+template <typename T, bool Amx>
 void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* out, float* lse, int64_t b,
                   int64_t h, int64_t qb, Scratch& sc) {
   // a block cut short by the sequence's end computes its rows' scores in whole vectors only (cols)
   const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Sq - i0), cols = (rows + kW - 1) / kW * kW;
   const T* q = in.q + in.qs.of(b, i0, h);
   constexpr bool words = kBf16Dot<T>;
-  const int64_t D2 = (p.D + 1) / 2;
+  const int64_t D2 = (p.D + 1) / 2, ldk = amx_row_words(p);
   if constexpr (words) {  // Q^T as words qt2[pair][query]: the sign of the scale flips sign bits (exact), 0 zeroes
     const uint32_t flip = p.scale.q_sign < 0 ? 0x80008000u : 0u, keep = p.scale.q_sign == 0 ? 0u : ~0u;
     for (int64_t r = 0; r < cols; ++r) {
       const auto* qr = r < rows ? reinterpret_cast<const uint16_t*>(q + r * in.qs.s) : nullptr;
-      for (int64_t w = 0; w < D2; ++w) {
-        uint32_t x = 0;  // padding queries: scores 0, never written out
-        if (qr) x = ((uint32_t{qr[2 * w]} | (2 * w + 1 < p.D ? uint32_t{qr[2 * w + 1]} << 16 : 0u)) ^ flip) & keep;
+      for (int64_t w = 0; w < (Amx ? ldk : D2); ++w) {
+        uint32_t x = 0;  // padding queries and (Amx) the pairs past D2: 0
+        if (qr && w < D2)
+          x = ((uint32_t{qr[2 * w]} | (2 * w + 1 < p.D ? uint32_t{qr[2 * w + 1]} << 16 : 0u)) ^ flip) & keep;
         sc.qt2[w * kBlockQ + r] = x;
       }
     }
@@ -139,7 +248,7 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
     }
   }
   for (int64_t r = 0; r < rows; ++r) sc.lo[r] = p.lo(i0 + r), sc.hi[r] = p.hi(i0 + r);
-  std::fill(sc.o.begin(), sc.o.begin() + rows * p.Dv, 0.0f);
+  std::fill(sc.o.begin(), sc.o.begin() + (Amx ? p.Dv * kBlockQ : rows * p.Dv), 0.0f);
   std::fill(sc.m.begin(), sc.m.end(), kNegInf);
   std::fill(sc.m_lo.begin(), sc.m_lo.end(), 0.0f);
   std::fill(sc.l.begin(), sc.l.end(), 0.0f);
@@ -150,12 +259,20 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
     const uint32_t *kt2 = nullptr, *vt2 = nullptr;
     if (kp.k) {
       kt = kp.k + (j0 - kp.k0) * p.D, vt = kp.v + (j0 - kp.k0) * p.Dv;
+    } else if (kp.k2 && Amx) {
+      kt2 = kp.k2 + (j0 - kp.k0) * ldk, vt2 = kp.v2 + (j0 - kp.k0) * p.Dv / 2;
     } else if (kp.k2) {
       kt2 = kp.k2 + (j0 - kp.k0) * D2, vt2 = kp.v2 + (j0 - kp.k0) / 2 * p.Dv;
     } else {
-      pack_keys(p, in, b, h / p.G, j0, nk, sc.kt.data(), sc.vt.data(), sc.kt2.data());
-      if constexpr (words) kt2 = sc.kt2.data(), vt2 = kt2 + nk * D2;
+      pack_keys<T, Amx>(p, in, b, h / p.G, j0, nk, sc.kt.data(), sc.vt.data(), sc.kt2.data());
+      if constexpr (words) kt2 = sc.kt2.data(), vt2 = kt2 + (Amx ? kBlockK * ldk : nk * D2);
     }
+#if defined(FASTLM_AMX)
+    if constexpr (Amx) {
+      amx_key_tile(p, sc, kt2, vt2, j0, nk, rows, cols);
+      continue;
+    }
+#endif
 #if defined(FASTLM_BF16_DOT)
     if constexpr (words)
       dot_tile(nk, cols, D2, WordsA{kt2, D2, 1}, sc.qt2.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
@@ -170,17 +287,20 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
           if (j0 + j < sc.lo[r] || j0 + j > sc.hi[r]) srow[r] = kNegInf;
       }
     }
+#if defined(FASTLM_BF16_DOT)
+    if constexpr (words) {  // P rounded to bf16 (as FlashAttention rounds it for its P V), key pairs interleaved
+      for (int64_t r = 0; r < cols; r += kW)
+        softmax_columns_bf16(sc.s.data() + r, kBlockQ, nk, p.scale.c, sc.m.data() + r, sc.m_lo.data() + r,
+                             sc.l.data() + r, sc.alpha.data() + r, sc.pt2.data() + r, kBlockQ);
+      dot_tile(rows, p.Dv, (nk + 1) / 2, WordsA{sc.pt2.data(), 1, kBlockQ}, vt2, p.Dv, sc.o.data(), p.Dv,
+               sc.alpha.data());
+      continue;
+    }
+#endif
     for (int64_t r = 0; r < cols; r += kW)
       softmax_columns(sc.s.data() + r, kBlockQ, nk, p.scale.c, sc.m.data() + r, sc.m_lo.data() + r,
                       sc.l.data() + r, sc.alpha.data() + r);
-#if defined(FASTLM_BF16_DOT)
-    if constexpr (words) {  // P rounded to bf16 (as FlashAttention rounds it for its P V), key pairs interleaved
-      round_interleave_rows(sc.s.data(), kBlockQ, nk, cols, sc.pt2.data(), kBlockQ);
-      dot_tile(rows, p.Dv, (nk + 1) / 2, WordsA{sc.pt2.data(), 1, kBlockQ}, vt2, p.Dv, sc.o.data(), p.Dv,
-               sc.alpha.data());
-    } else
-#endif
-      gemm_tile(rows, p.Dv, nk, MatA{sc.s.data(), 1, kBlockQ}, vt, p.Dv, sc.o.data(), p.Dv, sc.alpha.data());
+    gemm_tile(rows, p.Dv, nk, MatA{sc.s.data(), 1, kBlockQ}, vt, p.Dv, sc.o.data(), p.Dv, sc.alpha.data());
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
@@ -191,15 +311,19 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
       *lse_i = kNegInf;
       continue;
     }
-    const float* orow = sc.o.data() + r * p.Dv;
     const float inv = 1.0f / sc.l[r];
-    for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(orow[d] * inv);
+    if constexpr (Amx) {
+      for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(sc.o[d * kBlockQ + r] * inv);
+    } else {
+      const float* orow = sc.o.data() + r * p.Dv;
+      for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(orow[d] * inv);
+    }
     // in double: m_lo is far below m's ulp, and l was summed with it taken out
     *lse_i = static_cast<float>((double{sc.m[r]} + sc.m_lo[r] + std::log2(double{sc.l[r]})) * 0.6931471805599453);
   }
 }
 
-template <typename T>
+template <typename T, bool Amx>
 void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       at::Tensor& out, at::Tensor& lse) {
   const int64_t nqb = (p.Sq + kBlockQ - 1) / kBlockQ, n_kv = p.B * p.Hkv;
@@ -214,24 +338,32 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
   // threads: 2 MB a thread at least, 2048 keys of 128 floats)
   const int64_t budget = kPackBudget / std::min<int64_t>(threads, 16);
   constexpr bool words = kBf16Dot<T>;
-  const int64_t panel = nk * (p.D + p.Dv) > budget ? 0 : words ? panel_words(p, nk) : nk * (p.D + p.Dv);
+  const int64_t panel = nk * (p.D + p.Dv) > budget ? 0
+                        : Amx                      ? amx_panel_words(p, nk)
+                        : words                    ? panel_words(p, nk)
+                                                   : nk * (p.D + p.Dv);
   // Shares per kv head: enough items to keep the threads busy.
   const int64_t shares = std::min(nqb, std::max<int64_t>(1, (2 * threads + n_kv - 1) / n_kv));
   const int64_t n_items = n_kv * shares;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
-    Scratch sc(p, panel, words);
+    Scratch sc(p, panel, words, Amx ? amx_panel_words(p, kBlockK) : panel_words(p, kBlockK));
+#if defined(FASTLM_AMX)
+    std::optional<TileScope> tiles;
+    if constexpr (Amx) tiles.emplace();
+#endif
     int64_t packed = -1;
-    const int64_t D2 = (p.D + 1) / 2;
+    const int64_t D2 = (p.D + 1) / 2, v_off = Amx ? (nk + kBlockK - 1) / kBlockK * kBlockK * amx_row_words(p)
+                                                  : nk * D2;
     for (int64_t w = next.fetch_add(1); w < n_items; w = next.fetch_add(1)) {
       const int64_t share = w % shares, bk = w / shares, b = bk / p.Hkv, hk = bk % p.Hkv;
       if (panel && bk != packed) {
-        pack_keys(p, in, b, hk, k0, nk, sc.panel.data(), sc.panel.data() + nk * p.D, sc.panel2.data());
+        pack_keys<T, Amx>(p, in, b, hk, k0, nk, sc.panel.data(), sc.panel.data() + nk * p.D, sc.panel2.data());
         packed = bk;
       }
       KeyPanel kp{};
       if (panel && words)
-        kp = KeyPanel{nullptr, nullptr, sc.panel2.data(), sc.panel2.data() + nk * D2, k0};
+        kp = KeyPanel{nullptr, nullptr, sc.panel2.data(), sc.panel2.data() + v_off, k0};
       else if (panel)
         kp = KeyPanel{sc.panel.data(), sc.panel.data() + nk * p.D, nullptr, nullptr, k0};
       for (int64_t qb = nqb - 1 - share; qb >= 0; qb -= shares) {
@@ -241,7 +373,7 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
           if (next_qb >= 0)
             for (int64_t i = next_qb * kBlockQ; i < std::min(p.Sq, (next_qb + 1) * kBlockQ); ++i)
               prefetch_row<2>(in.q + in.qs.of(b, i, next_h), p.D);
-          attend_block<T>(p, in, kp, out_p, lse_p, b, hk * p.G + g, qb, sc);
+          attend_block<T, Amx>(p, in, kp, out_p, lse_p, b, hk * p.G + g, qb, sc);
         }
       }
     }
@@ -308,11 +440,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  // bf16 where bf16_on_aten() (gemm.h), for the problems ATen's flash attention computes as fastlm does: no window,
-  // causal only for Sq == Sk (its mask is top-left aligned, the same as bottom-right only there), and a positive
-  // scale (with a causal mask it gives NaN for a zero or negative one): its kernel, on the AMX tiles where the CPU
-  // has them. (Below autograd: this is a kernel, its ATen calls record no graph.)
-  const bool aten = dtype == at::kBFloat16 && bf16_on_aten();  // (checks FASTLM_CPU_BF16 on every bf16 call)
+  // bf16: this kernel on the AMX tiles where amx_enabled() (amx.h) unless FASTLM_CPU_BF16=aten; else, where
+  // bf16_on_aten() (gemm.h), ATen's flash attention for the problems it computes as fastlm does: no window, causal
+  // only for Sq == Sk (its mask is top-left aligned, the same as bottom-right only there), and a positive scale (with
+  // a causal mask it gives NaN for a zero or negative one). (Below autograd: this is a kernel, its ATen calls record
+  // no graph.)
+  const bool bf16 = dtype == at::kBFloat16;  // (FASTLM_CPU_BF16 and FASTLM_CPU_AMX are checked on every bf16 call)
+  const bool amx = bf16 && amx_enabled() && bf16_engine() != Bf16Engine::kAten;
+  const bool aten = bf16 && !amx && bf16_on_aten();
   if (aten && p.left < 0 && (p.right < 0 || (p.right == 0 && p.Sq == p.Sk)) && softmax_scale > 0) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(q.transpose(1, 2), k.transpose(1, 2),
@@ -321,7 +456,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     at::Tensor ot = o.transpose(1, 2);  // (its memory is (B, Sq, H, D) already; its LSE's is (B, Sq, H))
     return {ot.contiguous(), l.contiguous()};
   }
-  with_float_type(dtype, [&](auto tag) { attention_kernel<decltype(tag)>(p, q, k, v, out, lse); });
+  with_float_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+#if defined(FASTLM_AMX)
+    if constexpr (std::is_same_v<T, c10::BFloat16>)
+      if (amx) return attention_kernel<T, true>(p, q, k, v, out, lse);
+#endif
+    attention_kernel<T, false>(p, q, k, v, out, lse);
+  });
   return {out, lse};
 }
 

@@ -110,6 +110,75 @@ inline void round_interleave_rows(const float* s, int64_t lds, int64_t n, int64_
   }
 }
 
+// 2^x for x <= 126 by AVX-512's scalef, fewer instructions than simd.h's vexp2: x = n + f (n the nearest integer),
+// 2^f by its degree-6 Taylor polynomial (relative error < 1.3e-7), n put into the exponent by VSCALEFPS; 2^0 is
+// exactly 1, and x below -160 (-inf included) gives exactly 0. NaN stays NaN (VMAXPS returns its second operand, x,
+// for a NaN).
+inline __m512 vexp2_scalef(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-160.0f), x);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_scalef_ps(exp2_taylor<6>(_mm512_sub_ps(x, n)), n);
+}
+
+// softmax_columns (tile.h) for a P V product on bf16: the same update of m, m_lo, l and alpha for the 16 rows stored
+// as columns of s (score j of row `lane` at s[j * lds + lane], j < n), with P written rounded to bf16 as
+// round_interleave_rows writes it (key pairs interleaved, pair p at dst + p * ldd, an odd n's last pair with a zero
+// row) instead of in place, and 2^x by vexp2_scalef. Row `lane` sees scores lo[lane] <= j <= hi[lane] only (the
+// others count as -inf) where `bounds`; every score where not. The maximum is taken of the scores themselves (their
+// products by c > 0 are ordered as they are), and the exponents, the sum and the rounding are one pass.
+struct LaneBounds {
+  const int32_t *lo, *hi;
+};
+inline void softmax_columns_bf16(const float* s, int64_t lds, int64_t n, float c, float* m, float* m_lo, float* l,
+                                 float* alpha, uint32_t* dst, int64_t ldd, const LaneBounds* bounds = nullptr) {
+  const __m512i lo_j = bounds ? _mm512_loadu_si512(bounds->lo) : _mm512_setzero_si512();
+  const __m512i hi_j = bounds ? _mm512_loadu_si512(bounds->hi) : _mm512_set1_epi32(1 << 30);
+  auto visible = [&](int64_t j) {  // the lanes that see score j
+    const __m512i vj = _mm512_set1_epi32(static_cast<int32_t>(j));
+    return static_cast<__mmask16>(_mm512_cmp_epi32_mask(lo_j, vj, _MM_CMPINT_LE) &
+                                  _mm512_cmp_epi32_mask(vj, hi_j, _MM_CMPINT_LE));
+  };
+  const __m512 vc = _mm512_set1_ps(c);
+  __m512 vmax = _mm512_set1_ps(kNegInf);
+  __mmask16 nan = _mm512_cmp_ps_mask(_mm512_loadu_ps(m), _mm512_loadu_ps(m), _CMP_UNORD_Q);
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 sj = _mm512_loadu_ps(s + j * lds);
+    const __mmask16 see = visible(j);
+    vmax = _mm512_mask_max_ps(vmax, see, vmax, sj);
+    nan |= _mm512_mask_cmp_ps_mask(see, sj, sj, _CMP_UNORD_Q);
+  }
+  const __m512 m_old = _mm512_loadu_ps(m), top = _mm512_mul_ps(vmax, vc);  // top: the tile's largest product
+  const __m512 m_new = _mm512_mask_blend_ps(nan, _mm512_max_ps(m_old, top), _mm512_set1_ps(NAN));
+  // lanes with no finite score so far subtract 0 instead of -inf (P = 0, alpha = 0, never NaN)
+  const __mmask16 finite = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_NEQ_UQ);
+  const __m512 m_use = _mm512_maskz_mov_ps(finite, m_new), neg_m = _mm512_sub_ps(_mm512_setzero_ps(), m_use);
+  const __mmask16 raised = _mm512_cmp_ps_mask(top, m_old, _CMP_GT_OQ);
+  const __m512 lo = _mm512_maskz_mov_ps(
+      finite, _mm512_mask_blend_ps(raised, _mm512_loadu_ps(m_lo), _mm512_fmadd_ps(vmax, vc, _mm512_sub_ps(
+                                                                                        _mm512_setzero_ps(), top))));
+  const __mmask16 big = _mm512_cmp_ps_mask(_mm512_abs_ps(m_use), _mm512_set1_ps(kExactExponentLimit), _CMP_NLT_UQ);
+  const bool exact = big == 0;  // (NaN lanes count as big: either way their x is NaN)
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  auto exp_of = [&](int64_t j) {
+    const __m512 sj = _mm512_loadu_ps(s + j * lds);
+    return _mm512_maskz_mov_ps(visible(j), vexp2_scalef(exact ? _mm512_sub_ps(_mm512_fmadd_ps(sj, vc, neg_m), lo)
+                                                              : _mm512_add_ps(_mm512_mul_ps(sj, vc), neg_m)));
+  };
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 2) {
+    const __m512 e0 = exp_of(j), e1 = j + 1 < n ? exp_of(j + 1) : _mm512_setzero_ps();
+    sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // bf16 e0 in words 0-15, e1 in 16-31
+    _mm512_storeu_si512(dst + j / 2 * ldd, _mm512_permutexvar_epi16(pairs, both));
+  }
+  const vfloat a = vexp2(vfloat(m_old) - vfloat(m_use));
+  vstore(alpha, a);
+  _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), a, sum));
+  _mm512_storeu_ps(m, m_new);
+  _mm512_storeu_ps(m_lo, lo);
+}
+
 struct WordsA {
   const uint32_t* p;
   int64_t row, col;  // strides of the row index i and the pair index p, in words

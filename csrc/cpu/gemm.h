@@ -185,18 +185,23 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const W* 
 }
 
 // Whether bf16 matrix products go to ATen's kernels (oneDNN) instead of fastlm's: the GEMMs of linear and the MLPs
-// (rather than this file's) and the attention forward (its flash-attention kernel, where it computes the same
-// masks: attention.cpp). Where the CPU has AMX-BF16, oneDNN runs them on the AMX tile units: GEMMs at 2.1-2.2
-// TFLOP/s on 2 threads of a Xeon against 0.19 for the AVX512-BF16 dot products here, attention about 3x faster
-// (bench/dev/cpu_notes.md). FASTLM_CPU_BF16: "auto" (default: ATen where the CPU has AMX-BF16), "aten" or "fastlm",
-// read at each call.
-inline bool bf16_on_aten() {
-  static const bool amx = cpuinfo_initialize() && cpuinfo_has_x86_amx_bf16();
+// (rather than this file's) and, where fastlm's AMX kernel does not run (amx.h), the attention forward (its
+// flash-attention kernel, where it computes the same masks: attention.cpp). Where the CPU has AMX-BF16, oneDNN runs
+// them on the AMX tile units: GEMMs at 2.1-2.2 TFLOP/s on 2 threads of a Xeon against 0.19 for the AVX512-BF16 dot
+// products here (bench/dev/cpu_notes.md). FASTLM_CPU_BF16: "auto" (default: ATen where the CPU has AMX-BF16),
+// "aten" (the attention forward too) or "fastlm", read at each call.
+enum class Bf16Engine { kAuto, kAten, kFastlm };
+inline Bf16Engine bf16_engine() {
   const char* env = std::getenv("FASTLM_CPU_BF16");
   const std::string mode = env && *env ? env : "auto";
   TORCH_CHECK_VALUE(mode == "auto" || mode == "aten" || mode == "fastlm",
                     "FASTLM_CPU_BF16 must be auto, aten or fastlm, got '", mode, "'");
-  return mode == "aten" || (mode == "auto" && amx);
+  return mode == "aten" ? Bf16Engine::kAten : mode == "fastlm" ? Bf16Engine::kFastlm : Bf16Engine::kAuto;
+}
+inline bool bf16_on_aten() {
+  static const bool amx = cpuinfo_initialize() && cpuinfo_has_x86_amx_bf16();
+  const Bf16Engine engine = bf16_engine();
+  return engine == Bf16Engine::kAten || (engine == Bf16Engine::kAuto && amx);
 }
 
 // x W1^T and x W2^T in one pass (gemm_impl with two weights of the same shape).
