@@ -117,9 +117,8 @@ inline void tile_strip(int64_t i, int64_t j, int64_t kt, const TileOperand& A, c
 }
 
 // Column j of C's tiles: C(i, j) = (accumulate ? C(i, j) : 0) + sum over k < kt of A(i, k) B(k, j) for i < mt
-// (fp32 C, row stride ldc floats, tile (i, j) at C + 16 (i ldc + j)), 4 tiles at a time. A caller that computes
-// one column while it works on the previous one with vector instructions keeps both units busy. Needs a TileScope on
-// the thread.
+// (fp32 C, row stride ldc floats, tile (i, j) at C + 16 (i ldc + j)), 4 tiles at a time. Needs a TileScope on the
+// thread.
 inline void tile_column(int64_t mt, int64_t kt, const TileOperand& A, const TileOperand& B, int64_t j, float* C,
                         int64_t ldc, bool accumulate) {
   for (int64_t i = 0; i < mt; i += 4) {

@@ -181,8 +181,8 @@ inline void scale_column(float* o, int64_t n, const float* alpha) {
 
 #if defined(FASTLM_AMX)
 // Key tile [j0, j0 + nk) of a query block on the AMX tiles: S^T = K Q^T, the online softmax (P^T as bf16 pairs),
-// O^T = alpha O^T + V^T P^T, one column of kW queries at a time, the next column's S^T issued before this column's
-// softmax so that the tile unit computes it while the vector units work.
+// O^T = alpha O^T + V^T P^T, one column of kW queries at a time (the next column's S^T is issued before this
+// column's softmax; measured, the two units still take turns: bench/dev/cpu_notes.md).
 inline void amx_key_tile(const Problem& p, Scratch& sc, const uint32_t* kt2, const uint32_t* vt2, int64_t j0,
                          int64_t nk, int64_t rows, int64_t cols) {
   static_assert(kW == 16, "a column of queries is one tile wide");
