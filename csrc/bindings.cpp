@@ -251,7 +251,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   isa.append("AMX-BF16");
 #endif
   m.attr("cpu_isa") = pybind11::tuple(isa);
-  m.def("bf16_on_aten", &fastlm_cpu::bf16_on_aten,
+  m.def("bf16_on_aten", [] { return fastlm_cpu::bf16_on_aten(); },
         "whether the CPU kernels' bf16 matrix products run on ATen's (oneDNN: AMX-BF16 tiles) now, per FASTLM_CPU_BF16 "
         "(auto: where the CPU has AMX-BF16)");
   m.def("amx_enabled", &fastlm_cpu::amx_enabled,

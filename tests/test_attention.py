@@ -6,6 +6,7 @@ kernels also get head dims with a vector tail and long windowed sequences (CPU_C
 schedules.
 """
 import math
+import os
 
 import numpy as np
 import pytest
@@ -92,9 +93,10 @@ def _references(q, k, v, do, dlse, **kw):
     return results
 
 
-# bf16 on the C++ CPU backend runs ATen's flash-attention kernel where the CPU has AMX-BF16 (FASTLM_CPU_BF16): its
-# exponentials are approximations, which put the LSE's sum within 2^-13 relative (up to 6.2e-5 measured; bf16 itself
-# rounds to 2^-8), against ~1e-6 for exact fp32 math
+# bf16 on the C++ CPU backend runs ATen's flash-attention kernel with FASTLM_CPU_BF16=aten, or by default where the
+# CPU has AMX-BF16 but fastlm's AMX kernel is off (FASTLM_CPU_AMX): its exponentials are approximations, which put
+# the LSE's sum within 2^-13 relative (up to 6.2e-5 measured; bf16 itself rounds to 2^-8), against ~1e-6 for exact
+# fp32 math
 CPU_BF16_LSE_ATOL = 2 ** -13
 
 
@@ -102,6 +104,7 @@ def _on_aten_flash(backend, q, k, causal=False, window=(-1, -1), softmax_scale=N
     """Whether ops.attention runs ATen's flash-attention kernel for these arguments (csrc/cpu/attention.cpp)."""
     ext = backends.extension()
     return (backend == "cpu" and q.dtype == torch.bfloat16 and ext is not None and ext.bf16_on_aten()
+            and (os.environ.get("FASTLM_CPU_BF16") == "aten" or not ext.amx_enabled())
             and window[0] < 0 and (q.shape[1] == k.shape[1] if causal else window[1] < 0)
             and (softmax_scale is None or softmax_scale > 0))
 

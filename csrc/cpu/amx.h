@@ -30,6 +30,12 @@
 
 namespace fastlm_cpu {
 
+// Whether the CPU has AMX-BF16 (cpuinfo, asked once).
+inline bool cpu_has_amx_bf16() {
+  static const bool has = cpuinfo_initialize() && cpuinfo_has_x86_amx_bf16();
+  return has;
+}
+
 // Whether fastlm's AMX kernels run now: built with them, the CPU has AMX-BF16, the kernel granted the tile state
 // (asked once per process), and FASTLM_CPU_AMX ("auto", the default, or "off"; read at each call) allows them.
 inline bool amx_enabled() {
@@ -38,8 +44,7 @@ inline bool amx_enabled() {
   TORCH_CHECK_VALUE(mode == "auto" || mode == "off", "FASTLM_CPU_AMX must be auto or off, got '", mode, "'");
 #if defined(FASTLM_AMX)
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // (asm/prctl.h; not in every libc's headers)
-  static const bool granted = cpuinfo_initialize() && cpuinfo_has_x86_amx_bf16() &&
-                              syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  static const bool granted = cpu_has_amx_bf16() && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
   return mode == "auto" && granted;
 #else
   return false;

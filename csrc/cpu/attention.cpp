@@ -91,16 +91,19 @@ inline int64_t panel_words(const Problem& p, int64_t n) { return n * ((p.D + 1) 
 // The AMX tile products (amx.h) read whole tiles: K^T's words of pairs along the head dim in rows of D2p (a whole
 // number of 16-word tile rows, zero padded), and V transposed, kBlockK-key blocks of Dv rows of kBlockK bf16 values
 // (the tile product's A operand: rows along the head dim, the key pairs along the reduction), keys past the end zero.
-// A panel of n keys holds whole blocks of kBlockK keys.
+// A panel of n keys holds whole blocks of kBlockK keys: K's words (amx_k_words), then V^T's.
 inline int64_t amx_row_words(const Problem& p) { return ((p.D + 1) / 2 + 15) / 16 * 16; }
+inline int64_t amx_k_words(const Problem& p, int64_t n) {
+  return (n + kBlockK - 1) / kBlockK * kBlockK * amx_row_words(p);
+}
 inline int64_t amx_panel_words(const Problem& p, int64_t n) {
-  return (n + kBlockK - 1) / kBlockK * kBlockK * (amx_row_words(p) + p.Dv / 2);
+  return amx_k_words(p, n) + (n + kBlockK - 1) / kBlockK * kBlockK * p.Dv / 2;
 }
 
 struct Scratch {
   Floats qt, s, o, m, m_lo, l, alpha, kt, vt;
   std::vector<int64_t> lo, hi;
-  std::vector<int32_t> lo32, hi32;  // (the AMX path) lo and hi from the key tile's first key
+  std::vector<int32_t> lo32, hi32;  // (bf16) lo and hi from the key tile's first key
   Floats panel;  // the kv head's KeyPanel, when it is packed
   Words qt2, pt2, kt2, panel2;  // the same as words, for the bf16 dot products (vt2 follows kt2)
   // panel_floats: the panel's size (floats or words), 0 for none; tile_words: a key tile's words, as words
@@ -127,10 +130,10 @@ inline void transpose32_bf16(const uint16_t* src, int64_t ld, int64_t rows, int6
     b[t] = t + 16 < rows ? _mm512_maskz_loadu_epi16(in_row, src + (t + 16) * ld + d0) : _mm512_setzero_si512();
   }
   transpose16(a), transpose16(b);  // a[p], b[p]: the words (value d0 + 2p, d0 + 2p + 1) of rows 0-15, 16-31
-  alignas(64) uint16_t even[32], odd[32];
-  for (int t = 0; t < 32; ++t)
-    even[t] = static_cast<uint16_t>(t < 16 ? 2 * t : 32 + 2 * (t - 16)), odd[t] = static_cast<uint16_t>(even[t] + 1);
-  const __m512i ie = _mm512_load_si512(even), io = _mm512_load_si512(odd);
+  // the low (even) and high (odd) halves of a's words, then of b's
+  const __m512i ie = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24,
+                                      22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i io = _mm512_add_epi16(ie, _mm512_set1_epi16(1));
   for (int64_t e = 0; e < ne; ++e)
     _mm512_storeu_si512(dst + e * ldd, _mm512_permutex2var_epi16(a[e / 2], e % 2 ? io : ie, b[e / 2]));
 }
@@ -140,8 +143,8 @@ inline void pack_keys_amx(const Problem& p, const Inputs<c10::BFloat16>& in, int
                           int64_t n, uint32_t* kw) {
   const int64_t ldk = amx_row_words(p), np = (n + kBlockK - 1) / kBlockK * kBlockK;
   pair_rows(in.k + in.ks.of(b, j, hk), in.ks.s, n, p.D, kw, ldk);
-  std::fill(kw + n * ldk, kw + np * ldk, 0u);
-  auto* vt = reinterpret_cast<uint16_t*>(kw + np * ldk);
+  std::fill(kw + n * ldk, kw + amx_k_words(p, n), 0u);
+  auto* vt = reinterpret_cast<uint16_t*>(kw + amx_k_words(p, n));
   const auto* v = reinterpret_cast<const uint16_t*>(in.v + in.vs.of(b, j, hk));
   for (int64_t t = 0; t < np; t += 32)  // 32 keys at a time, 32 rows of the head dim at a time
     for (int64_t d0 = 0; d0 < p.Dv; d0 += 32)
@@ -183,28 +186,23 @@ inline void scale_column(float* o, int64_t n, const float* alpha) {
 // Key tile [j0, j0 + nk) of a query block on the AMX tiles: S^T = K Q^T, the online softmax (P^T as bf16 pairs),
 // O^T = alpha O^T + V^T P^T, one column of kW queries at a time (the next column's S^T is issued before this
 // column's softmax; measured, the two units still take turns: bench/dev/cpu_notes.md).
-inline void amx_key_tile(const Problem& p, Scratch& sc, const uint32_t* kt2, const uint32_t* vt2, int64_t j0,
-                         int64_t nk, int64_t rows, int64_t cols) {
+// lo32, hi32: the queries' key bounds from the tile's first key, null where every query sees every key.
+inline void amx_key_tile(const Problem& p, Scratch& sc, const uint32_t* kt2, const uint32_t* vt2, int64_t nk,
+                         int64_t cols, const int32_t* lo32, const int32_t* hi32) {
   static_assert(kW == 16, "a column of queries is one tile wide");
   const int64_t ldk = amx_row_words(p), key_tiles = (nk + 15) / 16, chunks = (nk + 31) / 32;
   const TileOperand k{reinterpret_cast<const char*>(kt2), 16 * ldk * 4, 64, ldk * 4};
   const TileOperand qt{reinterpret_cast<const char*>(sc.qt2.data()), 16 * kBlockQ * 4, 64, kBlockQ * 4};
   const TileOperand vt{reinterpret_cast<const char*>(vt2), 16 * kBlockK * 2, 64, kBlockK * 2};
   const TileOperand pt{reinterpret_cast<const char*>(sc.pt2.data()), 16 * kBlockQ * 4, 64, kBlockQ * 4};
-  const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
-  if (!inside)  // the keys each query sees, from j0 (padding queries: none)
-    for (int64_t r = 0; r < cols; ++r) {
-      sc.lo32[r] = r < rows ? static_cast<int32_t>(std::clamp<int64_t>(sc.lo[r] - j0, 0, kBlockK)) : 1;
-      sc.hi32[r] = r < rows ? static_cast<int32_t>(std::clamp<int64_t>(sc.hi[r] - j0, -1, kBlockK)) : 0;
-    }
   float* s = sc.s.data();
   tile_column(key_tiles, ldk / 16, k, qt, 0, s, kBlockQ, false);
   for (int64_t g = 0; g < cols / kW; ++g) {
     if ((g + 1) * kW < cols) tile_column(key_tiles, ldk / 16, k, qt, g + 1, s, kBlockQ, false);
     const int64_t c0 = g * kW;
-    LaneBounds bounds{sc.lo32.data() + c0, sc.hi32.data() + c0};
     softmax_columns_bf16(s + c0, kBlockQ, nk, p.scale.c, sc.m.data() + c0, sc.m_lo.data() + c0, sc.l.data() + c0,
-                         sc.alpha.data() + c0, sc.pt2.data() + c0, kBlockQ, inside ? nullptr : &bounds);
+                         sc.alpha.data() + c0, sc.pt2.data() + c0, kBlockQ, lo32 ? lo32 + c0 : nullptr,
+                         hi32 ? hi32 + c0 : nullptr);
     for (int64_t j = (nk + 1) / 2; j < chunks * 16; ++j)  // the pairs past the last key, to the tile's end: 0
       std::fill_n(sc.pt2.data() + j * kBlockQ + c0, kW, 0u);
     scale_column(sc.o.data() + c0, p.Dv, sc.alpha.data() + c0);
@@ -265,11 +263,20 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
       kt2 = kp.k2 + (j0 - kp.k0) * D2, vt2 = kp.v2 + (j0 - kp.k0) / 2 * p.Dv;
     } else {
       pack_keys<T, Amx>(p, in, b, h / p.G, j0, nk, sc.kt.data(), sc.vt.data(), sc.kt2.data());
-      if constexpr (words) kt2 = sc.kt2.data(), vt2 = kt2 + (Amx ? kBlockK * ldk : nk * D2);
+      if constexpr (words) kt2 = sc.kt2.data(), vt2 = kt2 + (Amx ? amx_k_words(p, kBlockK) : nk * D2);
+    }
+    const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
+    const int32_t *lo32 = nullptr, *hi32 = nullptr;  // (bf16) the keys each query sees, from j0
+    if (words && !inside) {
+      for (int64_t r = 0; r < cols; ++r) {  // (padding queries: none)
+        sc.lo32[r] = r < rows ? static_cast<int32_t>(std::clamp<int64_t>(sc.lo[r] - j0, 0, kBlockK)) : 1;
+        sc.hi32[r] = r < rows ? static_cast<int32_t>(std::clamp<int64_t>(sc.hi[r] - j0, -1, kBlockK)) : 0;
+      }
+      lo32 = sc.lo32.data(), hi32 = sc.hi32.data();
     }
 #if defined(FASTLM_AMX)
     if constexpr (Amx) {
-      amx_key_tile(p, sc, kt2, vt2, j0, nk, rows, cols);
+      amx_key_tile(p, sc, kt2, vt2, nk, cols, lo32, hi32);
       continue;
     }
 #endif
@@ -279,8 +286,7 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
     else
 #endif
       gemm_tile(nk, cols, p.D, MatA{kt, p.D, 1}, sc.qt.data(), kBlockQ, sc.s.data(), kBlockQ, nullptr);
-    const bool inside = sc.lo[rows - 1] <= j0 && j0 + kBlockK - 1 <= sc.hi[0];
-    if (!inside) {
+    if (!words && !inside) {
       for (int64_t j = 0; j < nk; ++j) {
         float* srow = sc.s.data() + j * kBlockQ;
         for (int64_t r = 0; r < rows; ++r)
@@ -291,7 +297,8 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
     if constexpr (words) {  // P rounded to bf16 (as FlashAttention rounds it for its P V), key pairs interleaved
       for (int64_t r = 0; r < cols; r += kW)
         softmax_columns_bf16(sc.s.data() + r, kBlockQ, nk, p.scale.c, sc.m.data() + r, sc.m_lo.data() + r,
-                             sc.l.data() + r, sc.alpha.data() + r, sc.pt2.data() + r, kBlockQ);
+                             sc.l.data() + r, sc.alpha.data() + r, sc.pt2.data() + r, kBlockQ,
+                             lo32 ? lo32 + r : nullptr, hi32 ? hi32 + r : nullptr);
       dot_tile(rows, p.Dv, (nk + 1) / 2, WordsA{sc.pt2.data(), 1, kBlockQ}, vt2, p.Dv, sc.o.data(), p.Dv,
                sc.alpha.data());
       continue;
@@ -353,8 +360,7 @@ void attention_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k
     if constexpr (Amx) tiles.emplace();
 #endif
     int64_t packed = -1;
-    const int64_t D2 = (p.D + 1) / 2, v_off = Amx ? (nk + kBlockK - 1) / kBlockK * kBlockK * amx_row_words(p)
-                                                  : nk * D2;
+    const int64_t D2 = (p.D + 1) / 2, v_off = Amx ? amx_k_words(p, nk) : nk * D2;
     for (int64_t w = next.fetch_add(1); w < n_items; w = next.fetch_add(1)) {
       const int64_t share = w % shares, bk = w / shares, b = bk / p.Hkv, hk = bk % p.Hkv;
       if (panel && bk != packed) {
@@ -446,8 +452,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   // a causal mask it gives NaN for a zero or negative one). (Below autograd: this is a kernel, its ATen calls record
   // no graph.)
   const bool bf16 = dtype == at::kBFloat16;  // (FASTLM_CPU_BF16 and FASTLM_CPU_AMX are checked on every bf16 call)
-  const bool amx = bf16 && amx_enabled() && bf16_engine() != Bf16Engine::kAten;
-  const bool aten = bf16 && !amx && bf16_on_aten();
+  const Bf16Engine engine = bf16 ? bf16_engine() : Bf16Engine::kFastlm;
+  const bool amx = bf16 && amx_enabled() && engine != Bf16Engine::kAten;
+  const bool aten = bf16 && !amx && bf16_on_aten(engine);
   if (aten && p.left < 0 && (p.right < 0 || (p.right == 0 && p.Sq == p.Sk)) && softmax_scale > 0) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(q.transpose(1, 2), k.transpose(1, 2),

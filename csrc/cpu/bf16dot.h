@@ -96,20 +96,6 @@ inline void interleave_rows(const c10::BFloat16* src, int64_t ld, int64_t n, int
   }
 }
 
-// Rows 2m, 2m + 1 of an fp32 tile (n rows of N floats, N a multiple of 16, row stride lds) rounded to bf16 (to nearest
-// even) and interleaved into words, pair m at dst + m * ldd; an odd n's last pair takes a zero row.
-inline void round_interleave_rows(const float* s, int64_t lds, int64_t n, int64_t N, uint32_t* dst, int64_t ldd) {
-  for (int64_t m = 0; 2 * m < n; ++m) {
-    const float* a = s + 2 * m * lds;
-    const float* b = 2 * m + 1 < n ? a + lds : nullptr;
-    for (int64_t c = 0; c < N; c += 16) {
-      const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + c));
-      const __m256i hi = b ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(b + c)) : _mm256_setzero_si256();
-      _mm512_storeu_si512(dst + m * ldd + c, pair_words(lo, hi));
-    }
-  }
-}
-
 // 2^x for x <= 126 by AVX-512's scalef, fewer instructions than simd.h's vexp2: x = n + f (n the nearest integer),
 // 2^f by its degree-6 Taylor polynomial (relative error < 1.3e-7), n put into the exponent by VSCALEFPS; 2^0 is
 // exactly 1, and x below -160 (-inf included) gives exactly 0. NaN stays NaN (VMAXPS returns its second operand, x,
@@ -121,22 +107,20 @@ inline __m512 vexp2_scalef(__m512 x) {
 }
 
 // softmax_columns (tile.h) for a P V product on bf16: the same update of m, m_lo, l and alpha for the 16 rows stored
-// as columns of s (score j of row `lane` at s[j * lds + lane], j < n), with P written rounded to bf16 as
-// round_interleave_rows writes it (key pairs interleaved, pair p at dst + p * ldd, an odd n's last pair with a zero
-// row) instead of in place, and 2^x by vexp2_scalef. Row `lane` sees scores lo[lane] <= j <= hi[lane] only (the
-// others count as -inf) where `bounds`; every score where not. The maximum is taken of the scores themselves (their
+// as columns of s (score j of row `lane` at s[j * lds + lane], j < n), with P written rounded to bf16 (to nearest
+// even) as the B operand of the P V product over keys instead of in place: key pairs interleaved into words, pair p
+// at dst + p * ldd, an odd n's last pair with a zero row; 2^x by vexp2_scalef. With Masked, row `lane` sees scores
+// lo[lane] <= j <= hi[lane] only (the others count as -inf). The maximum is taken of the scores themselves (their
 // products by c > 0 are ordered as they are), and the exponents, the sum and the rounding are one pass.
-struct LaneBounds {
-  const int32_t *lo, *hi;
-};
-inline void softmax_columns_bf16(const float* s, int64_t lds, int64_t n, float c, float* m, float* m_lo, float* l,
-                                 float* alpha, uint32_t* dst, int64_t ldd, const LaneBounds* bounds = nullptr) {
-  const __m512i lo_j = bounds ? _mm512_loadu_si512(bounds->lo) : _mm512_setzero_si512();
-  const __m512i hi_j = bounds ? _mm512_loadu_si512(bounds->hi) : _mm512_set1_epi32(1 << 30);
-  auto visible = [&](int64_t j) {  // the lanes that see score j
+template <bool Masked>
+void softmax_columns_bf16_impl(const float* s, int64_t lds, int64_t n, float c, float* m, float* m_lo, float* l,
+                               float* alpha, uint32_t* dst, int64_t ldd, const int32_t* lo, const int32_t* hi) {
+  const __m512i lo_j = Masked ? _mm512_loadu_si512(lo) : _mm512_setzero_si512();
+  const __m512i hi_j = Masked ? _mm512_loadu_si512(hi) : _mm512_setzero_si512();
+  auto visible = [&](int64_t j) -> __mmask16 {  // the lanes that see score j
+    if constexpr (!Masked) return 0xFFFF;
     const __m512i vj = _mm512_set1_epi32(static_cast<int32_t>(j));
-    return static_cast<__mmask16>(_mm512_cmp_epi32_mask(lo_j, vj, _MM_CMPINT_LE) &
-                                  _mm512_cmp_epi32_mask(vj, hi_j, _MM_CMPINT_LE));
+    return _mm512_cmp_epi32_mask(lo_j, vj, _MM_CMPINT_LE) & _mm512_cmp_epi32_mask(vj, hi_j, _MM_CMPINT_LE);
   };
   const __m512 vc = _mm512_set1_ps(c);
   __m512 vmax = _mm512_set1_ps(kNegInf);
@@ -153,17 +137,17 @@ inline void softmax_columns_bf16(const float* s, int64_t lds, int64_t n, float c
   const __mmask16 finite = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_NEQ_UQ);
   const __m512 m_use = _mm512_maskz_mov_ps(finite, m_new), neg_m = _mm512_sub_ps(_mm512_setzero_ps(), m_use);
   const __mmask16 raised = _mm512_cmp_ps_mask(top, m_old, _CMP_GT_OQ);
-  const __m512 lo = _mm512_maskz_mov_ps(
-      finite, _mm512_mask_blend_ps(raised, _mm512_loadu_ps(m_lo), _mm512_fmadd_ps(vmax, vc, _mm512_sub_ps(
-                                                                                        _mm512_setzero_ps(), top))));
+  const __m512 lo_new = _mm512_fmadd_ps(vmax, vc, _mm512_sub_ps(_mm512_setzero_ps(), top));  // vmax c - top, exact
+  const __m512 m_lo_new = _mm512_maskz_mov_ps(finite, _mm512_mask_blend_ps(raised, _mm512_loadu_ps(m_lo), lo_new));
   const __mmask16 big = _mm512_cmp_ps_mask(_mm512_abs_ps(m_use), _mm512_set1_ps(kExactExponentLimit), _CMP_NLT_UQ);
   const bool exact = big == 0;  // (NaN lanes count as big: either way their x is NaN)
   const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   auto exp_of = [&](int64_t j) {
     const __m512 sj = _mm512_loadu_ps(s + j * lds);
-    return _mm512_maskz_mov_ps(visible(j), vexp2_scalef(exact ? _mm512_sub_ps(_mm512_fmadd_ps(sj, vc, neg_m), lo)
-                                                              : _mm512_add_ps(_mm512_mul_ps(sj, vc), neg_m)));
+    const __m512 e = vexp2_scalef(exact ? _mm512_sub_ps(_mm512_fmadd_ps(sj, vc, neg_m), m_lo_new)
+                                        : _mm512_add_ps(_mm512_mul_ps(sj, vc), neg_m));
+    return Masked ? _mm512_maskz_mov_ps(visible(j), e) : e;
   };
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 2) {
@@ -176,7 +160,16 @@ inline void softmax_columns_bf16(const float* s, int64_t lds, int64_t n, float c
   vstore(alpha, a);
   _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), a, sum));
   _mm512_storeu_ps(m, m_new);
-  _mm512_storeu_ps(m_lo, lo);
+  _mm512_storeu_ps(m_lo, m_lo_new);
+}
+
+// The lanes' key bounds lo, hi: both null where every lane sees every score.
+inline void softmax_columns_bf16(const float* s, int64_t lds, int64_t n, float c, float* m, float* m_lo, float* l,
+                                 float* alpha, uint32_t* dst, int64_t ldd, const int32_t* lo, const int32_t* hi) {
+  if (lo)
+    softmax_columns_bf16_impl<true>(s, lds, n, c, m, m_lo, l, alpha, dst, ldd, lo, hi);
+  else
+    softmax_columns_bf16_impl<false>(s, lds, n, c, m, m_lo, l, alpha, dst, ldd, lo, hi);
 }
 
 struct WordsA {

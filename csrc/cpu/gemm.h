@@ -17,13 +17,13 @@
 // written once by the epilogue, group-wide row segments at a time.
 #pragma once
 
+#include "cpu/amx.h"
 #include "cpu/bf16dot.h"
 #include "cpu/simd.h"
 #include "cpu/tile.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
-#include <cpuinfo.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -198,10 +198,8 @@ inline Bf16Engine bf16_engine() {
                     "FASTLM_CPU_BF16 must be auto, aten or fastlm, got '", mode, "'");
   return mode == "aten" ? Bf16Engine::kAten : mode == "fastlm" ? Bf16Engine::kFastlm : Bf16Engine::kAuto;
 }
-inline bool bf16_on_aten() {
-  static const bool amx = cpuinfo_initialize() && cpuinfo_has_x86_amx_bf16();
-  const Bf16Engine engine = bf16_engine();
-  return engine == Bf16Engine::kAten || (engine == Bf16Engine::kAuto && amx);
+inline bool bf16_on_aten(Bf16Engine engine = bf16_engine()) {
+  return engine == Bf16Engine::kAten || (engine == Bf16Engine::kAuto && cpu_has_amx_bf16());
 }
 
 // x W1^T and x W2^T in one pass (gemm_impl with two weights of the same shape).
