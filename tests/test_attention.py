@@ -179,6 +179,25 @@ def test_large_logits(backend, dtype):
     _check_case(backend, dtype, (1, 65, 97, 2, 1, 64, True, (-1, -1)), logit_scale=math.sqrt(30 / math.sqrt(64)) * 2)
 
 
+@pytest.mark.parametrize("backend,dtype", _params(BACKEND_DTYPES))
+def test_rising_logits(backend, dtype):
+    """Scores that rise along the keys, by about 6.4 (base 2) per 64 keys to 20: the running maximum grows every key
+    tile, by less than the bf16 CPU kernels' rescale slack (8, csrc/cpu/bf16dot.h: they keep the old maximum, P
+    then above 1) in some tiles and by more in others (they move it and rescale the output). The forward: out and
+    LSE. (Keys with a common component this large put the C++ fp32 backward's dQ 2-5x past the rule: P recomputed
+    from the fp32 LSE carries its rounding, ~1e-6 relative, into a sum that cancels; bench/dev/cpu_notes.md.)"""
+    _require(backend)
+    sk, device = 200, backend_device(backend)
+    q, k, v = _inputs(1, 5, sk, 2, 1, 64, dtype, scale=0.05, device=device)
+    q[..., 0], k[..., 0] = 1, torch.linspace(0, 20 * math.log(2), sk, device=device).to(dtype)[None, :, None]
+    out, lse = ops.attention(q, k, v, softmax_scale=1.0, return_lse=True, backend=backend)
+    cpu = [t.cpu() for t in (q, k, v)]
+    out64, lse64 = reference.attention(*(t.double() for t in cpu), softmax_scale=1.0, return_lse=True)
+    check_rule("out", out, out64, reference.attention(*cpu, softmax_scale=1.0))
+    check_rule("lse", lse, lse64, reference.attention(*(t.float() for t in cpu), softmax_scale=1.0,
+                                                      return_lse=True)[1])
+
+
 @pytest.mark.parametrize("backend,dtype", _params([p for p in BACKEND_DTYPES
                                                    if (p.values if hasattr(p, "values") else p)[1] == torch.float16]))
 def test_dot_products_past_the_fp16_range(backend, dtype):
