@@ -42,10 +42,6 @@ constexpr bool bf16_dot_available() {
 template <typename T>
 constexpr bool kBf16Dot = bf16_dot_available() && std::is_same_v<T, c10::BFloat16>;
 
-// Rows per micro-kernel with NV = 4: 6 x 4 accumulators + 4 B vectors + 1 broadcast fit the 32 registers. Per
-// word of A it takes 10 loads for 24 dot products (12 x 2: 14), ~8 % faster (bench/dev/cpu_notes.md).
-constexpr int kWideRows = 6;
-
 // Rows of n bf16 values (row stride ld) as words of consecutive pairs, ldo words a row: row j's word p = elements
 // 2p, 2p + 1; an odd n's last word and the words past (n + 1) / 2 are zero padded.
 inline void pair_rows(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t n, uint32_t* dst, int64_t ldo) {
