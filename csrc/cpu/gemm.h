@@ -5,7 +5,8 @@
 // split across the threads. For each group a thread packs its rows of W transposed, panel by panel (K x kPanel,
 // fp32: half-precision weights are widened here, once per element), then walks down x kChunkRows rows at a time:
 // for each 256-deep slice of the reduction (kDepth) it runs the register-blocked micro-kernel of tile.h (kRows x
-// kPanel accumulators: kRows broadcasts of x and two panel vectors per k) over every panel of the group, the first
+// kPanel accumulators: kRows broadcasts of x and two panel vectors per k; with AVX-512 kWideRows x 2 kPanel over two
+// adjacent panels where there are two: fewer loads per FMA) over every panel of the group, the first
 // slice writing the tile and each later one adding its sums to it, and hands the rows x group tile to an epilogue
 // (bias, activation, residual, rounding to the output dtype), which writes whole row segments of the output.
 //
@@ -150,8 +151,8 @@ void gemm_impl(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const W
           const int64_t depth = (std::min(kDepth, K - k0) + per - 1) / per, kx = k0 / per;  // in x elements
           const float* add = k0 == 0 ? nullptr : ones.data();  // the first step writes the tile, later ones add
           for (int64_t p = 0; p < np * nw;) {
-            // the dot products take two panels at a time where there are two (dot_rows<4>)
-            const bool wide = words && p + 1 < np * nw;
+            // two panels at a time where there are two (gemm_rows<4>, dot_rows<4>: AVX-512)
+            const bool wide = (words || kW == 16) && p + 1 < np * nw;
             const int64_t step = wide ? kWideRows : kRows;
             for (int64_t i = 0; i < rows; i += step) {
               const int64_t r = std::min(step, rows - i);
@@ -166,7 +167,16 @@ void gemm_impl(int64_t M, int64_t N, int64_t K, const X* x, int64_t ldx, const W
                   dot_rows<2>(r, a, b, kPanel, depth, c, ldt, add);
               } else
 #endif
-                gemm_rows<2, false>(r, MatA{x + (m0 + i) * ldx + kx, ldx, 1}, b, kPanel, depth, c, ldt, add);
+              {
+                const MatA a{x + (m0 + i) * ldx + kx, ldx, 1};
+                if constexpr (kW == 16) {
+                  if (wide) {
+                    gemm_rows<4, false>(r, a, b, kPanel, depth, c, ldt, add, Kx * kPanel);
+                    continue;
+                  }
+                }
+                gemm_rows<2, false>(r, a, b, kPanel, depth, c, ldt, add);
+              }
             }
             p += wide ? 2 : 1;
           }

@@ -7,7 +7,9 @@
 // A with any strides (element (i, k) at A[i * a_row + k * a_col], read as scalars), B a row-major panel
 // (B[k * ldb + n], read as vectors), N a multiple of kW. The micro-kernel keeps a kRows x 2 block of vectors of C in
 // registers and, per k, loads two vectors of B and broadcasts kRows elements of A: 2 * kRows FMAs per 2 + kRows
-// loads, so it is FMA-bound while the B panel (K x 2 vectors) stays in L1 across the row blocks. With HoldB the B
+// loads, so it is FMA-bound while the B panel (K x 2 vectors) stays in L1 across the row blocks; with AVX-512 a
+// kWideRows x 4 block where there are 4 vectors of columns (4 * kWideRows FMAs per 4 + kWideRows loads; its second
+// pair of B vectors b_next after the first: the next packed panel of gemm.h, the next columns here). With HoldB the B
 // vectors are held in registers, so that the FMAs take no memory operands (GCC otherwise folds the loads into some
 // of the kernels, and re-loads B for every row): that makes the attention kernels ~5 % faster (fp32 forward, 16
 // heads of 64, seqlen 256-2048) but the MLP GEMM of gemm.h ~25 % slower, which therefore leaves the choice to the
@@ -44,13 +46,13 @@ struct MatA {
 // Never inlined: inlined into a large caller (gemm.h's loops), GCC has kept the accumulators of this array in
 // memory, a store per FMA (2.7x slower); compiled alone they stay in registers.
 template <int R, int NV, bool HoldB>
-[[gnu::noinline]] void gemm_micro(MatA A, const float* __restrict B, int64_t ldb, int64_t K, float* __restrict C,
-                                  int64_t ldc, const float* __restrict row_scale) {
+[[gnu::noinline]] void gemm_micro(MatA A, const float* __restrict B, int64_t ldb, int64_t b_next, int64_t K,
+                                  float* __restrict C, int64_t ldc, const float* __restrict row_scale) {
   vfloat acc[R][NV] = {};
   for (int64_t k = 0; k < K; ++k) {
     vfloat b[NV];
     for (int v = 0; v < NV; ++v) {
-      b[v] = vload(B + k * ldb + v * kW);
+      b[v] = vload(B + v / 2 * b_next + k * ldb + v % 2 * kW);
       if (HoldB) keep_in_register(b[v]);
     }
     const float* a = A.p + k * A.col;
@@ -67,11 +69,11 @@ template <int R, int NV, bool HoldB>
 
 template <int NV, bool HoldB = true>
 inline void gemm_rows(int64_t rows, MatA A, const float* B, int64_t ldb, int64_t K, float* C, int64_t ldc,
-                      const float* row_scale) {
+                      const float* row_scale, int64_t b_next = 0) {
   static_assert(NV == 1 || NV == 2 || (NV == 4 && kW == 16), "gemm_rows: 1 or 2 vectors of columns, or 4 (AVX-512)");
   auto micro = [&](auto r) {
     if constexpr (NV <= 2 || decltype(r)::value <= kWideRows)
-      gemm_micro<decltype(r)::value, NV, HoldB>(A, B, ldb, K, C, ldc, row_scale);
+      gemm_micro<decltype(r)::value, NV, HoldB>(A, B, ldb, b_next, K, C, ldc, row_scale);
     else  // (no such micro-kernel: it would not fit the registers)
       TORCH_CHECK(false, "gemm_rows<4>: at most ", kWideRows, " rows per call, got ", rows);
   };
@@ -128,7 +130,7 @@ inline void gemm_tile(int64_t M, int64_t N, int64_t K, MatA A, const float* B, i
     for (; n + 4 * kW <= N; n += 4 * kW)
       for (int64_t i = 0; i < M; i += kWideRows)
         gemm_rows<4>(std::min<int64_t>(kWideRows, M - i), MatA{A.p + i * A.row, A.row, A.col}, B + n, ldb, K,
-                     C + i * ldc + n, ldc, row_scale ? row_scale + i : nullptr);
+                     C + i * ldc + n, ldc, row_scale ? row_scale + i : nullptr, 2 * kW);
   if (n < N)
     blocked_product(M, N - n, K, A, B + n, ldb, C + n, ldc, row_scale,
                     [](auto nv, auto... args) { gemm_rows<decltype(nv)::value>(args...); });
