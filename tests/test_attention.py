@@ -198,6 +198,27 @@ def test_rising_logits(backend, dtype):
                                                       return_lse=True)[1])
 
 
+@pytest.mark.parametrize("backend,dtype", _params(BACKEND_DTYPES))
+def test_scores_jumping_past_the_exponent_range(backend, dtype):
+    """Scores of ~0 in the first key tile and ~200 (~289 in base 2) from key 70 on: the running maximum must move in
+    the second tile, since 2^289 overflows fp32 (the bf16 CPU kernels' one-pass softmax, csrc/cpu/bf16dot.h, keeps
+    the maximum only where that is safe, and must fall back here). Then a NaN key in the third tile, which every query
+    sees: every output and LSE NaN."""
+    _require(backend)
+    sk, device = 200, backend_device(backend)
+    q, k, v = _inputs(1, 5, sk, 2, 1, 64, dtype, scale=0.05, device=device)
+    q[..., 0], k[:, 70:, :, 0] = 1, 200
+    out, lse = ops.attention(q, k, v, softmax_scale=1.0, return_lse=True, backend=backend)
+    cpu = [t.cpu() for t in (q, k, v)]
+    out64, lse64 = reference.attention(*(t.double() for t in cpu), softmax_scale=1.0, return_lse=True)
+    check_rule("out", out, out64, reference.attention(*cpu, softmax_scale=1.0))
+    check_rule("lse", lse, lse64, reference.attention(*(t.float() for t in cpu), softmax_scale=1.0,
+                                                      return_lse=True)[1])
+    k[:, 150, :, 1] = float("nan")
+    out, lse = ops.attention(q, k, v, softmax_scale=1.0, return_lse=True, backend=backend)
+    assert torch.isnan(out).all() and torch.isnan(lse).all()
+
+
 @pytest.mark.parametrize("backend,dtype", _params([p for p in BACKEND_DTYPES
                                                    if (p.values if hasattr(p, "values") else p)[1] == torch.float16]))
 def test_dot_products_past_the_fp16_range(backend, dtype):

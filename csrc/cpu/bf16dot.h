@@ -125,9 +125,14 @@ inline __m512 vexp2_scalef(__m512 x) {
 // exact in bf16's range; l and the LSE are kept against the same m): after the first tiles its alpha is 1, and the
 // caller skips rescaling the output accumulator (FlashAttention-4's conditional rescaling).
 constexpr float kRescaleSlack = 8.0f;
-template <bool Masked>
-void softmax_columns_bf16_impl(const float* s, int64_t lds, int64_t n, float c, float* m, float* m_lo, float* l,
+// Kept: one pass, for a tile without masks whose lanes all have a finite running maximum below kExactExponentLimit:
+// the exponents are taken against that maximum as it is and the tile's maximum is found in the same pass; returns
+// false, with m, m_lo, l and alpha untouched, where it would move the maximum of a lane (or met a NaN score), and the
+// caller then runs the two passes (whose results it gives, bit for bit, wherever it returns true).
+template <bool Masked, bool Kept>
+bool softmax_columns_bf16_impl(const float* s, int64_t lds, int64_t n, float c, float* m, float* m_lo, float* l,
                                float* alpha, uint32_t* dst, int64_t ldd, const int32_t* lo, const int32_t* hi) {
+  static_assert(!(Masked && Kept), "one pass: tiles without masks only");
   const __m512i lo_j = Masked ? _mm512_loadu_si512(lo) : _mm512_setzero_si512();
   const __m512i hi_j = Masked ? _mm512_loadu_si512(hi) : _mm512_setzero_si512();
   auto visible = [&](int64_t j) -> __mmask16 {  // the lanes that see score j
@@ -135,19 +140,21 @@ void softmax_columns_bf16_impl(const float* s, int64_t lds, int64_t n, float c, 
     const __m512i vj = _mm512_set1_epi32(static_cast<int32_t>(j));
     return _mm512_cmp_epi32_mask(lo_j, vj, _MM_CMPINT_LE) & _mm512_cmp_epi32_mask(vj, hi_j, _MM_CMPINT_LE);
   };
-  const __m512 vc = _mm512_set1_ps(c);
+  const __m512 vc = _mm512_set1_ps(c), m_old = _mm512_loadu_ps(m);
   __m512 vmax = _mm512_set1_ps(kNegInf);
-  __mmask16 nan = _mm512_cmp_ps_mask(_mm512_loadu_ps(m), _mm512_loadu_ps(m), _CMP_UNORD_Q);
-  for (int64_t j = 0; j < n; ++j) {
+  __mmask16 nan = _mm512_cmp_ps_mask(m_old, m_old, _CMP_UNORD_Q);
+  for (int64_t j = 0; j < n && !Kept; ++j) {
     const __m512 sj = _mm512_loadu_ps(s + j * lds);
     const __mmask16 see = visible(j);
     vmax = _mm512_mask_max_ps(vmax, see, vmax, sj);
     nan |= _mm512_mask_cmp_ps_mask(see, sj, sj, _CMP_UNORD_Q);
   }
-  const __m512 m_old = _mm512_loadu_ps(m), top = _mm512_mul_ps(vmax, vc);  // top: the tile's largest product
-  // the lanes whose maximum moves to top (from -inf: any finite top)
-  const __mmask16 raised =
-      _mm512_cmp_ps_mask(top, _mm512_add_ps(m_old, _mm512_set1_ps(kRescaleSlack)), _CMP_GT_OQ);
+  // the lanes whose maximum moves to top, the tile's largest product (from -inf: any finite top)
+  auto raised_to = [&](__m512 top) {
+    return _mm512_cmp_ps_mask(top, _mm512_add_ps(m_old, _mm512_set1_ps(kRescaleSlack)), _CMP_GT_OQ);
+  };
+  const __m512 top = _mm512_mul_ps(vmax, vc);
+  const __mmask16 raised = Kept ? 0 : raised_to(top);
   const __m512 m_new = _mm512_mask_blend_ps(nan, _mm512_mask_blend_ps(raised, m_old, top), _mm512_set1_ps(NAN));
   // lanes with no finite score so far subtract 0 instead of -inf (P = 0, alpha = 0, never NaN)
   const __mmask16 finite = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_NEQ_UQ);
@@ -160,6 +167,7 @@ void softmax_columns_bf16_impl(const float* s, int64_t lds, int64_t n, float c, 
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   auto exp_of = [&](int64_t j) {
     const __m512 sj = _mm512_loadu_ps(s + j * lds);
+    if constexpr (Kept) vmax = _mm512_max_ps(vmax, sj);  // (a NaN score shows in the sum)
     const __m512 e = vexp2_scalef(exact ? _mm512_sub_ps(_mm512_fmadd_ps(sj, vc, neg_m), m_lo_new)
                                         : _mm512_add_ps(_mm512_mul_ps(sj, vc), neg_m));
     return Masked ? _mm512_maskz_mov_ps(visible(j), e) : e;
@@ -171,20 +179,30 @@ void softmax_columns_bf16_impl(const float* s, int64_t lds, int64_t n, float c, 
     const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // bf16 e0 in words 0-15, e1 in 16-31
     _mm512_storeu_si512(dst + j / 2 * ldd, _mm512_permutexvar_epi16(pairs, both));
   }
+  if constexpr (Kept) {
+    if (raised_to(_mm512_mul_ps(vmax, vc)) | _mm512_cmp_ps_mask(sum, sum, _CMP_UNORD_Q)) return false;
+  }
   const vfloat a = vexp2(vfloat(m_old) - vfloat(m_use));
   vstore(alpha, a);
   _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), a, sum));
   _mm512_storeu_ps(m, m_new);
   _mm512_storeu_ps(m_lo, m_lo_new);
+  return true;
 }
 
-// The lanes' key bounds lo, hi: both null where every lane sees every score.
+// The lanes' key bounds lo, hi: both null where every lane sees every score. A tile without masks first tries the
+// one pass (most tiles after a query block's first: the maximum rarely moves by more than kRescaleSlack).
 inline void softmax_columns_bf16(const float* s, int64_t lds, int64_t n, float c, float* m, float* m_lo, float* l,
                                  float* alpha, uint32_t* dst, int64_t ldd, const int32_t* lo, const int32_t* hi) {
-  if (lo)
-    softmax_columns_bf16_impl<true>(s, lds, n, c, m, m_lo, l, alpha, dst, ldd, lo, hi);
-  else
-    softmax_columns_bf16_impl<false>(s, lds, n, c, m, m_lo, l, alpha, dst, ldd, lo, hi);
+  if (lo) {
+    softmax_columns_bf16_impl<true, false>(s, lds, n, c, m, m_lo, l, alpha, dst, ldd, lo, hi);
+    return;
+  }
+  const __mmask16 settled = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(m)),
+                                               _mm512_set1_ps(kExactExponentLimit), _CMP_LT_OQ);
+  if (settled == 0xFFFF && softmax_columns_bf16_impl<false, true>(s, lds, n, c, m, m_lo, l, alpha, dst, ldd, lo, hi))
+    return;
+  softmax_columns_bf16_impl<false, false>(s, lds, n, c, m, m_lo, l, alpha, dst, ldd, lo, hi);
 }
 
 struct WordsA {
