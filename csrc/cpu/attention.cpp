@@ -209,6 +209,24 @@ inline void amx_key_tile(const Problem& p, Scratch& sc, const uint32_t* kt2, con
     tile_column(p.Dv / 16, chunks, vt, pt, g, sc.o.data(), kBlockQ, true);
   }
 }
+
+// The output rows of a query block from O^T (Dv x kBlockQ): rows r < `rows` of D values at dst + r * ld, O^T's
+// column r times inv[r], rounded to bf16 (to nearest even; VCVTNEPS2BF16 reads an fp32 denormal as 0). 16 x 16
+// blocks transposed in registers (simd.h), written a 16-value row segment at a time.
+inline void store_transposed(const Problem& p, const float* o, const float* inv, int64_t rows, c10::BFloat16* dst,
+                             int64_t ld) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16)
+    for (int64_t d0 = 0; d0 < p.D; d0 += 16) {  // (d0 + 15 < Dv, r0 + 15 < kBlockQ: whole vectors)
+      __m512i t[16];
+      for (int e = 0; e < 16; ++e) t[e] = _mm512_loadu_si512(o + (d0 + e) * kBlockQ + r0);
+      transpose16(t);
+      const __mmask16 part = p.D - d0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (p.D - d0)) - 1);
+      for (int64_t r = r0; r < std::min(rows, r0 + 16); ++r) {
+        const __m512 x = _mm512_mul_ps(_mm512_castsi512_ps(t[r - r0]), _mm512_set1_ps(inv[r]));
+        _mm256_mask_storeu_epi16(dst + r * ld + d0, part, (__m256i)_mm512_cvtneps_pbh(x));
+      }
+    }
+}
 #endif
 
 // One query block of one head: out and lse of queries [qb * kBlockQ, ...). With Amx (bf16 only) the two tile
@@ -309,6 +327,12 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
                       sc.l.data() + r, sc.alpha.data() + r);
     gemm_tile(rows, p.Dv, nk, MatA{sc.s.data(), 1, kBlockQ}, vt, p.Dv, sc.o.data(), p.Dv, sc.alpha.data());
   }
+#if defined(FASTLM_AMX)
+  if constexpr (Amx) {  // (rows without keys are written again below)
+    for (int64_t r = 0; r < rows; ++r) sc.alpha[r] = 1.0f / sc.l[r];
+    store_transposed(p, sc.o.data(), sc.alpha.data(), rows, out + ((b * p.Sq + i0) * p.H + h) * p.D, p.H * p.D);
+  }
+#endif
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     T* dst = out + ((b * p.Sq + i) * p.H + h) * p.D;
@@ -318,11 +342,8 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
       *lse_i = kNegInf;
       continue;
     }
-    const float inv = 1.0f / sc.l[r];
-    if constexpr (Amx) {
-      for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(sc.o[d * kBlockQ + r] * inv);
-    } else {
-      const float* orow = sc.o.data() + r * p.Dv;
+    if constexpr (!Amx) {
+      const float* orow = sc.o.data() + r * p.Dv, inv = 1.0f / sc.l[r];
       for (int64_t d = 0; d < p.D; ++d) dst[d] = from_float<T>(orow[d] * inv);
     }
     // in double: m_lo is far below m's ulp, and l was summed with it taken out
