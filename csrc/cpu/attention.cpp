@@ -240,18 +240,28 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
   const T* q = in.q + in.qs.of(b, i0, h);
   constexpr bool words = kBf16Dot<T>;
   const int64_t D2 = (p.D + 1) / 2, ldk = amx_row_words(p);
+#if defined(FASTLM_BF16_DOT)
   if constexpr (words) {  // Q^T as words qt2[pair][query]: the sign of the scale flips sign bits (exact), 0 zeroes
-    const uint32_t flip = p.scale.q_sign < 0 ? 0x80008000u : 0u, keep = p.scale.q_sign == 0 ? 0u : ~0u;
-    for (int64_t r = 0; r < cols; ++r) {
-      const auto* qr = r < rows ? reinterpret_cast<const uint16_t*>(q + r * in.qs.s) : nullptr;
-      for (int64_t w = 0; w < (Amx ? ldk : D2); ++w) {
-        uint32_t x = 0;  // padding queries and (Amx) the pairs past D2: 0
-        if (qr && w < D2)
-          x = ((uint32_t{qr[2 * w]} | (2 * w + 1 < p.D ? uint32_t{qr[2 * w + 1]} << 16 : 0u)) ^ flip) & keep;
-        sc.qt2[w * kBlockQ + r] = x;
+    // a query row's words are its own bytes: 16 x 16 blocks of words transposed in registers (simd.h); padding
+    // queries, the value past an odd D and (Amx) the words past D2 read as 0
+    const __m512i flip = _mm512_set1_epi32(p.scale.q_sign < 0 ? static_cast<int32_t>(0x80008000u) : 0);
+    const __m512i keep = _mm512_set1_epi32(p.scale.q_sign == 0 ? 0 : -1);
+    const int64_t words_per_row = Amx ? ldk : D2;
+    for (int64_t r0 = 0; r0 < cols; r0 += 16)
+      for (int64_t w0 = 0; w0 < words_per_row; w0 += 16) {
+        __m512i t[16];
+        const int64_t n = std::clamp<int64_t>(p.D - 2 * w0, 0, 32);  // values of a row in these 16 words
+        const __mmask32 in_row = n == 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+        for (int64_t e = 0; e < 16; ++e)
+          t[e] = r0 + e < rows ? _mm512_maskz_loadu_epi16(in_row, q + (r0 + e) * in.qs.s + 2 * w0)
+                               : _mm512_setzero_si512();
+        transpose16(t);
+        for (int64_t e = 0; e < std::min<int64_t>(16, words_per_row - w0); ++e)
+          _mm512_storeu_si512(sc.qt2.data() + (w0 + e) * kBlockQ + r0,
+                              _mm512_and_si512(_mm512_xor_si512(t[e], flip), keep));
       }
-    }
   }
+#endif
   // kW queries at a time: each of their rows is read front to back, and qt is written a whole vector at a time
   for (int64_t r0 = 0; r0 < cols && !words; r0 += kW) {
     const T* rows_q[kW];
