@@ -262,13 +262,21 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
       }
   }
 #endif
-  // kW queries at a time: each of their rows is read front to back, and qt is written a whole vector at a time
+  // kW queries at a time: kW x kW blocks transposed in registers (simd.h), the rest (a ragged head dim, a block cut
+  // short) an element at a time, a whole vector of qt written at a time; padding queries: scores 0, never written out
   for (int64_t r0 = 0; r0 < cols && !words; r0 += kW) {
     const T* rows_q[kW];
     const int64_t n = std::min<int64_t>(kW, rows - r0);
     for (int64_t r = 0; r < n; ++r) rows_q[r] = q + (r0 + r) * in.qs.s;
-    for (int64_t d = 0; d < p.D; ++d) {
-      vfloat x{};  // padding queries: scores 0, never written out
+    int64_t d = 0;
+    for (; n == kW && d + kW <= p.D; d += kW) {
+      float* dst = sc.qt.data() + d * kBlockQ + r0;
+      transpose_block(rows_q[0] + d, in.qs.s, dst, kBlockQ);
+      if (p.scale.q_sign != 1.0f)
+        for (int64_t e = 0; e < kW; ++e) vstore(dst + e * kBlockQ, vload(dst + e * kBlockQ) * p.scale.q_sign);
+    }
+    for (; d < p.D; ++d) {
+      vfloat x{};
       for (int64_t r = 0; r < n; ++r) x[r] = to_float(rows_q[r][d]);
       vstore(sc.qt.data() + d * kBlockQ + r0, x * p.scale.q_sign);
     }
