@@ -36,7 +36,7 @@
 // FASTLM_CPU_BF16=aten (or auto with FASTLM_CPU_AMX=off on a CPU with AMX-BF16: gemm.h's bf16_on_aten) runs ATen's
 // flash-attention kernel for bf16 instead, where it computes what this kernel does (no window; causal only for
 // Sq == Sk; a positive scale). On 2 threads of a Xeon (16 heads of 64, seqlen 2048) this kernel's AMX path runs at
-// 825-842 GFLOP/s non-causal and 630-660 causal against ATen's 508-550 and 390-457 (bench/dev/cpu_notes.md).
+// 920-946 GFLOP/s non-causal and 772-796 causal against ATen's 508-550 and 390-457 (bench/dev/cpu_notes.md).
 #include "cpu/amx.h"
 #include "cpu/attention.h"
 #include "cpu/bf16dot.h"
