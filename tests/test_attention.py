@@ -139,6 +139,16 @@ def _check_attention(backend, q, k, v, do, *, with_lse_grad=False, **kw):
         check_rule(name, g, g64, glow)
 
 
+def _check_forward(backend, q, k, v, **kw):
+    """out and lse of the forward alone against the float64 reference (the rule's peer: the reference in the inputs'
+    dtype for out, in fp32 for lse)."""
+    out, lse = ops.attention(q, k, v, return_lse=True, backend=backend, **kw)
+    cpu = [t.cpu() for t in (q, k, v)]
+    out64, lse64 = reference.attention(*(t.double() for t in cpu), return_lse=True, **kw)
+    check_rule("out", out, out64, reference.attention(*cpu, **kw))
+    check_rule("lse", lse, lse64, reference.attention(*(t.float() for t in cpu), return_lse=True, **kw)[1])
+
+
 def _matrix():
     """Every (backend, dtype) with every case it serves: the CUDA kernel only has its compiled head dims."""
     out = []
@@ -190,12 +200,7 @@ def test_rising_logits(backend, dtype):
     sk, device = 200, backend_device(backend)
     q, k, v = _inputs(1, 5, sk, 2, 1, 64, dtype, scale=0.05, device=device)
     q[..., 0], k[..., 0] = 1, torch.linspace(0, 20 * math.log(2), sk, device=device).to(dtype)[None, :, None]
-    out, lse = ops.attention(q, k, v, softmax_scale=1.0, return_lse=True, backend=backend)
-    cpu = [t.cpu() for t in (q, k, v)]
-    out64, lse64 = reference.attention(*(t.double() for t in cpu), softmax_scale=1.0, return_lse=True)
-    check_rule("out", out, out64, reference.attention(*cpu, softmax_scale=1.0))
-    check_rule("lse", lse, lse64, reference.attention(*(t.float() for t in cpu), softmax_scale=1.0,
-                                                      return_lse=True)[1])
+    _check_forward(backend, q, k, v, softmax_scale=1.0)
 
 
 @pytest.mark.parametrize("backend,dtype", _params(BACKEND_DTYPES))
@@ -208,12 +213,7 @@ def test_scores_jumping_past_the_exponent_range(backend, dtype):
     sk, device = 200, backend_device(backend)
     q, k, v = _inputs(1, 5, sk, 2, 1, 64, dtype, scale=0.05, device=device)
     q[..., 0], k[:, 70:, :, 0] = 1, 200
-    out, lse = ops.attention(q, k, v, softmax_scale=1.0, return_lse=True, backend=backend)
-    cpu = [t.cpu() for t in (q, k, v)]
-    out64, lse64 = reference.attention(*(t.double() for t in cpu), softmax_scale=1.0, return_lse=True)
-    check_rule("out", out, out64, reference.attention(*cpu, softmax_scale=1.0))
-    check_rule("lse", lse, lse64, reference.attention(*(t.float() for t in cpu), softmax_scale=1.0,
-                                                      return_lse=True)[1])
+    _check_forward(backend, q, k, v, softmax_scale=1.0)
     k[:, 150, :, 1] = float("nan")
     out, lse = ops.attention(q, k, v, softmax_scale=1.0, return_lse=True, backend=backend)
     assert torch.isnan(out).all() and torch.isnan(lse).all()

@@ -116,20 +116,29 @@ struct Scratch {
         kt2(words && !panel_floats ? tile_words : 0), panel2(words ? panel_floats : 0) {}
 };
 
+#if defined(FASTLM_BF16_DOT)
+// Rows t0 <= t < t0 + 16 of n bf16 values (row stride ld), values [v0, v0 + 32) read as 16 words of value pairs
+// (values past n and rows from `rows` on as 0) and transposed in registers (simd.h): w[p] holds word p of each row.
+inline void load_words_transposed(const uint16_t* src, int64_t ld, int64_t t0, int64_t rows, int64_t n, int64_t v0,
+                                  __m512i w[16]) {
+  const int64_t in = std::clamp<int64_t>(n - v0, 0, 32);
+  const __mmask32 in_row = in == 32 ? ~__mmask32{0} : (__mmask32{1} << in) - 1;
+  for (int64_t t = 0; t < 16; ++t)
+    w[t] = t0 + t < rows ? _mm512_maskz_loadu_epi16(in_row, src + (t0 + t) * ld + v0) : _mm512_setzero_si512();
+  transpose16(w);
+}
+#endif
+
 #if defined(FASTLM_AMX)
 // Up to 32 rows of n values (row stride ld; rows past `rows` and values past n read as 0), values [d0, d0 + 32)
 // transposed: value d0 + e of row t at dst[e * ldd + t] for e < ne. Each 16 rows, read as words of value pairs, are
-// transposed in registers (simd.h), and the two halves of the words of both 16-row blocks are gathered into rows of
-// 32 values (VPERMT2W).
+// transposed in registers, and the two halves of the words of both 16-row blocks are gathered into rows of 32 values
+// (VPERMT2W).
 inline void transpose32_bf16(const uint16_t* src, int64_t ld, int64_t rows, int64_t n, int64_t d0, int64_t ne,
                              uint16_t* dst, int64_t ldd) {
-  const __mmask32 in_row = d0 + 32 <= n ? ~__mmask32{0} : (__mmask32{1} << (n - d0)) - 1;
-  __m512i a[16], b[16];
-  for (int t = 0; t < 16; ++t) {
-    a[t] = t < rows ? _mm512_maskz_loadu_epi16(in_row, src + t * ld + d0) : _mm512_setzero_si512();
-    b[t] = t + 16 < rows ? _mm512_maskz_loadu_epi16(in_row, src + (t + 16) * ld + d0) : _mm512_setzero_si512();
-  }
-  transpose16(a), transpose16(b);  // a[p], b[p]: the words (value d0 + 2p, d0 + 2p + 1) of rows 0-15, 16-31
+  __m512i a[16], b[16];  // a[p], b[p]: the words (value d0 + 2p, d0 + 2p + 1) of rows 0-15, 16-31
+  load_words_transposed(src, ld, 0, rows, n, d0, a);
+  load_words_transposed(src, ld, 16, rows, n, d0, b);
   // the low (even) and high (odd) halves of a's words, then of b's
   const __m512i ie = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24,
                                       22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -250,12 +259,7 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
     for (int64_t r0 = 0; r0 < cols; r0 += 16)
       for (int64_t w0 = 0; w0 < words_per_row; w0 += 16) {
         __m512i t[16];
-        const int64_t n = std::clamp<int64_t>(p.D - 2 * w0, 0, 32);  // values of a row in these 16 words
-        const __mmask32 in_row = n == 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
-        for (int64_t e = 0; e < 16; ++e)
-          t[e] = r0 + e < rows ? _mm512_maskz_loadu_epi16(in_row, q + (r0 + e) * in.qs.s + 2 * w0)
-                               : _mm512_setzero_si512();
-        transpose16(t);
+        load_words_transposed(reinterpret_cast<const uint16_t*>(q), in.qs.s, r0, rows, p.D, 2 * w0, t);
         for (int64_t e = 0; e < std::min<int64_t>(16, words_per_row - w0); ++e)
           _mm512_storeu_si512(sc.qt2.data() + (w0 + e) * kBlockQ + r0,
                               _mm512_and_si512(_mm512_xor_si512(t[e], flip), keep));
@@ -346,7 +350,7 @@ void attend_block(const Problem& p, const Inputs<T>& in, const KeyPanel& kp, T* 
     gemm_tile(rows, p.Dv, nk, MatA{sc.s.data(), 1, kBlockQ}, vt, p.Dv, sc.o.data(), p.Dv, sc.alpha.data());
   }
 #if defined(FASTLM_AMX)
-  if constexpr (Amx) {  // (rows without keys are written again below)
+  if constexpr (Amx) {  // (alpha, done with, holds 1 / l; rows without keys are written again below)
     for (int64_t r = 0; r < rows; ++r) sc.alpha[r] = 1.0f / sc.l[r];
     store_transposed(p, sc.o.data(), sc.alpha.data(), rows, out + ((b * p.Sq + i0) * p.H + h) * p.D, p.H * p.D);
   }

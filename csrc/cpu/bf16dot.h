@@ -268,20 +268,12 @@ inline void dot_rows(int64_t rows, WordsA A, const uint32_t* B, int64_t ldb, int
   }
 }
 
-// The whole M x N product: 4 vectors of columns at a time (kWideRows rows per micro-kernel), the last < 4 vectors
-// blocked as gemm_tile's.
+// The whole M x N product (blocked as gemm_tile's).
 inline void dot_tile(int64_t M, int64_t N, int64_t K2, WordsA A, const uint32_t* B, int64_t ldb, float* C,
                      int64_t ldc, const float* row_scale) {
   static_assert(kRows == 12 && kW == 16, "dot_tile: the AVX-512 register block");
-  constexpr int64_t kStrip = 4 * kW;  // columns per dot_rows<4> call: its pairs of vectors 2 * kW apart in B
-  int64_t n = 0;
-  for (; n + kStrip <= N; n += kStrip)
-    for (int64_t i = 0; i < M; i += kWideRows)
-      dot_rows<4>(std::min<int64_t>(kWideRows, M - i), WordsA{A.p + i * A.row, A.row, A.col}, B + n, ldb, K2,
-                  C + i * ldc + n, ldc, row_scale ? row_scale + i : nullptr, 2 * kW);
-  if (n < N)
-    blocked_product(M, N - n, K2, A, B + n, ldb, C + n, ldc, row_scale,
-                    [](auto nv, auto... args) { dot_rows<decltype(nv)::value>(args...); });
+  blocked_product(M, N, K2, A, B, ldb, C, ldc, row_scale,
+                  [](auto nv, auto... args) { dot_rows<decltype(nv)::value>(args...); });
 }
 
 #endif  // FASTLM_BF16_DOT

@@ -102,38 +102,37 @@ inline void gemm_rows(int64_t rows, MatA A, const float* B, int64_t ldb, int64_t
 }
 
 // The whole M x N product by a register-blocked micro-kernel, rows<NV>(row count, A's rows, B, ldb, K, C, ldc, row
-// scale) for NV = 2 vectors of columns (1 at a ragged end): column panels outermost, so that each B panel is reused
-// by all row blocks, then kRows rows at a time. A (MatA or another {p, row, col}) and B as the micro-kernel takes them.
+// scale[, b_next]): with AVX-512 first NV = 4 vectors of columns at a time (kWideRows rows per call, its second pair
+// of B vectors b_next = 2 kW after the first), then NV = 2 (1 at a ragged end), kRows rows per call; column panels
+// outermost, so that each B panel is reused by all row blocks. A (MatA or another {p, row, col}) and B as the
+// micro-kernel takes them.
 template <typename Mat, typename BT, typename Rows>
 inline void blocked_product(int64_t M, int64_t N, int64_t K, Mat A, const BT* B, int64_t ldb, float* C, int64_t ldc,
                             const float* row_scale, Rows rows) {
-  for (int64_t n = 0; n < N; n += 2 * kW) {
-    const bool two = n + 2 * kW <= N;
-    for (int64_t i = 0; i < M; i += kRows) {
-      const int64_t r = M - i < kRows ? M - i : kRows;
-      const Mat Ai{A.p + i * A.row, A.row, A.col};
-      const float* rs = row_scale ? row_scale + i : nullptr;
-      if (two)
-        rows(std::integral_constant<int, 2>{}, r, Ai, B + n, ldb, K, C + i * ldc + n, ldc, rs);
-      else
-        rows(std::integral_constant<int, 1>{}, r, Ai, B + n, ldb, K, C + i * ldc + n, ldc, rs);
-    }
-  }
-}
-
-// The whole M x N fp32 product; with AVX-512 4 vectors of columns at a time (kWideRows rows per micro-kernel), the
-// last < 4 vectors as blocked_product's.
-inline void gemm_tile(int64_t M, int64_t N, int64_t K, MatA A, const float* B, int64_t ldb, float* C, int64_t ldc,
-                      const float* row_scale) {
+  auto block = [&](auto nv, int64_t n, int64_t i, int64_t r, auto... b_next) {
+    rows(nv, r, Mat{A.p + i * A.row, A.row, A.col}, B + n, ldb, K, C + i * ldc + n, ldc,
+         row_scale ? row_scale + i : nullptr, b_next...);
+  };
   int64_t n = 0;
   if constexpr (kW == 16)
     for (; n + 4 * kW <= N; n += 4 * kW)
       for (int64_t i = 0; i < M; i += kWideRows)
-        gemm_rows<4>(std::min<int64_t>(kWideRows, M - i), MatA{A.p + i * A.row, A.row, A.col}, B + n, ldb, K,
-                     C + i * ldc + n, ldc, row_scale ? row_scale + i : nullptr, 2 * kW);
-  if (n < N)
-    blocked_product(M, N - n, K, A, B + n, ldb, C + n, ldc, row_scale,
-                    [](auto nv, auto... args) { gemm_rows<decltype(nv)::value>(args...); });
+        block(std::integral_constant<int, 4>{}, n, i, std::min<int64_t>(kWideRows, M - i), int64_t{2 * kW});
+  for (; n < N; n += 2 * kW)
+    for (int64_t i = 0; i < M; i += kRows) {
+      const int64_t r = std::min<int64_t>(kRows, M - i);
+      if (n + 2 * kW <= N)
+        block(std::integral_constant<int, 2>{}, n, i, r);
+      else
+        block(std::integral_constant<int, 1>{}, n, i, r);
+    }
+}
+
+// The whole M x N fp32 product.
+inline void gemm_tile(int64_t M, int64_t N, int64_t K, MatA A, const float* B, int64_t ldb, float* C, int64_t ldc,
+                      const float* row_scale) {
+  blocked_product(M, N, K, A, B, ldb, C, ldc, row_scale,
+                  [](auto nv, auto... args) { gemm_rows<decltype(nv)::value>(args...); });
 }
 
 // Scores are kept unscaled (S = q.k, rounded exactly as a plain fp32 GEMM rounds them) and the scale c > 0
