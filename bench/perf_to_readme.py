@@ -22,10 +22,12 @@ from fastlm import benchmark  # noqa: E402
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 
 
-IN_ROTATION = (" at the start of the run; each row's % of ceiling is against the ceiling kernel (the copy for a "
-               "memory-bound row, the GEMM for a compute-bound one) timed again in that case's rotation, call by call "
-               "with the implementations, whose rate the column names. These are the rates PyTorch's own large GEMM "
-               "and copy reach, not hardware peaks: a kernel can pass them")
+IN_ROTATION = (" at the start of the run; each row's % of ceiling is against the ceiling kernel timed again in "
+               "that case's rotation, call by call with the implementations, whose rate the column names: the GEMM for "
+               "a compute-bound row; for a memory-bound op a read (sum) of as many bytes from as many input sets as "
+               "its calls cycle through, so that the caches hold as much of the ceiling's data as of the case's (the "
+               "last-level cache can hold hundreds of MiB), and for a memory-bound model row the copy. These are the "
+               "rates PyTorch's own GEMM, sum and copy reach, not hardware peaks: a kernel can pass them")
 HALF_ON_CPU = ("; a bf16/fp16 % of ceiling is against the GEMM, bf16/fp16 or fp32, that was faster at the start of "
                "the run (widening to fp32 is exact, and fastlm's CPU kernels compute bf16 that way, except on CPUs "
                "with AVX512-BF16, where its attention forward, linear layers and MLPs take the bf16 dot products, and "

@@ -5,7 +5,8 @@ What a figure here means:
   time becomes a rate (FLOP/s or bytes/s), and the rate a fraction of a ceiling measured on this device (a large
   GEMM in the case's dtype; a large tensor copy, bytes read + written): at the start of the run, and on a CPU again
   in each case's rotation, whose figure the % of ceiling then refers to (a shared machine's rates drift by 10-30 %
-  within minutes).
+  within minutes). On a CPU a memory-bound op's ceiling in the rotation is a read (sum) of as many bytes from as
+  many input sets as its calls cycle through: the caches then hold as much of its data as of the case's.
 - Times are medians of many calls after warm-up: CUDA events with an L2 flush before each call on a GPU; on a CPU
   wall-clock per call, cycling through several input sets so the last-level cache is not what is measured, with
   the implementations of a case called in rotation (one call of each per round, in a shuffled order), so that a
@@ -259,16 +260,18 @@ def time_rotation(fn_lists: list[list[Callable]], timing: Timing, companion: lis
 
 class CeilingKernels:
     """The kernels that define the ceilings: a large GEMM per dtype in nn.Linear's layout (x @ W^T, the GEMMs models
-    run; torch's CPU bf16 path for x @ W is much slower) and a large fp32 tensor copy (> L3 on a CPU). Their inputs
-    are made once: measure_ceilings times them at the start of a run, and on a CPU run_impls times the one that
-    defines a case's ceiling in the case's rotation (the shared machine's rates drift within minutes)."""
+    run; torch's CPU bf16 path for x @ W is much slower) and a large fp32 tensor copy (64 MiB on a CPU: more than
+    most CPUs' last-level cache, not a server's hundreds of MiB). Their inputs are made once: measure_ceilings times
+    them at the start of a run, and on a CPU run_impls times the one that defines a case's ceiling in the case's
+    rotation (the shared machine's rates drift within minutes); a memory-bound op case's ceiling is a read of its
+    own byte count instead (read)."""
 
     def __init__(self, device: torch.device, *, tiny: bool = False):
         cuda = device.type == "cuda"
         self.device, self.n = device, 256 if tiny else (8192 if cuda else 1536)
         self._gen = torch.Generator(device=device).manual_seed(0)
         self._gemm: dict = {}
-        numel = 2**18 if tiny else (2**28 if cuda else 2**24)     # 1 GiB on GPU, 64 MiB on CPU (> L3), fp32
+        numel = 2**18 if tiny else (2**28 if cuda else 2**24)     # 1 GiB on GPU, 64 MiB on CPU, fp32
         src = torch.randn(numel, device=device, generator=self._gen)
         dst = torch.empty_like(src)
         self._copy = [lambda: dst.copy_(src)]
@@ -287,6 +290,16 @@ class CeilingKernels:
     def copy(self) -> list[Callable]:
         """The closure of the fp32 copy."""
         return self._copy
+
+    def read(self, nbytes: float, n_sets: int) -> list[Callable]:
+        """Closures summing ``n_sets`` fp32 buffers of ``nbytes`` bytes each (made now, one per call's input set):
+        the memory ceiling of a memory-bound op case on a CPU. A read of as many bytes from as many sets, timed in the
+        case's rotation, finds the caches as the case's own calls do: its working set can sit partly in a large
+        last-level cache (480 MiB on some servers) where the 64 MiB copy's does too, however different their
+        sizes."""
+        numel = max(1, math.ceil(nbytes / 4))
+        bufs = [torch.randn(numel, device=self.device, generator=self._gen) for _ in range(n_sets)]
+        return [lambda b=b: b.sum() for b in bufs]
 
 
 def measure_ceilings(device: torch.device, dtypes, timing: Timing, *, tiny: bool = False,
@@ -375,6 +388,7 @@ class Result:
     bound: str = "compute"              # which ceiling the rate is a fraction of: compute (matmul) | memory (copy)
     ceiling: float | None = None        # that ceiling's rate (FLOP/s or bytes/s) ...
     ceiling_in_rotation: bool = False   # ... measured in the case's rotation (CPU), else at the start of the run
+    ceiling_kernel: str | None = None   # what was timed in the rotation (rotation_ceiling)
     pct_ceiling: float | None = None
     max_err: float | None = None
     ref_err: float | None = None        # PyTorch's own error at this dtype (the rule allows twice it)
@@ -609,19 +623,26 @@ def _finish(case, res: Result, stats, ctx: Context, ceiling_in_rotation: float |
         res.status, res.message = failure(e)
 
 
-def rotation_ceiling(results: list[Result], ctx: Context) -> tuple[list[Callable], float] | None:
-    """CPU: the kernel that defines the ceiling of a case's rows (the copy for memory-bound rows, the GEMM their
-    dtype's compute ceiling comes from for compute-bound ones) as closures to time in the case's rotation, and the
-    work of one call (bytes or FLOP); None without ceiling kernels (GPU) or rows."""
+def rotation_ceiling(results: list[Result], ctx: Context,
+                     n_sets: int | None = None) -> tuple[list[Callable], float, str] | None:
+    """CPU: the kernel that defines the ceiling of a case's rows as closures to time in the case's rotation, the
+    work of one call (bytes or FLOP) and its name: for memory-bound rows a read of their bytes from ``n_sets`` sets
+    (CeilingKernels.read; an op case, whose calls cycle through that many input sets), or the copy (a model case,
+    ``n_sets`` None); for compute-bound ones the GEMM their dtype's compute ceiling comes from. None without ceiling
+    kernels (GPU) or rows."""
     kernels = ctx.ceiling_kernels
     if kernels is None or not results or ctx.ceilings is None:
         return None
     if results[0].bound == "memory":
-        return kernels.copy(), float(kernels.copy_bytes)
+        if n_sets and results[0].bytes:
+            return (kernels.read(results[0].bytes, n_sets), float(results[0].bytes),
+                    f"read of the case's bytes from {n_sets} set{'s' if n_sets > 1 else ''}")
+        return kernels.copy(), float(kernels.copy_bytes), f"copy {kernels.copy_bytes / 2 / 2**20:.0f} MiB"
     gemm_dtype = ctx.ceilings["compute_gemm_dtype"].get(results[0].dtype)
     if gemm_dtype is None:
         return None
-    return kernels.gemm(getattr(torch, gemm_dtype)), float(gemm_flops(kernels.n, kernels.n, kernels.n))
+    return (kernels.gemm(getattr(torch, gemm_dtype)), float(gemm_flops(kernels.n, kernels.n, kernels.n)),
+            f"matmul {_short(gemm_dtype)} {kernels.n}^3")
 
 
 def run_impls(case, ctx: Context, progress=None, **prepare_kw) -> list[Result]:
@@ -655,12 +676,15 @@ def run_impls(case, ctx: Context, progress=None, **prepare_kw) -> list[Result]:
         note(impl)
         entries.append(prepared(case, impl, ctx, **prepare_kw))
     timed = [(res, calls) for res, calls in entries if calls is not None]
-    ceiling = rotation_ceiling([res for res, _ in timed], ctx)
+    n_sets = len(timed[0][1]) if timed and isinstance(case, OpCase) else None
+    ceiling = rotation_ceiling([res for res, _ in timed], ctx, n_sets)
     all_stats = time_rotation([calls for _, calls in timed], timing, companion=ceiling[0] if ceiling else None)
     in_rotation = None
     if ceiling and isinstance(all_stats[-1], dict):
         in_rotation = ceiling[1] / all_stats[-1]["median_s"]
     for (res, _), stats in zip(timed, all_stats):
+        if in_rotation:
+            res.ceiling_kernel = ceiling[2]
         _finish(case, res, stats, ctx, in_rotation)
     if progress is not None:
         progress.update(len(entries))
@@ -1152,7 +1176,8 @@ def _header(env: dict, ceilings: dict) -> str:
     return (f"\n{what}: {env['device_name']}, {env['threads']} threads{bf16_note(env)}; torch {env['torch']}, "
             f"triton {env['triton']}, CUDA {env['cuda']}; fastlm {env['fastlm_commit']}; {env['date']}\n"
             f"ceilings measured now: matmul {mm}; copy {fmt_rate(ceilings['copy_bytes_per_s'], 'B/s')}"
-            + ("; each % of ceiling is against its ceiling kernel timed again in the case's rotation\n"
+            + ("; each % of ceiling is against its ceiling kernel timed again in the case's rotation (a memory-bound "
+               "op's: a read of as many bytes from as many input sets)\n"
                if env["device"] == "cpu" else
                "; times are GPU times (CUDA events around each call, L2 flushed before it; implementations one after "
                "another), not host latency\n"))

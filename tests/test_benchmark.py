@@ -306,6 +306,9 @@ def test_cli_tiny_run_writes_json_table_and_plots(tiny_run):
             assert r["speedup"], r
         # % of ceiling: against the ceiling kernel timed in the case's rotation on a CPU, the run's ceiling on a GPU
         assert r["ceiling_in_rotation"] == (doc["env"]["device"] == "cpu"), r
+        if r["ceiling_in_rotation"]:   # which kernel: a memory-bound op's is a read of its own bytes
+            want = "matmul" if r["bound"] == "compute" else "copy" if r["op"] == "model" else "read of the case's"
+            assert r["ceiling_kernel"].startswith(want), r
         rate = r["flop_per_s"] if r["bound"] == "compute" else r["bytes_per_s"]
         if rate:
             assert r["ceiling"] > 0 and r["pct_ceiling"] == pytest.approx(100 * rate / r["ceiling"])
@@ -342,11 +345,16 @@ def test_rotation_ceiling_kernel_follows_the_bound_and_dtype():
     def row(bound, dtype):
         return benchmark.Result(op="op", case="c", shape={}, dtype=dtype, mode="fwd", impl="x", kind="fastlm",
                                 bound=bound)
-    fns, work = benchmark.rotation_ceiling([row("memory", "float32")], ctx)
-    assert fns is kernels.copy() and work == kernels.copy_bytes
+    fns, work, name = benchmark.rotation_ceiling([row("memory", "float32")], ctx)     # a model case: the copy
+    assert fns is kernels.copy() and work == kernels.copy_bytes and name.startswith("copy")
+    op_row = row("memory", "float32")
+    op_row.bytes = 4000 + 2
+    fns, work, name = benchmark.rotation_ceiling([op_row], ctx, n_sets=3)             # an op case: a read of its bytes
+    assert len(fns) == 3 and work == op_row.bytes and "3 sets" in name
+    assert all(torch.isfinite(fn()) for fn in fns) and len({fn() for fn in fns}) == 3    # three different buffers
     n = kernels.n
-    fns, work = benchmark.rotation_ceiling([row("compute", "bfloat16")], ctx)
-    assert fns is kernels.gemm(getattr(torch, ceilings["compute_gemm_dtype"]["bfloat16"]))
+    fns, work, name = benchmark.rotation_ceiling([row("compute", "bfloat16")], ctx)
+    assert fns is kernels.gemm(getattr(torch, ceilings["compute_gemm_dtype"]["bfloat16"])) and "matmul" in name
     assert work == benchmark.gemm_flops(n, n, n) and fns[0]().dtype in (torch.float32, torch.bfloat16)
     assert benchmark.rotation_ceiling([], ctx) is None
     no_kernels = dataclasses.replace(ctx, ceiling_kernels=None)                  # a GPU run
