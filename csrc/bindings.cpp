@@ -109,6 +109,14 @@ std::tuple<at::Tensor, at::Tensor> norm_fwd_meta(const at::Tensor& x, const std:
   return {at::empty_symint(x.sym_sizes(), x.options()), h};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_meta(const at::Tensor&, const at::Tensor& h,
+                                                              const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>&, double, bool,
+                                                              bool has_bias) {
+  return {at::empty_symint(h.sym_sizes(), h.options()), at::empty_symint(weight.sym_sizes(), weight.options()),
+          has_bias ? at::empty_symint(weight.sym_sizes(), weight.options()) : at::empty({0}, weight.options())};
+}
+
 at::Tensor rope_fwd_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, bool) {
   TORCH_CHECK(x.dim() == 4, "fastlm::rope_fwd: x must be 4-D (batch, seqlen, heads, head_dim), got ", x.dim(), "-D");
   return at::empty_symint(x.sym_sizes(), x.options());
@@ -175,6 +183,8 @@ TORCH_LIBRARY(fastlm, m) {
         "-> (Tensor loss, Tensor lse)");
   m.def("norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool is_rms) "
         "-> (Tensor y, Tensor h)");
+  m.def("norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor? dh, float eps, bool is_rms, bool has_bias) "
+        "-> (Tensor dx, Tensor dweight, Tensor dbias)");
   m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
   m.def("decode_step(Tensor tokens, Tensor input_pos, Tensor tok_emb, Tensor? pos_emb, Tensor? rope_cos, "
         "Tensor? rope_sin, Tensor?[] blocks, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor norm_w, "
@@ -194,6 +204,7 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("cross_entropy_bwd", &fastlm_cpu::cross_entropy_bwd);
   m.impl("cross_entropy_fused_", &fastlm_cpu::cross_entropy_fused_);
   m.impl("norm_fwd", &fastlm_cpu::norm_fwd);
+  m.impl("norm_bwd", &fastlm_cpu::norm_bwd);
   m.impl("rope_fwd", &fastlm_cpu::rope_fwd);
   m.impl("decode_step", &fastlm_cpu::decode_step);
 }
@@ -214,6 +225,7 @@ TORCH_LIBRARY_IMPL(fastlm, Meta, m) {
   FASTLM_META(cross_entropy_bwd, cross_entropy_bwd_meta);
   FASTLM_META(cross_entropy_fused_, cross_entropy_fused_meta);
   FASTLM_META(norm_fwd, norm_fwd_meta);
+  FASTLM_META(norm_bwd, norm_bwd_meta);
   FASTLM_META(rope_fwd, rope_fwd_meta);
   FASTLM_META(decode_step, decode_step_meta);
 #undef FASTLM_META

@@ -16,7 +16,7 @@ from fastlm.testing import check_rule
 pytestmark = pytest.mark.skipif(backends.extension() is None, reason="fastlm._C is not built")
 
 OPS = ("attention_fwd", "attention_bwd", "decode_attention", "linear", "mlp_gelu", "mlp_swiglu", "norm_fwd",
-       "rope_fwd", "decode_step", "gelu_bwd", "swiglu_bwd", "cross_entropy_fwd", "cross_entropy_bwd",
+       "norm_bwd", "rope_fwd", "decode_step", "gelu_bwd", "swiglu_bwd", "cross_entropy_fwd", "cross_entropy_bwd",
        "cross_entropy_fused_")
 SCHEMAS = {
     "attention_fwd": "fastlm::attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
@@ -33,6 +33,8 @@ SCHEMAS = {
                   "-> Tensor",
     "norm_fwd": "fastlm::norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool is_rms) "
                 "-> (Tensor y, Tensor h)",
+    "norm_bwd": "fastlm::norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor? dh, float eps, bool is_rms, "
+                "bool has_bias) -> (Tensor dx, Tensor dweight, Tensor dbias)",
     "rope_fwd": "fastlm::rope_fwd(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor",
     "gelu_bwd": "fastlm::gelu_bwd(Tensor dh, Tensor a) -> (Tensor da, Tensor h)",
     "swiglu_bwd": "fastlm::swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor dg, Tensor du, Tensor h)",
@@ -95,6 +97,9 @@ def test_meta_shapes():
     assert (y.shape, y.dtype, h.shape, h.dtype) == ((2, 3, 8), F16, (2, 3, 8), F16)
     y, h = _ops().norm_fwd(x, None, torch.empty(8, dtype=BF16, **m), None, 1e-6, True)
     assert (y.shape, y.dtype, h.shape) == ((2, 3, 8), F16, (0,))
+    dx, dw, db = _ops().norm_bwd(x, x, torch.empty(8, dtype=BF16, **m), x, 1e-5, False, True)
+    assert (dx.shape, dx.dtype, dw.shape, dw.dtype, db.shape, db.dtype) == ((2, 3, 8), F16, (8,), BF16, (8,), BF16)
+    assert _ops().norm_bwd(x, x, torch.empty(8, **m), None, 1e-6, True, False)[2].shape == (0,)
     q = torch.empty(2, 5, 3, 16, dtype=BF16, **m).transpose(1, 2)
     y = _ops().rope_fwd(q, torch.empty(3, 16, dtype=BF16, **m), torch.empty(3, 16, dtype=BF16, **m), True)
     assert (y.shape, y.dtype, y.is_contiguous()) == ((2, 3, 5, 16), BF16, True)
@@ -167,6 +172,8 @@ def _op_cases():
         ("linear", (x, torch.randn(24, 8), torch.randn(24))),
         ("norm_fwd", (x, torch.randn(3, 8), w, b, 1e-5, False)),
         ("norm_fwd", (x.to(BF16), None, w, None, 1e-6, True)),
+        ("norm_bwd", (torch.randn(3, 8), x, w, torch.randn(3, 8), 1e-5, False, True)),
+        ("norm_bwd", (torch.randn(3, 8).to(BF16), x.to(BF16), w, None, 1e-6, True, False)),
         ("rope_fwd", (q4, cos, sin, False)),
         ("rope_fwd", (q4, cos.expand(2, 3, 16), sin.expand(2, 3, 16), True)),
         ("decode_step", _decode_step_args()),
@@ -427,6 +434,18 @@ def test_norm_errors():
     _raises(r"bias must have shape \(8,\) for x's last dim 8, got \[2, 4\]", norm, x, None, w, w.view(2, 4), 1e-5,
             False)
     _raises(r"eps must be a non-negative number, got -1", norm, x, None, w, None, -1.0, True)
+    bwd = _ops().norm_bwd
+    _raises(r"norm_bwd: h must have at least 1 dim", bwd, torch.tensor(1.0), torch.tensor(1.0), w, None, 1e-5, True,
+            False)
+    _raises(r"norm_bwd: dy must have h's dtype Float and shape \[3, 8\], got Float \[3, 7\]", bwd, x[:, :7], x, w,
+            None, 1e-5, True, False)
+    _raises(r"norm_bwd: dh must have h's dtype Float and shape \[3, 8\], got BFloat16", bwd, x, x, w, x.to(BF16),
+            1e-5, True, False)
+    _raises(r"norm_bwd: h must be float32, bfloat16 or float16, got Double", bwd, x.double(), x.double(), w, None,
+            1e-5, True, False)
+    _raises(r"norm_bwd: weight must have shape \(8,\) for h's last dim 8, got \[7\]", bwd, x, x, w[:7], None, 1e-5,
+            True, False)
+    _raises(r"norm_bwd: eps must be a non-negative number, got -1", bwd, x, x, w, None, -1.0, True, False)
 
 
 def test_rope_errors():

@@ -1,5 +1,5 @@
 """LayerNorm / RMSNorm (alone and fused with the residual add) against the float64 reference: outputs and every
-gradient by the numerics rule, for the Triton kernels and the C++ CPU forward (with its torch backward). `check_op` is
+gradient by the numerics rule, for the Triton kernels and the C++ CPU kernels (forward and backward). `check_op` is
 shared with the other op tests (rope, ffn, cross_entropy)."""
 import pytest
 import torch
@@ -46,6 +46,17 @@ def _check_norm(kind, backend, x, r, w, b, eps=None):
     else:
         check_op(kind, lambda x, r, w: add_rms_norm(x, r, w, backend=backend, **kw),
                  lambda x, r, w: reference.add_norm(x, r, w, None, eps, kind="rms"), [x, r, w])
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["layer", "add_rms"])
+def test_many_rows(kind, backend, dtype):
+    """1000 rows of 40: the C++ backward sums dweight / dbias over blocks of 409 rows (three, the last one short)."""
+    if backend == "triton" and not ON_GPU:
+        pytest.skip("1000 rows through the Triton interpreter: the rule tests above cover the Triton kernels on CPU")
+    x, r, w, b = _inputs((8, 125, 40), dtype, kind.startswith("add"), kind.endswith("layer"),
+                         device=backend_device(backend))
+    _check_norm(kind, backend, x, r, w, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

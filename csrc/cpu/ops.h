@@ -68,6 +68,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_(at::Tensor& logits, cons
 std::tuple<at::Tensor, at::Tensor> norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                             const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                             double eps, bool is_rms);
+// Its backward from the saved h (x without a residual): (dx, dweight, dbias) for the output gradient dy and dh, the
+// gradient of the h output (a fused norm's), added to dx; dx in h's dtype, dweight / dbias in weight's (dbias an empty
+// (0,) tensor unless has_bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& h,
+                                                         const at::Tensor& weight, const std::optional<at::Tensor>& dh,
+                                                         double eps, bool is_rms, bool has_bias);
 
 // Rotary embedding, rotate-half convention: x (B, S, H, D) with a contiguous head dim, cos/sin (S, D) or (B, S, D)
 // in x's dtype. Returns x cos + rotate_half(x) sin, or with inverse the transposed rotation (contiguous, x's dtype).

@@ -9,9 +9,9 @@ Statistics in fp32; y and h in x's dtype; gradients to x, residual, weight and b
 
 Backends:
   "triton"  kernels/norm.py, forward and backward.
-  "cpu"     the C++ extension's forward (torch.ops.fastlm.norm_fwd, csrc/cpu/norm.cpp; float32/bfloat16/float16);
-            backward in torch, in closed form from the saved h (or x). There is no CUDA C++ kernel: "cuda" raises,
-            and "auto" picks Triton for CUDA tensors.
+  "cpu"     the C++ extension's forward and backward (torch.ops.fastlm.norm_fwd / norm_bwd, csrc/cpu/norm.cpp;
+            float32/bfloat16/float16), the backward in closed form from the saved h (or x). There is no CUDA C++
+            kernel: "cuda" raises, and "auto" picks Triton for CUDA tensors.
   "torch"   fastlm.reference with plain autograd.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ _norm_fwd.register_autograd(_backward, setup_context=_setup)
 first_order_only(_norm_bwd, "rms_norm / layer_norm")
 
 
-# ---- native (C++ extension forward, torch backward) ----------------------------------------------------------------
+# ---- native (C++ extension forward and backward) -------------------------------------------------------------------
 
 @torch.library.custom_op("fastlm_native_py::norm_fwd", mutates_args=())
 def _nat_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -99,27 +99,13 @@ def _nat_setup(ctx, inputs, output):
 
 
 def _nat_backward(ctx, dy, dh):
-    """Closed form in fp32, with n the normalized h and g = dy * weight: the gradient of h is
-    rstd (g - mean(g) - n mean(g n)) (no mean(g) term for RMSNorm) plus that of the h output when fused; those of
-    weight and bias are the sums over rows of dy n and of dy."""
+    """torch.ops.fastlm.norm_bwd (csrc/cpu/norm.cpp): in fp32 from the saved h, with n the normalized h and
+    g = dy * weight, the gradient of h is rstd (g - mean(g) - n mean(g n)) (no mean(g) term for RMSNorm) plus that of
+    the h output when fused; those of weight and bias are the sums over rows of dy n and of dy."""
     h, weight = ctx.saved_tensors
-    hf, dyf = h.float(), dy.float()
-    if not ctx.is_rms:
-        hf = hf - hf.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(hf.square().mean(-1, keepdim=True) + ctx.eps)
-    n = hf * rstd
-    g = dyf * weight.float()
-    dn = g - n * (g * n).mean(-1, keepdim=True)
-    if not ctx.is_rms:
-        dn = dn - g.mean(-1, keepdim=True)
-    dx = dn * rstd
-    if ctx.fused:
-        dx = dx + dh.float()
-    dx = dx.to(h.dtype)
-    rows = (num_rows(h), h.shape[-1])
-    dw = (dyf * n).reshape(rows).sum(0).to(weight.dtype)
-    db = dyf.reshape(rows).sum(0).to(weight.dtype) if ctx.has_bias else None
-    return dx, dx if ctx.fused else None, dw, db, None, None
+    dx, dw, db = torch.ops.fastlm.norm_bwd(dy, h, weight, dh if ctx.fused else None, ctx.eps, ctx.is_rms,
+                                           ctx.has_bias)
+    return dx, dx if ctx.fused else None, dw, db if ctx.has_bias else None, None, None
 
 
 _nat_norm.register_autograd(_nat_backward, setup_context=_nat_setup)
