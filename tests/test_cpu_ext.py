@@ -686,11 +686,13 @@ def _advised_for_huge_pages(t: torch.Tensor) -> bool | None:
     return advised
 
 
-def test_linear_large_output():
-    """An output of 16 MB or more is advised for transparent huge pages (csrc/cpu/output.h); the values must not
-    depend on it. 1030 x 8200 fp32: 33.8 MB. What is checked is the advice (madvise(MADV_HUGEPAGE) marks the mapping
-    "hg"): whether the system then backs it with huge pages depends on its free memory at that moment, not on fastlm
-    (bench/ shows what it saves)."""
+@pytest.mark.parametrize("huge_pages", ["", "on", "off"])
+def test_linear_large_output(monkeypatch, huge_pages):
+    """With FASTLM_CPU_HUGE_PAGES=on an output of 16 MB or more is advised for transparent huge pages
+    (csrc/cpu/output.h), by default and with "off" it is not; the values must not depend on it. 1030 x 8200 fp32:
+    33.8 MB. What is checked is the advice (madvise(MADV_HUGEPAGE) marks the mapping "hg"): whether the system then
+    backs it with huge pages depends on its free memory at that moment, not on fastlm."""
+    monkeypatch.setenv("FASTLM_CPU_HUGE_PAGES", huge_pages)
     x, w, b = torch.randn(1030, 24), torch.randn(8200, 24) / 5, torch.randn(8200)
     out = _ops().linear(x, w, b)
     check_rule("linear large", out, torch.nn.functional.linear(x.double(), w.double(), b.double()),
@@ -701,7 +703,14 @@ def test_linear_large_output():
     advised = _advised_for_huge_pages(out)
     if advised is None:
         pytest.skip("/proc/self/smaps shows no VmFlags here: the values are checked, the advice cannot be")
-    assert advised, "the large output was not advised for huge pages (no 'hg' in its smaps VmFlags)"
+    assert advised == (huge_pages == "on"), f"FASTLM_CPU_HUGE_PAGES={huge_pages!r}: 'hg' in the smaps VmFlags " \
+                                            f"of the large output is {advised}"
+
+
+def test_huge_pages_switch_refuses_other_values(monkeypatch):
+    monkeypatch.setenv("FASTLM_CPU_HUGE_PAGES", "yes")
+    with pytest.raises(ValueError, match=r"FASTLM_CPU_HUGE_PAGES must be off or on, got 'yes'"):
+        _ops().linear(torch.randn(1030, 24), torch.randn(8200, 24), None)
 
 
 def test_linear_errors():
