@@ -8,7 +8,8 @@ What a figure here means:
   within minutes). On a CPU a memory-bound op's ceiling in the rotation is a read (sum) of as many bytes from as
   many input sets as its calls cycle through: the caches then hold as much of its data as of the case's.
 - Times are medians of many calls after warm-up: CUDA events with an L2 flush before each call on a GPU; on a CPU
-  wall-clock per call, cycling through several input sets so the last-level cache is not what is measured, with
+  wall-clock per call, cycling through input sets of about 96 MB in all (more than most CPUs' last-level cache; a
+  server's can hold hundreds of MB, and the read ceiling above then finds the same caches as the case does), with
   the implementations of a case called in rotation (one call of each per round, in a shuffled order), so that a
   change in the speed of a shared machine during the measurement hits fastlm and its peers alike, and none always
   runs right after the same other one.
@@ -385,7 +386,7 @@ class Result:
     flop_per_s: float | None = None
     bytes_per_s: float | None = None
     tokens_per_s: float | None = None
-    bound: str = "compute"              # which ceiling the rate is a fraction of: compute (matmul) | memory (copy)
+    bound: str = "compute"              # which ceiling the rate is a fraction of: compute (matmul) | memory
     ceiling: float | None = None        # that ceiling's rate (FLOP/s or bytes/s) ...
     ceiling_in_rotation: bool = False   # ... measured in the case's rotation (CPU), else at the start of the run
     ceiling_kernel: str | None = None   # what was timed in the rotation (rotation_ceiling)
@@ -492,7 +493,8 @@ class OpCase:
         return [self.make_inputs(torch.Generator(device=device).manual_seed(1000 + i), device) for i in range(n)]
 
     def n_sets(self, device) -> int:
-        """Enough input sets to exceed the last-level cache on a CPU (a GPU flushes L2 instead)."""
+        """Input sets of about 96 MB in all on a CPU, up to 8 (2 for a backward), more than most CPUs' last-level
+        cache (a GPU flushes L2 instead)."""
         if device.type == "cuda":
             return 1
         one = self.make_inputs(torch.Generator(device=device).manual_seed(0), device)
